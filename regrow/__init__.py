@@ -1,0 +1,41 @@
+"""regrow: prune a trained PyTorch model, recover its accuracy by fine-tuning, report what changed.
+
+The public API::
+
+    masks = regrow.prune(model, 0.9)                   # zero 90% of the target weights
+    result = regrow.recover(model, masks, train_loader)  # distill from the dense copy, masks enforced
+    snap = regrow.evaluate(model, test_loader)           # accuracy, nonzeros, MACs, latency, size
+    report = regrow.run("recipe.yaml")                   # the whole pipeline from a recipe
+"""
+
+from __future__ import annotations
+
+from regrow.config import RunConfig, load_config
+from regrow.errors import RegrowError
+from regrow.export import load_weights, save_weights
+from regrow.masks import MaskSet
+from regrow.measure import Snapshot, evaluate
+from regrow.pipeline import run
+from regrow.prune import PruneSpec, prune
+from regrow.recovery import GradualPruning, RecoveryResult, recover
+from regrow.report import RunReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradualPruning",
+    "MaskSet",
+    "PruneSpec",
+    "RecoveryResult",
+    "RegrowError",
+    "RunConfig",
+    "RunReport",
+    "Snapshot",
+    "evaluate",
+    "load_config",
+    "load_weights",
+    "prune",
+    "recover",
+    "run",
+    "save_weights",
+]

@@ -1,0 +1,79 @@
+"""The one data contract regrow relies on: an iterable of ``(inputs, targets)`` batches.
+
+``inputs`` is a tensor, or a dict of tensors passed to the model as keyword arguments (Hugging Face
+style). ``targets`` is a tensor. DataLoaders and plain lists of batches both qualify.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from regrow.errors import RegrowError
+
+Batch = tuple[Any, Tensor]
+
+
+def unpack(batch: Any) -> Batch:
+    """Split a batch into ``(inputs, targets)``."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict) and "labels" in batch:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return inputs, batch["labels"]
+    raise RegrowError(
+        "each batch must be an (inputs, targets) pair, or a dict with a 'labels' entry; got "
+        f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "") + "."
+    )
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
+
+
+def forward(model: nn.Module, inputs: Any) -> Tensor:
+    """Call the model on ``inputs`` and return its logits."""
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise RegrowError(
+        f"the model returned {type(out).__name__}; regrow needs a logits tensor, an output with a "
+        "'.logits' attribute, or a tuple whose first element is the logits."
+    )
+
+
+def batch_size(inputs: Any) -> int:
+    if isinstance(inputs, Tensor):
+        return inputs.shape[0]
+    if isinstance(inputs, dict):
+        return next(iter(inputs.values())).shape[0]
+    raise RegrowError(f"cannot tell the batch size of inputs of type {type(inputs).__name__}.")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def check_reiterable(data: Iterable[Any], name: str) -> None:
+    """Refuse one-shot iterators: recovery reads the data once per epoch."""
+    if iter(data) is data:
+        raise RegrowError(
+            f"'{name}' is a one-shot iterator; pass something that can be iterated once per epoch, "
+            "such as a torch DataLoader or a list of (inputs, targets) batches."
+        )

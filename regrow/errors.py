@@ -1,0 +1,21 @@
+"""Errors raised for bad input.
+
+Every problem a user can cause (a wrong key, a sparsity of 1.5, a layer name that does not exist, a
+corrupt checkpoint) is raised as :class:`RegrowError` with one paragraph that names the problem and the
+allowed values. The command line prints that paragraph and exits with code 2, without a traceback.
+Anything else that escapes is a bug in regrow and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class RegrowError(ValueError):
+    """A problem with the user's input, explained in one paragraph."""
+
+
+def one_of(what: str, value: object, allowed: Iterable[str]) -> RegrowError:
+    """Build the standard "unknown X" error that lists what is allowed."""
+    choices = ", ".join(sorted(allowed))
+    return RegrowError(f"unknown {what} {value!r}; allowed values: {choices}.")

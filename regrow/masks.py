@@ -1,0 +1,142 @@
+"""MaskSet: boolean keep-masks addressed by fully-qualified parameter name.
+
+``True`` means keep. Masks are enforced by multiplying weights after every optimizer step and gradients
+before it, never with forward hooks: the model keeps its own ``state_dict`` keys, deep-copies cleanly and
+runs at dense speed (see DESIGN.md, "Traps we avoid").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from regrow.errors import RegrowError
+from regrow.io import atomic_write
+
+if TYPE_CHECKING:
+    from regrow.prune import PruneSpec
+
+
+@dataclass
+class MaskSet(Mapping[str, Tensor]):
+    """Keep-masks for the pruning targets of one model.
+
+    Attributes:
+        masks: fqn -> bool tensor of the parameter's shape (True = keep).
+        spec: how the masks were made; schedules use it to prune further with the same settings.
+        dense: a frozen copy of the model taken just before pruning (the default distillation teacher).
+            It is not saved with the masks.
+    """
+
+    masks: dict[str, Tensor]
+    spec: PruneSpec | None = None
+    dense: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    # Mapping interface -------------------------------------------------------------------------
+    def __getitem__(self, fqn: str) -> Tensor:
+        return self.masks[fqn]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.masks)
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    # Statistics --------------------------------------------------------------------------------
+    def sparsity(self) -> float:
+        """Fraction of zeros over all targets together."""
+        total = sum(m.numel() for m in self.masks.values())
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        return 1.0 - kept / total if total else 0.0
+
+    def per_target(self) -> dict[str, float]:
+        """Sparsity of each target according to its mask."""
+        return {f: 1.0 - int(m.sum()) / m.numel() for f, m in self.masks.items()}
+
+    # Enforcement -------------------------------------------------------------------------------
+    def bind(self, model: nn.Module) -> list[tuple[nn.Parameter, Tensor]]:
+        """Pair each mask with its parameter (mask moved to the parameter's device).
+
+        Raises:
+            RegrowError: a mask names a parameter the model lacks, or the shapes differ.
+        """
+        pairs = []
+        for fqn, mask in self.masks.items():
+            try:
+                param = model.get_parameter(fqn)
+            except AttributeError:
+                raise RegrowError(
+                    f"mask {fqn!r} names no parameter of the model; the masks were made for another "
+                    "model or the model was changed after pruning."
+                ) from None
+            if param.shape != mask.shape:
+                raise RegrowError(
+                    f"mask {fqn!r} has shape {tuple(mask.shape)} but the parameter has shape "
+                    f"{tuple(param.shape)}; the masks were made for another model."
+                )
+            if mask.device != param.device:
+                mask = mask.to(param.device)
+                self.masks[fqn] = mask
+            pairs.append((param, mask))
+        return pairs
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        """Zero every masked weight of ``model`` in place."""
+        for param, mask in self.bind(model):
+            param.mul_(mask)
+
+    @torch.no_grad()
+    def clear_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the optimizer state (momentum, Adam moments, ...) of masked weights.
+
+        Needed whenever masks change during training, so that a newly pruned weight carries no
+        velocity and a regrown one starts from a clean state.
+        """
+        for param, mask in self.bind(model):
+            for value in optimizer.state.get(param, {}).values():
+                if isinstance(value, Tensor) and value.shape == mask.shape:
+                    value.mul_(mask)
+
+    # Persistence -------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the masks to a safetensors file (atomically), with the spec as metadata."""
+        tensors = {f: m.detach().to("cpu", torch.bool).contiguous() for f, m in self.masks.items()}
+        meta = {"format": "regrow.masks", "version": "1"}
+        if self.spec is not None:
+            meta["spec"] = json.dumps(self.spec.to_dict())
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> MaskSet:
+        """Read masks written by :meth:`save`."""
+        try:
+            tensors = load_file(os.fspath(path))
+        except FileNotFoundError:
+            raise RegrowError(f"mask file {os.fspath(path)!r} does not exist.") from None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise RegrowError(f"mask file {os.fspath(path)!r} is not a readable safetensors file ({exc}).") from None
+        bad = [f for f, t in tensors.items() if t.dtype != torch.bool]
+        if bad:
+            raise RegrowError(f"mask file {os.fspath(path)!r} holds non-boolean tensors: {bad}.")
+        return cls(masks=dict(tensors))
+
+    def to_summary(self) -> dict[str, Any]:
+        return {"sparsity": self.sparsity(), "per_target": self.per_target()}
+
+
+def measured_sparsity(model: nn.Module, fqns: list[str]) -> dict[str, float]:
+    """Fraction of exact zeros in each named parameter, read from the weights themselves."""
+    out = {}
+    for fqn in fqns:
+        p = model.get_parameter(fqn)
+        out[fqn] = 1.0 - int(torch.count_nonzero(p)) / p.numel()
+    return out

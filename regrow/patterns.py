@@ -1,0 +1,184 @@
+"""Patterns: turn importance scores and a budget into keep-masks.
+
+A pattern only sees scores, so every criterion works with every pattern. Ties are broken the same way
+everywhere: among equal scores, the element that comes first in row-major order is pruned first. A
+sparsity removes the fewest weights that reach it (never fewer: 0.9 of 70,288 weights removes 63,260).
+
+* ``unstructured`` — any weight may go. ``scope="layer"`` prunes the same fraction of every target;
+  ``scope="global"`` ranks all targets together. With ``threshold``, every weight whose score is below
+  the threshold goes.
+* ``n:m`` (e.g. ``2:4``) — in each group of ``m`` consecutive weights along the input dimension, keep the
+  ``n`` highest scores (Mishra et al. 2021, "Accelerating Sparse Deep Neural Networks"). For a Conv weight
+  the groups run across input channels at each kernel position. Sparsity is fixed at ``1 - n/m``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from regrow.errors import RegrowError
+from regrow.registry import Registry
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def pruned_count(sparsity: float, numel: int) -> int:
+    """How many of ``numel`` elements a sparsity removes: the fewest that reach at least ``sparsity``.
+
+    Rounding up means the achieved sparsity is never below the one asked for (0.9 of 70,288 weights
+    removes 63,260, not 63,259); the tolerance keeps float noise such as 0.3 * 10 = 3.0000000000000004
+    from removing one more.
+    """
+    return min(numel, math.ceil(sparsity * numel - 1e-9))
+
+
+def _prune_lowest(scores: Tensor, k: int) -> Tensor:
+    """Keep-mask that drops the ``k`` lowest entries of a flat tensor; ties drop the earlier entry."""
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        order = torch.sort(scores.reshape(-1), stable=True).indices
+        keep[order[:k]] = False
+    return keep
+
+
+class Pattern(Protocol):
+    name: str
+    can_speed_up_dense: bool
+    speed_note: str
+
+    def check(self, shapes: dict[str, torch.Size], *, sparsity: float | None, threshold: float | None) -> None:
+        """Raise RegrowError when the budget or a target's shape does not suit the pattern."""
+
+    def make_masks(
+        self, scores: dict[str, Tensor], *, sparsity: float | None, threshold: float | None, scope: str
+    ) -> dict[str, Tensor]: ...
+
+
+PATTERNS: Registry[type] = Registry("pattern")
+
+
+@PATTERNS.register("unstructured")
+@dataclass(frozen=True)
+class Unstructured:
+    """Any individual weight may be zeroed (highest compression, no dense-kernel speed-up)."""
+
+    name: str = "unstructured"
+    can_speed_up_dense: bool = False
+    speed_note: str = (
+        "Unstructured zeros do not make dense kernels faster: the model has the same shapes and the same "
+        "dense MACs; the gain is in compressed size, or in speed only with a sparse runtime."
+    )
+
+    def check(self, shapes: dict[str, torch.Size], *, sparsity: float | None, threshold: float | None) -> None:
+        check_budget(sparsity, threshold)
+
+    def make_masks(
+        self, scores: dict[str, Tensor], *, sparsity: float | None, threshold: float | None, scope: str
+    ) -> dict[str, Tensor]:
+        if threshold is not None:
+            return {f: s >= threshold for f, s in scores.items()}
+        assert sparsity is not None
+        if scope == "layer":
+            return {f: _prune_lowest(s, pruned_count(sparsity, s.numel())).reshape(s.shape) for f, s in scores.items()}
+        flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
+        keep = _prune_lowest(flat, pruned_count(sparsity, flat.numel()))
+        out, start = {}, 0
+        for f, s in scores.items():
+            out[f] = keep[start : start + s.numel()].reshape(s.shape)
+            start += s.numel()
+        return out
+
+
+@PATTERNS.register("n:m", doc="Keep n of every m consecutive input weights, e.g. '2:4' (sparse tensor cores).")
+@dataclass(frozen=True)
+class NM:
+    n: int = 2
+    m: int = 4
+    can_speed_up_dense: bool = False
+    speed_note: str = (
+        "N:M zeros keep dense shapes: dense kernels run no faster. Only hardware and kernels with "
+        "semi-structured sparsity support (e.g. 2:4 on NVIDIA Ampere or newer) can turn them into speed."
+    )
+
+    @property
+    def name(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    def check(self, shapes: dict[str, torch.Size], *, sparsity: float | None, threshold: float | None) -> None:
+        if threshold is not None:
+            raise RegrowError(
+                f"pattern '{self.name}' fixes the sparsity at {1 - self.n / self.m:g}; do not give a threshold."
+            )
+        if sparsity is not None and not math.isclose(sparsity, 1 - self.n / self.m, abs_tol=1e-9):
+            raise RegrowError(
+                f"pattern '{self.name}' fixes the sparsity at {1 - self.n / self.m:g}, but sparsity "
+                f"{sparsity:g} was asked for; leave sparsity unset or set it to {1 - self.n / self.m:g}."
+            )
+        for fqn, shape in shapes.items():
+            if len(shape) < 2:
+                raise RegrowError(
+                    f"pattern '{self.name}' needs weights with an input dimension; target {fqn!r} has shape "
+                    f"{tuple(shape)}."
+                )
+            if shape[1] % self.m:
+                raise RegrowError(
+                    f"pattern '{self.name}' groups {self.m} consecutive input weights, but target {fqn!r} "
+                    f"has {shape[1]} inputs, which is not divisible by {self.m}; leave it out with 'ignore'."
+                )
+
+    def make_masks(
+        self, scores: dict[str, Tensor], *, sparsity: float | None, threshold: float | None, scope: str
+    ) -> dict[str, Tensor]:
+        out = {}
+        for f, s in scores.items():
+            # Move the input dimension last, then view it as groups of m.
+            moved = s.movedim(1, -1)
+            groups = moved.reshape(-1, self.m)
+            order = torch.sort(groups, dim=1, stable=True).indices
+            keep = torch.ones_like(groups, dtype=torch.bool)
+            keep.scatter_(1, order[:, : self.m - self.n], False)
+            out[f] = keep.reshape(moved.shape).movedim(-1, 1).contiguous()
+        return out
+
+
+def check_budget(sparsity: float | None, threshold: float | None) -> None:
+    """Exactly one of sparsity / threshold, and sparsity in [0, 1)."""
+    if (sparsity is None) == (threshold is None):
+        which = "both" if sparsity is not None else "neither"
+        raise RegrowError(
+            f"give exactly one of sparsity (fraction of target weights to zero, in [0, 1)) or threshold "
+            f"(zero every weight whose score is below it); {which} was given."
+        )
+    if sparsity is not None:
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+            raise RegrowError(
+                f"sparsity must be a number in [0, 1) (the fraction of target weights set to zero); got {sparsity!r}."
+            )
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold)
+    ):
+        raise RegrowError(f"threshold must be a number; got {threshold!r}.")
+
+
+def get_pattern(name: str) -> Pattern:
+    """Parse a pattern name: ``"unstructured"`` or ``"n:m"`` such as ``"2:4"``."""
+    if not isinstance(name, str):
+        raise RegrowError(f"pattern must be a string such as 'unstructured' or '2:4'; got {name!r}.")
+    match = _NM.match(name)
+    if match:
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            raise RegrowError(f"pattern '{name}' is not a valid n:m pattern: it needs 0 < n < m, e.g. '2:4' or '1:4'.")
+        return NM(n=n, m=m)
+    if name == "n:m":
+        raise RegrowError("pattern 'n:m' needs numbers, e.g. '2:4' (keep 2 of every 4).")
+    if name not in PATTERNS:
+        allowed = [p if p != "n:m" else "n:m (e.g. '2:4')" for p in PATTERNS.names()]
+        raise RegrowError(f"unknown pattern {name!r}; allowed values: {', '.join(allowed)}.")
+    return PATTERNS.get(name)()

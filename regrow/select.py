@@ -1,0 +1,110 @@
+"""Which parameters are pruning targets.
+
+A *target* is a parameter addressed by its fully-qualified name (fqn), e.g. ``features.0.weight``.
+
+Default targets: the ``weight`` of every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layer **except the final
+classifier**, which is the last such layer in module registration order (``model.named_modules()``).
+Pruning the classifier removes whole class scores and costs far more accuracy than it saves, so it is
+left dense unless you name it in ``targets``.
+
+``targets`` and ``ignore`` take fully-qualified names or shell-style globs (``fnmatch``: ``*`` also
+crosses dots). An entry may name a parameter (``fc1.weight``) or a module (``fc1``, meaning its weight).
+An entry that matches nothing is an error, so typos never pass silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from regrow.errors import RegrowError
+
+PRUNABLE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def prunable_layers(model: nn.Module) -> list[str]:
+    """Names of the Linear and Conv layers of ``model``, in registration order."""
+    return [name for name, m in model.named_modules() if isinstance(m, PRUNABLE_LAYERS)]
+
+
+def final_classifier(model: nn.Module) -> str | None:
+    """The layer excluded from the default targets: the last Linear/Conv layer registered."""
+    layers = prunable_layers(model)
+    return layers[-1] if layers else None
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Weights of all Linear/Conv layers but the final classifier."""
+    return [f"{name}.weight" if name else "weight" for name in prunable_layers(model)[:-1]]
+
+
+def _as_list(value: str | Iterable[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    return list(value)
+
+
+def _matches(entry: str, fqns: Sequence[str], modules: set[str]) -> list[str]:
+    """Parameters named by ``entry``: a parameter fqn/glob, or a module name/glob meaning its weight."""
+    hits = [f for f in fqns if fnmatchcase(f, entry)]
+    if hits:
+        return hits
+    module_hits = {m for m in modules if fnmatchcase(m, entry)}
+    return [f for f in fqns if f.endswith(".weight") and f[: -len(".weight")] in module_hits]
+
+
+def _suggest(fqns: Sequence[str]) -> str:
+    shown = ", ".join(fqns[:8])
+    more = f" (and {len(fqns) - 8} more)" if len(fqns) > 8 else ""
+    return f"the model's parameters are: {shown}{more}"
+
+
+def resolve_targets(
+    model: nn.Module,
+    targets: str | Iterable[str] | None = None,
+    ignore: str | Iterable[str] | None = None,
+) -> list[str]:
+    """Return the target fqns, in the model's parameter order.
+
+    Raises:
+        RegrowError: an entry of ``targets`` or ``ignore`` matches no parameter, or nothing is left.
+    """
+    params = dict(model.named_parameters())
+    fqns = list(params)
+    modules = {name for name, _ in model.named_modules()}
+    target_list, ignore_list = _as_list(targets), _as_list(ignore)
+
+    if target_list is None:
+        chosen = set(default_targets(model))
+    else:
+        chosen = set()
+        for entry in target_list:
+            hits = _matches(entry, fqns, modules)
+            if not hits:
+                raise RegrowError(
+                    f"targets entry {entry!r} matches no parameter of the model; give a parameter or "
+                    f"module name, or a glob such as 'layer1.*'; {_suggest(fqns)}."
+                )
+            chosen.update(hits)
+    for entry in ignore_list or []:
+        hits = _matches(entry, fqns, modules)
+        if not hits:
+            raise RegrowError(f"ignore entry {entry!r} matches no parameter of the model; {_suggest(fqns)}.")
+        chosen.difference_update(hits)
+
+    resolved = [f for f in fqns if f in chosen]
+    non_float = [f for f in resolved if not params[f].is_floating_point()]
+    if non_float:
+        raise RegrowError(f"targets must be floating-point parameters; these are not: {non_float}.")
+    if not resolved:
+        why = (
+            "the model has no Linear or Conv layer besides its final classifier"
+            if target_list is None
+            else "every matched parameter was removed by 'ignore'"
+        )
+        raise RegrowError(f"no pruning targets: {why}; name the parameters to prune with 'targets'.")
+    return resolved

@@ -1,0 +1,113 @@
+"""Exact, hand-computed masks. Tie rule: among equal scores the earlier element (row-major) goes first."""
+
+import pytest
+import torch
+
+from regrow.errors import RegrowError
+from regrow.patterns import NM, Unstructured, get_pattern
+
+T, F = True, False
+
+
+def masks(pattern, scores, **kw):
+    kw.setdefault("sparsity", None)
+    kw.setdefault("threshold", None)
+    kw.setdefault("scope", "global")
+    return pattern.make_masks(scores, **kw)
+
+
+def test_unstructured_layer_scope():
+    s = {"w": torch.tensor([[0.1, 0.5, 0.3], [0.2, 0.0, 0.4]])}
+    out = masks(Unstructured(), s, sparsity=0.5, scope="layer")
+    assert out["w"].tolist() == [[F, T, T], [F, F, T]]
+
+
+def test_global_scope_ranks_all_targets_together():
+    s = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([10.0, 20.0])}
+    glob = masks(Unstructured(), s, sparsity=0.5, scope="global")
+    assert glob["a"].tolist() == [F, F, F, T]
+    assert glob["b"].tolist() == [T, T]
+    layer = masks(Unstructured(), s, sparsity=0.5, scope="layer")
+    assert layer["a"].tolist() == [F, F, T, T]
+    assert layer["b"].tolist() == [F, T]
+
+
+def test_ties_prune_the_earlier_element_first():
+    out = masks(Unstructured(), {"w": torch.ones(4)}, sparsity=0.5, scope="layer")
+    assert out["w"].tolist() == [F, F, T, T]
+    out = masks(Unstructured(), {"a": torch.ones(2), "b": torch.ones(2)}, sparsity=0.25)
+    assert out["a"].tolist() == [F, T] and out["b"].tolist() == [T, T]
+
+
+def test_threshold_mode_prunes_scores_below_it():
+    s = {"w": torch.tensor([[0.1, 0.5], [0.3, 0.05]]), "v": torch.tensor([0.2, 0.19])}
+    out = masks(Unstructured(), s, threshold=0.2)
+    assert out["w"].tolist() == [[F, T], [T, F]]
+    assert out["v"].tolist() == [T, F]  # equal to the threshold is kept
+
+
+def test_two_four_on_a_2x8_tensor():
+    w = torch.tensor(
+        [
+            [1.0, 4.0, 3.0, 2.0, 0.5, 0.1, 0.2, 0.3],
+            [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 1.0, 1.0],
+        ]
+    )
+    out = masks(NM(2, 4), {"w": w})["w"]
+    assert out.tolist() == [
+        [F, T, T, F, T, F, F, T],
+        [F, F, T, T, T, T, F, F],  # ties: the first two of the group go
+    ]
+
+
+def test_n_m_on_a_conv_groups_input_channels():
+    # shape (out=1, in=4, 1, 2): groups run across the 4 input channels at each kernel position
+    w = torch.tensor([[[[1.0, 9.0]], [[2.0, 8.0]], [[3.0, 7.0]], [[4.0, 6.0]]]])
+    out = masks(NM(1, 4), {"w": w})["w"]
+    assert out[0, :, 0, 0].tolist() == [F, F, F, T]
+    assert out[0, :, 0, 1].tolist() == [T, F, F, F]
+
+
+def test_get_pattern_parses_and_rejects():
+    assert get_pattern("2:4") == NM(2, 4)
+    assert get_pattern("unstructured") == Unstructured()
+    with pytest.raises(RegrowError, match="0 < n < m"):
+        get_pattern("4:2")
+    with pytest.raises(RegrowError, match="0 < n < m"):
+        get_pattern("4:4")
+    with pytest.raises(RegrowError, match="allowed values: n:m.*unstructured"):
+        get_pattern("blocky")
+
+
+def test_n_m_checks_shapes_and_budget():
+    p = NM(2, 4)
+    with pytest.raises(RegrowError, match="6 inputs, which is not divisible by 4"):
+        p.check({"w": torch.Size([3, 6])}, sparsity=None, threshold=None)
+    with pytest.raises(RegrowError, match="fixes the sparsity at 0.5"):
+        p.check({}, sparsity=0.7, threshold=None)
+    with pytest.raises(RegrowError, match="do not give a threshold"):
+        p.check({}, sparsity=None, threshold=0.1)
+    p.check({"w": torch.Size([3, 8])}, sparsity=0.5, threshold=None)
+
+
+@pytest.mark.parametrize("sparsity", [1.0, 1.5, -0.1, "0.5", True])
+def test_sparsity_outside_unit_interval_rejected(sparsity):
+    with pytest.raises(RegrowError, match=r"sparsity must be a number in \[0, 1\)"):
+        Unstructured().check({}, sparsity=sparsity, threshold=None)
+
+
+def test_both_or_neither_budget_rejected():
+    with pytest.raises(RegrowError, match="both was given"):
+        Unstructured().check({}, sparsity=0.5, threshold=0.1)
+    with pytest.raises(RegrowError, match="neither was given"):
+        Unstructured().check({}, sparsity=None, threshold=None)
+
+
+def test_pruned_count_never_falls_short_of_the_sparsity():
+    from regrow.patterns import pruned_count
+
+    assert pruned_count(0.9, 70288) == 63260  # 63259.2 rounds up
+    assert pruned_count(0.3, 10) == 3  # 0.3 * 10 is 3.0000000000000004 in floating point
+    assert pruned_count(0.5, 3) == 2
+    assert pruned_count(0.0, 5) == 0
+    assert pruned_count(0.999999, 5) == 5

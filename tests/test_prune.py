@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+import regrow
+from regrow.errors import RegrowError
+from regrow.prune import compute_masks
+
+
+def zeros(t):
+    return int((t == 0).sum())
+
+
+def test_prune_zeroes_weights_in_place_and_returns_masks(mlp):
+    masks = regrow.prune(mlp, 0.75)
+    n = mlp.fc1.weight.numel() + mlp.fc2.weight.numel()
+    assert zeros(mlp.fc1.weight) + zeros(mlp.fc2.weight) == round(0.75 * n)
+    assert zeros(mlp.head.weight) == 0  # the final classifier is not a default target
+    assert masks.sparsity() == pytest.approx(0.75, abs=1 / n)
+    for fqn, mask in masks.items():
+        p = mlp.get_parameter(fqn)
+        assert torch.equal(p != 0, mask)
+
+
+def test_global_magnitude_keeps_the_largest_weights(mlp):
+    before = torch.cat([mlp.fc1.weight.flatten(), mlp.fc2.weight.flatten()]).abs()
+    regrow.prune(mlp, 0.5)
+    after = torch.cat([mlp.fc1.weight.flatten(), mlp.fc2.weight.flatten()])
+    kept = before[after != 0]
+    dropped = before[after == 0]
+    assert kept.min() >= dropped.max()
+
+
+def test_layer_scope_gives_every_target_the_same_sparsity(mlp):
+    masks = regrow.prune(mlp, 0.5, scope="layer")
+    assert masks.per_target() == {"fc1.weight": 0.5, "fc2.weight": 0.5}
+
+
+def test_threshold_mode(mlp):
+    w = mlp.fc1.weight.detach().abs().clone()
+    regrow.prune(mlp, threshold=0.1, targets=["fc1"])
+    assert torch.equal(mlp.fc1.weight != 0, w >= 0.1)
+
+
+def test_two_four_pattern_gives_half_sparsity_per_group(mlp):
+    regrow.prune(mlp, pattern="2:4")
+    groups = (mlp.fc2.weight != 0).reshape(-1, 4).sum(dim=1)
+    assert groups.tolist() == [2] * groups.numel()
+
+
+def test_taylor_needs_data_and_uses_it(mlp, batches):
+    with pytest.raises(RegrowError, match="criterion 'taylor' needs data"):
+        regrow.prune(mlp, 0.5, criterion="taylor")
+    masks = regrow.prune(mlp, 0.5, criterion="taylor", data=batches)
+    assert masks.sparsity() == pytest.approx(0.5, abs=0.01)
+    assert mlp.fc1.weight.grad is None  # scoring does not leave gradients behind
+
+
+def test_random_criterion_is_seeded_by_torch(mlp):
+    import copy
+
+    a, b = copy.deepcopy(mlp), copy.deepcopy(mlp)
+    torch.manual_seed(1)
+    ma = regrow.prune(a, 0.5, criterion="random")
+    torch.manual_seed(1)
+    mb = regrow.prune(b, 0.5, criterion="random")
+    assert all(torch.equal(ma[f], mb[f]) for f in ma)
+
+
+def test_prune_records_spec_and_dense_copy(mlp):
+    w = mlp.fc1.weight.detach().clone()
+    masks = regrow.prune(mlp, 0.5)
+    assert masks.spec.targets == ["fc1.weight", "fc2.weight"]
+    assert torch.equal(masks.dense.fc1.weight, w)
+    assert not masks.dense.fc1.weight.requires_grad
+
+
+def test_previous_masks_stay_pruned(mlp):
+    first = regrow.prune(mlp, 0.3)
+    with torch.no_grad():  # make a pruned weight large: it must still stay pruned
+        mlp.fc1.weight[~first["fc1.weight"]] = 100.0
+    second = compute_masks(mlp, first.spec.with_sparsity(0.6), previous=first)
+    for f in first:
+        assert not (second[f] & ~first[f]).any()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sparsity": 1.5}, r"sparsity must be a number in \[0, 1\)"),
+        ({"sparsity": 0.5, "threshold": 0.1}, "exactly one of sparsity"),
+        ({}, "exactly one of sparsity"),
+        ({"sparsity": 0.5, "pattern": "blocks"}, "unknown pattern 'blocks'; allowed values"),
+        (
+            {"sparsity": 0.5, "criterion": "wanda2"},
+            "unknown criterion 'wanda2'; allowed values: magnitude, random, taylor",
+        ),
+        ({"sparsity": 0.5, "scope": "model"}, "unknown scope 'model'; allowed values: global, layer"),
+        ({"sparsity": 0.5, "targets": ["fc9"]}, "matches no parameter"),
+        ({"pattern": "3:2"}, "0 < n < m"),
+        ({"pattern": "2:3"}, "not divisible by 3"),
+    ],
+)
+def test_bad_arguments_raise_one_clear_error(mlp, kwargs, message):
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    with pytest.raises(RegrowError, match=message):
+        regrow.prune(mlp, **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())  # model untouched

@@ -1,0 +1,35 @@
+import pytest
+from torch import nn
+
+from regrow.errors import RegrowError
+from regrow.select import default_targets, final_classifier, resolve_targets
+
+
+def test_default_targets_skip_final_classifier(mlp):
+    assert final_classifier(mlp) == "head"
+    assert default_targets(mlp) == ["fc1.weight", "fc2.weight"]
+    assert resolve_targets(mlp) == ["fc1.weight", "fc2.weight"]
+
+
+def test_targets_by_module_name_glob_and_fqn(mlp):
+    assert resolve_targets(mlp, targets=["head"]) == ["head.weight"]
+    assert resolve_targets(mlp, targets="fc*.weight") == ["fc1.weight", "fc2.weight"]
+    assert resolve_targets(mlp, targets=["fc1.bias", "head.weight"]) == ["fc1.bias", "head.weight"]
+
+
+def test_ignore_removes_targets(mlp):
+    assert resolve_targets(mlp, ignore=["fc1"]) == ["fc2.weight"]
+
+
+def test_target_matching_nothing_is_an_error_that_lists_parameters(mlp):
+    with pytest.raises(RegrowError, match=r"'nope\.\*' matches no parameter.*fc1\.weight"):
+        resolve_targets(mlp, targets=["nope.*"])
+    with pytest.raises(RegrowError, match="ignore entry 'zzz'"):
+        resolve_targets(mlp, ignore="zzz")
+
+
+def test_nothing_left_is_an_error(mlp):
+    with pytest.raises(RegrowError, match="no pruning targets"):
+        resolve_targets(mlp, ignore=["fc1", "fc2"])
+    with pytest.raises(RegrowError, match="besides its final classifier"):
+        resolve_targets(nn.Sequential(nn.Linear(2, 2)))

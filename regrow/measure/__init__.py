@@ -1,0 +1,138 @@
+"""``regrow.evaluate``: the measured state of a model at one stage (a :class:`Snapshot`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from regrow.batches import model_device, to_device, unpack
+from regrow.errors import RegrowError
+from regrow.masks import MaskSet, measured_sparsity
+from regrow.measure.cost import count_params, dense_macs, size_bytes, sparse_size_bytes
+from regrow.measure.latency import Latency, measure_latency
+from regrow.measure.metrics import classification_metrics
+from regrow.select import default_targets
+
+
+@dataclass
+class Snapshot:
+    """What a model is and does at one stage of a run.
+
+    ``macs`` are dense multiply-accumulates for one sample: zeros inside dense tensors still cost MACs.
+    ``size_bytes`` is the dense safetensors size; ``sparse_size_bytes`` estimates a bitmask + nonzero
+    values encoding of the targets.
+    """
+
+    stage: str
+    accuracy: float
+    loss: float
+    samples: int
+    params: int
+    nonzero_params: int
+    target_sparsity: float
+    per_target_sparsity: dict[str, float]
+    macs: int | None
+    latency: Latency | None
+    size_bytes: int
+    sparse_size_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["latency"] = self.latency.to_dict() if self.latency else None
+        return out
+
+
+def _slice(inputs: Any, n: int) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs[:n]
+    if isinstance(inputs, dict):
+        return {k: v[:n] for k, v in inputs.items()}
+    raise RegrowError(f"cannot slice inputs of type {type(inputs).__name__}.")
+
+
+def _cat(parts: list[Any]) -> Any:
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def sample_inputs(data: Iterable[Any], n: int | None) -> Any:
+    """The first ``n`` inputs of ``data`` (all of the first batch when ``n`` is None)."""
+    parts, have = [], 0
+    for batch in data:
+        inputs, _ = unpack(batch)
+        parts.append(inputs)
+        have += inputs.shape[0] if isinstance(inputs, Tensor) else next(iter(inputs.values())).shape[0]
+        if n is None or have >= n:
+            break
+    if not parts:
+        raise RegrowError("the evaluation data is empty; it needs at least one batch.")
+    if n is None:
+        return parts[0]
+    while have < n:  # fewer samples than the requested latency batch: repeat them
+        parts = parts + parts
+        have *= 2
+    return _slice(_cat(parts), n)
+
+
+def evaluate(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    masks: MaskSet | None = None,
+    targets: list[str] | None = None,
+    stage: str = "",
+    latency: bool = True,
+    latency_batch_size: int | None = None,
+    repeats: int = 20,
+    warmup: int = 5,
+    progress: bool = False,
+) -> Snapshot:
+    """Measure ``model`` on ``data``.
+
+    Args:
+        data: iterable of ``(inputs, targets)`` batches (use a held-out test split for claims).
+        masks / targets: which parameters count as targets for the sparsity figures; default: the
+            default targets of :func:`regrow.select.default_targets`.
+        latency: measure forward latency (set False to skip it).
+        latency_batch_size: batch size for latency; default: the size of the first batch.
+        repeats / warmup: timed and untimed forward passes for the latency median.
+
+    Returns:
+        A :class:`Snapshot` with accuracy and loss, total and nonzero parameters, per-target sparsity
+        read from the weights, dense MACs per sample, latency and saved size.
+    """
+    fqns = list(masks) if masks is not None else (targets if targets is not None else default_targets(model))
+    metrics = classification_metrics(model, data, progress=progress, desc=f"evaluate {stage}".strip())
+    total, nonzero = count_params(model)
+    per_target = measured_sparsity(model, fqns)
+    numels = {f: model.get_parameter(f).numel() for f in fqns}
+    zeros = sum(per_target[f] * numels[f] for f in fqns)
+    device = model_device(model)
+    one = to_device(sample_inputs(data, 1), device)
+    lat = None
+    if latency:
+        batch = to_device(sample_inputs(data, latency_batch_size), device)
+        lat = measure_latency(model, batch, repeats=repeats, warmup=warmup)
+    return Snapshot(
+        stage=stage,
+        accuracy=metrics["accuracy"],
+        loss=metrics["loss"],
+        samples=int(metrics["samples"]),
+        params=total,
+        nonzero_params=nonzero,
+        target_sparsity=zeros / sum(numels.values()) if numels else 0.0,
+        per_target_sparsity=per_target,
+        macs=dense_macs(model, one),
+        latency=lat,
+        size_bytes=size_bytes(model),
+        sparse_size_bytes=sparse_size_bytes(model, fqns),
+    )
+
+
+__all__ = ["Latency", "Snapshot", "evaluate", "measure_latency", "classification_metrics"]

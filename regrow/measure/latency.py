@@ -1,0 +1,75 @@
+"""Measured latency: warm-up, then the median of repeated timed forward passes."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from regrow.batches import batch_size, forward, model_device
+
+
+@dataclass
+class Latency:
+    """Forward-pass time of one batch, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    batch_size: int
+    threads: int
+    repeats: int
+    warmup: int
+    device: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def measure_latency(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    repeats: int = 20,
+    warmup: int = 5,
+    min_seconds: float = 0.25,
+    max_repeats: int = 1000,
+) -> Latency:
+    """Time ``model(inputs)`` in eval mode: ``warmup`` untimed runs, then timed runs.
+
+    At least ``repeats`` timed runs, and more (up to ``max_repeats``) until ``min_seconds`` of timings
+    are collected, so that the median of a sub-millisecond model is not left to a handful of samples.
+    Compare two models only with numbers measured in the same process on the same machine.
+    """
+    device = model_device(model)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(warmup):
+            forward(model, inputs)
+        sync()
+        times: list[float] = []
+        while len(times) < max(1, repeats) or (sum(times) < 1000.0 * min_seconds and len(times) < max_repeats):
+            start = time.perf_counter()
+            forward(model, inputs)
+            sync()
+            times.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        model.train(was_training)
+    deciles = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return Latency(
+        median_ms=statistics.median(times),
+        p10_ms=deciles[0],
+        p90_ms=deciles[-1],
+        batch_size=batch_size(inputs),
+        threads=torch.get_num_threads(),
+        repeats=len(times),
+        warmup=warmup,
+        device=str(device),
+    )

@@ -1,0 +1,93 @@
+import pytest
+import torch
+from torch import nn
+
+import regrow
+from conftest import TinyCNN, TinyMLP, make_batches
+from regrow.measure.cost import count_params, dense_macs, size_bytes, sparse_size_bytes
+from regrow.measure.latency import measure_latency
+
+
+def test_params_and_nonzeros_are_exact():
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0, 0, 2], [0, 0, 0, 0], [3, 0, 0, 0]]))
+        model.bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
+    assert count_params(model) == (15, 4)
+
+
+def test_tied_parameters_count_once():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    assert count_params(model) == (40, 40)
+
+
+def test_dense_macs_of_linear_and_conv():
+    mlp = TinyMLP()  # 8*16 + 16*16 + 16*3 multiply-accumulates per sample
+    assert dense_macs(mlp, torch.zeros(1, 8)) == 8 * 16 + 16 * 16 + 16 * 3
+    cnn = TinyCNN()  # conv1: 4 out * 9 taps * 1 in * 64 px; conv2: 8 * 9 * 4 * 64; fc: 128 * 3
+    assert dense_macs(cnn, torch.zeros(1, 1, 8, 8)) == 4 * 9 * 64 + 8 * 9 * 4 * 64 + 128 * 3
+
+
+def test_pruning_does_not_change_dense_macs():
+    mlp = TinyMLP()
+    before = dense_macs(mlp, torch.zeros(1, 8))
+    regrow.prune(mlp, 0.9)
+    assert dense_macs(mlp, torch.zeros(1, 8)) == before
+
+
+def test_sizes():
+    mlp = TinyMLP()
+    dense = size_bytes(mlp)
+    n_params = sum(p.numel() for p in mlp.parameters())
+    assert n_params * 4 < dense < n_params * 4 + 1024  # float32 payload + a small JSON header
+    regrow.prune(mlp, 0.9)
+    assert size_bytes(mlp) == dense  # zeros are still stored
+    targets = ["fc1.weight", "fc2.weight"]
+    expected = 0
+    for name, t in mlp.state_dict().items():
+        if name in targets:
+            expected += int((t != 0).sum()) * 4 + (t.numel() + 7) // 8
+        else:
+            expected += t.numel() * 4
+    assert sparse_size_bytes(mlp, targets) == expected
+
+
+def test_latency_records_how_it_was_measured():
+    lat = measure_latency(TinyMLP(), torch.zeros(5, 8), repeats=7, warmup=2, min_seconds=0.0)
+    assert lat.batch_size == 5 and lat.repeats == 7 and lat.warmup == 2
+    assert lat.threads == torch.get_num_threads() and lat.device == "cpu"
+    assert 0 < lat.p10_ms <= lat.median_ms <= lat.p90_ms
+    # a sub-millisecond model gets more repeats until enough time is measured
+    more = measure_latency(TinyMLP(), torch.zeros(5, 8), repeats=7, warmup=0, min_seconds=0.05, max_repeats=100000)
+    assert more.repeats > 7 and more.repeats * more.median_ms > 0.5 * 50
+
+
+def test_evaluate_snapshot():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    data = make_batches(3, batch=10)
+    masks = regrow.prune(model, 0.5, scope="layer")
+    snap = regrow.evaluate(model, data, masks=masks, stage="pruned", latency_batch_size=25, repeats=3)
+    assert snap.samples == 30
+    assert 0.0 <= snap.accuracy <= 1.0 and snap.loss > 0
+    assert snap.per_target_sparsity == {"fc1.weight": 0.5, "fc2.weight": 0.5}
+    assert snap.target_sparsity == 0.5
+    assert snap.latency.batch_size == 25  # more than one batch: batches are concatenated
+    assert snap.macs == 8 * 16 + 16 * 16 + 16 * 3
+    assert snap.nonzero_params == count_params(model)[1]
+
+
+def test_evaluate_accuracy_is_exact():
+    class Const(nn.Module):
+        def forward(self, x):
+            return torch.tensor([[0.0, 1.0]]).expand(x.shape[0], 2)
+
+    data = [(torch.zeros(4, 1), torch.tensor([1, 1, 0, 1]))]
+    snap = regrow.evaluate(Const(), data, targets=[], latency=False)
+    assert snap.accuracy == 0.75
+    assert snap.loss == pytest.approx(
+        torch.nn.functional.cross_entropy(torch.tensor([[0.0, 1.0]] * 4), torch.tensor([1, 1, 0, 1])).item()
+    )

@@ -1,0 +1,213 @@
+"""The ``regrow`` command line: ``run``, ``demo``, ``list``.
+
+Bad input prints one paragraph and exits with code 2 (no traceback; ``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from regrow.errors import RegrowError
+
+EXIT_BAD_INPUT = 2
+
+LISTS = ("patterns", "criteria", "schedules", "methods", "lr_schedules", "augments", "recipes", "models", "datasets")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: same shape as ours, exit 2
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_BAD_INPUT, f"regrow: error: {message}\n")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set prune.sparsity=0.8 (repeatable; values are YAML)",
+    )
+    p.add_argument("--out", metavar="DIR", help="output directory (default: runs/<name>-<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output directory")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="regrow",
+        description="Prune a trained PyTorch model, fine-tune it to recover the lost accuracy, and report "
+        "before/after accuracy, size, MACs and measured latency.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only print the final summary")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    run = sub.add_parser(
+        "run",
+        help="run a recipe: baseline -> prune -> recover -> report -> export",
+        description="Run the pipeline described by a YAML recipe (a path, or the name of a "
+        "built-in recipe from `regrow list recipes`).",
+    )
+    run.add_argument("recipe", help="recipe file or built-in recipe name")
+    _add_run_options(run)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the built-in demo on scikit-learn's digits (no download)",
+        description="Train a small CNN on scikit-learn's 8x8 digits, prune 90%% of its weights "
+        "with global magnitude, recover with distillation, and write the report.",
+    )
+    _add_run_options(demo)
+
+    lst = sub.add_parser(
+        "list",
+        help="list registered patterns, criteria, schedules, methods, recipes, ...",
+        description="List what can be named in a recipe.",
+    )
+    lst.add_argument("what", nargs="?", choices=LISTS, help="one category (default: all)")
+    return parser
+
+
+def _print_list(what: str | None) -> None:
+    from regrow.config import builtin_recipes
+    from regrow.criteria import CRITERIA
+    from regrow.data import DATASETS
+    from regrow.data.augment import AUGMENTS
+    from regrow.models import MODELS
+    from regrow.patterns import PATTERNS
+    from regrow.recovery.lr import LR_SCHEDULES
+    from regrow.recovery.methods import METHODS
+    from regrow.schedules import SCHEDULES
+
+    registries = {
+        "patterns": PATTERNS,
+        "criteria": CRITERIA,
+        "schedules": SCHEDULES,
+        "methods": METHODS,
+        "lr_schedules": LR_SCHEDULES,
+        "augments": AUGMENTS,
+        "models": MODELS,
+        "datasets": DATASETS,
+    }
+    for name in [what] if what else LISTS:
+        print(f"{name}:")
+        if name == "recipes":
+            import yaml
+
+            for recipe, path in builtin_recipes().items():
+                first = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+                print(f"  {recipe:<22} {first}")
+        else:
+            reg = registries[name]
+            for item in reg.names():
+                print(f"  {item:<22} {reg.describe(item)}")
+
+
+def _print_summary(report: object) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from regrow.report.markdown import human, pct
+
+    s = report.snapshots  # type: ignore[attr-defined]
+    table = Table(title=f"regrow: {report.name}")  # type: ignore[attr-defined]
+    for col in (
+        "stage",
+        "test acc",
+        "test loss",
+        "nonzero params",
+        "target sparsity",
+        "dense MACs",
+        "latency ms",
+        "size",
+    ):
+        table.add_column(col, justify="right" if col != "stage" else "left")
+    for stage, snap in s.items():
+        table.add_row(
+            stage,
+            pct(snap.accuracy),
+            f"{snap.loss:.4f}",
+            human(snap.nonzero_params),
+            pct(snap.target_sparsity),
+            human(snap.macs),
+            f"{snap.latency.median_ms:.3f}" if snap.latency else "n/a",
+            human(snap.size_bytes, "B"),
+        )
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    console.print(table)
+    frac = report.recovered_fraction  # type: ignore[attr-defined]
+    drop = report.drop  # type: ignore[attr-defined]
+    line = f"pruning drop {100 * drop:.2f} points"
+    if frac is not None:
+        line += f"; recovery won back {100 * frac:.1f}% of it"
+    console.print(line)
+    console.print(f"report: {report.out_dir}/report.md")  # type: ignore[attr-defined]
+
+
+def _run(recipe: str, args: argparse.Namespace) -> int:
+    from regrow.pipeline import run
+
+    report = run(
+        recipe,
+        overrides=args.overrides,
+        out_dir=args.out,
+        overwrite=args.overwrite,
+        progress=not args.no_progress and not args.quiet,
+    )
+    _print_summary(report)
+    return 0
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of the message (tests and wrappers replace it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
+_HANDLER = _StderrHandler()
+_HANDLER.setFormatter(logging.Formatter("regrow: %(message)s"))
+
+
+def _configure_logging(quiet: bool) -> None:
+    logger = logging.getLogger("regrow")
+    if _HANDLER not in logger.handlers:
+        logger.addHandler(_HANDLER)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(quiet=args.quiet)
+    try:
+        if args.command == "list":
+            _print_list(args.what)
+            return 0
+        if args.command == "demo":
+            return _run("demo", args)
+        return _run(args.recipe, args)
+    except RegrowError as exc:
+        if args.debug:
+            raise
+        print(f"regrow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("regrow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

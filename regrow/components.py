@@ -1,0 +1,119 @@
+"""Building the model, data and augmentation a recipe names: built-ins or ``package.module:function``."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from regrow.config import ComponentConfig, DataConfig, ModelConfig
+from regrow.data import DATASETS, DataBundle, as_bundle
+from regrow.data.augment import AUGMENTS
+from regrow.errors import RegrowError
+from regrow.export import load_weights
+from regrow.models import MODELS
+
+
+def import_factory(spec: str, what: str, search: list[Path] | None = None) -> Callable[..., Any]:
+    """Resolve ``"package.module:function"``; the working directory and ``search`` folders are importable."""
+    module_name, _, attr = spec.partition(":")
+    for folder in [Path.cwd(), *(search or [])]:
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise RegrowError(
+                f"{what} factory {spec!r}: module {module_name!r} cannot be found (no module named "
+                f"{exc.name!r}); check the spelling, and that the module is installed or sits in the "
+                "working directory or next to the recipe."
+            ) from None
+        raise RegrowError(f"{what} factory {spec!r}: importing {module_name!r} failed: {exc}.") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
+        raise RegrowError(
+            f"{what} factory {spec!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}."
+        ) from None
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        public = sorted(
+            n for n, v in vars(module).items() if callable(v) and not n.startswith("_") and inspect.isfunction(v)
+        )
+        raise RegrowError(
+            f"{what} factory {spec!r}: module {module_name!r} has no function {attr!r}; "
+            f"its functions are: {', '.join(public) or 'none'}."
+        )
+    return fn
+
+
+def _call(fn: Callable[..., Any], kwargs: dict[str, Any], label: str) -> Any:
+    try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError as exc:
+        raise RegrowError(
+            f"{label}: the kwargs {sorted(kwargs)} do not fit its signature {inspect.signature(fn)} ({exc})."
+        ) from None
+    except ValueError:
+        pass  # builtins without a signature: let the call decide
+    try:
+        return fn(**kwargs)
+    except RegrowError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - report the user's factory failure in one line
+        raise RegrowError(f"{label} raised {type(exc).__name__}: {exc}.") from exc
+
+
+def _resolve(cfg: ComponentConfig, registry: Any, what: str, search: list[Path]) -> tuple[Callable[..., Any], str]:
+    if cfg.factory is not None:
+        return import_factory(cfg.factory, what, search), f"{what} factory {cfg.factory!r}"
+    return registry.get(cfg.name), f"built-in {what} {cfg.name!r}"
+
+
+def build_model(cfg: ModelConfig, search: list[Path] | None = None, *, load_checkpoint: bool = True) -> nn.Module:
+    """Call the model factory and load the checkpoint, if any. Does not train."""
+    fn, label = _resolve(cfg, MODELS, "model", search or [])
+    model = _call(fn, cfg.kwargs, label)
+    if not isinstance(model, nn.Module):
+        raise RegrowError(f"{label} returned {type(model).__name__}; it must return a torch.nn.Module.")
+    if load_checkpoint and cfg.checkpoint:
+        path = Path(cfg.checkpoint)
+        if not path.is_absolute() and search:
+            path = next((s / path for s in search if (s / path).exists()), path)
+        load_weights(model, path)
+    return model
+
+
+def build_data(cfg: DataConfig, search: list[Path] | None = None) -> DataBundle:
+    fn, label = _resolve(cfg, DATASETS, "data", search or [])
+    return as_bundle(_call(fn, cfg.kwargs, label), label)
+
+
+def build_augment(spec: str | None, search: list[Path] | None = None) -> Callable[[Any], Any] | None:
+    """A built-in augmentation name (``regrow list augments``) or ``"package.module:function"``."""
+    if spec is None:
+        return None
+    if ":" in spec:
+        return import_factory(spec, "augment", search)
+    return AUGMENTS.get(spec)
+
+
+def device_of(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RegrowError(f"device {name!r} was asked for but CUDA is not available; use 'cpu' or 'auto'.")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise RegrowError(f"unknown device {name!r}; allowed values: auto, cpu, cuda, cuda:N.")
+    return name
+
+
+def search_path(recipe_path: str | os.PathLike[str] | None) -> list[Path]:
+    return [Path(recipe_path).resolve().parent] if recipe_path else []

@@ -1,0 +1,322 @@
+"""The typed run configuration: one source of truth for recipes, the CLI and the saved ``config.yaml``.
+
+A recipe is a YAML file that mirrors :class:`RunConfig`. Unknown keys and bad values are rejected with
+one paragraph that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from regrow.errors import RegrowError, one_of
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 safe loading without base-60 numbers, so ``pattern: 2:4`` stays the string "2:4"."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    key: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$""", re.X),
+    list("-+0123456789"),
+)
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class TrainConfig(_Strict):
+    """Train the baseline before pruning (for built-in models that start untrained)."""
+
+    epochs: int = Field(10, ge=1, description="epochs of baseline training")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate, cosine decay")
+    weight_decay: float = Field(1e-4, ge=0)
+    augment: str | None = Field(None, description="a built-in augmentation or 'package.module:function'")
+
+
+class ComponentConfig(_Strict):
+    """A model or dataset: a built-in ``name`` or a ``factory`` given as ``"package.module:function"``."""
+
+    name: str | None = Field(None, description="a built-in (see `regrow list`)")
+    factory: str | None = Field(None, description="'package.module:function' returning the object")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for it")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ComponentConfig:
+        if (self.name is None) == (self.factory is None):
+            raise RegrowError("give exactly one of 'name' (a built-in) or 'factory' ('package.module:function').")
+        if self.factory is not None and (self.factory.count(":") != 1 or not all(self.factory.split(":"))):
+            raise RegrowError(f"factory {self.factory!r} must look like 'package.module:function'.")
+        return self
+
+
+class ModelConfig(ComponentConfig):
+    checkpoint: str | None = Field(None, description="safetensors file loaded into the model (never pickle)")
+    train: TrainConfig | None = Field(None, description="train the model before pruning")
+
+
+class DataConfig(ComponentConfig):
+    """The factory returns train / val / test loaders (see regrow.data.DataBundle)."""
+
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share of train carved out for validation when no val is given"
+    )
+
+
+class PruneConfig(_Strict):
+    sparsity: float | None = Field(None, description="fraction of target weights zeroed, in [0, 1)")
+    threshold: float | None = Field(None, description="zero every target weight whose score is below this")
+    pattern: str = "unstructured"
+    criterion: str = "magnitude"
+    scope: Literal["global", "layer"] = "global"
+    targets: list[str] | None = Field(
+        None, description="fqns or globs; default: Linear/Conv weights but the final classifier"
+    )
+    ignore: list[str] | None = None
+
+    @field_validator("criterion")
+    @classmethod
+    def _criterion(cls, v: str) -> str:
+        from regrow.criteria import CRITERIA
+
+        if v not in CRITERIA:
+            raise one_of("criterion", v, CRITERIA.names())
+        return v
+
+    @model_validator(mode="after")
+    def _budget(self) -> PruneConfig:
+        from regrow.patterns import get_pattern
+
+        get_pattern(self.pattern).check({}, sparsity=self.sparsity, threshold=self.threshold)
+        return self
+
+
+class ScheduleConfig(_Strict):
+    name: str = Field("one_shot", description="one_shot | iterative | gradual")
+    rounds: int = Field(3, ge=1, description="iterative: rounds of prune -> recover")
+    every: int = Field(10, ge=1, description="gradual: optimizer steps between mask updates")
+    begin: float = Field(0.0, ge=0, le=1, description="gradual: ramp start, as a fraction of recovery steps")
+    end: float = Field(0.6, ge=0, le=1, description="gradual: ramp end, as a fraction of recovery steps")
+    initial: float = Field(0.0, ge=0, lt=1, description="gradual: sparsity at the start of the ramp")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        from regrow.schedules import SCHEDULES
+
+        if v not in SCHEDULES:
+            raise one_of("schedule", v, SCHEDULES.names())
+        return v
+
+    @model_validator(mode="after")
+    def _ramp(self) -> ScheduleConfig:
+        if self.end < self.begin:
+            raise RegrowError(f"schedule.end ({self.end}) must not be before schedule.begin ({self.begin}).")
+        return self
+
+
+class RecoverConfig(_Strict):
+    """Options of :func:`regrow.recover` (the defaults are the documented defaults)."""
+
+    method: str = Field("distill", description="finetune | distill")
+    epochs: int = Field(10, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    lr_schedule: str = Field("cosine", description="cosine (with warm-up) | constant")
+    warmup: float = Field(0.05, ge=0, lt=1, description="fraction of recovery steps spent warming up")
+    patience: int | None = Field(5, ge=1, description="epochs without validation gain before stopping; null = never")
+    alpha: float = Field(0.5, ge=0, le=1, description="distill: weight of the soft (teacher) loss")
+    temperature: float = Field(2.0, gt=0, description="distill: softmax temperature")
+    grad_clip: float | None = Field(None, gt=0)
+    augment: str | None = Field(
+        None,
+        description="a built-in augmentation (shift, noise, hflip) or 'package.module:function' "
+        "mapping an input batch to an augmented one",
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from regrow.recovery.methods import METHODS
+
+        if v not in METHODS:
+            raise one_of("recovery method", v, METHODS.names())
+        return v
+
+    @field_validator("lr_schedule")
+    @classmethod
+    def _lr_schedule(cls, v: str) -> str:
+        from regrow.recovery.lr import LR_SCHEDULES
+
+        if v not in LR_SCHEDULES:
+            raise one_of("lr_schedule", v, LR_SCHEDULES.names())
+        return v
+
+
+class EvaluateConfig(_Strict):
+    latency: bool = True
+    latency_batch_size: int | None = Field(None, ge=1, description="default: the test loader's batch size")
+    repeats: int = Field(20, ge=1)
+    warmup: int = Field(5, ge=0)
+
+
+class RunConfig(_Strict):
+    """A whole run: baseline -> prune -> recover -> report -> export."""
+
+    name: str = "run"
+    description: str = ""
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    model: ModelConfig
+    data: DataConfig
+    prune: PruneConfig
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    recover: RecoverConfig = Field(default_factory=RecoverConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors: pydantic's report -> one paragraph
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str] | None:
+    """Allowed keys of the config section at ``loc`` (the parent of the offending key)."""
+    model: Any = RunConfig
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return list(model.model_fields)
+
+
+def explain(exc: ValidationError, source: str = "config") -> RegrowError:
+    parts = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _fields_at(loc[:-1])
+            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            parts.append(f"unknown key '{where}'{hint}")
+        elif err["type"] == "missing":
+            parts.append(f"missing key '{where}'")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            given = err.get("input")
+            shown = f" (got {given!r})" if given is not None and not isinstance(given, (dict, list)) else ""
+            parts.append(f"'{where}': {msg}{shown}" if loc else msg)
+    return RegrowError(f"invalid {source}: " + "; ".join(parts).rstrip(".") + ".")
+
+
+def validate(data: Mapping[str, Any], source: str = "config") -> RunConfig:
+    if not isinstance(data, Mapping):
+        raise RegrowError(f"invalid {source}: the top level must be a mapping of keys (model, data, prune, ...).")
+    try:
+        return RunConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        raise explain(exc, source) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes and overrides
+
+
+def builtin_recipes() -> dict[str, Path]:
+    folder = Path(__file__).parent / "recipes"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def read_recipe(recipe: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
+    """Parse a recipe file (or a built-in recipe name) into a plain dict."""
+    path = Path(recipe)
+    if not path.exists():
+        builtins = builtin_recipes()
+        if str(recipe) in builtins:
+            path = builtins[str(recipe)]
+        else:
+            raise RegrowError(
+                f"recipe {os.fspath(recipe)!r} is neither a file nor a built-in recipe; built-in recipes: "
+                f"{', '.join(builtins) or 'none'}."
+            )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RegrowError(f"cannot read recipe {str(path)!r}: {exc}.") from None
+    try:
+        data = yaml_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RegrowError(f"recipe {str(path)!r} is not valid YAML{where}: {problem}.") from None
+    if data is None:
+        raise RegrowError(f"recipe {str(path)!r} is empty.")
+    if not isinstance(data, dict):
+        raise RegrowError(
+            f"recipe {str(path)!r} must be a mapping of keys (model, data, prune, ...), not a {type(data).__name__}."
+        )
+    return data, path
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides; values are parsed as YAML (``0.9``, ``null``, ``[a, b]``)."""
+    out = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RegrowError(f"--set {item!r} must look like key=value, e.g. prune.sparsity=0.8.")
+        try:
+            value = yaml_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(recipe: str | os.PathLike[str], overrides: list[str] | None = None) -> tuple[RunConfig, Path]:
+    data, path = read_recipe(recipe)
+    data = apply_overrides(data, overrides or [])
+    return validate(data, source=f"recipe {str(path)!r}"), path

@@ -1,0 +1,361 @@
+"""``regrow.run``: baseline -> prune -> recover -> report -> export, each stage a plain function call."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from regrow.components import build_augment, build_data, build_model, device_of, search_path
+from regrow.config import RunConfig, apply_overrides, load_config, validate
+from regrow.data.split import split_validation
+from regrow.errors import RegrowError
+from regrow.export import load_weights, save_weights
+from regrow.io import atomic_write_text, prepare_out_dir
+from regrow.masks import MaskSet
+from regrow.measure import Snapshot, evaluate
+from regrow.measure.metrics import classification_metrics
+from regrow.patterns import get_pattern
+from regrow.prune import PruneSpec, compute_masks, frozen_copy, plan
+from regrow.recovery import GradualPruning, RecoveryResult, recover
+from regrow.report import RunReport, environment
+from regrow.report.plots import plot_curve
+from regrow.schedules import iterative
+from regrow.select import final_classifier
+
+log = logging.getLogger("regrow")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch.
+
+    The pipeline reseeds before each stage that draws random numbers (baseline training, pruning,
+    recovery), so that measuring more or less (e.g. latency on or off, which iterates loaders and so
+    draws seeds) never changes what is trained.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_out_dir(name: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{name}-{stamp}"
+    out, i = base, 1
+    while out.exists():
+        i += 1
+        out = base.with_name(f"{base.name}-{i}")
+    return out
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        log.info("stage: %s", name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _as_config(
+    config: RunConfig | Mapping[str, Any] | str | os.PathLike[str], overrides: list[str]
+) -> tuple[RunConfig, Path | None]:
+    if isinstance(config, RunConfig):
+        config = config.model_dump(mode="json")
+    if isinstance(config, Mapping):
+        return validate(apply_overrides(dict(config), overrides)), None
+    return load_config(config, overrides)
+
+
+def _recover_kwargs(cfg: RunConfig, search: list[Path]) -> dict[str, Any]:
+    opts = cfg.recover.model_dump()
+    opts["augment"] = build_augment(opts.pop("augment"), search)
+    return opts
+
+
+def _check_schedule(cfg: RunConfig, spec: PruneSpec) -> None:
+    name = cfg.schedule.name
+    if name == "one_shot":
+        return
+    if spec.threshold is not None:
+        raise RegrowError(
+            f"schedule {name!r} raises the sparsity step by step and needs prune.sparsity, not prune.threshold."
+        )
+    if spec.pattern != "unstructured":
+        raise RegrowError(
+            f"schedule {name!r} works with pattern 'unstructured'; pattern {spec.pattern!r} fixes its "
+            "sparsity, use schedule 'one_shot'."
+        )
+    if cfg.recover.epochs < 1:
+        raise RegrowError(f"schedule {name!r} prunes during recovery and needs recover.epochs >= 1.")
+    if name == "iterative" and cfg.recover.epochs < cfg.schedule.rounds:
+        raise RegrowError(
+            f"schedule 'iterative' with {cfg.schedule.rounds} rounds needs at least one recovery epoch per "
+            f"round; recover.epochs is {cfg.recover.epochs}."
+        )
+
+
+def _history_dicts(result: RecoveryResult, offset: int = 0, round_index: int | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for h in result.to_dict()["history"]:
+        if offset and h["epoch"] == 0:
+            continue  # epoch 0 of a later round repeats the state after the previous round's pruning
+        h = dict(h, epoch=h["epoch"] + offset)
+        if round_index is not None:
+            h["round"] = round_index
+        rows.append(h)
+    return rows
+
+
+def run(
+    config: RunConfig | Mapping[str, Any] | str | os.PathLike[str],
+    *,
+    overrides: list[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RunReport:
+    """Run the whole pipeline from a typed config, a dict, or a recipe path / built-in recipe name.
+
+    Writes into ``out_dir`` (default ``runs/<name>-<timestamp>``; a non-empty folder is refused unless
+    ``overwrite``): ``config.yaml``, ``report.json``, ``report.md``, ``curve.png``,
+    ``model.safetensors`` (masks squashed in) and ``masks.safetensors``. ``overrides`` are
+    ``"key.sub=value"`` strings, as with ``regrow run --set``.
+    """
+    cfg, recipe_path = _as_config(config, overrides or [])
+    search = search_path(recipe_path)
+    device = device_of(cfg.device)
+    if out_dir is not None:  # fail before any work if the folder would be refused
+        prepare_out_dir(out_dir, overwrite=overwrite, create=False)
+    timer = _Timer()
+    seed_everything(cfg.seed)
+
+    with timer.stage("load"):
+        bundle = build_data(cfg.data, search)
+        train, val, test = bundle.train, bundle.val, bundle.test
+        if val is None:
+            train, val = split_validation(train, cfg.data.val_fraction, cfg.seed)
+        model = build_model(cfg.model, search).to(device)
+        p = cfg.prune
+        # Validate the pruning request against the real model before spending time on training.
+        spec = plan(
+            model,
+            p.sparsity,
+            threshold=p.threshold,
+            pattern=p.pattern,
+            criterion=p.criterion,
+            scope=p.scope,
+            targets=p.targets,
+            ignore=p.ignore,
+        )
+        _check_schedule(cfg, spec)
+        recover_kwargs = _recover_kwargs(cfg, search)
+        baseline_augment = build_augment(cfg.model.train.augment, search) if cfg.model.train else None
+    # Everything the user gave has been checked; only now is anything written.
+    out = prepare_out_dir(out_dir or default_out_dir(cfg.name), overwrite=overwrite)
+    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+
+    if cfg.model.train is not None:
+        seed_everything(cfg.seed + 1)
+        with timer.stage("train_baseline"):
+            t = cfg.model.train
+            recover(
+                model,
+                MaskSet({}),
+                train,
+                val,
+                method="finetune",
+                epochs=t.epochs,
+                lr=t.lr,
+                weight_decay=t.weight_decay,
+                patience=None,
+                augment=baseline_augment,
+                progress=progress,
+            )
+
+    ev = cfg.evaluate
+
+    def snapshot(m: nn.Module, stage: str, masks: MaskSet | None = None) -> Snapshot:
+        with timer.stage(f"evaluate_{stage}"):
+            return evaluate(
+                m,
+                test,
+                targets=spec.targets,
+                stage=stage,
+                latency=ev.latency,
+                latency_batch_size=ev.latency_batch_size,
+                repeats=ev.repeats,
+                warmup=ev.warmup,
+                progress=progress,
+            )
+
+    snapshots = {"baseline": snapshot(model, "baseline")}
+    teacher = frozen_copy(model)
+    notes: list[str] = []
+    schedule = cfg.schedule
+
+    seed_everything(cfg.seed + 2)
+    if schedule.name == "one_shot":
+        with timer.stage("prune"):
+            masks = MaskSet(compute_masks(model, spec, train), spec=spec)
+            masks.apply(model)
+        snapshots["pruned"] = snapshot(model, "pruned")
+        seed_everything(cfg.seed + 3)
+        with timer.stage("recover"):
+            result = recover(model, masks, train, val, teacher=teacher, progress=progress, **recover_kwargs)
+        history = _history_dicts(result)
+        recovery_info: dict[str, Any] = result.to_dict()
+    else:
+        # For reference, the pruned stage is the baseline pruned one-shot to the final sparsity.
+        with timer.stage("prune"):
+            reference = copy.deepcopy(model)
+            MaskSet(compute_masks(reference, spec, train), spec=spec).apply(reference)
+        snapshots["pruned"] = snapshot(reference, "pruned")
+        del reference
+        notes.append(
+            f"Schedule '{schedule.name}' prunes during recovery; the 'pruned' stage shows the baseline pruned "
+            "one-shot to the final sparsity, to show what pruning alone costs."
+        )
+        seed_everything(cfg.seed + 3)
+        with timer.stage("recover"):
+            if schedule.name == "iterative":
+                masks, result, history, recovery_info = _iterative(
+                    model, spec, cfg, train, val, teacher, recover_kwargs, progress
+                )
+            else:
+                masks = MaskSet(
+                    {f: torch.ones_like(model.get_parameter(f), dtype=torch.bool) for f in spec.targets},
+                    spec=spec.with_sparsity(0.0),
+                )
+                gradual = GradualPruning(
+                    final=spec.sparsity or 0.0,
+                    every=schedule.every,
+                    begin=schedule.begin,
+                    end=schedule.end,
+                    initial=schedule.initial,
+                    spec=spec,
+                )
+                result = recover(
+                    model, masks, train, val, teacher=teacher, progress=progress, callbacks=[gradual], **recover_kwargs
+                )
+                history = _history_dicts(result)
+                recovery_info = result.to_dict()
+    recovery_info["history"] = history
+    snapshots["recovered"] = snapshot(model, "recovered")
+
+    with timer.stage("export"):
+        export = _export(model, masks, spec, cfg, out, test, search, snapshots["recovered"])
+        if history:
+            export["curve_plot"] = plot_curve(history, out / "curve.png", title=f"{cfg.name}: recovery").name
+
+    pattern = get_pattern(spec.pattern)
+    prune_info = spec.to_dict() | {
+        "speed_note": pattern.speed_note,
+        "excluded_classifier": final_classifier(model) if cfg.prune.targets is None else None,
+    }
+    report = RunReport(
+        name=cfg.name,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        config=cfg.model_dump(mode="json"),
+        environment=environment(device) | {"data": getattr(bundle, "description", "")},
+        prune=prune_info,
+        snapshots=snapshots,
+        recovery=recovery_info,
+        timings=timer.timings,
+        export=export,
+        notes=notes,
+        out_dir=str(out),
+    )
+    report.write(out)
+    return report
+
+
+def _iterative(
+    model: nn.Module,
+    spec: PruneSpec,
+    cfg: RunConfig,
+    train: Any,
+    val: Any,
+    teacher: nn.Module | None,
+    recover_kwargs: dict[str, Any],
+    progress: bool,
+) -> tuple[MaskSet, RecoveryResult, list[dict[str, Any]], dict[str, Any]]:
+    """k rounds of prune -> recover; the epoch budget is split evenly over the rounds."""
+    rounds = cfg.schedule.rounds
+    total = recover_kwargs.pop("epochs")
+    per_round = [total // rounds + (1 if r < total % rounds else 0) for r in range(rounds)]
+    masks: MaskSet | None = None
+    history: list[dict[str, Any]] = []
+    rounds_info = []
+    offset = 0
+    result: RecoveryResult | None = None
+    for r in range(1, rounds + 1):
+        sparsity = iterative(r, final=spec.sparsity or 0.0, rounds=rounds)
+        masks = MaskSet(
+            compute_masks(model, spec.with_sparsity(sparsity), train, previous=masks), spec=spec.with_sparsity(sparsity)
+        )
+        masks.apply(model)
+        log.info("iterative round %d/%d: sparsity %.4f, %d epochs", r, rounds, sparsity, per_round[r - 1])
+        result = recover(
+            model, masks, train, val, teacher=teacher, progress=progress, epochs=per_round[r - 1], **recover_kwargs
+        )
+        history += _history_dicts(result, offset, r)
+        offset += result.epochs_run
+        rounds_info.append(
+            {
+                "round": r,
+                "sparsity": sparsity,
+                "epochs": per_round[r - 1],
+                "best_epoch": result.best_epoch,
+                "best_val_accuracy": result.best_val_accuracy,
+                "stop_reason": result.stop_reason,
+            }
+        )
+    assert masks is not None and result is not None
+    info = result.to_dict() | {"rounds": rounds_info, "epochs_run": offset}
+    return masks, result, history, info
+
+
+def _export(
+    model: nn.Module,
+    masks: MaskSet,
+    spec: PruneSpec,
+    cfg: RunConfig,
+    out: Path,
+    test: Any,
+    search: list[Path],
+    recovered: Snapshot,
+) -> dict[str, Any]:
+    """Write weights and masks, then reload the weights into a fresh model and re-check accuracy."""
+    meta = {"regrow.targets": json.dumps(spec.targets), "regrow.pattern": spec.pattern}
+    save_weights(model, out / "model.safetensors", metadata=meta)
+    masks.save(out / "masks.safetensors")
+    fresh = build_model(cfg.model, search, load_checkpoint=False)
+    load_weights(fresh, out / "model.safetensors")
+    fresh.to(next(model.parameters()).device)
+    reloaded = classification_metrics(fresh, test)["accuracy"]
+    if reloaded != recovered.accuracy:
+        log.warning("reloaded accuracy %.6f differs from recovered accuracy %.6f", reloaded, recovered.accuracy)
+    return {
+        "model": "model.safetensors",
+        "masks": "masks.safetensors",
+        "config": "config.yaml",
+        "reload_check": {"accuracy": reloaded, "matches": reloaded == recovered.accuracy},
+    }

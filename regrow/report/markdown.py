@@ -1,0 +1,143 @@
+"""Render a RunReport as Markdown for people."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from regrow.report import RunReport
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def human(n: float | None, unit: str = "") -> str:
+    if n is None:
+        return "n/a"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}".strip()
+    return f"{n:g} {unit}".strip()
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: RunReport) -> str:
+    s = report.snapshots
+    stages = [k for k in ("baseline", "pruned", "recovered") if k in s]
+    base, pruned, rec = s["baseline"], s["pruned"], s["recovered"]
+    spec = report.prune
+    out: list[str] = [f"# regrow report: {report.name}", ""]
+    out.append(
+        f"Pattern `{spec.get('pattern')}`, criterion `{spec.get('criterion')}`, scope `{spec.get('scope')}`, "
+        f"schedule `{report.config.get('schedule', {}).get('name')}`, recovery "
+        f"`{report.recovery.get('method')}`. Accuracies are on the held-out test split "
+        f"({base.samples} samples), which recovery never sees."
+    )
+    out += ["", "## Accuracy", ""]
+    out.append(
+        table(["stage", "test accuracy", "test loss"], [[k, pct(s[k].accuracy), f"{s[k].loss:.4f}"] for k in stages])
+    )
+    drop = report.drop
+    frac = report.recovered_fraction
+    out.append("")
+    if frac is None:
+        out.append(f"Pruning cost no test accuracy (change {100 * -drop:+.2f} points).")
+    else:
+        out.append(
+            f"Pruning dropped test accuracy by {100 * drop:.2f} points; recovery won back "
+            f"{100 * (rec.accuracy - pruned.accuracy):.2f} points, {100 * frac:.1f}% of the drop."
+        )
+    out.append(f"Recovered vs baseline: {100 * (rec.accuracy - base.accuracy):+.2f} points.")
+
+    out += ["", "## Size and speed", ""]
+    lat = [s[k].latency for k in stages]
+    lat_label = (
+        f"latency, median ms (batch {lat[0].batch_size}, {lat[0].threads} threads, {lat[0].device})"
+        if lat[0]
+        else "latency"
+    )
+    rows = [
+        ["parameters"] + [human(s[k].params) for k in stages],
+        ["nonzero parameters"] + [human(s[k].nonzero_params) for k in stages],
+        ["sparsity over targets"] + [pct(s[k].target_sparsity) for k in stages],
+        ["dense MACs per sample"] + [human(s[k].macs) for k in stages],
+        [lat_label] + [f"{s[k].latency.median_ms:.3f}" if s[k].latency else "n/a" for k in stages],
+        ["saved size (dense safetensors)"] + [human(s[k].size_bytes, "B") for k in stages],
+        ["sparse size estimate (bitmask + nonzeros)"] + [human(s[k].sparse_size_bytes, "B") for k in stages],
+    ]
+    out.append(table(["", *stages], rows))
+    if base.latency and rec.latency:
+        out.append("")
+        out.append(
+            f"Measured speed-up, baseline latency / recovered latency: "
+            f"{base.latency.median_ms / rec.latency.median_ms:.2f}x (same process, same machine)."
+        )
+    out += ["", spec.get("speed_note", "")]
+
+    rec_info = report.recovery
+    out += ["", "## Recovery", ""]
+    out.append(
+        f"Method `{rec_info.get('method')}`: {rec_info.get('epochs_run')} epochs run, best epoch "
+        f"{rec_info.get('best_epoch')} (validation accuracy {pct(rec_info.get('best_val_accuracy'))}); "
+        f"ended by: {rec_info.get('stop_reason')}."
+    )
+    history = rec_info.get("history", [])
+    if history:
+        out.append("")
+        out.append(
+            table(
+                ["epoch", "train loss", "train acc", "val loss", "val acc", "lr", "sparsity"],
+                [
+                    [
+                        h["epoch"],
+                        "" if h["train_loss"] is None else f"{h['train_loss']:.4f}",
+                        "" if h["train_accuracy"] is None else pct(h["train_accuracy"]),
+                        f"{h['val_loss']:.4f}",
+                        pct(h["val_accuracy"]),
+                        "" if h["lr"] is None else f"{h['lr']:.2e}",
+                        pct(h["sparsity"]),
+                    ]
+                    for h in history
+                ],
+            )
+        )
+    if report.export.get("curve_plot"):
+        out += ["", f"![validation curve]({report.export['curve_plot']})"]
+
+    out += ["", "## Per-target sparsity (recovered model)", ""]
+    out.append(table(["target", "sparsity"], [[f"`{k}`", pct(v)] for k, v in rec.per_target_sparsity.items()]))
+    excluded = spec.get("excluded_classifier")
+    if excluded:
+        out.append("")
+        out.append(f"`{excluded}` is the final classifier and was left dense (default targets exclude it).")
+
+    out += ["", "## Stage timings", ""]
+    out.append(table(["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in report.timings.items()]))
+
+    if report.export:
+        out += ["", "## Export", ""]
+        for key in ("model", "masks", "config"):
+            if report.export.get(key):
+                out.append(f"- `{report.export[key]}`")
+        check = report.export.get("reload_check")
+        if check:
+            verdict = "matches" if check["matches"] else "DOES NOT match"
+            out.append(
+                f"- Reloaded `model.safetensors` into a fresh model: test accuracy {pct(check['accuracy'])}, "
+                f"which {verdict} the recovered accuracy."
+            )
+
+    if report.notes:
+        out += ["", "## Notes", ""]
+        out += [f"- {n}" for n in report.notes]
+
+    env = report.environment
+    out += ["", "## Environment", ""]
+    out.append(", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
+    return "\n".join(out) + "\n"

@@ -1,0 +1,161 @@
+"""Whole runs on small budgets: artifacts, report contents, exact reload, every shipped recipe."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import regrow
+from regrow.config import builtin_recipes
+from regrow.data.fashion_mnist import available as fashion_mnist_available
+from regrow.models import MODELS
+
+FAST = ["evaluate.repeats=2", "evaluate.warmup=1"]
+
+
+def test_demo_pipeline_on_a_reduced_budget(tmp_path):
+    out = tmp_path / "demo"
+    report = regrow.run(
+        "demo", overrides=["model.train.epochs=4", "recover.epochs=3", *FAST], out_dir=out, progress=False
+    )
+    for name in ("report.json", "report.md", "config.yaml", "model.safetensors", "masks.safetensors", "curve.png"):
+        assert (out / name).is_file(), name
+
+    # sparsity over the targets, recomputed from model.safetensors alone
+    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
+        targets = json.loads(fh.metadata()["regrow.targets"])
+    weights = load_file(str(out / "model.safetensors"))
+    zeros = sum(int((weights[t] == 0).sum()) for t in targets)
+    total = sum(weights[t].numel() for t in targets)
+    assert zeros / total >= 0.90
+    assert targets == ["0.weight", "2.weight", "6.weight"]
+
+    data = json.loads((out / "report.json").read_text())
+    assert set(data["snapshots"]) == {"baseline", "pruned", "recovered"}
+    assert data["config"]["prune"]["sparsity"] == 0.9
+    assert data["environment"]["torch"] == torch.__version__
+    assert [h["epoch"] for h in data["recovery"]["history"]] == [0, 1, 2, 3]
+    assert set(data["timings"]) >= {"load", "train_baseline", "prune", "recover", "export"}
+    assert data["snapshots"]["recovered"]["per_target_sparsity"].keys() == set(targets)
+    assert data["export"]["reload_check"]["matches"] is True
+    assert data["summary"]["drop"] == pytest.approx(report.drop)
+
+    # reloading the exported weights reproduces the recovered accuracy exactly
+    model = MODELS.get("digits_cnn")(**report.config["model"]["kwargs"])
+    regrow.load_weights(model, out / "model.safetensors")
+    test = regrow.data.DATASETS.get("digits")().test
+    snap = regrow.evaluate(model, test, targets=targets, latency=False)
+    assert snap.accuracy == report.accuracy("recovered")
+
+    md = (out / "report.md").read_text()
+    assert "Unstructured zeros do not make dense kernels faster" in md
+    assert "of the drop" in md or "Pruning cost no test accuracy" in md
+
+    masks = regrow.MaskSet.load(out / "masks.safetensors")
+    assert all(torch.equal(masks[t], weights[t] != 0) for t in targets)
+
+
+def test_run_refuses_a_non_empty_out_dir_and_overwrites_on_request(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "mine.txt").write_text("x")
+    budget = ["model.train.epochs=1", "recover.epochs=1", "evaluate.latency=false"]
+    with pytest.raises(regrow.RegrowError, match="not empty"):
+        regrow.run("demo", overrides=budget, out_dir=out, progress=False)
+    regrow.run("demo", overrides=budget, out_dir=out, overwrite=True, progress=False)
+    assert (out / "mine.txt").read_text() == "x"
+    assert (out / "report.json").is_file()
+
+
+@pytest.mark.parametrize("schedule", ["iterative", "gradual"])
+def test_schedules_reach_the_final_sparsity(tmp_path, schedule):
+    report = regrow.run(
+        "demo",
+        overrides=[
+            "model.train.epochs=2",
+            "recover.epochs=3",
+            f"schedule.name={schedule}",
+            "schedule.every=5",
+            "evaluate.latency=false",
+        ],
+        out_dir=tmp_path / schedule,
+        progress=False,
+    )
+    assert report.snapshots["recovered"].target_sparsity == pytest.approx(0.9, abs=1e-3)
+    assert report.snapshots["pruned"].target_sparsity == pytest.approx(0.9, abs=1e-3)
+    if schedule == "iterative":
+        rounds = report.recovery["rounds"]
+        assert [r["epochs"] for r in rounds] == [1, 1, 1]
+        assert rounds[-1]["sparsity"] == pytest.approx(0.9)
+    assert any("prunes during recovery" in n for n in report.notes)
+
+
+def test_user_factories_next_to_the_recipe(tmp_path):
+    (tmp_path / "my_project.py").write_text(
+        textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def build(hidden=32):
+            return nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 3))
+
+        def data():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(400, 4, generator=g)
+            y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+            batches = [(x[i:i + 40], y[i:i + 40]) for i in range(0, 400, 40)]
+            return {"train": batches[:8], "test": batches[8:]}
+    """)
+    )
+    (tmp_path / "recipe.yaml").write_text(
+        textwrap.dedent("""
+        name: custom
+        model: {factory: "my_project:build", kwargs: {hidden: 16}, train: {epochs: 5}}
+        data: {factory: "my_project:data"}
+        prune: {sparsity: 0.5, scope: layer, targets: ["0", "2"]}
+        recover: {method: finetune, epochs: 2}
+        evaluate: {latency: false}
+    """)
+    )
+    report = regrow.run(tmp_path / "recipe.yaml", out_dir=tmp_path / "out", progress=False)
+    assert report.snapshots["recovered"].per_target_sparsity == {"0.weight": 0.5, "2.weight": 0.5}
+    assert report.export["reload_check"]["matches"]
+
+
+# Reduced budgets for every shipped recipe; the recipes themselves stay as users run them.
+RECIPE_BUDGET = {
+    "demo": ["model.train.epochs=2", "recover.epochs=2"],
+    "digits_gradual": ["model.train.epochs=2", "recover.epochs=2"],
+    "digits_2to4": ["model.train.epochs=2", "recover.epochs=2"],
+    "fashion_mnist_lenet": [
+        "model.train.epochs=1",
+        "recover.epochs=3",
+        "data.kwargs.train_limit=2000",
+        "data.kwargs.val_size=500",
+        "data.kwargs.test_limit=1000",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_every_shipped_recipe_runs(tmp_path, name):
+    if name.startswith("fashion_mnist") and not fashion_mnist_available():
+        pytest.skip("Fashion-MNIST IDX files are not installed (apt-get install dataset-fashion-mnist)")
+    assert name in RECIPE_BUDGET, f"add a reduced budget for the new recipe {name!r}"
+    report = regrow.run(name, overrides=[*RECIPE_BUDGET[name], *FAST], out_dir=tmp_path / name, progress=False)
+    cfg = report.config
+    expected = cfg["prune"]["sparsity"] if cfg["prune"]["sparsity"] is not None else 0.5
+    assert report.snapshots["recovered"].target_sparsity == pytest.approx(expected, abs=1e-3)
+    assert report.export["reload_check"]["matches"]
+
+
+def test_measuring_more_does_not_change_what_is_trained(tmp_path):
+    budget = ["model.train.epochs=2", "recover.epochs=2", "evaluate.repeats=2"]
+    a = regrow.run("demo", overrides=[*budget, "evaluate.latency=true"], out_dir=tmp_path / "a", progress=False)
+    b = regrow.run("demo", overrides=[*budget, "evaluate.latency=false"], out_dir=tmp_path / "b", progress=False)
+    assert a.snapshots["recovered"].loss == b.snapshots["recovered"].loss
+    assert a.snapshots["recovered"].latency is not None and b.snapshots["recovered"].latency is None

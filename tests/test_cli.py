@@ -1,0 +1,165 @@
+"""Every bad input: exit code 2, one paragraph on stderr, no traceback, nothing written."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from regrow.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_clean_error(code, err, message):
+    assert code == 2
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("regrow: stage")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("regrow: error: ")
+    assert message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("prune.sparsity=1.5", "sparsity must be a number in [0, 1)"),
+        ("prune.threshold=0.1", "give exactly one of sparsity"),
+        ("prune.sparsity=null", "give exactly one of sparsity"),
+        ("prune.pattern=blocky", "unknown pattern 'blocky'; allowed values: n:m (e.g. '2:4'), unstructured"),
+        ("prune.criterion=psychic", "unknown criterion 'psychic'; allowed values: magnitude, random, taylor"),
+        ("recover.method=hope", "unknown recovery method 'hope'; allowed values: distill, finetune"),
+        ("schedule.name=weekly", "unknown schedule 'weekly'; allowed values: gradual, iterative, one_shot"),
+        ("prune.targets=[conv9.*]", "targets entry 'conv9.*' matches no parameter"),
+        ("prune.pattern=4:4", "needs 0 < n < m"),
+        ("prune.pattern=2:4", "fixes the sparsity at 0.5, but sparsity 0.9 was asked for"),
+        ("prune.sparsty=0.5", "unknown key 'prune.sparsty'; allowed keys here:"),
+        ("model.factory=no_such_module_xyz:build", "module 'no_such_module_xyz' cannot be found"),
+        ("model.factory=regrow.models:no_such_fn", "has no function 'no_such_fn'; its functions are:"),
+        ("data.factory=regrow.models:digits_cnn", "returned Sequential; it must return a regrow.data.DataBundle"),
+        ("schedule.name=gradual", "needs prune.sparsity, not prune.threshold"),
+    ],
+)
+def test_bad_input_exits_2_with_one_message(capsys, tmp_path, override, message):
+    out = tmp_path / "out"
+    extra = (
+        ["--set", "prune.sparsity=null", "--set", "prune.threshold=0.1"] if override == "schedule.name=gradual" else []
+    )
+    extra += ["--set", "model.name=null"] if override.startswith("model.factory") else []
+    extra += ["--set", "data.name=null", "--set", "data.kwargs={}"] if override.startswith("data.factory") else []
+    code, _, err = run_cli(capsys, "run", "demo", "--set", override, *extra, "--out", str(out))
+    assert_clean_error(code, err, message)
+    assert not out.exists()  # nothing is written for a run that cannot start
+
+
+def test_n_m_on_a_layer_with_too_few_inputs(capsys, tmp_path):
+    code, _, err = run_cli(
+        capsys,
+        "run",
+        "demo",
+        "--set",
+        "prune.pattern=2:4",
+        "--set",
+        "prune.sparsity=null",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_clean_error(code, err, "target '0.weight' has 1 inputs, which is not divisible by 4")
+
+
+def test_yaml_syntax_error_reports_its_line(capsys, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nmodel:\n  name: digits_cnn\n  kwargs: {width: 4\n")
+    code, _, err = run_cli(capsys, "run", str(recipe))
+    assert_clean_error(code, err, "is not valid YAML at line 5")
+
+
+def test_missing_recipe(capsys):
+    code, _, err = run_cli(capsys, "run", "does-not-exist.yaml")
+    assert_clean_error(code, err, "neither a file nor a built-in recipe")
+
+
+def test_corrupt_checkpoint(capsys, tmp_path):
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"\x00garbage")
+    code, _, err = run_cli(capsys, "run", "demo", "--set", f"model.checkpoint={ckpt}", "--out", str(tmp_path / "o"))
+    assert_clean_error(code, err, "is not a readable safetensors file")
+
+
+def test_checkpoint_of_another_model(capsys, tmp_path):
+    ckpt = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(2, 2)}, str(ckpt))
+    code, _, err = run_cli(capsys, "run", "demo", "--set", f"model.checkpoint={ckpt}", "--out", str(tmp_path / "o"))
+    assert_clean_error(code, err, "does not fit the model")
+
+
+def test_pickle_checkpoint_is_refused(capsys, tmp_path):
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"whatever")
+    code, _, err = run_cli(capsys, "run", "demo", "--set", f"model.checkpoint={ckpt}", "--out", str(tmp_path / "o"))
+    assert_clean_error(code, err, "looks like a pickle file")
+
+
+def test_non_empty_output_directory_is_refused_and_kept(capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code, _, err = run_cli(capsys, "run", "demo", "--out", str(out))
+    assert_clean_error(code, err, "is not empty")
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_bad_set_syntax_and_unknown_command(capsys):
+    code, _, err = run_cli(capsys, "run", "demo", "--set", "prune.sparsity")
+    assert_clean_error(code, err, "must look like key=value")
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code == 2
+
+
+def test_list_shows_every_registry(capsys):
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0
+    for word in (
+        "patterns:",
+        "unstructured",
+        "n:m",
+        "criteria:",
+        "taylor",
+        "schedules:",
+        "gradual",
+        "methods:",
+        "distill",
+        "finetune",
+        "recipes:",
+        "demo",
+        "models:",
+        "digits_cnn",
+    ):
+        assert word in out
+
+
+def test_help_on_every_command(capsys):
+    for argv in ([], ["run"], ["demo"], ["list"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--help"])
+        assert exc.value.code == 0
+        assert "usage: regrow" in capsys.readouterr().out
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    exe = Path(sys.executable).with_name("regrow")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "regrow.cli"]
+    proc = subprocess.run(
+        [*cmd, "run", "demo", "--set", "prune.sparsity=1.5"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "sparsity must be a number in [0, 1)" in proc.stderr

@@ -1,0 +1,66 @@
+import pytest
+
+from regrow.config import apply_overrides, load_config, read_recipe, validate
+from regrow.errors import RegrowError
+
+BASE = {"model": {"name": "digits_cnn"}, "data": {"name": "digits"}, "prune": {"sparsity": 0.5}}
+
+
+def test_defaults_are_filled_in():
+    cfg = validate(BASE)
+    assert cfg.recover.method == "distill" and cfg.schedule.name == "one_shot"
+    assert cfg.prune.pattern == "unstructured" and cfg.prune.scope == "global"
+
+
+def test_unknown_key_names_the_key_and_lists_allowed_ones():
+    with pytest.raises(RegrowError, match=r"unknown key 'prune\.sparsty'; allowed keys here: sparsity, threshold"):
+        validate(apply_overrides(BASE, ["prune.sparsty=0.3"]))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("prune.sparsity=1.5", r"sparsity must be a number in \[0, 1\)"),
+        ("prune.threshold=0.1", "exactly one of sparsity"),
+        ("prune.pattern=2:2", "0 < n < m"),
+        ("prune.criterion=best", "unknown criterion 'best'"),
+        ("recover.method=prayer", "unknown recovery method 'prayer'"),
+        ("schedule.name=weekly", "unknown schedule 'weekly'; allowed values: gradual, iterative, one_shot"),
+        ("model.factory=a:b", "exactly one of 'name'"),
+        ("recover.epochs=ten", "'recover.epochs'"),
+    ],
+)
+def test_bad_values(override, message):
+    with pytest.raises(RegrowError, match=message):
+        validate(apply_overrides(BASE, [override]))
+
+
+def test_overrides_parse_yaml_values():
+    out = apply_overrides(BASE, ["prune.targets=[a, 'b.*']", "recover.patience=null", "new.deep.key=3"])
+    assert out["prune"]["targets"] == ["a", "b.*"]
+    assert out["recover"]["patience"] is None
+    assert out["new"] == {"deep": {"key": 3}}
+    assert BASE["prune"] == {"sparsity": 0.5}  # the input is not modified
+    with pytest.raises(RegrowError, match="must look like key=value"):
+        apply_overrides(BASE, ["prune.sparsity"])
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model:\n  name: digits_cnn\nprune: [unclosed\n")
+    with pytest.raises(RegrowError, match="not valid YAML at line 4"):
+        read_recipe(recipe)
+
+
+def test_builtin_recipe_by_name_and_missing_recipe():
+    cfg, path = load_config("demo")
+    assert cfg.name == "demo" and path.name == "demo.yaml"
+    with pytest.raises(RegrowError, match="neither a file nor a built-in recipe; built-in recipes: .*demo"):
+        load_config("no-such-recipe.yaml")
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = validate(BASE)
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    again, _ = load_config(tmp_path / "config.yaml")
+    assert again == cfg

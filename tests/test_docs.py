@@ -1,0 +1,35 @@
+"""The docs stay in step with the code."""
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from regrow.config import RunConfig
+
+ROOT = Path(__file__).parents[1]
+
+
+def config_keys(model=RunConfig, prefix=""):
+    for name, field in model.model_fields.items():
+        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if sub is not None:
+            yield from config_keys(sub, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+def test_every_recipe_key_is_documented():
+    text = (ROOT / "docs" / "recipes.md").read_text()
+    missing = [key for key in config_keys() if f"`{key}`" not in text]
+    assert not missing, f"docs/recipes.md lacks: {missing}"
+
+
+def test_readme_names_the_built_in_recipes_and_set_up_commands():
+    from regrow.config import builtin_recipes
+
+    readme = (ROOT / "README.md").read_text()
+    for name in builtin_recipes():
+        assert f"`{name}`" in readme
+    assert "make demo" in readme and "make test" in readme
+    assert "make test" in (ROOT / ".ci" / "run").read_text()

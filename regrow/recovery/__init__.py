@@ -22,7 +22,11 @@ from regrow.recovery.methods import METHODS
 
 @dataclass
 class RecoveryResult:
-    """What recovery did: the per-epoch curve, the epoch kept and why training ended."""
+    """What recovery did: the per-epoch curve, the epoch kept and why training ended.
+
+    ``history[0]`` is the validation of the model as it came in (epoch 0: no training, so no train loss
+    or learning rate). Accuracies are fractions in [0, 1].
+    """
 
     history: list[EpochRecord]
     best_epoch: int
@@ -84,10 +88,12 @@ def recover(
         alpha, temperature: distillation loss ``alpha * T^2 * KL + (1 - alpha) * task loss``.
         augment: a callable applied to each training input batch.
         callbacks: step callbacks, e.g. :class:`regrow.GradualPruning`.
-        progress: show progress bars.
+        progress: show progress bars (on a terminal only; each epoch is also logged at INFO level on the
+            ``"regrow"`` logger, which the command line prints).
 
     Returns:
-        A :class:`RecoveryResult`; the model holds the best checkpoint.
+        A :class:`RecoveryResult`; the model holds the best checkpoint and is left in the train/eval mode
+        it came in.
 
     Example:
         >>> masks = regrow.prune(model, 0.9)

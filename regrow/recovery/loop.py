@@ -14,6 +14,7 @@ as it came in, so recovery can never hand back a model worse on validation than 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -28,6 +29,8 @@ from regrow.masks import MaskSet
 from regrow.measure.metrics import classification_metrics
 from regrow.progress import bar as progress_bar
 from regrow.recovery.lr import LR_SCHEDULES
+
+log = logging.getLogger("regrow")
 
 
 @dataclass
@@ -162,6 +165,11 @@ def train(
 
         record = validate(epoch, started, sums, seen, correct)
         history.append(record)
+        log.info(
+            "epoch %d/%d: train loss %.4f, val accuracy %.2f%%, val loss %.4f, sparsity %.2f%% (%.1f s)",
+            epoch, options.epochs, record.train_loss or float("nan"), 100 * record.val_accuracy, record.val_loss,
+            100 * record.sparsity, record.seconds,
+        )
 
         # Only a model in its final form (e.g. gradual pruning done) may become the kept checkpoint.
         if not all(cb.checkpoint_ready(state) for cb in callbacks):

@@ -56,9 +56,14 @@ class MultiheadAttention(nn.Module):
     def init_args(self) -> dict[str, Any]:
         """Constructor arguments (recorded in arch.json)."""
         return {
-            "embed_dim": self.embed_dim, "num_heads": self.num_heads, "head_dim": self.head_dim,
-            "bias": self.q_proj.bias is not None, "kdim": self.kdim, "vdim": self.vdim,
-            "batch_first": self.batch_first, "dropout": self.dropout,
+            "embed_dim": self.embed_dim,
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "bias": self.q_proj.bias is not None,
+            "kdim": self.kdim,
+            "vdim": self.vdim,
+            "batch_first": self.batch_first,
+            "dropout": self.dropout,
         }
 
     @classmethod
@@ -69,8 +74,16 @@ class MultiheadAttention(nn.Module):
                 "nn.MultiheadAttention with add_bias_kv=True or add_zero_attn=True cannot have its heads "
                 "pruned by regrow; leave the module out with 'ignore'."
             )
-        out = cls(mha.embed_dim, mha.num_heads, mha.head_dim, bias=mha.in_proj_bias is not None,
-                  kdim=mha.kdim, vdim=mha.vdim, batch_first=mha.batch_first, dropout=mha.dropout)
+        out = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            mha.head_dim,
+            bias=mha.in_proj_bias is not None,
+            kdim=mha.kdim,
+            vdim=mha.vdim,
+            batch_first=mha.batch_first,
+            dropout=mha.dropout,
+        )
         out = out.to(device=mha.out_proj.weight.device, dtype=mha.out_proj.weight.dtype)
         e = mha.embed_dim
         with torch.no_grad():
@@ -159,7 +172,8 @@ def keep_index(num_heads: int, head_dim: int, removed: Sequence[int], device: to
     gone = set(removed)
     return torch.tensor(
         [h * head_dim + j for h in range(num_heads) if h not in gone for j in range(head_dim)],
-        dtype=torch.long, device=device,
+        dtype=torch.long,
+        device=device,
     )
 
 
@@ -176,8 +190,14 @@ def _select_columns(linear: nn.Linear, keep: Tensor) -> None:
 
 
 def _merge_masks(
-    attn_mask: Tensor | None, key_padding_mask: Tensor | None, n: int, h: int, length: int, src: int,
-    dtype: torch.dtype, device: torch.device,
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    n: int,
+    h: int,
+    length: int,
+    src: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> Tensor | None:
     """nn.MultiheadAttention's mask conventions (bool True = masked out; float = added) as one float mask."""
 

@@ -23,6 +23,7 @@ from regrow.io import atomic_write
 
 if TYPE_CHECKING:
     from regrow.prune import PruneSpec
+    from regrow.structural import StructureReport
 
 
 @dataclass
@@ -34,11 +35,13 @@ class MaskSet(Mapping[str, Tensor]):
         spec: how the masks were made; schedules use it to prune further with the same settings.
         dense: a frozen copy of the model taken just before pruning (the default distillation teacher).
             It is not saved with the masks.
+        structure: for structural patterns, what was removed (the model is shrunk; there are no masks).
     """
 
     masks: dict[str, Tensor]
     spec: PruneSpec | None = None
     dense: nn.Module | None = field(default=None, repr=False, compare=False)
+    structure: StructureReport | None = field(default=None, repr=False, compare=False)
 
     # Mapping interface -------------------------------------------------------------------------
     def __getitem__(self, fqn: str) -> Tensor:

@@ -50,6 +50,7 @@ def _prune_lowest(scores: Tensor, k: int) -> Tensor:
 class Pattern(Protocol):
     name: str
     can_speed_up_dense: bool
+    structural: bool
     speed_note: str
 
     def check(self, shapes: dict[str, torch.Size], *, sparsity: float | None, threshold: float | None) -> None:
@@ -70,6 +71,7 @@ class Unstructured:
 
     name: str = "unstructured"
     can_speed_up_dense: bool = False
+    structural: bool = False
     speed_note: str = (
         "Unstructured zeros do not make dense kernels faster: the model has the same shapes and the same "
         "dense MACs; the gain is in compressed size, or in speed only with a sparse runtime."
@@ -101,6 +103,7 @@ class NM:
     n: int = 2
     m: int = 4
     can_speed_up_dense: bool = False
+    structural: bool = False
     speed_note: str = (
         "N:M zeros keep dense shapes: dense kernels run no faster. Only hardware and kernels with "
         "semi-structured sparsity support (e.g. 2:4 on NVIDIA Ampere or newer) can turn them into speed."
@@ -145,6 +148,47 @@ class NM:
             keep.scatter_(1, order[:, : self.m - self.n], False)
             out[f] = keep.reshape(moved.shape).movedim(-1, 1).contiguous()
         return out
+
+
+@dataclass(frozen=True)
+class _Structural:
+    """Shared by the patterns that shrink the model instead of masking it (see regrow.structural)."""
+
+    name: str = ""
+    can_speed_up_dense: bool = True
+    structural: bool = True
+    speed_note: str = ""
+
+    def check(self, shapes: dict[str, torch.Size], *, sparsity: float | None, threshold: float | None) -> None:
+        pass  # budgets are checked by regrow.structural.check_structural_budget
+
+    def make_masks(
+        self, scores: dict[str, Tensor], *, sparsity: float | None, threshold: float | None, scope: str
+    ) -> dict[str, Tensor]:
+        raise RegrowError(f"pattern '{self.name}' shrinks the model; it makes no masks.")
+
+
+@PATTERNS.register("channel")
+@dataclass(frozen=True)
+class Channel(_Structural):
+    """Remove whole Conv filters / Linear neurons with everything coupled to them (real speed-up)."""
+
+    name: str = "channel"
+    speed_note: str = (
+        "Removed channels make the dense layers themselves smaller: MACs, parameters and measured latency "
+        "fall together."
+    )
+
+
+@PATTERNS.register("head")
+@dataclass(frozen=True)
+class Head(_Structural):
+    """Remove whole attention heads (nn.MultiheadAttention and modules declaring num_heads)."""
+
+    name: str = "head"
+    speed_note: str = (
+        "Removed heads make the attention projections smaller: MACs, parameters and measured latency fall together."
+    )
 
 
 def check_budget(sparsity: float | None, threshold: float | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -11,12 +12,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from regrow.criteria import CRITERIA
-from regrow.errors import one_of
+from regrow.errors import RegrowError, one_of
 from regrow.masks import MaskSet
 from regrow.patterns import get_pattern
 from regrow.select import resolve_targets
 
 SCOPES = ("global", "layer")
+STRUCTURAL = ("channel", "head")
+log = logging.getLogger("regrow")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class PruneSpec:
     sparsity: float | None
     threshold: float | None
     targets: list[str] = field(default_factory=list)
+    macs: float | None = None
+    params: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,25 +119,42 @@ def prune(
     ignore: str | Iterable[str] | None = None,
     data: Iterable[Any] | None = None,
     keep_dense: bool = True,
+    macs: float | None = None,
+    params: float | None = None,
+    round_to: int | None = None,
+    max_sparsity: float = 0.9,
+    example_inputs: Any = None,
 ) -> MaskSet:
     """Prune ``model`` in place and return the keep-masks.
 
     Args:
-        model: a trained model; its pruned weights become exactly zero.
-        sparsity: fraction of target weights to zero, in [0, 1). Give this or ``threshold``.
+        model: a trained model; its pruned weights become exactly zero (or, for structural patterns, are
+            removed).
+        sparsity: fraction of target weights to zero, in [0, 1) (structural patterns: of channels or heads
+            removed). Give this, ``threshold``, or for structural patterns ``macs`` / ``params``.
         threshold: zero every target weight whose score is below this value.
-        pattern: ``"unstructured"`` or an n:m pattern such as ``"2:4"``.
-        criterion: ``"magnitude"``, ``"random"`` or ``"taylor"`` (needs ``data``); see ``regrow list``.
+        pattern: ``"unstructured"``, an n:m pattern such as ``"2:4"``, ``"channel"`` or ``"head"``.
+        criterion: ``"magnitude"``, ``"random"``, ``"taylor"`` (needs ``data``); structural patterns also
+            ``"bn_scale"``. See ``regrow list``.
         scope: ``"global"`` (one ranking over all targets) or ``"layer"`` (same sparsity per target).
         targets: fqns or globs of parameters to prune. Default: weights of all Linear/Conv layers except
-            the final classifier (the last one registered).
+            the final classifier (the last one registered). For ``"head"``: attention module names.
         ignore: fqns or globs removed from the targets.
-        data: an iterable of ``(inputs, targets)`` batches, for data-driven criteria.
+        data: an iterable of ``(inputs, targets)`` batches, for data-driven criteria and for tracing.
         keep_dense: keep a frozen copy of the model from before pruning in ``MaskSet.dense`` (the
             default teacher for distillation).
+        macs / params: structural budgets: the fraction of MACs / parameters to keep, in (0, 1], reached
+            within 2 %.
+        round_to: structural: round kept channel counts down to a multiple of this. Default: 8 for groups
+            of at least 32 channels (the widths dense kernels run fastest), none for narrower ones; 1 turns
+            rounding off.
+        max_sparsity: structural: the largest share of any group's units removed.
+        example_inputs: structural: inputs to trace the model with (default: the first batch of ``data``).
 
     Returns:
-        The :class:`MaskSet` (True = kept), with the spec used and the dense copy.
+        The :class:`MaskSet` (True = kept), with the spec used and the dense copy. Structural patterns
+        shrink the model instead: their MaskSet has no masks and carries the
+        :class:`~regrow.structural.StructureReport` in ``.structure``.
 
     Example:
         >>> import torch, regrow
@@ -141,6 +163,42 @@ def prune(
         >>> float((net[0].weight == 0).float().mean())
         0.75
     """
+    if isinstance(pattern, str) and pattern in STRUCTURAL:
+        from regrow.structural import shrink
+
+        dense = frozen_copy(model) if keep_dense else None
+        report = shrink(
+            model,
+            pattern=pattern,
+            sparsity=sparsity,
+            macs=macs,
+            params=params,
+            threshold=threshold,
+            criterion=criterion,
+            scope=scope,
+            targets=targets,
+            ignore=ignore,
+            data=data,
+            example_inputs=example_inputs,
+            round_to=round_to,
+            max_sparsity=max_sparsity,
+        )
+        spec = PruneSpec(
+            pattern,
+            criterion,
+            scope,
+            sparsity,
+            None,
+            [g["name"] for g in report.groups if g["excluded"] is None],
+            macs=macs,
+            params=params,
+        )
+        return MaskSet({}, spec=spec, dense=dense, structure=report)
+    if macs is not None or params is not None:
+        raise RegrowError(
+            f"macs= and params= budgets need a structural pattern ('channel' or 'head'): pattern {pattern!r} "
+            "keeps every dense shape, so MACs and parameter storage do not change; give sparsity= instead."
+        )
     spec = plan(
         model,
         sparsity,
@@ -151,6 +209,12 @@ def prune(
         targets=targets,
         ignore=ignore,
     )
+    if not get_pattern(spec.pattern).can_speed_up_dense:
+        log.warning(
+            "pattern %r cannot make dense kernels faster: expect smaller files, not lower latency; "
+            "use pattern 'channel' or 'head' for speed.",
+            spec.pattern,
+        )
     dense = frozen_copy(model) if keep_dense else None
     masks = MaskSet(compute_masks(model, spec, data), spec=spec, dense=dense)
     masks.apply(model)

@@ -23,6 +23,7 @@ class Criterion(Protocol):
 CRITERIA: Registry[Callable[..., dict[str, Tensor]]] = Registry("criterion")
 
 # Importing the modules registers their criteria.
+from regrow.criteria import bn_scale as _bn_scale  # noqa: E402,F401
 from regrow.criteria import magnitude as _magnitude  # noqa: E402,F401
 from regrow.criteria import random as _random  # noqa: E402,F401
 from regrow.criteria import taylor as _taylor  # noqa: E402,F401

@@ -1,0 +1,185 @@
+"""Pickle-free save and load of shrunk models: ``model.safetensors`` + ``arch.json``.
+
+``arch.json`` describes every module of the model: its class, its public scalar attributes
+(``in_channels``, ``normalized_shape``, ``num_heads``, ...) and the shape and dtype of each parameter and
+buffer. :func:`load` builds a fresh instance of the original architecture with ``factory()``, swaps in
+regrow's attention where the saved model had it, gives every module the recorded attributes and tensor
+shapes, then loads the weights from safetensors. Nothing is unpickled at any point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from regrow.errors import RegrowError
+from regrow.export import load_weights, save_weights
+from regrow.io import atomic_write_text
+from regrow.structural.attention import MultiheadAttention, set_submodule
+
+FORMAT = "regrow.arch"
+VERSION = 1
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON form of a scalar attribute, or a sentinel when it is not a plain value."""
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, _SCALARS) for v in value):
+        return {"__tuple__": list(value)} if isinstance(value, tuple) else list(value)
+    if isinstance(value, (set, frozenset)) and all(isinstance(v, (int, str)) for v in value):
+        return {"__set__": sorted(value)}
+    return _SKIP
+
+
+_SKIP = object()
+
+
+def _restore(value: Any) -> Any:
+    if isinstance(value, dict) and "__tuple__" in value:
+        return tuple(value["__tuple__"])
+    if isinstance(value, dict) and "__set__" in value:
+        return set(value["__set__"])
+    return value
+
+
+def _class_name(module: nn.Module | type) -> str:
+    cls = module if isinstance(module, type) else type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """The architecture of ``model`` as JSON-ready data."""
+    modules = {}
+    for name, module in model.named_modules():
+        attrs = {}
+        for key, value in vars(module).items():
+            if key.startswith("_") or key == "training":
+                continue
+            encoded = _jsonable(value)
+            if encoded is not _SKIP:
+                attrs[key] = encoded
+        entry: dict[str, Any] = {"class": _class_name(module), "attrs": attrs}
+        params = {
+            k: [list(p.shape), str(p.dtype).removeprefix("torch.")]
+            for k, p in module._parameters.items()
+            if p is not None
+        }
+        buffers = {
+            k: [list(b.shape), str(b.dtype).removeprefix("torch.")] for k, b in module._buffers.items() if b is not None
+        }
+        if params:
+            entry["parameters"] = params
+        if buffers:
+            entry["buffers"] = buffers
+        if isinstance(module, MultiheadAttention):
+            entry["init"] = module.init_args()
+        modules[name] = entry
+    return {"format": FORMAT, "version": VERSION, "modules": modules}
+
+
+def apply(model: nn.Module, arch: dict[str, Any]) -> nn.Module:
+    """Reshape a fresh ``model`` (same architecture, original sizes) to the one ``arch`` describes."""
+    if arch.get("format") != FORMAT:
+        raise RegrowError("arch.json is not a regrow architecture file (its 'format' is not 'regrow.arch').")
+    if arch.get("version") != VERSION:
+        raise RegrowError(f"arch.json has version {arch.get('version')!r}; this regrow reads version {VERSION}.")
+    entries = arch["modules"]
+    # 1. Swap in regrow's attention where the saved model had it.
+    for name, entry in entries.items():
+        if entry["class"] == _class_name(MultiheadAttention):
+            current = _get(model, name)
+            if isinstance(current, nn.MultiheadAttention):
+                set_submodule(model, name, MultiheadAttention.from_torch(current))
+            elif not isinstance(current, MultiheadAttention):
+                raise RegrowError(
+                    f"arch.json expects attention at {name!r} but the factory's model has {type(current).__name__}."
+                )
+    present = dict(model.named_modules())
+    missing = sorted(set(entries) - set(present))
+    if missing:
+        raise RegrowError(
+            f"the factory's model lacks modules recorded in arch.json: {missing[:5]}; is it the same architecture?"
+        )
+    # 2. Attributes and tensor shapes.
+    for name, entry in entries.items():
+        module = present[name]
+        if _class_name(module) != entry["class"]:
+            raise RegrowError(
+                f"module {name!r} is {_class_name(module)} in the factory's model but {entry['class']} in arch.json."
+            )
+        for key, value in entry["attrs"].items():
+            setattr(module, key, _restore(value))
+        for key, (shape, dtype) in entry.get("parameters", {}).items():
+            old = module._parameters.get(key)
+            if old is None:
+                raise RegrowError(f"parameter {name}.{key} of arch.json does not exist in the factory's model.")
+            if list(old.shape) != shape:
+                module._parameters[key] = nn.Parameter(
+                    torch.empty(shape, dtype=getattr(torch, dtype), device=old.device), requires_grad=old.requires_grad
+                )
+        for key, (shape, dtype) in entry.get("buffers", {}).items():
+            old = module._buffers.get(key)
+            if old is not None and list(old.shape) != shape:
+                module._buffers[key] = torch.empty(shape, dtype=getattr(torch, dtype), device=old.device)
+    return model
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name) if name else model
+    except AttributeError:
+        raise RegrowError(f"the factory's model has no module {name!r} recorded in arch.json.") from None
+
+
+def save(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write ``model.safetensors`` and ``arch.json`` into ``directory`` (atomically; no pickle).
+
+    Existing files of those names are replaced only with ``overwrite=True``.
+    """
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise RegrowError(f"{str(out)!r} exists and is not a directory.")
+    targets = [out / "model.safetensors", out / "arch.json"]
+    clash = [p.name for p in targets if p.exists()]
+    if clash and not overwrite:
+        raise RegrowError(f"{str(out)!r} already holds {', '.join(clash)}; pass overwrite=True to replace them.")
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out / "model.safetensors", metadata=metadata)
+    atomic_write_text(out / "arch.json", json.dumps(describe(model), indent=1) + "\n")
+    return out
+
+
+def load(directory: str | os.PathLike[str], factory: Callable[[], nn.Module]) -> nn.Module:
+    """Rebuild a saved model: ``factory()`` makes the original architecture, arch.json reshapes it.
+
+    Raises:
+        RegrowError: missing or unreadable files, or a factory model that does not match arch.json.
+    """
+    folder = Path(directory)
+    arch_path, weights = folder / "arch.json", folder / "model.safetensors"
+    if not arch_path.is_file():
+        raise RegrowError(f"{str(folder)!r} has no arch.json; save the model with regrow.save(model, directory).")
+    try:
+        arch = json.loads(arch_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RegrowError(f"arch.json in {str(folder)!r} is not readable JSON ({exc}).") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise RegrowError(f"the factory returned {type(model).__name__}; it must return a torch.nn.Module.")
+    apply(model, arch)
+    load_weights(model, weights)
+    return model

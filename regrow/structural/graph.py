@@ -1,0 +1,283 @@
+"""Coupled channel groups, found with torch-pruning's dependency graph, described in regrow's own terms.
+
+A *channel group* is every tensor dimension that must shrink together when one layer loses output
+channels: the layer itself, the BatchNorm after it, the other branch of a residual addition, the slice of
+a concatenation, the input of every consumer, a LayerNorm over the same features, a positional embedding
+added to them. torch-pruning (Fang et al. 2023, "DepGraph") finds the groups by tracing one forward pass;
+regrow keeps its graph private and hands out :class:`Cut` lists that name every member by its
+fully-qualified name, so the same cut can be applied to the model, to a copy, or simulated with masks.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning import ops
+
+from regrow.batches import forward
+from regrow.errors import RegrowError
+from regrow.structural.attention import MultiheadAttention
+from regrow.structural.pruners import customized_pruners
+
+ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+# Modules whose channel handling regrow simulates exactly (see simulate.py).
+SUPPORTED = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.PReLU,
+    nn.Embedding,
+    MultiheadAttention,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Remove ``idxs`` from one dimension of one layer or parameter.
+
+    ``target`` is a module fqn (``kind="module"``; ``out`` says whether output or input channels go) or a
+    parameter fqn (``kind="param"``, sliced along ``dim``).
+    """
+
+    target: str
+    kind: str
+    out: bool
+    idxs: tuple[int, ...]
+    dim: int = -1
+    layer_type: str = ""
+
+
+@dataclass
+class ChannelGroup:
+    """Coupled channels that are removed together; ``units`` = channels / ``ch_groups``."""
+
+    name: str
+    channels: int
+    ch_groups: int
+    members: list[str]
+    excluded: str | None = None
+    root: Any = field(default=None, repr=False)
+    root_handler: Any = field(default=None, repr=False)
+    full: Any = field(default=None, repr=False)
+
+    @property
+    def units(self) -> int:
+        return self.channels // self.ch_groups
+
+    def channel_idxs(self, removed_units: list[int]) -> list[int]:
+        """Units -> channels: with channel groups (grouped conv, GroupNorm) the same unit goes in every group."""
+        size = self.units
+        return sorted(u + g * size for g in range(self.ch_groups) for u in removed_units)
+
+
+class StructureGraph:
+    """torch-pruning's dependency graph over one model, with regrow's handlers for RMSNorm and attention."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any) -> None:
+        self.model = model
+        was_training = model.training
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch-pruning warns about loose parameters; regrow checks them
+                self.dg = tp.DependencyGraph().build_dependency(
+                    model,
+                    example_inputs=example_inputs,
+                    forward_fn=lambda m, x: forward(m, x),
+                    customized_pruners=customized_pruners(),
+                    verbose=False,
+                )
+        except RegrowError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - tracing runs the user's forward; report it in one line
+            raise RegrowError(
+                f"the model could not be traced for structural pruning ({type(exc).__name__}: {exc}); it must "
+                "run on the given example inputs with autograd enabled."
+            ) from None
+        finally:
+            model.train(was_training)
+        self.names = {m: n for n, m in model.named_modules()}
+        self.order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        self.param_names = {p: n for n, p in model.named_parameters()}
+
+    # ---------------------------------------------------------------------------------------------
+    def _describe(self, item: Any) -> tuple[str | None, str]:
+        """(fqn, label) of a group item's target; fqn is None for graph-only ops (add, reshape, ...)."""
+        dep = item.dep
+        target = dep.target.module
+        if isinstance(target, nn.Parameter):
+            name = self.param_names.get(target, "?")
+            return name, f"{name} (parameter)"
+        if isinstance(target, nn.Module) and target in self.names:
+            direction = "out" if self.dg.is_out_channel_pruning_fn(dep.handler) else "in"
+            name = self.names[target]
+            return name, f"{name or '(model)'} ({type(target).__name__}, {direction})"
+        return None, ""
+
+    def _ch_groups(self, group: Any) -> int:
+        found = [1]
+        for dep, _ in group:
+            module = dep.target.module
+            if not isinstance(module, nn.Module) or isinstance(module, tuple(ops.TORCH_OTHERS or ())):
+                continue
+            pruner = self.dg.get_pruner_of_module(module)
+            if pruner is None:
+                continue
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == module.out_channels:
+                continue  # depthwise: each channel is its own group, nothing to keep balanced
+            is_out = self.dg.is_out_channel_pruning_fn(dep.handler)
+            found.append(pruner.get_out_channel_groups(module) if is_out else pruner.get_in_channel_groups(module))
+        return max(found)
+
+    def channel_groups(
+        self, candidates: set[str], ignored: set[str], attention: dict[str, set[str]]
+    ) -> list[ChannelGroup]:
+        """Every group rooted at a Conv/Linear layer, with the reason when regrow will not prune it.
+
+        ``attention`` maps each attention module to its inner projections (q, k, v or fused qkv): groups whose
+        output channels include them are left to pattern 'head'.
+        """
+        out = []
+        ignored_modules = [m for m, n in self.names.items() if n in ignored]
+        for group in self.dg.get_all_groups(ignored_layers=ignored_modules, root_module_types=ROOT_TYPES):
+            members, out_layers, reason = [], [], None
+            for item in group:
+                name, label = self._describe(item)
+                dep = item.dep
+                target = dep.target.module
+                if isinstance(target, ops._OutputOp):
+                    reason = reason or "its channels are the model's output"
+                if name is None:
+                    continue
+                members.append(label)
+                if isinstance(target, nn.Module):
+                    if self.dg.is_out_channel_pruning_fn(dep.handler):
+                        out_layers.append(name)
+                    if not isinstance(target, SUPPORTED):
+                        reason = reason or f"layer {name!r} of type {type(target).__name__} is not supported"
+            root = group[0].dep.target.module
+            # Name the group after its first output layer in registration order (the stem of a residual
+            # stream, the first layer of a block), which reads better than the tracer's root.
+            root_name = (
+                min(out_layers, key=lambda n: self.order.get(n, 1 << 30)) if out_layers else self.names.get(root, "?")
+            )
+            if reason is None and not any(n in candidates for n in out_layers):
+                reason = "not a target"
+            if reason is None:
+                owner = next((a for a, inner in attention.items() if any(n in inner for n in out_layers)), None)
+                if owner is not None:
+                    reason = f"inside attention {owner!r} (its heads are pruned with pattern 'head')"
+            channels = self.dg.get_out_channels(root)
+            cg = ChannelGroup(
+                name=root_name,
+                channels=channels,
+                ch_groups=self._ch_groups(group),
+                members=members,
+                excluded=reason,
+                root=root,
+                root_handler=group[0].dep.handler,
+                full=group,
+            )
+            if cg.channels % cg.ch_groups:
+                cg.excluded = cg.excluded or f"{channels} channels do not split into {cg.ch_groups} channel groups"
+            out.append(cg)
+        return out
+
+    def cuts(self, group: ChannelGroup, removed_units: list[int]) -> list[Cut]:
+        """Every member cut implied by removing ``removed_units`` from ``group``."""
+        if not removed_units:
+            return []
+        idxs = group.channel_idxs(removed_units)
+        expanded = self.dg.get_pruning_group(group.root, group.root_handler, idxs)
+        cuts = []
+        for item in expanded:
+            dep, item_idxs = item.dep, item.idxs
+            target = dep.target.module
+            if not item_idxs:
+                continue
+            plain = tuple(sorted(int(i) for i in tp._helpers.to_plain_idxs(item_idxs)))
+            if isinstance(target, nn.Parameter):
+                name = self.param_names.get(target)
+                if name is None:
+                    continue
+                cuts.append(Cut(name, "param", True, plain, dim=dep.target.pruning_dim, layer_type="Parameter"))
+            elif isinstance(target, nn.Module) and target in self.names:
+                is_out = self.dg.is_out_channel_pruning_fn(dep.handler)
+                cuts.append(Cut(self.names[target], "module", is_out, plain, layer_type=type(target).__name__))
+        return cuts
+
+
+def merge_cuts(cuts: list[Cut]) -> list[Cut]:
+    """One cut per (target, direction): a concatenation's consumer receives cuts from several groups, all in
+    the index space of the unshrunk model, so they must be applied together."""
+    merged: dict[tuple[str, str, bool, int], Cut] = {}
+    for cut in cuts:
+        key = (cut.target, cut.kind, cut.out, cut.dim)
+        if key in merged:
+            old = merged[key]
+            cut = Cut(
+                cut.target, cut.kind, cut.out, tuple(sorted(set(old.idxs) | set(cut.idxs))), cut.dim, cut.layer_type
+            )
+        merged[key] = cut
+    return list(merged.values())
+
+
+def apply_cuts(model: nn.Module, cuts: list[Cut]) -> None:
+    """Shrink ``model`` in place (the cuts' indices refer to the model before any of them)."""
+    box = tp.pruner.function.PrunerBox
+    custom = customized_pruners()
+    for cut in merge_cuts(cuts):
+        if cut.kind == "param":
+            parent_name, _, attr = cut.target.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            param = getattr(parent, attr)
+            dim = cut.dim % param.dim()
+            gone = set(cut.idxs)
+            keep = torch.tensor([i for i in range(param.shape[dim]) if i not in gone], device=param.device)
+            setattr(
+                parent,
+                attr,
+                nn.Parameter(param.detach().index_select(dim, keep).contiguous(), requires_grad=param.requires_grad),
+            )
+            continue
+        module = model.get_submodule(cut.target) if cut.target else model
+        pruner = next((p for t, p in custom.items() if isinstance(module, t)), None) or box.get(ops.module2type(module))
+        if pruner is None:
+            raise RegrowError(f"no handler to shrink layer {cut.target!r} of type {type(module).__name__}.")
+        if cut.out:
+            pruner.prune_out_channels(module, list(cut.idxs))
+        else:
+            pruner.prune_in_channels(module, list(cut.idxs))
+
+
+def find_attention(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that declare a head count (regrow's attention, or custom ones with a ``num_heads``-like attribute)."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MultiheadAttention) or any(isinstance(getattr(module, a, None), int) for a in HEAD_ATTRS):
+            if isinstance(module, nn.MultiheadAttention):
+                continue
+            found[name] = module
+    return found
+
+
+def round_keep(units: int, keep: int, ch_groups: int, round_to: int | None) -> int:
+    """Kept units after rounding kept channels down to a multiple of ``round_to`` (at least one multiple)."""
+    if not round_to or round_to <= 1:
+        return keep
+    step = round_to // math.gcd(round_to, ch_groups)  # units per multiple of round_to channels
+    if units < step:
+        return units  # too narrow to round: leave it whole
+    return max(step, (keep // step) * step)

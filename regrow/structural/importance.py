@@ -1,0 +1,86 @@
+"""Importance of channel groups and heads: one score per removable unit, higher = more important.
+
+Channel-group scores come from torch-pruning's group importances (each member layer's slice of weights
+contributes, then the scores are divided by their mean so that groups can be ranked together):
+``magnitude`` = group L2 norm; ``taylor`` = |w · dL/dw| with gradients summed over a few batches;
+``bn_scale`` = |gamma| of the BatchNorm layers in the group (Liu et al. 2017, "Network Slimming");
+``random``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from regrow.batches import forward, model_device, to_device, unpack
+from regrow.errors import RegrowError, one_of
+from regrow.structural.graph import ChannelGroup
+from regrow.structural.heads import HeadGroup
+
+GROUP_CRITERIA = ("bn_scale", "magnitude", "random", "taylor")
+TAYLOR_BATCHES = 8
+_LAYERS = [nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm]
+
+
+def _scorer(criterion: str) -> Any:
+    # Fresh objects with explicit target_types: torch-pruning's defaults are shared mutable lists.
+    if criterion == "magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=2, target_types=list(_LAYERS))
+    if criterion == "taylor":
+        return tp.importance.GroupTaylorImportance(target_types=list(_LAYERS))
+    if criterion == "bn_scale":
+        return tp.importance.BNScaleImportance()
+    raise one_of("criterion for structural patterns", criterion, GROUP_CRITERIA)
+
+
+def accumulate_gradients(model: nn.Module, data: Iterable[Any] | None, batches: int = TAYLOR_BATCHES) -> None:
+    """Sum cross-entropy gradients over a few batches into ``.grad`` (eval mode, for taylor scores)."""
+    if data is None:
+        raise RegrowError("criterion 'taylor' needs data: pass data= (an iterable of (inputs, targets) batches).")
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    seen = 0
+    try:
+        for batch in islice(data, batches):
+            inputs, labels = unpack(batch)
+            loss = F.cross_entropy(forward(model, to_device(inputs, device)), to_device(labels, device))
+            loss.backward()
+            seen += 1
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise RegrowError("criterion 'taylor' got an empty data iterable; it needs at least one batch.")
+
+
+def channel_scores(group: ChannelGroup, criterion: str) -> Tensor | None:
+    """Per-unit scores of a channel group, or None when the criterion finds nothing to score in it."""
+    if criterion == "random":
+        return torch.rand(group.units)
+    with torch.no_grad():
+        imp = _scorer(criterion)(group.full)
+    if imp is None or not torch.isfinite(imp).all():
+        return None
+    imp = imp.float().cpu()
+    return imp.view(group.ch_groups, group.units).mean(dim=0)
+
+
+def head_scores(group: HeadGroup, model: nn.Module, criterion: str) -> Tensor:
+    if criterion == "random":
+        return torch.rand(group.heads)
+    if criterion == "bn_scale":
+        raise RegrowError(
+            "criterion 'bn_scale' scores BatchNorm channels; with pattern 'head' use magnitude, taylor or random."
+        )
+    if criterion not in GROUP_CRITERIA:
+        raise one_of("criterion for structural patterns", criterion, GROUP_CRITERIA)
+    scores = group.scores(model, use_grad=criterion == "taylor")
+    mean = scores.mean()
+    return scores / mean if mean > 0 else scores

@@ -1,0 +1,327 @@
+"""Structural pruning: every layer type and coupling, budgets, the equivalence check, save and load."""
+
+import copy
+import gc
+import pickle
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import regrow
+from regrow.errors import RegrowError
+from regrow.structural import MultiheadAttention, load, save, shrink
+from regrow.structural.attention import convert_attention
+from zoo import CNNS, TRANSFORMERS, DenseConcat, ResidualCNN, TinyTransformer, images, tokens
+
+
+def build(factory, seed=0):
+    torch.manual_seed(seed)
+    return factory().eval()
+
+
+def randomize_norms(model):
+    """Give BatchNorm layers non-trivial statistics so a wrong slice shows in the outputs."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        if getattr(m, "weight", None) is not None and isinstance(
+            m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
+        ):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(CNNS))
+def test_cnn_layer_types_shrink_match_their_simulation_and_reload(name, tmp_path):
+    model = randomize_norms(build(CNNS[name]))
+    x = images()
+    report = shrink(model, pattern="channel", macs=0.6, example_inputs=x, round_to=1)  # fine-grained widths
+    assert report.equivalence.passed, report.equivalence
+    assert abs(report.macs_ratio - 0.6) <= 0.02 * 0.6
+    assert report.units_removed > 0
+    y = model(x)
+    save(model, tmp_path)
+    torch.manual_seed(123)  # a fresh instance with other initial weights
+    again = load(tmp_path, CNNS[name]).eval()
+    assert torch.equal(again(x), y)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS))
+def test_transformer_channels_shrink_match_their_simulation_and_reload(name, tmp_path):
+    model = build(TRANSFORMERS[name])
+    x = tokens()
+    report = shrink(model, pattern="channel", macs=0.6, example_inputs=x)
+    assert report.equivalence.passed
+    assert abs(report.macs_ratio - 0.6) <= 0.02 * 0.6
+    y = model(x)
+    save(model, tmp_path)
+    assert torch.equal(load(tmp_path, TRANSFORMERS[name]).eval()(x), y)
+
+
+def test_rmsnorm_keeps_normalized_shape_true():
+    # torch-pruning 1.6 slices an RMSNorm's weight but leaves normalized_shape stale; regrow updates both.
+    model = build(TRANSFORMERS["rmsnorm"])
+    shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=tokens())
+    norms = [m for m in model.modules() if isinstance(m, nn.RMSNorm)]
+    assert norms and all(m.normalized_shape == (m.weight.shape[0],) for m in norms)
+    assert norms[0].weight.shape[0] < 16  # the residual width did shrink
+    model(tokens())  # and the model still runs
+
+
+def test_embedding_and_positional_parameter_shrink_with_the_residual_stream():
+    model = build(TRANSFORMERS["layernorm"])
+    shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=tokens())
+    width = model.emb.embedding_dim
+    assert width < 16 and model.emb.weight.shape == (50, width)
+    assert model.pos.shape == (1, 6, width)
+    assert model.blocks[0].attn.q_proj.in_features == width
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_heads_are_removed_whole(fused):
+    model = build(lambda: TinyTransformer(fused=fused))
+    x = tokens()
+    before = sum(p.numel() for p in model.parameters())
+    report = shrink(model, pattern="head", sparsity=0.5, example_inputs=x)
+    assert report.equivalence.passed
+    for block in model.blocks:
+        attn = block.attn
+        assert attn.num_heads == 2
+        if fused:
+            assert attn.qkv.out_features == 3 * 2 * attn.head_dim and attn.proj.in_features == 2 * attn.head_dim
+        else:
+            # nn.MultiheadAttention was converted; its inner width shrank, the residual width did not.
+            assert isinstance(attn, MultiheadAttention)
+            assert attn.q_proj.out_features == 2 * attn.head_dim == attn.out_proj.in_features
+            assert attn.out_proj.out_features == 16
+    assert sum(p.numel() for p in model.parameters()) < before
+    assert report.macs_ratio < 1.0
+
+
+def test_converted_attention_computes_what_nn_multiheadattention_computes():
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+        ours = MultiheadAttention.from_torch(mha).eval()
+        x = torch.randn(3, 5, 16)
+        n, length = (3, 5) if batch_first else (5, 3)
+        pad = torch.zeros(n, length, dtype=torch.bool)
+        pad[0, -2:] = True
+        causal = torch.ones(length, length, dtype=torch.bool).triu(1)
+        for kwargs in (
+            {},
+            {"need_weights": False},
+            {"attn_mask": causal},
+            {"key_padding_mask": pad},
+            {"average_attn_weights": False},
+        ):
+            expected, w1 = mha(x, x, x, **kwargs)
+            got, w2 = ours(x, x, x, **kwargs)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            if w1 is not None:
+                torch.testing.assert_close(w2, w1, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_transformer_encoder_layers_work_after_conversion_and_head_pruning():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(16, 3)
+    )
+    x = torch.randn(2, 5, 8)
+    model.eval()
+    report = shrink(model, pattern="head", sparsity=0.5, example_inputs=x)
+    assert report.equivalence.passed
+    assert len(report.converted_attention) == 2
+    model.train()
+    model(x).sum().backward()  # trains too
+
+
+def test_budgets_are_met_within_two_percent():
+    x = images()
+    for kind, value in (("macs", 0.5), ("params", 0.5), ("sparsity", 0.4)):
+        model = build(ResidualCNN)
+        report = shrink(model, pattern="channel", example_inputs=x, **{kind: value})
+        achieved = {
+            "macs": report.macs_ratio,
+            "params": report.params_ratio,
+            "sparsity": report.units_removed / report.units_total,
+        }[kind]
+        assert abs(achieved - value) <= 0.02 * value, (kind, achieved)
+
+
+def test_round_to_and_max_sparsity():
+    model = build(ResidualCNN)
+    shrink(model, pattern="channel", sparsity=0.5, scope="layer", round_to=4, example_inputs=images())
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 4 == 0 for w in widths), widths
+    model = build(ResidualCNN)
+    report = shrink(model, pattern="channel", sparsity=0.5, scope="layer", max_sparsity=0.5, example_inputs=images())
+    assert all(g["units_after"] == g["units_before"] // 2 for g in report.groups if g["excluded"] is None)
+    with pytest.raises(RegrowError, match=r"keeps at least 50% of its units \(max_sparsity\)"):
+        shrink(
+            build(ResidualCNN),
+            pattern="channel",
+            sparsity=0.8,
+            scope="layer",
+            max_sparsity=0.5,
+            example_inputs=images(),
+        )
+
+
+def test_the_equivalence_check_catches_a_broken_layer_handler(monkeypatch):
+    from torch_pruning.pruner import function
+
+    linear = function.PrunerBox[function.ops.OPTYPE.LINEAR]
+    original = type(linear).prune_in_channels
+
+    def off_by_one(self, layer, idxs):  # removes the wrong input columns
+        return original(self, layer, [(i + 1) % layer.in_features for i in idxs])
+
+    monkeypatch.setattr(type(linear), "prune_in_channels", off_by_one)
+    model = build(ResidualCNN)
+    # Every group feeds the classifier's inputs through the broken handler or none does: the probe finds
+    # the broken group and leaves it out, naming the reason.
+    report = shrink(model, pattern="channel", sparsity=0.3, example_inputs=images(), scope="layer")
+    broken = [g for g in report.groups if g["excluded"] and "simulation" in g["excluded"]]
+    assert broken, report.groups
+    assert report.equivalence.passed
+
+
+def test_a_handler_broken_only_for_larger_cuts_fails_the_final_check(monkeypatch):
+    from torch_pruning.pruner import function
+
+    conv = function.PrunerBox[function.ops.OPTYPE.CONV]
+    original = type(conv).prune_out_channels
+
+    def wrong_when_many(self, layer, idxs):
+        if len(idxs) > 1:
+            idxs = list(range(len(idxs)))  # drops the first channels instead of the chosen ones
+        return original(self, layer, idxs)
+
+    monkeypatch.setattr(type(conv), "prune_out_channels", wrong_when_many)
+    model = build(ResidualCNN)
+    with pytest.raises(RegrowError, match="equivalence check failed.*group\\(s\\) at fault"):
+        shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=images())
+
+
+def test_no_state_leaks_between_prunes():
+    # torch-pruning's pruners share mutable default dicts; regrow builds fresh state per call.
+    x = tokens()
+    alone = build(TRANSFORMERS["layernorm"])
+    shrink(alone, pattern="channel", sparsity=0.5, example_inputs=x)
+    first = build(DenseConcat)
+    shrink(first, pattern="channel", sparsity=0.5, example_inputs=images())
+    ref = weakref.ref(first)
+    second = build(TRANSFORMERS["layernorm"])
+    shrink(second, pattern="channel", sparsity=0.5, example_inputs=x)
+    assert torch.equal(second(x), alone(x))
+    del first
+    gc.collect()
+    assert ref() is None  # nothing kept the first model alive
+
+
+def test_load_never_unpickles(tmp_path, monkeypatch):
+    model = build(ResidualCNN)
+    shrink(model, pattern="channel", macs=0.6, example_inputs=images())
+    save(model, tmp_path)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pickle was used")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    again = load(tmp_path, ResidualCNN).eval()
+    assert torch.equal(again(images()), model(images()))
+
+
+def test_save_refuses_to_overwrite_and_load_checks_the_architecture(tmp_path):
+    model = build(ResidualCNN)
+    shrink(model, pattern="channel", macs=0.6, example_inputs=images())
+    save(model, tmp_path)
+    with pytest.raises(RegrowError, match="already holds"):
+        save(model, tmp_path)
+    save(model, tmp_path, overwrite=True)
+    with pytest.raises(RegrowError, match="lacks modules|is .* in the factory"):
+        load(tmp_path, DenseConcat)
+    with pytest.raises(RegrowError, match="has no arch.json"):
+        load(tmp_path / "nowhere", ResidualCNN)
+    (tmp_path / "arch.json").write_text("{not json")
+    with pytest.raises(RegrowError, match="not readable JSON"):
+        load(tmp_path, ResidualCNN)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"macs": 0.5, "sparsity": 0.5}, "exactly one budget"),
+        ({}, "exactly one budget"),
+        ({"macs": 1.5}, r"macs must be in \(0, 1\]"),
+        ({"params": 0.0}, r"params must be in \(0, 1\]"),
+        ({"sparsity": 1.0}, r"sparsity must be a number in \[0, 1\)"),
+        ({"threshold": 0.1}, "not threshold"),
+        ({"macs": 0.5, "criterion": "wanda"}, "unknown criterion 'wanda'"),
+        ({"macs": 0.5, "round_to": 0}, "round_to must be a positive integer"),
+        ({"macs": 0.5, "max_sparsity": 1.0}, r"max_sparsity must be in \(0, 1\)"),
+        ({"macs": 0.5, "targets": ["nope*"]}, "matches no parameter"),
+    ],
+)
+def test_bad_structural_requests(kwargs, message):
+    model = build(ResidualCNN)
+    with pytest.raises(RegrowError, match=message):
+        regrow.prune(model, pattern="channel", data=[(images(), torch.zeros(4, dtype=torch.long))], **kwargs)
+
+
+def test_structural_needs_inputs_and_a_traceable_model():
+    with pytest.raises(RegrowError, match="need inputs"):
+        regrow.prune(build(ResidualCNN), pattern="channel", macs=0.5)
+
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            if x.shape[0] != 99:
+                raise ValueError("expects a batch of 99")
+            return self.out(self.fc(x))
+
+    with pytest.raises(RegrowError, match="could not be traced.*expects a batch of 99"):
+        regrow.prune(Picky(), pattern="channel", macs=0.5, example_inputs=torch.zeros(2, 4))
+
+
+def test_macs_budget_with_unstructured_pattern_is_refused():
+    with pytest.raises(RegrowError, match="need a structural pattern"):
+        regrow.prune(build(ResidualCNN), macs=0.5)
+
+
+def test_prune_api_returns_structure_and_a_dense_teacher_and_recovery_works():
+    model = build(ResidualCNN)
+    data = [(images(8), torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(i))) for i in range(6)]
+    dense_out = model(images())
+    masks = regrow.prune(model, pattern="channel", macs=0.5, data=data)
+    assert len(masks) == 0 and masks.structure is not None
+    assert torch.equal(masks.dense(images()), dense_out)  # the teacher is the model from before shrinking
+    result = regrow.recover(model, masks, data, epochs=2, progress=False)
+    assert result.epochs_run == 2
+    assert masks.structure.macs_ratio == pytest.approx(0.5, rel=0.02)
+
+
+def test_head_pattern_without_attention_is_refused():
+    with pytest.raises(RegrowError, match="found no attention module"):
+        regrow.prune(build(ResidualCNN), pattern="head", sparsity=0.5, example_inputs=images())
+
+
+def test_convert_attention_is_idempotent_and_keeps_training_mode():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
+    model.train()
+    assert convert_attention(model) == ["0"]
+    assert model[0].training and convert_attention(model) == []
+    copy.deepcopy(model)  # still copyable

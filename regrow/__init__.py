@@ -6,6 +6,10 @@ The public API::
     result = regrow.recover(model, masks, train_loader)  # distill from the dense copy, masks enforced
     snap = regrow.evaluate(model, test_loader)           # accuracy, nonzeros, MACs, latency, size
     report = regrow.run("recipe.yaml")                   # the whole pipeline from a recipe
+
+    regrow.prune(model, pattern="channel", macs=0.5, data=loader)  # remove channels: really faster
+    regrow.save(model, "out/")                            # model.safetensors + arch.json, no pickle
+    model = regrow.load("out/", factory)                  # rebuilt from the original architecture
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from regrow.pipeline import run
 from regrow.prune import PruneSpec, prune
 from regrow.recovery import GradualPruning, RecoveryResult, recover
 from regrow.report import RunReport
+from regrow.structural import StructureReport, load, save
 
 __version__ = "0.1.0"
 
@@ -31,11 +36,14 @@ __all__ = [
     "RunConfig",
     "RunReport",
     "Snapshot",
+    "StructureReport",
     "evaluate",
+    "load",
     "load_config",
     "load_weights",
     "prune",
     "recover",
     "run",
+    "save",
     "save_weights",
 ]

@@ -145,7 +145,10 @@ def _print_summary(report: object) -> None:
     drop = report.drop  # type: ignore[attr-defined]
     line = f"pruning drop {100 * drop:.2f} points"
     if frac is not None:
-        line += f"; recovery won back {100 * frac:.1f}% of it"
+        line += "; recovery won back all of it and more" if frac > 1 else f"; recovery won back {100 * frac:.1f}% of it"
+    speed = report.prune.get("speed")  # type: ignore[attr-defined]
+    if speed:
+        line += f"; measured CPU speed-up {speed['speedup']:.2f}x"
     console.print(line)
     console.print(f"report: {report.out_dir}/report.md")  # type: ignore[attr-defined]
 

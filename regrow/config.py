@@ -91,6 +91,14 @@ class DataConfig(ComponentConfig):
 class PruneConfig(_Strict):
     sparsity: float | None = Field(None, description="fraction of target weights zeroed, in [0, 1)")
     threshold: float | None = Field(None, description="zero every target weight whose score is below this")
+    macs: float | None = Field(None, description="channel/head: fraction of MACs to keep, in (0, 1]")
+    params: float | None = Field(None, description="channel/head: fraction of parameters to keep, in (0, 1]")
+    round_to: int | None = Field(
+        None,
+        ge=1,
+        description="channel: round kept channel counts down to a multiple (default: 8 for groups of 32+ channels)",
+    )
+    max_sparsity: float = Field(0.9, gt=0, lt=1, description="channel/head: largest share removed from any group")
     pattern: str = "unstructured"
     criterion: str = "magnitude"
     scope: Literal["global", "layer"] = "global"
@@ -112,7 +120,18 @@ class PruneConfig(_Strict):
     def _budget(self) -> PruneConfig:
         from regrow.patterns import get_pattern
 
-        get_pattern(self.pattern).check({}, sparsity=self.sparsity, threshold=self.threshold)
+        pattern = get_pattern(self.pattern)
+        if pattern.structural:
+            from regrow.structural import check_structural_budget
+
+            check_structural_budget(self.sparsity, self.macs, self.params, self.threshold)
+        elif self.macs is not None or self.params is not None:
+            raise RegrowError(
+                f"macs and params budgets need pattern 'channel' or 'head'; pattern {self.pattern!r} keeps every "
+                "dense shape. Give sparsity instead."
+            )
+        else:
+            pattern.check({}, sparsity=self.sparsity, threshold=self.threshold)
         return self
 
 

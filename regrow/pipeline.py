@@ -18,22 +18,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from regrow.batches import to_device
 from regrow.components import build_augment, build_data, build_model, device_of, search_path
 from regrow.config import RunConfig, apply_overrides, load_config, validate
 from regrow.data.split import split_validation
 from regrow.errors import RegrowError
-from regrow.export import load_weights, save_weights
 from regrow.io import atomic_write_text, prepare_out_dir
 from regrow.masks import MaskSet
-from regrow.measure import Snapshot, evaluate
+from regrow.measure import Snapshot, evaluate, sample_inputs
+from regrow.measure.cost import count_params, dense_macs
+from regrow.measure.latency import compare_latency
 from regrow.measure.metrics import classification_metrics
 from regrow.patterns import get_pattern
-from regrow.prune import PruneSpec, compute_masks, frozen_copy, plan
+from regrow.prune import PruneSpec, compute_masks, frozen_copy, plan, prune
 from regrow.recovery import GradualPruning, RecoveryResult, recover
 from regrow.report import RunReport, environment
 from regrow.report.plots import plot_curve
 from regrow.schedules import iterative
 from regrow.select import final_classifier
+from regrow.structural import load, save, validate_request
 
 log = logging.getLogger("regrow")
 
@@ -90,7 +93,7 @@ def _recover_kwargs(cfg: RunConfig, search: list[Path]) -> dict[str, Any]:
     return opts
 
 
-def _check_schedule(cfg: RunConfig, spec: PruneSpec) -> None:
+def _check_schedule(cfg: RunConfig, spec: PruneSpec, structural: bool) -> None:
     name = cfg.schedule.name
     if name == "one_shot":
         return
@@ -98,7 +101,12 @@ def _check_schedule(cfg: RunConfig, spec: PruneSpec) -> None:
         raise RegrowError(
             f"schedule {name!r} raises the sparsity step by step and needs prune.sparsity, not prune.threshold."
         )
-    if spec.pattern != "unstructured":
+    if name == "gradual" and structural:
+        raise RegrowError(
+            f"schedule 'gradual' raises a mask's sparsity between steps; pattern {spec.pattern!r} shrinks the model, "
+            "so use schedule 'iterative' (shrink a little, recover, repeat) or 'one_shot'."
+        )
+    if not structural and spec.pattern != "unstructured":
         raise RegrowError(
             f"schedule {name!r} works with pattern 'unstructured'; pattern {spec.pattern!r} fixes its "
             "sparsity, use schedule 'one_shot'."
@@ -110,6 +118,64 @@ def _check_schedule(cfg: RunConfig, spec: PruneSpec) -> None:
             f"schedule 'iterative' with {cfg.schedule.rounds} rounds needs at least one recovery epoch per "
             f"round; recover.epochs is {cfg.recover.epochs}."
         )
+
+
+class _Pruner:
+    """One pruning step of a run, masked or structural: to the final budget, or to round r of k.
+
+    Round r of k leaves the model at the share ``r / k`` of the way to the final budget, geometrically:
+    density ``(1 - s) ** (r / k)`` for a sparsity ``s``, MACs or parameters ``m ** (r / k)`` of the
+    original for a budget ``m`` (each round is measured against the original, so errors do not add up).
+    """
+
+    def __init__(self, cfg: RunConfig, spec: PruneSpec, structural: bool, data: Any, sample: Any) -> None:
+        self.cfg, self.spec, self.structural, self.data = cfg, spec, structural, data
+        self.sample = sample  # one input, to measure MACs between rounds
+        self.original: dict[str, float] = {}
+        self.reports: list[dict[str, Any]] = []
+
+    def remember(self, model: nn.Module) -> None:
+        self.original = {"macs": float(dense_macs(model, self.sample) or 0), "params": float(count_params(model)[0])}
+
+    def _structural_budget(self, model: nn.Module, round_index: int, rounds: int) -> dict[str, float]:
+        p = self.cfg.prune
+        if rounds == 1:
+            return {
+                k: v for k, v in (("sparsity", p.sparsity), ("macs", p.macs), ("params", p.params)) if v is not None
+            }
+        share = round_index / rounds
+        if p.macs is not None:
+            now = dense_macs(model, self.sample) or 1
+            return {"macs": min(1.0, p.macs**share * self.original["macs"] / now)}
+        if p.params is not None:
+            return {"params": min(1.0, p.params**share * self.original["params"] / count_params(model)[0])}
+        return {"sparsity": 1.0 - (1.0 - (p.sparsity or 0.0)) ** (1.0 / rounds)}
+
+    def step(self, model: nn.Module, previous: MaskSet | None = None, round_index: int = 1, rounds: int = 1) -> MaskSet:
+        p = self.cfg.prune
+        if self.structural:
+            masks = prune(
+                model,
+                pattern=p.pattern,
+                criterion=p.criterion,
+                scope=p.scope,
+                targets=p.targets,
+                ignore=p.ignore,
+                data=self.data,
+                keep_dense=False,
+                round_to=p.round_to,
+                max_sparsity=p.max_sparsity,
+                **self._structural_budget(model, round_index, rounds),
+            )
+            assert masks.structure is not None
+            self.reports.append(masks.structure.to_dict())
+            return masks
+        spec = self.spec
+        if rounds > 1:
+            spec = spec.with_sparsity(iterative(round_index, final=spec.sparsity or 0.0, rounds=rounds))
+        masks = MaskSet(compute_masks(model, spec, self.data, previous=previous), spec=spec)
+        masks.apply(model)
+        return masks
 
 
 def _history_dicts(result: RecoveryResult, offset: int = 0, round_index: int | None = None) -> list[dict[str, Any]]:
@@ -155,17 +221,22 @@ def run(
         model = build_model(cfg.model, search).to(device)
         p = cfg.prune
         # Validate the pruning request against the real model before spending time on training.
-        spec = plan(
-            model,
-            p.sparsity,
-            threshold=p.threshold,
-            pattern=p.pattern,
-            criterion=p.criterion,
-            scope=p.scope,
-            targets=p.targets,
-            ignore=p.ignore,
-        )
-        _check_schedule(cfg, spec)
+        structural = get_pattern(p.pattern).structural
+        if structural:
+            validate_request(model, p.pattern, p.targets, p.ignore)
+            spec = PruneSpec(p.pattern, p.criterion, p.scope, p.sparsity, None, [], macs=p.macs, params=p.params)
+        else:
+            spec = plan(
+                model,
+                p.sparsity,
+                threshold=p.threshold,
+                pattern=p.pattern,
+                criterion=p.criterion,
+                scope=p.scope,
+                targets=p.targets,
+                ignore=p.ignore,
+            )
+        _check_schedule(cfg, spec, structural)
         recover_kwargs = _recover_kwargs(cfg, search)
         baseline_augment = build_augment(cfg.model.train.augment, search) if cfg.model.train else None
     # Everything the user gave has been checked; only now is anything written.
@@ -211,11 +282,18 @@ def run(
     notes: list[str] = []
     schedule = cfg.schedule
 
+    pruner = _Pruner(cfg, spec, structural, train, to_device(sample_inputs(test, 1), torch.device(device)))
+    pruner.remember(model)
+    if not get_pattern(spec.pattern).can_speed_up_dense:
+        log.warning(
+            "pattern %r cannot make dense kernels faster: expect smaller files, not lower latency; use "
+            "pattern 'channel' or 'head' for speed.",
+            spec.pattern,
+        )
     seed_everything(cfg.seed + 2)
     if schedule.name == "one_shot":
         with timer.stage("prune"):
-            masks = MaskSet(compute_masks(model, spec, train), spec=spec)
-            masks.apply(model)
+            masks = pruner.step(model)
         snapshots["pruned"] = snapshot(model, "pruned")
         seed_everything(cfg.seed + 3)
         with timer.stage("recover"):
@@ -223,21 +301,21 @@ def run(
         history = _history_dicts(result)
         recovery_info: dict[str, Any] = result.to_dict()
     else:
-        # For reference, the pruned stage is the baseline pruned one-shot to the final sparsity.
+        # For reference, the pruned stage is the baseline pruned one-shot to the final budget.
         with timer.stage("prune"):
             reference = copy.deepcopy(model)
-            MaskSet(compute_masks(reference, spec, train), spec=spec).apply(reference)
+            _Pruner(cfg, spec, structural, train, pruner.sample).step(reference)
         snapshots["pruned"] = snapshot(reference, "pruned")
         del reference
         notes.append(
             f"Schedule '{schedule.name}' prunes during recovery; the 'pruned' stage shows the baseline pruned "
-            "one-shot to the final sparsity, to show what pruning alone costs."
+            "one-shot to the final budget, to show what pruning alone costs."
         )
         seed_everything(cfg.seed + 3)
         with timer.stage("recover"):
             if schedule.name == "iterative":
                 masks, result, history, recovery_info = _iterative(
-                    model, spec, cfg, train, val, teacher, recover_kwargs, progress
+                    model, pruner, cfg, train, val, teacher, recover_kwargs, progress
                 )
             else:
                 masks = MaskSet(
@@ -259,6 +337,18 @@ def run(
                 recovery_info = result.to_dict()
     recovery_info["history"] = history
     snapshots["recovered"] = snapshot(model, "recovered")
+    speed = None
+    if ev.latency and teacher is not None:
+        with timer.stage("compare_latency"):
+            batch = sample_inputs(test, ev.latency_batch_size)
+            dense_cpu, pruned_cpu = copy.deepcopy(teacher).cpu(), copy.deepcopy(model).cpu()
+            before, after = compare_latency(dense_cpu, pruned_cpu, to_device(batch, torch.device("cpu")))
+            speed = {
+                "baseline": before.to_dict(),
+                "recovered": after.to_dict(),
+                "speedup": before.median_ms / after.median_ms,
+            }
+            del dense_cpu, pruned_cpu
 
     with timer.stage("export"):
         export = _export(model, masks, spec, cfg, out, test, search, snapshots["recovered"])
@@ -268,7 +358,10 @@ def run(
     pattern = get_pattern(spec.pattern)
     prune_info = spec.to_dict() | {
         "speed_note": pattern.speed_note,
-        "excluded_classifier": final_classifier(model) if cfg.prune.targets is None else None,
+        "excluded_classifier": final_classifier(teacher) if cfg.prune.targets is None and teacher is not None else None,
+        "structure": pruner.reports[-1] if pruner.reports else None,
+        "structure_rounds": pruner.reports if len(pruner.reports) > 1 else None,
+        "speed": speed,
     }
     report = RunReport(
         name=cfg.name,
@@ -289,7 +382,7 @@ def run(
 
 def _iterative(
     model: nn.Module,
-    spec: PruneSpec,
+    pruner: _Pruner,
     cfg: RunConfig,
     train: Any,
     val: Any,
@@ -299,7 +392,8 @@ def _iterative(
 ) -> tuple[MaskSet, RecoveryResult, list[dict[str, Any]], dict[str, Any]]:
     """k rounds of prune -> recover; the epoch budget is split evenly over the rounds."""
     rounds = cfg.schedule.rounds
-    total = recover_kwargs.pop("epochs")
+    kwargs = dict(recover_kwargs)
+    total = kwargs.pop("epochs")
     per_round = [total // rounds + (1 if r < total % rounds else 0) for r in range(rounds)]
     masks: MaskSet | None = None
     history: list[dict[str, Any]] = []
@@ -307,21 +401,28 @@ def _iterative(
     offset = 0
     result: RecoveryResult | None = None
     for r in range(1, rounds + 1):
-        sparsity = iterative(r, final=spec.sparsity or 0.0, rounds=rounds)
-        masks = MaskSet(
-            compute_masks(model, spec.with_sparsity(sparsity), train, previous=masks), spec=spec.with_sparsity(sparsity)
+        masks = pruner.step(model, previous=masks, round_index=r, rounds=rounds)
+        macs_now = dense_macs(model, pruner.sample) or 0
+        macs_share = macs_now / pruner.original["macs"] if pruner.original["macs"] else None
+        log.info(
+            "iterative round %d/%d: target sparsity %.4f, MACs %s of the original, %d epochs",
+            r,
+            rounds,
+            masks.sparsity(),
+            "n/a" if macs_share is None else f"{macs_share:.4f}",
+            per_round[r - 1],
         )
-        masks.apply(model)
-        log.info("iterative round %d/%d: sparsity %.4f, %d epochs", r, rounds, sparsity, per_round[r - 1])
         result = recover(
-            model, masks, train, val, teacher=teacher, progress=progress, epochs=per_round[r - 1], **recover_kwargs
+            model, masks, train, val, teacher=teacher, progress=progress, epochs=per_round[r - 1], **kwargs
         )
         history += _history_dicts(result, offset, r)
         offset += result.epochs_run
         rounds_info.append(
             {
                 "round": r,
-                "sparsity": sparsity,
+                "sparsity": masks.sparsity() if masks.masks else None,
+                "macs_of_original": macs_share,
+                "params_of_original": count_params(model)[0] / pruner.original["params"],
                 "epochs": per_round[r - 1],
                 "best_epoch": result.best_epoch,
                 "best_val_accuracy": result.best_val_accuracy,
@@ -343,19 +444,16 @@ def _export(
     search: list[Path],
     recovered: Snapshot,
 ) -> dict[str, Any]:
-    """Write weights and masks, then reload the weights into a fresh model and re-check accuracy."""
+    """Save weights and arch.json (regrow.save), masks if any, then reload with regrow.load and re-check."""
     meta = {"regrow.targets": json.dumps(spec.targets), "regrow.pattern": spec.pattern}
-    save_weights(model, out / "model.safetensors", metadata=meta)
-    masks.save(out / "masks.safetensors")
-    fresh = build_model(cfg.model, search, load_checkpoint=False)
-    load_weights(fresh, out / "model.safetensors")
+    save(model, out, overwrite=True, metadata=meta)
+    files = {"model": "model.safetensors", "arch": "arch.json", "config": "config.yaml"}
+    if masks.masks:
+        masks.save(out / "masks.safetensors")
+        files["masks"] = "masks.safetensors"
+    fresh = load(out, lambda: build_model(cfg.model, search, load_checkpoint=False))
     fresh.to(next(model.parameters()).device)
     reloaded = classification_metrics(fresh, test)["accuracy"]
     if reloaded != recovered.accuracy:
         log.warning("reloaded accuracy %.6f differs from recovered accuracy %.6f", reloaded, recovered.accuracy)
-    return {
-        "model": "model.safetensors",
-        "masks": "masks.safetensors",
-        "config": "config.yaml",
-        "reload_check": {"accuracy": reloaded, "matches": reloaded == recovered.accuracy},
-    }
+    return files | {"reload_check": {"accuracy": reloaded, "matches": reloaded == recovered.accuracy}}

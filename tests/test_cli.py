@@ -32,8 +32,11 @@ def assert_clean_error(code, err, message):
         ("prune.sparsity=1.5", "sparsity must be a number in [0, 1)"),
         ("prune.threshold=0.1", "give exactly one of sparsity"),
         ("prune.sparsity=null", "give exactly one of sparsity"),
-        ("prune.pattern=blocky", "unknown pattern 'blocky'; allowed values: n:m (e.g. '2:4'), unstructured"),
-        ("prune.criterion=psychic", "unknown criterion 'psychic'; allowed values: magnitude, random, taylor"),
+        (
+            "prune.pattern=blocky",
+            "unknown pattern 'blocky'; allowed values: channel, head, n:m (e.g. '2:4'), unstructured",
+        ),
+        ("prune.criterion=psychic", "unknown criterion 'psychic'; allowed values: bn_scale, magnitude, random, taylor"),
         ("recover.method=hope", "unknown recovery method 'hope'; allowed values: distill, finetune"),
         ("schedule.name=weekly", "unknown schedule 'weekly'; allowed values: gradual, iterative, one_shot"),
         ("prune.targets=[conv9.*]", "targets entry 'conv9.*' matches no parameter"),
@@ -44,6 +47,8 @@ def assert_clean_error(code, err, message):
         ("model.factory=regrow.models:no_such_fn", "has no function 'no_such_fn'; its functions are:"),
         ("data.factory=regrow.models:digits_cnn", "returned Sequential; it must return a regrow.data.DataBundle"),
         ("schedule.name=gradual", "needs prune.sparsity, not prune.threshold"),
+        ("prune.macs=0.5", "macs and params budgets need pattern 'channel' or 'head'"),
+        ("prune.pattern=head", "pattern 'head' found no attention module"),
     ],
 )
 def test_bad_input_exits_2_with_one_message(capsys, tmp_path, override, message):
@@ -56,6 +61,39 @@ def test_bad_input_exits_2_with_one_message(capsys, tmp_path, override, message)
     code, _, err = run_cli(capsys, "run", "demo", "--set", override, *extra, "--out", str(out))
     assert_clean_error(code, err, message)
     assert not out.exists()  # nothing is written for a run that cannot start
+
+
+def test_structural_budget_errors(capsys, tmp_path):
+    code, _, err = run_cli(
+        capsys,
+        "run",
+        "demo",
+        "--set",
+        "prune.pattern=channel",
+        "--set",
+        "prune.macs=1.5",
+        "--set",
+        "prune.sparsity=null",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_clean_error(code, err, "macs must be in (0, 1]")
+    code, _, err = run_cli(
+        capsys, "run", "demo", "--set", "prune.pattern=channel", "--set", "prune.macs=0.5", "--out", str(tmp_path / "o")
+    )
+    assert_clean_error(code, err, "give exactly one budget for a structural pattern")
+    code, _, err = run_cli(
+        capsys,
+        "run",
+        "demo",
+        "--set",
+        "prune.pattern=channel",
+        "--set",
+        "schedule.name=gradual",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_clean_error(code, err, "use schedule 'iterative'")
 
 
 def test_n_m_on_a_layer_with_too_few_inputs(capsys, tmp_path):

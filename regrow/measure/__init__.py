@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ class Snapshot:
     """What a model is and does at one stage of a run.
 
     ``macs`` are dense multiply-accumulates for one sample: zeros inside dense tensors still cost MACs.
+    ``latency`` is measured on the CPU; ``latency_gpu`` too when a CUDA device is present.
     ``size_bytes`` is the dense safetensors size; ``sparse_size_bytes`` estimates a bitmask + nonzero
     values encoding of the targets.
     """
@@ -39,11 +41,13 @@ class Snapshot:
     latency: Latency | None
     size_bytes: int
     sparse_size_bytes: int
+    latency_gpu: Latency | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["latency"] = self.latency.to_dict() if self.latency else None
+        out["latency_gpu"] = self.latency_gpu.to_dict() if self.latency_gpu else None
         return out
 
 
@@ -78,6 +82,13 @@ def sample_inputs(data: Iterable[Any], n: int | None) -> Any:
         parts = parts + parts
         have *= 2
     return _slice(_cat(parts), n)
+
+
+def _latency_on(model: nn.Module, inputs: Any, device: torch.device, repeats: int, warmup: int) -> Latency:
+    """Latency on ``device``, on a copy when the model lives elsewhere."""
+    if model_device(model).type != device.type:
+        model = copy.deepcopy(model).to(device)
+    return measure_latency(model, to_device(inputs, device), repeats=repeats, warmup=warmup)
 
 
 def evaluate(
@@ -115,10 +126,12 @@ def evaluate(
     zeros = sum(per_target[f] * numels[f] for f in fqns)
     device = model_device(model)
     one = to_device(sample_inputs(data, 1), device)
-    lat = None
+    lat = lat_gpu = None
     if latency:
-        batch = to_device(sample_inputs(data, latency_batch_size), device)
-        lat = measure_latency(model, batch, repeats=repeats, warmup=warmup)
+        batch = sample_inputs(data, latency_batch_size)
+        lat = _latency_on(model, batch, torch.device("cpu"), repeats, warmup)
+        if torch.cuda.is_available():
+            lat_gpu = _latency_on(model, batch, torch.device("cuda"), repeats, warmup)
     return Snapshot(
         stage=stage,
         accuracy=metrics["accuracy"],
@@ -130,6 +143,7 @@ def evaluate(
         per_target_sparsity=per_target,
         macs=dense_macs(model, one),
         latency=lat,
+        latency_gpu=lat_gpu,
         size_bytes=size_bytes(model),
         sparse_size_bytes=sparse_size_bytes(model, fqns),
     )

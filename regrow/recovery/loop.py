@@ -167,8 +167,13 @@ def train(
         history.append(record)
         log.info(
             "epoch %d/%d: train loss %.4f, val accuracy %.2f%%, val loss %.4f, sparsity %.2f%% (%.1f s)",
-            epoch, options.epochs, record.train_loss or float("nan"), 100 * record.val_accuracy, record.val_loss,
-            100 * record.sparsity, record.seconds,
+            epoch,
+            options.epochs,
+            record.train_loss or float("nan"),
+            100 * record.val_accuracy,
+            record.val_loss,
+            100 * record.sparsity,
+            record.seconds,
         )
 
         # Only a model in its final form (e.g. gradual pruning done) may become the kept checkpoint.

@@ -46,12 +46,18 @@ def render_markdown(report: RunReport) -> str:
     drop = report.drop
     frac = report.recovered_fraction
     out.append("")
+    gained = rec.accuracy - pruned.accuracy
     if frac is None:
         out.append(f"Pruning cost no test accuracy (change {100 * -drop:+.2f} points).")
+    elif frac > 1:
+        out.append(
+            f"Pruning dropped test accuracy by {100 * drop:.2f} points; recovery won back all of it and "
+            f"{100 * (gained - drop):.2f} points more."
+        )
     else:
         out.append(
             f"Pruning dropped test accuracy by {100 * drop:.2f} points; recovery won back "
-            f"{100 * (rec.accuracy - pruned.accuracy):.2f} points, {100 * frac:.1f}% of the drop."
+            f"{100 * gained:.2f} points, {100 * frac:.1f}% of the drop."
         )
     out.append(f"Recovered vs baseline: {100 * (rec.accuracy - base.accuracy):+.2f} points.")
 
@@ -62,23 +68,78 @@ def render_markdown(report: RunReport) -> str:
         if lat[0]
         else "latency"
     )
+    structure = spec.get("structure")
     rows = [
         ["parameters"] + [human(s[k].params) for k in stages],
         ["nonzero parameters"] + [human(s[k].nonzero_params) for k in stages],
-        ["sparsity over targets"] + [pct(s[k].target_sparsity) for k in stages],
         ["dense MACs per sample"] + [human(s[k].macs) for k in stages],
         [lat_label] + [f"{s[k].latency.median_ms:.3f}" if s[k].latency else "n/a" for k in stages],
         ["saved size (dense safetensors)"] + [human(s[k].size_bytes, "B") for k in stages],
-        ["sparse size estimate (bitmask + nonzeros)"] + [human(s[k].sparse_size_bytes, "B") for k in stages],
     ]
+    gpu = [s[k].latency_gpu for k in stages]
+    if gpu[0] is not None:
+        rows.insert(
+            4,
+            [f"GPU latency, median ms (batch {gpu[0].batch_size}, {gpu[0].device})"]
+            + [f"{g.median_ms:.3f}" if g else "n/a" for g in gpu],
+        )
+    if not structure:
+        rows.insert(2, ["sparsity over targets"] + [pct(s[k].target_sparsity) for k in stages])
+        rows.append(
+            ["sparse size estimate (bitmask + nonzeros)"] + [human(s[k].sparse_size_bytes, "B") for k in stages]
+        )
     out.append(table(["", *stages], rows))
-    if base.latency and rec.latency:
+    speed = spec.get("speed")
+    if speed:
+        b, r = speed["baseline"], speed["recovered"]
         out.append("")
         out.append(
-            f"Measured speed-up, baseline latency / recovered latency: "
-            f"{base.latency.median_ms / rec.latency.median_ms:.2f}x (same process, same machine)."
+            f"Measured CPU speed-up, baseline / recovered: **{speed['speedup']:.2f}x** ({b['median_ms']:.3f} ms vs "
+            f"{r['median_ms']:.3f} ms median, batch {b['batch_size']}, {b['threads']} threads, {b['repeats']} "
+            "forward passes of each model, interleaved in one process)."
         )
     out += ["", spec.get("speed_note", "")]
+
+    if structure:
+        out += ["", "## Structure", ""]
+        budget = ", ".join(f"{k} = {v:g}" for k, v in structure["budget"].items())
+        eq = structure["equivalence"]
+        out.append(
+            f"Budget {budget}: MACs kept {pct(structure['macs_ratio'])}, parameters kept "
+            f"{pct(structure['params_ratio'])}; {structure['units_removed']} of {structure['units_total']} "
+            f"{'heads' if spec.get('pattern') == 'head' else 'channel units'} removed "
+            f"({structure['evaluations']} candidate selections measured)."
+        )
+        out.append(
+            f"Equivalence check {'passed' if eq['passed'] else 'FAILED'}: the shrunk model's outputs differ from "
+            f"the masked simulation by at most {eq['max_abs_diff']:.3g} (tolerance {eq['tolerance']:.3g} = "
+            f"{eq['atol']:g} + {eq['rtol']:g} x max |output|)."
+        )
+        if structure.get("converted_attention"):
+            out.append(
+                f"nn.MultiheadAttention replaced by regrow's equivalent with prunable heads at: "
+                f"{', '.join(f'`{n}`' for n in structure['converted_attention'])} (arch.json records it)."
+            )
+        out.append("")
+        out.append(
+            table(
+                ["group (first layer)", "kind", "coupled tensors", "units before", "units after", "left out because"],
+                [
+                    [
+                        f"`{g['name']}`",
+                        g["kind"],
+                        len(g["members"]),
+                        g["units_before"],
+                        g["units_after"],
+                        g["excluded"] or "",
+                    ]
+                    for g in structure["groups"]
+                    if g["excluded"] != "not a target"
+                ],
+            )
+        )
+        for w in structure.get("warnings", []):
+            out += ["", f"Warning: {w}"]
 
     rec_info = report.recovery
     out += ["", "## Recovery", ""]

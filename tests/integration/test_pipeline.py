@@ -52,7 +52,7 @@ def test_demo_pipeline_on_a_reduced_budget(tmp_path):
 
     md = (out / "report.md").read_text()
     assert "Unstructured zeros do not make dense kernels faster" in md
-    assert "of the drop" in md or "Pruning cost no test accuracy" in md
+    assert "of the drop" in md or "won back all of it" in md or "Pruning cost no test accuracy" in md
 
     masks = regrow.MaskSet.load(out / "masks.safetensors")
     assert all(torch.equal(masks[t], weights[t] != 0) for t in targets)
@@ -89,7 +89,7 @@ def test_schedules_reach_the_final_sparsity(tmp_path, schedule):
     if schedule == "iterative":
         rounds = report.recovery["rounds"]
         assert [r["epochs"] for r in rounds] == [1, 1, 1]
-        assert rounds[-1]["sparsity"] == pytest.approx(0.9)
+        assert rounds[-1]["sparsity"] == pytest.approx(0.9, abs=1e-3)
     assert any("prunes during recovery" in n for n in report.notes)
 
 
@@ -131,6 +131,16 @@ RECIPE_BUDGET = {
     "demo": ["model.train.epochs=2", "recover.epochs=2"],
     "digits_gradual": ["model.train.epochs=2", "recover.epochs=2"],
     "digits_2to4": ["model.train.epochs=2", "recover.epochs=2"],
+    "digits_resnet_channel": ["model.train.epochs=1", "recover.epochs=2"],
+    "digits_vit_heads": ["model.train.epochs=1", "recover.epochs=1"],
+    "fashion_mnist_resnet_channel": [
+        "model.train.epochs=1",
+        "recover.epochs=1",
+        "data.kwargs.train_limit=512",
+        "data.kwargs.val_size=256",
+        "data.kwargs.test_limit=256",
+        "model.kwargs.width=8",
+    ],
     "fashion_mnist_lenet": [
         "model.train.epochs=1",
         "recover.epochs=3",
@@ -147,9 +157,19 @@ def test_every_shipped_recipe_runs(tmp_path, name):
         pytest.skip("Fashion-MNIST IDX files are not installed (apt-get install dataset-fashion-mnist)")
     assert name in RECIPE_BUDGET, f"add a reduced budget for the new recipe {name!r}"
     report = regrow.run(name, overrides=[*RECIPE_BUDGET[name], *FAST], out_dir=tmp_path / name, progress=False)
-    cfg = report.config
-    expected = cfg["prune"]["sparsity"] if cfg["prune"]["sparsity"] is not None else 0.5
-    assert report.snapshots["recovered"].target_sparsity == pytest.approx(expected, abs=1e-3)
+    cfg = report.config["prune"]
+    structure = report.prune["structure"]
+    if cfg["pattern"] in ("channel", "head"):
+        assert structure["equivalence"]["passed"]
+        if cfg["macs"] is not None:
+            baseline, recovered = report.snapshots["baseline"].macs, report.snapshots["recovered"].macs
+            assert recovered / baseline == pytest.approx(cfg["macs"], rel=0.05)  # rounds compound the 2 %
+        else:
+            assert structure["units_removed"] > 0
+    else:
+        expected = cfg["sparsity"] if cfg["sparsity"] is not None else 0.5
+        assert report.snapshots["recovered"].target_sparsity == pytest.approx(expected, abs=1e-3)
+    assert (tmp_path / name / "arch.json").is_file()
     assert report.export["reload_check"]["matches"]
 
 

@@ -1,0 +1,109 @@
+"""Structural pruning on the reference models: achieved MACs, equivalence, save/load, measured CPU speed-up.
+
+Run: python benchmarks/structural_speed.py   (a few minutes on 2 CPU cores)
+
+For each case the dense model and the shrunk model are timed side by side in this process, alternating one
+forward pass of each per round, and the ratio of the medians is reported. Weights are freshly initialised:
+dense-kernel latency does not depend on the values (accuracy after pruning is measured in the
+accuracy benchmarks, not here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+
+import torch
+
+import regrow
+from benchmarks.common import RESULTS, markdown_table, stamp, stamp_markdown, write_csv
+from regrow.measure.latency import compare_latency
+from regrow.models import MODELS
+
+CASES = [
+    # (model, kwargs, pattern, budget, round_to)
+    ("resnet", {}, "channel", {"macs": 0.5}, None),
+    ("resnet", {}, "channel", {"macs": 0.25}, None),
+    ("resnet", {}, "channel", {"macs": 0.5}, 1),
+    ("vit", {}, "channel", {"macs": 0.5}, None),
+    ("vit", {}, "head", {"sparsity": 0.5}, None),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=50, help="interleaved forward passes per model and batch size")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    info = stamp()
+    header = [
+        "model",
+        "pattern",
+        "budget",
+        "round_to",
+        "MACs kept",
+        "params kept",
+        "equivalence max diff",
+        "reload identical",
+        "batch 64 dense ms",
+        "batch 64 pruned ms",
+        "batch 64 speed-up",
+        "batch 1 dense ms",
+        "batch 1 pruned ms",
+        "batch 1 speed-up",
+    ]
+    rows = []
+    for name, kwargs, pattern, budget, round_to in CASES:
+        torch.manual_seed(args.seed)
+        model = MODELS.get(name)(**kwargs).eval()
+        dense = copy.deepcopy(model)
+        x64 = torch.randn(64, 1, 28, 28)
+        masks = regrow.prune(model, pattern=pattern, example_inputs=x64[:8], round_to=round_to, **budget)
+        report = masks.structure
+        with tempfile.TemporaryDirectory() as tmp:
+            regrow.save(model, tmp)
+            torch.manual_seed(args.seed + 1)
+            again = regrow.load(tmp, lambda name=name, kwargs=kwargs: MODELS.get(name)(**kwargs)).eval()
+            with torch.no_grad():
+                identical = torch.equal(again(x64), model(x64))
+        timings = []
+        for batch in (x64, x64[:1]):
+            before, after = compare_latency(dense, model, batch, rounds=args.rounds)
+            timings += [
+                f"{before.median_ms:.2f}",
+                f"{after.median_ms:.2f}",
+                f"{before.median_ms / after.median_ms:.2f}x",
+            ]
+        row = [
+            name,
+            pattern,
+            ", ".join(f"{k}={v}" for k, v in budget.items()),
+            "auto" if round_to is None else round_to,
+            f"{report.macs_ratio:.4f}",
+            f"{report.params_ratio:.4f}",
+            f"{report.equivalence.max_abs_diff:.2e}",
+            "yes" if identical else "NO",
+            *timings,
+        ]
+        print(" | ".join(str(c) for c in row), flush=True)
+        rows.append(row)
+    write_csv(RESULTS / "structural_speed.csv", header, rows, info)
+    text = [
+        "# Structural pruning: achieved budget, equivalence, reload, measured CPU speed-up",
+        "",
+        stamp_markdown(info),
+        "",
+        "Reference models with their default sizes (ResNet-style CNN, widths 32/64/128; ViT-style encoder, "
+        "width 64, 4 blocks, 4 heads), random initial weights (dense-kernel latency does not depend on them). "
+        "Latency: median of interleaved forward passes of the dense and the shrunk model in one process. "
+        "`round_to` auto = kept widths of groups with at least 32 channels rounded to multiples of 8.",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+    (RESULTS / "structural_speed.md").write_text("\n".join(text), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

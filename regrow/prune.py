@@ -144,7 +144,8 @@ def prune(
         keep_dense: keep a frozen copy of the model from before pruning in ``MaskSet.dense`` (the
             default teacher for distillation).
         macs / params: structural budgets: the fraction of MACs / parameters to keep, in (0, 1], reached
-            within 2 %.
+            within 2 % (relative). If the units are too coarse for that, the closest selection is used with
+            a warning when it is within 10 % of the budget; further off is an error.
         round_to: structural: round kept channel counts down to a multiple of this. Default: 8 for groups
             of at least 32 channels (the widths dense kernels run fastest), none for narrower ones; 1 turns
             rounding off.

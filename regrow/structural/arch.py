@@ -166,6 +166,8 @@ def save(
 def load(directory: str | os.PathLike[str], factory: Callable[[], nn.Module]) -> nn.Module:
     """Rebuild a saved model: ``factory()`` makes the original architecture, arch.json reshapes it.
 
+    The model is returned in eval mode (call ``.train()`` to fine-tune it further).
+
     Raises:
         RegrowError: missing or unreadable files, or a factory model that does not match arch.json.
     """
@@ -182,4 +184,4 @@ def load(directory: str | os.PathLike[str], factory: Callable[[], nn.Module]) ->
         raise RegrowError(f"the factory returned {type(model).__name__}; it must return a torch.nn.Module.")
     apply(model, arch)
     load_weights(model, weights)
-    return model
+    return model.eval()

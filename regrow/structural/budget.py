@@ -6,9 +6,10 @@ scores (scores are normalised per group, so groups of different scale compete fa
 least ``1 - max_sparsity`` of its units and one unit in any case, and ``round_to`` rounds kept channel
 counts down to a hardware-friendly multiple.
 
-A budget on parameters or MACs is met by bisection on ``r``: each candidate is applied to a copy of the
-model and measured (``torch.utils.flop_counter``), until the achieved value is within ``tolerance``
-(relative, default 2 %) of the target.
+A budget on parameters or MACs is met by measuring candidates: each is applied to a copy of the model and
+counted (``torch.utils.flop_counter``) until the achieved value is within ``tolerance`` (relative, default
+2 %) of the target (see :func:`search`). When no selection gets that close, the closest one is used with a
+warning if it is within 10 % of the target, and the request is refused with an error otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,6 +59,14 @@ def _next_count(group: Unitized, n: int, max_sparsity: float) -> int | None:
     return None
 
 
+def _previous_count(group: Unitized, n: int, max_sparsity: float) -> int | None:
+    """The largest valid removal count below ``n``."""
+    for candidate in range(n - 1, -1, -1):
+        if _cap(group, candidate, max_sparsity) == candidate:
+            return candidate
+    return None
+
+
 def select(groups: list[Unitized], ratio: float, scope: str, max_sparsity: float) -> dict[str, list[int]]:
     """Units removed from each group for removal ratio ``ratio``; ties remove the lower index first."""
     removed: dict[str, list[int]] = {}
@@ -95,15 +105,22 @@ def search(
     iterations: int = 24,
     fill_steps: int = 64,
 ) -> SearchResult:
-    """Bisection on the removal ratio until ``measure(selection)`` is within ``tolerance`` of ``target``.
+    """Find a selection whose measured value is within ``tolerance`` (relative) of ``target``.
 
-    ``decreasing``: the measured value falls as more is removed (kept MACs, kept parameters); otherwise
-    it rises (fraction of channels removed). When one step of the ratio moves the value by more than the
-    tolerance (a few wide units), the search goes on unit by unit from the last selection short of the
-    target: the next lowest-scored unit is added when it does not overshoot, skipped when it does.
+    1. Bisection on the removal ratio (``select`` with the requested scope).
+    2. When one step of the ratio moves the value by more than the tolerance (a few wide units), go on unit
+       by unit from the last selection short of the target: add the next lowest-scored unit when it does
+       not overshoot, skip it when it does.
+    3. Likewise backwards from the first selection past the target, putting back the highest-scored
+       removed units.
+    4. As a last resort, bisection with ``scope="layer"`` (every group gives up the same share).
+
+    ``decreasing``: the measured value falls as more is removed (kept MACs, kept parameters); otherwise it
+    rises (fraction of units removed). The closest selection seen is returned if none is within tolerance.
     """
     evaluations = 0
     cache: dict[tuple[tuple[str, tuple[int, ...]], ...], float] = {}
+    best: list[Any] = [float("inf"), None, float("nan")]  # error, removed, value
 
     def value_of(removed: dict[str, list[int]]) -> float:
         nonlocal evaluations
@@ -111,64 +128,85 @@ def search(
         if key not in cache:
             cache[key] = measure(removed)
             evaluations += 1
+            err = abs(cache[key] - target) / max(abs(target), 1e-12)
+            if err < best[0]:
+                best[:] = [err, {k: list(v) for k, v in removed.items()}, cache[key]]
         return cache[key]
 
-    def error(value: float) -> float:
-        return abs(value - target) / max(abs(target), 1e-12)
+    def done() -> SearchResult | None:
+        return SearchResult(float("nan"), best[1], best[2], evaluations, True) if best[0] <= tolerance else None
 
     def short(value: float) -> bool:  # not enough removed yet
         return value > target if decreasing else value < target
 
-    lo, hi = 0.0, 1.0
-    best: tuple[float, dict[str, list[int]], float] | None = None  # (error, removed, value)
-    short_side: tuple[dict[str, list[int]], float] = (select(groups, 0.0, scope, max_sparsity), float("nan"))
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        removed = select(groups, mid, scope, max_sparsity)
-        value = value_of(removed)
-        if best is None or error(value) < best[0]:
-            best = (error(value), removed, value)
-        if error(value) <= tolerance:
-            return SearchResult(mid, removed, value, evaluations, True)
-        if short(value):
-            lo, short_side = mid, (removed, value)
-        else:
-            hi = mid
-    # Unit by unit from the short side, lowest scores first.
-    removed = {k: list(v) for k, v in short_side[0].items()}
+    def bisect(sc: str) -> tuple[dict[str, list[int]], dict[str, list[int]] | None]:
+        lo, hi = 0.0, 1.0
+        short_side, over_side = select(groups, 0.0, sc, max_sparsity), None
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            removed = select(groups, mid, sc, max_sparsity)
+            value = value_of(removed)
+            if best[0] <= tolerance:
+                break
+            if short(value):
+                lo, short_side = mid, removed
+            else:
+                hi, over_side = mid, removed
+        return short_side, over_side
+
     by_name = {g.name: g for g in groups}
-    queue = sorted(
-        (
-            (float(g.scores[i]), g.name, int(i))
-            for g in groups
-            for i in range(g.units)
-            if int(i) not in removed.get(g.name, [])
-        ),
-    )
-    steps = 0
-    for _, name, unit in queue:
-        if steps >= fill_steps:
-            break
-        g = by_name[name]
-        have = removed.get(name, [])
-        if unit in have:
-            continue  # taken along with an earlier unit to keep a round_to step
-        count = _next_count(g, len(have), max_sparsity)
-        if count is None:
-            continue  # the group is at its cap
-        order = [int(i) for i in torch.sort(g.scores, stable=True).indices if int(i) not in have]
-        trial = {k: list(v) for k, v in removed.items()}
-        trial[name] = sorted(have + order[: count - len(have)])
-        value = value_of(trial)
-        steps += 1
-        if best is None or error(value) < best[0]:
-            best = (error(value), trial, value)
-        if error(value) <= tolerance:
-            return SearchResult(float("nan"), trial, value, evaluations, True)
-        if short(value):
-            removed = trial
-    assert best is not None
-    return SearchResult(float("nan"), best[1], best[2], evaluations, best[0] <= tolerance)
+    order = {g.name: [int(i) for i in torch.sort(g.scores, stable=True).indices] for g in groups}
+
+    def fill_forward(start: dict[str, list[int]]) -> None:
+        removed = {k: list(v) for k, v in start.items()}
+        queue = sorted(
+            (float(g.scores[i]), g.name, i) for g in groups for i in range(g.units) if i not in removed.get(g.name, [])
+        )
+        for steps, (_, name, unit) in enumerate(queue):
+            if steps >= fill_steps or best[0] <= tolerance:
+                return
+            have = removed.get(name, [])
+            if unit in have:
+                continue  # taken along with an earlier unit to keep a round_to step
+            count = _next_count(by_name[name], len(have), max_sparsity)
+            if count is None:
+                continue  # the group is at its cap
+            trial = dict(removed)
+            trial[name] = sorted(have + [u for u in order[name] if u not in have][: count - len(have)])
+            if short(value_of(trial)):
+                removed = trial
+
+    def fill_backward(start: dict[str, list[int]]) -> None:
+        removed = {k: list(v) for k, v in start.items()}
+        queue = sorted(((float(by_name[n].scores[i]), n, i) for n, us in removed.items() for i in us), reverse=True)
+        for steps, (_, name, unit) in enumerate(queue):
+            if steps >= fill_steps or best[0] <= tolerance:
+                return
+            have = removed.get(name, [])
+            if unit not in have:
+                continue
+            count = _previous_count(by_name[name], len(have), max_sparsity)
+            if count is None:
+                continue
+            keep_removed = [u for u in order[name] if u in have][:count]  # put back the highest scores first
+            trial = dict(removed)
+            trial[name] = sorted(keep_removed)
+            if not short(value_of(trial)):
+                removed = trial
+
+    short_side, over_side = bisect(scope)
+    if done() is None:
+        fill_forward(short_side)
+    if done() is None and over_side is not None:
+        fill_backward(over_side)
+    if done() is None and scope != "layer":
+        short_side, over_side = bisect("layer")
+        if done() is None:
+            fill_forward(short_side)
+    result = done()
+    if result is not None:
+        return result
+    return SearchResult(float("nan"), best[1], best[2], evaluations, False)
 
 
 def check_reachable(result: SearchResult, target: float, what: str, max_sparsity: float) -> str | None:

@@ -178,7 +178,7 @@ class StructureGraph:
             if reason is None:
                 owner = next((a for a, inner in attention.items() if any(n in inner for n in out_layers)), None)
                 if owner is not None:
-                    reason = f"inside attention {owner!r} (its heads are pruned with pattern 'head')"
+                    reason = f"inside attention {owner!r}: its inner width shrinks only by whole heads (pattern 'head')"
             channels = self.dg.get_out_channels(root)
             cg = ChannelGroup(
                 name=root_name,

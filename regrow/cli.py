@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from regrow.errors import RegrowError
 
@@ -183,7 +185,19 @@ _HANDLER = _StderrHandler()
 _HANDLER.setFormatter(logging.Formatter("regrow: %(message)s"))
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    print(f"regrow: warning: {message}", file=sys.stderr)
+
+
 def _configure_logging(quiet: bool) -> None:
+    warnings.showwarning = _show_warning  # one line, no source location, like every other message
     logger = logging.getLogger("regrow")
     if _HANDLER not in logger.handlers:
         logger.addHandler(_HANDLER)

@@ -50,15 +50,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-class TrainConfig(_Strict):
-    """Train the baseline before pruning (for built-in models that start untrained)."""
-
-    epochs: int = Field(10, ge=1, description="epochs of baseline training")
-    lr: float = Field(3e-3, gt=0, description="AdamW learning rate, cosine decay")
-    weight_decay: float = Field(1e-4, ge=0)
-    augment: str | None = Field(None, description="a built-in augmentation or 'package.module:function'")
-
-
 class ComponentConfig(_Strict):
     """A model or dataset: a built-in ``name`` or a ``factory`` given as ``"package.module:function"``."""
 
@@ -85,6 +76,18 @@ class DataConfig(ComponentConfig):
 
     val_fraction: float = Field(
         0.1, gt=0, lt=1, description="share of train carved out for validation when no val is given"
+    )
+
+
+class TrainConfig(_Strict):
+    """Train the baseline before pruning (for built-in models that start untrained)."""
+
+    epochs: int = Field(10, ge=1, description="epochs of baseline training")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate, cosine decay")
+    weight_decay: float = Field(1e-4, ge=0)
+    augment: str | None = Field(None, description="a built-in augmentation or 'package.module:function'")
+    data: DataConfig | None = Field(
+        None, description="train on this (source) dataset instead, then transfer to `data` with a new head"
     )
 
 
@@ -159,22 +162,79 @@ class ScheduleConfig(_Strict):
         return self
 
 
+class OriginalConfig(_Strict):
+    """How the model was first trained (for rewinding and one-cycle): peak lr and schedule over epochs."""
+
+    lr: float = Field(..., gt=0, description="peak learning rate of the original training")
+    epochs: float = Field(..., gt=0, description="length of the original training in epochs")
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup: float = Field(0.0, ge=0, lt=1, description="fraction of the epochs spent warming up")
+    milestones: list[float] = Field(default_factory=list, description="step: epochs at which lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0, description="step: factor at each milestone")
+
+    def schedule_object(self) -> Any:
+        from regrow.recovery.lr import OriginalSchedule
+
+        return OriginalSchedule(self.lr, self.epochs, self.schedule, self.warmup, tuple(self.milestones), self.gamma)
+
+
+class StopConfig(_Strict):
+    """Target-driven stopping: end recovery early once the target is met or the time is up."""
+
+    within: float | None = Field(
+        None, ge=0, description="stop when validation accuracy is within this many points of the baseline's"
+    )
+    seconds: float | None = Field(None, gt=0, description="wall-time budget for recovery")
+
+
+class DynamicConfig(_Strict):
+    """Dynamic sparse training (rigl, set): drop and regrow a decaying share of weights every few steps."""
+
+    update_every: int = Field(100, ge=1, description="optimizer steps between mask updates")
+    drop_fraction: float = Field(0.3, gt=0, lt=1, description="initial share of active weights dropped per update")
+    end: float = Field(0.75, gt=0, le=1, description="fraction of the steps after which masks stay fixed")
+
+
+class ShareConfig(_Strict):
+    """Weight sharing: each target's surviving weights take k shared values (k-means)."""
+
+    k: int = Field(16, ge=2, le=65536, description="shared values per target (16 = 4-bit indices)")
+    after: bool = Field(False, description="cluster and fine-tune after any recovery method")
+    epochs: int = Field(2, ge=0, description="fine-tuning epochs of the shared values when used 'after'")
+
+
 class RecoverConfig(_Strict):
     """Options of :func:`regrow.recover` (the defaults are the documented defaults)."""
 
-    method: str = Field("distill", description="finetune | distill")
+    method: str = Field("distill", description="finetune | distill | rigl | set | share | transfer")
     epochs: int = Field(10, ge=0)
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     weight_decay: float = Field(5e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    lr_schedule: str = Field("cosine", description="cosine (with warm-up) | constant")
+    lr_schedule: str = Field("cosine", description="cosine (with warm-up) | constant | one_cycle")
     warmup: float = Field(0.05, ge=0, lt=1, description="fraction of recovery steps spent warming up")
     patience: int | None = Field(5, ge=1, description="epochs without validation gain before stopping; null = never")
     alpha: float = Field(0.5, ge=0, le=1, description="distill: weight of the soft (teacher) loss")
     temperature: float = Field(2.0, gt=0, description="distill: softmax temperature")
     grad_clip: float | None = Field(None, gt=0)
+    distill: bool | None = Field(None, description="rigl/set/share/transfer: add the distillation loss (default: no)")
+    rewind: Literal["none", "lr", "weights"] = Field(
+        "none", description="replay the original LR schedule (lr), and reset weights too (weights)"
+    )
+    rewind_epoch: float | None = Field(
+        None, ge=0, description="where rewinding starts in the original training (default: its end minus recovery)"
+    )
+    rewind_checkpoint: str | None = Field(None, description="weights: safetensors file of the weights there")
+    original: OriginalConfig | None = Field(
+        None, description="the original training schedule (default: known for baselines regrow trained)"
+    )
+    max_lr: float | None = Field(None, gt=0, description="one_cycle: peak learning rate (default: the original peak)")
+    stop_when: StopConfig | None = None
+    dynamic: DynamicConfig = Field(default_factory=DynamicConfig)
+    share: ShareConfig = Field(default_factory=ShareConfig)
+    feature_weight: float = Field(0.1, ge=0, description="transfer: weight of the feature-distillation loss")
     augment: str | None = Field(
         None,
         description="a built-in augmentation (shift, noise, hflip) or 'package.module:function' "

@@ -19,3 +19,7 @@ def one_of(what: str, value: object, allowed: Iterable[str]) -> RegrowError:
     """Build the standard "unknown X" error that lists what is allowed."""
     choices = ", ".join(sorted(allowed))
     return RegrowError(f"unknown {what} {value!r}; allowed values: {choices}.")
+
+
+class SpeedWarning(UserWarning):
+    """The chosen pruning will not make the model faster on dense kernels, or its widths are unfriendly."""

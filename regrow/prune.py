@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -12,14 +11,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from regrow.criteria import CRITERIA
-from regrow.errors import RegrowError, one_of
+from regrow.errors import RegrowError, SpeedWarning, one_of
 from regrow.masks import MaskSet
 from regrow.patterns import get_pattern
 from regrow.select import resolve_targets
 
 SCOPES = ("global", "layer")
 STRUCTURAL = ("channel", "head")
-log = logging.getLogger("regrow")
 
 
 @dataclass(frozen=True)
@@ -90,6 +88,13 @@ def compute_masks(
     if previous is not None:
         masks = {f: m & previous[f].to(m.device) for f, m in masks.items()}
     return masks
+
+
+def speed_warning(pattern: str) -> str:
+    return (
+        f"pattern {pattern!r} cannot make dense kernels faster: expect smaller files, not lower latency; "
+        "use pattern 'channel' or 'head' for speed."
+    )
 
 
 def frozen_copy(model: nn.Module) -> nn.Module | None:
@@ -211,11 +216,7 @@ def prune(
         ignore=ignore,
     )
     if not get_pattern(spec.pattern).can_speed_up_dense:
-        log.warning(
-            "pattern %r cannot make dense kernels faster: expect smaller files, not lower latency; "
-            "use pattern 'channel' or 'head' for speed.",
-            spec.pattern,
-        )
+        warnings.warn(speed_warning(spec.pattern), SpeedWarning, stacklevel=2)
     dense = frozen_copy(model) if keep_dense else None
     masks = MaskSet(compute_masks(model, spec, data), spec=spec, dense=dense)
     masks.apply(model)

@@ -159,7 +159,7 @@ def test_distillation_loss_on_known_logits():
 
 def test_distill_method_mixes_soft_and_task_loss():
     from regrow.config import RecoverConfig
-    from regrow.recovery.methods import Distill
+    from regrow.recovery.methods import DistillLoss
 
     class Fixed(torch.nn.Module):
         def __init__(self, logits):
@@ -170,7 +170,7 @@ def test_distill_method_mixes_soft_and_task_loss():
             return self.logits.expand(x.shape[0], -1)
 
     student, teacher = Fixed(torch.tensor([[0.0, 0.0]])), Fixed(torch.tensor([[math.log(3.0), 0.0]]))
-    method = Distill(RecoverConfig(alpha=0.25, temperature=1.0), teacher)
+    method = DistillLoss(RecoverConfig(alpha=0.25, temperature=1.0), teacher)
     losses, _ = method.losses(student, torch.zeros(1, 1), torch.tensor([0]))
     kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
     assert losses["kd_loss"].item() == pytest.approx(kl, rel=1e-6)

@@ -28,13 +28,18 @@ def test_iterative_removes_the_same_fraction_of_survivors_each_round():
 
 
 def test_lr_cosine_with_warmup_values():
-    f = cosine(total_steps=110, warmup_steps=10)
-    assert f(0) == pytest.approx(0.1)
-    assert f(9) == pytest.approx(1.0)
-    assert f(10) == pytest.approx(1.0)
-    assert f(60) == pytest.approx(0.5)
+    from regrow.recovery.lr import LRContext, default_original
+
+    ctx = LRContext(total_steps=110, steps_per_epoch=10, warmup_steps=10, lr=2.0, original=default_original(2.0, 11))
+    f = cosine(ctx)
+    assert f(0) == pytest.approx(0.2)
+    assert f(9) == pytest.approx(2.0)
+    assert f(10) == pytest.approx(2.0)
+    assert f(60) == pytest.approx(1.0)
     assert f(110) == pytest.approx(0.0)
-    g = constant(total_steps=100, warmup_steps=4)
+    g = constant(
+        LRContext(total_steps=100, steps_per_epoch=10, warmup_steps=4, lr=1.0, original=default_original(1.0, 10))
+    )
     assert [g(0), g(3), g(50)] == pytest.approx([0.25, 1.0, 1.0])
 
 

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from pydantic import ValidationError
-from torch import nn
+from torch import Tensor, nn
 
 from regrow.batches import check_reiterable
 from regrow.config import RecoverConfig, explain
 from regrow.data.split import split_validation
+from regrow.errors import RegrowError
 from regrow.masks import MaskSet
+from regrow.measure.metrics import classification_metrics
 from regrow.recovery.callbacks import GradualPruning
+from regrow.recovery.dynamic import DynamicSparsity
 from regrow.recovery.loop import EpochRecord
 from regrow.recovery.loop import train as train_loop
-from regrow.recovery.methods import METHODS
+from regrow.recovery.lr import OriginalSchedule, default_original
+from regrow.recovery.methods import METHODS, new_head
+from regrow.recovery.sharing import SharedWeights, WeightSharing, sizes
 
 
 @dataclass
@@ -25,7 +32,8 @@ class RecoveryResult:
     """What recovery did: the per-epoch curve, the epoch kept and why training ended.
 
     ``history[0]`` is the validation of the model as it came in (epoch 0: no training, so no train loss
-    or learning rate). Accuracies are fractions in [0, 1].
+    or learning rate). Accuracies are fractions in [0, 1]. ``details`` holds what the method adds (e.g.
+    dynamic-sparsity updates, weight-sharing sizes); ``shared`` the shared weights of ``method="share"``.
     """
 
     history: list[EpochRecord]
@@ -36,11 +44,43 @@ class RecoveryResult:
     stop_reason: str
     seconds: float
     method: str
+    details: dict[str, Any] = field(default_factory=dict)
+    shared: SharedWeights | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out.pop("shared")
         out["history"] = [asdict(h) for h in self.history]
         return out
+
+
+def _load_rewind_state(model: nn.Module, rewind_state: Mapping[str, Tensor] | str | os.PathLike[str]) -> None:
+    """Reset the model's weights to the snapshot taken at the rewind point (masks are re-applied after)."""
+    if not isinstance(rewind_state, Mapping):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            rewind_state = load_file(os.fspath(rewind_state))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise RegrowError(
+                f"rewind checkpoint {os.fspath(rewind_state)!r} is not a readable safetensors file ({exc})."
+            ) from None
+    own = model.state_dict()
+    mismatched = [k for k, v in rewind_state.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise RegrowError(
+            f"weight rewinding needs the snapshot to have the model's shapes; these differ: {mismatched[:5]}. "
+            "A model shrunk by pattern 'channel' or 'head' cannot be rewound to weights of the original shape; "
+            "use rewind 'lr'."
+        )
+    missing = [k for k in own if k not in rewind_state]
+    if len(missing) == len(own):
+        raise RegrowError("the rewind snapshot shares no tensor name with the model.")
+    with torch.no_grad():
+        for k, v in rewind_state.items():
+            if k in own:
+                own[k].copy_(v.to(own[k].device, own[k].dtype))
 
 
 def recover(
@@ -65,6 +105,17 @@ def recover(
     grad_clip: float | None = None,
     augment: Callable[[Any], Any] | None = None,
     val_fraction: float = 0.1,
+    distill: bool | None = None,
+    rewind: str = "none",
+    rewind_epoch: float | None = None,
+    rewind_state: Mapping[str, Tensor] | str | os.PathLike[str] | None = None,
+    original: OriginalSchedule | Mapping[str, Any] | None = None,
+    max_lr: float | None = None,
+    stop_when: Mapping[str, float] | None = None,
+    baseline_val_accuracy: float | None = None,
+    dynamic: Mapping[str, Any] | None = None,
+    share: Mapping[str, Any] | None = None,
+    feature_weight: float = 0.1,
     callbacks: Sequence[Any] = (),
     progress: bool = True,
 ) -> RecoveryResult:
@@ -72,21 +123,34 @@ def recover(
 
     Args:
         model: the pruned model (as left by :func:`regrow.prune`).
-        masks: its keep-masks.
+        masks: its keep-masks (empty for a model shrunk by a structural pattern).
         train: a DataLoader or any re-iterable of ``(inputs, targets)`` batches.
         val: validation batches for early stopping and checkpoint choice. Default: carved from ``train``
             (``val_fraction`` of a DataLoader's samples, or of a list's batches).
-        method: ``"distill"`` (default) or ``"finetune"``; see ``regrow list methods``.
-        teacher: distillation teacher; default: the frozen dense copy recorded by ``prune``.
+        method: ``"distill"`` (default), ``"finetune"``, ``"rigl"``, ``"set"``, ``"share"`` or
+            ``"transfer"``; see ``regrow list methods``.
+        teacher: the dense model for distillation and transfer; default: the frozen copy ``prune`` kept.
         epochs, lr: training budget and peak learning rate.
         optimizer: ``"adamw"`` (default) or ``"sgd"`` (with ``momentum``).
         weight_decay, label_smoothing, grad_clip: regularization.
-        lr_schedule: ``"cosine"`` (linear warm-up for ``warmup`` of the steps, then cosine to zero) or
-            ``"constant"``.
+        lr_schedule: ``"cosine"`` (linear warm-up for ``warmup`` of the steps, then cosine to zero),
+            ``"constant"`` or ``"one_cycle"`` (peak ``max_lr``, default the original training's peak).
         patience: stop after this many epochs without a validation gain (None: never). The best epoch
             is restored at the end either way.
         alpha, temperature: distillation loss ``alpha * T^2 * KL + (1 - alpha) * task loss``.
         augment: a callable applied to each training input batch.
+        distill: for rigl / set / share: add the distillation loss (default False).
+        rewind: ``"lr"`` replays the original training's learning-rate schedule from ``rewind_epoch``
+            (default: its end minus the recovery length); ``"weights"`` also resets the weights to
+            ``rewind_state`` (a state dict or safetensors file of the weights at that point).
+        original: the original training schedule (``OriginalSchedule`` or a dict with lr, epochs,
+            schedule, warmup, milestones, gamma); default: cosine from ``lr`` over twice ``epochs``.
+        stop_when: ``{"within": points}`` stops once validation accuracy is within that many points of
+            ``baseline_val_accuracy`` (default: the teacher's validation accuracy); ``{"seconds": s}`` is
+            a wall-time budget.
+        dynamic: rigl / set options: ``update_every`` (100 steps), ``drop_fraction`` (0.3), ``end`` (0.75).
+        share: share options: ``k`` (16 shared values per target).
+        feature_weight: transfer: weight of the feature-distillation loss.
         callbacks: step callbacks, e.g. :class:`regrow.GradualPruning`.
         progress: show progress bars (on a terminal only; each epoch is also logged at INFO level on the
             ``"regrow"`` logger, which the command line prints).
@@ -100,6 +164,11 @@ def recover(
         >>> result = regrow.recover(model, masks, train_loader, epochs=5)
         >>> result.best_val_accuracy  # doctest: +SKIP
     """
+    if isinstance(original, OriginalSchedule):
+        original_schedule: OriginalSchedule | None = original
+        original_cfg = None
+    else:
+        original_schedule, original_cfg = None, dict(original) if original is not None else None
     try:
         options = RecoverConfig(
             method=method,
@@ -115,6 +184,15 @@ def recover(
             alpha=alpha,
             temperature=temperature,
             grad_clip=grad_clip,
+            distill=distill,
+            rewind=rewind,
+            rewind_epoch=rewind_epoch,
+            original=original_cfg,
+            max_lr=max_lr,
+            stop_when=dict(stop_when) if stop_when else None,
+            dynamic=dict(dynamic or {}),
+            share=dict(share or {}),
+            feature_weight=feature_weight,
         )
     except ValidationError as exc:
         raise explain(exc, "recovery options") from None
@@ -123,9 +201,23 @@ def recover(
         train, val = split_validation(train, val_fraction)
     else:
         check_reiterable(val, "val")
-    if teacher is None and method == "distill":
-        teacher = masks.dense
-    runner = METHODS.get(method)(options, teacher)
+    teacher = teacher if teacher is not None else masks.dense
+    if original_schedule is None:
+        original_schedule = options.original.schedule_object() if options.original else default_original(lr, epochs)
+    if options.rewind == "weights":
+        if rewind_state is None:
+            raise RegrowError(
+                "rewind 'weights' resets the surviving weights to a snapshot from training: pass rewind_state= "
+                "(a state dict or safetensors file of the weights at the rewind point), or use rewind 'lr'."
+            )
+        _load_rewind_state(model, rewind_state)
+    if options.stop_when and options.stop_when.within is not None and baseline_val_accuracy is None:
+        if teacher is None:
+            raise RegrowError(
+                "stop_when.within needs the baseline's validation accuracy: pass baseline_val_accuracy= or a teacher."
+            )
+        baseline_val_accuracy = classification_metrics(teacher, val)["accuracy"]
+    runner, method_callbacks = METHODS.get(method)(options, teacher)
     started = time.perf_counter()
     history, summary = train_loop(
         model,
@@ -135,10 +227,35 @@ def recover(
         method=runner,
         options=options,
         augment=augment,
-        callbacks=callbacks,
+        callbacks=[*method_callbacks, *callbacks],
         progress=progress,
+        original=original_schedule,
+        baseline_val_accuracy=baseline_val_accuracy,
     )
-    return RecoveryResult(history=history, seconds=time.perf_counter() - started, method=method, **summary)
+    details: dict[str, Any] = {}
+    shared = None
+    if baseline_val_accuracy is not None:
+        details["baseline_val_accuracy"] = baseline_val_accuracy
+    for cb in method_callbacks:
+        if isinstance(cb, DynamicSparsity):
+            details["dynamic"] = {
+                "regrow": cb.regrow,
+                "updates": len(cb.updates),
+                "weights_replaced": sum(u["replaced"] for u in cb.updates),
+            }
+        if isinstance(cb, WeightSharing):
+            cb.sync(model)  # the best checkpoint was restored: codebooks follow it
+            shared = cb.shared
+            details["sharing"] = sizes(model, masks, shared)
+    if options.rewind != "none":
+        details["rewind"] = {
+            "kind": options.rewind,
+            "original": asdict(original_schedule),
+            "rewind_epoch": options.rewind_epoch,
+        }
+    return RecoveryResult(
+        history=history, seconds=time.perf_counter() - started, method=method, details=details, shared=shared, **summary
+    )
 
 
-__all__ = ["GradualPruning", "RecoveryResult", "recover", "METHODS"]
+__all__ = ["GradualPruning", "METHODS", "OriginalSchedule", "RecoveryResult", "new_head", "recover"]

@@ -8,8 +8,15 @@ Masks are enforced twice per step, without forward hooks:
    (decoupled weight decay, numerical drift) can bring them back.
 
 Validation runs after every epoch. The best epoch by validation accuracy is kept in memory and restored
-at the end; early stopping ends training after ``patience`` epochs without a gain. Epoch 0 is the model
-as it came in, so recovery can never hand back a model worse on validation than the one it was given.
+at the end; epoch 0 is the model as it came in, so recovery can never hand back a model worse on
+validation than the one it was given. Training ends when the epoch budget is used, when validation has not
+improved for ``patience`` epochs (early stopping; the reason says when training accuracy kept rising
+meanwhile, i.e. over-fitting), when the validation accuracy is within ``stop_when.within`` points of the
+baseline, or when the ``stop_when.seconds`` wall-time budget runs out.
+
+Callbacks (``regrow.recovery.callbacks``) may act at three points: ``on_train_start``,
+``on_after_backward`` (gradients are dense and unmasked here: dynamic sparsity reads them, weight sharing
+pools them), and ``on_step_end`` (after the optimizer step and the re-masking).
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ from regrow.batches import model_device, to_device, unpack
 from regrow.masks import MaskSet
 from regrow.measure.metrics import classification_metrics
 from regrow.progress import bar as progress_bar
-from regrow.recovery.lr import LR_SCHEDULES
+from regrow.recovery.lr import LR_SCHEDULES, LRContext, OriginalSchedule
 
 log = logging.getLogger("regrow")
+LOSS_MIN_DELTA = 1e-3  # a relative fall of the validation loss smaller than this is no progress
 
 
 @dataclass
@@ -78,6 +86,21 @@ def _state_copy(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _early_stop_reason(history: list[EpochRecord], patience: int) -> str:
+    """Early stopping, and whether training and validation diverged meanwhile (over-fitting): training
+    accuracy rose and is above validation accuracy while the validation loss went up."""
+    window = history[-patience - 1 :]
+    train = [h.train_accuracy for h in window if h.train_accuracy is not None]
+    last = history[-1]
+    gap = 100 * ((last.train_accuracy or 0.0) - last.val_accuracy)
+    if len(train) >= 2 and train[-1] > train[0] and last.val_loss > window[0].val_loss and gap > 0:
+        return (
+            f"early stopping: no validation gain for {patience} epochs while training accuracy kept rising "
+            f"(over-fitting: train - val gap {gap:.1f} points)"
+        )
+    return f"early stopping: no validation gain for {patience} epochs"
+
+
 def train(
     model: nn.Module,
     masks: MaskSet,
@@ -89,21 +112,36 @@ def train(
     augment: Callable[[Any], Any] | None = None,
     callbacks: Sequence[Any] = (),
     progress: bool = True,
+    original: OriginalSchedule | None = None,
+    baseline_val_accuracy: float | None = None,
 ) -> tuple[list[EpochRecord], dict[str, Any]]:
     """Run recovery training; returns the per-epoch records and a summary (best epoch, stop reason)."""
+    started_all = time.perf_counter()
     device = model_device(model)
     was_training = model.training
     optimizer = make_optimizer(model, options)
     steps_per_epoch = len(train_data) if hasattr(train_data, "__len__") else sum(1 for _ in train_data)
     total_steps = max(1, options.epochs * steps_per_epoch)
     warmup_steps = math.ceil(options.warmup * total_steps)
-    lr_factor = LR_SCHEDULES.get(options.lr_schedule)(total_steps, max(1, warmup_steps) if warmup_steps else 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    schedule = "rewind" if options.rewind != "none" else options.lr_schedule
+    lr_at = LR_SCHEDULES.get(schedule)(
+        LRContext(
+            total_steps,
+            steps_per_epoch,
+            warmup_steps,
+            options.lr,
+            original,  # type: ignore[arg-type]
+            rewind_epoch=options.rewind_epoch,
+            peak_lr=options.max_lr,
+        )
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step) / options.lr)
     state = TrainState(model, masks, optimizer, train_data, total_steps)
     pairs = masks.bind(model)
     masks.apply(model)
     for cb in callbacks:
         cb.on_train_start(state)
+    after_backward = [cb for cb in callbacks if hasattr(cb, "on_after_backward")]
 
     def validate(epoch: int, started: float, train_sums: dict[str, float], seen: int, correct: int) -> EpochRecord:
         metrics = classification_metrics(model, val_data)
@@ -123,6 +161,9 @@ def train(
     ready = all(cb.checkpoint_ready(state) for cb in callbacks)
     best = {"epoch": 0, "key": _rank(history[0]), "state": _state_copy(model)} if ready else None
     stale, stop_reason = 0, "epoch budget used"
+    lowest_loss = history[0].val_loss
+    within = options.stop_when.within if options.stop_when else None
+    seconds = options.stop_when.seconds if options.stop_when else None
 
     for epoch in range(1, options.epochs + 1):
         state.epoch = epoch
@@ -140,6 +181,8 @@ def train(
             losses, logits = method.losses(model, inputs, targets)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
+            for cb in after_backward:  # dense gradients: dynamic sparsity reads them, sharing pools them
+                cb.on_after_backward(state)
             for param, mask in pairs:  # (1) pruned weights get no gradient, hence no optimizer state
                 if param.grad is not None:
                     param.grad.mul_(mask)
@@ -166,10 +209,12 @@ def train(
         record = validate(epoch, started, sums, seen, correct)
         history.append(record)
         log.info(
-            "epoch %d/%d: train loss %.4f, val accuracy %.2f%%, val loss %.4f, sparsity %.2f%% (%.1f s)",
+            "epoch %d/%d: train loss %.4f, train accuracy %.2f%%, val accuracy %.2f%%, val loss %.4f, "
+            "sparsity %.2f%% (%.1f s)",
             epoch,
             options.epochs,
             record.train_loss or float("nan"),
+            100 * (record.train_accuracy or 0.0),
             100 * record.val_accuracy,
             record.val_loss,
             100 * record.sparsity,
@@ -179,13 +224,33 @@ def train(
         # Only a model in its final form (e.g. gradual pruning done) may become the kept checkpoint.
         if not all(cb.checkpoint_ready(state) for cb in callbacks):
             continue
+        # Patience counts epochs in which neither validation accuracy (the kept checkpoint's key) nor the
+        # validation loss improved: on a small validation set accuracy moves in coarse steps while the loss
+        # still shows progress.
+        improved_loss = record.val_loss < lowest_loss * (1.0 - LOSS_MIN_DELTA)
+        lowest_loss = min(lowest_loss, record.val_loss)
         if best is None or _rank(record) > best["key"]:
             best = {"epoch": epoch, "key": _rank(record), "state": _state_copy(model)}
             stale = 0
+        elif improved_loss:
+            stale = 0
         else:
             stale += 1
+        if (
+            within is not None
+            and baseline_val_accuracy is not None
+            and record.val_accuracy >= baseline_val_accuracy - within / 100.0
+        ):
+            stop_reason = (
+                f"target reached: validation accuracy {100 * record.val_accuracy:.2f}% is within "
+                f"{within:g} points of the baseline's {100 * baseline_val_accuracy:.2f}%"
+            )
+            break
         if options.patience is not None and stale >= options.patience:
-            stop_reason = f"early stopping: no validation gain for {options.patience} epochs"
+            stop_reason = _early_stop_reason(history, options.patience)
+            break
+        if seconds is not None and time.perf_counter() - started_all >= seconds:
+            stop_reason = f"wall-time budget of {seconds:g} s used"
             break
 
     if best is not None:

@@ -1,34 +1,124 @@
-"""Learning-rate schedules for recovery, as multipliers of the base rate per optimizer step."""
+"""Learning-rate schedules for recovery: the absolute learning rate at every optimizer step.
+
+* ``cosine`` (default): linear warm-up, then cosine decay to zero.
+* ``constant``: linear warm-up, then flat.
+* ``one_cycle``: warm up from peak/25 to a large peak over the first 30 % of the steps, then cosine
+  anneal to peak/25e4 (Smith & Topin 2019; as a pruning recovery schedule: Le & Hua 2021, "Network
+  Pruning That Matters"). The peak defaults to the original training's peak learning rate.
+* ``rewind`` (chosen by ``rewind: lr`` or ``rewind: weights``): replay the original training's schedule
+  from the rewind point for the length of recovery (Renda, Frankle & Carbin 2020, "Comparing Rewinding
+  and Fine-tuning in Neural Network Pruning").
+
+The original schedule is described by :class:`OriginalSchedule`. When it is not given, regrow assumes a
+cosine decay from ``recover.lr`` over twice the recovery epochs (so rewinding replays its second half);
+a run whose baseline regrow trained itself uses that training's real schedule.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from regrow.registry import Registry
 
-LR_SCHEDULES: Registry[Callable[..., Callable[[int], float]]] = Registry("lr_schedule")
+
+@dataclass(frozen=True)
+class OriginalSchedule:
+    """How the model was first trained: peak ``lr`` and a schedule over ``epochs``."""
+
+    lr: float
+    epochs: float
+    schedule: str = "cosine"  # cosine | step | constant
+    warmup: float = 0.0  # fraction of the epochs spent warming up linearly
+    milestones: tuple[float, ...] = field(default_factory=tuple)  # step: epochs where lr *= gamma
+    gamma: float = 0.1
+
+    def lr_at(self, epoch: float) -> float:
+        """Learning rate at a (fractional) epoch of the original training."""
+        warm = self.warmup * self.epochs
+        if warm > 0 and epoch < warm:
+            return self.lr * max(epoch, 1e-3 * warm) / warm
+        if self.schedule == "constant":
+            return self.lr
+        if self.schedule == "step":
+            return self.lr * self.gamma ** sum(1 for m in self.milestones if epoch >= m)
+        span = max(self.epochs - warm, 1e-9)
+        progress = min(max((epoch - warm) / span, 0.0), 1.0)
+        return 0.5 * self.lr * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class LRContext:
+    """What a schedule may use: the step count, the base rate, and the original training, if known."""
+
+    total_steps: int
+    steps_per_epoch: int
+    warmup_steps: int
+    lr: float
+    original: OriginalSchedule
+    rewind_epoch: float | None = None  # where rewinding starts in the original schedule
+    peak_lr: float | None = None  # one_cycle
+
+
+LR_SCHEDULES: Registry[Callable[[LRContext], Callable[[int], float]]] = Registry("lr_schedule")
 
 
 @LR_SCHEDULES.register("cosine")
-def cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+def cosine(ctx: LRContext) -> Callable[[int], float]:
     """Linear warm-up, then cosine decay to zero (the default)."""
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    def lr(step: int) -> float:
+        if step < ctx.warmup_steps:
+            return ctx.lr * (step + 1) / ctx.warmup_steps
+        span = max(1, ctx.total_steps - ctx.warmup_steps)
+        progress = min(1.0, (step - ctx.warmup_steps) / span)
+        return ctx.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return factor
+    return lr
 
 
 @LR_SCHEDULES.register("constant")
-def constant(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+def constant(ctx: LRContext) -> Callable[[int], float]:
     """Linear warm-up, then the base rate throughout."""
 
-    def factor(step: int) -> float:
-        return (step + 1) / warmup_steps if step < warmup_steps else 1.0
+    def lr(step: int) -> float:
+        return ctx.lr * (step + 1) / ctx.warmup_steps if step < ctx.warmup_steps else ctx.lr
 
-    return factor
+    return lr
+
+
+ONE_CYCLE_WARMUP = 0.3
+
+
+@LR_SCHEDULES.register("one_cycle")
+def one_cycle(ctx: LRContext) -> Callable[[int], float]:
+    """Warm up to a large peak (default: the original training's peak) over 30% of the steps, then anneal."""
+    peak = ctx.peak_lr if ctx.peak_lr is not None else ctx.original.lr
+    start, end = peak / 25.0, peak / 25.0 / 1e4
+    rise = max(1, round(ONE_CYCLE_WARMUP * ctx.total_steps))
+
+    def lr(step: int) -> float:
+        if step < rise:
+            return start + (peak - start) * 0.5 * (1.0 - math.cos(math.pi * step / rise))
+        progress = min(1.0, (step - rise) / max(1, ctx.total_steps - rise))
+        return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return lr
+
+
+@LR_SCHEDULES.register("rewind")
+def rewind(ctx: LRContext) -> Callable[[int], float]:
+    """The original schedule replayed from the rewind point (default: its last recovery-length stretch)."""
+    recovery_epochs = ctx.total_steps / max(1, ctx.steps_per_epoch)
+    start = ctx.rewind_epoch if ctx.rewind_epoch is not None else max(0.0, ctx.original.epochs - recovery_epochs)
+
+    def lr(step: int) -> float:
+        return ctx.original.lr_at(start + step / max(1, ctx.steps_per_epoch))
+
+    return lr
+
+
+def default_original(lr: float, epochs: int) -> OriginalSchedule:
+    """The assumed original training when none is known: cosine from ``lr`` over twice the recovery."""
+    return OriginalSchedule(lr=lr, epochs=2.0 * max(1, epochs), schedule="cosine")

@@ -1,11 +1,23 @@
-"""Recovery methods: what loss the pruned model is trained on.
+"""Recovery methods: the loss the pruned model is trained on, and what happens between steps.
 
-A method returns named losses (``{"loss", "task_loss", "kd_loss"}``) so they flow straight into logs.
-Register a new one with ``@METHODS.register("name")``; it receives the validated options and the teacher.
+A method returns named losses (``{"loss", "task_loss", "kd_loss", ...}``) so they flow straight into logs,
+and may bring step callbacks. Register a new one with ``@METHODS.register("name")``: a builder
+``(options, teacher) -> (loss, callbacks)``.
+
+* ``finetune``: the task loss (cross-entropy, optional label smoothing).
+* ``distill``: alpha · T² · KL(teacher ‖ student at temperature T) + (1 − alpha) · task loss (Hinton et
+  al. 2015); the teacher is the dense model.
+* ``rigl`` / ``set``: dynamic sparse training (regrow.recovery.dynamic), task loss, or distillation
+  with ``distill: true``.
+* ``share``: weight sharing (regrow.recovery.sharing), likewise.
+* ``transfer``: a new target task; task loss plus feature distillation: the student's input to its
+  classifier is pulled towards the dense source model's (``feature_weight`` times the relative squared
+  error; default 0.1 — on digits 0-4 -> 5-9 a larger weight cost accuracy, see examples/sparse_transfer.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,17 +26,20 @@ from torch import Tensor, nn
 
 from regrow.batches import forward
 from regrow.errors import RegrowError
+from regrow.recovery.dynamic import DynamicSparsity
 from regrow.recovery.losses import distillation_loss
+from regrow.recovery.sharing import WeightSharing
 from regrow.registry import Registry
+from regrow.select import final_classifier
 
-METHODS: Registry[type] = Registry("recovery method")
+Builder = Callable[[Any, nn.Module | None], tuple[Any, list[Any]]]
+METHODS: Registry[Builder] = Registry("recovery method")
 
 
-@METHODS.register("finetune")
-class Finetune:
-    """Plain fine-tuning on the task loss (cross-entropy with optional label smoothing)."""
+class TaskLoss:
+    """Cross-entropy with optional label smoothing."""
 
-    def __init__(self, options: Any, teacher: nn.Module | None) -> None:
+    def __init__(self, options: Any) -> None:
         self.label_smoothing = options.label_smoothing
 
     def losses(self, model: nn.Module, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
@@ -33,20 +48,12 @@ class Finetune:
         return {"loss": task, "task_loss": task}, logits
 
 
-@METHODS.register("distill")
-class Distill(Finetune):
-    """Distillation from the dense model: alpha * KL(teacher || student, T) + (1 - alpha) * task loss."""
+class DistillLoss(TaskLoss):
+    """alpha * T^2 * KL(teacher || student, T) + (1 - alpha) * task loss."""
 
     def __init__(self, options: Any, teacher: nn.Module | None) -> None:
-        super().__init__(options, teacher)
-        if teacher is None:
-            raise RegrowError(
-                "recovery method 'distill' needs a teacher: pass teacher= (e.g. a copy of the dense model), "
-                "prune with keep_dense=True so the masks carry one, or use method='finetune'."
-            )
-        self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        super().__init__(options)
+        self.teacher = _frozen_teacher(teacher, "distillation")
         self.alpha = options.alpha
         self.temperature = options.temperature
 
@@ -58,3 +65,97 @@ class Distill(Finetune):
         out["kd_loss"] = kd
         out["loss"] = self.alpha * kd + (1.0 - self.alpha) * out["task_loss"]
         return out, logits
+
+
+class FeatureDistillLoss(TaskLoss):
+    """Task loss + weight * MSE between the student's and the teacher's inputs to the final classifier."""
+
+    def __init__(self, options: Any, teacher: nn.Module | None) -> None:
+        super().__init__(options)
+        self.teacher = _frozen_teacher(teacher, "transfer (feature distillation)")
+        self.weight = options.feature_weight
+        self.layer = final_classifier(self.teacher)
+        if self.layer is None:
+            raise RegrowError("method 'transfer' needs a final Linear or Conv classifier to take features from.")
+
+    def _features(self, model: nn.Module, inputs: Any) -> tuple[Tensor, Tensor]:
+        captured: list[Tensor] = []
+        handle = model.get_submodule(self.layer).register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+        try:
+            logits = forward(model, inputs)
+        finally:
+            handle.remove()
+        return logits, captured[0]
+
+    def losses(self, model: nn.Module, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        logits, feats = self._features(model, inputs)
+        with torch.no_grad():
+            _, teacher_feats = self._features(self.teacher, inputs)
+        task = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        # Relative squared error, so the weight means the same whatever the scale of the features.
+        feature = F.mse_loss(feats, teacher_feats) / teacher_feats.pow(2).mean().clamp(min=1e-8)
+        return {"loss": task + self.weight * feature, "task_loss": task, "feature_loss": feature}, logits
+
+
+def _frozen_teacher(teacher: nn.Module | None, what: str) -> nn.Module:
+    if teacher is None:
+        raise RegrowError(
+            f"{what} needs a teacher: pass teacher= (e.g. a copy of the dense model), prune with keep_dense=True "
+            "so the masks carry one, or use method='finetune'."
+        )
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _loss(options: Any, teacher: nn.Module | None, default_distill: bool) -> TaskLoss:
+    distill = options.distill if options.distill is not None else default_distill
+    return DistillLoss(options, teacher) if distill else TaskLoss(options)
+
+
+@METHODS.register("finetune", doc="Plain fine-tuning on the task loss (cross-entropy, optional label smoothing).")
+def finetune(options: Any, teacher: nn.Module | None) -> tuple[Any, list[Any]]:
+    return _loss(options, teacher, default_distill=False), []
+
+
+@METHODS.register("distill", doc="Distillation from the dense model: alpha*T^2*KL + (1-alpha)*task loss.")
+def distill(options: Any, teacher: nn.Module | None) -> tuple[Any, list[Any]]:
+    return _loss(options, teacher, default_distill=True), []
+
+
+@METHODS.register("rigl", doc="RigL dynamic sparsity: drop smallest weights, regrow by |gradient| (Evci et al. 2020).")
+def rigl(options: Any, teacher: nn.Module | None) -> tuple[Any, list[Any]]:
+    d = options.dynamic
+    return _loss(options, teacher, False), [DynamicSparsity("gradient", d.update_every, d.drop_fraction, d.end)]
+
+
+@METHODS.register("set", doc="SET dynamic sparsity: drop smallest weights, regrow at random (Mocanu et al. 2018).")
+def set_(options: Any, teacher: nn.Module | None) -> tuple[Any, list[Any]]:
+    d = options.dynamic
+    return _loss(options, teacher, False), [DynamicSparsity("random", d.update_every, d.drop_fraction, d.end)]
+
+
+@METHODS.register("share", doc="Weight sharing: k shared values per target, trained (Han et al. 2016).")
+def share(options: Any, teacher: nn.Module | None) -> tuple[Any, list[Any]]:
+    return _loss(options, teacher, False), [WeightSharing(options.share.k)]
+
+
+@METHODS.register("transfer", doc="New target task: task loss + feature distillation from the dense source model.")
+def transfer(options: Any, teacher: nn.Module | None) -> tuple[Any, list[Any]]:
+    return FeatureDistillLoss(options, teacher), []
+
+
+@torch.no_grad()
+def new_head(model: nn.Module, num_classes: int) -> str:
+    """Replace the final classifier by a freshly initialised one with ``num_classes`` outputs; its name."""
+    name = final_classifier(model)
+    if name is None:
+        raise RegrowError("the model has no final Linear/Conv classifier to replace.")
+    old = model.get_submodule(name)
+    if not isinstance(old, nn.Linear):
+        raise RegrowError(f"the final classifier {name!r} is a {type(old).__name__}; a new head needs an nn.Linear.")
+    head = nn.Linear(old.in_features, num_classes, bias=old.bias is not None).to(old.weight.device, old.weight.dtype)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, head)
+    return name

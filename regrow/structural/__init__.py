@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from regrow.batches import model_device, to_device, unpack
-from regrow.errors import RegrowError
+from regrow.errors import RegrowError, SpeedWarning
 from regrow.measure.cost import count_params, dense_macs
 from regrow.select import resolve_targets
 from regrow.structural.arch import load, save
@@ -407,7 +408,7 @@ def shrink(
         warnings=warnings_list,
     )
     for w in warnings_list[len(notes) :]:
-        log.warning(w)
+        warnings.warn(w, SpeedWarning, stacklevel=3)
     return report
 
 

@@ -1,0 +1,361 @@
+"""The recovery toolbox: rewinding, one-cycle, dynamic sparsity, weight sharing, stopping, transfer."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import regrow
+from conftest import TinyMLP, make_batches
+from regrow.errors import RegrowError
+from regrow.recovery.dynamic import DynamicSparsity
+from regrow.recovery.loop import EpochRecord, TrainState, _early_stop_reason
+from regrow.recovery.lr import LR_SCHEDULES, LRContext, OriginalSchedule, default_original
+from regrow.recovery.sharing import kmeans_1d, share
+
+
+def trained(epochs=8):
+    torch.manual_seed(0)
+    model = TinyMLP()
+    regrow.recover(
+        model,
+        regrow.MaskSet({}),
+        make_batches(10),
+        make_batches(3, seed=1),
+        method="finetune",
+        epochs=epochs,
+        lr=0.01,
+        patience=None,
+        progress=False,
+    )
+    return model
+
+
+# --- learning-rate schedules ---------------------------------------------------------------------
+
+
+def test_one_cycle_values_at_chosen_steps():
+    ctx = LRContext(
+        total_steps=100, steps_per_epoch=10, warmup_steps=0, lr=1e-3, original=OriginalSchedule(lr=0.1, epochs=20)
+    )
+    lr = LR_SCHEDULES.get("one_cycle")(ctx)
+    assert lr(0) == pytest.approx(0.1 / 25)  # starts at peak / 25
+    assert lr(30) == pytest.approx(0.1)  # the peak, reached after 30 % of the steps
+    assert lr(15) == pytest.approx(0.1 / 25 + (0.1 - 0.1 / 25) * 0.5)  # half-way up a cosine ramp
+    assert lr(100) == pytest.approx(0.1 / 25 / 1e4)  # annealed
+    explicit = LR_SCHEDULES.get("one_cycle")(LRContext(100, 10, 0, 1e-3, default_original(1e-3, 5), peak_lr=0.05))
+    assert explicit(30) == pytest.approx(0.05)
+
+
+def test_original_schedules():
+    cos = OriginalSchedule(lr=0.1, epochs=10)
+    assert cos.lr_at(0) == pytest.approx(0.1) and cos.lr_at(5) == pytest.approx(0.05) and cos.lr_at(10) == 0
+    step = OriginalSchedule(lr=0.1, epochs=30, schedule="step", milestones=(10, 20), gamma=0.1)
+    assert [step.lr_at(e) for e in (0, 9.9, 10, 25)] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    warm = OriginalSchedule(lr=0.1, epochs=10, warmup=0.2)
+    assert warm.lr_at(1) == pytest.approx(0.05)
+
+
+def test_lr_rewinding_replays_the_tail_of_the_original_schedule():
+    original = OriginalSchedule(lr=0.1, epochs=30, schedule="step", milestones=(10, 20))
+    ctx = LRContext(total_steps=100, steps_per_epoch=10, warmup_steps=0, lr=1e-3, original=original)
+    lr = LR_SCHEDULES.get("rewind")(ctx)  # 10 recovery epochs: replay epochs 20..30
+    assert lr(0) == pytest.approx(0.001) and lr(99) == pytest.approx(0.001)
+    lr = LR_SCHEDULES.get("rewind")(LRContext(100, 10, 0, 1e-3, original, rewind_epoch=5.0))
+    assert lr(0) == pytest.approx(0.1) and lr(50) == pytest.approx(0.01) and lr(99) == pytest.approx(0.01)
+
+
+def test_lr_rewinding_drives_the_optimizer():
+    model = trained()
+    masks = regrow.prune(model, 0.5)
+    seen = []
+
+    class Watch:
+        def on_train_start(self, state):
+            pass
+
+        def on_step_end(self, state):
+            seen.append(state.optimizer.param_groups[0]["lr"])
+
+        def checkpoint_ready(self, state):
+            return True
+
+    original = {"lr": 0.2, "epochs": 6, "schedule": "step", "milestones": [4], "gamma": 0.5}
+    regrow.recover(
+        model,
+        masks,
+        make_batches(5),
+        make_batches(2, seed=1),
+        method="finetune",
+        epochs=3,
+        rewind="lr",
+        original=original,
+        callbacks=[Watch()],
+        progress=False,
+    )
+    # 3 recovery epochs of 5 steps replay epochs 3..6 of the original: 0.2 for one epoch, then 0.1
+    assert seen[:4] == pytest.approx([0.2] * 4) and seen[-5:] == pytest.approx([0.1] * 5)
+
+
+def test_weight_rewinding_restores_the_snapshot_on_surviving_weights():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    regrow.recover(
+        model,
+        regrow.MaskSet({}),
+        make_batches(6),
+        make_batches(2, seed=1),
+        method="finetune",
+        epochs=3,
+        lr=0.05,
+        patience=None,
+        progress=False,
+    )
+    masks = regrow.prune(model, 0.6)
+    regrow.recover(
+        model,
+        masks,
+        make_batches(6),
+        make_batches(2, seed=1),
+        method="finetune",
+        epochs=0,
+        rewind="weights",
+        rewind_state=snapshot,
+        progress=False,
+    )
+    for fqn, mask in masks.items():
+        w = model.get_parameter(fqn)
+        assert torch.equal(w[mask], snapshot[fqn][mask])  # exactly the snapshot where weights survive
+        assert torch.count_nonzero(w[~mask]) == 0  # and still pruned elsewhere
+    assert torch.equal(model.head.weight, snapshot["head.weight"])
+
+
+def test_weight_rewinding_needs_a_snapshot_of_matching_shapes():
+    model = trained(2)
+    masks = regrow.prune(model, 0.5)
+    with pytest.raises(RegrowError, match="needs the snapshot to have the model's shapes"):
+        regrow.recover(
+            model,
+            masks,
+            make_batches(4),
+            method="finetune",
+            rewind="weights",
+            epochs=1,
+            rewind_state={"fc1.weight": torch.zeros(3, 3)},
+            progress=False,
+        )
+    with pytest.raises(RegrowError, match="pass rewind_state="):
+        regrow.recover(model, masks, make_batches(4), method="finetune", rewind="weights", epochs=1, progress=False)
+
+
+# --- dynamic sparse training ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_dynamic_sparsity_keeps_exact_sparsity_and_regrows_the_right_count(method):
+    model = trained()
+    masks = regrow.prune(model, 0.7, scope="layer")
+    counts = {f: int(m.sum()) for f, m in masks.items()}
+    changed_steps = []
+
+    class Check:
+        def on_train_start(self, state):
+            self.before = {f: m.clone() for f, m in state.masks.items()}
+
+        def on_step_end(self, state):
+            for f, m in state.masks.items():
+                assert int(m.sum()) == counts[f]  # same number of active weights after every step
+                assert torch.count_nonzero(state.model.get_parameter(f)[~m]) == 0
+                if not torch.equal(m, self.before[f]):
+                    changed_steps.append(state.step)
+                    # the number dropped equals the number regrown, and it follows the cosine decay
+                    dropped = int((self.before[f] & ~m).sum())
+                    assert dropped == int((m & ~self.before[f]).sum())
+                    n = int(dyn.fraction(state.step) * counts[f])
+                    assert dropped <= n
+            self.before = {f: m.clone() for f, m in state.masks.items()}
+
+        def checkpoint_ready(self, state):
+            return True
+
+    dyn = DynamicSparsity("gradient" if method == "rigl" else "random", update_every=4, drop_fraction=0.3, end=0.75)
+    result = regrow.recover(
+        model,
+        masks,
+        make_batches(8),
+        make_batches(2, seed=1),
+        method="finetune",
+        epochs=4,
+        callbacks=[dyn, Check()],
+        progress=False,
+    )
+    assert changed_steps and all(s % 4 == 0 and s < 0.75 * 32 for s in changed_steps)
+    assert result.steps == 32
+    via_method = regrow.recover(
+        model,
+        masks,
+        make_batches(8),
+        make_batches(2, seed=1),
+        method=method,
+        epochs=2,
+        dynamic={"update_every": 4},
+        progress=False,
+    )
+    assert via_method.details["dynamic"]["updates"] > 0
+
+
+def test_regrown_weights_start_at_zero_with_fresh_optimizer_state():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.tensor([[5.0, 4.0, 0.0, 0.0], [0.1, 3.0, 0.0, 0.0]]))
+    model = nn.Module()
+    model.w = w
+    masks = regrow.MaskSet({"w": torch.tensor([[True, True, False, False], [True, True, False, False]])})
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    w.grad = torch.ones_like(w)
+    opt.step()  # momentum everywhere
+    w.grad = torch.tensor([[0.0, 0.0, 9.0, 1.0], [0.0, 0.0, 2.0, 8.0]])
+    with torch.no_grad():
+        w.mul_(masks["w"])
+    dyn = DynamicSparsity("gradient", update_every=1, drop_fraction=0.5, end=1.0)
+    state = TrainState(model, masks, opt, [], total_steps=10)
+    dyn.on_train_start(state)
+    dyn.on_after_backward(state)  # fraction(1) = 0.25 * (1 + cos(pi / 10)) -> int(0.49 * 4) = 1 weight
+    # drop: the smallest active weight (0.1 at [1, 0]); grow: the largest inactive gradient (9.0 at [0, 2])
+    assert masks["w"].tolist() == [[True, True, True, False], [False, True, False, False]]
+    assert w[0, 2] == 0 and w[1, 0] == 0
+    buf = opt.state[w]["momentum_buffer"]
+    assert buf[0, 2] == 0 and buf[1, 0] == 0 and buf[0, 0] != 0
+
+
+# --- weight sharing --------------------------------------------------------------------------------
+
+
+def test_kmeans_on_hand_values():
+    codebook, index = kmeans_1d(torch.tensor([0.0, 0.1, 1.0, 1.1, 10.0, 10.2]), 3)
+    assert codebook.tolist() == pytest.approx([0.05, 1.05, 10.1])
+    assert index.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_shared_weights_take_at_most_k_values_after_fine_tuning(tmp_path):
+    model = trained()
+    masks = regrow.prune(model, 0.5)
+    result = regrow.recover(
+        model,
+        masks,
+        make_batches(8),
+        make_batches(2, seed=1),
+        method="share",
+        share={"k": 4},
+        epochs=3,
+        lr=0.01,
+        progress=False,
+    )
+    for fqn, mask in masks.items():
+        alive = model.get_parameter(fqn)[mask]
+        assert len(torch.unique(alive)) <= 4
+        assert torch.count_nonzero(model.get_parameter(fqn)[~mask]) == 0
+    sizes = result.details["sharing"]
+    assert sizes["shared_bits"] < sizes["sparse_bits"] < sizes["dense_bits"]
+    index_bits = 2  # log2(4)
+    alive_total = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    assert sizes["shared_bits"] == alive_total * index_bits + 2 * 4 * 32 + total
+    result.shared.save(tmp_path / "shared.safetensors")
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "shared.safetensors"))
+    rebuilt = stored["fc1.weight.codebook"][stored["fc1.weight.indices"].long()] * stored["fc1.weight.mask"]
+    torch.testing.assert_close(rebuilt, model.fc1.weight.detach())
+
+
+def test_share_clusters_in_place():
+    model = TinyMLP()
+    masks = regrow.prune(model, 0.5)
+    shared = share(model, masks, 3)
+    assert all(len(torch.unique(model.get_parameter(f)[masks[f]])) <= 3 for f in masks)
+    assert (shared.indices["fc1.weight"][~masks["fc1.weight"]] == -1).all()
+
+
+# --- stopping and over-fitting --------------------------------------------------------------------
+
+
+def test_stop_when_within_the_baseline():
+    model = trained()
+    masks = regrow.prune(model, 0.3)
+    result = regrow.recover(
+        model, masks, make_batches(6), make_batches(2, seed=1), epochs=20, stop_when={"within": 100.0}, progress=False
+    )
+    assert result.epochs_run == 1 and result.stop_reason.startswith("target reached")
+    assert "baseline_val_accuracy" in result.details
+
+
+def test_stop_when_time_is_up():
+    model = trained()
+    masks = regrow.prune(model, 0.3)
+    result = regrow.recover(
+        model, masks, make_batches(6), make_batches(2, seed=1), epochs=20, stop_when={"seconds": 1e-6}, progress=False
+    )
+    assert result.epochs_run == 1 and result.stop_reason.startswith("wall-time budget")
+
+
+def test_early_stopping_names_over_fitting():
+    def rec(epoch, train_acc, val_acc, val_loss):
+        return EpochRecord(epoch, 0.1, 0.5, train_acc, val_loss, val_acc, 0.0, 1.0)
+
+    history = [rec(0, None, 0.8, 0.5), rec(1, 0.85, 0.9, 0.3), rec(2, 0.95, 0.88, 0.4), rec(3, 0.99, 0.87, 0.5)]
+    assert "over-fitting" in _early_stop_reason(history, 2)
+    flat = [rec(0, None, 0.8, 0.5), rec(1, 0.9, 0.9, 0.3), rec(2, 0.9, 0.9, 0.3), rec(3, 0.9, 0.9, 0.3)]
+    assert "over-fitting" not in _early_stop_reason(flat, 2)
+
+
+# --- transfer -----------------------------------------------------------------------------------
+
+
+def test_transfer_with_a_new_head_and_feature_distillation():
+    source = trained()
+    masks = regrow.prune(source, 0.5)
+    dense = masks.dense
+    name = regrow.recovery.new_head(source, 5)
+    assert name == "head" and source.head.out_features == 5
+    g = torch.Generator().manual_seed(3)
+    target = [(torch.randn(16, 8, generator=g), torch.randint(0, 5, (16,), generator=g)) for _ in range(6)]
+    result = regrow.recover(source, masks, target, epochs=2, method="transfer", teacher=dense, progress=False)
+    parts = result.history[1].parts
+    assert "feature_loss" in parts and "task_loss" in parts
+    for fqn, mask in masks.items():  # masks kept through transfer
+        assert torch.count_nonzero(source.get_parameter(fqn)[~mask]) == 0
+    assert source(torch.zeros(2, 8)).shape == (2, 5)
+
+
+def test_unknown_options_are_refused():
+    model = trained(1)
+    masks = regrow.prune(model, 0.5)
+    with pytest.raises(RegrowError, match="'rewind'"):
+        regrow.recover(model, masks, make_batches(4), rewind="sometimes", progress=False)
+    with pytest.raises(RegrowError, match="unknown key 'dynamic.every'"):
+        regrow.recover(model, masks, make_batches(4), method="rigl", dynamic={"every": 3}, progress=False)
+    with pytest.raises(RegrowError, match="unknown lr_schedule 'triangle'"):
+        regrow.recover(model, masks, make_batches(4), lr_schedule="triangle", progress=False)
+
+
+def test_one_cycle_recovers():
+    model = trained()
+    masks = regrow.prune(model, 0.5)
+    result = regrow.recover(
+        model,
+        masks,
+        make_batches(8),
+        make_batches(2, seed=1),
+        lr_schedule="one_cycle",
+        max_lr=0.05,
+        epochs=2,
+        progress=False,
+    )
+    assert result.history[1].lr is not None and not math.isnan(result.best_val_accuracy)
+
+
+def test_masked_patterns_warn_that_they_cannot_speed_up_dense_kernels():
+    with pytest.warns(regrow.errors.SpeedWarning, match="cannot make dense kernels faster"):
+        regrow.prune(TinyMLP(), 0.5)

@@ -51,3 +51,45 @@ def write_csv(path: Path, header: list[str], rows: list[list[Any]], info: dict[s
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+CACHE = Path(__file__).parent / "cache"
+
+
+def fashion_mnist_or_exit(root: str | None, **kwargs: Any) -> Any:
+    """Fashion-MNIST from the IDX files, or a clear message and exit code 0 (skip) when they are absent."""
+    from regrow.data.fashion_mnist import available, fashion_mnist
+
+    if not available(root):
+        print(
+            "Fashion-MNIST IDX files not found: install them with 'apt-get install dataset-fashion-mnist' or "
+            "pass --data DIR (a folder with the four IDX files). Skipping this benchmark."
+        )
+        sys.exit(0)
+    return fashion_mnist(root=root, **kwargs)
+
+
+def cached_dense(name: str, seed: int, build: Any, train: Any, key: dict[str, Any]) -> Any:
+    """A dense baseline trained once per seed and settings, kept as safetensors under benchmarks/cache/."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_model, save_model
+
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    path = CACHE / f"{name}-seed{seed}-{digest}.safetensors"
+    torch.manual_seed(seed)
+    model = build()
+    if path.is_file():
+        load_model(model, str(path))
+        return model
+    train(model)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(path))
+    return model
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    import statistics
+
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0

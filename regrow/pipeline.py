@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from regrow.batches import to_device
+from regrow.batches import to_device, unpack
 from regrow.components import build_augment, build_data, build_model, device_of, search_path
 from regrow.config import RunConfig, apply_overrides, load_config, validate
 from regrow.data.split import split_validation
@@ -30,8 +30,8 @@ from regrow.measure.cost import count_params, dense_macs
 from regrow.measure.latency import compare_latency
 from regrow.measure.metrics import classification_metrics
 from regrow.patterns import get_pattern
-from regrow.prune import PruneSpec, compute_masks, frozen_copy, plan, prune
-from regrow.recovery import GradualPruning, RecoveryResult, recover
+from regrow.prune import PruneSpec, compute_masks, frozen_copy, plan, prune, speed_warning
+from regrow.recovery import GradualPruning, RecoveryResult, new_head, recover
 from regrow.report import RunReport, environment
 from regrow.report.plots import plot_curve
 from regrow.schedules import iterative
@@ -88,9 +88,60 @@ def _as_config(
 
 
 def _recover_kwargs(cfg: RunConfig, search: list[Path]) -> dict[str, Any]:
+    """recover() keyword arguments from the recipe: factories resolved, files found next to the recipe."""
     opts = cfg.recover.model_dump()
     opts["augment"] = build_augment(opts.pop("augment"), search)
+    checkpoint = opts.pop("rewind_checkpoint")
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_absolute():
+            path = next((s / path for s in search if (s / path).exists()), path)
+        if not path.is_file():
+            raise RegrowError(f"recover.rewind_checkpoint {checkpoint!r} does not exist.")
+        opts["rewind_state"] = path
+    if opts["original"] is None and cfg.model.train is not None:
+        # The baseline is trained here, so the original schedule is known exactly (see TrainConfig).
+        t = cfg.model.train
+        opts["original"] = {"lr": t.lr, "epochs": t.epochs, "schedule": "cosine", "warmup": BASELINE_WARMUP}
     return opts
+
+
+BASELINE_WARMUP = 0.05  # warm-up share of the baseline training regrow runs (model.train)
+
+
+def _count_classes(data: Any) -> int:
+    """Number of classes in a labelled dataset: one more than the largest label."""
+    return 1 + max(int(unpack(batch)[1].max()) for batch in data)
+
+
+def _merge_shared(result: RecoveryResult, shared: RecoveryResult) -> RecoveryResult:
+    """The main recovery's result, with the weight-sharing post-step's outcome attached."""
+    result.shared = shared.shared
+    result.details["sharing"] = shared.details.get("sharing")
+    result.stop_reason += f"; then weight sharing for {shared.epochs_run} epochs ({shared.stop_reason})"
+    return result
+
+
+class _Snapshot:
+    """Baseline-training callback that keeps the weights at one step (the weight-rewinding point)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def _take(self, model: nn.Module) -> None:
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def on_train_start(self, state: Any) -> None:
+        if self.step == 0:
+            self._take(state.model)
+
+    def on_step_end(self, state: Any) -> None:
+        if state.step == self.step:
+            self._take(state.model)
+
+    def checkpoint_ready(self, state: Any) -> bool:
+        return True
 
 
 def _check_schedule(cfg: RunConfig, spec: PruneSpec, structural: bool) -> None:
@@ -239,27 +290,59 @@ def run(
         _check_schedule(cfg, spec, structural)
         recover_kwargs = _recover_kwargs(cfg, search)
         baseline_augment = build_augment(cfg.model.train.augment, search) if cfg.model.train else None
+        source = None
+        if cfg.model.train is not None and cfg.model.train.data is not None:
+            if cfg.recover.method == "distill":
+                raise RegrowError(
+                    "with model.train.data the model is transferred to a new task with a new head, so the "
+                    "source model's logits cannot teach it: use recover.method 'transfer' (feature "
+                    "distillation) or 'finetune'."
+                )
+            source = build_data(cfg.model.train.data, search)
+            if source.val is None:
+                source.train, source.val = split_validation(source.train, cfg.model.train.data.val_fraction, cfg.seed)
+        if cfg.recover.rewind == "weights" and "rewind_state" not in recover_kwargs and cfg.model.train is None:
+            raise RegrowError(
+                "recover.rewind 'weights' needs the weights at the rewind point: give recover.rewind_checkpoint "
+                "(a safetensors file), or let regrow train the baseline (model.train) and keep them itself."
+            )
     # Everything the user gave has been checked; only now is anything written.
     out = prepare_out_dir(out_dir or default_out_dir(cfg.name), overwrite=overwrite)
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
 
+    notes: list[str] = []
+    extra: dict[str, Any] = {}
+    rewind_snapshot = None
     if cfg.model.train is not None:
         seed_everything(cfg.seed + 1)
         with timer.stage("train_baseline"):
             t = cfg.model.train
+            base_train, base_val = (source.train, source.val) if source is not None else (train, val)
+            callbacks = []
+            if cfg.recover.rewind == "weights" and "rewind_state" not in recover_kwargs:
+                # Renda et al.: rewind to the point as far from the end of training as recovery is long.
+                epoch = cfg.recover.rewind_epoch
+                epoch = max(0.0, t.epochs - cfg.recover.epochs) if epoch is None else min(epoch, t.epochs)
+                rewind_snapshot = _Snapshot(round(epoch * len(base_train)))
+                callbacks.append(rewind_snapshot)
+                recover_kwargs["rewind_epoch"] = epoch
             recover(
                 model,
                 MaskSet({}),
-                train,
-                val,
+                base_train,
+                base_val,
                 method="finetune",
                 epochs=t.epochs,
                 lr=t.lr,
                 weight_decay=t.weight_decay,
+                warmup=BASELINE_WARMUP,
                 patience=None,
                 augment=baseline_augment,
+                callbacks=callbacks,
                 progress=progress,
             )
+            if rewind_snapshot is not None:
+                recover_kwargs["rewind_state"] = rewind_snapshot.state
 
     ev = cfg.evaluate
 
@@ -277,19 +360,35 @@ def run(
                 progress=progress,
             )
 
-    snapshots = {"baseline": snapshot(model, "baseline")}
-    teacher = frozen_copy(model)
-    notes: list[str] = []
+    if source is not None:
+        # Transfer: the dense source model teaches features; the baseline to match is the dense model
+        # transferred to the target task with the same recovery budget.
+        with timer.stage("transfer_reference"):
+            extra["source_test_accuracy"] = classification_metrics(model, source.test)["accuracy"]
+            teacher = frozen_copy(model)
+            classes = bundle.num_classes or _count_classes(train)
+            head = new_head(model, classes)
+            reference = copy.deepcopy(model)
+            seed_everything(cfg.seed + 4)
+            opts = {k: v for k, v in recover_kwargs.items() if k not in ("method", "rewind", "rewind_state")}
+            recover(reference, MaskSet({}), train, val, method="finetune", progress=progress, **opts)
+        snapshots = {"baseline": snapshot(reference, "baseline")}
+        del reference
+        notes.append(
+            f"Transfer: the model was trained on {source.description or 'the source data'} (test accuracy "
+            f"{100 * extra['source_test_accuracy']:.2f}%), then given a new {classes}-class head `{head}`. The "
+            "baseline is the dense model fine-tuned on the target task with the same budget; the pruned stage "
+            "has the new, untrained head."
+        )
+    else:
+        snapshots = {"baseline": snapshot(model, "baseline")}
+        teacher = frozen_copy(model)
     schedule = cfg.schedule
 
     pruner = _Pruner(cfg, spec, structural, train, to_device(sample_inputs(test, 1), torch.device(device)))
     pruner.remember(model)
     if not get_pattern(spec.pattern).can_speed_up_dense:
-        log.warning(
-            "pattern %r cannot make dense kernels faster: expect smaller files, not lower latency; use "
-            "pattern 'channel' or 'head' for speed.",
-            spec.pattern,
-        )
+        log.warning(speed_warning(spec.pattern))
     seed_everything(cfg.seed + 2)
     if schedule.name == "one_shot":
         with timer.stage("prune"):
@@ -335,6 +434,24 @@ def run(
                 )
                 history = _history_dicts(result)
                 recovery_info = result.to_dict()
+    if cfg.recover.share.after and cfg.recover.method != "share":
+        seed_everything(cfg.seed + 5)
+        with timer.stage("share"):
+            opts = {k: v for k, v in recover_kwargs.items() if k not in ("method", "epochs", "rewind", "rewind_state")}
+            shared_result = recover(
+                model,
+                masks,
+                train,
+                val,
+                method="share",
+                epochs=cfg.recover.share.epochs,
+                teacher=teacher,
+                progress=progress,
+                **opts,
+            )
+        history += _history_dicts(shared_result, history[-1]["epoch"] if history else 0)
+        recovery_info["sharing"] = shared_result.details.get("sharing")
+        result = _merge_shared(result, shared_result)
     recovery_info["history"] = history
     snapshots["recovered"] = snapshot(model, "recovered")
     speed = None
@@ -351,7 +468,12 @@ def run(
             del dense_cpu, pruned_cpu
 
     with timer.stage("export"):
-        export = _export(model, masks, spec, cfg, out, test, search, snapshots["recovered"])
+        export = _export(
+            model, masks, spec, cfg, out, test, search, snapshots["recovered"], classes if source is not None else None
+        )
+        if result.shared is not None:
+            result.shared.save(out / "shared.safetensors")
+            export["shared"] = "shared.safetensors"
         if history:
             export["curve_plot"] = plot_curve(history, out / "curve.png", title=f"{cfg.name}: recovery").name
 
@@ -363,6 +485,7 @@ def run(
         "structure_rounds": pruner.reports if len(pruner.reports) > 1 else None,
         "speed": speed,
     }
+    recovery_info.update({k: v for k, v in extra.items()})
     report = RunReport(
         name=cfg.name,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -443,6 +566,7 @@ def _export(
     test: Any,
     search: list[Path],
     recovered: Snapshot,
+    new_classes: int | None,
 ) -> dict[str, Any]:
     """Save weights and arch.json (regrow.save), masks if any, then reload with regrow.load and re-check."""
     meta = {"regrow.targets": json.dumps(spec.targets), "regrow.pattern": spec.pattern}
@@ -451,7 +575,14 @@ def _export(
     if masks.masks:
         masks.save(out / "masks.safetensors")
         files["masks"] = "masks.safetensors"
-    fresh = load(out, lambda: build_model(cfg.model, search, load_checkpoint=False))
+
+    def factory() -> nn.Module:
+        fresh = build_model(cfg.model, search, load_checkpoint=False)
+        if new_classes is not None:  # transfer: the saved model has the target task's head
+            new_head(fresh, new_classes)
+        return fresh
+
+    fresh = load(out, factory)
     fresh.to(next(model.parameters()).device)
     reloaded = classification_metrics(fresh, test)["accuracy"]
     if reloaded != recovered.accuracy:

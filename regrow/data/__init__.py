@@ -47,6 +47,20 @@ def as_bundle(obj: Any, source: str) -> DataBundle:
     )
 
 
+def select_classes(x: Any, y: Any, classes: list[int], num_classes: int) -> tuple[Any, Any]:
+    """Keep the samples of ``classes`` and relabel them 0..len(classes)-1 in that order."""
+    import numpy as np
+
+    wanted = list(classes)
+    bad = [c for c in wanted if not isinstance(c, int) or not 0 <= c < num_classes]
+    if bad or len(set(wanted)) != len(wanted) or not wanted:
+        raise RegrowError(f"classes must be distinct integers in [0, {num_classes}); got {classes!r}.")
+    y = np.asarray(y)
+    keep = np.isin(y, wanted)
+    relabel = {c: i for i, c in enumerate(wanted)}
+    return x[keep], np.array([relabel[int(v)] for v in y[keep]], dtype=np.int64)
+
+
 # Importing the modules registers the built-ins.
 from regrow.data import digits as _digits  # noqa: E402,F401
 from regrow.data import fashion_mnist as _fashion_mnist  # noqa: E402,F401

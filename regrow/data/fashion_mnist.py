@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from regrow.data import DATASETS, DataBundle
+from regrow.data import DATASETS, DataBundle, select_classes
 from regrow.errors import RegrowError
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -93,9 +93,14 @@ def fashion_mnist(
     flatten: bool = False,
     seed: int = 0,
     root: str | None = None,
+    classes: list[int] | None = None,
 ) -> DataBundle:
     """Fashion-MNIST from local IDX files: seeded validation split of the training set, official test set."""
     arrays = load_arrays(root)
+    if classes is not None:
+        for split in ("train", "test"):
+            images, labels = select_classes(arrays[f"{split}_images"], arrays[f"{split}_labels"], classes, 10)
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
 
     def prep(images: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(images.astype(np.float32) / 255.0)
@@ -117,6 +122,7 @@ def fashion_mnist(
         ),
         val=DataLoader(TensorDataset(x_all[val_idx], y_all[val_idx]), batch_size=512),
         test=DataLoader(TensorDataset(x_test, y_test), batch_size=512),
-        num_classes=10,
-        description=f"Fashion-MNIST: {len(train_idx)} train / {len(val_idx)} val / {len(y_test)} test",
+        num_classes=10 if classes is None else len(classes),
+        description=f"Fashion-MNIST{'' if classes is None else f' classes {list(classes)}'}: "
+        f"{len(train_idx)} train / {len(val_idx)} val / {len(y_test)} test",
     )

@@ -148,12 +148,45 @@ def render_markdown(report: RunReport) -> str:
         f"{rec_info.get('best_epoch')} (validation accuracy {pct(rec_info.get('best_val_accuracy'))}); "
         f"ended by: {rec_info.get('stop_reason')}."
     )
+    details = rec_info.get("details") or {}
+    if details.get("rewind"):
+        r = details["rewind"]
+        o = r["original"]
+        start = "its end minus the recovery length" if r["rewind_epoch"] is None else f"epoch {r['rewind_epoch']:g}"
+        out.append(
+            f"Rewinding ({r['kind']}): the learning rate replays the original {o['schedule']} schedule (peak "
+            f"{o['lr']:g}, {o['epochs']:g} epochs) from {start}"
+            + (", and the surviving weights were reset to their values there." if r["kind"] == "weights" else ".")
+        )
+    if details.get("dynamic"):
+        d = details["dynamic"]
+        out.append(
+            f"Dynamic sparsity ({'RigL' if d['regrow'] == 'gradient' else 'SET'}): {d['updates']} mask updates "
+            f"replaced {d['weights_replaced']} weights in all, at constant sparsity."
+        )
+    sharing = rec_info.get("sharing") or details.get("sharing")
+    if sharing:
+        out.append(
+            f"Weight sharing, k = {sharing['k']}: the targets take {human(sharing['dense_bits'] / 8, 'B')} dense, "
+            f"{human(sharing['sparse_bits'] / 8, 'B')} sparse (bitmask + float32 values) and "
+            f"{human(sharing['shared_bits'] / 8, 'B')} shared (bitmask + {max(1, (sharing['k'] - 1).bit_length())}-bit "
+            "indices + codebooks); exported as `shared.safetensors`."
+        )
+    if "baseline_val_accuracy" in details:
+        out.append(
+            f"Target-driven stopping compared validation accuracy with the baseline's "
+            f"{pct(details['baseline_val_accuracy'])}."
+        )
+    if "source_test_accuracy" in rec_info:
+        out.append(
+            f"Transfer: the source model's test accuracy on its own task was {pct(rec_info['source_test_accuracy'])}."
+        )
     history = rec_info.get("history", [])
     if history:
         out.append("")
         out.append(
             table(
-                ["epoch", "train loss", "train acc", "val loss", "val acc", "lr", "sparsity"],
+                ["epoch", "train loss", "train acc", "val loss", "val acc", "train - val", "lr", "sparsity"],
                 [
                     [
                         h["epoch"],
@@ -161,12 +194,20 @@ def render_markdown(report: RunReport) -> str:
                         "" if h["train_accuracy"] is None else pct(h["train_accuracy"]),
                         f"{h['val_loss']:.4f}",
                         pct(h["val_accuracy"]),
+                        ""
+                        if h["train_accuracy"] is None
+                        else f"{100 * (h['train_accuracy'] - h['val_accuracy']):+.1f}",
                         "" if h["lr"] is None else f"{h['lr']:.2e}",
                         pct(h["sparsity"]),
                     ]
                     for h in history
                 ],
             )
+        )
+        out.append("")
+        out.append(
+            "Train accuracy is the running accuracy on the (augmented) training batches; a growing train - val "
+            "gap with a rising validation loss is over-fitting, which early stopping reports by name."
         )
     if report.export.get("curve_plot"):
         out += ["", f"![validation curve]({report.export['curve_plot']})"]

@@ -141,6 +141,14 @@ RECIPE_BUDGET = {
         "data.kwargs.test_limit=256",
         "model.kwargs.width=8",
     ],
+    "digits_rewind_lr": ["model.train.epochs=2", "recover.epochs=1"],
+    "digits_rewind_weights": ["model.train.epochs=2", "recover.epochs=1"],
+    "digits_one_cycle": ["model.train.epochs=2", "recover.epochs=1"],
+    "digits_rigl": ["model.train.epochs=2", "recover.epochs=2", "recover.dynamic.update_every=5"],
+    "digits_set_scratch": ["recover.epochs=2", "recover.dynamic.update_every=5"],
+    "digits_share": ["model.train.epochs=1", "recover.epochs=1", "recover.share.epochs=1"],
+    "digits_stop_within": ["model.train.epochs=2", "recover.epochs=3"],
+    "digits_transfer": ["model.train.epochs=2", "recover.epochs=1"],
     "fashion_mnist_lenet": [
         "model.train.epochs=1",
         "recover.epochs=3",
@@ -168,7 +176,9 @@ def test_every_shipped_recipe_runs(tmp_path, name):
             assert structure["units_removed"] > 0
     else:
         expected = cfg["sparsity"] if cfg["sparsity"] is not None else 0.5
-        assert report.snapshots["recovered"].target_sparsity == pytest.approx(expected, abs=1e-3)
+        # Read from the weights: a kept weight may also be exactly zero (e.g. regrown by SET into a dead unit)
+        measured = report.snapshots["recovered"].target_sparsity
+        assert expected - 1e-3 <= measured <= expected + 0.01
     assert (tmp_path / name / "arch.json").is_file()
     assert report.export["reload_check"]["matches"]
 

@@ -22,5 +22,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Published results (benchmarks/results/): Fashion-MNIST from the Debian package dataset-fashion-mnist.
+# Several hours on 2 CPU cores; each study can also be run alone, e.g. python -m benchmarks.unstructured.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.unstructured
+	$(BIN)/python -m benchmarks.structural
+	$(BIN)/python -m benchmarks.overhead
+	$(BIN)/python -m benchmarks.recovery_methods
+	$(BIN)/python -m benchmarks.structural_speed
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

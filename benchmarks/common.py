@@ -93,3 +93,34 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     import statistics
 
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+LENET_DENSE = {"epochs": 30, "lr": 2e-3, "weight_decay": 1e-4}  # AdamW, cosine, 5 % warm-up
+
+
+def dense_lenet(seed: int, data: Any) -> Any:
+    """LeNet-300-100 trained on Fashion-MNIST once per seed (cached); shared by the unstructured studies."""
+    import regrow
+    from regrow.models import MODELS
+
+    def train(model: Any) -> None:
+        regrow.recover(
+            model,
+            regrow.MaskSet({}),
+            data.train,
+            data.val,
+            method="finetune",
+            epochs=LENET_DENSE["epochs"],
+            lr=LENET_DENSE["lr"],
+            weight_decay=LENET_DENSE["weight_decay"],
+            patience=None,
+            progress=False,
+        )
+
+    return cached_dense(
+        "lenet_300_100",
+        seed,
+        lambda: MODELS.get("lenet_300_100")(),
+        train,
+        {"dense": LENET_DENSE, "data": data.description},
+    )

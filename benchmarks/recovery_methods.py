@@ -20,8 +20,9 @@ import torch
 
 import regrow
 from benchmarks.common import (
+    LENET_DENSE,
     RESULTS,
-    cached_dense,
+    dense_lenet,
     fashion_mnist_or_exit,
     markdown_table,
     mean_std,
@@ -30,9 +31,8 @@ from benchmarks.common import (
     write_csv,
 )
 from regrow.measure.metrics import classification_metrics
-from regrow.models import MODELS
 
-DENSE = {"epochs": 30, "lr": 2e-3, "weight_decay": 1e-4}  # the original training: AdamW, cosine, 5 % warm-up
+DENSE = LENET_DENSE  # the original training: AdamW, cosine, 5 % warm-up
 
 
 def methods(budget: int) -> dict[str, dict]:
@@ -64,27 +64,7 @@ def main() -> None:
     for seed in range(args.seeds):
         data = fashion_mnist_or_exit(args.data, batch_size=128, seed=seed)
 
-        def train_dense(model: torch.nn.Module, data=data) -> None:
-            regrow.recover(
-                model,
-                regrow.MaskSet({}),
-                data.train,
-                data.val,
-                method="finetune",
-                epochs=DENSE["epochs"],
-                lr=DENSE["lr"],
-                weight_decay=DENSE["weight_decay"],
-                patience=None,
-                progress=False,
-            )
-
-        dense = cached_dense(
-            "lenet_300_100",
-            seed,
-            lambda: MODELS.get("lenet_300_100")(),
-            train_dense,
-            {"dense": DENSE, "data": data.description},
-        )
+        dense = dense_lenet(seed, data)
         acc = classification_metrics(dense, data.test)["accuracy"]
         dense_acc.append(acc)
         print(f"seed {seed}: dense test accuracy {100 * acc:.2f}%", flush=True)

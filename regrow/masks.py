@@ -42,6 +42,11 @@ class MaskSet(Mapping[str, Tensor]):
     spec: PruneSpec | None = None
     dense: nn.Module | None = field(default=None, repr=False, compare=False)
     structure: StructureReport | None = field(default=None, repr=False, compare=False)
+    version: int = field(default=0, repr=False, compare=False)
+
+    def touch(self) -> None:
+        """Record that masks were changed in place (so cached multipliers are rebuilt)."""
+        self.version += 1
 
     # Mapping interface -------------------------------------------------------------------------
     def __getitem__(self, fqn: str) -> Tensor:
@@ -134,6 +139,45 @@ class MaskSet(Mapping[str, Tensor]):
 
     def to_summary(self) -> dict[str, Any]:
         return {"sparsity": self.sparsity(), "per_target": self.per_target()}
+
+
+class MaskEnforcer:
+    """Multiplies gradients and weights by the masks, as fast as the hot loop needs.
+
+    The boolean masks are turned once into multipliers of each parameter's dtype (multiplying by a bool
+    tensor would convert it on every call), and all targets are multiplied in one fused call. When the
+    masks change in place (``MaskSet.touch``), the multipliers are rebuilt.
+    """
+
+    def __init__(self, masks: MaskSet, model: nn.Module) -> None:
+        self.masks, self.model = masks, model
+        self._version = -1
+        self._params: list[Tensor] = []
+        self._factors: list[Tensor] = []
+
+    def _refresh(self) -> None:
+        if self._version != self.masks.version:
+            pairs = self.masks.bind(self.model)
+            self._params = [p for p, _ in pairs]
+            self._factors = [m.to(p.dtype) for p, m in pairs]
+            self._version = self.masks.version
+
+    @torch.no_grad()
+    def gradients(self) -> None:
+        self._refresh()
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if len(grads) == len(self._params) and grads:
+            torch._foreach_mul_(grads, self._factors)
+        else:
+            for p, f in zip(self._params, self._factors, strict=True):
+                if p.grad is not None:
+                    p.grad.mul_(f)
+
+    @torch.no_grad()
+    def weights(self) -> None:
+        self._refresh()
+        if self._params:
+            torch._foreach_mul_(self._params, self._factors)
 
 
 def measured_sparsity(model: nn.Module, fqns: list[str]) -> dict[str, float]:

@@ -73,7 +73,8 @@ class GradualPruning:
         assert self.spec is not None
         new = compute_masks(state.model, self.spec.with_sparsity(sparsity), state.train_data, previous=state.masks)
         for fqn, mask in new.items():
-            state.masks[fqn].copy_(mask)  # in place: the loop's bound (param, mask) pairs stay valid
+            state.masks[fqn].copy_(mask)
+        state.masks.touch()
         state.masks.apply(state.model)
         state.masks.clear_optimizer_state(state.model, state.optimizer)
         self.current = sparsity

@@ -73,10 +73,11 @@ class DynamicSparsity:
             grown = torch.topk(grow_score, n, largest=True).indices
             new_mask[grown] = True
             _reset(state, param, grown)
-            flat_mask.copy_(new_mask)  # in place: the loop's bound (param, mask) pairs see it
+            flat_mask.copy_(new_mask)
             flat_w[grown] = 0.0  # regrown weights start at zero
             changed[fqn] = n
         if changed:
+            state.masks.touch()  # the loop's multipliers follow the new masks from this very step
             state.masks.apply(state.model)
             state.masks.clear_optimizer_state(state.model, state.optimizer)
             self.updates.append({"step": state.step + 1, "replaced": sum(changed.values())})

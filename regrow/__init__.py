@@ -10,15 +10,18 @@ The public API::
     regrow.prune(model, pattern="channel", macs=0.5, data=loader)  # remove channels: really faster
     regrow.save(model, "out/")                            # model.safetensors + arch.json, no pickle
     model = regrow.load("out/", factory)                  # rebuilt from the original architecture
+    curves = regrow.sensitivity(model, val_loader)        # each target pruned alone: loss per level
 """
 
 from __future__ import annotations
 
+from regrow.allocation import Allocation, allocate
 from regrow.config import RunConfig, load_config
 from regrow.errors import RegrowError
 from regrow.export import load_weights, save_weights
 from regrow.masks import MaskSet
 from regrow.measure import Snapshot, evaluate
+from regrow.measure.sensitivity import SensitivityResult, sensitivity
 from regrow.pipeline import run
 from regrow.prune import PruneSpec, prune
 from regrow.recovery import GradualPruning, RecoveryResult, recover
@@ -28,6 +31,7 @@ from regrow.structural import StructureReport, load, save
 __version__ = "0.1.0"
 
 __all__ = [
+    "Allocation",
     "GradualPruning",
     "MaskSet",
     "PruneSpec",
@@ -35,8 +39,10 @@ __all__ = [
     "RegrowError",
     "RunConfig",
     "RunReport",
+    "SensitivityResult",
     "Snapshot",
     "StructureReport",
+    "allocate",
     "evaluate",
     "load",
     "load_config",
@@ -46,4 +52,5 @@ __all__ = [
     "run",
     "save",
     "save_weights",
+    "sensitivity",
 ]

@@ -16,7 +16,18 @@ from regrow.errors import RegrowError
 
 EXIT_BAD_INPUT = 2
 
-LISTS = ("patterns", "criteria", "schedules", "methods", "lr_schedules", "augments", "recipes", "models", "datasets")
+LISTS = (
+    "patterns",
+    "criteria",
+    "schedules",
+    "methods",
+    "lr_schedules",
+    "augments",
+    "allocations",
+    "recipes",
+    "models",
+    "datasets",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(demo)
 
+    sens = sub.add_parser(
+        "sensitivity",
+        help="prune each target or group alone and measure the loss",
+        description="Sensitivity analysis of a recipe's model (trained first if the recipe says so): each target, "
+        "or for channel/head patterns each coupled group, pruned alone to each level of sensitivity.levels; loss "
+        "and accuracy on calibration batches.",
+    )
+    sens.add_argument("recipe", help="recipe file or built-in recipe name")
+    _add_run_options(sens)
+
     lst = sub.add_parser(
         "list",
         help="list registered patterns, criteria, schedules, methods, recipes, ...",
@@ -99,6 +120,18 @@ def _print_list(what: str | None) -> None:
     }
     for name in [what] if what else LISTS:
         print(f"{name}:")
+        if name == "allocations":
+            from regrow.allocation import ALLOCATIONS
+
+            docs = {
+                "uniform": "the same sparsity for every target or group",
+                "global": "one ranking of scores over all targets (scope global)",
+                "sensitivity": "sparsity where the sensitivity curves say it costs least",
+                "search": "evolutionary search around the sensitivity allocation, scored on calibration data",
+            }
+            for item in ALLOCATIONS:
+                print(f"  {item:<22} {docs[item]}")
+            continue
         if name == "recipes":
             import yaml
 
@@ -215,6 +248,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "demo":
             return _run("demo", args)
+        if args.command == "sensitivity":
+            from regrow.pipeline import run_sensitivity
+
+            result = run_sensitivity(
+                args.recipe,
+                overrides=args.overrides,
+                out_dir=args.out,
+                overwrite=args.overwrite,
+                progress=not args.no_progress and not args.quiet,
+            )
+            print(result.markdown())
+            print(f"written to {result.out_dir}/: sensitivity.json, sensitivity.png, sensitivity.md")
+            return 0
         return _run(args.recipe, args)
     except RegrowError as exc:
         if args.debug:

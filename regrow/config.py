@@ -91,20 +91,36 @@ class TrainConfig(_Strict):
     )
 
 
+BUDGET_KEYS = ("sparsity", "threshold", "macs", "params", "latency")
+
+
 class PruneConfig(_Strict):
     sparsity: float | None = Field(None, description="fraction of target weights zeroed, in [0, 1)")
     threshold: float | None = Field(None, description="zero every target weight whose score is below this")
     macs: float | None = Field(None, description="channel/head: fraction of MACs to keep, in (0, 1]")
     params: float | None = Field(None, description="channel/head: fraction of parameters to keep, in (0, 1]")
+    latency: float | None = Field(None, description="channel/head: fraction of the measured latency to keep")
     round_to: int | None = Field(
         None,
         ge=1,
         description="channel: round kept channel counts down to a multiple (default: 8 for groups of 32+ channels)",
     )
-    max_sparsity: float = Field(0.9, gt=0, lt=1, description="channel/head: largest share removed from any group")
-    pattern: str = "unstructured"
+    max_sparsity: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="largest share removed from any target or group (default: 0.9 channel/head, 0.99 masked)",
+    )
+    min_sparsity: float = Field(0.0, ge=0, lt=1, description="allocation: smallest share removed from any target")
+    pattern: str | None = Field(None, description="default: chosen by strategy auto, else unstructured")
     criterion: str = "magnitude"
     scope: Literal["global", "layer"] = "global"
+    allocation: Literal["uniform", "global", "sensitivity", "search"] | None = Field(
+        None, description="per-target sparsities for the budget; default: follows scope"
+    )
+    allocation_file: str | None = Field(None, description="an allocation.json from an earlier run, reused as is")
+    clamps: dict[str, list[float]] | None = Field(None, description="allocation: {glob: [min, max]} per target")
+    search_candidates: int = Field(16, ge=2, description="allocation search: candidates scored on calibration data")
     targets: list[str] | None = Field(
         None, description="fqns or globs; default: Linear/Conv weights but the final classifier"
     )
@@ -119,23 +135,55 @@ class PruneConfig(_Strict):
             raise one_of("criterion", v, CRITERIA.names())
         return v
 
+    @property
+    def cap(self) -> float:
+        """max_sparsity, or its default: 0.9 for groups of channels or heads, 0.99 for masked targets."""
+        if self.max_sparsity is not None:
+            return self.max_sparsity
+        return 0.9 if self.resolved_pattern in ("channel", "head") else 0.99
+
+    @property
+    def resolved_pattern(self) -> str:
+        return self.pattern or (
+            "channel"
+            if self.macs is not None or self.params is not None or self.latency is not None
+            else "unstructured"
+        )
+
     @model_validator(mode="after")
     def _budget(self) -> PruneConfig:
         from regrow.patterns import get_pattern
 
-        pattern = get_pattern(self.pattern)
+        pattern = get_pattern(self.resolved_pattern)
         if pattern.structural:
             from regrow.structural import check_structural_budget
 
-            check_structural_budget(self.sparsity, self.macs, self.params, self.threshold)
-        elif self.macs is not None or self.params is not None:
+            check_structural_budget(self.sparsity, self.macs, self.params, self.threshold, self.latency)
+        elif self.macs is not None or self.params is not None or self.latency is not None:
             raise RegrowError(
-                f"macs and params budgets need pattern 'channel' or 'head'; pattern {self.pattern!r} keeps every "
-                "dense shape. Give sparsity instead."
+                f"macs, params and latency budgets need pattern 'channel' or 'head'; pattern {self.pattern!r} keeps "
+                "every dense shape. Give sparsity instead."
             )
         else:
             pattern.check({}, sparsity=self.sparsity, threshold=self.threshold)
+        if self.allocation in ("uniform", "sensitivity", "search") and self.threshold is not None:
+            raise RegrowError(
+                f"allocation {self.allocation!r} plans per-target sparsities for a budget; give sparsity "
+                "(or macs / params), not threshold."
+            )
+        if self.allocation is not None and not pattern.structural and pattern.name != "unstructured":
+            raise RegrowError(f"pattern {pattern.name!r} fixes every target's sparsity; allocation does not apply.")
+        if self.min_sparsity > self.cap:
+            raise RegrowError(f"min_sparsity ({self.min_sparsity}) is above max_sparsity ({self.cap}).")
         return self
+
+
+class SensitivityConfig(_Strict):
+    """Per-target sensitivity analysis on calibration batches (feeds allocation and the report)."""
+
+    enabled: bool | None = Field(None, description="default: when an allocation needs it or the model is small")
+    levels: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 0.9, 0.95])
+    batches: int = Field(8, ge=1, description="calibration batches (from the validation split)")
 
 
 class ScheduleConfig(_Strict):
@@ -272,6 +320,10 @@ class RunConfig(_Strict):
 
     name: str = "run"
     description: str = ""
+    strategy: Literal["auto", "manual"] | None = Field(
+        None,
+        description="auto: choose pattern, allocation, schedule and recovery (default when only a budget is given)",
+    )
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     model: ModelConfig
@@ -279,7 +331,15 @@ class RunConfig(_Strict):
     prune: PruneConfig
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     recover: RecoverConfig = Field(default_factory=RecoverConfig)
+    sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    def auto(self) -> bool:
+        """Whether strategy auto applies: asked for, or implied by a recipe that states only a budget."""
+        if self.strategy is not None:
+            return self.strategy == "auto"
+        only_budget = self.prune.model_fields_set <= set(BUDGET_KEYS)
+        return only_budget and not ({"schedule", "recover"} & self.model_fields_set)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from regrow.batches import to_device, unpack
+from regrow.batches import forward, to_device, unpack
 from regrow.components import build_augment, build_data, build_model, device_of, search_path
 from regrow.config import RunConfig, apply_overrides, load_config, validate
 from regrow.data.split import split_validation
@@ -171,6 +171,241 @@ def _check_schedule(cfg: RunConfig, spec: PruneSpec, structural: bool) -> None:
         )
 
 
+def _validate_request(cfg: RunConfig, model: nn.Module) -> tuple[PruneSpec, bool]:
+    """The pruning request checked against the model (no tracing, no training): spec and whether structural."""
+    p = cfg.prune
+    pattern = p.resolved_pattern
+    structural = get_pattern(pattern).structural
+    if structural:
+        validate_request(model, pattern, p.targets, p.ignore)
+        spec = PruneSpec(pattern, p.criterion, p.scope, p.sparsity, None, [], macs=p.macs, params=p.params)
+    else:
+        spec = plan(
+            model,
+            p.sparsity,
+            threshold=p.threshold,
+            pattern=pattern,
+            criterion=p.criterion,
+            scope="layer" if p.allocation == "uniform" else p.scope,
+            targets=p.targets,
+            ignore=p.ignore,
+        )
+    _check_schedule(cfg, spec, structural)
+    return spec, structural
+
+
+def _given_keys(cfg: RunConfig) -> dict[str, Any]:
+    """The recipe keys of prune / schedule / recover the user stated, with their values."""
+    given = {}
+    for section in ("prune", "schedule", "recover"):
+        if section not in cfg.model_fields_set:
+            continue
+        part = getattr(cfg, section)
+        for key in part.model_fields_set:
+            given[f"{section}.{key}"] = getattr(part, key)
+    return given
+
+
+def _apply_settings(cfg: RunConfig, settings: dict[str, Any]) -> RunConfig:
+    return validate(apply_overrides(cfg.model_dump(mode="json"), [f"{k}={json.dumps(v)}" for k, v in settings.items()]))
+
+
+def _auto_strategy(cfg: RunConfig, model: nn.Module, train: Any, teacher: bool, device: str) -> Any:
+    from regrow.strategy import Facts, decide
+    from regrow.structural.graph import find_attention
+
+    layers = {"conv": 0, "linear": 0, "attention": 0, "norm": 0}
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            layers["conv"] += 1
+        elif isinstance(m, nn.Linear):
+            layers["linear"] += 1
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+            layers["norm"] += 1
+        if isinstance(m, nn.MultiheadAttention):
+            layers["attention"] += 1
+    layers["attention"] += len(find_attention(model))
+    inputs, _ = unpack(next(iter(train)))
+    sample = to_device(inputs, torch.device(device))
+    samples = (
+        len(train.dataset)
+        if hasattr(train, "dataset") and hasattr(train.dataset, "__len__")
+        else sum(unpack(b)[1].shape[0] for b in train)
+    )
+    step_seconds = _time_one_step(model, train, device)
+    p = cfg.prune
+    budget = {
+        k: v
+        for k, v in (("sparsity", p.sparsity), ("macs", p.macs), ("params", p.params), ("latency", p.latency))
+        if v is not None
+    }
+    facts = Facts(
+        params=count_params(model)[0],
+        macs=dense_macs(
+            model, sample[:1] if isinstance(sample, torch.Tensor) else {k: v[:1] for k, v in sample.items()}
+        ),
+        layers=layers,
+        train_samples=int(samples),
+        image_inputs=isinstance(sample, torch.Tensor) and sample.dim() == 4,
+        budget=budget or {"sparsity": 0.0},
+        teacher=teacher,
+        seconds=cfg.recover.stop_when.seconds if cfg.recover.stop_when else None,
+        step_seconds=step_seconds,
+        steps_per_epoch=len(train) if hasattr(train, "__len__") else None,
+    )
+    return decide(facts, _given_keys(cfg), default_epochs=cfg.recover.epochs)
+
+
+def _time_one_step(model: nn.Module, train: Any, device: str) -> float:
+    """Seconds for one forward + backward on a training batch (on a copy; nothing changes)."""
+    trial = copy.deepcopy(model).train()
+    inputs, targets = unpack(next(iter(train)))
+    inputs, targets = to_device(inputs, torch.device(device)), to_device(targets, torch.device(device))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        torch.nn.functional.cross_entropy(forward(trial, inputs), targets).backward()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _wants_sensitivity(cfg: RunConfig, model: nn.Module, spec: PruneSpec) -> bool:
+    enabled = cfg.sensitivity.enabled
+    if enabled is not None:
+        return enabled
+    if cfg.prune.allocation in ("sensitivity", "search"):
+        return True
+    # Cheap enough to explain every run: few targets and a small model.
+    layers = sum(1 for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)))
+    return (
+        layers * len(cfg.sensitivity.levels) <= 120
+        and count_params(model)[0] <= 5_000_000
+        and not spec.pattern[0].isdigit()
+    )
+
+
+def _plan_allocation(
+    cfg: RunConfig,
+    model: nn.Module,
+    spec: PruneSpec,
+    structural: bool,
+    train: Any,
+    val: Any,
+    out: Path,
+    timer: _Timer,
+    progress: bool,
+    device: str,
+) -> tuple[Any, Any]:
+    """Sensitivity curves (when wanted) and the per-target allocation (when asked for); both saved."""
+    from regrow.allocation import Allocation, allocate, clamps_from
+    from regrow.measure.sensitivity import calibration_batches, sensitivity
+
+    p = cfg.prune
+    sens = None
+    if _wants_sensitivity(cfg, model, spec):
+        with timer.stage("sensitivity"):
+            sens = sensitivity(
+                model,
+                val,
+                pattern=spec.pattern,
+                levels=cfg.sensitivity.levels,
+                criterion=p.criterion,
+                targets=p.targets,
+                ignore=p.ignore,
+                batches=cfg.sensitivity.batches,
+                progress=progress,
+            )
+            sens.save(out / "sensitivity.json")
+            sens.plot(out / "sensitivity.png")
+    if p.allocation_file:
+        allocation = Allocation.load(p.allocation_file)
+        if allocation.pattern != spec.pattern:
+            raise RegrowError(
+                f"allocation file {p.allocation_file!r} was made for pattern {allocation.pattern!r}, "
+                f"not {spec.pattern!r}."
+            )
+    elif p.allocation in ("uniform", "sensitivity", "search"):
+        assert sens is not None or p.allocation == "uniform"
+        if sens is None:
+            sens = sensitivity(
+                model,
+                val,
+                pattern=spec.pattern,
+                levels=cfg.sensitivity.levels,
+                criterion=p.criterion,
+                targets=p.targets,
+                ignore=p.ignore,
+                batches=cfg.sensitivity.batches,
+                progress=progress,
+            )
+        budget = next(
+            (k, v)
+            for k, v in (("sparsity", p.sparsity), ("macs", p.macs), ("params", p.params), ("latency", p.latency))
+            if v is not None
+        )
+        kind, value = ("macs", budget[1]) if budget[0] == "latency" else budget  # latency is planned by MACs
+        calib = calibration_batches(val, cfg.sensitivity.batches, torch.device(device))
+
+        def score(candidate: dict[str, float]) -> float:
+            trial = copy.deepcopy(model)
+            try:
+                if structural:
+                    prune(
+                        trial,
+                        pattern=spec.pattern,
+                        criterion=p.criterion,
+                        targets=p.targets,
+                        ignore=p.ignore,
+                        data=train,
+                        keep_dense=False,
+                        round_to=p.round_to,
+                        max_sparsity=p.cap,
+                        allocation=candidate,
+                        **{budget[0]: budget[1]},
+                    )
+                else:
+                    trial_spec = PruneSpec(
+                        spec.pattern, spec.criterion, "layer", spec.sparsity, None, spec.targets, allocation=candidate
+                    )
+                    MaskSet(compute_masks(trial, trial_spec, train), spec=trial_spec).apply(trial)
+            except RegrowError:
+                return float("inf")
+            return classification_metrics(trial, calib)["loss"]
+
+        with timer.stage("allocation"):
+            allocation = allocate(
+                p.allocation,
+                sens,
+                kind,
+                value,
+                score=score,
+                candidates=p.search_candidates,
+                min_sparsity=p.min_sparsity,
+                max_sparsity=p.cap,
+                clamps=clamps_from(p.clamps, [c.name for c in sens.curves]),
+                seed=cfg.seed,
+            )
+    else:
+        return sens, None
+    allocation.save(out / "allocation.json")
+    return sens, allocation
+
+
+def _costliest(sens: Any, pruned: Snapshot, reports: list[dict[str, Any]]) -> list[list[Any]] | None:
+    """The targets / groups whose pruning costs most at the sparsity they got (from the sensitivity curves)."""
+    if sens is None:
+        return None
+    if reports:
+        levels = {
+            g["name"]: 1 - g["units_after"] / g["units_before"]
+            for g in reports[-1]["groups"]
+            if g["excluded"] is None and g["units_before"]
+        }
+    else:
+        levels = dict(pruned.per_target_sparsity)
+    return [[name, rise, levels[name]] for name, rise in sens.costliest(levels, k=3)]
+
+
 class _Pruner:
     """One pruning step of a run, masked or structural: to the final budget, or to round r of k.
 
@@ -179,8 +414,17 @@ class _Pruner:
     original for a budget ``m`` (each round is measured against the original, so errors do not add up).
     """
 
-    def __init__(self, cfg: RunConfig, spec: PruneSpec, structural: bool, data: Any, sample: Any) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        spec: PruneSpec,
+        structural: bool,
+        data: Any,
+        sample: Any,
+        allocation: dict[str, float] | None = None,
+    ) -> None:
         self.cfg, self.spec, self.structural, self.data = cfg, spec, structural, data
+        self.allocation = allocation
         self.sample = sample  # one input, to measure MACs between rounds
         self.original: dict[str, float] = {}
         self.reports: list[dict[str, Any]] = []
@@ -207,7 +451,8 @@ class _Pruner:
         if self.structural:
             masks = prune(
                 model,
-                pattern=p.pattern,
+                pattern=self.spec.pattern,
+                allocation=self.allocation,
                 criterion=p.criterion,
                 scope=p.scope,
                 targets=p.targets,
@@ -215,7 +460,7 @@ class _Pruner:
                 data=self.data,
                 keep_dense=False,
                 round_to=p.round_to,
-                max_sparsity=p.max_sparsity,
+                max_sparsity=p.cap,
                 **self._structural_budget(model, round_index, rounds),
             )
             assert masks.structure is not None
@@ -270,24 +515,8 @@ def run(
         if val is None:
             train, val = split_validation(train, cfg.data.val_fraction, cfg.seed)
         model = build_model(cfg.model, search).to(device)
-        p = cfg.prune
         # Validate the pruning request against the real model before spending time on training.
-        structural = get_pattern(p.pattern).structural
-        if structural:
-            validate_request(model, p.pattern, p.targets, p.ignore)
-            spec = PruneSpec(p.pattern, p.criterion, p.scope, p.sparsity, None, [], macs=p.macs, params=p.params)
-        else:
-            spec = plan(
-                model,
-                p.sparsity,
-                threshold=p.threshold,
-                pattern=p.pattern,
-                criterion=p.criterion,
-                scope=p.scope,
-                targets=p.targets,
-                ignore=p.ignore,
-            )
-        _check_schedule(cfg, spec, structural)
+        spec, structural = _validate_request(cfg, model)
         recover_kwargs = _recover_kwargs(cfg, search)
         baseline_augment = build_augment(cfg.model.train.augment, search) if cfg.model.train else None
         source = None
@@ -383,9 +612,39 @@ def run(
     else:
         snapshots = {"baseline": snapshot(model, "baseline")}
         teacher = frozen_copy(model)
+
+    strategy = None
+    if cfg.auto():
+        with timer.stage("strategy"):
+            strategy = _auto_strategy(cfg, model, train, teacher is not None, device)
+            cfg = _apply_settings(cfg, strategy.settings())
+            spec, structural = _validate_request(cfg, model)
+            keep = {k: recover_kwargs[k] for k in ("rewind_state", "rewind_epoch") if k in recover_kwargs}
+            recover_kwargs = _recover_kwargs(cfg, search) | keep
+            atomic_write_text(out / "config.yaml", cfg.to_yaml())  # the config as decided
+        for decision in strategy.decisions:
+            log.info("strategy: %s", decision.line())
+    sens, allocation = _plan_allocation(cfg, model, spec, structural, train, val, out, timer, progress, device)
+    if allocation is not None and not structural:
+        spec = PruneSpec(
+            spec.pattern,
+            spec.criterion,
+            spec.scope,
+            spec.sparsity,
+            spec.threshold,
+            spec.targets,
+            allocation=allocation.per_target,
+        )
     schedule = cfg.schedule
 
-    pruner = _Pruner(cfg, spec, structural, train, to_device(sample_inputs(test, 1), torch.device(device)))
+    pruner = _Pruner(
+        cfg,
+        spec,
+        structural,
+        train,
+        to_device(sample_inputs(test, 1), torch.device(device)),
+        allocation=allocation.per_target if allocation is not None and structural else None,
+    )
     pruner.remember(model)
     if not get_pattern(spec.pattern).can_speed_up_dense:
         log.warning(speed_warning(spec.pattern))
@@ -403,7 +662,7 @@ def run(
         # For reference, the pruned stage is the baseline pruned one-shot to the final budget.
         with timer.stage("prune"):
             reference = copy.deepcopy(model)
-            _Pruner(cfg, spec, structural, train, pruner.sample).step(reference)
+            _Pruner(cfg, spec, structural, train, pruner.sample, pruner.allocation).step(reference)
         snapshots["pruned"] = snapshot(reference, "pruned")
         del reference
         notes.append(
@@ -484,6 +743,10 @@ def run(
         "structure": pruner.reports[-1] if pruner.reports else None,
         "structure_rounds": pruner.reports if len(pruner.reports) > 1 else None,
         "speed": speed,
+        "strategy": strategy.to_dict() if strategy is not None else None,
+        "sensitivity": sens.to_dict() if sens is not None else None,
+        "allocation": allocation.to_dict() if allocation is not None else None,
+        "costliest": _costliest(sens, snapshots["pruned"], pruner.reports),
     }
     recovery_info.update({k: v for k, v in extra.items()})
     report = RunReport(
@@ -588,3 +851,69 @@ def _export(
     if reloaded != recovered.accuracy:
         log.warning("reloaded accuracy %.6f differs from recovered accuracy %.6f", reloaded, recovered.accuracy)
     return files | {"reload_check": {"accuracy": reloaded, "matches": reloaded == recovered.accuracy}}
+
+
+def run_sensitivity(
+    config: RunConfig | Mapping[str, Any] | str | os.PathLike[str],
+    *,
+    overrides: list[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Any:
+    """Only the sensitivity analysis of a recipe (baseline trained first if the recipe says so).
+
+    Writes ``sensitivity.json``, ``sensitivity.png`` and ``sensitivity.md`` into ``out_dir``.
+    """
+    from regrow.measure.sensitivity import sensitivity
+
+    cfg, recipe_path = _as_config(config, overrides or [])
+    search = search_path(recipe_path)
+    device = device_of(cfg.device)
+    if out_dir is not None:
+        prepare_out_dir(out_dir, overwrite=overwrite, create=False)
+    seed_everything(cfg.seed)
+    bundle = build_data(cfg.data, search)
+    train, val = bundle.train, bundle.val
+    if val is None:
+        train, val = split_validation(train, cfg.data.val_fraction, cfg.seed)
+    model = build_model(cfg.model, search).to(device)
+    spec, _ = _validate_request(cfg, model)
+    out = prepare_out_dir(out_dir or default_out_dir(f"{cfg.name}-sensitivity"), overwrite=overwrite)
+    if cfg.model.train is not None:
+        seed_everything(cfg.seed + 1)
+        t = cfg.model.train
+        recover(
+            model,
+            MaskSet({}),
+            train,
+            val,
+            method="finetune",
+            epochs=t.epochs,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            warmup=BASELINE_WARMUP,
+            patience=None,
+            augment=build_augment(t.augment, search),
+            progress=progress,
+        )
+    p = cfg.prune
+    result = sensitivity(
+        model,
+        val,
+        pattern=spec.pattern,
+        levels=cfg.sensitivity.levels,
+        criterion=p.criterion,
+        targets=p.targets,
+        ignore=p.ignore,
+        batches=cfg.sensitivity.batches,
+        progress=progress,
+    )
+    result.save(out / "sensitivity.json")
+    result.plot(out / "sensitivity.png")
+    atomic_write_text(
+        out / "sensitivity.md",
+        f"# Sensitivity: {cfg.name}\n\n" + result.markdown() + "\n\n![sensitivity](sensitivity.png)\n",
+    )
+    result.out_dir = str(out)  # type: ignore[attr-defined]
+    return result

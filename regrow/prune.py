@@ -32,12 +32,24 @@ class PruneSpec:
     targets: list[str] = field(default_factory=list)
     macs: float | None = None
     params: float | None = None
+    allocation: dict[str, float] | None = None  # relative per-target sparsities; the budget scales them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def with_sparsity(self, sparsity: float) -> PruneSpec:
-        return PruneSpec(self.pattern, self.criterion, self.scope, sparsity, None, list(self.targets))
+        return PruneSpec(
+            self.pattern, self.criterion, self.scope, sparsity, None, list(self.targets), allocation=self.allocation
+        )
+
+    def per_target(self, model: nn.Module) -> dict[str, float] | None:
+        """Each target's sparsity under the allocation, scaled so the overall sparsity is the budget's."""
+        if self.allocation is None or self.sparsity is None:
+            return None
+        from regrow.allocation import scaled
+
+        sizes = {f: model.get_parameter(f).numel() for f in self.targets}
+        return scaled({f: self.allocation.get(f, 0.0) for f in self.targets}, sizes, self.sparsity)
 
 
 def plan(
@@ -82,9 +94,14 @@ def compute_masks(
     scores = CRITERIA.get(spec.criterion)(model, spec.targets, data)
     if previous is not None:
         scores = {f: s.masked_fill(~previous[f].to(s.device), float("-inf")) for f, s in scores.items()}
-    masks = get_pattern(spec.pattern).make_masks(
-        scores, sparsity=spec.sparsity, threshold=spec.threshold, scope=spec.scope
-    )
+    pattern = get_pattern(spec.pattern)
+    per_target = spec.per_target(model)
+    if per_target is not None:  # an allocation: each target at its own sparsity
+        masks = {}
+        for f, s in scores.items():
+            masks.update(pattern.make_masks({f: s}, sparsity=per_target[f], threshold=None, scope="layer"))
+    else:
+        masks = pattern.make_masks(scores, sparsity=spec.sparsity, threshold=spec.threshold, scope=spec.scope)
     if previous is not None:
         masks = {f: m & previous[f].to(m.device) for f, m in masks.items()}
     return masks
@@ -129,6 +146,9 @@ def prune(
     round_to: int | None = None,
     max_sparsity: float = 0.9,
     example_inputs: Any = None,
+    latency: float | None = None,
+    allocation: dict[str, float] | None = None,
+    recalibrate: bool = True,
 ) -> MaskSet:
     """Prune ``model`` in place and return the keep-masks.
 
@@ -156,6 +176,11 @@ def prune(
             rounding off.
         max_sparsity: structural: the largest share of any group's units removed.
         example_inputs: structural: inputs to trace the model with (default: the first batch of ``data``).
+        latency: structural budget: the fraction of the measured latency to keep (met within 5 %).
+        recalibrate: structural: re-estimate BatchNorm statistics on a few batches of ``data`` after the
+            removal (adaptive BN; Li et al. 2020).
+        allocation: relative per-target (structural: per-group) sparsities, e.g.
+            ``regrow.allocation.allocate(...).per_target``; the budget scales them to fit exactly.
 
     Returns:
         The :class:`MaskSet` (True = kept), with the spec used and the dense copy. Structural patterns
@@ -179,6 +204,8 @@ def prune(
             sparsity=sparsity,
             macs=macs,
             params=params,
+            latency=latency,
+            allocation=allocation,
             threshold=threshold,
             criterion=criterion,
             scope=scope,
@@ -188,6 +215,7 @@ def prune(
             example_inputs=example_inputs,
             round_to=round_to,
             max_sparsity=max_sparsity,
+            recalibrate=recalibrate,
         )
         spec = PruneSpec(
             pattern,
@@ -200,9 +228,9 @@ def prune(
             params=params,
         )
         return MaskSet({}, spec=spec, dense=dense, structure=report)
-    if macs is not None or params is not None:
+    if macs is not None or params is not None or latency is not None:
         raise RegrowError(
-            f"macs= and params= budgets need a structural pattern ('channel' or 'head'): pattern {pattern!r} "
+            f"macs=, params= and latency= budgets need a structural pattern ('channel' or 'head'): pattern {pattern!r} "
             "keeps every dense shape, so MACs and parameter storage do not change; give sparsity= instead."
         )
     spec = plan(
@@ -215,6 +243,17 @@ def prune(
         targets=targets,
         ignore=ignore,
     )
+    if allocation is not None:
+        unknown = sorted(set(allocation) - set(spec.targets))
+        if unknown:
+            raise RegrowError(f"allocation names parameters that are not targets: {unknown[:5]}.")
+        if spec.threshold is not None:
+            raise RegrowError(
+                "an allocation plans per-target sparsities for a sparsity budget; give sparsity, not threshold."
+            )
+        spec = PruneSpec(
+            spec.pattern, spec.criterion, spec.scope, spec.sparsity, None, spec.targets, allocation=dict(allocation)
+        )
     if not get_pattern(spec.pattern).can_speed_up_dense:
         warnings.warn(speed_warning(spec.pattern), SpeedWarning, stacklevel=2)
     dense = frozen_copy(model) if keep_dense else None

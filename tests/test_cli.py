@@ -47,7 +47,7 @@ def assert_clean_error(code, err, message):
         ("model.factory=regrow.models:no_such_fn", "has no function 'no_such_fn'; its functions are:"),
         ("data.factory=regrow.models:digits_cnn", "returned Sequential; it must return a regrow.data.DataBundle"),
         ("schedule.name=gradual", "needs prune.sparsity, not prune.threshold"),
-        ("prune.macs=0.5", "macs and params budgets need pattern 'channel' or 'head'"),
+        ("prune.macs=0.5", "macs, params and latency budgets need pattern 'channel' or 'head'"),
         ("prune.pattern=head", "pattern 'head' found no attention module"),
     ],
 )

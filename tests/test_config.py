@@ -9,7 +9,13 @@ BASE = {"model": {"name": "digits_cnn"}, "data": {"name": "digits"}, "prune": {"
 def test_defaults_are_filled_in():
     cfg = validate(BASE)
     assert cfg.recover.method == "distill" and cfg.schedule.name == "one_shot"
-    assert cfg.prune.pattern == "unstructured" and cfg.prune.scope == "global"
+    assert cfg.prune.resolved_pattern == "unstructured" and cfg.prune.scope == "global"
+    assert cfg.auto()  # a recipe that states only a budget gets strategy auto
+    assert not validate(apply_overrides(BASE, ["prune.pattern=unstructured"])).auto()
+    assert not validate(apply_overrides(BASE, ["strategy=manual"])).auto()
+    assert (
+        validate(apply_overrides(BASE, ["prune.macs=0.5", "prune.sparsity=null"])).prune.resolved_pattern == "channel"
+    )
 
 
 def test_unknown_key_names_the_key_and_lists_allowed_ones():

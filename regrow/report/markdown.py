@@ -60,6 +60,59 @@ def render_markdown(report: RunReport) -> str:
             f"{100 * gained:.2f} points, {100 * frac:.1f}% of the drop."
         )
     out.append(f"Recovered vs baseline: {100 * (rec.accuracy - base.accuracy):+.2f} points.")
+    costliest = spec.get("costliest")
+    if costliest:
+        out += [
+            "",
+            "**Why accuracy dropped.** Pruned alone to the sparsity it got, each of these raises the "
+            "calibration loss most (from the sensitivity analysis):",
+        ]
+        out += [f"- `{name}` at {100 * level:.1f}%: loss +{rise:.4f}" for name, rise, level in costliest]
+
+    strategy = spec.get("strategy")
+    if strategy:
+        from regrow.strategy import Decision
+
+        facts = strategy["facts"]
+        out += ["", "## Strategy (auto)", ""]
+        out.append(
+            f"Measured: {human(facts['params'])} parameters, {human(facts['macs'])} MACs per sample, layers "
+            + ", ".join(f"{k} {v}" for k, v in facts["layers"].items())
+            + f"; {facts['train_samples']} training samples"
+            + (", image inputs" if facts["image_inputs"] else "")
+            + f"; budget {', '.join(f'{k} {v:g}' for k, v in facts['budget'].items())}."
+        )
+        out.append("")
+        out += [f"- {Decision(**d).line()}" for d in strategy["decisions"]]
+
+    sens = spec.get("sensitivity")
+    if sens:
+        out += ["", "## Sensitivity", ""]
+        out.append(
+            f"Each {'group' if sens['pattern'] in ('channel', 'head') else 'target'} pruned alone "
+            f"({sens['pattern']}, {sens['criterion']}); loss on {sens['samples']} calibration samples "
+            f"(baseline {sens['baseline_loss']:.4f}). Plot: `sensitivity.png`; data: `sensitivity.json`."
+        )
+        out.append("")
+        header = ["target / group", *[f"loss at {lv:g}" for lv in sens["levels"]]]
+        out.append(table(header, [[f"`{c['name']}`", *[f"{v:.4f}" for v in c["loss"]]] for c in sens["curves"]]))
+
+    allocation = spec.get("allocation")
+    if allocation:
+        out += ["", "## Allocation", ""]
+        out.append(
+            f"Method `{allocation['method']}` for budget "
+            f"{', '.join(f'{k} {v:g}' for k, v in allocation['budget'].items())}; relative sparsities below "
+            "(the budget scales them to fit exactly); reusable as `prune.allocation_file: allocation.json`."
+        )
+        out += [f"- {n}" for n in allocation.get("notes", [])]
+        out.append("")
+        out.append(
+            table(
+                ["target / group", "planned sparsity"],
+                [[f"`{k}`", pct(v)] for k, v in allocation["per_target"].items()],
+            )
+        )
 
     out += ["", "## Size and speed", ""]
     lat = [s[k].latency for k in stages]

@@ -27,9 +27,11 @@ from torch import nn
 from regrow.batches import model_device, to_device, unpack
 from regrow.errors import RegrowError, SpeedWarning
 from regrow.measure.cost import count_params, dense_macs
+from regrow.measure.latency import compare_latency
 from regrow.select import resolve_targets
 from regrow.structural.arch import load, save
 from regrow.structural.attention import MultiheadAttention, convert_attention
+from regrow.structural.batchnorm import has_batchnorm, recalibrate_batchnorm
 from regrow.structural.budget import TOLERANCE, Unitized, check_reachable, search, select
 from regrow.structural.graph import ChannelGroup, Cut, StructureGraph, apply_cuts, find_attention
 from regrow.structural.heads import HeadGroup, head_group
@@ -39,6 +41,8 @@ from regrow.structural.simulate import Equivalence, compare, simulate
 log = logging.getLogger("regrow")
 STRUCTURAL_PATTERNS = ("channel", "head")
 MAX_SPARSITY = 0.9
+LATENCY_ROUNDS = 15  # interleaved forward passes per latency measurement of a budget candidate
+LATENCY_TOLERANCE = 0.05
 # Default rounding: kept widths of groups with at least 32 channels become multiples of 8. Dense CPU and
 # GPU kernels are tuned for such widths: on the reference ResNet at half the MACs, odd widths gave a 1.05x
 # speed-up where multiples of 8 gave 1.7x (benchmarks/structural_speed.py).
@@ -64,6 +68,7 @@ class StructureReport:
     converted_attention: list[str] = field(default_factory=list)
     evaluations: int = 0
     warnings: list[str] = field(default_factory=list)
+    recalibrated_batches: int = 0
 
     @property
     def macs_ratio(self) -> float:
@@ -82,16 +87,25 @@ class StructureReport:
 
 
 def check_structural_budget(
-    sparsity: float | None, macs: float | None, params: float | None, threshold: float | None
+    sparsity: float | None,
+    macs: float | None,
+    params: float | None,
+    threshold: float | None,
+    latency: float | None = None,
 ) -> tuple[str, float]:
     if threshold is not None:
-        raise RegrowError("structural patterns take sparsity=, macs= or params=, not threshold=.")
-    given = {k: v for k, v in (("sparsity", sparsity), ("macs", macs), ("params", params)) if v is not None}
+        raise RegrowError("structural patterns take sparsity=, macs=, params= or latency=, not threshold=.")
+    given = {
+        k: v
+        for k, v in (("sparsity", sparsity), ("macs", macs), ("params", params), ("latency", latency))
+        if v is not None
+    }
     if len(given) != 1:
         raise RegrowError(
             "give exactly one budget for a structural pattern: sparsity (fraction of channels or heads removed, "
-            "in [0, 1)), macs (fraction of MACs to keep, in (0, 1]) or params (fraction of parameters to keep, "
-            f"in (0, 1]); got {', '.join(given) or 'none'}."
+            "in [0, 1)), macs (fraction of MACs to keep, in (0, 1]), params (fraction of parameters to keep, "
+            f"in (0, 1]) or latency (fraction of the measured latency to keep, in (0, 1]); got "
+            f"{', '.join(given) or 'none'}."
         )
     kind, value = next(iter(given.items()))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -100,11 +114,9 @@ def check_structural_budget(
         raise RegrowError(
             f"sparsity must be a number in [0, 1) (the fraction of channels or heads removed); got {value!r}."
         )
+    what = {"macs": "MACs", "params": "parameters", "latency": "measured latency"}.get(kind, kind)
     if kind != "sparsity" and not 0.0 < value <= 1.0:
-        raise RegrowError(
-            f"{kind} must be in (0, 1]: the fraction of the model's {'MACs' if kind == 'macs' else 'parameters'} "
-            f"to keep; got {value!r}."
-        )
+        raise RegrowError(f"{kind} must be in (0, 1]: the fraction of the model's {what} to keep; got {value!r}.")
     return kind, float(value)
 
 
@@ -223,44 +235,50 @@ def validate_request(model: nn.Module, pattern: str, targets: Any = None, ignore
     _head_candidates(attention, targets, ignore)
 
 
-def shrink(
+@dataclass
+class Prepared:
+    """The prunable groups of one model, probed and scored: what budgets and sensitivity work from."""
+
+    pattern: str
+    criterion: str
+    units: list[_Unit]
+    active: list[_Unit]
+    scores: list[Unitized]
+    inputs: Any
+    one: Any
+    converted: list[str]
+
+    def apply(self, model: nn.Module, removed: dict[str, list[int]]) -> None:
+        """Shrink ``model`` (this model or a copy of it) by removing the given units of each group."""
+        _apply(model, self.active, removed)
+
+
+def _check_options(pattern: str, criterion: str, round_to: int | None) -> None:
+    if pattern not in STRUCTURAL_PATTERNS:
+        raise RegrowError(f"unknown structural pattern {pattern!r}; allowed values: {', '.join(STRUCTURAL_PATTERNS)}.")
+    if criterion not in GROUP_CRITERIA:
+        raise RegrowError(
+            f"unknown criterion {criterion!r} for pattern {pattern!r}; allowed values: {', '.join(GROUP_CRITERIA)}."
+        )
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise RegrowError(f"round_to must be a positive integer (e.g. 8); got {round_to!r}.")
+
+
+def prepare(
     model: nn.Module,
     *,
     pattern: str,
-    sparsity: float | None = None,
-    macs: float | None = None,
-    params: float | None = None,
-    threshold: float | None = None,
     criterion: str = "magnitude",
-    scope: str = "global",
     targets: Any = None,
     ignore: Any = None,
     data: Iterable[Any] | None = None,
     example_inputs: Any = None,
     round_to: int | None = None,
-    max_sparsity: float = MAX_SPARSITY,
-) -> StructureReport:
-    """Remove channels (``pattern="channel"``) or attention heads (``pattern="head"``) in place."""
-    if pattern not in STRUCTURAL_PATTERNS:
-        raise RegrowError(f"unknown structural pattern {pattern!r}; allowed values: {', '.join(STRUCTURAL_PATTERNS)}.")
-    kind, target = check_structural_budget(sparsity, macs, params, threshold)
-    if criterion not in GROUP_CRITERIA:
-        raise RegrowError(
-            f"unknown criterion {criterion!r} for pattern {pattern!r}; allowed values: {', '.join(GROUP_CRITERIA)}."
-        )
-    if scope not in ("global", "layer"):
-        raise RegrowError(f"unknown scope {scope!r}; allowed values: global, layer.")
-    if not 0.0 < max_sparsity < 1.0:
-        raise RegrowError(
-            f"max_sparsity must be in (0, 1): the largest share of any group's units removed; got {max_sparsity!r}."
-        )
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise RegrowError(f"round_to must be a positive integer (e.g. 8); got {round_to!r}.")
-
+) -> Prepared:
+    """Find, probe and score the prunable groups of ``model`` (converting its attention; nothing removed)."""
+    _check_options(pattern, criterion, round_to)
     device = model_device(model)
     inputs = _example_inputs(data, example_inputs, device)
-    one = _one_sample(inputs)
-    was_training = model.training
     model.eval()
     converted = convert_attention(model)
     attention = find_attention(model)
@@ -298,8 +316,7 @@ def shrink(
     for u in units:
         if u.group.excluded is None:
             u.group.excluded = _probe(model, u, inputs)
-    active = [u for u in units if u.group.excluded is None]
-    if not active:
+    if not any(u.group.excluded is None for u in units):
         reasons = "; ".join(f"{u.name}: {u.group.excluded}" for u in units if u.group.excluded != "not a target")
         raise RegrowError(
             f"no group can be pruned with pattern {pattern!r}" + (f" ({reasons})" if reasons else "") + "."
@@ -308,7 +325,9 @@ def shrink(
     if criterion == "taylor":
         accumulate_gradients(model, data)
     scored = []
-    for u in active:
+    for u in units:
+        if u.group.excluded is not None:
+            continue
         if isinstance(u.group, ChannelGroup):
             s = channel_scores(u.group, criterion)
             if s is None:
@@ -322,13 +341,75 @@ def shrink(
         scored.append(Unitized(u.name, u.group.units, s, step))
     if criterion == "taylor":
         model.zero_grad(set_to_none=True)
-    active = [u for u in active if u.group.excluded is None]
+    active = [u for u in units if u.group.excluded is None]
+    return Prepared(pattern, criterion, units, active, scored, inputs, _one_sample(inputs), converted)
+
+
+def shrink(
+    model: nn.Module,
+    *,
+    pattern: str,
+    sparsity: float | None = None,
+    macs: float | None = None,
+    params: float | None = None,
+    latency: float | None = None,
+    threshold: float | None = None,
+    criterion: str = "magnitude",
+    scope: str = "global",
+    targets: Any = None,
+    ignore: Any = None,
+    data: Iterable[Any] | None = None,
+    example_inputs: Any = None,
+    round_to: int | None = None,
+    max_sparsity: float = MAX_SPARSITY,
+    allocation: dict[str, float] | None = None,
+    recalibrate: bool = True,
+) -> StructureReport:
+    """Remove channels (``pattern="channel"``) or attention heads (``pattern="head"``) in place.
+
+    With ``recalibrate`` (default) and ``data``, BatchNorm statistics are re-estimated on a few batches
+    after the removal (regrow.structural.batchnorm).
+
+    ``allocation`` (group name -> relative sparsity, e.g. from regrow.allocation) shapes how much each
+    group gives up; the budget then scales it (``scope`` is ignored). ``latency`` is a budget on the
+    measured forward latency (fraction to keep), met within 5 % (measurements are noisy).
+    """
+    _check_options(pattern, criterion, round_to)
+    kind, target = check_structural_budget(sparsity, macs, params, threshold, latency)
+    if scope not in ("global", "layer"):
+        raise RegrowError(f"unknown scope {scope!r}; allowed values: global, layer.")
+    if not 0.0 < max_sparsity < 1.0:
+        raise RegrowError(
+            f"max_sparsity must be in (0, 1): the largest share of any group's units removed; got {max_sparsity!r}."
+        )
+    was_training = model.training
+    prepared = prepare(
+        model,
+        pattern=pattern,
+        criterion=criterion,
+        targets=targets,
+        ignore=ignore,
+        data=data,
+        example_inputs=example_inputs,
+        round_to=round_to,
+    )
+    units, active, scored, inputs, one = prepared.units, prepared.active, prepared.scores, prepared.inputs, prepared.one
+    if allocation is not None:
+        unknown = sorted(set(allocation) - {u.name for u in units})
+        if unknown:
+            raise RegrowError(
+                f"allocation names groups the model does not have: {unknown[:5]}; its groups are: "
+                f"{', '.join(u.name for u in active)}."
+            )
+        scored = [Unitized(g.name, g.units, g.scores, g.step, allocation.get(g.name, 0.0)) for g in scored]
+        scope = "allocation"
 
     notes: list[str] = []
     widths_before = _widths(model)
     macs_before = dense_macs(model, one) or 0
     params_before = count_params(model)[0]
     total_units = sum(g.units for g in scored)
+    reference = copy.deepcopy(model) if kind == "latency" else None
 
     def measure(removed: dict[str, list[int]]) -> float:
         if kind == "sparsity":
@@ -340,19 +421,22 @@ def shrink(
             if value is None:
                 raise RegrowError("MACs of a shrunk candidate could not be counted; use params= or sparsity= instead.")
             return value / macs_before
+        if kind == "latency":
+            before, after = compare_latency(reference, trial, inputs, rounds=LATENCY_ROUNDS)
+            return after.median_ms / before.median_ms
         return count_params(trial)[0] / params_before
 
-    if kind == "sparsity" and target == 0.0:
-        result_removed, evaluations = {u.name: [] for u in active}, 0
-    elif kind != "sparsity" and target == 1.0:
+    if (kind == "sparsity" and target == 0.0) or (kind != "sparsity" and target == 1.0):
         result_removed, evaluations = {u.name: [] for u in active}, 0
     else:
-        found = search(scored, target, measure, scope, max_sparsity, decreasing=kind != "sparsity")
-        missed = check_reachable(found, target, kind, max_sparsity)
+        tolerance = LATENCY_TOLERANCE if kind == "latency" else TOLERANCE
+        found = search(scored, target, measure, scope, max_sparsity, tolerance=tolerance, decreasing=kind != "sparsity")
+        missed = check_reachable(found, target, kind, max_sparsity, tolerance)
         if missed:
             log.warning(missed)
             notes.append(missed)
         result_removed, evaluations = found.removed, found.evaluations
+    reference = None  # free the copy kept for latency measurements
 
     # The equivalence check: simulate from the untouched model, then shrink the model itself.
     cuts = [c for u in active for c in u.cuts(result_removed.get(u.name, []))]
@@ -373,6 +457,9 @@ def shrink(
             "Leave them out with ignore=[...]."
         )
     del simulated, before
+    recalibrated = 0
+    if recalibrate and data is not None and has_batchnorm(model):
+        recalibrated = recalibrate_batchnorm(model, data)
     model.train(was_training)
 
     group_rows = []
@@ -403,9 +490,10 @@ def shrink(
         units_removed=sum(len(v) for v in result_removed.values()),
         groups=group_rows,
         equivalence=eq,
-        converted_attention=converted,
+        converted_attention=prepared.converted,
         evaluations=evaluations,
         warnings=warnings_list,
+        recalibrated_batches=recalibrated,
     )
     for w in warnings_list[len(notes) :]:
         warnings.warn(w, SpeedWarning, stacklevel=3)
@@ -441,6 +529,7 @@ def _widths(model: nn.Module) -> dict[str, int]:
 
 
 __all__ = [
+    "Prepared",
     "STRUCTURAL_PATTERNS",
     "MultiheadAttention",
     "StructureReport",
@@ -448,5 +537,6 @@ __all__ = [
     "load",
     "save",
     "select",
+    "prepare",
     "shrink",
 ]

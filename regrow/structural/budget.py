@@ -35,6 +35,7 @@ class Unitized:
     units: int
     scores: Tensor  # (units,), higher = more important
     step: int = 1  # kept units must be a multiple of this (from round_to); 1 = any count
+    allocation: float = 0.0  # scope "allocation": this group's share of the removal, relative to the others
 
 
 def _cap(group: Unitized, n_remove: int, max_sparsity: float) -> int:
@@ -74,9 +75,12 @@ def select(groups: list[Unitized], ratio: float, scope: str, max_sparsity: float
         flat = torch.cat([g.scores for g in groups])
         k = min(len(flat), math.ceil(ratio * len(flat) - 1e-9))
         threshold = torch.sort(flat, stable=True).values[k - 1] if k > 0 else None
+    top = max((g.allocation for g in groups), default=0.0) or 1.0
     for g in groups:
         if scope == "global":
             n = 0 if threshold is None else int((g.scores <= threshold).sum())
+        elif scope == "allocation":  # the allocation's shape, scaled: the largest share reaches `ratio`
+            n = math.ceil(ratio * g.allocation / top * g.units - 1e-9)
         else:
             n = math.ceil(ratio * g.units - 1e-9)
         n = _cap(g, n, max_sparsity)
@@ -199,7 +203,7 @@ def search(
         fill_forward(short_side)
     if done() is None and over_side is not None:
         fill_backward(over_side)
-    if done() is None and scope != "layer":
+    if done() is None and scope == "global":
         short_side, over_side = bisect("layer")
         if done() is None:
             fill_forward(short_side)
@@ -209,13 +213,15 @@ def search(
     return SearchResult(float("nan"), best[1], best[2], evaluations, False)
 
 
-def check_reachable(result: SearchResult, target: float, what: str, max_sparsity: float) -> str | None:
+def check_reachable(
+    result: SearchResult, target: float, what: str, max_sparsity: float, tolerance: float = TOLERANCE
+) -> str | None:
     """None when the budget was met; a warning when it was missed by a little; an error when by a lot."""
     if result.within_tolerance:
         return None
     miss = abs(result.achieved - target) / max(abs(target), 1e-12)
     text = (
-        f"the {what} budget {target:g} cannot be met within {100 * TOLERANCE:g}%: the closest selection gives "
+        f"the {what} budget {target:g} cannot be met within {100 * tolerance:g}%: the closest selection gives "
         f"{result.achieved:.4g}. Units are coarse (few or wide channels, round_to), each group keeps at least "
         f"{1 - max_sparsity:.0%} of its units (max_sparsity), and excluded groups cannot help"
     )

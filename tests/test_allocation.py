@@ -9,13 +9,12 @@ import torch
 from torch import nn
 
 import regrow
+from conftest import TinyMLP, make_batches
 from regrow.allocation import Allocation, allocate, clamps_from, scaled, sensitivity_allocation, uniform_allocation
 from regrow.errors import RegrowError
 from regrow.measure.sensitivity import SensitivityResult, UnitCurve
 from regrow.strategy import Facts, decide
 from regrow.structural.batchnorm import recalibrate_batchnorm
-
-from conftest import TinyMLP, make_batches
 from zoo import ResidualCNN, images
 
 

@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install -e ".[test]"
+	$(BIN)/pip install -e ".[test,hf]"
 	touch $(STAMP)
 
 install: $(STAMP)

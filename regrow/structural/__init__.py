@@ -293,8 +293,8 @@ def prepare(
         graph = StructureGraph(model, inputs)
         inner = {}
         for name, module in attention.items():
-            hg = head_group(name, module)
-            inner[name] = {f"{name}.{child}" for role, child in hg.projections.items() if role != "out"}
+            hg = head_group(name, module, model)
+            inner[name] = {fqn for role, fqn in hg.projections.items() if role != "out"}
         groups: list[ChannelGroup | HeadGroup] = list(graph.channel_groups(candidates, ignored, inner))
     else:
         chosen = _head_candidates(attention, targets, ignore)
@@ -305,7 +305,7 @@ def prepare(
             )
         groups = []
         for name in sorted(attention):
-            g = head_group(name, attention[name])
+            g = head_group(name, attention[name], model)
             if name not in chosen:
                 g.excluded = g.excluded or "not a target"
             elif g.heads < 2 and g.excluded is None:

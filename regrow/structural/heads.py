@@ -7,8 +7,9 @@ Two kinds of attention module are understood:
 * a custom module that declares its head count (``num_heads``, ``num_attention_heads``, ``n_heads`` or
   ``n_head``) and owns its projections as ``nn.Linear`` children: a fused ``qkv`` (also ``in_proj``,
   ``c_attn``, ``Wqkv``) or separate ``q``/``k``/``v`` (also ``q_proj``..., ``query``/``key``/``value``,
-  ``wq``...), and an output projection (``proj``, ``out_proj``, ``o_proj``, ``o``, ``out``, ``wo``,
-  ``c_proj``). Removing a head slices those layers and lowers the head count; any other integer attribute
+  ``wq``..., ``q_lin``...), and an output projection (``proj``, ``out_proj``, ``o_proj``, ``o``, ``out``,
+  ``wo``, ``c_proj``, ``out_lin``, ``dense``), or — the Hugging Face BERT layout — ``output.dense`` of its
+  parent. Removing a head slices those layers and lowers the head count; any other integer attribute
   equal to the old inner width (e.g. ``all_head_size``) is updated too.
 """
 
@@ -24,8 +25,14 @@ from regrow.structural.attention import MultiheadAttention, keep_index
 from regrow.structural.graph import HEAD_ATTRS
 
 FUSED = ("qkv", "in_proj", "c_attn", "Wqkv", "qkv_proj")
-SEPARATE = (("q", "k", "v"), ("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("wq", "wk", "wv"))
-OUTPUT = ("proj", "out_proj", "o_proj", "o", "out", "wo", "c_proj")
+SEPARATE = (
+    ("q", "k", "v"),
+    ("q_proj", "k_proj", "v_proj"),
+    ("query", "key", "value"),
+    ("wq", "wk", "wv"),
+    ("q_lin", "k_lin", "v_lin"),
+)
+OUTPUT = ("proj", "out_proj", "o_proj", "o", "out", "wo", "c_proj", "out_lin", "dense")
 
 
 @dataclass
@@ -44,10 +51,10 @@ class HeadGroup:
 
     @property
     def members(self) -> list[str]:
-        return [f"{self.name}.{child}" for child in self.projections.values()]
+        return list(self.projections.values())
 
     def _child(self, model: nn.Module, role: str) -> nn.Linear:
-        return model.get_submodule(f"{self.name}.{self.projections[role]}")
+        return model.get_submodule(self.projections[role])
 
     def _rows(self, removed: list[int], sections: int, device: torch.device) -> Tensor:
         keep = keep_index(self.heads, self.head_dim, removed, device)
@@ -128,34 +135,59 @@ def _keep_rows(layer: nn.Linear, keep: Tensor) -> None:
     layer.out_features = len(keep)
 
 
-def head_group(name: str, module: nn.Module) -> HeadGroup:
-    """Describe the heads of ``module``, or say why regrow cannot prune them."""
+def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> HeadGroup:
+    """Describe the heads of ``module`` (named ``name`` in ``model``), or say why regrow cannot prune them.
+
+    The output projection is a child of the module, or — Hugging Face BERT layout — ``output.dense`` of the
+    module's parent (``BertAttention.self`` computes the heads, ``BertAttention.output.dense`` mixes them).
+    """
+
+    def full(child: str) -> str:
+        return f"{name}.{child}" if name else child
+
     if isinstance(module, MultiheadAttention):
         return HeadGroup(
-            name, module.num_heads, module.head_dim, {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}
+            name,
+            module.num_heads,
+            module.head_dim,
+            {"q": full("q_proj"), "k": full("k_proj"), "v": full("v_proj"), "out": full("out_proj")},
         )
     heads = next(getattr(module, a) for a in HEAD_ATTRS if isinstance(getattr(module, a, None), int))
     children = {n: m for n, m in module.named_children() if isinstance(m, nn.Linear)}
     projections: dict[str, str] = {}
     fused = next((n for n in FUSED if n in children), None)
     if fused is not None:
-        projections["qkv"] = fused
+        projections["qkv"] = full(fused)
         inner = children[fused].out_features // 3
     else:
         names = next((trio for trio in SEPARATE if all(n in children for n in trio)), None)
         if names is None:
             return HeadGroup(name, heads, 0, {}, excluded="no q/k/v or fused qkv Linear projections found")
-        projections.update(zip(("q", "k", "v"), names, strict=True))
+        projections.update({role: full(n) for role, n in zip(("q", "k", "v"), names, strict=True)})
         sizes = {children[n].out_features for n in names}
         if len(sizes) != 1:
-            return HeadGroup(name, heads, 0, {}, excluded="q, k and v have different widths (grouped-query attention)")
+            return HeadGroup(
+                name, heads, 0, projections, excluded="q, k and v have different widths (grouped-query attention)"
+            )
         inner = sizes.pop()
-    out = next((n for n in OUTPUT if n in children), None)
-    if out is None:
-        return HeadGroup(name, heads, 0, {}, excluded="no output projection Linear found")
-    projections["out"] = out
-    if inner % heads or children[out].in_features != inner:
-        return HeadGroup(name, heads, 0, {}, excluded=f"inner width {inner} does not fit {heads} heads")
+    out_name = next((full(n) for n in OUTPUT if n in children), None)
+    if out_name is None and model is not None and "." in name:
+        sibling = f"{name.rpartition('.')[0]}.output.dense"
+        try:
+            if isinstance(model.get_submodule(sibling), nn.Linear):
+                out_name = sibling
+        except AttributeError:
+            pass
+    if out_name is None:
+        return HeadGroup(name, heads, 0, projections, excluded="no output projection Linear found")
+    projections["out"] = out_name
+    out_layer = (
+        module.get_submodule(out_name[len(name) + 1 :])
+        if out_name.startswith(name + ".")
+        else model.get_submodule(out_name)
+    )  # type: ignore[union-attr]
+    if inner % heads or out_layer.in_features != inner:
+        return HeadGroup(name, heads, 0, projections, excluded=f"inner width {inner} does not fit {heads} heads")
     return HeadGroup(name, heads, inner // heads, projections)
 
 

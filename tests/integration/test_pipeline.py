@@ -150,8 +150,12 @@ RECIPE_BUDGET = {
     "digits_stop_within": ["model.train.epochs=2", "recover.epochs=3"],
     "digits_transfer": ["model.train.epochs=2", "recover.epochs=1"],
     "digits_auto": ["model.train.epochs=2", "strategy=auto", "recover.epochs=1"],
-    "digits_resnet_search": ["model.train.epochs=1", "recover.epochs=1", "prune.search_candidates=3",
-                             "sensitivity.batches=1"],
+    "digits_resnet_search": [
+        "model.train.epochs=1",
+        "recover.epochs=1",
+        "prune.search_candidates=3",
+        "sensitivity.batches=1",
+    ],
     "fashion_mnist_lenet": [
         "model.train.epochs=1",
         "recover.epochs=3",

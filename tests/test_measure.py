@@ -60,9 +60,18 @@ def test_latency_records_how_it_was_measured():
     assert lat.batch_size == 5 and lat.repeats == 7 and lat.warmup == 2
     assert lat.threads == torch.get_num_threads() and lat.device == "cpu"
     assert 0 < lat.p10_ms <= lat.median_ms <= lat.p90_ms
-    # a sub-millisecond model gets more repeats until enough time is measured
-    more = measure_latency(TinyMLP(), torch.zeros(5, 8), repeats=7, warmup=0, min_seconds=0.05, max_repeats=100000)
-    assert more.repeats > 7 and more.repeats * more.median_ms > 0.5 * 50
+
+
+def test_fast_models_get_more_repeats_until_enough_time_is_measured(monkeypatch):
+    import regrow.measure.latency as latency
+
+    clock = iter(range(0, 10**6))  # a fake clock: every timed forward pass takes exactly 1/1024 s
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: next(clock) / 1024.0)
+    lat = latency.measure_latency(TinyMLP(), torch.zeros(5, 8), repeats=7, warmup=0, min_seconds=64 / 1024)
+    assert lat.repeats == 64 and lat.median_ms == pytest.approx(1000 / 1024)
+    capped = latency.measure_latency(TinyMLP(), torch.zeros(5, 8), repeats=7, warmup=0, min_seconds=10.0,
+                                     max_repeats=30)
+    assert capped.repeats == 30
 
 
 def test_evaluate_snapshot():

@@ -8,7 +8,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -269,6 +269,52 @@ def _time_one_step(model: nn.Module, train: Any, device: str) -> float:
     return min(times)
 
 
+def _sensitivity(cfg: RunConfig, model: nn.Module, spec: PruneSpec, val: Any, progress: bool) -> Any:
+    from regrow.measure.sensitivity import sensitivity
+
+    p = cfg.prune
+    return sensitivity(
+        model,
+        val,
+        pattern=spec.pattern,
+        levels=cfg.sensitivity.levels,
+        criterion=p.criterion,
+        targets=p.targets,
+        ignore=p.ignore,
+        batches=cfg.sensitivity.batches,
+        progress=progress,
+    )
+
+
+def _train_baseline(
+    cfg: RunConfig,
+    model: nn.Module,
+    train: Any,
+    val: Any,
+    search: list[Path],
+    progress: bool,
+    callbacks: Sequence[Any] = (),
+) -> None:
+    """Train the model as the recipe's model.train says (AdamW, cosine with warm-up, no early stopping)."""
+    t = cfg.model.train
+    assert t is not None
+    recover(
+        model,
+        MaskSet({}),
+        train,
+        val,
+        method="finetune",
+        epochs=t.epochs,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        warmup=BASELINE_WARMUP,
+        patience=None,
+        augment=build_augment(t.augment, search),
+        callbacks=callbacks,
+        progress=progress,
+    )
+
+
 def _wants_sensitivity(cfg: RunConfig, model: nn.Module, spec: PruneSpec) -> bool:
     enabled = cfg.sensitivity.enabled
     if enabled is not None:
@@ -298,23 +344,13 @@ def _plan_allocation(
 ) -> tuple[Any, Any]:
     """Sensitivity curves (when wanted) and the per-target allocation (when asked for); both saved."""
     from regrow.allocation import Allocation, allocate, clamps_from
-    from regrow.measure.sensitivity import calibration_batches, sensitivity
+    from regrow.measure.sensitivity import calibration_batches
 
     p = cfg.prune
     sens = None
     if _wants_sensitivity(cfg, model, spec):
         with timer.stage("sensitivity"):
-            sens = sensitivity(
-                model,
-                val,
-                pattern=spec.pattern,
-                levels=cfg.sensitivity.levels,
-                criterion=p.criterion,
-                targets=p.targets,
-                ignore=p.ignore,
-                batches=cfg.sensitivity.batches,
-                progress=progress,
-            )
+            sens = _sensitivity(cfg, model, spec, val, progress)
             sens.save(out / "sensitivity.json")
             sens.plot(out / "sensitivity.png")
     if p.allocation_file:
@@ -327,17 +363,7 @@ def _plan_allocation(
     elif p.allocation in ("uniform", "sensitivity", "search"):
         assert sens is not None or p.allocation == "uniform"
         if sens is None:
-            sens = sensitivity(
-                model,
-                val,
-                pattern=spec.pattern,
-                levels=cfg.sensitivity.levels,
-                criterion=p.criterion,
-                targets=p.targets,
-                ignore=p.ignore,
-                batches=cfg.sensitivity.batches,
-                progress=progress,
-            )
+            sens = _sensitivity(cfg, model, spec, val, progress)
         budget = next(
             (k, v)
             for k, v in (("sparsity", p.sparsity), ("macs", p.macs), ("params", p.params), ("latency", p.latency))
@@ -518,7 +544,8 @@ def run(
         # Validate the pruning request against the real model before spending time on training.
         spec, structural = _validate_request(cfg, model)
         recover_kwargs = _recover_kwargs(cfg, search)
-        baseline_augment = build_augment(cfg.model.train.augment, search) if cfg.model.train else None
+        if cfg.model.train is not None:
+            build_augment(cfg.model.train.augment, search)  # check the name now, before any work
         source = None
         if cfg.model.train is not None and cfg.model.train.data is not None:
             if cfg.recover.method == "distill":
@@ -555,21 +582,7 @@ def run(
                 rewind_snapshot = _Snapshot(round(epoch * len(base_train)))
                 callbacks.append(rewind_snapshot)
                 recover_kwargs["rewind_epoch"] = epoch
-            recover(
-                model,
-                MaskSet({}),
-                base_train,
-                base_val,
-                method="finetune",
-                epochs=t.epochs,
-                lr=t.lr,
-                weight_decay=t.weight_decay,
-                warmup=BASELINE_WARMUP,
-                patience=None,
-                augment=baseline_augment,
-                callbacks=callbacks,
-                progress=progress,
-            )
+            _train_baseline(cfg, model, base_train, base_val, search, progress, callbacks)
             if rewind_snapshot is not None:
                 recover_kwargs["rewind_state"] = rewind_snapshot.state
 
@@ -865,7 +878,6 @@ def run_sensitivity(
 
     Writes ``sensitivity.json``, ``sensitivity.png`` and ``sensitivity.md`` into ``out_dir``.
     """
-    from regrow.measure.sensitivity import sensitivity
 
     cfg, recipe_path = _as_config(config, overrides or [])
     search = search_path(recipe_path)
@@ -882,33 +894,8 @@ def run_sensitivity(
     out = prepare_out_dir(out_dir or default_out_dir(f"{cfg.name}-sensitivity"), overwrite=overwrite)
     if cfg.model.train is not None:
         seed_everything(cfg.seed + 1)
-        t = cfg.model.train
-        recover(
-            model,
-            MaskSet({}),
-            train,
-            val,
-            method="finetune",
-            epochs=t.epochs,
-            lr=t.lr,
-            weight_decay=t.weight_decay,
-            warmup=BASELINE_WARMUP,
-            patience=None,
-            augment=build_augment(t.augment, search),
-            progress=progress,
-        )
-    p = cfg.prune
-    result = sensitivity(
-        model,
-        val,
-        pattern=spec.pattern,
-        levels=cfg.sensitivity.levels,
-        criterion=p.criterion,
-        targets=p.targets,
-        ignore=p.ignore,
-        batches=cfg.sensitivity.batches,
-        progress=progress,
-    )
+        _train_baseline(cfg, model, train, val, search, progress)
+    result = _sensitivity(cfg, model, spec, val, progress)
     result.save(out / "sensitivity.json")
     result.plot(out / "sensitivity.png")
     atomic_write_text(

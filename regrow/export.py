@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -18,11 +18,6 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str], metadata: dict[
     """Write the model's state dict (tied tensors once) atomically to a safetensors file."""
     meta = {"format": "pt", **(metadata or {})}
     return atomic_write(path, lambda tmp: save_model(model, tmp, metadata=meta))
-
-
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    with safe_open(os.fspath(path), framework="pt") as fh:
-        return dict(fh.metadata() or {})
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> nn.Module:

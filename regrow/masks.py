@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -137,8 +137,6 @@ class MaskSet(Mapping[str, Tensor]):
             raise RegrowError(f"mask file {os.fspath(path)!r} holds non-boolean tensors: {bad}.")
         return cls(masks=dict(tensors))
 
-    def to_summary(self) -> dict[str, Any]:
-        return {"sparsity": self.sparsity(), "per_target": self.per_target()}
 
 
 class MaskEnforcer:

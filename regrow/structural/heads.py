@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from regrow.errors import RegrowError
 from regrow.structural.attention import MultiheadAttention, keep_index
 from regrow.structural.graph import HEAD_ATTRS
 
@@ -189,8 +188,3 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     if inner % heads or out_layer.in_features != inner:
         return HeadGroup(name, heads, 0, projections, excluded=f"inner width {inner} does not fit {heads} heads")
     return HeadGroup(name, heads, inner // heads, projections)
-
-
-def validate_heads_removable(group: HeadGroup, removed: list[int]) -> None:
-    if len(removed) >= group.heads:
-        raise RegrowError(f"cannot remove all {group.heads} heads of {group.name!r}; keep at least one.")

@@ -95,8 +95,8 @@ def build_data(cfg: DataConfig, search: list[Path] | None = None) -> DataBundle:
 
 
 def build_augment(spec: str | None, search: list[Path] | None = None) -> Callable[[Any], Any] | None:
-    """A built-in augmentation name (``regrow list augments``) or ``"package.module:function"``."""
-    if spec is None:
+    """A built-in augmentation name (``regrow list augments``), ``"package.module:function"``, or none."""
+    if spec is None or spec == "none":
         return None
     if ":" in spec:
         return import_factory(spec, "augment", search)

@@ -138,7 +138,6 @@ class MaskSet(Mapping[str, Tensor]):
         return cls(masks=dict(tensors))
 
 
-
 class MaskEnforcer:
     """Multiplies gradients and weights by the masks, as fast as the hot loop needs.
 

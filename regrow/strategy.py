@@ -13,7 +13,8 @@ from typing import Any
 
 SMALL_DATASET = 5000  # training samples below which recovery over-fits easily
 AUGMENT_BELOW = 20000  # image datasets smaller than this get random-shift augmentation
-GRADUAL_FROM = 0.8  # unstructured sparsity from which a gradual schedule is chosen
+GRADUAL_FROM = 0.8  # unstructured sparsity from which a gradual schedule is chosen...
+GRADUAL_MIN_STEPS = 2000  # ...when recovery has at least this many optimizer steps to ramp over
 SENSITIVITY_BELOW = 0.5  # structural budgets keeping at most this share use the sensitivity allocation
 
 
@@ -89,12 +90,18 @@ def rule_pattern(f: Facts) -> Decision:
 
 
 def rule_criterion(f: Facts, pattern: str) -> Decision:
+    if pattern in ("channel", "head"):
+        return Decision(
+            "prune.criterion",
+            "magnitude",
+            "the L2 norm of each coupled group needs no data and is a strong structural baseline",
+            "Fang et al. 2023 (DepGraph); Li et al. 2017 (pruning filters by norm)",
+        )
     return Decision(
         "prune.criterion",
         "magnitude",
-        "magnitude needs no data and is hard to beat at a fixed budget"
-        + (" (group L2 norm over coupled channels)" if pattern == "channel" else ""),
-        "Blalock et al. 2020, 'What is the state of neural network pruning?'; Fang et al. 2023 (DepGraph)",
+        "magnitude needs no data and is hard to beat at a fixed budget",
+        "Blalock et al. 2020, 'What is the state of neural network pruning?'",
     )
 
 
@@ -122,17 +129,34 @@ def rule_allocation(f: Facts, pattern: str) -> Decision:
     )
 
 
-def rule_schedule(f: Facts, pattern: str) -> Decision:
+def rule_schedule(f: Facts, pattern: str, epochs: int) -> Decision:
     kind, value = _budget(f)
+    steps = (f.steps_per_epoch or 0) * epochs
     if pattern == "unstructured" and kind == "sparsity" and value >= GRADUAL_FROM:
+        if steps >= GRADUAL_MIN_STEPS:
+            return Decision(
+                "schedule.name",
+                "gradual",
+                f"target sparsity {value:g} is at least {GRADUAL_FROM:g} and recovery has {steps} steps to "
+                "ramp over: raising the sparsity gradually loses less than pruning at once",
+                "Zhu & Gupta 2017; benchmarks/results/recovery_methods.md (gradual best at 0.95 and 0.98 "
+                "with 8,600 steps)",
+            )
         return Decision(
             "schedule.name",
-            "gradual",
-            f"target sparsity {value:g} is at least {GRADUAL_FROM:g}: raising it gradually during "
-            "recovery loses less than pruning at once",
-            "Zhu & Gupta 2017; benchmarks/results/recovery_methods.md (gradual + distill best at 0.95)",
+            "one_shot",
+            f"target sparsity {value:g} would call for a gradual ramp, but recovery has only {steps} "
+            f"optimizer steps (fewer than {GRADUAL_MIN_STEPS}): too few to ramp and then recover",
+            "an independent check on breast_cancer (110 steps): gradual cost about 2 points against one-shot",
         )
-    return Decision("schedule.name", "one_shot", "a moderate budget: prune once, then recover with the whole budget")
+    if pattern in ("channel", "head"):
+        return Decision(
+            "schedule.name",
+            "one_shot",
+            "structural pruning is applied once, then recovered with the whole budget (iterative rounds "
+            "are never chosen automatically; set schedule.name: iterative to try them)",
+        )
+    return Decision("schedule.name", "one_shot", "a moderate sparsity: prune once, then recover with the whole budget")
 
 
 def rule_method(f: Facts) -> Decision:
@@ -165,14 +189,15 @@ def rule_epochs(f: Facts, default_epochs: int) -> Decision:
     return Decision("recover.epochs", default_epochs, "the default budget: equal compute with the default recipe")
 
 
-def rule_regularization(f: Facts) -> list[Decision]:
+def rule_regularization(f: Facts, method: str) -> list[Decision]:
     out = []
-    if f.train_samples < SMALL_DATASET:
+    if f.train_samples < SMALL_DATASET and method != "distill":
         out.append(
             Decision(
                 "recover.label_smoothing",
                 0.1,
-                f"{f.train_samples} training samples over-fit easily: smoothed targets resist it",
+                f"{f.train_samples} training samples over-fit easily and there is no teacher: smoothed "
+                "targets resist it",
                 "Müller, Kornblith & Hinton 2019",
             )
         )
@@ -183,8 +208,7 @@ def rule_regularization(f: Facts) -> list[Decision]:
                 "shift",
                 f"image inputs and only {f.train_samples} training samples: random one-pixel shifts "
                 "give the pruned model new views of the same images",
-                "the digits demo: with shift, recovered test accuracy was within 1 point of the "
-                "baseline in 10 of 10 seeds (README)",
+                "benchmarks/results/augment.md (digits CNN with and without shift)",
             )
         )
     return out
@@ -203,9 +227,9 @@ def decide(facts: Facts, given: dict[str, Any], default_epochs: int = 10) -> Str
     pattern = add(rule_pattern(facts))
     add(rule_criterion(facts, pattern))
     add(rule_allocation(facts, pattern))
-    add(rule_schedule(facts, pattern))
-    add(rule_method(facts))
-    add(rule_epochs(facts, default_epochs))
-    for d in rule_regularization(facts):
+    method = add(rule_method(facts))
+    epochs = add(rule_epochs(facts, default_epochs))
+    add(rule_schedule(facts, pattern, epochs))
+    for d in rule_regularization(facts, method):
         add(d)
     return strategy

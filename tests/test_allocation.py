@@ -205,14 +205,24 @@ def facts(**kw):
 
 
 def test_strategy_for_a_high_sparsity_budget_on_small_image_data():
-    strategy = decide(facts(), given={})
+    strategy = decide(facts(steps_per_epoch=250), given={})
     chosen = strategy.settings()
     assert chosen["prune.pattern"] == "unstructured" and chosen["schedule.name"] == "gradual"
     assert chosen["recover.method"] == "distill" and chosen["recover.augment"] == "shift"
-    assert chosen["recover.label_smoothing"] == 0.1 and chosen["recover.epochs"] == 10
+    assert "recover.label_smoothing" not in chosen  # the teacher's soft targets already regularize
+    assert chosen["recover.epochs"] == 10
     reasons = {d.key: d.line() for d in strategy.decisions}
-    assert "0.95 is at least 0.8" in reasons["schedule.name"]
+    assert "0.95 is at least 0.8" in reasons["schedule.name"] and "2500 steps" in reasons["schedule.name"]
     assert "only 1400 samples" in reasons["recover.method"]
+
+
+def test_strategy_keeps_one_shot_when_recovery_is_too_short_to_ramp():
+    strategy = decide(facts(steps_per_epoch=11, teacher=False), given={})
+    chosen = strategy.settings()
+    assert chosen["schedule.name"] == "one_shot" and chosen["recover.method"] == "finetune"
+    assert chosen["recover.label_smoothing"] == 0.1  # small data and no teacher
+    reasons = {d.key: d.line() for d in strategy.decisions}
+    assert "only 110 optimizer steps" in reasons["schedule.name"]
 
 
 def test_strategy_for_a_macs_budget_and_given_keys():
@@ -238,13 +248,13 @@ def test_auto_strategy_in_a_run_explains_itself(tmp_path):
     )
     report = regrow.run(recipe, overrides=["recover.epochs=2"], out_dir=tmp_path / "out", progress=False)
     decisions = {d["key"]: d for d in report.prune["strategy"]["decisions"]}
-    assert decisions["schedule.name"]["value"] == "gradual"
+    assert decisions["schedule.name"]["value"] == "one_shot"  # 2 epochs of digits: too few steps to ramp
     assert decisions["recover.epochs"]["given"]  # --set recover.epochs counts as stated
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Strategy (auto)" in md and "Why accuracy dropped" in md
     assert (tmp_path / "out" / "sensitivity.json").is_file()
     saved = (tmp_path / "out" / "config.yaml").read_text()
-    assert "gradual" in saved  # the config as decided
+    assert "augment: shift" in saved and "method: distill" in saved  # the config as decided
 
 
 def test_run_with_sensitivity_allocation_writes_a_reusable_file(tmp_path):

@@ -36,7 +36,7 @@ def test_noise_and_hflip_keep_shapes():
 
 def test_build_augment_by_name_or_factory():
     assert build_augment("shift") is shift
-    assert build_augment(None) is None
+    assert build_augment(None) is None and build_augment("none") is None
     assert build_augment("regrow.data.augment:noise") is noise
     with pytest.raises(RegrowError, match="unknown augment 'rotate'; allowed values: hflip, noise, shift"):
         build_augment("rotate")

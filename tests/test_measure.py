@@ -69,8 +69,9 @@ def test_fast_models_get_more_repeats_until_enough_time_is_measured(monkeypatch)
     monkeypatch.setattr(latency.time, "perf_counter", lambda: next(clock) / 1024.0)
     lat = latency.measure_latency(TinyMLP(), torch.zeros(5, 8), repeats=7, warmup=0, min_seconds=64 / 1024)
     assert lat.repeats == 64 and lat.median_ms == pytest.approx(1000 / 1024)
-    capped = latency.measure_latency(TinyMLP(), torch.zeros(5, 8), repeats=7, warmup=0, min_seconds=10.0,
-                                     max_repeats=30)
+    capped = latency.measure_latency(
+        TinyMLP(), torch.zeros(5, 8), repeats=7, warmup=0, min_seconds=10.0, max_repeats=30
+    )
     assert capped.repeats == 30
 
 
@@ -100,3 +101,19 @@ def test_evaluate_accuracy_is_exact():
     assert snap.loss == pytest.approx(
         torch.nn.functional.cross_entropy(torch.tensor([[0.0, 1.0]] * 4), torch.tensor([1, 1, 0, 1])).item()
     )
+
+
+@pytest.mark.parametrize(
+    "drop, gained, expected",
+    [
+        (-0.01, 0.02, "Pruning cost no test accuracy (change +1.00 points)."),
+        (0.10, 0.05, "recovery won back 5.00 points, 50.0% of the drop."),
+        (0.10, 0.12, "recovery won back all of it and 2.00 points more."),
+        (0.10, -0.01, "recovery did not win any of it back (change during recovery -1.00 points)."),
+    ],
+)
+def test_report_sentence_on_the_drop_and_what_recovery_won_back(drop, gained, expected):
+    from regrow.report.markdown import recovery_sentence
+
+    frac = None if drop <= 0 else gained / drop
+    assert recovery_sentence(drop, gained, frac).endswith(expected)

@@ -27,6 +27,26 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def recovery_sentence(drop: float, gained: float, frac: float | None) -> str:
+    """One sentence on what pruning cost and how much recovery won back (fractions of 1, not points)."""
+    if frac is None:
+        return f"Pruning cost no test accuracy (change {100 * -drop:+.2f} points)."
+    if frac > 1:
+        return (
+            f"Pruning dropped test accuracy by {100 * drop:.2f} points; recovery won back all of it and "
+            f"{100 * (gained - drop):.2f} points more."
+        )
+    if gained <= 0:
+        return (
+            f"Pruning dropped test accuracy by {100 * drop:.2f} points; recovery did not win any of it back "
+            f"(change during recovery {100 * gained:+.2f} points)."
+        )
+    return (
+        f"Pruning dropped test accuracy by {100 * drop:.2f} points; recovery won back "
+        f"{100 * gained:.2f} points, {100 * frac:.1f}% of the drop."
+    )
+
+
 def render_markdown(report: RunReport) -> str:
     s = report.snapshots
     stages = [k for k in ("baseline", "pruned", "recovered") if k in s]
@@ -46,26 +66,14 @@ def render_markdown(report: RunReport) -> str:
     drop = report.drop
     frac = report.recovered_fraction
     out.append("")
-    gained = rec.accuracy - pruned.accuracy
-    if frac is None:
-        out.append(f"Pruning cost no test accuracy (change {100 * -drop:+.2f} points).")
-    elif frac > 1:
-        out.append(
-            f"Pruning dropped test accuracy by {100 * drop:.2f} points; recovery won back all of it and "
-            f"{100 * (gained - drop):.2f} points more."
-        )
-    else:
-        out.append(
-            f"Pruning dropped test accuracy by {100 * drop:.2f} points; recovery won back "
-            f"{100 * gained:.2f} points, {100 * frac:.1f}% of the drop."
-        )
+    out.append(recovery_sentence(drop, rec.accuracy - pruned.accuracy, frac))
     out.append(f"Recovered vs baseline: {100 * (rec.accuracy - base.accuracy):+.2f} points.")
     costliest = spec.get("costliest")
     if costliest:
         out += [
             "",
-            "**Why accuracy dropped.** Pruned alone to the sparsity it got, each of these raises the "
-            "calibration loss most (from the sensitivity analysis):",
+            "**Why accuracy dropped in the pruned stage.** Pruned alone to the sparsity it got, each of these "
+            "raises the calibration loss most (from the sensitivity analysis):",
         ]
         out += [f"- `{name}` at {100 * level:.1f}%: loss +{rise:.4f}" for name, rise, level in costliest]
 
@@ -239,7 +247,8 @@ def render_markdown(report: RunReport) -> str:
         out.append("")
         out.append(
             table(
-                ["epoch", "train loss", "train acc", "val loss", "val acc", "train - val", "lr", "sparsity"],
+                ["epoch", "train loss", "train acc", "val loss", "val acc", "train - val", "lr"]
+                + ([] if structure else ["sparsity"]),
                 [
                     [
                         h["epoch"],
@@ -251,8 +260,8 @@ def render_markdown(report: RunReport) -> str:
                         if h["train_accuracy"] is None
                         else f"{100 * (h['train_accuracy'] - h['val_accuracy']):+.1f}",
                         "" if h["lr"] is None else f"{h['lr']:.2e}",
-                        pct(h["sparsity"]),
                     ]
+                    + ([] if structure else [pct(h["sparsity"])])
                     for h in history
                 ],
             )
@@ -265,8 +274,9 @@ def render_markdown(report: RunReport) -> str:
     if report.export.get("curve_plot"):
         out += ["", f"![validation curve]({report.export['curve_plot']})"]
 
-    out += ["", "## Per-target sparsity (recovered model)", ""]
-    out.append(table(["target", "sparsity"], [[f"`{k}`", pct(v)] for k, v in rec.per_target_sparsity.items()]))
+    if not structure and rec.per_target_sparsity:
+        out += ["", "## Per-target sparsity (recovered model)", ""]
+        out.append(table(["target", "sparsity"], [[f"`{k}`", pct(v)] for k, v in rec.per_target_sparsity.items()]))
     excluded = spec.get("excluded_classifier")
     if excluded:
         out.append("")

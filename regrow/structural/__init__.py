@@ -507,11 +507,15 @@ def _width_warnings(model: nn.Module, round_to: int | None, pattern: str, before
     odd = []
     for name, m in model.named_modules():
         width = getattr(m, "out_channels", None) or getattr(m, "out_features", None)
+        was = before.get(name, 0)
+        # Narrow layers (< 32 channels) are not rounded by default: no point nagging about them.
+        wide = was >= 4 * AUTO_ROUND_TO or round_to is not None
         if (
             isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
             and width
             and width % 8
-            and before.get(name, 0) % 8 == 0
+            and was % 8 == 0
+            and wide
         ):
             odd.append(f"{name} ({width})")
     if not odd:

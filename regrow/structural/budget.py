@@ -161,11 +161,36 @@ def search(
     by_name = {g.name: g for g in groups}
     order = {g.name: [int(i) for i in torch.sort(g.scores, stable=True).indices] for g in groups}
 
+    def fill_order(removed: dict[str, list[int]], reverse: bool) -> list[tuple[float, str, int]]:
+        """Units in the order the walk should take (or, reversed, put back) them.
+
+        Global and layer scopes follow the scores; an allocation fills every group in proportion to its
+        share (the k-th unit of a group comes at k / (units * share)), so the walk keeps the planned shape.
+        """
+        if scope != "allocation":
+            if reverse:
+                return sorted(
+                    ((float(by_name[n].scores[i]), n, i) for n, us in removed.items() for i in us), reverse=True
+                )
+            return sorted(
+                (float(g.scores[i]), g.name, i)
+                for g in groups
+                for i in range(g.units)
+                if i not in removed.get(g.name, [])
+            )
+        keyed = []
+        for g in groups:
+            if g.allocation <= 0:
+                continue
+            for rank, unit in enumerate(order[g.name]):
+                key = (rank + 1) / (g.units * g.allocation)
+                if (unit in removed.get(g.name, [])) == reverse:
+                    keyed.append((key, g.name, unit))
+        return sorted(keyed, reverse=reverse)
+
     def fill_forward(start: dict[str, list[int]]) -> None:
         removed = {k: list(v) for k, v in start.items()}
-        queue = sorted(
-            (float(g.scores[i]), g.name, i) for g in groups for i in range(g.units) if i not in removed.get(g.name, [])
-        )
+        queue = fill_order(removed, reverse=False)
         for steps, (_, name, unit) in enumerate(queue):
             if steps >= fill_steps or best[0] <= tolerance:
                 return
@@ -182,7 +207,7 @@ def search(
 
     def fill_backward(start: dict[str, list[int]]) -> None:
         removed = {k: list(v) for k, v in start.items()}
-        queue = sorted(((float(by_name[n].scores[i]), n, i) for n, us in removed.items() for i in us), reverse=True)
+        queue = fill_order(removed, reverse=True)
         for steps, (_, name, unit) in enumerate(queue):
             if steps >= fill_steps or best[0] <= tolerance:
                 return

@@ -19,7 +19,9 @@ RESULTS = Path(__file__).parent / "results"
 def stamp() -> dict[str, Any]:
     env = environment("cpu")
     return {
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(
+            shlex.quote(a) for a in ["python", "-m", f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]]
+        ),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "regrow": env["regrow"],

@@ -1,6 +1,6 @@
 """Unstructured pruning of LeNet-300-100 on Fashion-MNIST: regrow against what a user would otherwise do.
 
-Run: python -m benchmarks.unstructured [--seeds 3] [--epochs 20] [--data DIR]
+Run: python -m benchmarks.unstructured [--seeds 3] [--epochs 40] [--data DIR]
 
 For each seed the dense LeNet-300-100 (784-300-100-10, Han et al. 2015) is trained once (cached) and
 pruned at each sparsity, over the first two layers (the classifier stays dense in every variant):
@@ -95,7 +95,7 @@ def run_variant(variant: str, dense: nn.Module, sparsity: float, data: object, e
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=20, help="recovery epoch budget of (b) and (c)")
+    parser.add_argument("--epochs", type=int, default=40, help="recovery epoch budget of (b) and (c)")
     parser.add_argument("--sparsities", type=float, nargs="+", default=SPARSITIES)
     parser.add_argument("--data", default=None, help="folder with the four Fashion-MNIST IDX files")
     args = parser.parse_args()

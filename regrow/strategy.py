@@ -208,7 +208,8 @@ def rule_regularization(f: Facts, method: str) -> list[Decision]:
                 "shift",
                 f"image inputs and only {f.train_samples} training samples: random one-pixel shifts "
                 "give the pruned model new views of the same images",
-                "benchmarks/results/augment.md (digits CNN with and without shift)",
+                "benchmarks/results/augment.md: on the digits demo shifts left the mean unchanged and raised "
+                "the worst of 10 seeds (distillation 97.50 -> 98.89 %)",
             )
         )
     return out

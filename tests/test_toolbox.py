@@ -206,6 +206,29 @@ def test_dynamic_sparsity_keeps_exact_sparsity_and_regrows_the_right_count(metho
     assert via_method.details["dynamic"]["updates"] > 0
 
 
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_kept_checkpoint_restores_the_masks_of_its_epoch(method):
+    model = trained()
+    masks = regrow.prune(model, 0.7, scope="layer")
+    before = {f: m.clone() for f, m in masks.items()}
+    result = regrow.recover(  # a learning rate this large wrecks training: the untrained epoch 0 is kept
+        model,
+        masks,
+        make_batches(8),
+        make_batches(2, seed=1),
+        method=method,
+        epochs=2,
+        lr=50.0,
+        dynamic={"update_every": 2},
+        patience=None,
+        progress=False,
+    )
+    assert result.best_epoch == 0 and result.details["dynamic"]["weights_replaced"] > 0
+    for f, m in masks.items():
+        assert torch.equal(m, before[f])  # the masks of the kept epoch, not of the last update
+        assert torch.count_nonzero(model.get_parameter(f)[~m]) == 0
+
+
 def test_regrown_weights_start_at_zero_with_fresh_optimizer_state():
     torch.manual_seed(0)
     w = nn.Parameter(torch.tensor([[5.0, 4.0, 0.0, 0.0], [0.1, 3.0, 0.0, 0.0]]))

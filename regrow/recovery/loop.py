@@ -85,8 +85,23 @@ def _rank(record: EpochRecord) -> tuple[float, float]:
     return (record.val_accuracy, -record.val_loss)
 
 
-def _state_copy(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def _state_copy(model: nn.Module, masks: MaskSet) -> dict[str, Any]:
+    """The weights and the masks together: dynamic sparsity moves masks, so a kept checkpoint needs both."""
+    return {
+        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "masks": {k: m.clone() for k, m in masks.items()},
+    }
+
+
+def _restore(model: nn.Module, masks: MaskSet, state: dict[str, Any]) -> None:
+    model.load_state_dict(state["weights"])
+    changed = False
+    for fqn, kept in state["masks"].items():
+        if not torch.equal(masks[fqn], kept):
+            masks[fqn].copy_(kept)
+            changed = True
+    if changed:
+        masks.touch()
 
 
 def _early_stop_reason(history: list[EpochRecord], patience: int) -> str:
@@ -189,7 +204,7 @@ def train(
 
     history = [validate(0, time.perf_counter(), {"loss": 0.0}, 0, 0)]
     ready = all(cb.checkpoint_ready(state) for cb in callbacks)
-    best = {"epoch": 0, "key": _rank(history[0]), "state": _state_copy(model)} if ready else None
+    best = {"epoch": 0, "key": _rank(history[0]), "state": _state_copy(model, masks)} if ready else None
     stale, stop_reason = 0, "epoch budget used"
     lowest_loss = history[0].val_loss
     within = options.stop_when.within if options.stop_when else None
@@ -257,7 +272,7 @@ def train(
         improved_loss = record.val_loss < lowest_loss * (1.0 - LOSS_MIN_DELTA)
         lowest_loss = min(lowest_loss, record.val_loss)
         if best is None or _rank(record) > best["key"]:
-            best = {"epoch": epoch, "key": _rank(record), "state": _state_copy(model)}
+            best = {"epoch": epoch, "key": _rank(record), "state": _state_copy(model, masks)}
             stale = 0
         elif improved_loss:
             stale = 0
@@ -281,7 +296,7 @@ def train(
             break
 
     if best is not None:
-        model.load_state_dict(best["state"])
+        _restore(model, masks, best["state"])
     model.train(was_training)
     kept = history[best["epoch"]] if best else history[-1]
     summary = {

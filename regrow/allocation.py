@@ -143,25 +143,58 @@ def sensitivity_allocation(
     return {n: round(v, 4) for n, v in level.items()}
 
 
-def uniform_allocation(
-    result: SensitivityResult, kind: str, value: float, max_sparsity: float = 0.9
+def fit_to_budget(
+    candidate: dict[str, float],
+    result: SensitivityResult,
+    kind: str,
+    value: float,
+    bounds: dict[str, tuple[float, float]],
 ) -> dict[str, float]:
-    """The same sparsity everywhere, as much as the budget asks (estimated from the cost curves)."""
+    """``candidate`` scaled by one factor, each entry kept within its bounds, so that its estimated removal
+    (from the sensitivity cost curves) meets the budget; the shape is kept where the bounds allow."""
     cost_kind, needed = needed_cost(result, kind, value)
     xs = [0.0, *result.levels]
+    sizes = {c.name: c.size for c in result.curves}
     costs = (
-        {c.name: [lv * c.size for lv in xs] for c in result.curves}
+        {n: [lv * sizes[n] for lv in xs] for n in candidate}
         if cost_kind == "units"
         else _cost_curves(result, cost_kind)
     )
-    lo, hi = 0.0, max_sparsity
-    for _ in range(40):
+
+    def at(factor: float) -> dict[str, float]:
+        return {n: min(bounds[n][1], max(bounds[n][0], factor * v)) for n, v in candidate.items()}
+
+    most = {n: bounds[n][1] for n in candidate}
+    if sum(_interp(v, xs, costs[n]) for n, v in most.items()) < needed * (1 - 1e-6):
+        raise RegrowError(
+            f"the {kind} budget {value:g} cannot be met with every target or group at its maximum sparsity "
+            f"(max_sparsity or clamps); raise max_sparsity or ask for less."
+        )
+    lo, hi = 0.0, 1.0
+    while sum(_interp(v, xs, costs[n]) for n, v in at(hi).items()) < needed and hi < 1e6:
+        hi *= 2
+    for _ in range(50):
         mid = (lo + hi) / 2
-        if sum(_interp(mid, xs, costs[n]) for n in costs) < needed:
+        if sum(_interp(v, xs, costs[n]) for n, v in at(mid).items()) < needed:
             lo = mid
         else:
             hi = mid
-    return {c.name: round(hi, 4) for c in result.curves}
+    return at(hi)
+
+
+def uniform_allocation(
+    result: SensitivityResult,
+    kind: str,
+    value: float,
+    max_sparsity: float = 0.9,
+    *,
+    min_sparsity: float = 0.0,
+    clamps: dict[str, tuple[float, float]] | None = None,
+) -> dict[str, float]:
+    """The same sparsity everywhere (within clamps), as much as the budget asks (estimated from the cost curves)."""
+    bounds = {c.name: (clamps or {}).get(c.name, (min_sparsity, max_sparsity)) for c in result.curves}
+    fitted = fit_to_budget({c.name: 1.0 for c in result.curves}, result, kind, value, bounds)
+    return {n: round(v, 4) for n, v in fitted.items()}
 
 
 def search_allocation(
@@ -197,7 +230,7 @@ def search_allocation(
 
     best = dict(start)
     best_loss = evaluate(best, "sensitivity")
-    uniform = uniform_allocation(result, kind, value, max_sparsity)
+    uniform = uniform_allocation(result, kind, value, max_sparsity, min_sparsity=min_sparsity, clamps=clamps)
     if len(trail) < candidates:
         loss = evaluate(uniform, "uniform")
         if loss < best_loss:
@@ -205,6 +238,7 @@ def search_allocation(
     while len(trail) < candidates:
         for _ in range(min(population, candidates - len(trail))):
             child = {n: min(bounds[n][1], max(bounds[n][0], v + rng.gauss(0.0, sigma))) for n, v in best.items()}
+            child = fit_to_budget(child, result, kind, value, bounds)  # every candidate meets the budget
             loss = evaluate(child, "mutation")
             if loss < best_loss:
                 best, best_loss = child, loss
@@ -229,7 +263,7 @@ def allocate(
         raise one_of("allocation", method, ALLOCATIONS)
     notes: list[str] = []
     if method == "uniform":
-        per = uniform_allocation(result, kind, value, max_sparsity)
+        per = uniform_allocation(result, kind, value, max_sparsity, min_sparsity=min_sparsity, clamps=clamps)
     elif method == "sensitivity":
         per = sensitivity_allocation(
             result, kind, value, min_sparsity=min_sparsity, max_sparsity=max_sparsity, clamps=clamps

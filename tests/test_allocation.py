@@ -98,6 +98,25 @@ def test_clamps_bound_the_allocation():
     assert per["robust"] <= 0.6 + 1e-9 and per["fragile"] >= 0.4 - 1e-9
     with pytest.raises(RegrowError, match="matches no target"):
         clamps_from({"nope": [0, 1]}, ["fragile"])
+    uni = uniform_allocation(synthetic(), "sparsity", 0.5, clamps=clamps_from({"rob*": [0.0, 0.4]}, ["robust"]))
+    assert uni["robust"] == pytest.approx(0.4) and uni["fragile"] == pytest.approx(0.6, abs=1e-3)
+    with pytest.raises(RegrowError, match="cannot be met"):
+        uniform_allocation(synthetic(), "sparsity", 0.8, clamps=clamps_from({"*": [0.0, 0.6]}, ["fragile", "robust"]))
+
+
+def test_search_candidates_meet_the_budget_within_their_clamps():
+    clamps = clamps_from({"rob*": [0.0, 0.7]}, ["fragile", "robust"])
+    seen = []
+
+    def score(candidate):
+        seen.append(dict(candidate))
+        return candidate["fragile"]  # any deterministic score
+
+    allocate("search", synthetic(), "sparsity", 0.5, score=score, candidates=10, max_sparsity=0.9, clamps=clamps)
+    assert len(seen) == 10
+    for c in seen:  # 100 weights each: the mean sparsity is the budget, the clamp holds
+        assert (c["fragile"] + c["robust"]) / 2 == pytest.approx(0.5, abs=2e-3)
+        assert c["robust"] <= 0.7 + 1e-9
     with pytest.raises(RegrowError, match=r"cannot be met with every target at most 30%"):
         sensitivity_allocation(synthetic(), "sparsity", 0.5, max_sparsity=0.3)
 

@@ -173,6 +173,9 @@ class PruneConfig(_Strict):
             )
         if self.allocation is not None and not pattern.structural and pattern.name != "unstructured":
             raise RegrowError(f"pattern {pattern.name!r} fixes every target's sparsity; allocation does not apply.")
+        for glob, bounds in (self.clamps or {}).items():
+            if len(bounds) != 2 or not 0.0 <= bounds[0] <= bounds[1] < 1.0:
+                raise RegrowError(f"clamp {glob!r} must be [min, max] with 0 <= min <= max < 1; got {bounds!r}.")
         if self.min_sparsity > self.cap:
             raise RegrowError(f"min_sparsity ({self.min_sparsity}) is above max_sparsity ({self.cap}).")
         return self
@@ -183,6 +186,16 @@ class SensitivityConfig(_Strict):
 
     enabled: bool | None = Field(None, description="default: when an allocation needs it or the model is small")
     levels: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 0.9, 0.95])
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: list[float]) -> list[float]:
+        if not v or not all(0.0 < x < 1.0 for x in v):
+            raise RegrowError(
+                f"sensitivity levels must be a non-empty list of numbers in (0, 1), e.g. [0.5, 0.9]; got {v}"
+            )
+        return sorted(set(v))
+
     batches: int = Field(8, ge=1, description="calibration batches (from the validation split)")
 
 
@@ -230,7 +243,7 @@ class StopConfig(_Strict):
     """Target-driven stopping: end recovery early once the target is met or the time is up."""
 
     within: float | None = Field(
-        None, ge=0, description="stop when validation accuracy is within this many points of the baseline's"
+        None, ge=0, le=100, description="stop when validation accuracy is within this many points of the baseline's"
     )
     seconds: float | None = Field(None, gt=0, description="wall-time budget for recovery")
 
@@ -303,8 +316,9 @@ class RecoverConfig(_Strict):
     def _lr_schedule(cls, v: str) -> str:
         from regrow.recovery.lr import LR_SCHEDULES
 
-        if v not in LR_SCHEDULES:
-            raise one_of("lr_schedule", v, LR_SCHEDULES.names())
+        allowed = [n for n in LR_SCHEDULES.names() if n != "rewind"]  # rewinding is asked for with recover.rewind
+        if v not in allowed:
+            raise one_of("lr_schedule", v, allowed)
         return v
 
 

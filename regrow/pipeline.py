@@ -194,6 +194,83 @@ def _validate_request(cfg: RunConfig, model: nn.Module) -> tuple[PruneSpec, bool
     return spec, structural
 
 
+def _check_augment(augment: Any, data: Any) -> None:
+    """Apply an augmentation to one batch now, so a mismatch with the inputs fails before any training."""
+    if augment is None:
+        return
+    inputs, _ = unpack(next(iter(data)))
+    augment(inputs)
+
+
+def _check_combinations(cfg: RunConfig, spec: PruneSpec, structural: bool) -> None:
+    """Settings that are each valid but do not work together: refused before anything is trained."""
+    p, r = cfg.prune, cfg.recover
+    pattern = spec.pattern
+    if r.method in ("rigl", "set") and pattern != "unstructured":
+        raise RegrowError(
+            f"recover.method {r.method!r} drops and regrows single weights anywhere in a tensor, so it needs "
+            f"pattern 'unstructured'; pattern {pattern!r} would be broken or left unchanged. Use method "
+            "'distill' or 'finetune'."
+        )
+    if r.rewind == "weights" and structural:
+        raise RegrowError(
+            f"recover.rewind 'weights' resets weights to a snapshot of the original shapes; pattern {pattern!r} "
+            "shrinks the model, so only rewind 'lr' applies."
+        )
+    if r.rewind != "none" and "lr_schedule" in r.model_fields_set and r.lr_schedule != "cosine":
+        raise RegrowError(
+            f"recover.rewind {r.rewind!r} replays the original training's learning-rate schedule, so "
+            f"recover.lr_schedule {r.lr_schedule!r} would be ignored: give one of the two."
+        )
+    if p.criterion == "bn_scale" and pattern != "channel":
+        raise RegrowError(
+            f"criterion 'bn_scale' scores whole channels by their BatchNorm scale; it needs pattern 'channel', "
+            f"not {pattern!r}. Allowed criteria here: magnitude, random, taylor."
+        )
+    if cfg.schedule.name == "gradual" and spec.sparsity is not None and cfg.schedule.initial >= spec.sparsity:
+        raise RegrowError(
+            f"schedule.initial ({cfg.schedule.initial:g}) must be below the target sparsity ({spec.sparsity:g}): "
+            "the gradual ramp rises from initial to the target."
+        )
+    if p.clamps and p.allocation not in ("uniform", "sensitivity", "search"):
+        raise RegrowError(
+            "prune.clamps bound the per-target sparsities that an allocation plans; give prune.allocation "
+            "(uniform, sensitivity or search) too, or leave clamps out."
+        )
+    if p.latency is not None and cfg.schedule.name == "iterative":
+        raise RegrowError(
+            "a latency budget is met in one shot (it is measured, not planned round by round): use schedule "
+            "'one_shot', or give a macs budget for iterative rounds."
+        )
+    if r.method == "transfer":
+        if r.distill:
+            raise RegrowError(
+                "recover.distill: true does not apply to method 'transfer': the source model's logits are for "
+                "other classes; transfer already distills its features (recover.feature_weight)."
+            )
+        if r.stop_when is not None and r.stop_when.within is not None:
+            raise RegrowError(
+                "recover.stop_when.within compares with the baseline's accuracy on the same task; a transfer run "
+                "has no dense baseline on the new task. Use stop_when.seconds or recover.epochs."
+            )
+    if p.allocation_file:
+        from regrow.allocation import Allocation
+
+        allocation = Allocation.load(p.allocation_file)
+        if allocation.pattern != pattern:
+            raise RegrowError(
+                f"allocation file {p.allocation_file!r} was made for pattern {allocation.pattern!r}, not {pattern!r}."
+            )
+        if not structural and set(allocation.per_target) != set(spec.targets):
+            unknown = sorted(set(allocation.per_target) - set(spec.targets))
+            missing = sorted(set(spec.targets) - set(allocation.per_target))
+            raise RegrowError(
+                f"allocation file {p.allocation_file!r} does not plan this model's targets (unknown: "
+                f"{unknown[:5] or 'none'}; missing: {missing[:5] or 'none'}); the targets are: "
+                f"{', '.join(spec.targets[:10])}."
+            )
+
+
 def _given_keys(cfg: RunConfig) -> dict[str, Any]:
     """The recipe keys of prune / schedule / recover the user stated, with their values."""
     given = {}
@@ -354,12 +431,7 @@ def _plan_allocation(
             sens.save(out / "sensitivity.json")
             sens.plot(out / "sensitivity.png")
     if p.allocation_file:
-        allocation = Allocation.load(p.allocation_file)
-        if allocation.pattern != spec.pattern:
-            raise RegrowError(
-                f"allocation file {p.allocation_file!r} was made for pattern {allocation.pattern!r}, "
-                f"not {spec.pattern!r}."
-            )
+        allocation = Allocation.load(p.allocation_file)  # checked against the request by _check_combinations
     elif p.allocation in ("uniform", "sensitivity", "search"):
         assert sens is not None or p.allocation == "uniform"
         if sens is None:
@@ -461,9 +533,8 @@ class _Pruner:
     def _structural_budget(self, model: nn.Module, round_index: int, rounds: int) -> dict[str, float]:
         p = self.cfg.prune
         if rounds == 1:
-            return {
-                k: v for k, v in (("sparsity", p.sparsity), ("macs", p.macs), ("params", p.params)) if v is not None
-            }
+            budgets = (("sparsity", p.sparsity), ("macs", p.macs), ("params", p.params), ("latency", p.latency))
+            return {k: v for k, v in budgets if v is not None}
         share = round_index / rounds
         if p.macs is not None:
             now = dense_macs(model, self.sample) or 1
@@ -543,9 +614,11 @@ def run(
         model = build_model(cfg.model, search).to(device)
         # Validate the pruning request against the real model before spending time on training.
         spec, structural = _validate_request(cfg, model)
+        _check_combinations(cfg, spec, structural)
         recover_kwargs = _recover_kwargs(cfg, search)
+        _check_augment(recover_kwargs.get("augment"), val)  # val: iterating it draws no shuffling randomness
         if cfg.model.train is not None:
-            build_augment(cfg.model.train.augment, search)  # check the name now, before any work
+            _check_augment(build_augment(cfg.model.train.augment, search), val)
         source = None
         if cfg.model.train is not None and cfg.model.train.data is not None:
             if cfg.recover.method == "distill":

@@ -51,3 +51,20 @@ def mlp() -> TinyMLP:
 @pytest.fixture
 def batches():
     return make_batches()
+
+
+@pytest.fixture
+def macs_as_latency(monkeypatch):
+    """Latency budgets measured deterministically: a model's 'latency' is its MACs on one sample."""
+    import regrow.structural as structural
+    from regrow.measure.cost import dense_macs
+    from regrow.measure.latency import Latency
+
+    def fake(first, second, inputs, rounds=15, warmup=5):
+        one = inputs[:1]
+        return (
+            Latency(float(dense_macs(first, one)), 0, 0, 1, 1, 1, 0, "cpu"),
+            Latency(float(dense_macs(second, one)), 0, 0, 1, 1, 1, 0, "cpu"),
+        )
+
+    monkeypatch.setattr(structural, "compare_latency", fake)

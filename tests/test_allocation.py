@@ -179,19 +179,7 @@ def test_structural_allocation_shapes_the_cut_and_meets_the_budget():
         )
 
 
-def test_latency_budget_uses_measured_latency(monkeypatch):
-    import regrow.structural as structural
-    from regrow.measure.cost import dense_macs
-    from regrow.measure.latency import Latency
-
-    def fake(first, second, inputs, rounds=15, warmup=5):  # latency proportional to MACs: deterministic
-        one = inputs[:1]
-        return (
-            Latency(float(dense_macs(first, one)), 0, 0, 1, 1, 1, 0, "cpu"),
-            Latency(float(dense_macs(second, one)), 0, 0, 1, 1, 1, 0, "cpu"),
-        )
-
-    monkeypatch.setattr(structural, "compare_latency", fake)
+def test_latency_budget_uses_measured_latency(macs_as_latency):
     report = regrow.prune(ResidualCNN().eval(), pattern="channel", latency=0.6, example_inputs=images()).structure
     assert report.budget == {"latency": 0.6}
     assert report.macs_ratio == pytest.approx(0.6, rel=0.05)

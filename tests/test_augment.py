@@ -22,9 +22,11 @@ def test_shift_moves_whole_pixels_and_repeats_the_border():
     assert tuple(right.flatten().tolist()) in seen
 
 
-def test_shift_refuses_non_images():
-    with pytest.raises(ValueError, match="image batches"):
+def test_image_augments_refuse_non_images():
+    with pytest.raises(RegrowError, match=r"needs batches shaped \(N, C, H, W\); got shape \(4, 8\)"):
         shift(torch.zeros(4, 8))
+    with pytest.raises(RegrowError, match="'hflip' mirrors images"):
+        hflip(torch.zeros(4, 8))
 
 
 def test_noise_and_hflip_keep_shapes():

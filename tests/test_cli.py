@@ -63,6 +63,66 @@ def test_bad_input_exits_2_with_one_message(capsys, tmp_path, override, message)
     assert not out.exists()  # nothing is written for a run that cannot start
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["recover.method=rigl", "prune.pattern=2:4", "prune.sparsity=null", "prune.ignore=[0.weight]"],
+            "needs pattern 'unstructured'",
+        ),
+        (["recover.rewind=lr", "recover.lr_schedule=one_cycle"], "recover.lr_schedule 'one_cycle' would be ignored"),
+        (["recover.lr_schedule=rewind"], "unknown lr_schedule 'rewind'; allowed values: constant, cosine, one_cycle"),
+        (["prune.criterion=bn_scale"], "it needs pattern 'channel', not 'unstructured'"),
+        (["schedule.name=gradual", "schedule.initial=0.95"], "schedule.initial (0.95) must be below"),
+        (["prune.clamps={'0.*': [0, 0.5]}"], "give prune.allocation"),
+        (["prune.allocation=sensitivity", "prune.clamps={'0.*': [0, 2]}"], "must be [min, max] with 0 <= min"),
+        (["sensitivity.levels=[1.5]"], "sensitivity levels must be a non-empty list of numbers in (0, 1)"),
+        (["sensitivity.levels=[]"], "sensitivity levels must be a non-empty list"),
+        (["recover.stop_when={within: 150}"], "'recover.stop_when.within'"),
+        (["prune.allocation_file=/nonexistent/allocation.json"], "is not readable JSON"),
+        (["recover.method=transfer", "recover.distill=true"], "does not apply to method 'transfer'"),
+        (
+            ["prune.pattern=channel", "prune.sparsity=null", "prune.latency=0.8", "schedule.name=iterative"],
+            "a latency budget is met in one shot",
+        ),
+        (
+            ["prune.pattern=channel", "prune.sparsity=null", "prune.macs=0.5", "recover.rewind=weights"],
+            "only rewind 'lr' applies",
+        ),
+        (
+            ["model.name=mlp", "model.kwargs={}", "data.kwargs={batch_size: 64, flatten: true}"],
+            "augment 'shift' moves images and needs batches shaped (N, C, H, W); got shape (64, 64)",
+        ),
+    ],
+)
+def test_settings_that_do_not_work_together_are_refused_before_any_work(capsys, tmp_path, overrides, message):
+    out = tmp_path / "out"
+    argv = [arg for o in overrides for arg in ("--set", o)]
+    code, _, err = run_cli(capsys, "run", "demo", *argv, "--out", str(out))
+    assert_clean_error(code, err, message)
+    assert not out.exists()
+
+
+def test_allocation_file_for_other_targets_is_refused(capsys, tmp_path):
+    import json
+
+    plan = {
+        "format": "regrow.allocation",
+        "method": "sensitivity",
+        "pattern": "unstructured",
+        "budget": {"sparsity": 0.9},
+        "per_target": {"features.0.weight": 0.9, "fc.weight": 0.9},
+        "notes": [],
+    }
+    (tmp_path / "allocation.json").write_text(json.dumps(plan))
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        capsys, "run", "demo", "--set", f"prune.allocation_file={tmp_path / 'allocation.json'}", "--out", str(out)
+    )
+    assert_clean_error(code, err, "does not plan this model's targets (unknown: ['fc.weight', 'features.0.weight']")
+    assert not out.exists()
+
+
 def test_structural_budget_errors(capsys, tmp_path):
     code, _, err = run_cli(
         capsys,

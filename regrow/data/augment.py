@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from regrow.errors import RegrowError
 from regrow.registry import Registry
 
 AUGMENTS: Registry[Callable[[Tensor], Tensor]] = Registry("augment")
@@ -22,7 +23,10 @@ AUGMENTS: Registry[Callable[[Tensor], Tensor]] = Registry("augment")
 def shift(x: Tensor, pixels: int = 1) -> Tensor:
     """Images (N, C, H, W): move each image by a random whole number of pixels in [-1, 1] per axis."""
     if x.dim() != 4:
-        raise ValueError(f"'shift' augments image batches (N, C, H, W); got shape {tuple(x.shape)}")
+        raise RegrowError(
+            f"augment 'shift' moves images and needs batches shaped (N, C, H, W); got shape {tuple(x.shape)}. "
+            "Use 'noise' for other inputs, or no augmentation."
+        )
     n, _, h, w = x.shape
     offsets = torch.randint(-pixels, pixels + 1, (n, 2), device=x.device).to(x.dtype)
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
@@ -43,5 +47,9 @@ def noise(x: Tensor, std: float = 0.1) -> Tensor:
 @AUGMENTS.register("hflip")
 def hflip(x: Tensor) -> Tensor:
     """Images (N, C, H, W): mirror half of the batch left-right at random (not for digits or text)."""
+    if x.dim() != 4:
+        raise RegrowError(
+            f"augment 'hflip' mirrors images and needs batches shaped (N, C, H, W); got shape {tuple(x.shape)}."
+        )
     flip = torch.rand(x.shape[0], device=x.device) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)

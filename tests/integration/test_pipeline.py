@@ -186,8 +186,27 @@ def test_every_shipped_recipe_runs(tmp_path, name):
         # Read from the weights: a kept weight may also be exactly zero (e.g. regrown by SET into a dead unit)
         measured = report.snapshots["recovered"].target_sparsity
         assert expected - 1e-3 <= measured <= expected + 0.01
+        masks = regrow.MaskSet.load(tmp_path / name / "masks.safetensors")  # the masks themselves: exact
+        assert masks.sparsity() == pytest.approx(expected, abs=1e-3)
+        weights = load_file(str(tmp_path / name / "model.safetensors"))
+        assert all(torch.count_nonzero(weights[f][~m]) == 0 for f, m in masks.items())
     assert (tmp_path / name / "arch.json").is_file()
     assert report.export["reload_check"]["matches"]
+
+
+def test_a_latency_budget_runs_through_the_pipeline(tmp_path, macs_as_latency):
+    overrides = [
+        "model.train.epochs=1",
+        "recover.epochs=1",
+        "schedule.name=one_shot",
+        "prune.macs=null",
+        "prune.latency=0.7",
+        "evaluate.repeats=3",
+    ]
+    report = regrow.run("digits_resnet_channel", overrides=overrides, out_dir=tmp_path / "o", progress=False)
+    structure = report.prune["structure"]
+    assert structure["budget"] == {"latency": 0.7} and structure["macs_ratio"] == pytest.approx(0.7, rel=0.05)
+    assert structure["equivalence"]["passed"] and report.export["reload_check"]["matches"]
 
 
 def test_measuring_more_does_not_change_what_is_trained(tmp_path):

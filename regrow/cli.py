@@ -163,13 +163,14 @@ def _print_summary(report: object) -> None:
         "size",
     ):
         table.add_column(col, justify="right" if col != "stage" else "left")
+    structural = bool(report.prune.get("structure"))  # type: ignore[attr-defined]
     for stage, snap in s.items():
         table.add_row(
             stage,
             pct(snap.accuracy),
             f"{snap.loss:.4f}",
             human(snap.nonzero_params),
-            pct(snap.target_sparsity),
+            "n/a (shrunk)" if structural else pct(snap.target_sparsity),
             human(snap.macs),
             f"{snap.latency.median_ms:.3f}" if snap.latency else "n/a",
             human(snap.size_bytes, "B"),
@@ -178,9 +179,14 @@ def _print_summary(report: object) -> None:
     console.print(table)
     frac = report.recovered_fraction  # type: ignore[attr-defined]
     drop = report.drop  # type: ignore[attr-defined]
-    line = f"pruning drop {100 * drop:.2f} points"
-    if frac is not None:
-        line += "; recovery won back all of it and more" if frac > 1 else f"; recovery won back {100 * frac:.1f}% of it"
+    if frac is None:
+        line = f"pruning cost no test accuracy ({100 * -drop:+.2f} points)"
+    elif frac > 1:
+        line = f"pruning drop {100 * drop:.2f} points; recovery won back all of it and more"
+    elif frac <= 0:
+        line = f"pruning drop {100 * drop:.2f} points; recovery did not win any of it back"
+    else:
+        line = f"pruning drop {100 * drop:.2f} points; recovery won back {100 * frac:.1f}% of it"
     speed = report.prune.get("speed")  # type: ignore[attr-defined]
     if speed:
         line += f"; measured CPU speed-up {speed['speedup']:.2f}x"

@@ -489,19 +489,49 @@ def _plan_allocation(
     return sens, allocation
 
 
-def _costliest(sens: Any, pruned: Snapshot, reports: list[dict[str, Any]]) -> list[list[Any]] | None:
-    """The targets / groups whose pruning costs most at the sparsity they got (from the sensitivity curves)."""
+def _overall_structure(reports: list[dict[str, Any]], budget: dict[str, float]) -> dict[str, Any] | None:
+    """One structure report for the whole run: the last round's model against the original one.
+
+    Rounds of an iterative schedule each report against the model they started from; this folds them
+    together (units per group from the first round's count to the last round's, MACs and parameters
+    against the original, every equivalence check)."""
+    if len(reports) <= 1:
+        return reports[0] if reports else None
+    first, last = reports[0], reports[-1]
+    before = {g["name"]: g["units_before"] for g in first["groups"]}
+    groups = [g | {"units_before": before.get(g["name"], g["units_before"])} for g in last["groups"]]
+    checks = [r["equivalence"] for r in reports]
+    worst = max(checks, key=lambda e: e["max_abs_diff"] / max(e["tolerance"], 1e-30))
+    return last | {
+        "budget": budget,
+        "macs_before": first["macs_before"],
+        "params_before": first["params_before"],
+        "macs_ratio": last["macs_after"] / first["macs_before"] if first["macs_before"] else 1.0,
+        "params_ratio": last["params_after"] / first["params_before"] if first["params_before"] else 1.0,
+        "units_total": first["units_total"],
+        "units_removed": sum(r["units_removed"] for r in reports),
+        "groups": groups,
+        "evaluations": sum(r["evaluations"] for r in reports),
+        "equivalence": worst | {"passed": all(e["passed"] for e in checks)},
+        "warnings": list(dict.fromkeys(w for r in reports for w in r["warnings"])),
+        "rounds": len(reports),
+    }
+
+
+def _costliest(sens: Any, pruned: Snapshot, structure: dict[str, Any] | None) -> list[list[Any]] | None:
+    """The targets / groups whose pruning costs most at the sparsity they got (from the sensitivity curves);
+    only those whose pruning alone raised the calibration loss."""
     if sens is None:
         return None
-    if reports:
+    if structure:
         levels = {
             g["name"]: 1 - g["units_after"] / g["units_before"]
-            for g in reports[-1]["groups"]
+            for g in structure["groups"]
             if g["excluded"] is None and g["units_before"]
         }
     else:
         levels = dict(pruned.per_target_sparsity)
-    return [[name, rise, levels[name]] for name, rise in sens.costliest(levels, k=3)]
+    return [[name, rise, levels[name]] for name, rise in sens.costliest(levels, k=3) if rise > 0] or None
 
 
 class _Pruner:
@@ -530,11 +560,15 @@ class _Pruner:
     def remember(self, model: nn.Module) -> None:
         self.original = {"macs": float(dense_macs(model, self.sample) or 0), "params": float(count_params(model)[0])}
 
+    def final_budget(self) -> dict[str, float]:
+        p = self.cfg.prune
+        budgets = (("sparsity", p.sparsity), ("macs", p.macs), ("params", p.params), ("latency", p.latency))
+        return {k: v for k, v in budgets if v is not None}
+
     def _structural_budget(self, model: nn.Module, round_index: int, rounds: int) -> dict[str, float]:
         p = self.cfg.prune
         if rounds == 1:
-            budgets = (("sparsity", p.sparsity), ("macs", p.macs), ("params", p.params), ("latency", p.latency))
-            return {k: v for k, v in budgets if v is not None}
+            return self.final_budget()
         share = round_index / rounds
         if p.macs is not None:
             now = dense_macs(model, self.sample) or 1
@@ -823,16 +857,17 @@ def run(
             export["curve_plot"] = plot_curve(history, out / "curve.png", title=f"{cfg.name}: recovery").name
 
     pattern = get_pattern(spec.pattern)
+    structure = _overall_structure(pruner.reports, pruner.final_budget())
     prune_info = spec.to_dict() | {
         "speed_note": pattern.speed_note,
         "excluded_classifier": final_classifier(teacher) if cfg.prune.targets is None and teacher is not None else None,
-        "structure": pruner.reports[-1] if pruner.reports else None,
+        "structure": structure,
         "structure_rounds": pruner.reports if len(pruner.reports) > 1 else None,
         "speed": speed,
         "strategy": strategy.to_dict() if strategy is not None else None,
         "sensitivity": sens.to_dict() if sens is not None else None,
         "allocation": allocation.to_dict() if allocation is not None else None,
-        "costliest": _costliest(sens, snapshots["pruned"], pruner.reports),
+        "costliest": _costliest(sens, snapshots["pruned"], structure),
     }
     recovery_info.update({k: v for k, v in extra.items()})
     report = RunReport(

@@ -98,7 +98,8 @@ class RunReport:
                 "recovered_accuracy": self.accuracy("recovered"),
                 "drop": self.drop,
                 "recovered_fraction": self.recovered_fraction,
-                "target_sparsity": self.snapshots["recovered"].target_sparsity,
+                # None for channel / head removal: the model is smaller, not sparse
+                "target_sparsity": None if self.prune.get("structure") else self.snapshots["recovered"].target_sparsity,
             },
             "config": self.config,
             "environment": self.environment,

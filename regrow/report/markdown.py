@@ -69,7 +69,7 @@ def render_markdown(report: RunReport) -> str:
     out.append(recovery_sentence(drop, rec.accuracy - pruned.accuracy, frac))
     out.append(f"Recovered vs baseline: {100 * (rec.accuracy - base.accuracy):+.2f} points.")
     costliest = spec.get("costliest")
-    if costliest:
+    if costliest and drop > 0:
         out += [
             "",
             "**Why accuracy dropped in the pruned stage.** Pruned alone to the sparsity it got, each of these "
@@ -171,6 +171,27 @@ def render_markdown(report: RunReport) -> str:
             f"{'heads' if spec.get('pattern') == 'head' else 'channel units'} removed "
             f"({structure['evaluations']} candidate selections measured)."
         )
+        rounds = spec.get("structure_rounds")
+        if rounds:
+            out.append("")
+            out.append(f"In {len(rounds)} rounds of shrink -> recover, each against the model it started from:")
+            out.append("")
+            out.append(
+                table(
+                    ["round", "budget for the round", "MACs kept", "parameters kept", "units removed"],
+                    [
+                        [
+                            i + 1,
+                            ", ".join(f"{k} = {v:.3g}" for k, v in r["budget"].items()),
+                            pct(r["macs_ratio"]),
+                            pct(r["params_ratio"]),
+                            r["units_removed"],
+                        ]
+                        for i, r in enumerate(rounds)
+                    ],
+                )
+            )
+            out.append("")
         out.append(
             f"Equivalence check {'passed' if eq['passed'] else 'FAILED'}: the shrunk model's outputs differ from "
             f"the masked simulation by at most {eq['max_abs_diff']:.3g} (tolerance {eq['tolerance']:.3g} = "

@@ -176,9 +176,17 @@ def test_every_shipped_recipe_runs(tmp_path, name):
     structure = report.prune["structure"]
     if cfg["pattern"] in ("channel", "head"):
         assert structure["equivalence"]["passed"]
+        summary = json.loads((tmp_path / name / "report.json").read_text())["summary"]
+        assert summary["target_sparsity"] is None  # smaller, not sparse
         if cfg["macs"] is not None:
             baseline, recovered = report.snapshots["baseline"].macs, report.snapshots["recovered"].macs
             assert recovered / baseline == pytest.approx(cfg["macs"], rel=0.05)  # rounds compound the 2 %
+            # the report describes the whole run (all rounds), not its last round
+            assert structure["macs_ratio"] == pytest.approx(recovered / baseline, rel=1e-6)
+            assert structure["budget"] == {"macs": cfg["macs"]}
+            if report.config["schedule"]["name"] == "iterative":
+                assert structure["rounds"] == report.config["schedule"]["rounds"]
+                assert "In 2 rounds of shrink -> recover" in (tmp_path / name / "report.md").read_text()
         else:
             assert structure["units_removed"] > 0
     else:

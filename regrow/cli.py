@@ -46,7 +46,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="override a recipe key, e.g. --set prune.sparsity=0.8 (repeatable; values are YAML)",
     )
     p.add_argument("--out", metavar="DIR", help="output directory (default: runs/<name>-<timestamp>)")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty directory: regrow's files from an earlier run are replaced, others kept",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

@@ -44,10 +44,29 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write(path, write)
 
 
+# What a run or a sensitivity analysis writes. --overwrite removes these (and only these) first, so no
+# file from an earlier run can pass for this run's output.
+RUN_FILES = (
+    "config.yaml",
+    "report.json",
+    "report.md",
+    "curve.png",
+    "model.safetensors",
+    "masks.safetensors",
+    "shared.safetensors",
+    "arch.json",
+    "allocation.json",
+    "sensitivity.json",
+    "sensitivity.md",
+    "sensitivity.png",
+)
+
+
 def prepare_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False, create: bool = True) -> Path:
     """Create the output directory, refusing a non-empty one unless ``overwrite`` is set.
 
-    With ``create=False`` only the check is made.
+    With ``overwrite``, the files regrow writes (``RUN_FILES``) are removed first; other files stay. With
+    ``create=False`` only the check is made.
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -59,4 +78,7 @@ def prepare_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False, cr
         )
     if create:
         out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
     return out

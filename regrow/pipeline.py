@@ -838,7 +838,13 @@ def run(
         with timer.stage("compare_latency"):
             batch = sample_inputs(test, ev.latency_batch_size)
             dense_cpu, pruned_cpu = copy.deepcopy(teacher).cpu(), copy.deepcopy(model).cpu()
-            before, after = compare_latency(dense_cpu, pruned_cpu, to_device(batch, torch.device("cpu")))
+            before, after = compare_latency(
+                dense_cpu,
+                pruned_cpu,
+                to_device(batch, torch.device("cpu")),
+                rounds=max(ev.repeats, 30),  # a ratio needs enough pairs to be steady
+                warmup=ev.warmup,
+            )
             speed = {
                 "baseline": before.to_dict(),
                 "recovered": after.to_dict(),

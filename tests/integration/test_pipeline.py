@@ -62,12 +62,14 @@ def test_run_refuses_a_non_empty_out_dir_and_overwrites_on_request(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "mine.txt").write_text("x")
+    (out / "allocation.json").write_text("{}")  # as an earlier run with an allocation would leave it
     budget = ["model.train.epochs=1", "recover.epochs=1", "evaluate.latency=false"]
     with pytest.raises(regrow.RegrowError, match="not empty"):
         regrow.run("demo", overrides=budget, out_dir=out, progress=False)
     regrow.run("demo", overrides=budget, out_dir=out, overwrite=True, progress=False)
     assert (out / "mine.txt").read_text() == "x"
     assert (out / "report.json").is_file()
+    assert not (out / "allocation.json").exists()  # this run planned no allocation: nothing stale remains
 
 
 @pytest.mark.parametrize("schedule", ["iterative", "gradual"])

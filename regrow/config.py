@@ -469,7 +469,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def settle_strategy(data: dict[str, Any]) -> dict[str, Any]:
+    """Decide auto vs manual on the recipe as written, before ``--set`` overrides: setting e.g.
+    ``recover.epochs`` on the command line keeps an only-a-budget recipe on strategy auto."""
+    if data.get("strategy") is not None or not isinstance(data.get("prune"), Mapping):
+        return data
+    only_budget = set(data["prune"]) <= set(BUDGET_KEYS)
+    return dict(data, strategy="auto") if only_budget and not ({"schedule", "recover"} & set(data)) else data
+
+
 def load_config(recipe: str | os.PathLike[str], overrides: list[str] | None = None) -> tuple[RunConfig, Path]:
     data, path = read_recipe(recipe)
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(settle_strategy(data), overrides or [])
     return validate(data, source=f"recipe {str(path)!r}"), path

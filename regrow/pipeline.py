@@ -20,7 +20,7 @@ from torch import nn
 
 from regrow.batches import forward, to_device, unpack
 from regrow.components import build_augment, build_data, build_model, device_of, search_path
-from regrow.config import RunConfig, apply_overrides, load_config, validate
+from regrow.config import RunConfig, apply_overrides, load_config, settle_strategy, validate
 from regrow.data.split import split_validation
 from regrow.errors import RegrowError
 from regrow.io import atomic_write_text, prepare_out_dir
@@ -81,9 +81,10 @@ def _as_config(
     config: RunConfig | Mapping[str, Any] | str | os.PathLike[str], overrides: list[str]
 ) -> tuple[RunConfig, Path | None]:
     if isinstance(config, RunConfig):
-        config = config.model_dump(mode="json")
+        strategy = config.strategy or ("auto" if config.auto() else "manual")
+        config = config.model_dump(mode="json") | {"strategy": strategy}
     if isinstance(config, Mapping):
-        return validate(apply_overrides(dict(config), overrides)), None
+        return validate(apply_overrides(settle_strategy(dict(config)), overrides)), None
     return load_config(config, overrides)
 
 
@@ -287,6 +288,23 @@ def _apply_settings(cfg: RunConfig, settings: dict[str, Any]) -> RunConfig:
     return validate(apply_overrides(cfg.model_dump(mode="json"), [f"{k}={json.dumps(v)}" for k, v in settings.items()]))
 
 
+class _Unshuffled:
+    """Iterate a loader without spending its shuffling randomness: its generator's state is put back after,
+    so measuring before training (strategy auto, timing a step) never changes the order training sees."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.generator = getattr(loader, "generator", None)
+
+    def __enter__(self) -> Any:
+        self.state = self.generator.get_state() if self.generator is not None else None
+        return self.loader
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.state is not None:
+            self.generator.set_state(self.state)
+
+
 def _auto_strategy(cfg: RunConfig, model: nn.Module, train: Any, teacher: bool, device: str) -> Any:
     from regrow.strategy import Facts, decide
     from regrow.structural.graph import find_attention
@@ -302,13 +320,14 @@ def _auto_strategy(cfg: RunConfig, model: nn.Module, train: Any, teacher: bool, 
         if isinstance(m, nn.MultiheadAttention):
             layers["attention"] += 1
     layers["attention"] += len(find_attention(model))
-    inputs, _ = unpack(next(iter(train)))
+    with _Unshuffled(train) as loader:
+        inputs, _ = unpack(next(iter(loader)))
+        samples = (
+            len(loader.dataset)
+            if hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__")
+            else sum(unpack(b)[1].shape[0] for b in loader)
+        )
     sample = to_device(inputs, torch.device(device))
-    samples = (
-        len(train.dataset)
-        if hasattr(train, "dataset") and hasattr(train.dataset, "__len__")
-        else sum(unpack(b)[1].shape[0] for b in train)
-    )
     step_seconds = _time_one_step(model, train, device)
     p = cfg.prune
     budget = {
@@ -336,7 +355,8 @@ def _auto_strategy(cfg: RunConfig, model: nn.Module, train: Any, teacher: bool, 
 def _time_one_step(model: nn.Module, train: Any, device: str) -> float:
     """Seconds for one forward + backward on a training batch (on a copy; nothing changes)."""
     trial = copy.deepcopy(model).train()
-    inputs, targets = unpack(next(iter(train)))
+    with _Unshuffled(train) as loader:
+        inputs, targets = unpack(next(iter(loader)))
     inputs, targets = to_device(inputs, torch.device(device)), to_device(targets, torch.device(device))
     times = []
     for _ in range(3):

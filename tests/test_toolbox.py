@@ -1,5 +1,6 @@
 """The recovery toolbox: rewinding, one-cycle, dynamic sparsity, weight sharing, stopping, transfer."""
 
+import copy
 import math
 
 import pytest
@@ -314,6 +315,24 @@ def test_stop_when_within_the_baseline():
     assert "baseline_val_accuracy" in result.details
 
 
+def test_stop_when_within_counts_points_below_the_baseline():
+    model = trained()
+    masks = regrow.prune(model, 0.3)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        m, k = copy.deepcopy(model), copy.deepcopy(masks)
+        data = (make_batches(6), make_batches(2, seed=1))
+        return regrow.recover(m, k, *data, method="finetune", epochs=3, patience=None, progress=False, **kw)
+
+    first = run().history[1].val_accuracy
+    baseline = first + 0.004  # the first epoch ends 0.4 points below this baseline
+    hit = run(stop_when={"within": 0.5}, baseline_val_accuracy=baseline)
+    assert hit.epochs_run == 1 and "within 0.5 points" in hit.stop_reason
+    miss = run(stop_when={"within": 0.3}, baseline_val_accuracy=baseline)
+    assert miss.history[1].val_accuracy == first and miss.epochs_run > 1
+
+
 def test_stop_when_time_is_up():
     model = trained()
     masks = regrow.prune(model, 0.3)
@@ -363,9 +382,22 @@ def test_unknown_options_are_refused():
         regrow.recover(model, masks, make_batches(4), lr_schedule="triangle", progress=False)
 
 
-def test_one_cycle_recovers():
+def test_one_cycle_drives_the_optimizer():
     model = trained()
     masks = regrow.prune(model, 0.5)
+    seen = []
+
+    class Watch:
+        def on_train_start(self, state):
+            pass
+
+        def on_step_end(self, state):
+            seen.append(state.optimizer.param_groups[0]["lr"])
+
+        def checkpoint_ready(self, state):
+            return True
+
+    watch = Watch()
     result = regrow.recover(
         model,
         masks,
@@ -374,9 +406,12 @@ def test_one_cycle_recovers():
         lr_schedule="one_cycle",
         max_lr=0.05,
         epochs=2,
+        callbacks=[watch],
         progress=False,
     )
-    assert result.history[1].lr is not None and not math.isnan(result.best_val_accuracy)
+    # 16 steps: a cosine rise from 0.05 / 25 to the peak 0.05 over the first 30 %, then annealed to ~0
+    assert seen[0] < 0.01 and max(seen) == pytest.approx(0.05, rel=1e-2) and seen.index(max(seen)) == 4
+    assert seen[-1] == pytest.approx(0.05 / 25 / 1e4) and not math.isnan(result.best_val_accuracy)
 
 
 def test_masked_patterns_warn_that_they_cannot_speed_up_dense_kernels():

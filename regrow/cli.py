@@ -52,6 +52,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="write into a non-empty directory: regrow's files from an earlier run are replaced, others kept",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    # also accepted after the command (regrow run demo --debug); SUPPRESS keeps the top-level value otherwise
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only print the summary")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -280,7 +280,11 @@ class RecoverConfig(_Strict):
     alpha: float = Field(0.5, ge=0, le=1, description="distill: weight of the soft (teacher) loss")
     temperature: float = Field(2.0, gt=0, description="distill: softmax temperature")
     grad_clip: float | None = Field(None, gt=0)
-    distill: bool | None = Field(None, description="rigl/set/share/transfer: add the distillation loss (default: no)")
+    distill: bool | None = Field(
+        None,
+        description="add the distillation loss to finetune/rigl/set/share (default: only for method distill, "
+        "where false turns it off; not for transfer)",
+    )
     rewind: Literal["none", "lr", "weights"] = Field(
         "none", description="replay the original LR schedule (lr), and reset weights too (weights)"
     )
@@ -390,7 +394,7 @@ def explain(exc: ValidationError, source: str = "config") -> RegrowError:
         elif err["type"] == "missing":
             parts.append(f"missing key '{where}'")
         else:
-            msg = err["msg"].removeprefix("Value error, ")
+            msg = err["msg"].removeprefix("Value error, ").rstrip(".")
             given = err.get("input")
             shown = f" (got {given!r})" if given is not None and not isinstance(given, (dict, list)) else ""
             parts.append(f"'{where}': {msg}{shown}" if loc else msg)

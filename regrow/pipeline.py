@@ -91,6 +91,7 @@ def _as_config(
 def _recover_kwargs(cfg: RunConfig, search: list[Path]) -> dict[str, Any]:
     """recover() keyword arguments from the recipe: factories resolved, files found next to the recipe."""
     opts = cfg.recover.model_dump()
+    opts["share"] = {"k": opts["share"]["k"]}  # share.after / share.epochs are the run's, not recover()'s
     opts["augment"] = build_augment(opts.pop("augment"), search)
     checkpoint = opts.pop("rewind_checkpoint")
     if checkpoint is not None:

@@ -417,3 +417,12 @@ def test_one_cycle_drives_the_optimizer():
 def test_masked_patterns_warn_that_they_cannot_speed_up_dense_kernels():
     with pytest.warns(regrow.errors.SpeedWarning, match="cannot make dense kernels faster"):
         regrow.prune(TinyMLP(), 0.5)
+
+
+def test_recipe_only_share_options_and_transfer_distill_are_refused_in_python():
+    model = trained(1)
+    masks = regrow.prune(model, 0.5)
+    with pytest.raises(RegrowError, match="share.after and share.epochs are recipe settings"):
+        regrow.recover(model, masks, make_batches(4), method="share", share={"after": True}, progress=False)
+    with pytest.raises(RegrowError, match="does not apply to method 'transfer'"):
+        regrow.recover(model, masks, make_batches(4), method="transfer", distill=True, progress=False)

@@ -139,7 +139,8 @@ def recover(
             is restored at the end either way.
         alpha, temperature: distillation loss ``alpha * T^2 * KL + (1 - alpha) * task loss``.
         augment: a callable applied to each training input batch.
-        distill: for rigl / set / share: add the distillation loss (default False).
+        distill: add the distillation loss to finetune / rigl / set / share (default: only for method
+            "distill", where ``distill=False`` leaves the task loss alone); not for "transfer".
         rewind: ``"lr"`` replays the original training's learning-rate schedule from ``rewind_epoch``
             (default: its end minus the recovery length); ``"weights"`` also resets the weights to
             ``rewind_state`` (a state dict or safetensors file of the weights at that point).
@@ -196,6 +197,16 @@ def recover(
         )
     except ValidationError as exc:
         raise explain(exc, "recovery options") from None
+    if share and {"after", "epochs"} & set(share):
+        raise RegrowError(
+            "share.after and share.epochs are recipe settings (a run shares the weights after recovery); in "
+            "Python, call regrow.recover again with method='share' after the first recovery."
+        )
+    if method == "transfer" and distill:
+        raise RegrowError(
+            "distill=True does not apply to method 'transfer': the teacher's logits are for other classes; "
+            "transfer already distills features (feature_weight)."
+        )
     check_reiterable(train, "train")
     if val is None:
         train, val = split_validation(train, val_fraction)

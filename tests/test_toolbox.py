@@ -16,6 +16,22 @@ from regrow.recovery.lr import LR_SCHEDULES, LRContext, OriginalSchedule, defaul
 from regrow.recovery.sharing import kmeans_1d, share
 
 
+class LrWatch:
+    """A step callback that records the optimizer's learning rate after every step."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_start(self, state):
+        pass
+
+    def on_step_end(self, state):
+        self.seen.append(state.optimizer.param_groups[0]["lr"])
+
+    def checkpoint_ready(self, state):
+        return True
+
+
 def trained(epochs=8):
     torch.manual_seed(0)
     model = TinyMLP()
@@ -70,17 +86,8 @@ def test_lr_rewinding_replays_the_tail_of_the_original_schedule():
 def test_lr_rewinding_drives_the_optimizer():
     model = trained()
     masks = regrow.prune(model, 0.5)
-    seen = []
-
-    class Watch:
-        def on_train_start(self, state):
-            pass
-
-        def on_step_end(self, state):
-            seen.append(state.optimizer.param_groups[0]["lr"])
-
-        def checkpoint_ready(self, state):
-            return True
+    watch = LrWatch()
+    seen = watch.seen
 
     original = {"lr": 0.2, "epochs": 6, "schedule": "step", "milestones": [4], "gamma": 0.5}
     regrow.recover(
@@ -92,7 +99,7 @@ def test_lr_rewinding_drives_the_optimizer():
         epochs=3,
         rewind="lr",
         original=original,
-        callbacks=[Watch()],
+        callbacks=[watch],
         progress=False,
     )
     # 3 recovery epochs of 5 steps replay epochs 3..6 of the original: 0.2 for one epoch, then 0.1
@@ -385,19 +392,8 @@ def test_unknown_options_are_refused():
 def test_one_cycle_drives_the_optimizer():
     model = trained()
     masks = regrow.prune(model, 0.5)
-    seen = []
-
-    class Watch:
-        def on_train_start(self, state):
-            pass
-
-        def on_step_end(self, state):
-            seen.append(state.optimizer.param_groups[0]["lr"])
-
-        def checkpoint_ready(self, state):
-            return True
-
-    watch = Watch()
+    watch = LrWatch()
+    seen = watch.seen
     result = regrow.recover(
         model,
         masks,

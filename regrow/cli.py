@@ -1,4 +1,4 @@
-"""The ``regrow`` command line: ``run``, ``demo``, ``list``.
+"""The ``regrow`` command line: ``run``, ``demo``, ``sensitivity``, ``list``.
 
 Bad input prints one paragraph and exits with code 2 (no traceback; ``--debug`` shows it).
 """
@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"regrow: error: {message}\n")
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(p: argparse.ArgumentParser, default_out: str = "runs/<name>-<timestamp>") -> None:
     p.add_argument(
         "--set",
         dest="overrides",
@@ -45,7 +45,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a recipe key, e.g. --set prune.sparsity=0.8 (repeatable; values are YAML)",
     )
-    p.add_argument("--out", metavar="DIR", help="output directory (default: runs/<name>-<timestamp>)")
+    p.add_argument("--out", metavar="DIR", help=f"output directory (default: {default_out})")
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="the built-in demo on scikit-learn's digits (no download)",
-        description="Train a small CNN on scikit-learn's 8x8 digits, prune 90%% of its weights "
+        description="Train a small CNN on scikit-learn's 8x8 digits, prune 90% of its weights "
         "with global magnitude, recover with distillation, and write the report.",
     )
     _add_run_options(demo)
@@ -90,10 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="prune each target or group alone and measure the loss",
         description="Sensitivity analysis of a recipe's model (trained first if the recipe says so): each target, "
         "or for channel/head patterns each coupled group, pruned alone to each level of sensitivity.levels; loss "
-        "and accuracy on calibration batches.",
+        "and accuracy on calibration batches. A transfer recipe (model.train.data) is measured on its source data.",
     )
     sens.add_argument("recipe", help="recipe file or built-in recipe name")
-    _add_run_options(sens)
+    _add_run_options(sens, default_out="runs/<name>-sensitivity-<timestamp>")
 
     lst = sub.add_parser(
         "list",
@@ -148,6 +148,8 @@ def _print_list(what: str | None) -> None:
         else:
             reg = registries[name]
             for item in reg.names():
+                if name == "lr_schedules" and item == "rewind":
+                    continue  # chosen by recover.rewind, not by recover.lr_schedule
                 print(f"  {item:<22} {reg.describe(item)}")
 
 

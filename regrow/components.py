@@ -82,11 +82,17 @@ def build_model(cfg: ModelConfig, search: list[Path] | None = None, *, load_chec
     if not isinstance(model, nn.Module):
         raise RegrowError(f"{label} returned {type(model).__name__}; it must return a torch.nn.Module.")
     if load_checkpoint and cfg.checkpoint:
-        path = Path(cfg.checkpoint)
-        if not path.is_absolute() and search:
-            path = next((s / path for s in search if (s / path).exists()), path)
-        load_weights(model, path)
+        load_weights(model, find_file(cfg.checkpoint, search))
     return model
+
+
+def find_file(name: str, search: list[Path] | None = None) -> Path:
+    """A file named in a recipe: absolute, or relative to the recipe's folder (the ``search`` folders) if it
+    is there, else to the working directory. Returned as given when found nowhere, for the caller's error."""
+    path = Path(name)
+    if path.is_absolute():
+        return path
+    return next((s / path for s in search or [] if (s / path).exists()), path)
 
 
 def build_data(cfg: DataConfig, search: list[Path] | None = None) -> DataBundle:

@@ -66,11 +66,6 @@ class ComponentConfig(_Strict):
         return self
 
 
-class ModelConfig(ComponentConfig):
-    checkpoint: str | None = Field(None, description="safetensors file loaded into the model (never pickle)")
-    train: TrainConfig | None = Field(None, description="train the model before pruning")
-
-
 class DataConfig(ComponentConfig):
     """The factory returns train / val / test loaders (see regrow.data.DataBundle)."""
 
@@ -89,6 +84,11 @@ class TrainConfig(_Strict):
     data: DataConfig | None = Field(
         None, description="train on this (source) dataset instead, then transfer to `data` with a new head"
     )
+
+
+class ModelConfig(ComponentConfig):
+    checkpoint: str | None = Field(None, description="safetensors file loaded into the model (never pickle)")
+    train: TrainConfig | None = Field(None, description="train the model before pruning")
 
 
 BUDGET_KEYS = ("sparsity", "threshold", "macs", "params", "latency")
@@ -112,13 +112,17 @@ class PruneConfig(_Strict):
         description="largest share removed from any target or group (default: 0.9 channel/head, 0.99 masked)",
     )
     min_sparsity: float = Field(0.0, ge=0, lt=1, description="allocation: smallest share removed from any target")
-    pattern: str | None = Field(None, description="default: chosen by strategy auto, else unstructured")
+    pattern: str | None = Field(
+        None, description="default: chosen by strategy auto, else channel for macs/params/latency, unstructured"
+    )
     criterion: str = "magnitude"
     scope: Literal["global", "layer"] = "global"
     allocation: Literal["uniform", "global", "sensitivity", "search"] | None = Field(
         None, description="per-target sparsities for the budget; default: follows scope"
     )
-    allocation_file: str | None = Field(None, description="an allocation.json from an earlier run, reused as is")
+    allocation_file: str | None = Field(
+        None, description="an allocation.json from an earlier run, scaled to the budget"
+    )
     clamps: dict[str, list[float]] | None = Field(None, description="allocation: {glob: [min, max]} per target")
     search_candidates: int = Field(16, ge=2, description="allocation search: candidates scored on calibration data")
     targets: list[str] | None = Field(

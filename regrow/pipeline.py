@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from regrow.batches import forward, to_device, unpack
-from regrow.components import build_augment, build_data, build_model, device_of, search_path
+from regrow.components import build_augment, build_data, build_model, device_of, find_file, search_path
 from regrow.config import RunConfig, apply_overrides, load_config, settle_strategy, validate
 from regrow.data.split import split_validation
 from regrow.errors import RegrowError
@@ -88,6 +88,30 @@ def _as_config(
     return load_config(config, overrides)
 
 
+def _with_found_files(cfg: RunConfig, search: list[Path]) -> RunConfig:
+    """Files the recipe names relative to its folder, made absolute: the saved config.yaml reruns from anywhere."""
+
+    def found(name: str | None) -> str | None:
+        path = find_file(name, search) if name else None
+        return str(path.resolve()) if path is not None and path.is_file() else name
+
+    return cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"checkpoint": found(cfg.model.checkpoint)}),
+            "prune": cfg.prune.model_copy(update={"allocation_file": found(cfg.prune.allocation_file)}),
+            "recover": cfg.recover.model_copy(update={"rewind_checkpoint": found(cfg.recover.rewind_checkpoint)}),
+        }
+    )
+
+
+def _config_text(cfg: RunConfig, search: list[Path]) -> str:
+    folders = " and ".join(["the working directory", *(str(s) for s in search)])
+    return (
+        "# The resolved config of this run: rerun it with `regrow run config.yaml`. Factories were imported\n"
+        f"# from {folders}; run it again from a place where they still import.\n" + cfg.to_yaml()
+    )
+
+
 def _recover_kwargs(cfg: RunConfig, search: list[Path]) -> dict[str, Any]:
     """recover() keyword arguments from the recipe: factories resolved, files found next to the recipe."""
     opts = cfg.recover.model_dump()
@@ -95,9 +119,7 @@ def _recover_kwargs(cfg: RunConfig, search: list[Path]) -> dict[str, Any]:
     opts["augment"] = build_augment(opts.pop("augment"), search)
     checkpoint = opts.pop("rewind_checkpoint")
     if checkpoint is not None:
-        path = Path(checkpoint)
-        if not path.is_absolute():
-            path = next((s / path for s in search if (s / path).exists()), path)
+        path = find_file(checkpoint, search)
         if not path.is_file():
             raise RegrowError(f"recover.rewind_checkpoint {checkpoint!r} does not exist.")
         opts["rewind_state"] = path
@@ -650,11 +672,13 @@ def run(
 
     Writes into ``out_dir`` (default ``runs/<name>-<timestamp>``; a non-empty folder is refused unless
     ``overwrite``): ``config.yaml``, ``report.json``, ``report.md``, ``curve.png``,
-    ``model.safetensors`` (masks squashed in) and ``masks.safetensors``. ``overrides`` are
-    ``"key.sub=value"`` strings, as with ``regrow run --set``.
+    ``model.safetensors`` (masks squashed in), ``masks.safetensors`` and ``arch.json``, and when they
+    apply ``sensitivity.json`` / ``.png``, ``allocation.json`` and ``shared.safetensors`` (README, "What a
+    run writes"). ``overrides`` are ``"key.sub=value"`` strings, as with ``regrow run --set``.
     """
     cfg, recipe_path = _as_config(config, overrides or [])
     search = search_path(recipe_path)
+    cfg = _with_found_files(cfg, search)
     device = device_of(cfg.device)
     if out_dir is not None:  # fail before any work if the folder would be refused
         prepare_out_dir(out_dir, overwrite=overwrite, create=False)
@@ -692,7 +716,7 @@ def run(
             )
     # Everything the user gave has been checked; only now is anything written.
     out = prepare_out_dir(out_dir or default_out_dir(cfg.name), overwrite=overwrite)
-    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    atomic_write_text(out / "config.yaml", _config_text(cfg, search))
 
     notes: list[str] = []
     extra: dict[str, Any] = {}
@@ -762,7 +786,7 @@ def run(
             spec, structural = _validate_request(cfg, model)
             keep = {k: recover_kwargs[k] for k in ("rewind_state", "rewind_epoch") if k in recover_kwargs}
             recover_kwargs = _recover_kwargs(cfg, search) | keep
-            atomic_write_text(out / "config.yaml", cfg.to_yaml())  # the config as decided
+            atomic_write_text(out / "config.yaml", _config_text(cfg, search))  # the config as decided
         for decision in strategy.decisions:
             log.info("strategy: %s", decision.line())
     sens, allocation = _plan_allocation(cfg, model, spec, structural, train, val, out, timer, progress, device)
@@ -1011,11 +1035,14 @@ def run_sensitivity(
 ) -> Any:
     """Only the sensitivity analysis of a recipe (baseline trained first if the recipe says so).
 
-    Writes ``sensitivity.json``, ``sensitivity.png`` and ``sensitivity.md`` into ``out_dir``.
+    With ``model.train.data`` (a transfer recipe) the model is trained and measured on that source data,
+    where its classifier applies. Writes ``sensitivity.json``, ``sensitivity.png`` and ``sensitivity.md``
+    into ``out_dir``.
     """
 
     cfg, recipe_path = _as_config(config, overrides or [])
     search = search_path(recipe_path)
+    cfg = _with_found_files(cfg, search)
     device = device_of(cfg.device)
     if out_dir is not None:
         prepare_out_dir(out_dir, overwrite=overwrite, create=False)
@@ -1026,6 +1053,13 @@ def run_sensitivity(
         train, val = split_validation(train, cfg.data.val_fraction, cfg.seed)
     model = build_model(cfg.model, search).to(device)
     spec, _ = _validate_request(cfg, model)
+    if cfg.model.train is not None and cfg.model.train.data is not None:
+        # A transfer recipe: the model is trained on the source task and its head only fits that task, so
+        # it is measured there (a run measures it again on the target task after giving it a new head).
+        source = build_data(cfg.model.train.data, search)
+        train, val = source.train, source.val
+        if val is None:
+            train, val = split_validation(train, cfg.model.train.data.val_fraction, cfg.seed)
     out = prepare_out_dir(out_dir or default_out_dir(f"{cfg.name}-sensitivity"), overwrite=overwrite)
     if cfg.model.train is not None:
         seed_everything(cfg.seed + 1)

@@ -156,10 +156,10 @@ def prune(
         model: a trained model; its pruned weights become exactly zero (or, for structural patterns, are
             removed).
         sparsity: fraction of target weights to zero, in [0, 1) (structural patterns: of channels or heads
-            removed). Give this, ``threshold``, or for structural patterns ``macs`` / ``params``.
+            removed). Give this, ``threshold``, or for structural patterns ``macs`` / ``params`` / ``latency``.
         threshold: zero every target weight whose score is below this value.
         pattern: ``"unstructured"``, an n:m pattern such as ``"2:4"``, ``"channel"`` or ``"head"``.
-        criterion: ``"magnitude"``, ``"random"``, ``"taylor"`` (needs ``data``); structural patterns also
+        criterion: ``"magnitude"``, ``"random"``, ``"taylor"`` (needs ``data``); ``"channel"`` also
             ``"bn_scale"``. See ``regrow list``.
         scope: ``"global"`` (one ranking over all targets) or ``"layer"`` (same sparsity per target).
         targets: fqns or globs of parameters to prune. Default: weights of all Linear/Conv layers except

@@ -1,5 +1,6 @@
 """Every bad input: exit code 2, one paragraph on stderr, no traceback, nothing written."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -261,3 +262,47 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "sparsity must be a number in [0, 1)" in proc.stderr
+
+
+def test_sensitivity_command_writes_its_files(capsys, tmp_path):
+    out = tmp_path / "s"
+    code, _, _ = run_cli(
+        capsys,
+        "sensitivity",
+        "demo",
+        "--set",
+        "model.train.epochs=2",
+        "--set",
+        "sensitivity.levels=[0.5, 0.9]",
+        "--set",
+        "sensitivity.batches=1",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {"sensitivity.json", "sensitivity.png", "sensitivity.md"}
+    saved = json.loads((out / "sensitivity.json").read_text())
+    assert saved["levels"] == [0.5, 0.9]
+    assert [c["name"] for c in saved["curves"]] == ["0.weight", "2.weight", "6.weight"]
+    assert all(len(c["loss"]) == 2 for c in saved["curves"])
+
+
+def test_sensitivity_of_a_transfer_recipe_is_measured_on_its_source_data(tmp_path):
+    from regrow.pipeline import run_sensitivity
+
+    result = run_sensitivity(
+        "digits_transfer",
+        overrides=[
+            "model.train.epochs=5",
+            "model.kwargs.num_classes=3",
+            "model.train.data.kwargs.classes=[0, 1, 2]",
+            "data.kwargs.classes=[3, 4, 5, 6, 7, 8, 9]",
+            "sensitivity.levels=[0.5]",
+            "sensitivity.batches=2",
+        ],
+        out_dir=tmp_path / "s",
+        progress=False,
+    )
+    # Trained and measured on the 3 source classes; the 7-class target data does not fit its head.
+    assert result.baseline_accuracy > 0.8

@@ -5,6 +5,7 @@ import textwrap
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -95,7 +96,7 @@ def test_schedules_reach_the_final_sparsity(tmp_path, schedule):
     assert any("prunes during recovery" in n for n in report.notes)
 
 
-def test_user_factories_next_to_the_recipe(tmp_path):
+def test_user_factories_next_to_the_recipe(tmp_path, monkeypatch):
     (tmp_path / "my_project.py").write_text(
         textwrap.dedent("""
         import torch
@@ -126,6 +127,22 @@ def test_user_factories_next_to_the_recipe(tmp_path):
     report = regrow.run(tmp_path / "recipe.yaml", out_dir=tmp_path / "out", progress=False)
     assert report.snapshots["recovered"].per_target_sparsity == {"0.weight": 0.5, "2.weight": 0.5}
     assert report.export["reload_check"]["matches"]
+
+    # A checkpoint named relative to its recipe is found from any working directory, and the saved
+    # config.yaml names it absolutely, so the run can be repeated from the config alone.
+    (tmp_path / "out" / "model.safetensors").rename(tmp_path / "trained.safetensors")
+    recipe = (tmp_path / "recipe.yaml").read_text().replace("train: {epochs: 5}", "checkpoint: trained.safetensors")
+    (tmp_path / "again.yaml").write_text(recipe)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    first = regrow.run(tmp_path / "again.yaml", out_dir=tmp_path / "a", progress=False)
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert saved["model"]["checkpoint"] == str((tmp_path / "trained.safetensors").resolve())
+    assert first.accuracy("baseline") == report.accuracy("recovered")
+    monkeypatch.chdir(tmp_path)  # where my_project imports from
+    second = regrow.run(tmp_path / "a" / "config.yaml", out_dir=tmp_path / "b", progress=False)
+    assert second.accuracy("recovered") == first.accuracy("recovered")
 
 
 # Reduced budgets for every shipped recipe; the recipes themselves stay as users run them.

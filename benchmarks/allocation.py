@@ -26,7 +26,17 @@ import warnings
 import torch
 
 import regrow
-from benchmarks.common import RESULTS, fashion_mnist_or_exit, markdown_table, mean_std, stamp, stamp_markdown, write_csv
+from benchmarks.common import (
+    RESULTS,
+    RunCache,
+    fashion_mnist_or_exit,
+    markdown_table,
+    mean_std,
+    reseed,
+    stamp,
+    stamp_markdown,
+    write_csv,
+)
 from benchmarks.structural import dense_resnet
 from regrow.measure.metrics import classification_metrics
 from regrow.measure.sensitivity import calibration_batches
@@ -51,6 +61,11 @@ def main() -> None:
     achieved: dict[str, list[float]] = {}
     rows_csv = []
     dense_acc = []
+    cache = RunCache(
+        "allocation",
+        {k: getattr(args, k) for k in ("macs", "epochs", "train_limit", "calibration_batches", "candidates", "data")},
+        uses=("structural",),  # the dense baselines are trained there
+    )
     for seed in range(args.seeds):
         data = fashion_mnist_or_exit(args.data, batch_size=128, seed=seed, train_limit=args.train_limit)
         dense = dense_resnet(seed, data, args.train_limit).eval()
@@ -76,33 +91,46 @@ def main() -> None:
                 return float("inf")
 
         for method in METHODS:
-            torch.manual_seed(1000 + seed)
-            started = time.perf_counter()
-            plan = regrow.allocate(method, sens, "macs", args.macs, score=score, candidates=args.candidates, seed=seed)
-            model = shrunk(plan.per_target)
-            masks = model.regrow_masks  # type: ignore[attr-defined]
-            del model.regrow_masks  # type: ignore[attr-defined]
-            pruned = classification_metrics(model, data.test)["accuracy"]
-            regrow.recover(
-                model, masks, data.train, data.val, epochs=args.epochs, teacher=copy.deepcopy(dense), progress=False
-            )
-            recovered = classification_metrics(model, data.test)["accuracy"]
+
+            def measure(method=method, seed=seed, dense=dense, data=data, sens=sens, score=score) -> dict:
+                reseed(1000 + seed, data)
+                started = time.perf_counter()
+                plan = regrow.allocate(
+                    method, sens, "macs", args.macs, score=score, candidates=args.candidates, seed=seed
+                )
+                model = shrunk(plan.per_target)
+                masks = model.regrow_masks  # type: ignore[attr-defined]
+                del model.regrow_masks  # type: ignore[attr-defined]
+                pruned = classification_metrics(model, data.test)["accuracy"]
+                regrow.recover(
+                    model, masks, data.train, data.val, epochs=args.epochs, teacher=copy.deepcopy(dense), progress=False
+                )
+                return {
+                    "pruned": pruned,
+                    "recovered": classification_metrics(model, data.test)["accuracy"],
+                    "macs_ratio": masks.structure.macs_ratio,
+                    "per_target": plan.per_target,
+                    "seconds": time.perf_counter() - started,
+                }
+
+            run = cache.get({"seed": seed, "allocation": method}, measure)
+            pruned, recovered, macs_ratio = run["pruned"], run["recovered"], run["macs_ratio"]
             results.setdefault((method, "pruned"), []).append(pruned)
             results.setdefault((method, "recovered"), []).append(recovered)
-            achieved.setdefault(method, []).append(masks.structure.macs_ratio)
+            achieved.setdefault(method, []).append(macs_ratio)
             rows_csv.append(
                 [
                     method,
                     seed,
                     f"{pruned:.4f}",
                     f"{recovered:.4f}",
-                    f"{masks.structure.macs_ratio:.4f}",
-                    " ".join(f"{k}={v:.3f}" for k, v in plan.per_target.items()),
+                    f"{macs_ratio:.4f}",
+                    " ".join(f"{k}={v:.3f}" for k, v in run["per_target"].items()),
                 ]
             )
             print(
-                f"  {method:12} MACs {masks.structure.macs_ratio:.3f}: pruned {100 * pruned:.2f}%, recovered "
-                f"{100 * recovered:.2f}% ({time.perf_counter() - started:.0f} s)",
+                f"  {method:12} MACs {macs_ratio:.3f}: pruned {100 * pruned:.2f}%, recovered "
+                f"{100 * recovered:.2f}% ({run['seconds']:.0f} s)",
                 flush=True,
             )
 
@@ -137,6 +165,8 @@ def main() -> None:
         markdown_table(header, rows),
         "",
     ]
+    if cache.note():
+        lines += [cache.note(), ""]
     (RESULTS / "allocation.md").write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 

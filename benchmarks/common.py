@@ -87,8 +87,74 @@ def cached_dense(name: str, seed: int, build: Any, train: Any, key: dict[str, An
         return model
     train(model)
     CACHE.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(path))
+    partial = path.with_suffix(".partial")
+    save_model(model, str(partial))
+    partial.replace(path)  # an interrupted save never leaves a half-written baseline behind
     return model
+
+
+def code_digest(*scripts: str) -> str:
+    """A hash of regrow's sources, this file and the named scripts: cached runs are reused only by the same code."""
+    import hashlib
+
+    h = hashlib.sha1()
+    root = Path(__file__).parents[1]
+    here = Path(__file__).parent
+    for path in sorted([*(root / "regrow").rglob("*.py"), here / "common.py", *(here / f"{n}.py" for n in scripts)]):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+class RunCache:
+    """Finished runs of one study, kept under ``benchmarks/cache/runs/<study>/``.
+
+    A long benchmark that is interrupted resumes where it stopped when the same command is run again: a run
+    is reused only when its settings, the code (``code_digest``) and the torch version are the same. The
+    results say how many runs came from the cache. Delete the folder to measure everything afresh.
+    """
+
+    def __init__(self, study: str, settings: dict[str, Any], uses: tuple[str, ...] = ()) -> None:
+        self.folder = CACHE / "runs" / study
+        self.settings = {**settings, "code": code_digest(study, *uses), "torch": torch.__version__}
+        self.reused = 0
+        self.total = 0
+
+    def get(self, key: dict[str, Any], compute: Any) -> dict[str, Any]:
+        import hashlib
+        import json
+
+        full = {**self.settings, **key}
+        digest = hashlib.sha1(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = self.folder / f"{digest}.json"
+        self.total += 1
+        if path.is_file():
+            self.reused += 1
+            return json.loads(path.read_text(encoding="utf-8"))["result"]
+        result = compute()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps({"key": full, "result": result}, default=str), encoding="utf-8")
+        partial.replace(path)
+        return result
+
+    def note(self) -> str:
+        """A sentence for the results, when any run came from the cache."""
+        if not self.reused:
+            return ""
+        return (
+            f"{self.reused} of {self.total} runs were measured by an earlier, interrupted invocation of the same "
+            f"command with the same code and settings, and taken from `{self.folder.relative_to(CACHE.parent.parent)}`."
+        )
+
+
+def reseed(seed: int, data: Any) -> None:
+    """Seed torch and the training loader's shuffling: each run is then independent of the runs before it,
+    so a benchmark resumed from its cache gives the numbers an uninterrupted one gives."""
+    torch.manual_seed(seed)
+    generator = getattr(data.train, "generator", None)
+    if generator is not None:
+        generator.manual_seed(seed)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

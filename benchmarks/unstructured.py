@@ -32,10 +32,12 @@ from torch.nn.utils import prune as torch_prune
 import regrow
 from benchmarks.common import (
     RESULTS,
+    RunCache,
     dense_lenet,
     fashion_mnist_or_exit,
     markdown_table,
     mean_std,
+    reseed,
     stamp,
     stamp_markdown,
     write_csv,
@@ -105,6 +107,7 @@ def main() -> None:
     results: dict[tuple[str, float], list[float]] = {}
     dense_acc = []
     csv_rows = []
+    cache = RunCache("unstructured", {"epochs": args.epochs, "data": args.data})
     for seed in range(args.seeds):
         data = fashion_mnist_or_exit(args.data, batch_size=128, seed=seed)
         dense = dense_lenet(seed, data)
@@ -112,17 +115,20 @@ def main() -> None:
         print(f"seed {seed}: dense {100 * dense_acc[-1]:.2f}%", flush=True)
         for sparsity in args.sparsities:
             for variant in VARIANTS:
-                torch.manual_seed(1000 + seed)
-                started = time.perf_counter()
-                model, achieved = run_variant(variant, dense, sparsity, data, args.epochs)
-                acc = classification_metrics(model, data.test)["accuracy"]
+
+                def measure(variant=variant, sparsity=sparsity, seed=seed, dense=dense, data=data) -> dict:
+                    reseed(1000 + seed, data)
+                    started = time.perf_counter()
+                    model, achieved = run_variant(variant, dense, sparsity, data, args.epochs)
+                    acc = classification_metrics(model, data.test)["accuracy"]
+                    return {"accuracy": acc, "achieved": achieved, "seconds": time.perf_counter() - started}
+
+                run = cache.get({"seed": seed, "sparsity": sparsity, "variant": variant}, measure)
+                acc, achieved = run["accuracy"], run["achieved"]
                 assert abs(achieved - sparsity) < 2e-3, (variant, achieved)
                 results.setdefault((variant, sparsity), []).append(acc)
                 csv_rows.append([variant, sparsity, seed, f"{acc:.4f}", f"{achieved:.4f}"])
-                print(
-                    f"  sparsity {sparsity:g} {variant:38} {100 * acc:.2f}% ({time.perf_counter() - started:.0f} s)",
-                    flush=True,
-                )
+                print(f"  sparsity {sparsity:g} {variant:38} {100 * acc:.2f}% ({run['seconds']:.0f} s)", flush=True)
 
     dense_mean, dense_std = mean_std(dense_acc)
     write_csv(
@@ -155,6 +161,8 @@ def main() -> None:
         "![test accuracy against sparsity](unstructured.png)",
         "",
     ]
+    if cache.note():
+        lines += [cache.note(), ""]
     if 0.98 in args.sparsities:
         best = max(mean_std(results[(v, 0.98)])[0] for v in VARIANTS[2:])
         torch_b = mean_std(results[(VARIANTS[1], 0.98)])[0]

@@ -88,11 +88,20 @@ def build_model(cfg: ModelConfig, search: list[Path] | None = None, *, load_chec
 
 def find_file(name: str, search: list[Path] | None = None) -> Path:
     """A file named in a recipe: absolute, or relative to the recipe's folder (the ``search`` folders) if it
-    is there, else to the working directory. Returned as given when found nowhere, for the caller's error."""
+    is there, else to the working directory. Returned as given when found nowhere, for the caller's error.
+    A name that means two different files (one next to the recipe, one in the working directory) is an error."""
     path = Path(name)
     if path.is_absolute():
         return path
-    return next((s / path for s in search or [] if (s / path).exists()), path)
+    beside = next((s / path for s in search or [] if (s / path).exists()), None)
+    if beside is None:
+        return path
+    if path.exists() and not path.resolve().samefile(beside):
+        raise RegrowError(
+            f"{name!r} names two different files: {beside} (next to the recipe) and {path.resolve()} (in the "
+            "working directory); give an absolute path."
+        )
+    return beside
 
 
 def build_data(cfg: DataConfig, search: list[Path] | None = None) -> DataBundle:

@@ -89,26 +89,29 @@ def _as_config(
 
 
 def _with_found_files(cfg: RunConfig, search: list[Path]) -> RunConfig:
-    """Files the recipe names relative to its folder, made absolute: the saved config.yaml reruns from anywhere."""
+    """Files the recipe names relative to its folder, made absolute: the saved config.yaml reruns from anywhere.
+
+    Only the keys that change are replaced, so the keys a recipe set stay exactly those it set (strategy auto
+    is decided from them)."""
 
     def found(name: str | None) -> str | None:
         path = find_file(name, search) if name else None
         return str(path.resolve()) if path is not None and path.is_file() else name
 
-    return cfg.model_copy(
-        update={
-            "model": cfg.model.model_copy(update={"checkpoint": found(cfg.model.checkpoint)}),
-            "prune": cfg.prune.model_copy(update={"allocation_file": found(cfg.prune.allocation_file)}),
-            "recover": cfg.recover.model_copy(update={"rewind_checkpoint": found(cfg.recover.rewind_checkpoint)}),
-        }
-    )
+    for section, key in (("model", "checkpoint"), ("prune", "allocation_file"), ("recover", "rewind_checkpoint")):
+        part = getattr(cfg, section)
+        old = getattr(part, key)
+        new = found(old)
+        if new != old:
+            cfg = cfg.model_copy(update={section: part.model_copy(update={key: new})})
+    return cfg
 
 
 def _config_text(cfg: RunConfig, search: list[Path]) -> str:
-    folders = " and ".join(["the working directory", *(str(s) for s in search)])
+    folders = ", ".join(json.dumps(str(f)) for f in [Path.cwd(), *search])
     return (
-        "# The resolved config of this run: rerun it with `regrow run config.yaml`. Factories were imported\n"
-        f"# from {folders}; run it again from a place where they still import.\n" + cfg.to_yaml()
+        "# The resolved config of this run: rerun it with `regrow run config.yaml`. Factories were imported from\n"
+        f"# {folders}; run it again where they still import.\n" + cfg.to_yaml()
     )
 
 

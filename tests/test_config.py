@@ -70,3 +70,25 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     (tmp_path / "config.yaml").write_text(cfg.to_yaml())
     again, _ = load_config(tmp_path / "config.yaml")
     assert again == cfg
+
+
+def test_found_files_become_absolute_and_leave_the_given_keys_alone(tmp_path, monkeypatch):
+    from regrow.pipeline import _with_found_files
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "alloc.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    # No prune section in the recipe: the budget comes from --set, so strategy auto decides from the keys set.
+    cfg = validate(apply_overrides({k: v for k, v in BASE.items() if k != "prune"}, ["prune.macs=0.5"]))
+    assert cfg.auto()
+    same = _with_found_files(cfg, [tmp_path / "recipes"])
+    assert same.auto() and same.prune.model_fields_set == {"macs"}
+
+    cfg = validate(apply_overrides(BASE, ["prune.allocation_file=alloc.json"]))
+    found = _with_found_files(cfg, [tmp_path / "recipes"])
+    assert found.prune.allocation_file == str((tmp_path / "recipes" / "alloc.json").resolve())
+    assert found.model_fields_set == cfg.model_fields_set
+
+    (tmp_path / "alloc.json").write_text("{}")  # the same name in the working directory: which one is meant?
+    with pytest.raises(RegrowError, match="'alloc.json' names two different files: .* give an absolute path"):
+        _with_found_files(cfg, [tmp_path / "recipes"])

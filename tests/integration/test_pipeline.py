@@ -1,6 +1,9 @@
 """Whole runs on small budgets: artifacts, report contents, exact reload, every shipped recipe."""
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -140,9 +143,14 @@ def test_user_factories_next_to_the_recipe(tmp_path, monkeypatch):
     saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
     assert saved["model"]["checkpoint"] == str((tmp_path / "trained.safetensors").resolve())
     assert first.accuracy("baseline") == report.accuracy("recovered")
-    monkeypatch.chdir(tmp_path)  # where my_project imports from
-    second = regrow.run(tmp_path / "a" / "config.yaml", out_dir=tmp_path / "b", progress=False)
-    assert second.accuracy("recovered") == first.accuracy("recovered")
+    # Rerun in a fresh process from a third folder, my_project importable: the checkpoint is found only
+    # through its absolute path in config.yaml.
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "regrow.cli", "run", str(tmp_path / "a" / "config.yaml"), "--out", "b", "-q"]
+    done = subprocess.run(cmd, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    again = json.loads((elsewhere / "b" / "report.json").read_text())
+    assert again["snapshots"]["recovered"]["accuracy"] == first.accuracy("recovered")
 
 
 # Reduced budgets for every shipped recipe; the recipes themselves stay as users run them.

@@ -120,23 +120,43 @@ class RunCache:
         self.reused = 0
         self.total = 0
 
-    def get(self, key: dict[str, Any], compute: Any) -> dict[str, Any]:
+    def _path(self, key: dict[str, Any]) -> Path:
         import hashlib
         import json
 
         full = {**self.settings, **key}
-        digest = hashlib.sha1(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        path = self.folder / f"{digest}.json"
+        return (
+            self.folder
+            / f"{hashlib.sha1(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:16]}.json"
+        )
+
+    def lookup(self, key: dict[str, Any]) -> dict[str, Any] | None:
+        """The cached result of this run, or None; counts towards the note."""
+        import json
+
         self.total += 1
-        if path.is_file():
-            self.reused += 1
-            return json.loads(path.read_text(encoding="utf-8"))["result"]
-        result = compute()
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        self.reused += 1
+        return json.loads(path.read_text(encoding="utf-8"))["result"]
+
+    def store(self, key: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        import json
+
+        path = self._path(key)
         self.folder.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps({"key": full, "result": result}, default=str), encoding="utf-8")
-        partial.replace(path)
+        partial.write_text(
+            json.dumps({"key": {**self.settings, **key}, "result": result}, default=str), encoding="utf-8"
+        )
+        partial.replace(path)  # atomic: an interrupted write never leaves a broken entry
         return result
+
+    def get(self, key: dict[str, Any], compute: Any) -> dict[str, Any]:
+        """The cached result of this run, else ``compute()``, stored."""
+        cached = self.lookup(key)
+        return cached if cached is not None else self.store(key, compute())
 
     def note(self) -> str:
         """A sentence for the results, when any run came from the cache."""

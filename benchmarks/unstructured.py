@@ -1,6 +1,6 @@
 """Unstructured pruning of LeNet-300-100 on Fashion-MNIST: regrow against what a user would otherwise do.
 
-Run: python -m benchmarks.unstructured [--seeds 3] [--epochs 40] [--data DIR]
+Run: python -m benchmarks.unstructured [--seeds 3] [--epochs 40] [--data DIR] [--jobs 2]
 
 For each seed the dense LeNet-300-100 (784-300-100-10, Han et al. 2015) is trained once (cached) and
 pruned at each sparsity, over the first two layers (the classifier stays dense in every variant):
@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import multiprocessing
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 import torch.nn.functional as F
@@ -94,41 +96,67 @@ def run_variant(variant: str, dense: nn.Module, sparsity: float, data: object, e
     return model, masks.sparsity()
 
 
+def measure_run(root: str | None, seed: int, sparsity: float, variant: str, epochs: int) -> dict:
+    """One run from scratch: data, the cached dense model, seeds. The same numbers in any process and order."""
+    logging.getLogger("regrow").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=regrow.errors.SpeedWarning)
+    data = fashion_mnist_or_exit(root, batch_size=128, seed=seed)
+    dense = dense_lenet(seed, data)
+    reseed(1000 + seed, data)
+    started = time.perf_counter()
+    model, achieved = run_variant(variant, dense, sparsity, data, epochs)
+    acc = classification_metrics(model, data.test)["accuracy"]
+    return {"accuracy": acc, "achieved": achieved, "seconds": time.perf_counter() - started}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=40, help="recovery epoch budget of (b) and (c)")
     parser.add_argument("--sparsities", type=float, nargs="+", default=SPARSITIES)
     parser.add_argument("--data", default=None, help="folder with the four Fashion-MNIST IDX files")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (same numbers)")
     args = parser.parse_args()
     logging.getLogger("regrow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=regrow.errors.SpeedWarning)
     info = stamp()
-    results: dict[tuple[str, float], list[float]] = {}
     dense_acc = []
-    csv_rows = []
-    cache = RunCache("unstructured", {"epochs": args.epochs, "data": args.data})
-    for seed in range(args.seeds):
+    for seed in range(args.seeds):  # trains (or loads) each seed's dense baseline before any run needs it
         data = fashion_mnist_or_exit(args.data, batch_size=128, seed=seed)
-        dense = dense_lenet(seed, data)
-        dense_acc.append(classification_metrics(dense, data.test)["accuracy"])
+        dense_acc.append(classification_metrics(dense_lenet(seed, data), data.test)["accuracy"])
         print(f"seed {seed}: dense {100 * dense_acc[-1]:.2f}%", flush=True)
-        for sparsity in args.sparsities:
-            for variant in VARIANTS:
 
-                def measure(variant=variant, sparsity=sparsity, seed=seed, dense=dense, data=data) -> dict:
-                    reseed(1000 + seed, data)
-                    started = time.perf_counter()
-                    model, achieved = run_variant(variant, dense, sparsity, data, args.epochs)
-                    acc = classification_metrics(model, data.test)["accuracy"]
-                    return {"accuracy": acc, "achieved": achieved, "seconds": time.perf_counter() - started}
+    cache = RunCache("unstructured", {"epochs": args.epochs, "data": args.data})
+    runs = [(seed, s, v) for seed in range(args.seeds) for s in args.sparsities for v in VARIANTS]
+    done = {run: cache.lookup({"seed": run[0], "sparsity": run[1], "variant": run[2]}) for run in runs}
 
-                run = cache.get({"seed": seed, "sparsity": sparsity, "variant": variant}, measure)
-                acc, achieved = run["accuracy"], run["achieved"]
-                assert abs(achieved - sparsity) < 2e-3, (variant, achieved)
-                results.setdefault((variant, sparsity), []).append(acc)
-                csv_rows.append([variant, sparsity, seed, f"{acc:.4f}", f"{achieved:.4f}"])
-                print(f"  sparsity {sparsity:g} {variant:38} {100 * acc:.2f}% ({run['seconds']:.0f} s)", flush=True)
+    def finished(run: tuple[int, float, str], result: dict) -> None:
+        done[run] = cache.store({"seed": run[0], "sparsity": run[1], "variant": run[2]}, result)
+        seed, sparsity, variant = run
+        print(
+            f"  seed {seed} sparsity {sparsity:g} {variant:38} {100 * result['accuracy']:.2f}% "
+            f"({result['seconds']:.0f} s)",
+            flush=True,
+        )
+
+    todo = [run for run in runs if done[run] is None]
+    if args.jobs > 1 and todo:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(measure_run, args.data, *run, args.epochs): run for run in todo}
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
+    else:
+        for run in todo:
+            finished(run, measure_run(args.data, *run, args.epochs))
+
+    results: dict[tuple[str, float], list[float]] = {}
+    csv_rows = []
+    for run in runs:
+        seed, sparsity, variant = run
+        acc, achieved = done[run]["accuracy"], done[run]["achieved"]  # type: ignore[index]
+        assert abs(achieved - sparsity) < 2e-3, (variant, achieved)
+        results.setdefault((variant, sparsity), []).append(acc)
+        csv_rows.append([variant, sparsity, seed, f"{acc:.4f}", f"{achieved:.4f}"])
 
     dense_mean, dense_std = mean_std(dense_acc)
     write_csv(
@@ -154,7 +182,8 @@ def main() -> None:
         f"Dense LeNet-300-100: **{100 * dense_mean:.2f} ± {100 * dense_std:.2f} %** test accuracy ({args.seeds} seeds; "
         "AdamW, lr 0.002, cosine, 30 epochs; 55k train / 5k validation / 10k test). Test accuracy in % (mean ± "
         f"std over {args.seeds} seeds) after pruning the first two layers to each sparsity; (b) and (c) get the "
-        f"same budget of **{args.epochs} epochs**. (b) keeps its final model; regrow keeps its best validation epoch.",
+        f"same budget of **{args.epochs} epochs**. (b) keeps its final model; regrow keeps its best validation epoch. "
+        f"Runs: {args.jobs} at a time, one process each.",
         "",
         markdown_table(header, rows),
         "",

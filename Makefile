@@ -25,7 +25,7 @@ test: $(STAMP)
 # Published results (benchmarks/results/): Fashion-MNIST from the Debian package dataset-fashion-mnist.
 # Several hours on 2 CPU cores; each study can also be run alone, e.g. python -m benchmarks.unstructured.
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.unstructured
+	$(BIN)/python -m benchmarks.unstructured --jobs 2
 	$(BIN)/python -m benchmarks.structural
 	$(BIN)/python -m benchmarks.overhead
 	$(BIN)/python -m benchmarks.recovery_methods

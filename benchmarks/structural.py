@@ -240,7 +240,7 @@ def main() -> None:
         f"**{args.epochs} recovery epochs** on the same images. Mean ± std over seeds. Speed-ups: the pruned "
         "model against the dense one, interleaved forward passes in one process, median. torch-pruning runs with "
         "`round_to=8` unless no channel ratio then lands within 2 % of the MACs budget, in which case it runs "
-        "without rounding (the CSV's last column: 8 or 1).",
+        "without rounding.",
         "",
         markdown_table(header, rows),
         "",

@@ -1,11 +1,13 @@
 """Recovery methods side by side: LeNet-300-100 on Fashion-MNIST at 95 % and 98 % sparsity.
 
-Run: python -m benchmarks.recovery_methods [--seeds 3] [--epochs 40] [--data DIR]
+Run: python -m benchmarks.recovery_methods [--seeds 3] [--epochs 40] [--methods NAME ...] [--data DIR] [--jobs 2]
 
 Each seed trains the dense LeNet-300-100 (784-300-100-10, Han et al. 2015) once (cached under
 benchmarks/cache/), prunes it with global magnitude (final classifier dense), and recovers it with each
 method under the same epoch budget. Test accuracy is on the official 10k test set, which recovery never
-sees; checkpoints are chosen on a 5k validation split of the training set.
+sees; checkpoints are chosen on a 5k validation split of the training set. Finished runs are kept in
+benchmarks/cache/runs/ (see ``RunCache``), so an interrupted study resumes; ``--methods`` runs a subset and
+prints its table without touching benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -13,19 +15,24 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import multiprocessing
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
+from torch import nn
 
 import regrow
 from benchmarks.common import (
     LENET_DENSE,
     RESULTS,
+    RunCache,
     dense_lenet,
     fashion_mnist_or_exit,
     markdown_table,
     mean_std,
+    reseed,
     stamp,
     stamp_markdown,
     write_csv,
@@ -49,57 +56,94 @@ def methods(budget: int) -> dict[str, dict]:
     }
 
 
+def run_method(name: str, dense: nn.Module, sparsity: float, data: object, epochs: int) -> nn.Module:
+    model = copy.deepcopy(dense)
+    options = dict(methods(epochs)[name])
+    callbacks = []
+    if options.pop("gradual", False):
+        masks = regrow.prune(model, 0.0)
+        callbacks = [regrow.GradualPruning(final=sparsity, every=50, end=0.6)]
+    else:
+        masks = regrow.prune(model, sparsity)
+    regrow.recover(
+        model,
+        masks,
+        data.train,  # type: ignore[attr-defined]
+        data.val,  # type: ignore[attr-defined]
+        epochs=epochs,
+        patience=None,
+        teacher=copy.deepcopy(dense),
+        callbacks=callbacks,
+        progress=False,
+        **options,
+    )
+    assert abs(masks.sparsity() - sparsity) < 1e-3, (name, masks.sparsity())
+    return model
+
+
+def measure_run(root: str | None, seed: int, sparsity: float, name: str, epochs: int) -> dict:
+    """One run from scratch: data, the cached dense model, seeds. The same numbers in any process and order."""
+    logging.getLogger("regrow").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=regrow.errors.SpeedWarning)
+    torch.set_num_threads(1)
+    data = fashion_mnist_or_exit(root, batch_size=128, seed=seed)
+    dense = dense_lenet(seed, data)
+    reseed(1000 + seed, data)
+    started = time.perf_counter()
+    model = run_method(name, dense, sparsity, data, epochs)
+    acc = classification_metrics(model, data.test)["accuracy"]
+    return {"accuracy": acc, "seconds": time.perf_counter() - started}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=40, help="recovery epoch budget, the same for every method")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.95, 0.98])
+    parser.add_argument("--methods", nargs="+", default=None, help="a subset of the methods, by name (default: all)")
     parser.add_argument("--data", default=None, help="folder with the four Fashion-MNIST IDX files")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (same numbers)")
     args = parser.parse_args()
     logging.getLogger("regrow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=regrow.errors.SpeedWarning)
+    names = list(methods(args.epochs))
+    if args.methods:
+        unknown = [m for m in args.methods if m not in names]
+        if unknown:
+            parser.error(f"unknown method(s) {unknown}; choose from {names}")
+        names = [m for m in names if m in args.methods]
     info = stamp()
-    results: dict[tuple[str, float], list[float]] = {}
     dense_acc = []
-    for seed in range(args.seeds):
+    for seed in range(args.seeds):  # trains (or loads) each seed's dense baseline before any run needs it
         data = fashion_mnist_or_exit(args.data, batch_size=128, seed=seed)
+        dense_acc.append(classification_metrics(dense_lenet(seed, data), data.test)["accuracy"])
+        print(f"seed {seed}: dense test accuracy {100 * dense_acc[-1]:.2f}%", flush=True)
 
-        dense = dense_lenet(seed, data)
-        acc = classification_metrics(dense, data.test)["accuracy"]
-        dense_acc.append(acc)
-        print(f"seed {seed}: dense test accuracy {100 * acc:.2f}%", flush=True)
-        for sparsity in args.sparsities:
-            for name, options in methods(args.epochs).items():
-                torch.manual_seed(1000 + seed)
-                model = copy.deepcopy(dense)
-                options = dict(options)
-                callbacks = []
-                if options.pop("gradual", False):
-                    masks = regrow.prune(model, 0.0)
-                    callbacks = [regrow.GradualPruning(final=sparsity, every=50, end=0.6)]
-                else:
-                    masks = regrow.prune(model, sparsity)
-                started = time.perf_counter()
-                regrow.recover(
-                    model,
-                    masks,
-                    data.train,
-                    data.val,
-                    epochs=args.epochs,
-                    patience=None,
-                    teacher=copy.deepcopy(dense),
-                    callbacks=callbacks,
-                    progress=False,
-                    **options,
-                )
-                test = classification_metrics(model, data.test)["accuracy"]
-                assert abs(masks.sparsity() - sparsity) < 1e-3
-                results.setdefault((name, sparsity), []).append(test)
-                print(
-                    f"seed {seed} sparsity {sparsity} {name:18} test {100 * test:.2f}% "
-                    f"({time.perf_counter() - started:.0f} s)",
-                    flush=True,
-                )
+    cache = RunCache("recovery_methods", {"epochs": args.epochs, "data": args.data})
+    runs = [(seed, s, name) for seed in range(args.seeds) for s in args.sparsities for name in names]
+    done = {run: cache.lookup({"seed": run[0], "sparsity": run[1], "method": run[2]}) for run in runs}
+
+    def finished(run: tuple[int, float, str], result: dict) -> None:
+        done[run] = cache.store({"seed": run[0], "sparsity": run[1], "method": run[2]}, result)
+        seed, sparsity, name = run
+        print(
+            f"  seed {seed} sparsity {sparsity:g} {name:18} test {100 * result['accuracy']:.2f}% "
+            f"({result['seconds']:.0f} s)",
+            flush=True,
+        )
+
+    todo = [run for run in runs if done[run] is None]
+    if args.jobs > 1 and todo:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(measure_run, args.data, *run, args.epochs): run for run in todo}
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
+    else:
+        for run in todo:
+            finished(run, measure_run(args.data, *run, args.epochs))
+    results: dict[tuple[str, float], list[float]] = {}
+    for seed, sparsity, name in runs:
+        results.setdefault((name, sparsity), []).append(done[(seed, sparsity, name)]["accuracy"])  # type: ignore[index]
 
     dense_mean, dense_std = mean_std(dense_acc)
     header = [
@@ -108,7 +152,7 @@ def main() -> None:
         *[f"gap to dense at {s:g}" for s in args.sparsities],
     ]
     rows = []
-    for name in methods(args.epochs):
+    for name in names:
         cells, gaps = [], []
         for s in args.sparsities:
             m, sd = mean_std(results[(name, s)])
@@ -116,8 +160,7 @@ def main() -> None:
             gaps.append(f"{100 * (m - dense_mean):+.2f}")
         rows.append([name, *cells, *gaps])
     csv_rows = [[name, s, seed, f"{acc:.4f}"] for (name, s), accs in results.items() for seed, acc in enumerate(accs)]
-    write_csv(RESULTS / "recovery_methods.csv", ["method", "sparsity", "seed", "test_accuracy"], csv_rows, info)
-    best = {s: max(methods(args.epochs), key=lambda n, s=s: mean_std(results[(n, s)])[0]) for s in args.sparsities}
+    best = {s: max(names, key=lambda n, s=s: mean_std(results[(n, s)])[0]) for s in args.sparsities}
     lines = [
         "# Recovery methods: LeNet-300-100 on Fashion-MNIST",
         "",
@@ -129,7 +172,7 @@ def main() -> None:
         f"method gets the same budget of **{args.epochs} recovery epochs** (AdamW, lr 1e-3 unless the method sets "
         "it, weight decay 5e-4, no early stopping; the best validation epoch is kept). Gradual ramps the "
         "sparsity from 0 during the first 60 % of those epochs (cubic, masks updated every 50 steps); RigL "
-        "updates masks every 100 steps.",
+        f"updates masks every 100 steps. Runs: {args.jobs} at a time, one process each, 1 torch thread.",
         "",
         markdown_table(header, rows),
         "",
@@ -142,8 +185,14 @@ def main() -> None:
         "Per-seed numbers: `recovery_methods.csv`.",
         "",
     ]
-    (RESULTS / "recovery_methods.md").write_text("\n".join(lines), encoding="utf-8")
+    if cache.note():
+        lines += [cache.note(), ""]
     print("\n".join(lines))
+    if args.methods:  # a partial study never replaces the committed results
+        print("(a subset of the methods: benchmarks/results/ left unchanged)")
+        return
+    write_csv(RESULTS / "recovery_methods.csv", ["method", "sparsity", "seed", "test_accuracy"], csv_rows, info)
+    (RESULTS / "recovery_methods.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 if __name__ == "__main__":

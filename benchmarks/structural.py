@@ -9,8 +9,9 @@ blocks) is trained once (cached) on a subset of the training images, then for ea
   the classifier ignored, ``round_to=8``; its channel ``pruning_ratio`` is searched so that the MACs
   (``tp.utils.count_ops_and_params``) land within 2 % of the budget; then plain fine-tuning (SGD, momentum
   0.9, lr 0.01, cosine, weight decay 5e-4), final model;
-* regrow with its defaults: ``regrow.prune(model, pattern="channel", macs=budget, data=...)`` and
-  ``regrow.recover(...)`` (distillation, AdamW, cosine, best validation epoch).
+* regrow with its defaults: ``regrow.prune(model, pattern="channel", macs=budget, data=...)`` (kept widths
+  rounded to the CPU's channel block: 16 with AVX-512, 8 otherwise) and ``regrow.recover(...)``
+  (distillation, AdamW, cosine, best validation epoch).
 
 Both get the same number of recovery epochs. Reported: test accuracy (10k official test images), achieved
 MACs and parameters, and the CPU latency speed-up over the dense model at batch 64 and batch 1, each
@@ -240,7 +241,8 @@ def main() -> None:
         f"**{args.epochs} recovery epochs** on the same images. Mean ± std over seeds. Speed-ups: the pruned "
         "model against the dense one, interleaved forward passes in one process, median. torch-pruning runs with "
         "`round_to=8` unless no channel ratio then lands within 2 % of the MACs budget, in which case it runs "
-        "without rounding.",
+        f"without rounding. regrow rounds with its default for this CPU, multiples of "
+        f"{regrow.structural.auto_round_to(torch.device('cpu'))} for groups of at least 32 channels.",
         "",
         markdown_table(header, rows),
         "",

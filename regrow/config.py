@@ -103,7 +103,8 @@ class PruneConfig(_Strict):
     round_to: int | None = Field(
         None,
         ge=1,
-        description="channel: round kept channel counts down to a multiple (default: 8 for groups of 32+ channels)",
+        description="channel: round kept channel counts down to a multiple (default for groups of 32+ channels: 16 "
+        "on AVX-512 CPUs, else 8)",
     )
     max_sparsity: float | None = Field(
         None,

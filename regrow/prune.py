@@ -171,9 +171,10 @@ def prune(
         macs / params: structural budgets: the fraction of MACs / parameters to keep, in (0, 1], reached
             within 2 % (relative). If the units are too coarse for that, the closest selection is used with
             a warning when it is within 10 % of the budget; further off is an error.
-        round_to: structural: round kept channel counts down to a multiple of this. Default: 8 for groups
-            of at least 32 channels (the widths dense kernels run fastest), none for narrower ones; 1 turns
-            rounding off.
+        round_to: structural: round kept channel counts down to a multiple of this. Default, for groups of
+            at least 32 channels: the channel block of the device's fastest dense kernels, 16 on CPUs with
+            AVX-512 and 8 elsewhere (``regrow.structural.auto_round_to``); narrower groups are not rounded;
+            1 turns rounding off.
         max_sparsity: structural: the largest share of any group's units removed.
         example_inputs: structural: inputs to trace the model with (default: the first batch of ``data``).
         latency: structural budget: the fraction of the measured latency to keep (met within 5 %).

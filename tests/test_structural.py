@@ -11,6 +11,7 @@ from torch import nn
 
 import regrow
 from regrow.errors import RegrowError
+from regrow.report.markdown import _rounding
 from regrow.structural import MultiheadAttention, load, save, shrink
 from regrow.structural.attention import convert_attention
 from zoo import CNNS, TRANSFORMERS, DenseConcat, ResidualCNN, TinyTransformer, images, tokens
@@ -153,6 +154,29 @@ def test_budgets_are_met_within_two_percent():
             "sparsity": report.units_removed / report.units_total,
         }[kind]
         assert abs(achieved - value) <= 0.02 * value, (kind, achieved)
+
+
+@pytest.mark.parametrize(("capability", "multiple"), [("AVX512", 16), ("AVX2", 8), ("DEFAULT", 8)])
+def test_default_rounding_follows_the_cpu_and_spares_narrow_groups(monkeypatch, capability, multiple):
+    # oneDNN blocks channels by 16 with AVX-512 and by 8 with AVX2: the default rounds wide groups to that.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert regrow.structural.auto_round_to(torch.device("cpu")) == multiple
+    assert regrow.structural.auto_round_to(torch.device("cuda")) == 8
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3))
+
+    x = torch.randn(2, 3, 12, 12)
+    prepared = regrow.structural.prepare(net().eval(), pattern="channel", example_inputs=x)
+    assert {g.units: g.step for g in prepared.scores} == {64: multiple, 16: 1}  # 16 channels (< 32): not rounded
+    model = net().eval()
+    report = shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    assert model[0].out_channels % multiple == 0 and model[0].out_channels < 64
+    assert (report.round_to, report.round_to_auto) == (multiple, True)
+    assert f"multiples of {multiple}" in _rounding(report.to_dict())
+    explicit = shrink(net().eval(), pattern="channel", sparsity=0.5, scope="layer", example_inputs=x, round_to=4)
+    assert (explicit.round_to, explicit.round_to_auto) == (4, False)
 
 
 def test_round_to_and_max_sparsity():

@@ -169,7 +169,7 @@ def render_markdown(report: RunReport) -> str:
             f"Budget {budget}: MACs kept {pct(structure['macs_ratio'])}, parameters kept "
             f"{pct(structure['params_ratio'])}; {structure['units_removed']} of {structure['units_total']} "
             f"{'heads' if spec.get('pattern') == 'head' else 'channel units'} removed "
-            f"({structure['evaluations']} candidate selections measured)."
+            f"({structure['evaluations']} candidate selections measured)." + _rounding(structure)
         )
         rounds = spec.get("structure_rounds")
         if rounds:
@@ -327,3 +327,15 @@ def render_markdown(report: RunReport) -> str:
     out += ["", "## Environment", ""]
     out.append(", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
     return "\n".join(out) + "\n"
+
+
+def _rounding(structure: dict[str, Any]) -> str:
+    multiple = structure.get("round_to") or 1
+    if multiple <= 1:
+        return ""
+    if structure.get("round_to_auto"):
+        return (
+            f" Kept widths of groups with at least 32 channels rounded down to multiples of {multiple} (the "
+            "default for this device; round_to sets it)."
+        )
+    return f" Kept widths rounded down to multiples of {multiple} (round_to)."

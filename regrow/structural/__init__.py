@@ -43,10 +43,23 @@ STRUCTURAL_PATTERNS = ("channel", "head")
 MAX_SPARSITY = 0.9
 LATENCY_ROUNDS = 15  # interleaved forward passes per latency measurement of a budget candidate
 LATENCY_TOLERANCE = 0.05
-# Default rounding: kept widths of groups with at least 32 channels become multiples of 8. Dense CPU and
-# GPU kernels are tuned for such widths: on the reference ResNet at half the MACs, odd widths gave a 1.05x
-# speed-up where multiples of 8 gave 1.7x (benchmarks/structural_speed.py).
+# Default rounding: kept widths of groups with at least ROUND_MIN_CHANNELS channels become multiples of the
+# channel block of the device's fastest dense kernels (auto_round_to). On CPUs oneDNN stores activations in
+# blocks of 16 channels with AVX-512 and of 8 with AVX2, so a width between two multiples costs as much as the
+# next one up: on an AVX-512 CPU, 3x3 convs at 14x14 took as long with 24 channels as with 32, with 40 as with
+# 48. On the reference ResNet at half the MACs (trained weights, batch 64), round_to=8 gave 1.44x and
+# round_to=16 gave 1.83x on that CPU (benchmarks/structural_speed.py measures the rounding side by side).
 AUTO_ROUND_TO = 8
+ROUND_MIN_CHANNELS = 32
+
+
+def auto_round_to(device: torch.device | None = None) -> int:
+    """The default ``round_to`` for a model on ``device``: 16 on CPUs with AVX-512, else 8."""
+    if device is None or device.type == "cpu":
+        capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+        if str(capability).upper().startswith("AVX512"):
+            return 16
+    return AUTO_ROUND_TO
 
 
 @dataclass
@@ -69,6 +82,8 @@ class StructureReport:
     evaluations: int = 0
     warnings: list[str] = field(default_factory=list)
     recalibrated_batches: int = 0
+    round_to: int | None = None  # channel pattern: the multiple kept widths were rounded to
+    round_to_auto: bool = False  # the device default, applied to groups of ROUND_MIN_CHANNELS channels or more
 
     @property
     def macs_ratio(self) -> float:
@@ -284,6 +299,7 @@ def prepare(
     attention = find_attention(model)
 
     graph = None
+    auto = auto_round_to(device)
     if pattern == "channel":
         fqns = resolve_targets(model, targets, ignore)
         candidates = {f.rpartition(".")[0] if f.endswith(".weight") else f for f in fqns}
@@ -333,7 +349,7 @@ def prepare(
             if s is None:
                 u.group.excluded = f"criterion {criterion!r} finds nothing to score in it"
                 continue
-            rt = round_to if round_to is not None else (AUTO_ROUND_TO if u.group.channels >= 4 * AUTO_ROUND_TO else 1)
+            rt = round_to if round_to is not None else (auto if u.group.channels >= ROUND_MIN_CHANNELS else 1)
             step = rt // math.gcd(rt, u.group.ch_groups)
         else:
             s = head_scores(u.group, model, criterion)
@@ -494,6 +510,10 @@ def shrink(
         evaluations=evaluations,
         warnings=warnings_list,
         recalibrated_batches=recalibrated,
+        round_to=(round_to if round_to is not None else auto_round_to(model_device(model)))
+        if pattern == "channel"
+        else None,
+        round_to_auto=pattern == "channel" and round_to is None,
     )
     for w in warnings_list[len(notes) :]:
         warnings.warn(w, SpeedWarning, stacklevel=3)
@@ -508,8 +528,8 @@ def _width_warnings(model: nn.Module, round_to: int | None, pattern: str, before
     for name, m in model.named_modules():
         width = getattr(m, "out_channels", None) or getattr(m, "out_features", None)
         was = before.get(name, 0)
-        # Narrow layers (< 32 channels) are not rounded by default: no point nagging about them.
-        wide = was >= 4 * AUTO_ROUND_TO or round_to is not None
+        # Narrow layers are not rounded by default: no point nagging about them.
+        wide = was >= ROUND_MIN_CHANNELS or round_to is not None
         if (
             isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
             and width
@@ -538,6 +558,7 @@ __all__ = [
     "MultiheadAttention",
     "StructureReport",
     "TOLERANCE",
+    "auto_round_to",
     "load",
     "save",
     "select",

@@ -1,6 +1,6 @@
 """Recovery methods side by side: LeNet-300-100 on Fashion-MNIST at 95 % and 98 % sparsity.
 
-Run: python -m benchmarks.recovery_methods [--seeds 3] [--epochs 40] [--methods NAME ...] [--data DIR] [--jobs 2]
+Run: python -m benchmarks.recovery_methods [--seeds 3] [--epochs 80] [--methods NAME ...] [--data DIR] [--jobs 2]
 
 Each seed trains the dense LeNet-300-100 (784-300-100-10, Han et al. 2015) once (cached under
 benchmarks/cache/), prunes it with global magnitude (final classifier dense), and recovers it with each
@@ -98,7 +98,7 @@ def measure_run(root: str | None, seed: int, sparsity: float, name: str, epochs:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=40, help="recovery epoch budget, the same for every method")
+    parser.add_argument("--epochs", type=int, default=80, help="recovery epoch budget, the same for every method")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.95, 0.98])
     parser.add_argument("--methods", nargs="+", default=None, help="a subset of the methods, by name (default: all)")
     parser.add_argument("--data", default=None, help="folder with the four Fashion-MNIST IDX files")

@@ -114,7 +114,9 @@ class PruneConfig(_Strict):
     )
     min_sparsity: float = Field(0.0, ge=0, lt=1, description="allocation: smallest share removed from any target")
     pattern: str | None = Field(
-        None, description="default: chosen by strategy auto, else channel for macs/params/latency, unstructured"
+        None,
+        description="unstructured, n:m (e.g. 2:4), channel or head; default: chosen by strategy auto, otherwise "
+        "channel when a macs/params/latency budget is given and unstructured when not",
     )
     criterion: str = "magnitude"
     scope: Literal["global", "layer"] = "global"

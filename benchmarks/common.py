@@ -169,6 +169,41 @@ class RunCache:
         )
 
 
+def run_all(todo: list[tuple], measure: Any, extra: tuple, jobs: int, finished: Any) -> None:
+    """``finished(run, measure(*extra[:1], *run, *extra[1:]))`` for every run, ``jobs`` processes at a time.
+
+    Every run that succeeds is handed to ``finished`` (and so cached) even when another one fails; the first
+    failure is raised once the others are done.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    def call(run: tuple) -> tuple:
+        return (*extra[:1], *run, *extra[1:])
+
+    if jobs <= 1:
+        for run in todo:
+            finished(run, measure(*call(run)))
+        return
+    failure: BaseException | None = None
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(measure, *call(run)): run for run in todo}
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except Exception as exc:  # noqa: BLE001 - keep the other runs' results, raise at the end
+                print(f"  run {futures[future]} failed: {type(exc).__name__}: {exc}", flush=True)
+                failure = failure or exc
+                continue
+            finished(futures[future], result)
+    if failure is not None:
+        raise failure
+
+
+def runs_text(jobs: int) -> str:
+    return f"{jobs} at a time, one process each" if jobs > 1 else "one after another, in one process"
+
+
 def reseed(seed: int, data: Any) -> None:
     """Seed torch and the training loader's shuffling: each run is then independent of the runs before it,
     so a benchmark resumed from its cache gives the numbers an uninterrupted one gives."""

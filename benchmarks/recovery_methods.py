@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import multiprocessing
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 from torch import nn
@@ -33,6 +31,8 @@ from benchmarks.common import (
     markdown_table,
     mean_std,
     reseed,
+    run_all,
+    runs_text,
     stamp,
     stamp_markdown,
     write_csv,
@@ -133,14 +133,7 @@ def main() -> None:
         )
 
     todo = [run for run in runs if done[run] is None]
-    if args.jobs > 1 and todo:
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(measure_run, args.data, *run, args.epochs): run for run in todo}
-            for future in as_completed(futures):
-                finished(futures[future], future.result())
-    else:
-        for run in todo:
-            finished(run, measure_run(args.data, *run, args.epochs))
+    run_all(todo, measure_run, (args.data, args.epochs), args.jobs, finished)
     results: dict[tuple[str, float], list[float]] = {}
     for seed, sparsity, name in runs:
         results.setdefault((name, sparsity), []).append(done[(seed, sparsity, name)]["accuracy"])  # type: ignore[index]
@@ -172,7 +165,7 @@ def main() -> None:
         f"method gets the same budget of **{args.epochs} recovery epochs** (AdamW, lr 1e-3 unless the method sets "
         "it, weight decay 5e-4, no early stopping; the best validation epoch is kept). Gradual ramps the "
         "sparsity from 0 during the first 60 % of those epochs (cubic, masks updated every 50 steps); RigL "
-        f"updates masks every 100 steps. Runs: {args.jobs} at a time, one process each, 1 torch thread.",
+        f"updates masks every 100 steps. Runs: {runs_text(args.jobs)}, 1 torch thread each.",
         "",
         markdown_table(header, rows),
         "",

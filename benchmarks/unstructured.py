@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import multiprocessing
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +38,8 @@ from benchmarks.common import (
     markdown_table,
     mean_std,
     reseed,
+    run_all,
+    runs_text,
     stamp,
     stamp_markdown,
     write_csv,
@@ -140,14 +140,7 @@ def main() -> None:
         )
 
     todo = [run for run in runs if done[run] is None]
-    if args.jobs > 1 and todo:
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(measure_run, args.data, *run, args.epochs): run for run in todo}
-            for future in as_completed(futures):
-                finished(futures[future], future.result())
-    else:
-        for run in todo:
-            finished(run, measure_run(args.data, *run, args.epochs))
+    run_all(todo, measure_run, (args.data, args.epochs), args.jobs, finished)
 
     results: dict[tuple[str, float], list[float]] = {}
     csv_rows = []
@@ -183,7 +176,7 @@ def main() -> None:
         "AdamW, lr 0.002, cosine, 30 epochs; 55k train / 5k validation / 10k test). Test accuracy in % (mean ± "
         f"std over {args.seeds} seeds) after pruning the first two layers to each sparsity; (b) and (c) get the "
         f"same budget of **{args.epochs} epochs**. (b) keeps its final model; regrow keeps its best validation epoch. "
-        f"Runs: {args.jobs} at a time, one process each.",
+        f"Runs: {runs_text(args.jobs)}.",
         "",
         markdown_table(header, rows),
         "",

@@ -149,6 +149,7 @@ def prune(
     latency: float | None = None,
     allocation: dict[str, float] | None = None,
     recalibrate: bool = True,
+    round_widths: dict[str, int] | None = None,
 ) -> MaskSet:
     """Prune ``model`` in place and return the keep-masks.
 
@@ -175,6 +176,9 @@ def prune(
             at least 32 channels: the channel block of the device's fastest dense kernels, 16 on CPUs with
             AVX-512 and 8 elsewhere (``regrow.structural.auto_round_to``); narrower groups are not rounded;
             1 turns rounding off.
+        round_widths: structural: group name -> channels, the widths that decide which groups the default
+            rounding applies to (default: the current widths). Iterative schedules pass the widths from before
+            their first round, so a group is rounded alike in every round.
         max_sparsity: structural: the largest share of any group's units removed.
         example_inputs: structural: inputs to trace the model with (default: the first batch of ``data``).
         latency: structural budget: the fraction of the measured latency to keep (met within 5 %).
@@ -217,6 +221,7 @@ def prune(
             round_to=round_to,
             max_sparsity=max_sparsity,
             recalibrate=recalibrate,
+            round_widths=round_widths,
         )
         spec = PruneSpec(
             pattern,

@@ -179,6 +179,28 @@ def test_default_rounding_follows_the_cpu_and_spares_narrow_groups(monkeypatch, 
     assert (explicit.round_to, explicit.round_to_auto) == (4, False)
 
 
+def test_default_rounding_is_decided_by_the_widths_before_the_first_round(monkeypatch):
+    # An iterative schedule shrinks the same model several times: a 32-channel group rounded to 16 in round 1
+    # must stay rounded in round 2, although it is then narrower than 32.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 8, 3)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    first = shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    widths = {g["name"]: g["channels_before"] for g in first.groups}
+    assert (widths["0"], widths["2"]) == (32, 64)
+    assert (model[0].out_channels, model[2].out_channels) == (16, 32)
+
+    def steps(**kw):
+        prepared = regrow.structural.prepare(model, pattern="channel", example_inputs=x, **kw)
+        return {g.name: g.step for g in prepared.scores}
+
+    assert steps() == {"0": 1, "2": 16}  # by its current width alone, group "0" (16 channels) would not be rounded
+    assert steps(round_widths=widths) == {"0": 16, "2": 16}
+    shrink(model, pattern="channel", sparsity=1 / 3, example_inputs=x, round_widths=widths)
+    assert (model[0].out_channels, model[2].out_channels) == (16, 16)
+
+
 def test_round_to_and_max_sparsity():
     model = build(ResidualCNN)
     shrink(model, pattern="channel", sparsity=0.5, scope="layer", round_to=4, example_inputs=images())

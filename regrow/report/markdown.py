@@ -330,12 +330,15 @@ def render_markdown(report: RunReport) -> str:
 
 
 def _rounding(structure: dict[str, Any]) -> str:
+    from regrow.structural import ROUND_MIN_CHANNELS
+
     multiple = structure.get("round_to") or 1
     if multiple <= 1:
         return ""
     if structure.get("round_to_auto"):
         return (
-            f" Kept widths of groups with at least 32 channels rounded down to multiples of {multiple} (the "
+            f" Kept widths of groups with at least {ROUND_MIN_CHANNELS} channels rounded down to multiples of "
+            f"{multiple} (the "
             "default for this device; round_to sets it)."
         )
     return f" Kept widths rounded down to multiples of {multiple} (round_to)."

@@ -47,14 +47,15 @@ LATENCY_TOLERANCE = 0.05
 # channel block of the device's fastest dense kernels (auto_round_to). On CPUs oneDNN stores activations in
 # blocks of 16 channels with AVX-512 and of 8 with AVX2, so a width between two multiples costs as much as the
 # next one up: on an AVX-512 CPU, 3x3 convs at 14x14 took as long with 24 channels as with 32, with 40 as with
-# 48. On the reference ResNet at half the MACs (trained weights, batch 64), round_to=8 gave 1.44x and
-# round_to=16 gave 1.83x on that CPU (benchmarks/structural_speed.py measures the rounding side by side).
+# 48. benchmarks/structural_speed.py times the rounding side by side on the reference ResNet at half the MACs.
 AUTO_ROUND_TO = 8
 ROUND_MIN_CHANNELS = 32
 
 
-def auto_round_to(device: torch.device | None = None) -> int:
+def auto_round_to(device: torch.device | str | None = None) -> int:
     """The default ``round_to`` for a model on ``device``: 16 on CPUs with AVX-512, else 8."""
+    if device is not None:
+        device = torch.device(device)
     if device is None or device.type == "cpu":
         capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
         if str(capability).upper().startswith("AVX512"):
@@ -289,8 +290,14 @@ def prepare(
     data: Iterable[Any] | None = None,
     example_inputs: Any = None,
     round_to: int | None = None,
+    round_widths: dict[str, int] | None = None,
 ) -> Prepared:
-    """Find, probe and score the prunable groups of ``model`` (converting its attention; nothing removed)."""
+    """Find, probe and score the prunable groups of ``model`` (converting its attention; nothing removed).
+
+    ``round_widths`` (group name -> channels) are the widths that decide which groups the default rounding
+    applies to; iterative schedules pass the widths from before their first round, so that a group keeps
+    the same rounding in every round. Default: the groups' current widths.
+    """
     _check_options(pattern, criterion, round_to)
     device = model_device(model)
     inputs = _example_inputs(data, example_inputs, device)
@@ -349,7 +356,8 @@ def prepare(
             if s is None:
                 u.group.excluded = f"criterion {criterion!r} finds nothing to score in it"
                 continue
-            rt = round_to if round_to is not None else (auto if u.group.channels >= ROUND_MIN_CHANNELS else 1)
+            width = (round_widths or {}).get(u.name, u.group.channels)
+            rt = round_to if round_to is not None else (auto if width >= ROUND_MIN_CHANNELS else 1)
             step = rt // math.gcd(rt, u.group.ch_groups)
         else:
             s = head_scores(u.group, model, criterion)
@@ -380,6 +388,7 @@ def shrink(
     max_sparsity: float = MAX_SPARSITY,
     allocation: dict[str, float] | None = None,
     recalibrate: bool = True,
+    round_widths: dict[str, int] | None = None,
 ) -> StructureReport:
     """Remove channels (``pattern="channel"``) or attention heads (``pattern="head"``) in place.
 
@@ -389,6 +398,7 @@ def shrink(
     ``allocation`` (group name -> relative sparsity, e.g. from regrow.allocation) shapes how much each
     group gives up; the budget then scales it (``scope`` is ignored). ``latency`` is a budget on the
     measured forward latency (fraction to keep), met within 5 % (measurements are noisy).
+    ``round_widths``: see :func:`prepare`.
     """
     _check_options(pattern, criterion, round_to)
     kind, target = check_structural_budget(sparsity, macs, params, threshold, latency)
@@ -408,6 +418,7 @@ def shrink(
         data=data,
         example_inputs=example_inputs,
         round_to=round_to,
+        round_widths=round_widths,
     )
     units, active, scored, inputs, one = prepared.units, prepared.active, prepared.scores, prepared.inputs, prepared.one
     if allocation is not None:
@@ -489,10 +500,11 @@ def shrink(
                 "units_before": u.group.units,
                 "units_after": u.group.units - len(removed),
                 "unit_size": getattr(u.group, "ch_groups", 1),
+                "channels_before": getattr(u.group, "channels", u.group.units),
                 "excluded": u.group.excluded,
             }
         )
-    warnings_list = notes + _width_warnings(model, round_to, pattern, widths_before)
+    warnings_list = notes + _width_warnings(model, round_to, pattern, widths_before, auto_round_to(model_device(model)))
     report = StructureReport(
         pattern=pattern,
         criterion=criterion,
@@ -520,7 +532,9 @@ def shrink(
     return report
 
 
-def _width_warnings(model: nn.Module, round_to: int | None, pattern: str, before: dict[str, int]) -> list[str]:
+def _width_warnings(
+    model: nn.Module, round_to: int | None, pattern: str, before: dict[str, int], auto: int = AUTO_ROUND_TO
+) -> list[str]:
     """Layers that the prune left at a width that is not a multiple of 8 (and that were multiples before)."""
     if pattern != "channel" or (round_to is not None and round_to % 8 == 0):
         return []
@@ -541,7 +555,10 @@ def _width_warnings(model: nn.Module, round_to: int | None, pattern: str, before
     if not odd:
         return []
     shown = ", ".join(odd[:6]) + (f" and {len(odd) - 6} more" if len(odd) > 6 else "")
-    return [f"layer widths that are not multiples of 8 run slower on most hardware: {shown}; pass round_to=8."]
+    return [
+        f"layer widths that are not multiples of 8 run slower on most hardware: {shown}; pass round_to={auto} "
+        "(the channel block of this device's dense kernels)."
+    ]
 
 
 def _widths(model: nn.Module) -> dict[str, int]:

@@ -158,6 +158,24 @@ class RunCache:
         cached = self.lookup(key)
         return cached if cached is not None else self.store(key, compute())
 
+    def run(
+        self, runs: list[tuple], fields: tuple[str, ...], measure: Any, extra: tuple, jobs: int, describe: Any
+    ) -> dict[tuple, dict[str, Any]]:
+        """Every run's result (run = values of ``fields``): from the cache, else measured by ``run_all`` and
+        stored as it finishes, with one line printed by ``describe(run, result)``."""
+
+        def key(run: tuple) -> dict[str, Any]:
+            return dict(zip(fields, run, strict=True))
+
+        done = {run: self.lookup(key(run)) for run in runs}
+
+        def finished(run: tuple, result: dict[str, Any]) -> None:
+            done[run] = self.store(key(run), result)
+            print(f"  {describe(run, result)}", flush=True)
+
+        run_all([run for run in runs if done[run] is None], measure, extra, jobs, finished)
+        return done  # type: ignore[return-value]
+
     def note(self) -> str:
         """A sentence for the results, when any run came from the cache."""
         if not self.reused:

@@ -31,7 +31,6 @@ from benchmarks.common import (
     markdown_table,
     mean_std,
     reseed,
-    run_all,
     runs_text,
     stamp,
     stamp_markdown,
@@ -121,19 +120,16 @@ def main() -> None:
 
     cache = RunCache("recovery_methods", {"epochs": args.epochs, "data": args.data})
     runs = [(seed, s, name) for seed in range(args.seeds) for s in args.sparsities for name in names]
-    done = {run: cache.lookup({"seed": run[0], "sparsity": run[1], "method": run[2]}) for run in runs}
-
-    def finished(run: tuple[int, float, str], result: dict) -> None:
-        done[run] = cache.store({"seed": run[0], "sparsity": run[1], "method": run[2]}, result)
-        seed, sparsity, name = run
-        print(
-            f"  seed {seed} sparsity {sparsity:g} {name:18} test {100 * result['accuracy']:.2f}% "
-            f"({result['seconds']:.0f} s)",
-            flush=True,
-        )
-
-    todo = [run for run in runs if done[run] is None]
-    run_all(todo, measure_run, (args.data, args.epochs), args.jobs, finished)
+    done = cache.run(
+        runs,
+        ("seed", "sparsity", "method"),
+        measure_run,
+        (args.data, args.epochs),
+        args.jobs,
+        lambda run, r: (
+            f"seed {run[0]} sparsity {run[1]:g} {run[2]:18} test {100 * r['accuracy']:.2f}% ({r['seconds']:.0f} s)"
+        ),
+    )
     results: dict[tuple[str, float], list[float]] = {}
     for seed, sparsity, name in runs:
         results.setdefault((name, sparsity), []).append(done[(seed, sparsity, name)]["accuracy"])  # type: ignore[index]

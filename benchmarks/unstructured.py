@@ -38,7 +38,6 @@ from benchmarks.common import (
     markdown_table,
     mean_std,
     reseed,
-    run_all,
     runs_text,
     stamp,
     stamp_markdown,
@@ -128,19 +127,16 @@ def main() -> None:
 
     cache = RunCache("unstructured", {"epochs": args.epochs, "data": args.data})
     runs = [(seed, s, v) for seed in range(args.seeds) for s in args.sparsities for v in VARIANTS]
-    done = {run: cache.lookup({"seed": run[0], "sparsity": run[1], "variant": run[2]}) for run in runs}
-
-    def finished(run: tuple[int, float, str], result: dict) -> None:
-        done[run] = cache.store({"seed": run[0], "sparsity": run[1], "variant": run[2]}, result)
-        seed, sparsity, variant = run
-        print(
-            f"  seed {seed} sparsity {sparsity:g} {variant:38} {100 * result['accuracy']:.2f}% "
-            f"({result['seconds']:.0f} s)",
-            flush=True,
-        )
-
-    todo = [run for run in runs if done[run] is None]
-    run_all(todo, measure_run, (args.data, args.epochs), args.jobs, finished)
+    done = cache.run(
+        runs,
+        ("seed", "sparsity", "variant"),
+        measure_run,
+        (args.data, args.epochs),
+        args.jobs,
+        lambda run, r: (
+            f"seed {run[0]} sparsity {run[1]:g} {run[2]:38} {100 * r['accuracy']:.2f}% ({r['seconds']:.0f} s)"
+        ),
+    )
 
     results: dict[tuple[str, float], list[float]] = {}
     csv_rows = []

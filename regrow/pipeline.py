@@ -30,7 +30,7 @@ from regrow.measure.cost import count_params, dense_macs
 from regrow.measure.latency import compare_latency
 from regrow.measure.metrics import classification_metrics
 from regrow.patterns import get_pattern
-from regrow.prune import PruneSpec, compute_masks, frozen_copy, plan, prune, speed_warning
+from regrow.prune import PruneSpec, compute_masks, frozen_copy, plan, prune, speed_warning, structural_masks
 from regrow.recovery import GradualPruning, RecoveryResult, new_head, recover
 from regrow.report import RunReport, environment
 from regrow.report.plots import plot_curve
@@ -544,8 +544,11 @@ def _overall_structure(reports: list[dict[str, Any]], budget: dict[str, float]) 
     if len(reports) <= 1:
         return reports[0] if reports else None
     first, last = reports[0], reports[-1]
-    before = {g["name"]: g["units_before"] for g in first["groups"]}
-    groups = [g | {"units_before": before.get(g["name"], g["units_before"])} for g in last["groups"]]
+    before = {g["name"]: g for g in first["groups"]}
+    groups = [
+        g | {k: before.get(g["name"], g)[k] for k in ("units_before", "channels_before") if k in g}
+        for g in last["groups"]
+    ]
     checks = [r["equivalence"] for r in reports]
     worst = max(checks, key=lambda e: e["max_abs_diff"] / max(e["tolerance"], 1e-30))
     return last | {
@@ -627,7 +630,7 @@ class _Pruner:
     def step(self, model: nn.Module, previous: MaskSet | None = None, round_index: int = 1, rounds: int = 1) -> MaskSet:
         p = self.cfg.prune
         if self.structural:
-            masks = prune(
+            masks = structural_masks(
                 model,
                 pattern=self.spec.pattern,
                 allocation=self.allocation,

@@ -80,6 +80,41 @@ def plan(
     return PruneSpec(pat.name, criterion, scope, sparsity, threshold, fqns)
 
 
+def structural_masks(
+    model: nn.Module,
+    *,
+    pattern: str,
+    criterion: str = "magnitude",
+    scope: str = "global",
+    sparsity: float | None = None,
+    macs: float | None = None,
+    params: float | None = None,
+    keep_dense: bool = True,
+    **options: Any,
+) -> MaskSet:
+    """``regrow.structural.shrink`` wrapped as :func:`prune` returns it: an empty MaskSet carrying the report.
+
+    ``options`` go to ``shrink`` as they are; the pipeline's iterative schedules pass ``round_widths`` here.
+    """
+    from regrow.structural import shrink
+
+    dense = frozen_copy(model) if keep_dense else None
+    report = shrink(
+        model, pattern=pattern, criterion=criterion, scope=scope, sparsity=sparsity, macs=macs, params=params, **options
+    )
+    spec = PruneSpec(
+        pattern,
+        criterion,
+        scope,
+        sparsity,
+        None,
+        [g["name"] for g in report.groups if g["excluded"] is None],
+        macs=macs,
+        params=params,
+    )
+    return MaskSet({}, spec=spec, dense=dense, structure=report)
+
+
 def compute_masks(
     model: nn.Module,
     spec: PruneSpec,
@@ -149,7 +184,6 @@ def prune(
     latency: float | None = None,
     allocation: dict[str, float] | None = None,
     recalibrate: bool = True,
-    round_widths: dict[str, int] | None = None,
 ) -> MaskSet:
     """Prune ``model`` in place and return the keep-masks.
 
@@ -176,9 +210,6 @@ def prune(
             at least 32 channels: the channel block of the device's fastest dense kernels, 16 on CPUs with
             AVX-512 and 8 elsewhere (``regrow.structural.auto_round_to``); narrower groups are not rounded;
             1 turns rounding off.
-        round_widths: structural: group name -> channels, the widths that decide which groups the default
-            rounding applies to (default: the current widths). Iterative schedules pass the widths from before
-            their first round, so a group is rounded alike in every round.
         max_sparsity: structural: the largest share of any group's units removed.
         example_inputs: structural: inputs to trace the model with (default: the first batch of ``data``).
         latency: structural budget: the fraction of the measured latency to keep (met within 5 %).
@@ -200,20 +231,18 @@ def prune(
         0.75
     """
     if isinstance(pattern, str) and pattern in STRUCTURAL:
-        from regrow.structural import shrink
-
-        dense = frozen_copy(model) if keep_dense else None
-        report = shrink(
+        return structural_masks(
             model,
             pattern=pattern,
+            criterion=criterion,
+            scope=scope,
             sparsity=sparsity,
             macs=macs,
             params=params,
+            keep_dense=keep_dense,
             latency=latency,
             allocation=allocation,
             threshold=threshold,
-            criterion=criterion,
-            scope=scope,
             targets=targets,
             ignore=ignore,
             data=data,
@@ -221,19 +250,7 @@ def prune(
             round_to=round_to,
             max_sparsity=max_sparsity,
             recalibrate=recalibrate,
-            round_widths=round_widths,
         )
-        spec = PruneSpec(
-            pattern,
-            criterion,
-            scope,
-            sparsity,
-            None,
-            [g["name"] for g in report.groups if g["excluded"] is None],
-            macs=macs,
-            params=params,
-        )
-        return MaskSet({}, spec=spec, dense=dense, structure=report)
     if macs is not None or params is not None or latency is not None:
         raise RegrowError(
             f"macs=, params= and latency= budgets need a structural pattern ('channel' or 'head'): pattern {pattern!r} "

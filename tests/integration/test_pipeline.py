@@ -214,6 +214,11 @@ def test_every_shipped_recipe_runs(tmp_path, name):
             if report.config["schedule"]["name"] == "iterative":
                 assert structure["rounds"] == report.config["schedule"]["rounds"]
                 assert "In 2 rounds of shrink -> recover" in (tmp_path / name / "report.md").read_text()
+                # every round rounds the groups that were wide before the first one (the device's multiple)
+                for g in structure["groups"]:
+                    if g["excluded"] is None and g["channels_before"] >= 32 and structure["round_to_auto"]:
+                        kept = g["units_after"] * g["unit_size"]
+                        assert kept % structure["round_to"] == 0, g
         else:
             assert structure["units_removed"] > 0
     else:

@@ -639,7 +639,6 @@ class _Pruner:
                 targets=p.targets,
                 ignore=p.ignore,
                 data=self.data,
-                keep_dense=False,
                 round_to=p.round_to,
                 max_sparsity=p.cap,
                 round_widths=self.round_widths,

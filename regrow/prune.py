@@ -89,16 +89,16 @@ def structural_masks(
     sparsity: float | None = None,
     macs: float | None = None,
     params: float | None = None,
-    keep_dense: bool = True,
+    dense: nn.Module | None = None,
     **options: Any,
 ) -> MaskSet:
     """``regrow.structural.shrink`` wrapped as :func:`prune` returns it: an empty MaskSet carrying the report.
 
-    ``options`` go to ``shrink`` as they are; the pipeline's iterative schedules pass ``round_widths`` here.
+    ``dense``: the frozen copy kept as ``MaskSet.dense``. ``options`` go to ``shrink`` as they are; the
+    pipeline's iterative schedules pass ``round_widths`` here.
     """
     from regrow.structural import shrink
 
-    dense = frozen_copy(model) if keep_dense else None
     report = shrink(
         model, pattern=pattern, criterion=criterion, scope=scope, sparsity=sparsity, macs=macs, params=params, **options
     )
@@ -239,7 +239,7 @@ def prune(
             sparsity=sparsity,
             macs=macs,
             params=params,
-            keep_dense=keep_dense,
+            dense=frozen_copy(model) if keep_dense else None,
             latency=latency,
             allocation=allocation,
             threshold=threshold,

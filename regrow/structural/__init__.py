@@ -528,7 +528,7 @@ def shrink(
         round_to_auto=pattern == "channel" and round_to is None,
     )
     for w in warnings_list[len(notes) :]:
-        warnings.warn(w, SpeedWarning, stacklevel=3)
+        warnings.warn(w, SpeedWarning, stacklevel=4)  # shrink <- structural_masks <- prune <- the caller
     return report
 
 

@@ -181,8 +181,8 @@ class RunCache:
         if not self.reused:
             return ""
         return (
-            f"{self.reused} of {self.total} runs were measured by an earlier invocation of the same command (same "
-            "code, settings and torch version) and taken from its cache, "
+            f"{self.reused} of {self.total} runs were measured by an earlier invocation with the same code, "
+            "settings and torch version and taken from its cache, "
             f"`{self.folder.relative_to(CACHE.parent.parent)}`; the stamp above is this invocation's."
         )
 

@@ -338,7 +338,6 @@ def _rounding(structure: dict[str, Any]) -> str:
     if structure.get("round_to_auto"):
         return (
             f" Kept widths of groups with at least {ROUND_MIN_CHANNELS} channels rounded down to multiples of "
-            f"{multiple} (the "
-            "default for this device; round_to sets it)."
+            f"{multiple} (this device's default; round_to sets it)."
         )
     return f" Kept widths rounded down to multiples of {multiple} (round_to)."

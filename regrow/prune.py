@@ -209,7 +209,8 @@ def prune(
         round_to: structural: round kept channel counts down to a multiple of this. Default, for groups of
             at least 32 channels: the channel block of the device's fastest dense kernels, 16 on CPUs with
             AVX-512 and 8 elsewhere (``regrow.structural.auto_round_to``); narrower groups are not rounded;
-            1 turns rounding off.
+            when the default cannot meet the budget within 2 %, 8 and then no rounding are tried (the report
+            says so); 1 turns rounding off.
         max_sparsity: structural: the largest share of any group's units removed.
         example_inputs: structural: inputs to trace the model with (default: the first batch of ``data``).
         latency: structural budget: the fraction of the measured latency to keep (met within 5 %).

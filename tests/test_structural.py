@@ -201,6 +201,22 @@ def test_default_rounding_is_decided_by_the_widths_before_the_first_round(monkey
     assert (model[0].out_channels, model[2].out_channels) == (16, 16)
 
 
+def test_default_rounding_gives_way_to_the_budget(monkeypatch):
+    # With multiples of 16 this model's closest selection keeps 0.583 of the MACs (2.9 % off); the default
+    # rounding is only a preference, so regrow tries multiples of 8, meets the budget and says so.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    model = randomize_norms(build(CNNS["grouped_norms"]))
+    report = shrink(model, pattern="channel", macs=0.6, example_inputs=images())
+    assert abs(report.macs_ratio - 0.6) <= 0.02 * 0.6
+    assert (report.round_to, report.round_to_auto) == (8, True)
+    assert any("could not meet the macs budget 0.6" in w and "multiples of 8 instead" in w for w in report.warnings)
+    assert report.equivalence.passed
+    # an explicit round_to is kept as given: the closest selection, with the miss reported
+    explicit = shrink(build(CNNS["grouped_norms"]), pattern="channel", macs=0.6, example_inputs=images(), round_to=16)
+    assert explicit.round_to == 16 and abs(explicit.macs_ratio - 0.6) > 0.02 * 0.6
+    assert any("cannot be met within 2%" in w for w in explicit.warnings)
+
+
 def test_round_to_and_max_sparsity():
     model = build(ResidualCNN)
     shrink(model, pattern="channel", sparsity=0.5, scope="layer", round_to=4, example_inputs=images())

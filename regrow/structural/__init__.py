@@ -453,11 +453,47 @@ def shrink(
             return after.median_ms / before.median_ms
         return count_params(trial)[0] / params_before
 
+    used_round = (
+        (round_to if round_to is not None else auto_round_to(model_device(model))) if pattern == "channel" else None
+    )
     if (kind == "sparsity" and target == 0.0) or (kind != "sparsity" and target == 1.0):
         result_removed, evaluations = {u.name: [] for u in active}, 0
     else:
         tolerance = LATENCY_TOLERANCE if kind == "latency" else TOLERANCE
         found = search(scored, target, measure, scope, max_sparsity, tolerance=tolerance, decreasing=kind != "sparsity")
+        if not found.within_tolerance and round_to is None and pattern == "channel":
+            # The default rounding is a preference, the budget a requirement: finer multiples before a miss.
+            wide = {
+                u.name: u.group.ch_groups
+                for u in active
+                if isinstance(u.group, ChannelGroup)
+                and (round_widths or {}).get(u.name, u.group.channels) >= ROUND_MIN_CHANNELS
+            }
+            for finer in (m for m in (AUTO_ROUND_TO, 1) if m < (used_round or 1)):
+                relaxed = [
+                    Unitized(
+                        g.name,
+                        g.units,
+                        g.scores,
+                        finer // math.gcd(finer, wide[g.name]) if g.name in wide else 1,
+                        g.allocation,
+                    )
+                    for g in scored
+                ]
+                retry = search(
+                    relaxed, target, measure, scope, max_sparsity, tolerance=tolerance, decreasing=kind != "sparsity"
+                )
+                retry.evaluations += found.evaluations
+                if retry.within_tolerance:
+                    notes.append(
+                        f"the default rounding (multiples of {used_round}) could not meet the {kind} budget {target:g} "
+                        f"within {100 * tolerance:g}%; kept widths are "
+                        + (f"multiples of {finer} instead." if finer > 1 else "not rounded instead.")
+                    )
+                    log.warning(notes[-1])
+                    found, used_round = retry, finer
+                    break
+                found.evaluations = retry.evaluations
         missed = check_reachable(found, target, kind, max_sparsity, tolerance)
         if missed:
             log.warning(missed)
@@ -522,9 +558,7 @@ def shrink(
         evaluations=evaluations,
         warnings=warnings_list,
         recalibrated_batches=recalibrated,
-        round_to=(round_to if round_to is not None else auto_round_to(model_device(model)))
-        if pattern == "channel"
-        else None,
+        round_to=used_round,
         round_to_auto=pattern == "channel" and round_to is None,
     )
     for w in warnings_list[len(notes) :]:

@@ -605,7 +605,6 @@ class _Pruner:
         self.sample = sample  # one input, to measure MACs between rounds
         self.original: dict[str, float] = {}
         self.reports: list[dict[str, Any]] = []
-        self.round_widths: dict[str, int] | None = None  # group widths before the first round
 
     def remember(self, model: nn.Module) -> None:
         self.original = {"macs": float(dense_macs(model, self.sample) or 0), "params": float(count_params(model)[0])}
@@ -641,13 +640,14 @@ class _Pruner:
                 data=self.data,
                 round_to=p.round_to,
                 max_sparsity=p.cap,
-                round_widths=self.round_widths,
+                # later rounds round the groups that were wide before the first one
+                round_widths={g["name"]: g["channels_before"] for g in self.reports[0]["groups"]}
+                if self.reports
+                else None,
                 **self._structural_budget(model, round_index, rounds),
             )
             assert masks.structure is not None
             self.reports.append(masks.structure.to_dict())
-            if self.round_widths is None:
-                self.round_widths = {g["name"]: g["channels_before"] for g in self.reports[0]["groups"]}
             return masks
         spec = self.spec
         if rounds > 1:

@@ -18,7 +18,7 @@ import logging
 import math
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from regrow.select import resolve_targets
 from regrow.structural.arch import load, save
 from regrow.structural.attention import MultiheadAttention, convert_attention
 from regrow.structural.batchnorm import has_batchnorm, recalibrate_batchnorm
-from regrow.structural.budget import TOLERANCE, Unitized, check_reachable, search, select
+from regrow.structural.budget import TOLERANCE, SearchResult, Unitized, check_reachable, search, select
 from regrow.structural.graph import ChannelGroup, Cut, StructureGraph, apply_cuts, find_attention
 from regrow.structural.heads import HeadGroup, head_group
 from regrow.structural.importance import GROUP_CRITERIA, accumulate_gradients, channel_scores, head_scores
@@ -356,9 +356,7 @@ def prepare(
             if s is None:
                 u.group.excluded = f"criterion {criterion!r} finds nothing to score in it"
                 continue
-            width = (round_widths or {}).get(u.name, u.group.channels)
-            rt = round_to if round_to is not None else (auto if width >= ROUND_MIN_CHANNELS else 1)
-            step = rt // math.gcd(rt, u.group.ch_groups)
+            step = _round_step(u.group, round_to, auto, round_widths)
         else:
             s = head_scores(u.group, model, criterion)
             step = 1
@@ -453,52 +451,42 @@ def shrink(
             return after.median_ms / before.median_ms
         return count_params(trial)[0] / params_before
 
-    used_round = (
-        (round_to if round_to is not None else auto_round_to(model_device(model))) if pattern == "channel" else None
-    )
+    auto = auto_round_to(model_device(model))
+    used_round = (round_to if round_to is not None else auto) if pattern == "channel" else None
     if (kind == "sparsity" and target == 0.0) or (kind != "sparsity" and target == 1.0):
         result_removed, evaluations = {u.name: [] for u in active}, 0
     else:
         tolerance = LATENCY_TOLERANCE if kind == "latency" else TOLERANCE
-        found = search(scored, target, measure, scope, max_sparsity, tolerance=tolerance, decreasing=kind != "sparsity")
+
+        def run_search(groups: list[Unitized]) -> SearchResult:
+            return search(
+                groups, target, measure, scope, max_sparsity, tolerance=tolerance, decreasing=kind != "sparsity"
+            )
+
+        found = run_search(scored)
+        evaluations = found.evaluations
         if not found.within_tolerance and round_to is None and pattern == "channel":
             # The default rounding is a preference, the budget a requirement: finer multiples before a miss.
-            wide = {
-                u.name: u.group.ch_groups
-                for u in active
-                if isinstance(u.group, ChannelGroup)
-                and (round_widths or {}).get(u.name, u.group.channels) >= ROUND_MIN_CHANNELS
-            }
-            for finer in (m for m in (AUTO_ROUND_TO, 1) if m < (used_round or 1)):
-                relaxed = [
-                    Unitized(
-                        g.name,
-                        g.units,
-                        g.scores,
-                        finer // math.gcd(finer, wide[g.name]) if g.name in wide else 1,
-                        g.allocation,
-                    )
-                    for g in scored
-                ]
-                retry = search(
-                    relaxed, target, measure, scope, max_sparsity, tolerance=tolerance, decreasing=kind != "sparsity"
+            channel_groups = {u.name: u.group for u in active if isinstance(u.group, ChannelGroup)}
+            for finer in (m for m in (AUTO_ROUND_TO, 1) if m < auto):
+                retry = run_search(
+                    [replace(g, step=_round_step(channel_groups[g.name], None, finer, round_widths)) for g in scored]
                 )
-                retry.evaluations += found.evaluations
+                evaluations += retry.evaluations
                 if retry.within_tolerance:
                     notes.append(
-                        f"the default rounding (multiples of {used_round}) could not meet the {kind} budget {target:g} "
+                        f"the default rounding (multiples of {auto}) could not meet the {kind} budget {target:g} "
                         f"within {100 * tolerance:g}%; kept widths are "
                         + (f"multiples of {finer} instead." if finer > 1 else "not rounded instead.")
                     )
                     log.warning(notes[-1])
                     found, used_round = retry, finer
                     break
-                found.evaluations = retry.evaluations
         missed = check_reachable(found, target, kind, max_sparsity, tolerance)
         if missed:
             log.warning(missed)
             notes.append(missed)
-        result_removed, evaluations = found.removed, found.evaluations
+        result_removed = found.removed
     reference = None  # free the copy kept for latency measurements
 
     # The equivalence check: simulate from the untouched model, then shrink the model itself.
@@ -540,7 +528,7 @@ def shrink(
                 "excluded": u.group.excluded,
             }
         )
-    warnings_list = notes + _width_warnings(model, round_to, pattern, widths_before, auto_round_to(model_device(model)))
+    warnings_list = notes + _width_warnings(model, round_to, pattern, widths_before, auto)
     report = StructureReport(
         pattern=pattern,
         criterion=criterion,
@@ -564,6 +552,14 @@ def shrink(
     for w in warnings_list[len(notes) :]:
         warnings.warn(w, SpeedWarning, stacklevel=4)  # shrink <- structural_masks <- prune <- the caller
     return report
+
+
+def _round_step(group: ChannelGroup, round_to: int | None, auto: int, round_widths: dict[str, int] | None) -> int:
+    """Kept units of ``group`` must be a multiple of this: ``round_to`` if given, else ``auto`` for groups of
+    at least ROUND_MIN_CHANNELS channels (measured by ``round_widths`` when given) and no rounding for others."""
+    width = (round_widths or {}).get(group.name, group.channels)
+    multiple = round_to if round_to is not None else (auto if width >= ROUND_MIN_CHANNELS else 1)
+    return multiple // math.gcd(multiple, group.ch_groups)
 
 
 def _width_warnings(

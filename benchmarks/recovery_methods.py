@@ -149,6 +149,12 @@ def main() -> None:
             gaps.append(f"{100 * (m - dense_mean):+.2f}")
         rows.append([name, *cells, *gaps])
     csv_rows = [[name, s, seed, f"{acc:.4f}"] for (name, s), accs in results.items() for seed, acc in enumerate(accs)]
+    rewinding = (
+        f"all of it, {args.epochs / DENSE['epochs']:.2f}x slower so that it fills the {args.epochs} recovery "
+        "epochs and ends where the original ended"
+        if args.epochs > DENSE["epochs"]
+        else f"its last {args.epochs} epochs"
+    )
     best = {s: max(names, key=lambda n, s=s: mean_std(results[(n, s)])[0]) for s in args.sparsities}
     lines = [
         "# Recovery methods: LeNet-300-100 on Fashion-MNIST",
@@ -161,7 +167,9 @@ def main() -> None:
         f"method gets the same budget of **{args.epochs} recovery epochs** (AdamW, lr 1e-3 unless the method sets "
         "it, weight decay 5e-4, no early stopping; the best validation epoch is kept). Gradual ramps the "
         "sparsity from 0 during the first 60 % of those epochs (cubic, masks updated every 50 steps); RigL "
-        f"updates masks every 100 steps. Runs: {runs_text(args.jobs)}, 1 torch thread each.",
+        f"updates masks every 100 steps. LR rewinding replays the original schedule (5 % warm-up to lr "
+        f"{DENSE['lr']}, cosine over {DENSE['epochs']} epochs): {rewinding}. One-cycle warms up to that peak "
+        f"over 30 % of the steps and anneals. Runs: {runs_text(args.jobs)}, 1 torch thread each.",
         "",
         markdown_table(header, rows),
         "",

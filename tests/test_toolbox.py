@@ -83,6 +83,35 @@ def test_lr_rewinding_replays_the_tail_of_the_original_schedule():
     assert lr(0) == pytest.approx(0.1) and lr(50) == pytest.approx(0.01) and lr(99) == pytest.approx(0.01)
 
 
+def test_lr_rewinding_longer_than_the_rest_of_the_original_is_slowed_down_not_run_past_its_end():
+    original = OriginalSchedule(lr=0.1, epochs=30, schedule="cosine")
+    # 60 recovery epochs, default rewind point 0: the whole 30-epoch schedule at half pace
+    lr = LR_SCHEDULES.get("rewind")(LRContext(600, 10, 0, 1e-3, original))
+    assert lr(0) == pytest.approx(0.1)
+    assert lr(300) == pytest.approx(0.05)  # original epoch 15, the cosine's midpoint
+    assert lr(599) == pytest.approx(original.lr_at(29.95)) and lr(599) > 0
+    # rewind point 20, 20 recovery epochs: the 10 epochs left at half pace
+    lr = LR_SCHEDULES.get("rewind")(LRContext(200, 10, 0, 1e-3, original, rewind_epoch=20.0))
+    assert lr(0) == pytest.approx(0.05 * (1 + math.cos(math.pi * 2 / 3)))
+    assert lr(100) == pytest.approx(original.lr_at(25.0))
+    with pytest.raises(RegrowError, match="rewind_epoch 30 is not inside the original training"):
+        LR_SCHEDULES.get("rewind")(LRContext(200, 10, 0, 1e-3, original, rewind_epoch=30.0))
+
+
+def test_recover_refuses_rewinding_with_another_schedule_or_outside_the_original_before_touching_the_model():
+    model = trained()
+    masks = regrow.prune(model, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    original = {"lr": 0.1, "epochs": 6}
+    with pytest.raises(RegrowError, match="lr_schedule 'one_cycle' would be ignored"):
+        regrow.recover(
+            model, masks, make_batches(3), rewind="lr", lr_schedule="one_cycle", original=original, progress=False
+        )
+    with pytest.raises(RegrowError, match="rewind_epoch 6 is not inside"):
+        regrow.recover(model, masks, make_batches(3), rewind="lr", rewind_epoch=6, original=original, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_lr_rewinding_drives_the_optimizer():
     model = trained()
     masks = regrow.prune(model, 0.5)
@@ -182,7 +211,7 @@ def test_dynamic_sparsity_keeps_exact_sparsity_and_regrows_the_right_count(metho
                     dropped = int((self.before[f] & ~m).sum())
                     assert dropped == int((m & ~self.before[f]).sum())
                     n = int(dyn.fraction(state.step) * counts[f])
-                    assert dropped <= n
+                    assert dropped == n
             self.before = {f: m.clone() for f, m in state.masks.items()}
 
         def checkpoint_ready(self, state):
@@ -212,6 +241,32 @@ def test_dynamic_sparsity_keeps_exact_sparsity_and_regrows_the_right_count(metho
         progress=False,
     )
     assert via_method.details["dynamic"]["updates"] > 0
+
+
+@pytest.mark.parametrize("regrow_by", ["gradient", "random"])
+def test_dynamic_sparsity_on_a_lightly_pruned_target_replaces_at_most_its_inactive_weights(regrow_by):
+    model = trained()
+    masks = regrow.prune(model, 0.1, scope="layer")  # 0.3 / 2 * (1 + cos) of the active > the inactive
+    counts = {f: int(m.sum()) for f, m in masks.items()}
+    inactive = {f: m.numel() - counts[f] for f, m in masks.items()}
+    dyn = DynamicSparsity(regrow_by, update_every=4, drop_fraction=0.3, end=0.75)
+    regrow.recover(
+        model,
+        masks,
+        make_batches(8),
+        make_batches(2, seed=1),
+        method="finetune",
+        epochs=4,
+        patience=None,
+        callbacks=[dyn],
+        progress=False,
+    )
+    assert {f: int(m.sum()) for f, m in masks.items()} == counts  # sparsity kept exactly
+    first = dyn.updates[0]
+    assert all(int(dyn.fraction(4) * counts[f]) > inactive[f] for f in counts)  # the case under test
+    assert first["step"] == 4 and first["replaced"] == sum(inactive.values())  # every inactive weight regrown
+    for f, m in masks.items():
+        assert torch.count_nonzero(model.get_parameter(f)[~m]) == 0
 
 
 @pytest.mark.parametrize("method", ["rigl", "set"])

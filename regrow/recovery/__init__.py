@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,9 +23,11 @@ from regrow.recovery.callbacks import GradualPruning
 from regrow.recovery.dynamic import DynamicSparsity
 from regrow.recovery.loop import EpochRecord
 from regrow.recovery.loop import train as train_loop
-from regrow.recovery.lr import OriginalSchedule, default_original
+from regrow.recovery.lr import OriginalSchedule, default_original, rewind_plan
 from regrow.recovery.methods import METHODS, new_head
 from regrow.recovery.sharing import SharedWeights, WeightSharing, sizes
+
+log = logging.getLogger("regrow")
 
 
 @dataclass
@@ -215,6 +218,22 @@ def recover(
     teacher = teacher if teacher is not None else masks.dense
     if original_schedule is None:
         original_schedule = options.original.schedule_object() if options.original else default_original(lr, epochs)
+    if options.rewind != "none":
+        if options.lr_schedule != "cosine":
+            raise RegrowError(
+                f"rewind {options.rewind!r} replays the original training's learning-rate schedule, so "
+                f"lr_schedule {options.lr_schedule!r} would be ignored: give one of the two."
+            )
+        start, pace = rewind_plan(original_schedule, epochs, options.rewind_epoch)
+        if pace < 1.0:
+            log.warning(
+                "rewinding: %d recovery epochs are longer than the %g epochs left of the original schedule after "
+                "epoch %g; that rest is replayed %.2fx slower so that recovery ends where the original ended.",
+                epochs,
+                original_schedule.epochs - start,
+                start,
+                1.0 / pace,
+            )
     if options.rewind == "weights":
         if rewind_state is None:
             raise RegrowError(
@@ -263,6 +282,8 @@ def recover(
             "kind": options.rewind,
             "original": asdict(original_schedule),
             "rewind_epoch": options.rewind_epoch,
+            "start": start,
+            "pace": pace,
         }
     return RecoveryResult(
         history=history, seconds=time.perf_counter() - started, method=method, details=details, shared=shared, **summary

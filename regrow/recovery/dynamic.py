@@ -2,7 +2,8 @@
 
 Every ``update_every`` steps, each target drops its ``d_t`` smallest-magnitude active weights and regrows
 the same number among its inactive ones, with ``d_t = drop_fraction / 2 * (1 + cos(pi * t / T_end))``
-(cosine decay, no updates after ``end`` of the steps).
+of its active weights (cosine decay, no updates after ``end`` of the steps), but never more than it has
+inactive weights (a lightly pruned target).
 
 * **RigL** (Evci et al. 2020, "Rigging the Lottery"): regrow where the dense gradient is largest.
 * **SET** (Mocanu et al. 2018, "Scalable training of artificial neural networks..."): regrow at random.
@@ -55,8 +56,9 @@ class DynamicSparsity:
         for fqn, mask in state.masks.items():
             param = state.model.get_parameter(fqn)
             n_active = int(mask.sum())
-            n = int(fraction * n_active)
-            if n == 0 or n_active == mask.numel():
+            # at most as many as there are inactive weights to regrow into, or sparsity would fall
+            n = min(int(fraction * n_active), mask.numel() - n_active)
+            if n == 0:
                 continue
             flat_mask, flat_w = mask.view(-1), param.detach().view(-1)
             # Drop: the n smallest-magnitude active weights.

@@ -7,7 +7,8 @@
   Pruning That Matters"). The peak defaults to the original training's peak learning rate.
 * ``rewind`` (chosen by ``rewind: lr`` or ``rewind: weights``): replay the original training's schedule
   from the rewind point for the length of recovery (Renda, Frankle & Carbin 2020, "Comparing Rewinding
-  and Fine-tuning in Neural Network Pruning").
+  and Fine-tuning in Neural Network Pruning"). A recovery longer than what is left of the original
+  schedule replays that rest more slowly, so that it ends where the original ended (see ``rewind_plan``).
 
 The original schedule is described by :class:`OriginalSchedule`. When it is not given, regrow assumes a
 cosine decay from ``recover.lr`` over twice the recovery epochs (so rewinding replays its second half);
@@ -20,6 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from regrow.errors import RegrowError
 from regrow.registry import Registry
 
 
@@ -107,14 +109,32 @@ def one_cycle(ctx: LRContext) -> Callable[[int], float]:
     return lr
 
 
+def rewind_plan(original: OriginalSchedule, recovery_epochs: float, rewind_epoch: float | None) -> tuple[float, float]:
+    """Where the replay starts in the original training, and its pace (original epochs per recovery epoch).
+
+    The replay runs from the rewind point (default: the original's end minus the recovery length, at least
+    0) to the original's end. When recovery is longer than that stretch, the stretch is slowed down to fill
+    it (pace below 1), so recovery never runs on past the original's end, where a cosine schedule is at 0.
+    """
+    start = rewind_epoch if rewind_epoch is not None else max(0.0, original.epochs - recovery_epochs)
+    if recovery_epochs <= 0 and rewind_epoch is None:
+        return start, 1.0  # nothing to replay
+    if start >= original.epochs:
+        raise RegrowError(
+            f"rewind_epoch {start:g} is not inside the original training ({original.epochs:g} epochs); give a "
+            f"rewind point from 0 to below {original.epochs:g}."
+        )
+    return start, min(1.0, (original.epochs - start) / max(recovery_epochs, 1e-9))
+
+
 @LR_SCHEDULES.register("rewind")
 def rewind(ctx: LRContext) -> Callable[[int], float]:
-    """The original schedule replayed from the rewind point (default: its last recovery-length stretch)."""
-    recovery_epochs = ctx.total_steps / max(1, ctx.steps_per_epoch)
-    start = ctx.rewind_epoch if ctx.rewind_epoch is not None else max(0.0, ctx.original.epochs - recovery_epochs)
+    """The original schedule replayed from the rewind point to its end (slowed down to fill a longer recovery)."""
+    per_epoch = max(1, ctx.steps_per_epoch)
+    start, pace = rewind_plan(ctx.original, ctx.total_steps / per_epoch, ctx.rewind_epoch)
 
     def lr(step: int) -> float:
-        return ctx.original.lr_at(start + step / max(1, ctx.steps_per_epoch))
+        return ctx.original.lr_at(start + pace * step / per_epoch)
 
     return lr
 

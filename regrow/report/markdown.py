@@ -239,6 +239,12 @@ def render_markdown(report: RunReport) -> str:
             f"Rewinding ({r['kind']}): the learning rate replays the original {o['schedule']} schedule (peak "
             f"{o['lr']:g}, {o['epochs']:g} epochs) from {start}"
             + (", and the surviving weights were reset to their values there." if r["kind"] == "weights" else ".")
+            + (
+                f" Recovery is longer than the rest of that schedule, so the rest was replayed "
+                f"{1 / r['pace']:.2f}x slower, ending where the original ended."
+                if r.get("pace", 1.0) < 1.0
+                else ""
+            )
         )
     if details.get("dynamic"):
         d = details["dynamic"]

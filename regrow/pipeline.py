@@ -280,6 +280,23 @@ def _check_combinations(cfg: RunConfig, spec: PruneSpec, structural: bool) -> No
                 "recover.stop_when.within compares with the baseline's accuracy on the same task; a transfer run "
                 "has no dense baseline on the new task. Use stop_when.seconds or recover.epochs."
             )
+        if r.rewind == "weights":
+            raise RegrowError(
+                "recover.rewind 'weights' resets the model to a snapshot of the source model, whose head is for "
+                "the source classes; method 'transfer' gives it a new head. Use rewind 'lr' or 'none'."
+            )
+    if r.rewind != "none" and r.rewind_epoch is not None:
+        if cfg.model.train is not None:
+            original_epochs, where = float(cfg.model.train.epochs), "model.train.epochs"
+        elif r.original is not None:
+            original_epochs, where = float(r.original.epochs), "recover.original.epochs"
+        else:
+            original_epochs, where = 2.0 * r.epochs, "the assumed original schedule (twice recover.epochs)"
+        if r.rewind_epoch >= original_epochs:
+            raise RegrowError(
+                f"recover.rewind_epoch {r.rewind_epoch:g} is not inside the original training ({original_epochs:g} "
+                f"epochs, from {where}); give a rewind point from 0 to below {original_epochs:g}."
+            )
     if p.allocation_file:
         from regrow.allocation import Allocation
 
@@ -739,7 +756,7 @@ def run(
             if cfg.recover.rewind == "weights" and "rewind_state" not in recover_kwargs:
                 # Renda et al.: rewind to the point as far from the end of training as recovery is long.
                 epoch = cfg.recover.rewind_epoch
-                epoch = max(0.0, t.epochs - cfg.recover.epochs) if epoch is None else min(epoch, t.epochs)
+                epoch = max(0.0, t.epochs - cfg.recover.epochs) if epoch is None else epoch
                 rewind_snapshot = _Snapshot(round(epoch * len(base_train)))
                 callbacks.append(rewind_snapshot)
                 recover_kwargs["rewind_epoch"] = epoch

@@ -82,6 +82,8 @@ def test_bad_input_exits_2_with_one_message(capsys, tmp_path, override, message)
         (["recover.stop_when={within: 150}"], "'recover.stop_when.within'"),
         (["prune.allocation_file=/nonexistent/allocation.json"], "is not readable JSON"),
         (["recover.method=transfer", "recover.distill=true"], "does not apply to method 'transfer'"),
+        (["recover.method=transfer", "recover.rewind=weights"], "method 'transfer' gives it a new head"),
+        (["recover.rewind=lr", "recover.rewind_epoch=500"], "recover.rewind_epoch 500 is not inside the original"),
         (
             ["prune.pattern=channel", "prune.sparsity=null", "prune.latency=0.8", "schedule.name=iterative"],
             "a latency budget is met in one shot",

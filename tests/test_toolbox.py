@@ -324,6 +324,37 @@ def test_kmeans_on_hand_values():
     assert index.tolist() == [0, 0, 1, 1, 2, 2]
 
 
+def test_weight_sharing_trains_each_shared_value_by_its_clusters_summed_gradient():
+    from types import SimpleNamespace
+
+    from regrow.recovery.sharing import WeightSharing
+
+    layer = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 1.2, 0.0], [4.0, 4.2, 5.0]]))
+    masks = regrow.MaskSet({"weight": torch.tensor([[True, True, False], [True, True, True]])})
+    state = SimpleNamespace(model=layer, masks=masks)
+    sharing = WeightSharing(k=2)
+    sharing.on_train_start(state)  # two clusters: {1.0, 1.2} -> 1.1 and {4.0, 4.2, 5.0} -> 4.4
+    index = sharing.shared.indices["weight"]
+    assert index.tolist() == [[0, 0, -1], [1, 1, 1]]
+    assert sharing.shared.codebooks["weight"].tolist() == pytest.approx([1.1, 4.4])
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    (layer(x) * torch.tensor([[1.0, -2.0]])).sum().backward()  # dL/dW[i, j] = c_i * x_j
+    raw = layer.weight.grad.clone()
+    sharing.on_after_backward(state)
+    summed = {0: float(raw[0, 0] + raw[0, 1]), 1: float(raw[1].sum())}  # 1 + 2 = 3 and -2 * 6 = -12
+    assert summed == {0: 3.0, 1: -12.0}
+    for (i, j), c in [((0, 0), 0), ((0, 1), 0), ((1, 0), 1), ((1, 1), 1), ((1, 2), 1)]:
+        assert float(layer.weight.grad[i, j]) == summed[c]
+    with torch.no_grad():
+        layer.weight.grad[~masks["weight"]] = 0.0  # what the loop does to pruned weights
+    torch.optim.SGD(layer.parameters(), lr=0.1).step()
+    sharing.sync(layer)
+    assert sharing.shared.codebooks["weight"].tolist() == pytest.approx([1.1 - 0.3, 4.4 + 1.2])
+    assert layer.weight[0, 2] == 0.0 and torch.unique(layer.weight[1]).numel() == 1
+
+
 def test_shared_weights_take_at_most_k_values_after_fine_tuning(tmp_path):
     model = trained()
     masks = regrow.prune(model, 0.5)
@@ -431,6 +462,23 @@ def test_transfer_with_a_new_head_and_feature_distillation():
     for fqn, mask in masks.items():  # masks kept through transfer
         assert torch.count_nonzero(source.get_parameter(fqn)[~mask]) == 0
     assert source(torch.zeros(2, 8)).shape == (2, 5)
+    # the teacher's head is for the source classes: its accuracy is no baseline for the new task
+    with pytest.raises(RegrowError, match="Pass baseline_val_accuracy="):
+        regrow.recover(
+            source, masks, target, method="transfer", teacher=dense, stop_when={"within": 0.5}, progress=False
+        )
+    done = regrow.recover(
+        source,
+        masks,
+        target,
+        epochs=1,
+        method="transfer",
+        teacher=dense,
+        stop_when={"within": 100.0},
+        baseline_val_accuracy=0.5,
+        progress=False,
+    )
+    assert done.stop_reason.startswith("target reached")
 
 
 def test_unknown_options_are_refused():

@@ -205,6 +205,12 @@ def recover(
             "share.after and share.epochs are recipe settings (a run shares the weights after recovery); in "
             "Python, call regrow.recover again with method='share' after the first recovery."
         )
+    if method == "transfer" and stop_when and stop_when.get("within") is not None and baseline_val_accuracy is None:
+        raise RegrowError(
+            "stop_when.within compares with a baseline's accuracy on the same task; the teacher of method "
+            "'transfer' has the source task's head. Pass baseline_val_accuracy= (the accuracy to approach on "
+            "the new task), or use stop_when.seconds."
+        )
     if method == "transfer" and distill:
         raise RegrowError(
             "distill=True does not apply to method 'transfer': the teacher's logits are for other classes; "

@@ -12,7 +12,7 @@ and may bring step callbacks. Register a new one with ``@METHODS.register("name"
 * ``share``: weight sharing (regrow.recovery.sharing), likewise.
 * ``transfer``: a new target task; task loss plus feature distillation: the student's input to its
   classifier is pulled towards the dense source model's (``feature_weight`` times the relative squared
-  error; default 0.1 — on digits 0-4 -> 5-9 a larger weight cost accuracy, see examples/sparse_transfer.py).
+  error; default 0.1). examples/sparse_transfer.py shows it on digits 0-4 -> 5-9.
 """
 
 from __future__ import annotations

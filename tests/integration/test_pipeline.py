@@ -232,6 +232,32 @@ def test_every_shipped_recipe_runs(tmp_path, name):
         assert all(torch.count_nonzero(weights[f][~m]) == 0 for f, m in masks.items())
     assert (tmp_path / name / "arch.json").is_file()
     assert report.export["reload_check"]["matches"]
+    _check_recovery_method(report, tmp_path / name)
+
+
+def _check_recovery_method(report, out):
+    """What each recovery option a recipe sets must leave behind in the report and the exported files."""
+    r, rec = report.config["recover"], report.recovery
+    details = rec.get("details") or {}
+    if r["rewind"] != "none":
+        assert details["rewind"]["kind"] == r["rewind"]
+        original = details["rewind"]["original"]  # the baseline's real schedule: the recipe trains it
+        assert original["epochs"] == report.config["model"]["train"]["epochs"]
+        assert details["rewind"]["start"] == original["epochs"] - rec["epochs_run"]
+        assert "Rewinding (" in (out / "report.md").read_text()
+    if r["method"] in ("rigl", "set"):
+        dynamic = details["dynamic"]
+        assert dynamic["regrow"] == ("gradient" if r["method"] == "rigl" else "random")
+        assert dynamic["updates"] > 0 and dynamic["weights_replaced"] > 0
+    if r["share"].get("after"):
+        assert report.export["shared"] == "shared.safetensors" and (out / "shared.safetensors").is_file()
+        assert rec["sharing"]["shared_bits"] < rec["sharing"]["sparse_bits"] < rec["sharing"]["dense_bits"]
+        weights = load_file(str(out / "model.safetensors"))
+        for fqn in regrow.MaskSet.load(out / "masks.safetensors"):
+            assert torch.unique(weights[fqn][weights[fqn] != 0]).numel() <= r["share"]["k"]
+    if r["stop_when"] is not None:  # the report says which condition ended recovery
+        assert rec["stop_reason"].startswith(("target reached", "wall-time budget", "epoch budget", "early stopping"))
+        assert rec["stop_reason"] in (out / "report.md").read_text()
 
 
 def test_a_latency_budget_runs_through_the_pipeline(tmp_path, macs_as_latency):

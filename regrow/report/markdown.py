@@ -234,7 +234,12 @@ def render_markdown(report: RunReport) -> str:
     if details.get("rewind"):
         r = details["rewind"]
         o = r["original"]
-        start = "its end minus the recovery length" if r["rewind_epoch"] is None else f"epoch {r['rewind_epoch']:g}"
+        if r.get("start") is None:  # reports written before the start was recorded
+            start = "its end minus the recovery length" if r["rewind_epoch"] is None else f"epoch {r['rewind_epoch']:g}"
+        else:
+            start = f"epoch {r['start']:g}" + (
+                " (the default: its end minus the recovery length, at least 0)" if r["rewind_epoch"] is None else ""
+            )
         out.append(
             f"Rewinding ({r['kind']}): the learning rate replays the original {o['schedule']} schedule (peak "
             f"{o['lr']:g}, {o['epochs']:g} epochs) from {start}"

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -41,6 +42,10 @@ from regrow.structural import load, save, validate_request
 log = logging.getLogger("regrow")
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch.
 
@@ -51,6 +56,28 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def reproducible_kernels(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` with cuDNN's deterministic algorithms, then restore the caller's settings.
+
+    On a GPU, cuDNN's default convolution kernels may sum in a different order from one call to the next,
+    so the same recipe gave different numbers run after run (measured on an H200: recovered losses
+    1.14747 / 1.14748 from identical settings); with these two flags, bitwise the same. CPU runs are
+    unaffected.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        cudnn = torch.backends.cudnn
+        saved = cudnn.deterministic, cudnn.benchmark
+        cudnn.deterministic, cudnn.benchmark = True, False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            cudnn.deterministic, cudnn.benchmark = saved
+
+    return wrapper
 
 
 def default_out_dir(name: str) -> Path:
@@ -686,6 +713,7 @@ def _history_dicts(result: RecoveryResult, offset: int = 0, round_index: int | N
     return rows
 
 
+@reproducible_kernels
 def run(
     config: RunConfig | Mapping[str, Any] | str | os.PathLike[str],
     *,
@@ -1051,6 +1079,7 @@ def _export(
     return files | {"reload_check": {"accuracy": reloaded, "matches": reloaded == recovered.accuracy}}
 
 
+@reproducible_kernels
 def run_sensitivity(
     config: RunConfig | Mapping[str, Any] | str | os.PathLike[str],
     *,

@@ -285,3 +285,28 @@ def test_measuring_more_does_not_change_what_is_trained(tmp_path):
     b = regrow.run("demo", overrides=[*budget, "evaluate.latency=false"], out_dir=tmp_path / "b", progress=False)
     assert a.snapshots["recovered"].loss == b.snapshots["recovered"].loss
     assert a.snapshots["recovered"].latency is not None and b.snapshots["recovered"].latency is None
+
+
+def test_runs_use_deterministic_gpu_kernels_and_give_the_callers_settings_back():
+    from regrow.pipeline import reproducible_kernels, run, run_sensitivity
+
+    cudnn = torch.backends.cudnn
+    seen = []
+
+    @reproducible_kernels
+    def body(fail):
+        seen.append((cudnn.deterministic, cudnn.benchmark))
+        if fail:
+            raise regrow.RegrowError("stop")
+
+    before = cudnn.deterministic, cudnn.benchmark
+    try:
+        cudnn.deterministic, cudnn.benchmark = False, True
+        body(False)
+        with pytest.raises(regrow.RegrowError):
+            body(True)
+        assert seen == [(True, False), (True, False)]
+        assert (cudnn.deterministic, cudnn.benchmark) == (False, True)  # restored, also after an error
+    finally:
+        cudnn.deterministic, cudnn.benchmark = before
+    assert run.__wrapped__ and run_sensitivity.__wrapped__  # both entry points are wrapped

@@ -117,3 +117,19 @@ def test_report_sentence_on_the_drop_and_what_recovery_won_back(drop, gained, ex
 
     frac = None if drop <= 0 else gained / drop
     assert recovery_sentence(drop, gained, frac).endswith(expected)
+
+
+def test_environment_names_the_regrow_version_also_from_a_source_checkout(monkeypatch):
+    from importlib import metadata
+
+    import regrow
+    from regrow.report import environment
+
+    assert environment()["regrow"] == metadata.version("regrow")
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    env = environment()
+    assert env["regrow"] == f"{regrow.__version__} (source, not installed)" and env["numpy"] is None

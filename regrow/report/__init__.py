@@ -30,6 +30,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _source_version() -> str:
+    from regrow import __version__
+
+    return f"{__version__} (source, not installed)"
+
+
 def environment(device: str = "cpu") -> dict[str, Any]:
     """Library versions and the machine, for reproducibility."""
 
@@ -40,7 +46,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
             return None
 
     env = {
-        "regrow": version("regrow"),
+        "regrow": version("regrow") or _source_version(),  # a source checkout on PYTHONPATH has no metadata
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "numpy": version("numpy"),

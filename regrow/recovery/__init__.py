@@ -145,8 +145,9 @@ def recover(
         distill: add the distillation loss to finetune / rigl / set / share (default: only for method
             "distill", where ``distill=False`` leaves the task loss alone); not for "transfer".
         rewind: ``"lr"`` replays the original training's learning-rate schedule from ``rewind_epoch``
-            (default: its end minus the recovery length); ``"weights"`` also resets the weights to
-            ``rewind_state`` (a state dict or safetensors file of the weights at that point).
+            (default: its end minus the recovery length, at least 0) to its end, more slowly when recovery
+            is longer than that rest; ``"weights"`` also resets the weights to ``rewind_state`` (a state
+            dict or safetensors file of the weights at that point). Replaces ``lr_schedule``.
         original: the original training schedule (``OriginalSchedule`` or a dict with lr, epochs,
             schedule, warmup, milestones, gamma); default: cosine from ``lr`` over twice ``epochs``.
         stop_when: ``{"within": points}`` stops once validation accuracy is within that many points of

@@ -33,6 +33,7 @@ from regrow.measure.metrics import classification_metrics
 from regrow.patterns import get_pattern
 from regrow.prune import PruneSpec, compute_masks, frozen_copy, plan, prune, speed_warning, structural_masks
 from regrow.recovery import GradualPruning, RecoveryResult, new_head, recover
+from regrow.recovery.lr import default_original
 from regrow.report import RunReport, environment
 from regrow.report.plots import plot_curve
 from regrow.schedules import iterative
@@ -313,12 +314,14 @@ def _check_combinations(cfg: RunConfig, spec: PruneSpec, structural: bool) -> No
                 "the source classes; method 'transfer' gives it a new head. Use rewind 'lr' or 'none'."
             )
     if r.rewind != "none" and r.rewind_epoch is not None:
-        if cfg.model.train is not None:
-            original_epochs, where = float(cfg.model.train.epochs), "model.train.epochs"
-        elif r.original is not None:
+        # the same original schedule _recover_kwargs hands to recover(): stated, else the baseline's, else assumed
+        if r.original is not None:
             original_epochs, where = float(r.original.epochs), "recover.original.epochs"
+        elif cfg.model.train is not None:
+            original_epochs, where = float(cfg.model.train.epochs), "model.train.epochs"
         else:
-            original_epochs, where = 2.0 * r.epochs, "the assumed original schedule (twice recover.epochs)"
+            original_epochs = default_original(r.lr, r.epochs).epochs
+            where = "the assumed original schedule (twice recover.epochs)"
         if r.rewind_epoch >= original_epochs:
             raise RegrowError(
                 f"recover.rewind_epoch {r.rewind_epoch:g} is not inside the original training ({original_epochs:g} "

@@ -5,7 +5,7 @@ Run: python -m benchmarks.recovery_settings [--seeds 3] [--epochs 80] [--variant
 The recovery-methods study (benchmarks/results/recovery_methods.md) finds gradual pruning with distillation
 best at 98 % sparsity on LeNet-300-100 / Fashion-MNIST. This study starts from exactly those settings and
 changes one of them per row: the end of the sparsity ramp, the distillation weight and temperature, weight
-decay, augmentation and the split of the sparsity between the two pruned layers. Every row gets the same 80
+decay, augmentation, averaging the weights (EMA) and the split of the sparsity between the two pruned layers. Every row gets the same 80
 recovery epochs and the same cached dense models and data as that study. Test accuracy is on the official 10k
 test set; the validation accuracy of the kept checkpoint (5k split of the training set, the only data a user
 could tune on) is reported beside it. Numbers from another machine or torch version differ in the last
@@ -53,6 +53,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "weight decay 0 (was 5e-4)": {"weight_decay": 0.0},
     "augment: hflip": {"augment": "hflip"},
     "final layer sparsities in ERK proportion": {"erk": True},
+    "weights averaged (EMA, decay 0.999)": {"ema": 0.999},
+    "weights averaged (EMA, decay 0.9999)": {"ema": 0.9999},
 }
 
 

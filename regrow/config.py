@@ -287,6 +287,13 @@ class RecoverConfig(_Strict):
     alpha: float = Field(0.5, ge=0, le=1, description="distill: weight of the soft (teacher) loss")
     temperature: float = Field(2.0, gt=0, description="distill: softmax temperature")
     grad_clip: float | None = Field(None, gt=0)
+    ema: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="decay of an exponential moving average of the weights, used for validation, the kept "
+        "checkpoint and the result (e.g. 0.999; null = off)",
+    )
     distill: bool | None = Field(
         None,
         description="add the distillation loss to finetune/rigl/set/share (default: only for method distill, "

@@ -136,6 +136,7 @@ def test_distill_without_any_teacher_is_refused(batches):
         ({"alpha": 1.5}, "'alpha'"),
         ({"optimizer": "lion"}, "'optimizer'"),
         ({"epochs": -1}, "'epochs'"),
+        ({"ema": 1.0}, "'ema'"),
     ],
 )
 def test_bad_recovery_options(batches, kwargs, message):
@@ -176,3 +177,100 @@ def test_distill_method_mixes_soft_and_task_loss():
     assert losses["kd_loss"].item() == pytest.approx(kl, rel=1e-6)
     assert losses["task_loss"].item() == pytest.approx(math.log(2.0), rel=1e-6)
     assert losses["loss"].item() == pytest.approx(0.25 * kl + 0.75 * math.log(2.0), rel=1e-6)
+
+
+# --- weight averaging (ema) -----------------------------------------------------------------------
+
+
+def test_weight_average_on_hand_values():
+    from regrow.recovery.loop import WeightAverage
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.BatchNorm1d(2))
+    weight = model[0].weight
+    mask = torch.tensor([[True, False], [True, True]])
+    masks = regrow.MaskSet({"0.weight": mask})
+    with torch.no_grad():
+        weight.copy_(torch.tensor([[1.0, 0.0], [3.0, 4.0]]))
+    average = WeightAverage(model, masks, decay=0.5)
+    assert "1.num_batches_tracked" not in average.average  # integer buffers are not averaged
+
+    with torch.no_grad():
+        weight.copy_(torch.tensor([[3.0, 0.0], [5.0, 6.0]]))
+    average.update(model, step=100)  # decay min(0.5, 101/110) = 0.5
+    assert torch.equal(average.average["0.weight"], torch.tensor([[2.0, 0.0], [4.0, 5.0]]))
+
+    mask[1, 0] = False  # the mask moves (gradual pruning, dynamic sparsity): the average follows at once
+    with torch.no_grad():
+        weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    average.update(model, step=100)
+    assert torch.equal(average.average["0.weight"], torch.tensor([[1.5, 0.0], [0.0, 3.5]]))
+
+    # warm-up: at step 0 the decay is min(0.5, 1/10) = 0.1, so the new weights count 0.9
+    with torch.no_grad():
+        weight.copy_(torch.tensor([[11.5, 0.0], [0.0, 13.5]]))
+    average.update(model, step=0)
+    assert torch.allclose(average.average["0.weight"], torch.tensor([[10.5, 0.0], [0.0, 12.5]]))
+
+    trained = weight.detach().clone()
+    with average.swapped_in(model):
+        assert torch.equal(weight, average.average["0.weight"])
+    assert torch.equal(weight, trained)
+
+
+class MirrorAverage:
+    """A second, independent average with the documented formula, and the trained weights, at each epoch end."""
+
+    def __init__(self, decay, steps_per_epoch):
+        self.decay, self.steps_per_epoch = decay, steps_per_epoch
+        self.average, self.at_epoch = None, {}
+
+    def on_train_start(self, state):
+        self.average = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+
+    def checkpoint_ready(self, state):
+        return True
+
+    def on_step_end(self, state):
+        d = min(self.decay, (1 + state.step) / (10 + state.step))
+        live = state.model.state_dict()
+        for k in self.average:
+            self.average[k] = d * self.average[k] + (1 - d) * live[k].detach()
+            if k in state.masks:
+                self.average[k] = self.average[k] * state.masks[k]
+        if state.step % self.steps_per_epoch == 0:
+            self.at_epoch[state.step // self.steps_per_epoch] = (
+                {k: v.clone() for k, v in self.average.items()},
+                {k: v.detach().clone() for k, v in live.items()},
+            )
+
+
+def test_ema_validates_keeps_and_returns_the_averaged_weights_with_the_masks_kept():
+    from regrow.measure.metrics import classification_metrics
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    train, val = make_batches(6), make_batches(3, seed=1)
+    masks = regrow.prune(model, 0.0)
+    mirror = MirrorAverage(0.9, steps_per_epoch=6)
+    result = regrow.recover(
+        model,
+        masks,
+        train,
+        val,
+        method="finetune",
+        epochs=6,
+        lr=0.05,
+        ema=0.9,
+        patience=None,
+        callbacks=[regrow.GradualPruning(final=0.8, every=2, end=0.5), mirror],
+        progress=False,
+    )
+    assert masks.sparsity() == pytest.approx(0.8, abs=0.01)
+    assert result.best_epoch >= 3  # the ramp ends at epoch 3; only then may an epoch be kept
+    averaged, trained = mirror.at_epoch[result.best_epoch]
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, averaged[k], atol=1e-6), k
+    assert any(not torch.allclose(model.state_dict()[k], trained[k]) for k in trained)
+    for fqn, mask in masks.items():
+        assert torch.count_nonzero(model.get_parameter(fqn)[~mask]) == 0
+    assert classification_metrics(model, val)["accuracy"] == result.best_val_accuracy

@@ -106,6 +106,7 @@ def recover(
     alpha: float = 0.5,
     temperature: float = 2.0,
     grad_clip: float | None = None,
+    ema: float | None = None,
     augment: Callable[[Any], Any] | None = None,
     val_fraction: float = 0.1,
     distill: bool | None = None,
@@ -136,6 +137,9 @@ def recover(
         epochs, lr: training budget and peak learning rate.
         optimizer: ``"adamw"`` (default) or ``"sgd"`` (with ``momentum``).
         weight_decay, label_smoothing, grad_clip: regularization.
+        ema: keep an exponential moving average of the weights with this decay (e.g. 0.999) and use it for
+            validation, the kept checkpoint and the result (None: off). Training metrics stay those of
+            the trained weights.
         lr_schedule: ``"cosine"`` (linear warm-up for ``warmup`` of the steps, then cosine to zero),
             ``"constant"`` or ``"one_cycle"`` (peak ``max_lr``, default the original training's peak).
         patience: stop after this many epochs without a validation gain (None: never). The best epoch
@@ -189,6 +193,7 @@ def recover(
             alpha=alpha,
             temperature=temperature,
             grad_clip=grad_clip,
+            ema=ema,
             distill=distill,
             rewind=rewind,
             rewind_epoch=rewind_epoch,
@@ -284,6 +289,8 @@ def recover(
             cb.sync(model)  # the best checkpoint was restored: codebooks follow it
             shared = cb.shared
             details["sharing"] = sizes(model, masks, shared)
+    if options.ema is not None:
+        details["ema"] = {"decay": options.ema}
     if options.rewind != "none":
         details["rewind"] = {
             "kind": options.rewind,

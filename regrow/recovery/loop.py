@@ -17,6 +17,10 @@ improved for ``patience`` epochs (early stopping; the reason says when training 
 meanwhile, i.e. over-fitting), when the validation accuracy is within ``stop_when.within`` points of the
 baseline, or when the ``stop_when.seconds`` wall-time budget runs out.
 
+With ``ema`` set, an exponential moving average of the weights (``WeightAverage``) is kept beside the
+trained weights; validation, the kept checkpoint and the returned model use the average, while training
+metrics are those of the trained weights.
+
 Callbacks (``regrow.recovery.callbacks``) may act at three points: ``on_train_start``,
 ``on_after_backward`` (gradients are dense and unmasked here: dynamic sparsity reads them, weight sharing
 pools them), and ``on_step_end`` (after the optimizer step and the re-masking).
@@ -27,7 +31,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +107,51 @@ def _restore(model: nn.Module, masks: MaskSet, state: dict[str, Any]) -> None:
             changed = True
     if changed:
         masks.touch()
+
+
+class WeightAverage:
+    """An exponential moving average of the weights (Polyak & Juditsky 1992; timm's ``ModelEmaV3``).
+
+    Averaging the last steps of training lands in a flatter, better-generalising point than the last step
+    alone (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima"). The decay warms up as
+    ``min(decay, (1 + step) / (10 + step))`` so that the first steps, far from where training ends, fade
+    fast. After every update the average of each target is multiplied by its current mask, so the average
+    is exactly as sparse as the trained weights, also while gradual pruning or dynamic sparsity move the
+    masks. Floating-point buffers (e.g. batch-norm statistics) are averaged too; integer buffers are not.
+    """
+
+    def __init__(self, model: nn.Module, masks: MaskSet, decay: float) -> None:
+        self.decay = decay
+        self.masks = masks
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        live = model.state_dict()
+        for fqn, avg in self.average.items():
+            avg.lerp_(live[fqn], 1.0 - decay)
+            if fqn in self.masks:
+                avg.mul_(self.masks[fqn])
+
+    @contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[None]:
+        """The model holds the averaged weights inside the block and its trained weights again after it."""
+        trained = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.average}
+        model.load_state_dict(self.average, strict=False)
+        try:
+            yield
+        finally:
+            model.load_state_dict(trained, strict=False)
+
+
+@contextmanager
+def _averaged(average: WeightAverage | None, model: nn.Module) -> Iterator[None]:
+    if average is None:
+        yield
+    else:
+        with average.swapped_in(model):
+            yield
 
 
 def _early_stop_reason(history: list[EpochRecord], patience: int) -> str:
@@ -202,6 +252,8 @@ def train(
             parts={k: v / seen for k, v in train_sums.items() if k != "loss"} if seen else {},
         )
 
+    # Created after on_train_start: a callback may set the weights there (weight sharing clusters them).
+    average = WeightAverage(model, masks, options.ema) if options.ema is not None else None
     history = [validate(0, time.perf_counter(), {"loss": 0.0}, 0, 0)]
     ready = all(cb.checkpoint_ready(state) for cb in callbacks)
     best = {"epoch": 0, "key": _rank(history[0]), "state": _state_copy(model, masks)} if ready else None
@@ -238,6 +290,8 @@ def train(
             state.step += 1
             for cb in callbacks:
                 cb.on_step_end(state)
+            if average is not None:
+                average.update(model, state.step)
 
             n = targets.shape[0]
             seen += n
@@ -248,7 +302,13 @@ def train(
                 bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", refresh=False)
 
         enforcer.weights()  # the once-per-epoch safety net
-        record = validate(epoch, started, sums, seen, correct)
+        # Only a model in its final form (e.g. gradual pruning done) may become the kept checkpoint.
+        ready = all(cb.checkpoint_ready(state) for cb in callbacks)
+        with _averaged(average, model):  # validation and the kept checkpoint use the average, if any
+            record = validate(epoch, started, sums, seen, correct)
+            better = ready and (best is None or _rank(record) > best["key"])
+            if better:
+                best = {"epoch": epoch, "key": _rank(record), "state": _state_copy(model, masks)}
         history.append(record)
         log.info(
             "epoch %d/%d: train loss %.4f, train accuracy %.2f%%, val accuracy %.2f%%, val loss %.4f, "
@@ -263,21 +323,14 @@ def train(
             record.seconds,
         )
 
-        # Only a model in its final form (e.g. gradual pruning done) may become the kept checkpoint.
-        if not all(cb.checkpoint_ready(state) for cb in callbacks):
+        if not ready:
             continue
         # Patience counts epochs in which neither validation accuracy (the kept checkpoint's key) nor the
         # validation loss improved: on a small validation set accuracy moves in coarse steps while the loss
         # still shows progress.
         improved_loss = record.val_loss < lowest_loss * (1.0 - LOSS_MIN_DELTA)
         lowest_loss = min(lowest_loss, record.val_loss)
-        if best is None or _rank(record) > best["key"]:
-            best = {"epoch": epoch, "key": _rank(record), "state": _state_copy(model, masks)}
-            stale = 0
-        elif improved_loss:
-            stale = 0
-        else:
-            stale += 1
+        stale = 0 if better or improved_loss else stale + 1
         if (
             within is not None
             and baseline_val_accuracy is not None
@@ -297,6 +350,8 @@ def train(
 
     if best is not None:
         _restore(model, masks, best["state"])
+    elif average is not None:  # no epoch could be kept: hand back the average of the last weights
+        model.load_state_dict(average.average, strict=False)
     model.train(was_training)
     kept = history[best["epoch"]] if best else history[-1]
     summary = {

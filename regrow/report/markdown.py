@@ -251,6 +251,11 @@ def render_markdown(report: RunReport) -> str:
                 else ""
             )
         )
+    if details.get("ema"):
+        out.append(
+            f"Weight averaging: validation, the kept checkpoint and the recovered model use an exponential moving "
+            f"average of the weights (decay {details['ema']['decay']:g}); training metrics are the trained weights'."
+        )
     if details.get("dynamic"):
         d = details["dynamic"]
         out.append(

@@ -99,6 +99,28 @@ def test_schedules_reach_the_final_sparsity(tmp_path, schedule):
     assert any("prunes during recovery" in n for n in report.notes)
 
 
+def test_weight_averaging_from_a_recipe_keeps_the_gradual_schedule_sparsity(tmp_path):
+    out = tmp_path / "ema"
+    report = regrow.run(
+        "demo",
+        overrides=[
+            "model.train.epochs=2",
+            "recover.epochs=3",
+            "schedule.name=gradual",
+            "schedule.every=5",
+            "recover.ema=0.99",
+            "evaluate.latency=false",
+        ],
+        out_dir=out,
+        progress=False,
+    )
+    assert report.snapshots["recovered"].target_sparsity == pytest.approx(0.9, abs=1e-3)
+    masks = regrow.MaskSet.load(out / "masks.safetensors")
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(torch.count_nonzero(weights[f][~m]) == 0 for f, m in masks.items())
+    _check_recovery_method(report, out)
+
+
 def test_user_factories_next_to_the_recipe(tmp_path, monkeypatch):
     (tmp_path / "my_project.py").write_text(
         textwrap.dedent("""
@@ -259,6 +281,9 @@ def _check_recovery_method(report, out):
         weights = load_file(str(out / "model.safetensors"))
         for fqn in regrow.MaskSet.load(out / "masks.safetensors"):
             assert torch.unique(weights[fqn][weights[fqn] != 0]).numel() <= r["share"]["k"]
+    if r["ema"] is not None:
+        assert details["ema"] == {"decay": r["ema"]}
+        assert f"average of the weights (decay {r['ema']:g})" in (out / "report.md").read_text()
     if r["stop_when"] is not None:  # the report says which condition ended recovery
         assert rec["stop_reason"].startswith(("target reached", "wall-time budget", "epoch budget", "early stopping"))
         assert rec["stop_reason"] in (out / "report.md").read_text()

@@ -112,8 +112,10 @@ def _restore(model: nn.Module, masks: MaskSet, state: dict[str, Any]) -> None:
 class WeightAverage:
     """An exponential moving average of the weights (Polyak & Juditsky 1992; timm's ``ModelEmaV3``).
 
-    Averaging the last steps of training lands in a flatter, better-generalising point than the last step
-    alone (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima"). The decay warms up as
+    An average of the last steps of training tends to sit in a flatter, better-generalising point than the
+    last step alone (cf. Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima"); with a learning
+    rate annealed to zero the last steps barely move, and the average is close to the last weights. It
+    costs one more copy of the weights in memory (two while validating). The decay warms up as
     ``min(decay, (1 + step) / (10 + step))`` so that the first steps, far from where training ends, fade
     fast. After every update the average of each target is multiplied by its current mask, so the average
     is exactly as sparse as the trained weights, also while gradual pruning or dynamic sparsity move the

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -211,10 +212,55 @@ def test_weight_average_on_hand_values():
     average.update(model, step=0)
     assert torch.allclose(average.average["0.weight"], torch.tensor([[10.5, 0.0], [0.0, 12.5]]))
 
+    # floating-point buffers are averaged like weights
+    model[1].running_mean.copy_(torch.tensor([4.0, -2.0]))  # the average still holds the initial zeros
+    average.update(model, step=100)
+    assert torch.equal(average.average["1.running_mean"], torch.tensor([2.0, -1.0]))
+
     trained = weight.detach().clone()
     with average.swapped_in(model):
         assert torch.equal(weight, average.average["0.weight"])
+        assert torch.equal(model[1].running_mean, torch.tensor([2.0, -1.0]))
     assert torch.equal(weight, trained)
+    assert torch.equal(model[1].running_mean, torch.tensor([4.0, -2.0]))
+
+
+def test_weight_average_of_a_tied_weight_is_masked_whichever_name_the_mask_uses():
+    from regrow.recovery.loop import WeightAverage
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2, bias=False))
+    model[1].weight = model[0].weight  # tied: the state dict lists it as 0.weight and 1.weight
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    masks = regrow.MaskSet({"1.weight": mask})  # named by its second name
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    average = WeightAverage(model, masks, decay=0.5)
+    assert list(average.average) == ["0.weight"]  # averaged once
+    mask[0, 1] = False
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[3.0, 0.0], [5.0, 6.0]]))
+    average.update(model, step=100)
+    with average.swapped_in(model):
+        assert torch.equal(model[1].weight, torch.tensor([[2.0, 0.0], [4.0, 5.0]]))
+        assert model[1].weight is model[0].weight
+
+
+def test_weight_average_of_half_precision_weights_keeps_small_updates():
+    from regrow.recovery.loop import WeightAverage
+
+    model = torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    average = WeightAverage(model, regrow.MaskSet({}), decay=0.999)
+    with torch.no_grad():
+        model.weight.fill_(1.05)
+    for step in range(10_000, 12_000):
+        average.update(model, step)
+    # float32 average: 1 + (w - 1) * (1 - 0.999 ** 2000), where bf16 would round each 5e-5 step away
+    live = model.weight.detach().float()[0, 0].item()
+    expected = 1.0 + (live - 1.0) * (1 - 0.999**2000)
+    assert average.average["weight"].dtype == torch.float32
+    assert average.average["weight"][0, 0].item() == pytest.approx(expected, abs=1e-4)
 
 
 class MirrorAverage:
@@ -273,4 +319,48 @@ def test_ema_validates_keeps_and_returns_the_averaged_weights_with_the_masks_kep
     assert any(not torch.allclose(model.state_dict()[k], trained[k]) for k in trained)
     for fqn, mask in masks.items():
         assert torch.count_nonzero(model.get_parameter(fqn)[~mask]) == 0
-    assert classification_metrics(model, val)["accuracy"] == result.best_val_accuracy
+    metrics = classification_metrics(model, val)
+    assert metrics["accuracy"] == result.best_val_accuracy
+    assert metrics["loss"] == pytest.approx(result.history[result.best_epoch].val_loss, rel=1e-6)
+    # validation saw the average, not the trained weights: their loss differs
+    trained_model = copy.deepcopy(model)
+    trained_model.load_state_dict(trained)
+    assert classification_metrics(trained_model, val)["loss"] != pytest.approx(metrics["loss"], rel=1e-6)
+
+
+class NeverReady:
+    def on_train_start(self, state):
+        pass
+
+    def on_step_end(self, state):
+        pass
+
+    def checkpoint_ready(self, state):
+        return False
+
+
+def test_ema_with_no_epoch_kept_hands_back_the_last_average():
+    from regrow.measure.metrics import classification_metrics
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    train, val = make_batches(6), make_batches(3, seed=1)
+    masks = regrow.prune(model, 0.5)
+    mirror = MirrorAverage(0.9, steps_per_epoch=6)
+    result = regrow.recover(
+        model,
+        masks,
+        train,
+        val,
+        method="finetune",
+        epochs=3,
+        lr=0.05,
+        ema=0.9,
+        patience=None,
+        callbacks=[NeverReady(), mirror],
+        progress=False,
+    )
+    averaged, trained = mirror.at_epoch[3]
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, averaged[k], atol=1e-6), k
+    assert classification_metrics(model, val)["loss"] == pytest.approx(result.history[-1].val_loss, rel=1e-6)

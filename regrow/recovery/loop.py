@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from regrow.batches import model_device, to_device, unpack
 from regrow.masks import MaskEnforcer, MaskSet
+from regrow.measure.cost import unique_tensors
 from regrow.measure.metrics import classification_metrics
 from regrow.progress import bar as progress_bar
 from regrow.recovery.lr import LR_SCHEDULES, LRContext, OriginalSchedule
@@ -110,41 +111,58 @@ def _restore(model: nn.Module, masks: MaskSet, state: dict[str, Any]) -> None:
 
 
 class WeightAverage:
-    """An exponential moving average of the weights (Polyak & Juditsky 1992; timm's ``ModelEmaV3``).
+    """An exponential moving average of the weights (Polyak & Juditsky 1992).
 
     An average of the last steps of training tends to sit in a flatter, better-generalising point than the
     last step alone (cf. Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima"); with a learning
     rate annealed to zero the last steps barely move, and the average is close to the last weights. It
-    costs one more copy of the weights in memory (two while validating). The decay warms up as
-    ``min(decay, (1 + step) / (10 + step))`` so that the first steps, far from where training ends, fade
-    fast. After every update the average of each target is multiplied by its current mask, so the average
-    is exactly as sparse as the trained weights, also while gradual pruning or dynamic sparsity move the
-    masks. Floating-point buffers (e.g. batch-norm statistics) are averaged too; integer buffers are not.
+    costs one more copy of the weights in memory (two while validating), kept in float32 for half-precision
+    weights, whose rounding would swallow updates of ``1 - decay`` times a small difference.
+
+    The decay warms up as ``min(decay, (1 + step) / (10 + step))`` (the ``num_updates`` rule of TensorFlow's
+    ``ExponentialMovingAverage``) so that the first steps, far from where training ends, fade fast; it
+    reaches ``decay`` after about ``9 / (1 - decay)`` steps (9,000 for 0.999). After every update the average
+    of each target is multiplied by its current mask, so the average is exactly as sparse as the trained
+    weights, also while gradual pruning or dynamic sparsity move the masks; a weight regrown by dynamic
+    sparsity enters the average from zero and weighs fully only some ``1 / (1 - decay)`` steps later. A
+    tied tensor is averaged once, whichever of its names the masks use. Floating-point buffers (e.g.
+    batch-norm statistics) are averaged too; integer buffers are not.
     """
 
     def __init__(self, model: nn.Module, masks: MaskSet, decay: float) -> None:
         self.decay = decay
         self.masks = masks
-        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        tensors = unique_tensors(model)  # a tied tensor once, under its first name
+        self.average = {
+            k: v.detach().clone().float() if v.dtype in (torch.float16, torch.bfloat16) else v.detach().clone()
+            for k, v in tensors.items()
+            if v.is_floating_point()
+        }
+        name_of = {_storage_key(t): k for k, t in tensors.items()}
+        self.masked = {name_of[_storage_key(model.get_parameter(fqn))]: fqn for fqn in masks.keys()}
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
         live = model.state_dict()
-        for fqn, avg in self.average.items():
-            avg.lerp_(live[fqn], 1.0 - decay)
-            if fqn in self.masks:
-                avg.mul_(self.masks[fqn])
+        for name, avg in self.average.items():
+            avg.lerp_(live[name].to(avg.dtype), 1.0 - decay)
+        for name, fqn in self.masked.items():
+            self.average[name].mul_(self.masks[fqn])
 
     @contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[None]:
         """The model holds the averaged weights inside the block and its trained weights again after it."""
         trained = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.average}
-        model.load_state_dict(self.average, strict=False)
+        model.load_state_dict(self.average, strict=False)  # cast back to the model's dtypes on copy
         try:
             yield
         finally:
             model.load_state_dict(trained, strict=False)
+
+
+def _storage_key(t: Tensor) -> tuple[int, int, tuple[int, ...]]:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
 
 
 @contextmanager

@@ -99,7 +99,7 @@ def test_schedules_reach_the_final_sparsity(tmp_path, schedule):
     assert any("prunes during recovery" in n for n in report.notes)
 
 
-def test_weight_averaging_from_a_recipe_keeps_the_gradual_schedule_sparsity(tmp_path):
+def test_weight_averaging_set_in_a_recipe_reaches_recover_and_the_report_and_keeps_the_sparsity(tmp_path):
     out = tmp_path / "ema"
     report = regrow.run(
         "demo",

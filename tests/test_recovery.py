@@ -290,13 +290,12 @@ class MirrorAverage:
             )
 
 
-def test_ema_validates_keeps_and_returns_the_averaged_weights_with_the_masks_kept():
-    from regrow.measure.metrics import classification_metrics
-
+def _recover_with_ema(sparsity, epochs, callback):
+    """Recover TinyMLP with ema=0.9 beside a mirror average; six steps per epoch."""
     torch.manual_seed(0)
     model = TinyMLP()
     train, val = make_batches(6), make_batches(3, seed=1)
-    masks = regrow.prune(model, 0.0)
+    masks = regrow.prune(model, sparsity)
     mirror = MirrorAverage(0.9, steps_per_epoch=6)
     result = regrow.recover(
         model,
@@ -304,13 +303,21 @@ def test_ema_validates_keeps_and_returns_the_averaged_weights_with_the_masks_kep
         train,
         val,
         method="finetune",
-        epochs=6,
+        epochs=epochs,
         lr=0.05,
         ema=0.9,
         patience=None,
-        callbacks=[regrow.GradualPruning(final=0.8, every=2, end=0.5), mirror],
+        callbacks=[callback, mirror],
         progress=False,
     )
+    return model, masks, val, result, mirror
+
+
+def test_ema_validates_keeps_and_returns_the_averaged_weights_with_the_masks_kept():
+    from regrow.measure.metrics import classification_metrics
+
+    gradual = regrow.GradualPruning(final=0.8, every=2, end=0.5)
+    model, masks, val, result, mirror = _recover_with_ema(0.0, 6, gradual)
     assert masks.sparsity() == pytest.approx(0.8, abs=0.01)
     assert result.best_epoch >= 3  # the ramp ends at epoch 3; only then may an epoch be kept
     averaged, trained = mirror.at_epoch[result.best_epoch]
@@ -342,25 +349,8 @@ class NeverReady:
 def test_ema_with_no_epoch_kept_hands_back_the_last_average():
     from regrow.measure.metrics import classification_metrics
 
-    torch.manual_seed(0)
-    model = TinyMLP()
-    train, val = make_batches(6), make_batches(3, seed=1)
-    masks = regrow.prune(model, 0.5)
-    mirror = MirrorAverage(0.9, steps_per_epoch=6)
-    result = regrow.recover(
-        model,
-        masks,
-        train,
-        val,
-        method="finetune",
-        epochs=3,
-        lr=0.05,
-        ema=0.9,
-        patience=None,
-        callbacks=[NeverReady(), mirror],
-        progress=False,
-    )
-    averaged, trained = mirror.at_epoch[3]
+    model, _, val, result, mirror = _recover_with_ema(0.5, 3, NeverReady())
+    averaged, _ = mirror.at_epoch[3]
     for k, v in model.state_dict().items():
         assert torch.allclose(v, averaged[k], atol=1e-6), k
     assert classification_metrics(model, val)["loss"] == pytest.approx(result.history[-1].val_loss, rel=1e-6)

@@ -33,7 +33,7 @@ from regrow.measure.metrics import classification_metrics
 from regrow.patterns import get_pattern
 from regrow.prune import PruneSpec, compute_masks, frozen_copy, plan, prune, speed_warning, structural_masks
 from regrow.recovery import GradualPruning, RecoveryResult, new_head, recover
-from regrow.recovery.lr import default_original
+from regrow.recovery.lr import OriginalSchedule, default_original, rewind_plan
 from regrow.report import RunReport, environment
 from regrow.report.plots import plot_curve
 from regrow.schedules import iterative
@@ -786,8 +786,7 @@ def run(
             callbacks = []
             if cfg.recover.rewind == "weights" and "rewind_state" not in recover_kwargs:
                 # Renda et al.: rewind to the point as far from the end of training as recovery is long.
-                epoch = cfg.recover.rewind_epoch
-                epoch = max(0.0, t.epochs - cfg.recover.epochs) if epoch is None else epoch
+                epoch, _ = rewind_plan(OriginalSchedule(t.lr, t.epochs), cfg.recover.epochs, cfg.recover.rewind_epoch)
                 rewind_snapshot = _Snapshot(round(epoch * len(base_train)))
                 callbacks.append(rewind_snapshot)
                 recover_kwargs["rewind_epoch"] = epoch

@@ -197,24 +197,24 @@ def test_weight_average_on_hand_values():
 
     with torch.no_grad():
         weight.copy_(torch.tensor([[3.0, 0.0], [5.0, 6.0]]))
-    average.update(model, step=100)  # decay min(0.5, 101/110) = 0.5
+    average.update(step=100)  # decay min(0.5, 101/110) = 0.5
     assert torch.equal(average.average["0.weight"], torch.tensor([[2.0, 0.0], [4.0, 5.0]]))
 
     mask[1, 0] = False  # the mask moves (gradual pruning, dynamic sparsity): the average follows at once
     with torch.no_grad():
         weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
-    average.update(model, step=100)
+    average.update(step=100)
     assert torch.equal(average.average["0.weight"], torch.tensor([[1.5, 0.0], [0.0, 3.5]]))
 
     # warm-up: at step 0 the decay is min(0.5, 1/10) = 0.1, so the new weights count 0.9
     with torch.no_grad():
         weight.copy_(torch.tensor([[11.5, 0.0], [0.0, 13.5]]))
-    average.update(model, step=0)
+    average.update(step=0)
     assert torch.allclose(average.average["0.weight"], torch.tensor([[10.5, 0.0], [0.0, 12.5]]))
 
     # floating-point buffers are averaged like weights
     model[1].running_mean.copy_(torch.tensor([4.0, -2.0]))  # the average still holds the initial zeros
-    average.update(model, step=100)
+    average.update(step=100)
     assert torch.equal(average.average["1.running_mean"], torch.tensor([2.0, -1.0]))
 
     trained = weight.detach().clone()
@@ -239,7 +239,7 @@ def test_weight_average_of_a_tied_weight_is_masked_whichever_name_the_mask_uses(
     mask[0, 1] = False
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[3.0, 0.0], [5.0, 6.0]]))
-    average.update(model, step=100)
+    average.update(step=100)
     with average.swapped_in(model):
         assert torch.equal(model[1].weight, torch.tensor([[2.0, 0.0], [4.0, 5.0]]))
         assert model[1].weight is model[0].weight
@@ -255,7 +255,7 @@ def test_weight_average_of_half_precision_weights_keeps_small_updates():
     with torch.no_grad():
         model.weight.fill_(1.05)
     for step in range(10_000, 12_000):
-        average.update(model, step)
+        average.update(step)
     # float32 average: 1 + (w - 1) * (1 - 0.999 ** 2000), where bf16 would round each 5e-5 step away
     live = model.weight.detach().float()[0, 0].item()
     expected = 1.0 + (live - 1.0) * (1 - 0.999**2000)

@@ -13,12 +13,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from regrow.batches import forward
 
 
+def storage_key(t: Tensor) -> tuple[int, int, tuple[int, ...]]:
+    """Equal for two names of one tied tensor: where its data starts, and its shape."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+
+
 def unique_tensors(model: nn.Module) -> dict[str, Tensor]:
     """The state dict with tied tensors kept once (what ``safetensors.torch.save_model`` writes)."""
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     out = {}
     for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        key = storage_key(t)
         if key in seen:
             continue
         seen.add(key)

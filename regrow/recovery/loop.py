@@ -32,7 +32,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from regrow.batches import model_device, to_device, unpack
 from regrow.masks import MaskEnforcer, MaskSet
-from regrow.measure.cost import unique_tensors
+from regrow.measure.cost import storage_key, unique_tensors
 from regrow.measure.metrics import classification_metrics
 from regrow.progress import bar as progress_bar
 from regrow.recovery.lr import LR_SCHEDULES, LRContext, OriginalSchedule
@@ -133,45 +133,32 @@ class WeightAverage:
         self.decay = decay
         self.masks = masks
         tensors = unique_tensors(model)  # a tied tensor once, under its first name
+        # Views of the model's own tensors, which training updates in place: no state dict per step.
+        self.live = {k: v.detach() for k, v in tensors.items() if v.is_floating_point()}
         self.average = {
-            k: v.detach().clone().float() if v.dtype in (torch.float16, torch.bfloat16) else v.detach().clone()
-            for k, v in tensors.items()
-            if v.is_floating_point()
+            k: v.clone().float() if v.dtype in (torch.float16, torch.bfloat16) else v.clone()
+            for k, v in self.live.items()
         }
-        name_of = {_storage_key(t): k for k, t in tensors.items()}
-        self.masked = {name_of[_storage_key(model.get_parameter(fqn))]: fqn for fqn in masks.keys()}
+        name_of = {storage_key(t): k for k, t in tensors.items()}
+        self.masked = {name_of[storage_key(model.get_parameter(fqn))]: fqn for fqn in masks.keys()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
+    def update(self, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        live = model.state_dict()
         for name, avg in self.average.items():
-            avg.lerp_(live[name].to(avg.dtype), 1.0 - decay)
+            avg.lerp_(self.live[name].to(avg.dtype), 1.0 - decay)
         for name, fqn in self.masked.items():
             self.average[name].mul_(self.masks[fqn])
 
     @contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[None]:
         """The model holds the averaged weights inside the block and its trained weights again after it."""
-        trained = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.average}
+        trained = {k: v.clone() for k, v in self.live.items()}
         model.load_state_dict(self.average, strict=False)  # cast back to the model's dtypes on copy
         try:
             yield
         finally:
             model.load_state_dict(trained, strict=False)
-
-
-def _storage_key(t: Tensor) -> tuple[int, int, tuple[int, ...]]:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-
-
-@contextmanager
-def _averaged(average: WeightAverage | None, model: nn.Module) -> Iterator[None]:
-    if average is None:
-        yield
-    else:
-        with average.swapped_in(model):
-            yield
 
 
 def _early_stop_reason(history: list[EpochRecord], patience: int) -> str:
@@ -311,7 +298,7 @@ def train(
             for cb in callbacks:
                 cb.on_step_end(state)
             if average is not None:
-                average.update(model, state.step)
+                average.update(state.step)
 
             n = targets.shape[0]
             seen += n
@@ -324,7 +311,7 @@ def train(
         enforcer.weights()  # the once-per-epoch safety net
         # Only a model in its final form (e.g. gradual pruning done) may become the kept checkpoint.
         ready = all(cb.checkpoint_ready(state) for cb in callbacks)
-        with _averaged(average, model):  # validation and the kept checkpoint use the average, if any
+        with average.swapped_in(model) if average else nullcontext():  # validation and kept checkpoint: the average
             record = validate(epoch, started, sums, seen, correct)
             better = ready and (best is None or _rank(record) > best["key"])
             if better:

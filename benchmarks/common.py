@@ -187,13 +187,32 @@ class RunCache:
         )
 
 
+def end_with_parent(parent: int, poll: float = 1.0) -> None:
+    """Worker initializer: end this process once ``parent`` is gone.
+
+    A worker of a process pool outlives a parent that is killed (SIGTERM, SIGKILL) and would go on using a core
+    for an hour-long run nobody collects; a daemon thread checks the parent every ``poll`` seconds instead.
+    """
+    import os
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+
+
 def run_all(todo: list[tuple], measure: Any, extra: tuple, jobs: int, finished: Any) -> None:
     """``finished(run, measure(*extra[:1], *run, *extra[1:]))`` for every run, ``jobs`` processes at a time.
 
     Every run that succeeds is handed to ``finished`` (and so cached) even when another one fails; the first
-    failure is raised once the others are done.
+    failure is raised once the others are done. The workers end when this process does, however it ends.
     """
     import multiprocessing
+    import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     def call(run: tuple) -> tuple:
@@ -204,7 +223,8 @@ def run_all(todo: list[tuple], measure: Any, extra: tuple, jobs: int, finished: 
             finished(run, measure(*call(run)))
         return
     failure: BaseException | None = None
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=end_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(measure, *call(run)): run for run in todo}
         for future in as_completed(futures):
             try:

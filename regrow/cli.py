@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -52,6 +53,10 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str = "runs/<name>
         help="write into a non-empty directory: regrow's files from an earlier run are replaced, others kept",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_global_options(p)
+
+
+def _add_global_options(p: argparse.ArgumentParser) -> None:
     # also accepted after the command (regrow run demo --debug); SUPPRESS keeps the top-level value otherwise
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors")
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only print the summary")
@@ -101,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="List what can be named in a recipe.",
     )
     lst.add_argument("what", nargs="?", choices=LISTS, help="one category (default: all)")
+    _add_global_options(lst)
     return parser
 
 
@@ -285,6 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("regrow: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `regrow list | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 if __name__ == "__main__":

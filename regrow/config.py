@@ -254,6 +254,14 @@ class StopConfig(_Strict):
     )
     seconds: float | None = Field(None, gt=0, description="wall-time budget for recovery")
 
+    @model_validator(mode="after")
+    def _something(self) -> StopConfig:
+        if self.within is None and self.seconds is None:
+            raise RegrowError(
+                "recover.stop_when is empty: give within (points of the baseline) and/or seconds (a wall-time budget)."
+            )
+        return self
+
 
 class DynamicConfig(_Strict):
     """Dynamic sparse training (rigl, set): drop and regrow a decaying share of weights every few steps."""
@@ -436,10 +444,12 @@ def builtin_recipes() -> dict[str, Path]:
 def read_recipe(recipe: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
     """Parse a recipe file (or a built-in recipe name) into a plain dict."""
     path = Path(recipe)
-    if not path.exists():
+    if not path.is_file():  # a folder that happens to share a built-in recipe's name does not hide it
         builtins = builtin_recipes()
         if str(recipe) in builtins:
             path = builtins[str(recipe)]
+        elif path.exists():
+            raise RegrowError(f"recipe {os.fspath(recipe)!r} is a directory, not a recipe file.")
         else:
             raise RegrowError(
                 f"recipe {os.fspath(recipe)!r} is neither a file nor a built-in recipe; built-in recipes: "
@@ -497,6 +507,8 @@ def settle_strategy(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(recipe: str | os.PathLike[str], overrides: list[str] | None = None) -> tuple[RunConfig, Path]:
+    """A recipe file or built-in recipe name, with ``"key.sub=value"`` overrides applied, as a validated
+    :class:`RunConfig`, and the path it was read from. Bad keys or values raise :class:`RegrowError`."""
     data, path = read_recipe(recipe)
     data = apply_overrides(settle_strategy(data), overrides or [])
     return validate(data, source=f"recipe {str(path)!r}"), path

@@ -15,13 +15,15 @@ from regrow.io import atomic_write
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> Path:
-    """Write the model's state dict (tied tensors once) atomically to a safetensors file."""
+    """Write the model's state dict (tied tensors once) atomically to a safetensors file; ``metadata`` adds
+    string key/values to the file's header."""
     meta = {"format": "pt", **(metadata or {})}
     return atomic_write(path, lambda tmp: save_model(model, tmp, metadata=meta))
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> nn.Module:
-    """Load a safetensors file into ``model`` in place.
+    """Load a safetensors file into ``model`` in place. With ``strict=False``, tensor names found on only one
+    side (the file or the model) are skipped instead of refused; shapes must still match.
 
     Raises:
         RegrowError: the file is missing, corrupt, or does not fit the model (names or shapes).

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from regrow.errors import RegrowError
@@ -44,8 +46,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write(path, write)
 
 
-# What a run or a sensitivity analysis writes. --overwrite removes these (and only these) first, so no
-# file from an earlier run can pass for this run's output.
+# What a run or a sensitivity analysis writes. A finished run with --overwrite replaces these (and only
+# these), so no file from an earlier run can pass for this run's output.
 RUN_FILES = (
     "config.yaml",
     "report.json",
@@ -62,23 +64,58 @@ RUN_FILES = (
 )
 
 
-def prepare_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False, create: bool = True) -> Path:
-    """Create the output directory, refusing a non-empty one unless ``overwrite`` is set.
+STAGE_PREFIX = ".regrow-partial-"  # a run's files are written here first (see staged_out_dir)
 
-    With ``overwrite``, the files regrow writes (``RUN_FILES``) are removed first; other files stay. With
-    ``create=False`` only the check is made.
+
+def _leftover_stage(entry: Path) -> bool:
+    return entry.is_dir() and entry.name.startswith(STAGE_PREFIX)
+
+
+def prepare_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False, create: bool = True) -> Path:
+    """Check the output directory (and create it), refusing a non-empty one unless ``overwrite`` is set.
+
+    Nothing in it is removed here: :func:`staged_out_dir` replaces the files regrow writes (``RUN_FILES``)
+    only once a run has succeeded. A staging folder left by a run that was killed does not count as content.
+    With ``create=False`` only the check is made.
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise RegrowError(f"output path {str(out)!r} exists and is not a directory; choose another --out.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and not overwrite and any(not _leftover_stage(e) for e in out.iterdir()):
         raise RegrowError(
             f"output directory {str(out)!r} is not empty; choose another --out, or pass --overwrite to "
             "replace the files regrow writes there (other files are left alone)."
         )
     if create:
         out.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
     return out
+
+
+@contextmanager
+def staged_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """A staging folder inside the output directory; its files replace the run files there only on success.
+
+    A run writes every file into the yielded folder. When the block ends without an error the files move
+    into ``path`` (each an atomic rename) and the ``RUN_FILES`` of an earlier run that this run did not
+    write are removed, so nothing stale passes for this run's output. When the block raises (a late error,
+    Ctrl-C), ``path`` is left exactly as it was: an earlier run kept with ``--overwrite`` survives, and a
+    directory this run created is removed again.
+    """
+    out = Path(path)
+    created = not out.exists()
+    prepare_out_dir(out, overwrite=overwrite)
+    stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out))
+    try:
+        yield stage
+        for name in RUN_FILES:
+            if not (stage / name).exists():
+                (out / name).unlink(missing_ok=True)
+        for entry in stage.iterdir():
+            os.replace(entry, out / entry.name)
+        for entry in out.iterdir():  # staging folders of runs that were killed
+            if _leftover_stage(entry) and entry != stage:
+                shutil.rmtree(entry, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()

@@ -24,7 +24,7 @@ from regrow.components import build_augment, build_data, build_model, device_of,
 from regrow.config import RunConfig, apply_overrides, load_config, settle_strategy, validate
 from regrow.data.split import split_validation
 from regrow.errors import RegrowError
-from regrow.io import atomic_write_text, prepare_out_dir
+from regrow.io import atomic_write_text, prepare_out_dir, staged_out_dir
 from regrow.masks import MaskSet
 from regrow.measure import Snapshot, evaluate, sample_inputs
 from regrow.measure.cost import count_params, dense_macs
@@ -32,7 +32,7 @@ from regrow.measure.latency import compare_latency
 from regrow.measure.metrics import classification_metrics
 from regrow.patterns import get_pattern
 from regrow.prune import PruneSpec, compute_masks, frozen_copy, plan, prune, speed_warning, structural_masks
-from regrow.recovery import GradualPruning, RecoveryResult, new_head, recover
+from regrow.recovery import GradualPruning, RecoveryResult, new_head, read_rewind_state, recover
 from regrow.recovery.lr import OriginalSchedule, default_original, rewind_plan
 from regrow.report import RunReport, environment
 from regrow.report.plots import plot_curve
@@ -169,11 +169,20 @@ def _count_classes(data: Any) -> int:
     return 1 + max(int(unpack(batch)[1].max()) for batch in data)
 
 
-def _merge_shared(result: RecoveryResult, shared: RecoveryResult) -> RecoveryResult:
-    """The main recovery's result, with the weight-sharing post-step's outcome attached."""
+def _merge_shared(result: RecoveryResult, shared: RecoveryResult, info: dict[str, Any], offset: int) -> RecoveryResult:
+    """The main recovery's result and report section ``info``, with the weight-sharing post-step's outcome
+    attached: the model handed back is the post-step's, so its kept epoch (numbered after the ``offset``
+    epochs of the main recovery) and its validation accuracy are the run's."""
     result.shared = shared.shared
     result.details["sharing"] = shared.details.get("sharing")
     result.stop_reason += f"; then weight sharing for {shared.epochs_run} epochs ({shared.stop_reason})"
+    info["sharing"] = result.details["sharing"]
+    info["stop_reason"] = result.stop_reason
+    info["epochs_run"] = info["epochs_run"] + shared.epochs_run
+    info["steps"] = info["steps"] + shared.steps
+    info["seconds"] = info["seconds"] + shared.seconds
+    info["best_epoch"] = offset + shared.best_epoch
+    info["best_val_accuracy"] = shared.best_val_accuracy
     return result
 
 
@@ -297,21 +306,57 @@ def _check_combinations(cfg: RunConfig, spec: PruneSpec, structural: bool) -> No
             "a latency budget is met in one shot (it is measured, not planned round by round): use schedule "
             "'one_shot', or give a macs budget for iterative rounds."
         )
-    if r.method == "transfer":
+    new_task = cfg.model.train is not None and cfg.model.train.data is not None
+    if r.method == "transfer" or new_task:
+        what = "method 'transfer'" if r.method == "transfer" else "a run with model.train.data (a new task)"
         if r.distill:
             raise RegrowError(
-                "recover.distill: true does not apply to method 'transfer': the source model's logits are for "
-                "other classes; transfer already distills its features (recover.feature_weight)."
+                f"recover.distill: true does not apply to {what}: the source model's logits are for other "
+                "classes; method 'transfer' distills its features instead (recover.feature_weight)."
             )
         if r.stop_when is not None and r.stop_when.within is not None:
             raise RegrowError(
-                "recover.stop_when.within compares with the baseline's accuracy on the same task; a transfer run "
-                "has no dense baseline on the new task. Use stop_when.seconds or recover.epochs."
+                f"recover.stop_when.within compares with the baseline's accuracy on the same task; {what} has no "
+                "dense baseline on the new task to compare with. Use stop_when.seconds or recover.epochs."
             )
         if r.rewind == "weights":
             raise RegrowError(
                 "recover.rewind 'weights' resets the model to a snapshot of the source model, whose head is for "
-                "the source classes; method 'transfer' gives it a new head. Use rewind 'lr' or 'none'."
+                f"the source classes; {what} gives it a new head. Use rewind 'lr' or 'none'."
+            )
+    if r.method == "share" and cfg.schedule.name == "gradual":
+        raise RegrowError(
+            "recover.method 'share' clusters the surviving weights once, at the start of recovery; schedule "
+            "'gradual' prunes more of them during recovery, and the clusters would bring them back. Use schedule "
+            "'one_shot' or 'iterative' with 'share', or recover with another method and set recover.share.after: true."
+        )
+    if r.stop_when is not None and r.stop_when.within is not None and cfg.model.train is None:
+        if cfg.model.checkpoint is None and cfg.model.name is not None:
+            raise RegrowError(
+                f"recover.stop_when.within compares with the baseline's accuracy, but the built-in model "
+                f"{cfg.model.name!r} is neither trained here (model.train) nor loaded (model.checkpoint): its "
+                "baseline is an untrained network. Train or load it, or use stop_when.seconds or recover.epochs."
+            )
+    ignored = {
+        "recover.max_lr": r.max_lr is not None and r.lr_schedule != "one_cycle",
+        "recover.rewind_checkpoint": r.rewind_checkpoint is not None and r.rewind != "weights",
+        # compared with the defaults, not with the keys given: a saved config.yaml states every key
+        "recover.dynamic": r.dynamic != type(r.dynamic)() and r.method not in ("rigl", "set"),
+        "recover.share": r.share.model_copy(update={"after": False}) != type(r.share)()
+        and r.method != "share"
+        and not r.share.after,
+    }
+    uses = {
+        "recover.max_lr": "lr_schedule 'one_cycle'",
+        "recover.rewind_checkpoint": "rewind 'weights'",
+        "recover.dynamic": "method 'rigl' or 'set'",
+        "recover.share": "method 'share' or share.after: true",
+    }
+    for key, unused in ignored.items():
+        if unused:
+            raise RegrowError(
+                f"{key} is given but applies only to {uses[key]}, which this recipe does not use, so it would be "
+                f"ignored. Remove {key}, or use {uses[key]}."
             )
     if r.rewind != "none" and r.rewind_epoch is not None:
         # the same original schedule _recover_kwargs hands to recover(): stated, else the baseline's, else assumed
@@ -731,7 +776,9 @@ def run(
     ``overwrite``): ``config.yaml``, ``report.json``, ``report.md``, ``curve.png``,
     ``model.safetensors`` (masks squashed in), ``masks.safetensors`` and ``arch.json``, and when they
     apply ``sensitivity.json`` / ``.png``, ``allocation.json`` and ``shared.safetensors`` (README, "What a
-    run writes"). ``overrides`` are ``"key.sub=value"`` strings, as with ``regrow run --set``.
+    run writes"). The files appear there only when the run succeeds; a run that fails leaves the folder as it
+    was. ``overrides`` are ``"key.sub=value"`` strings, as with ``regrow run --set``; ``progress`` shows
+    progress bars (on a terminal only).
     """
     cfg, recipe_path = _as_config(config, overrides or [])
     search = search_path(recipe_path)
@@ -752,6 +799,8 @@ def run(
         spec, structural = _validate_request(cfg, model)
         _check_combinations(cfg, spec, structural)
         recover_kwargs = _recover_kwargs(cfg, search)
+        if cfg.recover.rewind == "weights" and "rewind_state" in recover_kwargs:  # read and checked now, not later
+            recover_kwargs["rewind_state"] = read_rewind_state(recover_kwargs["rewind_state"], model)
         _check_augment(recover_kwargs.get("augment"), val)  # val: iterating it draws no shuffling randomness
         if cfg.model.train is not None:
             _check_augment(build_augment(cfg.model.train.augment, search), val)
@@ -771,226 +820,249 @@ def run(
                 "recover.rewind 'weights' needs the weights at the rewind point: give recover.rewind_checkpoint "
                 "(a safetensors file), or let regrow train the baseline (model.train) and keep them itself."
             )
-    # Everything the user gave has been checked; only now is anything written.
-    out = prepare_out_dir(out_dir or default_out_dir(cfg.name), overwrite=overwrite)
-    atomic_write_text(out / "config.yaml", _config_text(cfg, search))
+    # Everything the user gave has been checked; only now is anything written, and into a staging folder:
+    # the files replace those of an earlier run only once this run has succeeded.
+    final = Path(out_dir) if out_dir is not None else default_out_dir(cfg.name)
+    with staged_out_dir(final, overwrite=overwrite) as out:
+        atomic_write_text(out / "config.yaml", _config_text(cfg, search))
 
-    notes: list[str] = []
-    extra: dict[str, Any] = {}
-    rewind_snapshot = None
-    if cfg.model.train is not None:
-        seed_everything(cfg.seed + 1)
-        with timer.stage("train_baseline"):
-            t = cfg.model.train
-            base_train, base_val = (source.train, source.val) if source is not None else (train, val)
-            callbacks = []
-            if cfg.recover.rewind == "weights" and "rewind_state" not in recover_kwargs:
-                # Renda et al.: rewind to the point as far from the end of training as recovery is long.
-                epoch, _ = rewind_plan(OriginalSchedule(t.lr, t.epochs), cfg.recover.epochs, cfg.recover.rewind_epoch)
-                rewind_snapshot = _Snapshot(round(epoch * len(base_train)))
-                callbacks.append(rewind_snapshot)
-                recover_kwargs["rewind_epoch"] = epoch
-            _train_baseline(cfg, model, base_train, base_val, search, progress, callbacks)
-            if rewind_snapshot is not None:
-                recover_kwargs["rewind_state"] = rewind_snapshot.state
+        notes: list[str] = []
+        extra: dict[str, Any] = {}
+        rewind_snapshot = None
+        if cfg.model.train is not None:
+            seed_everything(cfg.seed + 1)
+            with timer.stage("train_baseline"):
+                t = cfg.model.train
+                base_train, base_val = (source.train, source.val) if source is not None else (train, val)
+                callbacks = []
+                if cfg.recover.rewind == "weights" and "rewind_state" not in recover_kwargs:
+                    # Renda et al.: rewind to the point as far from the end of training as recovery is long.
+                    epoch, _ = rewind_plan(
+                        OriginalSchedule(t.lr, t.epochs), cfg.recover.epochs, cfg.recover.rewind_epoch
+                    )
+                    rewind_snapshot = _Snapshot(round(epoch * len(base_train)))
+                    callbacks.append(rewind_snapshot)
+                    recover_kwargs["rewind_epoch"] = epoch
+                _train_baseline(cfg, model, base_train, base_val, search, progress, callbacks)
+                if rewind_snapshot is not None:
+                    recover_kwargs["rewind_state"] = rewind_snapshot.state
 
-    ev = cfg.evaluate
+        ev = cfg.evaluate
 
-    def snapshot(m: nn.Module, stage: str, masks: MaskSet | None = None) -> Snapshot:
-        with timer.stage(f"evaluate_{stage}"):
-            return evaluate(
-                m,
-                test,
-                targets=spec.targets,
-                stage=stage,
-                latency=ev.latency,
-                latency_batch_size=ev.latency_batch_size,
-                repeats=ev.repeats,
-                warmup=ev.warmup,
-                progress=progress,
+        def snapshot(m: nn.Module, stage: str, masks: MaskSet | None = None) -> Snapshot:
+            with timer.stage(f"evaluate_{stage}"):
+                return evaluate(
+                    m,
+                    test,
+                    targets=spec.targets,
+                    stage=stage,
+                    latency=ev.latency,
+                    latency_batch_size=ev.latency_batch_size,
+                    repeats=ev.repeats,
+                    warmup=ev.warmup,
+                    progress=progress,
+                )
+
+        if source is not None:
+            # Transfer: the dense source model teaches features; the baseline to match is the dense model
+            # transferred to the target task with the same recovery budget.
+            with timer.stage("transfer_reference"):
+                extra["source_test_accuracy"] = classification_metrics(model, source.test)["accuracy"]
+                teacher = frozen_copy(model)
+                classes = bundle.num_classes or _count_classes(train)
+                head = new_head(model, classes)
+                reference = copy.deepcopy(model)
+                seed_everything(cfg.seed + 4)
+                opts = {k: v for k, v in recover_kwargs.items() if k not in ("method", "rewind", "rewind_state")}
+                recover(reference, MaskSet({}), train, val, method="finetune", progress=progress, **opts)
+            snapshots = {"baseline": snapshot(reference, "baseline")}
+            del reference
+            notes.append(
+                f"Transfer: the model was trained on {source.description or 'the source data'} (test accuracy "
+                f"{100 * extra['source_test_accuracy']:.2f}%), then given a new {classes}-class head `{head}`. The "
+                "baseline is the dense model fine-tuned on the target task with the same budget; the pruned stage "
+                "has the new, untrained head."
             )
-
-    if source is not None:
-        # Transfer: the dense source model teaches features; the baseline to match is the dense model
-        # transferred to the target task with the same recovery budget.
-        with timer.stage("transfer_reference"):
-            extra["source_test_accuracy"] = classification_metrics(model, source.test)["accuracy"]
+        else:
+            snapshots = {"baseline": snapshot(model, "baseline")}
             teacher = frozen_copy(model)
-            classes = bundle.num_classes or _count_classes(train)
-            head = new_head(model, classes)
-            reference = copy.deepcopy(model)
-            seed_everything(cfg.seed + 4)
-            opts = {k: v for k, v in recover_kwargs.items() if k not in ("method", "rewind", "rewind_state")}
-            recover(reference, MaskSet({}), train, val, method="finetune", progress=progress, **opts)
-        snapshots = {"baseline": snapshot(reference, "baseline")}
-        del reference
-        notes.append(
-            f"Transfer: the model was trained on {source.description or 'the source data'} (test accuracy "
-            f"{100 * extra['source_test_accuracy']:.2f}%), then given a new {classes}-class head `{head}`. The "
-            "baseline is the dense model fine-tuned on the target task with the same budget; the pruned stage "
-            "has the new, untrained head."
-        )
-    else:
-        snapshots = {"baseline": snapshot(model, "baseline")}
-        teacher = frozen_copy(model)
 
-    strategy = None
-    if cfg.auto():
-        with timer.stage("strategy"):
-            strategy = _auto_strategy(cfg, model, train, teacher is not None, device)
-            cfg = _apply_settings(cfg, strategy.settings())
-            spec, structural = _validate_request(cfg, model)
-            keep = {k: recover_kwargs[k] for k in ("rewind_state", "rewind_epoch") if k in recover_kwargs}
-            recover_kwargs = _recover_kwargs(cfg, search) | keep
-            atomic_write_text(out / "config.yaml", _config_text(cfg, search))  # the config as decided
-        for decision in strategy.decisions:
-            log.info("strategy: %s", decision.line())
-    sens, allocation = _plan_allocation(cfg, model, spec, structural, train, val, out, timer, progress, device)
-    if allocation is not None and not structural:
-        spec = PruneSpec(
-            spec.pattern,
-            spec.criterion,
-            spec.scope,
-            spec.sparsity,
-            spec.threshold,
-            spec.targets,
-            allocation=allocation.per_target,
-        )
-    schedule = cfg.schedule
+        strategy = None
+        if cfg.auto():
+            with timer.stage("strategy"):
+                strategy = _auto_strategy(cfg, model, train, teacher is not None, device)
+                cfg = _apply_settings(cfg, strategy.settings())
+                spec, structural = _validate_request(cfg, model)
+                keep = {k: recover_kwargs[k] for k in ("rewind_state", "rewind_epoch") if k in recover_kwargs}
+                recover_kwargs = _recover_kwargs(cfg, search) | keep
+                atomic_write_text(out / "config.yaml", _config_text(cfg, search))  # the config as decided
+            for decision in strategy.decisions:
+                log.info("strategy: %s", decision.line())
+        sens, allocation = _plan_allocation(cfg, model, spec, structural, train, val, out, timer, progress, device)
+        if allocation is not None and not structural:
+            spec = PruneSpec(
+                spec.pattern,
+                spec.criterion,
+                spec.scope,
+                spec.sparsity,
+                spec.threshold,
+                spec.targets,
+                allocation=allocation.per_target,
+            )
+        schedule = cfg.schedule
 
-    pruner = _Pruner(
-        cfg,
-        spec,
-        structural,
-        train,
-        to_device(sample_inputs(test, 1), torch.device(device)),
-        allocation=allocation.per_target if allocation is not None and structural else None,
-    )
-    pruner.remember(model)
-    if not get_pattern(spec.pattern).can_speed_up_dense:
-        log.warning(speed_warning(spec.pattern))
-    seed_everything(cfg.seed + 2)
-    if schedule.name == "one_shot":
-        with timer.stage("prune"):
-            masks = pruner.step(model)
-        snapshots["pruned"] = snapshot(model, "pruned")
-        seed_everything(cfg.seed + 3)
-        with timer.stage("recover"):
-            result = recover(model, masks, train, val, teacher=teacher, progress=progress, **recover_kwargs)
-        history = _history_dicts(result)
-        recovery_info: dict[str, Any] = result.to_dict()
-    else:
-        # For reference, the pruned stage is the baseline pruned one-shot to the final budget.
-        with timer.stage("prune"):
-            reference = copy.deepcopy(model)
-            _Pruner(cfg, spec, structural, train, pruner.sample, pruner.allocation).step(reference)
-        snapshots["pruned"] = snapshot(reference, "pruned")
-        del reference
-        notes.append(
-            f"Schedule '{schedule.name}' prunes during recovery; the 'pruned' stage shows the baseline pruned "
-            "one-shot to the final budget, to show what pruning alone costs."
+        pruner = _Pruner(
+            cfg,
+            spec,
+            structural,
+            train,
+            to_device(sample_inputs(test, 1), torch.device(device)),
+            allocation=allocation.per_target if allocation is not None and structural else None,
         )
-        seed_everything(cfg.seed + 3)
-        with timer.stage("recover"):
-            if schedule.name == "iterative":
-                masks, result, history, recovery_info = _iterative(
-                    model, pruner, cfg, train, val, teacher, recover_kwargs, progress
+        pruner.remember(model)
+        if not get_pattern(spec.pattern).can_speed_up_dense:
+            log.warning(speed_warning(spec.pattern))
+        seed_everything(cfg.seed + 2)
+        if schedule.name == "one_shot":
+            with timer.stage("prune"):
+                masks = pruner.step(model)
+            snapshots["pruned"] = snapshot(model, "pruned")
+            seed_everything(cfg.seed + 3)
+            with timer.stage("recover"):
+                result = recover(model, masks, train, val, teacher=teacher, progress=progress, **recover_kwargs)
+            history = _history_dicts(result)
+            recovery_info: dict[str, Any] = result.to_dict()
+        else:
+            # For reference, the pruned stage is the baseline pruned one-shot to the final budget.
+            with timer.stage("prune"):
+                reference = copy.deepcopy(model)
+                _Pruner(cfg, spec, structural, train, pruner.sample, pruner.allocation).step(reference)
+            snapshots["pruned"] = snapshot(reference, "pruned")
+            del reference
+            notes.append(
+                f"Schedule '{schedule.name}' prunes during recovery; the 'pruned' stage shows the baseline pruned "
+                "one-shot to the final budget, to show what pruning alone costs."
+            )
+            seed_everything(cfg.seed + 3)
+            with timer.stage("recover"):
+                if schedule.name == "iterative":
+                    masks, result, history, recovery_info = _iterative(
+                        model, pruner, cfg, train, val, teacher, recover_kwargs, progress
+                    )
+                else:
+                    masks = MaskSet(
+                        {f: torch.ones_like(model.get_parameter(f), dtype=torch.bool) for f in spec.targets},
+                        spec=spec.with_sparsity(0.0),
+                    )
+                    gradual = GradualPruning(
+                        final=spec.sparsity or 0.0,
+                        every=schedule.every,
+                        begin=schedule.begin,
+                        end=schedule.end,
+                        initial=schedule.initial,
+                        spec=spec,
+                    )
+                    result = recover(
+                        model,
+                        masks,
+                        train,
+                        val,
+                        teacher=teacher,
+                        progress=progress,
+                        callbacks=[gradual],
+                        **recover_kwargs,
+                    )
+                    history = _history_dicts(result)
+                    recovery_info = result.to_dict()
+        if cfg.recover.share.after and cfg.recover.method != "share":
+            seed_everything(cfg.seed + 5)
+            with timer.stage("share"):
+                opts = {
+                    k: v for k, v in recover_kwargs.items() if k not in ("method", "epochs", "rewind", "rewind_state")
+                }
+                shared_result = recover(
+                    model,
+                    masks,
+                    train,
+                    val,
+                    method="share",
+                    epochs=cfg.recover.share.epochs,
+                    teacher=teacher,
+                    progress=progress,
+                    **opts,
                 )
-            else:
-                masks = MaskSet(
-                    {f: torch.ones_like(model.get_parameter(f), dtype=torch.bool) for f in spec.targets},
-                    spec=spec.with_sparsity(0.0),
+            offset = history[-1]["epoch"] if history else 0
+            history += _history_dicts(shared_result, offset)
+            result = _merge_shared(result, shared_result, recovery_info, offset)
+        recovery_info["history"] = history
+        snapshots["recovered"] = snapshot(model, "recovered")
+        speed = None
+        if ev.latency and teacher is not None:
+            with timer.stage("compare_latency"):
+                batch = sample_inputs(test, ev.latency_batch_size)
+                dense_cpu, pruned_cpu = copy.deepcopy(teacher).cpu(), copy.deepcopy(model).cpu()
+                before, after = compare_latency(
+                    dense_cpu,
+                    pruned_cpu,
+                    to_device(batch, torch.device("cpu")),
+                    rounds=max(ev.repeats, 30),  # a ratio needs enough pairs to be steady
+                    warmup=ev.warmup,
                 )
-                gradual = GradualPruning(
-                    final=spec.sparsity or 0.0,
-                    every=schedule.every,
-                    begin=schedule.begin,
-                    end=schedule.end,
-                    initial=schedule.initial,
-                    spec=spec,
-                )
-                result = recover(
-                    model, masks, train, val, teacher=teacher, progress=progress, callbacks=[gradual], **recover_kwargs
-                )
-                history = _history_dicts(result)
-                recovery_info = result.to_dict()
-    if cfg.recover.share.after and cfg.recover.method != "share":
-        seed_everything(cfg.seed + 5)
-        with timer.stage("share"):
-            opts = {k: v for k, v in recover_kwargs.items() if k not in ("method", "epochs", "rewind", "rewind_state")}
-            shared_result = recover(
+                speed = {
+                    "baseline": before.to_dict(),
+                    "recovered": after.to_dict(),
+                    "speedup": before.median_ms / after.median_ms,
+                }
+                del dense_cpu, pruned_cpu
+
+        with timer.stage("export"):
+            export = _export(
                 model,
                 masks,
-                train,
-                val,
-                method="share",
-                epochs=cfg.recover.share.epochs,
-                teacher=teacher,
-                progress=progress,
-                **opts,
+                spec,
+                cfg,
+                out,
+                test,
+                search,
+                snapshots["recovered"],
+                classes if source is not None else None,
             )
-        history += _history_dicts(shared_result, history[-1]["epoch"] if history else 0)
-        recovery_info["sharing"] = shared_result.details.get("sharing")
-        result = _merge_shared(result, shared_result)
-    recovery_info["history"] = history
-    snapshots["recovered"] = snapshot(model, "recovered")
-    speed = None
-    if ev.latency and teacher is not None:
-        with timer.stage("compare_latency"):
-            batch = sample_inputs(test, ev.latency_batch_size)
-            dense_cpu, pruned_cpu = copy.deepcopy(teacher).cpu(), copy.deepcopy(model).cpu()
-            before, after = compare_latency(
-                dense_cpu,
-                pruned_cpu,
-                to_device(batch, torch.device("cpu")),
-                rounds=max(ev.repeats, 30),  # a ratio needs enough pairs to be steady
-                warmup=ev.warmup,
-            )
-            speed = {
-                "baseline": before.to_dict(),
-                "recovered": after.to_dict(),
-                "speedup": before.median_ms / after.median_ms,
-            }
-            del dense_cpu, pruned_cpu
+            if result.shared is not None:
+                result.shared.save(out / "shared.safetensors")
+                export["shared"] = "shared.safetensors"
+            if history:
+                export["curve_plot"] = plot_curve(history, out / "curve.png", title=f"{cfg.name}: recovery").name
 
-    with timer.stage("export"):
-        export = _export(
-            model, masks, spec, cfg, out, test, search, snapshots["recovered"], classes if source is not None else None
+        pattern = get_pattern(spec.pattern)
+        structure = _overall_structure(pruner.reports, pruner.final_budget())
+        prune_info = spec.to_dict() | {
+            "speed_note": pattern.speed_note,
+            "excluded_classifier": final_classifier(teacher)
+            if cfg.prune.targets is None and teacher is not None
+            else None,
+            "structure": structure,
+            "structure_rounds": pruner.reports if len(pruner.reports) > 1 else None,
+            "speed": speed,
+            "strategy": strategy.to_dict() if strategy is not None else None,
+            "sensitivity": sens.to_dict() if sens is not None else None,
+            "allocation": allocation.to_dict() if allocation is not None else None,
+            "costliest": _costliest(sens, snapshots["pruned"], structure),
+        }
+        recovery_info.update({k: v for k, v in extra.items()})
+        report = RunReport(
+            name=cfg.name,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            config=cfg.model_dump(mode="json"),
+            environment=environment(device) | {"data": getattr(bundle, "description", "")},
+            prune=prune_info,
+            snapshots=snapshots,
+            recovery=recovery_info,
+            timings=timer.timings,
+            export=export,
+            notes=notes,
+            out_dir=str(final),
         )
-        if result.shared is not None:
-            result.shared.save(out / "shared.safetensors")
-            export["shared"] = "shared.safetensors"
-        if history:
-            export["curve_plot"] = plot_curve(history, out / "curve.png", title=f"{cfg.name}: recovery").name
-
-    pattern = get_pattern(spec.pattern)
-    structure = _overall_structure(pruner.reports, pruner.final_budget())
-    prune_info = spec.to_dict() | {
-        "speed_note": pattern.speed_note,
-        "excluded_classifier": final_classifier(teacher) if cfg.prune.targets is None and teacher is not None else None,
-        "structure": structure,
-        "structure_rounds": pruner.reports if len(pruner.reports) > 1 else None,
-        "speed": speed,
-        "strategy": strategy.to_dict() if strategy is not None else None,
-        "sensitivity": sens.to_dict() if sens is not None else None,
-        "allocation": allocation.to_dict() if allocation is not None else None,
-        "costliest": _costliest(sens, snapshots["pruned"], structure),
-    }
-    recovery_info.update({k: v for k, v in extra.items()})
-    report = RunReport(
-        name=cfg.name,
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-        config=cfg.model_dump(mode="json"),
-        environment=environment(device) | {"data": getattr(bundle, "description", "")},
-        prune=prune_info,
-        snapshots=snapshots,
-        recovery=recovery_info,
-        timings=timer.timings,
-        export=export,
-        notes=notes,
-        out_dir=str(out),
-    )
-    report.write(out)
+        report.write(out)
     return report
 
 
@@ -1117,16 +1189,17 @@ def run_sensitivity(
         train, val = source.train, source.val
         if val is None:
             train, val = split_validation(train, cfg.model.train.data.val_fraction, cfg.seed)
-    out = prepare_out_dir(out_dir or default_out_dir(f"{cfg.name}-sensitivity"), overwrite=overwrite)
-    if cfg.model.train is not None:
-        seed_everything(cfg.seed + 1)
-        _train_baseline(cfg, model, train, val, search, progress)
-    result = _sensitivity(cfg, model, spec, val, progress)
-    result.save(out / "sensitivity.json")
-    result.plot(out / "sensitivity.png")
-    atomic_write_text(
-        out / "sensitivity.md",
-        f"# Sensitivity: {cfg.name}\n\n" + result.markdown() + "\n\n![sensitivity](sensitivity.png)\n",
-    )
-    result.out_dir = str(out)  # type: ignore[attr-defined]
+    final = Path(out_dir) if out_dir is not None else default_out_dir(f"{cfg.name}-sensitivity")
+    with staged_out_dir(final, overwrite=overwrite) as out:
+        if cfg.model.train is not None:
+            seed_everything(cfg.seed + 1)
+            _train_baseline(cfg, model, train, val, search, progress)
+        result = _sensitivity(cfg, model, spec, val, progress)
+        result.save(out / "sensitivity.json")
+        result.plot(out / "sensitivity.png")
+        atomic_write_text(
+            out / "sensitivity.md",
+            f"# Sensitivity: {cfg.name}\n\n" + result.markdown() + "\n\n![sensitivity](sensitivity.png)\n",
+        )
+    result.out_dir = str(final)  # type: ignore[attr-defined]
     return result

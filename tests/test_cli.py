@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from regrow.cli import main
+from regrow.config import read_recipe
 
 
 def run_cli(capsys, *argv):
@@ -64,6 +65,9 @@ def test_bad_input_exits_2_with_one_message(capsys, tmp_path, override, message)
     assert not out.exists()  # nothing is written for a run that cannot start
 
 
+NEW_TASK = "{name: digits, kwargs: {classes: [0, 1, 2, 3, 4]}}"  # model.train.data: trained on another task
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -84,6 +88,21 @@ def test_bad_input_exits_2_with_one_message(capsys, tmp_path, override, message)
         (["recover.method=transfer", "recover.distill=true"], "does not apply to method 'transfer'"),
         (["recover.method=transfer", "recover.rewind=weights"], "method 'transfer' gives it a new head"),
         (["recover.rewind=lr", "recover.rewind_epoch=500"], "recover.rewind_epoch 500 is not inside the original"),
+        (
+            [f"model.train.data={NEW_TASK}", "recover.method=finetune", "recover.stop_when={within: 1}"],
+            "a run with model.train.data (a new task) has no dense baseline on the new task",
+        ),
+        (
+            [f"model.train.data={NEW_TASK}", "recover.method=finetune", "recover.rewind=weights"],
+            "a run with model.train.data (a new task) gives it a new head",
+        ),
+        (["schedule.name=gradual", "recover.method=share"], "clusters the surviving weights once"),
+        (["model.train=null", "recover.stop_when={within: 1}"], "its baseline is an untrained network"),
+        (["recover.stop_when={}"], "recover.stop_when is empty"),
+        (["recover.max_lr=0.01"], "recover.max_lr is given but applies only to lr_schedule 'one_cycle'"),
+        (["recover.rewind_checkpoint=w.safetensors"], "recover.rewind_checkpoint is given but applies only to rewind"),
+        (["recover.dynamic={update_every: 5}"], "recover.dynamic is given but applies only to method 'rigl' or 'set'"),
+        (["recover.share={k: 4}"], "recover.share is given but applies only to method 'share' or share.after: true"),
         (
             ["prune.pattern=channel", "prune.sparsity=null", "prune.latency=0.8", "schedule.name=iterative"],
             "a latency budget is met in one shot",
@@ -184,6 +203,15 @@ def test_yaml_syntax_error_reports_its_line(capsys, tmp_path):
 def test_missing_recipe(capsys):
     code, _, err = run_cli(capsys, "run", "does-not-exist.yaml")
     assert_clean_error(code, err, "neither a file nor a built-in recipe")
+
+
+def test_a_folder_named_like_a_built_in_recipe_does_not_hide_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # e.g. left by `regrow demo --out demo`
+    (tmp_path / "mine").mkdir()
+    assert read_recipe("demo")[0]["name"] == "demo"
+    code, _, err = run_cli(capsys, "run", "mine")
+    assert_clean_error(code, err, "recipe 'mine' is a directory, not a recipe file")
 
 
 def test_corrupt_checkpoint(capsys, tmp_path):
@@ -308,3 +336,14 @@ def test_sensitivity_of_a_transfer_recipe_is_measured_on_its_source_data(tmp_pat
     )
     # Trained and measured on the 3 source classes; the 7-class target data does not fit its head.
     assert result.baseline_accuracy > 0.8
+
+
+def test_global_options_are_accepted_after_every_command(capsys):
+    code, out, _ = run_cli(capsys, "list", "patterns", "-q", "--debug")
+    assert code == 0 and out.startswith("patterns:")
+
+
+def test_a_closed_pipe_ends_the_listing_quietly(tmp_path):
+    cmd = f"{sys.executable} -m regrow.cli list | head -1"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "patterns:\n" and "Error" not in done.stderr, done.stderr

@@ -172,7 +172,7 @@ def test_weight_rewinding_restores_the_snapshot_on_surviving_weights():
 def test_weight_rewinding_needs_a_snapshot_of_matching_shapes():
     model = trained(2)
     masks = regrow.prune(model, 0.5)
-    with pytest.raises(RegrowError, match="needs the snapshot to have the model's shapes"):
+    with pytest.raises(RegrowError, match="needs a snapshot of this model's architecture"):
         regrow.recover(
             model,
             masks,
@@ -525,3 +525,92 @@ def test_recipe_only_share_options_and_transfer_distill_are_refused_in_python():
         regrow.recover(model, masks, make_batches(4), method="share", share={"after": True}, progress=False)
     with pytest.raises(RegrowError, match="does not apply to method 'transfer'"):
         regrow.recover(model, masks, make_batches(4), method="transfer", distill=True, progress=False)
+
+
+def test_bad_python_arguments_get_a_regrow_error_before_any_training():
+    model = trained(1)
+    masks = regrow.prune(model, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train, val = make_batches(4), make_batches(2, seed=1)
+
+    def refused(message, **kwargs):
+        with pytest.raises(RegrowError, match=message):
+            regrow.recover(model, masks, kwargs.pop("train", train), val, progress=False, **kwargs)
+
+    refused("stop_when is empty", stop_when={})
+    refused("max_lr is the peak of lr_schedule 'one_cycle'", max_lr=0.1)
+    with pytest.raises(RegrowError, match=r"val_fraction must be in \(0, 1\)"):
+        regrow.recover(model, masks, train, val_fraction=1.5, progress=False)
+    refused("unknown augment 'sideways'", augment="sideways")
+    refused("the training data has no batches", train=[])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was trained
+
+    with pytest.raises(RegrowError, match="needs 0 <= initial < final < 1"):
+        regrow.GradualPruning(final=1.5)
+    with pytest.raises(RegrowError, match="every >= 1 optimizer steps"):
+        regrow.GradualPruning(final=0.5, every=0)
+    with pytest.raises(RegrowError, match=r"lr > 0 \(got -1.0\)"):
+        OriginalSchedule(lr=-1.0, epochs=4)
+
+
+def test_dynamic_sparsity_is_refused_on_n_m_masks_and_sharing_beside_a_gradual_ramp():
+    model = trained(1)
+    masks = regrow.prune(model, pattern="2:4")
+    with pytest.raises(RegrowError, match="needs masks of pattern 'unstructured'; these have pattern '2:4'"):
+        regrow.recover(model, masks, make_batches(4), method="rigl", progress=False)
+    dense = regrow.prune(trained(1), 0.0)
+    with pytest.raises(RegrowError, match="'share' cannot run beside GradualPruning"):
+        regrow.recover(
+            model, dense, make_batches(4), method="share", callbacks=[regrow.GradualPruning(0.5)], progress=False
+        )
+
+
+def test_distilling_from_a_teacher_with_other_classes_is_a_clear_error():
+    model = trained(1)
+    masks = regrow.prune(model, 0.5)
+    teacher = TinyMLP(classes=5)
+    with pytest.raises(RegrowError, match=r"the teacher gives \(16, 5\), the student \(16, 3\)"):
+        regrow.recover(model, masks, make_batches(4), make_batches(2, seed=1), teacher=teacher, progress=False)
+
+
+def test_a_named_augmentation_is_accepted_in_python(monkeypatch):
+    from regrow.components import AUGMENTS
+
+    seen = []
+
+    def spy(x):
+        seen.append(x.shape)
+        return x
+
+    monkeypatch.setitem(AUGMENTS._items, "hflip", spy)
+    model = trained(1)
+    masks = regrow.prune(model, 0.5)
+    regrow.recover(model, masks, make_batches(2), make_batches(1, seed=1), augment="hflip", epochs=1, progress=False)
+    assert seen == [torch.Size([16, 8])] * 2  # the registered function, on every training batch
+
+
+def test_sharing_with_more_values_than_surviving_weights_counts_the_values_it_stores():
+    model = TinyMLP()
+    masks = regrow.prune(model, 0.9, scope="layer")
+    shared = share(model, masks, 65536)
+    alive = {f: int(m.sum()) for f, m in masks.items()}  # 10 % of fc1's 128 and fc2's 256 weights
+    assert sorted(alive.values()) == [12, 25]
+    assert {f: shared.codebooks[f].numel() for f in masks} == alive  # one value per surviving weight at most
+    assert shared.values() == max(alive.values())
+    expected = sum(n * math.ceil(math.log2(n)) + n * 32 + masks[f].numel() for f, n in alive.items())
+    assert shared.bits() == expected  # each target's indices are as wide as its own codebook needs
+    sizes = regrow.recovery.sharing.sizes(model, masks, shared)
+    assert sizes["k"] == 65536 and sizes["values"] == 25 and sizes["index_bits"] == 5
+
+
+def test_an_assumed_original_schedule_is_marked_as_assumed():
+    model = trained(1)
+    masks = regrow.prune(model, 0.5)
+    train, val = make_batches(4), make_batches(2, seed=1)
+    assumed = regrow.recover(model, masks, train, val, rewind="lr", epochs=1, progress=False)
+    assert assumed.details["rewind"]["assumed"] is True
+    assert assumed.details["rewind"]["original"]["epochs"] == 2.0  # twice the recovery epochs, from lr
+    stated = regrow.recover(
+        model, masks, train, val, rewind="lr", epochs=1, original={"lr": 0.01, "epochs": 4}, progress=False
+    )
+    assert stated.details["rewind"]["assumed"] is False

@@ -113,6 +113,8 @@ def evaluate(
         latency: measure forward latency (set False to skip it).
         latency_batch_size: batch size for latency; default: the size of the first batch.
         repeats / warmup: timed and untimed forward passes for the latency median.
+        stage: a name for this measurement (e.g. "pruned"), kept in the snapshot and shown on its progress bar.
+        progress: show a progress bar over ``data``.
 
     Returns:
         A :class:`Snapshot` with accuracy and loss, total and nonzero parameters, per-target sparsity

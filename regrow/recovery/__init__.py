@@ -57,29 +57,42 @@ class RecoveryResult:
         return out
 
 
-def _load_rewind_state(model: nn.Module, rewind_state: Mapping[str, Tensor] | str | os.PathLike[str]) -> None:
-    """Reset the model's weights to the snapshot taken at the rewind point (masks are re-applied after)."""
-    if not isinstance(rewind_state, Mapping):
+def read_rewind_state(source: Mapping[str, Tensor] | str | os.PathLike[str], model: nn.Module) -> Mapping[str, Tensor]:
+    """The weight-rewinding snapshot, read (from a safetensors file) and checked against ``model``'s tensors."""
+    if not isinstance(source, Mapping):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
-            rewind_state = load_file(os.fspath(rewind_state))
+            source = load_file(os.fspath(source))
         except (SafetensorError, OSError, ValueError) as exc:
             raise RegrowError(
-                f"rewind checkpoint {os.fspath(rewind_state)!r} is not a readable safetensors file ({exc})."
+                f"rewind checkpoint {os.fspath(source)!r} is not a readable safetensors file ({exc})."
             ) from None
     own = model.state_dict()
-    mismatched = [k for k, v in rewind_state.items() if k in own and own[k].shape != v.shape]
+    mismatched = [
+        f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})"
+        for k, v in source.items()
+        if k in own and own[k].shape != v.shape
+    ]
     if mismatched:
         raise RegrowError(
-            f"weight rewinding needs the snapshot to have the model's shapes; these differ: {mismatched[:5]}. "
-            "A model shrunk by pattern 'channel' or 'head' cannot be rewound to weights of the original shape; "
-            "use rewind 'lr'."
+            "weight rewinding needs a snapshot of this model's architecture, but these tensors have other shapes: "
+            f"{'; '.join(mismatched[:5])}. A model shrunk by pattern 'channel' or 'head' cannot be rewound to "
+            "weights of the original shape; use rewind 'lr' for it."
         )
-    missing = [k for k in own if k not in rewind_state]
-    if len(missing) == len(own):
-        raise RegrowError("the rewind snapshot shares no tensor name with the model.")
+    if not any(k in own for k in source):
+        raise RegrowError(
+            f"the rewind snapshot shares no tensor name with the model (snapshot: {', '.join(list(source)[:5])}; "
+            f"model: {', '.join(list(own)[:5])})."
+        )
+    return source
+
+
+def _load_rewind_state(model: nn.Module, rewind_state: Mapping[str, Tensor] | str | os.PathLike[str]) -> None:
+    """Reset the model's weights to the snapshot taken at the rewind point (masks are re-applied after)."""
+    rewind_state = read_rewind_state(rewind_state, model)
+    own = model.state_dict()
     with torch.no_grad():
         for k, v in rewind_state.items():
             if k in own:
@@ -217,6 +230,36 @@ def recover(
             "'transfer' has the source task's head. Pass baseline_val_accuracy= (the accuracy to approach on "
             "the new task), or use stop_when.seconds."
         )
+    if stop_when is not None and not stop_when:
+        raise RegrowError(
+            "stop_when is empty: give within (points of the baseline) and/or seconds (a wall-time budget)."
+        )
+    if max_lr is not None and options.lr_schedule != "one_cycle":
+        raise RegrowError(
+            f"max_lr is the peak of lr_schedule 'one_cycle'; with {options.lr_schedule!r} it would be ignored. "
+            "Set lr_schedule='one_cycle', or leave max_lr out."
+        )
+    if not 0.0 < val_fraction < 1.0:
+        raise RegrowError(
+            f"val_fraction must be in (0, 1), the share of train held out for validation; got {val_fraction!r}."
+        )
+    spec = getattr(masks, "spec", None)
+    if method in ("rigl", "set") and spec is not None and spec.pattern != "unstructured":
+        raise RegrowError(
+            f"method {method!r} drops and regrows single weights anywhere in a tensor, so it needs masks of pattern "
+            f"'unstructured'; these have pattern {spec.pattern!r}, which it would break. Use method 'distill' or "
+            "'finetune'."
+        )
+    if method == "share" and any(isinstance(cb, GradualPruning) for cb in callbacks):
+        raise RegrowError(
+            "method 'share' cannot run beside GradualPruning: sharing clusters the surviving weights once, at the "
+            "start, and its clusters would bring back weights the ramp prunes later. Recover with gradual pruning "
+            "first, then call recover again with method='share'."
+        )
+    if isinstance(augment, str):
+        from regrow.components import build_augment
+
+        augment = build_augment(augment)
     if method == "transfer" and distill:
         raise RegrowError(
             "distill=True does not apply to method 'transfer': the teacher's logits are for other classes; "
@@ -228,6 +271,7 @@ def recover(
     else:
         check_reiterable(val, "val")
     teacher = teacher if teacher is not None else masks.dense
+    assumed_original = original_schedule is None and options.original is None
     if original_schedule is None:
         original_schedule = options.original.schedule_object() if options.original else default_original(lr, epochs)
     if options.rewind != "none":
@@ -284,6 +328,10 @@ def recover(
                 "regrow": cb.regrow,
                 "updates": len(cb.updates),
                 "weights_replaced": sum(u["replaced"] for u in cb.updates),
+                # regrown at zero and never moved: the weights count them as pruned, the masks as kept
+                "kept_zeros": sum(
+                    int((masks[f].to(p.device) & (p == 0)).sum()) for f in masks for p in [model.get_parameter(f)]
+                ),
             }
         if isinstance(cb, WeightSharing):
             cb.sync(model)  # the best checkpoint was restored: codebooks follow it
@@ -298,6 +346,7 @@ def recover(
             "rewind_epoch": options.rewind_epoch,
             "start": start,
             "pace": pace,
+            "assumed": assumed_original,
         }
     return RecoveryResult(
         history=history, seconds=time.perf_counter() - started, method=method, details=details, shared=shared, **summary

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from regrow.errors import RegrowError
 from regrow.prune import PruneSpec, compute_masks
 from regrow.schedules import cubic
 
@@ -30,8 +31,11 @@ class Callback(Protocol):
 class GradualPruning:
     """Raise the sparsity during recovery along Zhu & Gupta's cubic schedule.
 
-    ``begin`` and ``end`` are fractions of the recovery steps; masks are recomputed every ``every``
-    steps with the spec's pattern, criterion and scope, and weights pruned earlier stay pruned.
+    The sparsity rises from ``initial`` to ``final`` (fractions in [0, 1), initial below final) between
+    ``begin`` and ``end`` (fractions of the recovery steps); masks are recomputed every ``every`` optimizer
+    steps with the pattern, criterion and scope of ``spec`` (default: the spec the masks carry, as
+    :func:`regrow.prune` returns them), and weights pruned earlier stay pruned. Bad values raise
+    :class:`RegrowError` when the callback is made.
 
     Example:
         >>> masks = regrow.prune(model, 0.0)                  # start dense, record the spec
@@ -45,10 +49,25 @@ class GradualPruning:
     initial: float = 0.0
     spec: PruneSpec | None = None
 
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 <= self.initial < self.final < 1.0:
+            problems.append(f"0 <= initial < final < 1 (got initial {self.initial!r}, final {self.final!r})")
+        if not (isinstance(self.every, int) and self.every >= 1):
+            problems.append(f"every >= 1 optimizer steps (got {self.every!r})")
+        if not 0.0 <= self.begin <= self.end <= 1.0:
+            problems.append(
+                f"0 <= begin <= end <= 1, fractions of the recovery steps (got {self.begin!r}, {self.end!r})"
+            )
+        if problems:
+            raise RegrowError("GradualPruning needs " + "; ".join(problems) + ".")
+
     def on_train_start(self, state: TrainState) -> None:
         if self.spec is None:
             if state.masks.spec is None:
-                raise ValueError("GradualPruning needs spec= or masks that carry their PruneSpec")
+                raise RegrowError(
+                    "GradualPruning needs spec= or masks that carry their PruneSpec (as regrow.prune returns them)."
+                )
             self.spec = state.masks.spec
         self._begin = int(self.begin * state.total_steps)
         self._end = max(self._begin, int(self.end * state.total_steps))

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from regrow.batches import model_device, to_device, unpack
+from regrow.errors import RegrowError
 from regrow.masks import MaskEnforcer, MaskSet
 from regrow.measure.cost import storage_key, unique_tensors
 from regrow.measure.metrics import classification_metrics
@@ -223,6 +224,8 @@ def train(
     was_training = model.training
     optimizer = make_optimizer(model, options)
     steps_per_epoch = len(train_data) if hasattr(train_data, "__len__") else sum(1 for _ in train_data)
+    if steps_per_epoch == 0 and options.epochs > 0:
+        raise RegrowError("the training data has no batches; recovery needs at least one (inputs, targets) batch.")
     total_steps = max(1, options.epochs * steps_per_epoch)
     warmup_steps = math.ceil(options.warmup * total_steps)
     schedule = "rewind" if options.rewind != "none" else options.lr_schedule

@@ -36,6 +36,21 @@ class OriginalSchedule:
     milestones: tuple[float, ...] = field(default_factory=tuple)  # step: epochs where lr *= gamma
     gamma: float = 0.1
 
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.lr > 0:
+            problems.append(f"lr > 0 (got {self.lr!r})")
+        if not self.epochs > 0:
+            problems.append(f"epochs > 0 (got {self.epochs!r})")
+        if self.schedule not in ("cosine", "step", "constant"):
+            problems.append(f"schedule cosine, step or constant (got {self.schedule!r})")
+        if not 0.0 <= self.warmup < 1.0:
+            problems.append(f"0 <= warmup < 1 (got {self.warmup!r})")
+        if not self.gamma > 0:
+            problems.append(f"gamma > 0 (got {self.gamma!r})")
+        if problems:
+            raise RegrowError("the original schedule needs " + "; ".join(problems) + ".")
+
     def lr_at(self, epoch: float) -> float:
         """Learning rate at a (fractional) epoch of the original training."""
         warm = self.warmup * self.epochs

@@ -61,6 +61,12 @@ class DistillLoss(TaskLoss):
         out, logits = super().losses(model, inputs, targets)
         with torch.no_grad():
             teacher_logits = forward(self.teacher, inputs)
+        if teacher_logits.shape != logits.shape:
+            raise RegrowError(
+                f"distillation needs the teacher's outputs in the student's shape; the teacher gives "
+                f"{tuple(teacher_logits.shape)}, the student {tuple(logits.shape)}. A model with a new head for other "
+                "classes learns from its teacher's features instead: use method 'transfer' (or 'finetune')."
+            )
         kd = distillation_loss(logits, teacher_logits, self.temperature)
         out["kd_loss"] = kd
         out["loss"] = self.alpha * kd + (1.0 - self.alpha) * out["task_loss"]

@@ -55,6 +55,11 @@ def kmeans_1d(values: Tensor, k: int, iterations: int = 30) -> tuple[Tensor, Ten
     return codebook, index
 
 
+def index_width(values: int) -> int:
+    """Bits of an index into a codebook of ``values`` entries (at least 1)."""
+    return max(1, math.ceil(math.log2(max(values, 1))))
+
+
 @dataclass
 class SharedWeights:
     """Cluster indices (``-1`` where pruned) and codebooks per target."""
@@ -63,16 +68,22 @@ class SharedWeights:
     indices: dict[str, Tensor] = field(default_factory=dict)
     codebooks: dict[str, Tensor] = field(default_factory=dict)
 
+    def values(self) -> int:
+        """The most shared values any target has: ``k``, or fewer where fewer weights survive."""
+        return max((c.numel() for c in self.codebooks.values()), default=0)
+
     def bits(self) -> int:
-        """Storage in bits: surviving indices, codebooks (float32) and the sparsity bitmask."""
-        index_bits = max(1, math.ceil(math.log2(self.k)))
+        """Storage in bits: surviving indices (``ceil(log2)`` of the target's codebook size each), codebooks
+        (float32) and the sparsity bitmask."""
         total = 0
         for fqn, idx in self.indices.items():
+            index_bits = index_width(self.codebooks[fqn].numel())
             total += int((idx >= 0).sum()) * index_bits + self.codebooks[fqn].numel() * 32 + idx.numel()
         return total
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        dtype = torch.uint8 if self.k <= 256 else torch.int16 if self.k <= 32768 else torch.int32
+        n = self.values()
+        dtype = torch.uint8 if n <= 256 else torch.int16 if n <= 32768 else torch.int32
         tensors = {}
         for fqn, idx in self.indices.items():
             tensors[f"{fqn}.indices"] = idx.clamp(min=0).to(dtype).cpu().contiguous()
@@ -167,4 +178,6 @@ def sizes(model: nn.Module, masks: MaskSet, shared: SharedWeights | None) -> dic
         "sparse_bits": sparse,
         "shared_bits": shared.bits() if shared else None,
         "k": shared.k if shared else None,
+        "values": shared.values() if shared else None,
+        "index_bits": index_width(shared.values()) if shared else None,
     }

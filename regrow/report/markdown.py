@@ -242,7 +242,14 @@ def render_markdown(report: RunReport) -> str:
             )
         out.append(
             f"Rewinding ({r['kind']}): the learning rate replays the original {o['schedule']} schedule (peak "
-            f"{o['lr']:g}, {o['epochs']:g} epochs) from {start}"
+            f"{o['lr']:g}, {o['epochs']:g} epochs"
+            + (
+                "; assumed, as no original schedule was given: cosine from the recovery lr over twice the recovery "
+                "epochs"
+                if r.get("assumed")
+                else ""
+            )
+            + f") from {start}"
             + (", and the surviving weights were reset to their values there." if r["kind"] == "weights" else ".")
             + (
                 f" Recovery is longer than the rest of that schedule, so the rest was replayed "
@@ -260,14 +267,25 @@ def render_markdown(report: RunReport) -> str:
         d = details["dynamic"]
         out.append(
             f"Dynamic sparsity ({'RigL' if d['regrow'] == 'gradient' else 'SET'}): {d['updates']} mask updates "
-            f"replaced {d['weights_replaced']} weights in all, at constant sparsity."
+            f"replaced {d['weights_replaced']} weights in all; each update regrew as many weights as it dropped."
+            + (
+                f" {d['kept_zeros']} kept weights are exactly zero at the end (regrown at zero and not moved since), "
+                "so the sparsity counted from the weights is a little above the masks'."
+                if d.get("kept_zeros")
+                else ""
+            )
         )
     sharing = rec_info.get("sharing") or details.get("sharing")
     if sharing:
+        k, values = sharing["k"], sharing.get("values", sharing["k"])
+        index_bits = sharing.get("index_bits") or max(1, (k - 1).bit_length())
+        asked = (
+            f"k = {k}" if values >= k else f"k = {k} asked, at most {values} values per target (fewer weights survive)"
+        )
         out.append(
-            f"Weight sharing, k = {sharing['k']}: the targets take {human(sharing['dense_bits'] / 8, 'B')} dense, "
+            f"Weight sharing, {asked}: the targets take {human(sharing['dense_bits'] / 8, 'B')} dense, "
             f"{human(sharing['sparse_bits'] / 8, 'B')} sparse (bitmask + float32 values) and "
-            f"{human(sharing['shared_bits'] / 8, 'B')} shared (bitmask + {max(1, (sharing['k'] - 1).bit_length())}-bit "
+            f"{human(sharing['shared_bits'] / 8, 'B')} shared (bitmask + up to {index_bits}-bit "
             "indices + codebooks); exported as `shared.safetensors`."
         )
     if "baseline_val_accuracy" in details:

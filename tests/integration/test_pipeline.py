@@ -1,6 +1,7 @@
 """Whole runs on small budgets: artifacts, report contents, exact reload, every shipped recipe."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import regrow
 from regrow.config import builtin_recipes
@@ -74,6 +75,61 @@ def test_run_refuses_a_non_empty_out_dir_and_overwrites_on_request(tmp_path):
     assert (out / "mine.txt").read_text() == "x"
     assert (out / "report.json").is_file()
     assert not (out / "allocation.json").exists()  # this run planned no allocation: nothing stale remains
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_run_that_fails_late_leaves_the_earlier_run_untouched(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    budget = ["model.train.epochs=1", "recover.epochs=1", "evaluate.latency=false"]
+    regrow.run("demo", overrides=budget, out_dir=out, progress=False)
+    (out / "mine.txt").write_text("x")
+    before = _files(out)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C during recovery, after the baseline was trained and evaluated
+
+    monkeypatch.setattr("regrow.pipeline.recover", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        regrow.run("demo", overrides=budget, out_dir=out, overwrite=True, progress=False)
+    assert _files(out) == before  # no file replaced, removed or added, no staging folder left
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        regrow.run("demo", overrides=budget, out_dir=fresh, progress=False)
+    assert not fresh.exists()  # the folder this run created is gone again
+
+
+def test_a_killed_runs_staging_folder_neither_blocks_nor_survives_the_next_run(tmp_path):
+    out = tmp_path / "o"
+    (out / ".regrow-partial-abc123").mkdir(parents=True)  # as a run killed with SIGKILL leaves it
+    (out / ".regrow-partial-abc123" / "config.yaml").write_text("half")
+    budget = ["model.train.epochs=1", "recover.epochs=1", "evaluate.latency=false"]
+    regrow.run("demo", overrides=budget, out_dir=out, progress=False)  # not refused as non-empty
+    assert not (out / ".regrow-partial-abc123").exists()
+    assert (out / "report.json").is_file() and "half" not in (out / "config.yaml").read_text()
+
+
+def test_an_unreadable_rewind_checkpoint_is_refused_before_training_and_keeps_the_earlier_run(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    budget = ["model.train.epochs=1", "recover.epochs=1", "evaluate.latency=false"]
+    regrow.run("demo", overrides=budget, out_dir=out, progress=False)
+    before = _files(out)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"garbage")
+    narrower = tmp_path / "narrower.safetensors"  # the demo's CNN at another width
+    save_file({k: v.contiguous() for k, v in MODELS.get("digits_cnn")(width=4).state_dict().items()}, str(narrower))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the baseline was trained before the rewind checkpoint was checked")
+
+    monkeypatch.setattr("regrow.pipeline._train_baseline", never)
+    for checkpoint, message in ((corrupt, "is not a readable safetensors file"), (narrower, "have other shapes")):
+        weights = ["recover.rewind=weights", f"recover.rewind_checkpoint={checkpoint}"]
+        with pytest.raises(regrow.RegrowError, match=message):
+            regrow.run("demo", overrides=budget + weights, out_dir=out, overwrite=True, progress=False)
+        assert _files(out) == before
 
 
 @pytest.mark.parametrize("schedule", ["iterative", "gradual"])
@@ -271,16 +327,29 @@ def _check_recovery_method(report, out):
         text = (out / "report.md").read_text()
         assert f"from epoch {details['rewind']['start']:g}" in text
         assert (f"replayed {1 / pace:.2f}x slower" in text) == (pace < 1)
+        assert details["rewind"]["assumed"] is False and "assumed" not in text
     if r["method"] in ("rigl", "set"):
         dynamic = details["dynamic"]
         assert dynamic["regrow"] == ("gradient" if r["method"] == "rigl" else "random")
         assert dynamic["updates"] > 0 and dynamic["weights_replaced"] > 0
+        weights = load_file(str(out / "model.safetensors"))
+        kept_zeros = sum(
+            int(((weights[f] == 0) & m).sum()) for f, m in regrow.MaskSet.load(out / "masks.safetensors").items()
+        )
+        assert dynamic["kept_zeros"] == kept_zeros
+        assert (f"{kept_zeros} kept weights are exactly zero" in (out / "report.md").read_text()) == (kept_zeros > 0)
     if r["share"].get("after"):
         assert report.export["shared"] == "shared.safetensors" and (out / "shared.safetensors").is_file()
         assert rec["sharing"]["shared_bits"] < rec["sharing"]["sparse_bits"] < rec["sharing"]["dense_bits"]
         weights = load_file(str(out / "model.safetensors"))
         for fqn in regrow.MaskSet.load(out / "masks.safetensors"):
             assert torch.unique(weights[fqn][weights[fqn] != 0]).numel() <= r["share"]["k"]
+        # the summary describes both phases: the model handed back is the sharing phase's
+        assert rec["epochs_run"] == rec["history"][-1]["epoch"] == r["epochs"] + r["share"]["epochs"]
+        assert (
+            "; then weight sharing for" in rec["stop_reason"] and rec["stop_reason"] in (out / "report.md").read_text()
+        )
+        assert rec["best_epoch"] >= r["epochs"]
     if r["ema"] is not None:
         assert details["ema"] == {"decay": r["ema"]}
         assert f"average of the weights (decay {r['ema']:g})" in (out / "report.md").read_text()
@@ -335,3 +404,16 @@ def test_runs_use_deterministic_gpu_kernels_and_give_the_callers_settings_back()
     finally:
         cudnn.deterministic, cudnn.benchmark = before
     assert run.__wrapped__ and run_sensitivity.__wrapped__  # both entry points are wrapped
+
+
+def test_sharing_with_k_above_the_surviving_weights_reports_the_values_it_stores(tmp_path):
+    overrides = ["model.train.epochs=1", "recover.epochs=1", "evaluate.latency=false"]
+    overrides += ["recover.method=share", "recover.share.k=65536"]
+    report = regrow.run("demo", overrides=overrides, out_dir=tmp_path / "o", progress=False)
+    sharing = report.recovery["details"]["sharing"]
+    stored = load_file(str(tmp_path / "o" / "shared.safetensors"))
+    values = max(t.numel() for name, t in stored.items() if name.endswith(".codebook"))
+    assert sharing["k"] == 65536 and sharing["values"] == values < 65536
+    text = (tmp_path / "o" / "report.md").read_text()
+    bits = math.ceil(math.log2(values))
+    assert f"k = 65536 asked, at most {values} values per target" in text and f"up to {bits}-bit indices" in text

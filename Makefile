@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.structural
 	$(BIN)/python -m benchmarks.overhead
 	$(BIN)/python -m benchmarks.recovery_methods --jobs 2
+	$(BIN)/python -m benchmarks.paired_gaps
 	$(BIN)/python -m benchmarks.recovery_settings --seeds 2 --jobs 2
 	$(BIN)/python -m benchmarks.allocation
 	$(BIN)/python -m benchmarks.augment

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -259,10 +261,28 @@ def _configure_logging(quiet: bool) -> None:
     logger.propagate = False
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `timeout`), unwound like Ctrl-C so that a run's partial files are cleaned up."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(quiet=args.quiet)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _main(args)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "list":
             _print_list(args.what)
@@ -288,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"regrow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except _Terminated:
+        print("regrow: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("regrow: interrupted", file=sys.stderr)
         return 130

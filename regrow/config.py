@@ -444,11 +444,11 @@ def builtin_recipes() -> dict[str, Path]:
 def read_recipe(recipe: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
     """Parse a recipe file (or a built-in recipe name) into a plain dict."""
     path = Path(recipe)
-    if not path.is_file():  # a folder that happens to share a built-in recipe's name does not hide it
+    if not path.exists() or path.is_dir():  # a folder that shares a built-in recipe's name does not hide it
         builtins = builtin_recipes()
         if str(recipe) in builtins:
             path = builtins[str(recipe)]
-        elif path.exists():
+        elif path.is_dir():
             raise RegrowError(f"recipe {os.fspath(recipe)!r} is a directory, not a recipe file.")
         else:
             raise RegrowError(

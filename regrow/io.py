@@ -68,7 +68,19 @@ STAGE_PREFIX = ".regrow-partial-"  # a run's files are written here first (see s
 
 
 def _leftover_stage(entry: Path) -> bool:
-    return entry.is_dir() and entry.name.startswith(STAGE_PREFIX)
+    """A staging folder whose run is gone (killed with SIGKILL, or the machine went down)."""
+    if not (entry.is_dir() and entry.name.startswith(STAGE_PREFIX)):
+        return False
+    pid = entry.name[len(STAGE_PREFIX) :].split("-", 1)[0]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, but belongs to someone else
+        return False
+    return False  # a run still writing there: its folder is content, and is never removed
 
 
 def prepare_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False, create: bool = True) -> Path:
@@ -98,13 +110,14 @@ def staged_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> 
     A run writes every file into the yielded folder. When the block ends without an error the files move
     into ``path`` (each an atomic rename) and the ``RUN_FILES`` of an earlier run that this run did not
     write are removed, so nothing stale passes for this run's output. When the block raises (a late error,
-    Ctrl-C), ``path`` is left exactly as it was: an earlier run kept with ``--overwrite`` survives, and a
-    directory this run created is removed again.
+    Ctrl-C, or SIGTERM through the command line), ``path`` is left exactly as it was: an earlier run kept
+    with ``--overwrite`` survives, and the folders this run created (parents included) are removed again.
+    A run killed outright (SIGKILL) leaves its hidden staging folder; the next run into ``path`` removes it.
     """
     out = Path(path)
-    created = not out.exists()
+    created = [d for d in [out, *out.absolute().parents] if not d.exists()]  # deepest first
     prepare_out_dir(out, overwrite=overwrite)
-    stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out))
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=out))
     try:
         yield stage
         for name in RUN_FILES:
@@ -117,5 +130,6 @@ def staged_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> 
                 shutil.rmtree(entry, ignore_errors=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        for folder in created:  # folders this run made and left empty (a failed run), parents included
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()

@@ -175,14 +175,18 @@ def _merge_shared(result: RecoveryResult, shared: RecoveryResult, info: dict[str
     epochs of the main recovery) and its validation accuracy are the run's."""
     result.shared = shared.shared
     result.details["sharing"] = shared.details.get("sharing")
-    result.stop_reason += f"; then weight sharing for {shared.epochs_run} epochs ({shared.stop_reason})"
+    n = shared.epochs_run
+    result.stop_reason += f"; then {n} epoch{'' if n == 1 else 's'} of weight sharing ({shared.stop_reason})"
     info["sharing"] = result.details["sharing"]
     info["stop_reason"] = result.stop_reason
-    info["epochs_run"] = info["epochs_run"] + shared.epochs_run
+    info["phases"] = {"recovery": info["epochs_run"], "sharing": n}
+    info["epochs_run"] = info["epochs_run"] + n
     info["steps"] = info["steps"] + shared.steps
     info["seconds"] = info["seconds"] + shared.seconds
     info["best_epoch"] = offset + shared.best_epoch
     info["best_val_accuracy"] = shared.best_val_accuracy
+    if shared.best_epoch == 0:  # the history's row at ``offset`` shows the weights before they were clustered
+        info["best_note"] = "the shared values right after clustering, before their fine-tuning"
     return result
 
 
@@ -784,7 +788,7 @@ def run(
     search = search_path(recipe_path)
     cfg = _with_found_files(cfg, search)
     device = device_of(cfg.device)
-    if out_dir is not None:  # fail before any work if the folder would be refused
+    if out_dir:  # fail before any work if the folder would be refused
         prepare_out_dir(out_dir, overwrite=overwrite, create=False)
     timer = _Timer()
     seed_everything(cfg.seed)
@@ -822,7 +826,7 @@ def run(
             )
     # Everything the user gave has been checked; only now is anything written, and into a staging folder:
     # the files replace those of an earlier run only once this run has succeeded.
-    final = Path(out_dir) if out_dir is not None else default_out_dir(cfg.name)
+    final = Path(out_dir) if out_dir else default_out_dir(cfg.name)
     with staged_out_dir(final, overwrite=overwrite) as out:
         atomic_write_text(out / "config.yaml", _config_text(cfg, search))
 
@@ -893,6 +897,7 @@ def run(
                 strategy = _auto_strategy(cfg, model, train, teacher is not None, device)
                 cfg = _apply_settings(cfg, strategy.settings())
                 spec, structural = _validate_request(cfg, model)
+                _check_combinations(cfg, spec, structural)  # what the strategy chose, with what the recipe stated
                 keep = {k: recover_kwargs[k] for k in ("rewind_state", "rewind_epoch") if k in recover_kwargs}
                 recover_kwargs = _recover_kwargs(cfg, search) | keep
                 atomic_write_text(out / "config.yaml", _config_text(cfg, search))  # the config as decided
@@ -1173,7 +1178,7 @@ def run_sensitivity(
     search = search_path(recipe_path)
     cfg = _with_found_files(cfg, search)
     device = device_of(cfg.device)
-    if out_dir is not None:
+    if out_dir:
         prepare_out_dir(out_dir, overwrite=overwrite, create=False)
     seed_everything(cfg.seed)
     bundle = build_data(cfg.data, search)
@@ -1189,7 +1194,7 @@ def run_sensitivity(
         train, val = source.train, source.val
         if val is None:
             train, val = split_validation(train, cfg.model.train.data.val_fraction, cfg.seed)
-    final = Path(out_dir) if out_dir is not None else default_out_dir(f"{cfg.name}-sensitivity")
+    final = Path(out_dir) if out_dir else default_out_dir(f"{cfg.name}-sensitivity")
     with staged_out_dir(final, overwrite=overwrite) as out:
         if cfg.model.train is not None:
             seed_everything(cfg.seed + 1)

@@ -1,14 +1,18 @@
 """Every bad input: exit code 2, one paragraph on stderr, no traceback, nothing written."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import regrow
 from regrow.cli import main
 from regrow.config import read_recipe
 
@@ -347,3 +351,47 @@ def test_a_closed_pipe_ends_the_listing_quietly(tmp_path):
     cmd = f"{sys.executable} -m regrow.cli list | head -1"
     done = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout == "patterns:\n" and "Error" not in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads a pipe through /dev/fd")
+def test_a_recipe_read_from_a_pipe(tmp_path):
+    r, w = os.pipe()
+    os.write(w, b"name: piped\nmodel: {name: mlp}\ndata: {name: digits}\nprune: {sparsity: 0.5}\n")
+    os.close(w)
+    try:
+        data, _ = read_recipe(f"/dev/fd/{r}")
+    finally:
+        os.close(r)
+    assert data["name"] == "piped" and data["prune"] == {"sparsity": 0.5}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_ends_a_run_like_ctrl_c_and_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "runs" / "o"
+    cmd = [sys.executable, "-m", "regrow.cli", "run", "demo", "--out", str(out), "--set", "model.train.epochs=500"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):  # wait until the run is training its baseline, with its staging folder made
+        if out.is_dir() and any(out.iterdir()):
+            break
+        time.sleep(0.1)
+    else:
+        run.kill()
+        pytest.fail("the run never started writing")
+    time.sleep(1.0)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 128 + signal.SIGTERM and "regrow: terminated" in err and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists()  # the folders it created are gone, with the half-written files
+
+
+def test_an_empty_out_means_the_default_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("x")  # the working directory is not empty: it must not be used
+    report = regrow.run(
+        "demo",
+        overrides=["model.train.epochs=1", "recover.epochs=1", "evaluate.latency=false"],
+        out_dir="",
+        progress=False,
+    )
+    assert os.path.dirname(report.out_dir) == "runs" and (tmp_path / report.out_dir / "report.json").is_file()

@@ -120,7 +120,7 @@ def recover(
     temperature: float = 2.0,
     grad_clip: float | None = None,
     ema: float | None = None,
-    augment: Callable[[Any], Any] | None = None,
+    augment: Callable[[Any], Any] | str | None = None,
     val_fraction: float = 0.1,
     distill: bool | None = None,
     rewind: str = "none",
@@ -158,7 +158,7 @@ def recover(
         patience: stop after this many epochs without a validation gain (None: never). The best epoch
             is restored at the end either way.
         alpha, temperature: distillation loss ``alpha * T^2 * KL + (1 - alpha) * task loss``.
-        augment: a callable applied to each training input batch.
+        augment: a callable applied to each training input batch, or a built-in's name (``regrow list augments``).
         distill: add the distillation loss to finetune / rigl / set / share (default: only for method
             "distill", where ``distill=False`` leaves the task loss alone); not for "transfer".
         rewind: ``"lr"`` replays the original training's learning-rate schedule from ``rewind_epoch``

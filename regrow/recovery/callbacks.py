@@ -53,7 +53,7 @@ class GradualPruning:
         problems = []
         if not 0.0 <= self.initial < self.final < 1.0:
             problems.append(f"0 <= initial < final < 1 (got initial {self.initial!r}, final {self.final!r})")
-        if not (isinstance(self.every, int) and self.every >= 1):
+        if not (isinstance(self.every, int) and not isinstance(self.every, bool) and self.every >= 1):
             problems.append(f"every >= 1 optimizer steps (got {self.every!r})")
         if not 0.0 <= self.begin <= self.end <= 1.0:
             problems.append(

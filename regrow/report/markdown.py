@@ -225,10 +225,17 @@ def render_markdown(report: RunReport) -> str:
 
     rec_info = report.recovery
     out += ["", "## Recovery", ""]
+    phases = rec_info.get("phases")
+    run = (
+        f"Method `{rec_info.get('method')}` then weight sharing: {rec_info.get('epochs_run')} epochs run "
+        f"({phases['recovery']} + {phases['sharing']})"
+        if phases
+        else f"Method `{rec_info.get('method')}`: {rec_info.get('epochs_run')} epochs run"
+    )
+    note = f", {rec_info['best_note']}" if rec_info.get("best_note") else ""
     out.append(
-        f"Method `{rec_info.get('method')}`: {rec_info.get('epochs_run')} epochs run, best epoch "
-        f"{rec_info.get('best_epoch')} (validation accuracy {pct(rec_info.get('best_val_accuracy'))}); "
-        f"ended by: {rec_info.get('stop_reason')}."
+        f"{run}, best epoch {rec_info.get('best_epoch')} (validation accuracy "
+        f"{pct(rec_info.get('best_val_accuracy'))}{note}); ended by: {rec_info.get('stop_reason')}."
     )
     details = rec_info.get("details") or {}
     if details.get("rewind"):

@@ -346,10 +346,15 @@ def _check_recovery_method(report, out):
             assert torch.unique(weights[fqn][weights[fqn] != 0]).numel() <= r["share"]["k"]
         # the summary describes both phases: the model handed back is the sharing phase's
         assert rec["epochs_run"] == rec["history"][-1]["epoch"] == r["epochs"] + r["share"]["epochs"]
-        assert (
-            "; then weight sharing for" in rec["stop_reason"] and rec["stop_reason"] in (out / "report.md").read_text()
-        )
-        assert rec["best_epoch"] >= r["epochs"]
+        assert rec["phases"] == {"recovery": r["epochs"], "sharing": r["share"]["epochs"]}
+        text = (out / "report.md").read_text()
+        assert f"then weight sharing: {rec['epochs_run']} epochs run ({r['epochs']} + {r['share']['epochs']})" in text
+        assert "of weight sharing (" in rec["stop_reason"] and rec["stop_reason"] in text
+        kept = {h["epoch"]: h["val_accuracy"] for h in rec["history"]}
+        if rec["best_epoch"] > r["epochs"]:  # a fine-tuned epoch of the shared values: its row is the kept one
+            assert rec["best_val_accuracy"] == kept[rec["best_epoch"]] and "best_note" not in rec
+        else:  # the values right after clustering, which have no row of their own
+            assert rec["best_epoch"] == r["epochs"] and "right after clustering" in rec["best_note"]
     if r["ema"] is not None:
         assert details["ema"] == {"decay": r["ema"]}
         assert f"average of the weights (decay {r['ema']:g})" in (out / "report.md").read_text()
@@ -417,3 +422,37 @@ def test_sharing_with_k_above_the_surviving_weights_reports_the_values_it_stores
     text = (tmp_path / "o" / "report.md").read_text()
     bits = math.ceil(math.log2(values))
     assert f"k = 65536 asked, at most {values} values per target" in text and f"up to {bits}-bit indices" in text
+
+
+def test_the_sharing_post_step_is_merged_into_the_recovery_summary():
+    from regrow.pipeline import _merge_shared
+    from regrow.recovery import RecoveryResult
+
+    def result(best_epoch, epochs, reason, method):
+        return RecoveryResult(
+            history=[],
+            best_epoch=best_epoch,
+            best_val_accuracy=0.5 + best_epoch / 100,
+            epochs_run=epochs,
+            steps=10 * epochs,
+            stop_reason=reason,
+            seconds=float(epochs),
+            method=method,
+            details={"sharing": {"k": 4}} if method == "share" else {},
+        )
+
+    for shared_best, note in ((2, None), (0, "the shared values right after clustering, before their fine-tuning")):
+        main = result(3, 4, "epoch budget used", "distill")
+        info = main.to_dict()
+        merged = _merge_shared(
+            main, result(shared_best, 1 if shared_best == 0 else 2, "epoch budget used", "share"), info, 4
+        )
+        n = 1 if shared_best == 0 else 2
+        assert (
+            merged.stop_reason
+            == f"epoch budget used; then {n} epoch{'' if n == 1 else 's'} of weight sharing (epoch budget used)"
+        )
+        assert info["phases"] == {"recovery": 4, "sharing": n} and info["epochs_run"] == 4 + n
+        assert info["steps"] == 40 + 10 * n and info["seconds"] == 4.0 + n
+        assert info["best_epoch"] == 4 + shared_best and info["best_val_accuracy"] == 0.5 + shared_best / 100
+        assert info.get("best_note") == note and info["sharing"] == {"k": 4}

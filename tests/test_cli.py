@@ -395,3 +395,12 @@ def test_an_empty_out_means_the_default_folder(tmp_path, monkeypatch):
         progress=False,
     )
     assert os.path.dirname(report.out_dir) == "runs" and (tmp_path / report.out_dir / "report.json").is_file()
+
+
+def test_what_strategy_auto_chooses_is_checked_with_what_the_recipe_states(capsys, tmp_path):
+    out = tmp_path / "o"
+    overrides = ["model.train.epochs=1", "recover.method=share", "recover.epochs=110"]  # long enough for gradual
+    argv = [arg for o in overrides for arg in ("--set", o)]
+    code, _, err = run_cli(capsys, "-q", "run", "digits_auto", *argv, "--out", str(out))
+    assert_clean_error(code, err, "recover.method 'share' clusters the surviving weights once")
+    assert not out.exists()

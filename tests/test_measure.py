@@ -133,3 +133,26 @@ def test_environment_names_the_regrow_version_also_from_a_source_checkout(monkey
     monkeypatch.setattr(metadata, "version", missing)
     env = environment()
     assert env["regrow"] == f"{regrow.__version__} (source, not installed)" and env["numpy"] is None
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_dense_macs_of_multihead_attention_by_hand(need_weights):
+    from regrow.measure.cost import dense_macs
+    from regrow.structural.attention import convert_attention
+
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(self.att(x, x, x, need_weights=need_weights)[0].mean(1))
+
+    # per sample, 5 tokens of width 16, 4 heads of 4: q/k/v projections 5*16*48, scores 4*5*5*4,
+    # weighted values 4*5*5*4, output projection 5*16*16, classifier 16*3
+    per_sample = 5 * 16 * 48 + 2 * 4 * 5 * 5 * 4 + 5 * 16 * 16 + 16 * 3
+    model, x = Attend(), torch.randn(2, 5, 16)
+    assert dense_macs(model, x) == 2 * per_sample  # also through the fused inference path of eval mode
+    convert_attention(model)  # regrow's head-prunable equivalent counts the same
+    assert dense_macs(model, x) == 2 * per_sample

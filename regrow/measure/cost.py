@@ -40,6 +40,21 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
+def _extra_formulas() -> dict[Any, Any]:
+    """FLOP formulas the counter lacks: scaled-dot-product attention's CPU kernel (counted like its GPU ones)."""
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    count = getattr(flop_counter, "sdpa_flop_count", None)
+    if op is None or count is None or op in flop_counter.flop_registry:  # keyed by the op's overload packet
+        return {}
+
+    def sdpa_cpu(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+        return count(query_shape, key_shape, value_shape)
+
+    return {op: sdpa_cpu}
+
+
 def dense_macs(model: nn.Module, inputs: Any) -> int | None:
     """Multiply-accumulates of one forward pass over ``inputs``, counted as if every weight were dense.
 
@@ -48,13 +63,21 @@ def dense_macs(model: nn.Module, inputs: Any) -> int | None:
     """
     was_training = model.training
     model.eval()
+    # nn.MultiheadAttention's fused inference path runs as one kernel the counter cannot see into; the
+    # unfused path computes the same projections and attention as counted matmuls.
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as counter:
             forward(model, inputs)
     except Exception as exc:  # noqa: BLE001 - MACs are informative; never fail a run over them
         warnings.warn(f"could not count MACs ({type(exc).__name__}: {exc}); reporting none.", stacklevel=2)
         return None
     finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
     return counter.get_total_flops() // 2
 

@@ -62,9 +62,11 @@ class Allocation:
                 f"{os.fspath(path)!r} is not a regrow allocation file (written as allocation.json by a run)."
             )
         try:
-            return cls(**data)
+            allocation = cls(**data)
         except TypeError as exc:
             raise RegrowError(f"allocation file {os.fspath(path)!r} has unexpected content ({exc}).") from None
+        allocation.per_target = check_shares(allocation.per_target, f"allocation file {os.fspath(path)!r}")
+        return allocation
 
     def markdown(self) -> str:
         lines = ["| target / group | sparsity |", "|---|---|"]
@@ -308,13 +310,43 @@ def clamps_from(spec: dict[str, list[float]] | None, names: list[str]) -> dict[s
     return out
 
 
+def check_shares(per_target: Any, where: str) -> dict[str, float]:
+    """Per-target shares as ``{name: number in [0, 1]}``, or a RegrowError naming the entries that are not."""
+    if not isinstance(per_target, dict):
+        raise RegrowError(f"{where} must map target names to sparsities in [0, 1]; got {type(per_target).__name__}.")
+    bad = [
+        f"{k!r}: {v!r}"
+        for k, v in per_target.items()
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= float(v) <= 1.0
+    ]
+    if bad:
+        raise RegrowError(
+            f"{where} must map target names to sparsities in [0, 1]; these are not: {', '.join(bad[:5])}."
+        )
+    return {str(k): float(v) for k, v in per_target.items()}
+
+
 def scaled(per_target: dict[str, float], sizes: dict[str, int], sparsity: float, cap: float = 0.99) -> dict[str, float]:
-    """Scale relative sparsities so that the size-weighted mean is exactly ``sparsity`` (unstructured)."""
-    top = max(per_target.values(), default=0.0)
-    if top <= 0 or sparsity <= 0:
+    """Scale relative sparsities so that the size-weighted mean is ``sparsity`` (unstructured), no target
+    above ``cap``; a RegrowError when the shares cannot reach it (too few targets carry any)."""
+    per_target = check_shares(per_target, "an allocation")
+    if sparsity <= 0:
         return {n: 0.0 for n in per_target}
     total = sum(sizes.values())
-    lo, hi = 0.0, cap / top * 2
+    reachable = sum(cap * sizes[n] for n in per_target if per_target[n] > 0) / total
+    if reachable < sparsity - 1e-9:
+        carrying = [n for n in per_target if per_target[n] > 0]
+        raise RegrowError(
+            f"the allocation cannot reach sparsity {sparsity:g}: "
+            + (
+                f"only {', '.join(carrying[:5])} carry a share, and at most {cap:g} of each"
+                if carrying
+                else "every target's share is 0"
+            )
+            + f" removes {reachable:.3g} of the target weights. Give more targets a share, raise the cap "
+            "(max_sparsity), or ask for less."
+        )
+    lo, hi = 0.0, cap / min(v for v in per_target.values() if v > 0)  # at hi every share is at the cap
     for _ in range(60):
         mid = (lo + hi) / 2
         mean = sum(min(cap, mid * per_target[n]) * sizes[n] for n in per_target) / total

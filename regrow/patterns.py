@@ -33,9 +33,11 @@ def pruned_count(sparsity: float, numel: int) -> int:
 
     Rounding up means the achieved sparsity is never below the one asked for (0.9 of 70,288 weights
     removes 63,260, not 63,259); the tolerance keeps float noise such as 0.3 * 10 = 3.0000000000000004
-    from removing one more.
+    from removing one more. A sparsity below 1 always keeps at least one element: 0.99 of a 12-weight layer
+    removes 11, not the whole layer.
     """
-    return min(numel, math.ceil(sparsity * numel - 1e-9))
+    most = numel if sparsity >= 1 else max(numel - 1, 0)
+    return min(most, math.ceil(sparsity * numel - 1e-9))
 
 
 def _prune_lowest(scores: Tensor, k: int) -> Tensor:

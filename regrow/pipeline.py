@@ -605,7 +605,14 @@ def _plan_allocation(
                     )
                 else:
                     trial_spec = PruneSpec(
-                        spec.pattern, spec.criterion, "layer", spec.sparsity, None, spec.targets, allocation=candidate
+                        spec.pattern,
+                        spec.criterion,
+                        "layer",
+                        spec.sparsity,
+                        None,
+                        spec.targets,
+                        allocation=candidate,
+                        cap=p.cap,
                     )
                     MaskSet(compute_masks(trial, trial_spec, train), spec=trial_spec).apply(trial)
             except RegrowError:
@@ -913,6 +920,7 @@ def run(
                 spec.threshold,
                 spec.targets,
                 allocation=allocation.per_target,
+                cap=cfg.prune.cap,
             )
         schedule = cfg.schedule
 

@@ -33,13 +33,21 @@ class PruneSpec:
     macs: float | None = None
     params: float | None = None
     allocation: dict[str, float] | None = None  # relative per-target sparsities; the budget scales them
+    cap: float = 0.99  # allocation: no target sparser than this
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def with_sparsity(self, sparsity: float) -> PruneSpec:
         return PruneSpec(
-            self.pattern, self.criterion, self.scope, sparsity, None, list(self.targets), allocation=self.allocation
+            self.pattern,
+            self.criterion,
+            self.scope,
+            sparsity,
+            None,
+            list(self.targets),
+            allocation=self.allocation,
+            cap=self.cap,
         )
 
     def per_target(self, model: nn.Module) -> dict[str, float] | None:
@@ -49,7 +57,7 @@ class PruneSpec:
         from regrow.allocation import scaled
 
         sizes = {f: model.get_parameter(f).numel() for f in self.targets}
-        return scaled({f: self.allocation.get(f, 0.0) for f in self.targets}, sizes, self.sparsity)
+        return scaled({f: self.allocation.get(f, 0.0) for f in self.targets}, sizes, self.sparsity, self.cap)
 
 
 def plan(

@@ -227,7 +227,8 @@ def decide(facts: Facts, given: dict[str, Any], default_epochs: int = 10) -> Str
 
     pattern = add(rule_pattern(facts))
     add(rule_criterion(facts, pattern))
-    add(rule_allocation(facts, pattern))
+    if ":" not in str(pattern):  # an n:m pattern fixes every target's sparsity: there is nothing to allocate
+        add(rule_allocation(facts, pattern))
     method = add(rule_method(facts))
     epochs = add(rule_epochs(facts, default_epochs))
     add(rule_schedule(facts, pattern, epochs))

@@ -151,6 +151,31 @@ def test_scaled_meets_the_budget_exactly():
     assert per["a"] == pytest.approx(2 * per["b"])
 
 
+def test_an_allocation_that_cannot_reach_the_budget_or_is_not_shares_is_refused(tmp_path):
+    sizes = {"a": 300, "b": 100}
+    with pytest.raises(RegrowError, match=r"only b carry a share, and at most 0.99 of each removes 0.247"):
+        scaled({"a": 0.0, "b": 1.0}, sizes, 0.9)
+    with pytest.raises(RegrowError, match="every target's share is 0"):
+        scaled({"a": 0.0, "b": 0.0}, sizes, 0.5)
+    with pytest.raises(RegrowError, match=r"at most 0.8 of each removes 0.8 .* raise the cap"):
+        scaled({"a": 1.0, "b": 1.0}, sizes, 0.9, cap=0.8)
+    per = scaled({"a": 0.1, "b": 1.0}, sizes, 0.5, cap=0.92)  # the cap binds b; a takes the rest
+    assert per["b"] == 0.92 and (per["a"] * 300 + per["b"] * 100) / 400 == pytest.approx(0.5, abs=1e-6)
+    for bad in ({"a": -0.5}, {"a": float("nan")}, {"a": "0.5"}, {"a": True}):
+        with pytest.raises(RegrowError, match="sparsities in \\[0, 1\\]; these are not"):
+            scaled(bad, sizes, 0.5)
+    model = trained_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RegrowError, match="cannot reach sparsity 0.9"):
+        regrow.prune(model, 0.9, allocation={"fc2.weight": 1.0})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    plan = allocate("sensitivity", synthetic(), "sparsity", 0.5)
+    plan.per_target = {name: "high" for name in plan.per_target}
+    plan.save(tmp_path / "bad.json")
+    with pytest.raises(RegrowError, match="allocation file .* must map target names to sparsities"):
+        Allocation.load(tmp_path / "bad.json")
+
+
 def test_prune_with_an_allocation_gives_each_target_its_share():
     model = trained_mlp()
     masks = regrow.prune(model, 0.5, allocation={"fc1.weight": 1.0, "fc2.weight": 0.25})
@@ -316,3 +341,10 @@ def test_auto_strategy_measures_without_changing_the_training_order():
     _auto_strategy(cfg, MODELS.get("digits_cnn")(), train, True, "cpu")
     assert torch.equal(train.generator.get_state(), before)
     assert all(torch.equal(a, b[1]) for a, b in zip(first, train, strict=True))  # the same batch order
+
+
+def test_strategy_plans_no_allocation_for_an_n_m_pattern():
+    strategy = decide(facts(steps_per_epoch=250), given={"prune.pattern": "2:4"})
+    keys = [d.key for d in strategy.decisions]
+    assert "prune.pattern" in keys and "prune.allocation" not in keys
+    assert strategy.settings()["schedule.name"] == "one_shot"  # n:m fixes the sparsity: no ramp either

@@ -109,5 +109,8 @@ def test_pruned_count_never_falls_short_of_the_sparsity():
     assert pruned_count(0.9, 70288) == 63260  # 63259.2 rounds up
     assert pruned_count(0.3, 10) == 3  # 0.3 * 10 is 3.0000000000000004 in floating point
     assert pruned_count(0.5, 3) == 2
+    assert pruned_count(0.99, 12) == 11  # below 1 never empties a tensor (ceil would give 12)
+    assert pruned_count(0.95, 1) == 0
     assert pruned_count(0.0, 5) == 0
-    assert pruned_count(0.999999, 5) == 5
+    assert pruned_count(0.999999, 5) == 4  # 4.999995 would round up to all 5: one is kept
+    assert pruned_count(1.0, 5) == 5

@@ -387,3 +387,67 @@ def test_convert_attention_is_idempotent_and_keeps_training_mode():
     assert convert_attention(model) == ["0"]
     assert model[0].training and convert_attention(model) == []
     copy.deepcopy(model)  # still copyable
+
+
+def test_a_bf16_shrunk_model_reloads_in_bf16_into_a_float32_factory(tmp_path):
+    model = randomize_norms(ResidualCNN()).to(torch.bfloat16).eval()
+    x = images().to(torch.bfloat16)
+    shrink(model, pattern="channel", macs=0.6, example_inputs=x, round_to=1)
+    y = model(x)
+    save(model, tmp_path)
+    again = load(tmp_path, ResidualCNN).eval()  # the factory builds float32
+    assert {p.dtype for p in again.parameters()} == {torch.bfloat16}
+    assert torch.equal(again(x), y)
+
+
+def test_a_budget_that_removes_nothing_leaves_the_model_exactly_as_it_was():
+    model = randomize_norms(ResidualCNN())
+    model.train()
+    x = images()
+    batches = [(images(8), torch.zeros(8, dtype=torch.long)) for _ in range(3)]
+    before = copy.deepcopy(model).eval()
+    masks = regrow.prune(model, pattern="channel", macs=1.0, data=batches, example_inputs=x)
+    assert masks.structure.units_removed == 0 and masks.structure.recalibrated_batches == 0
+    model.eval()
+    assert torch.equal(model(x), before(x))  # no BatchNorm statistics re-estimated for a no-op
+
+
+def test_a_structural_prune_that_fails_hands_the_model_back_as_it_came():
+    model = TinyTransformer()  # holds nn.MultiheadAttention, which pruning converts first
+    model.train()
+    x = tokens()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    kinds = {name: type(m) for name, m in model.named_modules()}
+
+    def unchanged():
+        assert {name: type(m) for name, m in model.named_modules()} == kinds
+        after = model.state_dict()
+        assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+        assert all(m.training for m in model.modules())
+
+    for kwargs in (
+        {"pattern": "head", "sparsity": 0.5, "targets": "nope"},  # refused while validating
+        {"pattern": "channel", "macs": 0.01},  # a budget that cannot be met: refused while searching
+    ):
+        with pytest.raises(RegrowError):
+            regrow.prune(model, example_inputs=x, **kwargs)
+        unchanged()
+
+
+def test_a_failed_equivalence_check_also_hands_the_model_back(monkeypatch):
+    import regrow.structural as structural
+
+    model = ResidualCNN()
+    x = images()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    real_compare = structural.compare
+
+    def compare(shrunk, *args, **kwargs):  # the probes (on copies) pass; the check of the model itself fails
+        eq = real_compare(shrunk, *args, **kwargs)
+        return type(eq)(**{**eq.__dict__, "passed": shrunk is not model})
+
+    monkeypatch.setattr(structural, "compare", compare)
+    with pytest.raises(RegrowError, match="equivalence check failed"):
+        regrow.prune(model, pattern="channel", macs=0.6, example_inputs=x, round_to=1)
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())

@@ -30,7 +30,7 @@ from regrow.measure.cost import count_params, dense_macs
 from regrow.measure.latency import compare_latency
 from regrow.select import resolve_targets
 from regrow.structural.arch import load, save
-from regrow.structural.attention import MultiheadAttention, convert_attention
+from regrow.structural.attention import MultiheadAttention, convert_attention, set_submodule
 from regrow.structural.batchnorm import has_batchnorm, recalibrate_batchnorm
 from regrow.structural.budget import TOLERANCE, SearchResult, Unitized, check_reachable, search, select
 from regrow.structural.graph import ChannelGroup, Cut, StructureGraph, apply_cuts, find_attention
@@ -397,7 +397,81 @@ def shrink(
     group gives up; the budget then scales it (``scope`` is ignored). ``latency`` is a budget on the
     measured forward latency (fraction to keep), met within 5 % (measurements are noisy).
     ``round_widths``: see :func:`prepare`.
+
+    When it raises (a budget that cannot be met, targets that match nothing, a failed equivalence check),
+    ``model`` is handed back as it came: its ``nn.MultiheadAttention`` modules, its weights and its
+    train/eval mode.
     """
+    undo = _Undo(model)
+    try:
+        return _shrink(
+            model,
+            undo,
+            pattern=pattern,
+            sparsity=sparsity,
+            macs=macs,
+            params=params,
+            latency=latency,
+            threshold=threshold,
+            criterion=criterion,
+            scope=scope,
+            targets=targets,
+            ignore=ignore,
+            data=data,
+            example_inputs=example_inputs,
+            round_to=round_to,
+            max_sparsity=max_sparsity,
+            allocation=allocation,
+            recalibrate=recalibrate,
+            round_widths=round_widths,
+        )
+    except BaseException:
+        undo.restore()
+        raise
+
+
+class _Undo:
+    """What ``shrink`` changes before it can fail: attention converted, eval mode, and (once the shrinking has
+    begun) everything, kept as a copy of the model from just before."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.training = {name: m.training for name, m in model.named_modules()}
+        self.attention = {name: m for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+        self.before: nn.Module | None = None
+
+    def restore(self) -> None:
+        if self.before is not None:  # the model was being shrunk: take back all of its state
+            self.model.__dict__.update(self.before.__dict__)
+        for name, module in self.attention.items():
+            set_submodule(self.model, name, module)
+        for name, module in self.model.named_modules():
+            if name in self.training:
+                module.train(self.training[name])
+
+
+def _shrink(
+    model: nn.Module,
+    undo: _Undo,
+    *,
+    pattern: str,
+    sparsity: float | None = None,
+    macs: float | None = None,
+    params: float | None = None,
+    latency: float | None = None,
+    threshold: float | None = None,
+    criterion: str = "magnitude",
+    scope: str = "global",
+    targets: Any = None,
+    ignore: Any = None,
+    data: Iterable[Any] | None = None,
+    example_inputs: Any = None,
+    round_to: int | None = None,
+    max_sparsity: float = MAX_SPARSITY,
+    allocation: dict[str, float] | None = None,
+    recalibrate: bool = True,
+    round_widths: dict[str, int] | None = None,
+) -> StructureReport:
     _check_options(pattern, criterion, round_to)
     kind, target = check_structural_budget(sparsity, macs, params, threshold, latency)
     if scope not in ("global", "layer"):
@@ -494,6 +568,7 @@ def shrink(
     heads = [h for u in active for h in u.heads(result_removed.get(u.name, []))]
     simulated = simulate(model, cuts, heads)
     before = copy.deepcopy(model)
+    undo.before = before
     _apply(model, active, result_removed)
     eq = compare(model, simulated, inputs)
     if not eq.passed:
@@ -509,7 +584,7 @@ def shrink(
         )
     del simulated, before
     recalibrated = 0
-    if recalibrate and data is not None and has_batchnorm(model):
+    if recalibrate and data is not None and has_batchnorm(model) and any(result_removed.get(u.name) for u in units):
         recalibrated = recalibrate_batchnorm(model, data)
     model.train(was_training)
 

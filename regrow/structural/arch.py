@@ -121,15 +121,22 @@ def apply(model: nn.Module, arch: dict[str, Any]) -> nn.Module:
             old = module._parameters.get(key)
             if old is None:
                 raise RegrowError(f"parameter {name}.{key} of arch.json does not exist in the factory's model.")
-            if list(old.shape) != shape:
+            if list(old.shape) != shape or old.dtype != _dtype(dtype):  # shrunk, or saved in another precision
                 module._parameters[key] = nn.Parameter(
-                    torch.empty(shape, dtype=getattr(torch, dtype), device=old.device), requires_grad=old.requires_grad
+                    torch.empty(shape, dtype=_dtype(dtype), device=old.device), requires_grad=old.requires_grad
                 )
         for key, (shape, dtype) in entry.get("buffers", {}).items():
             old = module._buffers.get(key)
-            if old is not None and list(old.shape) != shape:
-                module._buffers[key] = torch.empty(shape, dtype=getattr(torch, dtype), device=old.device)
+            if old is not None and (list(old.shape) != shape or old.dtype != _dtype(dtype)):
+                module._buffers[key] = torch.empty(shape, dtype=_dtype(dtype), device=old.device)
     return model
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise RegrowError(f"arch.json records an unknown dtype {name!r}; it was not written by regrow.save.")
+    return dtype
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:

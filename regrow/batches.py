@@ -77,3 +77,48 @@ def check_reiterable(data: Iterable[Any], name: str) -> None:
             f"'{name}' is a one-shot iterator; pass something that can be iterated once per epoch, "
             "such as a torch DataLoader or a list of (inputs, targets) batches."
         )
+
+
+def check_batch(model: nn.Module, data: Iterable[Any], name: str, *, label_range: bool = True) -> None:
+    """Run one batch of ``data`` through ``model`` (eval mode, no gradients) before anything is trained.
+
+    Labels must be a 1-D int64 tensor of class indices, and with ``label_range`` within the model's outputs;
+    the model must accept the inputs. A RegrowError names the split (``name``) and the problem.
+    """
+    batch = next(iter(data), None)
+    if batch is None:
+        raise RegrowError(f"the {name} data has no batches.")
+    inputs, targets = unpack(batch)
+    if not isinstance(targets, Tensor) or targets.dim() != 1 or targets.dtype != torch.long:
+        got = (
+            f"a {targets.dim()}-D {str(targets.dtype).removeprefix('torch.')} tensor"
+            if isinstance(targets, Tensor)
+            else type(targets).__name__
+        )
+        raise RegrowError(
+            f"the labels of the {name} data must be a 1-D int64 (torch.long) tensor of class indices, one per "
+            f"sample; got {got}. Convert them in the data factory, e.g. y.long()."
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = forward(model, to_device(inputs, model_device(model)))
+    except RegrowError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure here is a mismatch between the data and the model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RegrowError(
+            f"the model cannot run on a batch of the {name} data ({type(exc).__name__}: {first}); check the "
+            "inputs' shape and dtype against what the model expects."
+        ) from None
+    finally:
+        model.train(was_training)
+    if label_range and targets.numel():
+        classes = logits.shape[-1]
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= classes:
+            raise RegrowError(
+                f"the labels of the {name} data run from {low} to {high}, but the model scores {classes} classes "
+                f"(labels 0 to {classes - 1})."
+            )

@@ -197,7 +197,7 @@ def _print_summary(report: object) -> None:
     frac = report.recovered_fraction  # type: ignore[attr-defined]
     drop = report.drop  # type: ignore[attr-defined]
     if frac is None:
-        line = f"pruning cost no test accuracy ({100 * -drop:+.2f} points)"
+        line = f"pruning cost no test accuracy ({100 * -drop + 0.0:+.2f} points)"  # + 0.0: no -0.00
     elif frac > 1:
         line = f"pruning drop {100 * drop:.2f} points; recovery won back all of it and more"
     elif frac <= 0:

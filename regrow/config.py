@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -42,12 +42,45 @@ RecipeLoader.add_implicit_resolver(
 )
 
 
+def _mapping_without_duplicates(loader: RecipeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first at line {seen[key] + 1}); a later one would silently replace it",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+def _numeric_only(annotation: Any) -> bool:
+    """A field typed int or float (optionally None), with no bool: ``true`` there is a mistake, not 1."""
+    kinds = set(get_args(annotation)) or {annotation}
+    return bool(kinds & {int, float}) and bool not in kinds
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                if isinstance(data.get(name), bool) and _numeric_only(field.annotation):
+                    raise ValueError(f"'{name}' takes a number, not {str(data[name]).lower()}")
+        return data
 
 
 class ComponentConfig(_Strict):
@@ -364,7 +397,7 @@ class RunConfig(_Strict):
         None,
         description="auto: choose pattern, allocation, schedule and recovery (default when only a budget is given)",
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds every random stage (derived seeds add a few to it)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     model: ModelConfig
     data: DataConfig
@@ -373,6 +406,15 @@ class RunConfig(_Strict):
     recover: RecoverConfig = Field(default_factory=RecoverConfig)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
+            raise ValueError(
+                "'name' is used as a folder name (runs/<name>-<timestamp>): use letters, digits, '_', '-' and '.'"
+            )
+        return name
 
     def auto(self) -> bool:
         """Whether strategy auto applies: asked for, or implied by a recipe that states only a budget."""
@@ -484,8 +526,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise RegrowError(f"--set {item!r} must look like key=value, e.g. prune.sparsity=0.8.")
         try:
             value = yaml_load(raw) if raw.strip() else None
+        except yaml.constructor.ConstructorError as exc:  # valid YAML that would lose a value: a duplicate key
+            raise RegrowError(f"--set {item!r}: {exc.problem}.") from None
         except yaml.YAMLError:
-            value = raw
+            value = raw  # not YAML: the text itself (e.g. a path with a colon)
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -28,8 +28,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         write(tmp)
+        # mkstemp creates 0600, and some writers (safetensors) make their own 0600 file: give the result the
+        # usual permissions once it is written
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
@@ -98,8 +100,16 @@ def prepare_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False, cr
             f"output directory {str(out)!r} is not empty; choose another --out, or pass --overwrite to "
             "replace the files regrow writes there (other files are left alone)."
         )
+    existing = next(d for d in [out, *out.absolute().parents] if d.exists())
+    if not existing.is_dir():
+        raise RegrowError(f"output path {str(out)!r} cannot be created: {str(existing)!r} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RegrowError(f"output path {str(out)!r} cannot be written: no write permission on {str(existing)!r}.")
     if create:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegrowError(f"output directory {str(out)!r} cannot be created ({exc.strerror or exc}).") from None
     return out
 
 
@@ -117,7 +127,10 @@ def staged_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> 
     out = Path(path)
     created = [d for d in [out, *out.absolute().parents] if not d.exists()]  # deepest first
     prepare_out_dir(out, overwrite=overwrite)
-    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=out))
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=out))
+    except OSError as exc:
+        raise RegrowError(f"output directory {str(out)!r} cannot be written ({exc.strerror or exc}).") from None
     try:
         yield stage
         for name in RUN_FILES:

@@ -135,7 +135,24 @@ class MaskSet(Mapping[str, Tensor]):
         bad = [f for f, t in tensors.items() if t.dtype != torch.bool]
         if bad:
             raise RegrowError(f"mask file {os.fspath(path)!r} holds non-boolean tensors: {bad}.")
-        return cls(masks=dict(tensors))
+        return cls(masks=dict(tensors), spec=_saved_spec(path))
+
+
+def _saved_spec(path: str | os.PathLike[str]) -> PruneSpec | None:
+    """The PruneSpec :meth:`MaskSet.save` stored in the file's metadata (None for files without one), so that
+    checks that depend on the pattern (e.g. dynamic sparsity needs unstructured masks) still apply."""
+    from safetensors import safe_open
+
+    from regrow.prune import PruneSpec
+
+    with safe_open(os.fspath(path), framework="pt") as fh:
+        text = (fh.metadata() or {}).get("spec")
+    if text is None:
+        return None
+    try:
+        return PruneSpec(**json.loads(text))
+    except (ValueError, TypeError) as exc:
+        raise RegrowError(f"mask file {os.fspath(path)!r} has an unreadable spec in its metadata ({exc}).") from None
 
 
 class MaskEnforcer:

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from regrow.batches import forward, to_device, unpack
+from regrow.batches import check_batch, forward, to_device, unpack
 from regrow.components import build_augment, build_data, build_model, device_of, find_file, search_path
 from regrow.config import RunConfig, apply_overrides, load_config, settle_strategy, validate
 from regrow.data.split import split_validation
 from regrow.errors import RegrowError
-from regrow.io import atomic_write_text, prepare_out_dir, staged_out_dir
+from regrow.io import RUN_FILES, atomic_write_text, prepare_out_dir, staged_out_dir
 from regrow.masks import MaskSet
 from regrow.measure import Snapshot, evaluate, sample_inputs
 from regrow.measure.cost import count_params, dense_macs
@@ -141,6 +141,24 @@ def _config_text(cfg: RunConfig, search: list[Path]) -> str:
         "# The resolved config of this run: rerun it with `regrow run config.yaml`. Factories were imported from\n"
         f"# {folders}; run it again where they still import.\n" + cfg.to_yaml()
     )
+
+
+def _check_inputs_outside(cfg: RunConfig, out: Path) -> None:
+    """Refuse an output folder where a finished run would replace one of the files the run reads."""
+    inputs = {
+        "model.checkpoint": cfg.model.checkpoint,
+        "prune.allocation_file": cfg.prune.allocation_file,
+        "recover.rewind_checkpoint": cfg.recover.rewind_checkpoint,
+    }
+    for key, name in inputs.items():
+        if name is None:
+            continue
+        path = Path(name)
+        if path.name in RUN_FILES and path.parent.resolve() == out.resolve():
+            raise RegrowError(
+                f"{key} {name!r} is in the output folder {str(out)!r}, and a finished run writes its own "
+                f"{path.name} there, replacing the file it was given. Choose another --out, or move the file."
+            )
 
 
 def _recover_kwargs(cfg: RunConfig, search: list[Path]) -> dict[str, Any]:
@@ -797,6 +815,7 @@ def run(
     device = device_of(cfg.device)
     if out_dir:  # fail before any work if the folder would be refused
         prepare_out_dir(out_dir, overwrite=overwrite, create=False)
+        _check_inputs_outside(cfg, Path(out_dir))
     timer = _Timer()
     seed_everything(cfg.seed)
 
@@ -812,6 +831,12 @@ def run(
         recover_kwargs = _recover_kwargs(cfg, search)
         if cfg.recover.rewind == "weights" and "rewind_state" in recover_kwargs:  # read and checked now, not later
             recover_kwargs["rewind_state"] = read_rewind_state(recover_kwargs["rewind_state"], model)
+        for split, data in (("train", train), ("validation", val), ("test", test)):
+            with _Unshuffled(data) as unshuffled:  # checking draws no shuffling randomness
+                # a model trained on another task (model.train.data) gets a new head for these labels
+                check_batch(
+                    model, unshuffled, split, label_range=cfg.model.train is None or cfg.model.train.data is None
+                )
         _check_augment(recover_kwargs.get("augment"), val)  # val: iterating it draws no shuffling randomness
         if cfg.model.train is not None:
             _check_augment(build_augment(cfg.model.train.augment, search), val)
@@ -826,6 +851,9 @@ def run(
             source = build_data(cfg.model.train.data, search)
             if source.val is None:
                 source.train, source.val = split_validation(source.train, cfg.model.train.data.val_fraction, cfg.seed)
+            for split, data in (("source training", source.train), ("source validation", source.val)):
+                with _Unshuffled(data) as unshuffled:
+                    check_batch(model, unshuffled, split)
         if cfg.recover.rewind == "weights" and "rewind_state" not in recover_kwargs and cfg.model.train is None:
             raise RegrowError(
                 "recover.rewind 'weights' needs the weights at the rewind point: give recover.rewind_checkpoint "

@@ -101,10 +101,11 @@ def resolve_targets(
     if non_float:
         raise RegrowError(f"targets must be floating-point parameters; these are not: {non_float}.")
     if not resolved:
-        why = (
-            "the model has no Linear or Conv layer besides its final classifier"
-            if target_list is None
-            else "every matched parameter was removed by 'ignore'"
-        )
+        if target_list is not None and not target_list:
+            why = "'targets' is an empty list"
+        elif ignore_list:
+            why = "'ignore' removed every " + ("default target" if target_list is None else "matched parameter")
+        else:
+            why = "the model has no Linear or Conv layer besides its final classifier"
         raise RegrowError(f"no pruning targets: {why}; name the parameters to prune with 'targets'.")
     return resolved

@@ -36,6 +36,9 @@ def assert_clean_error(code, err, message):
     "override, message",
     [
         ("prune.sparsity=1.5", "sparsity must be a number in [0, 1)"),
+        ("recover.epochs=true", "'recover': 'epochs' takes a number, not true"),
+        ("seed=-1", "'seed': Input should be greater than or equal to 0"),
+        ("name=../../elsewhere", "'name' is used as a folder name"),
         ("prune.threshold=0.1", "give exactly one of sparsity"),
         ("prune.sparsity=null", "give exactly one of sparsity"),
         (
@@ -202,6 +205,15 @@ def test_yaml_syntax_error_reports_its_line(capsys, tmp_path):
     recipe.write_text("name: x\nmodel:\n  name: digits_cnn\n  kwargs: {width: 4\n")
     code, _, err = run_cli(capsys, "run", str(recipe))
     assert_clean_error(code, err, "is not valid YAML at line 5")
+
+
+def test_a_key_given_twice_is_refused_not_silently_replaced(capsys, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nprune: {sparsity: 0.8}\nrecover: {epochs: 1}\nprune: {sparsity: 0.5}\n")
+    code, _, err = run_cli(capsys, "run", str(recipe), "--out", str(tmp_path / "o"))
+    assert_clean_error(code, err, "at line 4, column 1: duplicate key 'prune' (first at line 2)")
+    code, _, err = run_cli(capsys, "run", "demo", "--set", "prune.clamps={a: [0, 1], a: [0, 0.5]}")
+    assert_clean_error(code, err, "duplicate key 'a'")
 
 
 def test_missing_recipe(capsys):
@@ -404,3 +416,56 @@ def test_what_strategy_auto_chooses_is_checked_with_what_the_recipe_states(capsy
     code, _, err = run_cli(capsys, "-q", "run", "digits_auto", *argv, "--out", str(out))
     assert_clean_error(code, err, "recover.method 'share' clusters the surviving weights once")
     assert not out.exists()
+
+
+BAD_DATA = """
+import torch
+from torch import nn
+
+def model():
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+
+def batches(x_dim=4, labels=lambda y: y):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(4):
+        x = torch.randn(8, x_dim, generator=g)
+        out.append((x, labels((x[:, 0] > 0).long())))
+    return out
+
+def good():
+    return {"train": batches(), "test": batches()}
+
+def labels_out_of_range():
+    return {"train": batches(labels=lambda y: y + 5), "test": batches()}
+
+def float_labels():
+    return {"train": batches(), "test": batches(labels=lambda y: y.float())}
+
+def wrong_inputs():
+    return {"train": batches(x_dim=7), "test": batches(x_dim=7)}
+"""
+
+
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        ("labels_out_of_range", "the labels of the train data run from 5 to 6, but the model scores 3 classes"),
+        ("float_labels", "the labels of the test data must be a 1-D int64 (torch.long) tensor"),
+        ("wrong_inputs", "the model cannot run on a batch of the train data (RuntimeError: mat1 and mat2"),
+    ],
+)
+def test_data_that_does_not_fit_the_model_is_refused_before_training(capsys, tmp_path, monkeypatch, factory, message):
+    (tmp_path / "mydata.py").write_text(BAD_DATA)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: r\nmodel: {factory: 'mydata:model', train: {epochs: 1}}\n"
+        f"data: {{factory: 'mydata:{factory}'}}\nprune: {{sparsity: 0.5}}\nrecover: {{epochs: 1}}\n"
+        "evaluate: {latency: false}\n"
+    )
+    code, _, err = run_cli(capsys, "-q", "run", str(recipe), "--out", str(tmp_path / "o"))
+    assert_clean_error(code, err, message)
+    assert not (tmp_path / "o").exists()
+    recipe.write_text(recipe.read_text().replace(factory, "good"))  # the same recipe with fitting data runs
+    assert run_cli(capsys, "-q", "run", str(recipe), "--out", str(tmp_path / "o"))[0] == 0

@@ -57,3 +57,43 @@ def test_a_live_runs_staging_folder_is_content_and_a_dead_ones_is_not(tmp_path):
     with staged_out_dir(other) as stage:
         (stage / "report.json").write_text("new")
     assert sorted(p.name for p in other.iterdir()) == ["report.json"]
+
+
+def test_an_output_path_that_cannot_be_made_is_a_clear_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RegrowError, match="afile' is a file, not a folder"):
+        prepare_out_dir(tmp_path / "afile" / "sub", create=False)
+    with pytest.raises(RegrowError, match="exists and is not a directory"):
+        prepare_out_dir(tmp_path / "afile", create=False)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write anywhere")
+def test_a_read_only_folder_is_a_clear_error(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(RegrowError, match="no write permission"):
+            prepare_out_dir(locked / "out", create=False)
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc, where nobody can create folders")
+def test_a_folder_the_system_refuses_is_a_clear_error():
+    with pytest.raises(RegrowError, match="cannot be (created|written)"):
+        prepare_out_dir("/proc/regrow-out/run")
+
+
+def test_written_files_get_the_usual_permissions_also_from_writers_that_make_their_own(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from regrow.io import atomic_write
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"w": torch.zeros(2)}, tmp))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644

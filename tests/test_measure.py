@@ -107,6 +107,7 @@ def test_evaluate_accuracy_is_exact():
     "drop, gained, expected",
     [
         (-0.01, 0.02, "Pruning cost no test accuracy (change +1.00 points)."),
+        (0.0, 0.0, "Pruning cost no test accuracy (change +0.00 points)."),  # never "-0.00"
         (0.10, 0.05, "recovery won back 5.00 points, 50.0% of the drop."),
         (0.10, 0.12, "recovery won back all of it and 2.00 points more."),
         (0.10, -0.01, "recovery did not win any of it back (change during recovery -1.00 points)."),
@@ -156,3 +157,9 @@ def test_dense_macs_of_multihead_attention_by_hand(need_weights):
     assert dense_macs(model, x) == 2 * per_sample  # also through the fused inference path of eval mode
     convert_attention(model)  # regrow's head-prunable equivalent counts the same
     assert dense_macs(model, x) == 2 * per_sample
+
+
+def test_evaluate_refuses_a_one_shot_iterator():
+    batches = make_batches(3)
+    with pytest.raises(regrow.RegrowError, match="one-shot iterator"):
+        regrow.evaluate(TinyMLP(), iter(batches), latency=False)

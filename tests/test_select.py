@@ -33,3 +33,15 @@ def test_nothing_left_is_an_error(mlp):
         resolve_targets(mlp, ignore=["fc1", "fc2"])
     with pytest.raises(RegrowError, match="besides its final classifier"):
         resolve_targets(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_no_targets_left_names_the_reason():
+    from regrow.select import resolve_targets
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(RegrowError, match="'targets' is an empty list"):
+        resolve_targets(net, [])
+    with pytest.raises(RegrowError, match="'ignore' removed every default target"):
+        resolve_targets(net, None, "*")
+    with pytest.raises(RegrowError, match="'ignore' removed every matched parameter"):
+        resolve_targets(net, ["0.weight"], ["0.weight"])

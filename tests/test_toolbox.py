@@ -614,3 +614,13 @@ def test_an_assumed_original_schedule_is_marked_as_assumed():
         model, masks, train, val, rewind="lr", epochs=1, original={"lr": 0.01, "epochs": 4}, progress=False
     )
     assert stated.details["rewind"]["assumed"] is False
+
+
+def test_masks_reloaded_from_a_file_keep_their_spec_and_its_checks(tmp_path):
+    model = trained(1)
+    masks = regrow.prune(model, pattern="2:4")
+    masks.save(tmp_path / "masks.safetensors")
+    again = regrow.MaskSet.load(tmp_path / "masks.safetensors")
+    assert again.spec == masks.spec and again.spec.pattern == "2:4"
+    with pytest.raises(RegrowError, match="these have pattern '2:4'"):
+        regrow.recover(model, again, make_batches(4), method="rigl", progress=False)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from regrow.batches import model_device, to_device, unpack
+from regrow.batches import check_reiterable, model_device, to_device, unpack
 from regrow.errors import RegrowError
 from regrow.masks import MaskSet, measured_sparsity
 from regrow.measure.cost import count_params, dense_macs, size_bytes, sparse_size_bytes
@@ -120,6 +120,7 @@ def evaluate(
         A :class:`Snapshot` with accuracy and loss, total and nonzero parameters, per-target sparsity
         read from the weights, dense MACs per sample, latency and saved size.
     """
+    check_reiterable(data, "data")  # read twice: for the metrics, then for one batch to count MACs and time
     fqns = list(masks) if masks is not None else (targets if targets is not None else default_targets(model))
     metrics = classification_metrics(model, data, progress=progress, desc=f"evaluate {stage}".strip())
     total, nonzero = count_params(model)

@@ -30,7 +30,7 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 def recovery_sentence(drop: float, gained: float, frac: float | None) -> str:
     """One sentence on what pruning cost and how much recovery won back (fractions of 1, not points)."""
     if frac is None:
-        return f"Pruning cost no test accuracy (change {100 * -drop:+.2f} points)."
+        return f"Pruning cost no test accuracy (change {100 * -drop + 0.0:+.2f} points)."  # + 0.0: no -0.00
     if frac > 1:
         return (
             f"Pruning dropped test accuracy by {100 * drop:.2f} points; recovery won back all of it and "

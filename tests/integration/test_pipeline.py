@@ -101,6 +101,17 @@ def test_a_run_that_fails_late_leaves_the_earlier_run_untouched(tmp_path, monkey
     assert not fresh.exists()  # the folder this run created is gone again
 
 
+def test_overwrite_never_replaces_a_file_the_run_reads(tmp_path):
+    out = tmp_path / "o"
+    budget = ["model.train.epochs=1", "recover.epochs=1", "evaluate.latency=false"]
+    regrow.run("demo", overrides=budget, out_dir=out, progress=False)
+    before = _files(out)
+    again = [*budget, "model.train=null", f"model.checkpoint={out / 'model.safetensors'}"]
+    with pytest.raises(regrow.RegrowError, match="model.checkpoint .* is in the output folder"):
+        regrow.run("demo", overrides=again, out_dir=out, overwrite=True, progress=False)
+    assert _files(out) == before
+
+
 def test_a_killed_runs_staging_folder_neither_blocks_nor_survives_the_next_run(tmp_path):
     out = tmp_path / "o"
     (out / ".regrow-partial-abc123").mkdir(parents=True)  # as a run killed with SIGKILL leaves it

@@ -75,7 +75,7 @@ def rule_pattern(f: Facts) -> Decision:
             "channel",
             f"a {kind} budget is met only when layers really shrink; zeros inside dense layers keep "
             "their MACs and latency",
-            "benchmarks/results/structural_speed.md: channels at half the MACs ran 2.13x faster (1.79x for the "
+            "benchmarks/results/structural_speed.md: channels at half the MACs ran 2.16x faster (1.69x for the "
             "trained model); "
             "the digits demo at 90% unstructured sparsity ran no faster",
         )

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from regrow.criteria import CRITERIA
@@ -288,7 +289,22 @@ def prune(
         )
     if not get_pattern(spec.pattern).can_speed_up_dense:
         warnings.warn(speed_warning(spec.pattern), SpeedWarning, stacklevel=2)
+    _warn_if_pruned_before(model, spec.targets)
     dense = frozen_copy(model) if keep_dense else None
     masks = MaskSet(compute_masks(model, spec, data), spec=spec, dense=dense)
     masks.apply(model)
     return masks
+
+
+def _warn_if_pruned_before(model: nn.Module, targets: list[str]) -> None:
+    """Masks describe one call: weights zeroed by an earlier prune are not in them and may grow back."""
+    with torch.no_grad():
+        zeros = sum(int((model.get_parameter(f) == 0).sum()) for f in targets)
+        total = sum(model.get_parameter(f).numel() for f in targets)
+    if total and zeros > 0.01 * total:  # trained float weights are almost never exactly zero
+        warnings.warn(
+            f"the targets already hold {100 * zeros / total:.1f}% exact zeros (pruned before?). The masks returned "
+            "describe this call only: weights zeroed earlier that these masks keep can grow back during recovery. "
+            "Prune the dense model once at the final sparsity, or raise it step by step with regrow.GradualPruning.",
+            stacklevel=3,
+        )

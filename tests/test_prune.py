@@ -105,3 +105,10 @@ def test_bad_arguments_raise_one_clear_error(mlp, kwargs, message):
     with pytest.raises(RegrowError, match=message):
         regrow.prune(mlp, **kwargs)
     assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())  # model untouched
+
+
+def test_pruning_an_already_pruned_model_warns_that_masks_describe_one_call(mlp):
+    model = mlp
+    regrow.prune(model, 0.5)
+    with pytest.warns(UserWarning, match=r"already hold 50.0% exact zeros"):
+        regrow.prune(model, 0.3)

@@ -451,3 +451,36 @@ def test_a_failed_equivalence_check_also_hands_the_model_back(monkeypatch):
         regrow.prune(model, pattern="channel", macs=0.6, example_inputs=x, round_to=1)
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+
+
+class TiedEmbedding(nn.Module):
+    """An embedding tied to the output layer, as language models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(self.emb(x).mean(1))))))
+
+
+def test_tied_weights_stay_tied_through_shrinking_and_reloading(tmp_path):
+    torch.manual_seed(0)
+    model = TiedEmbedding().eval()
+    x = torch.randint(0, 20, (4, 6))
+    total_before = sum(p.numel() for p in model.parameters())
+    report = shrink(model, pattern="channel", macs=0.6, example_inputs=x, round_to=1)
+    assert report.units_removed > 0 and model.fc1.out_features < 32
+    # fc2's outputs feed the head, whose weight is the embedding's: shrinking them would untie the two
+    reasons = [g["excluded"] for g in report.groups if g["excluded"] and "untie" in g["excluded"]]
+    assert reasons == ["it would untie emb.weight from head.weight, changing the shape of only one of them"]
+    assert model.head.weight is model.emb.weight and model.emb.weight.shape == (20, 16)
+    assert report.params_after == sum(p.numel() for p in model.parameters()) < total_before  # counted once
+    y = model(x)
+    save(model, tmp_path)
+    again = load(tmp_path, TiedEmbedding).eval()
+    assert again.head.weight is again.emb.weight and torch.equal(again(x), y)

@@ -29,7 +29,7 @@ from regrow.errors import RegrowError, SpeedWarning
 from regrow.measure.cost import count_params, dense_macs
 from regrow.measure.latency import compare_latency
 from regrow.select import resolve_targets
-from regrow.structural.arch import load, save
+from regrow.structural.arch import load, retie, save, tied_parameters
 from regrow.structural.attention import MultiheadAttention, convert_attention, set_submodule
 from regrow.structural.batchnorm import has_batchnorm, recalibrate_batchnorm
 from regrow.structural.budget import TOLERANCE, SearchResult, Unitized, check_reachable, search, select
@@ -198,6 +198,20 @@ def _check(model: nn.Module, units: list[_Unit], removed: dict[str, list[int]], 
     return compare(shrunk, simulated, inputs)
 
 
+def _breaks_ties(model: nn.Module, unit: _Unit, ties: list[list[tuple[str, str]]]) -> str | None:
+    """Why the group cannot be shrunk when removing one of its units changes only one side of a tied
+    parameter (an embedding tied to the output layer whose two widths belong to different groups)."""
+    if not ties:
+        return None
+    trial = copy.deepcopy(model)
+    _apply(trial, [unit], {unit.name: [0]})
+    for group in ties:
+        shapes = {f"{m}.{p}": tuple(trial.get_submodule(m)._parameters[p].shape) for m, p in group}
+        if len(set(shapes.values())) > 1:
+            return f"it would untie {' from '.join(shapes)}, changing the shape of only one of them"
+    return None
+
+
 def _probe(model: nn.Module, unit: _Unit, inputs: Any) -> str | None:
     """Remove one unit on a copy; the reason the group cannot be handled, or None when it can."""
     try:
@@ -336,9 +350,10 @@ def prepare(
             groups.append(g)
 
     units = [_Unit(g, graph) for g in groups]
+    ties = tied_parameters(model)
     for u in units:
         if u.group.excluded is None:
-            u.group.excluded = _probe(model, u, inputs)
+            u.group.excluded = _probe(model, u, inputs) or _breaks_ties(model, u, ties)
     if not any(u.group.excluded is None for u in units):
         reasons = "; ".join(f"{u.name}: {u.group.excluded}" for u in units if u.group.excluded != "not a target")
         raise RegrowError(
@@ -569,7 +584,9 @@ def _shrink(
     simulated = simulate(model, cuts, heads)
     before = copy.deepcopy(model)
     undo.before = before
+    ties = tied_parameters(model)
     _apply(model, active, result_removed)
+    retie(model, ties)  # the surgery gives every module its own new Parameter; tied ones share one again
     eq = compare(model, simulated, inputs)
     if not eq.passed:
         culprits = [

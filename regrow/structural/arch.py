@@ -85,6 +85,37 @@ def describe(model: nn.Module) -> dict[str, Any]:
     return {"format": FORMAT, "version": VERSION, "modules": modules}
 
 
+def tied_parameters(model: nn.Module) -> list[list[tuple[str, str]]]:
+    """Groups of ``(module name, parameter name)`` that hold one shared Parameter (e.g. an embedding tied to
+    the output layer)."""
+    holders: dict[int, list[tuple[str, str]]] = {}
+    seen_modules: set[int] = set()
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in seen_modules:
+            continue
+        seen_modules.add(id(module))
+        for name, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((module_name, name))
+    return [group for group in holders.values() if len(group) > 1]
+
+
+def retie(model: nn.Module, groups: list[list[tuple[str, str]]]) -> None:
+    """Make each group share one Parameter again, after surgery or loading replaced them one by one."""
+    for (first_module, first_name), *others in groups:
+        shared = model.get_submodule(first_module)._parameters[first_name]
+        for module_name, name in others:
+            module = model.get_submodule(module_name)
+            current = module._parameters[name]
+            if current is None or shared is None or current.shape != shared.shape:
+                raise RegrowError(
+                    f"{module_name}.{name} was tied to {first_module}.{first_name}, but their shapes now differ "
+                    f"({None if current is None else tuple(current.shape)} and "
+                    f"{None if shared is None else tuple(shared.shape)}); leave one of them out with ignore=[...]."
+                )
+            module._parameters[name] = shared
+
+
 def apply(model: nn.Module, arch: dict[str, Any]) -> nn.Module:
     """Reshape a fresh ``model`` (same architecture, original sizes) to the one ``arch`` describes."""
     if arch.get("format") != FORMAT:
@@ -92,6 +123,7 @@ def apply(model: nn.Module, arch: dict[str, Any]) -> nn.Module:
     if arch.get("version") != VERSION:
         raise RegrowError(f"arch.json has version {arch.get('version')!r}; this regrow reads version {VERSION}.")
     entries = arch["modules"]
+    ties = tied_parameters(model)  # the factory ties them; reshaping below replaces each on its own
     # 1. Swap in regrow's attention where the saved model had it.
     for name, entry in entries.items():
         if entry["class"] == _class_name(MultiheadAttention):
@@ -129,6 +161,7 @@ def apply(model: nn.Module, arch: dict[str, Any]) -> nn.Module:
             old = module._buffers.get(key)
             if old is not None and (list(old.shape) != shape or old.dtype != _dtype(dtype)):
                 module._buffers[key] = torch.empty(shape, dtype=_dtype(dtype), device=old.device)
+    retie(model, ties)
     return model
 
 

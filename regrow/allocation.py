@@ -332,7 +332,9 @@ def scaled(per_target: dict[str, float], sizes: dict[str, int], sparsity: float,
     per_target = check_shares(per_target, "an allocation")
     if sparsity <= 0:
         return {n: 0.0 for n in per_target}
-    total = sum(sizes.values())
+    total = sum(sizes[n] for n in per_target)
+    if total == 0:
+        return {n: 0.0 for n in per_target}
     reachable = sum(cap * sizes[n] for n in per_target if per_target[n] > 0) / total
     if reachable < sparsity - 1e-9:
         carrying = [n for n in per_target if per_target[n] > 0]
@@ -346,9 +348,14 @@ def scaled(per_target: dict[str, float], sizes: dict[str, int], sparsity: float,
             + f" removes {reachable:.3g} of the target weights. Give more targets a share, raise the cap "
             "(max_sparsity), or ask for less."
         )
-    lo, hi = 0.0, cap / min(v for v in per_target.values() if v > 0)  # at hi every share is at the cap
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        mean = sum(min(cap, mid * per_target[n]) * sizes[n] for n in per_target) / total
-        lo, hi = (mid, hi) if mean < sparsity else (lo, mid)
-    return {n: min(cap, hi * per_target[n]) for n in per_target}
+    # The size-weighted mean of min(cap, m * share) rises piecewise linearly with m; walk its pieces, where
+    # one target after another reaches the cap, to the one that holds the budget, and solve for m there.
+    goal, capped, slope = sparsity * total, 0.0, sum(per_target[n] * sizes[n] for n in per_target)
+    scale = math.inf
+    for knee, n in sorted((cap / s, n) for n, s in per_target.items() if s > 0):
+        if capped + knee * slope >= goal:
+            scale = (goal - capped) / slope
+            break
+        capped += cap * sizes[n]
+        slope -= per_target[n] * sizes[n]
+    return {n: min(cap, scale * per_target[n]) if per_target[n] > 0 else 0.0 for n in per_target}

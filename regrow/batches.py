@@ -1,7 +1,8 @@
 """The one data contract regrow relies on: an iterable of ``(inputs, targets)`` batches.
 
 ``inputs`` is a tensor, or a dict of tensors passed to the model as keyword arguments (Hugging Face
-style). ``targets`` is a tensor. DataLoaders and plain lists of batches both qualify.
+style). ``targets`` is a 1-D tensor of class indices (int64, or uint8). DataLoaders and plain lists of
+batches both qualify.
 """
 
 from __future__ import annotations
@@ -70,34 +71,35 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def check_reiterable(data: Iterable[Any], name: str) -> None:
-    """Refuse one-shot iterators: recovery reads the data once per epoch."""
+def check_reiterable(data: Iterable[Any], name: str, reads: str = "once per epoch") -> None:
+    """Refuse one-shot iterators: recovery reads the data once per epoch (``reads`` says how it is read)."""
     if iter(data) is data:
         raise RegrowError(
-            f"'{name}' is a one-shot iterator; pass something that can be iterated once per epoch, "
-            "such as a torch DataLoader or a list of (inputs, targets) batches."
+            f"'{name}' is a one-shot iterator, but it is read {reads}; pass something that can be iterated "
+            "again, such as a torch DataLoader or a list of (inputs, targets) batches."
         )
 
 
 def check_batch(model: nn.Module, data: Iterable[Any], name: str, *, label_range: bool = True) -> None:
     """Run one batch of ``data`` through ``model`` (eval mode, no gradients) before anything is trained.
 
-    Labels must be a 1-D int64 tensor of class indices, and with ``label_range`` within the model's outputs;
+    Labels must be a 1-D tensor of class indices (int64, or uint8 as raw image datasets store them), and with
+    ``label_range`` within the model's outputs;
     the model must accept the inputs. A RegrowError names the split (``name``) and the problem.
     """
     batch = next(iter(data), None)
     if batch is None:
         raise RegrowError(f"the {name} data has no batches.")
     inputs, targets = unpack(batch)
-    if not isinstance(targets, Tensor) or targets.dim() != 1 or targets.dtype != torch.long:
+    if not isinstance(targets, Tensor) or targets.dim() != 1 or targets.dtype not in (torch.long, torch.uint8):
         got = (
             f"a {targets.dim()}-D {str(targets.dtype).removeprefix('torch.')} tensor"
             if isinstance(targets, Tensor)
             else type(targets).__name__
         )
         raise RegrowError(
-            f"the labels of the {name} data must be a 1-D int64 (torch.long) tensor of class indices, one per "
-            f"sample; got {got}. Convert them in the data factory, e.g. y.long()."
+            f"the labels of the {name} data must be a 1-D int64 (torch.long) or uint8 tensor of class indices, "
+            f"one per sample; got {got}. Convert them in the data factory, e.g. y.long()."
         )
     was_training = model.training
     model.eval()

@@ -10,7 +10,8 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -45,7 +46,15 @@ RecipeLoader.add_implicit_resolver(
 def _mapping_without_duplicates(loader: RecipeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged by the base constructor below
+            continue
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain value, not {type(key).__name__}", key_node.start_mark
+            ) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None,
@@ -66,7 +75,7 @@ def yaml_load(text: str) -> Any:
 
 def _numeric_only(annotation: Any) -> bool:
     """A field typed int or float (optionally None), with no bool: ``true`` there is a mistake, not 1."""
-    kinds = set(get_args(annotation)) or {annotation}
+    kinds = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
     return bool(kinds & {int, float}) and bool not in kinds
 
 
@@ -410,10 +419,8 @@ class RunConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _folder_name(cls, name: str) -> str:
-        if not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
-            raise ValueError(
-                "'name' is used as a folder name (runs/<name>-<timestamp>): use letters, digits, '_', '-' and '.'"
-            )
+        if not name.strip() or "/" in name or "\\" in name or name in (".", ".."):
+            raise ValueError("'name' is used as a folder name (runs/<name>-<timestamp>): no '/', '\\' or '..'")
         return name
 
     def auto(self) -> bool:

@@ -188,7 +188,7 @@ def prune(
     macs: float | None = None,
     params: float | None = None,
     round_to: int | None = None,
-    max_sparsity: float = 0.9,
+    max_sparsity: float | None = None,
     example_inputs: Any = None,
     latency: float | None = None,
     allocation: dict[str, float] | None = None,
@@ -220,7 +220,8 @@ def prune(
             AVX-512 and 8 elsewhere (``regrow.structural.auto_round_to``); narrower groups are not rounded;
             when the default cannot meet the budget within 2 %, 8 and then no rounding are tried (the report
             says so); 1 turns rounding off.
-        max_sparsity: structural: the largest share of any group's units removed.
+        max_sparsity: the largest share removed from any group (structural; default 0.9) or, with an
+            ``allocation``, from any target (default 0.99).
         example_inputs: structural: inputs to trace the model with (default: the first batch of ``data``).
         latency: structural budget: the fraction of the measured latency to keep (met within 5 %).
         recalibrate: structural: re-estimate BatchNorm statistics on a few batches of ``data`` after the
@@ -258,7 +259,7 @@ def prune(
             data=data,
             example_inputs=example_inputs,
             round_to=round_to,
-            max_sparsity=max_sparsity,
+            max_sparsity=max_sparsity if max_sparsity is not None else 0.9,
             recalibrate=recalibrate,
         )
     if macs is not None or params is not None or latency is not None:
@@ -285,7 +286,14 @@ def prune(
                 "an allocation plans per-target sparsities for a sparsity budget; give sparsity, not threshold."
             )
         spec = PruneSpec(
-            spec.pattern, spec.criterion, spec.scope, spec.sparsity, None, spec.targets, allocation=dict(allocation)
+            spec.pattern,
+            spec.criterion,
+            spec.scope,
+            spec.sparsity,
+            None,
+            spec.targets,
+            allocation=dict(allocation),
+            cap=max_sparsity if max_sparsity is not None else 0.99,
         )
     if not get_pattern(spec.pattern).can_speed_up_dense:
         warnings.warn(speed_warning(spec.pattern), SpeedWarning, stacklevel=2)

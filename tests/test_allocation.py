@@ -161,6 +161,9 @@ def test_an_allocation_that_cannot_reach_the_budget_or_is_not_shares_is_refused(
         scaled({"a": 1.0, "b": 1.0}, sizes, 0.9, cap=0.8)
     per = scaled({"a": 0.1, "b": 1.0}, sizes, 0.5, cap=0.92)  # the cap binds b; a takes the rest
     assert per["b"] == 0.92 and (per["a"] * 300 + per["b"] * 100) / 400 == pytest.approx(0.5, abs=1e-6)
+    for tiny in (1e-17, 1e-19, 5e-324):  # a share near zero still lets the others meet the budget exactly
+        per = scaled({"a": 1.0, "b": tiny}, {"a": 100, "b": 100}, 0.3)
+        assert (per["a"] + per["b"]) / 2 == pytest.approx(0.3, abs=1e-12)
     for bad in ({"a": -0.5}, {"a": float("nan")}, {"a": "0.5"}, {"a": True}):
         with pytest.raises(RegrowError, match="sparsities in \\[0, 1\\]; these are not"):
             scaled(bad, sizes, 0.5)
@@ -169,6 +172,11 @@ def test_an_allocation_that_cannot_reach_the_budget_or_is_not_shares_is_refused(
     with pytest.raises(RegrowError, match="cannot reach sparsity 0.9"):
         regrow.prune(model, 0.9, allocation={"fc2.weight": 1.0})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    shares = {"fc1.weight": 1.0, "fc2.weight": 0.1}
+    with pytest.raises(RegrowError, match="at most 0.5 of each"):
+        regrow.prune(model, 0.6, allocation=shares, max_sparsity=0.5)  # the cap is the one given
+    masks = regrow.prune(model, 0.5, allocation=shares, max_sparsity=0.55)
+    assert max(masks.per_target().values()) <= 0.55 + 1 / 128  # within one weight of the cap (rounding up)
     plan = allocate("sensitivity", synthetic(), "sparsity", 0.5)
     plan.per_target = {name: "high" for name in plan.per_target}
     plan.save(tmp_path / "bad.json")

@@ -39,6 +39,7 @@ def assert_clean_error(code, err, message):
         ("recover.epochs=true", "'recover': 'epochs' takes a number, not true"),
         ("seed=-1", "'seed': Input should be greater than or equal to 0"),
         ("name=../../elsewhere", "'name' is used as a folder name"),
+        ("sensitivity.levels=true", "'sensitivity.levels': Input should be a valid list"),
         ("prune.threshold=0.1", "give exactly one of sparsity"),
         ("prune.sparsity=null", "give exactly one of sparsity"),
         (
@@ -214,6 +215,17 @@ def test_a_key_given_twice_is_refused_not_silently_replaced(capsys, tmp_path):
     assert_clean_error(code, err, "at line 4, column 1: duplicate key 'prune' (first at line 2)")
     code, _, err = run_cli(capsys, "run", "demo", "--set", "prune.clamps={a: [0, 1], a: [0, 0.5]}")
     assert_clean_error(code, err, "duplicate key 'a'")
+    merged = read_recipe_text("base: &b {epochs: 1, lr: 0.1}\nrecover: {<<: *b, epochs: 2}\n")  # anchors still merge
+    assert merged["recover"] == {"epochs": 2, "lr": 0.1}
+    recipe.write_text("name: x\n? [a, b]\n: 1\n")
+    code, _, err = run_cli(capsys, "run", str(recipe))
+    assert_clean_error(code, err, "a key must be a plain value, not list")
+
+
+def read_recipe_text(text):
+    from regrow.config import yaml_load
+
+    return yaml_load(text)
 
 
 def test_missing_recipe(capsys):
@@ -433,8 +445,8 @@ def batches(x_dim=4, labels=lambda y: y):
         out.append((x, labels((x[:, 0] > 0).long())))
     return out
 
-def good():
-    return {"train": batches(), "test": batches()}
+def good():  # uint8 labels, as raw image datasets store them, are class indices too
+    return {"train": batches(labels=lambda y: y.to(torch.uint8)), "test": batches()}
 
 def labels_out_of_range():
     return {"train": batches(labels=lambda y: y + 5), "test": batches()}
@@ -451,7 +463,7 @@ def wrong_inputs():
     "factory, message",
     [
         ("labels_out_of_range", "the labels of the train data run from 5 to 6, but the model scores 3 classes"),
-        ("float_labels", "the labels of the test data must be a 1-D int64 (torch.long) tensor"),
+        ("float_labels", "the labels of the test data must be a 1-D int64 (torch.long) or uint8 tensor"),
         ("wrong_inputs", "the model cannot run on a batch of the train data (RuntimeError: mat1 and mat2"),
     ],
 )

@@ -447,10 +447,21 @@ def test_a_failed_equivalence_check_also_hands_the_model_back(monkeypatch):
         return type(eq)(**{**eq.__dict__, "passed": shrunk is not model})
 
     monkeypatch.setattr(structural, "compare", compare)
+    modules, params = dict(model.named_modules()), list(model.parameters())
+    calls = []
+    handle = model.stem.register_forward_hook(lambda *args: calls.append(1))
     with pytest.raises(RegrowError, match="equivalence check failed"):
         regrow.prune(model, pattern="channel", macs=0.6, example_inputs=x, round_to=1)
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    # the very objects the caller holds: an optimizer made before still trains the model, hooks still detach
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert all(m is modules[name] for name, m in model.named_modules())
+    calls.clear()
+    model(x)  # the caller's hook is still there
+    handle.remove()
+    model(x)  # and its handle still removes it
+    assert calls == [1]
 
 
 class TiedEmbedding(nn.Module):

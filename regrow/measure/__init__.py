@@ -120,7 +120,7 @@ def evaluate(
         A :class:`Snapshot` with accuracy and loss, total and nonzero parameters, per-target sparsity
         read from the weights, dense MACs per sample, latency and saved size.
     """
-    check_reiterable(data, "data")  # read twice: for the metrics, then for one batch to count MACs and time
+    check_reiterable(data, "data", "twice (for the metrics, then one batch to count MACs and time)")
     fqns = list(masks) if masks is not None else (targets if targets is not None else default_targets(model))
     metrics = classification_metrics(model, data, progress=progress, desc=f"evaluate {stage}".strip())
     total, nonzero = count_params(model)

@@ -30,7 +30,7 @@ from regrow.measure.cost import count_params, dense_macs
 from regrow.measure.latency import compare_latency
 from regrow.select import resolve_targets
 from regrow.structural.arch import load, retie, save, tied_parameters
-from regrow.structural.attention import MultiheadAttention, convert_attention, set_submodule
+from regrow.structural.attention import MultiheadAttention, convert_attention
 from regrow.structural.batchnorm import has_batchnorm, recalibrate_batchnorm
 from regrow.structural.budget import TOLERANCE, SearchResult, Unitized, check_reachable, search, select
 from regrow.structural.graph import ChannelGroup, Cut, StructureGraph, apply_cuts, find_attention
@@ -421,7 +421,6 @@ def shrink(
     try:
         return _shrink(
             model,
-            undo,
             pattern=pattern,
             sparsity=sparsity,
             macs=macs,
@@ -446,28 +445,37 @@ def shrink(
 
 
 class _Undo:
-    """What ``shrink`` changes before it can fail: attention converted, eval mode, and (once the shrinking has
-    begun) everything, kept as a copy of the model from just before."""
+    """Everything ``shrink`` may change, kept so that a failure can put it back: every module's attributes
+    (its submodules, parameters, buffers, hooks and train/eval mode, as the very objects the caller holds) and
+    the data of every parameter and buffer. The surgery replaces these rather than editing them, so keeping
+    references costs no copy."""
+
+    NESTED = ("_parameters", "_buffers", "_modules")
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.training = {name: m.training for name, m in model.named_modules()}
-        self.attention = {name: m for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
-        self.before: nn.Module | None = None
+        self.modules = [(m, self._copy(m.__dict__)) for m in model.modules()]
+        self.data = [
+            (t, t.data)
+            for m, _ in self.modules
+            for t in [*m._parameters.values(), *m._buffers.values()]
+            if t is not None
+        ]
 
     def restore(self) -> None:
-        if self.before is not None:  # the model was being shrunk: take back all of its state
-            self.model.__dict__.update(self.before.__dict__)
-        for name, module in self.attention.items():
-            set_submodule(self.model, name, module)
-        for name, module in self.model.named_modules():
-            if name in self.training:
-                module.train(self.training[name])
+        for module, attributes in self.modules:
+            module.__dict__.clear()
+            module.__dict__.update(self._copy(attributes))
+        for tensor, data in self.data:
+            tensor.data = data
+
+    @classmethod
+    def _copy(cls, attributes: dict[str, Any]) -> dict[str, Any]:
+        """The attributes, with their own copies of the dicts the surgery edits."""
+        return {k: type(v)(v) if k in cls.NESTED else v for k, v in attributes.items()}
 
 
 def _shrink(
     model: nn.Module,
-    undo: _Undo,
     *,
     pattern: str,
     sparsity: float | None = None,
@@ -583,7 +591,6 @@ def _shrink(
     heads = [h for u in active for h in u.heads(result_removed.get(u.name, []))]
     simulated = simulate(model, cuts, heads)
     before = copy.deepcopy(model)
-    undo.before = before
     ties = tied_parameters(model)
     _apply(model, active, result_removed)
     retie(model, ties)  # the surgery gives every module its own new Parameter; tied ones share one again

@@ -14,10 +14,11 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -382,6 +383,52 @@ def prepare(
     return Prepared(pattern, criterion, units, active, scored, inputs, _one_sample(inputs), converted)
 
 
+class _Undo:
+    """Everything ``shrink`` may change, kept so that a failure can put it back: every module's attributes
+    (its submodules, parameters, buffers, hooks and train/eval mode, as the very objects the caller holds) and
+    the data of every parameter and buffer. The surgery replaces these rather than editing them, so keeping
+    references costs no copy."""
+
+    NESTED = ("_parameters", "_buffers", "_modules")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [(m, self._copy(m.__dict__)) for m in model.modules()]
+        self.data = [
+            (t, t.data)
+            for m, _ in self.modules
+            for t in [*m._parameters.values(), *m._buffers.values()]
+            if t is not None
+        ]
+
+    def restore(self) -> None:
+        for module, attributes in self.modules:
+            module.__dict__.clear()
+            module.__dict__.update(self._copy(attributes))
+        for tensor, data in self.data:
+            tensor.data = data
+
+    @classmethod
+    def _copy(cls, attributes: dict[str, Any]) -> dict[str, Any]:
+        """The attributes, with their own copies of the dicts the surgery edits."""
+        return {k: type(v)(v) if k in cls.NESTED else v for k, v in attributes.items()}
+
+
+def _hands_back_on_failure(fn: Callable[..., StructureReport]) -> Callable[..., StructureReport]:
+    """Run ``fn(model, ...)``; when it raises, put ``model`` back as it came (see :class:`_Undo`)."""
+
+    @functools.wraps(fn)
+    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> StructureReport:
+        undo = _Undo(model)
+        try:
+            return fn(model, *args, **kwargs)
+        except BaseException:
+            undo.restore()
+            raise
+
+    return wrapper
+
+
+@_hands_back_on_failure
 def shrink(
     model: nn.Module,
     *,
@@ -414,87 +461,9 @@ def shrink(
     ``round_widths``: see :func:`prepare`.
 
     When it raises (a budget that cannot be met, targets that match nothing, a failed equivalence check),
-    ``model`` is handed back as it came: its ``nn.MultiheadAttention`` modules, its weights and its
-    train/eval mode.
+    ``model`` is handed back as it came, as the same objects: its modules (``nn.MultiheadAttention``
+    included), parameters, buffers, hooks and train/eval mode.
     """
-    undo = _Undo(model)
-    try:
-        return _shrink(
-            model,
-            pattern=pattern,
-            sparsity=sparsity,
-            macs=macs,
-            params=params,
-            latency=latency,
-            threshold=threshold,
-            criterion=criterion,
-            scope=scope,
-            targets=targets,
-            ignore=ignore,
-            data=data,
-            example_inputs=example_inputs,
-            round_to=round_to,
-            max_sparsity=max_sparsity,
-            allocation=allocation,
-            recalibrate=recalibrate,
-            round_widths=round_widths,
-        )
-    except BaseException:
-        undo.restore()
-        raise
-
-
-class _Undo:
-    """Everything ``shrink`` may change, kept so that a failure can put it back: every module's attributes
-    (its submodules, parameters, buffers, hooks and train/eval mode, as the very objects the caller holds) and
-    the data of every parameter and buffer. The surgery replaces these rather than editing them, so keeping
-    references costs no copy."""
-
-    NESTED = ("_parameters", "_buffers", "_modules")
-
-    def __init__(self, model: nn.Module) -> None:
-        self.modules = [(m, self._copy(m.__dict__)) for m in model.modules()]
-        self.data = [
-            (t, t.data)
-            for m, _ in self.modules
-            for t in [*m._parameters.values(), *m._buffers.values()]
-            if t is not None
-        ]
-
-    def restore(self) -> None:
-        for module, attributes in self.modules:
-            module.__dict__.clear()
-            module.__dict__.update(self._copy(attributes))
-        for tensor, data in self.data:
-            tensor.data = data
-
-    @classmethod
-    def _copy(cls, attributes: dict[str, Any]) -> dict[str, Any]:
-        """The attributes, with their own copies of the dicts the surgery edits."""
-        return {k: type(v)(v) if k in cls.NESTED else v for k, v in attributes.items()}
-
-
-def _shrink(
-    model: nn.Module,
-    *,
-    pattern: str,
-    sparsity: float | None = None,
-    macs: float | None = None,
-    params: float | None = None,
-    latency: float | None = None,
-    threshold: float | None = None,
-    criterion: str = "magnitude",
-    scope: str = "global",
-    targets: Any = None,
-    ignore: Any = None,
-    data: Iterable[Any] | None = None,
-    example_inputs: Any = None,
-    round_to: int | None = None,
-    max_sparsity: float = MAX_SPARSITY,
-    allocation: dict[str, float] | None = None,
-    recalibrate: bool = True,
-    round_widths: dict[str, int] | None = None,
-) -> StructureReport:
     _check_options(pattern, criterion, round_to)
     kind, target = check_structural_budget(sparsity, macs, params, threshold, latency)
     if scope not in ("global", "layer"):

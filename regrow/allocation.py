@@ -263,6 +263,11 @@ def allocate(
     """Per-target sparsities for ``method`` (``uniform``, ``sensitivity`` or ``search``)."""
     if method not in ALLOCATIONS:
         raise one_of("allocation", method, ALLOCATIONS)
+    if not 0.0 <= min_sparsity <= max_sparsity < 1.0:
+        raise RegrowError(
+            "an allocation needs 0 <= min_sparsity <= max_sparsity < 1; "
+            f"got min {min_sparsity!r}, max {max_sparsity!r}."
+        )
     notes: list[str] = []
     if method == "uniform":
         per = uniform_allocation(result, kind, value, max_sparsity, min_sparsity=min_sparsity, clamps=clamps)

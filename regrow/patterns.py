@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -86,7 +87,13 @@ class Unstructured:
         self, scores: dict[str, Tensor], *, sparsity: float | None, threshold: float | None, scope: str
     ) -> dict[str, Tensor]:
         if threshold is not None:
-            return {f: s >= threshold for f, s in scores.items()}
+            masks = {f: s >= threshold for f, s in scores.items()}
+            if masks and not any(bool(m.any()) for m in masks.values()):
+                warnings.warn(
+                    f"threshold {threshold:g} is above every target weight's score: every target is now all zeros.",
+                    stacklevel=4,
+                )
+            return masks
         assert sparsity is not None
         if scope == "layer":
             return {f: _prune_lowest(s, pruned_count(sparsity, s.numel())).reshape(s.shape) for f, s in scores.items()}

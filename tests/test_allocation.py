@@ -143,6 +143,8 @@ def test_allocation_file_round_trip_and_errors(tmp_path):
         Allocation.load(tmp_path / "other.json")
     with pytest.raises(RegrowError, match="unknown allocation 'random'"):
         allocate("random", synthetic(), "sparsity", 0.5)
+    with pytest.raises(RegrowError, match="0 <= min_sparsity <= max_sparsity < 1; got min 0.6, max 0.4"):
+        allocate("uniform", synthetic(), "sparsity", 0.5, min_sparsity=0.6, max_sparsity=0.4)
 
 
 def test_scaled_meets_the_budget_exactly():

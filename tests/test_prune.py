@@ -112,3 +112,8 @@ def test_pruning_an_already_pruned_model_warns_that_masks_describe_one_call(mlp)
     regrow.prune(model, 0.5)
     with pytest.warns(UserWarning, match=r"already hold 50.0% exact zeros"):
         regrow.prune(model, 0.3)
+
+
+def test_a_threshold_above_every_weight_warns_that_everything_is_zero(mlp):
+    with pytest.warns(UserWarning, match="threshold 100 is above every target weight's score"):
+        regrow.prune(mlp, threshold=100.0)

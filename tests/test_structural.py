@@ -314,6 +314,11 @@ def test_save_refuses_to_overwrite_and_load_checks_the_architecture(tmp_path):
         load(tmp_path, DenseConcat)
     with pytest.raises(RegrowError, match="has no arch.json"):
         load(tmp_path / "nowhere", ResidualCNN)
+    good = (tmp_path / "arch.json").read_text()
+    for broken in ("[1, 2]", good.replace('"float32"', '"float99"', 1), good.replace('"attrs"', '"atrs"', 1)):
+        (tmp_path / "arch.json").write_text(broken)  # a list; an unknown dtype; a missing entry
+        with pytest.raises(RegrowError, match="arch.json"):
+            load(tmp_path, ResidualCNN)
     (tmp_path / "arch.json").write_text("{not json")
     with pytest.raises(RegrowError, match="not readable JSON"):
         load(tmp_path, ResidualCNN)

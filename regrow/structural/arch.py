@@ -222,6 +222,14 @@ def load(directory: str | os.PathLike[str], factory: Callable[[], nn.Module]) ->
     model = factory()
     if not isinstance(model, nn.Module):
         raise RegrowError(f"the factory returned {type(model).__name__}; it must return a torch.nn.Module.")
-    apply(model, arch)
+    try:
+        apply(model, arch)
+    except RegrowError:
+        raise
+    except (AttributeError, TypeError, KeyError, ValueError, RuntimeError) as exc:  # a hand-edited or foreign file
+        raise RegrowError(
+            f"arch.json in {str(folder)!r} does not describe modules as regrow.save writes them "
+            f"({type(exc).__name__}: {exc})."
+        ) from None
     load_weights(model, weights)
     return model.eval()

@@ -75,15 +75,24 @@ def resolve_targets(
     """
     params = dict(model.named_parameters())
     fqns = list(params)
-    modules = {name for name, _ in model.named_modules()}
+    # every name a parameter goes by (a tied weight has several) -> the name it is reported under
+    canonical: dict[str, str] = {}
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        canonical[name] = first.setdefault(id(param), name)
+    names = list(canonical)
+    modules = {name for name, _ in model.named_modules(remove_duplicate=False)}
     target_list, ignore_list = _as_list(targets), _as_list(ignore)
+
+    def matches(entry: str) -> list[str]:
+        return list(dict.fromkeys(canonical[h] for h in _matches(entry, names, modules)))
 
     if target_list is None:
         chosen = set(default_targets(model))
     else:
         chosen = set()
         for entry in target_list:
-            hits = _matches(entry, fqns, modules)
+            hits = matches(entry)
             if not hits:
                 raise RegrowError(
                     f"targets entry {entry!r} matches no parameter of the model; give a parameter or "
@@ -91,7 +100,7 @@ def resolve_targets(
                 )
             chosen.update(hits)
     for entry in ignore_list or []:
-        hits = _matches(entry, fqns, modules)
+        hits = matches(entry)
         if not hits:
             raise RegrowError(f"ignore entry {entry!r} matches no parameter of the model; {_suggest(fqns)}.")
         chosen.difference_update(hits)

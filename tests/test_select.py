@@ -45,3 +45,20 @@ def test_no_targets_left_names_the_reason():
         resolve_targets(net, None, "*")
     with pytest.raises(RegrowError, match="'ignore' removed every matched parameter"):
         resolve_targets(net, ["0.weight"], ["0.weight"])
+
+
+def test_a_tied_weight_can_be_named_by_either_of_its_names():
+    from regrow.select import resolve_targets
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.fc = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+    model = Tied()
+    assert resolve_targets(model, ["head.weight"]) == ["emb.weight"]  # the same tensor, under its first name
+    assert resolve_targets(model, ["head"]) == ["emb.weight"]
+    assert resolve_targets(model, ["emb.weight", "fc.weight"], ignore=["head.weight"]) == ["fc.weight"]

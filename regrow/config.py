@@ -297,7 +297,7 @@ class StopConfig(_Strict):
     seconds: float | None = Field(None, gt=0, description="wall-time budget for recovery")
 
     @model_validator(mode="after")
-    def _something(self) -> StopConfig:
+    def _not_empty(self) -> StopConfig:
         if self.within is None and self.seconds is None:
             raise RegrowError(
                 "recover.stop_when is empty: give within (points of the baseline) and/or seconds (a wall-time budget)."

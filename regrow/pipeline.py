@@ -359,26 +359,32 @@ def _check_combinations(cfg: RunConfig, spec: PruneSpec, structural: bool) -> No
                 f"{cfg.model.name!r} is neither trained here (model.train) nor loaded (model.checkpoint): its "
                 "baseline is an untrained network. Train or load it, or use stop_when.seconds or recover.epochs."
             )
-    ignored = {
-        "recover.max_lr": r.max_lr is not None and r.lr_schedule != "one_cycle",
-        "recover.rewind_checkpoint": r.rewind_checkpoint is not None and r.rewind != "weights",
+    ignored = [  # (key, when it would be ignored, what it applies to)
+        ("recover.max_lr", r.max_lr is not None and r.lr_schedule != "one_cycle", "lr_schedule 'one_cycle'"),
+        (
+            "recover.rewind_checkpoint",
+            r.rewind_checkpoint is not None and r.rewind != "weights",
+            "rewind 'weights'",
+        ),
         # compared with the defaults, not with the keys given: a saved config.yaml states every key
-        "recover.dynamic": r.dynamic != type(r.dynamic)() and r.method not in ("rigl", "set"),
-        "recover.share": r.share.model_copy(update={"after": False}) != type(r.share)()
-        and r.method != "share"
-        and not r.share.after,
-    }
-    uses = {
-        "recover.max_lr": "lr_schedule 'one_cycle'",
-        "recover.rewind_checkpoint": "rewind 'weights'",
-        "recover.dynamic": "method 'rigl' or 'set'",
-        "recover.share": "method 'share' or share.after: true",
-    }
-    for key, unused in ignored.items():
+        (
+            "recover.dynamic",
+            r.dynamic != type(r.dynamic)() and r.method not in ("rigl", "set"),
+            "method 'rigl' or 'set'",
+        ),
+        (
+            "recover.share",
+            r.share.model_copy(update={"after": False}) != type(r.share)()
+            and r.method != "share"
+            and not r.share.after,
+            "method 'share' or share.after: true",
+        ),
+    ]
+    for key, unused, use in ignored:
         if unused:
             raise RegrowError(
-                f"{key} is given but applies only to {uses[key]}, which this recipe does not use, so it would be "
-                f"ignored. Remove {key}, or use {uses[key]}."
+                f"{key} is given but applies only to {use}, which this recipe does not use, so it would be "
+                f"ignored. Remove {key}, or use {use}."
             )
     if r.rewind != "none" and r.rewind_epoch is not None:
         # the same original schedule _recover_kwargs hands to recover(): stated, else the baseline's, else assumed

@@ -212,7 +212,7 @@ def recover(
             rewind_epoch=rewind_epoch,
             original=original_cfg,
             max_lr=max_lr,
-            stop_when=dict(stop_when) if stop_when else None,
+            stop_when=dict(stop_when) if stop_when is not None else None,
             dynamic=dict(dynamic or {}),
             share=dict(share or {}),
             feature_weight=feature_weight,
@@ -230,10 +230,6 @@ def recover(
             "'transfer' has the source task's head. Pass baseline_val_accuracy= (the accuracy to approach on "
             "the new task), or use stop_when.seconds."
         )
-    if stop_when is not None and not stop_when:
-        raise RegrowError(
-            "stop_when is empty: give within (points of the baseline) and/or seconds (a wall-time budget)."
-        )
     if max_lr is not None and options.lr_schedule != "one_cycle":
         raise RegrowError(
             f"max_lr is the peak of lr_schedule 'one_cycle'; with {options.lr_schedule!r} it would be ignored. "
@@ -243,7 +239,7 @@ def recover(
         raise RegrowError(
             f"val_fraction must be in (0, 1), the share of train held out for validation; got {val_fraction!r}."
         )
-    spec = getattr(masks, "spec", None)
+    spec = masks.spec
     if method in ("rigl", "set") and spec is not None and spec.pattern != "unstructured":
         raise RegrowError(
             f"method {method!r} drops and regrows single weights anywhere in a tensor, so it needs masks of pattern "
@@ -329,9 +325,7 @@ def recover(
                 "updates": len(cb.updates),
                 "weights_replaced": sum(u["replaced"] for u in cb.updates),
                 # regrown at zero and never moved: the weights count them as pruned, the masks as kept
-                "kept_zeros": sum(
-                    int((masks[f].to(p.device) & (p == 0)).sum()) for f in masks for p in [model.get_parameter(f)]
-                ),
+                "kept_zeros": sum(int((param == 0)[mask].sum()) for param, mask in masks.bind(model)),
             }
         if isinstance(cb, WeightSharing):
             cb.sync(model)  # the best checkpoint was restored: codebooks follow it

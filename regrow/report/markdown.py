@@ -284,8 +284,7 @@ def render_markdown(report: RunReport) -> str:
         )
     sharing = rec_info.get("sharing") or details.get("sharing")
     if sharing:
-        k, values = sharing["k"], sharing.get("values", sharing["k"])
-        index_bits = sharing.get("index_bits") or max(1, (k - 1).bit_length())
+        k, values, index_bits = sharing["k"], sharing["values"], sharing["index_bits"]
         asked = (
             f"k = {k}" if values >= k else f"k = {k} asked, at most {values} values per target (fewer weights survive)"
         )

@@ -103,6 +103,15 @@ class Unstructured:
         for f, s in scores.items():
             out[f] = keep[start : start + s.numel()].reshape(s.shape)
             start += s.numel()
+        emptied = [f for f, m in out.items() if not bool(m.any())]
+        if emptied and sparsity < 1.0 and len(emptied) < len(out):
+            warnings.warn(
+                f"the global ranking removed every weight of {', '.join(repr(f) for f in emptied[:5])}: its "
+                "scores are below the other targets', so nothing flows through it any more. Use scope 'layer' or an "
+                "allocation (which caps every target at max_sparsity / prune.cap, 0.99 by default), or leave the "
+                "target out with ignore.",
+                stacklevel=4,
+            )
         return out
 
 

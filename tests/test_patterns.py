@@ -1,5 +1,7 @@
 """Exact, hand-computed masks. Tie rule: among equal scores the earlier element (row-major) goes first."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -30,6 +32,16 @@ def test_global_scope_ranks_all_targets_together():
     layer = masks(Unstructured(), s, sparsity=0.5, scope="layer")
     assert layer["a"].tolist() == [F, F, T, T]
     assert layer["b"].tolist() == [F, T]
+
+
+def test_global_scope_warns_when_it_empties_a_target():
+    s = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([0.1, 0.2])}
+    with pytest.warns(UserWarning, match=r"removed every weight of 'b'"):
+        out = masks(Unstructured(), s, sparsity=0.5, scope="global")
+    assert out["a"].tolist() == [F, T, T, T] and out["b"].tolist() == [F, F]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every target keeps a weight: no warning
+        masks(Unstructured(), {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5, 3.0])}, sparsity=0.5)
 
 
 def test_ties_prune_the_earlier_element_first():

@@ -418,6 +418,26 @@ def _check_combinations(cfg: RunConfig, spec: PruneSpec, structural: bool) -> No
             )
 
 
+def _check_group_allocation(cfg: RunConfig, model: nn.Module, data: Any) -> None:
+    """A structural allocation file names channel / head groups: check them on a copy of the model now, before
+    any training (the groups depend on the architecture only, not on the weights)."""
+    from regrow.allocation import Allocation
+    from regrow.structural import prepare
+
+    p = cfg.prune
+    allocation = Allocation.load(p.allocation_file)  # type: ignore[arg-type]
+    with _Unshuffled(data) as unshuffled:
+        prepared = prepare(
+            copy.deepcopy(model), pattern=p.resolved_pattern, targets=p.targets, ignore=p.ignore, data=unshuffled
+        )
+    unknown = sorted(set(allocation.per_target) - {u.name for u in prepared.units})
+    if unknown:
+        raise RegrowError(
+            f"allocation file {p.allocation_file!r} names groups this model does not have: {unknown[:5]}; its "
+            f"groups are: {', '.join(u.name for u in prepared.active)}."
+        )
+
+
 def _given_keys(cfg: RunConfig) -> dict[str, Any]:
     """The recipe keys of prune / schedule / recover the user stated, with their values."""
     given = {}
@@ -834,6 +854,8 @@ def run(
         # Validate the pruning request against the real model before spending time on training.
         spec, structural = _validate_request(cfg, model)
         _check_combinations(cfg, spec, structural)
+        if structural and cfg.prune.allocation_file:
+            _check_group_allocation(cfg, model, val)
         recover_kwargs = _recover_kwargs(cfg, search)
         if cfg.recover.rewind == "weights" and "rewind_state" in recover_kwargs:  # read and checked now, not later
             recover_kwargs["rewind_state"] = read_rewind_state(recover_kwargs["rewind_state"], model)

@@ -316,6 +316,29 @@ def test_run_with_sensitivity_allocation_writes_a_reusable_file(tmp_path):
     assert second.snapshots["pruned"].per_target_sparsity == first.snapshots["pruned"].per_target_sparsity
 
 
+def test_structural_allocation_file_with_unknown_groups_is_refused_before_training(tmp_path, monkeypatch):
+    import regrow.pipeline
+
+    plan = {"format": "regrow.allocation", "method": "sensitivity", "pattern": "channel", "budget": {"macs": 0.5}}
+    (tmp_path / "allocation.json").write_text(json.dumps({**plan, "per_target": {"0": 0.5, "nope": 0.5}, "notes": []}))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the baseline was trained before the allocation file was checked")
+
+    monkeypatch.setattr(regrow.pipeline, "_train_baseline", no_training)
+    overrides = [
+        "prune.pattern=channel",
+        "prune.sparsity=null",
+        "prune.macs=0.5",
+        f"prune.allocation_file={tmp_path / 'allocation.json'}",
+    ]
+    with pytest.raises(
+        RegrowError, match=r"names groups this model does not have: \['nope'\]; its groups are: 6, 2, 0\."
+    ):
+        regrow.run("demo", overrides=overrides, out_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_sensitivity_command(tmp_path, capsys):
     from regrow.cli import main
 

@@ -215,11 +215,12 @@ def prune(
         macs / params: structural budgets: the fraction of MACs / parameters to keep, in (0, 1], reached
             within 2 % (relative). If the units are too coarse for that, the closest selection is used with
             a warning when it is within 10 % of the budget; further off is an error.
-        round_to: structural: round kept channel counts down to a multiple of this. Default, for groups of
-            at least 32 channels: the channel block of the device's fastest dense kernels, 16 on CPUs with
-            AVX-512 and 8 elsewhere (``regrow.structural.auto_round_to``); narrower groups are not rounded;
-            when the default cannot meet the budget within 2 %, 8 and then no rounding are tried (the report
-            says so); 1 turns rounding off.
+        round_to: structural: round kept channel counts down to a multiple of this (a group narrower than
+            one multiple is left whole). Default, for groups of at least 32 channels: the channel block of
+            the device's fastest dense kernels, 16 on CPUs with AVX-512 and 8 elsewhere
+            (``regrow.structural.auto_round_to``); narrower groups are not rounded; when the default cannot
+            meet the budget within 2 %, 8 and then no rounding are tried (the report says so); 1 turns
+            rounding off.
         max_sparsity: the largest share removed from any group (structural; default 0.9) or, with an
             ``allocation``, from any target (default 0.99).
         example_inputs: structural: inputs to trace the model with (default: the first batch of ``data``).

@@ -33,3 +33,26 @@ def test_readme_names_the_built_in_recipes_and_set_up_commands():
         assert f"`{name}`" in readme
     assert "make demo" in readme and "make test" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_signatures_match_the_code():
+    """Every parameter the README's API section writes as ``name=default`` exists with that default."""
+    import ast
+    import inspect
+    import re
+
+    import regrow
+
+    readme = (ROOT / "README.md").read_text()
+    checked = 0
+    for name, params in re.findall(r"\*\*`regrow\.(\w+)\(([^`]*)\)[^`]*`\*\*", readme):
+        signature = inspect.signature(getattr(regrow, name))
+        call = ast.parse(f"f({params.replace('*, ', '').replace(', ...', '')})").body[0].value
+        for keyword in call.keywords:
+            assert keyword.arg in signature.parameters, f"README: regrow.{name} has no parameter {keyword.arg!r}"
+            expected = signature.parameters[keyword.arg].default
+            assert ast.literal_eval(keyword.value) == expected, f"README: regrow.{name}({keyword.arg}=) is {expected!r}"
+            checked += 1
+        for arg in call.args:
+            assert arg.id in signature.parameters, f"README: regrow.{name} has no parameter {arg.id!r}"
+    assert checked >= 20

@@ -52,6 +52,8 @@ def methods(budget: int) -> dict[str, dict]:
         "gradual + distill": {"method": "distill", "gradual": True},
         "RigL": {"method": "rigl", "dynamic": {"update_every": 100}},
         "RigL + distill": {"method": "rigl", "distill": True, "dynamic": {"update_every": 100}},
+        # the teacher labels every shifted image too: more of its function is matched (Beyer et al. 2022)
+        "gradual + distill + shift": {"method": "distill", "gradual": True, "augment": "shift"},
     }
 
 
@@ -167,7 +169,9 @@ def main() -> None:
         f"method gets the same budget of **{args.epochs} recovery epochs** (AdamW, lr 1e-3 unless the method sets "
         "it, weight decay 5e-4, no early stopping; the best validation epoch is kept). Gradual ramps the "
         "sparsity from 0 during the first 60 % of those epochs (cubic, masks updated every 50 steps); RigL "
-        f"updates masks every 100 steps. LR rewinding replays the original schedule (5 % warm-up to lr "
+        "updates masks every 100 steps; '+ shift' moves each training image by a random whole number of "
+        "pixels in [-1, 1] per axis (`augment: shift`; the teacher sees the same shifted images). LR rewinding "
+        "replays the original schedule (5 % warm-up to lr "
         f"{DENSE['lr']}, cosine over {DENSE['epochs']} epochs): {rewinding}. One-cycle warms up to that peak "
         f"over 30 % of the steps and anneals. Runs: {runs_text(args.jobs)}, 1 torch thread each.",
         "",

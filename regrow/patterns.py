@@ -109,7 +109,7 @@ class Unstructured:
                 f"the global ranking removed every weight of {', '.join(repr(f) for f in emptied[:5])}: its "
                 "scores are below the other targets', so nothing flows through it any more. Use scope 'layer' or an "
                 "allocation (which caps every target at max_sparsity / prune.cap, 0.99 by default), or leave the "
-                "target out with ignore.",
+                "target out with ignore (prune.ignore in a recipe).",
                 stacklevel=4,
             )
         return out

@@ -146,7 +146,7 @@ class PruneConfig(_Strict):
         None,
         ge=1,
         description="channel: round kept channel counts down to a multiple (default for groups of 32+ channels: 16 "
-        "on AVX-512 CPUs, else 8); a group narrower than one multiple is left whole",
+        "on AVX-512 CPUs, else 8); a group narrower than one multiple is not rounded",
     )
     max_sparsity: float | None = Field(
         None,

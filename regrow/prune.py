@@ -216,7 +216,7 @@ def prune(
             within 2 % (relative). If the units are too coarse for that, the closest selection is used with
             a warning when it is within 10 % of the budget; further off is an error.
         round_to: structural: round kept channel counts down to a multiple of this (a group narrower than
-            one multiple is left whole). Default, for groups of at least 32 channels: the channel block of
+            one multiple is not rounded). Default, for groups of at least 32 channels: the channel block of
             the device's fastest dense kernels, 16 on CPUs with AVX-512 and 8 elsewhere
             (``regrow.structural.auto_round_to``); narrower groups are not rounded; when the default cannot
             meet the budget within 2 %, 8 and then no rounding are tried (the report says so); 1 turns

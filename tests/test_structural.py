@@ -177,6 +177,14 @@ def test_default_rounding_follows_the_cpu_and_spares_narrow_groups(monkeypatch, 
     assert f"multiples of {multiple}" in _rounding(report.to_dict())
     explicit = shrink(net().eval(), pattern="channel", sparsity=0.5, scope="layer", example_inputs=x, round_to=4)
     assert (explicit.round_to, explicit.round_to_auto) == (4, False)
+    assert "multiples of 4 (round_to; a group narrower than 4 is not rounded)" in _rounding(explicit.to_dict())
+
+
+def test_a_group_narrower_than_round_to_is_pruned_unrounded():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
+    shrink(net, pattern="channel", sparsity=0.5, scope="layer", example_inputs=torch.randn(2, 8), round_to=8)
+    assert (net[0].out_features, net[2].out_features) == (2, 32)  # 4 -> 2 unrounded; 64 -> 32, a multiple of 8
 
 
 def test_default_rounding_is_decided_by_the_widths_before_the_first_round(monkeypatch):

@@ -380,4 +380,7 @@ def _rounding(structure: dict[str, Any]) -> str:
             f" Kept widths of groups with at least {ROUND_MIN_CHANNELS} channels rounded down to multiples of "
             f"{multiple} (this device's default; round_to sets it)."
         )
-    return f" Kept widths rounded down to multiples of {multiple} (round_to)."
+    return (
+        f" Kept widths rounded down to multiples of {multiple} (round_to; a group narrower than {multiple} "
+        "is not rounded)."
+    )

@@ -10,7 +10,6 @@ fully-qualified name, so the same cut can be applied to the model, to a copy, or
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -271,13 +270,3 @@ def find_attention(model: nn.Module) -> dict[str, nn.Module]:
                 continue
             found[name] = module
     return found
-
-
-def round_keep(units: int, keep: int, ch_groups: int, round_to: int | None) -> int:
-    """Kept units after rounding kept channels down to a multiple of ``round_to`` (at least one multiple)."""
-    if not round_to or round_to <= 1:
-        return keep
-    step = round_to // math.gcd(round_to, ch_groups)  # units per multiple of round_to channels
-    if units < step:
-        return units  # too narrow to round: leave it whole
-    return max(step, (keep // step) * step)

@@ -276,6 +276,22 @@ def test_strategy_for_a_macs_budget_and_given_keys():
     assert any(d.given and d.key == "recover.epochs" and d.value == 3 for d in strategy.decisions)
 
 
+def test_strategy_shifts_larger_images_when_distilling():
+    big = decide(facts(image_side=28, train_samples=55000, steps_per_epoch=430), given={})
+    assert big.settings()["recover.augment"] == "shift"
+    assert (
+        "sparsity 0.95, images of 28 pixels a side and a teacher"
+        in {d.key: d.line() for d in big.decisions}["recover.augment"]
+    )
+    assert decide(facts(image_side=8), given={}).settings()["recover.augment"] == "none"  # the digits
+    assert decide(facts(image_side=28, teacher=False), given={}).settings()["recover.augment"] == "none"
+    low = facts(image_side=28, budget={"sparsity": 0.5})
+    assert decide(low, given={}).settings()["recover.augment"] == "none"
+    assert decide(facts(image_side=28, image_inputs=False), given={}).settings()["recover.augment"] == "none"
+    stated = decide(facts(image_side=28), given={"recover.augment": "noise"})
+    assert "recover.augment" not in stated.settings()  # what the recipe states is kept
+
+
 def test_strategy_fits_the_time_allowed():
     strategy = decide(facts(seconds=10.0, step_seconds=0.1, steps_per_epoch=20), given={})
     assert strategy.settings()["recover.epochs"] == 3  # 2.6 s per epoch with validation and teacher

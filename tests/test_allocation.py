@@ -310,6 +310,7 @@ def test_auto_strategy_in_a_run_explains_itself(tmp_path):
     assert report.config["strategy"] == "auto"
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Strategy (auto)" in md and "Why accuracy dropped" in md
+    assert "image inputs (8 pixels on the shorter side)" in md  # the digits: too small to shift
     assert (tmp_path / "out" / "sensitivity.json").is_file()
     saved = (tmp_path / "out" / "config.yaml").read_text()
     assert "augment: none" in saved and "method: distill" in saved  # the config as decided

@@ -87,13 +87,8 @@ def render_markdown(report: RunReport) -> str:
             f"Measured: {human(facts['params'])} parameters, {human(facts['macs'])} MACs per sample, layers "
             + ", ".join(f"{k} {v}" for k, v in facts["layers"].items())
             + f"; {facts['train_samples']} training samples"
-            + (
-                f", image inputs ({facts['image_side']} pixels on the shorter side)"
-                if facts["image_inputs"] and facts.get("image_side")
-                else ", image inputs"
-                if facts["image_inputs"]
-                else ""
-            )
+            + (", image inputs" if facts["image_inputs"] else "")
+            + (f" ({facts['image_side']} pixels on the shorter side)" if facts.get("image_side") else "")
             + f"; budget {', '.join(f'{k} {v:g}' for k, v in facts['budget'].items())}."
         )
         out.append("")

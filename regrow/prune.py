@@ -260,8 +260,8 @@ def prune(
             data=data,
             example_inputs=example_inputs,
             round_to=round_to,
-            max_sparsity=max_sparsity if max_sparsity is not None else 0.9,
             recalibrate=recalibrate,
+            **({} if max_sparsity is None else {"max_sparsity": max_sparsity}),  # default: shrink's
         )
     if macs is not None or params is not None or latency is not None:
         raise RegrowError(
@@ -294,7 +294,7 @@ def prune(
             None,
             spec.targets,
             allocation=dict(allocation),
-            cap=max_sparsity if max_sparsity is not None else 0.99,
+            cap=max_sparsity if max_sparsity is not None else PruneSpec.cap,
         )
     if not get_pattern(spec.pattern).can_speed_up_dense:
         warnings.warn(speed_warning(spec.pattern), SpeedWarning, stacklevel=2)

@@ -15,6 +15,7 @@ The public API::
 
 from __future__ import annotations
 
+from regrow._version import __version__ as __version__
 from regrow.allocation import Allocation, allocate
 from regrow.config import RunConfig, load_config
 from regrow.errors import RegrowError
@@ -27,8 +28,6 @@ from regrow.prune import PruneSpec, prune
 from regrow.recovery import GradualPruning, RecoveryResult, recover
 from regrow.report import RunReport
 from regrow.structural import StructureReport, load, save
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Allocation",

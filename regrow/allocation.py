@@ -30,6 +30,8 @@ from typing import Any
 from regrow.errors import RegrowError, one_of
 from regrow.io import atomic_write_text
 from regrow.measure.sensitivity import SensitivityResult
+from regrow.spec import check_shares
+from regrow.spec import scaled as scaled  # defined here before; importable from here still
 
 ALLOCATIONS = ("uniform", "global", "sensitivity", "search")
 GRID_STEP = 0.01
@@ -313,54 +315,3 @@ def clamps_from(spec: dict[str, list[float]] | None, names: list[str]) -> dict[s
         for n in hits:
             out[n] = (float(bounds[0]), float(bounds[1]))
     return out
-
-
-def check_shares(per_target: Any, where: str) -> dict[str, float]:
-    """Per-target shares as ``{name: number in [0, 1]}``, or a RegrowError naming the entries that are not."""
-    if not isinstance(per_target, dict):
-        raise RegrowError(f"{where} must map target names to sparsities in [0, 1]; got {type(per_target).__name__}.")
-    bad = [
-        f"{k!r}: {v!r}"
-        for k, v in per_target.items()
-        if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= float(v) <= 1.0
-    ]
-    if bad:
-        raise RegrowError(
-            f"{where} must map target names to sparsities in [0, 1]; these are not: {', '.join(bad[:5])}."
-        )
-    return {str(k): float(v) for k, v in per_target.items()}
-
-
-def scaled(per_target: dict[str, float], sizes: dict[str, int], sparsity: float, cap: float = 0.99) -> dict[str, float]:
-    """Scale relative sparsities so that the size-weighted mean is ``sparsity`` (unstructured), no target
-    above ``cap``; a RegrowError when the shares cannot reach it (too few targets carry any)."""
-    per_target = check_shares(per_target, "an allocation")
-    if sparsity <= 0:
-        return {n: 0.0 for n in per_target}
-    total = sum(sizes[n] for n in per_target)
-    if total == 0:
-        return {n: 0.0 for n in per_target}
-    reachable = sum(cap * sizes[n] for n in per_target if per_target[n] > 0) / total
-    if reachable < sparsity - 1e-9:
-        carrying = [n for n in per_target if per_target[n] > 0]
-        raise RegrowError(
-            f"the allocation cannot reach sparsity {sparsity:g}: "
-            + (
-                f"only {', '.join(carrying[:5])} carry a share, and at most {cap:g} of each"
-                if carrying
-                else "every target's share is 0"
-            )
-            + f" removes {reachable:.3g} of the target weights. Give more targets a share, raise the cap "
-            "(max_sparsity), or ask for less."
-        )
-    # The size-weighted mean of min(cap, m * share) rises piecewise linearly with m; walk its pieces, where
-    # one target after another reaches the cap, to the one that holds the budget, and solve for m there.
-    goal, capped, slope = sparsity * total, 0.0, sum(per_target[n] * sizes[n] for n in per_target)
-    scale = math.inf
-    for knee, n in sorted((cap / s, n) for n, s in per_target.items() if s > 0):
-        if capped + knee * slope >= goal:
-            scale = (goal - capped) / slope
-            break
-        capped += cap * sizes[n]
-        slope -= per_target[n] * sizes[n]
-    return {n: min(cap, scale * per_target[n]) if per_target[n] > 0 else 0.0 for n in per_target}

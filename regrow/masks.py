@@ -20,10 +20,10 @@ from torch import Tensor, nn
 
 from regrow.errors import RegrowError
 from regrow.io import atomic_write
+from regrow.spec import PruneSpec
 
 if TYPE_CHECKING:
-    from regrow.prune import PruneSpec
-    from regrow.structural import StructureReport
+    from regrow.structural.report import StructureReport
 
 
 @dataclass
@@ -142,8 +142,6 @@ def _saved_spec(path: str | os.PathLike[str]) -> PruneSpec | None:
     """The PruneSpec :meth:`MaskSet.save` stored in the file's metadata (None for files without one), so that
     checks that depend on the pattern (e.g. dynamic sparsity needs unstructured masks) still apply."""
     from safetensors import safe_open
-
-    from regrow.prune import PruneSpec
 
     with safe_open(os.fspath(path), framework="pt") as fh:
         text = (fh.metadata() or {}).get("spec")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -16,49 +15,10 @@ from regrow.errors import RegrowError, SpeedWarning, one_of
 from regrow.masks import MaskSet
 from regrow.patterns import get_pattern
 from regrow.select import resolve_targets
+from regrow.spec import PruneSpec
 
 SCOPES = ("global", "layer")
 STRUCTURAL = ("channel", "head")
-
-
-@dataclass(frozen=True)
-class PruneSpec:
-    """A validated pruning request; ``targets`` are resolved fully-qualified names."""
-
-    pattern: str
-    criterion: str
-    scope: str
-    sparsity: float | None
-    threshold: float | None
-    targets: list[str] = field(default_factory=list)
-    macs: float | None = None
-    params: float | None = None
-    allocation: dict[str, float] | None = None  # relative per-target sparsities; the budget scales them
-    cap: float = 0.99  # allocation: no target sparser than this
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def with_sparsity(self, sparsity: float) -> PruneSpec:
-        return PruneSpec(
-            self.pattern,
-            self.criterion,
-            self.scope,
-            sparsity,
-            None,
-            list(self.targets),
-            allocation=self.allocation,
-            cap=self.cap,
-        )
-
-    def per_target(self, model: nn.Module) -> dict[str, float] | None:
-        """Each target's sparsity under the allocation, scaled so the overall sparsity is the budget's."""
-        if self.allocation is None or self.sparsity is None:
-            return None
-        from regrow.allocation import scaled
-
-        sizes = {f: model.get_parameter(f).numel() for f in self.targets}
-        return scaled({f: self.allocation.get(f, 0.0) for f in self.targets}, sizes, self.sparsity, self.cap)
 
 
 def plan(
@@ -213,14 +173,11 @@ def prune(
         keep_dense: keep a frozen copy of the model from before pruning in ``MaskSet.dense`` (the
             default teacher for distillation).
         macs / params: structural budgets: the fraction of MACs / parameters to keep, in (0, 1], reached
-            within 2 % (relative). If the units are too coarse for that, the closest selection is used with
-            a warning when it is within 10 % of the budget; further off is an error.
-        round_to: structural: round kept channel counts down to a multiple of this (a group narrower than
-            one multiple is not rounded). Default, for groups of at least 32 channels: the channel block of
-            the device's fastest dense kernels, 16 on CPUs with AVX-512 and 8 elsewhere
-            (``regrow.structural.auto_round_to``); narrower groups are not rounded; when the default cannot
-            meet the budget within 2 %, 8 and then no rounding are tried (the report says so); 1 turns
-            rounding off.
+            within 2 % (relative); units too coarse for that: the closest selection within 10 %, with a warning.
+        round_to: structural: round kept channel counts down to a multiple of this; a group narrower than
+            one multiple (by default: than 32 channels) is not rounded. Default: the channel block of the
+            device's fastest dense kernels, 16 on CPUs with AVX-512 and 8 elsewhere (``auto_round_to``);
+            when it misses the budget by over 2 %, 8 and then no rounding are tried (the report says so).
         max_sparsity: the largest share removed from any group (structural; default 0.9) or, with an
             ``allocation``, from any target (default 0.99).
         example_inputs: structural: inputs to trace the model with (default: the first batch of ``data``).
@@ -242,28 +199,36 @@ def prune(
         >>> float((net[0].weight == 0).float().mean())
         0.75
     """
-    if isinstance(pattern, str) and pattern in STRUCTURAL:
-        return structural_masks(
-            model,
-            pattern=pattern,
-            criterion=criterion,
-            scope=scope,
-            sparsity=sparsity,
-            macs=macs,
-            params=params,
-            dense=frozen_copy(model) if keep_dense else None,
-            latency=latency,
-            allocation=allocation,
-            threshold=threshold,
-            targets=targets,
-            ignore=ignore,
-            data=data,
-            example_inputs=example_inputs,
-            round_to=round_to,
-            recalibrate=recalibrate,
-            **({} if max_sparsity is None else {"max_sparsity": max_sparsity}),  # default: shrink's
-        )
-    if macs is not None or params is not None or latency is not None:
+    if isinstance(pattern, str) and pattern in STRUCTURAL:  # locals(): so far exactly the arguments
+        options = {k: v for k, v in locals().items() if k not in ("model", "keep_dense", "max_sparsity")}
+        cap = {} if max_sparsity is None else {"max_sparsity": max_sparsity}  # default: shrink's
+        return structural_masks(model, dense=frozen_copy(model) if keep_dense else None, **options, **cap)
+    request = (sparsity, threshold, pattern, criterion, scope, targets, ignore, allocation, max_sparsity)
+    spec = _masked_spec(model, *request, macs, params, latency)
+    if not get_pattern(spec.pattern).can_speed_up_dense:
+        warnings.warn(speed_warning(spec.pattern), SpeedWarning, stacklevel=2)
+    _warn_if_pruned_before(model, spec.targets)
+    dense = frozen_copy(model) if keep_dense else None
+    masks = MaskSet(compute_masks(model, spec, data), spec=spec, dense=dense)
+    masks.apply(model)
+    return masks
+
+
+def _masked_spec(
+    model: nn.Module,
+    sparsity: float | None,
+    threshold: float | None,
+    pattern: str,
+    criterion: str,
+    scope: str,
+    targets: str | Iterable[str] | None,
+    ignore: str | Iterable[str] | None,
+    allocation: dict[str, float] | None,
+    max_sparsity: float | None,
+    *budgets: float | None,
+) -> PruneSpec:
+    """The request of a masked pattern, checked against the model (``budgets``: macs, params, latency)."""
+    if any(b is not None for b in budgets):
         raise RegrowError(
             f"macs=, params= and latency= budgets need a structural pattern ('channel' or 'head'): pattern {pattern!r} "
             "keeps every dense shape, so MACs and parameter storage do not change; give sparsity= instead."
@@ -278,31 +243,25 @@ def prune(
         targets=targets,
         ignore=ignore,
     )
-    if allocation is not None:
-        unknown = sorted(set(allocation) - set(spec.targets))
-        if unknown:
-            raise RegrowError(f"allocation names parameters that are not targets: {unknown[:5]}.")
-        if spec.threshold is not None:
-            raise RegrowError(
-                "an allocation plans per-target sparsities for a sparsity budget; give sparsity, not threshold."
-            )
-        spec = PruneSpec(
-            spec.pattern,
-            spec.criterion,
-            spec.scope,
-            spec.sparsity,
-            None,
-            spec.targets,
-            allocation=dict(allocation),
-            cap=max_sparsity if max_sparsity is not None else PruneSpec.cap,
+    if allocation is None:
+        return spec
+    unknown = sorted(set(allocation) - set(spec.targets))
+    if unknown:
+        raise RegrowError(f"allocation names parameters that are not targets: {unknown[:5]}.")
+    if spec.threshold is not None:
+        raise RegrowError(
+            "an allocation plans per-target sparsities for a sparsity budget; give sparsity, not threshold."
         )
-    if not get_pattern(spec.pattern).can_speed_up_dense:
-        warnings.warn(speed_warning(spec.pattern), SpeedWarning, stacklevel=2)
-    _warn_if_pruned_before(model, spec.targets)
-    dense = frozen_copy(model) if keep_dense else None
-    masks = MaskSet(compute_masks(model, spec, data), spec=spec, dense=dense)
-    masks.apply(model)
-    return masks
+    return PruneSpec(
+        spec.pattern,
+        spec.criterion,
+        spec.scope,
+        spec.sparsity,
+        None,
+        spec.targets,
+        allocation=dict(allocation),
+        cap=max_sparsity if max_sparsity is not None else PruneSpec.cap,
+    )
 
 
 def _warn_if_pruned_before(model: nn.Module, targets: list[str]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from regrow.criteria import CRITERIA
+from regrow.criteria.base import CRITERIA
 from regrow.errors import RegrowError
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from regrow.criteria import CRITERIA
+from regrow.criteria.base import CRITERIA
 
 
 @CRITERIA.register("random")

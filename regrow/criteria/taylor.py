@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from regrow.batches import forward, model_device, to_device, unpack
-from regrow.criteria import CRITERIA
+from regrow.criteria.base import CRITERIA
 from regrow.errors import RegrowError
 
 TAYLOR_BATCHES = 8

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from regrow.data import DATASETS, DataBundle, select_classes
+from regrow.data.bundle import DATASETS, DataBundle, select_classes
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from regrow.data import DATASETS, DataBundle, select_classes
+from regrow.data.bundle import DATASETS, DataBundle, select_classes
 from regrow.errors import RegrowError
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"

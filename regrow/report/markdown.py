@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from regrow.report import RunReport
+    from regrow.measure import Snapshot
+
+
+class _Report(Protocol):
+    """What rendering reads from a :class:`~regrow.report.RunReport`.
+
+    A protocol, not the class itself: ``regrow.report.run_report`` imports this module to write ``report.md``,
+    and importing the class back here, even for type checking only, would close an import cycle.
+    """
+
+    name: str
+    config: dict[str, Any]
+    environment: dict[str, Any]
+    prune: dict[str, Any]
+    snapshots: dict[str, Snapshot]
+    recovery: dict[str, Any]
+    timings: dict[str, float]
+    export: dict[str, Any]
+    notes: list[str]
+
+    @property
+    def drop(self) -> float: ...
+
+    @property
+    def recovered_fraction(self) -> float | None: ...
 
 
 def pct(x: float | None) -> str:
@@ -47,19 +71,48 @@ def recovery_sentence(drop: float, gained: float, frac: float | None) -> str:
     )
 
 
-def render_markdown(report: RunReport) -> str:
+def render_markdown(report: _Report) -> str:
+    """The whole ``report.md``: one section after another, always in this order."""
     s = report.snapshots
     stages = [k for k in ("baseline", "pruned", "recovered") if k in s]
     base, pruned, rec = s["baseline"], s["pruned"], s["recovered"]
     spec = report.prune
-    out: list[str] = [f"# regrow report: {report.name}", ""]
-    out.append(
+    out: list[str] = [
+        *_headline(report, base),
+        *_accuracy(report, stages, base, pruned, rec),
+        *_strategy(spec),
+        *_sensitivity(spec),
+        *_allocation(spec),
+        *_size_and_speed(report, stages),
+        *_structure(spec),
+        *_recovery(report),
+        *_per_target_sparsity(spec, rec),
+        *_excluded_classifier(spec),
+        *_timings(report),
+        *_export(report),
+        *_notes(report),
+        *_environment(report),
+    ]
+    return "\n".join(out) + "\n"
+
+
+def _headline(report: _Report, base: Snapshot) -> list[str]:
+    """The title and one sentence on how the run pruned and recovered."""
+    spec = report.prune
+    return [
+        f"# regrow report: {report.name}",
+        "",
         f"Pattern `{spec.get('pattern')}`, criterion `{spec.get('criterion')}`, scope `{spec.get('scope')}`, "
         f"schedule `{report.config.get('schedule', {}).get('name')}`, recovery "
         f"`{report.recovery.get('method')}`. Accuracies are on the held-out test split "
-        f"({base.samples} samples), which recovery never sees."
-    )
-    out += ["", "## Accuracy", ""]
+        f"({base.samples} samples), which recovery never sees.",
+    ]
+
+
+def _accuracy(report: _Report, stages: list[str], base: Snapshot, pruned: Snapshot, rec: Snapshot) -> list[str]:
+    """The accuracy table per stage, what pruning cost and recovery won back, and the costliest targets."""
+    s = report.snapshots
+    out = ["", "## Accuracy", ""]
     out.append(
         table(["stage", "test accuracy", "test loss"], [[k, pct(s[k].accuracy), f"{s[k].loss:.4f}"] for k in stages])
     )
@@ -68,7 +121,7 @@ def render_markdown(report: RunReport) -> str:
     out.append("")
     out.append(recovery_sentence(drop, rec.accuracy - pruned.accuracy, frac))
     out.append(f"Recovered vs baseline: {100 * (rec.accuracy - base.accuracy):+.2f} points.")
-    costliest = spec.get("costliest")
+    costliest = report.prune.get("costliest")
     if costliest and drop > 0:
         out += [
             "",
@@ -76,61 +129,88 @@ def render_markdown(report: RunReport) -> str:
             "raises the calibration loss most (from the sensitivity analysis):",
         ]
         out += [f"- `{name}` at {100 * level:.1f}%: loss +{rise:.4f}" for name, rise, level in costliest]
+    return out
 
+
+def _strategy(spec: dict[str, Any]) -> list[str]:
+    """The automatic strategy: the measured facts it decided from, then each decision (empty without one)."""
     strategy = spec.get("strategy")
-    if strategy:
-        from regrow.strategy import Decision
+    if not strategy:
+        return []
+    from regrow.strategy import Decision  # lazily: only auto runs need it
 
-        facts = strategy["facts"]
-        out += ["", "## Strategy (auto)", ""]
-        out.append(
-            f"Measured: {human(facts['params'])} parameters, {human(facts['macs'])} MACs per sample, layers "
-            + ", ".join(f"{k} {v}" for k, v in facts["layers"].items())
-            + f"; {facts['train_samples']} training samples"
-            + (", image inputs" if facts["image_inputs"] else "")
-            + (f" ({facts['image_side']} pixels on the shorter side)" if facts.get("image_side") else "")
-            + f"; budget {', '.join(f'{k} {v:g}' for k, v in facts['budget'].items())}."
-        )
-        out.append("")
-        out += [f"- {Decision(**d).line()}" for d in strategy["decisions"]]
+    facts = strategy["facts"]
+    out = ["", "## Strategy (auto)", ""]
+    out.append(
+        f"Measured: {human(facts['params'])} parameters, {human(facts['macs'])} MACs per sample, layers "
+        + ", ".join(f"{k} {v}" for k, v in facts["layers"].items())
+        + f"; {facts['train_samples']} training samples"
+        + (", image inputs" if facts["image_inputs"] else "")
+        + (f" ({facts['image_side']} pixels on the shorter side)" if facts.get("image_side") else "")
+        + f"; budget {', '.join(f'{k} {v:g}' for k, v in facts['budget'].items())}."
+    )
+    out.append("")
+    out += [f"- {Decision(**d).line()}" for d in strategy["decisions"]]
+    return out
 
+
+def _sensitivity(spec: dict[str, Any]) -> list[str]:
+    """The sensitivity analysis: calibration loss of each target or group pruned alone, per level."""
     sens = spec.get("sensitivity")
-    if sens:
-        out += ["", "## Sensitivity", ""]
-        out.append(
-            f"Each {'group' if sens['pattern'] in ('channel', 'head') else 'target'} pruned alone "
-            f"({sens['pattern']}, {sens['criterion']}); loss on {sens['samples']} calibration samples "
-            f"(baseline {sens['baseline_loss']:.4f}). Plot: `sensitivity.png`; data: `sensitivity.json`."
-        )
-        out.append("")
-        header = ["target / group", *[f"loss at {lv:g}" for lv in sens["levels"]]]
-        out.append(table(header, [[f"`{c['name']}`", *[f"{v:.4f}" for v in c["loss"]]] for c in sens["curves"]]))
+    if not sens:
+        return []
+    out = ["", "## Sensitivity", ""]
+    out.append(
+        f"Each {'group' if sens['pattern'] in ('channel', 'head') else 'target'} pruned alone "
+        f"({sens['pattern']}, {sens['criterion']}); loss on {sens['samples']} calibration samples "
+        f"(baseline {sens['baseline_loss']:.4f}). Plot: `sensitivity.png`; data: `sensitivity.json`."
+    )
+    out.append("")
+    header = ["target / group", *[f"loss at {lv:g}" for lv in sens["levels"]]]
+    out.append(table(header, [[f"`{c['name']}`", *[f"{v:.4f}" for v in c["loss"]]] for c in sens["curves"]]))
+    return out
 
+
+def _allocation(spec: dict[str, Any]) -> list[str]:
+    """The planned allocation: method, budget, notes and the relative sparsity of each target or group."""
     allocation = spec.get("allocation")
-    if allocation:
-        out += ["", "## Allocation", ""]
-        out.append(
-            f"Method `{allocation['method']}` for budget "
-            f"{', '.join(f'{k} {v:g}' for k, v in allocation['budget'].items())}; relative sparsities below "
-            "(the budget scales them to fit exactly); reusable as `prune.allocation_file: allocation.json`."
+    if not allocation:
+        return []
+    out = ["", "## Allocation", ""]
+    out.append(
+        f"Method `{allocation['method']}` for budget "
+        f"{', '.join(f'{k} {v:g}' for k, v in allocation['budget'].items())}; relative sparsities below "
+        "(the budget scales them to fit exactly); reusable as `prune.allocation_file: allocation.json`."
+    )
+    out += [f"- {n}" for n in allocation.get("notes", [])]
+    out.append("")
+    out.append(
+        table(
+            ["target / group", "planned sparsity"],
+            [[f"`{k}`", pct(v)] for k, v in allocation["per_target"].items()],
         )
-        out += [f"- {n}" for n in allocation.get("notes", [])]
-        out.append("")
-        out.append(
-            table(
-                ["target / group", "planned sparsity"],
-                [[f"`{k}`", pct(v)] for k, v in allocation["per_target"].items()],
-            )
-        )
+    )
+    return out
 
-    out += ["", "## Size and speed", ""]
+
+def _size_and_speed(report: _Report, stages: list[str]) -> list[str]:
+    """The size and speed table per stage, the measured speed-up, and the note on what the pattern buys."""
+    spec = report.prune
+    out = ["", "## Size and speed", ""]
+    out.append(table(["", *stages], _size_rows(report.snapshots, stages, bool(spec.get("structure")))))
+    out += _measured_speedup(spec.get("speed"))
+    out += ["", spec.get("speed_note", "")]
+    return out
+
+
+def _size_rows(s: dict[str, Snapshot], stages: list[str], structure: bool) -> list[list[Any]]:
+    """The rows of the size and speed table; sparsity rows only when weights were zeroed, not removed."""
     lat = [s[k].latency for k in stages]
     lat_label = (
         f"latency, median ms (batch {lat[0].batch_size}, {lat[0].threads} threads, {lat[0].device})"
         if lat[0]
         else "latency"
     )
-    structure = spec.get("structure")
     rows = [
         ["parameters"] + [human(s[k].params) for k in stages],
         ["nonzero parameters"] + [human(s[k].nonzero_params) for k in stages],
@@ -150,82 +230,130 @@ def render_markdown(report: RunReport) -> str:
         rows.append(
             ["sparse size estimate (bitmask + nonzeros)"] + [human(s[k].sparse_size_bytes, "B") for k in stages]
         )
-    out.append(table(["", *stages], rows))
-    speed = spec.get("speed")
-    if speed:
-        b, r = speed["baseline"], speed["recovered"]
-        out.append("")
-        out.append(
-            f"Measured CPU speed-up, baseline / recovered: **{speed['speedup']:.2f}x** ({b['median_ms']:.3f} ms vs "
-            f"{r['median_ms']:.3f} ms median, batch {b['batch_size']}, {b['threads']} threads, {b['repeats']} "
-            "forward passes of each model, interleaved in one process)."
-        )
-    out += ["", spec.get("speed_note", "")]
+    return rows
 
-    if structure:
-        out += ["", "## Structure", ""]
-        budget = ", ".join(f"{k} = {v:g}" for k, v in structure["budget"].items())
-        eq = structure["equivalence"]
-        out.append(
-            f"Budget {budget}: MACs kept {pct(structure['macs_ratio'])}, parameters kept "
-            f"{pct(structure['params_ratio'])}; {structure['units_removed']} of {structure['units_total']} "
-            f"{'heads' if spec.get('pattern') == 'head' else 'channel units'} removed "
-            f"({structure['evaluations']} candidate selections measured)." + _rounding(structure)
-        )
-        rounds = spec.get("structure_rounds")
-        if rounds:
-            out.append("")
-            out.append(f"In {len(rounds)} rounds of shrink -> recover, each against the model it started from:")
-            out.append("")
-            out.append(
-                table(
-                    ["round", "budget for the round", "MACs kept", "parameters kept", "units removed"],
-                    [
-                        [
-                            i + 1,
-                            ", ".join(f"{k} = {v:.3g}" for k, v in r["budget"].items()),
-                            pct(r["macs_ratio"]),
-                            pct(r["params_ratio"]),
-                            r["units_removed"],
-                        ]
-                        for i, r in enumerate(rounds)
-                    ],
-                )
-            )
-            out.append("")
-        out.append(
-            f"Equivalence check {'passed' if eq['passed'] else 'FAILED'}: the shrunk model's outputs differ from "
-            f"the masked simulation by at most {eq['max_abs_diff']:.3g} (tolerance {eq['tolerance']:.3g} = "
-            f"{eq['atol']:g} + {eq['rtol']:g} x max |output|)."
-        )
-        if structure.get("converted_attention"):
-            out.append(
-                f"nn.MultiheadAttention replaced by regrow's equivalent with prunable heads at: "
-                f"{', '.join(f'`{n}`' for n in structure['converted_attention'])} (arch.json records it)."
-            )
-        out.append("")
-        out.append(
-            table(
-                ["group (first layer)", "kind", "coupled tensors", "units before", "units after", "left out because"],
-                [
-                    [
-                        f"`{g['name']}`",
-                        g["kind"],
-                        len(g["members"]),
-                        g["units_before"],
-                        g["units_after"],
-                        g["excluded"] or "",
-                    ]
-                    for g in structure["groups"]
-                    if g["excluded"] != "not a target"
-                ],
-            )
-        )
-        for w in structure.get("warnings", []):
-            out += ["", f"Warning: {w}"]
 
+def _measured_speedup(speed: dict[str, Any] | None) -> list[str]:
+    """The interleaved baseline / recovered CPU timing, when the run measured one."""
+    if not speed:
+        return []
+    b, r = speed["baseline"], speed["recovered"]
+    return [
+        "",
+        f"Measured CPU speed-up, baseline / recovered: **{speed['speedup']:.2f}x** ({b['median_ms']:.3f} ms vs "
+        f"{r['median_ms']:.3f} ms median, batch {b['batch_size']}, {b['threads']} threads, {b['repeats']} "
+        "forward passes of each model, interleaved in one process).",
+    ]
+
+
+def _structure(spec: dict[str, Any]) -> list[str]:
+    """What channel / head removal kept, its rounds, the equivalence check and each group (empty otherwise)."""
+    structure = spec.get("structure")
+    if not structure:
+        return []
+    out = ["", "## Structure", ""]
+    budget = ", ".join(f"{k} = {v:g}" for k, v in structure["budget"].items())
+    eq = structure["equivalence"]
+    out.append(
+        f"Budget {budget}: MACs kept {pct(structure['macs_ratio'])}, parameters kept "
+        f"{pct(structure['params_ratio'])}; {structure['units_removed']} of {structure['units_total']} "
+        f"{'heads' if spec.get('pattern') == 'head' else 'channel units'} removed "
+        f"({structure['evaluations']} candidate selections measured)." + _rounding(structure)
+    )
+    out += _structure_rounds(spec.get("structure_rounds"))
+    out.append(
+        f"Equivalence check {'passed' if eq['passed'] else 'FAILED'}: the shrunk model's outputs differ from "
+        f"the masked simulation by at most {eq['max_abs_diff']:.3g} (tolerance {eq['tolerance']:.3g} = "
+        f"{eq['atol']:g} + {eq['rtol']:g} x max |output|)."
+    )
+    if structure.get("converted_attention"):
+        out.append(
+            f"nn.MultiheadAttention replaced by regrow's equivalent with prunable heads at: "
+            f"{', '.join(f'`{n}`' for n in structure['converted_attention'])} (arch.json records it)."
+        )
+    out.append("")
+    out.append(_groups_table(structure["groups"]))
+    for w in structure.get("warnings", []):
+        out += ["", f"Warning: {w}"]
+    return out
+
+
+def _structure_rounds(rounds: list[dict[str, Any]] | None) -> list[str]:
+    """The per-round table of a shrink -> recover run in several rounds (empty for a single shrink)."""
+    if not rounds:
+        return []
+    rows = [
+        [
+            i + 1,
+            ", ".join(f"{k} = {v:.3g}" for k, v in r["budget"].items()),
+            pct(r["macs_ratio"]),
+            pct(r["params_ratio"]),
+            r["units_removed"],
+        ]
+        for i, r in enumerate(rounds)
+    ]
+    return [
+        "",
+        f"In {len(rounds)} rounds of shrink -> recover, each against the model it started from:",
+        "",
+        table(["round", "budget for the round", "MACs kept", "parameters kept", "units removed"], rows),
+        "",
+    ]
+
+
+def _groups_table(groups: list[dict[str, Any]]) -> str:
+    """The table of channel / head groups and their widths; groups that are no target at all are left out."""
+    return table(
+        ["group (first layer)", "kind", "coupled tensors", "units before", "units after", "left out because"],
+        [
+            [f"`{g['name']}`", g["kind"], len(g["members"]), g["units_before"], g["units_after"], g["excluded"] or ""]
+            for g in groups
+            if g["excluded"] != "not a target"
+        ],
+    )
+
+
+def _rounding(structure: dict[str, Any]) -> str:
+    from regrow.structural import ROUND_MIN_CHANNELS
+
+    multiple = structure.get("round_to") or 1
+    if multiple <= 1:
+        return ""
+    if structure.get("round_to_auto"):
+        return (
+            f" Kept widths of groups with at least {ROUND_MIN_CHANNELS} channels rounded down to multiples of "
+            f"{multiple} (this device's default; round_to sets it)."
+        )
+    return (
+        f" Kept widths rounded down to multiples of {multiple} (round_to; a group narrower than {multiple} "
+        "is not rounded)."
+    )
+
+
+def _recovery(report: _Report) -> list[str]:
+    """How recovery ran and ended, what its options did, the per-epoch history and the curve plot."""
     rec_info = report.recovery
-    out += ["", "## Recovery", ""]
+    out = ["", "## Recovery", "", _recovery_run(rec_info)]
+    details = rec_info.get("details") or {}
+    if details.get("rewind"):
+        out.append(_rewind(details["rewind"]))
+    out += _recovery_options(rec_info, details)
+    history = rec_info.get("history", [])
+    if history:
+        out += [
+            "",
+            _history_table(history, sparsity=not report.prune.get("structure")),
+            "",
+            "Train accuracy is the running accuracy on the (augmented) training batches; a growing train - val "
+            "gap with a rising validation loss is over-fitting, which early stopping reports by name.",
+        ]
+    if report.export.get("curve_plot"):
+        out += ["", f"![validation curve]({report.export['curve_plot']})"]
+    return out
+
+
+def _recovery_run(rec_info: dict[str, Any]) -> str:
+    """One sentence: the method, epochs run, the best epoch and why recovery stopped."""
     phases = rec_info.get("phases")
     run = (
         f"Method `{rec_info.get('method')}` then weight sharing: {rec_info.get('epochs_run')} epochs run "
@@ -234,38 +362,43 @@ def render_markdown(report: RunReport) -> str:
         else f"Method `{rec_info.get('method')}`: {rec_info.get('epochs_run')} epochs run"
     )
     note = f", {rec_info['best_note']}" if rec_info.get("best_note") else ""
-    out.append(
+    return (
         f"{run}, best epoch {rec_info.get('best_epoch')} (validation accuracy "
         f"{pct(rec_info.get('best_val_accuracy'))}{note}); ended by: {rec_info.get('stop_reason')}."
     )
-    details = rec_info.get("details") or {}
-    if details.get("rewind"):
-        r = details["rewind"]
-        o = r["original"]
-        if r.get("start") is None:  # reports written before the start was recorded
-            start = "its end minus the recovery length" if r["rewind_epoch"] is None else f"epoch {r['rewind_epoch']:g}"
-        else:
-            start = f"epoch {r['start']:g}" + (
-                " (the default: its end minus the recovery length, at least 0)" if r["rewind_epoch"] is None else ""
-            )
-        out.append(
-            f"Rewinding ({r['kind']}): the learning rate replays the original {o['schedule']} schedule (peak "
-            f"{o['lr']:g}, {o['epochs']:g} epochs"
-            + (
-                "; assumed, as no original schedule was given: cosine from the recovery lr over twice the recovery "
-                "epochs"
-                if r.get("assumed")
-                else ""
-            )
-            + f") from {start}"
-            + (", and the surviving weights were reset to their values there." if r["kind"] == "weights" else ".")
-            + (
-                f" Recovery is longer than the rest of that schedule, so the rest was replayed "
-                f"{1 / r['pace']:.2f}x slower, ending where the original ended."
-                if r.get("pace", 1.0) < 1.0
-                else ""
-            )
+
+
+def _rewind(r: dict[str, Any]) -> str:
+    """One sentence on rewinding: which schedule the learning rate replays, from where, and how fast."""
+    o = r["original"]
+    if r.get("start") is None:  # reports written before the start was recorded
+        start = "its end minus the recovery length" if r["rewind_epoch"] is None else f"epoch {r['rewind_epoch']:g}"
+    else:
+        start = f"epoch {r['start']:g}" + (
+            " (the default: its end minus the recovery length, at least 0)" if r["rewind_epoch"] is None else ""
         )
+    return (
+        f"Rewinding ({r['kind']}): the learning rate replays the original {o['schedule']} schedule (peak "
+        f"{o['lr']:g}, {o['epochs']:g} epochs"
+        + (
+            "; assumed, as no original schedule was given: cosine from the recovery lr over twice the recovery epochs"
+            if r.get("assumed")
+            else ""
+        )
+        + f") from {start}"
+        + (", and the surviving weights were reset to their values there." if r["kind"] == "weights" else ".")
+        + (
+            f" Recovery is longer than the rest of that schedule, so the rest was replayed "
+            f"{1 / r['pace']:.2f}x slower, ending where the original ended."
+            if r.get("pace", 1.0) < 1.0
+            else ""
+        )
+    )
+
+
+def _recovery_options(rec_info: dict[str, Any], details: dict[str, Any]) -> list[str]:
+    """One sentence per recovery option the run used: averaging, dynamic sparsity, sharing, stopping, transfer."""
+    out: list[str] = []
     if details.get("ema"):
         out.append(
             f"Weight averaging: validation, the kept checkpoint and the recovered model use an exponential moving "
@@ -285,16 +418,7 @@ def render_markdown(report: RunReport) -> str:
         )
     sharing = rec_info.get("sharing") or details.get("sharing")
     if sharing:
-        k, values, index_bits = sharing["k"], sharing["values"], sharing["index_bits"]
-        asked = (
-            f"k = {k}" if values >= k else f"k = {k} asked, at most {values} values per target (fewer weights survive)"
-        )
-        out.append(
-            f"Weight sharing, {asked}: the targets take {human(sharing['dense_bits'] / 8, 'B')} dense, "
-            f"{human(sharing['sparse_bits'] / 8, 'B')} sparse (bitmask + float32 values) and "
-            f"{human(sharing['shared_bits'] / 8, 'B')} shared (bitmask + up to {index_bits}-bit "
-            "indices + codebooks); exported as `shared.safetensors`."
-        )
+        out.append(_sharing(sharing))
     if "baseline_val_accuracy" in details:
         out.append(
             f"Target-driven stopping compared validation accuracy with the baseline's "
@@ -304,84 +428,93 @@ def render_markdown(report: RunReport) -> str:
         out.append(
             f"Transfer: the source model's test accuracy on its own task was {pct(rec_info['source_test_accuracy'])}."
         )
-    history = rec_info.get("history", [])
-    if history:
-        out.append("")
-        out.append(
-            table(
-                ["epoch", "train loss", "train acc", "val loss", "val acc", "train - val", "lr"]
-                + ([] if structure else ["sparsity"]),
-                [
-                    [
-                        h["epoch"],
-                        "" if h["train_loss"] is None else f"{h['train_loss']:.4f}",
-                        "" if h["train_accuracy"] is None else pct(h["train_accuracy"]),
-                        f"{h['val_loss']:.4f}",
-                        pct(h["val_accuracy"]),
-                        ""
-                        if h["train_accuracy"] is None
-                        else f"{100 * (h['train_accuracy'] - h['val_accuracy']):+.1f}",
-                        "" if h["lr"] is None else f"{h['lr']:.2e}",
-                    ]
-                    + ([] if structure else [pct(h["sparsity"])])
-                    for h in history
-                ],
-            )
-        )
-        out.append("")
-        out.append(
-            "Train accuracy is the running accuracy on the (augmented) training batches; a growing train - val "
-            "gap with a rising validation loss is over-fitting, which early stopping reports by name."
-        )
-    if report.export.get("curve_plot"):
-        out += ["", f"![validation curve]({report.export['curve_plot']})"]
-
-    if not structure and rec.per_target_sparsity:
-        out += ["", "## Per-target sparsity (recovered model)", ""]
-        out.append(table(["target", "sparsity"], [[f"`{k}`", pct(v)] for k, v in rec.per_target_sparsity.items()]))
-    excluded = spec.get("excluded_classifier")
-    if excluded:
-        out.append("")
-        out.append(f"`{excluded}` is the final classifier and was left dense (default targets exclude it).")
-
-    out += ["", "## Stage timings", ""]
-    out.append(table(["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in report.timings.items()]))
-
-    if report.export:
-        out += ["", "## Export", ""]
-        for key in ("model", "masks", "config"):
-            if report.export.get(key):
-                out.append(f"- `{report.export[key]}`")
-        check = report.export.get("reload_check")
-        if check:
-            verdict = "matches" if check["matches"] else "DOES NOT match"
-            out.append(
-                f"- Reloaded `model.safetensors` into a fresh model: test accuracy {pct(check['accuracy'])}, "
-                f"which {verdict} the recovered accuracy."
-            )
-
-    if report.notes:
-        out += ["", "## Notes", ""]
-        out += [f"- {n}" for n in report.notes]
-
-    env = report.environment
-    out += ["", "## Environment", ""]
-    out.append(", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
-    return "\n".join(out) + "\n"
+    return out
 
 
-def _rounding(structure: dict[str, Any]) -> str:
-    from regrow.structural import ROUND_MIN_CHANNELS
-
-    multiple = structure.get("round_to") or 1
-    if multiple <= 1:
-        return ""
-    if structure.get("round_to_auto"):
-        return (
-            f" Kept widths of groups with at least {ROUND_MIN_CHANNELS} channels rounded down to multiples of "
-            f"{multiple} (this device's default; round_to sets it)."
-        )
+def _sharing(sharing: dict[str, Any]) -> str:
+    """One sentence on weight sharing: the k asked for and the targets' size dense, sparse and shared."""
+    k, values, index_bits = sharing["k"], sharing["values"], sharing["index_bits"]
+    asked = f"k = {k}" if values >= k else f"k = {k} asked, at most {values} values per target (fewer weights survive)"
     return (
-        f" Kept widths rounded down to multiples of {multiple} (round_to; a group narrower than {multiple} "
-        "is not rounded)."
+        f"Weight sharing, {asked}: the targets take {human(sharing['dense_bits'] / 8, 'B')} dense, "
+        f"{human(sharing['sparse_bits'] / 8, 'B')} sparse (bitmask + float32 values) and "
+        f"{human(sharing['shared_bits'] / 8, 'B')} shared (bitmask + up to {index_bits}-bit "
+        "indices + codebooks); exported as `shared.safetensors`."
     )
+
+
+def _history_table(history: list[dict[str, Any]], sparsity: bool) -> str:
+    """The per-epoch recovery table; the sparsity column only when weights were zeroed, not removed."""
+    return table(
+        ["epoch", "train loss", "train acc", "val loss", "val acc", "train - val", "lr"]
+        + (["sparsity"] if sparsity else []),
+        [
+            [
+                h["epoch"],
+                "" if h["train_loss"] is None else f"{h['train_loss']:.4f}",
+                "" if h["train_accuracy"] is None else pct(h["train_accuracy"]),
+                f"{h['val_loss']:.4f}",
+                pct(h["val_accuracy"]),
+                "" if h["train_accuracy"] is None else f"{100 * (h['train_accuracy'] - h['val_accuracy']):+.1f}",
+                "" if h["lr"] is None else f"{h['lr']:.2e}",
+            ]
+            + ([pct(h["sparsity"])] if sparsity else [])
+            for h in history
+        ],
+    )
+
+
+def _per_target_sparsity(spec: dict[str, Any], rec: Snapshot) -> list[str]:
+    """The recovered model's sparsity per target (empty for channel / head removal, which leaves none)."""
+    if spec.get("structure") or not rec.per_target_sparsity:
+        return []
+    return [
+        "",
+        "## Per-target sparsity (recovered model)",
+        "",
+        table(["target", "sparsity"], [[f"`{k}`", pct(v)] for k, v in rec.per_target_sparsity.items()]),
+    ]
+
+
+def _excluded_classifier(spec: dict[str, Any]) -> list[str]:
+    """A line naming the final classifier when the default targets left it dense."""
+    excluded = spec.get("excluded_classifier")
+    if not excluded:
+        return []
+    return ["", f"`{excluded}` is the final classifier and was left dense (default targets exclude it)."]
+
+
+def _timings(report: _Report) -> list[str]:
+    """The seconds each stage of the run took."""
+    rows = [[k, f"{v:.2f}"] for k, v in report.timings.items()]
+    return ["", "## Stage timings", "", table(["stage", "seconds"], rows)]
+
+
+def _export(report: _Report) -> list[str]:
+    """The exported files and the reload check (empty when nothing was exported)."""
+    if not report.export:
+        return []
+    out = ["", "## Export", ""]
+    for key in ("model", "masks", "config"):
+        if report.export.get(key):
+            out.append(f"- `{report.export[key]}`")
+    check = report.export.get("reload_check")
+    if check:
+        verdict = "matches" if check["matches"] else "DOES NOT match"
+        out.append(
+            f"- Reloaded `model.safetensors` into a fresh model: test accuracy {pct(check['accuracy'])}, "
+            f"which {verdict} the recovered accuracy."
+        )
+    return out
+
+
+def _notes(report: _Report) -> list[str]:
+    """The run's notes, one bullet each (empty without any)."""
+    if not report.notes:
+        return []
+    return ["", "## Notes", "", *[f"- {n}" for n in report.notes]]
+
+
+def _environment(report: _Report) -> list[str]:
+    """The library versions and machine, skipping what is unknown."""
+    return ["", "## Environment", "", ", ".join(f"{k} {v}" for k, v in report.environment.items() if v is not None)]

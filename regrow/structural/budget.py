@@ -122,120 +122,151 @@ def search(
     ``decreasing``: the measured value falls as more is removed (kept MACs, kept parameters); otherwise it
     rises (fraction of units removed). The closest selection seen is returned if none is within tolerance.
     """
-    evaluations = 0
-    cache: dict[tuple[tuple[str, tuple[int, ...]], ...], float] = {}
-    best: list[Any] = [float("inf"), None, float("nan")]  # error, removed, value
+    return _Search(groups, target, measure, scope, max_sparsity, tolerance, decreasing, iterations, fill_steps).run()
 
-    def value_of(removed: dict[str, list[int]]) -> float:
-        nonlocal evaluations
+
+class _Search:
+    """One run of :func:`search`: its settings, every selection measured so far (each is measured once), and
+    the closest one seen."""
+
+    def __init__(
+        self,
+        groups: list[Unitized],
+        target: float,
+        measure: Callable[[dict[str, list[int]]], float],
+        scope: str,
+        max_sparsity: float,
+        tolerance: float,
+        decreasing: bool,
+        iterations: int,
+        fill_steps: int,
+    ) -> None:
+        self.groups, self.target, self.measure, self.scope = groups, target, measure, scope
+        self.max_sparsity, self.tolerance, self.decreasing = max_sparsity, tolerance, decreasing
+        self.iterations, self.fill_steps = iterations, fill_steps
+        self.evaluations = 0
+        self.cache: dict[tuple[tuple[str, tuple[int, ...]], ...], float] = {}
+        self.best: list[Any] = [float("inf"), None, float("nan")]  # error, removed, value
+        self.by_name = {g.name: g for g in groups}
+        self.order = {g.name: [int(i) for i in torch.sort(g.scores, stable=True).indices] for g in groups}
+
+    def run(self) -> SearchResult:
+        """Steps 1-4 of :func:`search`, each only while no selection is within tolerance yet."""
+        short_side, over_side = self.bisect(self.scope)
+        if self.done() is None:
+            self.fill_forward(short_side)
+        if self.done() is None and over_side is not None:
+            self.fill_backward(over_side)
+        if self.done() is None and self.scope == "global":
+            short_side, over_side = self.bisect("layer")
+            if self.done() is None:
+                self.fill_forward(short_side)
+        result = self.done()
+        if result is not None:
+            return result
+        return SearchResult(float("nan"), self.best[1], self.best[2], self.evaluations, False)
+
+    def value_of(self, removed: dict[str, list[int]]) -> float:
+        """The measured value of a selection (measured on first sight), keeping track of the closest one."""
         key = tuple(sorted((k, tuple(v)) for k, v in removed.items()))
-        if key not in cache:
-            cache[key] = measure(removed)
-            evaluations += 1
-            err = abs(cache[key] - target) / max(abs(target), 1e-12)
-            if err < best[0]:
-                best[:] = [err, {k: list(v) for k, v in removed.items()}, cache[key]]
-        return cache[key]
+        if key not in self.cache:
+            self.cache[key] = self.measure(removed)
+            self.evaluations += 1
+            err = abs(self.cache[key] - self.target) / max(abs(self.target), 1e-12)
+            if err < self.best[0]:
+                self.best[:] = [err, {k: list(v) for k, v in removed.items()}, self.cache[key]]
+        return self.cache[key]
 
-    def done() -> SearchResult | None:
-        return SearchResult(float("nan"), best[1], best[2], evaluations, True) if best[0] <= tolerance else None
+    def done(self) -> SearchResult | None:
+        """The closest selection when it is within tolerance, else None."""
+        if self.best[0] <= self.tolerance:
+            return SearchResult(float("nan"), self.best[1], self.best[2], self.evaluations, True)
+        return None
 
-    def short(value: float) -> bool:  # not enough removed yet
-        return value > target if decreasing else value < target
+    def short(self, value: float) -> bool:
+        """Not enough removed yet."""
+        return value > self.target if self.decreasing else value < self.target
 
-    def bisect(sc: str) -> tuple[dict[str, list[int]], dict[str, list[int]] | None]:
+    def bisect(self, sc: str) -> tuple[dict[str, list[int]], dict[str, list[int]] | None]:
+        """Bisect the removal ratio with scope ``sc``: the last selection short of the target and the last
+        one past it (None if none was)."""
         lo, hi = 0.0, 1.0
-        short_side, over_side = select(groups, 0.0, sc, max_sparsity), None
-        for _ in range(iterations):
+        short_side, over_side = select(self.groups, 0.0, sc, self.max_sparsity), None
+        for _ in range(self.iterations):
             mid = (lo + hi) / 2
-            removed = select(groups, mid, sc, max_sparsity)
-            value = value_of(removed)
-            if best[0] <= tolerance:
+            removed = select(self.groups, mid, sc, self.max_sparsity)
+            value = self.value_of(removed)
+            if self.best[0] <= self.tolerance:
                 break
-            if short(value):
+            if self.short(value):
                 lo, short_side = mid, removed
             else:
                 hi, over_side = mid, removed
         return short_side, over_side
 
-    by_name = {g.name: g for g in groups}
-    order = {g.name: [int(i) for i in torch.sort(g.scores, stable=True).indices] for g in groups}
-
-    def fill_order(removed: dict[str, list[int]], reverse: bool) -> list[tuple[float, str, int]]:
+    def fill_order(self, removed: dict[str, list[int]], reverse: bool) -> list[tuple[float, str, int]]:
         """Units in the order the walk should take (or, reversed, put back) them.
 
         Global and layer scopes follow the scores; an allocation fills every group in proportion to its
         share (the k-th unit of a group comes at k / (units * share)), so the walk keeps the planned shape.
         """
-        if scope != "allocation":
+        if self.scope != "allocation":
             if reverse:
                 return sorted(
-                    ((float(by_name[n].scores[i]), n, i) for n, us in removed.items() for i in us), reverse=True
+                    ((float(self.by_name[n].scores[i]), n, i) for n, us in removed.items() for i in us), reverse=True
                 )
             return sorted(
                 (float(g.scores[i]), g.name, i)
-                for g in groups
+                for g in self.groups
                 for i in range(g.units)
                 if i not in removed.get(g.name, [])
             )
         keyed = []
-        for g in groups:
+        for g in self.groups:
             if g.allocation <= 0:
                 continue
-            for rank, unit in enumerate(order[g.name]):
+            for rank, unit in enumerate(self.order[g.name]):
                 key = (rank + 1) / (g.units * g.allocation)
                 if (unit in removed.get(g.name, [])) == reverse:
                     keyed.append((key, g.name, unit))
         return sorted(keyed, reverse=reverse)
 
-    def fill_forward(start: dict[str, list[int]]) -> None:
+    def fill_forward(self, start: dict[str, list[int]]) -> None:
+        """Step 2: from ``start`` (short of the target), remove unit by unit while that does not overshoot."""
         removed = {k: list(v) for k, v in start.items()}
-        queue = fill_order(removed, reverse=False)
+        queue = self.fill_order(removed, reverse=False)
         for steps, (_, name, unit) in enumerate(queue):
-            if steps >= fill_steps or best[0] <= tolerance:
+            if steps >= self.fill_steps or self.best[0] <= self.tolerance:
                 return
             have = removed.get(name, [])
             if unit in have:
                 continue  # taken along with an earlier unit to keep a round_to step
-            count = _next_count(by_name[name], len(have), max_sparsity)
+            count = _next_count(self.by_name[name], len(have), self.max_sparsity)
             if count is None:
                 continue  # the group is at its cap
             trial = dict(removed)
-            trial[name] = sorted(have + [u for u in order[name] if u not in have][: count - len(have)])
-            if short(value_of(trial)):
+            trial[name] = sorted(have + [u for u in self.order[name] if u not in have][: count - len(have)])
+            if self.short(self.value_of(trial)):
                 removed = trial
 
-    def fill_backward(start: dict[str, list[int]]) -> None:
+    def fill_backward(self, start: dict[str, list[int]]) -> None:
+        """Step 3: from ``start`` (past the target), put units back one by one while it stays past it."""
         removed = {k: list(v) for k, v in start.items()}
-        queue = fill_order(removed, reverse=True)
+        queue = self.fill_order(removed, reverse=True)
         for steps, (_, name, unit) in enumerate(queue):
-            if steps >= fill_steps or best[0] <= tolerance:
+            if steps >= self.fill_steps or self.best[0] <= self.tolerance:
                 return
             have = removed.get(name, [])
             if unit not in have:
                 continue
-            count = _previous_count(by_name[name], len(have), max_sparsity)
+            count = _previous_count(self.by_name[name], len(have), self.max_sparsity)
             if count is None:
                 continue
-            keep_removed = [u for u in order[name] if u in have][:count]  # put back the highest scores first
+            keep_removed = [u for u in self.order[name] if u in have][:count]  # put back the highest scores first
             trial = dict(removed)
             trial[name] = sorted(keep_removed)
-            if not short(value_of(trial)):
+            if not self.short(self.value_of(trial)):
                 removed = trial
-
-    short_side, over_side = bisect(scope)
-    if done() is None:
-        fill_forward(short_side)
-    if done() is None and over_side is not None:
-        fill_backward(over_side)
-    if done() is None and scope == "global":
-        short_side, over_side = bisect("layer")
-        if done() is None:
-            fill_forward(short_side)
-    result = done()
-    if result is not None:
-        return result
-    return SearchResult(float("nan"), best[1], best[2], evaluations, False)
 
 
 def check_reachable(

@@ -1,0 +1,192 @@
+"""The prunable groups of one model, found, probed and scored: the steps of ``regrow.structural.prepare``.
+
+Channels: the coupled groups of torch-pruning's dependency graph; heads: one group per attention module.
+Each group is probed (one unit removed on a copy and checked against its simulation) and a group regrow
+cannot shrink correctly is left out with the reason; the others are scored for the budget search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import nn
+
+from regrow.batches import to_device, unpack
+from regrow.errors import RegrowError
+from regrow.select import resolve_targets
+from regrow.structural.arch import tied_parameters
+from regrow.structural.budget import Unitized
+from regrow.structural.graph import ChannelGroup, StructureGraph, find_attention
+from regrow.structural.heads import HeadGroup, head_group
+from regrow.structural.importance import accumulate_gradients, channel_scores, head_scores
+from regrow.structural.rounding import _round_step
+from regrow.structural.units import Compare, _apply, _breaks_ties, _probe, _Unit
+
+NO_ATTENTION = (
+    "pattern 'head' found no attention module: regrow prunes heads of nn.MultiheadAttention and of "
+    "modules that declare num_heads (or num_attention_heads, n_heads, n_head)."
+)
+
+
+@dataclass
+class Prepared:
+    """The prunable groups of one model, probed and scored: what budgets and sensitivity work from."""
+
+    pattern: str
+    criterion: str
+    units: list[_Unit]
+    active: list[_Unit]
+    scores: list[Unitized]
+    inputs: Any
+    one: Any
+    converted: list[str]
+
+    def apply(self, model: nn.Module, removed: dict[str, list[int]]) -> None:
+        """Shrink ``model`` (this model or a copy of it) by removing the given units of each group."""
+        _apply(model, self.active, removed)
+
+
+def _example_inputs(data: Iterable[Any] | None, example_inputs: Any, device: torch.device) -> Any:
+    """``example_inputs``, else the inputs of the first batch of ``data``, on ``device``."""
+    if example_inputs is None:
+        if data is None:
+            raise RegrowError(
+                "structural patterns trace the model and need inputs: pass data= (batches of (inputs, targets)) "
+                "or example_inputs=."
+            )
+        for batch in data:
+            example_inputs, _ = unpack(batch)
+            break
+        else:
+            raise RegrowError(
+                "the data iterable is empty; structural pruning needs one batch of inputs to trace the model."
+            )
+    return to_device(example_inputs, device)
+
+
+def _one_sample(inputs: Any) -> Any:
+    """The first sample of a batch of inputs (a tensor or a dict of tensors), kept as a batch of one."""
+    if isinstance(inputs, dict):
+        return {k: v[:1] for k, v in inputs.items()}
+    return inputs[:1]
+
+
+def _head_candidates(attention: dict[str, nn.Module], targets: Any, ignore: Any) -> set[str]:
+    """Names of the attention modules that ``targets`` and ``ignore`` (globs) leave to prune."""
+    names = set(attention)
+    chosen = set(names)
+    if targets is not None:
+        entries = [targets] if isinstance(targets, str) else list(targets)
+        chosen = set()
+        for entry in entries:
+            hits = {n for n in names if fnmatchcase(n, entry)}
+            if not hits:
+                raise RegrowError(
+                    f"targets entry {entry!r} matches no attention module; attention modules: {sorted(names)}."
+                )
+            chosen |= hits
+    for entry in [ignore] if isinstance(ignore, str) else list(ignore or []):
+        hits = {n for n in names if fnmatchcase(n, entry)}
+        if not hits:
+            raise RegrowError(
+                f"ignore entry {entry!r} matches no attention module; attention modules: {sorted(names)}."
+            )
+        chosen -= hits
+    return chosen
+
+
+def validate_request(model: nn.Module, pattern: str, targets: Any = None, ignore: Any = None) -> None:
+    """Check names against the model before any work (no tracing): targets, ignore, attention modules."""
+    if pattern == "channel":
+        resolve_targets(model, targets, ignore)
+        return
+    attention = {n: m for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    attention.update(find_attention(model))
+    if not attention:
+        raise RegrowError(NO_ATTENTION)
+    _head_candidates(attention, targets, ignore)
+
+
+def _channel_groups(
+    model: nn.Module, attention: dict[str, nn.Module], inputs: Any, targets: Any, ignore: Any
+) -> tuple[StructureGraph, list[ChannelGroup | HeadGroup]]:
+    """Trace ``model`` and return its dependency graph and the coupled channel groups among the targets.
+
+    The inner projections of attention modules are left to the graph as ``inner`` widths: their channels are
+    tied to the heads, which pattern 'head' removes.
+    """
+    fqns = resolve_targets(model, targets, ignore)
+    candidates = {f.rpartition(".")[0] if f.endswith(".weight") else f for f in fqns}
+    ignored = set()
+    if ignore is not None:
+        ignored = {f.rpartition(".")[0] for f in resolve_targets(model, ignore)}
+    graph = StructureGraph(model, inputs)
+    inner = {}
+    for name, module in attention.items():
+        hg = head_group(name, module, model)
+        inner[name] = {fqn for role, fqn in hg.projections.items() if role != "out"}
+    return graph, list(graph.channel_groups(candidates, ignored, inner))
+
+
+def _head_groups(model: nn.Module, attention: dict[str, nn.Module], targets: Any, ignore: Any) -> list[HeadGroup]:
+    """One head group per attention module; those that are not targets or have one head are excluded."""
+    chosen = _head_candidates(attention, targets, ignore)
+    if not attention:
+        raise RegrowError(NO_ATTENTION)
+    groups = []
+    for name in sorted(attention):
+        g = head_group(name, attention[name], model)
+        if name not in chosen:
+            g.excluded = g.excluded or "not a target"
+        elif g.heads < 2 and g.excluded is None:
+            g.excluded = "it has a single head"
+        groups.append(g)
+    return groups
+
+
+def _probe_units(model: nn.Module, units: list[_Unit], inputs: Any, pattern: str, compare: Compare) -> None:
+    """Exclude, with the reason, every group that cannot be shrunk correctly; raise when none is left."""
+    ties = tied_parameters(model)
+    for u in units:
+        if u.group.excluded is None:
+            u.group.excluded = _probe(model, u, inputs, compare) or _breaks_ties(model, u, ties)
+    if not any(u.group.excluded is None for u in units):
+        reasons = "; ".join(f"{u.name}: {u.group.excluded}" for u in units if u.group.excluded != "not a target")
+        raise RegrowError(
+            f"no group can be pruned with pattern {pattern!r}" + (f" ({reasons})" if reasons else "") + "."
+        )
+
+
+def _score_units(
+    model: nn.Module,
+    units: list[_Unit],
+    criterion: str,
+    data: Iterable[Any] | None,
+    round_to: int | None,
+    auto: int,
+    round_widths: dict[str, int] | None,
+) -> list[Unitized]:
+    """Score the units of every group still in; a channel group the criterion cannot score is excluded."""
+    if criterion == "taylor":
+        accumulate_gradients(model, data)
+    scored = []
+    for u in units:
+        if u.group.excluded is not None:
+            continue
+        if isinstance(u.group, ChannelGroup):
+            s = channel_scores(u.group, criterion)
+            if s is None:
+                u.group.excluded = f"criterion {criterion!r} finds nothing to score in it"
+                continue
+            step = _round_step(u.group, round_to, auto, round_widths)
+        else:
+            s = head_scores(u.group, model, criterion)
+            step = 1
+        scored.append(Unitized(u.name, u.group.units, s, step))
+    if criterion == "taylor":
+        model.zero_grad(set_to_none=True)
+    return scored

@@ -1,0 +1,293 @@
+"""The steps of ``regrow.structural.shrink`` after ``prepare``: choose the units that meet the budget, remove
+them under the equivalence check, recalibrate BatchNorm and report.
+
+Like :mod:`regrow.structural.units`, the steps that compare outputs or time the model take ``compare`` and
+``compare_latency`` from the package, where tests replace them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from torch import nn
+
+from regrow.batches import model_device
+from regrow.errors import RegrowError
+from regrow.measure.cost import count_params, dense_macs
+from regrow.structural.arch import retie, tied_parameters
+from regrow.structural.batchnorm import has_batchnorm, recalibrate_batchnorm
+from regrow.structural.budget import TOLERANCE, SearchResult, Unitized, check_reachable, search
+from regrow.structural.graph import ChannelGroup
+from regrow.structural.prepared import Prepared
+from regrow.structural.report import StructureReport
+from regrow.structural.rounding import AUTO_ROUND_TO, _round_step, _width_warnings, _widths, auto_round_to
+from regrow.structural.simulate import Equivalence, simulate
+from regrow.structural.units import Compare, _apply, _check, _Unit
+
+log = logging.getLogger("regrow")
+LATENCY_ROUNDS = 15  # interleaved forward passes per latency measurement of a budget candidate
+LATENCY_TOLERANCE = 0.05
+
+Removed = dict[str, list[int]]  # group name -> indices of the units removed from it
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """What the removal must achieve: ``target`` for ``kind`` (sparsity, macs, params or latency)."""
+
+    kind: str
+    target: float
+    scope: str
+    max_sparsity: float
+
+    @property
+    def needs_nothing(self) -> bool:
+        """Met by removing nothing: no sparsity, or all of the MACs, parameters or latency kept."""
+        return (self.kind == "sparsity" and self.target == 0.0) or (self.kind != "sparsity" and self.target == 1.0)
+
+    @property
+    def tolerance(self) -> float:
+        """Relative; wider for latency, whose measurements are noisy."""
+        return LATENCY_TOLERANCE if self.kind == "latency" else TOLERANCE
+
+
+@dataclass
+class _Baseline:
+    """The model before the removal: what budgets are measured against and narrowed widths compared to."""
+
+    widths: dict[str, int]
+    macs: int
+    params: int
+    units: int
+
+    @classmethod
+    def of(cls, model: nn.Module, one: Any, scored: list[Unitized]) -> _Baseline:
+        """Measure ``model`` on the one-sample batch ``one``; ``scored`` are the groups the budget works on."""
+        widths = _widths(model)
+        macs = dense_macs(model, one) or 0
+        params = count_params(model)[0]
+        return cls(widths, macs, params, sum(g.units for g in scored))
+
+
+@dataclass
+class _Choice:
+    """The units chosen for removal, how many candidates were measured, and the rounding they follow."""
+
+    removed: Removed
+    evaluations: int
+    round_to: int | None  # the multiple kept widths follow; None for heads
+    auto: int  # the device's default multiple
+    notes: list[str]  # why the budget or the default rounding was not met
+
+
+def _apply_allocation(
+    prepared: Prepared, allocation: dict[str, float] | None, scope: str
+) -> tuple[list[Unitized], str]:
+    """The scored groups with their share of the removal, and scope "allocation"; unchanged without one."""
+    if allocation is None:
+        return prepared.scores, scope
+    unknown = sorted(set(allocation) - {u.name for u in prepared.units})
+    if unknown:
+        raise RegrowError(
+            f"allocation names groups the model does not have: {unknown[:5]}; its groups are: "
+            f"{', '.join(u.name for u in prepared.active)}."
+        )
+    scored = [Unitized(g.name, g.units, g.scores, g.step, allocation.get(g.name, 0.0)) for g in prepared.scores]
+    return scored, "allocation"
+
+
+def _measure_for(
+    model: nn.Module, prepared: Prepared, budget: _Budget, baseline: _Baseline, compare_latency: Callable[..., Any]
+) -> Callable[[Removed], float]:
+    """The budget's measure of a candidate removal: the fraction of units removed, or of MACs, parameters or
+    latency kept (counted on a shrunk copy)."""
+    kind, active, one = budget.kind, prepared.active, prepared.one
+    reference = copy.deepcopy(model) if kind == "latency" else None  # timed against each candidate
+
+    def measure(removed: Removed) -> float:
+        if kind == "sparsity":
+            return sum(len(v) for v in removed.values()) / baseline.units
+        trial = copy.deepcopy(model)
+        _apply(trial, active, removed)
+        if kind == "macs":
+            value = dense_macs(trial, one)
+            if value is None:
+                raise RegrowError("MACs of a shrunk candidate could not be counted; use params= or sparsity= instead.")
+            return value / baseline.macs
+        if kind == "latency":
+            before, after = compare_latency(reference, trial, prepared.inputs, rounds=LATENCY_ROUNDS)
+            return after.median_ms / before.median_ms
+        return count_params(trial)[0] / baseline.params
+
+    return measure
+
+
+def _choose_removal(
+    model: nn.Module,
+    prepared: Prepared,
+    scored: list[Unitized],
+    budget: _Budget,
+    baseline: _Baseline,
+    round_to: int | None,
+    round_widths: dict[str, int] | None,
+    compare_latency: Callable[..., Any],
+) -> _Choice:
+    """Search the units to remove for the budget, relaxing the default rounding before missing it."""
+    measure = _measure_for(model, prepared, budget, baseline, compare_latency)
+    auto = auto_round_to(model_device(model))
+    used_round = (round_to if round_to is not None else auto) if prepared.pattern == "channel" else None
+    if budget.needs_nothing:
+        return _Choice({u.name: [] for u in prepared.active}, 0, used_round, auto, [])
+
+    def search_for(groups: list[Unitized]) -> SearchResult:
+        """The budget search over ``groups`` (the scored groups, or them with a finer rounding step)."""
+        return search(
+            groups,
+            budget.target,
+            measure,
+            budget.scope,
+            budget.max_sparsity,
+            tolerance=budget.tolerance,
+            decreasing=budget.kind != "sparsity",
+        )
+
+    notes: list[str] = []
+    found = search_for(scored)
+    evaluations = found.evaluations
+    if not found.within_tolerance and round_to is None and prepared.pattern == "channel":
+        # The default rounding is a preference, the budget a requirement: finer multiples before a miss.
+        retry, finer, spent = _finer_rounding(search_for, scored, prepared.active, auto, round_widths)
+        evaluations += spent
+        if retry is not None:
+            notes.append(
+                f"the default rounding (multiples of {auto}) could not meet the {budget.kind} budget "
+                f"{budget.target:g} within {100 * budget.tolerance:g}%; kept widths are "
+                + (f"multiples of {finer} instead." if finer > 1 else "not rounded instead.")
+            )
+            log.warning(notes[-1])
+            found, used_round = retry, finer
+    missed = check_reachable(found, budget.target, budget.kind, budget.max_sparsity, budget.tolerance)
+    if missed:
+        log.warning(missed)
+        notes.append(missed)
+    return _Choice(found.removed, evaluations, used_round, auto, notes)
+
+
+def _finer_rounding(
+    search_for: Callable[[list[Unitized]], SearchResult],
+    scored: list[Unitized],
+    active: list[_Unit],
+    auto: int,
+    round_widths: dict[str, int] | None,
+) -> tuple[SearchResult | None, int, int]:
+    """Search again with multiples finer than ``auto`` (8, then none) until one meets the budget.
+
+    Returns the search that met it and its multiple ((None, auto) if none did), and the evaluations spent.
+    """
+    channel_groups = {u.name: u.group for u in active if isinstance(u.group, ChannelGroup)}
+    evaluations = 0
+    for finer in (m for m in (AUTO_ROUND_TO, 1) if m < auto):
+        retry = search_for(
+            [replace(g, step=_round_step(channel_groups[g.name], None, finer, round_widths)) for g in scored]
+        )
+        evaluations += retry.evaluations
+        if retry.within_tolerance:
+            return retry, finer, evaluations
+    return None, auto, evaluations
+
+
+def _shrink_checked(
+    model: nn.Module, active: list[_Unit], removed: Removed, inputs: Any, compare: Compare
+) -> Equivalence:
+    """Shrink ``model`` in place and hold it to the simulation of the removal on the untouched model.
+
+    A mismatch raises an error naming the groups at fault (each is checked alone on a copy from before).
+    """
+    cuts = [c for u in active for c in u.cuts(removed.get(u.name, []))]
+    heads = [h for u in active for h in u.heads(removed.get(u.name, []))]
+    simulated = simulate(model, cuts, heads)
+    before = copy.deepcopy(model)
+    ties = tied_parameters(model)
+    _apply(model, active, removed)
+    retie(model, ties)  # the surgery gives every module its own new Parameter; tied ones share one again
+    eq = compare(model, simulated, inputs)
+    if not eq.passed:
+        culprits = [
+            u.name
+            for u in active
+            if removed.get(u.name) and not _check(before, [u], {u.name: removed[u.name]}, inputs, compare).passed
+        ]
+        raise RegrowError(
+            f"equivalence check failed: the shrunk model differs from its simulation by {eq.max_abs_diff:.3g} "
+            f"(tolerance {eq.tolerance:.3g}); group(s) at fault: {', '.join(culprits) or 'an interaction of groups'}. "
+            "Leave them out with ignore=[...]."
+        )
+    return eq
+
+
+def _recalibrate(
+    model: nn.Module, data: Iterable[Any] | None, recalibrate: bool, units: list[_Unit], removed: Removed
+) -> int:
+    """Re-estimate BatchNorm statistics when asked, possible and needed; the number of batches used."""
+    if recalibrate and data is not None and has_batchnorm(model) and any(removed.get(u.name) for u in units):
+        return recalibrate_batchnorm(model, data)
+    return 0
+
+
+def _group_rows(units: list[_Unit], removed: Removed) -> list[dict[str, Any]]:
+    """One row per group for the report: its members, units before and after, and why it was left out."""
+    rows = []
+    for u in units:
+        gone = removed.get(u.name, [])
+        rows.append(
+            {
+                "name": u.name,
+                "kind": "channels" if isinstance(u.group, ChannelGroup) else "heads",
+                "members": u.group.members,
+                "units_before": u.group.units,
+                "units_after": u.group.units - len(gone),
+                "unit_size": getattr(u.group, "ch_groups", 1),
+                "channels_before": getattr(u.group, "channels", u.group.units),
+                "excluded": u.group.excluded,
+            }
+        )
+    return rows
+
+
+def _report(
+    model: nn.Module,
+    prepared: Prepared,
+    budget: _Budget,
+    baseline: _Baseline,
+    choice: _Choice,
+    eq: Equivalence,
+    recalibrated: int,
+    round_to: int | None,
+) -> StructureReport:
+    """The report on the shrunk ``model``; its warnings are the choice's notes, then the width warnings."""
+    group_rows = _group_rows(prepared.units, choice.removed)
+    warnings_list = choice.notes + _width_warnings(model, round_to, prepared.pattern, baseline.widths, choice.auto)
+    return StructureReport(
+        pattern=prepared.pattern,
+        criterion=prepared.criterion,
+        scope=budget.scope,
+        budget={budget.kind: budget.target},
+        macs_before=baseline.macs,
+        macs_after=dense_macs(model, prepared.one) or 0,
+        params_before=baseline.params,
+        params_after=count_params(model)[0],
+        units_total=baseline.units,
+        units_removed=sum(len(v) for v in choice.removed.values()),
+        groups=group_rows,
+        equivalence=eq,
+        converted_attention=prepared.converted,
+        evaluations=choice.evaluations,
+        warnings=warnings_list,
+        recalibrated_batches=recalibrated,
+        round_to=choice.round_to,
+        round_to_auto=prepared.pattern == "channel" and round_to is None,
+    )

@@ -1,0 +1,89 @@
+"""Channel groups and head groups behind one interface, and removals applied, checked and probed with it.
+
+The functions that compare outputs take the comparison as ``compare`` rather than importing it: the package
+passes in the ``compare`` it holds, which is where tests replace it (``regrow.structural.compare``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from regrow.errors import RegrowError
+from regrow.structural.graph import ChannelGroup, Cut, StructureGraph, apply_cuts
+from regrow.structural.heads import HeadGroup
+from regrow.structural.simulate import Equivalence, simulate
+
+Compare = Callable[[nn.Module, nn.Module, Any], Equivalence]  # (shrunk, simulated, inputs) -> Equivalence
+
+
+class _Unit:
+    """A channel group or a head group behind one interface: cut on a model, simulate on a copy."""
+
+    def __init__(self, group: ChannelGroup | HeadGroup, graph: StructureGraph | None) -> None:
+        self.group = group
+        self.graph = graph
+
+    @property
+    def name(self) -> str:
+        return self.group.name
+
+    def cuts(self, removed: list[int]) -> list[Cut]:
+        if isinstance(self.group, ChannelGroup) and removed:
+            assert self.graph is not None
+            return self.graph.cuts(self.group, removed)
+        return []
+
+    def heads(self, removed: list[int]) -> list[tuple[HeadGroup, list[int]]]:
+        return [(self.group, removed)] if isinstance(self.group, HeadGroup) and removed else []
+
+
+def _apply(model: nn.Module, units: list[_Unit], removed: dict[str, list[int]]) -> None:
+    """Shrink ``model`` in place: remove the given units (by index) of each group."""
+    cuts = [c for u in units for c in u.cuts(removed.get(u.name, []))]
+    apply_cuts(model, cuts)
+    for u in units:
+        for group, heads in u.heads(removed.get(u.name, [])):
+            group.apply(model, heads)
+
+
+def _check(
+    model: nn.Module, units: list[_Unit], removed: dict[str, list[int]], inputs: Any, compare: Compare
+) -> Equivalence:
+    """Simulate on one copy, shrink another copy, compare."""
+    cuts = [c for u in units for c in u.cuts(removed.get(u.name, []))]
+    heads = [h for u in units for h in u.heads(removed.get(u.name, []))]
+    simulated = simulate(model, cuts, heads)
+    shrunk = copy.deepcopy(model)
+    _apply(shrunk, units, removed)
+    return compare(shrunk, simulated, inputs)
+
+
+def _breaks_ties(model: nn.Module, unit: _Unit, ties: list[list[tuple[str, str]]]) -> str | None:
+    """Why the group cannot be shrunk when removing one of its units changes only one side of a tied
+    parameter (an embedding tied to the output layer whose two widths belong to different groups)."""
+    if not ties:
+        return None
+    trial = copy.deepcopy(model)
+    _apply(trial, [unit], {unit.name: [0]})
+    for group in ties:
+        shapes = {f"{m}.{p}": tuple(trial.get_submodule(m)._parameters[p].shape) for m, p in group}
+        if len(set(shapes.values())) > 1:
+            return f"it would untie {' from '.join(shapes)}, changing the shape of only one of them"
+    return None
+
+
+def _probe(model: nn.Module, unit: _Unit, inputs: Any, compare: Compare) -> str | None:
+    """Remove one unit on a copy; the reason the group cannot be handled, or None when it can."""
+    try:
+        eq = _check(model, [unit], {unit.name: [0]}, inputs, compare)
+    except RegrowError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - any failure means regrow cannot shrink this group correctly
+        return f"shrinking it breaks the forward pass ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    if not eq.passed:
+        return f"the shrunk layers do not match their simulation (max difference {eq.max_abs_diff:.3g})"
+    return None

@@ -1,4 +1,22 @@
-"""``regrow.recover``: fine-tune a pruned model back to accuracy while its masks stay enforced."""
+"""``regrow.recover``: fine-tune a pruned model back to accuracy while its masks stay enforced.
+
+More options of :func:`recover`, in detail:
+
+* ``lr_schedule``: ``"cosine"`` (linear warm-up for ``warmup`` of the steps, then cosine to zero),
+  ``"constant"`` or ``"one_cycle"`` (peak ``max_lr``, default the original training's peak).
+* ``ema``: keep an exponential moving average of the weights with this decay (e.g. 0.999) and use it for
+  validation, the kept checkpoint and the result (None: off). Training metrics stay those of the trained
+  weights.
+* ``rewind``: ``"lr"`` replays the original training's learning-rate schedule from ``rewind_epoch``
+  (default: its end minus the recovery length, at least 0) to its end, more slowly when recovery is longer
+  than that rest; ``"weights"`` also resets the weights to ``rewind_state`` (a state dict or safetensors
+  file of the weights at that point). Replaces ``lr_schedule``.
+* ``original``: the original training schedule (``OriginalSchedule`` or a dict with lr, epochs, schedule,
+  warmup, milestones, gamma); default: cosine from ``lr`` over twice ``epochs``.
+* ``stop_when``: ``{"within": points}`` stops once validation accuracy is within that many points of
+  ``baseline_val_accuracy`` (default: the teacher's validation accuracy); ``{"seconds": s}`` is a
+  wall-time budget.
+"""
 
 from __future__ import annotations
 
@@ -99,6 +117,238 @@ def _load_rewind_state(model: nn.Module, rewind_state: Mapping[str, Tensor] | st
                 own[k].copy_(v.to(own[k].device, own[k].dtype))
 
 
+@dataclass
+class _Setup:
+    """What :func:`recover` settles before training: validated options, data, schedule, baseline and method."""
+
+    options: RecoverConfig
+    original: OriginalSchedule
+    augment: Callable[[Any], Any] | None
+    train: Iterable[Any]
+    val: Iterable[Any]
+    baseline_val_accuracy: float | None
+    rewind: dict[str, Any] | None  # what the result reports on rewinding; None without it
+    runner: Any  # the method's losses
+    method_callbacks: list[Any]
+
+
+def _options(args: Mapping[str, Any]) -> RecoverConfig:
+    """The options of :func:`recover` (``args``: its arguments by name), validated as a recipe's would be."""
+    original = args["original"]
+    original_cfg = None if original is None or isinstance(original, OriginalSchedule) else dict(original)
+    stop_when, dynamic, share = args["stop_when"], args["dynamic"], args["share"]
+    try:
+        return RecoverConfig(
+            method=args["method"],
+            epochs=args["epochs"],
+            lr=args["lr"],
+            optimizer=args["optimizer"],
+            momentum=args["momentum"],
+            weight_decay=args["weight_decay"],
+            label_smoothing=args["label_smoothing"],
+            lr_schedule=args["lr_schedule"],
+            warmup=args["warmup"],
+            patience=args["patience"],
+            alpha=args["alpha"],
+            temperature=args["temperature"],
+            grad_clip=args["grad_clip"],
+            ema=args["ema"],
+            distill=args["distill"],
+            rewind=args["rewind"],
+            rewind_epoch=args["rewind_epoch"],
+            original=original_cfg,
+            max_lr=args["max_lr"],
+            stop_when=dict(stop_when) if stop_when is not None else None,
+            dynamic=dict(dynamic or {}),
+            share=dict(share or {}),
+            feature_weight=args["feature_weight"],
+        )
+    except ValidationError as exc:
+        raise explain(exc, "recovery options") from None
+
+
+def _check_arguments(args: Mapping[str, Any], options: RecoverConfig) -> None:
+    """Refuse combinations of :func:`recover`'s arguments that each pass alone but not together."""
+    method, share, stop_when = args["method"], args["share"], args["stop_when"]
+    if share and {"after", "epochs"} & set(share):
+        raise RegrowError(
+            "share.after and share.epochs are recipe settings (a run shares the weights after recovery); in "
+            "Python, call regrow.recover again with method='share' after the first recovery."
+        )
+    if (
+        method == "transfer"
+        and stop_when
+        and stop_when.get("within") is not None
+        and args["baseline_val_accuracy"] is None
+    ):
+        raise RegrowError(
+            "stop_when.within compares with a baseline's accuracy on the same task; the teacher of method "
+            "'transfer' has the source task's head. Pass baseline_val_accuracy= (the accuracy to approach on "
+            "the new task), or use stop_when.seconds."
+        )
+    if args["max_lr"] is not None and options.lr_schedule != "one_cycle":
+        raise RegrowError(
+            f"max_lr is the peak of lr_schedule 'one_cycle'; with {options.lr_schedule!r} it would be ignored. "
+            "Set lr_schedule='one_cycle', or leave max_lr out."
+        )
+    val_fraction = args["val_fraction"]
+    if not 0.0 < val_fraction < 1.0:
+        raise RegrowError(
+            f"val_fraction must be in (0, 1), the share of train held out for validation; got {val_fraction!r}."
+        )
+    spec = args["masks"].spec
+    if method in ("rigl", "set") and spec is not None and spec.pattern != "unstructured":
+        raise RegrowError(
+            f"method {method!r} drops and regrows single weights anywhere in a tensor, so it needs masks of pattern "
+            f"'unstructured'; these have pattern {spec.pattern!r}, which it would break. Use method 'distill' or "
+            "'finetune'."
+        )
+    if method == "share" and any(isinstance(cb, GradualPruning) for cb in args["callbacks"]):
+        raise RegrowError(
+            "method 'share' cannot run beside GradualPruning: sharing clusters the surviving weights once, at the "
+            "start, and its clusters would bring back weights the ramp prunes later. Recover with gradual pruning "
+            "first, then call recover again with method='share'."
+        )
+
+
+def _original_schedule(args: Mapping[str, Any], options: RecoverConfig) -> tuple[OriginalSchedule, bool]:
+    """How the model was first trained, and whether that is only assumed (nothing said about it)."""
+    if isinstance(args["original"], OriginalSchedule):
+        return args["original"], False
+    if options.original:
+        return options.original.schedule_object(), False
+    return default_original(args["lr"], args["epochs"]), options.original is None
+
+
+def _rewind(
+    args: Mapping[str, Any], options: RecoverConfig, original: OriginalSchedule, assumed: bool
+) -> dict[str, Any] | None:
+    """Plan the replay of the original schedule, reset the weights for ``"weights"``; what the result reports."""
+    if options.rewind == "none":
+        return None
+    if options.lr_schedule != "cosine":
+        raise RegrowError(
+            f"rewind {options.rewind!r} replays the original training's learning-rate schedule, so "
+            f"lr_schedule {options.lr_schedule!r} would be ignored: give one of the two."
+        )
+    epochs = args["epochs"]
+    start, pace = rewind_plan(original, epochs, options.rewind_epoch)
+    if pace < 1.0:
+        log.warning(
+            "rewinding: %d recovery epochs are longer than the %g epochs left of the original schedule after "
+            "epoch %g; that rest is replayed %.2fx slower so that recovery ends where the original ended.",
+            epochs,
+            original.epochs - start,
+            start,
+            1.0 / pace,
+        )
+    if options.rewind == "weights":
+        if args["rewind_state"] is None:
+            raise RegrowError(
+                "rewind 'weights' resets the surviving weights to a snapshot from training: pass rewind_state= "
+                "(a state dict or safetensors file of the weights at the rewind point), or use rewind 'lr'."
+            )
+        _load_rewind_state(args["model"], args["rewind_state"])
+    return {
+        "kind": options.rewind,
+        "original": asdict(original),
+        "rewind_epoch": options.rewind_epoch,
+        "start": start,
+        "pace": pace,
+        "assumed": assumed,
+    }
+
+
+def _baseline_val_accuracy(
+    options: RecoverConfig, given: float | None, teacher: nn.Module | None, val: Iterable[Any]
+) -> float | None:
+    """The accuracy ``stop_when.within`` approaches: as given, else the teacher's on ``val`` (None if unused)."""
+    if options.stop_when and options.stop_when.within is not None and given is None:
+        if teacher is None:
+            raise RegrowError(
+                "stop_when.within needs the baseline's validation accuracy: pass baseline_val_accuracy= or a teacher."
+            )
+        return classification_metrics(teacher, val)["accuracy"]
+    return given
+
+
+def _set_up(args: Mapping[str, Any]) -> _Setup:
+    """Check :func:`recover`'s arguments (``args``, by name) and settle everything training needs.
+
+    The order is part of the behaviour: when several arguments are wrong, the first check to fail is reported,
+    and nothing (e.g. rewinding the weights) happens after it.
+    """
+    options = _options(args)
+    _check_arguments(args, options)
+    augment = args["augment"]
+    if isinstance(augment, str):
+        from regrow.components import build_augment
+
+        augment = build_augment(augment)
+    if args["method"] == "transfer" and args["distill"]:
+        raise RegrowError(
+            "distill=True does not apply to method 'transfer': the teacher's logits are for other classes; "
+            "transfer already distills features (feature_weight)."
+        )
+    train, val = args["train"], args["val"]
+    check_reiterable(train, "train")
+    if val is None:
+        train, val = split_validation(train, args["val_fraction"])
+    else:
+        check_reiterable(val, "val")
+    teacher = args["teacher"] if args["teacher"] is not None else args["masks"].dense
+    original, assumed = _original_schedule(args, options)
+    rewind = _rewind(args, options, original, assumed)
+    baseline = _baseline_val_accuracy(options, args["baseline_val_accuracy"], teacher, val)
+    runner, method_callbacks = METHODS.get(args["method"])(options, teacher)
+    return _Setup(options, original, augment, train, val, baseline, rewind, runner, method_callbacks)
+
+
+def _train(
+    model: nn.Module, masks: MaskSet, setup: _Setup, callbacks: Sequence[Any], progress: bool
+) -> tuple[list[EpochRecord], dict[str, Any]]:
+    """Run the recovery loop (regrow.recovery.loop) with the method's callbacks before the user's."""
+    return train_loop(
+        model,
+        masks,
+        setup.train,
+        setup.val,
+        method=setup.runner,
+        options=setup.options,
+        augment=setup.augment,
+        callbacks=[*setup.method_callbacks, *callbacks],
+        progress=progress,
+        original=setup.original,
+        baseline_val_accuracy=setup.baseline_val_accuracy,
+    )
+
+
+def _details(model: nn.Module, masks: MaskSet, setup: _Setup) -> tuple[dict[str, Any], SharedWeights | None]:
+    """What the method adds to the result (``RecoveryResult.details``), and the shared weights of "share"."""
+    details: dict[str, Any] = {}
+    shared = None
+    if setup.baseline_val_accuracy is not None:
+        details["baseline_val_accuracy"] = setup.baseline_val_accuracy
+    for cb in setup.method_callbacks:
+        if isinstance(cb, DynamicSparsity):
+            details["dynamic"] = {
+                "regrow": cb.regrow,
+                "updates": len(cb.updates),
+                "weights_replaced": sum(u["replaced"] for u in cb.updates),
+                # regrown at zero and never moved: the weights count them as pruned, the masks as kept
+                "kept_zeros": sum(int((param == 0)[mask].sum()) for param, mask in masks.bind(model)),
+            }
+        if isinstance(cb, WeightSharing):
+            cb.sync(model)  # the best checkpoint was restored: codebooks follow it
+            shared = cb.shared
+            details["sharing"] = sizes(model, masks, shared)
+    if setup.options.ema is not None:
+        details["ema"] = {"decay": setup.options.ema}
+    if setup.rewind is not None:
+        details["rewind"] = setup.rewind
+    return details, shared
+
+
 def recover(
     model: nn.Module,
     masks: MaskSet,
@@ -150,26 +400,13 @@ def recover(
         epochs, lr: training budget and peak learning rate.
         optimizer: ``"adamw"`` (default) or ``"sgd"`` (with ``momentum``).
         weight_decay, label_smoothing, grad_clip: regularization.
-        ema: keep an exponential moving average of the weights with this decay (e.g. 0.999) and use it for
-            validation, the kept checkpoint and the result (None: off). Training metrics stay those of
-            the trained weights.
-        lr_schedule: ``"cosine"`` (linear warm-up for ``warmup`` of the steps, then cosine to zero),
-            ``"constant"`` or ``"one_cycle"`` (peak ``max_lr``, default the original training's peak).
         patience: stop after this many epochs without a validation gain (None: never). The best epoch
             is restored at the end either way.
         alpha, temperature: distillation loss ``alpha * T^2 * KL + (1 - alpha) * task loss``.
         augment: a callable applied to each training input batch, or a built-in's name (``regrow list augments``).
         distill: add the distillation loss to finetune / rigl / set / share (default: only for method
             "distill", where ``distill=False`` leaves the task loss alone); not for "transfer".
-        rewind: ``"lr"`` replays the original training's learning-rate schedule from ``rewind_epoch``
-            (default: its end minus the recovery length, at least 0) to its end, more slowly when recovery
-            is longer than that rest; ``"weights"`` also resets the weights to ``rewind_state`` (a state
-            dict or safetensors file of the weights at that point). Replaces ``lr_schedule``.
-        original: the original training schedule (``OriginalSchedule`` or a dict with lr, epochs,
-            schedule, warmup, milestones, gamma); default: cosine from ``lr`` over twice ``epochs``.
-        stop_when: ``{"within": points}`` stops once validation accuracy is within that many points of
-            ``baseline_val_accuracy`` (default: the teacher's validation accuracy); ``{"seconds": s}`` is
-            a wall-time budget.
+        lr_schedule, ema, rewind, original, stop_when: see the module docs, ``help(regrow.recovery)``.
         dynamic: rigl / set options: ``update_every`` (100 steps), ``drop_fraction`` (0.3), ``end`` (0.75).
         share: share options: ``k`` (16 shared values per target).
         feature_weight: transfer: weight of the feature-distillation loss.
@@ -186,165 +423,12 @@ def recover(
         >>> result = regrow.recover(model, masks, train_loader, epochs=5)
         >>> result.best_val_accuracy  # doctest: +SKIP
     """
-    if isinstance(original, OriginalSchedule):
-        original_schedule: OriginalSchedule | None = original
-        original_cfg = None
-    else:
-        original_schedule, original_cfg = None, dict(original) if original is not None else None
-    try:
-        options = RecoverConfig(
-            method=method,
-            epochs=epochs,
-            lr=lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            label_smoothing=label_smoothing,
-            lr_schedule=lr_schedule,
-            warmup=warmup,
-            patience=patience,
-            alpha=alpha,
-            temperature=temperature,
-            grad_clip=grad_clip,
-            ema=ema,
-            distill=distill,
-            rewind=rewind,
-            rewind_epoch=rewind_epoch,
-            original=original_cfg,
-            max_lr=max_lr,
-            stop_when=dict(stop_when) if stop_when is not None else None,
-            dynamic=dict(dynamic or {}),
-            share=dict(share or {}),
-            feature_weight=feature_weight,
-        )
-    except ValidationError as exc:
-        raise explain(exc, "recovery options") from None
-    if share and {"after", "epochs"} & set(share):
-        raise RegrowError(
-            "share.after and share.epochs are recipe settings (a run shares the weights after recovery); in "
-            "Python, call regrow.recover again with method='share' after the first recovery."
-        )
-    if method == "transfer" and stop_when and stop_when.get("within") is not None and baseline_val_accuracy is None:
-        raise RegrowError(
-            "stop_when.within compares with a baseline's accuracy on the same task; the teacher of method "
-            "'transfer' has the source task's head. Pass baseline_val_accuracy= (the accuracy to approach on "
-            "the new task), or use stop_when.seconds."
-        )
-    if max_lr is not None and options.lr_schedule != "one_cycle":
-        raise RegrowError(
-            f"max_lr is the peak of lr_schedule 'one_cycle'; with {options.lr_schedule!r} it would be ignored. "
-            "Set lr_schedule='one_cycle', or leave max_lr out."
-        )
-    if not 0.0 < val_fraction < 1.0:
-        raise RegrowError(
-            f"val_fraction must be in (0, 1), the share of train held out for validation; got {val_fraction!r}."
-        )
-    spec = masks.spec
-    if method in ("rigl", "set") and spec is not None and spec.pattern != "unstructured":
-        raise RegrowError(
-            f"method {method!r} drops and regrows single weights anywhere in a tensor, so it needs masks of pattern "
-            f"'unstructured'; these have pattern {spec.pattern!r}, which it would break. Use method 'distill' or "
-            "'finetune'."
-        )
-    if method == "share" and any(isinstance(cb, GradualPruning) for cb in callbacks):
-        raise RegrowError(
-            "method 'share' cannot run beside GradualPruning: sharing clusters the surviving weights once, at the "
-            "start, and its clusters would bring back weights the ramp prunes later. Recover with gradual pruning "
-            "first, then call recover again with method='share'."
-        )
-    if isinstance(augment, str):
-        from regrow.components import build_augment
-
-        augment = build_augment(augment)
-    if method == "transfer" and distill:
-        raise RegrowError(
-            "distill=True does not apply to method 'transfer': the teacher's logits are for other classes; "
-            "transfer already distills features (feature_weight)."
-        )
-    check_reiterable(train, "train")
-    if val is None:
-        train, val = split_validation(train, val_fraction)
-    else:
-        check_reiterable(val, "val")
-    teacher = teacher if teacher is not None else masks.dense
-    assumed_original = original_schedule is None and options.original is None
-    if original_schedule is None:
-        original_schedule = options.original.schedule_object() if options.original else default_original(lr, epochs)
-    if options.rewind != "none":
-        if options.lr_schedule != "cosine":
-            raise RegrowError(
-                f"rewind {options.rewind!r} replays the original training's learning-rate schedule, so "
-                f"lr_schedule {options.lr_schedule!r} would be ignored: give one of the two."
-            )
-        start, pace = rewind_plan(original_schedule, epochs, options.rewind_epoch)
-        if pace < 1.0:
-            log.warning(
-                "rewinding: %d recovery epochs are longer than the %g epochs left of the original schedule after "
-                "epoch %g; that rest is replayed %.2fx slower so that recovery ends where the original ended.",
-                epochs,
-                original_schedule.epochs - start,
-                start,
-                1.0 / pace,
-            )
-    if options.rewind == "weights":
-        if rewind_state is None:
-            raise RegrowError(
-                "rewind 'weights' resets the surviving weights to a snapshot from training: pass rewind_state= "
-                "(a state dict or safetensors file of the weights at the rewind point), or use rewind 'lr'."
-            )
-        _load_rewind_state(model, rewind_state)
-    if options.stop_when and options.stop_when.within is not None and baseline_val_accuracy is None:
-        if teacher is None:
-            raise RegrowError(
-                "stop_when.within needs the baseline's validation accuracy: pass baseline_val_accuracy= or a teacher."
-            )
-        baseline_val_accuracy = classification_metrics(teacher, val)["accuracy"]
-    runner, method_callbacks = METHODS.get(method)(options, teacher)
+    setup = _set_up(locals())  # the arguments by name: first, so that locals() holds nothing else
     started = time.perf_counter()
-    history, summary = train_loop(
-        model,
-        masks,
-        train,
-        val,
-        method=runner,
-        options=options,
-        augment=augment,
-        callbacks=[*method_callbacks, *callbacks],
-        progress=progress,
-        original=original_schedule,
-        baseline_val_accuracy=baseline_val_accuracy,
-    )
-    details: dict[str, Any] = {}
-    shared = None
-    if baseline_val_accuracy is not None:
-        details["baseline_val_accuracy"] = baseline_val_accuracy
-    for cb in method_callbacks:
-        if isinstance(cb, DynamicSparsity):
-            details["dynamic"] = {
-                "regrow": cb.regrow,
-                "updates": len(cb.updates),
-                "weights_replaced": sum(u["replaced"] for u in cb.updates),
-                # regrown at zero and never moved: the weights count them as pruned, the masks as kept
-                "kept_zeros": sum(int((param == 0)[mask].sum()) for param, mask in masks.bind(model)),
-            }
-        if isinstance(cb, WeightSharing):
-            cb.sync(model)  # the best checkpoint was restored: codebooks follow it
-            shared = cb.shared
-            details["sharing"] = sizes(model, masks, shared)
-    if options.ema is not None:
-        details["ema"] = {"decay": options.ema}
-    if options.rewind != "none":
-        details["rewind"] = {
-            "kind": options.rewind,
-            "original": asdict(original_schedule),
-            "rewind_epoch": options.rewind_epoch,
-            "start": start,
-            "pace": pace,
-            "assumed": assumed_original,
-        }
-    return RecoveryResult(
-        history=history, seconds=time.perf_counter() - started, method=method, details=details, shared=shared, **summary
-    )
+    history, summary = _train(model, masks, setup, callbacks, progress)
+    details, shared = _details(model, masks, setup)
+    seconds = time.perf_counter() - started
+    return RecoveryResult(history=history, seconds=seconds, method=method, details=details, shared=shared, **summary)
 
 
 __all__ = ["GradualPruning", "METHODS", "OriginalSchedule", "RecoveryResult", "new_head", "recover"]

@@ -204,6 +204,254 @@ def masked_step(
     return losses, logits
 
 
+@dataclass
+class _Run:
+    """The fixed pieces of one recovery run, set up once by ``_start`` and shared by the helpers below."""
+
+    model: nn.Module
+    masks: MaskSet
+    method: Any
+    options: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    enforcer: MaskEnforcer
+    state: TrainState
+    callbacks: Sequence[Any]
+    after_backward: list[Any]
+    average: WeightAverage | None
+    augment: Callable[[Any], Any] | None
+    device: torch.device
+    steps_per_epoch: int
+
+
+@dataclass
+class _Tally:
+    """Training metrics of one epoch so far: loss sums weighted by batch size, samples seen, correct ones."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    seen: int = 0
+    correct: int = 0
+
+    def add(self, losses: dict[str, Tensor], logits: Tensor, targets: Tensor) -> None:
+        """Count one batch."""
+        n = targets.shape[0]
+        self.seen += n
+        self.correct += int((logits.detach().argmax(dim=-1) == targets).sum())
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach()) * n
+
+
+@dataclass
+class _Kept:
+    """The best checkpoint so far: its epoch, its ``_rank`` key, and a copy of the weights and masks."""
+
+    epoch: int
+    key: tuple[float, float]
+    state: dict[str, Any]
+
+
+@dataclass
+class _Patience:
+    """Epochs without progress so far, and the lowest validation loss, for early stopping."""
+
+    lowest_loss: float
+    stale: int = 0
+
+    def update(self, record: EpochRecord, better: bool) -> None:
+        """Count ``record``'s epoch as stale, or reset the count."""
+        # Patience counts epochs in which neither validation accuracy (the kept checkpoint's key) nor the
+        # validation loss improved: on a small validation set accuracy moves in coarse steps while the loss
+        # still shows progress.
+        improved_loss = record.val_loss < self.lowest_loss * (1.0 - LOSS_MIN_DELTA)
+        self.lowest_loss = min(self.lowest_loss, record.val_loss)
+        self.stale = 0 if better or improved_loss else self.stale + 1
+
+
+def _lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    options: Any,
+    total_steps: int,
+    steps_per_epoch: int,
+    original: OriginalSchedule | None,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule's learning rate at every step, as ``LambdaLR``'s factor of ``options.lr``."""
+    warmup_steps = math.ceil(options.warmup * total_steps)
+    schedule = "rewind" if options.rewind != "none" else options.lr_schedule
+    lr_at = LR_SCHEDULES.get(schedule)(
+        LRContext(
+            total_steps,
+            steps_per_epoch,
+            warmup_steps,
+            options.lr,
+            original,  # type: ignore[arg-type]
+            rewind_epoch=options.rewind_epoch,
+            peak_lr=options.max_lr,
+        )
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step) / options.lr)
+
+
+def _start(
+    model: nn.Module,
+    masks: MaskSet,
+    train_data: Iterable[Any],
+    *,
+    method: Any,
+    options: Any,
+    augment: Callable[[Any], Any] | None,
+    callbacks: Sequence[Any],
+    original: OriginalSchedule | None,
+) -> _Run:
+    """Optimizer, schedule and mask enforcement; the masks applied and the callbacks started."""
+    device = model_device(model)
+    optimizer = make_optimizer(model, options)
+    steps_per_epoch = len(train_data) if hasattr(train_data, "__len__") else sum(1 for _ in train_data)
+    if steps_per_epoch == 0 and options.epochs > 0:
+        raise RegrowError("the training data has no batches; recovery needs at least one (inputs, targets) batch.")
+    total_steps = max(1, options.epochs * steps_per_epoch)
+    scheduler = _lr_scheduler(optimizer, options, total_steps, steps_per_epoch, original)
+    state = TrainState(model, masks, optimizer, train_data, total_steps)
+    enforcer = MaskEnforcer(masks, model)
+    masks.apply(model)
+    for cb in callbacks:
+        cb.on_train_start(state)
+    after_backward = [cb for cb in callbacks if hasattr(cb, "on_after_backward")]
+    # Created after on_train_start: a callback may set the weights there (weight sharing clusters them).
+    average = WeightAverage(model, masks, options.ema) if options.ema is not None else None
+    return _Run(
+        model,
+        masks,
+        method,
+        options,
+        optimizer,
+        scheduler,
+        enforcer,
+        state,
+        callbacks,
+        after_backward,
+        average,
+        augment,
+        device,
+        steps_per_epoch,
+    )
+
+
+def _step(run: _Run, batch: Any) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """One training step on ``batch``, then the learning rate, the step callbacks and the average move on."""
+    inputs, targets = unpack(batch)
+    inputs, targets = to_device(inputs, run.device), to_device(targets, run.device)
+    if run.augment is not None:
+        inputs = run.augment(inputs)
+
+    state = run.state
+    losses, logits = masked_step(
+        run.model,
+        run.method,
+        run.optimizer,
+        run.enforcer,
+        inputs,
+        targets,
+        after_backward=[lambda cb=cb: cb.on_after_backward(state) for cb in run.after_backward],
+        grad_clip=run.options.grad_clip,
+    )
+    run.scheduler.step()
+
+    state.step += 1
+    for cb in run.callbacks:
+        cb.on_step_end(state)
+    if run.average is not None:
+        run.average.update(state.step)
+    return losses, logits, targets
+
+
+def _evaluate(run: _Run, val_data: Iterable[Any], epoch: int, started: float, tally: _Tally) -> EpochRecord:
+    """Validate the model as it is now; the epoch's record, with its training metrics from ``tally``."""
+    metrics = classification_metrics(run.model, val_data)
+    seen = tally.seen
+    return EpochRecord(
+        epoch=epoch,
+        lr=run.optimizer.param_groups[0]["lr"] if epoch else None,
+        train_loss=tally.sums["loss"] / seen if seen else None,
+        train_accuracy=tally.correct / seen if seen else None,
+        val_loss=metrics["loss"],
+        val_accuracy=metrics["accuracy"],
+        sparsity=run.masks.sparsity(),
+        seconds=time.perf_counter() - started,
+        parts={k: v / seen for k, v in tally.sums.items() if k != "loss"} if seen else {},
+    )
+
+
+def _ready(run: _Run) -> bool:
+    """Whether every callback has the model in its final form (e.g. gradual pruning done)."""
+    return all(cb.checkpoint_ready(run.state) for cb in run.callbacks)
+
+
+def _keep_best(run: _Run, best: _Kept | None, record: EpochRecord, ready: bool) -> tuple[_Kept | None, bool]:
+    """The kept checkpoint after ``record``'s epoch, and whether that epoch became it."""
+    better = ready and (best is None or _rank(record) > best.key)
+    if better:
+        best = _Kept(record.epoch, _rank(record), _state_copy(run.model, run.masks))
+    return best, better
+
+
+def _log_epoch(record: EpochRecord, epochs: int) -> None:
+    """One line per epoch on the ``"regrow"`` logger (the command line prints it; progress bars are transient)."""
+    log.info(
+        "epoch %d/%d: train loss %.4f, train accuracy %.2f%%, val accuracy %.2f%%, val loss %.4f, "
+        "sparsity %.2f%% (%.1f s)",
+        record.epoch,
+        epochs,
+        record.train_loss or float("nan"),
+        100 * (record.train_accuracy or 0.0),
+        100 * record.val_accuracy,
+        record.val_loss,
+        100 * record.sparsity,
+        record.seconds,
+    )
+
+
+def _stop_reason(
+    history: list[EpochRecord], stale: int, options: Any, baseline_val_accuracy: float | None, started_all: float
+) -> str | None:
+    """Why training ends after the last epoch of ``history`` (target reached, early stopping, time up), or None."""
+    record = history[-1]
+    within = options.stop_when.within if options.stop_when else None
+    seconds = options.stop_when.seconds if options.stop_when else None
+    if (
+        within is not None
+        and baseline_val_accuracy is not None
+        and record.val_accuracy >= baseline_val_accuracy - within / 100.0
+    ):
+        return (
+            f"target reached: validation accuracy {100 * record.val_accuracy:.2f}% is within "
+            f"{within:g} points of the baseline's {100 * baseline_val_accuracy:.2f}%"
+        )
+    if options.patience is not None and stale >= options.patience:
+        return _early_stop_reason(history, options.patience)
+    if seconds is not None and time.perf_counter() - started_all >= seconds:
+        return f"wall-time budget of {seconds:g} s used"
+    return None
+
+
+def _finish(
+    run: _Run, best: _Kept | None, history: list[EpochRecord], was_training: bool, stop_reason: str
+) -> dict[str, Any]:
+    """Hand back the kept checkpoint, in the train/eval mode the model came in; the run's summary."""
+    if best is not None:
+        _restore(run.model, run.masks, best.state)
+    elif run.average is not None:  # no epoch could be kept: hand back the average of the last weights
+        run.model.load_state_dict(run.average.average, strict=False)
+    run.model.train(was_training)
+    kept = history[best.epoch] if best else history[-1]
+    return {
+        "best_epoch": kept.epoch,
+        "best_val_accuracy": kept.val_accuracy,
+        "epochs_run": history[-1].epoch,
+        "steps": run.state.step,
+        "stop_reason": stop_reason,
+    }
+
+
 def train(
     model: nn.Module,
     masks: MaskSet,
@@ -220,155 +468,50 @@ def train(
 ) -> tuple[list[EpochRecord], dict[str, Any]]:
     """Run recovery training; returns the per-epoch records and a summary (best epoch, stop reason)."""
     started_all = time.perf_counter()
-    device = model_device(model)
     was_training = model.training
-    optimizer = make_optimizer(model, options)
-    steps_per_epoch = len(train_data) if hasattr(train_data, "__len__") else sum(1 for _ in train_data)
-    if steps_per_epoch == 0 and options.epochs > 0:
-        raise RegrowError("the training data has no batches; recovery needs at least one (inputs, targets) batch.")
-    total_steps = max(1, options.epochs * steps_per_epoch)
-    warmup_steps = math.ceil(options.warmup * total_steps)
-    schedule = "rewind" if options.rewind != "none" else options.lr_schedule
-    lr_at = LR_SCHEDULES.get(schedule)(
-        LRContext(
-            total_steps,
-            steps_per_epoch,
-            warmup_steps,
-            options.lr,
-            original,  # type: ignore[arg-type]
-            rewind_epoch=options.rewind_epoch,
-            peak_lr=options.max_lr,
-        )
+    run = _start(
+        model,
+        masks,
+        train_data,
+        method=method,
+        options=options,
+        augment=augment,
+        callbacks=callbacks,
+        original=original,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step) / options.lr)
-    state = TrainState(model, masks, optimizer, train_data, total_steps)
-    enforcer = MaskEnforcer(masks, model)
-    masks.apply(model)
-    for cb in callbacks:
-        cb.on_train_start(state)
-    after_backward = [cb for cb in callbacks if hasattr(cb, "on_after_backward")]
-
-    def validate(epoch: int, started: float, train_sums: dict[str, float], seen: int, correct: int) -> EpochRecord:
-        metrics = classification_metrics(model, val_data)
-        return EpochRecord(
-            epoch=epoch,
-            lr=optimizer.param_groups[0]["lr"] if epoch else None,
-            train_loss=train_sums["loss"] / seen if seen else None,
-            train_accuracy=correct / seen if seen else None,
-            val_loss=metrics["loss"],
-            val_accuracy=metrics["accuracy"],
-            sparsity=masks.sparsity(),
-            seconds=time.perf_counter() - started,
-            parts={k: v / seen for k, v in train_sums.items() if k != "loss"} if seen else {},
-        )
-
-    # Created after on_train_start: a callback may set the weights there (weight sharing clusters them).
-    average = WeightAverage(model, masks, options.ema) if options.ema is not None else None
-    history = [validate(0, time.perf_counter(), {"loss": 0.0}, 0, 0)]
-    ready = all(cb.checkpoint_ready(state) for cb in callbacks)
-    best = {"epoch": 0, "key": _rank(history[0]), "state": _state_copy(model, masks)} if ready else None
-    stale, stop_reason = 0, "epoch budget used"
-    lowest_loss = history[0].val_loss
-    within = options.stop_when.within if options.stop_when else None
-    seconds = options.stop_when.seconds if options.stop_when else None
+    history = [_evaluate(run, val_data, 0, time.perf_counter(), _Tally())]
+    best, _ = _keep_best(run, None, history[0], _ready(run))
+    patience = _Patience(lowest_loss=history[0].val_loss)
+    stop_reason = "epoch budget used"
 
     for epoch in range(1, options.epochs + 1):
-        state.epoch = epoch
+        run.state.epoch = epoch
         model.train()
         started = time.perf_counter()
-        sums: dict[str, float] = {}
-        seen = correct = 0
-        bar = progress_bar(train_data, f"recover {epoch}/{options.epochs}", enabled=progress, total=steps_per_epoch)
+        tally = _Tally()
+        bar = progress_bar(train_data, f"recover {epoch}/{options.epochs}", enabled=progress, total=run.steps_per_epoch)
         for batch in bar:
-            inputs, targets = unpack(batch)
-            inputs, targets = to_device(inputs, device), to_device(targets, device)
-            if augment is not None:
-                inputs = augment(inputs)
-
-            losses, logits = masked_step(
-                model,
-                method,
-                optimizer,
-                enforcer,
-                inputs,
-                targets,
-                after_backward=[lambda cb=cb: cb.on_after_backward(state) for cb in after_backward],
-                grad_clip=options.grad_clip,
-            )
-            scheduler.step()
-
-            state.step += 1
-            for cb in callbacks:
-                cb.on_step_end(state)
-            if average is not None:
-                average.update(state.step)
-
-            n = targets.shape[0]
-            seen += n
-            correct += int((logits.detach().argmax(dim=-1) == targets).sum())
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
+            losses, logits, targets = _step(run, batch)
+            tally.add(losses, logits, targets)
             if not bar.disable:
-                bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", refresh=False)
+                bar.set_postfix(loss=f"{tally.sums['loss'] / tally.seen:.4f}", refresh=False)
 
-        enforcer.weights()  # the once-per-epoch safety net
+        run.enforcer.weights()  # the once-per-epoch safety net
         # Only a model in its final form (e.g. gradual pruning done) may become the kept checkpoint.
-        ready = all(cb.checkpoint_ready(state) for cb in callbacks)
-        with average.swapped_in(model) if average else nullcontext():  # validation and kept checkpoint: the average
-            record = validate(epoch, started, sums, seen, correct)
-            better = ready and (best is None or _rank(record) > best["key"])
-            if better:
-                best = {"epoch": epoch, "key": _rank(record), "state": _state_copy(model, masks)}
+        ready = _ready(run)
+        # With ema, validation and the kept checkpoint use the average; training metrics stay the trained weights'.
+        with run.average.swapped_in(model) if run.average else nullcontext():
+            record = _evaluate(run, val_data, epoch, started, tally)
+            best, better = _keep_best(run, best, record, ready)
         history.append(record)
-        log.info(
-            "epoch %d/%d: train loss %.4f, train accuracy %.2f%%, val accuracy %.2f%%, val loss %.4f, "
-            "sparsity %.2f%% (%.1f s)",
-            epoch,
-            options.epochs,
-            record.train_loss or float("nan"),
-            100 * (record.train_accuracy or 0.0),
-            100 * record.val_accuracy,
-            record.val_loss,
-            100 * record.sparsity,
-            record.seconds,
-        )
+        _log_epoch(record, options.epochs)
 
         if not ready:
             continue
-        # Patience counts epochs in which neither validation accuracy (the kept checkpoint's key) nor the
-        # validation loss improved: on a small validation set accuracy moves in coarse steps while the loss
-        # still shows progress.
-        improved_loss = record.val_loss < lowest_loss * (1.0 - LOSS_MIN_DELTA)
-        lowest_loss = min(lowest_loss, record.val_loss)
-        stale = 0 if better or improved_loss else stale + 1
-        if (
-            within is not None
-            and baseline_val_accuracy is not None
-            and record.val_accuracy >= baseline_val_accuracy - within / 100.0
-        ):
-            stop_reason = (
-                f"target reached: validation accuracy {100 * record.val_accuracy:.2f}% is within "
-                f"{within:g} points of the baseline's {100 * baseline_val_accuracy:.2f}%"
-            )
-            break
-        if options.patience is not None and stale >= options.patience:
-            stop_reason = _early_stop_reason(history, options.patience)
-            break
-        if seconds is not None and time.perf_counter() - started_all >= seconds:
-            stop_reason = f"wall-time budget of {seconds:g} s used"
+        patience.update(record, better)
+        reason = _stop_reason(history, patience.stale, options, baseline_val_accuracy, started_all)
+        if reason is not None:
+            stop_reason = reason
             break
 
-    if best is not None:
-        _restore(model, masks, best["state"])
-    elif average is not None:  # no epoch could be kept: hand back the average of the last weights
-        model.load_state_dict(average.average, strict=False)
-    model.train(was_training)
-    kept = history[best["epoch"]] if best else history[-1]
-    summary = {
-        "best_epoch": kept.epoch,
-        "best_val_accuracy": kept.val_accuracy,
-        "epochs_run": history[-1].epoch,
-        "steps": state.step,
-        "stop_reason": stop_reason,
-    }
-    return history, summary
+    return history, _finish(run, best, history, was_training, stop_reason)

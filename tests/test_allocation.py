@@ -334,7 +334,7 @@ def test_run_with_sensitivity_allocation_writes_a_reusable_file(tmp_path):
 
 
 def test_structural_allocation_file_with_unknown_groups_is_refused_before_training(tmp_path, monkeypatch):
-    import regrow.pipeline
+    import regrow.pipeline.baseline
 
     plan = {"format": "regrow.allocation", "method": "sensitivity", "pattern": "channel", "budget": {"macs": 0.5}}
     (tmp_path / "allocation.json").write_text(json.dumps({**plan, "per_target": {"0": 0.5, "nope": 0.5}, "notes": []}))
@@ -342,7 +342,7 @@ def test_structural_allocation_file_with_unknown_groups_is_refused_before_traini
     def no_training(*args, **kwargs):
         raise AssertionError("the baseline was trained before the allocation file was checked")
 
-    monkeypatch.setattr(regrow.pipeline, "_train_baseline", no_training)
+    monkeypatch.setattr(regrow.pipeline.baseline, "train_baseline", no_training)
     overrides = [
         "prune.pattern=channel",
         "prune.sparsity=null",
@@ -381,7 +381,7 @@ def test_auto_strategy_measures_without_changing_the_training_order():
     from regrow.config import validate
     from regrow.data import DATASETS
     from regrow.models import MODELS
-    from regrow.pipeline import _auto_strategy
+    from regrow.pipeline.plan import auto_strategy as _auto_strategy
 
     cfg = validate({"model": {"name": "digits_cnn"}, "data": {"name": "digits"}, "prune": {"sparsity": 0.9}})
     train = DATASETS.get("digits")().train

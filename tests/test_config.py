@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from regrow.config import apply_overrides, load_config, read_recipe, validate
@@ -73,7 +75,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 
 
 def test_found_files_become_absolute_and_leave_the_given_keys_alone(tmp_path, monkeypatch):
-    from regrow.pipeline import _with_found_files
+    from regrow.pipeline.load import with_found_files as _with_found_files
 
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "alloc.json").write_text("{}")
@@ -92,3 +94,54 @@ def test_found_files_become_absolute_and_leave_the_given_keys_alone(tmp_path, mo
     (tmp_path / "alloc.json").write_text("{}")  # the same name in the working directory: which one is meant?
     with pytest.raises(RegrowError, match="'alloc.json' names two different files: .* give an absolute path"):
         _with_found_files(cfg, [tmp_path / "recipes"])
+
+
+NEW_TASK = {"name": "digits", "kwargs": {"classes": [0, 1, 2, 3, 4]}}
+RULE_EXAMPLES = {  # one recipe each rule refuses (overrides on the demo recipe), and a part of its message
+    "_schedule": (["schedule.name=iterative", "prune.threshold=0.1", "prune.sparsity=null"], "not prune.threshold"),
+    "_dynamic_needs_unstructured": (["recover.method=rigl", "prune.pattern=2:4", "prune.sparsity=null"], "'2:4'"),
+    "_rewind_weights_keeps_shapes": (
+        ["prune.pattern=channel", "prune.sparsity=null", "prune.macs=0.5", "recover.rewind=weights"],
+        "only rewind 'lr' applies",
+    ),
+    "_rewind_replays_its_schedule": (
+        ["recover.rewind=lr", "recover.lr_schedule=constant"],
+        "'constant' would be ignored",
+    ),
+    "_bn_scale_scores_channels": (["prune.criterion=bn_scale"], "needs pattern 'channel'"),
+    "_gradual_rises": (["schedule.name=gradual", "schedule.initial=0.95"], "must be below the target"),
+    "_clamps_bound_a_plan": (["prune.clamps={'0.*': [0, 0.5]}"], "give prune.allocation"),
+    "_latency_in_one_shot": (
+        ["prune.pattern=channel", "prune.sparsity=null", "prune.latency=0.8", "schedule.name=iterative"],
+        "met in one shot",
+    ),
+    "_transfer": (["recover.method=transfer", "recover.distill=true"], "does not apply to method 'transfer'"),
+    "_share_once": (["schedule.name=gradual", "recover.method=share"], "clusters the surviving weights once"),
+    "_within_needs_a_baseline": (["model.train=null", "recover.stop_when={within: 1}"], "untrained network"),
+    "_ignored_keys": (["recover.max_lr=0.01"], "recover.max_lr is given but applies only"),
+    "_rewind_point_inside": (["recover.rewind=lr", "recover.rewind_epoch=500"], "is not inside the original"),
+    "_transfer_is_not_distill": ([f"model.train.data={NEW_TASK}", "recover.method=distill"], "cannot teach it"),
+    "_rewind_weights_has_weights": (["model.train=null", "recover.rewind=weights"], "needs the weights at the rewind"),
+}
+
+
+def test_every_refused_combination_is_refused_when_the_recipe_is_read():
+    """Each rule of regrow.config.checks fires on its example, before anything is built (load_config only)."""
+    from regrow.config import RunConfig
+    from regrow.config.checks import RULES
+
+    assert sorted(r.check.__name__ for r in RULES) == sorted(RULE_EXAMPLES)
+    for name, (overrides, message) in RULE_EXAMPLES.items():
+        with pytest.raises(RegrowError, match=re.escape(message)):
+            load_config("demo", overrides)
+        cfg = RunConfig.model_validate(apply_overrides(read_recipe("demo")[0], overrides))  # the rules not applied
+        first = next(r for r in RULES if list(r.check(cfg)))
+        assert first.check.__name__ == name
+
+
+def test_a_valid_recipe_passes_every_rule():
+    from regrow.config.checks import RULES
+
+    cfg, _ = load_config("demo")
+
+    assert all(list(r.check(cfg)) == [] for r in RULES)

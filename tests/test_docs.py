@@ -56,3 +56,15 @@ def test_readme_signatures_match_the_code():
         for arg in call.args:
             assert arg.id in signature.parameters, f"README: regrow.{name} has no parameter {arg.id!r}"
     assert checked >= 20
+
+
+def test_recipes_md_lists_the_refused_combinations_the_code_applies():
+    import re
+
+    from regrow.config.checks import RULES, rules_markdown
+
+    text = (ROOT / "docs" / "recipes.md").read_text()
+    block = re.search(r"<!-- rules: regrow.config.checks.rules_markdown\(\) -->\n(.*?)<!-- /rules -->", text, re.S)
+    assert block is not None, "docs/recipes.md lost its rules block"
+    assert block.group(1) == rules_markdown()
+    assert len(RULES) >= 15

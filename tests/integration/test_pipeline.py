@@ -91,7 +91,7 @@ def test_a_run_that_fails_late_leaves_the_earlier_run_untouched(tmp_path, monkey
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C during recovery, after the baseline was trained and evaluated
 
-    monkeypatch.setattr("regrow.pipeline.recover", interrupted)
+    monkeypatch.setattr("regrow.pipeline.recover.recover", interrupted)
     with pytest.raises(KeyboardInterrupt):
         regrow.run("demo", overrides=budget, out_dir=out, overwrite=True, progress=False)
     assert _files(out) == before  # no file replaced, removed or added, no staging folder left
@@ -135,7 +135,7 @@ def test_an_unreadable_rewind_checkpoint_is_refused_before_training_and_keeps_th
     def never(*args, **kwargs):
         raise AssertionError("the baseline was trained before the rewind checkpoint was checked")
 
-    monkeypatch.setattr("regrow.pipeline._train_baseline", never)
+    monkeypatch.setattr("regrow.pipeline.baseline.train_baseline", never)
     for checkpoint, message in ((corrupt, "is not a readable safetensors file"), (narrower, "have other shapes")):
         weights = ["recover.rewind=weights", f"recover.rewind_checkpoint={checkpoint}"]
         with pytest.raises(regrow.RegrowError, match=message):
@@ -436,7 +436,7 @@ def test_sharing_with_k_above_the_surviving_weights_reports_the_values_it_stores
 
 
 def test_the_sharing_post_step_is_merged_into_the_recovery_summary():
-    from regrow.pipeline import _merge_shared
+    from regrow.pipeline.recover import merge_shared as _merge_shared
     from regrow.recovery import RecoveryResult
 
     def result(best_epoch, epochs, reason, method):

@@ -1,0 +1,133 @@
+"""Stage 1, load: the recipe as a validated config, the output folder checked, the data and the model built."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from regrow.components import build_data, build_model, device_of, find_file, search_path
+from regrow.config import RunConfig, apply_overrides, load_config, settle_strategy, validate
+from regrow.data import DataBundle
+from regrow.data.split import split_validation
+from regrow.errors import RegrowError
+from regrow.io import RUN_FILES, prepare_out_dir
+
+Recipe = RunConfig | Mapping[str, Any] | str | os.PathLike[str]
+
+
+@dataclass
+class Loaded:
+    """The run's inputs: the config (files the recipe names made absolute), where its factories import from,
+    the device, and the data splits and model they built (the model already on the device)."""
+
+    cfg: RunConfig
+    search: list[Path]
+    device: str
+    bundle: DataBundle
+    train: Any
+    val: Any
+    test: Any
+    model: nn.Module
+
+
+def read_config(config: Recipe, overrides: list[str]) -> tuple[RunConfig, list[Path]]:
+    """The validated config (every rule of regrow.checks applied) and the folders its factories import from."""
+    cfg, recipe_path = as_config(config, overrides)
+    search = search_path(recipe_path)
+    return with_found_files(cfg, search), search
+
+
+def check_out_dir(cfg: RunConfig, out_dir: str | os.PathLike[str] | None, overwrite: bool) -> None:
+    """Fail before any work if the output folder would be refused, or would replace a file the run reads."""
+    if out_dir:
+        prepare_out_dir(out_dir, overwrite=overwrite, create=False)
+        check_inputs_outside(cfg, Path(out_dir))
+
+
+def load_data(cfg: RunConfig, search: list[Path]) -> tuple[DataBundle, Any, Any, Any]:
+    """The data bundle and its train / validation / test splits (validation carved out when not given)."""
+    bundle = build_data(cfg.data, search)
+    train, val, test = bundle.train, bundle.val, bundle.test
+    if val is None:
+        train, val = split_validation(train, cfg.data.val_fraction, cfg.seed)
+    return bundle, train, val, test
+
+
+def load_inputs(cfg: RunConfig, search: list[Path]) -> Loaded:
+    """Build the data, then the model (in that order: the model's initialisation draws after the data's)."""
+    device = device_of(cfg.device)
+    bundle, train, val, test = load_data(cfg, search)
+    model = build_model(cfg.model, search).to(device)
+    return Loaded(cfg, search, device, bundle, train, val, test, model)
+
+
+def load_source(cfg: RunConfig, search: list[Path]) -> DataBundle | None:
+    """The source task's data of a transfer run (``model.train.data``), validation carved out; else None."""
+    if cfg.model.train is None or cfg.model.train.data is None:
+        return None
+    source = build_data(cfg.model.train.data, search)
+    if source.val is None:
+        source.train, source.val = split_validation(source.train, cfg.model.train.data.val_fraction, cfg.seed)
+    return source
+
+
+def as_config(config: Recipe, overrides: list[str]) -> tuple[RunConfig, Path | None]:
+    """A RunConfig from a config, a dict or a recipe path / name, with ``--set`` overrides applied."""
+    if isinstance(config, RunConfig):
+        strategy = config.strategy or ("auto" if config.auto() else "manual")
+        config = config.model_dump(mode="json") | {"strategy": strategy}
+    if isinstance(config, Mapping):
+        return validate(apply_overrides(settle_strategy(dict(config)), overrides)), None
+    return load_config(config, overrides)
+
+
+def with_found_files(cfg: RunConfig, search: list[Path]) -> RunConfig:
+    """Files the recipe names relative to its folder, made absolute: the saved config.yaml reruns from anywhere.
+
+    Only the keys that change are replaced, so the keys a recipe set stay exactly those it set (strategy auto
+    is decided from them)."""
+
+    def found(name: str | None) -> str | None:
+        path = find_file(name, search) if name else None
+        return str(path.resolve()) if path is not None and path.is_file() else name
+
+    for section, key in (("model", "checkpoint"), ("prune", "allocation_file"), ("recover", "rewind_checkpoint")):
+        part = getattr(cfg, section)
+        old = getattr(part, key)
+        new = found(old)
+        if new != old:
+            cfg = cfg.model_copy(update={section: part.model_copy(update={key: new})})
+    return cfg
+
+
+def config_text(cfg: RunConfig, search: list[Path]) -> str:
+    """config.yaml: the resolved config, headed by where its factories were imported from."""
+    folders = ", ".join(json.dumps(str(f)) for f in [Path.cwd(), *search])
+    return (
+        "# The resolved config of this run: rerun it with `regrow run config.yaml`. Factories were imported from\n"
+        f"# {folders}; run it again where they still import.\n" + cfg.to_yaml()
+    )
+
+
+def check_inputs_outside(cfg: RunConfig, out: Path) -> None:
+    """Refuse an output folder where a finished run would replace one of the files the run reads."""
+    inputs = {
+        "model.checkpoint": cfg.model.checkpoint,
+        "prune.allocation_file": cfg.prune.allocation_file,
+        "recover.rewind_checkpoint": cfg.recover.rewind_checkpoint,
+    }
+    for key, name in inputs.items():
+        if name is None:
+            continue
+        path = Path(name)
+        if path.name in RUN_FILES and path.parent.resolve() == out.resolve():
+            raise RegrowError(
+                f"{key} {name!r} is in the output folder {str(out)!r}, and a finished run writes its own "
+                f"{path.name} there, replacing the file it was given. Choose another --out, or move the file."
+            )

@@ -16,6 +16,7 @@ The public API::
 from __future__ import annotations
 
 from regrow._version import __version__ as __version__
+from regrow.accelerate import accelerate
 from regrow.allocation import Allocation, allocate
 from regrow.config import RunConfig, load_config
 from regrow.errors import RegrowError
@@ -41,6 +42,7 @@ __all__ = [
     "SensitivityResult",
     "Snapshot",
     "StructureReport",
+    "accelerate",
     "allocate",
     "evaluate",
     "load",

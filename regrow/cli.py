@@ -206,7 +206,9 @@ def _print_summary(report: object) -> None:
         line = f"pruning drop {100 * drop:.2f} points; recovery won back {100 * frac:.1f}% of it"
     speed = report.prune.get("speed")  # type: ignore[attr-defined]
     if speed:
-        line += f"; measured CPU speed-up {speed['speedup']:.2f}x"
+        where = "CPU" if speed.get("device", "cpu") == "cpu" else f"GPU ({speed['device']})"
+        line += f"; measured {where} speed-up {speed['speedup']:.2f}x"
+        line += "".join(f"; {s}" for s in speed.get("slower", []))
     console.print(line)
     console.print(f"report: {report.out_dir}/report.md")  # type: ignore[attr-defined]
 

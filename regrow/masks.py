@@ -156,9 +156,10 @@ def _saved_spec(path: str | os.PathLike[str]) -> PruneSpec | None:
 class MaskEnforcer:
     """Multiplies gradients and weights by the masks, as fast as the hot loop needs.
 
-    The boolean masks are turned once into multipliers of each parameter's dtype (multiplying by a bool
-    tensor would convert it on every call), and all targets are multiplied in one fused call. When the
-    masks change in place (``MaskSet.touch``), the multipliers are rebuilt.
+    The boolean masks are turned once into multipliers of each parameter's dtype and memory layout
+    (multiplying by a bool tensor would convert it on every call; a channels-last weight times a contiguous
+    multiplier would leave the fused kernel's fast path), and all targets are multiplied in one fused call.
+    When the masks change in place (``MaskSet.touch``), the multipliers are rebuilt.
     """
 
     def __init__(self, masks: MaskSet, model: nn.Module) -> None:
@@ -171,7 +172,7 @@ class MaskEnforcer:
         if self._version != self.masks.version:
             pairs = self.masks.bind(self.model)
             self._params = [p for p, _ in pairs]
-            self._factors = [m.to(p.dtype) for p, m in pairs]
+            self._factors = [torch.empty_like(p, requires_grad=False).copy_(m) for p, m in pairs]
             self._version = self.masks.version
 
     @torch.no_grad()

@@ -120,6 +120,8 @@ RULE_EXAMPLES = {  # one recipe each rule refuses (overrides on the demo recipe)
     "_within_needs_a_baseline": (["model.train=null", "recover.stop_when={within: 1}"], "untrained network"),
     "_ignored_keys": (["recover.max_lr=0.01"], "recover.max_lr is given but applies only"),
     "_rewind_point_inside": (["recover.rewind=lr", "recover.rewind_epoch=500"], "is not inside the original"),
+    "_accelerate_needs_2_4_on_cuda": (["accelerate.enabled=true"], "has no 2:4 weights"),
+    "_transfer_is_not_compiled": (["recover.method=transfer", "recover.compile=true"], "does not apply to method"),
     "_transfer_is_not_distill": ([f"model.train.data={NEW_TASK}", "recover.method=distill"], "cannot teach it"),
     "_rewind_weights_has_weights": (["model.train=null", "recover.rewind=weights"], "needs the weights at the rewind"),
 }
@@ -145,3 +147,9 @@ def test_a_valid_recipe_passes_every_rule():
     cfg, _ = load_config("demo")
 
     assert all(list(r.check(cfg)) == [] for r in RULES)
+
+
+def test_acceleration_is_refused_on_the_cpu_with_the_reason():
+    overrides = ["accelerate.enabled=true", "prune.pattern=2:4", "prune.sparsity=null", "device=cpu"]
+    with pytest.raises(RegrowError, match="needs a CUDA device .recipe device: 'cpu'.. regrow.accelerate needs an NVIDIA"):
+        load_config("demo", overrides)

@@ -163,3 +163,31 @@ def test_evaluate_refuses_a_one_shot_iterator():
     batches = make_batches(3)
     with pytest.raises(regrow.RegrowError, match="one-shot iterator"):
         regrow.evaluate(TinyMLP(), iter(batches), latency=False)
+
+
+def test_the_speed_pair_is_timed_at_batch_1_too_and_a_slower_shrunk_model_is_named():
+    import time
+
+    from regrow.config import EvaluateConfig
+    from regrow.pipeline.context import Timer
+    from regrow.pipeline.measure import compare_speed
+
+    class Slow(torch.nn.Module):  # a "shrunk" model whose every forward pass costs 2 ms more
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            time.sleep(0.002)
+            return self.inner(x)
+
+    dense = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    test = [(torch.randn(16, 8), torch.zeros(16, dtype=torch.long))]
+    ev = EvaluateConfig(repeats=5, warmup=1)
+    speed = compare_speed(dense, Slow(dense), test, ev, "cpu", True, Timer())
+    assert [r["batch_size"] for r in speed["batches"]] == [16, 1]
+    assert speed["speedup"] == speed["batches"][0]["speedup"] < 0.95
+    assert len(speed["slower"]) == 2 and "at batch 1 on cpu" in speed["slower"][1]
+    masked = compare_speed(dense, Slow(dense), test, ev, "cpu", False, Timer())  # same shapes: no claim either way
+    assert masked["slower"] == []
+    assert compare_speed(dense, dense, test, EvaluateConfig(latency=False), "cpu", True, Timer()) is None

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from regrow.config.checks import check_config
 from regrow.config.schema import (
     BUDGET_KEYS,
+    AccelerateConfig,
     ComponentConfig,
     DataConfig,
     DynamicConfig,
@@ -37,6 +38,7 @@ from regrow.errors import RegrowError
 
 __all__ = [
     "BUDGET_KEYS",
+    "AccelerateConfig",
     "ComponentConfig",
     "DataConfig",
     "DynamicConfig",

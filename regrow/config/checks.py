@@ -304,6 +304,15 @@ def _rewind_point_inside(cfg: RunConfig) -> Iterator[str]:
         )
 
 
+@rule("`recover.compile: true` with `method: transfer` (its feature hook follows the model on every step).")
+def _transfer_is_not_compiled(cfg: RunConfig) -> Iterator[str]:
+    if cfg.recover.compile and cfg.recover.method == "transfer":
+        yield (
+            "compile=True does not apply to method 'transfer': its feature distillation hooks the model's classifier "
+            "on every step, which a compiled model cannot follow. Use compile=False, or method 'finetune'."
+        )
+
+
 @rule(
     "`model.train.data` (a transfer to a new head) with `method: distill`: the source model's logits cannot "
     "teach the new classes; use `transfer` or `finetune`."
@@ -328,3 +337,26 @@ def _rewind_weights_has_weights(cfg: RunConfig) -> Iterator[str]:
             "recover.rewind 'weights' needs the weights at the rewind point: give recover.rewind_checkpoint "
             "(a safetensors file), or let regrow train the baseline (model.train) and keep them itself."
         )
+
+
+@rule(
+    "`accelerate.enabled` with a pattern other than `2:4`, or on a run whose device is not CUDA (there are no "
+    "semi-structured sparse kernels for the CPU)."
+)
+def _accelerate_needs_2_4_on_cuda(cfg: RunConfig) -> Iterator[str]:
+    import torch
+
+    if not cfg.accelerate.enabled:
+        return
+    pattern, _ = _pattern(cfg)
+    if pattern != "2:4":
+        yield (
+            f"accelerate.enabled packs 2:4 weights for sparse tensor cores; pattern {pattern!r} has no 2:4 weights. "
+            "Use prune.pattern '2:4', or leave accelerate out."
+        )
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if not cuda:
+        from regrow.accelerate import CPU_MESSAGE
+
+        yield f"accelerate.enabled needs a CUDA device (recipe device: {cfg.device!r}). {CPU_MESSAGE}"
+

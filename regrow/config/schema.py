@@ -311,6 +311,26 @@ class RecoverConfig(_Strict):
         description="a built-in augmentation (shift, noise, hflip) or 'package.module:function' "
         "mapping an input batch to an augmented one",
     )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="autocast precision of the training step (student and teacher) and of validation: fp32 | "
+        "bf16 | fp16; weights, gradients and optimizer state stay float32, fp16 adds a gradient scaler",
+    )
+    channels_last: bool | Literal["auto"] = Field(
+        "auto",
+        description="channels-last (NHWC) memory format for 4-D weights and inputs: true | false | auto (on for "
+        "a convolutional model on a CUDA device: one with a Conv2d other than a ViT's patch embedding)",
+    )
+    compile: bool = Field(
+        False, description="run the training forward through torch.compile (not with method transfer)"
+    )
+
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _channels_last(cls, v: Any) -> Any:
+        if v is True or v is False or v == "auto":
+            return v
+        raise one_of("channels_last", v, ["true", "false", "auto"])
 
     @field_validator("method")
     @classmethod
@@ -339,6 +359,18 @@ class EvaluateConfig(_Strict):
     warmup: int = Field(5, ge=0)
 
 
+class AccelerateConfig(_Strict):
+    """2:4 weights packed for sparse tensor cores (regrow.accelerate) on a copy of the recovered model, on CUDA;
+    the report states what was converted, what stayed dense and why, the speed-up and the accuracy measured."""
+
+    enabled: bool = Field(False, description="pack the recovered 2:4 model's Linear weights (CUDA, pattern 2:4)")
+    backend: Literal["auto", "cusparselt", "cutlass"] = Field(
+        "auto", description="auto: cuSPARSELt when torch has it (the only one on Hopper), else CUTLASS on sm8x"
+    )
+    dtype: Literal["bf16", "fp16"] = Field("bf16", description="the copy is cast to this (the kernels need it)")
+    cuda_graph: bool = Field(False, description="time with CUDA graphs (kernel time, no launch cost)")
+
+
 class RunConfig(_Strict):
     """A whole run: baseline -> prune -> recover -> report -> export."""
 
@@ -357,6 +389,7 @@ class RunConfig(_Strict):
     recover: RecoverConfig = Field(default_factory=RecoverConfig)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    accelerate: AccelerateConfig = Field(default_factory=AccelerateConfig)
 
     @field_validator("name")
     @classmethod

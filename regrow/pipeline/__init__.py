@@ -1,6 +1,6 @@
 """``regrow.run``: one run, read as its stages.
 
-    load -> check -> baseline -> plan -> prune -> recover -> measure -> export -> report
+    load -> check -> baseline -> plan -> prune -> recover -> measure -> export -> (accelerate) -> report
 
 Each stage is a function in the module named after it, with typed inputs and outputs: :mod:`.load`
 (``Loaded``), :mod:`.check` (``Checked``), :mod:`.baseline` (``Baseline``), :mod:`.plan` (``Plan``),
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from regrow.io import atomic_write_text, prepare_out_dir, staged_out_dir
+from regrow.pipeline.accelerate import accelerate_model
 from regrow.pipeline.baseline import set_baseline, train_baseline
 from regrow.pipeline.check import check_inputs, check_request
 from regrow.pipeline.context import Timer, default_out_dir, reproducible_kernels, seed_everything
@@ -69,12 +70,17 @@ def run(
         pruned = prune_model(loaded, decided, snapshots, timer)
         recovered = recover_model(loaded, decided, pruned, base.teacher, timer, progress)
         result = snapshots.take(loaded.model, "recovered", decided.spec.targets)
-        speed = compare_speed(base.teacher, loaded.model, loaded.test, cfg.evaluate, timer)
+        speed = compare_speed(
+            base.teacher, loaded.model, loaded.test, cfg.evaluate, loaded.device, decided.structural, timer
+        )
         with timer.stage("export"):
             files = export_model(
                 loaded.model, recovered, decided.spec, decided.cfg, out, loaded.test, search, result, base.classes
             )
-        report = build_report(loaded, decided, base, pruned, recovered, snapshots, speed, files, timer, final)
+        acceleration = accelerate_model(loaded, decided, recovered.masks, timer)
+        report = build_report(
+            loaded, decided, base, pruned, recovered, snapshots, speed, acceleration, files, timer, final
+        )
         report.write(out)
     return report
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
-from regrow.batches import to_device
+from regrow.batches import model_device, to_device
 from regrow.config import EvaluateConfig
 from regrow.measure import Snapshot, evaluate, sample_inputs
 from regrow.measure.latency import compare_latency
 from regrow.pipeline.context import Timer
+
+log = logging.getLogger("regrow")
 
 
 class Snapshots:
@@ -38,24 +41,62 @@ class Snapshots:
         return self.taken[stage]
 
 
+SLOWER = 0.95  # a shrunk model under this speed-up at some batch size is reported as slower, with the numbers
+
+
 def compare_speed(
-    teacher: nn.Module | None, model: nn.Module, test: Any, ev: EvaluateConfig, timer: Timer
+    teacher: nn.Module | None,
+    model: nn.Module,
+    test: Any,
+    ev: EvaluateConfig,
+    device: str,
+    shrunk: bool,
+    timer: Timer,
 ) -> dict[str, Any] | None:
-    """The dense and the recovered model timed in interleaved pairs on the CPU: their latencies and speed-up
-    (None when latency is off or there is no dense copy to time)."""
+    """The dense and the recovered model timed in interleaved pairs on the run's device (synchronised on a GPU),
+    at the latency batch size and at batch 1: latencies and speed-ups (None when latency is off or there is no
+    dense copy to time). A ``shrunk`` model slower than dense at some batch size gets a warning with the numbers:
+    a small batch is bound by per-layer overheads, a large one by arithmetic, and the two can disagree."""
     if not ev.latency or teacher is None:
         return None
+    where = torch.device(device)
     with timer.stage("compare_latency"):
+        dense, pruned = (m if model_device(m) == where else copy.deepcopy(m).to(where) for m in (teacher, model))
         batch = sample_inputs(test, ev.latency_batch_size)
-        dense_cpu, pruned_cpu = copy.deepcopy(teacher).cpu(), copy.deepcopy(model).cpu()
-        before, after = compare_latency(
-            dense_cpu,
-            pruned_cpu,
-            to_device(batch, torch.device("cpu")),
-            rounds=max(ev.repeats, 30),  # a ratio needs enough pairs to be steady
-            warmup=ev.warmup,
-        )
-    return {"baseline": before.to_dict(), "recovered": after.to_dict(), "speedup": before.median_ms / after.median_ms}
+        rows = [_timed_pair(dense, pruned, batch, ev, where)]
+        if rows[0]["batch_size"] != 1:
+            rows.append(_timed_pair(dense, pruned, sample_inputs(test, 1), ev, where))
+    first = rows[0]
+    speed = {k: first[k] for k in ("baseline", "recovered", "speedup")} | {"device": str(where), "batches": rows}
+    slower = [r for r in rows if r["speedup"] < SLOWER] if shrunk else []
+    speed["slower"] = [
+        f"the shrunk model is slower than the dense one at batch {r['batch_size']} on {where}: {r['speedup']:.2f}x "
+        f"({r['baseline']['median_ms']:.3f} ms dense, {r['recovered']['median_ms']:.3f} ms shrunk, median of "
+        f"{r['baseline']['repeats']} interleaved pairs)"
+        for r in slower
+    ]
+    for line in speed["slower"]:
+        log.warning(line)
+    return speed
+
+
+def _timed_pair(
+    dense: nn.Module, pruned: nn.Module, inputs: Any, ev: EvaluateConfig, where: torch.device
+) -> dict[str, Any]:
+    """One interleaved timing of the two models on ``inputs``: their latencies and the speed-up."""
+    before, after = compare_latency(
+        dense,
+        pruned,
+        to_device(inputs, where),
+        rounds=max(ev.repeats, 30),  # a ratio needs enough pairs to be steady
+        warmup=ev.warmup,
+    )
+    return {
+        "batch_size": before.batch_size,
+        "baseline": before.to_dict(),
+        "recovered": after.to_dict(),
+        "speedup": before.median_ms / after.median_ms,
+    }
 
 
 def overall_structure(reports: list[dict[str, Any]], budget: dict[str, float]) -> dict[str, Any] | None:

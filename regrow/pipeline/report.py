@@ -19,7 +19,12 @@ from regrow.select import final_classifier
 
 
 def prune_section(
-    decided: Plan, pruned: Pruned, base: Baseline, snapshots: Snapshots, speed: dict[str, Any] | None
+    decided: Plan,
+    pruned: Pruned,
+    base: Baseline,
+    snapshots: Snapshots,
+    speed: dict[str, Any] | None,
+    acceleration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report's prune section: the request, the structure reached, the speed measured, what was planned."""
     spec, sens, strategy, allocation = decided.spec, decided.sens, decided.strategy, decided.allocation
@@ -34,6 +39,7 @@ def prune_section(
         "structure": structure,
         "structure_rounds": reports if len(reports) > 1 else None,
         "speed": speed,
+        "acceleration": acceleration,
         "strategy": strategy.to_dict() if strategy is not None else None,
         "sensitivity": sens.to_dict() if sens is not None else None,
         "allocation": allocation.to_dict() if allocation is not None else None,
@@ -49,12 +55,13 @@ def build_report(
     recovered: Recovered,
     snapshots: Snapshots,
     speed: dict[str, Any] | None,
+    acceleration: dict[str, Any] | None,
     files: dict[str, Any],
     timer: Timer,
     final: Path,
 ) -> RunReport:
     """The run's report, addressed to the folder it is published in (``final``)."""
-    prune_info = prune_section(decided, pruned, base, snapshots, speed)
+    prune_info = prune_section(decided, pruned, base, snapshots, speed, acceleration)
     recovered.info.update(base.extra)
     return RunReport(
         name=decided.cfg.name,

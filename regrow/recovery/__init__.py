@@ -16,6 +16,15 @@ More options of :func:`recover`, in detail:
 * ``stop_when``: ``{"within": points}`` stops once validation accuracy is within that many points of
   ``baseline_val_accuracy`` (default: the teacher's validation accuracy); ``{"seconds": s}`` is a
   wall-time budget.
+* ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: autocast of the forward pass (student
+  and teacher) and of validation; weights, gradients and optimizer state stay float32, so masks stay
+  exact. ``"fp16"`` adds a gradient scaler and skips steps whose gradients overflow.
+* ``channels_last``: ``"auto"`` (default: on for a convolutional model on a CUDA device), ``True`` or
+  ``False``: the NHWC memory format for 4-D weights and inputs; the model is handed back in its own.
+* ``compile``: run the student's training forward through ``torch.compile`` (the first steps compile).
+  Not with method ``"transfer"``, whose feature hook changes the model on every step.
+
+``regrow.recovery.compute`` explains how these work and where the loop reads values back to the host.
 """
 
 from __future__ import annotations
@@ -31,13 +40,14 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from regrow.batches import check_reiterable
+from regrow.batches import check_reiterable, model_device
 from regrow.config import RecoverConfig, explain
 from regrow.data.split import split_validation
 from regrow.errors import RegrowError
 from regrow.masks import MaskSet
 from regrow.measure.metrics import classification_metrics
 from regrow.recovery.callbacks import GradualPruning
+from regrow.recovery.compute import autocast, check_precision
 from regrow.recovery.dynamic import DynamicSparsity
 from regrow.recovery.loop import EpochRecord
 from regrow.recovery.loop import train as train_loop
@@ -162,6 +172,9 @@ def _options(args: Mapping[str, Any]) -> RecoverConfig:
             dynamic=dict(dynamic or {}),
             share=dict(share or {}),
             feature_weight=args["feature_weight"],
+            precision=args["precision"],
+            channels_last=args["channels_last"],
+            compile=args["compile"],
         )
     except ValidationError as exc:
         raise explain(exc, "recovery options") from None
@@ -190,6 +203,12 @@ def _check_arguments(args: Mapping[str, Any], options: RecoverConfig) -> None:
         raise RegrowError(
             f"max_lr is the peak of lr_schedule 'one_cycle'; with {options.lr_schedule!r} it would be ignored. "
             "Set lr_schedule='one_cycle', or leave max_lr out."
+        )
+    check_precision(options.precision, args["model"], model_device(args["model"]))
+    if options.compile and method == "transfer":
+        raise RegrowError(
+            "compile=True does not apply to method 'transfer': its feature distillation hooks the model's classifier "
+            "on every step, which a compiled model cannot follow. Use compile=False, or method 'finetune'."
         )
     val_fraction = args["val_fraction"]
     if not 0.0 < val_fraction < 1.0:
@@ -268,7 +287,8 @@ def _baseline_val_accuracy(
             raise RegrowError(
                 "stop_when.within needs the baseline's validation accuracy: pass baseline_val_accuracy= or a teacher."
             )
-        return classification_metrics(teacher, val)["accuracy"]
+        with autocast(options.precision, model_device(teacher)):  # as recovery will validate
+            return classification_metrics(teacher, val)["accuracy"]
     return given
 
 
@@ -323,9 +343,12 @@ def _train(
     )
 
 
-def _details(model: nn.Module, masks: MaskSet, setup: _Setup) -> tuple[dict[str, Any], SharedWeights | None]:
-    """What the method adds to the result (``RecoveryResult.details``), and the shared weights of "share"."""
-    details: dict[str, Any] = {}
+def _details(
+    model: nn.Module, masks: MaskSet, setup: _Setup, compute: dict[str, Any]
+) -> tuple[dict[str, Any], SharedWeights | None]:
+    """What the method adds to the result (``RecoveryResult.details``), and the shared weights of "share";
+    ``compute`` says how the steps computed (precision, channels-last, compile)."""
+    details: dict[str, Any] = {"compute": compute}
     shared = None
     if setup.baseline_val_accuracy is not None:
         details["baseline_val_accuracy"] = setup.baseline_val_accuracy
@@ -383,6 +406,9 @@ def recover(
     dynamic: Mapping[str, Any] | None = None,
     share: Mapping[str, Any] | None = None,
     feature_weight: float = 0.1,
+    precision: str = "fp32",
+    channels_last: bool | str = "auto",
+    compile: bool = False,
     callbacks: Sequence[Any] = (),
     progress: bool = True,
 ) -> RecoveryResult:
@@ -397,26 +423,23 @@ def recover(
         method: ``"distill"`` (default), ``"finetune"``, ``"rigl"``, ``"set"``, ``"share"`` or
             ``"transfer"``; see ``regrow list methods``.
         teacher: the dense model for distillation and transfer; default: the frozen copy ``prune`` kept.
-        epochs, lr: training budget and peak learning rate.
-        optimizer: ``"adamw"`` (default) or ``"sgd"`` (with ``momentum``).
+        epochs, lr, optimizer: training budget, peak learning rate, ``"adamw"`` (default) or ``"sgd"`` (``momentum``).
         weight_decay, label_smoothing, grad_clip: regularization.
-        patience: stop after this many epochs without a validation gain (None: never). The best epoch
-            is restored at the end either way.
+        patience: epochs without a validation gain before stopping (None: never); the best epoch is restored.
         alpha, temperature: distillation loss ``alpha * T^2 * KL + (1 - alpha) * task loss``.
         augment: a callable applied to each training input batch, or a built-in's name (``regrow list augments``).
         distill: add the distillation loss to finetune / rigl / set / share (default: only for method
             "distill", where ``distill=False`` leaves the task loss alone); not for "transfer".
-        lr_schedule, ema, rewind, original, stop_when: see the module docs, ``help(regrow.recovery)``.
+        lr_schedule, ema, rewind, original, stop_when: see the module docs, ``help(regrow.recovery)``; also
+            precision (``"fp32"``, ``"bf16"``, ``"fp16"``), channels_last and compile: how the steps compute.
         dynamic: rigl / set options: ``update_every`` (100 steps), ``drop_fraction`` (0.3), ``end`` (0.75).
         share: share options: ``k`` (16 shared values per target).
         feature_weight: transfer: weight of the feature-distillation loss.
         callbacks: step callbacks, e.g. :class:`regrow.GradualPruning`.
-        progress: show progress bars (on a terminal only; each epoch is also logged at INFO level on the
-            ``"regrow"`` logger, which the command line prints).
+        progress: progress bars (on a terminal only); each epoch is also logged at INFO on the ``"regrow"`` logger.
 
     Returns:
-        A :class:`RecoveryResult`; the model holds the best checkpoint and is left in the train/eval mode
-        it came in.
+        A :class:`RecoveryResult`; the model holds the best checkpoint, in the train/eval mode it came in.
 
     Example:
         >>> masks = regrow.prune(model, 0.9)
@@ -426,7 +449,7 @@ def recover(
     setup = _set_up(locals())  # the arguments by name: first, so that locals() holds nothing else
     started = time.perf_counter()
     history, summary = _train(model, masks, setup, callbacks, progress)
-    details, shared = _details(model, masks, setup)
+    details, shared = _details(model, masks, setup, summary.pop("compute"))  # details["compute"]: precision, ...
     seconds = time.perf_counter() - started
     return RecoveryResult(history=history, seconds=seconds, method=method, details=details, shared=shared, **summary)
 

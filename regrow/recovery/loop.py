@@ -24,6 +24,12 @@ metrics are those of the trained weights.
 Callbacks (``regrow.recovery.callbacks``) may act at three points: ``on_train_start``,
 ``on_after_backward`` (gradients are dense and unmasked here: dynamic sparsity reads them, weight sharing
 pools them), and ``on_step_end`` (after the optimizer step and the re-masking).
+
+How the steps compute (``precision``, ``channels_last``, ``compile``) lives in ``regrow.recovery.compute``:
+autocast changes the forward pass only, so the masks still act on float32 gradients and weights. The step
+itself never reads a value back to the host: the training loss and accuracy are summed on the device and
+read once per progress-bar refresh and once per epoch (each ``.item()`` or ``float(tensor)`` would make
+the CPU wait for the GPU).
 """
 
 from __future__ import annotations
@@ -39,12 +45,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from regrow.batches import model_device, to_device, unpack
+from regrow.batches import model_device
 from regrow.errors import RegrowError
 from regrow.masks import MaskEnforcer, MaskSet
 from regrow.measure.cost import storage_key, unique_tensors
 from regrow.measure.metrics import classification_metrics
 from regrow.progress import bar as progress_bar
+from regrow.recovery.compute import Compute, DeviceTally, on_device
 from regrow.recovery.lr import LR_SCHEDULES, LRContext, OriginalSchedule
 
 log = logging.getLogger("regrow")
@@ -188,17 +195,29 @@ def masked_step(
     after_backward: Sequence[Callable[[], None]] = (),
     grad_clip: float | None = None,
     strict: bool = False,
+    compute: Compute | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """One optimizer step with the masks enforced; returns the named losses and the logits."""
-    losses, logits = method.losses(model, inputs, targets)
+    """One optimizer step with the masks enforced; returns the named losses and the logits.
+
+    ``compute`` (default: fp32, no scaler) sets the autocast precision of the forward pass and, for fp16,
+    scales the loss and skips a step whose gradients overflowed (``regrow.recovery.compute``).
+    """
+    with compute.autocast() if compute is not None else nullcontext():
+        losses, logits = method.losses(model, inputs, targets)
     optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
+    if compute is not None:
+        compute.backward(losses["loss"], optimizer)  # fp16: unscaled again before anything reads the gradients
+    else:
+        losses["loss"].backward()
     for hook in after_backward:  # dense gradients: dynamic sparsity reads them, sharing pools them
         hook()
-    enforcer.gradients()  # (1) pruned weights get no gradient, hence no optimizer state
+    enforcer.gradients()  # (1) pruned weights get no gradient, hence no optimizer state: one fused multiply
     if grad_clip is not None:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    if compute is not None:
+        compute.step(optimizer)  # fp16: skipped, weights and state untouched, when a gradient is inf or NaN
+    else:
+        optimizer.step()
     if strict:  # (2) see the module docstring: SGD and AdamW cannot move a zero with no gradient or state
         enforcer.weights()
     return losses, logits
@@ -222,23 +241,8 @@ class _Run:
     augment: Callable[[Any], Any] | None
     device: torch.device
     steps_per_epoch: int
-
-
-@dataclass
-class _Tally:
-    """Training metrics of one epoch so far: loss sums weighted by batch size, samples seen, correct ones."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    seen: int = 0
-    correct: int = 0
-
-    def add(self, losses: dict[str, Tensor], logits: Tensor, targets: Tensor) -> None:
-        """Count one batch."""
-        n = targets.shape[0]
-        self.seen += n
-        self.correct += int((logits.detach().argmax(dim=-1) == targets).sum())
-        for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach()) * n
+    compute: Compute
+    trained: nn.Module  # what the training steps call: the model, or its torch.compile wrapper
 
 
 @dataclass
@@ -301,13 +305,15 @@ def _start(
     augment: Callable[[Any], Any] | None,
     callbacks: Sequence[Any],
     original: OriginalSchedule | None,
+    compute: Compute,
 ) -> _Run:
-    """Optimizer, schedule and mask enforcement; the masks applied and the callbacks started."""
-    device = model_device(model)
-    optimizer = make_optimizer(model, options)
+    """Model layout, optimizer, schedule and mask enforcement; the masks applied and the callbacks started."""
     steps_per_epoch = len(train_data) if hasattr(train_data, "__len__") else sum(1 for _ in train_data)
     if steps_per_epoch == 0 and options.epochs > 0:
         raise RegrowError("the training data has no batches; recovery needs at least one (inputs, targets) batch.")
+    # First: the optimizer state, the mask multipliers and the weight average take the weights' layout.
+    trained = compute.prepare(model, getattr(method, "teacher", None))
+    optimizer = make_optimizer(model, options)
     total_steps = max(1, options.epochs * steps_per_epoch)
     scheduler = _lr_scheduler(optimizer, options, total_steps, steps_per_epoch, original)
     state = TrainState(model, masks, optimizer, train_data, total_steps)
@@ -331,21 +337,23 @@ def _start(
         after_backward,
         average,
         augment,
-        device,
+        compute.device,
         steps_per_epoch,
+        compute,
+        trained,
     )
 
 
-def _step(run: _Run, batch: Any) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """One training step on ``batch``, then the learning rate, the step callbacks and the average move on."""
-    inputs, targets = unpack(batch)
-    inputs, targets = to_device(inputs, run.device), to_device(targets, run.device)
+def _step(run: _Run, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """One training step on a batch already on the device, then the learning rate, the step callbacks and the
+    average move on."""
     if run.augment is not None:
         inputs = run.augment(inputs)
+    inputs = run.compute.layout(inputs)
 
     state = run.state
     losses, logits = masked_step(
-        run.model,
+        run.trained,
         run.method,
         run.optimizer,
         run.enforcer,
@@ -353,6 +361,7 @@ def _step(run: _Run, batch: Any) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         targets,
         after_backward=[lambda cb=cb: cb.on_after_backward(state) for cb in run.after_backward],
         grad_clip=run.options.grad_clip,
+        compute=run.compute,
     )
     run.scheduler.step()
 
@@ -361,23 +370,26 @@ def _step(run: _Run, batch: Any) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         cb.on_step_end(state)
     if run.average is not None:
         run.average.update(state.step)
-    return losses, logits, targets
+    return losses, logits
 
 
-def _evaluate(run: _Run, val_data: Iterable[Any], epoch: int, started: float, tally: _Tally) -> EpochRecord:
-    """Validate the model as it is now; the epoch's record, with its training metrics from ``tally``."""
-    metrics = classification_metrics(run.model, val_data)
+def _evaluate(run: _Run, val_data: Iterable[Any], epoch: int, started: float, tally: DeviceTally) -> EpochRecord:
+    """Validate the model as it is now (in the training precision); the epoch's record, with its training
+    metrics from ``tally`` (read back from the device here)."""
+    with run.compute.autocast():
+        metrics = classification_metrics(run.model, val_data)
     seen = tally.seen
+    sums, correct = tally.read() if seen else ({}, 0)
     return EpochRecord(
         epoch=epoch,
         lr=run.optimizer.param_groups[0]["lr"] if epoch else None,
-        train_loss=tally.sums["loss"] / seen if seen else None,
-        train_accuracy=tally.correct / seen if seen else None,
+        train_loss=sums["loss"] / seen if seen else None,
+        train_accuracy=correct / seen if seen else None,
         val_loss=metrics["loss"],
         val_accuracy=metrics["accuracy"],
         sparsity=run.masks.sparsity(),
         seconds=time.perf_counter() - started,
-        parts={k: v / seen for k, v in tally.sums.items() if k != "loss"} if seen else {},
+        parts={k: v / seen for k, v in sums.items() if k != "loss"} if seen else {},
     )
 
 
@@ -449,52 +461,30 @@ def _finish(
         "epochs_run": history[-1].epoch,
         "steps": run.state.step,
         "stop_reason": stop_reason,
+        "compute": run.compute.details(),
     }
 
 
-def train(
-    model: nn.Module,
-    masks: MaskSet,
-    train_data: Iterable[Any],
-    val_data: Iterable[Any],
-    *,
-    method: Any,
-    options: Any,
-    augment: Callable[[Any], Any] | None = None,
-    callbacks: Sequence[Any] = (),
-    progress: bool = True,
-    original: OriginalSchedule | None = None,
-    baseline_val_accuracy: float | None = None,
-) -> tuple[list[EpochRecord], dict[str, Any]]:
-    """Run recovery training; returns the per-epoch records and a summary (best epoch, stop reason)."""
-    started_all = time.perf_counter()
-    was_training = model.training
-    run = _start(
-        model,
-        masks,
-        train_data,
-        method=method,
-        options=options,
-        augment=augment,
-        callbacks=callbacks,
-        original=original,
-    )
-    history = [_evaluate(run, val_data, 0, time.perf_counter(), _Tally())]
+def _epochs(
+    run: _Run, val_data: Iterable[Any], progress: bool, baseline_val_accuracy: float | None, started_all: float
+) -> tuple[list[EpochRecord], _Kept | None, str]:
+    """Validate the model as it came in, then train epoch by epoch until a stop reason; the records, the kept
+    checkpoint and the stop reason."""
+    model, options, train_data = run.model, run.options, run.state.train_data
+    history = [_evaluate(run, val_data, 0, time.perf_counter(), DeviceTally())]
     best, _ = _keep_best(run, None, history[0], _ready(run))
     patience = _Patience(lowest_loss=history[0].val_loss)
-    stop_reason = "epoch budget used"
 
     for epoch in range(1, options.epochs + 1):
         run.state.epoch = epoch
         model.train()
         started = time.perf_counter()
-        tally = _Tally()
+        tally = DeviceTally()
         bar = progress_bar(train_data, f"recover {epoch}/{options.epochs}", enabled=progress, total=run.steps_per_epoch)
-        for batch in bar:
-            losses, logits, targets = _step(run, batch)
+        for inputs, targets in on_device(bar, run.device):
+            losses, logits = _step(run, inputs, targets)
             tally.add(losses, logits, targets)
-            if not bar.disable:
-                bar.set_postfix(loss=f"{tally.sums['loss'] / tally.seen:.4f}", refresh=False)
+            tally.show(bar)  # reads the running loss back at most once per bar refresh
 
         run.enforcer.weights()  # the once-per-epoch safety net
         # Only a model in its final form (e.g. gradual pruning done) may become the kept checkpoint.
@@ -511,7 +501,42 @@ def train(
         patience.update(record, better)
         reason = _stop_reason(history, patience.stale, options, baseline_val_accuracy, started_all)
         if reason is not None:
-            stop_reason = reason
-            break
+            return history, best, reason
+    return history, best, "epoch budget used"
 
-    return history, _finish(run, best, history, was_training, stop_reason)
+
+def train(
+    model: nn.Module,
+    masks: MaskSet,
+    train_data: Iterable[Any],
+    val_data: Iterable[Any],
+    *,
+    method: Any,
+    options: Any,
+    augment: Callable[[Any], Any] | None = None,
+    callbacks: Sequence[Any] = (),
+    progress: bool = True,
+    original: OriginalSchedule | None = None,
+    baseline_val_accuracy: float | None = None,
+) -> tuple[list[EpochRecord], dict[str, Any]]:
+    """Run recovery training; returns the per-epoch records and a summary (best epoch, stop reason, and how
+    the steps computed: ``"compute"``)."""
+    started_all = time.perf_counter()
+    was_training = model.training
+    compute = Compute.settle(options, model, model_device(model))
+    try:
+        run = _start(
+            model,
+            masks,
+            train_data,
+            method=method,
+            options=options,
+            augment=augment,
+            callbacks=callbacks,
+            original=original,
+            compute=compute,
+        )
+        history, best, stop_reason = _epochs(run, val_data, progress, baseline_val_accuracy, started_all)
+        return history, _finish(run, best, history, was_training, stop_reason)
+    finally:
+        compute.restore()  # also when training fails: the model and teacher go back to their own layout

@@ -59,7 +59,9 @@ class DistillLoss(TaskLoss):
 
     def losses(self, model: nn.Module, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         out, logits = super().losses(model, inputs, targets)
-        with torch.no_grad():
+        # inference_mode: no autograd bookkeeping at all for the frozen teacher; the loop's autocast (if any)
+        # runs it in the student's precision.
+        with torch.inference_mode():
             teacher_logits = forward(self.teacher, inputs)
         if teacher_logits.shape != logits.shape:
             raise RegrowError(
@@ -95,8 +97,9 @@ class FeatureDistillLoss(TaskLoss):
 
     def losses(self, model: nn.Module, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         logits, feats = self._features(model, inputs)
-        with torch.no_grad():
+        with torch.inference_mode():
             _, teacher_feats = self._features(self.teacher, inputs)
+        teacher_feats = teacher_feats.clone()  # a normal tensor: the MSE's backward saves its target
         task = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         # Relative squared error, so the weight means the same whatever the scale of the features.
         feature = F.mse_loss(feats, teacher_feats) / teacher_feats.pow(2).mean().clamp(min=1e-8)

@@ -84,6 +84,7 @@ def render_markdown(report: _Report) -> str:
         *_sensitivity(spec),
         *_allocation(spec),
         *_size_and_speed(report, stages),
+        *_acceleration(spec),
         *_structure(spec),
         *_recovery(report),
         *_per_target_sparsity(spec, rec),
@@ -234,16 +235,35 @@ def _size_rows(s: dict[str, Snapshot], stages: list[str], structure: bool) -> li
 
 
 def _measured_speedup(speed: dict[str, Any] | None) -> list[str]:
-    """The interleaved baseline / recovered CPU timing, when the run measured one."""
+    """The interleaved baseline / recovered timings on the run's device, when the run measured them."""
     if not speed:
         return []
     b, r = speed["baseline"], speed["recovered"]
-    return [
+    device = speed.get("device", "cpu")
+    where = "CPU" if device == "cpu" else f"GPU ({device})"
+    out = [
         "",
-        f"Measured CPU speed-up, baseline / recovered: **{speed['speedup']:.2f}x** ({b['median_ms']:.3f} ms vs "
+        f"Measured {where} speed-up, baseline / recovered: **{speed['speedup']:.2f}x** ({b['median_ms']:.3f} ms vs "
         f"{r['median_ms']:.3f} ms median, batch {b['batch_size']}, {b['threads']} threads, {b['repeats']} "
         "forward passes of each model, interleaved in one process).",
     ]
+    out += [
+        f"At batch {row['batch_size']}: **{row['speedup']:.2f}x** ({row['baseline']['median_ms']:.3f} ms vs "
+        f"{row['recovered']['median_ms']:.3f} ms)."
+        for row in speed.get("batches", [])[1:]
+    ]
+    out += [f"**Slower than dense:** {line}." for line in speed.get("slower", [])]
+    return out
+
+
+def _acceleration(spec: dict[str, Any]) -> list[str]:
+    """2:4 weights packed for sparse tensor cores on a copy of the recovered model (accelerate.enabled)."""
+    acc = spec.get("acceleration")
+    if not acc:
+        return []
+    accuracy = acc.get("accuracy")
+    line = "no layer was converted" if accuracy is None else f"test accuracy of the packed copy: {pct(accuracy)}"
+    return ["", "## 2:4 on sparse tensor cores", "", acc["markdown"].rstrip(), "", line[0].upper() + line[1:] + "."]
 
 
 def _structure(spec: dict[str, Any]) -> list[str]:
@@ -335,6 +355,8 @@ def _recovery(report: _Report) -> list[str]:
     rec_info = report.recovery
     out = ["", "## Recovery", "", _recovery_run(rec_info)]
     details = rec_info.get("details") or {}
+    if details.get("compute"):
+        out.append(_compute(details["compute"]))
     if details.get("rewind"):
         out.append(_rewind(details["rewind"]))
     out += _recovery_options(rec_info, details)
@@ -365,6 +387,29 @@ def _recovery_run(rec_info: dict[str, Any]) -> str:
     return (
         f"{run}, best epoch {rec_info.get('best_epoch')} (validation accuracy "
         f"{pct(rec_info.get('best_val_accuracy'))}{note}); ended by: {rec_info.get('stop_reason')}."
+    )
+
+
+def _compute(c: dict[str, Any]) -> str:
+    """One sentence on how recovery computed: its precision, and channels-last / torch.compile when used."""
+    extras = [
+        *(["channels-last memory format"] if c.get("channels_last") else []),
+        *(["torch.compile"] if c.get("compile") else []),
+    ]
+    how = f" on {c.get('device', 'an unknown device')}" + (f", {' and '.join(extras)}" if extras else "")
+    weights = c.get("weights", "float32")
+    if c.get("precision", "fp32") == "fp32":
+        return f"Precision: recovery trained and validated in {weights} (no autocast){how}."
+    scaler = (
+        f"; a gradient scaler skipped {c['skipped_steps']} step{'' if c['skipped_steps'] == 1 else 's'} whose "
+        "gradients overflowed"
+        if "skipped_steps" in c
+        else ""
+    )
+    return (
+        f"Precision: recovery trained and validated with {c['precision']} autocast{how} (weights, gradients and "
+        f"optimizer state in {weights}{scaler}). The accuracies of the stages above are measured without autocast, "
+        f"in {weights}."
     )
 
 

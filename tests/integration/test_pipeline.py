@@ -467,3 +467,31 @@ def test_the_sharing_post_step_is_merged_into_the_recovery_summary():
         assert info["steps"] == 40 + 10 * n and info["seconds"] == 4.0 + n
         assert info["best_epoch"] == 4 + shared_best and info["best_val_accuracy"] == 0.5 + shared_best / 100
         assert info.get("best_note") == note and info["sharing"] == {"k": 4}
+
+
+def test_the_acceleration_stage_reports_its_layers_speed_and_accuracy(tmp_path, monkeypatch):
+    """The stage's plumbing on the CPU, with the packing faked (real kernels: tests/test_gpu.py on a GPU)."""
+    import regrow.config.checks as checks
+    from regrow.accelerate import AccelerationReport, LayerRow, SpeedResult
+
+    calls = []
+
+    def fake_accelerate(model, masks, *, backend, dtype, example_inputs, cuda_graph):
+        calls.append((sorted(masks), backend, dtype, tuple(example_inputs.shape)))
+        model.to(dtype)
+        rows = [LayerRow(f, tuple(model.get_parameter(f).shape), "bfloat16", "cpu", True, True) for f in masks]
+        speed = SpeedResult(2.0, 1.6, 1.25, 1e-3, "eager", 50, 10, "fake", "cpu")
+        return AccelerationReport("cusparselt", "bfloat16", {"name": "fake GPU"}, rows, speed)
+
+    monkeypatch.setattr("regrow.pipeline.accelerate.accelerate", fake_accelerate)
+    monkeypatch.setattr(checks, "RULES", [r for r in checks.RULES if "accelerate" not in r.check.__name__])
+    overrides = ["prune.pattern=2:4", "prune.sparsity=null", "prune.ignore=[0.weight]", "model.train.epochs=1"]
+    overrides += ["recover.epochs=1", "evaluate.latency=false", "accelerate.enabled=true"]
+    report = regrow.run("demo", overrides=overrides, out_dir=tmp_path / "run", progress=False)
+    (targets, backend, dtype, shape) = calls[0]
+    assert targets == report.prune["targets"] and backend == "auto" and dtype == torch.bfloat16 and shape[0] == 64
+    acc = report.prune["acceleration"]
+    assert acc["speed"]["speedup"] == 1.25 and 0 < acc["accuracy"] <= 1
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "## 2:4 on sparse tensor cores" in text and "Test accuracy of the packed copy" in text
+    assert "model.safetensors" in os.listdir(tmp_path / "run")

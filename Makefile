@@ -5,13 +5,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+# timm's real model definitions are the test zoo (tests/test_zoo.py). Installed without its dependencies: it
+# requires torchvision, whose PyPI build needs CUDA libraries and does not load beside the CPU torch; the tests
+# use a stand-in for it (tests/stubs) when the real one cannot be imported. Its other needs come with [hf].
+TIMM_VERSION ?= 1.0.31
 
 .PHONY: install demo test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install -e ".[test,hf]"
+	$(BIN)/pip install --no-deps "timm==$(TIMM_VERSION)"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -68,3 +68,38 @@ def macs_as_latency(monkeypatch):
         )
 
     monkeypatch.setattr(structural, "compare_latency", fake)
+
+
+def import_timm():
+    """timm, for the test zoo, importable without the real torchvision.
+
+    torchvision's PyPI build needs CUDA libraries and does not load beside the CPU torch wheel, and timm imports
+    it; timm's model code needs only ``FrozenBatchNorm2d`` from it. When the real torchvision cannot be imported,
+    tests/stubs (a test-only stand-in, see tests/stubs/README.md) is put on sys.path for timm's import only, and
+    taken off again: left there, other libraries would take it for torchvision (transformers asks find_spec,
+    finds it, then imports names it lacks). Skips the test when timm itself is not installed.
+    """
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed (make install adds it)", allow_module_level=True)
+
+    def drop_torchvision():
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+
+    try:
+        return importlib.import_module("timm")
+    except Exception:  # noqa: BLE001 - torchvision absent, or present but broken (CUDA libraries missing)
+        drop_torchvision()
+    stubs = str(Path(__file__).parent / "stubs")
+    sys.path.insert(0, stubs)
+    try:
+        return importlib.import_module("timm")
+    finally:
+        sys.path.remove(stubs)
+        drop_torchvision()  # timm holds what it took; nothing else sees the stand-in
+        importlib.invalidate_caches()

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _timm(name, **kwargs):
-    timm = pytest.importorskip("timm")
+    timm = pytest.importorskip("timm")  # the GPU machine has the real torchvision, so no stand-in is needed
     torch.manual_seed(0)
     return timm.create_model(name, pretrained=False, **kwargs).eval()
 
@@ -29,8 +29,10 @@ def test_structural_pruning_chooses_on_cuda_what_it_chooses_on_the_cpu(name):
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = True
     on_cpu, on_gpu = copy.deepcopy(dense), copy.deepcopy(dense).cuda()
-    cpu = regrow.prune(on_cpu, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
-    gpu = regrow.prune(on_gpu, pattern="channel", macs=0.5, example_inputs=x.cuda(), keep_dense=False).structure
+    # round_to stated: its default follows the hardware (16 on AVX-512 CPUs, 8 on CUDA)
+    opts = {"pattern": "channel", "macs": 0.5, "keep_dense": False, "round_to": 8}
+    cpu = regrow.prune(on_cpu, example_inputs=x, **opts).structure
+    gpu = regrow.prune(on_gpu, example_inputs=x.cuda(), **opts).structure
     assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     assert gpu.equivalence.passed
     assert abs(gpu.macs_ratio - 0.5) <= 0.01 and gpu.macs_ratio == pytest.approx(cpu.macs_ratio)

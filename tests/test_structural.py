@@ -8,12 +8,14 @@ import weakref
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import regrow
 from regrow.errors import RegrowError
 from regrow.report.markdown import _rounding
 from regrow.structural import MultiheadAttention, load, save, shrink
 from regrow.structural.attention import convert_attention
+from regrow.structural.units import _check
 from zoo import CNNS, TRANSFORMERS, DenseConcat, ResidualCNN, TinyTransformer, images, tokens
 
 
@@ -270,7 +272,7 @@ def test_a_handler_broken_only_for_larger_cuts_fails_the_final_check(monkeypatch
     original = type(conv).prune_out_channels
 
     def wrong_when_many(self, layer, idxs):
-        if len(idxs) > 1:
+        if len(idxs) > 3:  # a probe removes at most three units (units._probe_removal): it passes
             idxs = list(range(len(idxs)))  # drops the first channels instead of the chosen ones
         return original(self, layer, idxs)
 
@@ -508,3 +510,215 @@ def test_tied_weights_stay_tied_through_shrinking_and_reloading(tmp_path):
     save(model, tmp_path)
     again = load(tmp_path, TiedEmbedding).eval()
     assert again.head.weight is again.emb.weight and torch.equal(again(x), y)
+
+
+# On any device: exact arithmetic, probes on the CPU (regrow.structural.device) -------------------------------
+
+_PRECISIONS = [
+    (backend, op)
+    for backend in ("generic", "cuda", "mkldnn")
+    for op in (("all",) if backend == "generic" else ("all", "matmul", "conv", "rnn"))
+]
+
+
+def _flags():
+    """Every TF32 / float32-precision setting torch has, as it reads back (None where torch refuses to read)."""
+
+    def read(fn):
+        try:
+            return fn()
+        except RuntimeError:
+            return None
+
+    precisions = {}
+    if hasattr(torch._C, "_get_fp32_precision_getter"):
+        precisions = {k: torch._C._get_fp32_precision_getter(*k) for k in _PRECISIONS}
+    return {
+        "matmul": read(lambda: torch.backends.cuda.matmul.allow_tf32),
+        "cudnn": read(lambda: torch.backends.cudnn.allow_tf32),
+        "precision": read(torch.get_float32_matmul_precision),
+        **precisions,
+    }
+
+
+@pytest.fixture
+def tf32_on():
+    """TF32 switched on for the test, as a user on an Ampere+ GPU has it; torch's settings put back after."""
+    saved = _flags()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32 = saved["cudnn"]
+    torch.set_float32_matmul_precision(saved["precision"])
+    for key in _PRECISIONS:
+        if key in saved:
+            torch._C._set_fp32_precision_setter(*key, saved[key])
+    assert _flags() == saved
+
+
+def _set_with_new_api():
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+
+
+@pytest.mark.parametrize(
+    "set_flags",
+    [
+        lambda: None,
+        lambda: torch.set_float32_matmul_precision("medium"),  # bf16 oneDNN matmuls on CPUs that have them
+        _set_with_new_api,  # torch >= 2.9; then torch refuses to read the legacy switches
+    ],
+    ids=["tf32-legacy", "medium", "new-api"],
+)
+def test_exact_arithmetic_turns_reduced_precision_off_and_puts_the_callers_settings_back(tf32_on, set_flags):
+    if set_flags is _set_with_new_api and not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no per-backend fp32_precision")
+    set_flags()
+    before = _flags()
+    with regrow.structural.exact_arithmetic():
+        inside = _flags()
+    assert _flags() == before
+    assert (inside["matmul"], inside["cudnn"], inside["precision"]) == (False, False, "highest")
+    for backend, op in (("cuda", "matmul"), ("cuda", "conv"), ("mkldnn", "matmul"), ("mkldnn", "conv")):
+        assert inside.get((backend, op), "ieee") == "ieee"
+
+
+aten = torch.ops.aten
+TF32_EPS = 2.0**-11  # unit roundoff of TF32's 10-bit mantissa
+
+
+def _precision(op):
+    """The float32 precision torch would use on a GPU for ``op`` ("conv" or "matmul")."""
+    if not hasattr(torch._C, "_get_fp32_precision_getter"):
+        on = torch.backends.cudnn.allow_tf32 if op == "conv" else torch.backends.cuda.matmul.allow_tf32
+        return "tf32" if on else "ieee"
+    for key in (("cuda", op), ("cuda", "all"), ("generic", "all")):
+        value = torch._C._get_fp32_precision_getter(*key)
+        if value != "none":
+            return value
+    return "ieee"
+
+
+def _tf32(t):
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+        return t
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)  # round to 10 mantissa bits
+
+
+class EmulatedTF32(TorchDispatchMode):
+    """What a GPU does with torch's TF32 switches on, on the CPU: float32 convolutions and matmuls round their
+    inputs to 10 mantissa bits, and their result is off by up to one TF32 unit in a way that depends on the
+    kernel, i.e. on the shapes (each shape gets its own tiling and summation order on the GPU). So two equal
+    models of different widths, a shrunk model and its simulation, differ by ~1e-4 relative, as on an H200."""
+
+    OPS = {aten.convolution: ("conv", (0, 1)), aten.mm: ("matmul", (0, 1)), aten.bmm: ("matmul", (0, 1))}
+    OPS |= {aten.addmm: ("matmul", (1, 2)), aten.baddbmm: ("matmul", (1, 2))}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        which = self.OPS.get(func.overloadpacket)
+        if which is None or _precision(which[0]) != "tf32":
+            return func(*args, **(kwargs or {}))
+        args = tuple(_tf32(a) if i in which[1] else a for i, a in enumerate(args))
+        out = func(*args, **(kwargs or {}))
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+        noise = torch.rand(out.shape, generator=torch.Generator().manual_seed(hash(shapes) % 2**31)) * 2 - 1
+        return out * (1 + TF32_EPS * noise)
+
+
+def _chosen(report):
+    return {g["name"]: (g["units_after"], g["excluded"]) for g in report.groups}
+
+
+def test_probes_and_the_check_choose_under_tf32_what_they_choose_in_float32(tf32_on, monkeypatch):
+    import contextlib
+    import sys
+
+    x = images()
+    reference = shrink(build(ResidualCNN), pattern="channel", macs=0.5, example_inputs=x)
+    # Unguarded, the emulated TF32 makes probes fail and the choice change (on an H200: groups left out, and
+    # "the closest selection gives 0.8863" for mobilenetv3_large_100):
+    for module in ("regrow.structural.prepared", "regrow.structural.shrinking"):
+        monkeypatch.setattr(sys.modules[module], "exact_arithmetic", contextlib.nullcontext)
+    with EmulatedTF32():
+        unguarded = shrink(build(ResidualCNN), pattern="channel", macs=0.5, example_inputs=x)
+    assert _chosen(unguarded) != _chosen(reference)
+    assert any("do not match their simulation" in (g["excluded"] or "") for g in unguarded.groups)
+    monkeypatch.undo()
+    # and the check itself fails on an exact surgery:
+    model = build(ResidualCNN)
+    prepared = regrow.structural.prepare(model, pattern="channel", example_inputs=x)
+    half = {u.name: list(range(u.group.units // 2)) for u in prepared.active}
+    with EmulatedTF32():
+        assert not _check(model, prepared.active, half, x, regrow.structural.compare).passed
+        with regrow.structural.exact_arithmetic():
+            assert _check(model, prepared.active, half, x, regrow.structural.compare).passed
+        # Guarded: the same groups, the same widths, the check passing, the caller's TF32 still on.
+        guarded = shrink(build(ResidualCNN), pattern="channel", macs=0.5, example_inputs=x)
+    assert _chosen(guarded) == _chosen(reference) and guarded.equivalence.passed
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+
+
+class ComputeDevices(TorchDispatchMode):
+    """The devices every convolution and matmul runs on."""
+
+    COMPUTE = {aten.convolution, aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
+
+    def __init__(self):
+        super().__init__()
+        self.devices = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.COMPUTE:
+            self.devices |= {a.device.type for a in args if isinstance(a, torch.Tensor)}
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_probe_or_check_runs_on_the_models_device(monkeypatch):
+    # A wrong surgery tried on a GPU can raise a device-side assert, which poisons the CUDA context: probes,
+    # budget candidates and the check must run on a CPU copy. Stand-in for a GPU: the meta device, on which
+    # any forward pass shows. Meta tensors have no values, so the copy to the CPU takes them from a twin.
+    from regrow.structural import device
+
+    twin = build(ResidualCNN)
+    model = copy.deepcopy(twin).to("meta")
+    x = images()
+    x_meta = x.to("meta")
+    values = {id(t): twin.state_dict()[name] for name, t in model.state_dict(keep_vars=True).items()}
+    values[id(x_meta)] = x
+    real = device._to_host
+    monkeypatch.setattr(device, "_to_host", lambda t: values[id(t)].detach().clone() if t.is_meta else real(t))
+    with ComputeDevices() as seen:
+        report = shrink(model, pattern="channel", macs=0.5, example_inputs=x_meta)
+    assert seen.devices == {"cpu"}
+    expected = shrink(twin, pattern="channel", macs=0.5, example_inputs=x)
+    assert _chosen(report) == _chosen(expected) and report.macs_ratio == expected.macs_ratio
+    shapes = {k: v.shape for k, v in twin.state_dict().items()}
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    assert all(t.is_meta for t in model.state_dict().values())  # shrunk where it is, never moved
+
+
+def test_probing_checks_all_groups_at_once_and_halves_only_to_find_the_broken_ones(monkeypatch):
+    import regrow.structural as structural
+
+    calls = []
+    real = structural.compare
+    monkeypatch.setattr(structural, "compare", lambda *a: calls.append(1) or real(*a))
+    model = build(DenseConcat)
+    prepared = regrow.structural.prepare(model, pattern="channel", example_inputs=images())
+    assert len(prepared.active) > 2 and len(calls) == 1  # all fine: one check, not one per group
+
+
+def test_the_cpu_copy_keeps_ties_and_a_cpu_model_is_its_own(monkeypatch):
+    from regrow.structural import device
+
+    twin = TiedEmbedding()
+    assert device.host_copy(twin) is twin
+    with torch.device("meta"):  # stand-in for a GPU, values from the twin (see above)
+        model = TiedEmbedding()
+    values = {id(t): twin.get_parameter(name) for name, t in model.named_parameters(remove_duplicate=False)}
+    monkeypatch.setattr(device, "_to_host", lambda t: values[id(t)].detach().clone())
+    host = device.host_copy(model)
+    assert host.head.weight is host.emb.weight and not host.emb.weight.is_meta
+    assert all(torch.equal(a, b) for a, b in zip(host.state_dict().values(), twin.state_dict().values()))
+    assert model.emb.weight.is_meta  # the original stays where it is

@@ -3,12 +3,18 @@
 ``shrink`` is what ``regrow.prune(model, pattern="channel" | "head", ...)`` runs:
 
 1. every ``nn.MultiheadAttention`` is swapped for regrow's equivalent with prunable heads;
-2. the coupled groups are found (channels: torch-pruning's dependency graph; heads: attention modules);
-3. each group is probed: one unit is removed on a copy and checked against its simulation, and a group
-   regrow cannot shrink correctly is left out with the reason;
+2. the coupled groups are found (channels: torch-pruning's dependency graph, with regrow's corrections for
+   channels-last layouts and its units of channels that can only go together; heads: attention modules);
+3. the groups are probed: a few units of each are removed on a copy and checked against the simulation
+   (all groups at once, then halves of a failing set), and a group regrow cannot shrink correctly is left
+   out with the reason;
 4. units are scored (magnitude, taylor, bn_scale, random) and the budget is met by bisection;
-5. the removal is simulated with masks, the model is shrunk in place, and the outputs must match
-   (the equivalence check, always on); a mismatch raises an error naming the group.
+5. the removal is simulated with masks, the model is shrunk, and the outputs must match (the equivalence
+   check, always on); a mismatch raises an error naming the group.
+
+Everything that runs the model to decide (tracing, probes, budget candidates, the check) runs on a CPU copy
+when the model is elsewhere, in exact float32 (regrow.structural.device): a wrong surgery never reaches the
+GPU, and the same weights give the same groups on every device. The model itself is shrunk once, at the end.
 
 Steps 1-3 and the scoring are :func:`prepare` (its steps: regrow.structural.prepared); the budget search,
 step 5 and the report are the rest of :func:`shrink` (regrow.structural.shrinking). Both entry points live
@@ -35,6 +41,8 @@ from regrow.structural.budget import SearchResult as SearchResult
 from regrow.structural.budget import Unitized as Unitized
 from regrow.structural.budget import check_reachable as check_reachable
 from regrow.structural.budget import search as search
+from regrow.structural.device import exact_arithmetic as exact_arithmetic
+from regrow.structural.device import host_copy
 from regrow.structural.graph import find_attention
 from regrow.structural.options import (
     MAX_SPARSITY,
@@ -48,9 +56,11 @@ from regrow.structural.prepared import (
     _channel_groups,
     _example_inputs,
     _head_groups,
+    _host_inputs,
     _one_sample,
     _probe_units,
     _score_units,
+    _taylor_gradients,
 )
 from regrow.structural.prepared import validate_request as validate_request
 from regrow.structural.report import StructureReport
@@ -98,16 +108,24 @@ def prepare(
     inputs = _example_inputs(data, example_inputs, device)
     model.eval()
     converted = convert_attention(model)
-    attention = find_attention(model)
+    host = host_copy(model)  # tracing, probes, scores and checks run on the CPU (regrow.structural.device)
+    host_inputs = _host_inputs(model, host, inputs)
+    attention = find_attention(host)
     if pattern == "channel":
-        graph, groups = _channel_groups(model, attention, inputs, targets, ignore)
+        graph, groups = _channel_groups(host, attention, host_inputs, targets, ignore)
     else:
-        graph, groups = None, _head_groups(model, attention, targets, ignore)
+        graph, groups = None, _head_groups(host, attention, targets, ignore)
     units = [_Unit(g, graph) for g in groups]
-    _probe_units(model, units, inputs, pattern, compare)
-    scored = _score_units(model, units, criterion, data, round_to, auto_round_to(device), round_widths)
+    _probe_units(host, units, host_inputs, pattern, compare)
+    if criterion == "taylor":
+        _taylor_gradients(model, host, data)
+    scored = _score_units(host, units, criterion, round_to, auto_round_to(device), round_widths)
+    if criterion == "taylor":
+        model.zero_grad(set_to_none=True)
+        host.zero_grad(set_to_none=True)
     active = [u for u in units if u.group.excluded is None]
-    return Prepared(pattern, criterion, units, active, scored, inputs, _one_sample(inputs), converted)
+    one = _one_sample(inputs)
+    return Prepared(pattern, criterion, units, active, scored, inputs, one, converted, host, host_inputs)
 
 
 @_hands_back_on_failure
@@ -163,12 +181,12 @@ def shrink(
     )
     scored, scope = _apply_allocation(prepared, allocation, scope)
     budget = _Budget(kind, target, scope, max_sparsity)
-    baseline = _Baseline.of(model, prepared.one, scored)
+    baseline = _Baseline.of(prepared.host, prepared.host_one, scored)
     choice = _choose_removal(model, prepared, scored, budget, baseline, round_to, round_widths, compare_latency)
-    eq = _shrink_checked(model, prepared.active, choice.removed, prepared.inputs, compare)
+    eq, checked = _shrink_checked(model, prepared, choice.removed, compare)
     recalibrated = _recalibrate(model, data, recalibrate, prepared.units, choice.removed)
     model.train(was_training)
-    report = _report(model, prepared, budget, baseline, choice, eq, recalibrated, round_to)
+    report = _report(model, checked, prepared, budget, baseline, choice, eq, recalibrated, round_to)
     for w in report.warnings[len(choice.notes) :]:
         warnings.warn(w, SpeedWarning, stacklevel=4)  # shrink <- structural_masks <- prune <- the caller
     return report

@@ -22,7 +22,9 @@ from torch_pruning import ops
 from regrow.batches import forward
 from regrow.errors import RegrowError
 from regrow.structural.attention import MultiheadAttention
+from regrow.structural.coupling import Coupling, couple
 from regrow.structural.pruners import customized_pruners
+from regrow.structural.tracing import ShapeRecorder, refresh_mappings
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
@@ -61,7 +63,12 @@ class Cut:
 
 @dataclass
 class ChannelGroup:
-    """Coupled channels that are removed together; ``units`` = channels / ``ch_groups``."""
+    """Coupled channels that are removed together, a unit at a time.
+
+    A unit is the set of root channels that can only go together (regrow.structural.coupling): one channel,
+    or, with a grouped convolution (``ch_groups``), the same channel of each of its groups, or channels tied
+    by the graph itself (a GhostNet module's ``cat([x, depthwise(x)])``).
+    """
 
     name: str
     channels: int
@@ -71,15 +78,30 @@ class ChannelGroup:
     root: Any = field(default=None, repr=False)
     root_handler: Any = field(default=None, repr=False)
     full: Any = field(default=None, repr=False)
+    coupling: Coupling | None = field(default=None, repr=False)
+
+    @property
+    def unit_channels(self) -> list[tuple[int, ...]]:
+        """The root channels of each unit."""
+        if self.coupling is not None:
+            return self.coupling.units
+        size = self.channels // self.ch_groups
+        return [tuple(u + g * size for g in range(self.ch_groups)) for u in range(size)]
 
     @property
     def units(self) -> int:
-        return self.channels // self.ch_groups
+        return len(self.unit_channels)
+
+    @property
+    def unit_size(self) -> int:
+        """Channels per unit when every unit has as many, else 1."""
+        sizes = {len(u) for u in self.unit_channels}
+        return sizes.pop() if len(sizes) == 1 else 1
 
     def channel_idxs(self, removed_units: list[int]) -> list[int]:
-        """Units -> channels: with channel groups (grouped conv, GroupNorm) the same unit goes in every group."""
-        size = self.units
-        return sorted(u + g * size for g in range(self.ch_groups) for u in removed_units)
+        """Units -> root channels."""
+        units = self.unit_channels
+        return sorted(c for u in removed_units for c in units[u])
 
 
 class StructureGraph:
@@ -88,13 +110,14 @@ class StructureGraph:
     def __init__(self, model: nn.Module, example_inputs: Any) -> None:
         self.model = model
         was_training = model.training
+        shapes = ShapeRecorder()  # the output shape of every op, for regrow's corrections of the mappings
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch-pruning warns about loose parameters; regrow checks them
                 self.dg = tp.DependencyGraph().build_dependency(
                     model,
                     example_inputs=example_inputs,
-                    forward_fn=lambda m, x: forward(m, x),
+                    forward_fn=lambda m, x: shapes.run(forward, m, x),
                     customized_pruners=customized_pruners(),
                     verbose=False,
                 )
@@ -107,6 +130,7 @@ class StructureGraph:
             ) from None
         finally:
             model.train(was_training)
+        refresh_mappings(self.dg, shapes.shapes)
         self.names = {m: n for n, m in model.named_modules()}
         self.order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         self.param_names = {p: n for n, p in model.named_parameters()}
@@ -191,6 +215,10 @@ class StructureGraph:
             )
             if cg.channels % cg.ch_groups:
                 cg.excluded = cg.excluded or f"{channels} channels do not split into {cg.ch_groups} channel groups"
+            elif cg.excluded is None:
+                cg.coupling = couple(self.dg, root, cg.root_handler, channels, cg.ch_groups)
+                if cg.units < 2:
+                    cg.excluded = f"its {channels} channels can only be removed all together"
             out.append(cg)
         return out
 
@@ -198,24 +226,28 @@ class StructureGraph:
         """Every member cut implied by removing ``removed_units`` from ``group``."""
         if not removed_units:
             return []
-        idxs = group.channel_idxs(removed_units)
-        expanded = self.dg.get_pruning_group(group.root, group.root_handler, idxs)
-        cuts = []
-        for item in expanded:
-            dep, item_idxs = item.dep, item.idxs
-            target = dep.target.module
-            if not item_idxs:
-                continue
-            plain = tuple(sorted(int(i) for i in tp._helpers.to_plain_idxs(item_idxs)))
-            if isinstance(target, nn.Parameter):
-                name = self.param_names.get(target)
-                if name is None:
-                    continue
-                cuts.append(Cut(name, "param", True, plain, dim=dep.target.pruning_dim, layer_type="Parameter"))
-            elif isinstance(target, nn.Module) and target in self.names:
-                is_out = self.dg.is_out_channel_pruning_fn(dep.handler)
-                cuts.append(Cut(self.names[target], "module", is_out, plain, layer_type=type(target).__name__))
-        return cuts
+        if group.coupling is not None:
+            members = group.coupling.member_idxs(removed_units)
+        else:  # ask torch-pruning for this removal
+            expanded = self.dg.get_pruning_group(group.root, group.root_handler, group.channel_idxs(removed_units))
+            members = [(i.dep.target, i.dep.handler, tp._helpers.to_plain_idxs(i.idxs)) for i in expanded]
+        return [c for node, handler, idxs in members if (c := self._cut(node, handler, idxs)) is not None]
+
+    def _cut(self, node: Any, handler: Any, idxs: list[int]) -> Cut | None:
+        """The cut of ``idxs`` on one member (None for graph-only ops and unnamed parameters)."""
+        if not idxs:
+            return None
+        target = node.module
+        plain = tuple(sorted(int(i) for i in idxs))
+        if isinstance(target, nn.Parameter):
+            name = self.param_names.get(target)
+            if name is None:
+                return None
+            return Cut(name, "param", True, plain, dim=node.pruning_dim, layer_type="Parameter")
+        if isinstance(target, nn.Module) and target in self.names:
+            is_out = self.dg.is_out_channel_pruning_fn(handler)
+            return Cut(self.names[target], "module", is_out, plain, layer_type=type(target).__name__)
+        return None
 
 
 def merge_cuts(cuts: list[Cut]) -> list[Cut]:
@@ -233,32 +265,48 @@ def merge_cuts(cuts: list[Cut]) -> list[Cut]:
     return list(merged.values())
 
 
+def _slice_param(model: nn.Module, cut: Cut) -> None:
+    parent_name, _, attr = cut.target.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    param = getattr(parent, attr)
+    dim = cut.dim % param.dim()
+    gone = set(cut.idxs)
+    keep = torch.tensor([i for i in range(param.shape[dim]) if i not in gone], device=param.device)
+    setattr(
+        parent,
+        attr,
+        nn.Parameter(param.detach().index_select(dim, keep).contiguous(), requires_grad=param.requires_grad),
+    )
+
+
 def apply_cuts(model: nn.Module, cuts: list[Cut]) -> None:
-    """Shrink ``model`` in place (the cuts' indices refer to the model before any of them)."""
+    """Shrink ``model`` in place (the cuts' indices refer to the model before any of them).
+
+    Each layer's handler is chosen from the layer as it is before any cut: a grouped convolution whose output
+    cut leaves one channel per group looks depthwise to torch-pruning afterwards, and the depthwise handler
+    would then take its input cut for an output cut and lower ``groups`` by the number of channels (ResNeXt:
+    "non-positive groups is not supported").
+    """
     box = tp.pruner.function.PrunerBox
     custom = customized_pruners()
-    for cut in merge_cuts(cuts):
+    merged = merge_cuts(cuts)
+    handlers = {}
+    for cut in merged:
+        if cut.kind == "module" and cut.target not in handlers:
+            module = model.get_submodule(cut.target) if cut.target else model
+            pruner = next((p for t, p in custom.items() if isinstance(module, t)), None)
+            handlers[cut.target] = pruner or box.get(ops.module2type(module))
+            if handlers[cut.target] is None:
+                raise RegrowError(f"no handler to shrink layer {cut.target!r} of type {type(module).__name__}.")
+    for cut in merged:
         if cut.kind == "param":
-            parent_name, _, attr = cut.target.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            param = getattr(parent, attr)
-            dim = cut.dim % param.dim()
-            gone = set(cut.idxs)
-            keep = torch.tensor([i for i in range(param.shape[dim]) if i not in gone], device=param.device)
-            setattr(
-                parent,
-                attr,
-                nn.Parameter(param.detach().index_select(dim, keep).contiguous(), requires_grad=param.requires_grad),
-            )
+            _slice_param(model, cut)
             continue
         module = model.get_submodule(cut.target) if cut.target else model
-        pruner = next((p for t, p in custom.items() if isinstance(module, t)), None) or box.get(ops.module2type(module))
-        if pruner is None:
-            raise RegrowError(f"no handler to shrink layer {cut.target!r} of type {type(module).__name__}.")
         if cut.out:
-            pruner.prune_out_channels(module, list(cut.idxs))
+            handlers[cut.target].prune_out_channels(module, list(cut.idxs))
         else:
-            pruner.prune_in_channels(module, list(cut.idxs))
+            handlers[cut.target].prune_in_channels(module, list(cut.idxs))
 
 
 def find_attention(model: nn.Module) -> dict[str, nn.Module]:

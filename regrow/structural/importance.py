@@ -69,7 +69,10 @@ def channel_scores(group: ChannelGroup, criterion: str) -> Tensor | None:
     if imp is None or not torch.isfinite(imp).all():
         return None
     imp = imp.float().cpu()
-    return imp.view(group.ch_groups, group.units).mean(dim=0)
+    units = group.unit_channels
+    if group.unit_size * len(units) == len(imp):  # every unit as wide: one gather
+        return imp[torch.tensor(units)].mean(dim=1)
+    return torch.stack([imp[list(channels)].mean() for channels in units])
 
 
 def head_scores(group: HeadGroup, model: nn.Module, criterion: str) -> Tensor:

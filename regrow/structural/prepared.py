@@ -15,16 +15,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from regrow.batches import to_device, unpack
+from regrow.batches import forward, to_device, unpack
 from regrow.errors import RegrowError
 from regrow.select import resolve_targets
 from regrow.structural.arch import tied_parameters
 from regrow.structural.budget import Unitized
+from regrow.structural.device import copy_grads, exact_arithmetic, inputs_to_host
 from regrow.structural.graph import ChannelGroup, StructureGraph, find_attention
 from regrow.structural.heads import HeadGroup, head_group
 from regrow.structural.importance import accumulate_gradients, channel_scores, head_scores
 from regrow.structural.rounding import _round_step
-from regrow.structural.units import Compare, _apply, _breaks_ties, _probe, _Unit
+from regrow.structural.units import Compare, _apply, _breaks_ties, _probe_all, _Unit
 
 NO_ATTENTION = (
     "pattern 'head' found no attention module: regrow prunes heads of nn.MultiheadAttention and of "
@@ -44,6 +45,12 @@ class Prepared:
     inputs: Any
     one: Any
     converted: list[str]
+    host: nn.Module  # where regrow's own forward passes run: the model itself on the CPU, else a CPU copy
+    host_inputs: Any
+
+    @property
+    def host_one(self) -> Any:
+        return _one_sample(self.host_inputs)
 
     def apply(self, model: nn.Module, removed: dict[str, list[int]]) -> None:
         """Shrink ``model`` (this model or a copy of it) by removing the given units of each group."""
@@ -149,11 +156,16 @@ def _head_groups(model: nn.Module, attention: dict[str, nn.Module], targets: Any
 
 
 def _probe_units(model: nn.Module, units: list[_Unit], inputs: Any, pattern: str, compare: Compare) -> None:
-    """Exclude, with the reason, every group that cannot be shrunk correctly; raise when none is left."""
+    """Exclude, with the reason, every group that cannot be shrunk correctly; raise when none is left.
+
+    ``model`` is the CPU copy (regrow.structural.device): a probe may run a wrong surgery.
+    """
     ties = tied_parameters(model)
-    for u in units:
-        if u.group.excluded is None:
-            u.group.excluded = _probe(model, u, inputs, compare) or _breaks_ties(model, u, ties)
+    candidates = [u for u in units if u.group.excluded is None]
+    with exact_arithmetic():
+        faults = _probe_all(model, candidates, inputs, compare)
+    for u in candidates:
+        u.group.excluded = faults.get(u.name) or _breaks_ties(model, u, ties)
     if not any(u.group.excluded is None for u in units):
         reasons = "; ".join(f"{u.name}: {u.group.excluded}" for u in units if u.group.excluded != "not a target")
         raise RegrowError(
@@ -165,14 +177,14 @@ def _score_units(
     model: nn.Module,
     units: list[_Unit],
     criterion: str,
-    data: Iterable[Any] | None,
     round_to: int | None,
     auto: int,
     round_widths: dict[str, int] | None,
 ) -> list[Unitized]:
-    """Score the units of every group still in; a channel group the criterion cannot score is excluded."""
-    if criterion == "taylor":
-        accumulate_gradients(model, data)
+    """Score the units of every group still in; a channel group the criterion cannot score is excluded.
+
+    Criterion taylor reads the gradients already in ``.grad`` (:func:`_taylor_gradients`).
+    """
     scored = []
     for u in units:
         if u.group.excluded is not None:
@@ -187,6 +199,27 @@ def _score_units(
             s = head_scores(u.group, model, criterion)
             step = 1
         scored.append(Unitized(u.name, u.group.units, s, step))
-    if criterion == "taylor":
-        model.zero_grad(set_to_none=True)
     return scored
+
+
+def _taylor_gradients(model: nn.Module, host: nn.Module, data: Iterable[Any] | None) -> None:
+    """Gradients for taylor scores, computed where the model is and handed to its CPU copy."""
+    accumulate_gradients(model, data)
+    copy_grads(model, host)
+
+
+def _host_inputs(model: nn.Module, host: nn.Module, inputs: Any) -> Any:
+    """``inputs`` on the CPU for the CPU copy ``host`` of ``model``, which must run there."""
+    if host is model:
+        return inputs
+    moved = inputs_to_host(inputs)
+    try:
+        with torch.no_grad():
+            forward(host, moved)
+    except Exception as exc:  # noqa: BLE001 - the user's forward; say why it matters in one line
+        raise RegrowError(
+            "structural pruning runs its probes and checks on a CPU copy of the model (a failed probe on a GPU can "
+            "poison the whole CUDA context), but this model does not run on the CPU "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})."
+        ) from None
+    return moved

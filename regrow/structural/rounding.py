@@ -36,7 +36,7 @@ def _round_step(group: ChannelGroup, round_to: int | None, auto: int, round_widt
     at least ROUND_MIN_CHANNELS channels (measured by ``round_widths`` when given) and no rounding for others."""
     width = (round_widths or {}).get(group.name, group.channels)
     multiple = round_to if round_to is not None else (auto if width >= ROUND_MIN_CHANNELS else 1)
-    return multiple // math.gcd(multiple, group.ch_groups)
+    return multiple // math.gcd(multiple, group.unit_size)
 
 
 def _width_warnings(

@@ -11,16 +11,19 @@ import copy
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from itertools import chain
 from typing import Any
 
+import torch
 from torch import nn
 
-from regrow.batches import model_device
+from regrow.batches import forward, model_device
 from regrow.errors import RegrowError
 from regrow.measure.cost import count_params, dense_macs
 from regrow.structural.arch import retie, tied_parameters
 from regrow.structural.batchnorm import has_batchnorm, recalibrate_batchnorm
 from regrow.structural.budget import TOLERANCE, SearchResult, Unitized, check_reachable, search
+from regrow.structural.device import exact_arithmetic
 from regrow.structural.graph import ChannelGroup
 from regrow.structural.prepared import Prepared
 from regrow.structural.report import StructureReport
@@ -104,26 +107,49 @@ def _measure_for(
     model: nn.Module, prepared: Prepared, budget: _Budget, baseline: _Baseline, compare_latency: Callable[..., Any]
 ) -> Callable[[Removed], float]:
     """The budget's measure of a candidate removal: the fraction of units removed, or of MACs, parameters or
-    latency kept (counted on a shrunk copy)."""
-    kind, active, one = budget.kind, prepared.active, prepared.one
+    latency kept. Candidates are shrunk and counted on the CPU copy; a latency candidate runs there once
+    before it is timed on the model's device (a candidate that breaks must not break on the GPU)."""
+    kind, active, host = budget.kind, prepared.active, prepared.host
     reference = copy.deepcopy(model) if kind == "latency" else None  # timed against each candidate
+    if kind == "macs" and not baseline.macs:
+        raise RegrowError("the MACs of this model could not be counted; use params= or sparsity= instead.")
 
     def measure(removed: Removed) -> float:
         if kind == "sparsity":
             return sum(len(v) for v in removed.values()) / baseline.units
-        trial = copy.deepcopy(model)
+        trial = copy.deepcopy(host)
         _apply(trial, active, removed)
         if kind == "macs":
-            value = dense_macs(trial, one)
+            value = dense_macs(trial, prepared.host_one)
             if value is None:
-                raise RegrowError("MACs of a shrunk candidate could not be counted; use params= or sparsity= instead.")
+                raise RegrowError(f"MACs of a shrunk candidate could not be counted: {_failure(trial, prepared)}")
             return value / baseline.macs
         if kind == "latency":
+            if host is not model:
+                _failure(trial, prepared, required=True)
+                trial = copy.deepcopy(model)
+                _apply(trial, active, removed)
             before, after = compare_latency(reference, trial, prepared.inputs, rounds=LATENCY_ROUNDS)
             return after.median_ms / before.median_ms
         return count_params(trial)[0] / baseline.params
 
     return measure
+
+
+def _failure(trial: nn.Module, prepared: Prepared, required: bool = False) -> str:
+    """Why the shrunk CPU candidate ``trial`` does not run (raised when ``required``)."""
+    try:
+        with exact_arithmetic(), torch.no_grad():
+            forward(trial, prepared.host_one)
+    except Exception as exc:  # noqa: BLE001 - the user's forward on a shrunk copy; reported in one line
+        text = (
+            f"it does not run ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); each group passed its "
+            "probe, so a larger removal breaks a coupling regrow does not see: leave the group out with ignore=[...]."
+        )
+        if required:
+            raise RegrowError(f"a shrunk candidate {text}") from None
+        return text
+    return "the counter cannot follow one of its operations; use params= or sparsity= instead."
 
 
 def _choose_removal(
@@ -201,32 +227,58 @@ def _finer_rounding(
 
 
 def _shrink_checked(
-    model: nn.Module, active: list[_Unit], removed: Removed, inputs: Any, compare: Compare
-) -> Equivalence:
-    """Shrink ``model`` in place and hold it to the simulation of the removal on the untouched model.
+    model: nn.Module, prepared: Prepared, removed: Removed, compare: Compare
+) -> tuple[Equivalence, nn.Module]:
+    """Shrink ``model`` in place, held to the simulation of the removal on the untouched model.
 
-    A mismatch raises an error naming the groups at fault (each is checked alone on a copy from before).
+    Simulation, shrinking and comparison run on the CPU copy in exact arithmetic (regrow.structural.device);
+    a model on another device is shrunk after the check and must then hold the checked copy's weights.
+    Returns the equivalence and the checked model (``model`` itself on the CPU). A mismatch raises an error
+    naming the groups at fault (each is checked alone on a copy from before).
     """
+    active, host, inputs = prepared.active, prepared.host, prepared.host_inputs
     cuts = [c for u in active for c in u.cuts(removed.get(u.name, []))]
     heads = [h for u in active for h in u.heads(removed.get(u.name, []))]
-    simulated = simulate(model, cuts, heads)
-    before = copy.deepcopy(model)
     ties = tied_parameters(model)
-    _apply(model, active, removed)
-    retie(model, ties)  # the surgery gives every module its own new Parameter; tied ones share one again
-    eq = compare(model, simulated, inputs)
-    if not eq.passed:
-        culprits = [
-            u.name
-            for u in active
-            if removed.get(u.name) and not _check(before, [u], {u.name: removed[u.name]}, inputs, compare).passed
-        ]
-        raise RegrowError(
-            f"equivalence check failed: the shrunk model differs from its simulation by {eq.max_abs_diff:.3g} "
-            f"(tolerance {eq.tolerance:.3g}); group(s) at fault: {', '.join(culprits) or 'an interaction of groups'}. "
-            "Leave them out with ignore=[...]."
-        )
-    return eq
+    with exact_arithmetic():
+        simulated = simulate(host, cuts, heads)
+        before = copy.deepcopy(host) if host is model else host
+        shrunk = model if host is model else copy.deepcopy(host)
+        _apply(shrunk, active, removed)
+        retie(shrunk, ties)  # the surgery gives every module its own new Parameter; tied ones share one again
+        eq = compare(shrunk, simulated, inputs)
+        if not eq.passed:
+            culprits = [
+                u.name
+                for u in active
+                if removed.get(u.name) and not _check(before, [u], {u.name: removed[u.name]}, inputs, compare).passed
+            ]
+            raise RegrowError(
+                f"equivalence check failed: the shrunk model differs from its simulation by {eq.max_abs_diff:.3g} "
+                f"(tolerance {eq.tolerance:.3g}); group(s) at fault: "
+                f"{', '.join(culprits) or 'an interaction of groups'}. Leave them out with ignore=[...]."
+            )
+    if shrunk is not model:
+        _apply(model, active, removed)
+        retie(model, ties)
+        _hold_to(model, shrunk)
+    return eq, shrunk
+
+
+def _hold_to(model: nn.Module, checked: nn.Module) -> None:
+    """``model`` (on its device) has exactly the checked copy's parameters and buffers."""
+    mine = dict(chain(model.named_parameters(), model.named_buffers()))
+    theirs = dict(chain(checked.named_parameters(), checked.named_buffers()))
+    for name in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(name), theirs.get(name)
+        same = a is not None and b is not None and a.shape == b.shape
+        if same and a.device.type != "meta":  # a meta tensor has a shape only
+            same = torch.equal(a.detach().cpu(), b.detach())
+        if not same:
+            raise RegrowError(
+                f"the model on {a.device if a is not None else '?'} was shrunk differently from the checked CPU copy "
+                f"at {name!r}; this is a bug in regrow, please report it."
+            )
 
 
 def _recalibrate(
@@ -250,7 +302,7 @@ def _group_rows(units: list[_Unit], removed: Removed) -> list[dict[str, Any]]:
                 "members": u.group.members,
                 "units_before": u.group.units,
                 "units_after": u.group.units - len(gone),
-                "unit_size": getattr(u.group, "ch_groups", 1),
+                "unit_size": getattr(u.group, "unit_size", 1),
                 "channels_before": getattr(u.group, "channels", u.group.units),
                 "excluded": u.group.excluded,
             }
@@ -260,6 +312,7 @@ def _group_rows(units: list[_Unit], removed: Removed) -> list[dict[str, Any]]:
 
 def _report(
     model: nn.Module,
+    checked: nn.Module,
     prepared: Prepared,
     budget: _Budget,
     baseline: _Baseline,
@@ -268,7 +321,8 @@ def _report(
     recalibrated: int,
     round_to: int | None,
 ) -> StructureReport:
-    """The report on the shrunk ``model``; its warnings are the choice's notes, then the width warnings."""
+    """The report on the shrunk ``model`` (MACs counted on ``checked``, its CPU copy); its warnings are the
+    choice's notes, then the width warnings."""
     group_rows = _group_rows(prepared.units, choice.removed)
     warnings_list = choice.notes + _width_warnings(model, round_to, prepared.pattern, baseline.widths, choice.auto)
     return StructureReport(
@@ -277,9 +331,9 @@ def _report(
         scope=budget.scope,
         budget={budget.kind: budget.target},
         macs_before=baseline.macs,
-        macs_after=dense_macs(model, prepared.one) or 0,
+        macs_after=dense_macs(checked, prepared.host_one) or 0,
         params_before=baseline.params,
-        params_after=count_params(model)[0],
+        params_after=count_params(checked)[0],
         units_total=baseline.units,
         units_removed=sum(len(v) for v in choice.removed.values()),
         groups=group_rows,

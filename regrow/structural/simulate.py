@@ -70,23 +70,47 @@ def _keep(total: int, idxs: tuple[int, ...]) -> Tensor:
     return torch.tensor([i for i in range(total) if i not in gone], dtype=torch.long)
 
 
-def _masked_norm(module: nn.Module, x: Tensor, keep: Tensor) -> Tensor:
-    """The norm computed over the kept channels only; removed channels come out zero."""
-    keep = keep.to(x.device)
-    out = torch.zeros_like(x)
-    if isinstance(module, nn.GroupNorm):
-        w = module.weight[keep] if module.weight is not None else None
-        b = module.bias[keep] if module.bias is not None else None
-        out[:, keep] = F.group_norm(x[:, keep], module.num_groups, w, b, module.eps)
-        return out
+def _norm(module: nn.Module, x: Tensor, keep: Tensor) -> Tensor:
+    """LayerNorm / RMSNorm of ``x`` (channels last) over the channels ``keep`` only."""
     shape = (*tuple(module.normalized_shape[:-1]), len(keep))
     w = module.weight[..., keep] if module.weight is not None else None
     if isinstance(module, nn.LayerNorm):
         b = module.bias[..., keep] if module.bias is not None else None
-        out[..., keep] = F.layer_norm(x[..., keep], shape, w, b, module.eps)
-    else:  # RMSNorm
-        out[..., keep] = F.rms_norm(x[..., keep], shape, w, module.eps)
-    return out
+        return F.layer_norm(x[..., keep], shape, w, b, module.eps)
+    return F.rms_norm(x[..., keep], shape, w, module.eps)
+
+
+def _norm_dim(module: nn.Module, x: Tensor, out: Tensor) -> int:
+    """The dimension of ``x`` that a LayerNorm / RMSNorm normalises.
+
+    The last one, as torch defines them; but a subclass may override ``forward``: timm's ``LayerNorm2d``
+    (ConvNeXt, EfficientFormer, ...) permutes NCHW to NHWC and back, normalising dim 1. When both dimensions
+    are as wide as the channels (a 16x16 map of 16 channels), the module's own output tells them apart.
+    """
+    last = x.dim() - 1
+    if type(module).forward in (nn.LayerNorm.forward, getattr(getattr(nn, "RMSNorm", None), "forward", None)):
+        return last
+    width = module.normalized_shape[-1]
+    fits = [d for d in dict.fromkeys((last, 1)) if 0 < d <= last and x.shape[d] == width]
+    if len(fits) > 1:
+        everything = torch.arange(width, device=x.device)
+        fits = [d for d in fits if torch.allclose(_norm(module, x.movedim(d, -1), everything).movedim(-1, d), out)]
+    return fits[0] if fits else last
+
+
+def _masked_norm(module: nn.Module, x: Tensor, keep: Tensor, out: Tensor) -> Tensor:
+    """The norm computed over the kept channels only; removed channels come out zero. ``out`` is the module's own
+    output on all channels (it tells which dimension holds the channels)."""
+    keep = keep.to(x.device)
+    result = torch.zeros_like(x)
+    if isinstance(module, nn.GroupNorm):
+        w = module.weight[keep] if module.weight is not None else None
+        b = module.bias[keep] if module.bias is not None else None
+        result[:, keep] = F.group_norm(x[:, keep], module.num_groups, w, b, module.eps)
+        return result
+    dim = _norm_dim(module, x, out)
+    result.movedim(dim, -1)[..., keep] = _norm(module, x.movedim(dim, -1), keep)
+    return result
 
 
 def _is_channel_norm(module: nn.Module) -> bool:
@@ -113,7 +137,7 @@ def simulate(model: nn.Module, cuts: list[Cut], heads: list[tuple[HeadGroup, lis
         if cut.out and _is_channel_norm(module):
             total = module.num_channels if isinstance(module, nn.GroupNorm) else module.normalized_shape[-1]
             keep = _keep(total, cut.idxs)
-            module.register_forward_hook(lambda m, args, out, keep=keep: _masked_norm(m, args[0], keep))
+            module.register_forward_hook(lambda m, args, out, keep=keep: _masked_norm(m, args[0], keep, out))
         elif cut.out:
 
             def zero_out(m: nn.Module, args: Any, out: Any, idxs: Tensor = idxs) -> Any:

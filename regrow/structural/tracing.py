@@ -1,0 +1,138 @@
+"""Corrections to torch-pruning's index mappings, for layouts it reads as channels-first.
+
+torch-pruning maps channel indices through the tensor operations between layers, assuming channels sit in
+dim 1 (NCHW) and that a reshape which changes the channel count flattens ``(C, H, W)`` into ``C*H*W``
+features, channel ``c`` becoming features ``c*HW .. c*HW + HW - 1``. Vision transformers and hybrids keep
+channels last, and three of their operations were mapped wrong:
+
+* a **slice of a spatial dimension** (LeViT's subsampling, ``x.view(B, H, W, C)[:, ::2, ::2]``) was read as a
+  slice of channels: channel ``c`` became ``c / 2``, or nothing when odd;
+* a **reshape that keeps the channels last** (Swin's ``(B, H, W, C) -> (B, H/2, 2, W/2, 2, C)``) was read as
+  a flatten when the channel count downstream differed: channel ``c`` became channels ``4c .. 4c + 3``;
+* a **flatten of channels-last dimensions** (Swin's patch merging, ``(B, H/2, W/2, 2, 2, C) -> (B, H/2, W/2,
+  4C)``) puts channel ``c`` at ``c + k*C`` (k < 4), interleaved the other way round.
+
+:func:`refresh_mappings` recomputes torch-pruning's mappings and applies the corrections (the output shape of
+each reshape comes from :class:`ShapeRecorder`, which watches the tracing forward pass). A corrected node is
+retyped so that torch-pruning's own refreshes, which it runs on every query, leave it alone. The equivalence
+check would catch a wrong mapping, but only by leaving the group out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch_pruning import _helpers, ops
+from torch_pruning.dependency import index_mapping, shape_infer
+
+
+class ShapeRecorder(TorchFunctionMode):
+    """Records the shape of every tensor a forward pass produces, keyed by its autograd node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: dict[Any, tuple[int, ...]] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, Tensor) and out.grad_fn is not None:
+            self.shapes.setdefault(out.grad_fn, tuple(out.shape))
+        return out
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self:
+            return fn(*args)
+
+
+class TiledIndexMapping:
+    """Channel ``c`` of a channels-last input is ``c + k * channels`` (k < ``tiles``) of the flattened output."""
+
+    def __init__(self, channels: int, tiles: int, reverse: bool = False) -> None:
+        self.channels, self.tiles, self.reverse = channels, tiles, reverse
+
+    def __call__(self, idxs: list[Any]) -> list[Any]:
+        if self.reverse:  # output index -> input channel
+            found = (_helpers._HybridIndex(idx=i.idx % self.channels, root_idx=i.root_idx) for i in idxs)
+            return list(dict.fromkeys(found))
+        return [
+            _helpers._HybridIndex(idx=i.idx + k * self.channels, root_idx=i.root_idx)
+            for k in range(self.tiles)
+            for i in idxs
+        ]
+
+
+def _channels_in(dg: Any, node: Any) -> int | None:
+    return shape_infer.infer_out_channels_recursively(dg, node.inputs[0], [0]) if node.inputs else None
+
+
+def _stale_edges(node: Any) -> list[Any]:
+    """The dependencies torch-pruning may have given a reshape or slice mapping for ``node``: both ways between
+    it and its inputs, and between it and an output that is not a reshape itself (whose own mapping sits there)."""
+    outputs = [n for n in node.outputs if n.type != ops.OPTYPE.RESHAPE]
+    edges = [dep for dep in node.dependencies if any(dep.target is n for n in [*node.inputs, *outputs])]
+    return edges + [dep for n in [*node.inputs, *outputs] for dep in n.dependencies if dep.target is node]
+
+
+def _retype(node: Any, mapping: Any = None, reverse: Any = None) -> None:
+    """Make ``node`` element-wise for torch-pruning, dropping the reshape and slice mappings it gave it, and
+    set ``mapping`` on the edges from its inputs (``reverse`` on the edges back to them)."""
+    node.type = ops.OPTYPE.ELEMENTWISE
+    stale = (index_mapping._FlattenIndexMapping, index_mapping._SliceIndexMapping)
+    for dep in _stale_edges(node):
+        if isinstance(dep.index_mapping[0], stale):
+            dep.index_mapping[0] = None
+    for source in node.inputs:
+        for dep in source.dependencies:
+            if dep.target is node and mapping is not None:
+                dep.index_mapping[0] = mapping
+        for dep in node.dependencies:
+            if dep.target is source and reverse is not None:
+                dep.index_mapping[0] = reverse
+
+
+def _untie_spatial_slices(dg: Any) -> None:
+    """A slice whose dimension is not as long as the channels that flow through it is, for the channels, the
+    element-wise op it is (torch-pruning mapped it whenever it cut dim 1 of a 4-D tensor, dim 2 of a 3-D one)."""
+    for node in list(dg.module2node.values()):
+        fn = node.grad_fn
+        if node.type != ops.OPTYPE.SLICE or not node.inputs or not hasattr(fn, "_saved_self_sym_sizes"):
+            continue
+        sizes = [int(s) for s in fn._saved_self_sym_sizes]
+        dim = int(fn._saved_dim)
+        if (len(sizes), dim) not in ((4, 1), (3, 2)):
+            continue  # torch-pruning already leaves this slice out
+        channels = _channels_in(dg, node)
+        if channels is not None and channels != sizes[dim]:
+            _retype(node)
+
+
+def _channels_last_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
+    """Reshapes of a tensor whose channels are (unambiguously) its last dim: identity when they stay last,
+    tiled when trailing dims are merged into them."""
+    for node in list(dg.module2node.values()):
+        fn = node.grad_fn
+        if node.type != ops.OPTYPE.RESHAPE or not hasattr(fn, "_saved_self_sym_sizes") or fn not in shapes:
+            continue
+        before, after = [int(s) for s in fn._saved_self_sym_sizes], list(shapes[fn])
+        channels = _channels_in(dg, node)
+        if len(before) < 3 or channels is None or before[-1] != channels or before[1] == channels:
+            continue  # not channels-last, or cannot tell
+        if after and after[-1] == channels:
+            _retype(node)
+            continue
+        merged = before[len(after) - 1 : -1]
+        tiles = math.prod(merged) if merged else 0
+        kept = after[:-1] == before[: len(after) - 1]
+        if after and len(after) < len(before) and kept and after[-1] == tiles * channels:
+            _retype(node, TiledIndexMapping(channels, tiles), TiledIndexMapping(channels, tiles, reverse=True))
+
+
+def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
+    """torch-pruning's index mappings, recomputed, with regrow's corrections for channels-last layouts."""
+    index_mapping.update_index_mapping(dg)
+    _untie_spatial_slices(dg)
+    _channels_last_reshapes(dg, shapes)

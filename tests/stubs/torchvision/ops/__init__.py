@@ -1,0 +1,3 @@
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+__all__ = ["FrozenBatchNorm2d"]

@@ -6,6 +6,7 @@ Bad input prints one paragraph and exits with code 2 (no traceback; ``--debug`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -264,11 +265,20 @@ def _configure_logging(quiet: bool) -> None:
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler, `timeout`), unwound like Ctrl-C so that a run's partial files are cleaned up."""
+    """SIGTERM (a scheduler, `timeout`) or SIGHUP (the terminal or ssh session closed), unwound like Ctrl-C so
+    that a run's partial files are cleaned up and its output folder is left as it was."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    raise _Terminated
+    raise _Terminated(signum)
+
+
+# Ended like Ctrl-C (SIGINT already raises KeyboardInterrupt); SIGHUP does not exist on Windows.
+_ENDING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -276,12 +286,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(quiet=args.quiet)
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    # A signal already ignored stays ignored: `nohup regrow run ...` asked to outlive a hang-up
+    previous = {
+        sig: signal.signal(sig, _terminate)
+        for sig in (_ENDING if in_main_thread else ())
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
     try:
         return _main(args)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -310,9 +325,10 @@ def _main(args: argparse.Namespace) -> int:
             raise
         print(f"regrow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except _Terminated:
-        print("regrow: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except _Terminated as exc:
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            print("regrow: terminated" + (" (hang-up)" if exc.signum != signal.SIGTERM else ""), file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("regrow: interrupted", file=sys.stderr)
         return 130

@@ -20,12 +20,40 @@ from regrow.export import load_weights
 from regrow.models import MODELS
 
 
+def importable(folders: list[Path]) -> None:
+    """Make ``folders`` importable *after* the standard library and installed packages (appended to
+    ``sys.path``): a file there named like one of those (``colorsys.py``, ``matplotlib.py``) never replaces
+    it, for regrow or for anything it imports later. They stay on the path for the rest of the process, as a
+    script's own folder does: a factory that imports its helpers when called, and data-loader workers started
+    with spawn or forkserver, find them there too. (Folders already on the path are left where they are;
+    ``python -m`` and ``python -c`` put the working directory first by themselves, the ``regrow`` command
+    does not.)"""
+    for folder in dict.fromkeys(str(f) for f in folders):
+        if folder not in sys.path:
+            sys.path.append(folder)
+
+
+def _shadowed(module: Any, module_name: str, folders: list[Path]) -> str:
+    """Why a module was found elsewhere than the user's file of the same name, or ``""``."""
+    top = module_name.partition(".")[0]
+    mine = [f for f in folders if (f / f"{top}.py").is_file() or (f / top / "__init__.py").is_file()]
+    origin = getattr(module, "__file__", None) or "built into Python"
+    if not mine or any(str(origin).startswith(str(f)) for f in mine):
+        return ""
+    return (
+        f" {module_name!r} is the standard library's or an installed package's ({origin}), not {top!r} in "
+        f"{mine[0]}: the recipe's folder and the working directory come after those on the import path, so "
+        "that a file there never replaces them. Rename your module."
+    )
+
+
 def import_factory(spec: str, what: str, search: list[Path] | None = None) -> Callable[..., Any]:
-    """Resolve ``"package.module:function"``; the working directory and ``search`` folders are importable."""
+    """Resolve ``"package.module:function"``; the working directory and ``search`` folders are importable,
+    after the standard library and installed packages (:func:`importable`). A recipe's factories are code
+    that regrow runs: a recipe is trusted like a Python script (README, "Trust")."""
     module_name, _, attr = spec.partition(":")
-    for folder in [Path.cwd(), *(search or [])]:
-        if str(folder) not in sys.path:
-            sys.path.insert(0, str(folder))
+    folders = [Path.cwd(), *(search or [])]
+    importable(folders)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -47,7 +75,7 @@ def import_factory(spec: str, what: str, search: list[Path] | None = None) -> Ca
         )
         raise RegrowError(
             f"{what} factory {spec!r}: module {module_name!r} has no function {attr!r}; "
-            f"its functions are: {', '.join(public) or 'none'}."
+            f"its functions are: {', '.join(public) or 'none'}.{_shadowed(module, module_name, folders)}"
         )
     return fn
 

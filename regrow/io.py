@@ -1,27 +1,39 @@
-"""File output that never destroys what the user had: atomic writes and a guarded output directory."""
+"""File output that never destroys what the user had: atomic writes and a guarded output directory (its
+run files published as one set by :mod:`regrow.publish`)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from regrow.errors import RegrowError
+from regrow.publish import (
+    CURRENT,
+    RUN_FILES,
+    STAGE_PREFIX,
+    STORE,
+    Stage,
+    check_links,
+    check_names,
+    clean_around,
+    fsync_dir,
+    fsync_file,
+    is_orphan,
+    is_ours,
+    umask,
+)
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+__all__ = ["RUN_FILES", "STAGE_PREFIX", "atomic_write", "atomic_write_text", "prepare_out_dir", "staged_out_dir"]
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``.
 
-    A reader never sees a half-written file, and an error leaves the previous file untouched.
+    A reader never sees a half-written file, and an error leaves the previous file untouched. The file is
+    flushed to disk before the rename and the folder after it, so a power loss leaves the old file or the new.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -31,8 +43,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         write(tmp)
         # mkstemp creates 0600, and some writers (safetensors) make their own 0600 file: give the result the
         # usual permissions once it is written
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
+        fsync_file(tmp)
         os.replace(tmp, target)
+        fsync_dir(target.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -48,58 +62,29 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write(path, write)
 
 
-# What a run or a sensitivity analysis writes. A finished run with --overwrite replaces these (and only
-# these), so no file from an earlier run can pass for this run's output.
-RUN_FILES = (
-    "config.yaml",
-    "report.json",
-    "report.md",
-    "curve.png",
-    "model.safetensors",
-    "masks.safetensors",
-    "shared.safetensors",
-    "arch.json",
-    "allocation.json",
-    "sensitivity.json",
-    "sensitivity.md",
-    "sensitivity.png",
-)
-
-
-STAGE_PREFIX = ".regrow-partial-"  # a run's files are written here first (see staged_out_dir)
-
-
-def _leftover_stage(entry: Path) -> bool:
-    """A staging folder whose run is gone (killed with SIGKILL, or the machine went down)."""
-    if not (entry.is_dir() and entry.name.startswith(STAGE_PREFIX)):
-        return False
-    pid = entry.name[len(STAGE_PREFIX) :].split("-", 1)[0]
-    if not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except OSError:  # it exists, but belongs to someone else
-        return False
-    return False  # a run still writing there: its folder is content, and is never removed
-
-
 def prepare_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False, create: bool = True) -> Path:
     """Check the output directory (and create it), refusing a non-empty one unless ``overwrite`` is set.
 
     Nothing in it is removed here: :func:`staged_out_dir` replaces the files regrow writes (``RUN_FILES``)
-    only once a run has succeeded. A staging folder left by a run that was killed does not count as content.
-    With ``create=False`` only the check is made.
+    only once a run has succeeded. What a killed run left (a staging folder whose run is gone, regrow's
+    folder of versions with no run in it, links to nothing) does not count as content. A run file's name
+    taken by a folder (or anything but a file) is refused: the run could not be published there. With
+    ``create=False`` only the check is made.
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise RegrowError(f"output path {str(out)!r} exists and is not a directory; choose another --out.")
-    if out.is_dir() and not overwrite and any(not _leftover_stage(e) for e in out.iterdir()):
-        raise RegrowError(
-            f"output directory {str(out)!r} is not empty; choose another --out, or pass --overwrite to "
-            "replace the files regrow writes there (other files are left alone)."
-        )
+    if out.is_dir():
+        check_names(out)
+        content = sorted(e.name for e in out.iterdir() if not _leftover(e))
+        if content and not overwrite:
+            shown = ", ".join(repr(n) for n in content[:3]) + (", ..." if len(content) > 3 else "")
+            raise RegrowError(
+                f"output directory {str(out)!r} is not empty (it holds {shown}); choose another --out, or pass "
+                "--overwrite to replace the files regrow writes there (other files are left alone)."
+            )
+        if content:
+            check_links(out)
     existing = next(d for d in [out, *out.absolute().parents] if d.exists())
     if not existing.is_dir():
         raise RegrowError(f"output path {str(out)!r} cannot be created: {str(existing)!r} is a file, not a folder.")
@@ -113,36 +98,39 @@ def prepare_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False, cr
     return out
 
 
+def _leftover(entry: Path) -> bool:
+    """Left by a run that is gone: its staging folder, regrow's folder of versions with no current run in it,
+    or a link to a run file that is no longer there."""
+    if entry.name == STORE and entry.is_dir() and not entry.is_symlink():
+        return not os.path.lexists(entry / CURRENT)
+    return is_orphan(entry) or (is_ours(entry) and not entry.exists())
+
+
 @contextmanager
 def staged_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
-    """A staging folder inside the output directory; its files replace the run files there only on success.
+    """A staging folder inside the output directory; its files replace the run files there only on success,
+    all at once.
 
-    A run writes every file into the yielded folder. When the block ends without an error the files move
-    into ``path`` (each an atomic rename) and the ``RUN_FILES`` of an earlier run that this run did not
-    write are removed, so nothing stale passes for this run's output. When the block raises (a late error,
-    Ctrl-C, or SIGTERM through the command line), ``path`` is left exactly as it was: an earlier run kept
-    with ``--overwrite`` survives, and the folders this run created (parents included) are removed again.
-    A run killed outright (SIGKILL) leaves its hidden staging folder; the next run into ``path`` removes it.
+    A run writes every file into the yielded folder. When the block ends without an error the files are
+    published as one set (:mod:`regrow.publish`): a reader of ``path`` sees the earlier run or this one,
+    never a mix, and the ``RUN_FILES`` of an earlier run that this run did not write are gone. A new or empty
+    folder becomes the staging folder itself (plain files); a folder with an earlier run or other files
+    gets the run files as links into ``path/.regrow-runs/``. When the block raises (a late error, Ctrl-C,
+    SIGTERM or SIGHUP through the command line), ``path`` is left exactly as it was and the folders this run
+    created (parents included) are removed again. What a killed run (SIGKILL, power loss) leaves is removed
+    by the next run into ``path`` or next to it.
     """
     out = Path(path)
     created = [d for d in [out, *out.absolute().parents] if not d.exists()]  # deepest first
     prepare_out_dir(out, overwrite=overwrite)
+    if clean_around(out) and not created:  # out was a killed run's folder and held nothing else
+        created = [out]
+    stage = Stage(out, made=bool(created))
     try:
-        stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=out))
-    except OSError as exc:
-        raise RegrowError(f"output directory {str(out)!r} cannot be written ({exc.strerror or exc}).") from None
-    try:
-        yield stage
-        for name in RUN_FILES:
-            if not (stage / name).exists():
-                (out / name).unlink(missing_ok=True)
-        for entry in stage.iterdir():
-            os.replace(entry, out / entry.name)
-        for entry in out.iterdir():  # staging folders of runs that were killed
-            if _leftover_stage(entry) and entry != stage:
-                shutil.rmtree(entry, ignore_errors=True)
+        yield stage.path
+        stage.publish()
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        stage.close()
         for folder in created:  # folders this run made and left empty (a failed run), parents included
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()

@@ -131,3 +131,9 @@ def check_inputs_outside(cfg: RunConfig, out: Path) -> None:
                 f"{key} {name!r} is in the output folder {str(out)!r}, and a finished run writes its own "
                 f"{path.name} there, replacing the file it was given. Choose another --out, or move the file."
             )
+        versions = (out / ".regrow-runs").resolve()  # earlier runs' files, removed by later publications
+        if versions in path.resolve().parents:
+            raise RegrowError(
+                f"{key} {name!r} is inside {str(out)!r}'s earlier runs (.regrow-runs), which a run into that folder "
+                "removes once it is no longer current. Copy the file elsewhere, or choose another --out."
+            )

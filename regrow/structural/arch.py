@@ -5,10 +5,18 @@
 buffer. :func:`load` builds a fresh instance of the original architecture with ``factory()``, swaps in
 regrow's attention where the saved model had it, gives every module the recorded attributes and tensor
 shapes, then loads the weights from safetensors. Nothing is unpickled at any point.
+
+``arch.json`` is data, and :func:`load` checks it against a schema before anything is changed: at most
+``MAX_BYTES`` and ``MAX_DEPTH`` levels of nesting; each module's class is the class of the factory's module
+of that name (or regrow's attention in place of ``nn.MultiheadAttention``); attributes are public ones the
+factory's module already holds as plain values (numbers, strings, booleans, ``None``, lists, tuples and
+sets of those), never ``_``-names, ``forward`` or ``training``; tensors have shapes of non-negative ints and
+a dtype from ``DTYPES``. Anything else is refused with a :class:`RegrowError` naming the entry.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -26,6 +34,27 @@ from regrow.structural.attention import MultiheadAttention, set_submodule
 FORMAT = "regrow.arch"
 VERSION = 1
 _SCALARS = (bool, int, float, str, type(None))
+MAX_BYTES = 64 * 2**20  # a BERT-base arch.json is ~0.1 MB
+MAX_DEPTH = 64  # regrow.save writes 6 levels
+MAX_DIMS = 16
+DTYPES = (
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "complex128",
+    "complex64",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+)
+_ENTRY_KEYS = ("class", "attrs", "parameters", "buffers", "init")
+_NEVER_SET = ("forward", "training")  # public names that are not a module's shape
 
 
 def _jsonable(value: Any) -> Any:
@@ -117,11 +146,11 @@ def retie(model: nn.Module, groups: list[list[tuple[str, str]]]) -> None:
 
 
 def apply(model: nn.Module, arch: dict[str, Any]) -> nn.Module:
-    """Reshape a fresh ``model`` (same architecture, original sizes) to the one ``arch`` describes."""
-    if arch.get("format") != FORMAT:
-        raise RegrowError("arch.json is not a regrow architecture file (its 'format' is not 'regrow.arch').")
-    if arch.get("version") != VERSION:
-        raise RegrowError(f"arch.json has version {arch.get('version')!r}; this regrow reads version {VERSION}.")
+    """Reshape a fresh ``model`` (same architecture, original sizes) to the one ``arch`` describes.
+
+    ``arch`` is checked first (:func:`check_schema`, then against ``model``); a refused entry raises
+    :class:`RegrowError` before anything is set."""
+    check_schema(arch)
     entries = arch["modules"]
     ties = tied_parameters(model)  # the factory ties them; reshaping below replaces each on its own
     # 1. Swap in regrow's attention where the saved model had it.
@@ -140,19 +169,15 @@ def apply(model: nn.Module, arch: dict[str, Any]) -> nn.Module:
         raise RegrowError(
             f"the factory's model lacks modules recorded in arch.json: {missing[:5]}; is it the same architecture?"
         )
+    for name, entry in entries.items():
+        _check_against(present[name], name, entry)
     # 2. Attributes and tensor shapes.
     for name, entry in entries.items():
         module = present[name]
-        if _class_name(module) != entry["class"]:
-            raise RegrowError(
-                f"module {name!r} is {_class_name(module)} in the factory's model but {entry['class']} in arch.json."
-            )
         for key, value in entry["attrs"].items():
             setattr(module, key, _restore(value))
         for key, (shape, dtype) in entry.get("parameters", {}).items():
-            old = module._parameters.get(key)
-            if old is None:
-                raise RegrowError(f"parameter {name}.{key} of arch.json does not exist in the factory's model.")
+            old = module._parameters[key]
             if list(old.shape) != shape or old.dtype != _dtype(dtype):  # shrunk, or saved in another precision
                 module._parameters[key] = nn.Parameter(
                     torch.empty(shape, dtype=_dtype(dtype), device=old.device), requires_grad=old.requires_grad
@@ -163,6 +188,127 @@ def apply(model: nn.Module, arch: dict[str, Any]) -> nn.Module:
                 module._buffers[key] = torch.empty(shape, dtype=_dtype(dtype), device=old.device)
     retie(model, ties)
     return model
+
+
+def _refuse(name: str, problem: str) -> RegrowError:
+    return RegrowError(
+        f"arch.json: module {name!r}: {problem}; it was not written by regrow.save, so nothing was loaded."
+    )
+
+
+def check_schema(arch: Any) -> None:
+    """Refuse an ``arch.json`` that is not what :func:`save` writes: its shape, nesting, values and dtypes."""
+    if not isinstance(arch, dict) or arch.get("format") != FORMAT:
+        raise RegrowError("arch.json is not a regrow architecture file (its 'format' is not 'regrow.arch').")
+    if arch.get("version") != VERSION:
+        raise RegrowError(f"arch.json has version {arch.get('version')!r}; this regrow reads version {VERSION}.")
+    extra = sorted(set(arch) - {"format", "version", "modules"})
+    if extra or not isinstance(arch.get("modules"), dict):
+        raise RegrowError(
+            f"arch.json must hold exactly 'format', 'version' and 'modules' (an object of modules by name); "
+            f"it has {sorted(arch)}."
+        )
+    _check_depth(arch)
+    for name, entry in arch["modules"].items():
+        _check_entry(name, entry)
+
+
+def _check_depth(value: Any) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise RegrowError(f"arch.json is nested more than {MAX_DEPTH} levels deep; regrow.save writes 6.")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _check_entry(name: str, entry: Any) -> None:
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("class"), str)
+        or not isinstance(entry.get("attrs"), dict)
+    ):
+        raise _refuse(name, "each module must be an object with a 'class' string and an 'attrs' object")
+    unknown = sorted(set(entry) - set(_ENTRY_KEYS))
+    if unknown:
+        raise _refuse(name, f"unknown key(s) {unknown}; allowed keys: {', '.join(_ENTRY_KEYS)}")
+    for key, value in entry["attrs"].items():
+        if key.startswith("_") or key in _NEVER_SET:
+            raise _refuse(
+                name,
+                f"attribute {key!r} may not be set (names starting with '_', {', '.join(_NEVER_SET)} are never set)",
+            )
+        if not _plain(value):
+            raise _refuse(
+                name,
+                f"attribute {key!r} is {json.dumps(value)[:80]}; allowed values: numbers, strings, booleans, null, "
+                "lists of those, {'__tuple__': [...]} and {'__set__': [...]}",
+            )
+    init = entry.get("init", {})
+    if not isinstance(init, dict) or not all(_plain(v) for v in init.values()):
+        raise _refuse(name, "'init' must be an object of plain values")
+    for kind in ("parameters", "buffers"):
+        tensors = entry.get(kind, {})
+        if not isinstance(tensors, dict):
+            raise _refuse(name, f"{kind!r} must be an object of [shape, dtype] by name")
+        for key, spec in tensors.items():
+            _check_tensor(name, f"{kind[:-1]} {key!r}", spec)
+
+
+def _plain(value: Any) -> bool:
+    """The values :func:`describe` writes for an attribute."""
+    if isinstance(value, _SCALARS):
+        return True
+    if isinstance(value, list):
+        return all(isinstance(v, _SCALARS) for v in value)
+    if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
+        ((key, items),) = value.items()
+        if key == "__tuple__":
+            return all(isinstance(v, _SCALARS) for v in items)
+        return key == "__set__" and all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in items)
+    return False
+
+
+def _check_tensor(name: str, what: str, spec: Any) -> None:
+    ok = isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], list) and len(spec[0]) <= MAX_DIMS
+    ok = ok and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in spec[0])
+    if not ok:
+        raise _refuse(name, f"{what} must be [shape, dtype] with a shape of at most {MAX_DIMS} non-negative ints")
+    if spec[1] not in DTYPES:
+        raise _refuse(name, f"{what} has dtype {str(spec[1])[:40]!r}; allowed dtypes: {', '.join(DTYPES)}")
+
+
+def _check_against(module: nn.Module, name: str, entry: dict[str, Any]) -> None:
+    """``entry`` only reshapes ``module``: same class, attributes it already holds as plain values, parameters
+    it has."""
+    if _class_name(module) != entry["class"]:
+        raise _refuse(
+            name,
+            f"its class is {entry['class']!r}, but the factory's model has {_class_name(module)} there "
+            "(allowed: the class of the factory's module, or regrow's MultiheadAttention for torch's)",
+        )
+    settable = sorted(
+        k
+        for k, v in vars(module).items()
+        if not k.startswith("_") and k not in _NEVER_SET and _jsonable(v) is not _SKIP and _not_on_class(module, k)
+    )
+    for key in entry["attrs"]:
+        if key not in settable:
+            raise _refuse(
+                name,
+                f"attribute {key!r} is not a plain attribute of the factory's {type(module).__name__}; "
+                f"allowed: {', '.join(settable) or 'none'}",
+            )
+    for key in entry.get("parameters", {}):
+        if module._parameters.get(key) is None:
+            raise RegrowError(f"parameter {name}.{key} of arch.json does not exist in the factory's model.")
+
+
+def _not_on_class(module: nn.Module, key: str) -> bool:
+    """An instance attribute not backed by a property, method or other non-plain value on the class."""
+    found = inspect.getattr_static(type(module), key, None)
+    return found is None or _jsonable(found) is not _SKIP
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -203,22 +349,38 @@ def save(
     return out
 
 
+def _read(path: Path) -> Any:
+    """arch.json as JSON data, refused when too big or too deeply nested to be regrow's."""
+    folder = str(path.parent)
+    try:
+        if path.stat().st_size > MAX_BYTES:
+            raise RegrowError(
+                f"arch.json in {folder!r} is larger than {MAX_BYTES // 2**20} MiB; regrow.save writes far less."
+            )
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise RegrowError(
+            f"arch.json in {folder!r} is nested more than {MAX_DEPTH} levels deep; regrow.save writes 6."
+        ) from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: bad JSON, or an int of 5000 digits
+        raise RegrowError(f"arch.json in {folder!r} is not readable JSON ({exc}).") from None
+
+
 def load(directory: str | os.PathLike[str], factory: Callable[[], nn.Module]) -> nn.Module:
     """Rebuild a saved model: ``factory()`` makes the original architecture, arch.json reshapes it.
 
     The model is returned in eval mode (call ``.train()`` to fine-tune it further).
 
     Raises:
-        RegrowError: missing or unreadable files, or a factory model that does not match arch.json.
+        RegrowError: missing or unreadable files, an arch.json outside the schema (see the module docs), or a
+        factory model that does not match arch.json.
     """
     folder = Path(directory)
     arch_path, weights = folder / "arch.json", folder / "model.safetensors"
     if not arch_path.is_file():
         raise RegrowError(f"{str(folder)!r} has no arch.json; save the model with regrow.save(model, directory).")
-    try:
-        arch = json.loads(arch_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RegrowError(f"arch.json in {str(folder)!r} is not readable JSON ({exc}).") from None
+    arch = _read(arch_path)
+    check_schema(arch)  # before the factory runs: a refused file changes nothing
     model = factory()
     if not isinstance(model, nn.Module):
         raise RegrowError(f"the factory returned {type(model).__name__}; it must return a torch.nn.Module.")

@@ -287,16 +287,14 @@ def markdown(results: dict[str, Any], info: dict[str, Any], args: argparse.Names
     header = ["model", "variant", "fp32 ms", "bf16 ms", "bf16 speed-up"]
     rows = []
     ratio_rows = []
-    for name, r in results.items():
+    for r in results.values():
         m = r["median_ms"]
         label = f"{r['model']}, {r['image']}x{r['image']}, batch {r['batch']}"
         for variant in ("hand-written", "regrow finetune"):
             fp32, bf16 = m[f"{variant} fp32"], m[f"{variant} bf16"]
             rows.append([label, variant, f"{fp32:.2f}", f"{bf16:.2f}", f"{fp32 / bf16:.2f}x"])
         rows.append([label, "regrow distill", "", f"{m['regrow distill bf16']:.2f}", ""])
-        ratio_rows.append(
-            [label, "yes" if r["channels_last"] else "no"] + [f"{v:.3f}" for v in r["ratios"].values()]
-        )
+        ratio_rows.append([label, "yes" if r["channels_last"] else "no"] + [f"{v:.3f}" for v in r["ratios"].values()])
     lines += [markdown_table(header, rows), ""]
     ratio_header = ["model", "channels-last"] + list(next(iter(results.values()))["ratios"])
     lines += ["Ratios (target: regrow / hand-written at most 1.05):", "", markdown_table(ratio_header, ratio_rows)]

@@ -134,7 +134,8 @@ def main() -> None:
             x = torch.randn(size, 3, image, image, device=device)
             for name, model in built.items():
                 base, other = timed_pair(dense, model, x, rounds, dtype)
-                row = [name, str(dtype).removeprefix("torch."), size, f"{base:.3f}", f"{other:.3f}", f"{base / other:.2f}x"]
+                kind = str(dtype).removeprefix("torch.")
+                row = [name, kind, size, f"{base:.3f}", f"{other:.3f}", f"{base / other:.2f}x"]
                 print(" | ".join(str(c) for c in row), flush=True)
                 rows.append(row)
                 out.append(dict(zip(["variant", "dtype", "batch", "dense_ms", "variant_ms", "speedup"], row)))

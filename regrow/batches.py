@@ -80,8 +80,9 @@ def check_reiterable(data: Iterable[Any], name: str, reads: str = "once per epoc
         )
 
 
-def check_batch(model: nn.Module, data: Iterable[Any], name: str, *, label_range: bool = True) -> None:
-    """Run one batch of ``data`` through ``model`` (eval mode, no gradients) before anything is trained.
+def check_batch(model: nn.Module, data: Iterable[Any], name: str, *, label_range: bool = True) -> int:
+    """Run one batch of ``data`` through ``model`` (eval mode, no gradients) before anything is trained; the
+    number of classes the model scores (its logits' last dimension).
 
     Labels must be a 1-D tensor of class indices (int64, or uint8 as raw image datasets store them), and with
     ``label_range`` within the model's outputs;
@@ -116,11 +117,130 @@ def check_batch(model: nn.Module, data: Iterable[Any], name: str, *, label_range
         ) from None
     finally:
         model.train(was_training)
+    classes = logits.shape[-1]
     if label_range and targets.numel():
-        classes = logits.shape[-1]
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= classes:
             raise RegrowError(
                 f"the labels of the {name} data run from {low} to {high}, but the model scores {classes} classes "
                 f"(labels 0 to {classes - 1})."
             )
+    return classes
+
+
+MAX_SHAPE_RUNS = 8  # per split, the model runs on at most this many input shapes beyond the first batch's
+
+
+def _layout(x: Any) -> Any:
+    """The kind, dtype and number of dimensions of each input tensor (a tensor, or a dict / list / tuple)."""
+    if isinstance(x, Tensor):
+        return (str(x.dtype).removeprefix("torch."), x.dim())
+    if isinstance(x, dict):
+        return {k: _layout(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_layout(v) for v in x]
+    return type(x).__name__
+
+
+def _shapes(x: Any) -> Any:
+    """The sizes of each input tensor beyond the batch dimension, as a hashable value."""
+    if isinstance(x, Tensor):
+        return tuple(x.shape[1:])
+    if isinstance(x, dict):
+        return tuple((k, _shapes(v)) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return tuple(_shapes(v) for v in x)
+    return None
+
+
+def _non_finite(x: Any, key: str = "inputs") -> str | None:
+    """Where ``x`` holds NaN or inf, counted (None when every floating-point value is finite)."""
+    if isinstance(x, Tensor):
+        if not (x.is_floating_point() or x.is_complex()) or bool(torch.isfinite(x).all()):
+            return None
+        return f"{int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} inf values in {key}"
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple)) else ()
+    found = [_non_finite(v, f"{key}[{k!r}]") for k, v in items]
+    return "; ".join(f for f in found if f) or None
+
+
+def _count(inputs: Any) -> int | None:
+    """The number of samples in a batch's inputs, when they say it unambiguously."""
+    if isinstance(inputs, Tensor):
+        return inputs.shape[0] if inputs.dim() else None
+    if isinstance(inputs, dict):
+        sizes = {v.shape[0] for v in inputs.values() if isinstance(v, Tensor) and v.dim()}
+        return sizes.pop() if len(sizes) == 1 else None
+    return None
+
+
+def _check_labels(targets: Any, inputs: Any, where: str, classes: int | None) -> None:
+    """One batch's labels: 1-D class indices, one per sample, within the model's ``classes`` outputs."""
+    if not isinstance(targets, Tensor) or targets.dim() != 1 or targets.dtype not in (torch.long, torch.uint8):
+        got = (
+            f"a {targets.dim()}-D {str(targets.dtype).removeprefix('torch.')} tensor"
+            if isinstance(targets, Tensor)
+            else type(targets).__name__
+        )
+        raise RegrowError(f"{where} has labels of {got}; labels must be a 1-D int64 or uint8 tensor of class indices.")
+    samples = _count(inputs)
+    if samples is not None and samples != targets.shape[0]:
+        raise RegrowError(f"{where} has {samples} inputs but {targets.shape[0]} labels; one label per input.")
+    if classes is not None and targets.numel():
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= classes:
+            bad = low if low < 0 else high
+            raise RegrowError(
+                f"{where} has a label {bad} outside the model's {classes} outputs (labels 0 to {classes - 1})."
+            )
+
+
+def check_batches(model: nn.Module, data: Iterable[Any], name: str, *, classes: int | None) -> None:
+    """Check every batch of ``data`` once, before anything is trained or written (after :func:`check_batch`).
+
+    Each batch: labels as :func:`check_batch` wants them, one per input and (with ``classes``) within the model's
+    outputs; inputs of the first batch's kind, dtypes and number of dimensions, every floating-point value
+    finite; a batch with input sizes not seen before is run through the model (eval mode, no gradients; at most
+    ``MAX_SHAPE_RUNS`` new shapes per split). The pass reads the data once and computes little: labels' min and
+    max, ``isfinite`` over the inputs. A RegrowError names the split and the batch index in one line.
+    """
+    first: Any = None
+    seen: set[Any] = set()
+    for index, batch in enumerate(data):
+        where = f"batch {index} of the {name} data (counting from 0)"
+        try:
+            inputs, targets = unpack(batch)
+        except RegrowError as exc:
+            raise RegrowError(f"{where}: {exc}") from None
+        _check_labels(targets, inputs, where, classes)
+        layout = _layout(inputs)
+        if first is None:
+            first = layout
+        elif layout != first:
+            raise RegrowError(f"{where} has inputs {layout}, unlike batch 0's {first} (dtype, number of dimensions).")
+        bad = _non_finite(inputs)
+        if bad is not None:
+            raise RegrowError(f"{where} has {bad}; regrow cannot train or measure on them: fix the data.")
+        shapes = _shapes(inputs)
+        if index and shapes not in seen and len(seen) <= MAX_SHAPE_RUNS:
+            _run_once(model, inputs, where)
+        seen.add(shapes)
+
+
+def _run_once(model: nn.Module, inputs: Any, where: str) -> None:
+    """Run the model on ``inputs`` (eval mode, no gradients); a failure names the batch."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            forward(model, to_device(inputs, model_device(model)))
+    except RegrowError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure here is a mismatch between the data and the model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RegrowError(
+            f"the model cannot run on {where} ({type(exc).__name__}: {first}), whose input sizes differ from the "
+            "earlier batches'; check the inputs' shapes."
+        ) from None
+    finally:
+        model.train(was_training)

@@ -452,7 +452,11 @@ def test_accelerate_end_to_end_with_a_fake_gpu(fake_gpu):
     speed = report.speed
     assert (speed.dense_ms, speed.accelerated_ms, speed.speedup, speed.relative_error) == (1.0, 1.0, 1.0, 0.0)
     assert (speed.timing, speed.repeats, speed.warmup, speed.inputs, speed.device) == (
-        "eager", 7, 2, "16x64 bfloat16", "cpu"
+        "eager",
+        7,
+        2,
+        "16x64 bfloat16",
+        "cpu",
     )
     assert model.training  # the caller's mode is restored after timing
     assert json.loads(json.dumps(report.to_dict()))["speed"]["inputs"] == "16x64 bfloat16"

@@ -151,5 +151,6 @@ def test_a_valid_recipe_passes_every_rule():
 
 def test_acceleration_is_refused_on_the_cpu_with_the_reason():
     overrides = ["accelerate.enabled=true", "prune.pattern=2:4", "prune.sparsity=null", "device=cpu"]
-    with pytest.raises(RegrowError, match="needs a CUDA device .recipe device: 'cpu'.. regrow.accelerate needs an NVIDIA"):
+    message = "needs a CUDA device .recipe device: 'cpu'.. regrow.accelerate needs an NVIDIA"
+    with pytest.raises(RegrowError, match=message):
         load_config("demo", overrides)

@@ -212,22 +212,24 @@ def test_fp16_callbacks_and_masks_see_unscaled_gradients():
     assert torch.allclose(seen["g"], reference.fc1.weight.grad, rtol=0.05, atol=1e-3)
 
 
-def test_a_nan_batch_is_skipped_in_fp16_but_trained_on_in_fp32_as_before():
-    """fp32 keeps the old behaviour (no scaler: a NaN batch reaches the weights); fp16's scaler skips it."""
-    outcomes = {}
+def test_a_nan_batch_is_refused_in_every_precision_before_it_reaches_the_weights():
+    """The divergence guard checks the first epoch's inputs: a NaN batch stops recovery with the batch named,
+    in fp32 (which used to train on it) as in fp16 (whose scaler used to skip it); the scaler still skips
+    steps whose gradients overflow (test_fp16_skips_a_step_whose_gradients_overflow_and_the_masks_hold)."""
     for precision in ("fp32", "fp16"):
         torch.manual_seed(0)
         model = TinyMLP()
         masks = regrow.prune(model, 0.5, keep_dense=False)
+        before = copy.deepcopy(model.state_dict())
         train = linear_task(4, 0)
         train[2] = (torch.full_like(train[2][0], float("nan")), train[2][1])
-        result = regrow.recover(
-            model, masks, train, linear_task(1, 1), method="finetune", epochs=1, precision=precision,
-            patience=None, progress=False, callbacks=[probe := _Finite()],
-        )  # fmt: skip
-        outcomes[precision] = (probe.finite, result.details["compute"].get("skipped_steps"))
-    assert outcomes["fp32"] == (False, None)
-    assert outcomes["fp16"] == (True, 1)
+        with pytest.raises(RegrowError, match="training batch 2 .* has non-finite inputs"):
+            regrow.recover(
+                model, masks, train, linear_task(1, 1), method="finetune", epochs=1, precision=precision,
+                patience=None, progress=False, callbacks=[probe := _Finite()],
+            )  # fmt: skip
+        assert probe.finite  # the two steps before the NaN batch kept the weights finite
+        assert any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 class _Finite:

@@ -359,4 +359,3 @@ def _accelerate_needs_2_4_on_cuda(cfg: RunConfig) -> Iterator[str]:
         from regrow.accelerate import CPU_MESSAGE
 
         yield f"accelerate.enabled needs a CUDA device (recipe device: {cfg.device!r}). {CPU_MESSAGE}"
-

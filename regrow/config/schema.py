@@ -263,6 +263,22 @@ class ShareConfig(_Strict):
     epochs: int = Field(2, ge=0, description="fine-tuning epochs of the shared values when used 'after'")
 
 
+class GuardConfig(_Strict):
+    """The divergence guard of every training regrow runs (baseline training, recovery, weight sharing); the
+    rules are in :mod:`regrow.recovery.guard`."""
+
+    explode_factor: float | None = Field(
+        10.0,
+        gt=1,
+        description="a step loss above this many times the reference (the larger of the median of the last 20 "
+        "accepted step losses and ln(classes)) diverged; null: only a non-finite loss does",
+    )
+    retries: int = Field(
+        3, ge=0, le=20, description="rollbacks to the start of the epoch before the run stops; 0: stop at once"
+    )
+    lr_factor: float = Field(0.5, gt=0, lt=1, description="each rollback multiplies the learning rate by this")
+
+
 class RecoverConfig(_Strict):
     """Options of :func:`regrow.recover` (the defaults are the documented defaults)."""
 
@@ -324,6 +340,7 @@ class RecoverConfig(_Strict):
     compile: bool = Field(
         False, description="run the training forward through torch.compile (not with method transfer)"
     )
+    guard: GuardConfig = Field(default_factory=GuardConfig)
 
     @field_validator("channels_last", mode="before")
     @classmethod

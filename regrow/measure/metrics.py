@@ -21,7 +21,11 @@ def classification_metrics(
     progress: bool = False,
     desc: str = "evaluate",
 ) -> dict[str, float]:
-    """Accuracy (in [0, 1]) and mean cross-entropy over every sample of ``data`` (eval mode)."""
+    """Accuracy (in [0, 1]) and mean cross-entropy over every sample of ``data`` (eval mode).
+
+    A sample whose logits hold a NaN or inf counts as wrong (the argmax of a NaN row is arbitrary), and makes the
+    loss non-finite, which the divergence guard and the checks of the baseline and the export refuse.
+    """
     device = model_device(model)
     was_training = model.training
     model.eval()
@@ -32,7 +36,8 @@ def classification_metrics(
             inputs, targets = to_device(inputs, device), to_device(targets, device)
             logits = forward(model, inputs)
             loss_sum += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
-            correct += int((logits.argmax(dim=-1) == targets).sum())
+            hits = (logits.argmax(dim=-1) == targets) & torch.isfinite(logits).all(dim=-1)
+            correct += int(hits.sum())
             count += int(targets.shape[0])
     finally:
         model.train(was_training)

@@ -2,9 +2,16 @@
 
 The recipe alone was checked when it was read (:mod:`regrow.config`, :mod:`regrow.checks`). Here: the pruning
 request against the model (targets that match no parameter, a sparsity the pattern cannot make), an
-allocation file against the model's targets or groups, a rewind checkpoint against the model's shapes, the
-first batch of every split against the model (shapes, labels inside its outputs), augmentations against the
-inputs, and a transfer run's source data.
+allocation file against the model's targets or groups, a rewind checkpoint against the model's shapes, every
+split against the model (its first batch run through it; then every batch: labels inside its outputs, inputs of
+the first batch's kind and dtype with finite values, each new input shape run through it), augmentations against
+the inputs, and a transfer run's source data.
+
+Every batch is checked here, in one pass over each split before anything is trained or written, rather than
+the first time training meets it: a bad batch late in the test split would otherwise surface only after the
+baseline was trained, and one pass that reads the data and computes labels' min / max and ``isfinite`` costs
+a fraction of one training epoch (which reads the same data and runs the model forward and backward).
+Loaders are read through ``Unshuffled``, so the pass draws none of their shuffling randomness.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from regrow.batches import check_batch, unpack
+from regrow.batches import check_batch, check_batches, unpack
 from regrow.components import build_augment, find_file
 from regrow.config import RunConfig
 from regrow.data import DataBundle
@@ -32,12 +39,14 @@ from regrow.structural import validate_request
 
 @dataclass
 class Checked:
-    """The request as checked against the model, recover()'s keyword arguments, and a transfer's source data."""
+    """The request as checked against the model, recover()'s keyword arguments, a transfer's source data, and the
+    number of classes the model scores (its logits' last dimension on the training data)."""
 
     spec: PruneSpec
     structural: bool
     recover_kwargs: dict[str, Any]
     source: DataBundle | None
+    classes: int | None = None
 
 
 def check_inputs(loaded: Loaded) -> Checked:
@@ -52,9 +61,12 @@ def check_inputs(loaded: Loaded) -> Checked:
         recover_kwargs["rewind_state"] = read_rewind_state(recover_kwargs["rewind_state"], model)
     # a model trained on another task (model.train.data) gets a new head for these labels
     label_range = cfg.model.train is None or cfg.model.train.data is None
+    classes: list[int] = []
     for split, data in (("train", loaded.train), ("validation", loaded.val), ("test", loaded.test)):
         with Unshuffled(data) as unshuffled:  # checking draws no shuffling randomness
-            check_batch(model, unshuffled, split, label_range=label_range)
+            classes.append(check_batch(model, unshuffled, split, label_range=label_range))
+        with Unshuffled(data) as unshuffled:  # batch indices in the order of the loader's first pass
+            check_batches(model, unshuffled, split, classes=classes[-1] if label_range else None)
     check_augment(recover_kwargs.get("augment"), loaded.val)  # val: iterating it draws no shuffling randomness
     if cfg.model.train is not None:
         check_augment(build_augment(cfg.model.train.augment, search), loaded.val)
@@ -62,8 +74,10 @@ def check_inputs(loaded: Loaded) -> Checked:
     if source is not None:
         for split, data in (("source training", source.train), ("source validation", source.val)):
             with Unshuffled(data) as unshuffled:
-                check_batch(model, unshuffled, split)
-    return Checked(spec, structural, recover_kwargs, source)
+                outputs = check_batch(model, unshuffled, split)
+            with Unshuffled(data) as unshuffled:
+                check_batches(model, unshuffled, split, classes=outputs)
+    return Checked(spec, structural, recover_kwargs, source, classes[0])
 
 
 def check_request(cfg: RunConfig, model: nn.Module) -> tuple[PruneSpec, bool]:

@@ -1,5 +1,10 @@
 """Stage 8, export: weights and arch.json (no pickle), masks, shared values and the recovery curve, then the
-model rebuilt from those files and checked against the recovered accuracy."""
+model rebuilt from those files and checked against the recovered accuracy.
+
+A model with a non-finite value (NaN or inf) in any floating-point tensor of its state dict, or in a shared
+codebook, is never exported: the check runs before the first file is written, and the error discards the
+run's staging folder, so the output folder stays as it was.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from regrow.components import build_model
 from regrow.config import RunConfig
+from regrow.errors import RegrowError
 from regrow.masks import MaskSet
 from regrow.measure import Snapshot
 from regrow.measure.metrics import classification_metrics
@@ -36,6 +43,8 @@ def export_model(
     new_classes: int | None,
 ) -> dict[str, Any]:
     """Every file of the run's model, and the reload check; returns the report's export section."""
+    shared = recovered.result.shared
+    check_finite(model, shared.codebooks if shared is not None else {})
     files = export(model, recovered.masks, spec, cfg, out, test, search, snapshot, new_classes)
     if recovered.result.shared is not None:
         recovered.result.shared.save(out / "shared.safetensors")
@@ -43,6 +52,20 @@ def export_model(
     if recovered.history:
         files["curve_plot"] = plot_curve(recovered.history, out / "curve.png", title=f"{cfg.name}: recovery").name
     return files
+
+
+def check_finite(model: nn.Module, codebooks: dict[str, torch.Tensor]) -> None:
+    """Refuse to export a model (or shared codebooks) holding NaN or inf, naming the tensors."""
+    tensors = {**model.state_dict(), **{f"{k} (shared codebook)": v for k, v in codebooks.items()}}
+    floating = {k: v for k, v in tensors.items() if v.is_floating_point()}
+    bad = [k for k, v in floating.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise RegrowError(
+            f"the recovered model holds NaN or inf values in {len(bad)} of its {len(floating)} floating-point tensors "
+            f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); regrow does not export a broken model, and "
+            "nothing was written. Its training diverged past the divergence guard: lower recover.lr, set "
+            "recover.grad_clip, or check the data."
+        )
 
 
 def export(

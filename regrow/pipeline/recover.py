@@ -88,6 +88,7 @@ def recover_iterative(
     masks: MaskSet | None = None
     history: list[dict[str, Any]] = []
     rounds_info = []
+    rollbacks: list[dict[str, Any]] = []  # the divergence guard's, tagged with their round
     offset = 0
     result: RecoveryResult | None = None
     for r in range(1, rounds + 1):
@@ -109,8 +110,11 @@ def recover_iterative(
         history += history_rows(result, offset, r)
         offset += result.epochs_run
         rounds_info.append(round_info(r, masks, macs_share, model, pruner, per_round[r - 1], result))
+        rollbacks += [dict(event, round=r) for event in result.details["guard"]["rollbacks"]]
     assert masks is not None and result is not None
-    return Recovered(masks, result, history, result.to_dict() | {"rounds": rounds_info, "epochs_run": offset})
+    info = result.to_dict() | {"rounds": rounds_info, "epochs_run": offset}
+    info["details"]["guard"]["rollbacks"] = rollbacks  # every round's, not only the last one's
+    return Recovered(masks, result, history, info)
 
 
 def round_info(
@@ -129,6 +133,7 @@ def round_info(
         "macs_of_original": macs_share,
         "params_of_original": count_params(model)[0] / pruner.original["params"],
         "epochs": epochs,
+        "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
         "best_val_accuracy": result.best_val_accuracy,
         "stop_reason": result.stop_reason,
@@ -167,6 +172,11 @@ def merge_shared(result: RecoveryResult, shared: RecoveryResult, info: dict[str,
     epochs of the main recovery) and its validation accuracy are the run's."""
     result.shared = shared.shared
     result.details["sharing"] = shared.details.get("sharing")
+    for event in shared.details.get("guard", {}).get("rollbacks", []):  # the guard's, numbered after the offset
+        event = dict(event, epoch=offset + event["epoch"], phase="sharing")
+        for guard in (result.details.get("guard"), info.get("details", {}).get("guard")):
+            if guard is not None:
+                guard["rollbacks"].append(event)
     n = shared.epochs_run
     result.stop_reason += f"; then {n} epoch{'' if n == 1 else 's'} of weight sharing ({shared.stop_reason})"
     info["sharing"] = result.details["sharing"]

@@ -21,6 +21,9 @@ More options of :func:`recover`, in detail:
   exact. ``"fp16"`` adds a gradient scaler and skips steps whose gradients overflow.
 * ``channels_last``: ``"auto"`` (default: on for a convolutional model on a CUDA device), ``True`` or
   ``False``: the NHWC memory format for 4-D weights and inputs; the model is handed back in its own.
+* ``guard``: the divergence guard (``regrow.recovery.guard``): a step whose loss is not finite or above
+  ``explode_factor`` (10) times its reference rolls the epoch back with the learning rate times ``lr_factor``
+  (0.5), at most ``retries`` (3) times; then :class:`Diverged` (a ``RegrowError``) stops the run.
 * ``compile``: run the student's training forward through ``torch.compile`` (the first steps compile).
   Not with method ``"transfer"``, whose feature hook changes the model on every step.
 
@@ -49,6 +52,7 @@ from regrow.measure.metrics import classification_metrics
 from regrow.recovery.callbacks import GradualPruning
 from regrow.recovery.compute import autocast, check_precision
 from regrow.recovery.dynamic import DynamicSparsity
+from regrow.recovery.guard import Diverged
 from regrow.recovery.loop import EpochRecord
 from regrow.recovery.loop import train as train_loop
 from regrow.recovery.lr import OriginalSchedule, default_original, rewind_plan
@@ -146,7 +150,7 @@ def _options(args: Mapping[str, Any]) -> RecoverConfig:
     """The options of :func:`recover` (``args``: its arguments by name), validated as a recipe's would be."""
     original = args["original"]
     original_cfg = None if original is None or isinstance(original, OriginalSchedule) else dict(original)
-    stop_when, dynamic, share = args["stop_when"], args["dynamic"], args["share"]
+    stop_when, dynamic, share, guard = args["stop_when"], args["dynamic"], args["share"], args["guard"]
     try:
         return RecoverConfig(
             method=args["method"],
@@ -175,6 +179,7 @@ def _options(args: Mapping[str, Any]) -> RecoverConfig:
             precision=args["precision"],
             channels_last=args["channels_last"],
             compile=args["compile"],
+            guard=dict(guard or {}),
         )
     except ValidationError as exc:
         raise explain(exc, "recovery options") from None
@@ -344,11 +349,12 @@ def _train(
 
 
 def _details(
-    model: nn.Module, masks: MaskSet, setup: _Setup, compute: dict[str, Any]
+    model: nn.Module, masks: MaskSet, setup: _Setup, summary: dict[str, Any]
 ) -> tuple[dict[str, Any], SharedWeights | None]:
     """What the method adds to the result (``RecoveryResult.details``), and the shared weights of "share";
-    ``compute`` says how the steps computed (precision, channels-last, compile)."""
-    details: dict[str, Any] = {"compute": compute}
+    taken out of the loop's ``summary``: how the steps computed (precision, channels-last, compile) and the
+    divergence guard's rule and rollbacks."""
+    details: dict[str, Any] = {"compute": summary.pop("compute"), "guard": summary.pop("guard")}
     shared = None
     if setup.baseline_val_accuracy is not None:
         details["baseline_val_accuracy"] = setup.baseline_val_accuracy
@@ -409,6 +415,7 @@ def recover(
     precision: str = "fp32",
     channels_last: bool | str = "auto",
     compile: bool = False,
+    guard: Mapping[str, Any] | None = None,
     callbacks: Sequence[Any] = (),
     progress: bool = True,
 ) -> RecoveryResult:
@@ -430,10 +437,9 @@ def recover(
         augment: a callable applied to each training input batch, or a built-in's name (``regrow list augments``).
         distill: add the distillation loss to finetune / rigl / set / share (default: only for method
             "distill", where ``distill=False`` leaves the task loss alone); not for "transfer".
-        lr_schedule, ema, rewind, original, stop_when: see the module docs, ``help(regrow.recovery)``; also
-            precision (``"fp32"``, ``"bf16"``, ``"fp16"``), channels_last and compile: how the steps compute.
-        dynamic: rigl / set options: ``update_every`` (100 steps), ``drop_fraction`` (0.3), ``end`` (0.75).
-        share: share options: ``k`` (16 shared values per target).
+        lr_schedule, ema, rewind, original, stop_when, guard: see the module docs, ``help(regrow.recovery)``;
+            also precision (``"fp32"``, ``"bf16"``, ``"fp16"``), channels_last and compile: how the steps compute.
+        dynamic, share: rigl / set's ``update_every`` (100), ``drop_fraction`` (0.3), ``end`` (0.75); share's k (16).
         feature_weight: transfer: weight of the feature-distillation loss.
         callbacks: step callbacks, e.g. :class:`regrow.GradualPruning`.
         progress: progress bars (on a terminal only); each epoch is also logged at INFO on the ``"regrow"`` logger.
@@ -449,9 +455,9 @@ def recover(
     setup = _set_up(locals())  # the arguments by name: first, so that locals() holds nothing else
     started = time.perf_counter()
     history, summary = _train(model, masks, setup, callbacks, progress)
-    details, shared = _details(model, masks, setup, summary.pop("compute"))  # details["compute"]: precision, ...
+    details, shared = _details(model, masks, setup, summary)  # takes "compute" and "guard" out of the summary
     seconds = time.perf_counter() - started
     return RecoveryResult(history=history, seconds=seconds, method=method, details=details, shared=shared, **summary)
 
 
-__all__ = ["GradualPruning", "METHODS", "OriginalSchedule", "RecoveryResult", "new_head", "recover"]
+__all__ = ["Diverged", "GradualPruning", "METHODS", "OriginalSchedule", "RecoveryResult", "new_head", "recover"]

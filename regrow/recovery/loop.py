@@ -12,10 +12,13 @@ Masks are enforced without forward hooks, at almost no cost per step:
 
 Validation runs after every epoch. The best epoch by validation accuracy is kept in memory and restored
 at the end; epoch 0 is the model as it came in, so recovery can never hand back a model worse on
-validation than the one it was given. Training ends when the epoch budget is used, when validation has not
-improved for ``patience`` epochs (early stopping; the reason says when training accuracy kept rising
-meanwhile, i.e. over-fitting), when the validation accuracy is within ``stop_when.within`` points of the
-baseline, or when the ``stop_when.seconds`` wall-time budget runs out.
+validation than the one it was given; an epoch whose training or validation loss is not finite is never
+kept. The divergence guard (``regrow.recovery.guard``) rolls an epoch in which a step diverged back to its
+start with the learning rate lowered, a bounded number of times, then stops the run saying why. Training
+ends when the epoch budget is used, when validation has not improved for ``patience`` epochs (early
+stopping; the reason says when training accuracy kept rising meanwhile, i.e. over-fitting), when the
+validation accuracy is within ``stop_when.within`` points of the baseline, or when the
+``stop_when.seconds`` wall-time budget runs out.
 
 With ``ema`` set, an exponential moving average of the weights (``WeightAverage``) is kept beside the
 trained weights; validation, the kept checkpoint and the returned model use the average, while training
@@ -52,6 +55,7 @@ from regrow.measure.cost import storage_key, unique_tensors
 from regrow.measure.metrics import classification_metrics
 from regrow.progress import bar as progress_bar
 from regrow.recovery.compute import Compute, DeviceTally, on_device
+from regrow.recovery.guard import Guard, require_finite_start, save_state
 from regrow.recovery.lr import LR_SCHEDULES, LRContext, OriginalSchedule
 
 log = logging.getLogger("regrow")
@@ -196,14 +200,19 @@ def masked_step(
     grad_clip: float | None = None,
     strict: bool = False,
     compute: Compute | None = None,
+    check: Callable[[Tensor, Tensor], bool] | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """One optimizer step with the masks enforced; returns the named losses and the logits.
 
     ``compute`` (default: fp32, no scaler) sets the autocast precision of the forward pass and, for fp16,
-    scales the loss and skips a step whose gradients overflowed (``regrow.recovery.compute``).
+    scales the loss and skips a step whose gradients overflowed (``regrow.recovery.compute``). ``check``
+    (the divergence guard) sees the loss and the logits after the forward pass; when it returns False the
+    step is not applied (no backward pass, no optimizer step).
     """
     with compute.autocast() if compute is not None else nullcontext():
         losses, logits = method.losses(model, inputs, targets)
+    if check is not None and not check(losses["loss"], logits):
+        return losses, logits
     optimizer.zero_grad(set_to_none=True)
     if compute is not None:
         compute.backward(losses["loss"], optimizer)  # fp16: unscaled again before anything reads the gradients
@@ -243,6 +252,7 @@ class _Run:
     steps_per_epoch: int
     compute: Compute
     trained: nn.Module  # what the training steps call: the model, or its torch.compile wrapper
+    guard: Guard
 
 
 @dataclass
@@ -277,8 +287,10 @@ def _lr_scheduler(
     total_steps: int,
     steps_per_epoch: int,
     original: OriginalSchedule | None,
+    guard: Guard,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The schedule's learning rate at every step, as ``LambdaLR``'s factor of ``options.lr``."""
+    """The schedule's learning rate at every step, as ``LambdaLR``'s factor of ``options.lr``, times the guard's
+    scale (1 until a rollback lowers it; ``1.0 * x`` is exactly ``x``)."""
     warmup_steps = math.ceil(options.warmup * total_steps)
     schedule = "rewind" if options.rewind != "none" else options.lr_schedule
     lr_at = LR_SCHEDULES.get(schedule)(
@@ -292,7 +304,7 @@ def _lr_scheduler(
             peak_lr=options.max_lr,
         )
     )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step) / options.lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: guard.lr_scale * (lr_at(step) / options.lr))
 
 
 def _start(
@@ -315,7 +327,8 @@ def _start(
     trained = compute.prepare(model, getattr(method, "teacher", None))
     optimizer = make_optimizer(model, options)
     total_steps = max(1, options.epochs * steps_per_epoch)
-    scheduler = _lr_scheduler(optimizer, options, total_steps, steps_per_epoch, original)
+    guard = Guard(options.guard, compute.device)
+    scheduler = _lr_scheduler(optimizer, options, total_steps, steps_per_epoch, original, guard)
     state = TrainState(model, masks, optimizer, train_data, total_steps)
     enforcer = MaskEnforcer(masks, model)
     masks.apply(model)
@@ -341,17 +354,20 @@ def _start(
         steps_per_epoch,
         compute,
         trained,
+        guard,
     )
 
 
 def _step(run: _Run, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
     """One training step on a batch already on the device, then the learning rate, the step callbacks and the
-    average move on."""
+    average move on; nothing moves when the guard stops the step (``run.guard.tripped``)."""
+    run.guard.inputs(inputs)  # first epoch: finite inputs (the raw batch, before augmentation)
     if run.augment is not None:
         inputs = run.augment(inputs)
     inputs = run.compute.layout(inputs)
 
     state = run.state
+    lr = run.optimizer.param_groups[0]["lr"]
     losses, logits = masked_step(
         run.trained,
         run.method,
@@ -362,7 +378,10 @@ def _step(run: _Run, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], T
         after_backward=[lambda cb=cb: cb.on_after_backward(state) for cb in run.after_backward],
         grad_clip=run.options.grad_clip,
         compute=run.compute,
+        check=lambda loss, logits: run.guard.watch(loss, logits, state.step + 1, lr),
     )
+    if run.guard.tripped is not None:
+        return losses, logits
     run.scheduler.step()
 
     state.step += 1
@@ -398,9 +417,15 @@ def _ready(run: _Run) -> bool:
     return all(cb.checkpoint_ready(run.state) for cb in run.callbacks)
 
 
+def _finite(record: EpochRecord) -> bool:
+    """Whether the epoch's validation and training losses are finite (epoch 0 has no training loss)."""
+    return math.isfinite(record.val_loss) and (record.train_loss is None or math.isfinite(record.train_loss))
+
+
 def _keep_best(run: _Run, best: _Kept | None, record: EpochRecord, ready: bool) -> tuple[_Kept | None, bool]:
-    """The kept checkpoint after ``record``'s epoch, and whether that epoch became it."""
-    better = ready and (best is None or _rank(record) > best.key)
+    """The kept checkpoint after ``record``'s epoch, and whether that epoch became it. An epoch whose training or
+    validation loss is not finite is never kept, whatever its accuracy."""
+    better = ready and _finite(record) and (best is None or _rank(record) > best.key)
     if better:
         best = _Kept(record.epoch, _rank(record), _state_copy(run.model, run.masks))
     return best, better
@@ -462,39 +487,63 @@ def _finish(
         "steps": run.state.step,
         "stop_reason": stop_reason,
         "compute": run.compute.details(),
+        "guard": run.guard.details(),
     }
+
+
+def _train_epoch(run: _Run, epoch: int, progress: bool) -> DeviceTally | None:
+    """Train one epoch; its training tally, or None when the guard saw a step diverge."""
+    run.state.epoch = epoch
+    run.guard.start_epoch(epoch)
+    run.model.train()
+    tally = DeviceTally()
+    total = run.options.epochs
+    bar = progress_bar(run.state.train_data, f"recover {epoch}/{total}", enabled=progress, total=run.steps_per_epoch)
+    for inputs, targets in on_device(bar, run.device):
+        losses, logits = _step(run, inputs, targets)
+        if run.guard.tripped is not None:
+            break
+        tally.add(losses, logits, targets)
+        tally.show(bar)  # reads the running loss back at most once per bar refresh
+    run.guard.flush()  # the losses not read yet (off the CPU they are read every few steps)
+    if run.guard.tripped is not None:
+        bar.close()
+        return None
+    run.enforcer.weights()  # the once-per-epoch safety net
+    return tally
 
 
 def _epochs(
     run: _Run, val_data: Iterable[Any], progress: bool, baseline_val_accuracy: float | None, started_all: float
 ) -> tuple[list[EpochRecord], _Kept | None, str]:
     """Validate the model as it came in, then train epoch by epoch until a stop reason; the records, the kept
-    checkpoint and the stop reason."""
-    model, options, train_data = run.model, run.options, run.state.train_data
+    checkpoint and the stop reason. An epoch that diverged is rolled back and run again (``run.guard``)."""
+    model, options, guard = run.model, run.options, run.guard
     history = [_evaluate(run, val_data, 0, time.perf_counter(), DeviceTally())]
+    require_finite_start(history[0].val_loss)
     best, _ = _keep_best(run, None, history[0], _ready(run))
     patience = _Patience(lowest_loss=history[0].val_loss)
 
-    for epoch in range(1, options.epochs + 1):
-        run.state.epoch = epoch
-        model.train()
+    epoch = 1
+    while epoch <= options.epochs:
+        saved = save_state(run) if len(guard.rollbacks) < guard.retries else None  # the last good state
         started = time.perf_counter()
-        tally = DeviceTally()
-        bar = progress_bar(train_data, f"recover {epoch}/{options.epochs}", enabled=progress, total=run.steps_per_epoch)
-        for inputs, targets in on_device(bar, run.device):
-            losses, logits = _step(run, inputs, targets)
-            tally.add(losses, logits, targets)
-            tally.show(bar)  # reads the running loss back at most once per bar refresh
-
-        run.enforcer.weights()  # the once-per-epoch safety net
-        # Only a model in its final form (e.g. gradual pruning done) may become the kept checkpoint.
-        ready = _ready(run)
-        # With ema, validation and the kept checkpoint use the average; training metrics stay the trained weights'.
-        with run.average.swapped_in(model) if run.average else nullcontext():
-            record = _evaluate(run, val_data, epoch, started, tally)
-            best, better = _keep_best(run, best, record, ready)
+        tally = _train_epoch(run, epoch, progress)
+        if tally is not None:
+            # Only a model in its final form (e.g. gradual pruning done) may become the kept checkpoint.
+            ready = _ready(run)
+            # With ema, validation and the kept checkpoint use the average; training metrics stay the trained weights'.
+            with run.average.swapped_in(model) if run.average else nullcontext():
+                record = _evaluate(run, val_data, epoch, started, tally)
+                guard.validated(record.val_loss, run.optimizer.param_groups[0]["lr"])
+                if guard.tripped is None:
+                    best, better = _keep_best(run, best, record, ready)
+        if guard.tripped is not None:
+            guard.rollback(run, saved)  # back to the start of the epoch, learning rate lowered; or Diverged
+            continue
         history.append(record)
         _log_epoch(record, options.epochs)
+        epoch += 1
 
         if not ready:
             continue

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+from regrow.report.divergence import guard_section
+
 if TYPE_CHECKING:
     from regrow.measure import Snapshot
 
@@ -87,6 +89,7 @@ def render_markdown(report: _Report) -> str:
         *_acceleration(spec),
         *_structure(spec),
         *_recovery(report),
+        *guard_section(report.recovery),
         *_per_target_sparsity(spec, rec),
         *_excluded_classifier(spec),
         *_timings(report),

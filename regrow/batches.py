@@ -7,7 +7,7 @@ batches both qualify.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -102,21 +102,14 @@ def check_batch(model: nn.Module, data: Iterable[Any], name: str, *, label_range
             f"the labels of the {name} data must be a 1-D int64 (torch.long) or uint8 tensor of class indices, "
             f"one per sample; got {got}. Convert them in the data factory, e.g. y.long()."
         )
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = forward(model, to_device(inputs, model_device(model)))
-    except RegrowError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure here is a mismatch between the data and the model
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise RegrowError(
-            f"the model cannot run on a batch of the {name} data ({type(exc).__name__}: {first}); check the "
-            "inputs' shape and dtype against what the model expects."
-        ) from None
-    finally:
-        model.train(was_training)
+    logits = _run_once(
+        model,
+        inputs,
+        lambda failure: (
+            f"the model cannot run on a batch of the {name} data ({failure}); check the inputs' shape "
+            "and dtype against what the model expects."
+        ),
+    )
     classes = logits.shape[-1]
     if label_range and targets.numel():
         low, high = int(targets.min()), int(targets.max())
@@ -223,24 +216,29 @@ def check_batches(model: nn.Module, data: Iterable[Any], name: str, *, classes: 
             raise RegrowError(f"{where} has {bad}; regrow cannot train or measure on them: fix the data.")
         shapes = _shapes(inputs)
         if index and shapes not in seen and len(seen) <= MAX_SHAPE_RUNS:
-            _run_once(model, inputs, where)
+            _run_once(
+                model,
+                inputs,
+                lambda failure, where=where: (
+                    f"the model cannot run on {where} ({failure}), whose input sizes differ from the "
+                    "earlier batches'; check the inputs' shapes."
+                ),
+            )
         seen.add(shapes)
 
 
-def _run_once(model: nn.Module, inputs: Any, where: str) -> None:
-    """Run the model on ``inputs`` (eval mode, no gradients); a failure names the batch."""
+def _run_once(model: nn.Module, inputs: Any, explain: Callable[[str], str]) -> Tensor:
+    """The model's output on ``inputs`` (eval mode, no gradients); a failure is a RegrowError whose message is
+    ``explain("<exception type>: <first line>")``: any failure here is a mismatch between data and model."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            forward(model, to_device(inputs, model_device(model)))
+            return forward(model, to_device(inputs, model_device(model)))
     except RegrowError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any failure here is a mismatch between the data and the model
+    except Exception as exc:  # noqa: BLE001 - see the docstring
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise RegrowError(
-            f"the model cannot run on {where} ({type(exc).__name__}: {first}), whose input sizes differ from the "
-            "earlier batches'; check the inputs' shapes."
-        ) from None
+        raise RegrowError(explain(f"{type(exc).__name__}: {first}")) from None
     finally:
         model.train(was_training)

@@ -371,3 +371,15 @@ def test_a_model_with_non_finite_weights_is_never_exported():
         check_finite(model, {})
     with pytest.raises(RegrowError, match=r"fc1.weight \(shared codebook\)"):
         check_finite(TinyMLP(), {"fc1.weight": torch.tensor([0.5, float("nan")])})
+
+
+def test_a_later_batch_of_new_input_sizes_the_model_cannot_take_is_named():
+    from regrow.batches import check_batches
+    from regrow.errors import RegrowError
+
+    model = nn.Linear(16, 3)
+    labels = torch.zeros(4, dtype=torch.long)
+    data = [(torch.randn(4, 16), labels), (torch.randn(4, 16), labels), (torch.randn(4, 12), labels)]
+    with pytest.raises(RegrowError, match=r"cannot run on batch 2 of the train data \(counting from 0\) \(Runtime"):
+        check_batches(model, data, "train", classes=3)
+    check_batches(model, data[:2], "train", classes=3)  # the same sizes throughout: no error

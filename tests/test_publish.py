@@ -297,7 +297,16 @@ def test_sighup_ends_a_run_like_sigterm_and_leaves_the_earlier_run_as_it_was(tmp
     cmd = [sys.executable, "-m", "regrow.cli", "run", "demo", "--out", str(out), "--overwrite"]
     cmd += ["--set", "model.train.epochs=500"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the child starts with SIGHUP at its default even under `nohup` (which regrow, by design, leaves ignored)
+    run = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+    )
     for _ in range(600):  # wait until it trains, its staging folder made
         if any(n.startswith(STAGE_PREFIX) for n in os.listdir(out)):
             break

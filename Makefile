@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 # use a stand-in for it (tests/stubs) when the real one cannot be imported. Its other needs come with [hf].
 TIMM_VERSION ?= 1.0.31
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean gpu-wheels
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.allocation
 	$(BIN)/python -m benchmarks.augment
 	$(BIN)/python -m benchmarks.structural_speed
+
+# regrow's own dependencies that the GPU machine's image lacks (it has torch, torchvision and timm), as wheels for
+# its Python 3.12 in .whl/, which benchmarks/gpu_checks.sh installs; carry .whl to that machine with the repository.
+GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 torch-pruning==1.6.1
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -13,8 +13,8 @@
 # 5. benchmarks.vit_batch1: which part of a shrunk ViT costs at batch 1.
 #
 # Results go to benchmarks/results/ (and are copied to OUT_DIR when given); commit them with this command.
-# regrow's own dependencies that the machine lacks (pydantic, torch-pruning, ...) can be installed from wheels:
-# with a folder .whl/ of them beside this repository's root, they are installed into /tmp/site first.
+# regrow's own dependencies that the machine lacks (pydantic, torch-pruning, ...) come as wheels: `make gpu-wheels`
+# here puts them in .whl/ (ignored by git; carry it to the machine), and they are installed into /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

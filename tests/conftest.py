@@ -103,3 +103,36 @@ def import_timm():
         sys.path.remove(stubs)
         drop_torchvision()  # timm holds what it took; nothing else sees the stand-in
         importlib.invalidate_caches()
+
+
+def interrupt_run(argv, cwd, ready, signum, *, settle=1.0):
+    """Start ``python -m regrow.cli ARGV`` in ``cwd`` (1 torch thread), wait until ``ready()`` (at most 60 s),
+    then ``settle`` seconds more, send ``signum`` and return ``(returncode, stderr)``. The child starts with
+    SIGHUP at its default even when the test runner runs under ``nohup`` (which regrow, by design, leaves
+    ignored), so every signal reaches regrow's own handling."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = subprocess.Popen(
+        [sys.executable, "-m", "regrow.cli", *argv],
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+    )
+    for _ in range(600):
+        if ready():
+            break
+        time.sleep(0.1)
+    else:
+        run.kill()
+        pytest.fail("the run never started writing")
+    time.sleep(settle)
+    run.send_signal(signum)
+    _, err = run.communicate(timeout=120)
+    return run.returncode, err

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import regrow
+from conftest import interrupt_run
 from regrow.cli import main
 from regrow.config import read_recipe
 
@@ -392,20 +392,10 @@ def test_a_recipe_read_from_a_pipe(tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_ends_a_run_like_ctrl_c_and_leaves_nothing_behind(tmp_path):
     out = tmp_path / "runs" / "o"
-    cmd = [sys.executable, "-m", "regrow.cli", "run", "demo", "--out", str(out), "--set", "model.train.epochs=500"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for _ in range(600):  # wait until the run is training its baseline, with its staging folder made
-        if out.is_dir() and any(out.iterdir()):
-            break
-        time.sleep(0.1)
-    else:
-        run.kill()
-        pytest.fail("the run never started writing")
-    time.sleep(1.0)
-    run.send_signal(signal.SIGTERM)
-    _, err = run.communicate(timeout=120)
-    assert run.returncode == 128 + signal.SIGTERM and "regrow: terminated" in err and "Traceback" not in err, err
+    argv = ["run", "demo", "--out", str(out), "--set", "model.train.epochs=500"]
+    # wait until the run is training its baseline, with its staging folder made
+    code, err = interrupt_run(argv, tmp_path, lambda: out.is_dir() and any(out.iterdir()), signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM and "regrow: terminated" in err and "Traceback" not in err, err
     assert not (tmp_path / "runs").exists()  # the folders it created are gone, with the half-written files
 
 

@@ -2,12 +2,11 @@
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
+from conftest import interrupt_run
 from regrow.errors import RegrowError
 from regrow.io import RUN_FILES, STAGE_PREFIX, prepare_out_dir, staged_out_dir
 from regrow.publish import CURRENT, STORE, Stage, signals_deferred
@@ -266,21 +265,14 @@ def test_orphaned_staging_folders_are_cleaned_whatever_their_pid_and_live_ones_n
 def test_a_run_killed_in_the_default_folder_is_cleaned_up_by_the_next_run_there(tmp_path):
     """SIGKILL while training into runs/<name>-<timestamp>: that folder holds only a staging folder; the next
     run into runs/ removes it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "regrow.cli", "run", "demo", "--set", "model.train.epochs=500", "-q"]
-    run = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     runs = tmp_path / "runs"
-    for _ in range(600):
+
+    def ready():
         folders = list(runs.iterdir()) if runs.is_dir() else []
-        if folders and any(n.startswith(STAGE_PREFIX) for n in os.listdir(folders[0])):
-            break
-        time.sleep(0.1)
-    else:
-        run.kill()
-        pytest.fail("the run never started writing")
-    run.send_signal(signal.SIGKILL)
-    run.wait(timeout=60)
-    killed = folders[0]
+        return bool(folders) and any(n.startswith(STAGE_PREFIX) for n in os.listdir(folders[0]))
+
+    interrupt_run(["run", "demo", "--set", "model.train.epochs=500", "-q"], tmp_path, ready, signal.SIGKILL, settle=0)
+    killed = sorted(runs.iterdir())[0]
     assert [n.startswith(STAGE_PREFIX) for n in os.listdir(killed)] == [True]  # what SIGKILL leaves
     with staged_out_dir(runs / "next") as stage:
         write(stage, NEW)
@@ -294,30 +286,10 @@ def test_sighup_ends_a_run_like_sigterm_and_leaves_the_earlier_run_as_it_was(tmp
     write(out, OLD)
     (out / "mine.txt").write_text("keep")
     before = sorted(os.listdir(out)), view(out)
-    cmd = [sys.executable, "-m", "regrow.cli", "run", "demo", "--out", str(out), "--overwrite"]
-    cmd += ["--set", "model.train.epochs=500"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # the child starts with SIGHUP at its default even under `nohup` (which regrow, by design, leaves ignored)
-    run = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
-    )
-    for _ in range(600):  # wait until it trains, its staging folder made
-        if any(n.startswith(STAGE_PREFIX) for n in os.listdir(out)):
-            break
-        time.sleep(0.1)
-    else:
-        run.kill()
-        pytest.fail("the run never started writing")
-    time.sleep(1.0)
-    run.send_signal(signal.SIGHUP)
-    _, err = run.communicate(timeout=120)
-    assert run.returncode == 128 + signal.SIGHUP and "regrow: terminated" in err and "Traceback" not in err, err
+    argv = ["run", "demo", "--out", str(out), "--overwrite", "--set", "model.train.epochs=500"]
+    ready = lambda: any(n.startswith(STAGE_PREFIX) for n in os.listdir(out))  # noqa: E731 - it trains, staging made
+    code, err = interrupt_run(argv, tmp_path, ready, signal.SIGHUP)
+    assert code == 128 + signal.SIGHUP and "regrow: terminated" in err and "Traceback" not in err, err
     assert (sorted(os.listdir(out)), view(out)) == before
 
 

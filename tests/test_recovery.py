@@ -184,7 +184,7 @@ def test_distill_method_mixes_soft_and_task_loss():
 
 
 def test_weight_average_on_hand_values():
-    from regrow.recovery.loop import WeightAverage
+    from regrow.recovery.average import WeightAverage
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.BatchNorm1d(2))
     weight = model[0].weight
@@ -226,7 +226,7 @@ def test_weight_average_on_hand_values():
 
 
 def test_weight_average_of_a_tied_weight_is_masked_whichever_name_the_mask_uses():
-    from regrow.recovery.loop import WeightAverage
+    from regrow.recovery.average import WeightAverage
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2, bias=False))
     model[1].weight = model[0].weight  # tied: the state dict lists it as 0.weight and 1.weight
@@ -246,7 +246,7 @@ def test_weight_average_of_a_tied_weight_is_masked_whichever_name_the_mask_uses(
 
 
 def test_weight_average_of_half_precision_weights_keeps_small_updates():
-    from regrow.recovery.loop import WeightAverage
+    from regrow.recovery.average import WeightAverage
 
     model = torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
     with torch.no_grad():

@@ -40,8 +40,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,9 +51,9 @@ from torch import Tensor, nn
 from regrow.batches import model_device
 from regrow.errors import RegrowError
 from regrow.masks import MaskEnforcer, MaskSet
-from regrow.measure.cost import storage_key, unique_tensors
 from regrow.measure.metrics import classification_metrics
 from regrow.progress import bar as progress_bar
+from regrow.recovery.average import WeightAverage
 from regrow.recovery.compute import Compute, DeviceTally, on_device
 from regrow.recovery.guard import Guard, require_finite_start, save_state
 from regrow.recovery.lr import LR_SCHEDULES, LRContext, OriginalSchedule
@@ -120,57 +120,6 @@ def _restore(model: nn.Module, masks: MaskSet, state: dict[str, Any]) -> None:
             changed = True
     if changed:
         masks.touch()
-
-
-class WeightAverage:
-    """An exponential moving average of the weights (Polyak & Juditsky 1992).
-
-    An average of the last steps of training tends to sit in a flatter, better-generalising point than the
-    last step alone (cf. Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima"); with a learning
-    rate annealed to zero the last steps barely move, and the average is close to the last weights. It
-    costs one more copy of the weights in memory (two while validating), kept in float32 for half-precision
-    weights, whose rounding would swallow updates of ``1 - decay`` times a small difference.
-
-    The decay warms up as ``min(decay, (1 + step) / (10 + step))`` (the ``num_updates`` rule of TensorFlow's
-    ``ExponentialMovingAverage``) so that the first steps, far from where training ends, fade fast; it
-    reaches ``decay`` after about ``9 / (1 - decay)`` steps (9,000 for 0.999). After every update the average
-    of each target is multiplied by its current mask, so the average is exactly as sparse as the trained
-    weights, also while gradual pruning or dynamic sparsity move the masks; a weight regrown by dynamic
-    sparsity enters the average from zero and weighs fully only some ``1 / (1 - decay)`` steps later. A
-    tied tensor is averaged once, whichever of its names the masks use. Floating-point buffers (e.g.
-    batch-norm statistics) are averaged too; integer buffers are not.
-    """
-
-    def __init__(self, model: nn.Module, masks: MaskSet, decay: float) -> None:
-        self.decay = decay
-        self.masks = masks
-        tensors = unique_tensors(model)  # a tied tensor once, under its first name
-        # Views of the model's own tensors, which training updates in place: no state dict per step.
-        self.live = {k: v.detach() for k, v in tensors.items() if v.is_floating_point()}
-        self.average = {
-            k: v.clone().float() if v.dtype in (torch.float16, torch.bfloat16) else v.clone()
-            for k, v in self.live.items()
-        }
-        name_of = {storage_key(t): k for k, t in tensors.items()}
-        self.masked = {name_of[storage_key(model.get_parameter(fqn))]: fqn for fqn in masks.keys()}
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for name, avg in self.average.items():
-            avg.lerp_(self.live[name].to(avg.dtype), 1.0 - decay)
-        for name, fqn in self.masked.items():
-            self.average[name].mul_(self.masks[fqn])
-
-    @contextmanager
-    def swapped_in(self, model: nn.Module) -> Iterator[None]:
-        """The model holds the averaged weights inside the block and its trained weights again after it."""
-        trained = {k: v.clone() for k, v in self.live.items()}
-        model.load_state_dict(self.average, strict=False)  # cast back to the model's dtypes on copy
-        try:
-            yield
-        finally:
-            model.load_state_dict(trained, strict=False)
 
 
 def _early_stop_reason(history: list[EpochRecord], patience: int) -> str:

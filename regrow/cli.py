@@ -59,6 +59,15 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str = "runs/<name>
     _add_global_options(p)
 
 
+def _add_resume_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run whose checkpoint is in --out (same recipe and --set values); with no "
+        "checkpoint there, start the run",
+    )
+
+
 def _add_global_options(p: argparse.ArgumentParser) -> None:
     # also accepted after the command (regrow run demo --debug); SUPPRESS keeps the top-level value otherwise
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors")
@@ -84,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("recipe", help="recipe file or built-in recipe name")
     _add_run_options(run)
+    _add_resume_option(run)
 
     demo = sub.add_parser(
         "demo",
@@ -92,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with global magnitude, recover with distillation, and write the report.",
     )
     _add_run_options(demo)
+    _add_resume_option(demo)
 
     sens = sub.add_parser(
         "sensitivity",
@@ -223,6 +234,7 @@ def _run(recipe: str, args: argparse.Namespace) -> int:
         out_dir=args.out,
         overwrite=args.overwrite,
         progress=not args.no_progress and not args.quiet,
+        resume=args.resume,
     )
     _print_summary(report)
     return 0

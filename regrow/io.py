@@ -3,6 +3,8 @@ run files published as one set by :mod:`regrow.publish`)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -13,18 +15,25 @@ from regrow.errors import RegrowError
 from regrow.publish import (
     CURRENT,
     RUN_FILES,
-    STAGE_PREFIX,
     STORE,
     Stage,
     check_links,
     check_names,
     clean_around,
+    is_ours,
+)
+from regrow.staging import (
+    CHECKPOINT,
+    STAGE_PREFIX,
+    checkpoint_stages,
     fsync_dir,
     fsync_file,
+    has_checkpoint,
     is_orphan,
-    is_ours,
     umask,
 )
+
+log = logging.getLogger("regrow")
 
 __all__ = ["RUN_FILES", "STAGE_PREFIX", "atomic_write", "atomic_write_text", "prepare_out_dir", "staged_out_dir"]
 
@@ -54,6 +63,19 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     return target
 
 
+def describe(folder: Path) -> str:
+    """Where the run whose checkpoint is ``folder`` stopped, in words (``regrow.recovery.checkpoint`` writes it)."""
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        last = state["phases"][-1]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return "before its first epoch ended"
+    where = f"training phase {last['index'] + 1} ({last['label']}) " + (
+        "ended" if last["done"] else f"at epoch {last['epoch']} of {last['epochs']}, step {last['step']}"
+    )
+    return f"{where}; written {state.get('written', '?')}"
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -62,20 +84,30 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write(path, write)
 
 
-def prepare_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False, create: bool = True) -> Path:
+def prepare_out_dir(
+    path: str | os.PathLike[str], *, overwrite: bool = False, create: bool = True, resume: bool = False
+) -> Path:
     """Check the output directory (and create it), refusing a non-empty one unless ``overwrite`` is set.
 
     Nothing in it is removed here: :func:`staged_out_dir` replaces the files regrow writes (``RUN_FILES``)
     only once a run has succeeded. What a killed run left (a staging folder whose run is gone, regrow's
     folder of versions with no run in it, links to nothing) does not count as content. A run file's name
-    taken by a folder (or anything but a file) is refused: the run could not be published there. With
-    ``create=False`` only the check is made.
+    taken by a folder (or anything but a file) is refused: the run could not be published there. So is a folder
+    holding the checkpoint of an interrupted run, unless the run is ``resume``-d or ``overwrite`` starts over.
+    With ``create=False`` only the check is made.
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise RegrowError(f"output path {str(out)!r} exists and is not a directory; choose another --out.")
     if out.is_dir():
         check_names(out)
+        stopped = checkpoint_stages(out)
+        if stopped and not (overwrite or resume):
+            raise RegrowError(
+                f"output directory {str(out)!r} holds the checkpoint of an interrupted run "
+                f"({describe(stopped[0] / CHECKPOINT)}); pass --resume to continue it, or --overwrite to start over "
+                "(the checkpoint is then deleted)."
+            )
         content = sorted(e.name for e in out.iterdir() if not _leftover(e))
         if content and not overwrite:
             shown = ", ".join(repr(n) for n in content[:3]) + (", ..." if len(content) > 3 else "")
@@ -103,11 +135,13 @@ def _leftover(entry: Path) -> bool:
     or a link to a run file that is no longer there."""
     if entry.name == STORE and entry.is_dir() and not entry.is_symlink():
         return not os.path.lexists(entry / CURRENT)
+    if entry.name == CHECKPOINT:  # a published run's checkpoint, left by a kill in the instant after publishing
+        return True
     return is_orphan(entry) or (is_ours(entry) and not entry.exists())
 
 
 @contextmanager
-def staged_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+def staged_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
     """A staging folder inside the output directory; its files replace the run files there only on success,
     all at once.
 
@@ -119,18 +153,36 @@ def staged_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> 
     SIGTERM or SIGHUP through the command line), ``path`` is left exactly as it was and the folders this run
     created (parents included) are removed again. What a killed run (SIGKILL, power loss) leaves is removed
     by the next run into ``path`` or next to it.
+
+    A staging folder holding a checkpoint (``CHECKPOINT``, written by the run) is kept when the run is
+    interrupted or fails for a reason of its surroundings (any error but a ``RegrowError``); with ``resume`` the
+    newest such folder in ``path`` is taken over, else ``overwrite`` deletes them (and without either, the
+    folder is refused).
     """
     out = Path(path)
     created = [d for d in [out, *out.absolute().parents] if not d.exists()]  # deepest first
-    prepare_out_dir(out, overwrite=overwrite)
-    if clean_around(out) and not created:  # out was a killed run's folder and held nothing else
+    prepare_out_dir(out, overwrite=overwrite or resume, resume=resume)
+    stopped = checkpoint_stages(out) if resume else []
+    if clean_around(out, checkpoints=not resume) and not created:  # out was a killed run's folder, nothing else
         created = [out]
-    stage = Stage(out, made=bool(created))
+    stage = Stage(out, made=bool(created), adopt=stopped[0] if stopped else None)
+    keep = False
     try:
         yield stage.path
         stage.publish()
+    except BaseException as exc:
+        keep = not isinstance(exc, RegrowError)
+        if keep and has_checkpoint(stage.path):
+            log.warning(
+                "the run stopped (%s); its checkpoint (%s) is kept in %s: run the same command with --resume to "
+                "continue it.",
+                type(exc).__name__,
+                describe(stage.path / CHECKPOINT),
+                out,
+            )
+        raise
     finally:
-        stage.close()
+        stage.close(keep_checkpoint=keep)
         for folder in created:  # folders this run made and left empty (a failed run), parents included
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()

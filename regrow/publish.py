@@ -25,26 +25,34 @@ next run into the folder or next to it. Windows is not a target (no ``flock``; l
 
 from __future__ import annotations
 
-import errno
 import os
 import re
-import secrets
 import shutil
-import signal
 import stat
-import tempfile
-import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable
+from contextlib import suppress
 from pathlib import Path
 
 from regrow.errors import RegrowError
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: staging folders are then never taken for a dead run's
-    fcntl = None  # type: ignore[assignment]
+from regrow.staging import (
+    CHECKPOINT,
+    LOCKED,
+    MADE,
+    STAGE_PREFIX,
+    adopt_stage,
+    folder_lock,
+    fsync_dir,
+    fsync_file,
+    has_checkpoint,
+    new_stage,
+    remove_orphan,
+    same,
+    signals_deferred,
+    sync_tree,
+    token,
+    umask,
+)
 
 # What a run or a sensitivity analysis writes. A finished run with --overwrite replaces these (and only
 # these), so no file from an earlier run can pass for this run's output.
@@ -63,206 +71,10 @@ RUN_FILES = (
     "sensitivity.png",
 )
 
-STAGE_PREFIX = ".regrow-partial-"  # a run's files are written here first
 STORE = ".regrow-runs"  # versions of a run published over an earlier one
 CURRENT = "current"  # the link in STORE that names the version readers see
-_LOCKED = ".flock"  # a staging folder whose life is its flock (older regrow named them by pid only)
-_MADE = ".made"  # ... made by a run that also made the output folder: a killed one leaves nothing else
 _DEFAULT_NAME = re.compile(r".+-\d{8}-\d{6}(-\d+)?")  # runs/<name>-<timestamp>, made by an older regrow
 _PEEK = 256  # entries looked at in each folder next to the output folder (a run folder has ~15)
-
-
-def umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def fsync_file(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Flush a folder's entries (renames, new and removed names); a no-op where the system refuses it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _sync_tree(folder: Path) -> None:
-    for root, dirs, files in os.walk(folder):
-        for name in files:
-            if not os.path.islink(os.path.join(root, name)):
-                fsync_file(os.path.join(root, name))
-        for name in dirs:
-            fsync_dir(os.path.join(root, name))
-    fsync_dir(folder)
-
-
-def _token() -> str:
-    return secrets.token_hex(4)
-
-
-def _open_dir(path: Path) -> int | None:
-    try:
-        return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return None
-
-
-def _lock(fd: int, *, blocking: bool) -> bool:
-    """Take the flock on ``fd``; False when another process holds it. Where the system has no locks, a blocking
-    caller goes on without one, and a liveness check takes the folder for a live run's (never removed)."""
-    if fcntl is None:
-        return blocking
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-    except BlockingIOError:
-        return False
-    except OSError:  # e.g. ENOLCK: a file system without locks
-        return blocking
-    return True
-
-
-def _same(path: Path, fd: int) -> bool:
-    try:
-        return os.path.samestat(os.lstat(path), os.fstat(fd))
-    except OSError:
-        return False
-
-
-@contextmanager
-def folder_lock(folder: Path, *, blocking: bool = True) -> Iterator[bool]:
-    """Hold the publication lock of ``folder`` (a flock on the folder itself); yields False when it cannot be
-    had (another run is publishing there and ``blocking`` is off, or the folder is gone)."""
-    while True:
-        fd = _open_dir(folder)
-        if fd is None or not _lock(fd, blocking=blocking):
-            if fd is not None:
-                os.close(fd)
-            yield False
-            return
-        if _same(folder, fd):
-            break
-        os.close(fd)  # the folder was replaced (published) while we waited: lock the one there now
-    try:
-        yield True
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def signals_deferred() -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGHUP that arrive inside the block are delivered when it ends (main thread only):
-    the few renames of a publication and their tidying are not cut in half by Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {}
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        sig = getattr(signal, name, None)
-        if sig is not None and signal.getsignal(sig) is not None:  # None: a handler not set from Python
-            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for sig in dict.fromkeys(caught):
-            signal.raise_signal(sig)  # now, to the handler the caller had
-
-
-# ----------------------------------------------------------------------------------------------- staging
-
-
-def new_stage(out: Path, *, made: bool) -> tuple[Path, int]:
-    """A new staging folder in ``out``, locked by the returned descriptor until it is closed."""
-    suffix = (_MADE if made else "") + _LOCKED
-    for _ in range(50):
-        try:
-            path = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", suffix=suffix, dir=out))
-        except FileNotFoundError:  # removed meanwhile as a killed run's empty folder: make it again
-            out.mkdir(parents=True, exist_ok=True)
-            continue
-        except OSError as exc:
-            raise RegrowError(f"output directory {str(out)!r} cannot be written ({exc.strerror or exc}).") from None
-        fd = _open_dir(path)
-        if fd is None:
-            continue
-        _lock(fd, blocking=True)  # waits only while a cleaner that found it unlocked is removing it
-        if _same(path, fd):
-            with suppress(OSError):
-                os.chmod(path, 0o777 & ~umask())  # mkdtemp makes 0700; a published folder is read by others
-            return path, fd
-        os.close(fd)
-    raise RegrowError(f"output directory {str(out)!r}: no staging folder could be made in it; try again.")
-
-
-def _legacy_dead(name: str) -> bool:
-    """A staging folder of an older regrow (no lock): its run is gone when its pid is."""
-    pid = name[len(STAGE_PREFIX) :].split("-", 1)[0]
-    if not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except OSError:  # it exists, but belongs to someone else
-        return False
-    return False
-
-
-def _is_stage(path: Path) -> bool:
-    return path.name.startswith(STAGE_PREFIX) and path.is_dir() and not path.is_symlink()
-
-
-def is_orphan(path: Path) -> bool:
-    """A staging folder whose run is gone (killed, or the machine went down); a live run's never is."""
-    if not _is_stage(path):
-        return False
-    if not path.name.endswith(_LOCKED):
-        return _legacy_dead(path.name)
-    fd = _open_dir(path)
-    if fd is None:
-        return False
-    try:
-        return _lock(fd, blocking=False)
-    finally:
-        os.close(fd)
-
-
-def _remove_orphan(path: Path) -> bool:
-    """Remove ``path`` if it is an orphaned staging folder (holding its lock while removing it)."""
-    if not _is_stage(path):
-        return False
-    if not path.name.endswith(_LOCKED):
-        if not _legacy_dead(path.name):
-            return False
-        shutil.rmtree(path, ignore_errors=True)
-        return True
-    fd = _open_dir(path)
-    if fd is None:
-        return False
-    try:
-        if not _lock(fd, blocking=False):
-            return False
-        shutil.rmtree(path, ignore_errors=True)
-        return True
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------- links, versions
@@ -289,14 +101,14 @@ def _current(out: Path) -> str | None:
 
 def _point_current(store: Path, version: str) -> None:
     """One rename of a new ``current`` link onto the old one: the publication itself."""
-    tmp = store / f".current-{_token()}"
+    tmp = store / f".current-{token()}"
     os.symlink(version, tmp)
     os.replace(tmp, store / CURRENT)
     fsync_dir(store)
 
 
 def _link(out: Path, name: str) -> None:
-    tmp = out / STORE / f".link-{_token()}"
+    tmp = out / STORE / f".link-{token()}"
     os.symlink(_link_text(name), tmp)
     os.replace(tmp, out / name)
 
@@ -311,7 +123,7 @@ def _keep(src: Path, dst: Path) -> None:
 
 
 def _version_name() -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{_token()}"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{token()}"
 
 
 def visible(out: Path, names: Iterable[str] = RUN_FILES) -> dict[str, Path]:
@@ -446,7 +258,7 @@ def _publish_linked(out: Path, stage: Path, names: list[str]) -> Path:
 def check_links(out: Path) -> None:
     """Refuse, before a run, a folder where a run over an earlier one cannot be published: one on a file system
     without symbolic links (FAT, some network shares)."""
-    probe = out / f".regrow-probe-{_token()}"  # a link to nothing: if it were ever left, it is tidied away
+    probe = out / f".regrow-probe-{token()}"  # a link to nothing: if it were ever left, it is tidied away
     try:
         os.symlink(_link_text(probe.name), probe)
     except OSError as exc:
@@ -461,21 +273,28 @@ class Stage:
     """A run's staging folder in ``out``: written by the run, then :meth:`publish`-ed, or removed by
     :meth:`close`."""
 
-    def __init__(self, out: Path, *, made: bool) -> None:
+    def __init__(self, out: Path, *, made: bool, adopt: Path | None = None) -> None:
         self.out = out
-        self.path, self._fd = new_stage(out, made=made)
+        if adopt is None:
+            self.path, self._fd = new_stage(out, made=made)
+        else:
+            self.path, self._fd = adopt_stage(adopt)
 
     def publish(self) -> None:
-        """Make the staged files the folder's run files, as one set (see the module docs)."""
-        names = sorted(os.listdir(self.path))
-        _sync_tree(self.path)  # on disk before any entry a reader sees changes
+        """Make the staged files the folder's run files, as one set (see the module docs); the run's checkpoint
+        is not one of them and goes once they are published."""
+        names = sorted(n for n in os.listdir(self.path) if n != CHECKPOINT)
+        sync_tree(self.path)  # on disk before any entry a reader sees changes
         with folder_lock(self.out) as locked, signals_deferred():
             if not locked:
                 raise RegrowError(f"output directory {str(self.out)!r} disappeared while the run was going.")
             check_names(self.out, [*RUN_FILES, *names])
             try:
-                if not _publish_fresh(self.out, self.path):
+                if _publish_fresh(self.out, self.path):
+                    shutil.rmtree(self.out / CHECKPOINT, ignore_errors=True)
+                else:
                     _publish_linked(self.out, self.path, names)
+                    shutil.rmtree(self.path / CHECKPOINT, ignore_errors=True)
             except BaseException as exc:
                 tidy(self.out)  # back to the run the folder had: the new version and links to nothing go
                 if isinstance(exc, OSError):
@@ -485,15 +304,18 @@ class Stage:
                     ) from exc
                 raise
 
-    def close(self) -> None:
-        """Remove the staging folder wherever a publication left it, unless it is the published run; release
-        its lock."""
+    def close(self, *, keep_checkpoint: bool = False) -> None:
+        """Remove the staging folder wherever a publication left it, unless it is the published run, or it holds
+        a checkpoint to keep (``keep_checkpoint``: the run was interrupted); release its lock."""
+        if keep_checkpoint and has_checkpoint(self.path):
+            os.close(self._fd)
+            return
         places = [self.out / self.path.name, self.out.parent / self.path.name]
         with suppress(OSError):
             places += [Path(e.path) for e in os.scandir(self.out / STORE)]
         current = _current(self.out)
         for place in places:
-            if place.name != current and _same(place, self._fd):
+            if place.name != current and same(place, self._fd):
                 shutil.rmtree(place, ignore_errors=True)
         os.close(self._fd)
 
@@ -502,23 +324,26 @@ class Stage:
 
 
 def _made_by_killed_run(folder: Path, removed: list[str]) -> bool:
-    return any(n.endswith(_MADE + _LOCKED) for n in removed) or (
-        any(not n.endswith(_LOCKED) for n in removed) and _DEFAULT_NAME.fullmatch(folder.name) is not None
+    return any(n.endswith(MADE + LOCKED) for n in removed) or (
+        any(not n.endswith(LOCKED) for n in removed) and _DEFAULT_NAME.fullmatch(folder.name) is not None
     )
 
 
-def clean(folder: Path, *, blocking: bool = True, remove_empty: bool = True) -> bool:
-    """Remove what killed runs left in ``folder``: staging folders whose run is gone (whatever their pid),
-    old versions, links to nothing. A folder that such a run made and that now holds nothing is removed too
-    when ``remove_empty``; returns whether the folder held only that."""
+def clean(folder: Path, *, blocking: bool = True, remove_empty: bool = True, checkpoints: bool = False) -> bool:
+    """Remove what killed runs left in ``folder``: staging folders whose run is gone (whatever their pid; those
+    holding a checkpoint only when ``checkpoints``), old versions, links to nothing, a published run's
+    checkpoint. A folder that such a run made and that now holds nothing is removed too when ``remove_empty``;
+    returns whether the folder held only that."""
     with folder_lock(folder, blocking=blocking) as locked:
         if not locked:
             return False
         removed = []
         with suppress(OSError):
             for entry in list(os.scandir(folder)):
-                if _remove_orphan(Path(entry.path)):
+                if remove_orphan(Path(entry.path), checkpoints=checkpoints):
                     removed.append(entry.name)
+        if (folder / CHECKPOINT).is_dir() and not (folder / CHECKPOINT).is_symlink():
+            shutil.rmtree(folder / CHECKPOINT, ignore_errors=True)  # published, killed before it was removed
         tidy(folder)
         leftover = _made_by_killed_run(folder, removed) and not any(folder.iterdir())
         if leftover and remove_empty:
@@ -541,10 +366,11 @@ def _has_leftovers(folder: Path) -> bool:
     return False
 
 
-def clean_around(out: Path) -> bool:
-    """What killed runs left in ``out`` and in the folders next to it (``runs/`` holds every default run
-    folder); returns whether ``out`` itself was made by such a run and holds nothing else."""
-    leftover = clean(out, remove_empty=False) if out.is_dir() else False
+def clean_around(out: Path, *, checkpoints: bool = False) -> bool:
+    """What killed runs left in ``out`` (their checkpoints too when ``checkpoints``) and in the folders next to
+    it (``runs/`` holds every default run folder; checkpoints there are kept); returns whether ``out`` itself
+    was made by such a run and holds nothing else."""
+    leftover = clean(out, remove_empty=False, checkpoints=checkpoints) if out.is_dir() else False
     here = Path(os.path.abspath(out))
     try:
         siblings = [Path(e.path) for e in os.scandir(here.parent) if e.is_dir(follow_symlinks=False)]
@@ -554,7 +380,7 @@ def clean_around(out: Path) -> bool:
         if sibling.name == here.name:
             continue
         if sibling.name.startswith(STAGE_PREFIX):
-            _remove_orphan(sibling)  # left by a run killed while its new folder was being put in place
+            remove_orphan(sibling)  # left by a run killed while its new folder was being put in place
         elif _has_leftovers(sibling):
             clean(sibling, blocking=False)
     return leftover

@@ -392,11 +392,24 @@ def test_a_recipe_read_from_a_pipe(tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_ends_a_run_like_ctrl_c_and_leaves_nothing_behind(tmp_path):
     out = tmp_path / "runs" / "o"
-    argv = ["run", "demo", "--out", str(out), "--set", "model.train.epochs=500"]
+    argv = ["run", "demo", "--out", str(out), "--set", "model.train.epochs=500", "--set", "checkpoint.enabled=false"]
     # wait until the run is training its baseline, with its staging folder made
     code, err = interrupt_run(argv, tmp_path, lambda: out.is_dir() and any(out.iterdir()), signal.SIGTERM)
     assert code == 128 + signal.SIGTERM and "regrow: terminated" in err and "Traceback" not in err, err
     assert not (tmp_path / "runs").exists()  # the folders it created are gone, with the half-written files
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "o"
+    budget = ["model.train.epochs=40", "recover.epochs=1", "evaluate.latency=false"]
+    argv = ["run", "demo", "--out", str(out), "--no-progress", *[a for s in budget for a in ("--set", s)]]
+    saved = lambda: any(out.glob(".regrow-partial-*/.regrow-checkpoint/phase-0.pt"))  # noqa: E731 - an epoch ended
+    code, err = interrupt_run(argv, tmp_path, saved, signal.SIGTERM, settle=0)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert "is kept in" in err and "run the same command with --resume to continue it" in err, err
+    assert main([*argv, "--resume"]) == 0
+    assert (out / "report.json").is_file() and not list(out.glob(".regrow-*"))
 
 
 def test_an_empty_out_means_the_default_folder(tmp_path, monkeypatch):

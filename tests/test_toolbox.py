@@ -11,8 +11,9 @@ import regrow
 from conftest import TinyMLP, make_batches
 from regrow.errors import RegrowError
 from regrow.recovery.dynamic import DynamicSparsity
-from regrow.recovery.loop import EpochRecord, TrainState, _early_stop_reason
+from regrow.recovery.loop import EpochRecord, TrainState
 from regrow.recovery.lr import LR_SCHEDULES, LRContext, OriginalSchedule, default_original
+from regrow.recovery.records import early_stop_reason as _early_stop_reason
 from regrow.recovery.sharing import kmeans_1d, share
 
 

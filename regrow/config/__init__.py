@@ -19,6 +19,7 @@ from regrow.config.checks import check_config
 from regrow.config.schema import (
     BUDGET_KEYS,
     AccelerateConfig,
+    CheckpointConfig,
     ComponentConfig,
     DataConfig,
     DynamicConfig,
@@ -39,6 +40,7 @@ from regrow.errors import RegrowError
 __all__ = [
     "BUDGET_KEYS",
     "AccelerateConfig",
+    "CheckpointConfig",
     "ComponentConfig",
     "DataConfig",
     "DynamicConfig",

@@ -388,6 +388,16 @@ class AccelerateConfig(_Strict):
     cuda_graph: bool = Field(False, description="time with CUDA graphs (kernel time, no launch cost)")
 
 
+class CheckpointConfig(_Strict):
+    """Checkpoints of the run's training in its staging folder, for ``regrow run --resume`` after a crash
+    (``regrow.recovery.checkpoint``); removed when the run is published."""
+
+    enabled: bool = Field(True, description="save the whole training state at every epoch end")
+    every_steps: int | None = Field(
+        None, ge=1, description="also every this many optimizer steps within an epoch (null: at epoch ends only)"
+    )
+
+
 class RunConfig(_Strict):
     """A whole run: baseline -> prune -> recover -> report -> export."""
 
@@ -407,6 +417,7 @@ class RunConfig(_Strict):
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     accelerate: AccelerateConfig = Field(default_factory=AccelerateConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @field_validator("name")
     @classmethod

@@ -22,7 +22,15 @@ from regrow.pipeline.baseline import set_baseline, train_baseline
 from regrow.pipeline.check import check_inputs, check_request
 from regrow.pipeline.context import Timer, default_out_dir, reproducible_kernels, seed_everything
 from regrow.pipeline.export import export_model
-from regrow.pipeline.load import Recipe, check_out_dir, config_text, load_inputs, load_source, read_config
+from regrow.pipeline.load import (
+    Recipe,
+    check_out_dir,
+    checkpoints,
+    config_text,
+    load_inputs,
+    load_source,
+    read_config,
+)
 from regrow.pipeline.measure import Snapshots, compare_speed
 from regrow.pipeline.plan import make_plan, sensitivity
 from regrow.pipeline.prune import prune_model
@@ -41,6 +49,7 @@ def run(
     out_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
 ) -> RunReport:
     """Run the whole pipeline from a typed config, a dict, or a recipe path / built-in recipe name.
 
@@ -49,11 +58,12 @@ def run(
     ``model.safetensors`` (masks squashed in), ``masks.safetensors`` and ``arch.json``, and when they
     apply ``sensitivity.json`` / ``.png``, ``allocation.json`` and ``shared.safetensors`` (README, "What a
     run writes"). The files appear there only when the run succeeds; a run that fails leaves the folder as it
-    was. ``overrides`` are ``"key.sub=value"`` strings, as with ``regrow run --set``; ``progress`` shows
-    progress bars (on a terminal only).
+    was, but for the checkpoint of an interrupted run, which ``resume`` continues (same recipe, same code;
+    ``regrow.recovery.checkpoint``). ``overrides`` are ``"key.sub=value"`` strings, as with ``regrow run
+    --set``; ``progress`` shows progress bars (on a terminal only).
     """
     cfg, search = read_config(config, overrides or [])  # every rule of regrow.checks applied
-    check_out_dir(cfg, out_dir, overwrite)
+    check_out_dir(cfg, out_dir, overwrite, resume)
     timer = Timer()
     seed_everything(cfg.seed)
     with timer.stage("load"):
@@ -62,13 +72,14 @@ def run(
     # Everything the user gave has been checked; only now is anything written, and into a staging folder:
     # the files replace those of an earlier run only once this run has succeeded.
     final = Path(out_dir) if out_dir else default_out_dir(cfg.name)
-    with staged_out_dir(final, overwrite=overwrite) as out:
+    with staged_out_dir(final, overwrite=overwrite, resume=resume) as out:
         atomic_write_text(out / "config.yaml", config_text(cfg, search))
+        saves = checkpoints(cfg, out)  # each training phase saves its state here, and resumes from it
         snapshots = Snapshots(loaded.test, cfg.evaluate, timer, progress)
-        base = set_baseline(loaded, checked, snapshots, timer, progress)
+        base = set_baseline(loaded, checked, snapshots, timer, progress, saves)
         decided = make_plan(loaded, checked, base.teacher is not None, out, timer, progress)
         pruned = prune_model(loaded, decided, snapshots, timer)
-        recovered = recover_model(loaded, decided, pruned, base.teacher, timer, progress)
+        recovered = recover_model(loaded, decided, pruned, base.teacher, timer, progress, saves)
         result = snapshots.take(loaded.model, "recovered", decided.spec.targets)
         speed = compare_speed(
             base.teacher, loaded.model, loaded.test, cfg.evaluate, loaded.device, decided.structural, timer

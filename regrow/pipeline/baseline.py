@@ -48,6 +48,7 @@ from regrow.pipeline.load import Loaded
 from regrow.pipeline.measure import Snapshots
 from regrow.prune import frozen_copy
 from regrow.recovery import Diverged, RecoveryResult, new_head, recover
+from regrow.recovery.checkpoint import Checkpoints
 from regrow.recovery.guard import RECOVERY_ADVICE
 from regrow.recovery.lr import OriginalSchedule, rewind_plan
 
@@ -68,17 +69,24 @@ class Baseline:
     training: RecoveryResult | None = field(default=None, repr=False)
 
 
-def set_baseline(loaded: Loaded, checked: Checked, snapshots: Snapshots, timer: Timer, progress: bool) -> Baseline:
+def set_baseline(
+    loaded: Loaded,
+    checked: Checked,
+    snapshots: Snapshots,
+    timer: Timer,
+    progress: bool,
+    saves: Checkpoints | None = None,
+) -> Baseline:
     """Train (``model.train``), then take the baseline snapshot; a transfer run first moves to the new task.
-    The baseline is checked (``check_baseline``) before it is handed on."""
+    The baseline is checked (``check_baseline``) before it is handed on. Training saves into ``saves``."""
     cfg, model = loaded.cfg, loaded.model
     trained = None
     if cfg.model.train is not None:
         seed_everything(cfg.seed + 1)
         with timer.stage("train_baseline"):
-            trained = train_with_rewind_point(loaded, checked, progress)
+            trained = train_with_rewind_point(loaded, checked, progress, saves)
     if checked.source is not None:
-        base = transfer_reference(loaded, checked, snapshots, timer, progress)
+        base = transfer_reference(loaded, checked, snapshots, timer, progress, saves)
     else:
         snapshots.take(model, "baseline", checked.spec.targets)
         base = Baseline(teacher=frozen_copy(model), training=trained)
@@ -156,7 +164,9 @@ def _trained_at_chance(cfg: RunConfig, level: str, training: RecoveryResult | No
     )
 
 
-def train_with_rewind_point(loaded: Loaded, checked: Checked, progress: bool) -> RecoveryResult:
+def train_with_rewind_point(
+    loaded: Loaded, checked: Checked, progress: bool, saves: Checkpoints | None = None
+) -> RecoveryResult:
     """Train the baseline on the task (or a transfer run's source task), keeping the weights at the rewind
     point when weight rewinding needs them and no checkpoint gives them."""
     cfg, kwargs, source = loaded.cfg, checked.recover_kwargs, checked.source
@@ -169,14 +179,20 @@ def train_with_rewind_point(loaded: Loaded, checked: Checked, progress: bool) ->
         epoch, _ = rewind_plan(OriginalSchedule(t.lr, t.epochs), cfg.recover.epochs, cfg.recover.rewind_epoch)
         point = RewindPoint(round(epoch * len(base_train)))
         kwargs["rewind_epoch"] = epoch
-    result = train_baseline(cfg, loaded.model, base_train, base_val, loaded.search, progress, [point] if point else [])
+    callbacks = [point] if point else []
+    result = train_baseline(cfg, loaded.model, base_train, base_val, loaded.search, progress, callbacks, saves)
     if point is not None:
         kwargs["rewind_state"] = point.state
     return result
 
 
 def transfer_reference(
-    loaded: Loaded, checked: Checked, snapshots: Snapshots, timer: Timer, progress: bool
+    loaded: Loaded,
+    checked: Checked,
+    snapshots: Snapshots,
+    timer: Timer,
+    progress: bool,
+    saves: Checkpoints | None = None,
 ) -> Baseline:
     """Transfer: the dense source model teaches features; the baseline to match is the dense model
     transferred to the target task with the same recovery budget."""
@@ -193,7 +209,14 @@ def transfer_reference(
         opts = {k: v for k, v in checked.recover_kwargs.items() if k not in ("method", "rewind", "rewind_state")}
         try:
             ref = recover(
-                reference, MaskSet({}), loaded.train, loaded.val, method="finetune", progress=progress, **opts
+                reference,
+                MaskSet({}),
+                loaded.train,
+                loaded.val,
+                method="finetune",
+                progress=progress,
+                checkpoint=saves,
+                **opts,
             )
         except Diverged as exc:
             what = "the transfer reference (the dense model fine-tuned on the target task with recovery's settings)"
@@ -218,6 +241,7 @@ def train_baseline(
     search: list[Path],
     progress: bool,
     callbacks: Sequence[Any] = (),
+    saves: Checkpoints | None = None,
 ) -> RecoveryResult:
     """Train the model as the recipe's model.train says (AdamW, cosine with warm-up, no early stopping), under
     the divergence guard of ``recover.guard``; a divergence beyond its retries names ``model.train.lr``."""
@@ -239,6 +263,7 @@ def train_baseline(
             guard=cfg.recover.guard.model_dump(),
             callbacks=callbacks,
             progress=progress,
+            checkpoint=saves,
         )
     except Diverged as exc:
         advice = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -12,12 +13,16 @@ from typing import Any
 from torch import nn
 
 from regrow.components import build_data, build_model, device_of, find_file, search_path
-from regrow.config import RunConfig, apply_overrides, load_config, settle_strategy, validate
+from regrow.config import CheckpointConfig, RunConfig, apply_overrides, load_config, settle_strategy, validate
 from regrow.data import DataBundle
 from regrow.data.split import split_validation
 from regrow.errors import RegrowError
-from regrow.io import RUN_FILES, prepare_out_dir
+from regrow.io import RUN_FILES, describe, prepare_out_dir
+from regrow.publish import visible
+from regrow.recovery.checkpoint import Checkpoints, check_identity, identity
+from regrow.staging import CHECKPOINT, checkpoint_stages
 
+log = logging.getLogger("regrow")
 Recipe = RunConfig | Mapping[str, Any] | str | os.PathLike[str]
 
 
@@ -43,11 +48,48 @@ def read_config(config: Recipe, overrides: list[str]) -> tuple[RunConfig, list[P
     return with_found_files(cfg, search), search
 
 
-def check_out_dir(cfg: RunConfig, out_dir: str | os.PathLike[str] | None, overwrite: bool) -> None:
-    """Fail before any work if the output folder would be refused, or would replace a file the run reads."""
+def check_out_dir(
+    cfg: RunConfig, out_dir: str | os.PathLike[str] | None, overwrite: bool, resume: bool = False
+) -> None:
+    """Fail before any work if the output folder would be refused, or would replace a file the run reads; with
+    ``resume``, if its checkpoint is of another recipe or other code, or there is nothing to resume."""
+    if resume and not out_dir:
+        raise RegrowError("--resume continues the run whose checkpoint is in --out DIR: give --out.")
+    if resume:
+        check_resumable(cfg, Path(out_dir))  # type: ignore[arg-type]
     if out_dir:
-        prepare_out_dir(out_dir, overwrite=overwrite, create=False)
+        # the interrupted run was allowed to replace the folder's run files: its resumption is too
+        resuming = resume and Path(out_dir).is_dir() and bool(checkpoint_stages(Path(out_dir)))
+        prepare_out_dir(out_dir, overwrite=overwrite or resuming, create=False, resume=resume)
         check_inputs_outside(cfg, Path(out_dir))
+
+
+def identity_text(cfg: RunConfig) -> str:
+    """The config a checkpoint is resumed with must be this one's; the checkpoint settings may differ."""
+    return cfg.model_copy(update={"checkpoint": CheckpointConfig()}).to_yaml()
+
+
+def check_resumable(cfg: RunConfig, out: Path) -> None:
+    """Refuse a checkpoint in ``out`` that another recipe or other code wrote, and a finished run there."""
+    stopped = checkpoint_stages(out) if out.is_dir() else []
+    if stopped:
+        state = json.loads((stopped[0] / CHECKPOINT / "state.json").read_text(encoding="utf-8"))
+        check_identity(state["identity"], identity(identity_text(cfg)))
+        log.info("resuming the run in %s: %s", out, describe(stopped[0] / CHECKPOINT))
+    elif "report.json" in visible(out):
+        raise RegrowError(
+            f"nothing to resume: {str(out)!r} holds a finished run and no checkpoint. Leave out --resume (with "
+            "--overwrite to replace the run), or choose another --out."
+        )
+    else:
+        log.info("no checkpoint in %s: the run starts from the beginning", out)
+
+
+def checkpoints(cfg: RunConfig, stage: Path) -> Checkpoints | None:
+    """The run's checkpoints in its staging folder (None when ``checkpoint.enabled`` is false)."""
+    if not cfg.checkpoint.enabled:
+        return None
+    return Checkpoints(stage / CHECKPOINT, identity(identity_text(cfg)), every_steps=cfg.checkpoint.every_steps)
 
 
 def load_data(cfg: RunConfig, search: list[Path]) -> tuple[DataBundle, Any, Any, Any]:

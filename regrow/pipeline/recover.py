@@ -17,6 +17,7 @@ from regrow.pipeline.load import Loaded
 from regrow.pipeline.plan import Plan
 from regrow.pipeline.prune import Pruned, Pruner
 from regrow.recovery import GradualPruning, RecoveryResult, recover
+from regrow.recovery.checkpoint import Checkpoints
 
 log = logging.getLogger("regrow")
 
@@ -33,24 +34,38 @@ class Recovered:
 
 
 def recover_model(
-    loaded: Loaded, decided: Plan, pruned: Pruned, teacher: nn.Module | None, timer: Timer, progress: bool
+    loaded: Loaded,
+    decided: Plan,
+    pruned: Pruned,
+    teacher: nn.Module | None,
+    timer: Timer,
+    progress: bool,
+    saves: Checkpoints | None = None,
 ) -> Recovered:
-    """Recovery as the schedule says (one shot, iterative rounds, or a gradual ramp), then weight sharing."""
+    """Recovery as the schedule says (one shot, iterative rounds, or a gradual ramp), then weight sharing; each
+    training saves into ``saves``."""
     cfg = decided.cfg
     seed_everything(cfg.seed + 3)
     with timer.stage("recover"):
         if cfg.schedule.name == "iterative":
-            done = recover_iterative(loaded, decided, pruned.pruner, teacher, progress)
+            done = recover_iterative(loaded, decided, pruned.pruner, teacher, progress, saves)
         else:
             masks = pruned.masks if pruned.masks is not None else gradual_start(loaded.model, decided)
             callbacks = [] if pruned.masks is not None else [gradual_pruning(decided)]
             kwargs = decided.recover_kwargs | ({"callbacks": callbacks} if callbacks else {})
             result = recover(
-                loaded.model, masks, loaded.train, loaded.val, teacher=teacher, progress=progress, **kwargs
+                loaded.model,
+                masks,
+                loaded.train,
+                loaded.val,
+                teacher=teacher,
+                progress=progress,
+                checkpoint=saves,
+                **kwargs,
             )
             done = Recovered(masks, result, history_rows(result), result.to_dict())
     if cfg.recover.share.after and cfg.recover.method != "share":
-        share_after(loaded, decided, done, teacher, timer, progress)
+        share_after(loaded, decided, done, teacher, timer, progress, saves)
     done.info["history"] = done.history
     return done
 
@@ -78,7 +93,12 @@ def gradual_pruning(decided: Plan) -> GradualPruning:
 
 
 def recover_iterative(
-    loaded: Loaded, decided: Plan, pruner: Pruner, teacher: nn.Module | None, progress: bool
+    loaded: Loaded,
+    decided: Plan,
+    pruner: Pruner,
+    teacher: nn.Module | None,
+    progress: bool,
+    saves: Checkpoints | None = None,
 ) -> Recovered:
     """k rounds of prune -> recover; the epoch budget is split evenly over the rounds."""
     model, rounds = loaded.model, decided.cfg.schedule.rounds
@@ -105,7 +125,15 @@ def recover_iterative(
         )
         epochs = per_round[r - 1]
         result = recover(
-            model, masks, loaded.train, loaded.val, teacher=teacher, progress=progress, epochs=epochs, **kwargs
+            model,
+            masks,
+            loaded.train,
+            loaded.val,
+            teacher=teacher,
+            progress=progress,
+            epochs=epochs,
+            checkpoint=saves,
+            **kwargs,
         )
         history += history_rows(result, offset, r)
         offset += result.epochs_run
@@ -141,7 +169,13 @@ def round_info(
 
 
 def share_after(
-    loaded: Loaded, decided: Plan, done: Recovered, teacher: nn.Module | None, timer: Timer, progress: bool
+    loaded: Loaded,
+    decided: Plan,
+    done: Recovered,
+    teacher: nn.Module | None,
+    timer: Timer,
+    progress: bool,
+    saves: Checkpoints | None = None,
 ) -> None:
     """Weight sharing after another method: cluster the survivors and fine-tune the shared values; the
     post-step's model and outcome become the run's."""
@@ -159,6 +193,7 @@ def share_after(
             epochs=cfg.recover.share.epochs,
             teacher=teacher,
             progress=progress,
+            checkpoint=saves,
             **opts,
         )
     offset = done.history[-1]["epoch"] if done.history else 0

@@ -50,6 +50,7 @@ from regrow.errors import RegrowError
 from regrow.masks import MaskSet
 from regrow.measure.metrics import classification_metrics
 from regrow.recovery.callbacks import GradualPruning
+from regrow.recovery.checkpoint import Checkpoints
 from regrow.recovery.compute import autocast, check_precision
 from regrow.recovery.dynamic import DynamicSparsity
 from regrow.recovery.guard import Diverged
@@ -330,9 +331,19 @@ def _set_up(args: Mapping[str, Any]) -> _Setup:
 
 
 def _train(
-    model: nn.Module, masks: MaskSet, setup: _Setup, callbacks: Sequence[Any], progress: bool
+    model: nn.Module,
+    masks: MaskSet,
+    setup: _Setup,
+    callbacks: Sequence[Any],
+    progress: bool,
+    checkpoint: Checkpoints | None,
+    method: str,
 ) -> tuple[list[EpochRecord], dict[str, Any]]:
-    """Run the recovery loop (regrow.recovery.loop) with the method's callbacks before the user's."""
+    """Run the recovery loop (regrow.recovery.loop) with the method's callbacks before the user's, as the next
+    phase of ``checkpoint`` when given."""
+    o = setup.options
+    label = f"{method}, {o.epochs} epoch{'' if o.epochs == 1 else 's'}, lr {o.lr:g}"
+    phase = checkpoint.phase(label, o.epochs) if checkpoint else None
     return train_loop(
         model,
         masks,
@@ -345,6 +356,7 @@ def _train(
         progress=progress,
         original=setup.original,
         baseline_val_accuracy=setup.baseline_val_accuracy,
+        phase=phase,
     )
 
 
@@ -418,6 +430,7 @@ def recover(
     guard: Mapping[str, Any] | None = None,
     callbacks: Sequence[Any] = (),
     progress: bool = True,
+    checkpoint: Checkpoints | None = None,
 ) -> RecoveryResult:
     """Fine-tune a pruned model in place; masked weights stay exactly zero after every step.
 
@@ -427,8 +440,7 @@ def recover(
         train: a DataLoader or any re-iterable of ``(inputs, targets)`` batches.
         val: validation batches for early stopping and checkpoint choice. Default: carved from ``train``
             (``val_fraction`` of a DataLoader's samples, or of a list's batches).
-        method: ``"distill"`` (default), ``"finetune"``, ``"rigl"``, ``"set"``, ``"share"`` or
-            ``"transfer"``; see ``regrow list methods``.
+        method: ``"distill"`` (default), ``"finetune"``, ``"rigl"``, ``"set"``, ``"share"``, ``"transfer"``.
         teacher: the dense model for distillation and transfer; default: the frozen copy ``prune`` kept.
         epochs, lr, optimizer: training budget, peak learning rate, ``"adamw"`` (default) or ``"sgd"`` (``momentum``).
         weight_decay, label_smoothing, grad_clip: regularization.
@@ -439,10 +451,10 @@ def recover(
             "distill", where ``distill=False`` leaves the task loss alone); not for "transfer".
         lr_schedule, ema, rewind, original, stop_when, guard: see the module docs, ``help(regrow.recovery)``;
             also precision (``"fp32"``, ``"bf16"``, ``"fp16"``), channels_last and compile: how the steps compute.
-        dynamic, share: rigl / set's ``update_every`` (100), ``drop_fraction`` (0.3), ``end`` (0.75); share's k (16).
-        feature_weight: transfer: weight of the feature-distillation loss.
-        callbacks: step callbacks, e.g. :class:`regrow.GradualPruning`.
-        progress: progress bars (on a terminal only); each epoch is also logged at INFO on the ``"regrow"`` logger.
+        dynamic, share, feature_weight: rigl / set's ``update_every`` (100), ``drop_fraction`` (0.3), ``end`` (0.75);
+            share's k (16); transfer's weight of the feature-distillation loss.
+        callbacks, progress: step callbacks (e.g. :class:`regrow.GradualPruning`); progress bars (on a terminal).
+        checkpoint: a run's ``regrow.recovery.checkpoint.Checkpoints``: save the training state, resume from it.
 
     Returns:
         A :class:`RecoveryResult`; the model holds the best checkpoint, in the train/eval mode it came in.
@@ -454,7 +466,7 @@ def recover(
     """
     setup = _set_up(locals())  # the arguments by name: first, so that locals() holds nothing else
     started = time.perf_counter()
-    history, summary = _train(model, masks, setup, callbacks, progress)
+    history, summary = _train(model, masks, setup, callbacks, progress, checkpoint, method)
     details, shared = _details(model, masks, setup, summary)  # takes "compute" and "guard" out of the summary
     seconds = time.perf_counter() - started
     return RecoveryResult(history=history, seconds=seconds, method=method, details=details, shared=shared, **summary)

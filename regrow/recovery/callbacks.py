@@ -18,7 +18,7 @@ from regrow.prune import PruneSpec, compute_masks
 from regrow.schedules import cubic
 
 if TYPE_CHECKING:
-    from regrow.recovery.loop import TrainState
+    from regrow.recovery.records import TrainState
 
 
 class Callback(Protocol):

@@ -265,6 +265,17 @@ class DeviceTally:
             self._read = sums, round(flat[-1])
         return self._read
 
+    def state(self) -> dict[str, Any]:
+        """The sums so far, for a mid-epoch checkpoint."""
+        return {"seen": self.seen, "groups": [(list(k), v) for k, v in self._groups.items()], "correct": self._correct}
+
+    def load(self, state: dict[str, Any], device: torch.device) -> None:
+        """Continue from the sums of :meth:`state` (moved to ``device``)."""
+        self.seen = state["seen"]
+        self._groups = {tuple(k): v.to(device) for k, v in state["groups"]}
+        self._correct = state["correct"].to(device) if state["correct"] is not None else None
+        self._read = None if self.seen else ({}, 0)
+
     def show(self, bar: Any) -> None:
         """Put the running mean loss on the progress bar, at most once per bar refresh interval."""
         now = time.monotonic()

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from regrow.recovery.loop import TrainState
+    from regrow.recovery.records import TrainState
 
 
 @dataclass

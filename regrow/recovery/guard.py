@@ -244,6 +244,17 @@ class Guard:
             self.lr_scale,
         )
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the guard (its pending losses read first): scale, rollbacks, window, batch."""
+        self.flush()
+        window = list(self.window)
+        return {"lr_scale": self.lr_scale, "rollbacks": self.rollbacks, "window": window, "batch": self._batch}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.lr_scale, self.rollbacks = state["lr_scale"], list(state["rollbacks"])
+        self.window = deque(state["window"], maxlen=WINDOW)
+        self._batch = state["batch"]
+
     def details(self) -> dict[str, Any]:
         """What the result and the report say about the guard: its rule and every rollback."""
         return {
@@ -275,19 +286,23 @@ def _callback_state(run: Any, cb: Any) -> dict[str, Any] | None:
         return None
 
 
-def save_state(run: Any) -> dict[str, Any]:
-    """Everything an epoch changes, as it is now: the state a rollback returns to."""
+def save_state(run: Any, *, copy_tensors: bool = True) -> dict[str, Any]:
+    """Everything an epoch changes, as it is now: the state a rollback returns to. ``copy_tensors=False``
+    refers to the run's own tensors and the callbacks' own attributes instead of copying them (for a checkpoint
+    written at once)."""
     scaler = run.compute.scaler
+    own = (lambda t: t.detach().clone()) if copy_tensors else (lambda t: t.detach())
+    again = copy.deepcopy if copy_tensors else (lambda x: x)
     return {
-        "weights": {k: v.detach().clone() for k, v in run.model.state_dict().items()},
-        "masks": {k: m.clone() for k, m in run.masks.items()},
+        "weights": {k: own(v) for k, v in run.model.state_dict().items()},
+        "masks": {k: own(m) for k, m in run.masks.items()},
         "spec": run.masks.spec,
-        "optimizer": copy.deepcopy(run.optimizer.state_dict()),
+        "optimizer": again(run.optimizer.state_dict()),
         "scheduler": copy.deepcopy(run.scheduler.state_dict()),
         "step": run.state.step,
-        "average": {k: v.clone() for k, v in run.average.average.items()} if run.average is not None else None,
+        "average": {k: own(v) for k, v in run.average.average.items()} if run.average is not None else None,
         "scaler": (scaler.state_dict(), run.compute.skipped_steps, run.compute._scale) if scaler is not None else None,
-        "callbacks": [_callback_state(run, cb) for cb in run.callbacks],
+        "callbacks": [_callback_state(run, cb) if copy_tensors else dict(vars(cb)) for cb in run.callbacks],
         "window": list(run.guard.window),
     }
 

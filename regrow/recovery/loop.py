@@ -42,7 +42,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -54,38 +54,21 @@ from regrow.masks import MaskEnforcer, MaskSet
 from regrow.measure.metrics import classification_metrics
 from regrow.progress import bar as progress_bar
 from regrow.recovery.average import WeightAverage
+from regrow.recovery.checkpoint import (
+    Phase,
+    Saves,
+    generators,
+    replay_ended,
+    resume_progress,
+    save_ended,
+    save_progress,
+)
 from regrow.recovery.compute import Compute, DeviceTally, on_device
 from regrow.recovery.guard import Guard, require_finite_start, save_state
 from regrow.recovery.lr import LR_SCHEDULES, LRContext, OriginalSchedule
+from regrow.recovery.records import EpochRecord, Kept, Patience, Position, TrainState, rank, stop_reason
 
 log = logging.getLogger("regrow")
-LOSS_MIN_DELTA = 1e-3  # a relative fall of the validation loss smaller than this is no progress
-
-
-@dataclass
-class TrainState:
-    """What callbacks may look at or change between steps."""
-
-    model: nn.Module
-    masks: MaskSet
-    optimizer: torch.optim.Optimizer
-    train_data: Iterable[Any]
-    total_steps: int
-    step: int = 0
-    epoch: int = 0
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    lr: float | None
-    train_loss: float | None
-    train_accuracy: float | None
-    val_loss: float
-    val_accuracy: float
-    sparsity: float
-    seconds: float
-    parts: dict[str, float] = field(default_factory=dict)
 
 
 def make_optimizer(model: nn.Module, options: Any) -> torch.optim.Optimizer:
@@ -93,14 +76,6 @@ def make_optimizer(model: nn.Module, options: Any) -> torch.optim.Optimizer:
     if options.optimizer == "sgd":
         return torch.optim.SGD(params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
     return torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
-
-
-def _rank(record: EpochRecord) -> tuple[float, float]:
-    """Checkpoint order: higher validation accuracy, then lower validation loss.
-
-    Accuracy on a small validation set moves in coarse steps; the loss breaks its frequent ties.
-    """
-    return (record.val_accuracy, -record.val_loss)
 
 
 def _state_copy(model: nn.Module, masks: MaskSet) -> dict[str, Any]:
@@ -120,21 +95,6 @@ def _restore(model: nn.Module, masks: MaskSet, state: dict[str, Any]) -> None:
             changed = True
     if changed:
         masks.touch()
-
-
-def _early_stop_reason(history: list[EpochRecord], patience: int) -> str:
-    """Early stopping, and whether training and validation diverged meanwhile (over-fitting): training
-    accuracy rose and is above validation accuracy while the validation loss went up."""
-    window = history[-patience - 1 :]
-    train = [h.train_accuracy for h in window if h.train_accuracy is not None]
-    last = history[-1]
-    gap = 100 * ((last.train_accuracy or 0.0) - last.val_accuracy)
-    if len(train) >= 2 and train[-1] > train[0] and last.val_loss > window[0].val_loss and gap > 0:
-        return (
-            f"early stopping: no validation gain for {patience} epochs while training accuracy kept rising "
-            f"(over-fitting: train - val gap {gap:.1f} points)"
-        )
-    return f"early stopping: no validation gain for {patience} epochs"
 
 
 def masked_step(
@@ -202,32 +162,6 @@ class _Run:
     compute: Compute
     trained: nn.Module  # what the training steps call: the model, or its torch.compile wrapper
     guard: Guard
-
-
-@dataclass
-class _Kept:
-    """The best checkpoint so far: its epoch, its ``_rank`` key, and a copy of the weights and masks."""
-
-    epoch: int
-    key: tuple[float, float]
-    state: dict[str, Any]
-
-
-@dataclass
-class _Patience:
-    """Epochs without progress so far, and the lowest validation loss, for early stopping."""
-
-    lowest_loss: float
-    stale: int = 0
-
-    def update(self, record: EpochRecord, better: bool) -> None:
-        """Count ``record``'s epoch as stale, or reset the count."""
-        # Patience counts epochs in which neither validation accuracy (the kept checkpoint's key) nor the
-        # validation loss improved: on a small validation set accuracy moves in coarse steps while the loss
-        # still shows progress.
-        improved_loss = record.val_loss < self.lowest_loss * (1.0 - LOSS_MIN_DELTA)
-        self.lowest_loss = min(self.lowest_loss, record.val_loss)
-        self.stale = 0 if better or improved_loss else self.stale + 1
 
 
 def _lr_scheduler(
@@ -371,12 +305,12 @@ def _finite(record: EpochRecord) -> bool:
     return math.isfinite(record.val_loss) and (record.train_loss is None or math.isfinite(record.train_loss))
 
 
-def _keep_best(run: _Run, best: _Kept | None, record: EpochRecord, ready: bool) -> tuple[_Kept | None, bool]:
+def _keep_best(run: _Run, best: Kept | None, record: EpochRecord, ready: bool) -> tuple[Kept | None, bool]:
     """The kept checkpoint after ``record``'s epoch, and whether that epoch became it. An epoch whose training or
     validation loss is not finite is never kept, whatever its accuracy."""
-    better = ready and _finite(record) and (best is None or _rank(record) > best.key)
+    better = ready and _finite(record) and (best is None or rank(record) > best.key)
     if better:
-        best = _Kept(record.epoch, _rank(record), _state_copy(run.model, run.masks))
+        best = Kept(record.epoch, rank(record), _state_copy(run.model, run.masks))
     return best, better
 
 
@@ -396,31 +330,8 @@ def _log_epoch(record: EpochRecord, epochs: int) -> None:
     )
 
 
-def _stop_reason(
-    history: list[EpochRecord], stale: int, options: Any, baseline_val_accuracy: float | None, started_all: float
-) -> str | None:
-    """Why training ends after the last epoch of ``history`` (target reached, early stopping, time up), or None."""
-    record = history[-1]
-    within = options.stop_when.within if options.stop_when else None
-    seconds = options.stop_when.seconds if options.stop_when else None
-    if (
-        within is not None
-        and baseline_val_accuracy is not None
-        and record.val_accuracy >= baseline_val_accuracy - within / 100.0
-    ):
-        return (
-            f"target reached: validation accuracy {100 * record.val_accuracy:.2f}% is within "
-            f"{within:g} points of the baseline's {100 * baseline_val_accuracy:.2f}%"
-        )
-    if options.patience is not None and stale >= options.patience:
-        return _early_stop_reason(history, options.patience)
-    if seconds is not None and time.perf_counter() - started_all >= seconds:
-        return f"wall-time budget of {seconds:g} s used"
-    return None
-
-
 def _finish(
-    run: _Run, best: _Kept | None, history: list[EpochRecord], was_training: bool, stop_reason: str
+    run: _Run, best: Kept | None, history: list[EpochRecord], was_training: bool, stop_reason: str
 ) -> dict[str, Any]:
     """Hand back the kept checkpoint, in the train/eval mode the model came in; the run's summary."""
     if best is not None:
@@ -440,20 +351,29 @@ def _finish(
     }
 
 
-def _train_epoch(run: _Run, epoch: int, progress: bool) -> DeviceTally | None:
+def _train_epoch(run: _Run, at: Position, progress: bool, saves: Saves | None) -> DeviceTally | None:
     """Train one epoch; its training tally, or None when the guard saw a step diverge."""
+    epoch = at.epoch
     run.state.epoch = epoch
     run.guard.start_epoch(epoch)
     run.model.train()
     tally = DeviceTally()
-    total = run.options.epochs
-    bar = progress_bar(run.state.train_data, f"recover {epoch}/{total}", enabled=progress, total=run.steps_per_epoch)
-    for inputs, targets in on_device(bar, run.device):
+    if saves is not None:
+        saves.epoch_starts()
+    bar = progress_bar(
+        run.state.train_data, f"recover {epoch}/{run.options.epochs}", enabled=progress, total=run.steps_per_epoch
+    )
+    batches = iter(bar)
+    done = saves.skip_trained(run, batches, tally) if saves is not None else 0
+    for inputs, targets in on_device(batches, run.device):
         losses, logits = _step(run, inputs, targets)
         if run.guard.tripped is not None:
             break
         tally.add(losses, logits, targets)
         tally.show(bar)  # reads the running loss back at most once per bar refresh
+        done += 1
+        if saves is not None:
+            saves.after_step(run, at, tally, done)
     run.guard.flush()  # the losses not read yet (off the CPU they are read every few steps)
     if run.guard.tripped is not None:
         bar.close()
@@ -462,45 +382,56 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> DeviceTally | None:
     return tally
 
 
-def _epochs(
-    run: _Run, val_data: Iterable[Any], progress: bool, baseline_val_accuracy: float | None, started_all: float
-) -> tuple[list[EpochRecord], _Kept | None, str]:
-    """Validate the model as it came in, then train epoch by epoch until a stop reason; the records, the kept
-    checkpoint and the stop reason. An epoch that diverged is rolled back and run again (``run.guard``)."""
-    model, options, guard = run.model, run.options, run.guard
+def _begin(run: _Run, val_data: Iterable[Any], saves: Saves | None) -> Position:
+    """Validate the model as it came in (epoch 0) and keep it; or, resumed, where the checkpoint left off."""
+    saved = resume_progress(saves.phase, run, saves.gens) if saves else None
+    if saved is not None:
+        assert saves is not None
+        if saved["mid"] is not None:
+            saves.mid = saved["mid"] | {"rng": saved["rng"]}
+        return Position.from_plain(saved["position"])
     history = [_evaluate(run, val_data, 0, time.perf_counter(), DeviceTally())]
     require_finite_start(history[0].val_loss)
     best, _ = _keep_best(run, None, history[0], _ready(run))
-    patience = _Patience(lowest_loss=history[0].val_loss)
+    return Position(history, best, Patience(lowest_loss=history[0].val_loss))
 
-    epoch = 1
-    while epoch <= options.epochs:
+
+def _epochs(
+    run: _Run, val_data: Iterable[Any], progress: bool, baseline_val_accuracy: float | None, saves: Saves | None
+) -> tuple[list[EpochRecord], Kept | None, str]:
+    """Validate the model as it came in, then train epoch by epoch until a stop reason; the records, the kept
+    checkpoint and the stop reason. An epoch that diverged is rolled back and run again (``run.guard``)."""
+    model, options, guard = run.model, run.options, run.guard
+    at = _begin(run, val_data, saves)
+    started_all = time.perf_counter() - at.seconds
+    while at.reason is None and at.epoch <= options.epochs:
         saved = save_state(run) if len(guard.rollbacks) < guard.retries else None  # the last good state
+        if saves is not None:
+            saved = saves.saved = saved if saves.mid is None else saves.mid["saved"]
         started = time.perf_counter()
-        tally = _train_epoch(run, epoch, progress)
+        tally = _train_epoch(run, at, progress, saves)
         if tally is not None:
             # Only a model in its final form (e.g. gradual pruning done) may become the kept checkpoint.
             ready = _ready(run)
             # With ema, validation and the kept checkpoint use the average; training metrics stay the trained weights'.
             with run.average.swapped_in(model) if run.average else nullcontext():
-                record = _evaluate(run, val_data, epoch, started, tally)
+                record = _evaluate(run, val_data, at.epoch, started, tally)
                 guard.validated(record.val_loss, run.optimizer.param_groups[0]["lr"])
                 if guard.tripped is None:
-                    best, better = _keep_best(run, best, record, ready)
+                    at.best, better = _keep_best(run, at.best, record, ready)
         if guard.tripped is not None:
             guard.rollback(run, saved)  # back to the start of the epoch, learning rate lowered; or Diverged
             continue
-        history.append(record)
+        at.history.append(record)
         _log_epoch(record, options.epochs)
-        epoch += 1
-
-        if not ready:
-            continue
-        patience.update(record, better)
-        reason = _stop_reason(history, patience.stale, options, baseline_val_accuracy, started_all)
-        if reason is not None:
-            return history, best, reason
-    return history, best, "epoch budget used"
+        at.epoch += 1
+        if ready:
+            at.patience.update(record, better)
+            at.reason = stop_reason(at.history, at.patience.stale, options, baseline_val_accuracy, started_all)
+        at.seconds = time.perf_counter() - started_all
+        if saves is not None:
+            save_progress(saves.phase, run, at.plain(), saves.gens)
+    return at.history, at.best, at.reason or "epoch budget used"
 
 
 def train(
@@ -516,10 +447,17 @@ def train(
     progress: bool = True,
     original: OriginalSchedule | None = None,
     baseline_val_accuracy: float | None = None,
+    phase: Phase | None = None,
 ) -> tuple[list[EpochRecord], dict[str, Any]]:
     """Run recovery training; returns the per-epoch records and a summary (best epoch, stop reason, and how
-    the steps computed: ``"compute"``)."""
-    started_all = time.perf_counter()
+    the steps computed: ``"compute"``). With ``phase`` (``regrow.recovery.checkpoint``) the state is saved at
+    every epoch end (and every ``every_steps`` steps) and training resumes from the phase's last checkpoint; a
+    phase that had ended hands back its end state without training."""
+    gens = generators(train_data, val_data)
+    if phase is not None and phase.ended is not None:
+        rows, summary = replay_ended(phase.ended, model, masks, callbacks, gens)
+        return [EpochRecord(**h) for h in rows], summary
+    saves = Saves(phase, gens) if phase is not None else None
     was_training = model.training
     compute = Compute.settle(options, model, model_device(model))
     try:
@@ -534,7 +472,10 @@ def train(
             original=original,
             compute=compute,
         )
-        history, best, stop_reason = _epochs(run, val_data, progress, baseline_val_accuracy, started_all)
-        return history, _finish(run, best, history, was_training, stop_reason)
+        history, best, stop_reason = _epochs(run, val_data, progress, baseline_val_accuracy, saves)
+        summary = _finish(run, best, history, was_training, stop_reason)
     finally:
         compute.restore()  # also when training fails: the model and teacher go back to their own layout
+    if phase is not None:
+        save_ended(phase, model, masks, callbacks, gens, [asdict(h) for h in history], summary)
+    return history, summary

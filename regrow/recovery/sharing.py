@@ -22,7 +22,7 @@ from regrow.io import atomic_write
 from regrow.masks import MaskSet
 
 if TYPE_CHECKING:
-    from regrow.recovery.loop import TrainState
+    from regrow.recovery.records import TrainState
 
 
 def kmeans_1d(values: Tensor, k: int, iterations: int = 30) -> tuple[Tensor, Tensor]:

@@ -94,10 +94,21 @@ def test_a_run_that_fails_late_leaves_the_earlier_run_untouched(tmp_path, monkey
     monkeypatch.setattr("regrow.pipeline.recover.recover", interrupted)
     with pytest.raises(KeyboardInterrupt):
         regrow.run("demo", overrides=budget, out_dir=out, overwrite=True, progress=False)
-    assert _files(out) == before  # no file replaced, removed or added, no staging folder left
+    # the run files are as they were; the one thing added is the hidden staging folder with the checkpoint
+    (kept,) = [p for p in out.iterdir() if p.name not in before]
+    assert kept.name.startswith(".regrow-partial-") and (kept / ".regrow-checkpoint" / "state.json").is_file()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p != kept} == before
+    with pytest.raises(regrow.RegrowError, match="holds the checkpoint of an interrupted run .*pass --resume"):
+        regrow.run("demo", overrides=budget, out_dir=out, progress=False)
+    # without checkpoints an interrupted run leaves nothing at all
+    quiet = [*budget, "checkpoint.enabled=false"]
+    with pytest.raises(KeyboardInterrupt):
+        regrow.run("demo", overrides=quiet, out_dir=out, overwrite=True, progress=False)
+    assert not kept.exists()  # --overwrite started over: the old checkpoint is gone
+    assert _files(out) == before
     fresh = tmp_path / "fresh"
     with pytest.raises(KeyboardInterrupt):
-        regrow.run("demo", overrides=budget, out_dir=fresh, progress=False)
+        regrow.run("demo", overrides=quiet, out_dir=fresh, progress=False)
     assert not fresh.exists()  # the folder this run created is gone again
 
 

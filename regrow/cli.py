@@ -18,6 +18,7 @@ from typing import Any
 
 from regrow.errors import RegrowError
 
+log = logging.getLogger("regrow")
 EXIT_BAD_INPUT = 2
 
 LISTS = (
@@ -56,7 +57,53 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str = "runs/<name>
         help="write into a non-empty directory: regrow's files from an earlier run are replaced, others kept",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="torch CPU threads (default: torch's, one per core; a busy machine gets a warning that says when fewer "
+        "would be faster). Results on the CPU are reproducible for one thread count",
+    )
     _add_global_options(p)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of threads, 1 or more; got {text!r}")
+    return int(text)
+
+
+def _set_threads(threads: int | None) -> None:
+    """``--threads``; without it, a warning when other processes keep the cores busy: torch's threads then wait on
+    each other, and a run can be many times slower than with one thread."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+        return
+    others = _busy_elsewhere()
+    cores, mine = os.cpu_count() or 1, torch.get_num_threads()
+    if others is not None and mine > 1 and others + mine > cores:
+        log.warning(
+            "the machine is busy (%.1f other processes running on %d cores) and torch would use %d threads: they "
+            "may wait on each other and run many times slower than fewer would; pass --threads %d (or set "
+            "OMP_NUM_THREADS).",
+            others,
+            cores,
+            mine,
+            max(1, cores - round(others)),
+        )
+
+
+def _busy_elsewhere() -> float | None:
+    """About how many processes other than this one keep a core busy: the smaller of the 1-minute load average
+    and the processes running right now (Linux's /proc/loadavg, this one not counted); None where unknown."""
+    try:
+        fields = open("/proc/loadavg", encoding="ascii").read().split()  # noqa: SIM115 - one read
+        load, running = float(fields[0]), int(fields[3].split("/")[0]) - 1
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, min(load, float(running)))
 
 
 def _add_resume_option(p: argparse.ArgumentParser) -> None:
@@ -219,7 +266,10 @@ def _print_summary(report: object) -> None:
     speed = report.prune.get("speed")  # type: ignore[attr-defined]
     if speed:
         where = "CPU" if speed.get("device", "cpu") == "cpu" else f"GPU ({speed['device']})"
-        line += f"; measured {where} speed-up {speed['speedup']:.2f}x"
+        if speed.get("noisy"):
+            line += f"; {where} timings too noisy for a speed-up claim (see report.md)"
+        elif speed.get("shrunk", True):
+            line += f"; measured {where} speed-up {speed['speedup']:.2f}x"
         line += "".join(f"; {s}" for s in speed.get("slower", []))
     console.print(line)
     console.print(f"report: {report.out_dir}/report.md")  # type: ignore[attr-defined]
@@ -313,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     try:
+        if args.command in ("run", "demo", "sensitivity"):
+            _set_threads(args.threads)
         if args.command == "list":
             _print_list(args.what)
             return 0

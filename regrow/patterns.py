@@ -60,7 +60,13 @@ class Pattern(Protocol):
         """Raise RegrowError when the budget or a target's shape does not suit the pattern."""
 
     def make_masks(
-        self, scores: dict[str, Tensor], *, sparsity: float | None, threshold: float | None, scope: str
+        self,
+        scores: dict[str, Tensor],
+        *,
+        sparsity: float | None,
+        threshold: float | None,
+        scope: str,
+        cap: float | None = None,
     ) -> dict[str, Tensor]: ...
 
 
@@ -84,7 +90,13 @@ class Unstructured:
         check_budget(sparsity, threshold)
 
     def make_masks(
-        self, scores: dict[str, Tensor], *, sparsity: float | None, threshold: float | None, scope: str
+        self,
+        scores: dict[str, Tensor],
+        *,
+        sparsity: float | None,
+        threshold: float | None,
+        scope: str,
+        cap: float | None = None,
     ) -> dict[str, Tensor]:
         if threshold is not None:
             masks = {f: s >= threshold for f, s in scores.items()}
@@ -97,22 +109,44 @@ class Unstructured:
         assert sparsity is not None
         if scope == "layer":
             return {f: _prune_lowest(s, pruned_count(sparsity, s.numel())).reshape(s.shape) for f, s in scores.items()}
-        flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
-        keep = _prune_lowest(flat, pruned_count(sparsity, flat.numel()))
+        return _global(scores, sparsity, 1.0 if cap is None else cap)
+
+
+def _global(scores: dict[str, Tensor], sparsity: float, cap: float) -> dict[str, Tensor]:
+    """One ranking over every target, no target losing more than ``cap`` of its weights.
+
+    The lowest-scored weights of all targets go first; a target that would lose more than ``cap`` loses exactly
+    that share (its lowest), and the rest of the budget is ranked again over the other targets, until none is
+    over its cap (at most one round per target). ``cap`` >= ``sparsity`` always leaves a solution.
+    """
+    sizes = {f: s.numel() for f, s in scores.items()}
+    budget = pruned_count(sparsity, sum(sizes.values()))
+    # the most each target may lose: rounded down, so that it keeps at least 1 - cap of its weights
+    limit = {f: n if cap >= 1 else min(n - 1, math.floor(cap * n + 1e-9)) for f, n in sizes.items()}
+    pinned: set[str] = set()
+    while True:
+        free = [f for f in scores if f not in pinned]
+        flat = torch.cat([scores[f].reshape(-1).float() for f in free]) if free else torch.zeros(0)
+        keep = _prune_lowest(flat, max(0, budget - sum(limit[f] for f in pinned)))
         out, start = {}, 0
-        for f, s in scores.items():
-            out[f] = keep[start : start + s.numel()].reshape(s.shape)
-            start += s.numel()
-        emptied = [f for f, m in out.items() if not bool(m.any())]
-        if emptied and sparsity < 1.0 and len(emptied) < len(out):
-            warnings.warn(
-                f"the global ranking removed every weight of {', '.join(repr(f) for f in emptied[:5])}: its "
-                "scores are below the other targets', so nothing flows through it any more. Use scope 'layer' or an "
-                "allocation (which caps every target at max_sparsity / prune.cap, 0.99 by default), or leave the "
-                "target out with ignore (prune.ignore in a recipe).",
-                stacklevel=4,
-            )
-        return out
+        for f in free:
+            out[f] = keep[start : start + sizes[f]].reshape(scores[f].shape)
+            start += sizes[f]
+        over = {f for f in free if sizes[f] - int(out[f].sum()) > limit[f]}
+        if not over:
+            break
+        pinned |= over
+    for f in pinned:
+        out[f] = _prune_lowest(scores[f].reshape(-1), limit[f]).reshape(scores[f].shape)
+    emptied = [f for f in scores if not bool(out[f].any())]
+    if emptied and sparsity < 1.0 and len(emptied) < len(out):  # only without a cap below 1
+        warnings.warn(
+            f"the global ranking removed every weight of {', '.join(repr(f) for f in emptied[:5])}: its scores are "
+            "below the other targets', so nothing flows through it any more. Leave max_sparsity at its default "
+            "(prune.max_sparsity in a recipe), use scope 'layer', or leave the target out with ignore.",
+            stacklevel=5,
+        )
+    return {f: out[f] for f in scores}
 
 
 @PATTERNS.register("n:m", doc="Keep n of every m consecutive input weights, e.g. '2:4' (sparse tensor cores).")
@@ -154,7 +188,13 @@ class NM:
                 )
 
     def make_masks(
-        self, scores: dict[str, Tensor], *, sparsity: float | None, threshold: float | None, scope: str
+        self,
+        scores: dict[str, Tensor],
+        *,
+        sparsity: float | None,
+        threshold: float | None,
+        scope: str,
+        cap: float | None = None,
     ) -> dict[str, Tensor]:
         out = {}
         for f, s in scores.items():
@@ -181,7 +221,13 @@ class _Structural:
         pass  # budgets are checked by regrow.structural.check_structural_budget
 
     def make_masks(
-        self, scores: dict[str, Tensor], *, sparsity: float | None, threshold: float | None, scope: str
+        self,
+        scores: dict[str, Tensor],
+        *,
+        sparsity: float | None,
+        threshold: float | None,
+        scope: str,
+        cap: float | None = None,
     ) -> dict[str, Tensor]:
         raise RegrowError(f"pattern '{self.name}' shrinks the model; it makes no masks.")
 

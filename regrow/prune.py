@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -105,7 +106,10 @@ def compute_masks(
         for f, s in scores.items():
             masks.update(pattern.make_masks({f: s}, sparsity=per_target[f], threshold=None, scope="layer"))
     else:
-        masks = pattern.make_masks(scores, sparsity=spec.sparsity, threshold=spec.threshold, scope=spec.scope)
+        cap = spec.global_cap()  # global ranking: no target emptied or left far sparser than the rest
+        masks = pattern.make_masks(
+            scores, sparsity=spec.sparsity, threshold=spec.threshold, scope=spec.scope, **({"cap": cap} if cap else {})
+        )
     if previous is not None:
         masks = {f: m & previous[f].to(m.device) for f, m in masks.items()}
     return masks
@@ -178,8 +182,8 @@ def prune(
             one multiple (by default: than 32 channels) is not rounded. Default: the channel block of the
             device's fastest dense kernels, 16 on CPUs with AVX-512 and 8 elsewhere (``auto_round_to``);
             when it misses the budget by over 2 %, 8 and then no rounding are tried (the report says so).
-        max_sparsity: the largest share removed from any group (structural; default 0.9) or, with an
-            ``allocation``, from any target (default 0.99).
+        max_sparsity: the largest share removed from any group (structural; default 0.9) or target (default:
+            0.99, and with scope global, 1 - half the overall density if that is less; ``PruneSpec``).
         example_inputs: structural: inputs to trace the model with (default: the first batch of ``data``).
         latency: structural budget: the fraction of the measured latency to keep (met within 5 %).
         recalibrate: structural: re-estimate BatchNorm statistics on a few batches of ``data`` after the
@@ -244,7 +248,7 @@ def _masked_spec(
         ignore=ignore,
     )
     if allocation is None:
-        return spec
+        return spec if max_sparsity is None else dataclasses.replace(spec, cap=max_sparsity)
     unknown = sorted(set(allocation) - set(spec.targets))
     if unknown:
         raise RegrowError(f"allocation names parameters that are not targets: {unknown[:5]}.")
@@ -260,7 +264,7 @@ def _masked_spec(
         None,
         spec.targets,
         allocation=dict(allocation),
-        cap=max_sparsity if max_sparsity is not None else PruneSpec.cap,
+        cap=max_sparsity,
     )
 
 

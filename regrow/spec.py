@@ -14,6 +14,10 @@ from torch import nn
 
 from regrow.errors import RegrowError
 
+MASKED_CAP = 0.99  # by default no masked target loses more than this share of its weights
+GLOBAL_FLOOR = 0.5  # by default a global ranking leaves every target this share of the overall density
+# (benchmarks/results/global_floor.md: 0.5 was never worse than 0, 0.25 or no cap, and better where it bound)
+
 
 @dataclass(frozen=True)
 class PruneSpec:
@@ -28,7 +32,21 @@ class PruneSpec:
     macs: float | None = None
     params: float | None = None
     allocation: dict[str, float] | None = None  # relative per-target sparsities; the budget scales them
-    cap: float = 0.99  # allocation: no target sparser than this
+    cap: float | None = None  # max_sparsity as given: no target sparser than this (default: see the methods)
+
+    def allocation_cap(self) -> float:
+        """The most an allocation removes from any target: ``cap``, by default ``MASKED_CAP`` (0.99)."""
+        return MASKED_CAP if self.cap is None else self.cap
+
+    def global_cap(self) -> float | None:
+        """The most a global ranking of unstructured weights removes from any one target (None when nothing is
+        ranked globally): ``cap`` when given; by default ``1 - GLOBAL_FLOOR * (1 - sparsity)``, at most
+        ``MASKED_CAP`` (so every target keeps half the overall density and at least 1 %: 0.95 at sparsity
+        0.9, 0.975 at 0.95, 0.99 from 0.98 on); never below the sparsity itself, which every target can take."""
+        if self.pattern != "unstructured" or self.scope != "global" or self.sparsity is None or self.allocation:
+            return None
+        default = min(MASKED_CAP, 1.0 - GLOBAL_FLOOR * (1.0 - self.sparsity))
+        return max(self.sparsity, default if self.cap is None else self.cap)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,7 +68,9 @@ class PruneSpec:
         if self.allocation is None or self.sparsity is None:
             return None
         sizes = {f: model.get_parameter(f).numel() for f in self.targets}
-        return scaled({f: self.allocation.get(f, 0.0) for f in self.targets}, sizes, self.sparsity, self.cap)
+        return scaled(
+            {f: self.allocation.get(f, 0.0) for f in self.targets}, sizes, self.sparsity, self.allocation_cap()
+        )
 
 
 def check_shares(per_target: Any, where: str) -> dict[str, float]:

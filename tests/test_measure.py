@@ -191,3 +191,38 @@ def test_the_speed_pair_is_timed_at_batch_1_too_and_a_slower_shrunk_model_is_nam
     masked = compare_speed(dense, Slow(dense), test, ev, "cpu", False, Timer())  # same shapes: no claim either way
     assert masked["slower"] == []
     assert compare_speed(dense, dense, test, EvaluateConfig(latency=False), "cpu", True, Timer()) is None
+
+
+def test_noisy_timings_withhold_the_speed_up_claim(monkeypatch):
+    """Injected noise: every third forward pass, of either model, is held up 20 ms (a busy machine's
+    preemptions). The interleaved pairs then disagree, and neither the report nor the summary claims a speed-up."""
+    import time
+
+    import regrow.measure.latency as latency
+    from regrow.config import EvaluateConfig
+    from regrow.pipeline.context import Timer
+    from regrow.pipeline.measure import compare_speed
+    from regrow.report.speed import measured_speedup
+
+    real, calls = latency.forward, [0]
+
+    def held_up(model, inputs):
+        calls[0] += 1
+        if calls[0] % 3 == 0:
+            time.sleep(0.02)
+        return real(model, inputs)
+
+    monkeypatch.setattr(latency, "forward", held_up)
+    dense = torch.nn.Sequential(torch.nn.Linear(8, 256), torch.nn.ReLU(), torch.nn.Linear(256, 3))
+    shrunk = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    test = [(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))]
+    speed = compare_speed(dense, shrunk, test, EvaluateConfig(warmup=1), "cpu", True, Timer())
+    assert speed["noisy"].startswith("the speed-ups of the 30 interleaved pairs spread from")
+    assert speed["slower"] == []  # no "slower than dense" warning from noise either
+    text = "\n".join(measured_speedup(speed))
+    assert "**No speed-up claimed:** the CPU timings were noisy (the speed-ups of the 30 interleaved pairs" in text
+    assert "speed-up, baseline / recovered" not in text
+    # a masked pattern keeps dense shapes: a steady ratio is still only a timing ratio
+    steady = dict(speed, noisy=None, shrunk=False)
+    (line,) = [t for t in measured_speedup(steady) if t]
+    assert line.startswith("Measured CPU timing ratio, baseline / recovered:") and "not a speed-up" in line

@@ -44,6 +44,38 @@ def test_global_scope_warns_when_it_empties_a_target():
         masks(Unstructured(), {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5, 3.0])}, sparsity=0.5)
 
 
+def test_a_capped_global_ranking_pins_the_target_it_would_empty_and_ranks_the_rest_again():
+    s = {"a": torch.tensor([10.0, 11.0, 12.0, 13.0]), "b": torch.arange(1.0, 9.0)}
+    # 9 of 12 go: uncapped, all 8 of b and a's lowest
+    with pytest.warns(UserWarning, match="removed every weight of 'b'"):
+        plain = masks(Unstructured(), s, sparsity=0.75)
+    assert plain["b"].tolist() == [F] * 8 and plain["a"].tolist() == [F, T, T, T]
+    # cap 0.875 (PruneSpec's default at 0.75: 1 - 0.5 * 0.25): b loses at most 7, a the other 2
+    capped = masks(Unstructured(), s, sparsity=0.75, cap=0.875)
+    assert capped["b"].tolist() == [F] * 7 + [T] and capped["a"].tolist() == [F, F, T, T]
+    # a cap that binds twice: c is pinned in the second round, after b's pin moved the budget onto it
+    s3 = {
+        "a": torch.tensor([10.0, 11.0, 12.0, 13.0]),
+        "b": torch.arange(1.0, 5.0),
+        "c": torch.tensor([5.0, 6.0, 7.0, 8.0]),
+    }
+    out = masks(Unstructured(), s3, sparsity=0.5, cap=0.5)
+    assert [out[k].tolist() for k in "abc"] == [[F, F, T, T], [F, F, T, T], [F, F, T, T]]
+
+
+def test_the_default_global_cap_follows_the_overall_density():
+    from regrow.spec import PruneSpec
+
+    spec = lambda s, **kw: PruneSpec("unstructured", "magnitude", "global", s, None, ["w"], **kw)  # noqa: E731
+    assert spec(0.9).global_cap() == pytest.approx(0.95)
+    assert spec(0.95).global_cap() == pytest.approx(0.975)
+    assert spec(0.98).global_cap() == pytest.approx(0.99)  # at most 0.99: 1 % of every target stays
+    assert spec(0.995).global_cap() == 0.995  # never below the sparsity: every target at 0.995 fits
+    assert spec(0.9, cap=0.999).global_cap() == 0.999  # max_sparsity given: as given
+    assert PruneSpec("unstructured", "magnitude", "layer", 0.9, None, ["w"]).global_cap() is None
+    assert PruneSpec("2:4", "magnitude", "global", 0.5, None, ["w"]).global_cap() is None
+
+
 def test_ties_prune_the_earlier_element_first():
     out = masks(Unstructured(), {"w": torch.ones(4)}, sparsity=0.5, scope="layer")
     assert out["w"].tolist() == [F, F, T, T]

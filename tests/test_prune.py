@@ -1,8 +1,12 @@
+import copy
+import warnings
+
 import pytest
 import torch
 
 import regrow
 from regrow.errors import RegrowError
+from regrow.measure.metrics import classification_metrics
 from regrow.prune import compute_masks
 
 
@@ -117,3 +121,39 @@ def test_pruning_an_already_pruned_model_warns_that_masks_describe_one_call(mlp)
 def test_a_threshold_above_every_weight_warns_that_everything_is_zero(mlp):
     with pytest.warns(UserWarning, match="threshold 100 is above every target weight's score"):
         regrow.prune(mlp, threshold=100.0)
+
+
+def test_the_default_global_ranking_empties_no_target_and_recovers_at_least_as_well():
+    """A layer whose weights are all small (scaled by 1/20, the next layer by 20: the same function, ReLU being
+    positively homogeneous) loses every weight to an uncapped global magnitude ranking at 90 %; the default cap
+    keeps half the overall density in it, and a short recovery ends better."""
+    from regrow.data.digits import digits
+    from regrow.models import mlp
+
+    data = digits(batch_size=64, flatten=True, seed=0)
+    torch.manual_seed(0)
+    dense = mlp(in_features=64, hidden=128, depth=2)
+    regrow.recover(
+        dense, regrow.MaskSet({}), data.train, data.val, method="finetune", epochs=3, lr=3e-3, progress=False
+    )
+    with torch.no_grad():
+        dense[3].weight.mul_(1 / 20)
+        dense[3].bias.mul_(1 / 20)
+        dense[5].weight.mul_(20)
+
+    results = {}
+    for name, cap in (("uncapped", {"max_sparsity": 1.0}), ("default", {})):
+        model = copy.deepcopy(dense)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            masks = regrow.prune(model, 0.9, **cap)
+        emptied = [f for f, m in masks.items() if not m.any()]
+        kept = float(masks["3.weight"].float().mean())
+        torch.manual_seed(1)
+        regrow.recover(model, masks, data.train, data.val, method="finetune", epochs=2, lr=1e-3, progress=False)
+        results[name] = (emptied, classification_metrics(model, data.test)["accuracy"], caught, kept)
+    assert results["uncapped"][0] == ["3.weight"]  # today's ranking without a cap empties the small layer
+    assert any("removed every weight of '3.weight'" in str(w.message) for w in results["uncapped"][2])
+    assert results["default"][0] == []
+    assert results["default"][3] >= 0.5 * (1 - 0.9)  # half the overall density stays in it
+    assert results["default"][1] >= results["uncapped"][1] + 0.2, results  # far better, not merely not worse

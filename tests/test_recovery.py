@@ -354,3 +354,23 @@ def test_ema_with_no_epoch_kept_hands_back_the_last_average():
     for k, v in model.state_dict().items():
         assert torch.allclose(v, averaged[k], atol=1e-6), k
     assert classification_metrics(model, val)["loss"] == pytest.approx(result.history[-1].val_loss, rel=1e-6)
+
+
+def test_rigl_keeps_no_checkpoint_from_before_its_first_mask_update():
+    # 30 steps an epoch, 5 epochs: updates every 60 steps until 0.75 of 150 = step 112, so one update, at step
+    # 60, the end of epoch 2: epochs 0 and 1 (the pruned masks, untouched by the method) cannot be kept. The
+    # validation labels are shifted, so training makes validation worse and epoch 0 would win without the rule.
+    torch.manual_seed(0)
+    model = TinyMLP()
+    train, val = make_batches(30), [(x, (y + 1) % 3) for x, y in make_batches(4)]
+    masks = regrow.prune(model, 0.8)
+    dynamic = {"update_every": 60}
+    result = regrow.recover(
+        model, masks, train, val, method="rigl", epochs=5, patience=None, progress=False, dynamic=dynamic
+    )
+    kept = result.history[result.best_epoch]
+    assert result.history[0].val_accuracy > max(h.val_accuracy for h in result.history[1:])
+    assert kept.step == 60 and result.best_epoch == 2
+    dynamic = result.details["dynamic"]
+    assert dynamic["updates"] == 1 and dynamic["updates_after_kept_epoch"] == 0 and dynamic["weights_replaced"] > 0
+    assert [h.step for h in result.history] == [0, 30, 60, 90, 120, 150]

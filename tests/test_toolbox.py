@@ -270,27 +270,48 @@ def test_dynamic_sparsity_on_a_lightly_pruned_target_replaces_at_most_its_inacti
         assert torch.count_nonzero(model.get_parameter(f)[~m]) == 0
 
 
+class _MasksAtEpochEnds:
+    """Copies the masks after every 8th step (the end of an epoch of ``make_batches(8)``)."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_start(self, state):
+        self.seen[0] = {f: m.clone() for f, m in state.masks.items()}
+
+    def on_step_end(self, state):
+        if state.step % 8 == 0:
+            self.seen[state.step // 8] = {f: m.clone() for f, m in state.masks.items()}
+
+    def checkpoint_ready(self, state):
+        return True
+
+
 @pytest.mark.parametrize("method", ["rigl", "set"])
 def test_kept_checkpoint_restores_the_masks_of_its_epoch(method):
     model = trained()
     masks = regrow.prune(model, 0.7, scope="layer")
-    before = {f: m.clone() for f, m in masks.items()}
-    result = regrow.recover(  # a learning rate this large wrecks training: the untrained epoch 0 is kept
+    record = _MasksAtEpochEnds()
+    result = regrow.recover(  # a learning rate this large wrecks training: which epoch is kept is left to chance
         model,
         masks,
         make_batches(8),
         make_batches(2, seed=1),
         method=method,
-        epochs=2,
+        epochs=3,
         lr=50.0,
         guard={"explode_factor": None},  # the divergence guard would roll the wreck back: let it through
-        dynamic={"update_every": 2},
+        dynamic={"update_every": 2},  # updates at steps 2, 4, ..., 16 (before 0.75 of 24; late ones may move none)
         patience=None,
         progress=False,
+        callbacks=[record],
     )
-    assert result.best_epoch == 0 and result.details["dynamic"]["weights_replaced"] > 0
+    assert result.best_epoch >= 1  # never the masks from before the first update
+    dynamic = result.details["dynamic"]
+    assert dynamic["updates"] >= 1 and dynamic["weights_replaced"] > 0  # counted up to the kept epoch
+    kept = record.seen[result.best_epoch]
     for f, m in masks.items():
-        assert torch.equal(m, before[f])  # the masks of the kept epoch, not of the last update
+        assert torch.equal(m, kept[f])  # the masks of the kept epoch, not of the last update
         assert torch.count_nonzero(model.get_parameter(f)[~m]) == 0
 
 

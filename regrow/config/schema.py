@@ -94,7 +94,8 @@ class PruneConfig(_Strict):
         None,
         gt=0,
         lt=1,
-        description="largest share removed from any target or group (default: 0.9 channel/head, 0.99 masked)",
+        description="largest share removed from any target or group (default: 0.9 channel/head; 0.99 masked, and "
+        "with scope global at most 1 - half the overall density)",
     )
     min_sparsity: float = Field(0.0, ge=0, lt=1, description="allocation: smallest share removed from any target")
     pattern: str | None = Field(

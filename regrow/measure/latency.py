@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -25,9 +25,17 @@ class Latency:
     repeats: int
     warmup: int
     device: str
+    times: list[float] = field(default_factory=list, repr=False)  # every timed pass, in order (not saved)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["times"]
+        return out
+
+    @property
+    def spread(self) -> float:
+        """p90 / p10: how far the timings spread (1 on a quiet machine; above ``NOISY_SPREAD``: noisy)."""
+        return self.p90_ms / self.p10_ms if self.p10_ms > 0 else float("inf")
 
 
 @torch.inference_mode()
@@ -72,6 +80,7 @@ def measure_latency(
         repeats=len(times),
         warmup=warmup,
         device=str(device),
+        times=times,
     )
 
 
@@ -116,6 +125,31 @@ def compare_latency(
             len(ts),
             warmup,
             str(device),
+            list(ts),
         )
 
     return summary(times[0]), summary(times[1])
+
+
+NOISY_SPREAD = 2.0  # p90 / p10 of one model's timings above this: the machine was too busy to trust them alone
+NOISY_RATIOS = 0.25  # interquartile range of the per-pair speed-ups, relative to their median, above this: noisy
+
+
+def pair_noise(first: Latency, second: Latency) -> str | None:
+    """Why an interleaved comparison (:func:`compare_latency`) is too noisy to claim a speed-up from, or None.
+
+    Each round times the two models back to back, so the round's ratio sees the load both saw; on a quiet
+    machine the ratios agree within a few percent. Noisy: their quartiles lie on both sides of 1 (some rounds
+    say faster, others slower) and their interquartile range is above ``NOISY_RATIOS`` of their median. A
+    large but one-sided spread (e.g. a model of a few microseconds against one of milliseconds) still decides.
+    """
+    ratios = [a / b for a, b in zip(first.times, second.times) if b > 0]
+    if len(ratios) < 4:
+        return None
+    q1, mid, q3 = statistics.quantiles(ratios, n=4)
+    if q1 < 1.0 < q3 and mid > 0 and (q3 - q1) / mid > NOISY_RATIOS:
+        return (
+            f"the speed-ups of the {len(ratios)} interleaved pairs spread from {q1:.2f}x to {q3:.2f}x (quartiles), "
+            f"both sides of 1 and more than {100 * NOISY_RATIOS:.0f}% of their median {mid:.2f}x"
+        )
+    return None

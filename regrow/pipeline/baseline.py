@@ -131,7 +131,7 @@ def check_baseline(
             "(another task, another label order or another input normalisation). Nothing was pruned; check the "
             "checkpoint and the data. To prune an untrained model on purpose, leave model.checkpoint out."
         )
-    log.warning("%s; the model is untrained (neither model.train nor model.checkpoint)", level)
+    log.info("%s; the model is untrained (neither model.train nor model.checkpoint)", level)  # on purpose: a note
     return (
         f"The baseline is an untrained model: {level}. It was accepted because the recipe has neither model.train "
         "nor model.checkpoint (pruning an untrained model on purpose, e.g. sparse training from scratch), so the "

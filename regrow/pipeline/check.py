@@ -17,6 +17,7 @@ Loaders are read through ``Unshuffled``, so the pass draws none of their shuffli
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ def check_request(cfg: RunConfig, model: nn.Module) -> tuple[PruneSpec, bool]:
         targets=p.targets,
         ignore=p.ignore,
     )
-    return spec, False
+    return (spec if p.max_sparsity is None else dataclasses.replace(spec, cap=p.max_sparsity)), False
 
 
 def check_allocation_file(cfg: RunConfig, spec: PruneSpec, structural: bool) -> None:

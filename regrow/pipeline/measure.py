@@ -12,7 +12,7 @@ from torch import nn
 from regrow.batches import model_device, to_device
 from regrow.config import EvaluateConfig
 from regrow.measure import Snapshot, evaluate, sample_inputs
-from regrow.measure.latency import compare_latency
+from regrow.measure.latency import compare_latency, pair_noise
 from regrow.pipeline.context import Timer
 
 log = logging.getLogger("regrow")
@@ -55,8 +55,11 @@ def compare_speed(
 ) -> dict[str, Any] | None:
     """The dense and the recovered model timed in interleaved pairs on the run's device (synchronised on a GPU),
     at the latency batch size and at batch 1: latencies and speed-ups (None when latency is off or there is no
-    dense copy to time). A ``shrunk`` model slower than dense at some batch size gets a warning with the numbers:
-    a small batch is bound by per-layer overheads, a large one by arithmetic, and the two can disagree."""
+    dense copy to time). A comparison whose timings are noisy (``pair_noise``: a busy machine) says why, and the
+    report makes no speed-up claim from it. A ``shrunk`` model slower than dense at some batch size, in timings
+    that are not noisy, gets a warning with the numbers: a small batch is bound by per-layer overheads, a large
+    one by arithmetic, and the two can disagree. A masked model (not ``shrunk``) keeps dense shapes: its ratio
+    is reported as a timing ratio, never as a speed-up."""
     if not ev.latency or teacher is None:
         return None
     where = torch.device(device)
@@ -67,8 +70,12 @@ def compare_speed(
         if rows[0]["batch_size"] != 1:
             rows.append(_timed_pair(dense, pruned, sample_inputs(test, 1), ev, where))
     first = rows[0]
-    speed = {k: first[k] for k in ("baseline", "recovered", "speedup")} | {"device": str(where), "batches": rows}
-    slower = [r for r in rows if r["speedup"] < SLOWER] if shrunk else []
+    speed = {k: first[k] for k in ("baseline", "recovered", "speedup", "noisy")}
+    speed |= {"device": str(where), "batches": rows, "shrunk": shrunk}
+    for row in rows:
+        if row["noisy"]:
+            log.warning("latency at batch %d was too noisy for a speed-up claim: %s", row["batch_size"], row["noisy"])
+    slower = [r for r in rows if r["speedup"] < SLOWER and not r["noisy"]] if shrunk else []
     speed["slower"] = [
         f"the shrunk model is slower than the dense one at batch {r['batch_size']} on {where}: {r['speedup']:.2f}x "
         f"({r['baseline']['median_ms']:.3f} ms dense, {r['recovered']['median_ms']:.3f} ms shrunk, median of "
@@ -96,6 +103,7 @@ def _timed_pair(
         "baseline": before.to_dict(),
         "recovered": after.to_dict(),
         "speedup": before.median_ms / after.median_ms,
+        "noisy": pair_noise(before, after),  # why no speed-up may be claimed from these timings, or None
     }
 
 

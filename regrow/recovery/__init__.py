@@ -361,7 +361,7 @@ def _train(
 
 
 def _details(
-    model: nn.Module, masks: MaskSet, setup: _Setup, summary: dict[str, Any]
+    model: nn.Module, masks: MaskSet, setup: _Setup, history: list[EpochRecord], summary: dict[str, Any]
 ) -> tuple[dict[str, Any], SharedWeights | None]:
     """What the method adds to the result (``RecoveryResult.details``), and the shared weights of "share";
     taken out of the loop's ``summary``: how the steps computed (precision, channels-last, compile) and the
@@ -372,10 +372,13 @@ def _details(
         details["baseline_val_accuracy"] = setup.baseline_val_accuracy
     for cb in setup.method_callbacks:
         if isinstance(cb, DynamicSparsity):
+            kept_step = history[summary["best_epoch"]].step  # the counts describe the weights handed back
+            kept = [u for u in cb.updates if u["step"] <= kept_step]
             details["dynamic"] = {
                 "regrow": cb.regrow,
-                "updates": len(cb.updates),
-                "weights_replaced": sum(u["replaced"] for u in cb.updates),
+                "updates": len(kept),
+                "weights_replaced": sum(u["replaced"] for u in kept),
+                "updates_after_kept_epoch": len(cb.updates) - len(kept),
                 # regrown at zero and never moved: the weights count them as pruned, the masks as kept
                 "kept_zeros": sum(int((param == 0)[mask].sum()) for param, mask in masks.bind(model)),
             }
@@ -467,7 +470,7 @@ def recover(
     setup = _set_up(locals())  # the arguments by name: first, so that locals() holds nothing else
     started = time.perf_counter()
     history, summary = _train(model, masks, setup, callbacks, progress, checkpoint, method)
-    details, shared = _details(model, masks, setup, summary)  # takes "compute" and "guard" out of the summary
+    details, shared = _details(model, masks, setup, history, summary)  # takes "compute" and "guard" out of the summary
     seconds = time.perf_counter() - started
     return RecoveryResult(history=history, seconds=seconds, method=method, details=details, shared=shared, **summary)
 

@@ -88,7 +88,10 @@ class DynamicSparsity:
         pass
 
     def checkpoint_ready(self, state: TrainState) -> bool:
-        return True
+        """Only once the masks have moved: a checkpoint from before the first update (step ``update_every``)
+        would hand back the pruned masks with none of the method's work in them. Ready from the start when no
+        update falls before ``end``."""
+        return state.step >= self.update_every or self.update_every >= self._end
 
 
 def _reset(state: TrainState, param: Tensor, positions: Tensor) -> None:

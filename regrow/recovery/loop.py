@@ -292,6 +292,7 @@ def _evaluate(run: _Run, val_data: Iterable[Any], epoch: int, started: float, ta
         sparsity=run.masks.sparsity(),
         seconds=time.perf_counter() - started,
         parts={k: v / seen for k, v in sums.items() if k != "loss"} if seen else {},
+        step=run.state.step,
     )
 
 

@@ -41,6 +41,7 @@ class EpochRecord:
     sparsity: float
     seconds: float
     parts: dict[str, float] = field(default_factory=dict)
+    step: int = 0  # optimizer steps done when the epoch ended
 
 
 def rank(record: EpochRecord) -> tuple[float, float]:

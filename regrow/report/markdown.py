@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 from regrow.report.divergence import guard_section
+from regrow.report.speed import latency_cell, measured_speedup
 
 if TYPE_CHECKING:
     from regrow.measure import Snapshot
@@ -202,7 +203,7 @@ def _size_and_speed(report: _Report, stages: list[str]) -> list[str]:
     spec = report.prune
     out = ["", "## Size and speed", ""]
     out.append(table(["", *stages], _size_rows(report.snapshots, stages, bool(spec.get("structure")))))
-    out += _measured_speedup(spec.get("speed"))
+    out += measured_speedup(spec.get("speed"))
     out += ["", spec.get("speed_note", "")]
     return out
 
@@ -219,7 +220,7 @@ def _size_rows(s: dict[str, Snapshot], stages: list[str], structure: bool) -> li
         ["parameters"] + [human(s[k].params) for k in stages],
         ["nonzero parameters"] + [human(s[k].nonzero_params) for k in stages],
         ["dense MACs per sample"] + [human(s[k].macs) for k in stages],
-        [lat_label] + [f"{s[k].latency.median_ms:.3f}" if s[k].latency else "n/a" for k in stages],
+        [lat_label] + [latency_cell(s[k].latency) for k in stages],
         ["saved size (dense safetensors)"] + [human(s[k].size_bytes, "B") for k in stages],
     ]
     gpu = [s[k].latency_gpu for k in stages]
@@ -235,28 +236,6 @@ def _size_rows(s: dict[str, Snapshot], stages: list[str], structure: bool) -> li
             ["sparse size estimate (bitmask + nonzeros)"] + [human(s[k].sparse_size_bytes, "B") for k in stages]
         )
     return rows
-
-
-def _measured_speedup(speed: dict[str, Any] | None) -> list[str]:
-    """The interleaved baseline / recovered timings on the run's device, when the run measured them."""
-    if not speed:
-        return []
-    b, r = speed["baseline"], speed["recovered"]
-    device = speed.get("device", "cpu")
-    where = "CPU" if device == "cpu" else f"GPU ({device})"
-    out = [
-        "",
-        f"Measured {where} speed-up, baseline / recovered: **{speed['speedup']:.2f}x** ({b['median_ms']:.3f} ms vs "
-        f"{r['median_ms']:.3f} ms median, batch {b['batch_size']}, {b['threads']} threads, {b['repeats']} "
-        "forward passes of each model, interleaved in one process).",
-    ]
-    out += [
-        f"At batch {row['batch_size']}: **{row['speedup']:.2f}x** ({row['baseline']['median_ms']:.3f} ms vs "
-        f"{row['recovered']['median_ms']:.3f} ms)."
-        for row in speed.get("batches", [])[1:]
-    ]
-    out += [f"**Slower than dense:** {line}." for line in speed.get("slower", [])]
-    return out
 
 
 def _acceleration(spec: dict[str, Any]) -> list[str]:
@@ -456,7 +435,13 @@ def _recovery_options(rec_info: dict[str, Any], details: dict[str, Any]) -> list
         d = details["dynamic"]
         out.append(
             f"Dynamic sparsity ({'RigL' if d['regrow'] == 'gradient' else 'SET'}): {d['updates']} mask updates "
-            f"replaced {d['weights_replaced']} weights in all; each update regrew as many weights as it dropped."
+            f"before the kept epoch replaced {d['weights_replaced']} weights in all; each update regrew as many "
+            "weights as it dropped. Only epochs after the first update can be kept."
+            + (
+                f" {d['updates_after_kept_epoch']} later updates came after the kept epoch and are not in the model."
+                if d.get("updates_after_kept_epoch")
+                else ""
+            )
             + (
                 f" {d['kept_zeros']} kept weights are exactly zero at the end (regrown at zero and not moved since), "
                 "so the sparsity counted from the weights is a little above the masks'."

@@ -1,6 +1,7 @@
 """Whole runs on small budgets: artifacts, report contents, exact reload, every shipped recipe."""
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -259,16 +260,16 @@ RECIPE_BUDGET = {
     "digits_gradual": ["model.train.epochs=2", "recover.epochs=2"],
     "digits_2to4": ["model.train.epochs=2", "recover.epochs=2"],
     "digits_resnet_channel": ["model.train.epochs=1", "recover.epochs=2"],
-    "digits_vit_heads": ["model.train.epochs=1", "recover.epochs=1"],
+    "digits_vit_heads": ["model.train.epochs=3", "recover.epochs=1"],  # 1 epoch leaves it at chance level
     "fashion_mnist_resnet_channel": [
-        "model.train.epochs=1",
+        "model.train.epochs=2",  # fewer steps (1 epoch of 512 images, or 3) leave it at chance level
         "recover.epochs=1",
-        "data.kwargs.train_limit=512",
+        "data.kwargs.train_limit=2048",
         "data.kwargs.val_size=256",
         "data.kwargs.test_limit=256",
         "model.kwargs.width=8",
     ],
-    "digits_rewind_lr": ["model.train.epochs=1", "recover.epochs=2"],  # longer than the original: replayed slower
+    "digits_rewind_lr": ["model.train.epochs=3", "recover.epochs=2"],
     "digits_rewind_weights": ["model.train.epochs=2", "recover.epochs=1"],
     "digits_one_cycle": ["model.train.epochs=2", "recover.epochs=1"],
     "digits_rigl": ["model.train.epochs=2", "recover.epochs=2", "recover.dynamic.update_every=5"],
@@ -294,11 +295,17 @@ RECIPE_BUDGET = {
 
 
 @pytest.mark.parametrize("name", sorted(builtin_recipes()))
-def test_every_shipped_recipe_runs(tmp_path, name):
+def test_every_shipped_recipe_runs(tmp_path, name, caplog):
     if name.startswith("fashion_mnist") and not fashion_mnist_available():
         pytest.skip("Fashion-MNIST IDX files are not installed (apt-get install dataset-fashion-mnist)")
     assert name in RECIPE_BUDGET, f"add a reduced budget for the new recipe {name!r}"
-    report = regrow.run(name, overrides=[*RECIPE_BUDGET[name], *FAST], out_dir=tmp_path / name, progress=False)
+    with caplog.at_level(logging.WARNING, logger="regrow"):
+        report = regrow.run(name, overrides=[*RECIPE_BUDGET[name], *FAST], out_dir=tmp_path / name, progress=False)
+    # a shipped recipe warns about nothing (latency timings on a busy machine excepted: they say so, not the recipe)
+    warned = [
+        r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "too noisy" not in r.getMessage()
+    ]
+    assert warned == [], warned
     cfg = report.config["prune"]
     structure = report.prune["structure"]
     if cfg["pattern"] in ("channel", "head"):

@@ -36,7 +36,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on f
   echo "=== $name: exit $rc after $((SECONDS - start))s"
   [ $rc -eq 0 ] || status=1
 }
-step tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_precision.py tests/test_accelerate.py
+step tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_precision.py tests/test_accelerate.py tests/test_checkpoint.py::test_recovery_on_cuda_resumes_to_the_same_weights
 step zoo 210 python3 -m benchmarks.zoo
 step gpu_recovery 120 python3 -m benchmarks.gpu_recovery
 step semi_structured 80 python3 -m benchmarks.semi_structured

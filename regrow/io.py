@@ -105,8 +105,8 @@ def prepare_out_dir(
         if stopped and not (overwrite or resume):
             raise RegrowError(
                 f"output directory {str(out)!r} holds the checkpoint of an interrupted run "
-                f"({describe(stopped[0] / CHECKPOINT)}); pass --resume to continue it, or --overwrite to start over "
-                "(the checkpoint is then deleted)."
+                f"({describe(stopped[0] / CHECKPOINT)}); continue it with `regrow run ... --resume`, or pass "
+                "--overwrite to start over (the checkpoint is then deleted)."
             )
         content = sorted(e.name for e in out.iterdir() if not _leftover(e))
         if content and not overwrite:
@@ -166,12 +166,14 @@ def staged_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False, res
     if clean_around(out, checkpoints=not resume) and not created:  # out was a killed run's folder, nothing else
         created = [out]
     stage = Stage(out, made=bool(created), adopt=stopped[0] if stopped else None)
-    keep = False
+    keep, publishing = False, False
     try:
         yield stage.path
+        publishing = True
         stage.publish()
     except BaseException as exc:
-        keep = not isinstance(exc, RegrowError)
+        # kept unless the run itself was refused; always when publishing failed (a full disk, a name taken)
+        keep = publishing or not isinstance(exc, RegrowError)
         if keep and has_checkpoint(stage.path):
             log.warning(
                 "the run stopped (%s); its checkpoint (%s) is kept in %s: run the same command with --resume to "

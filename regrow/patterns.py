@@ -117,12 +117,17 @@ def _global(scores: dict[str, Tensor], sparsity: float, cap: float) -> dict[str,
 
     The lowest-scored weights of all targets go first; a target that would lose more than ``cap`` loses exactly
     that share (its lowest), and the rest of the budget is ranked again over the other targets, until none is
-    over its cap (at most one round per target). ``cap`` >= ``sparsity`` always leaves a solution.
+    over its cap (at most one round per target). With ``cap`` >= ``sparsity`` the limits add up to the budget
+    at least (both round the same way), so it is met exactly; except that a cap below 1 always leaves every
+    target one weight, which at extreme sparsities over small targets leaves the budget short by those weights.
     """
     sizes = {f: s.numel() for f, s in scores.items()}
     budget = pruned_count(sparsity, sum(sizes.values()))
-    # the most each target may lose: rounded down, so that it keeps at least 1 - cap of its weights
-    limit = {f: n if cap >= 1 else min(n - 1, math.floor(cap * n + 1e-9)) for f, n in sizes.items()}
+    # the most each target may lose, rounded as the budget is (so that cap = sparsity fits exactly), and never
+    # less than what it lost before (a gradual schedule's earlier masks: their weights score -inf)
+    limit = {
+        f: max(pruned_count(cap, n) if cap < 1 else n, int(torch.isneginf(scores[f]).sum())) for f, n in sizes.items()
+    }
     pinned: set[str] = set()
     while True:
         free = [f for f in scores if f not in pinned]

@@ -293,8 +293,8 @@ class Stage:
                 if _publish_fresh(self.out, self.path):
                     shutil.rmtree(self.out / CHECKPOINT, ignore_errors=True)
                 else:
-                    _publish_linked(self.out, self.path, names)
-                    shutil.rmtree(self.path / CHECKPOINT, ignore_errors=True)
+                    version = _publish_linked(self.out, self.path, names)  # the stage, renamed into the store
+                    shutil.rmtree(version / CHECKPOINT, ignore_errors=True)
             except BaseException as exc:
                 tidy(self.out)  # back to the run the folder had: the new version and links to nothing go
                 if isinstance(exc, OSError):
@@ -379,8 +379,8 @@ def clean_around(out: Path, *, checkpoints: bool = False) -> bool:
     for sibling in siblings:
         if sibling.name == here.name:
             continue
-        if sibling.name.startswith(STAGE_PREFIX):
-            remove_orphan(sibling)  # left by a run killed while its new folder was being put in place
+        if sibling.name.startswith(STAGE_PREFIX):  # left by a run killed while its new folder was being put in
+            remove_orphan(sibling, checkpoints=True)  # place: not resumable from here, its files were complete
         elif _has_leftovers(sibling):
             clean(sibling, blocking=False)
     return leftover

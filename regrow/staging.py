@@ -184,6 +184,9 @@ def adopt_stage(path: Path) -> tuple[Path, int]:
     for entry in os.scandir(path):
         if entry.name != CHECKPOINT:  # the files of the run that stopped: this run writes them again
             shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+    for entry in os.scandir(path / CHECKPOINT):
+        if entry.name.endswith(".tmp"):  # a checkpoint file the kill cut off while it was written
+            os.unlink(entry.path)
     return path, fd
 
 
@@ -231,8 +234,12 @@ def checkpoint_stages(out: Path) -> list[Path]:
         found = [Path(e.path) for e in os.scandir(out) if e.name.startswith(STAGE_PREFIX)]
     except OSError:
         return []
-    found = [p for p in found if has_checkpoint(p) and is_orphan(p)]
-    return sorted(found, key=lambda p: (p / CHECKPOINT / "state.json").stat().st_mtime, reverse=True)
+    written = {}
+    for p in found:
+        with suppress(OSError):  # gone meanwhile (a run with --overwrite removed it)
+            if has_checkpoint(p) and is_orphan(p):
+                written[p] = (p / CHECKPOINT / "state.json").stat().st_mtime
+    return sorted(written, key=written.__getitem__, reverse=True)
 
 
 def remove_orphan(path: Path, *, checkpoints: bool = False) -> bool:

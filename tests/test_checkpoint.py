@@ -204,3 +204,63 @@ def test_overwrite_starts_over_and_deletes_the_checkpoint(tmp_path, monkeypatch)
     regrow.run("demo", overrides=BUDGET, out_dir=out, progress=False, overwrite=True)
     assert not folder.exists()
     shutil.rmtree(out)
+
+
+def test_a_run_published_over_an_earlier_one_leaves_no_checkpoint(tmp_path):
+    out = tmp_path / "o"
+    regrow.run("demo", overrides=BUDGET, out_dir=out, progress=False)
+    regrow.run("demo", overrides=BUDGET, out_dir=out, progress=False, overwrite=True)  # published as a version
+    assert (out / ".regrow-runs").is_dir() and not list(out.rglob(".regrow-checkpoint"))
+
+
+def test_a_failed_publication_keeps_the_checkpoint_and_resume_publishes(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr("regrow.publish._publish_fresh", full)
+        with pytest.raises(RegrowError, match="could not be published .*No space left on device"):
+            regrow.run("demo", overrides=BUDGET, out_dir=out, progress=False)
+    assert list(out.glob(".regrow-partial-*/.regrow-checkpoint/state.json"))  # the training is not lost
+    from regrow.recovery import loop
+
+    monkeypatch.setattr(loop, "_step", lambda *a: pytest.fail("every phase had ended: nothing to train again"))
+    regrow.run("demo", overrides=BUDGET, out_dir=out, progress=False, resume=True)
+    assert (out / "report.json").is_file() and not list(out.glob(".regrow-*"))
+
+
+def test_resume_with_checkpoints_off_is_refused(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    _interrupted_run(out, monkeypatch)
+    with pytest.raises(RegrowError, match="--resume reads the run's checkpoint, and checkpoint.enabled is false"):
+        regrow.run("demo", overrides=[*BUDGET, "checkpoint.enabled=false"], out_dir=out, progress=False, resume=True)
+    assert list(out.glob(".regrow-partial-*/.regrow-checkpoint/state.json"))  # refused before anything: kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_recovery_on_cuda_resumes_to_the_same_weights(tmp_path):
+    """Checkpoints are read onto the CPU; the masks, the kept copy and the rollback state go back to the GPU."""
+    kw = dict(method="rigl", epochs=3, patience=None, ema=0.9, progress=False, dynamic={"update_every": 4})
+
+    def on_cuda():
+        model, masks, train, val = _setup()
+        model.cuda()
+        return model, masks, train, val
+
+    model, masks, train, val = on_cuda()
+    STOP_AT[0] = -1
+    regrow.recover(model, masks, train, val, callbacks=[_Interrupt()], **kw)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    model, masks, train, val = on_cuda()
+    STOP_AT[0] = 13
+    with pytest.raises(KeyboardInterrupt):
+        saves = Checkpoints(tmp_path / "ck", identity("cfg"), every_steps=3)
+        regrow.recover(model, masks, train, val, callbacks=[_Interrupt()], checkpoint=saves, **kw)
+    model, masks, train, val = on_cuda()
+    STOP_AT[0] = -1
+    saves = Checkpoints(tmp_path / "ck", identity("cfg"), every_steps=3)
+    regrow.recover(model, masks, train, val, callbacks=[_Interrupt()], checkpoint=saves, **kw)
+    for name, value in model.state_dict().items():  # the same kernels in one process: equal to the last bit
+        assert torch.equal(value, expected[name]), name

@@ -100,6 +100,7 @@ NEW_TASK = {"name": "digits", "kwargs": {"classes": [0, 1, 2, 3, 4]}}
 RULE_EXAMPLES = {  # one recipe each rule refuses (overrides on the demo recipe), and a part of its message
     "_schedule": (["schedule.name=iterative", "prune.threshold=0.1", "prune.sparsity=null"], "not prune.threshold"),
     "_dynamic_needs_unstructured": (["recover.method=rigl", "prune.pattern=2:4", "prune.sparsity=null"], "'2:4'"),
+    "_cap_reaches_the_budget": (["prune.max_sparsity=0.8"], "prune.max_sparsity 0.8 is below prune.sparsity 0.9"),
     "_rewind_weights_keeps_shapes": (
         ["prune.pattern=channel", "prune.sparsity=null", "prune.macs=0.5", "recover.rewind=weights"],
         "only rewind 'lr' applies",

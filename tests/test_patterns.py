@@ -63,6 +63,24 @@ def test_a_capped_global_ranking_pins_the_target_it_would_empty_and_ranks_the_re
     assert [out[k].tolist() for k in "abc"] == [[F, F, T, T], [F, F, T, T], [F, F, T, T]]
 
 
+def test_a_capped_global_ranking_removes_exactly_the_budget():
+    from regrow.patterns import pruned_count
+
+    torch.manual_seed(0)
+    scores = {"a": torch.rand(370) * 0.1, "b": torch.rand(530), "c": torch.rand(1010) * 10}  # a would go first
+    for sparsity, cap in ((0.995, 0.995), (0.6, 0.6), (0.9, 0.95), (0.5, 0.99)):
+        out = masks(Unstructured(), scores, sparsity=sparsity, cap=cap)
+        assert sum(int((~m).sum()) for m in out.values()) == pruned_count(sparsity, 1910), (sparsity, cap)
+        assert all(int((~out[f]).sum()) <= pruned_count(cap, scores[f].numel()) for f in scores)
+    # every target keeps a weight: three targets of 4 cannot lose 11 of 12 together
+    tiny = {"a": torch.rand(4), "b": torch.rand(4), "c": torch.rand(4)}
+    assert sum(int((~m).sum()) for m in masks(Unstructured(), tiny, sparsity=0.99, cap=0.99).values()) == 9
+    # weights pruned before (a gradual schedule's: score -inf) stay pruned even past a lower cap, and count
+    before = {"a": torch.tensor([float("-inf")] * 3 + [1.0]), "b": torch.tensor([2.0, 3.0, 4.0, 5.0])}
+    out = masks(Unstructured(), before, sparsity=0.5, cap=0.5)
+    assert out["a"].tolist() == [F, F, F, T] and out["b"].tolist() == [F, T, T, T]
+
+
 def test_the_default_global_cap_follows_the_overall_density():
     from regrow.spec import PruneSpec
 

@@ -155,5 +155,5 @@ def test_the_default_global_ranking_empties_no_target_and_recovers_at_least_as_w
     assert results["uncapped"][0] == ["3.weight"]  # today's ranking without a cap empties the small layer
     assert any("removed every weight of '3.weight'" in str(w.message) for w in results["uncapped"][2])
     assert results["default"][0] == []
-    assert results["default"][3] >= 0.5 * (1 - 0.9)  # half the overall density stays in it
+    assert results["default"][3] >= 0.5 * (1 - 0.9) - 1 / 128**2  # half the overall density stays (to a weight)
     assert results["default"][1] >= results["uncapped"][1] + 0.2, results  # far better, not merely not worse

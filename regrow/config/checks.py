@@ -127,6 +127,18 @@ def _dynamic_needs_unstructured(cfg: RunConfig) -> Iterator[str]:
         )
 
 
+@rule("`prune.max_sparsity` below `prune.sparsity` for masks (no target may lose that much, so all together cannot).")
+def _cap_reaches_the_budget(cfg: RunConfig) -> Iterator[str]:
+    p = cfg.prune
+    _, structural = _pattern(cfg)
+    if not structural and None not in (p.max_sparsity, p.sparsity) and p.max_sparsity < p.sparsity:  # type: ignore[operator]
+        yield (
+            f"prune.max_sparsity {p.max_sparsity:g} is below prune.sparsity {p.sparsity:g}: no target may lose more "
+            f"than {p.max_sparsity:g} of its weights, so all together cannot lose {p.sparsity:g}. Raise max_sparsity "
+            "to at least the sparsity, or leave it out (default: 0.99, with scope global 1 - half the overall density)."
+        )
+
+
 @rule("`rewind: weights` with `channel` / `head` (the snapshot has the original shapes).")
 def _rewind_weights_keeps_shapes(cfg: RunConfig) -> Iterator[str]:
     pattern, structural = _pattern(cfg)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from regrow.components import build_data, build_model, device_of, find_file, search_path
@@ -70,12 +71,35 @@ def identity_text(cfg: RunConfig) -> str:
 
 
 def check_resumable(cfg: RunConfig, out: Path) -> None:
-    """Refuse a checkpoint in ``out`` that another recipe or other code wrote, and a finished run there."""
+    """Refuse a checkpoint in ``out`` that another recipe or other code wrote, one this run would not read
+    (``checkpoint.enabled: false``), and a finished run there; warn when the thread count or torch differ."""
     stopped = checkpoint_stages(out) if out.is_dir() else []
     if stopped:
-        state = json.loads((stopped[0] / CHECKPOINT / "state.json").read_text(encoding="utf-8"))
-        check_identity(state["identity"], identity(identity_text(cfg)))
-        log.info("resuming the run in %s: %s", out, describe(stopped[0] / CHECKPOINT))
+        folder = stopped[0] / CHECKPOINT
+        try:
+            state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+            saved = state["identity"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RegrowError(
+                f"the checkpoint in {str(folder)!r} cannot be read ({exc}); start over with --overwrite."
+            ) from None
+        check_identity(saved, identity(identity_text(cfg)))
+        if not cfg.checkpoint.enabled:
+            raise RegrowError(
+                "--resume reads the run's checkpoint, and checkpoint.enabled is false: leave it at true to resume "
+                "(checkpoint.every_steps may differ), or start over with --overwrite."
+            )
+        now = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+        for key, value in now.items():
+            if state.get(key, value) != value:
+                log.warning(
+                    "the checkpoint was written with %s %s and this run has %s: it resumes, but its numbers may "
+                    "differ in the last digits from those of an uninterrupted run",
+                    key,
+                    state[key],
+                    value,
+                )
+        log.info("resuming the run in %s: %s", out, describe(folder))
     elif "report.json" in visible(out):
         raise RegrowError(
             f"nothing to resume: {str(out)!r} holds a finished run and no checkpoint. Leave out --resume (with "
@@ -86,10 +110,15 @@ def check_resumable(cfg: RunConfig, out: Path) -> None:
 
 
 def checkpoints(cfg: RunConfig, stage: Path) -> Checkpoints | None:
-    """The run's checkpoints in its staging folder (None when ``checkpoint.enabled`` is false)."""
+    """The run's checkpoints in its staging folder (None when ``checkpoint.enabled`` is false); a folder taken
+    over from a stopped run is checked against this run once more, now that it is locked."""
     if not cfg.checkpoint.enabled:
         return None
-    return Checkpoints(stage / CHECKPOINT, identity(identity_text(cfg)), every_steps=cfg.checkpoint.every_steps)
+    folder, ident = stage / CHECKPOINT, identity(identity_text(cfg))
+    every = cfg.checkpoint.every_steps
+    if (folder / "state.json").is_file():
+        return Checkpoints.open(folder, ident, every_steps=every)
+    return Checkpoints(folder, ident, every_steps=every)
 
 
 def load_data(cfg: RunConfig, search: list[Path]) -> tuple[DataBundle, Any, Any, Any]:

@@ -199,6 +199,7 @@ class Checkpoints:
             "identity": self.identity,
             "phases": self.phases,
             "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
             "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         atomic_write_text(self.folder / STATE, json.dumps(state, indent=1))
@@ -299,6 +300,19 @@ class Phase:
 # ----------------------------------------------------------------------------------- the loop's state
 
 
+def to_device(tree: Any, device: torch.device) -> Any:
+    """``tree`` with every tensor in it moved to ``device`` (containers and ``SharedWeights`` rebuilt)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: to_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_device(v, device) for v in tree)
+    if isinstance(tree, SharedWeights):
+        return SharedWeights(tree.k, to_device(tree.indices, device), to_device(tree.codebooks, device))
+    return tree
+
+
 def save_progress(
     phase: Phase, run: Any, position: dict[str, Any], gens: list[torch.Generator], mid: Any = None
 ) -> None:
@@ -321,6 +335,11 @@ def resume_progress(phase: Phase | None, run: Any, gens: list[torch.Generator]) 
     saved = phase.progress if phase is not None else None
     if saved is None:
         return None
+    # read onto the CPU; the weights, masks, callbacks and kept copies go back where the run keeps them
+    saved["run"] = to_device(saved["run"], run.device)
+    saved["position"]["best"] = to_device(saved["position"]["best"], run.device)
+    if saved["mid"] is not None:
+        saved["mid"]["saved"] = to_device(saved["mid"]["saved"], run.device)
     restore_state(run, saved["run"])
     run.guard.load(saved["guard"])
     set_rng_state(saved["rng"], gens)
@@ -361,7 +380,8 @@ def replay_ended(
         masks[fqn].copy_(kept)
     masks.touch()
     masks.spec = ended["spec"]
-    for cb, state in zip(callbacks, ended["callbacks"], strict=True):
+    device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
+    for cb, state in zip(callbacks, to_device(ended["callbacks"], device), strict=True):
         load_callback_state(cb, state)
     set_rng_state(ended["rng"], gens)
     return ended["history"], ended["summary"]

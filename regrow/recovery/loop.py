@@ -12,9 +12,11 @@ Masks are enforced without forward hooks, at almost no cost per step:
 
 Validation runs after every epoch. The best epoch by validation accuracy is kept in memory and restored
 at the end; epoch 0 is the model as it came in, so recovery can never hand back a model worse on
-validation than the one it was given; an epoch whose training or validation loss is not finite is never
-kept. The divergence guard (``regrow.recovery.guard``) rolls an epoch in which a step diverged back to its
-start with the learning rate lowered, a bounded number of times, then stops the run saying why. Training
+validation than the one it was given, unless a callback holds the checkpoint back until it has acted (gradual
+pruning until its ramp ends, RigL / SET until their first mask update); an epoch whose training or
+validation loss is not finite is never kept. The divergence guard (``regrow.recovery.guard``) rolls an epoch
+in which a step diverged back to its start with the learning rate lowered, a bounded number of times, then
+stops the run saying why. Training
 ends when the epoch budget is used, when validation has not improved for ``patience`` epochs (early
 stopping; the reason says when training accuracy kept rising meanwhile, i.e. over-fitting), when the
 validation accuracy is within ``stop_when.within`` points of the baseline, or when the

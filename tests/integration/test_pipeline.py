@@ -99,7 +99,9 @@ def test_a_run_that_fails_late_leaves_the_earlier_run_untouched(tmp_path, monkey
     (kept,) = [p for p in out.iterdir() if p.name not in before]
     assert kept.name.startswith(".regrow-partial-") and (kept / ".regrow-checkpoint" / "state.json").is_file()
     assert {p.name: p.read_bytes() for p in out.iterdir() if p != kept} == before
-    with pytest.raises(regrow.RegrowError, match="holds the checkpoint of an interrupted run .*pass --resume"):
+    with pytest.raises(
+        regrow.RegrowError, match="holds the checkpoint of an interrupted run .*continue it with `regrow run"
+    ):
         regrow.run("demo", overrides=budget, out_dir=out, progress=False)
     # without checkpoints an interrupted run leaves nothing at all
     quiet = [*budget, "checkpoint.enabled=false"]

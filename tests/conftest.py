@@ -42,6 +42,13 @@ def make_batches(n_batches: int = 6, batch: int = 16, d_in: int = 8, classes: in
     return out
 
 
+@pytest.fixture(autouse=True)
+def _quiet_machine(monkeypatch):
+    """The command line's busy-machine warning reads the machine's load: tests see a machine nobody else uses,
+    so what they print does not depend on what else runs (test_cli tests the warning itself)."""
+    monkeypatch.setattr("regrow.cli._busy_elsewhere", lambda: None)
+
+
 @pytest.fixture
 def mlp() -> TinyMLP:
     torch.manual_seed(0)

@@ -484,3 +484,34 @@ def test_data_that_does_not_fit_the_model_is_refused_before_training(capsys, tmp
     assert not (tmp_path / "o").exists()
     recipe.write_text(recipe.read_text().replace(factory, "good"))  # the same recipe with fitting data runs
     assert run_cli(capsys, "-q", "run", str(recipe), "--out", str(tmp_path / "o"))[0] == 0
+
+
+def test_a_busy_machine_gets_a_warning_naming_a_thread_count(monkeypatch, capsys):
+    import torch
+
+    from regrow.cli import _set_threads
+
+    monkeypatch.setattr("regrow.cli._busy_elsewhere", lambda: 1.0)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _set_threads(None)
+        assert torch.get_num_threads() == 2  # a warning, not a change: results depend on the thread count
+        err = capsys.readouterr().err
+        assert "the machine is busy (1.0 other processes running on 2 cores) and torch would use 2 threads" in err
+        assert "pass --threads 1" in err
+        monkeypatch.setattr("regrow.cli._busy_elsewhere", lambda: 0.0)
+        _set_threads(None)
+        assert capsys.readouterr().err == ""
+        _set_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_threads_must_be_a_positive_whole_number(capsys):
+    with pytest.raises(SystemExit) as ended:
+        main(["run", "demo", "--threads", "0"])
+    assert ended.value.code == 2
+    assert "--threads: must be a whole number of threads, 1 or more; got '0'" in capsys.readouterr().err

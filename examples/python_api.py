@@ -1,7 +1,7 @@
 """The Python API end to end: train a model, prune it, recover it, measure it, save it.
 
 Run: python examples/python_api.py  (no download; 9.5 s wall on an idle 2-core AMD EPYC with 1 or 2 torch
-threads, 20 s with 2 threads while another process kept one core busy, 9.3 s with 1: OMP_NUM_THREADS=1)
+threads, 17 to 20 s with 2 threads while another process kept one core busy, 9.3 s with 1: OMP_NUM_THREADS=1)
 """
 
 from __future__ import annotations

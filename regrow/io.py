@@ -24,6 +24,7 @@ from regrow.publish import (
 )
 from regrow.staging import (
     CHECKPOINT,
+    CHECKPOINT_STATE,
     STAGE_PREFIX,
     checkpoint_stages,
     fsync_dir,
@@ -66,7 +67,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
 def describe(folder: Path) -> str:
     """Where the run whose checkpoint is ``folder`` stopped, in words (``regrow.recovery.checkpoint`` writes it)."""
     try:
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        state = json.loads((folder / CHECKPOINT_STATE).read_text(encoding="utf-8"))
         last = state["phases"][-1]
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return "before its first epoch ended"

@@ -31,6 +31,7 @@ except ImportError:  # not POSIX: staging folders are then never taken for a dea
 
 STAGE_PREFIX = ".regrow-partial-"  # a run's files are written here first
 CHECKPOINT = ".regrow-checkpoint"  # in a staging folder: the run's training checkpoints, for --resume
+CHECKPOINT_STATE = "state.json"  # in CHECKPOINT: what started the run and where it is
 LOCKED = ".flock"  # a staging folder whose life is its flock (older regrow named them by pid only)
 MADE = ".made"  # ... made by a run that also made the output folder: a killed one leaves nothing else
 
@@ -225,7 +226,7 @@ def is_orphan(path: Path) -> bool:
 
 def has_checkpoint(stage: Path) -> bool:
     """Whether a staging folder holds a run's checkpoint (``regrow run --resume`` continues it)."""
-    return (stage / CHECKPOINT / "state.json").is_file()
+    return (stage / CHECKPOINT / CHECKPOINT_STATE).is_file()
 
 
 def checkpoint_stages(out: Path) -> list[Path]:
@@ -238,7 +239,7 @@ def checkpoint_stages(out: Path) -> list[Path]:
     for p in found:
         with suppress(OSError):  # gone meanwhile (a run with --overwrite removed it)
             if has_checkpoint(p) and is_orphan(p):
-                written[p] = (p / CHECKPOINT / "state.json").stat().st_mtime
+                written[p] = (p / CHECKPOINT / CHECKPOINT_STATE).stat().st_mtime
     return sorted(written, key=written.__getitem__, reverse=True)
 
 

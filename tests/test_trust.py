@@ -166,13 +166,20 @@ def trap(path, marker):
     path.write_text(f"open({str(marker)!r}, 'w').write('imported')\nraise ImportError('shadowed {path.name}')\n")
 
 
-def test_the_recipe_folder_and_working_directory_come_after_the_standard_library_and_packages(tmp_path, monkeypatch):
+def trapped_folders(tmp_path):
+    """A working directory with a trapped colorsys.py and a recipe folder with a trapped matplotlib.py beside
+    the factories module; the markers they would leave are tmp_path / "colorsys-ran" and "matplotlib-ran"."""
     work, recipes = tmp_path / "work", tmp_path / "recipes"
     work.mkdir()
     recipes.mkdir()
     trap(work / "colorsys.py", tmp_path / "colorsys-ran")
     trap(recipes / "matplotlib.py", tmp_path / "matplotlib-ran")
     (recipes / "trust_factories.py").write_text(FACTORIES)
+    return work, recipes
+
+
+def test_the_recipe_folder_and_working_directory_come_after_the_standard_library_and_packages(tmp_path, monkeypatch):
+    work, recipes = trapped_folders(tmp_path)
     monkeypatch.chdir(work)
     monkeypatch.setattr(sys, "path", list(sys.path))
     fn = import_factory("trust_factories:build", "model", [recipes])
@@ -202,12 +209,7 @@ def _regrow_command():
 def test_a_whole_run_never_executes_files_that_shadow_the_standard_library_or_packages(tmp_path):
     """The issue's two cases: colorsys.py in the working directory (imported by matplotlib when the curve is
     drawn, after training) and matplotlib.py beside the recipe."""
-    work, recipes = tmp_path / "work", tmp_path / "recipes"
-    work.mkdir()
-    recipes.mkdir()
-    trap(work / "colorsys.py", tmp_path / "colorsys-ran")
-    trap(recipes / "matplotlib.py", tmp_path / "matplotlib-ran")
-    (recipes / "trust_factories.py").write_text(FACTORIES)
+    work, recipes = trapped_folders(tmp_path)
     (recipes / "recipe.yaml").write_text(
         textwrap.dedent("""
         name: trusted

@@ -21,7 +21,7 @@ from regrow.errors import RegrowError
 from regrow.io import RUN_FILES, describe, prepare_out_dir
 from regrow.publish import visible
 from regrow.recovery.checkpoint import Checkpoints, check_identity, identity
-from regrow.staging import CHECKPOINT, checkpoint_stages
+from regrow.staging import CHECKPOINT, CHECKPOINT_STATE, checkpoint_stages
 
 log = logging.getLogger("regrow")
 Recipe = RunConfig | Mapping[str, Any] | str | os.PathLike[str]
@@ -77,7 +77,7 @@ def check_resumable(cfg: RunConfig, out: Path) -> None:
     if stopped:
         folder = stopped[0] / CHECKPOINT
         try:
-            state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+            state = json.loads((folder / CHECKPOINT_STATE).read_text(encoding="utf-8"))
             saved = state["identity"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RegrowError(
@@ -116,7 +116,7 @@ def checkpoints(cfg: RunConfig, stage: Path) -> Checkpoints | None:
         return None
     folder, ident = stage / CHECKPOINT, identity(identity_text(cfg))
     every = cfg.checkpoint.every_steps
-    if (folder / "state.json").is_file():
+    if (folder / CHECKPOINT_STATE).is_file():
         return Checkpoints.open(folder, ident, every_steps=every)
     return Checkpoints(folder, ident, every_steps=every)
 

@@ -50,11 +50,11 @@ from regrow.recovery.compute import DeviceTally
 from regrow.recovery.guard import restore_state, save_state
 from regrow.recovery.sharing import SharedWeights
 from regrow.spec import PruneSpec
+from regrow.staging import CHECKPOINT_STATE
 
 log = logging.getLogger("regrow")
 
 FORMAT = 1
-STATE = "state.json"
 _SAFE = [PruneSpec, SharedWeights]  # regrow's own classes a checkpoint may hold besides tensors and containers
 _PLAIN = (type(None), bool, int, float, str, torch.Tensor, torch.dtype, torch.Size, *_SAFE)
 
@@ -162,7 +162,7 @@ def load_callback_state(cb: Any, state: dict[str, Any]) -> None:
 
 def _read_state(folder: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((folder / STATE).read_text(encoding="utf-8"))
+        return json.loads((folder / CHECKPOINT_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -202,7 +202,7 @@ class Checkpoints:
             "threads": torch.get_num_threads(),
             "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        atomic_write_text(self.folder / STATE, json.dumps(state, indent=1))
+        atomic_write_text(self.folder / CHECKPOINT_STATE, json.dumps(state, indent=1))
 
 
 def check_identity(saved: dict[str, Any], ident: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ everywhere: among equal scores, the element that comes first in row-major order 
 sparsity removes the fewest weights that reach it (never fewer: 0.9 of 70,288 weights removes 63,260).
 
 * ``unstructured`` — any weight may go. ``scope="layer"`` prunes the same fraction of every target;
+  ``scope="row"`` the same fraction of every output row (dim 0) of every target (Wanda's comparison group);
   ``scope="global"`` ranks all targets together. With ``threshold``, every weight whose score is below
   the threshold goes.
 * ``n:m`` (e.g. ``2:4``) — in each group of ``m`` consecutive weights along the input dimension, keep the
@@ -48,6 +49,16 @@ def _prune_lowest(scores: Tensor, k: int) -> Tensor:
         order = torch.sort(scores.reshape(-1), stable=True).indices
         keep[order[:k]] = False
     return keep
+
+
+def _row_lowest(scores: Tensor, sparsity: float) -> Tensor:
+    """Keep-mask that prunes the same count, ``pruned_count`` of a row, from every output row (dim 0)."""
+    rows = scores.reshape(scores.shape[0], -1)
+    k = pruned_count(sparsity, rows.shape[1])
+    keep = torch.ones_like(rows, dtype=torch.bool)
+    if k > 0:
+        keep.scatter_(1, torch.sort(rows, dim=1, stable=True).indices[:, :k], False)
+    return keep.reshape(scores.shape)
 
 
 class Pattern(Protocol):
@@ -109,6 +120,8 @@ class Unstructured:
         assert sparsity is not None
         if scope == "layer":
             return {f: _prune_lowest(s, pruned_count(sparsity, s.numel())).reshape(s.shape) for f, s in scores.items()}
+        if scope == "row":
+            return {f: _row_lowest(s, sparsity) for f, s in scores.items()}
         return _global(scores, sparsity, 1.0 if cap is None else cap)
 
 

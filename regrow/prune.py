@@ -11,14 +11,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from regrow.criteria import CRITERIA
+from regrow.criteria import CRITERIA, Calibration, is_calibrated
 from regrow.errors import RegrowError, SpeedWarning, one_of
 from regrow.masks import MaskSet
 from regrow.patterns import get_pattern
 from regrow.select import resolve_targets
 from regrow.spec import PruneSpec
 
-SCOPES = ("global", "layer")
+SCOPES = ("global", "layer", "row")
 STRUCTURAL = ("channel", "head")
 
 
@@ -32,8 +32,13 @@ def plan(
     scope: str = "global",
     targets: str | Iterable[str] | None = None,
     ignore: str | Iterable[str] | None = None,
+    calibration: Calibration | dict[str, Any] | None = None,
 ) -> PruneSpec:
     """Validate a pruning request against a model without changing it.
+
+    A calibrated criterion (``wanda``, ``sparsegpt``) prunes layer by layer, so nothing is ranked across
+    layers: scope ``"global"`` (the default) becomes the criterion's own comparison group (``"row"`` for wanda,
+    ``"layer"`` for sparsegpt, as their papers), and the spec records it.
 
     Raises:
         RegrowError: with one paragraph naming the bad argument and the allowed values.
@@ -47,7 +52,26 @@ def plan(
     pat.check({f: model.get_parameter(f).shape for f in fqns}, sparsity=sparsity, threshold=threshold)
     if sparsity is None and threshold is None:  # n:m: the pattern fixes the sparsity
         sparsity = 1 - pat.n / pat.m  # type: ignore[attr-defined]
-    return PruneSpec(pat.name, criterion, scope, sparsity, threshold, fqns)
+    options = None
+    if is_calibrated(criterion):
+        scope = _calibrated_scope(criterion, scope, threshold)
+        options = (calibration if isinstance(calibration, Calibration) else Calibration.of(calibration)).to_dict()
+    elif calibration is not None:
+        raise RegrowError(
+            f"calibration settings are for the calibrated criteria (wanda, sparsegpt); criterion {criterion!r} "
+            "takes none. Leave calibration out, or choose criterion 'wanda' or 'sparsegpt'."
+        )
+    return PruneSpec(pat.name, criterion, scope, sparsity, threshold, fqns, calibration=options)
+
+
+def _calibrated_scope(criterion: str, scope: str, threshold: float | None) -> str:
+    """The scope a calibrated criterion prunes at: its own for "global", else "layer" or "row" as asked."""
+    if threshold is not None and criterion == "sparsegpt":
+        raise RegrowError(
+            "criterion 'sparsegpt' updates the weights it keeps, so its scores change while it prunes and a "
+            "threshold on them means nothing; give sparsity= instead."
+        )
+    return CRITERIA.get(criterion).scope if scope == "global" else scope  # type: ignore[attr-defined]
 
 
 def structural_masks(
@@ -69,6 +93,11 @@ def structural_masks(
     """
     from regrow.structural import shrink
 
+    if options.pop("calibration", None) is not None:
+        raise RegrowError(
+            f"calibration settings are for the calibrated criteria (wanda, sparsegpt), which prune single weights; "
+            f"pattern {pattern!r} removes whole channels or heads. Leave calibration out."
+        )
     report = shrink(
         model, pattern=pattern, criterion=criterion, scope=scope, sparsity=sparsity, macs=macs, params=params, **options
     )
@@ -90,13 +119,21 @@ def compute_masks(
     spec: PruneSpec,
     data: Iterable[Any] | None = None,
     previous: MaskSet | None = None,
+    progress: bool = False,
 ) -> dict[str, Tensor]:
-    """Masks for ``spec`` on the model's current weights.
+    """Masks for ``spec`` on the model's current weights (a calibrated criterion also updates the weights:
+    sparsegpt's reconstruction; ``progress``: its bar over the layers).
 
     With ``previous``, weights pruned before stay pruned (their score is set to -inf), so a schedule that
     raises the sparsity step by step only ever removes more.
     """
-    scores = CRITERIA.get(spec.criterion)(model, spec.targets, data)
+    criterion = CRITERIA.get(spec.criterion)
+    if is_calibrated(spec.criterion):  # layer by layer: each layer's mask depends on the ones before it
+        masks = criterion.prune(  # type: ignore[attr-defined]
+            model, spec, data, previous=None if previous is None else dict(previous.items()), progress=progress
+        )
+        return masks if previous is None else {f: m & previous[f].to(m.device) for f, m in masks.items()}
+    scores = criterion(model, spec.targets, data)
     if previous is not None:
         scores = {f: s.masked_fill(~previous[f].to(s.device), float("-inf")) for f, s in scores.items()}
     pattern = get_pattern(spec.pattern)
@@ -104,7 +141,8 @@ def compute_masks(
     if per_target is not None:  # an allocation: each target at its own sparsity
         masks = {}
         for f, s in scores.items():
-            masks.update(pattern.make_masks({f: s}, sparsity=per_target[f], threshold=None, scope="layer"))
+            scope = "row" if spec.scope == "row" else "layer"
+            masks.update(pattern.make_masks({f: s}, sparsity=per_target[f], threshold=None, scope=scope))
     else:
         cap = spec.global_cap()  # global ranking: no target emptied or left far sparser than the rest
         masks = pattern.make_masks(
@@ -157,19 +195,20 @@ def prune(
     latency: float | None = None,
     allocation: dict[str, float] | None = None,
     recalibrate: bool = True,
+    calibration: Calibration | dict[str, Any] | None = None,
 ) -> MaskSet:
     """Prune ``model`` in place and return the keep-masks.
 
     Args:
-        model: a trained model; its pruned weights become exactly zero (or, for structural patterns, are
-            removed).
+        model: a trained model; its pruned weights become exactly zero (structural patterns: are removed).
         sparsity: fraction of target weights to zero, in [0, 1) (structural patterns: of channels or heads
             removed). Give this, ``threshold``, or for structural patterns ``macs`` / ``params`` / ``latency``.
         threshold: zero every target weight whose score is below this value.
         pattern: ``"unstructured"``, an n:m pattern such as ``"2:4"``, ``"channel"`` or ``"head"``.
-        criterion: ``"magnitude"``, ``"random"``, ``"taylor"`` (needs ``data``); ``"channel"`` also
-            ``"bn_scale"``. See ``regrow list``.
-        scope: ``"global"`` (one ranking over all targets) or ``"layer"`` (same sparsity per target).
+        criterion: ``"magnitude"``, ``"random"``, ``"taylor"`` (needs ``data``); ``"channel"`` also ``"bn_scale"``;
+            masks also ``"wanda"``, ``"sparsegpt"`` (layer by layer from ``data``). See ``regrow list``.
+        scope: ``"global"`` (one ranking over all targets), ``"layer"`` or ``"row"`` (same sparsity per target or
+            output row). Calibrated criteria: ``"global"`` means their own (wanda: row, sparsegpt: layer).
         targets: fqns or globs of parameters to prune. Default: weights of all Linear/Conv layers except
             the final classifier (the last one registered). For ``"head"``: attention module names.
         ignore: fqns or globs removed from the targets.
@@ -186,10 +225,10 @@ def prune(
             0.99, and with scope global, 1 - half the overall density if that is less; ``PruneSpec``).
         example_inputs: structural: inputs to trace the model with (default: the first batch of ``data``).
         latency: structural budget: the fraction of the measured latency to keep (met within 5 %).
-        recalibrate: structural: re-estimate BatchNorm statistics on a few batches of ``data`` after the
-            removal (adaptive BN; Li et al. 2020).
+        recalibrate: structural: re-estimate BatchNorm statistics on a few batches of ``data`` (Li et al. 2020).
         allocation: relative per-target (structural: per-group) sparsities, e.g.
             ``regrow.allocation.allocate(...).per_target``; the budget scales them to fit exactly.
+        calibration: wanda / sparsegpt settings (:class:`~regrow.criteria.Calibration`), or a dict of them.
 
     Returns:
         The :class:`MaskSet` (True = kept), with the spec used and the dense copy. Structural patterns
@@ -207,13 +246,13 @@ def prune(
         options = {k: v for k, v in locals().items() if k not in ("model", "keep_dense", "max_sparsity")}
         cap = {} if max_sparsity is None else {"max_sparsity": max_sparsity}  # default: shrink's
         return structural_masks(model, dense=frozen_copy(model) if keep_dense else None, **options, **cap)
-    request = (sparsity, threshold, pattern, criterion, scope, targets, ignore, allocation, max_sparsity)
+    request = (sparsity, threshold, pattern, criterion, scope, targets, ignore, allocation, max_sparsity, calibration)
     spec = _masked_spec(model, *request, macs, params, latency)
     if not get_pattern(spec.pattern).can_speed_up_dense:
         warnings.warn(speed_warning(spec.pattern), SpeedWarning, stacklevel=2)
     _warn_if_pruned_before(model, spec.targets)
     dense = frozen_copy(model) if keep_dense else None
-    masks = MaskSet(compute_masks(model, spec, data), spec=spec, dense=dense)
+    masks = MaskSet(compute_masks(model, spec, data, progress=True), spec=spec, dense=dense)
     masks.apply(model)
     return masks
 
@@ -229,6 +268,7 @@ def _masked_spec(
     ignore: str | Iterable[str] | None,
     allocation: dict[str, float] | None,
     max_sparsity: float | None,
+    calibration: Calibration | dict[str, Any] | None,
     *budgets: float | None,
 ) -> PruneSpec:
     """The request of a masked pattern, checked against the model (``budgets``: macs, params, latency)."""
@@ -246,6 +286,7 @@ def _masked_spec(
         scope=scope,
         targets=targets,
         ignore=ignore,
+        calibration=calibration,
     )
     if allocation is None:
         return spec if max_sparsity is None else dataclasses.replace(spec, cap=max_sparsity)
@@ -265,6 +306,7 @@ def _masked_spec(
         spec.targets,
         allocation=dict(allocation),
         cap=max_sparsity,
+        calibration=spec.calibration,
     )
 
 

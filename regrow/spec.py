@@ -33,6 +33,7 @@ class PruneSpec:
     params: float | None = None
     allocation: dict[str, float] | None = None  # relative per-target sparsities; the budget scales them
     cap: float | None = None  # max_sparsity as given: no target sparser than this (default: see the methods)
+    calibration: dict[str, Any] | None = None  # calibrated criteria: batches, dampening, block_size
 
     def allocation_cap(self) -> float:
         """The most an allocation removes from any target: ``cap``, by default ``MASKED_CAP`` (0.99)."""
@@ -61,6 +62,7 @@ class PruneSpec:
             list(self.targets),
             allocation=self.allocation,
             cap=self.cap,
+            calibration=self.calibration,
         )
 
     def per_target(self, model: nn.Module) -> dict[str, float] | None:

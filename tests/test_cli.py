@@ -46,7 +46,10 @@ def assert_clean_error(code, err, message):
             "prune.pattern=blocky",
             "unknown pattern 'blocky'; allowed values: channel, head, n:m (e.g. '2:4'), unstructured",
         ),
-        ("prune.criterion=psychic", "unknown criterion 'psychic'; allowed values: bn_scale, magnitude, random, taylor"),
+        (
+            "prune.criterion=psychic",
+            "unknown criterion 'psychic'; allowed values: bn_scale, magnitude, random, sparsegpt, taylor, wanda",
+        ),
         ("recover.method=hope", "unknown recovery method 'hope'; allowed values: distill, finetune"),
         ("schedule.name=weekly", "unknown schedule 'weekly'; allowed values: gradual, iterative, one_shot"),
         ("prune.targets=[conv9.*]", "targets entry 'conv9.*' matches no parameter"),
@@ -107,6 +110,16 @@ NEW_TASK = "{name: digits, kwargs: {classes: [0, 1, 2, 3, 4]}}"  # model.train.d
         (["schedule.name=gradual", "recover.method=share"], "clusters the surviving weights once"),
         (["model.train=null", "recover.stop_when={within: 1}"], "its baseline is an untrained network"),
         (["recover.stop_when={}"], "recover.stop_when is empty"),
+        (
+            ["prune.pattern=channel", "prune.sparsity=null", "prune.macs=0.5", "prune.criterion=wanda"],
+            "criterion 'wanda' prunes single weights layer by layer from calibration inputs; it needs pattern",
+        ),
+        (["prune.calibration={batches: 4}"], "prune.calibration configures the calibrated criteria"),
+        (
+            ["prune.criterion=sparsegpt", "prune.sparsity=null", "prune.threshold=0.1"],
+            "a threshold on its scores means nothing",
+        ),
+        (["prune.criterion=wanda", "prune.calibration={batches: 0}"], "'prune.calibration.batches': Input should be"),
         (["recover.max_lr=0.01"], "recover.max_lr is given but applies only to lr_schedule 'one_cycle'"),
         (["recover.rewind_checkpoint=w.safetensors"], "recover.rewind_checkpoint is given but applies only to rewind"),
         (["recover.dynamic={update_every: 5}"], "recover.dynamic is given but applies only to method 'rigl' or 'set'"),

@@ -110,6 +110,7 @@ RULE_EXAMPLES = {  # one recipe each rule refuses (overrides on the demo recipe)
         "'constant' would be ignored",
     ),
     "_bn_scale_scores_channels": (["prune.criterion=bn_scale"], "needs pattern 'channel'"),
+    "_calibrated_masks": (["prune.calibration={batches: 4}"], "criterion 'magnitude' takes none"),
     "_gradual_rises": (["schedule.name=gradual", "schedule.initial=0.95"], "must be below the target"),
     "_clamps_bound_a_plan": (["prune.clamps={'0.*': [0, 0.5]}"], "give prune.allocation"),
     "_latency_in_one_shot": (

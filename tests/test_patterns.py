@@ -176,3 +176,14 @@ def test_pruned_count_never_falls_short_of_the_sparsity():
     assert pruned_count(0.0, 5) == 0
     assert pruned_count(0.999999, 5) == 4  # 4.999995 would round up to all 5: one is kept
     assert pruned_count(1.0, 5) == 5
+
+
+def test_row_scope_prunes_the_same_count_from_every_output_row():
+    scores = torch.tensor([[4.0, 1.0, 3.0, 2.0], [0.5, 0.5, 9.0, 0.1], [1.0, 2.0, 3.0, 4.0]])
+    keep = get_pattern("unstructured").make_masks({"w": scores}, sparsity=0.5, threshold=None, scope="row")["w"]
+    # two per row; the tie at 0.5 in row 1 drops the earlier entry with 0.1
+    assert keep.tolist() == [[True, False, True, False], [False, True, True, False], [False, False, True, True]]
+    conv = torch.arange(24.0).reshape(2, 3, 2, 2)  # a conv weight: each output's 12 weights form its row
+    keep = get_pattern("unstructured").make_masks({"c": conv}, sparsity=0.25, threshold=None, scope="row")["c"]
+    assert keep.shape == conv.shape and (~keep).reshape(2, -1).sum(1).tolist() == [3, 3]
+    assert not bool(keep.reshape(2, -1)[:, :3].any()) and bool(keep.reshape(2, -1)[:, 3:].all())

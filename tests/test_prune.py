@@ -96,7 +96,7 @@ def test_previous_masks_stay_pruned(mlp):
         ({"sparsity": 0.5, "pattern": "blocks"}, "unknown pattern 'blocks'; allowed values"),
         (
             {"sparsity": 0.5, "criterion": "wanda2"},
-            "unknown criterion 'wanda2'; allowed values: bn_scale, magnitude, random, taylor",
+            "unknown criterion 'wanda2'; allowed values: bn_scale, magnitude, random, sparsegpt, taylor, wanda",
         ),
         ({"sparsity": 0.5, "scope": "model"}, "unknown scope 'model'; allowed values: global, layer"),
         ({"sparsity": 0.5, "targets": ["fc9"]}, "matches no parameter"),

@@ -169,6 +169,30 @@ def _bn_scale_scores_channels(cfg: RunConfig) -> Iterator[str]:
         )
 
 
+@rule("A calibrated criterion (`wanda`, `sparsegpt`) with a structural pattern, or `calibration` without one.")
+def _calibrated_masks(cfg: RunConfig) -> Iterator[str]:
+    from regrow.criteria import is_calibrated
+
+    pattern, _ = _pattern(cfg)
+    p = cfg.prune
+    if is_calibrated(p.criterion) and pattern in ("channel", "head"):
+        yield (
+            f"criterion {p.criterion!r} prunes single weights layer by layer from calibration inputs; it needs "
+            f"pattern 'unstructured' or an n:m pattern such as '2:4', not {pattern!r}. Allowed criteria for "
+            f"{pattern!r}: magnitude, random, taylor" + (", bn_scale." if pattern == "channel" else ".")
+        )
+    if p.calibration is not None and not is_calibrated(p.criterion):
+        yield (
+            f"prune.calibration configures the calibrated criteria (wanda, sparsegpt); criterion {p.criterion!r} "
+            "takes none. Remove prune.calibration, or set prune.criterion to wanda or sparsegpt."
+        )
+    if p.criterion == "sparsegpt" and p.threshold is not None:
+        yield (
+            "criterion 'sparsegpt' updates the weights it keeps, so a threshold on its scores means nothing; "
+            "give sparsity."
+        )
+
+
 @rule("`schedule.initial` at or above the target sparsity (the gradual ramp rises from it).")
 def _gradual_rises(cfg: RunConfig) -> Iterator[str]:
     sparsity = cfg.prune.sparsity

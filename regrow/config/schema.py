@@ -12,7 +12,10 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from regrow.criteria.calibration import Calibration
 from regrow.errors import RegrowError, one_of
+
+_CAL = Calibration()  # the calibrated criteria's defaults
 
 
 def _numeric_only(annotation: Any) -> bool:
@@ -78,6 +81,16 @@ class ModelConfig(ComponentConfig):
 BUDGET_KEYS = ("sparsity", "threshold", "macs", "params", "latency")
 
 
+class CalibrationConfig(_Strict):
+    """Settings of the calibrated criteria (``regrow.criteria.Calibration``)."""
+
+    batches: int = Field(_CAL.batches, ge=1, description="training batches read to calibrate each layer")
+    dampening: float = Field(_CAL.dampening, gt=0, description="sparsegpt: added to the Hessian diagonal, x its mean")
+    block_size: int = Field(
+        _CAL.block_size, ge=1, description="sparsegpt: columns pruned together before the lazy update"
+    )
+
+
 class PruneConfig(_Strict):
     sparsity: float | None = Field(None, description="fraction of target weights zeroed, in [0, 1)")
     threshold: float | None = Field(None, description="zero every target weight whose score is below this")
@@ -104,7 +117,14 @@ class PruneConfig(_Strict):
         "channel when a macs/params/latency budget is given and unstructured when not",
     )
     criterion: str = "magnitude"
-    scope: Literal["global", "layer"] = "global"
+    scope: Literal["global", "layer", "row"] = Field(
+        "global",
+        description="global: one ranking over all targets; layer: same sparsity per target; row: per output row "
+        "(calibrated criteria never rank across layers: global means wanda's row, sparsegpt's layer)",
+    )
+    calibration: CalibrationConfig | None = Field(
+        None, description="wanda / sparsegpt: calibration batches, sparsegpt's dampening and block size"
+    )
     allocation: Literal["uniform", "global", "sensitivity", "search"] | None = Field(
         None, description="per-target sparsities for the budget; default: follows scope"
     )

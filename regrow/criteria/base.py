@@ -17,3 +17,8 @@ class Criterion(Protocol):
 
 
 CRITERIA: Registry[Callable[..., dict[str, Tensor]]] = Registry("criterion")
+
+
+def is_calibrated(name: str) -> bool:
+    """Whether criterion ``name`` prunes layer by layer from calibration inputs (``wanda``, ``sparsegpt``)."""
+    return name in CRITERIA and bool(getattr(CRITERIA.get(name), "calibrated", False))

@@ -95,9 +95,10 @@ def check_request(cfg: RunConfig, model: nn.Module) -> tuple[PruneSpec, bool]:
         threshold=p.threshold,
         pattern=pattern,
         criterion=p.criterion,
-        scope="layer" if p.allocation == "uniform" else p.scope,
+        scope="layer" if p.allocation == "uniform" and p.scope != "row" else p.scope,
         targets=p.targets,
         ignore=p.ignore,
+        calibration=None if p.calibration is None else p.calibration.model_dump(),
     )
     return (spec if p.max_sparsity is None else dataclasses.replace(spec, cap=p.max_sparsity)), False
 

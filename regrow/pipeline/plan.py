@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -55,16 +56,7 @@ def make_plan(loaded: Loaded, checked: Checked, has_teacher: bool, out: Path, ti
     cfg, spec = decided.cfg, decided.spec
     decided.sens, decided.allocation = plan_allocation(decided, loaded, out, timer, progress)
     if decided.allocation is not None and not decided.structural:
-        decided.spec = PruneSpec(
-            spec.pattern,
-            spec.criterion,
-            spec.scope,
-            spec.sparsity,
-            spec.threshold,
-            spec.targets,
-            allocation=decided.allocation.per_target,
-            cap=cfg.prune.cap,
-        )
+        decided.spec = dataclasses.replace(spec, allocation=decided.allocation.per_target, cap=cfg.prune.cap)
     return decided
 
 
@@ -275,13 +267,10 @@ class AllocationScore:
                     **{self.budget[0]: self.budget[1]},
                 )
             else:
-                trial_spec = PruneSpec(
-                    spec.pattern,
-                    spec.criterion,
-                    "layer",
-                    spec.sparsity,
-                    None,
-                    spec.targets,
+                trial_spec = dataclasses.replace(
+                    spec,
+                    scope="row" if spec.scope == "row" else "layer",
+                    threshold=None,
                     allocation=candidate,
                     cap=p.cap,
                 )

@@ -1,8 +1,9 @@
 """The one data contract regrow relies on: an iterable of ``(inputs, targets)`` batches.
 
 ``inputs`` is a tensor, or a dict of tensors passed to the model as keyword arguments (Hugging Face
-style). ``targets`` is a 1-D tensor of class indices (int64, or uint8). DataLoaders and plain lists of
-batches both qualify.
+style). ``targets`` is a 1-D tensor of class indices (int64, or uint8), or for a language model a 2-D int64
+tensor of the next token at each position (-100 where nothing is scored; ``regrow.tasks``). DataLoaders and
+plain lists of batches both qualify.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from regrow.errors import RegrowError
+from regrow.tasks import IGNORE, unit
 
 Batch = tuple[Any, Tensor]
 
@@ -92,16 +94,14 @@ def check_batch(model: nn.Module, data: Iterable[Any], name: str, *, label_range
     if batch is None:
         raise RegrowError(f"the {name} data has no batches.")
     inputs, targets = unpack(batch)
-    if not isinstance(targets, Tensor) or targets.dim() != 1 or targets.dtype not in (torch.long, torch.uint8):
-        got = (
-            f"a {targets.dim()}-D {str(targets.dtype).removeprefix('torch.')} tensor"
-            if isinstance(targets, Tensor)
-            else type(targets).__name__
-        )
+    got = _label_kind(targets)
+    if got is not None:
         raise RegrowError(
             f"the labels of the {name} data must be a 1-D int64 (torch.long) or uint8 tensor of class indices, "
-            f"one per sample; got {got}. Convert them in the data factory, e.g. y.long()."
+            f"one per sample, or a 2-D int64 tensor of token indices, one per position; got {got}. Convert them "
+            "in the data factory, e.g. y.long()."
         )
+    _check_shifted(inputs, targets, f"the {name} data")
     logits = _run_once(
         model,
         inputs,
@@ -110,9 +110,14 @@ def check_batch(model: nn.Module, data: Iterable[Any], name: str, *, label_range
             "and dtype against what the model expects."
         ),
     )
+    try:
+        unit(logits, targets)
+    except RegrowError as exc:
+        raise RegrowError(f"on the {name} data, {exc}") from None
     classes = logits.shape[-1]
-    if label_range and targets.numel():
-        low, high = int(targets.min()), int(targets.max())
+    real = targets[targets != IGNORE] if targets.dim() == 2 else targets
+    if label_range and real.numel():
+        low, high = int(real.min()), int(real.max())
         if low < 0 or high >= classes:
             raise RegrowError(
                 f"the labels of the {name} data run from {low} to {high}, but the model scores {classes} classes "
@@ -167,20 +172,46 @@ def _count(inputs: Any) -> int | None:
     return None
 
 
-def _check_labels(targets: Any, inputs: Any, where: str, classes: int | None) -> None:
-    """One batch's labels: 1-D class indices, one per sample, within the model's ``classes`` outputs."""
-    if not isinstance(targets, Tensor) or targets.dim() != 1 or targets.dtype not in (torch.long, torch.uint8):
-        got = (
-            f"a {targets.dim()}-D {str(targets.dtype).removeprefix('torch.')} tensor"
-            if isinstance(targets, Tensor)
-            else type(targets).__name__
+def _label_kind(targets: Any) -> str | None:
+    """None for labels regrow scores (1-D int64 / uint8 class indices, 2-D int64 token indices), else what they are."""
+    if isinstance(targets, Tensor) and (
+        (targets.dim() == 1 and targets.dtype in (torch.long, torch.uint8))
+        or (targets.dim() == 2 and targets.dtype == torch.long)
+    ):
+        return None
+    if isinstance(targets, Tensor):
+        return f"a {targets.dim()}-D {str(targets.dtype).removeprefix('torch.')} tensor"
+    return type(targets).__name__
+
+
+def _check_shifted(inputs: Any, targets: Tensor, where: str) -> None:
+    """Token targets equal to the input ids would teach a language model to copy its input: refuse them."""
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs if targets.dim() == 2 else None
+    if isinstance(ids, Tensor) and ids.shape == targets.shape and targets.dim() == 2 and torch.equal(ids, targets):
+        raise RegrowError(
+            f"{where} has token targets equal to its input ids. regrow scores logits[:, t] against targets[:, t], "
+            "so for a language model the targets are the inputs shifted left by one (the next token; -100 at "
+            "the end), not Hugging Face's unshifted labels; build them with regrow.data.text.next_token_batches "
+            "or shift them in the data factory."
         )
-        raise RegrowError(f"{where} has labels of {got}; labels must be a 1-D int64 or uint8 tensor of class indices.")
+
+
+def _check_labels(targets: Any, inputs: Any, where: str, classes: int | None) -> None:
+    """One batch's labels: class indices (one per sample) or token indices (one per position), within the
+    model's ``classes`` outputs; -100 marks token positions that are not scored."""
+    got = _label_kind(targets)
+    if got is not None:
+        raise RegrowError(
+            f"{where} has labels of {got}; labels must be a 1-D int64 or uint8 tensor of class indices, or a 2-D "
+            "int64 tensor of token indices."
+        )
+    _check_shifted(inputs, targets, where)
     samples = _count(inputs)
     if samples is not None and samples != targets.shape[0]:
         raise RegrowError(f"{where} has {samples} inputs but {targets.shape[0]} labels; one label per input.")
-    if classes is not None and targets.numel():
-        low, high = int(targets.min()), int(targets.max())
+    real = targets[targets != IGNORE] if targets.dim() == 2 else targets
+    if classes is not None and real.numel():
+        low, high = int(real.min()), int(real.max())
         if low < 0 or high >= classes:
             bad = low if low < 0 else high
             raise RegrowError(

@@ -224,14 +224,14 @@ def _print_summary(report: object) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from regrow.report.markdown import human, pct
+    from regrow.report.markdown import human, pct, perplexity_sentence
 
     s = report.snapshots  # type: ignore[attr-defined]
+    lm = all(snap.perplexity is not None for snap in s.values())  # a language model: scored per token
     table = Table(title=f"regrow: {report.name}")  # type: ignore[attr-defined]
     for col in (
         "stage",
-        "test acc",
-        "test loss",
+        *(("perplexity", "token acc") if lm else ("test acc", "test loss")),
         "nonzero params",
         "target sparsity",
         "dense MACs",
@@ -243,8 +243,8 @@ def _print_summary(report: object) -> None:
     for stage, snap in s.items():
         table.add_row(
             stage,
-            pct(snap.accuracy),
-            f"{snap.loss:.4f}",
+            f"{snap.perplexity:.3f}" if lm else pct(snap.accuracy),
+            pct(snap.accuracy) if lm else f"{snap.loss:.4f}",
             human(snap.nonzero_params),
             "n/a (shrunk)" if structural else pct(snap.target_sparsity),
             human(snap.macs),
@@ -255,7 +255,9 @@ def _print_summary(report: object) -> None:
     console.print(table)
     frac = report.recovered_fraction  # type: ignore[attr-defined]
     drop = report.drop  # type: ignore[attr-defined]
-    if frac is None:
+    if lm and {"baseline", "pruned", "recovered"} <= set(s):
+        line = perplexity_sentence(s["baseline"], s["pruned"], s["recovered"]).rstrip(".")
+    elif frac is None:
         line = f"pruning cost no test accuracy ({100 * -drop + 0.0:+.2f} points)"  # + 0.0: no -0.00
     elif frac > 1:
         line = f"pruning drop {100 * drop:.2f} points; recovery won back all of it and more"

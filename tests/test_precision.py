@@ -347,8 +347,8 @@ def test_device_sums_equal_python_float_sums_bit_for_bit():
         for k, v in values.items():  # what the loop summed on the host before
             sums[k] += float(v) * n
         correct += int((logits.argmax(-1) == targets).sum())
-    read_sums, read_correct = tally.read()
-    assert read_sums == sums and read_correct == correct
+    read_sums, read_correct, units = tally.read()
+    assert read_sums == sums and read_correct == correct and units == tally.seen
 
 
 def test_a_method_whose_loss_names_change_is_still_tallied():
@@ -356,7 +356,7 @@ def test_a_method_whose_loss_names_change_is_still_tallied():
     t = torch.tensor([0, 1])
     tally.add({"loss": torch.tensor(1.0)}, torch.eye(2), t)
     tally.add({"loss": torch.tensor(3.0), "extra": torch.tensor(2.0)}, torch.eye(2), t)
-    assert tally.read() == ({"loss": 8.0, "extra": 4.0}, 4)
+    assert tally.read() == ({"loss": 8.0, "extra": 4.0}, 4, 4)
 
 
 def test_on_device_on_cpu_unpacks_and_passes_batches_through():

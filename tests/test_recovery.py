@@ -7,7 +7,7 @@ import torch
 import regrow
 from conftest import TinyMLP, make_batches
 from regrow.errors import RegrowError
-from regrow.recovery.losses import distillation_loss
+from regrow.tasks import distillation_loss
 
 
 class CheckEveryStep:

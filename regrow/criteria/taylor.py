@@ -13,12 +13,12 @@ from itertools import islice
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from regrow.batches import forward, model_device, to_device, unpack
 from regrow.criteria.base import CRITERIA
 from regrow.errors import RegrowError
+from regrow.tasks import task_loss
 
 TAYLOR_BATCHES = 8
 
@@ -47,7 +47,7 @@ def taylor(
         for batch in islice(data, batches):
             inputs, labels = unpack(batch)
             inputs, labels = to_device(inputs, device), to_device(labels, device)
-            loss = F.cross_entropy(forward(model, inputs), labels)
+            loss = task_loss(forward(model, inputs), labels)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for s, p, g in zip(scores, params, grads):
                 if g is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 # Importing the modules registers the built-ins.
 from regrow.data import digits as _digits  # noqa: F401
 from regrow.data import fashion_mnist as _fashion_mnist  # noqa: F401
+from regrow.data import text as _text  # noqa: F401
 from regrow.data.bundle import DATASETS, DataBundle, as_bundle, select_classes
 
 __all__ = ["DATASETS", "DataBundle", "as_bundle", "select_classes"]

@@ -43,6 +43,7 @@ class Snapshot:
     sparse_size_bytes: int
     latency_gpu: Latency | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    perplexity: float | None = None  # language models: exp of the mean token loss (accuracy is per token)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -117,8 +118,9 @@ def evaluate(
         progress: show a progress bar over ``data``.
 
     Returns:
-        A :class:`Snapshot` with accuracy and loss, total and nonzero parameters, per-target sparsity
-        read from the weights, dense MACs per sample, latency and saved size.
+        A :class:`Snapshot` with accuracy and loss (per sample; for a language model per token, with its
+        perplexity), total and nonzero parameters, per-target sparsity read from the weights, dense MACs per
+        sample, latency and saved size.
     """
     check_reiterable(data, "data", "twice (for the metrics, then one batch to count MACs and time)")
     fqns = list(masks) if masks is not None else (targets if targets is not None else default_targets(model))
@@ -149,6 +151,7 @@ def evaluate(
         latency_gpu=lat_gpu,
         size_bytes=size_bytes(model),
         sparse_size_bytes=sparse_size_bytes(model, fqns),
+        perplexity=metrics.get("perplexity"),
     )
 
 

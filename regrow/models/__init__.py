@@ -155,4 +155,12 @@ def vit(
     return ViT(dim, depth, heads, patch, image_size, num_classes)
 
 
-__all__ = ["MODELS", "ResNet", "ViT", "digits_cnn", "lenet_300_100", "mlp", "resnet", "vit"]
+@MODELS.register("gpt")
+def gpt(vocab: int = 256, dim: int = 192, depth: int = 4, heads: int = 6, context: int = 64) -> nn.Module:
+    """Small decoder-only language model (causal attention with prunable heads; bytes by default)."""
+    from regrow.models.gpt import GPT
+
+    return GPT(vocab, dim, depth, heads, context)
+
+
+__all__ = ["MODELS", "ResNet", "ViT", "digits_cnn", "gpt", "lenet_300_100", "mlp", "resnet", "vit"]

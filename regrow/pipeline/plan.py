@@ -26,6 +26,7 @@ from regrow.pipeline.context import Timer, Unshuffled
 from regrow.pipeline.load import Loaded, config_text
 from regrow.prune import compute_masks, prune
 from regrow.spec import PruneSpec
+from regrow.tasks import task_loss
 
 log = logging.getLogger("regrow")
 
@@ -157,7 +158,7 @@ def time_one_step(model: nn.Module, train: Any, device: str) -> float:
     times = []
     for _ in range(3):
         start = time.perf_counter()
-        torch.nn.functional.cross_entropy(forward(trial, inputs), targets).backward()
+        task_loss(forward(trial, inputs), targets).backward()
         times.append(time.perf_counter() - start)
     return min(times)
 

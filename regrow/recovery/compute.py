@@ -38,6 +38,8 @@ from torch import Tensor, nn
 
 from regrow.batches import to_device, unpack
 from regrow.errors import RegrowError
+from regrow.tasks import count as count_units
+from regrow.tasks import hits as count_hits
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -222,59 +224,66 @@ def _arrived(batch: tuple[Any, Any], stream: torch.cuda.Stream) -> tuple[Any, An
 class DeviceTally:
     """Training loss and accuracy of one epoch, summed on the device; ``read`` is the only host sync.
 
-    Each named loss is summed as ``loss * batch size`` in float64 (float32 on MPS, which has no float64):
-    a float32 loss times an integer batch size is exact in float64, so the sums round exactly as Python
-    float sums of the same values in the same order would.
+    A batch counts its scored units (samples, or real tokens: ``regrow.tasks``). Each named loss is summed as
+    ``loss * units`` in float64 (float32 on MPS, which has no float64): a float32 loss times an integer count
+    is exact in float64, so the sums round exactly as Python float sums of the same values in the same order
+    would.
     """
 
     def __init__(self) -> None:
-        self.seen = 0
+        self.seen = 0  # samples (batch rows), known on the host
         self._groups: dict[tuple[str, ...], Tensor] = {}  # loss names -> their sums (usually one group)
         self._correct: Tensor | None = None
-        self._read: tuple[dict[str, float], int] | None = ({}, 0)
+        self._units: Tensor | None = None
+        self._read: tuple[dict[str, float], int, int] | None = ({}, 0, 0)
         self._last_show = time.monotonic()
 
     def add(self, losses: dict[str, Tensor], logits: Tensor, targets: Tensor) -> None:
         """Count one batch (no host sync)."""
-        n = int(targets.shape[0])
         values = torch.stack([v.detach().reshape(()) for v in losses.values()])
         dtype = torch.float32 if values.device.type == "mps" else torch.float64
         values = values.to(dtype)
-        hits = (logits.detach().argmax(dim=-1) == targets).sum()
+        n = count_units(targets).to(dtype)
+        right = count_hits(logits.detach(), targets)
         names = tuple(losses)
         if names in self._groups:
-            self._groups[names].add_(values, alpha=n)
+            self._groups[names].add_(values * n)
         else:
             self._groups[names] = values * n
-        self._correct = hits if self._correct is None else self._correct.add_(hits)
-        self.seen += n
+        self._correct = right if self._correct is None else self._correct.add_(right)
+        self._units = n if self._units is None else self._units.add_(n)
+        self.seen += int(targets.shape[0])
         self._read = None
 
-    def read(self) -> tuple[dict[str, float], int]:
-        """(sum of each named loss weighted by batch size, correct predictions), read back from the device."""
+    def read(self) -> tuple[dict[str, float], int, int]:
+        """(sum of each named loss weighted by units, correct units, units), read back from the device."""
         if self._read is None:
-            assert self._correct is not None
+            assert self._correct is not None and self._units is not None
             groups = list(self._groups.items())
-            flat = torch.cat([s for _, s in groups] + [self._correct.to(groups[0][1].dtype).reshape(1)]).tolist()
+            dtype = groups[0][1].dtype
+            tail = [self._correct.to(dtype).reshape(1), self._units.to(dtype).reshape(1)]
+            flat = torch.cat([s for _, s in groups] + tail).tolist()
             sums: dict[str, float] = {}
             i = 0
             for names, _ in groups:
                 for name in names:
                     sums[name] = sums.get(name, 0.0) + flat[i]
                     i += 1
-            self._read = sums, round(flat[-1])
+            self._read = sums, round(flat[-2]), round(flat[-1])
         return self._read
 
     def state(self) -> dict[str, Any]:
         """The sums so far, for a mid-epoch checkpoint."""
-        return {"seen": self.seen, "groups": [(list(k), v) for k, v in self._groups.items()], "correct": self._correct}
+        groups = [(list(k), v) for k, v in self._groups.items()]
+        return {"seen": self.seen, "groups": groups, "correct": self._correct, "units": self._units}
 
     def load(self, state: dict[str, Any], device: torch.device) -> None:
         """Continue from the sums of :meth:`state` (moved to ``device``)."""
         self.seen = state["seen"]
         self._groups = {tuple(k): v.to(device) for k, v in state["groups"]}
         self._correct = state["correct"].to(device) if state["correct"] is not None else None
-        self._read = None if self.seen else ({}, 0)
+        self._units = state["units"].to(device) if state["units"] is not None else None
+        self._read = None if self.seen else ({}, 0, 0)
 
     def show(self, bar: Any) -> None:
         """Put the running mean loss on the progress bar, at most once per bar refresh interval."""
@@ -282,4 +291,5 @@ class DeviceTally:
         if bar.disable or not self.seen or now - self._last_show < bar.mininterval:
             return
         self._last_show = now
-        bar.set_postfix(loss=f"{self.read()[0]['loss'] / self.seen:.4f}", refresh=False)
+        sums, _, units = self.read()
+        bar.set_postfix(loss=f"{sums['loss'] / max(units, 1):.4f}", refresh=False)

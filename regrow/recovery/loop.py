@@ -282,8 +282,7 @@ def _evaluate(run: _Run, val_data: Iterable[Any], epoch: int, started: float, ta
     metrics from ``tally`` (read back from the device here)."""
     with run.compute.autocast():
         metrics = classification_metrics(run.model, val_data)
-    seen = tally.seen
-    sums, correct = tally.read() if seen else ({}, 0)
+    sums, correct, seen = tally.read() if tally.seen else ({}, 0, 0)  # seen: samples, or real tokens
     return EpochRecord(
         epoch=epoch,
         lr=run.optimizer.param_groups[0]["lr"] if epoch else None,

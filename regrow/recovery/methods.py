@@ -4,9 +4,11 @@ A method returns named losses (``{"loss", "task_loss", "kd_loss", ...}``) so the
 and may bring step callbacks. Register a new one with ``@METHODS.register("name")``: a builder
 ``(options, teacher) -> (loss, callbacks)``.
 
-* ``finetune``: the task loss (cross-entropy, optional label smoothing).
+* ``finetune``: the task loss (cross-entropy per sample, or per token for a language model; optional label
+  smoothing).
 * ``distill``: alpha · T² · KL(teacher ‖ student at temperature T) + (1 − alpha) · task loss (Hinton et
-  al. 2015); the teacher is the dense model.
+  al. 2015); the teacher is the dense model. A language model is distilled token by token over the
+  vocabulary, padding left out.
 * ``rigl`` / ``set``: dynamic sparse training (regrow.recovery.dynamic), task loss, or distillation
   with ``distill: true``.
 * ``share``: weight sharing (regrow.recovery.sharing), likewise.
@@ -27,24 +29,24 @@ from torch import Tensor, nn
 from regrow.batches import forward
 from regrow.errors import RegrowError
 from regrow.recovery.dynamic import DynamicSparsity
-from regrow.recovery.losses import distillation_loss
 from regrow.recovery.sharing import WeightSharing
 from regrow.registry import Registry
 from regrow.select import final_classifier
+from regrow.tasks import distillation_loss, task_loss
 
 Builder = Callable[[Any, nn.Module | None], tuple[Any, list[Any]]]
 METHODS: Registry[Builder] = Registry("recovery method")
 
 
 class TaskLoss:
-    """Cross-entropy with optional label smoothing."""
+    """Cross-entropy per sample or per real token (``regrow.tasks``), with optional label smoothing."""
 
     def __init__(self, options: Any) -> None:
         self.label_smoothing = options.label_smoothing
 
     def losses(self, model: nn.Module, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         logits = forward(model, inputs)
-        task = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        task = task_loss(logits, targets, self.label_smoothing)
         return {"loss": task, "task_loss": task}, logits
 
 
@@ -69,7 +71,7 @@ class DistillLoss(TaskLoss):
                 f"{tuple(teacher_logits.shape)}, the student {tuple(logits.shape)}. A model with a new head for other "
                 "classes learns from its teacher's features instead: use method 'transfer' (or 'finetune')."
             )
-        kd = distillation_loss(logits, teacher_logits, self.temperature)
+        kd = distillation_loss(logits, teacher_logits, self.temperature, targets)  # real tokens only
         out["kd_loss"] = kd
         out["loss"] = self.alpha * kd + (1.0 - self.alpha) * out["task_loss"]
         return out, logits
@@ -100,7 +102,7 @@ class FeatureDistillLoss(TaskLoss):
         with torch.inference_mode():
             _, teacher_feats = self._features(self.teacher, inputs)
         teacher_feats = teacher_feats.clone()  # a normal tensor: the MSE's backward saves its target
-        task = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        task = task_loss(logits, targets, self.label_smoothing)
         # Relative squared error, so the weight means the same whatever the scale of the features.
         feature = F.mse_loss(feats, teacher_feats) / teacher_feats.pow(2).mean().clamp(min=1e-8)
         return {"loss": task + self.weight * feature, "task_loss": task, "feature_loss": feature}, logits

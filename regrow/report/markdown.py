@@ -109,13 +109,46 @@ def _headline(report: _Report, base: Snapshot) -> list[str]:
         "",
         f"Pattern `{spec.get('pattern')}`, criterion `{spec.get('criterion')}`, scope `{spec.get('scope')}`, "
         f"schedule `{report.config.get('schedule', {}).get('name')}`, recovery "
-        f"`{report.recovery.get('method')}`. Accuracies are on the held-out test split "
-        f"({base.samples} samples), which recovery never sees.",
+        f"`{report.recovery.get('method')}`. "
+        + ("Perplexities and accuracies" if base.perplexity is not None else "Accuracies")
+        + f" are on the held-out test split ({base.samples} "
+        + ("tokens" if base.perplexity is not None else "samples")
+        + "), which recovery never sees.",
+    ]
+
+
+def perplexity_sentence(base: Snapshot, pruned: Snapshot, rec: Snapshot) -> str:
+    """What pruning did to a language model's test perplexity, and how much of the rise recovery won back."""
+    b, p, r = base.perplexity, pruned.perplexity, rec.perplexity
+    assert b is not None and p is not None and r is not None
+    text = f"Pruning took test perplexity from {b:.3f} to {p:.3f} ({100 * (p / b - 1):+.1f}%)"
+    if p > b and r <= b:
+        text += f"; recovery brought it to {r:.3f}, all of the rise won back and more"
+    elif p > b and r < p:
+        text += f"; recovery brought it to {r:.3f}, {100 * (p - r) / (p - b):.1f}% of the rise won back"
+    else:
+        text += f"; after recovery it is {r:.3f}"
+    return text + f" ({100 * (r / b - 1):+.1f}% against the baseline)."
+
+
+def _perplexity(report: _Report, stages: list[str], base: Snapshot, pruned: Snapshot, rec: Snapshot) -> list[str]:
+    """A language model's table per stage: perplexity, then accuracy and loss per real token."""
+    s = report.snapshots
+    rows = [[k, f"{s[k].perplexity:.3f}", pct(s[k].accuracy), f"{s[k].loss:.4f}"] for k in stages]
+    return [
+        "",
+        "## Perplexity",
+        "",
+        table(["stage", "test perplexity", "next-token accuracy", "token loss"], rows),
+        "",
+        perplexity_sentence(base, pruned, rec),
     ]
 
 
 def _accuracy(report: _Report, stages: list[str], base: Snapshot, pruned: Snapshot, rec: Snapshot) -> list[str]:
     """The accuracy table per stage, what pruning cost and recovery won back, and the costliest targets."""
+    if base.perplexity is not None and pruned.perplexity is not None and rec.perplexity is not None:
+        return _perplexity(report, stages, base, pruned, rec)
     s = report.snapshots
     out = ["", "## Accuracy", ""]
     out.append(

@@ -14,7 +14,6 @@ from itertools import islice
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
@@ -22,6 +21,7 @@ from regrow.batches import forward, model_device, to_device, unpack
 from regrow.errors import RegrowError, one_of
 from regrow.structural.graph import ChannelGroup
 from regrow.structural.heads import HeadGroup
+from regrow.tasks import task_loss
 
 GROUP_CRITERIA = ("bn_scale", "magnitude", "random", "taylor")
 TAYLOR_BATCHES = 8
@@ -51,7 +51,7 @@ def accumulate_gradients(model: nn.Module, data: Iterable[Any] | None, batches: 
     try:
         for batch in islice(data, batches):
             inputs, labels = unpack(batch)
-            loss = F.cross_entropy(forward(model, to_device(inputs, device)), to_device(labels, device))
+            loss = task_loss(forward(model, to_device(inputs, device)), to_device(labels, device))
             loss.backward()
             seen += 1
     finally:

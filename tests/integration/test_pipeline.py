@@ -259,6 +259,12 @@ def test_user_factories_next_to_the_recipe(tmp_path, monkeypatch):
 # Reduced budgets for every shipped recipe; the recipes themselves stay as users run them.
 RECIPE_BUDGET = {
     "demo": ["model.train.epochs=2", "recover.epochs=2"],
+    "python_docs_gpt": [
+        "model.train.epochs=1",
+        "data.kwargs.train_limit=96",
+        "recover.epochs=1",
+        "prune.calibration={batches: 2}",
+    ],
     "digits_gradual": ["model.train.epochs=2", "recover.epochs=2"],
     "digits_2to4": ["model.train.epochs=2", "recover.epochs=2"],
     "digits_resnet_channel": ["model.train.epochs=1", "recover.epochs=2"],
@@ -303,9 +309,13 @@ def test_every_shipped_recipe_runs(tmp_path, name, caplog):
     assert name in RECIPE_BUDGET, f"add a reduced budget for the new recipe {name!r}"
     with caplog.at_level(logging.WARNING, logger="regrow"):
         report = regrow.run(name, overrides=[*RECIPE_BUDGET[name], *FAST], out_dir=tmp_path / name, progress=False)
-    # a shipped recipe warns about nothing (latency timings on a busy machine excepted: they say so, not the recipe)
+    # a shipped recipe warns about nothing, except what latency timings measured on this machine say (too noisy,
+    # or slower): with other work on the cores they describe the machine's load, not the recipe
+    timing = ("too noisy", "slower than the dense one")
     warned = [
-        r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "too noisy" not in r.getMessage()
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and not any(t in r.getMessage() for t in timing)
     ]
     assert warned == [], warned
     cfg = report.config["prune"]
@@ -339,6 +349,10 @@ def test_every_shipped_recipe_runs(tmp_path, name, caplog):
         assert masks.sparsity() == pytest.approx(expected, abs=1e-3)
         weights = load_file(str(tmp_path / name / "model.safetensors"))
         assert all(torch.count_nonzero(weights[f][~m]) == 0 for f, m in masks.items())
+    if name == "python_docs_gpt":  # a language model: scored per token, reported in perplexity
+        snaps = report.snapshots
+        assert all(s.perplexity == pytest.approx(math.exp(s.loss)) for s in snaps.values())
+        assert "## Perplexity" in (tmp_path / name / "report.md").read_text()
     assert (tmp_path / name / "arch.json").is_file()
     assert report.export["reload_check"]["matches"]
     _check_recovery_method(report, tmp_path / name)

@@ -77,10 +77,23 @@ def load(seed: int, dense_epochs: int, train_limit: int | None) -> tuple[object,
     return data, cached_dense("gpt_python_docs", seed, lambda: MODELS.get("gpt")(), train, key).eval()
 
 
+def memory_kib(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident since the last reset) of this process, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_memory() -> int:
+    """Reset the peak resident size to the current one (Linux: ``/proc/self/clear_refs``); the current, KiB.
+    (``getrusage``'s ``ru_maxrss`` cannot serve: a child process starts with its parent's peak.)"""
+    Path("/proc/self/clear_refs").write_text("5")
+    return memory_kib("VmRSS")
+
+
 def prune_one(args: argparse.Namespace) -> None:
     """In a fresh process: prune the cached dense model, save it and its masks, print time and memory."""
-    import resource
-
     from safetensors.torch import save_model
 
     seed, pattern, criterion = int(args.prune_one[0]), args.prune_one[1], args.prune_one[2]
@@ -91,13 +104,13 @@ def prune_one(args: argparse.Namespace) -> None:
         model(next(iter(data.train))[0])  # torch's one-time set-up is not the pruning's
     options = {"calibration": {"batches": args.calibration}} if criterion != "magnitude" else {}
     sparsity = 0.5 if pattern == "unstructured" else None
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = reset_peak_memory()
     started = time.perf_counter()
     masks = regrow.prune(
         model, sparsity, pattern=pattern, criterion=criterion, data=data.train, keep_dense=False, **options
     )
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = memory_kib("VmHWM")
     grown = (peak - before) / 1024
     save_model(model, f"{args.out}/model.safetensors")
     masks.save(f"{args.out}/masks.safetensors")
@@ -255,8 +268,9 @@ def write_results(args, info, dense_ppl, done, runs, train_tokens, cache) -> Non
         f"({args.calibration * 32 * 64:,} bytes). Recovery: distillation from the dense model, {args.recover_epochs} "
         f"epoch(s) = {args.recover_epochs * train_tokens:,} training tokens, lr 0.001. Mean ± std over seeds; "
         "prune time and memory are means over seeds, each prune in its own process (1 thread): how far the pruning "
-        "raised that process's peak resident memory above its peak after loading the data and model and one forward "
-        "pass (0: not above it), and the process's peak itself. Runs: "
+        "raised that process's resident memory above what it held after loading the data and the model and one "
+        "forward pass (peak during the pruning, from /proc/self/status VmHWM reset just before), and that peak "
+        "itself. Runs: "
         f"{runs_text(args.jobs)}.",
         "",
         markdown_table(

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -338,7 +339,8 @@ def test_unused_target_is_named(batches):
 
 MEMORY_SCRIPT = textwrap.dedent(
     """
-    import resource, sys, torch, warnings
+    import sys, torch, warnings
+    from pathlib import Path
     from torch import nn
     import regrow
     warnings.simplefilter("ignore")
@@ -365,10 +367,14 @@ MEMORY_SCRIPT = textwrap.dedent(
     data = [(torch.randn(32, 64, 64), torch.zeros(32, dtype=torch.long)) for _ in range(16)]
     with torch.no_grad():
         model(data[0][0])  # torch's one-time set-up is not the pruning's
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def kib(field):
+        lines = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) for line in lines if line.startswith(field))
+
+    Path("/proc/self/clear_refs").write_text("5")  # the peak resident size restarts from the current one
+    before = kib("VmRSS:")
     regrow.prune(model, 0.5, criterion=sys.argv[1], data=data, keep_dense=False, calibration={"batches": 16})
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 1024)
+    print((kib("VmHWM:") - before) / 1024)
     """
 )
 
@@ -377,9 +383,12 @@ MEMORY_SCRIPT = textwrap.dedent(
 def test_layer_by_layer_peak_memory_stays_far_below_the_full_activations(tmp_path, criterion):
     # 16 batches x 2,048 tokens: the inputs of every target over all calibration tokens take 8 x (64 + 1,024)
     # x 32,768 x 4 bytes = 1,088 MiB; layer by layer holds the blocks' inputs and outputs (2 x 8 MiB), one
-    # batch's activations and, for sparsegpt, one 1,024² Gram matrix (4 MiB).
+    # batch's activations in a block (a few 8 MiB tensors) and, for sparsegpt, one 1,024² Gram matrix and its
+    # float64 factorisation (4 + 3 x 8 MiB). Measured: about 45 MiB (wanda) and 60 MiB (sparsegpt).
     full_mib = 8 * (64 + 1024) * 32768 * 4 / 2**20
-    bound_mib = 80
+    bound_mib = 128
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident size")
     script = tmp_path / "peak.py"
     script.write_text(MEMORY_SCRIPT)
     # A fixed mmap threshold makes glibc return every freed buffer of 1 MiB or more at once, so that the peak
@@ -389,7 +398,7 @@ def test_layer_by_layer_peak_memory_stays_far_below_the_full_activations(tmp_pat
         [sys.executable, str(script), criterion], capture_output=True, text=True, timeout=300, check=True, env=env
     )
     grown = float(out.stdout.strip().splitlines()[-1])
-    assert full_mib > 1000 > bound_mib
+    assert full_mib > 8 * bound_mib
     assert grown < bound_mib, f"peak memory grew by {grown:.0f} MiB while pruning"
 
 

@@ -15,7 +15,7 @@ from regrow.criteria import CRITERIA, Calibration, is_calibrated
 from regrow.errors import RegrowError, SpeedWarning, one_of
 from regrow.masks import MaskSet
 from regrow.patterns import get_pattern
-from regrow.select import resolve_targets
+from regrow.select import resolve_targets, transposed_targets
 from regrow.spec import PruneSpec
 
 SCOPES = ("global", "layer", "row")
@@ -49,7 +49,9 @@ def plan(
     if scope not in SCOPES:
         raise one_of("scope", scope, SCOPES)
     fqns = resolve_targets(model, targets, ignore)
-    pat.check({f: model.get_parameter(f).shape for f in fqns}, sparsity=sparsity, threshold=threshold)
+    flipped = transposed_targets(model, fqns)  # stored (inputs, outputs): the pattern sees (outputs, inputs)
+    shapes = {f: model.get_parameter(f).shape for f in fqns}
+    pat.check({f: s[::-1] if f in flipped else s for f, s in shapes.items()}, sparsity=sparsity, threshold=threshold)
     if sparsity is None and threshold is None:  # n:m: the pattern fixes the sparsity
         sparsity = 1 - pat.n / pat.m  # type: ignore[attr-defined]
     options = None
@@ -142,15 +144,24 @@ def compute_masks(
         masks = {}
         for f, s in scores.items():
             scope = "row" if spec.scope == "row" else "layer"
-            masks.update(pattern.make_masks({f: s}, sparsity=per_target[f], threshold=None, scope=scope))
+            masks.update(pattern_masks(model, pattern, {f: s}, sparsity=per_target[f], threshold=None, scope=scope))
     else:
         cap = spec.global_cap()  # global ranking: no target emptied or left far sparser than the rest
-        masks = pattern.make_masks(
-            scores, sparsity=spec.sparsity, threshold=spec.threshold, scope=spec.scope, **({"cap": cap} if cap else {})
-        )
+        masks = pattern_masks(
+            model, pattern, scores, sparsity=spec.sparsity, threshold=spec.threshold, scope=spec.scope,
+            **({"cap": cap} if cap else {}),
+        )  # fmt: skip
     if previous is not None:
         masks = {f: m & previous[f].to(m.device) for f, m in masks.items()}
     return masks
+
+
+def pattern_masks(model: nn.Module, pattern: Any, scores: dict[str, Tensor], **budget: Any) -> dict[str, Tensor]:
+    """``pattern.make_masks(scores, **budget)``, with the targets stored (inputs, outputs) (GPT-2's Conv1D) seen
+    as (outputs, inputs), so that n:m groups run along their inputs and ``row`` scope along their outputs."""
+    flipped = transposed_targets(model, scores)
+    masks = pattern.make_masks({f: s.t() if f in flipped else s for f, s in scores.items()}, **budget)
+    return {f: m.t().contiguous() if f in flipped else m for f, m in masks.items()}
 
 
 def speed_warning(pattern: str) -> str:

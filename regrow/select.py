@@ -2,7 +2,8 @@
 
 A *target* is a parameter addressed by its fully-qualified name (fqn), e.g. ``features.0.weight``.
 
-Default targets: the ``weight`` of every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layer **except the final
+Default targets: the ``weight`` of every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layer (and Hugging Face ``Conv1D``,
+GPT-2's Linear stored transposed) **except the final
 classifier**, which is the last such layer in module registration order (``model.named_modules()``).
 Pruning the classifier removes whole class scores and costs far more accuracy than it saves, so it is
 left dense unless you name it in ``targets``.
@@ -24,9 +25,26 @@ from regrow.errors import RegrowError
 PRUNABLE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """A Linear whose weight is stored (inputs, outputs): Hugging Face's ``Conv1D`` (GPT-2 and its kin)."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, nn.Parameter)
+
+
 def prunable_layers(model: nn.Module) -> list[str]:
-    """Names of the Linear and Conv layers of ``model``, in registration order."""
-    return [name for name, m in model.named_modules() if isinstance(m, PRUNABLE_LAYERS)]
+    """Names of the Linear and Conv layers of ``model`` (Hugging Face ``Conv1D`` too), in registration order."""
+    return [name for name, m in model.named_modules() if isinstance(m, PRUNABLE_LAYERS) or is_transposed_linear(m)]
+
+
+def transposed_targets(model: nn.Module, targets: Iterable[str]) -> set[str]:
+    """The targets stored (inputs, outputs): patterns see them transposed, so that dim 0 is the outputs and dim
+    1 the inputs (n:m groups run along the inputs, ``row`` scope along the outputs)."""
+    out = set()
+    for f in targets:
+        owner, _, leaf = f.rpartition(".")
+        if leaf == "weight" and is_transposed_linear(model.get_submodule(owner) if owner else model):
+            out.add(f)
+    return out
 
 
 def final_classifier(model: nn.Module) -> str | None:

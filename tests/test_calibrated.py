@@ -444,3 +444,64 @@ def test_a_recipe_runs_with_a_calibrated_criterion_and_sensitivity(tmp_path, cap
     prune = json.loads((out / "report.json").read_text())["prune"]
     assert prune["calibration"] == {"batches": 4, "dampening": 0.01, "block_size": 128}
     assert prune["sensitivity"]["criterion"] == "sparsegpt"
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 layer as it is written there: a Linear whose weight is stored (inputs, outputs)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class TwoConv1D(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = Conv1D(12, 8)  # 8 inputs -> 12 outputs
+        self.b = Conv1D(4, 12)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt"])
+def test_transposed_linear_layers_get_n_m_groups_along_their_inputs(criterion):
+    torch.manual_seed(9)
+    model = TwoConv1D()
+    assert regrow.select.default_targets(model) == ["a.weight"]  # b is the final classifier
+    data = [(torch.randn(16, 8), torch.zeros(16, dtype=torch.long)) for _ in range(2)]
+    masks = regrow.prune(model, pattern="2:4", criterion=criterion, data=data)
+    keep = masks["a.weight"]  # (8 inputs, 12 outputs): for each output, 2 of every 4 consecutive inputs
+    assert keep.shape == (8, 12) and bool((keep.reshape(2, 4, 12).sum(1) == 2).all())
+    if criterion == "magnitude":
+        expect = get_pattern("2:4").make_masks(
+            {"w": model.a.weight.t().abs()}, sparsity=None, threshold=None, scope="layer"
+        )
+        assert torch.equal(keep, expect["w"].t())
+
+
+def test_row_scope_on_a_transposed_linear_counts_per_output():
+    torch.manual_seed(10)
+    model = TwoConv1D()
+    masks = regrow.prune(model, 0.25, scope="row", targets="a.weight")
+    assert (~masks["a.weight"]).sum(0).tolist() == [2] * 12  # each of the 12 outputs loses 2 of its 8 inputs
+
+
+def test_gpt2_conv1d_layers_are_default_targets_and_pruned_along_their_inputs():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                     eos_token_id=0)  # fmt: skip
+    torch.manual_seed(11)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    targets = regrow.select.default_targets(model)
+    assert len(targets) == 8 and all(t.startswith("transformer.h.") for t in targets)  # c_attn, c_proj, c_fc, c_proj
+    data = [{"input_ids": torch.randint(0, 64, (2, 16))} for _ in range(2)]
+    masks = regrow.prune(model, pattern="2:4", criterion="sparsegpt", data=data)
+    for f, keep in masks.items():
+        rows, cols = keep.shape  # stored (inputs, outputs)
+        assert bool((keep.reshape(rows // 4, 4, cols).sum(1) == 2).all()), f

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from regrow.batches import model_device, to_device, unpack
 from regrow.errors import RegrowError
 from regrow.progress import bar
+from regrow.select import is_transposed_linear
 
 CALIBRATION_BATCHES = 16
 
@@ -78,15 +79,10 @@ class Calibration:
 # --------------------------------------------------------------------------------------------- layouts
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2): a Linear whose weight is stored (inputs, outputs)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(module.weight, Tensor)
-
-
 def supported(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
         return module.groups == 1
-    return isinstance(module, nn.Linear) or _is_hf_conv1d(module)
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
 
 
 def to_matrix(module: nn.Module, tensor: Tensor) -> Tensor:
@@ -94,7 +90,7 @@ def to_matrix(module: nn.Module, tensor: Tensor) -> Tensor:
     positions, then the input channels (so n:m groups of channels are adjacent)."""
     if isinstance(module, nn.Conv2d):
         return tensor.permute(0, 2, 3, 1).reshape(tensor.shape[0], -1)
-    if _is_hf_conv1d(module):
+    if is_transposed_linear(module):
         return tensor.t()
     return tensor
 
@@ -104,7 +100,7 @@ def from_matrix(module: nn.Module, matrix: Tensor) -> Tensor:
     if isinstance(module, nn.Conv2d):
         out, cin, kh, kw = module.weight.shape
         return matrix.reshape(out, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
-    if _is_hf_conv1d(module):
+    if is_transposed_linear(module):
         return matrix.t().contiguous()
     return matrix
 

@@ -201,7 +201,7 @@ def _masked_curves(
 ) -> tuple[list[UnitCurve], tuple[int, int]]:
     from regrow.criteria import CRITERIA
     from regrow.patterns import get_pattern
-    from regrow.prune import plan
+    from regrow.prune import pattern_masks, plan
 
     pat = get_pattern(pattern)
     if pat.name != "unstructured":  # n:m: the pattern fixes the level
@@ -216,7 +216,7 @@ def _masked_curves(
         original = param.detach().clone()
         losses, accs, removed = [], [], []
         for level in levels:
-            mask = pat.make_masks({fqn: scores[fqn]}, sparsity=level, threshold=None, scope="layer")[fqn]
+            mask = pattern_masks(model, pat, {fqn: scores[fqn]}, sparsity=level, threshold=None, scope="layer")[fqn]
             with torch.no_grad():
                 param.mul_(mask)
             metrics = classification_metrics(model, calib)

@@ -31,6 +31,22 @@ class TinyCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
+def tiny_llama(seed: int = 0):
+    """A random-init two-layer Llama (grouped-query attention: 4 query heads, 2 key/value heads), eval mode."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
 def make_batches(n_batches: int = 6, batch: int = 16, d_in: int = 8, classes: int = 3, seed: int = 0):
     """Linearly separable synthetic classification batches."""
     g = torch.Generator().manual_seed(seed)

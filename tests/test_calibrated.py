@@ -403,18 +403,9 @@ def test_layer_by_layer_peak_memory_stays_far_below_the_full_activations(tmp_pat
 
 
 def test_a_llama_decoder_is_pruned_block_by_block(monkeypatch):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(8)
-    model = transformers.LlamaForCausalLM(config).eval()
+    from conftest import tiny_llama
+
+    model = tiny_llama(seed=8)
     data = [{"input_ids": torch.randint(0, 64, (2, 16))} for _ in range(2)]
     order = calibration._call_order
     seen = []

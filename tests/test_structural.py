@@ -3,6 +3,7 @@
 import copy
 import gc
 import pickle
+import time
 import weakref
 
 import pytest
@@ -722,3 +723,21 @@ def test_the_cpu_copy_keeps_ties_and_a_cpu_model_is_its_own(monkeypatch):
     assert host.head.weight is host.emb.weight and not host.emb.weight.is_meta
     assert all(torch.equal(a, b) for a, b in zip(host.state_dict().values(), twin.state_dict().values()))
     assert model.emb.weight.is_meta  # the original stays where it is
+
+
+def test_a_dependency_graph_that_does_not_finish_in_time_stops_with_a_clear_error(monkeypatch):
+    import regrow.structural.prepared as prepared
+    from conftest import tiny_llama
+
+    model = tiny_llama()  # torch-pruning's grouping does not end on this model (minutes and counting)
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        before = model(ids).logits
+    monkeypatch.setattr(prepared, "GRAPH_SECONDS", 3.0)
+    started = time.perf_counter()
+    with pytest.raises(regrow.RegrowError, match="was not built within 3 s, so channel pruning stopped"):
+        regrow.prune(model, 0.25, pattern="channel", data=[({"input_ids": ids}, torch.zeros(2, 16, dtype=torch.long))])
+    assert time.perf_counter() - started < 60
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)  # the model is as it was
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -26,6 +26,7 @@ from regrow.structural.heads import HeadGroup, head_group
 from regrow.structural.importance import accumulate_gradients, channel_scores, head_scores
 from regrow.structural.rounding import _round_step
 from regrow.structural.units import Compare, _apply, _breaks_ties, _probe_all, _Unit
+from regrow.timelimit import time_limit
 
 NO_ATTENTION = (
     "pattern 'head' found no attention module: regrow prunes heads of nn.MultiheadAttention and of "
@@ -118,6 +119,9 @@ def validate_request(model: nn.Module, pattern: str, targets: Any = None, ignore
     _head_candidates(attention, targets, ignore)
 
 
+GRAPH_SECONDS = 300.0  # the longest regrow waits for the dependency graph and its groups
+
+
 def _channel_groups(
     model: nn.Module, attention: dict[str, nn.Module], inputs: Any, targets: Any, ignore: Any
 ) -> tuple[StructureGraph, list[ChannelGroup | HeadGroup]]:
@@ -131,12 +135,19 @@ def _channel_groups(
     ignored = set()
     if ignore is not None:
         ignored = {f.rpartition(".")[0] for f in resolve_targets(model, ignore)}
-    graph = StructureGraph(model, inputs)
-    inner = {}
-    for name, module in attention.items():
-        hg = head_group(name, module, model)
-        inner[name] = {fqn for role, fqn in hg.projections.items() if role != "out"}
-    return graph, list(graph.channel_groups(candidates, ignored, inner))
+    explain = (
+        f"the structural dependency graph of this model (torch-pruning) was not built within {GRAPH_SECONDS:g} s, "
+        "so channel pruning stopped instead of hanging (torch-pruning's grouping does not end on some graphs, e.g. "
+        "Llama-style decoders). Prune fewer layers with targets= / ignore=, remove heads with pattern 'head', or "
+        "use pattern 'unstructured' or '2:4'."
+    )
+    with time_limit(GRAPH_SECONDS, explain):
+        graph = StructureGraph(model, inputs)
+        inner = {}
+        for name, module in attention.items():
+            hg = head_group(name, module, model)
+            inner[name] = {fqn for role, fqn in hg.projections.items() if role != "out"}
+        return graph, list(graph.channel_groups(candidates, ignored, inner))
 
 
 def _head_groups(model: nn.Module, attention: dict[str, nn.Module], targets: Any, ignore: Any) -> list[HeadGroup]:

@@ -496,3 +496,14 @@ def test_gpt2_conv1d_layers_are_default_targets_and_pruned_along_their_inputs():
     for f, keep in masks.items():
         rows, cols = keep.shape  # stored (inputs, outputs)
         assert bool((keep.reshape(rows // 4, 4, cols).sum(1) == 2).all()), f
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_a_rising_schedule_only_ever_removes_more(mlp, batches, criterion):
+    from regrow.prune import compute_masks
+
+    first = regrow.prune(mlp, 0.5, criterion=criterion, data=batches)
+    more = compute_masks(mlp, first.spec.with_sparsity(0.8), batches, previous=first)
+    for f, keep in more.items():
+        assert not bool((keep & ~first[f]).any()), f  # nothing pruned before comes back
+        assert int((~keep).sum()) >= pruned_count(0.8, keep.numel()), f

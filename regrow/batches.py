@@ -187,7 +187,10 @@ def _label_kind(targets: Any) -> str | None:
 def _check_shifted(inputs: Any, targets: Tensor, where: str) -> None:
     """Token targets equal to the input ids would teach a language model to copy its input: refuse them."""
     ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs if targets.dim() == 2 else None
-    if isinstance(ids, Tensor) and ids.shape == targets.shape and targets.dim() == 2 and torch.equal(ids, targets):
+    if not (isinstance(ids, Tensor) and ids.shape == targets.shape and targets.dim() == 2):
+        return
+    real = targets != IGNORE  # padding marked -100 in the labels does not hide a copy of the inputs
+    if bool(real.any()) and torch.equal(ids[real], targets[real]):
         raise RegrowError(
             f"{where} has token targets equal to its input ids. regrow scores logits[:, t] against targets[:, t], "
             "so for a language model the targets are the inputs shifted left by one (the next token; -100 at "

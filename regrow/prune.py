@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import warnings
@@ -224,8 +225,7 @@ def prune(
             the final classifier (the last one registered). For ``"head"``: attention module names.
         ignore: fqns or globs removed from the targets.
         data: an iterable of ``(inputs, targets)`` batches, for data-driven criteria and for tracing.
-        keep_dense: keep a frozen copy of the model from before pruning in ``MaskSet.dense`` (the
-            default teacher for distillation).
+        keep_dense: keep a frozen copy of the model from before pruning in ``MaskSet.dense`` (the default teacher).
         macs / params: structural budgets: the fraction of MACs / parameters to keep, in (0, 1], reached
             within 2 % (relative); units too coarse for that: the closest selection within 10 %, with a warning.
         round_to: structural: round kept channel counts down to a multiple of this; a group narrower than
@@ -235,7 +235,7 @@ def prune(
         max_sparsity: the largest share removed from any group (structural; default 0.9) or target (default:
             0.99, and with scope global, 1 - half the overall density if that is less; ``PruneSpec``).
         example_inputs: structural: inputs to trace the model with (default: the first batch of ``data``).
-        latency: structural budget: the fraction of the measured latency to keep (met within 5 %).
+        latency: structural budget: the fraction of measured latency to keep (within 5 %).
         recalibrate: structural: re-estimate BatchNorm statistics on a few batches of ``data`` (Li et al. 2020).
         allocation: relative per-target (structural: per-group) sparsities, e.g.
             ``regrow.allocation.allocate(...).per_target``; the budget scales them to fit exactly.
@@ -263,9 +263,23 @@ def prune(
         warnings.warn(speed_warning(spec.pattern), SpeedWarning, stacklevel=2)
     _warn_if_pruned_before(model, spec.targets)
     dense = frozen_copy(model) if keep_dense else None
-    masks = MaskSet(compute_masks(model, spec, data, progress=True), spec=spec, dense=dense)
+    with _restored_on_error(model, spec.targets if is_calibrated(spec.criterion) else []):
+        masks = MaskSet(compute_masks(model, spec, data, progress=True), spec=spec, dense=dense)
     masks.apply(model)
     return masks
+
+
+@contextlib.contextmanager
+def _restored_on_error(model: nn.Module, targets: list[str]) -> Any:
+    """Put ``targets`` back as they were if the block fails (a calibrated criterion prunes layer by layer)."""
+    saved = {f: model.get_parameter(f).detach().clone() for f in targets}
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for f, value in saved.items():
+                model.get_parameter(f).copy_(value)
+        raise
 
 
 def _masked_spec(

@@ -29,7 +29,7 @@ def unit(logits: Tensor, targets: Tensor) -> str:
         got = str(targets.dtype).removeprefix("torch.") if isinstance(targets, Tensor) else type(targets).__name__
         raise RegrowError(
             f"the targets must be integer class or token indices; got {got}. Float targets (e.g. embeddings) "
-            "are not labels: distil an encoder's embeddings from its dense model instead."
+            "are not labels regrow can score."
         )
     if logits.dim() == 2 and targets.dim() == 1 and logits.shape[0] == targets.shape[0]:
         return "samples"
@@ -58,15 +58,16 @@ def task_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0, red
 
 
 def scored(targets: Tensor) -> Tensor:
-    """Which targets count (not padding), flattened."""
-    return targets.reshape(-1) != IGNORE
+    """Which targets count (not padding), flattened; uint8 class indices cannot hold -100: all count."""
+    flat = targets.reshape(-1)
+    return torch.ones_like(flat, dtype=torch.bool) if flat.dtype == torch.uint8 else flat != IGNORE
 
 
 def hits(logits: Tensor, targets: Tensor) -> Tensor:
     """How many scored units the argmax gets right (a unit with a NaN or inf logit counts as wrong)."""
     logits, targets = flat(logits, targets)
     right = (logits.argmax(dim=-1) == targets) & torch.isfinite(logits).all(dim=-1)
-    return (right & (targets != IGNORE)).sum()
+    return (right & scored(targets)).sum()
 
 
 def count(targets: Tensor) -> Tensor:

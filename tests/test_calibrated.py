@@ -507,3 +507,30 @@ def test_a_rising_schedule_only_ever_removes_more(mlp, batches, criterion):
     for f, keep in more.items():
         assert not bool((keep & ~first[f]).any()), f  # nothing pruned before comes back
         assert int((~keep).sum()) >= pruned_count(0.8, keep.numel()), f
+
+
+def test_a_failure_halfway_leaves_the_model_as_it_was(monkeypatch):
+    torch.manual_seed(12)
+    model = Chain()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real = calibration.Statistics.add
+    calls = []
+
+    def fail_on_the_second_layer(self, x):
+        calls.append(x.shape[-1])
+        if x.shape[-1] == 8:  # fc2's inputs: fc1 is already pruned by now
+            raise RuntimeError("boom")
+        real(self, x)
+
+    monkeypatch.setattr(calibration.Statistics, "add", fail_on_the_second_layer)
+    with pytest.raises(RuntimeError, match="boom"):
+        regrow.prune(model, 0.5, criterion="sparsegpt", data=as_batches(torch.randn(40, 6), 2))
+    assert 6 in calls and 8 in calls
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_conv_padding_the_statistics_cannot_follow_is_refused():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding="same"), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
+    data = [(torch.randn(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(RegrowError, match=r"Conv2d \(groups 1, zero padding given as numbers\)"):
+        regrow.prune(model, 0.5, criterion="wanda", data=data)

@@ -741,3 +741,23 @@ def test_a_dependency_graph_that_does_not_finish_in_time_stops_with_a_clear_erro
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)  # the model is as it was
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_the_time_limit_keeps_an_alarm_set_before_it():
+    import signal
+
+    from regrow.timelimit import time_limit
+
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with time_limit(10, "not reached"):
+            pass
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 0 < remaining <= 0.5  # still armed, for the rest of its time
+        time.sleep(0.7)
+        assert fired == [1]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

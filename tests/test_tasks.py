@@ -142,3 +142,21 @@ def test_a_language_model_is_pruned_and_recovered_by_token_distillation():
     snapshot = regrow.evaluate(model, test, masks=masks, latency=False)
     assert snapshot.perplexity == pytest.approx(recovered["perplexity"])
     assert 0.0 <= snapshot.accuracy <= 1.0
+
+
+def test_uint8_class_labels_count_every_class_even_156():
+    from regrow.tasks import count, hits
+
+    targets = torch.tensor([156, 1], dtype=torch.uint8)  # -100 wraps to 156 in uint8: it must not mean padding
+    logits = torch.zeros(2, 200)
+    logits[0, 156] = 1.0
+    assert int(count(targets)) == 2 and int(hits(logits, targets)) == 1
+
+
+def test_unshifted_labels_are_refused_even_with_padding():
+    ids = torch.randint(1, 10, (2, 6))
+    labels = ids.clone()
+    labels[1, 4:] = IGNORE  # what a Hugging Face collator does at padding
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
+    with pytest.raises(RegrowError, match="token targets equal to its input ids"):
+        check_batch(model, [({"input_ids": ids}, labels)], "training")

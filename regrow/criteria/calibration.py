@@ -80,8 +80,8 @@ class Calibration:
 
 
 def supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Conv2d):
-        return module.groups == 1
+    if isinstance(module, nn.Conv2d):  # zero padding by numbers: what unfold reproduces
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
     return isinstance(module, nn.Linear) or is_transposed_linear(module)
 
 
@@ -178,7 +178,8 @@ def target_modules(model: nn.Module, targets: list[str], criterion: str) -> dict
         module = model.get_submodule(owner) if owner else model
         if leaf != "weight" or not supported(module):
             raise RegrowError(
-                f"criterion {criterion!r} scores the weights of Linear, Conv2d (groups 1) and Hugging Face Conv1D "
+                f"criterion {criterion!r} scores the weights of Linear, Conv2d (groups 1, zero padding given as "
+                "numbers) and Hugging Face Conv1D "
                 f"layers from their calibration inputs; target {f!r} is the {leaf!r} of a "
                 f"{type(module).__name__}. Leave it out with ignore, or use criterion 'magnitude'."
             )

@@ -32,13 +32,13 @@ from regrow.errors import RegrowError
 def inverse_hessian_factor(gram: Tensor, dampening: float, name: str = "") -> Tensor:
     """Upper Cholesky factor of (XᵀX + λI)⁻¹, λ = ``dampening`` × mean diagonal; dead inputs (a zero diagonal)
     get a diagonal of 1."""
-    h = gram.double().clone()
+    h = gram.to("cpu", torch.float64)  # float64 on the CPU: MPS has no float64
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     h.diagonal().add_(dampening * torch.diagonal(h).mean())
     try:
         inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-        return torch.linalg.cholesky(inv, upper=True).float()
+        return torch.linalg.cholesky(inv, upper=True).to(gram.device, torch.float32)
     except torch.linalg.LinAlgError as exc:
         raise RegrowError(
             f"sparsegpt could not factor the Hessian of {name or 'a target'} ({exc}); raise the calibration "

@@ -27,6 +27,7 @@ from torch import nn
 from regrow.batches import check_batch, check_batches, unpack
 from regrow.components import build_augment, find_file
 from regrow.config import RunConfig
+from regrow.criteria import is_calibrated
 from regrow.data import DataBundle
 from regrow.errors import RegrowError
 from regrow.patterns import get_pattern
@@ -95,7 +96,9 @@ def check_request(cfg: RunConfig, model: nn.Module) -> tuple[PruneSpec, bool]:
         threshold=p.threshold,
         pattern=pattern,
         criterion=p.criterion,
-        scope="layer" if p.allocation == "uniform" and p.scope != "row" else p.scope,
+        scope="layer"
+        if p.allocation == "uniform" and p.scope == "global" and not is_calibrated(p.criterion)
+        else p.scope,
         targets=p.targets,
         ignore=p.ignore,
         calibration=None if p.calibration is None else p.calibration.model_dump(),

@@ -506,7 +506,10 @@ def test_a_rising_schedule_only_ever_removes_more(mlp, batches, criterion):
     more = compute_masks(mlp, first.spec.with_sparsity(0.8), batches, previous=first)
     for f, keep in more.items():
         assert not bool((keep & ~first[f]).any()), f  # nothing pruned before comes back
-        assert int((~keep).sum()) >= pruned_count(0.8, keep.numel()), f
+        if criterion == "sparsegpt":  # layer scope: exactly the budget
+            assert int((~keep).sum()) == pruned_count(0.8, keep.numel()), f
+        else:  # row scope: each row rounds up on its own
+            assert int((~keep).sum()) == keep.shape[0] * pruned_count(0.8, keep[0].numel()), f
 
 
 def test_a_failure_halfway_leaves_the_model_as_it_was(monkeypatch):
@@ -534,3 +537,18 @@ def test_conv_padding_the_statistics_cannot_follow_is_refused():
     data = [(torch.randn(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))]
     with pytest.raises(RegrowError, match=r"Conv2d \(groups 1, zero padding given as numbers\)"):
         regrow.prune(model, 0.5, criterion="wanda", data=data)
+
+
+@pytest.mark.parametrize("scope", ["layer", "row"])
+def test_an_uneven_earlier_mask_is_not_pruned_past_the_request(scope):
+    torch.manual_seed(13)
+    x = correlated_inputs(512, 64)
+    w = torch.randn(16, 64)
+    earlier = get_pattern("unstructured").make_masks({"w": w.abs()}, sparsity=0.45, threshold=None, scope="layer")["w"]
+    keep, _ = sparsegpt_layer(w, x.t() @ x, sparsity=0.5, scope=scope, forced=~earlier, block_size=16)
+    assert not bool((keep & ~earlier).any())  # what was pruned stays pruned
+    if scope == "layer":
+        assert int((~keep).sum()) == pruned_count(0.5, w.numel())  # 45 % forced, unevenly: still exactly 50 %
+    else:
+        forced_rows = (~earlier).sum(1)
+        assert (~keep).sum(1).tolist() == torch.maximum(forced_rows, torch.tensor(32)).tolist()  # exactly that

@@ -401,20 +401,6 @@ def one_pass(
     return stats
 
 
-def cumulative_counts(sparsity: float, sizes: list[int]) -> list[int]:
-    """How many to prune in each of consecutive chunks so that every prefix, and the whole, prunes exactly
-    ``pruned_count`` of its size (no chunk rounds up on its own)."""
-    from regrow.patterns import pruned_count
-
-    out, done, total = [], 0, 0
-    for n in sizes:
-        total += n
-        now = pruned_count(sparsity, total)
-        out.append(max(0, now - done))
-        done = max(done, now)
-    return out
-
-
 def check_finite(name: str, t: Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
         raise RegrowError(

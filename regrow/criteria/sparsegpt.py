@@ -11,6 +11,7 @@ at once. Layers go in the order the model calls them, each on the outputs of the
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -22,11 +23,11 @@ from regrow.criteria.calibration import (
     Calibration,
     Statistics,
     check_finite,
-    cumulative_counts,
     from_matrix,
     to_matrix,
 )
 from regrow.errors import RegrowError
+from regrow.patterns import pruned_count
 
 
 def inverse_hessian_factor(gram: Tensor, dampening: float, name: str = "") -> Tensor:
@@ -80,11 +81,14 @@ def sparsegpt_layer(
         block_size = max(nm[1], block_size // nm[1] * nm[1])  # a group never straddles two blocks
     starts = list(range(0, cols, block_size))
     widths = [min(block_size, cols - s) for s in starts]
-    if nm is None and scope == "layer":
-        counts = cumulative_counts(sparsity, [rows * n for n in widths])
-    elif nm is None:
-        counts = cumulative_counts(sparsity, widths)  # per row
-    for b, (i1, width) in enumerate(zip(starts, widths)):
+    # Weights an earlier mask forces out are pruned where they are; the others the budget still needs ("extra":
+    # max(0, target - forced), in the layer or in each row) are spread over the blocks in proportion to their
+    # columns, so the total is exactly max(target, forced) however unevenly the forced ones lie.
+    forced_rows = forced.sum(1) if forced is not None else torch.zeros(rows, dtype=torch.long, device=w.device)
+    extra_layer = max(0, pruned_count(sparsity, rows * cols) - int(forced_rows.sum()))
+    extra_rows = (pruned_count(sparsity, cols) - forced_rows).clamp(min=0)
+    done_layer, done_rows = 0, torch.zeros(rows, dtype=torch.long, device=w.device)
+    for i1, width in zip(starts, widths):
         i2 = i1 + width
         w1 = w[:, i1:i2].clone()
         h1 = hinv[i1:i2, i1:i2]
@@ -96,15 +100,19 @@ def sparsegpt_layer(
             if forced is not None:
                 cost = cost.masked_fill(forced[:, i1:i2], float("-inf"))
             if scope == "layer":
-                k = max(counts[b], int(forced[:, i1:i2].sum()) if forced is not None else 0)
-                lowest = torch.sort(cost.reshape(-1), stable=True).indices[:k]  # ties: the earlier weight goes
+                must = int(forced[:, i1:i2].sum()) if forced is not None else 0
+                extra = min(math.ceil(extra_layer * i2 / cols - 1e-9) - done_layer, rows * width - must)
+                lowest = torch.sort(cost.reshape(-1), stable=True).indices[: must + extra]  # ties: earlier goes
                 mask1.view(-1)[lowest] = True
+                done_layer += extra
             else:
-                k = counts[b]
+                must = forced[:, i1:i2].sum(1) if forced is not None else torch.zeros_like(done_rows)
+                goal = torch.ceil(extra_rows * i2 / cols - 1e-9).long()
+                extra = torch.minimum(goal - done_rows, width - must).clamp(min=0)
                 order = torch.sort(cost, dim=1, stable=True).indices
-                if forced is not None:
-                    k = max(k, int(forced[:, i1:i2].sum(1).max()))
-                mask1.scatter_(1, order[:, :k], True)
+                ranks = torch.arange(width, device=w.device)[None, :] < (must + extra)[:, None]
+                mask1.scatter_(1, order, ranks)
+                done_rows += extra
         for i in range(width):
             if nm is not None and i % nm[1] == 0:
                 n, m = nm

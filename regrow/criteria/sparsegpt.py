@@ -66,10 +66,9 @@ def sparsegpt_layer(
 ) -> tuple[Tensor, Tensor]:
     """One layer: (keep-mask, updated weight), both (outputs, inputs).
 
-    ``nm``: keep n of every m adjacent columns in each row; otherwise ``sparsity`` of the weights go, chosen
-    per block of columns over the whole block (``scope="layer"``, as the reference code) or within each row
-    of it (``"row"``); the counts add up block by block to exactly ``pruned_count`` of the layer (or row).
-    ``forced``: True where a weight must be pruned (an earlier mask).
+    ``nm``: keep n of every m adjacent columns in each row; otherwise ``sparsity`` of the weights go, chosen per
+    block of columns over the whole block (``scope="layer"``, as the reference code) or within each row of it
+    (``"row"``), exactly ``pruned_count`` of the layer (or row). ``forced``: True where an earlier mask pruned.
     """
     w = weight2d.detach().float().clone()
     rows, cols = w.shape

@@ -5,6 +5,7 @@ The public API::
     masks = regrow.prune(model, 0.9)                   # zero 90% of the target weights
     result = regrow.recover(model, masks, train_loader)  # distill from the dense copy, masks enforced
     snap = regrow.evaluate(model, test_loader)           # accuracy, nonzeros, MACs, latency, size
+    regrow.recover(encoder, masks, sentences, objective=regrow.Embedding())  # no labels: distil embeddings
     report = regrow.run("recipe.yaml")                   # the whole pipeline from a recipe
 
     regrow.prune(model, pattern="channel", macs=0.5, data=loader)  # remove channels: really faster
@@ -24,6 +25,7 @@ from regrow.export import load_weights, save_weights
 from regrow.masks import MaskSet
 from regrow.measure import Snapshot, evaluate
 from regrow.measure.sensitivity import SensitivityResult, sensitivity
+from regrow.objectives import Custom, Embedding, Labels
 from regrow.pipeline import run
 from regrow.prune import PruneSpec, prune
 from regrow.recovery import GradualPruning, RecoveryResult, recover
@@ -32,7 +34,10 @@ from regrow.structural import StructureReport, load, save
 
 __all__ = [
     "Allocation",
+    "Custom",
+    "Embedding",
     "GradualPruning",
+    "Labels",
     "MaskSet",
     "PruneSpec",
     "RecoveryResult",

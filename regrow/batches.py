@@ -8,7 +8,7 @@ plain lists of batches both qualify.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -21,14 +21,15 @@ Batch = tuple[Any, Tensor]
 
 
 def unpack(batch: Any) -> Batch:
-    """Split a batch into ``(inputs, targets)``."""
+    """Split a batch into ``(inputs, targets)``; a dict batch without ``labels`` has targets None."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
-    if isinstance(batch, dict) and "labels" in batch:
+    if isinstance(batch, dict):  # Hugging Face style; without 'labels' (an unlabeled encoder) the targets are None
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return inputs, batch["labels"]
+        return inputs, batch.get("labels")
     raise RegrowError(
-        "each batch must be an (inputs, targets) pair, or a dict with a 'labels' entry; got "
+        "each batch must be an (inputs, targets) pair, or a dict of model inputs (with a 'labels' entry when the "
+        "objective needs labels); got "
         f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "") + "."
     )
 
@@ -44,8 +45,13 @@ def to_device(x: Any, device: torch.device) -> Any:
 
 
 def forward(model: nn.Module, inputs: Any) -> Tensor:
-    """Call the model on ``inputs`` and return its logits."""
-    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    """Call the model on ``inputs`` and return its logits (or, for a model without them, its first output)."""
+    return output_tensor(model(**inputs) if isinstance(inputs, dict) else model(inputs))
+
+
+def output_tensor(out: Any) -> Tensor:
+    """The tensor regrow reads from what a model returned: itself, its ``.logits``, a tuple's first element, or a
+    mapping's first tensor."""
     if isinstance(out, Tensor):
         return out
     logits = getattr(out, "logits", None)
@@ -53,9 +59,14 @@ def forward(model: nn.Module, inputs: Any) -> Tensor:
         return logits
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
+    if isinstance(out, Mapping):  # e.g. a Hugging Face encoder's output: its first tensor, last_hidden_state
+        first = next((v for v in out.values() if isinstance(v, Tensor)), None)
+        if first is not None:
+            return first
     raise RegrowError(
         f"the model returned {type(out).__name__}; regrow needs a logits tensor, an output with a "
-        "'.logits' attribute, or a tuple whose first element is the logits."
+        "'.logits' attribute, a tuple whose first element is the logits, or a mapping whose first tensor is "
+        "the output (a Hugging Face model's last_hidden_state)."
     )
 
 

@@ -25,11 +25,17 @@ IGNORE = -100  # targets with this value (padding) are not scored
 
 def unit(logits: Tensor, targets: Tensor) -> str:
     """``"samples"`` or ``"tokens"``: what each target scores; a RegrowError for shapes that fit neither."""
+    if targets is None:
+        raise RegrowError(
+            "the batches carry no labels (a dict without a 'labels' entry), and this objective scores labels. An "
+            "encoder without labels is recovered and evaluated by its embeddings: objective=regrow.Embedding(...)."
+        )
     if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex():
         got = str(targets.dtype).removeprefix("torch.") if isinstance(targets, Tensor) else type(targets).__name__
         raise RegrowError(
             f"the targets must be integer class or token indices; got {got}. Float targets (e.g. embeddings) "
-            "are not labels regrow can score."
+            "are not labels regrow can score; distil an encoder's embeddings with objective=regrow.Embedding(...), or "
+            "give your own loss with regrow.Custom(...)."
         )
     if logits.dim() == 2 and targets.dim() == 1 and logits.shape[0] == targets.shape[0]:
         return "samples"

@@ -20,6 +20,7 @@ from conftest import TinyCNN, TinyMLP
 from regrow.config import RecoverConfig, explain
 from regrow.errors import RegrowError
 from regrow.masks import MaskEnforcer
+from regrow.objectives import as_scored
 from regrow.recovery import compute as compute_mod
 from regrow.recovery.compute import Compute, DeviceTally, convolutional, on_device
 from regrow.recovery.loop import masked_step
@@ -320,7 +321,7 @@ def test_the_training_metrics_are_read_back_once_per_epoch(monkeypatch):
 def test_the_progress_bar_reads_the_loss_at_most_once_per_refresh_interval():
     tally = DeviceTally()
     loss = {"loss": torch.tensor(0.5)}
-    tally.add(loss, torch.eye(3)[:2], torch.tensor([0, 2]))
+    tally.add(loss, as_scored(torch.eye(3)[:2], torch.tensor([0, 2])))
     shown = []
     bar = SimpleNamespace(disable=False, mininterval=3600.0, set_postfix=lambda **kw: shown.append(kw["loss"]))
     for _ in range(5):
@@ -343,7 +344,7 @@ def test_device_sums_equal_python_float_sums_bit_for_bit():
         n = rng.randint(1, 300)
         values = {k: torch.tensor(rng.uniform(0, 5) * 10 ** rng.randint(-6, 3)) for k in sums}
         logits, targets = torch.randn(n, 4), torch.randint(0, 4, (n,))
-        tally.add(values, logits, targets)
+        tally.add(values, as_scored(logits, targets))
         for k, v in values.items():  # what the loop summed on the host before
             sums[k] += float(v) * n
         correct += int((logits.argmax(-1) == targets).sum())
@@ -354,8 +355,8 @@ def test_device_sums_equal_python_float_sums_bit_for_bit():
 def test_a_method_whose_loss_names_change_is_still_tallied():
     tally = DeviceTally()
     t = torch.tensor([0, 1])
-    tally.add({"loss": torch.tensor(1.0)}, torch.eye(2), t)
-    tally.add({"loss": torch.tensor(3.0), "extra": torch.tensor(2.0)}, torch.eye(2), t)
+    tally.add({"loss": torch.tensor(1.0)}, as_scored(torch.eye(2), t))
+    tally.add({"loss": torch.tensor(3.0), "extra": torch.tensor(2.0)}, as_scored(torch.eye(2), t))
     assert tally.read() == ({"loss": 8.0, "extra": 4.0}, 4, 4)
 
 

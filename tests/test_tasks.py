@@ -12,6 +12,7 @@ from regrow.batches import check_batch, check_batches
 from regrow.data.text import next_token_batches, next_token_targets
 from regrow.errors import RegrowError
 from regrow.measure.metrics import classification_metrics
+from regrow.objectives import as_scored
 from regrow.recovery.compute import DeviceTally
 from regrow.tasks import IGNORE, distillation_loss, task_loss
 
@@ -102,8 +103,8 @@ def test_the_training_tally_counts_real_tokens():
     logits = torch.zeros(2, 3, 4)
     logits[..., 1] = 1.0  # predicts token 1 everywhere
     targets = torch.tensor([[1, 1, IGNORE], [2, IGNORE, IGNORE]])
-    tally.add({"loss": torch.tensor(0.5)}, logits, targets)
-    tally.add({"loss": torch.tensor(2.0)}, torch.zeros(1, 3, 4), torch.tensor([[0, 0, 0]]))
+    tally.add({"loss": torch.tensor(0.5)}, as_scored(logits, targets))
+    tally.add({"loss": torch.tensor(2.0)}, as_scored(torch.zeros(1, 3, 4), torch.tensor([[0, 0, 0]])))
     sums, correct, units = tally.read()
     assert units == 6 and tally.seen == 3
     assert sums["loss"] == pytest.approx(0.5 * 3 + 2.0 * 3)  # each batch's mean loss weighted by its tokens

@@ -50,6 +50,65 @@ def _sequences(tokens: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
     return seqs[:, :-1], seqs[:, 1:]
 
 
+def _topic_split(names: list[str]) -> dict[str, list[str]]:
+    """Document names split 8:1:1 into train / validation / test (every 10th tested, every 10th from the 6th
+    validated): whole documents, so that no held-out text is a neighbour of a training one."""
+    split: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for i, name in enumerate(sorted(names)):
+        split["test" if i % 10 == 0 else "val" if i % 10 == 5 else "train"].append(name)
+    return split
+
+
+def _stdlib_docstrings() -> dict[str, str]:
+    """The docstrings of the standard library's own modules (not its tests), one document per module file."""
+    import ast
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs: dict[str, str] = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(("test/", "site-packages/", "idlelib/idle_test/", "lib2to3/tests/")) or "/tests/" in rel:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef)))]
+        texts = [d for n in nodes if (d := ast.get_docstring(n))]
+        if texts:
+            docs[f"module:{rel}"] = "\n\n".join(texts)
+    return docs
+
+
+def python_docs_sentences(min_words: int = 6, max_words: int = 48, docstrings: bool = True) -> dict[str, list[str]]:
+    """English prose sentences of Python's reference documentation (pydoc_data.topics) and, with
+    ``docstrings``, of the standard library's docstrings, split 8:1:1 by document like ``python_docs``:
+    ``{"train": [...], "val": [...], "test": [...]}``. A sentence ends at ``.``, ``!`` or ``?`` before white
+    space; code (``>>>``, indented blocks, mostly symbols) and sentences outside [min_words, max_words] are left
+    out, and each sentence is kept once (in the first split that has it: train, then val, then test)."""
+    import re
+    from pydoc_data.topics import topics
+
+    documents = {f"topic:{k}": v for k, v in topics.items()} | (_stdlib_docstrings() if docstrings else {})
+    seen: set[str] = set()
+    out: dict[str, list[str]] = {}
+    for part, names in _topic_split(list(documents)).items():
+        out[part] = []
+        for name in names:
+            for paragraph in re.split(r"\n\s*\n", documents[name]):
+                if ">>>" in paragraph or paragraph.startswith((" ", "\t")):  # examples and code blocks
+                    continue
+                for sentence in re.split(r"(?<=[.!?])\s+", " ".join(paragraph.split())):
+                    words = sentence.split()
+                    letters = sum(c.isalpha() or c.isspace() for c in sentence)
+                    if min_words <= len(words) <= max_words and letters >= 0.8 * len(sentence) and sentence not in seen:
+                        seen.add(sentence)
+                        out[part].append(sentence)
+    return {k: out[k] for k in ("train", "val", "test")}
+
+
 @DATASETS.register("python_docs")
 def python_docs(seq_len: int = 64, batch_size: int = 32, seed: int = 0, train_limit: int | None = None) -> DataBundle:
     """Python's reference documentation as bytes (pydoc_data.topics, shipped with every CPython): a language
@@ -58,9 +117,7 @@ def python_docs(seq_len: int = 64, batch_size: int = 32, seed: int = 0, train_li
     from pydoc_data.topics import topics
 
     names = sorted(topics)
-    texts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for i, name in enumerate(names):
-        texts["test" if i % 10 == 0 else "val" if i % 10 == 5 else "train"].append(topics[name])
+    texts = {part: [topics[n] for n in group] for part, group in _topic_split(names).items()}
     streams = {
         k: torch.frombuffer(bytearray("\n\n".join(v).encode("utf-8")), dtype=torch.uint8) for k, v in texts.items()
     }

@@ -16,6 +16,7 @@ from regrow.masks import MaskSet, measured_sparsity
 from regrow.measure.cost import count_params, dense_macs, size_bytes, sparse_size_bytes
 from regrow.measure.latency import Latency, measure_latency
 from regrow.measure.metrics import classification_metrics
+from regrow.objectives import Objective, check_objective
 from regrow.select import default_targets
 
 
@@ -24,6 +25,8 @@ class Snapshot:
     """What a model is and does at one stage of a run.
 
     ``macs`` are dense multiply-accumulates for one sample: zeros inside dense tensors still cost MACs.
+    ``accuracy`` holds the objective's metric, which ``metric`` names (accuracy by default; e.g. the cosine
+    similarity to the dense model for ``regrow.Embedding``).
     ``latency`` is measured on the CPU; ``latency_gpu`` too when a CUDA device is present.
     ``size_bytes`` is the dense safetensors size; ``sparse_size_bytes`` estimates a bitmask + nonzero
     values encoding of the targets.
@@ -44,6 +47,7 @@ class Snapshot:
     latency_gpu: Latency | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     perplexity: float | None = None  # language models: exp of the mean token loss (accuracy is per token)
+    metric: str = "accuracy"  # what ``accuracy`` holds: the objective's metric (regrow.objectives)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -104,6 +108,7 @@ def evaluate(
     repeats: int = 20,
     warmup: int = 5,
     progress: bool = False,
+    objective: Objective | None = None,
 ) -> Snapshot:
     """Measure ``model`` on ``data``.
 
@@ -116,6 +121,9 @@ def evaluate(
         repeats / warmup: timed and untimed forward passes for the latency median.
         stage: a name for this measurement (e.g. "pruned"), kept in the snapshot and shown on its progress bar.
         progress: show a progress bar over ``data``.
+        objective: what is scored (``regrow.objectives``): default labels (accuracy); ``regrow.Embedding(
+            teacher=dense)`` for an encoder without labels (cosine similarity to the dense model's embeddings);
+            ``regrow.Custom(loss, metric_fn)`` for the user's own.
 
     Returns:
         A :class:`Snapshot` with accuracy and loss (per sample; for a language model per token, with its
@@ -124,7 +132,10 @@ def evaluate(
     """
     check_reiterable(data, "data", "twice (for the metrics, then one batch to count MACs and time)")
     fqns = list(masks) if masks is not None else (targets if targets is not None else default_targets(model))
-    metrics = classification_metrics(model, data, progress=progress, desc=f"evaluate {stage}".strip())
+    objective = check_objective(objective)
+    metrics = classification_metrics(
+        model, data, objective=objective, progress=progress, desc=f"evaluate {stage}".strip()
+    )
     total, nonzero = count_params(model)
     per_target = measured_sparsity(model, fqns)
     numels = {f: model.get_parameter(f).numel() for f in fqns}
@@ -152,6 +163,7 @@ def evaluate(
         size_bytes=size_bytes(model),
         sparse_size_bytes=sparse_size_bytes(model, fqns),
         perplexity=metrics.get("perplexity"),
+        metric=objective.metric,
     )
 
 

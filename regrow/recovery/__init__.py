@@ -49,6 +49,7 @@ from regrow.data.split import split_validation
 from regrow.errors import RegrowError
 from regrow.masks import MaskSet
 from regrow.measure.metrics import classification_metrics
+from regrow.objectives import Objective, check_objective
 from regrow.recovery.callbacks import GradualPruning
 from regrow.recovery.checkpoint import Checkpoints
 from regrow.recovery.compute import autocast, check_precision
@@ -57,7 +58,7 @@ from regrow.recovery.guard import Diverged
 from regrow.recovery.loop import EpochRecord
 from regrow.recovery.loop import train as train_loop
 from regrow.recovery.lr import OriginalSchedule, default_original, rewind_plan
-from regrow.recovery.methods import METHODS, new_head
+from regrow.recovery.methods import METHODS, new_head, use_objective
 from regrow.recovery.sharing import SharedWeights, WeightSharing, sizes
 
 log = logging.getLogger("regrow")
@@ -285,7 +286,7 @@ def _rewind(
 
 
 def _baseline_val_accuracy(
-    options: RecoverConfig, given: float | None, teacher: nn.Module | None, val: Iterable[Any]
+    options: RecoverConfig, given: float | None, teacher: nn.Module | None, val: Iterable[Any], objective: Objective
 ) -> float | None:
     """The accuracy ``stop_when.within`` approaches: as given, else the teacher's on ``val`` (None if unused)."""
     if options.stop_when and options.stop_when.within is not None and given is None:
@@ -294,7 +295,7 @@ def _baseline_val_accuracy(
                 "stop_when.within needs the baseline's validation accuracy: pass baseline_val_accuracy= or a teacher."
             )
         with autocast(options.precision, model_device(teacher)):  # as recovery will validate
-            return classification_metrics(teacher, val)["accuracy"]
+            return classification_metrics(teacher, val, objective=objective)["accuracy"]
     return given
 
 
@@ -325,8 +326,11 @@ def _set_up(args: Mapping[str, Any]) -> _Setup:
     teacher = args["teacher"] if args["teacher"] is not None else args["masks"].dense
     original, assumed = _original_schedule(args, options)
     rewind = _rewind(args, options, original, assumed)
-    baseline = _baseline_val_accuracy(options, args["baseline_val_accuracy"], teacher, val)
+    objective = check_objective(args["objective"]).bind(teacher)
+    baseline = _baseline_val_accuracy(options, args["baseline_val_accuracy"], teacher, val, objective)
     runner, method_callbacks = METHODS.get(args["method"])(options, teacher)
+    if args["objective"] is not None:
+        use_objective(runner, objective, teacher, args["method"])
     return _Setup(options, original, augment, train, val, baseline, rewind, runner, method_callbacks)
 
 
@@ -434,6 +438,7 @@ def recover(
     callbacks: Sequence[Any] = (),
     progress: bool = True,
     checkpoint: Checkpoints | None = None,
+    objective: Objective | None = None,
 ) -> RecoveryResult:
     """Fine-tune a pruned model in place; masked weights stay exactly zero after every step.
 
@@ -458,6 +463,9 @@ def recover(
             share's k (16); transfer's weight of the feature-distillation loss.
         callbacks, progress: step callbacks (e.g. :class:`regrow.GradualPruning`); progress bars (on a terminal).
         checkpoint: a run's ``regrow.recovery.checkpoint.Checkpoints``: save the training state, resume from it.
+        objective: what is trained and validated (``regrow.objectives``): default labels (cross-entropy,
+            accuracy); ``regrow.Embedding(...)`` distils an encoder's embeddings from the teacher (no labels
+            needed; the metric is their cosine similarity); ``regrow.Custom(loss, metric_fn)`` is the user's.
 
     Returns:
         A :class:`RecoveryResult`; the model holds the best checkpoint, in the train/eval mode it came in.

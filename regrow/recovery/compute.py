@@ -38,8 +38,7 @@ from torch import Tensor, nn
 
 from regrow.batches import to_device, unpack
 from regrow.errors import RegrowError
-from regrow.tasks import count as count_units
-from regrow.tasks import hits as count_hits
+from regrow.objectives import Scored
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -235,16 +234,16 @@ class DeviceTally:
         self._groups: dict[tuple[str, ...], Tensor] = {}  # loss names -> their sums (usually one group)
         self._correct: Tensor | None = None
         self._units: Tensor | None = None
-        self._read: tuple[dict[str, float], int, int] | None = ({}, 0, 0)
+        self._read: tuple[dict[str, float], float, int] | None = ({}, 0, 0)
         self._last_show = time.monotonic()
 
-    def add(self, losses: dict[str, Tensor], logits: Tensor, targets: Tensor) -> None:
-        """Count one batch (no host sync)."""
+    def add(self, losses: dict[str, Tensor], scored: Scored) -> None:
+        """Count one batch (no host sync): its named losses and its metric (``regrow.objectives.Scored``)."""
         values = torch.stack([v.detach().reshape(()) for v in losses.values()])
         dtype = torch.float32 if values.device.type == "mps" else torch.float64
         values = values.to(dtype)
-        n = count_units(targets).to(dtype)
-        right = count_hits(logits.detach(), targets)
+        n = scored.units.to(values.device, dtype)
+        right = scored.score.detach().to(values.device, dtype)
         names = tuple(losses)
         if names in self._groups:
             self._groups[names].add_(values * n)
@@ -252,11 +251,12 @@ class DeviceTally:
             self._groups[names] = values * n
         self._correct = right if self._correct is None else self._correct.add_(right)
         self._units = n if self._units is None else self._units.add_(n)
-        self.seen += int(targets.shape[0])
+        self.seen += int(scored.outputs.shape[0])
         self._read = None
 
-    def read(self) -> tuple[dict[str, float], int, int]:
-        """(sum of each named loss weighted by units, correct units, units), read back from the device."""
+    def read(self) -> tuple[dict[str, float], float, int]:
+        """(sum of each named loss weighted by units, the metric's sum (correct units, for accuracy), units), read
+        back from the device."""
         if self._read is None:
             assert self._correct is not None and self._units is not None
             groups = list(self._groups.items())
@@ -269,7 +269,7 @@ class DeviceTally:
                 for name in names:
                     sums[name] = sums.get(name, 0.0) + flat[i]
                     i += 1
-            self._read = sums, round(flat[-2]), round(flat[-1])
+            self._read = sums, flat[-2], round(flat[-1])
         return self._read
 
     def state(self) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from regrow.batches import model_device
 from regrow.errors import RegrowError
 from regrow.masks import MaskEnforcer, MaskSet
 from regrow.measure.metrics import classification_metrics
+from regrow.objectives import Scored, as_scored, objective_of, shown
 from regrow.progress import bar as progress_bar
 from regrow.recovery.average import WeightAverage
 from regrow.recovery.checkpoint import (
@@ -113,7 +114,8 @@ def masked_step(
     compute: Compute | None = None,
     check: Callable[[Tensor, Tensor], bool] | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """One optimizer step with the masks enforced; returns the named losses and the logits.
+    """One optimizer step with the masks enforced; returns the named losses and the batch's ``Scored`` (its
+    outputs and metric; ``regrow.objectives``), or the logits from a method that returns them.
 
     ``compute`` (default: fp32, no scaler) sets the autocast precision of the forward pass and, for fp16,
     scales the loss and skips a step whose gradients overflowed (``regrow.recovery.compute``). ``check``
@@ -121,9 +123,9 @@ def masked_step(
     step is not applied (no backward pass, no optimizer step).
     """
     with compute.autocast() if compute is not None else nullcontext():
-        losses, logits = method.losses(model, inputs, targets)
-    if check is not None and not check(losses["loss"], logits):
-        return losses, logits
+        losses, scored = method.losses(model, inputs, targets)
+    if check is not None and not check(losses["loss"], scored.outputs if isinstance(scored, Scored) else scored):
+        return losses, scored
     optimizer.zero_grad(set_to_none=True)
     if compute is not None:
         compute.backward(losses["loss"], optimizer)  # fp16: unscaled again before anything reads the gradients
@@ -140,7 +142,7 @@ def masked_step(
         optimizer.step()
     if strict:  # (2) see the module docstring: SGD and AdamW cannot move a zero with no gradient or state
         enforcer.weights()
-    return losses, logits
+    return losses, scored
 
 
 @dataclass
@@ -243,7 +245,7 @@ def _start(
     )
 
 
-def _step(run: _Run, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+def _step(run: _Run, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], Any]:
     """One training step on a batch already on the device, then the learning rate, the step callbacks and the
     average move on; nothing moves when the guard stops the step (``run.guard.tripped``)."""
     run.guard.inputs(inputs)  # first epoch: finite inputs (the raw batch, before augmentation)
@@ -253,7 +255,7 @@ def _step(run: _Run, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], T
 
     state = run.state
     lr = run.optimizer.param_groups[0]["lr"]
-    losses, logits = masked_step(
+    losses, scored = masked_step(
         run.trained,
         run.method,
         run.optimizer,
@@ -266,7 +268,7 @@ def _step(run: _Run, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], T
         check=lambda loss, logits: run.guard.watch(loss, logits, state.step + 1, lr),
     )
     if run.guard.tripped is not None:
-        return losses, logits
+        return losses, scored
     run.scheduler.step()
 
     state.step += 1
@@ -274,14 +276,14 @@ def _step(run: _Run, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], T
         cb.on_step_end(state)
     if run.average is not None:
         run.average.update(state.step)
-    return losses, logits
+    return losses, scored
 
 
 def _evaluate(run: _Run, val_data: Iterable[Any], epoch: int, started: float, tally: DeviceTally) -> EpochRecord:
     """Validate the model as it is now (in the training precision); the epoch's record, with its training
     metrics from ``tally`` (read back from the device here)."""
     with run.compute.autocast():
-        metrics = classification_metrics(run.model, val_data)
+        metrics = classification_metrics(run.model, val_data, objective=objective_of(run.method))
     sums, correct, seen = tally.read() if tally.seen else ({}, 0, 0)  # seen: samples, or real tokens
     return EpochRecord(
         epoch=epoch,
@@ -316,16 +318,17 @@ def _keep_best(run: _Run, best: Kept | None, record: EpochRecord, ready: bool) -
     return best, better
 
 
-def _log_epoch(record: EpochRecord, epochs: int) -> None:
+def _log_epoch(record: EpochRecord, epochs: int, metric: str) -> None:
     """One line per epoch on the ``"regrow"`` logger (the command line prints it; progress bars are transient)."""
     log.info(
-        "epoch %d/%d: train loss %.4f, train accuracy %.2f%%, val accuracy %.2f%%, val loss %.4f, "
-        "sparsity %.2f%% (%.1f s)",
+        "epoch %d/%d: train loss %.4f, train %s %s, val %s %s, val loss %.4f, sparsity %.2f%% (%.1f s)",
         record.epoch,
         epochs,
         record.train_loss or float("nan"),
-        100 * (record.train_accuracy or 0.0),
-        100 * record.val_accuracy,
+        metric,
+        shown(metric, record.train_accuracy),
+        metric,
+        shown(metric, record.val_accuracy),
         record.val_loss,
         100 * record.sparsity,
         record.seconds,
@@ -368,10 +371,10 @@ def _train_epoch(run: _Run, at: Position, progress: bool, saves: Saves | None) -
     batches = iter(bar)
     done = saves.skip_trained(run, batches, tally) if saves is not None else 0
     for inputs, targets in on_device(batches, run.device):
-        losses, logits = _step(run, inputs, targets)
+        losses, scored = _step(run, inputs, targets)
         if run.guard.tripped is not None:
             break
-        tally.add(losses, logits, targets)
+        tally.add(losses, as_scored(scored, targets))
         tally.show(bar)  # reads the running loss back at most once per bar refresh
         done += 1
         if saves is not None:
@@ -425,7 +428,7 @@ def _epochs(
             guard.rollback(run, saved)  # back to the start of the epoch, learning rate lowered; or Diverged
             continue
         at.history.append(record)
-        _log_epoch(record, options.epochs)
+        _log_epoch(record, options.epochs, objective_of(run.method).metric)
         at.epoch += 1
         if ready:
             at.patience.update(record, better)

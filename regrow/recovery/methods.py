@@ -1,14 +1,15 @@
 """Recovery methods: the loss the pruned model is trained on, and what happens between steps.
 
 A method returns named losses (``{"loss", "task_loss", "kd_loss", ...}``) so they flow straight into logs,
-and may bring step callbacks. Register a new one with ``@METHODS.register("name")``: a builder
-``(options, teacher) -> (loss, callbacks)``.
+and the batch's :class:`~regrow.objectives.Scored` (outputs and metric); it may bring step callbacks. Register a
+new one with ``@METHODS.register("name")``: a builder ``(options, teacher) -> (loss, callbacks)``.
 
-* ``finetune``: the task loss (cross-entropy per sample, or per token for a language model; optional label
-  smoothing).
+* ``finetune``: the task loss: the objective's (``regrow.objectives``; default cross-entropy per sample, or per
+  token for a language model, optional label smoothing). With ``objective=regrow.Embedding(...)`` the loss is
+  the embedding's distance to the dense model's (an encoder without labels); ``regrow.Custom`` is the user's.
 * ``distill``: alpha · T² · KL(teacher ‖ student at temperature T) + (1 − alpha) · task loss (Hinton et
   al. 2015); the teacher is the dense model. A language model is distilled token by token over the
-  vocabulary, padding left out.
+  vocabulary, padding left out. The Embedding objective is distillation already: no KL is added to it.
 * ``rigl`` / ``set``: dynamic sparse training (regrow.recovery.dynamic), task loss, or distillation
   with ``distill: true``.
 * ``share``: weight sharing (regrow.recovery.sharing), likewise.
@@ -28,30 +29,32 @@ from torch import Tensor, nn
 
 from regrow.batches import forward
 from regrow.errors import RegrowError
+from regrow.objectives import Labels, Objective, Scored
 from regrow.recovery.dynamic import DynamicSparsity
 from regrow.recovery.sharing import WeightSharing
 from regrow.registry import Registry
 from regrow.select import final_classifier
-from regrow.tasks import distillation_loss, task_loss
+from regrow.tasks import distillation_loss
 
 Builder = Callable[[Any, nn.Module | None], tuple[Any, list[Any]]]
 METHODS: Registry[Builder] = Registry("recovery method")
 
 
 class TaskLoss:
-    """Cross-entropy per sample or per real token (``regrow.tasks``), with optional label smoothing."""
+    """The objective's loss (``regrow.objectives``): by default cross-entropy per sample or per real token, with
+    optional label smoothing; :func:`use_objective` sets another."""
 
     def __init__(self, options: Any) -> None:
-        self.label_smoothing = options.label_smoothing
+        self.objective: Objective = Labels(options.label_smoothing)
 
-    def losses(self, model: nn.Module, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        logits = forward(model, inputs)
-        task = task_loss(logits, targets, self.label_smoothing)
-        return {"loss": task, "task_loss": task}, logits
+    def losses(self, model: nn.Module, inputs: Any, targets: Any) -> tuple[dict[str, Tensor], Scored]:
+        scored = self.objective.step(model, inputs, targets)
+        return {"loss": scored.loss, "task_loss": scored.loss}, scored
 
 
 class DistillLoss(TaskLoss):
-    """alpha * T^2 * KL(teacher || student, T) + (1 - alpha) * task loss."""
+    """alpha * T^2 * KL(teacher || student, T) + (1 - alpha) * task loss; an objective that already distils (an
+    embedding) is used alone."""
 
     def __init__(self, options: Any, teacher: nn.Module | None) -> None:
         super().__init__(options)
@@ -59,8 +62,11 @@ class DistillLoss(TaskLoss):
         self.alpha = options.alpha
         self.temperature = options.temperature
 
-    def losses(self, model: nn.Module, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        out, logits = super().losses(model, inputs, targets)
+    def losses(self, model: nn.Module, inputs: Any, targets: Any) -> tuple[dict[str, Tensor], Scored]:
+        out, scored = super().losses(model, inputs, targets)
+        if self.objective.distils:
+            return out, scored
+        logits = scored.outputs
         # inference_mode: no autograd bookkeeping at all for the frozen teacher; the loop's autocast (if any)
         # runs it in the student's precision.
         with torch.inference_mode():
@@ -71,10 +77,11 @@ class DistillLoss(TaskLoss):
                 f"{tuple(teacher_logits.shape)}, the student {tuple(logits.shape)}. A model with a new head for other "
                 "classes learns from its teacher's features instead: use method 'transfer' (or 'finetune')."
             )
-        kd = distillation_loss(logits, teacher_logits, self.temperature, targets)  # real tokens only
+        real = targets if isinstance(self.objective, Labels) else None  # real tokens only, where labels say so
+        kd = distillation_loss(logits, teacher_logits, self.temperature, real)
         out["kd_loss"] = kd
         out["loss"] = self.alpha * kd + (1.0 - self.alpha) * out["task_loss"]
-        return out, logits
+        return out, scored
 
 
 class FeatureDistillLoss(TaskLoss):
@@ -97,15 +104,20 @@ class FeatureDistillLoss(TaskLoss):
             handle.remove()
         return logits, captured[0]
 
-    def losses(self, model: nn.Module, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        logits, feats = self._features(model, inputs)
+    def losses(self, model: nn.Module, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], Scored]:
+        captured: list[Tensor] = []
+        handle = model.get_submodule(self.layer).register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+        try:
+            scored = self.objective.step(model, inputs, targets)
+        finally:
+            handle.remove()
         with torch.inference_mode():
             _, teacher_feats = self._features(self.teacher, inputs)
         teacher_feats = teacher_feats.clone()  # a normal tensor: the MSE's backward saves its target
-        task = task_loss(logits, targets, self.label_smoothing)
         # Relative squared error, so the weight means the same whatever the scale of the features.
-        feature = F.mse_loss(feats, teacher_feats) / teacher_feats.pow(2).mean().clamp(min=1e-8)
-        return {"loss": task + self.weight * feature, "task_loss": task, "feature_loss": feature}, logits
+        feature = F.mse_loss(captured[0], teacher_feats) / teacher_feats.pow(2).mean().clamp(min=1e-8)
+        task = scored.loss
+        return {"loss": task + self.weight * feature, "task_loss": task, "feature_loss": feature}, scored
 
 
 def _frozen_teacher(teacher: nn.Module | None, what: str) -> nn.Module:
@@ -155,6 +167,21 @@ def share(options: Any, teacher: nn.Module | None) -> tuple[Any, list[Any]]:
 @METHODS.register("transfer", doc="New target task: task loss + feature distillation from the dense source model.")
 def transfer(options: Any, teacher: nn.Module | None) -> tuple[Any, list[Any]]:
     return FeatureDistillLoss(options, teacher), []
+
+
+def use_objective(runner: Any, objective: Objective, teacher: nn.Module | None, method: str) -> None:
+    """Give a method's loss ``objective`` (bound to the teacher); refuse the pairs that cannot work together."""
+    if method == "transfer" and not isinstance(objective, Labels):
+        raise RegrowError(
+            "method 'transfer' trains a new classifier head on labels; it takes the Labels objective only. Recover "
+            "an encoder by its embeddings with method 'finetune' or 'distill' and objective=regrow.Embedding(...)."
+        )
+    if not hasattr(runner, "objective"):
+        raise RegrowError(
+            f"method {method!r} computes its own loss and cannot take an objective; leave objective= out, or build "
+            "the method's loss on regrow.recovery.methods.TaskLoss."
+        )
+    runner.objective = objective.bind(teacher)
 
 
 @torch.no_grad()

@@ -309,12 +309,25 @@ def apply_cuts(model: nn.Module, cuts: list[Cut]) -> None:
             handlers[cut.target].prune_in_channels(module, list(cut.idxs))
 
 
+def head_count(module: nn.Module) -> int | None:
+    """The head count a module declares (``num_heads``, ``num_attention_heads``, ``n_heads`` or ``n_head``)."""
+    return next((getattr(module, a) for a in HEAD_ATTRS if _is_int(getattr(module, a, None))), None)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_attention(module: nn.Module) -> bool:
+    """regrow's attention, a module that declares its head count, or one in the layout of Hugging Face's Llama
+    family (``head_dim`` and ``num_key_value_groups``, the head count read from the projections' width)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return False
+    if isinstance(module, MultiheadAttention) or head_count(module) is not None:
+        return True
+    return _is_int(getattr(module, "head_dim", None)) and _is_int(getattr(module, "num_key_value_groups", None))
+
+
 def find_attention(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules that declare a head count (regrow's attention, or custom ones with a ``num_heads``-like attribute)."""
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, MultiheadAttention) or any(isinstance(getattr(module, a, None), int) for a in HEAD_ATTRS):
-            if isinstance(module, nn.MultiheadAttention):
-                continue
-            found[name] = module
-    return found
+    """Modules that hold attention heads (``is_attention``)."""
+    return {name: module for name, module in model.named_modules() if is_attention(module)}

@@ -5,12 +5,18 @@ Two kinds of attention module are understood:
 * regrow's :class:`~regrow.structural.attention.MultiheadAttention` (every ``nn.MultiheadAttention`` is
   converted to it before structural pruning);
 * a custom module that declares its head count (``num_heads``, ``num_attention_heads``, ``n_heads`` or
-  ``n_head``) and owns its projections as ``nn.Linear`` children: a fused ``qkv`` (also ``in_proj``,
+  ``n_head``), or — Hugging Face's Llama family — an ``int`` ``head_dim`` and ``num_key_value_groups`` (the
+  head count is then the query width over ``head_dim``), and owns its projections as ``nn.Linear`` (or
+  Hugging Face ``Conv1D``, GPT-2) children: a fused ``qkv`` (also ``in_proj``,
   ``c_attn``, ``Wqkv``) or separate ``q``/``k``/``v`` (also ``q_proj``..., ``query``/``key``/``value``,
   ``wq``..., ``q_lin``...), and an output projection (``proj``, ``out_proj``, ``o_proj``, ``o``, ``out``,
   ``wo``, ``c_proj``, ``out_lin``, ``dense``), or — the Hugging Face BERT layout — ``output.dense`` of its
   parent. Removing a head slices those layers and lowers the head count; any other integer attribute
   equal to the old inner width (e.g. ``all_head_size``) is updated too.
+
+With grouped-query attention (k and v narrower than q: each key/value head serves ``kv_group`` query heads)
+the unit removed is a key/value head together with its query heads, so the grouping stays as the module
+computes it (``num_key_value_groups`` unchanged).
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from regrow.select import is_transposed_linear
 from regrow.structural.attention import MultiheadAttention, keep_index
-from regrow.structural.graph import HEAD_ATTRS
+from regrow.structural.graph import HEAD_ATTRS, head_count
 
 FUSED = ("qkv", "in_proj", "c_attn", "Wqkv", "qkv_proj")
 SEPARATE = (
@@ -36,24 +43,30 @@ OUTPUT = ("proj", "out_proj", "o_proj", "o", "out", "wo", "c_proj", "out_lin", "
 
 @dataclass
 class HeadGroup:
-    """The heads of one attention module."""
+    """The heads of one attention module. With grouped-query attention (``kv_group`` query heads share one
+    key/value head) a unit is one key/value head with its query heads, so the sharing stays intact."""
 
     name: str
     heads: int
     head_dim: int
     projections: dict[str, str]  # role -> child name: "q"/"k"/"v" or "qkv", and "out"
     excluded: str | None = None
+    kv_group: int = 1  # query heads per key/value head
 
     @property
     def units(self) -> int:
-        return self.heads
+        return self.heads // self.kv_group
 
     @property
     def members(self) -> list[str]:
         return list(self.projections.values())
 
-    def _child(self, model: nn.Module, role: str) -> nn.Linear:
+    def _child(self, model: nn.Module, role: str) -> nn.Module:
         return model.get_submodule(self.projections[role])
+
+    def _query_heads(self, removed: list[int]) -> list[int]:
+        """The query heads of the removed units."""
+        return [u * self.kv_group + i for u in removed for i in range(self.kv_group)]
 
     def _rows(self, removed: list[int], sections: int, device: torch.device) -> Tensor:
         keep = keep_index(self.heads, self.head_dim, removed, device)
@@ -61,77 +74,110 @@ class HeadGroup:
         return torch.cat([keep + s * inner for s in range(sections)])
 
     def scores(self, model: nn.Module, use_grad: bool) -> Tensor:
-        """Per head: sum over its q/k/v rows and output columns of w^2 (magnitude) or |w * dw/dL| (taylor)."""
+        """Per unit: sum over its q/k/v rows and output columns of w^2 (magnitude) or |w * dw/dL| (taylor)."""
 
-        def stat(w: Tensor) -> Tensor:
+        def stat(layer: nn.Module) -> Tensor:
+            w = _as_linear(layer)
             if use_grad:
-                if w.grad is None:
+                g = layer.weight.grad
+                if g is None:
                     return torch.zeros_like(w)
-                return (w.detach() * w.grad).abs()
-            return w.detach().pow(2)
+                return (w.detach() * (g.t() if is_transposed_linear(layer) else g)).abs().float().cpu()
+            return w.detach().pow(2).float().cpu()
 
-        total = torch.zeros(self.heads)
+        per_query = torch.zeros(self.heads)
+        per_unit = torch.zeros(self.units)
         if "qkv" in self.projections:
-            w = stat(self._child(model, "qkv").weight).float().cpu()
-            total += w.view(3, self.heads, self.head_dim, -1).sum(dim=(0, 2, 3))
+            per_query += stat(self._child(model, "qkv")).view(3, self.heads, self.head_dim, -1).sum(dim=(0, 2, 3))
         else:
-            for role in ("q", "k", "v"):
-                w = stat(self._child(model, role).weight).float().cpu()
-                total += w.view(self.heads, self.head_dim, -1).sum(dim=(1, 2))
-        w = stat(self._child(model, "out").weight).float().cpu()
-        total += w.view(w.shape[0], self.heads, self.head_dim).sum(dim=(0, 2))
-        return total
+            per_query += stat(self._child(model, "q")).view(self.heads, self.head_dim, -1).sum(dim=(1, 2))
+            for role in ("k", "v"):
+                per_unit += stat(self._child(model, role)).view(self.units, self.head_dim, -1).sum(dim=(1, 2))
+        w = stat(self._child(model, "out"))
+        per_query += w.view(w.shape[0], self.heads, self.head_dim).sum(dim=(0, 2))
+        return per_query.view(self.units, self.kv_group).sum(dim=1) + per_unit
 
     @torch.no_grad()
     def apply(self, model: nn.Module, removed: list[int]) -> None:
-        """Remove ``removed`` heads from the module of that name in ``model``."""
+        """Remove the ``removed`` units (heads; with grouped-query attention, key/value heads with their query
+        heads) from the module of that name in ``model``."""
         if not removed:
             return
         module = model.get_submodule(self.name)
         if isinstance(module, MultiheadAttention):
             module.remove_heads(removed)
             return
+        queries = self._query_heads(removed)
         old_inner = self.heads * self.head_dim
         if "qkv" in self.projections:
             qkv = self._child(model, "qkv")
-            _keep_rows(qkv, self._rows(removed, 3, qkv.weight.device))
+            _keep_rows(qkv, self._rows(queries, 3, qkv.weight.device))
         else:
-            for role in ("q", "k", "v"):
+            q = self._child(model, "q")
+            _keep_rows(q, self._rows(queries, 1, q.weight.device))
+            for role in ("k", "v"):
                 layer = self._child(model, role)
-                _keep_rows(layer, self._rows(removed, 1, layer.weight.device))
+                _keep_rows(layer, keep_index(self.units, self.head_dim, removed, layer.weight.device))
         out = self._child(model, "out")
-        keep = self._rows(removed, 1, out.weight.device)
-        out.weight = nn.Parameter(out.weight.index_select(1, keep).contiguous())
-        out.in_features = len(keep)
-        new_inner = len(keep)
+        keep = self._rows(queries, 1, out.weight.device)
+        _keep_columns(out, keep)
         for attr, value in list(vars(module).items()):
             if attr in HEAD_ATTRS and isinstance(value, int):
+                setattr(module, attr, value - len(queries))
+            elif attr == "num_key_value_heads" and isinstance(value, int):
                 setattr(module, attr, value - len(removed))
             elif isinstance(value, int) and not isinstance(value, bool) and value == old_inner and attr != "head_dim":
-                setattr(module, attr, new_inner)
+                setattr(module, attr, len(keep))
 
     @torch.no_grad()
     def simulate(self, model: nn.Module, removed: list[int]) -> None:
-        """Zero the value rows of ``removed`` heads: their output becomes exactly zero, as if removed."""
+        """Zero the value rows of the ``removed`` units: their heads' output becomes exactly zero, as if removed."""
         if not removed:
             return
-        inner = self.heads * self.head_dim
         if "qkv" in self.projections:
-            layer, offset = self._child(model, "qkv"), 2 * inner
+            layer, offset = self._child(model, "qkv"), 2 * self.heads * self.head_dim
         else:
             layer, offset = self._child(model, "v"), 0
+        weight = _as_linear(layer)  # a view: zeroing it zeroes the layer's weight
         for h in removed:
             rows = slice(offset + h * self.head_dim, offset + (h + 1) * self.head_dim)
-            layer.weight[rows] = 0
+            weight[rows] = 0
             if layer.bias is not None:
                 layer.bias[rows] = 0
 
 
-def _keep_rows(layer: nn.Linear, keep: Tensor) -> None:
-    layer.weight = nn.Parameter(layer.weight.index_select(0, keep).contiguous())
+def _as_linear(layer: nn.Module) -> Tensor:
+    """The layer's weight as (outputs, inputs): Hugging Face's Conv1D stores it transposed (a view here)."""
+    return layer.weight.t() if is_transposed_linear(layer) else layer.weight
+
+
+def _keep_rows(layer: nn.Module, keep: Tensor) -> None:
+    """Keep only the ``keep`` outputs of a Linear (or Conv1D)."""
+    if is_transposed_linear(layer):
+        layer.weight = nn.Parameter(layer.weight.index_select(1, keep).contiguous())
+        layer.nf = len(keep)
+    else:
+        layer.weight = nn.Parameter(layer.weight.index_select(0, keep).contiguous())
+        layer.out_features = len(keep)
     if layer.bias is not None:
         layer.bias = nn.Parameter(layer.bias.index_select(0, keep).contiguous())
-    layer.out_features = len(keep)
+
+
+def _keep_columns(layer: nn.Module, keep: Tensor) -> None:
+    """Keep only the ``keep`` inputs of a Linear (or Conv1D)."""
+    if is_transposed_linear(layer):
+        layer.weight = nn.Parameter(layer.weight.index_select(0, keep).contiguous())
+    else:
+        layer.weight = nn.Parameter(layer.weight.index_select(1, keep).contiguous())
+        layer.in_features = len(keep)
+
+
+def _out_features(layer: nn.Module) -> int:
+    return _as_linear(layer).shape[0]
+
+
+def _in_features(layer: nn.Module) -> int:
+    return _as_linear(layer).shape[1]
 
 
 def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> HeadGroup:
@@ -151,25 +197,46 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
             module.head_dim,
             {"q": full("q_proj"), "k": full("k_proj"), "v": full("v_proj"), "out": full("out_proj")},
         )
-    heads = next(getattr(module, a) for a in HEAD_ATTRS if isinstance(getattr(module, a, None), int))
-    children = {n: m for n, m in module.named_children() if isinstance(m, nn.Linear)}
+    declared = head_count(module)
+    children = {n: m for n, m in module.named_children() if isinstance(m, nn.Linear) or is_transposed_linear(m)}
     projections: dict[str, str] = {}
     fused = next((n for n in FUSED if n in children), None)
     if fused is not None:
         projections["qkv"] = full(fused)
-        inner = children[fused].out_features // 3
+        inner = kv_inner = _out_features(children[fused]) // 3
     else:
         names = next((trio for trio in SEPARATE if all(n in children for n in trio)), None)
         if names is None:
-            return HeadGroup(name, heads, 0, {}, excluded="no q/k/v or fused qkv Linear projections found")
+            return HeadGroup(name, declared or 0, 0, {}, excluded="no q/k/v or fused qkv Linear projections found")
         projections.update({role: full(n) for role, n in zip(("q", "k", "v"), names, strict=True)})
-        sizes = {children[n].out_features for n in names}
-        if len(sizes) != 1:
-            return HeadGroup(
-                name, heads, 0, projections, excluded="q, k and v have different widths (grouped-query attention)"
-            )
-        inner = sizes.pop()
-    out_name = next((full(n) for n in OUTPUT if n in children), None)
+        inner, kv_inner, v_inner = (_out_features(children[n]) for n in names)
+        if kv_inner != v_inner:
+            return HeadGroup(name, declared or 0, 0, projections, excluded="k and v have different widths")
+    head_dim = getattr(module, "head_dim", None)
+    heads = declared or (inner // head_dim if isinstance(head_dim, int) and head_dim > 0 else 0)
+    out_name = _output_projection(name, children, model)
+    if out_name is None:
+        return HeadGroup(name, heads, 0, projections, excluded="no output projection Linear found")
+    projections["out"] = out_name
+    prefix = f"{name}." if name else ""
+    out_layer = children.get(out_name[len(prefix) :]) if out_name.startswith(prefix) else None
+    if out_layer is None and model is not None:
+        out_layer = model.get_submodule(out_name)
+    if not heads or inner % heads or _in_features(out_layer) != inner:
+        return HeadGroup(name, heads, 0, projections, excluded=f"inner width {inner} does not fit {heads} heads")
+    head_dim = inner // heads
+    kv_heads = kv_inner // head_dim
+    if kv_inner % head_dim or not kv_heads or heads % kv_heads:
+        reason = f"{heads} query heads cannot share {kv_inner / head_dim:g} key/value heads evenly"
+        return HeadGroup(name, heads, head_dim, projections, excluded=reason)
+    return HeadGroup(name, heads, head_dim, projections, kv_group=heads // kv_heads)
+
+
+def _output_projection(name: str, children: dict[str, nn.Module], model: nn.Module | None) -> str | None:
+    """The output projection: a child of the attention module, or — Hugging Face BERT layout — ``output.dense``
+    of its parent."""
+    full = f"{name}." if name else ""
+    out_name = next((full + n for n in OUTPUT if n in children), None)
     if out_name is None and model is not None and "." in name:
         sibling = f"{name.rpartition('.')[0]}.output.dense"
         try:
@@ -177,14 +244,4 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
                 out_name = sibling
         except AttributeError:
             pass
-    if out_name is None:
-        return HeadGroup(name, heads, 0, projections, excluded="no output projection Linear found")
-    projections["out"] = out_name
-    out_layer = (
-        module.get_submodule(out_name[len(name) + 1 :])
-        if out_name.startswith(name + ".")
-        else model.get_submodule(out_name)
-    )  # type: ignore[union-attr]
-    if inner % heads or out_layer.in_features != inner:
-        return HeadGroup(name, heads, 0, projections, excluded=f"inner width {inner} does not fit {heads} heads")
-    return HeadGroup(name, heads, inner // heads, projections)
+    return out_name

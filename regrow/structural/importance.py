@@ -77,7 +77,7 @@ def channel_scores(group: ChannelGroup, criterion: str) -> Tensor | None:
 
 def head_scores(group: HeadGroup, model: nn.Module, criterion: str) -> Tensor:
     if criterion == "random":
-        return torch.rand(group.heads)
+        return torch.rand(group.units)
     if criterion == "bn_scale":
         raise RegrowError(
             "criterion 'bn_scale' scores BatchNorm channels; with pattern 'head' use magnitude, taylor or random."

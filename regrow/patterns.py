@@ -273,6 +273,18 @@ class Head(_Structural):
     )
 
 
+@PATTERNS.register("channel+head")
+@dataclass(frozen=True)
+class ChannelHead(_Structural):
+    """Remove channels and attention heads together, against one budget."""
+
+    name: str = "channel+head"
+    speed_note: str = (
+        "Removed channels and heads make the dense layers and attention projections smaller: MACs, parameters and "
+        "measured latency fall together."
+    )
+
+
 def check_budget(sparsity: float | None, threshold: float | None) -> None:
     """Exactly one of sparsity / threshold, and sparsity in [0, 1)."""
     if (sparsity is None) == (threshold is None):

@@ -20,7 +20,7 @@ from regrow.select import resolve_targets, transposed_targets
 from regrow.spec import PruneSpec
 
 SCOPES = ("global", "layer", "row")
-STRUCTURAL = ("channel", "head")
+STRUCTURAL = ("channel", "head", "channel+head")
 
 
 def plan(
@@ -104,6 +104,7 @@ def structural_masks(
     report = shrink(
         model, pattern=pattern, criterion=criterion, scope=scope, sparsity=sparsity, macs=macs, params=params, **options
     )
+    within = options.get("within")
     spec = PruneSpec(
         pattern,
         criterion,
@@ -113,6 +114,7 @@ def structural_masks(
         [g["name"] for g in report.groups if g["excluded"] is None],
         macs=macs,
         params=params,
+        within=within,
     )
     return MaskSet({}, spec=spec, dense=dense, structure=report)
 
@@ -168,7 +170,7 @@ def pattern_masks(model: nn.Module, pattern: Any, scores: dict[str, Tensor], **b
 def speed_warning(pattern: str) -> str:
     return (
         f"pattern {pattern!r} cannot make dense kernels faster: expect smaller files, not lower latency; "
-        "use pattern 'channel' or 'head' for speed."
+        "use pattern 'channel', 'head' or 'channel+head' for speed."
     )
 
 
@@ -208,6 +210,7 @@ def prune(
     allocation: dict[str, float] | None = None,
     recalibrate: bool = True,
     calibration: Calibration | dict[str, Any] | None = None,
+    within: str | None = None,
 ) -> MaskSet:
     """Prune ``model`` in place and return the keep-masks.
 
@@ -216,7 +219,8 @@ def prune(
         sparsity: fraction of target weights to zero, in [0, 1) (structural patterns: of channels or heads
             removed). Give this, ``threshold``, or for structural patterns ``macs`` / ``params`` / ``latency``.
         threshold: zero every target weight whose score is below this value.
-        pattern: ``"unstructured"``, an n:m pattern such as ``"2:4"``, ``"channel"`` or ``"head"``.
+        pattern: ``"unstructured"``, an n:m pattern such as ``"2:4"``, ``"channel"``, ``"head"``, or
+            ``"channel+head"`` (channels and heads removed together against one budget).
         criterion: ``"magnitude"``, ``"random"``, ``"taylor"`` (needs ``data``); ``"channel"`` also ``"bn_scale"``;
             masks also ``"wanda"``, ``"sparsegpt"`` (layer by layer from ``data``). See ``regrow list``.
         scope: ``"global"`` (one ranking over all targets), ``"layer"`` or ``"row"`` (same sparsity per target or
@@ -240,6 +244,8 @@ def prune(
         allocation: relative per-target (structural: per-group) sparsities, e.g.
             ``regrow.allocation.allocate(...).per_target``; the budget scales them to fit exactly.
         calibration: wanda / sparsegpt settings (:class:`~regrow.criteria.Calibration`), or a dict of them.
+        within: structural: a submodule's name (e.g. ``"encoder"``); only channels and heads inside it are
+            removed, and ``macs`` / ``params`` are fractions of that submodule's MACs / parameters.
 
     Returns:
         The :class:`MaskSet` (True = kept), with the spec used and the dense copy. Structural patterns
@@ -257,6 +263,11 @@ def prune(
         options = {k: v for k, v in locals().items() if k not in ("model", "keep_dense", "max_sparsity")}
         cap = {} if max_sparsity is None else {"max_sparsity": max_sparsity}  # default: shrink's
         return structural_masks(model, dense=frozen_copy(model) if keep_dense else None, **options, **cap)
+    if within is not None:
+        raise RegrowError(
+            f"within= scopes the budget of a structural pattern ('channel', 'head', 'channel+head'); pattern "
+            f"{pattern!r} counts only its targets already: choose the part with targets= (e.g. '{within}.*')."
+        )
     request = (sparsity, threshold, pattern, criterion, scope, targets, ignore, allocation, max_sparsity, calibration)
     spec = _masked_spec(model, *request, macs, params, latency)
     if not get_pattern(spec.pattern).can_speed_up_dense:
@@ -299,7 +310,8 @@ def _masked_spec(
     """The request of a masked pattern, checked against the model (``budgets``: macs, params, latency)."""
     if any(b is not None for b in budgets):
         raise RegrowError(
-            f"macs=, params= and latency= budgets need a structural pattern ('channel' or 'head'): pattern {pattern!r} "
+            "macs=, params= and latency= budgets need a structural pattern ('channel', 'head' or 'channel+head'): "
+            f"pattern {pattern!r} "
             "keeps every dense shape, so MACs and parameter storage do not change; give sparsity= instead."
         )
     spec = plan(

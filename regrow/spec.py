@@ -34,6 +34,7 @@ class PruneSpec:
     allocation: dict[str, float] | None = None  # relative per-target sparsities; the budget scales them
     cap: float | None = None  # max_sparsity as given: no target sparser than this (default: see the methods)
     calibration: dict[str, Any] | None = None  # calibrated criteria: batches, dampening, block_size
+    within: str | None = None  # structural: the submodule whose MACs / parameters the budget counts
 
     def allocation_cap(self) -> float:
         """The most an allocation removes from any target: ``cap``, by default ``MASKED_CAP`` (0.99)."""

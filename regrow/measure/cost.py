@@ -55,8 +55,9 @@ def _extra_formulas() -> dict[Any, Any]:
     return {op: sdpa_cpu}
 
 
-def dense_macs(model: nn.Module, inputs: Any) -> int | None:
-    """Multiply-accumulates of one forward pass over ``inputs``, counted as if every weight were dense.
+def dense_macs(model: nn.Module, inputs: Any, within: str | None = None) -> int | None:
+    """Multiply-accumulates of one forward pass over ``inputs``, counted as if every weight were dense; with
+    ``within`` (a submodule's name) only those computed inside that submodule.
 
     Uses ``torch.utils.flop_counter`` (which counts 2 FLOPs per MAC for matmuls and convolutions).
     Returns None, with a warning, when the model runs an operation the counter cannot follow.
@@ -79,7 +80,10 @@ def dense_macs(model: nn.Module, inputs: Any) -> int | None:
         if mha is not None:
             mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
-    return counter.get_total_flops() // 2
+    if within is None:
+        return counter.get_total_flops() // 2
+    counts = counter.get_flop_counts().get(f"{type(model).__name__}.{within}", {})
+    return sum(counts.values()) // 2
 
 
 def size_bytes(model: nn.Module) -> int:

@@ -289,10 +289,12 @@ def _structure(spec: dict[str, Any]) -> list[str]:
     out = ["", "## Structure", ""]
     budget = ", ".join(f"{k} = {v:g}" for k, v in structure["budget"].items())
     eq = structure["equivalence"]
+    units = {"head": "heads", "channel+head": "channel units and heads"}.get(spec.get("pattern", ""), "channel units")
+    within = f" (counted inside {structure['within']})" if structure.get("within") else ""
     out.append(
-        f"Budget {budget}: MACs kept {pct(structure['macs_ratio'])}, parameters kept "
+        f"Budget {budget}{within}: MACs kept {pct(structure['macs_ratio'])}, parameters kept "
         f"{pct(structure['params_ratio'])}; {structure['units_removed']} of {structure['units_total']} "
-        f"{'heads' if spec.get('pattern') == 'head' else 'channel units'} removed "
+        f"{units} removed "
         f"({structure['evaluations']} candidate selections measured)." + _rounding(structure)
     )
     out += _structure_rounds(spec.get("structure_rounds"))

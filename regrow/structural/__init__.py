@@ -1,6 +1,6 @@
 """Structured pruning that makes models really smaller: channels and attention heads are removed.
 
-``shrink`` is what ``regrow.prune(model, pattern="channel" | "head", ...)`` runs:
+``shrink`` is what ``regrow.prune(model, pattern="channel" | "head" | "channel+head", ...)`` runs:
 
 1. every ``nn.MultiheadAttention`` is swapped for regrow's equivalent with prunable heads;
 2. the coupled groups are found (channels: torch-pruning's dependency graph, with regrow's corrections for
@@ -34,6 +34,7 @@ from torch import nn
 from regrow.batches import model_device
 from regrow.errors import SpeedWarning
 from regrow.measure.latency import compare_latency
+from regrow.select import resolve_targets
 from regrow.structural.arch import load, save
 from regrow.structural.attention import MultiheadAttention, convert_attention
 from regrow.structural.budget import TOLERANCE, select
@@ -50,6 +51,9 @@ from regrow.structural.options import (
     _check_options,
     _check_selection,
     check_structural_budget,
+    check_within,
+    has_channels,
+    has_heads,
 )
 from regrow.structural.prepared import (
     Prepared,
@@ -61,6 +65,7 @@ from regrow.structural.prepared import (
     _probe_units,
     _score_units,
     _taylor_gradients,
+    split_entries,
 )
 from regrow.structural.prepared import validate_request as validate_request
 from regrow.structural.report import StructureReport
@@ -96,6 +101,7 @@ def prepare(
     example_inputs: Any = None,
     round_to: int | None = None,
     round_widths: dict[str, int] | None = None,
+    within: str | None = None,
 ) -> Prepared:
     """Find, probe and score the prunable groups of ``model`` (converting its attention; nothing removed).
 
@@ -104,17 +110,14 @@ def prepare(
     the same rounding in every round. Default: the groups' current widths.
     """
     _check_options(pattern, criterion, round_to)
+    check_within(model, within)
     device = model_device(model)
     inputs = _example_inputs(data, example_inputs, device)
     model.eval()
     converted = convert_attention(model)
     host = host_copy(model)  # tracing, probes, scores and checks run on the CPU (regrow.structural.device)
     host_inputs = _host_inputs(model, host, inputs)
-    attention = find_attention(host)
-    if pattern == "channel":
-        graph, groups = _channel_groups(host, attention, host_inputs, targets, ignore)
-    else:
-        graph, groups = None, _head_groups(host, attention, targets, ignore)
+    graph, groups = _groups(host, pattern, host_inputs, targets, ignore, within)
     units = [_Unit(g, graph) for g in groups]
     _probe_units(host, units, host_inputs, pattern, compare)
     if criterion == "taylor":
@@ -126,6 +129,34 @@ def prepare(
     active = [u for u in units if u.group.excluded is None]
     one = _one_sample(inputs)
     return Prepared(pattern, criterion, units, active, scored, inputs, one, converted, host, host_inputs)
+
+
+def _groups(
+    host: nn.Module, pattern: str, inputs: Any, targets: Any, ignore: Any, within: str | None
+) -> tuple[Any, list[Any]]:
+    """The dependency graph (None without channels) and the prunable groups of ``pattern`` inside ``within``.
+
+    With ``"channel+head"``, entries of ``targets`` / ``ignore`` that name attention modules choose the modules
+    whose heads go (default: every one), the other entries the weights whose channels go (default: the default
+    targets)."""
+    attention = find_attention(host)
+    inside = {n: m for n, m in attention.items() if within is None or n.startswith(f"{within}.")}
+    head_targets, head_ignore, channel_targets, channel_ignore = targets, ignore, targets, ignore
+    if pattern == "channel+head":
+        head_targets, channel_targets = split_entries(targets, inside)
+        head_ignore, channel_ignore = split_entries(ignore, inside)
+    if within is not None and channel_targets is None:
+        channel_targets = [f for f in resolve_targets(host, None, channel_ignore) if f.startswith(f"{within}.")]
+    graph, groups = None, []
+    if has_channels(pattern):
+        graph, groups = _channel_groups(host, attention, inputs, channel_targets, channel_ignore)
+        for g in groups if within is not None else []:
+            outside = [m for m in g.members if not m.startswith(f"{within}.")]
+            if outside and g.excluded is None:
+                g.excluded = f"it reaches outside {within!r} ({outside[0]}), which the budget does not count"
+    if has_heads(pattern):
+        groups = groups + _head_groups(host, inside, head_targets, head_ignore)
+    return graph, groups
 
 
 @_hands_back_on_failure
@@ -149,8 +180,13 @@ def shrink(
     allocation: dict[str, float] | None = None,
     recalibrate: bool = True,
     round_widths: dict[str, int] | None = None,
+    within: str | None = None,
 ) -> StructureReport:
-    """Remove channels (``pattern="channel"``) or attention heads (``pattern="head"``) in place.
+    """Remove channels (``pattern="channel"``), attention heads (``pattern="head"``) or both against one budget
+    (``pattern="channel+head"``) in place.
+
+    ``within`` (a submodule's name, e.g. ``"encoder"``): only channels and heads inside it are removed, and a
+    ``macs`` / ``params`` budget is the fraction of that submodule's MACs / parameters to keep.
 
     With ``recalibrate`` (default) and ``data``, BatchNorm statistics are re-estimated on a few batches
     after the removal (regrow.structural.batchnorm).
@@ -178,10 +214,11 @@ def shrink(
         example_inputs=example_inputs,
         round_to=round_to,
         round_widths=round_widths,
+        within=within,
     )
     scored, scope = _apply_allocation(prepared, allocation, scope)
-    budget = _Budget(kind, target, scope, max_sparsity)
-    baseline = _Baseline.of(prepared.host, prepared.host_one, scored)
+    budget = _Budget(kind, target, scope, max_sparsity, within)
+    baseline = _Baseline.of(prepared.host, prepared.host_one, scored, within)
     choice = _choose_removal(model, prepared, scored, budget, baseline, round_to, round_widths, compare_latency)
     eq, checked = _shrink_checked(model, prepared, choice.removed, compare)
     recalibrated = _recalibrate(model, data, recalibrate, prepared.units, choice.removed)

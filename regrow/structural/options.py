@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from regrow.errors import RegrowError
 from regrow.structural.importance import GROUP_CRITERIA
 
-STRUCTURAL_PATTERNS = ("channel", "head")
+STRUCTURAL_PATTERNS = ("channel", "head", "channel+head")
 MAX_SPARSITY = 0.9
 
 
@@ -54,6 +56,28 @@ def _check_options(pattern: str, criterion: str, round_to: int | None) -> None:
         )
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise RegrowError(f"round_to must be a positive integer (e.g. 8); got {round_to!r}.")
+
+
+def has_channels(pattern: str) -> bool:
+    """Whether the pattern removes channels (and so follows the channel rounding)."""
+    return pattern in ("channel", "channel+head")
+
+
+def has_heads(pattern: str) -> bool:
+    return pattern in ("head", "channel+head")
+
+
+def check_within(model: nn.Module, within: str | None) -> None:
+    """``within`` must name a submodule (not the model itself)."""
+    if within is None:
+        return
+    names = [n for n, _ in model.named_modules() if n]
+    if not isinstance(within, str) or within not in names:
+        children = ", ".join(n for n, _ in model.named_children())
+        raise RegrowError(
+            f"within must name a submodule of the model, whose parameters and MACs the budget then counts; got "
+            f"{within!r}. The model's top-level modules: {children}."
+        )
 
 
 def _check_selection(scope: str, max_sparsity: float) -> None:

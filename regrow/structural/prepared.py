@@ -83,6 +83,17 @@ def _one_sample(inputs: Any) -> Any:
     return inputs[:1]
 
 
+def split_entries(entries: Any, attention: dict[str, nn.Module]) -> tuple[Any, Any]:
+    """Glob ``entries`` split into (those naming attention modules, the rest); None stays None on both sides,
+    and a side left with no entries is None (its default)."""
+    if entries is None:
+        return None, None
+    listed = [entries] if isinstance(entries, str) else list(entries)
+    heads = [e for e in listed if any(fnmatchcase(n, e) for n in attention)]
+    rest = [e for e in listed if e not in heads]
+    return heads or None, rest or None
+
+
 def _head_candidates(attention: dict[str, nn.Module], targets: Any, ignore: Any) -> set[str]:
     """Names of the attention modules that ``targets`` and ``ignore`` (globs) leave to prune."""
     names = set(attention)
@@ -160,8 +171,8 @@ def _head_groups(model: nn.Module, attention: dict[str, nn.Module], targets: Any
         g = head_group(name, attention[name], model)
         if name not in chosen:
             g.excluded = g.excluded or "not a target"
-        elif g.heads < 2 and g.excluded is None:
-            g.excluded = "it has a single head"
+        elif g.units < 2 and g.excluded is None:
+            g.excluded = "it has a single head" if g.kv_group == 1 else "it has a single key/value head"
         groups.append(g)
     return groups
 

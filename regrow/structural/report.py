@@ -35,6 +35,7 @@ class StructureReport:
     recalibrated_batches: int = 0
     round_to: int | None = None  # channel pattern: the multiple kept widths were rounded to
     round_to_auto: bool = False  # the device default, applied to groups of ROUND_MIN_CHANNELS channels or more
+    within: str | None = None  # the submodule whose MACs and parameters the budget and the *_before/_after count
 
     @property
     def macs_ratio(self) -> float:

@@ -43,7 +43,7 @@ def _width_warnings(
     model: nn.Module, round_to: int | None, pattern: str, before: dict[str, int], auto: int = AUTO_ROUND_TO
 ) -> list[str]:
     """Layers that the prune left at a width that is not a multiple of 8 (and that were multiples before)."""
-    if pattern != "channel" or (round_to is not None and round_to % 8 == 0):
+    if pattern not in ("channel", "channel+head") or (round_to is not None and round_to % 8 == 0):
         return []
     odd = []
     for name, m in model.named_modules():

@@ -25,6 +25,7 @@ from regrow.structural.batchnorm import has_batchnorm, recalibrate_batchnorm
 from regrow.structural.budget import TOLERANCE, SearchResult, Unitized, check_reachable, search
 from regrow.structural.device import exact_arithmetic
 from regrow.structural.graph import ChannelGroup
+from regrow.structural.options import has_channels
 from regrow.structural.prepared import Prepared
 from regrow.structural.report import StructureReport
 from regrow.structural.rounding import AUTO_ROUND_TO, _round_step, _width_warnings, _widths, auto_round_to
@@ -46,6 +47,7 @@ class _Budget:
     target: float
     scope: str
     max_sparsity: float
+    within: str | None = None  # macs and params are counted inside this submodule only
 
     @property
     def needs_nothing(self) -> bool:
@@ -68,12 +70,17 @@ class _Baseline:
     units: int
 
     @classmethod
-    def of(cls, model: nn.Module, one: Any, scored: list[Unitized]) -> _Baseline:
-        """Measure ``model`` on the one-sample batch ``one``; ``scored`` are the groups the budget works on."""
+    def of(cls, model: nn.Module, one: Any, scored: list[Unitized], within: str | None = None) -> _Baseline:
+        """Measure ``model`` on the one-sample batch ``one``; ``scored`` are the groups the budget works on; MACs
+        and parameters inside ``within`` only, when given."""
         widths = _widths(model)
-        macs = dense_macs(model, one) or 0
-        params = count_params(model)[0]
+        macs = dense_macs(model, one, within) or 0
+        params = _params(model, within)
         return cls(widths, macs, params, sum(g.units for g in scored))
+
+
+def _params(model: nn.Module, within: str | None) -> int:
+    return count_params(model.get_submodule(within) if within is not None else model)[0]
 
 
 @dataclass
@@ -120,7 +127,7 @@ def _measure_for(
         trial = copy.deepcopy(host)
         _apply(trial, active, removed)
         if kind == "macs":
-            value = dense_macs(trial, prepared.host_one)
+            value = dense_macs(trial, prepared.host_one, budget.within)
             if value is None:
                 raise RegrowError(f"MACs of a shrunk candidate could not be counted: {_failure(trial, prepared)}")
             return value / baseline.macs
@@ -131,7 +138,7 @@ def _measure_for(
                 _apply(trial, active, removed)
             before, after = compare_latency(reference, trial, prepared.inputs, rounds=LATENCY_ROUNDS)
             return after.median_ms / before.median_ms
-        return count_params(trial)[0] / baseline.params
+        return _params(trial, budget.within) / baseline.params
 
     return measure
 
@@ -165,7 +172,7 @@ def _choose_removal(
     """Search the units to remove for the budget, relaxing the default rounding before missing it."""
     measure = _measure_for(model, prepared, budget, baseline, compare_latency)
     auto = auto_round_to(model_device(model))
-    used_round = (round_to if round_to is not None else auto) if prepared.pattern == "channel" else None
+    used_round = (round_to if round_to is not None else auto) if has_channels(prepared.pattern) else None
     if budget.needs_nothing:
         return _Choice({u.name: [] for u in prepared.active}, 0, used_round, auto, [])
 
@@ -184,7 +191,7 @@ def _choose_removal(
     notes: list[str] = []
     found = search_for(scored)
     evaluations = found.evaluations
-    if not found.within_tolerance and round_to is None and prepared.pattern == "channel":
+    if not found.within_tolerance and round_to is None and has_channels(prepared.pattern):
         # The default rounding is a preference, the budget a requirement: finer multiples before a miss.
         retry, finer, spent = _finer_rounding(search_for, scored, prepared.active, auto, round_widths)
         evaluations += spent
@@ -331,9 +338,9 @@ def _report(
         scope=budget.scope,
         budget={budget.kind: budget.target},
         macs_before=baseline.macs,
-        macs_after=dense_macs(checked, prepared.host_one) or 0,
+        macs_after=dense_macs(checked, prepared.host_one, budget.within) or 0,
         params_before=baseline.params,
-        params_after=count_params(checked)[0],
+        params_after=_params(checked, budget.within),
         units_total=baseline.units,
         units_removed=sum(len(v) for v in choice.removed.values()),
         groups=group_rows,
@@ -343,5 +350,6 @@ def _report(
         warnings=warnings_list,
         recalibrated_batches=recalibrated,
         round_to=choice.round_to,
-        round_to_auto=prepared.pattern == "channel" and round_to is None,
+        round_to_auto=has_channels(prepared.pattern) and round_to is None,
+        within=budget.within,
     )

@@ -1,0 +1,126 @@
+"""Heads of current decoder layouts: Llama (grouped-query attention, no head-count attribute) and GPT-2 (Conv1D)."""
+
+import copy
+
+import pytest
+import torch
+
+import regrow
+from conftest import tiny_llama
+from regrow.structural.graph import find_attention
+from regrow.structural.heads import head_group
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_gpt2(seed: int = 0):
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    config.bos_token_id = config.eos_token_id = 0
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_llama_attention_is_found_and_grouped_by_key_value_head():
+    model = tiny_llama()
+    attention = find_attention(model)
+    assert sorted(attention) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    g = head_group("model.layers.0.self_attn", attention["model.layers.0.self_attn"], model)
+    assert (g.heads, g.head_dim, g.kv_group, g.units, g.excluded) == (4, 8, 2, 2, None)
+
+
+def test_llama_head_removal_keeps_each_key_value_head_with_its_query_heads():
+    model = tiny_llama()
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    masks = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=ids, keep_dense=False)
+    assert masks.structure.equivalence.passed
+    for layer, before in zip(model.model.layers, dense.model.layers, strict=True):
+        attn, old = layer.self_attn, before.self_attn
+        assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features) == (16, 8, 8)
+        assert attn.o_proj.in_features == 16 and attn.num_key_value_groups == 2
+        # which key/value head survived: its rows of k_proj are one of the two original heads' rows
+        kept = [h for h in range(2) if torch.equal(attn.k_proj.weight, old.k_proj.weight[8 * h : 8 * h + 8])]
+        assert len(kept) == 1
+        h = kept[0]
+        assert torch.equal(attn.v_proj.weight, old.v_proj.weight[8 * h : 8 * h + 8])
+        assert torch.equal(attn.q_proj.weight, old.q_proj.weight[16 * h : 16 * h + 16])  # its 2 query heads
+        assert torch.equal(attn.o_proj.weight, old.o_proj.weight[:, 16 * h : 16 * h + 16])
+    assert model(ids).logits.shape == (2, 8, 64)
+
+
+def test_gpt2_conv1d_heads_are_removed():
+    model = tiny_gpt2()
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    masks = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=ids, keep_dense=False)
+    assert masks.structure.equivalence.passed
+    for block, before in zip(model.transformer.h, dense.transformer.h, strict=True):
+        attn = block.attn
+        assert attn.num_heads == 2 and attn.split_size == 16
+        assert attn.c_attn.weight.shape == (32, 48) and attn.c_attn.nf == 48 and attn.c_proj.weight.shape == (16, 32)
+        # the kept query columns are whole heads of the original (Conv1D stores (inputs, outputs))
+        q_old = before.attn.c_attn.weight[:, :32]
+        first = [h for h in range(4) if torch.equal(attn.c_attn.weight[:, :8], q_old[:, 8 * h : 8 * h + 8])]
+        assert len(first) == 1  # the first kept query head is one whole original head
+    assert model(ids).logits.shape == (2, 8, 64)
+
+
+def test_conv1d_head_scores_equal_those_of_the_same_layers_as_linear():
+    model = tiny_gpt2()
+    attn = model.transformer.h[0].attn
+    g = head_group("transformer.h.0.attn", attn, model)
+    w_qkv, w_out = attn.c_attn.weight.detach().t(), attn.c_proj.weight.detach().t()  # as (outputs, inputs)
+    expected = w_qkv.pow(2).view(3, 4, 8, 32).sum(dim=(0, 2, 3)) + w_out.pow(2).view(32, 4, 8).sum(dim=(0, 2))
+    assert torch.allclose(g.scores(model, use_grad=False), expected, rtol=1e-6)
+
+
+def tiny_bert(seed: int = 0):
+    config = transformers.BertConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    torch.manual_seed(seed)
+    return transformers.BertModel(config, add_pooling_layer=False).eval()
+
+
+def test_heads_and_ffn_channels_in_one_call_against_a_budget_within_the_encoder():
+    model = tiny_bert()
+    inputs = {"input_ids": torch.randint(0, 60, (2, 10), generator=torch.Generator().manual_seed(1))}
+    encoder_before = sum(p.numel() for p in model.encoder.parameters())
+    embeddings = {k: v.shape for k, v in model.embeddings.state_dict().items()}
+    masks = regrow.prune(model, pattern="channel+head", params=0.6, within="encoder", example_inputs=inputs, round_to=1)
+    report = masks.structure
+    assert report.equivalence.passed and report.within == "encoder" and masks.spec.within == "encoder"
+    kept = sum(p.numel() for p in model.encoder.parameters()) / encoder_before
+    assert kept == pytest.approx(0.6, rel=0.02) and report.params_ratio == pytest.approx(kept)
+    assert {k: v.shape for k, v in model.embeddings.state_dict().items()} == embeddings  # outside: untouched
+    removed = {g["kind"]: 0 for g in report.groups}
+    for g in report.groups:
+        removed[g["kind"]] += g["units_before"] - g["units_after"]
+    assert removed["heads"] > 0 and removed["channels"] > 0  # both kinds gave to the one budget
+    outside = [g for g in report.groups if g["excluded"] and "reaches outside 'encoder'" in g["excluded"]]
+    assert outside  # the hidden size runs through the embeddings: not pruned inside an encoder budget
+    model(**inputs)
+
+
+def test_within_errors_are_clear():
+    model = tiny_bert()
+    inputs = {"input_ids": torch.randint(0, 60, (2, 10))}
+    with pytest.raises(
+        regrow.RegrowError, match=r"within must name a submodule .* top-level modules: embeddings, encoder"
+    ):
+        regrow.prune(model, pattern="channel", params=0.5, within="decoder", example_inputs=inputs)
+    with pytest.raises(regrow.RegrowError, match=r"within= scopes the budget of a structural pattern .* 'encoder\.\*'"):
+        regrow.prune(model, 0.5, within="encoder")
+
+
+def test_macs_counted_inside_a_submodule():
+    from regrow.measure.cost import dense_macs
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Sequential(torch.nn.Linear(8, 3)))
+    x = torch.zeros(1, 4)
+    assert (dense_macs(net, x), dense_macs(net, x, "0"), dense_macs(net, x, "1"), dense_macs(net, x, "1.0")) == (
+        56,
+        32,
+        24,
+        24,
+    )

@@ -6,12 +6,19 @@ no regrow installed. Beside them, ``regrow_masks.safetensors`` holds the masks b
 eight times smaller than booleans) and ``regrow.json`` the pruning request, the sparsity and, when given, the
 run's report. :func:`load_masks` reads the masks back, e.g. to keep them during further fine-tuning.
 
-Shrunk models (channels or heads removed) need their new widths in the Hugging Face config; they are saved with
-:func:`regrow.save` for now.
+A shrunk model (channels or heads removed) is saved the same way when its Hugging Face config can express the
+new widths: the config is updated (head counts, key/value heads and ``head_dim`` where the config has them, the
+FFN width ``intermediate_size`` / ``n_inner`` / ``ffn_dim`` / ``d_ff``) and checked by building the model class
+from it on the meta device: every tensor must get the shrunk model's shape. That needs the same widths in every
+layer — prune with ``scope="layer"`` to keep them uniform — and a config that states them (Llama-style configs
+give ``head_dim``; BERT and GPT-2 derive the head size from the hidden size, so their heads cannot be removed in a
+``from_pretrained`` model, only their FFN channels). Anything else is refused with the reason; save it with
+:func:`regrow.save`, which records the new architecture.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -52,11 +59,7 @@ def save_pretrained(
             f"regrow.hf.save_pretrained needs a Hugging Face model (one with .save_pretrained); got "
             f"{type(model).__name__}. Save other models with regrow.save."
         )
-    if masks.structure is not None:
-        raise RegrowError(
-            "this model was shrunk (channels or heads removed); its Hugging Face config still describes the old "
-            "widths, so save it with regrow.save, which records the new architecture."
-        )
+    config = shrunk_config(model) if masks.structure is not None else None
     bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
     if bad:
         raise RegrowError(f"the model holds NaN or infinite weights (in {', '.join(bad[:3])}); nothing was written.")
@@ -68,7 +71,11 @@ def save_pretrained(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        original, model.config = model.config, config if config is not None else model.config
+        try:
+            model.save_pretrained(staging, safe_serialization=True)
+        finally:
+            model.config = original
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         _save_packed(masks, staging / MASKS)
@@ -78,6 +85,7 @@ def save_pretrained(
             "masks": MASKS,
             "spec": masks.spec.to_dict() if masks.spec is not None else None,
             "sparsity": masks.sparsity(),
+            "structure": masks.structure.to_dict() if masks.structure is not None else None,
             "report": report.to_dict() if hasattr(report, "to_dict") else report,
         }
         (staging / SIDECAR).write_text(json.dumps(sidecar, indent=2, default=str), encoding="utf-8")
@@ -88,6 +96,77 @@ def save_pretrained(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
+FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _built(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of the model class built from ``config`` (on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        return _shapes(type(model)(config))
+
+
+def _uniform(values: set[int], what: str) -> int:
+    if len(values) != 1:
+        raise RegrowError(
+            f"the layers of this shrunk model have different {what} ({sorted(values)}), which a Hugging Face config "
+            "cannot state (one value for all layers). Prune with scope='layer' to keep the widths uniform, or save "
+            "it with regrow.save, which records the new architecture."
+        )
+    return values.pop()
+
+
+def shrunk_config(model: nn.Module) -> Any:
+    """A copy of the model's Hugging Face config stating the shrunk widths; a RegrowError saying why when the
+    config cannot state them (checked by building the model class from it)."""
+    from regrow.structural.graph import find_attention
+    from regrow.structural.heads import head_group
+
+    config = copy.deepcopy(model.config)
+    attention = [head_group(n, m, model) for n, m in find_attention(model).items()]
+    attention = [g for g in attention if g.excluded is None]
+    if attention:
+        heads = _uniform({g.heads for g in attention}, "numbers of attention heads")
+        for key in HEAD_KEYS:
+            if isinstance(getattr(config, key, None), int):
+                setattr(config, key, heads)
+        if isinstance(getattr(config, "num_key_value_heads", None), int):
+            config.num_key_value_heads = _uniform({g.units for g in attention}, "numbers of key/value heads")
+        if isinstance(getattr(config, "head_dim", None), int):
+            config.head_dim = _uniform({g.head_dim for g in attention}, "head sizes")
+    before, now = _built(model, model.config), _shapes(model)
+    for key in FFN_KEYS:
+        old = getattr(config, key, None)
+        if key == "n_inner" and old is None and isinstance(getattr(config, "n_embd", None), int):
+            old = 4 * config.n_embd  # GPT-2's default FFN width
+        if not isinstance(old, int):
+            continue
+        widths = {
+            new
+            for name, shape in now.items()
+            if name in before and before[name] != shape
+            for was, new in zip(before[name], shape, strict=False)
+            if was == old and new != old
+        }
+        if widths:
+            setattr(config, key, _uniform(widths, "FFN widths"))
+    expected = _built(model, config)
+    wrong = [n for n, shape in now.items() if expected.get(n) != shape]
+    if wrong:
+        n = wrong[0]
+        raise RegrowError(
+            f"the Hugging Face config of {type(model).__name__} cannot state this shrunk model's widths: {n} is "
+            f"{now[n]}, and the config (widths updated) gives {expected.get(n)} ({len(wrong)} tensors differ). "
+            "Its heads' size may follow from the hidden size (BERT, GPT-2), so removed heads cannot be stated. "
+            "Save it with regrow.save, which records the new architecture."
+        )
+    return config
 
 
 def _save_packed(masks: MaskSet, path: Path) -> None:

@@ -69,3 +69,68 @@ def test_nothing_is_written_over_a_folder_or_from_bad_weights(pruned_llama, tmp_
         save_pretrained(torch.nn.Linear(2, 2), masks, tmp_path / "other")
     with pytest.raises(RegrowError, match="has no regrow_masks.safetensors"):
         load_masks(tmp_path / "busy")
+
+
+def _loaded_outputs(folder, kind: str, inputs: dict) -> torch.Tensor:
+    """The model in ``folder`` loaded by transformers alone (regrow unimportable), run on ``inputs``."""
+    given = json.dumps({k: v.tolist() for k, v in inputs.items()})
+    script = (
+        "import sys, json, torch; sys.modules['regrow'] = None\n"
+        f"from transformers import {kind}\n"
+        f"m = {kind}.from_pretrained({str(folder)!r}).eval()\n"
+        f"inputs = {{k: torch.tensor(v) for k, v in json.loads({given!r}).items()}}\n"
+        "out = m(**inputs)\n"
+        "t = out.logits if hasattr(out, 'logits') else out.last_hidden_state\n"
+        "print(json.dumps(t.detach().flatten().tolist()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    return torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_llama_with_heads_removed_uniformly_saves_with_its_config_updated(tmp_path):
+    model = tiny_llama()
+    ids = {"input_ids": torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))}
+    masks = regrow.prune(model, pattern="head", sparsity=0.5, scope="layer", example_inputs=ids["input_ids"])
+    folder = save_pretrained(model, masks, tmp_path / "out")
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 1, 8)
+    assert model.config.num_attention_heads == 4  # the model's own config is left as it was
+    with torch.no_grad():
+        expect = model(**ids).logits.flatten()
+    assert torch.equal(_loaded_outputs(folder, "AutoModelForCausalLM", ids), expect)
+    assert json.loads((folder / "regrow.json").read_text())["structure"]["pattern"] == "head"
+
+
+def tiny_bert():
+    config = transformers.BertConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    return transformers.BertModel(config, add_pooling_layer=False).eval()
+
+
+def test_bert_ffn_channels_save_when_uniform_and_heads_are_refused_with_the_reason(tmp_path):
+    inputs = {"input_ids": torch.randint(0, 60, (2, 10), generator=torch.Generator().manual_seed(1))}
+    model = tiny_bert()
+    ffn = "encoder.layer.*.intermediate.dense.weight"
+    masks = regrow.prune(model, pattern="channel", sparsity=0.5, scope="layer", targets=ffn, example_inputs=inputs)
+    assert [layer.intermediate.dense.out_features for layer in model.encoder.layer] == [32, 32]
+    folder = save_pretrained(model, masks, tmp_path / "ffn")
+    assert json.loads((folder / "config.json").read_text())["intermediate_size"] == 32
+    with torch.no_grad():
+        expect = model(**inputs).last_hidden_state.flatten()
+    assert torch.equal(_loaded_outputs(folder, "AutoModel", inputs), expect)
+
+    uneven = tiny_bert()
+    with torch.no_grad():
+        uneven.encoder.layer[0].intermediate.dense.weight[:40] *= 0.01  # layer 0's channels score low: it gives more
+    masks = regrow.prune(uneven, pattern="channel", sparsity=0.4, targets=ffn, example_inputs=inputs, round_to=1)
+    assert len({layer.intermediate.dense.out_features for layer in uneven.encoder.layer}) == 2
+    with pytest.raises(RegrowError, match=r"different FFN widths .* scope='layer'"):
+        save_pretrained(uneven, masks, tmp_path / "uneven")
+
+    heads = tiny_bert()
+    masks = regrow.prune(heads, pattern="head", sparsity=0.5, scope="layer", example_inputs=inputs)
+    with pytest.raises(RegrowError, match=r"config of BertModel cannot state .* regrow.save"):
+        save_pretrained(heads, masks, tmp_path / "heads")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ffn"]  # nothing written for the refused ones

@@ -93,7 +93,7 @@ def needed_cost(result: SensitivityResult, kind: str, value: float) -> tuple[str
         return "macs", (1.0 - value) * result.total_macs
     if kind == "params":
         return "params", (1.0 - value) * result.total_params
-    if kind == "sparsity" and result.pattern in ("channel", "head"):
+    if kind == "sparsity" and result.pattern in ("channel", "head", "channel+head"):
         return "units", value * sum(c.size for c in result.curves)
     if kind == "sparsity":
         return "params", value * sum(c.size for c in result.curves)

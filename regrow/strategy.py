@@ -92,7 +92,7 @@ def rule_pattern(f: Facts) -> Decision:
 
 
 def rule_criterion(f: Facts, pattern: str) -> Decision:
-    if pattern in ("channel", "head"):
+    if pattern in ("channel", "head", "channel+head"):
         return Decision(
             "prune.criterion",
             "magnitude",
@@ -109,7 +109,8 @@ def rule_criterion(f: Facts, pattern: str) -> Decision:
 
 def rule_allocation(f: Facts, pattern: str) -> Decision:
     kind, value = _budget(f)
-    if pattern in ("channel", "head") and kind in ("macs", "params", "latency") and value <= SENSITIVITY_BELOW:
+    structural = pattern in ("channel", "head", "channel+head")
+    if structural and kind in ("macs", "params", "latency") and value <= SENSITIVITY_BELOW:
         return Decision(
             "prune.allocation",
             "sensitivity",
@@ -117,7 +118,7 @@ def rule_allocation(f: Facts, pattern: str) -> Decision:
             "the cuts where they cost least",
             "benchmarks/results/allocation.md (sensitivity vs uniform at macs=0.35)",
         )
-    if pattern in ("channel", "head"):
+    if pattern in ("channel", "head", "channel+head"):
         return Decision(
             "prune.allocation",
             "global",
@@ -152,7 +153,7 @@ def rule_schedule(f: Facts, pattern: str, epochs: int) -> Decision:
             "Zhu & Gupta 2017 ramp over thousands of steps; over a few hundred, the last masks get almost no "
             "training before recovery ends",
         )
-    if pattern in ("channel", "head"):
+    if pattern in ("channel", "head", "channel+head"):
         return Decision(
             "schedule.name",
             "one_shot",

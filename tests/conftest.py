@@ -31,17 +31,20 @@ class TinyCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, vocab_size: int = 64, **config_overrides):
     """A random-init two-layer Llama (grouped-query attention: 4 query heads, 2 key/value heads), eval mode."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
+        **{
+            "vocab_size": vocab_size,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32,
+        }
+        | config_overrides
     )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).eval()

@@ -169,13 +169,31 @@ def _bn_scale_scores_channels(cfg: RunConfig) -> Iterator[str]:
         )
 
 
+@rule("`prune.within` with a masked pattern, or with schedule `iterative` (its rounds budget the whole model).")
+def _within(cfg: RunConfig) -> Iterator[str]:
+    pattern, structural = _pattern(cfg)
+    within = cfg.prune.within
+    if within is None:
+        return
+    if not structural:
+        yield (
+            f"prune.within scopes the budget of a structural pattern (channel, head, channel+head); pattern "
+            f"{pattern!r} counts only its targets already: choose the part with prune.targets (e.g. '{within}.*')."
+        )
+    elif cfg.schedule.name == "iterative":
+        yield (
+            "prune.within with schedule 'iterative' is not supported: the rounds share out a budget of the whole "
+            "model. Use schedule 'one_shot', or leave prune.within out."
+        )
+
+
 @rule("A calibrated criterion (`wanda`, `sparsegpt`) with a structural pattern, or `calibration` without one.")
 def _calibrated_masks(cfg: RunConfig) -> Iterator[str]:
     from regrow.criteria import is_calibrated
 
     pattern, _ = _pattern(cfg)
     p = cfg.prune
-    if is_calibrated(p.criterion) and pattern in ("channel", "head"):
+    if is_calibrated(p.criterion) and pattern in ("channel", "head", "channel+head"):
         yield (
             f"criterion {p.criterion!r} prunes single weights layer by layer from calibration inputs; it needs "
             f"pattern 'unstructured' or an n:m pattern such as '2:4', not {pattern!r}. Allowed criteria for "

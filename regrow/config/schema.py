@@ -97,6 +97,9 @@ class PruneConfig(_Strict):
     macs: float | None = Field(None, description="channel/head: fraction of MACs to keep, in (0, 1]")
     params: float | None = Field(None, description="channel/head: fraction of parameters to keep, in (0, 1]")
     latency: float | None = Field(None, description="channel/head: fraction of the measured latency to keep")
+    within: str | None = Field(
+        None, description="structural: a submodule whose parameters / MACs the budget counts; only it is pruned"
+    )
     round_to: int | None = Field(
         None,
         ge=1,
@@ -152,7 +155,7 @@ class PruneConfig(_Strict):
         """max_sparsity, or its default: 0.9 for groups of channels or heads, 0.99 for masked targets."""
         if self.max_sparsity is not None:
             return self.max_sparsity
-        return 0.9 if self.resolved_pattern in ("channel", "head") else 0.99
+        return 0.9 if self.resolved_pattern in ("channel", "head", "channel+head") else 0.99
 
     @property
     def resolved_pattern(self) -> str:
@@ -173,8 +176,8 @@ class PruneConfig(_Strict):
             check_structural_budget(self.sparsity, self.macs, self.params, self.threshold, self.latency)
         elif self.macs is not None or self.params is not None or self.latency is not None:
             raise RegrowError(
-                f"macs, params and latency budgets need pattern 'channel' or 'head'; pattern {self.pattern!r} keeps "
-                "every dense shape. Give sparsity instead."
+                f"macs, params and latency budgets need pattern 'channel', 'head' or 'channel+head'; pattern "
+                f"{self.pattern!r} keeps every dense shape. Give sparsity instead."
             )
         else:
             pattern.check({}, sparsity=self.sparsity, threshold=self.threshold)

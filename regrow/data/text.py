@@ -3,6 +3,8 @@ the built-in text dataset ``python_docs``."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
@@ -137,4 +139,59 @@ def python_docs(seq_len: int = 64, batch_size: int = 32, seed: int = 0, train_li
         num_classes=256,
         description=f"python_docs: Python {version} reference documentation, {len(names)} topics as bytes "
         f"(bytes: {sizes}); {seq_len}-byte sequences, next byte at each position",
+    )
+
+
+def load_tokenizer(path: str) -> Any:
+    """A Hugging Face tokenizer from a local folder (never downloaded)."""
+    from pathlib import Path
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise RegrowError(f"the tokenizer folder {str(folder)!r} does not exist (regrow loads local files only).")
+    try:
+        import transformers
+    except ImportError:
+        raise RegrowError(
+            "a Hugging Face tokenizer needs the transformers package: pip install transformers."
+        ) from None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RegrowError(f"no tokenizer could be loaded from {str(folder)!r}: {first}") from None
+
+
+@DATASETS.register("hf_text")
+def hf_text(
+    tokenizer: str,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    seed: int = 0,
+    train_limit: int | None = None,
+) -> DataBundle:
+    """Python's reference documentation (the text of ``python_docs``, same 8:1:1 split by topic) tokenized with
+    a Hugging Face tokenizer from a local folder: a language model's next token, ``seq_len`` tokens a sequence.
+    For a recipe whose model is a Hugging Face causal language model (model ``hf``)."""
+    import sys
+    from pydoc_data.topics import topics
+
+    tok = load_tokenizer(tokenizer)
+    streams = {}
+    for part, names in _topic_split(list(topics)).items():
+        ids = tok("\n\n".join(topics[n] for n in names), add_special_tokens=False, verbose=False)["input_ids"]
+        streams[part] = torch.tensor(ids, dtype=torch.long)
+    x, y = _sequences(streams["train"], seq_len)
+    if train_limit is not None:
+        x, y = x[:train_limit], y[:train_limit]
+    gen = torch.Generator().manual_seed(seed)
+    version = ".".join(map(str, sys.version_info[:3]))
+    sizes = ", ".join(f"{k} {v.numel() / 1000:.0f}k" for k, v in streams.items())
+    return DataBundle(
+        train=DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=gen),
+        val=DataLoader(TensorDataset(*_sequences(streams["val"], seq_len)), batch_size=batch_size),
+        test=DataLoader(TensorDataset(*_sequences(streams["test"], seq_len)), batch_size=batch_size),
+        num_classes=len(tok),
+        description=f"hf_text: Python {version} reference documentation, {len(topics)} topics, tokenized by "
+        f"{type(tok).__name__} (tokens: {sizes}); {seq_len}-token sequences, next token at each position",
     )

@@ -169,7 +169,7 @@ def sensitivity(
     model.eval()
     base = classification_metrics(model, calib)
     try:
-        if pattern in ("channel", "head"):
+        if pattern in ("channel", "head", "channel+head"):
             curves, totals = _structural_curves(
                 model, calib, pattern, levels, criterion, targets, ignore, example_inputs, progress
             )
@@ -180,7 +180,7 @@ def sensitivity(
     return SensitivityResult(
         pattern,
         criterion,
-        levels if pattern in ("channel", "head", "unstructured") else levels[:1],
+        levels if pattern in ("channel", "head", "channel+head", "unstructured") else levels[:1],
         base["loss"],
         base["accuracy"],
         int(base["samples"]),

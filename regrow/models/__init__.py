@@ -163,4 +163,47 @@ def gpt(vocab: int = 256, dim: int = 192, depth: int = 4, heads: int = 6, contex
     return GPT(vocab, dim, depth, heads, context)
 
 
-__all__ = ["MODELS", "ResNet", "ViT", "digits_cnn", "gpt", "lenet_300_100", "mlp", "resnet", "vit"]
+HF_TASKS = {
+    "causal-lm": "AutoModelForCausalLM",
+    "encoder": "AutoModel",
+    "masked-lm": "AutoModelForMaskedLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+}
+
+
+@MODELS.register("hf")
+def hf(
+    path: str, task: str = "causal-lm", attn_implementation: str = "eager", num_labels: int | None = None
+) -> nn.Module:
+    """A Hugging Face model folder (``config.json`` and weights, as ``save_pretrained`` writes it), loaded with
+    ``from_pretrained`` from local files only: regrow never downloads. ``task``: causal-lm, encoder, masked-lm
+    or sequence-classification (with ``num_labels``)."""
+    from pathlib import Path
+
+    from regrow.errors import RegrowError, one_of
+
+    if task not in HF_TASKS:
+        raise one_of("hf model task", task, tuple(HF_TASKS))
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise RegrowError(
+            f"model 'hf' needs a Hugging Face model folder holding config.json and the weights (as save_pretrained "
+            f"writes it); {str(folder)!r} has no config.json. regrow loads local files only, never from the Hub."
+        )
+    try:
+        import transformers
+    except ImportError:
+        raise RegrowError("model 'hf' needs the transformers package: pip install transformers.") from None
+    kwargs: dict = {"local_files_only": True, "attn_implementation": attn_implementation}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    try:
+        return getattr(transformers, HF_TASKS[task]).from_pretrained(str(folder), **kwargs).eval()
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RegrowError(
+            f"the Hugging Face model in {str(folder)!r} could not be loaded as {task!r}: {first}"
+        ) from None
+
+
+__all__ = ["HF_TASKS", "MODELS", "ResNet", "ViT", "digits_cnn", "gpt", "hf", "lenet_300_100", "mlp", "resnet", "vit"]

@@ -37,6 +37,7 @@ from regrow.prune import plan
 from regrow.recovery import read_rewind_state
 from regrow.spec import PruneSpec
 from regrow.structural import validate_request
+from regrow.structural.options import check_within
 
 
 @dataclass
@@ -89,7 +90,9 @@ def check_request(cfg: RunConfig, model: nn.Module) -> tuple[PruneSpec, bool]:
     structural = get_pattern(pattern).structural
     if structural:
         validate_request(model, pattern, p.targets, p.ignore)
-        return PruneSpec(pattern, p.criterion, p.scope, p.sparsity, None, [], macs=p.macs, params=p.params), True
+        check_within(model, p.within)
+        spec = PruneSpec(pattern, p.criterion, p.scope, p.sparsity, None, [], macs=p.macs, params=p.params)
+        return dataclasses.replace(spec, within=p.within), True
     spec = plan(
         model,
         p.sparsity,

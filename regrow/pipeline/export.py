@@ -51,7 +51,25 @@ def export_model(
         files["shared"] = "shared.safetensors"
     if recovered.history:
         files["curve_plot"] = plot_curve(recovered.history, out / "curve.png", title=f"{cfg.name}: recovery").name
+    if cfg.model.name == "hf":
+        files["hf"] = export_hf(model, recovered.masks, cfg, out / "hf")
     return files
+
+
+def export_hf(model: nn.Module, masks: MaskSet, cfg: RunConfig, folder: Path) -> dict[str, Any]:
+    """A model loaded from a Hugging Face folder (model ``hf``) is also written as one (``hf/``: what
+    ``from_pretrained`` reads, with the tokenizer of data ``hf_text``); when its config cannot state a shrunk
+    model's widths, the report says why and the regrow files stand alone."""
+    from regrow.data.text import load_tokenizer
+    from regrow.hf import save_pretrained
+
+    tokenizer = load_tokenizer(cfg.data.kwargs["tokenizer"]) if cfg.data.name == "hf_text" else None
+    try:
+        save_pretrained(model, masks, folder, tokenizer=tokenizer, overwrite=True)
+    except RegrowError as exc:
+        log.warning("no Hugging Face folder was written: %s", exc)
+        return {"written": False, "why": str(exc)}
+    return {"written": True, "folder": folder.name}
 
 
 def check_finite(model: nn.Module, codebooks: dict[str, torch.Tensor]) -> None:

@@ -265,6 +265,7 @@ class AllocationScore:
                     round_to=p.round_to,
                     max_sparsity=p.cap,
                     allocation=candidate,
+                    within=p.within,
                     **{self.budget[0]: self.budget[1]},
                 )
             else:

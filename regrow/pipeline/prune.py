@@ -122,6 +122,7 @@ class Pruner:
                 data=self.data,
                 round_to=p.round_to,
                 max_sparsity=p.cap,
+                within=p.within,
                 # later rounds round the groups that were wide before the first one
                 round_widths={g["name"]: g["channels_before"] for g in self.reports[0]["groups"]}
                 if self.reports

@@ -573,6 +573,13 @@ def _export(report: _Report) -> list[str]:
             f"- Reloaded `model.safetensors` into a fresh model: test accuracy {pct(check['accuracy'])}, "
             f"which {verdict} the recovered accuracy."
         )
+    hf = report.export.get("hf")
+    if hf:
+        out.append(
+            f"- `{hf['folder']}/`: a Hugging Face folder that `from_pretrained` loads with no regrow installed."
+            if hf["written"]
+            else f"- No Hugging Face folder: {hf['why']}"
+        )
     return out
 
 

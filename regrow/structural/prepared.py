@@ -127,6 +127,14 @@ def validate_request(model: nn.Module, pattern: str, targets: Any = None, ignore
     attention.update(find_attention(model))
     if not attention:
         raise RegrowError(NO_ATTENTION)
+    if pattern == "channel+head":  # entries naming attention modules choose heads, the others weights
+        (head_targets, channel_targets), (head_ignore, channel_ignore) = (
+            split_entries(targets, attention),
+            split_entries(ignore, attention),
+        )
+        resolve_targets(model, channel_targets, channel_ignore)
+        _head_candidates(attention, head_targets, head_ignore)
+        return
     _head_candidates(attention, targets, ignore)
 
 

@@ -228,10 +228,12 @@ def _print_summary(report: object) -> None:
 
     s = report.snapshots  # type: ignore[attr-defined]
     lm = all(snap.perplexity is not None for snap in s.values())  # a language model: scored per token
+    metric = next(iter(s.values())).metric if s else "accuracy"  # e.g. an embedding's cosine similarity
+    plain = metric == "accuracy"
     table = Table(title=f"regrow: {report.name}")  # type: ignore[attr-defined]
     for col in (
         "stage",
-        *(("perplexity", "token acc") if lm else ("test acc", "test loss")),
+        *(("perplexity", "token acc") if lm else ("test acc" if plain else f"test {metric}", "test loss")),
         "nonzero params",
         "target sparsity",
         "dense MACs",
@@ -243,7 +245,7 @@ def _print_summary(report: object) -> None:
     for stage, snap in s.items():
         table.add_row(
             stage,
-            f"{snap.perplexity:.3f}" if lm else pct(snap.accuracy),
+            f"{snap.perplexity:.3f}" if lm else pct(snap.accuracy) if plain else f"{snap.accuracy:.4f}",
             pct(snap.accuracy) if lm else f"{snap.loss:.4f}",
             human(snap.nonzero_params),
             "n/a (shrunk)" if structural else pct(snap.target_sparsity),
@@ -257,6 +259,9 @@ def _print_summary(report: object) -> None:
     drop = report.drop  # type: ignore[attr-defined]
     if lm and {"baseline", "pruned", "recovered"} <= set(s):
         line = perplexity_sentence(s["baseline"], s["pruned"], s["recovered"]).rstrip(".")
+    elif not plain and {"baseline", "pruned", "recovered"} <= set(s):
+        b, p, r = (s[k].accuracy for k in ("baseline", "pruned", "recovered"))
+        line = f"test {metric}: baseline {b:.4f}, pruned {p:.4f}, recovered {r:.4f}"
     elif frac is None:
         line = f"pruning cost no test accuracy ({100 * -drop + 0.0:+.2f} points)"  # + 0.0: no -0.00
     elif frac > 1:

@@ -216,18 +216,16 @@ def prune(
 
     Args:
         model: a trained model; its pruned weights become exactly zero (structural patterns: are removed).
-        sparsity: fraction of target weights to zero, in [0, 1) (structural patterns: of channels or heads
-            removed). Give this, ``threshold``, or for structural patterns ``macs`` / ``params`` / ``latency``.
+        sparsity: fraction of target weights to zero, in [0, 1) (structural: of channels or heads removed);
+            or ``threshold``, or (structural) ``macs`` / ``params`` / ``latency``.
         threshold: zero every target weight whose score is below this value.
-        pattern: ``"unstructured"``, an n:m pattern such as ``"2:4"``, ``"channel"``, ``"head"``, or
-            ``"channel+head"`` (channels and heads removed together against one budget).
+        pattern: ``"unstructured"``, an n:m pattern such as ``"2:4"``, ``"channel"``, ``"head"``, ``"channel+head"``.
         criterion: ``"magnitude"``, ``"random"``, ``"taylor"`` (needs ``data``); ``"channel"`` also ``"bn_scale"``;
             masks also ``"wanda"``, ``"sparsegpt"`` (layer by layer from ``data``). See ``regrow list``.
         scope: ``"global"`` (one ranking over all targets), ``"layer"`` or ``"row"`` (same sparsity per target or
             output row). Calibrated criteria: ``"global"`` means their own (wanda: row, sparsegpt: layer).
-        targets: fqns or globs of parameters to prune. Default: weights of all Linear/Conv layers except
-            the final classifier (the last one registered). For ``"head"``: attention module names.
-        ignore: fqns or globs removed from the targets.
+        targets, ignore: fqns or globs of parameters to prune / to leave (``"head"``: attention modules). Default:
+            the weights of all Linear/Conv layers but the final classifier (the last one registered).
         data: an iterable of ``(inputs, targets)`` batches, for data-driven criteria and for tracing.
         keep_dense: keep a frozen copy of the model from before pruning in ``MaskSet.dense`` (the default teacher).
         macs / params: structural budgets: the fraction of MACs / parameters to keep, in (0, 1], reached
@@ -238,14 +236,12 @@ def prune(
             when it misses the budget by over 2 %, 8 and then no rounding are tried (the report says so).
         max_sparsity: the largest share removed from any group (structural; default 0.9) or target (default:
             0.99, and with scope global, 1 - half the overall density if that is less; ``PruneSpec``).
-        example_inputs: structural: inputs to trace the model with (default: the first batch of ``data``).
-        latency: structural budget: the fraction of measured latency to keep (within 5 %).
-        recalibrate: structural: re-estimate BatchNorm statistics on a few batches of ``data`` (Li et al. 2020).
-        allocation: relative per-target (structural: per-group) sparsities, e.g.
-            ``regrow.allocation.allocate(...).per_target``; the budget scales them to fit exactly.
-        calibration: wanda / sparsegpt settings (:class:`~regrow.criteria.Calibration`), or a dict of them.
-        within: structural: a submodule's name (e.g. ``"encoder"``); only channels and heads inside it are
-            removed, and ``macs`` / ``params`` are fractions of that submodule's MACs / parameters.
+        example_inputs, latency: structural: inputs to trace with (default: ``data``'s first batch); a budget
+            on the measured latency (the fraction to keep, within 5 %).
+        recalibrate, allocation: structural: re-estimate BatchNorm statistics on a few batches of ``data`` (Li et
+            al. 2020); relative per-target (structural: per-group) sparsities (``regrow.allocate``), scaled to fit.
+        calibration, within: wanda / sparsegpt settings (``Calibration`` or a dict); structural: a submodule (e.g.
+            ``"encoder"``): only it is pruned, and the budget counts only it.
 
     Returns:
         The :class:`MaskSet` (True = kept), with the spec used and the dense copy. Structural patterns
@@ -263,13 +259,8 @@ def prune(
         options = {k: v for k, v in locals().items() if k not in ("model", "keep_dense", "max_sparsity")}
         cap = {} if max_sparsity is None else {"max_sparsity": max_sparsity}  # default: shrink's
         return structural_masks(model, dense=frozen_copy(model) if keep_dense else None, **options, **cap)
-    if within is not None:
-        raise RegrowError(
-            f"within= scopes the budget of a structural pattern ('channel', 'head', 'channel+head'); pattern "
-            f"{pattern!r} counts only its targets already: choose the part with targets= (e.g. '{within}.*')."
-        )
     request = (sparsity, threshold, pattern, criterion, scope, targets, ignore, allocation, max_sparsity, calibration)
-    spec = _masked_spec(model, *request, macs, params, latency)
+    spec = _masked_spec(model, *request, macs, params, latency, within=within)
     if not get_pattern(spec.pattern).can_speed_up_dense:
         warnings.warn(speed_warning(spec.pattern), SpeedWarning, stacklevel=2)
     _warn_if_pruned_before(model, spec.targets)
@@ -306,8 +297,14 @@ def _masked_spec(
     max_sparsity: float | None,
     calibration: Calibration | dict[str, Any] | None,
     *budgets: float | None,
+    within: str | None = None,
 ) -> PruneSpec:
     """The request of a masked pattern, checked against the model (``budgets``: macs, params, latency)."""
+    if within is not None:
+        raise RegrowError(
+            f"within= scopes the budget of a structural pattern ('channel', 'head', 'channel+head'); pattern "
+            f"{pattern!r} counts only its targets already: choose the part with targets= (e.g. '{within}.*')."
+        )
     if any(b is not None for b in budgets):
         raise RegrowError(
             "macs=, params= and latency= budgets need a structural pattern ('channel', 'head' or 'channel+head'): "

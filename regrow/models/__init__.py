@@ -176,15 +176,16 @@ def hf(
     path: str, task: str = "causal-lm", attn_implementation: str = "eager", num_labels: int | None = None
 ) -> nn.Module:
     """A Hugging Face model folder (``config.json`` and weights, as ``save_pretrained`` writes it), loaded with
-    ``from_pretrained`` from local files only: regrow never downloads. ``task``: causal-lm, encoder, masked-lm
+    ``from_pretrained`` from local files only: regrow never downloads. ``path``: a folder, or
+    ``"package:NAME/folder"`` inside an installed Python package. ``task``: causal-lm, encoder, masked-lm
     or sequence-classification (with ``num_labels``)."""
-    from pathlib import Path
-
     from regrow.errors import RegrowError, one_of
 
     if task not in HF_TASKS:
         raise one_of("hf model task", task, tuple(HF_TASKS))
-    folder = Path(path).expanduser()
+    from regrow.data.text import local_folder
+
+    folder = local_folder(path)
     if not (folder / "config.json").is_file():
         raise RegrowError(
             f"model 'hf' needs a Hugging Face model folder holding config.json and the weights (as save_pretrained "

@@ -75,8 +75,9 @@ def run(
     with staged_out_dir(final, overwrite=overwrite, resume=resume) as out:
         atomic_write_text(out / "config.yaml", config_text(cfg, search))
         saves = checkpoints(cfg, out)  # each training phase saves its state here, and resumes from it
-        snapshots = Snapshots(loaded.test, cfg.evaluate, timer, progress)
+        snapshots = Snapshots(loaded.test, cfg.evaluate, timer, progress, checked.recover_kwargs["objective"])
         base = set_baseline(loaded, checked, snapshots, timer, progress, saves)
+        snapshots.reference = base.teacher  # an embedding is measured against the dense model from here on
         decided = make_plan(loaded, checked, base.teacher is not None, out, timer, progress)
         pruned = prune_model(loaded, decided, snapshots, timer)
         recovered = recover_model(loaded, decided, pruned, base.teacher, timer, progress, saves)
@@ -86,7 +87,16 @@ def run(
         )
         with timer.stage("export"):
             files = export_model(
-                loaded.model, recovered, decided.spec, decided.cfg, out, loaded.test, search, result, base.classes
+                loaded.model,
+                recovered,
+                decided.spec,
+                decided.cfg,
+                out,
+                loaded.test,
+                search,
+                result,
+                base.classes,
+                snapshots.bound(loaded.model),
             )
         acceleration = accelerate_model(loaded, decided, recovered.masks, timer)
         report = build_report(

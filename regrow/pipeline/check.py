@@ -64,6 +64,10 @@ def check_inputs(loaded: Loaded) -> Checked:
         recover_kwargs["rewind_state"] = read_rewind_state(recover_kwargs["rewind_state"], model)
     # a model trained on another task (model.train.data) gets a new head for these labels
     label_range = cfg.model.train is None or cfg.model.train.data is None
+    if recover_kwargs["objective"] is not None:  # an encoder's embedding: no labels to check, the model must run
+        for split, data in (("train", loaded.train), ("validation", loaded.val), ("test", loaded.test)):
+            check_runs(model, data, split)
+        return Checked(spec, structural, recover_kwargs, load_source(cfg, search), None)
     classes: list[int] = []
     for split, data in (("train", loaded.train), ("validation", loaded.val), ("test", loaded.test)):
         with Unshuffled(data) as unshuffled:  # checking draws no shuffling randomness
@@ -81,6 +85,33 @@ def check_inputs(loaded: Loaded) -> Checked:
             with Unshuffled(data) as unshuffled:
                 check_batches(model, unshuffled, split, classes=outputs)
     return Checked(spec, structural, recover_kwargs, source, classes[0])
+
+
+def check_runs(model: nn.Module, data: Any, split: str) -> None:
+    """The first batch of ``data`` runs through ``model`` (eval mode, no gradients) and gives a tensor."""
+    import torch
+
+    from regrow.batches import forward, model_device, to_device
+
+    with Unshuffled(data) as unshuffled:
+        batch = next(iter(unshuffled), None)
+    if batch is None:
+        raise RegrowError(f"the {split} data has no batches.")
+    inputs, _ = unpack(batch)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            forward(model, to_device(inputs, model_device(model)))
+    except RegrowError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's model on the user's data: one line, named
+        raise RegrowError(
+            f"the model cannot run on a batch of the {split} data ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); check the inputs' shape and keys."
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def check_request(cfg: RunConfig, model: nn.Module) -> tuple[PruneSpec, bool]:
@@ -162,6 +193,7 @@ def check_augment(augment: Any, data: Any) -> None:
 def recover_options(cfg: RunConfig, search: list[Path]) -> dict[str, Any]:
     """recover() keyword arguments from the recipe: factories resolved, files found next to the recipe."""
     opts = cfg.recover.model_dump()
+    opts["objective"] = cfg.recover.objective.build()  # None: labels
     opts["share"] = {"k": opts["share"]["k"]}  # share.after / share.epochs are the run's, not recover()'s
     opts["augment"] = build_augment(opts.pop("augment"), search)
     checkpoint = opts.pop("rewind_checkpoint")

@@ -22,6 +22,7 @@ from regrow.errors import RegrowError
 from regrow.masks import MaskSet
 from regrow.measure import Snapshot
 from regrow.measure.metrics import classification_metrics
+from regrow.objectives import Objective
 from regrow.pipeline.recover import Recovered
 from regrow.recovery import new_head
 from regrow.report.plots import plot_curve
@@ -41,11 +42,13 @@ def export_model(
     search: list[Path],
     snapshot: Snapshot,
     new_classes: int | None,
+    objective: Objective | None = None,
 ) -> dict[str, Any]:
-    """Every file of the run's model, and the reload check; returns the report's export section."""
+    """Every file of the run's model, and the reload check (``objective``: what the snapshots measured); returns
+    the report's export section."""
     shared = recovered.result.shared
     check_finite(model, shared.codebooks if shared is not None else {})
-    files = export(model, recovered.masks, spec, cfg, out, test, search, snapshot, new_classes)
+    files = export(model, recovered.masks, spec, cfg, out, test, search, snapshot, new_classes, objective)
     if recovered.result.shared is not None:
         recovered.result.shared.save(out / "shared.safetensors")
         files["shared"] = "shared.safetensors"
@@ -58,16 +61,17 @@ def export_model(
 
 def export_hf(model: nn.Module, masks: MaskSet, cfg: RunConfig, folder: Path) -> dict[str, Any]:
     """A model loaded from a Hugging Face folder (model ``hf``) is also written as one (``hf/``: what
-    ``from_pretrained`` reads, with the tokenizer of data ``hf_text``); when its config cannot state a shrunk
-    model's widths, the report says why and the regrow files stand alone."""
+    ``from_pretrained`` reads, with the tokenizer of data ``hf_text`` or ``hf_sentences``); when its config cannot
+    state a shrunk model's widths, the report says why and the regrow files stand alone."""
     from regrow.data.text import load_tokenizer
     from regrow.hf import save_pretrained
 
-    tokenizer = load_tokenizer(cfg.data.kwargs["tokenizer"]) if cfg.data.name == "hf_text" else None
+    tokenized = cfg.data.name in ("hf_text", "hf_sentences")
+    tokenizer = load_tokenizer(cfg.data.kwargs["tokenizer"]) if tokenized else None
     try:
         save_pretrained(model, masks, folder, tokenizer=tokenizer, overwrite=True)
     except RegrowError as exc:
-        log.warning("no Hugging Face folder was written: %s", exc)
+        log.info("no Hugging Face folder was written: %s", exc)  # the report says why
         return {"written": False, "why": str(exc)}
     return {"written": True, "folder": folder.name}
 
@@ -96,6 +100,7 @@ def export(
     search: list[Path],
     recovered: Snapshot,
     new_classes: int | None,
+    objective: Objective | None = None,
 ) -> dict[str, Any]:
     """Save weights and arch.json (regrow.save), masks if any, then reload with regrow.load and re-check."""
     meta = {"regrow.targets": json.dumps(spec.targets), "regrow.pattern": spec.pattern}
@@ -113,7 +118,7 @@ def export(
 
     fresh = load(out, factory)
     fresh.to(next(model.parameters()).device)
-    reloaded = classification_metrics(fresh, test)["accuracy"]
+    reloaded = classification_metrics(fresh, test, objective=objective)["accuracy"]
     if reloaded != recovered.accuracy:
         log.warning("reloaded accuracy %.6f differs from recovered accuracy %.6f", reloaded, recovered.accuracy)
     return files | {"reload_check": {"accuracy": reloaded, "matches": reloaded == recovered.accuracy}}

@@ -13,6 +13,7 @@ from regrow.batches import model_device, to_device
 from regrow.config import EvaluateConfig
 from regrow.measure import Snapshot, evaluate, sample_inputs
 from regrow.measure.latency import compare_latency, pair_noise
+from regrow.objectives import Objective
 from regrow.pipeline.context import Timer
 
 log = logging.getLogger("regrow")
@@ -21,15 +22,27 @@ log = logging.getLogger("regrow")
 class Snapshots:
     """Takes the snapshot of one stage on the test split, timed as ``evaluate_<stage>``, and keeps it."""
 
-    def __init__(self, test: Any, ev: EvaluateConfig, timer: Timer, progress: bool) -> None:
+    def __init__(
+        self, test: Any, ev: EvaluateConfig, timer: Timer, progress: bool, objective: Objective | None = None
+    ) -> None:
         self.test, self.ev, self.timer, self.progress = test, ev, timer, progress
         self.taken: dict[str, Snapshot] = {}
+        self.objective = objective  # None: labels; an Embedding is measured against ``reference``
+        self.reference: nn.Module | None = None  # the dense model (the baseline is its own reference)
+
+    def bound(self, model: nn.Module) -> Objective | None:
+        """The objective measuring ``model``: an Embedding compares with the dense reference (set after the
+        baseline) or, before it, with ``model`` itself."""
+        if self.objective is None:
+            return None
+        return self.objective.bind(self.reference if self.reference is not None else model)
 
     def take(self, model: nn.Module, stage: str, targets: list[str]) -> Snapshot:
         with self.timer.stage(f"evaluate_{stage}"):
             self.taken[stage] = evaluate(
                 model,
                 self.test,
+                objective=self.bound(model),
                 targets=targets,
                 stage=stage,
                 latency=self.ev.latency,

@@ -446,8 +446,7 @@ def recover(
         model: the pruned model (as left by :func:`regrow.prune`).
         masks: its keep-masks (empty for a model shrunk by a structural pattern).
         train: a DataLoader or any re-iterable of ``(inputs, targets)`` batches.
-        val: validation batches for early stopping and checkpoint choice. Default: carved from ``train``
-            (``val_fraction`` of a DataLoader's samples, or of a list's batches).
+        val: validation batches (early stopping, checkpoint choice); default: ``val_fraction`` of ``train``.
         method: ``"distill"`` (default), ``"finetune"``, ``"rigl"``, ``"set"``, ``"share"``, ``"transfer"``.
         teacher: the dense model for distillation and transfer; default: the frozen copy ``prune`` kept.
         epochs, lr, optimizer: training budget, peak learning rate, ``"adamw"`` (default) or ``"sgd"`` (``momentum``).
@@ -462,10 +461,7 @@ def recover(
         dynamic, share, feature_weight: rigl / set's ``update_every`` (100), ``drop_fraction`` (0.3), ``end`` (0.75);
             share's k (16); transfer's weight of the feature-distillation loss.
         callbacks, progress: step callbacks (e.g. :class:`regrow.GradualPruning`); progress bars (on a terminal).
-        checkpoint: a run's ``regrow.recovery.checkpoint.Checkpoints``: save the training state, resume from it.
-        objective: what is trained and validated (``regrow.objectives``): default labels (cross-entropy,
-            accuracy); ``regrow.Embedding(...)`` distils an encoder's embeddings from the teacher (no labels
-            needed; the metric is their cosine similarity); ``regrow.Custom(loss, metric_fn)`` is the user's.
+        checkpoint, objective: resume from a run's ``Checkpoints``; labels (default), ``Embedding()``, ``Custom``.
 
     Returns:
         A :class:`RecoveryResult`; the model holds the best checkpoint, in the train/eval mode it came in.

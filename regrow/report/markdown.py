@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+from regrow.objectives import shown
 from regrow.report.divergence import guard_section
+from regrow.report.format import human as human
+from regrow.report.format import pct as pct
+from regrow.report.format import table as table
 from regrow.report.speed import latency_cell, measured_speedup
+from regrow.report.structure import _rounding as _rounding
+from regrow.report.structure import _structure
 
 if TYPE_CHECKING:
     from regrow.measure import Snapshot
@@ -33,25 +39,6 @@ class _Report(Protocol):
 
     @property
     def recovered_fraction(self) -> float | None: ...
-
-
-def pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}%"
-
-
-def human(n: float | None, unit: str = "") -> str:
-    if n is None:
-        return "n/a"
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {suffix}{unit}".strip()
-    return f"{n:g} {unit}".strip()
-
-
-def table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def recovery_sentence(drop: float, gained: float, frac: float | None) -> str:
@@ -110,7 +97,13 @@ def _headline(report: _Report, base: Snapshot) -> list[str]:
         f"Pattern `{spec.get('pattern')}`, criterion `{spec.get('criterion')}`, scope `{spec.get('scope')}`, "
         f"schedule `{report.config.get('schedule', {}).get('name')}`, recovery "
         f"`{report.recovery.get('method')}`. "
-        + ("Perplexities and accuracies" if base.perplexity is not None else "Accuracies")
+        + (
+            "Perplexities and accuracies"
+            if base.perplexity is not None
+            else "Accuracies"
+            if base.metric == "accuracy"
+            else "Measurements"
+        )
         + f" are on the held-out test split ({base.samples} "
         + ("tokens" if base.perplexity is not None else "samples")
         + "), which recovery never sees.",
@@ -145,10 +138,34 @@ def _perplexity(report: _Report, stages: list[str], base: Snapshot, pruned: Snap
     ]
 
 
+def _similarity(report: _Report, stages: list[str], base: Snapshot, pruned: Snapshot, rec: Snapshot) -> list[str]:
+    """An objective other than accuracy (an encoder's embedding): its metric and loss per stage."""
+    s, metric = report.snapshots, base.metric
+    rows = [[k, f"{s[k].accuracy:.4f}", f"{s[k].loss:.4f}"] for k in stages]
+    won = (
+        (rec.accuracy - pruned.accuracy) / (base.accuracy - pruned.accuracy)
+        if base.accuracy > pruned.accuracy
+        else None
+    )
+    return [
+        "",
+        f"## Test {metric}",
+        "",
+        "Measured against the dense model's outputs on the same inputs (the baseline is the dense model itself).",
+        "",
+        table(["stage", f"test {metric}", "test loss"], rows),
+        "",
+        f"Pruning took it from {base.accuracy:.4f} to {pruned.accuracy:.4f}; after recovery {rec.accuracy:.4f}"
+        + (f" ({100 * won:.1f}% of the drop won back)." if won is not None else "."),
+    ]
+
+
 def _accuracy(report: _Report, stages: list[str], base: Snapshot, pruned: Snapshot, rec: Snapshot) -> list[str]:
     """The accuracy table per stage, what pruning cost and recovery won back, and the costliest targets."""
     if base.perplexity is not None and pruned.perplexity is not None and rec.perplexity is not None:
         return _perplexity(report, stages, base, pruned, rec)
+    if base.metric != "accuracy":
+        return _similarity(report, stages, base, pruned, rec)
     s = report.snapshots
     out = ["", "## Accuracy", ""]
     out.append(
@@ -281,96 +298,11 @@ def _acceleration(spec: dict[str, Any]) -> list[str]:
     return ["", "## 2:4 on sparse tensor cores", "", acc["markdown"].rstrip(), "", line[0].upper() + line[1:] + "."]
 
 
-def _structure(spec: dict[str, Any]) -> list[str]:
-    """What channel / head removal kept, its rounds, the equivalence check and each group (empty otherwise)."""
-    structure = spec.get("structure")
-    if not structure:
-        return []
-    out = ["", "## Structure", ""]
-    budget = ", ".join(f"{k} = {v:g}" for k, v in structure["budget"].items())
-    eq = structure["equivalence"]
-    units = {"head": "heads", "channel+head": "channel units and heads"}.get(spec.get("pattern", ""), "channel units")
-    within = f" (counted inside {structure['within']})" if structure.get("within") else ""
-    out.append(
-        f"Budget {budget}{within}: MACs kept {pct(structure['macs_ratio'])}, parameters kept "
-        f"{pct(structure['params_ratio'])}; {structure['units_removed']} of {structure['units_total']} "
-        f"{units} removed "
-        f"({structure['evaluations']} candidate selections measured)." + _rounding(structure)
-    )
-    out += _structure_rounds(spec.get("structure_rounds"))
-    out.append(
-        f"Equivalence check {'passed' if eq['passed'] else 'FAILED'}: the shrunk model's outputs differ from "
-        f"the masked simulation by at most {eq['max_abs_diff']:.3g} (tolerance {eq['tolerance']:.3g} = "
-        f"{eq['atol']:g} + {eq['rtol']:g} x max |output|)."
-    )
-    if structure.get("converted_attention"):
-        out.append(
-            f"nn.MultiheadAttention replaced by regrow's equivalent with prunable heads at: "
-            f"{', '.join(f'`{n}`' for n in structure['converted_attention'])} (arch.json records it)."
-        )
-    out.append("")
-    out.append(_groups_table(structure["groups"]))
-    for w in structure.get("warnings", []):
-        out += ["", f"Warning: {w}"]
-    return out
-
-
-def _structure_rounds(rounds: list[dict[str, Any]] | None) -> list[str]:
-    """The per-round table of a shrink -> recover run in several rounds (empty for a single shrink)."""
-    if not rounds:
-        return []
-    rows = [
-        [
-            i + 1,
-            ", ".join(f"{k} = {v:.3g}" for k, v in r["budget"].items()),
-            pct(r["macs_ratio"]),
-            pct(r["params_ratio"]),
-            r["units_removed"],
-        ]
-        for i, r in enumerate(rounds)
-    ]
-    return [
-        "",
-        f"In {len(rounds)} rounds of shrink -> recover, each against the model it started from:",
-        "",
-        table(["round", "budget for the round", "MACs kept", "parameters kept", "units removed"], rows),
-        "",
-    ]
-
-
-def _groups_table(groups: list[dict[str, Any]]) -> str:
-    """The table of channel / head groups and their widths; groups that are no target at all are left out."""
-    return table(
-        ["group (first layer)", "kind", "coupled tensors", "units before", "units after", "left out because"],
-        [
-            [f"`{g['name']}`", g["kind"], len(g["members"]), g["units_before"], g["units_after"], g["excluded"] or ""]
-            for g in groups
-            if g["excluded"] != "not a target"
-        ],
-    )
-
-
-def _rounding(structure: dict[str, Any]) -> str:
-    from regrow.structural import ROUND_MIN_CHANNELS
-
-    multiple = structure.get("round_to") or 1
-    if multiple <= 1:
-        return ""
-    if structure.get("round_to_auto"):
-        return (
-            f" Kept widths of groups with at least {ROUND_MIN_CHANNELS} channels rounded down to multiples of "
-            f"{multiple} (this device's default; round_to sets it)."
-        )
-    return (
-        f" Kept widths rounded down to multiples of {multiple} (round_to; a group narrower than {multiple} "
-        "is not rounded)."
-    )
-
-
 def _recovery(report: _Report) -> list[str]:
     """How recovery ran and ended, what its options did, the per-epoch history and the curve plot."""
     rec_info = report.recovery
-    out = ["", "## Recovery", "", _recovery_run(rec_info)]
+    metric = report.snapshots["baseline"].metric if "baseline" in report.snapshots else "accuracy"
+    out = ["", "## Recovery", "", _recovery_run(rec_info, metric)]
     details = rec_info.get("details") or {}
     if details.get("compute"):
         out.append(_compute(details["compute"]))
@@ -381,9 +313,9 @@ def _recovery(report: _Report) -> list[str]:
     if history:
         out += [
             "",
-            _history_table(history, sparsity=not report.prune.get("structure")),
+            _history_table(history, sparsity=not report.prune.get("structure"), metric=metric),
             "",
-            "Train accuracy is the running accuracy on the (augmented) training batches; a growing train - val "
+            f"Train {metric} is the running {metric} on the (augmented) training batches; a growing train - val "
             "gap with a rising validation loss is over-fitting, which early stopping reports by name.",
         ]
     if report.export.get("curve_plot"):
@@ -391,7 +323,7 @@ def _recovery(report: _Report) -> list[str]:
     return out
 
 
-def _recovery_run(rec_info: dict[str, Any]) -> str:
+def _recovery_run(rec_info: dict[str, Any], metric: str = "accuracy") -> str:
     """One sentence: the method, epochs run, the best epoch and why recovery stopped."""
     phases = rec_info.get("phases")
     run = (
@@ -402,8 +334,8 @@ def _recovery_run(rec_info: dict[str, Any]) -> str:
     )
     note = f", {rec_info['best_note']}" if rec_info.get("best_note") else ""
     return (
-        f"{run}, best epoch {rec_info.get('best_epoch')} (validation accuracy "
-        f"{pct(rec_info.get('best_val_accuracy'))}{note}); ended by: {rec_info.get('stop_reason')}."
+        f"{run}, best epoch {rec_info.get('best_epoch')} (validation {metric} "
+        f"{shown(metric, rec_info.get('best_val_accuracy'))}{note}); ended by: {rec_info.get('stop_reason')}."
     )
 
 
@@ -511,19 +443,23 @@ def _sharing(sharing: dict[str, Any]) -> str:
     )
 
 
-def _history_table(history: list[dict[str, Any]], sparsity: bool) -> str:
+def _history_table(history: list[dict[str, Any]], sparsity: bool, metric: str = "accuracy") -> str:
     """The per-epoch recovery table; the sparsity column only when weights were zeroed, not removed."""
+    short = "acc" if metric == "accuracy" else metric
+    scale = 100 if metric == "accuracy" else 1  # the gap in points, or in the metric's own units
     return table(
-        ["epoch", "train loss", "train acc", "val loss", "val acc", "train - val", "lr"]
+        ["epoch", "train loss", f"train {short}", "val loss", f"val {short}", "train - val", "lr"]
         + (["sparsity"] if sparsity else []),
         [
             [
                 h["epoch"],
                 "" if h["train_loss"] is None else f"{h['train_loss']:.4f}",
-                "" if h["train_accuracy"] is None else pct(h["train_accuracy"]),
+                "" if h["train_accuracy"] is None else shown(metric, h["train_accuracy"]),
                 f"{h['val_loss']:.4f}",
-                pct(h["val_accuracy"]),
-                "" if h["train_accuracy"] is None else f"{100 * (h['train_accuracy'] - h['val_accuracy']):+.1f}",
+                shown(metric, h["val_accuracy"]),
+                ""
+                if h["train_accuracy"] is None
+                else f"{scale * (h['train_accuracy'] - h['val_accuracy']):+.{1 if scale == 100 else 4}f}",
                 "" if h["lr"] is None else f"{h['lr']:.2e}",
             ]
             + ([pct(h["sparsity"])] if sparsity else [])
@@ -569,9 +505,10 @@ def _export(report: _Report) -> list[str]:
     check = report.export.get("reload_check")
     if check:
         verdict = "matches" if check["matches"] else "DOES NOT match"
+        metric = report.snapshots["recovered"].metric if "recovered" in report.snapshots else "accuracy"
         out.append(
-            f"- Reloaded `model.safetensors` into a fresh model: test accuracy {pct(check['accuracy'])}, "
-            f"which {verdict} the recovered accuracy."
+            f"- Reloaded `model.safetensors` into a fresh model: test {metric} {shown(metric, check['accuracy'])}, "
+            f"which {verdict} the recovered {metric}."
         )
     hf = report.export.get("hf")
     if hf:

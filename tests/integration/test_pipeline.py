@@ -292,6 +292,12 @@ RECIPE_BUDGET = {
         "prune.search_candidates=3",
         "sensitivity.batches=1",
     ],
+    "minilm_sentences": [  # the real encoder: a few sentences, one epoch
+        "data.kwargs.train_limit=64",
+        "data.kwargs.eval_limit=64",
+        "data.kwargs.docstrings=false",
+        "recover.epochs=1",
+    ],
     "fashion_mnist_lenet": [
         "model.train.epochs=1",
         "recover.epochs=3",
@@ -320,8 +326,11 @@ def test_every_shipped_recipe_runs(tmp_path, name, caplog):
     assert warned == [], warned
     cfg = report.config["prune"]
     structure = report.prune["structure"]
-    if cfg["pattern"] in ("channel", "head"):
+    if cfg["pattern"] in ("channel", "head", "channel+head"):
         assert structure["equivalence"]["passed"]
+        if cfg["within"] is not None:  # the budget counts the submodule only
+            assert structure["within"] == cfg["within"]
+            assert structure["params_ratio"] == pytest.approx(cfg["params"], rel=0.02)
         summary = json.loads((tmp_path / name / "report.json").read_text())["summary"]
         assert summary["target_sparsity"] is None  # smaller, not sparse
         if cfg["macs"] is not None:
@@ -349,6 +358,12 @@ def test_every_shipped_recipe_runs(tmp_path, name, caplog):
         assert masks.sparsity() == pytest.approx(expected, abs=1e-3)
         weights = load_file(str(tmp_path / name / "model.safetensors"))
         assert all(torch.count_nonzero(weights[f][~m]) == 0 for f, m in masks.items())
+    if name == "minilm_sentences":  # an encoder without labels: measured by its embeddings' cosine similarity
+        snaps = report.snapshots
+        assert {s.metric for s in snaps.values()} == {"cosine similarity"}
+        assert snaps["baseline"].accuracy == pytest.approx(1.0, abs=1e-5) and snaps["pruned"].accuracy < 0.95
+        assert "## Test cosine similarity" in (tmp_path / name / "report.md").read_text()
+        assert report.export["hf"]["written"] is False and "attention heads" in report.export["hf"]["why"]
     if name == "python_docs_gpt":  # a language model: scored per token, reported in perplexity
         snaps = report.snapshots
         assert all(s.perplexity == pytest.approx(math.exp(s.loss)) for s in snaps.values())

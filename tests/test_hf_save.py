@@ -129,8 +129,30 @@ def test_bert_ffn_channels_save_when_uniform_and_heads_are_refused_with_the_reas
     with pytest.raises(RegrowError, match=r"different FFN widths .* scope='layer'"):
         save_pretrained(uneven, masks, tmp_path / "uneven")
 
-    heads = tiny_bert()
-    masks = regrow.prune(heads, pattern="head", sparsity=0.5, scope="layer", example_inputs=inputs)
-    with pytest.raises(RegrowError, match=r"config of BertModel cannot state .* regrow.save"):
-        save_pretrained(heads, masks, tmp_path / "heads")
+    for sparsity in (0.5, 0.25):  # 2 heads of 8 wide, which BERT's config cannot state; 3, which do not divide 32
+        heads = tiny_bert()
+        masks = regrow.prune(heads, pattern="head", sparsity=sparsity, scope="layer", example_inputs=inputs)
+        with pytest.raises(RegrowError, match=r"config of BertModel cannot state .* regrow.save"):
+            save_pretrained(heads, masks, tmp_path / "heads")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ffn"]  # nothing written for the refused ones
+
+
+def test_llama_shrunk_uniformly_in_heads_and_ffn_saves_with_its_config_updated(tmp_path):
+    model = tiny_llama()
+    ids = {"input_ids": torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))}
+    # scope layer: every group gives the same share (a params budget may need unit-by-unit filling, which would
+    # break the uniformity; a sparsity budget does not)
+    masks = regrow.prune(
+        model,
+        pattern="channel+head",
+        sparsity=0.5,
+        within="model.layers",
+        scope="layer",
+        example_inputs=ids["input_ids"],
+    )
+    folder = save_pretrained(model, masks, tmp_path / "out")
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["intermediate_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (32, 2, 1)
+    with torch.no_grad():
+        expect = model(**ids).logits.flatten()
+    assert torch.equal(_loaded_outputs(folder, "AutoModelForCausalLM", ids), expect)

@@ -124,3 +124,65 @@ def test_macs_counted_inside_a_submodule():
         24,
         24,
     )
+
+    class Stack(torch.nn.Module):  # a ModuleList is never called itself: its MACs are its members'
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return self.head(x)
+
+    assert (dense_macs(Stack(), x), dense_macs(Stack(), x, "layers")) == (40, 32)
+
+
+def test_channel_and_head_entries_that_name_both_choose_both():
+    from regrow.structural.prepared import split_entries
+
+    attention = {"encoder.0.attn": None, "encoder.1.attn": None}
+    params = ["encoder.0.attn.q.weight", "encoder.0.fc.weight", "head.weight"]
+    assert split_entries("encoder.*", attention, params) == (["encoder.*"], ["encoder.*"])
+    assert split_entries(["encoder.0.attn", "head"], attention, params) == (["encoder.0.attn"], ["head"])
+    assert split_entries(None, attention, params) == (None, None)
+
+
+def test_llama_ffn_channels_need_no_traced_graph(monkeypatch):
+    import regrow.structural.prepared as prepared
+
+    def no_graph(*args, **kwargs):
+        raise AssertionError("the FFN channels of a Llama must not need torch-pruning's graph")
+
+    monkeypatch.setattr(prepared, "StructureGraph", no_graph)
+    model = tiny_llama()
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    masks = regrow.prune(model, pattern="channel", sparsity=0.5, targets="model.layers.*.mlp.*", example_inputs=ids)
+    assert masks.structure.equivalence.passed
+    for layer, before in zip(model.model.layers, dense.model.layers, strict=True):
+        mlp, old = layer.mlp, before.mlp
+        width = mlp.up_proj.out_features
+        assert width < 64 and mlp.gate_proj.out_features == width == mlp.down_proj.in_features == mlp.intermediate_size
+        # the kept channels are whole: the same rows of gate and up, the same column of down
+        kept = [c for c in range(64) if any(torch.equal(old.up_proj.weight[c], r) for r in mlp.up_proj.weight)]
+        assert len(kept) == width
+        assert torch.equal(mlp.gate_proj.weight, old.gate_proj.weight[kept])
+        assert torch.equal(mlp.down_proj.weight, old.down_proj.weight[:, kept])
+    # heads and FFN channels of every decoder layer in one call, within the layers: no graph either
+    model = tiny_llama()
+    masks = regrow.prune(model, pattern="channel+head", params=0.6, within="model.layers", example_inputs=ids)
+    assert masks.structure.equivalence.passed
+    assert masks.structure.params_ratio == pytest.approx(0.6, rel=0.02)
+
+
+def test_gpt2_heads_and_ffn_channels_in_one_call():
+    model = tiny_gpt2()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    masks = regrow.prune(model, pattern="channel+head", params=0.6, within="transformer.h", example_inputs=ids)
+    assert masks.structure.equivalence.passed
+    assert masks.structure.params_ratio == pytest.approx(0.6, rel=0.02)
+    for block in model.transformer.h:
+        assert block.mlp.c_fc.nf == block.mlp.c_fc.weight.shape[1] == block.mlp.c_proj.weight.shape[0] < 128
+    assert model(ids).logits.shape == (2, 8, 64)

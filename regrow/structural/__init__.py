@@ -143,12 +143,18 @@ def _groups(
     inside = {n: m for n, m in attention.items() if within is None or n.startswith(f"{within}.")}
     head_targets, head_ignore, channel_targets, channel_ignore = targets, ignore, targets, ignore
     if pattern == "channel+head":
-        head_targets, channel_targets = split_entries(targets, inside)
-        head_ignore, channel_ignore = split_entries(ignore, inside)
+        params = [n for n, _ in host.named_parameters()]
+        head_targets, channel_targets = split_entries(targets, inside, params)
+        head_ignore, channel_ignore = split_entries(ignore, inside, params)
+    defaulted = channel_targets is None
     if within is not None and channel_targets is None:
         channel_targets = [f for f in resolve_targets(host, None, channel_ignore) if f.startswith(f"{within}.")]
     graph, groups = None, []
-    if has_channels(pattern):
+    heads_too = pattern == "channel+head" and defaulted  # the attention projections are the heads' then
+    mlps = _mlp_only(host, attention, channel_targets, channel_ignore, heads_too) if has_channels(pattern) else None
+    if mlps is not None:  # every target is an FFN projection: its channels need no traced graph
+        groups = list(mlps)
+    elif has_channels(pattern):
         graph, groups = _channel_groups(host, attention, inputs, channel_targets, channel_ignore)
         for g in groups if within is not None else []:
             outside = [m for m in g.members if not m.startswith(f"{within}.")]
@@ -157,6 +163,21 @@ def _groups(
     if has_heads(pattern):
         groups = groups + _head_groups(host, inside, head_targets, head_ignore)
     return graph, groups
+
+
+def _mlp_only(
+    host: nn.Module, attention: dict[str, nn.Module], targets: Any, ignore: Any, heads_too: bool
+) -> list[Any] | None:
+    """The FFN groups (``regrow.structural.mlp``) when every channel target is an FFN projection, else None. With
+    ``heads_too`` (``"channel+head"`` and default targets) the attention projections are left to the heads."""
+    from regrow.structural.heads import head_group
+    from regrow.structural.mlp import mlp_groups
+
+    resolved = resolve_targets(host, targets, ignore)
+    if heads_too:
+        inner = {f"{p}.weight" for n, m in attention.items() for p in head_group(n, m, host).members}
+        resolved = [f for f in resolved if f not in inner]
+    return mlp_groups(host, resolved)
 
 
 @_hands_back_on_failure

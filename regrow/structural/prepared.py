@@ -24,6 +24,7 @@ from regrow.structural.device import copy_grads, exact_arithmetic, inputs_to_hos
 from regrow.structural.graph import ChannelGroup, StructureGraph, find_attention
 from regrow.structural.heads import HeadGroup, head_group
 from regrow.structural.importance import accumulate_gradients, channel_scores, head_scores
+from regrow.structural.mlp import MlpGroup
 from regrow.structural.rounding import _round_step
 from regrow.structural.units import Compare, _apply, _breaks_ties, _probe_all, _Unit
 from regrow.timelimit import time_limit
@@ -83,14 +84,16 @@ def _one_sample(inputs: Any) -> Any:
     return inputs[:1]
 
 
-def split_entries(entries: Any, attention: dict[str, nn.Module]) -> tuple[Any, Any]:
-    """Glob ``entries`` split into (those naming attention modules, the rest); None stays None on both sides,
-    and a side left with no entries is None (its default)."""
+def split_entries(entries: Any, attention: dict[str, nn.Module], params: Iterable[str] = ()) -> tuple[Any, Any]:
+    """Glob ``entries`` split into (those naming attention modules, those naming weights): an entry that names
+    both (``"encoder.*"``) goes to both sides, one that names neither to the weights' (whose check names it).
+    None stays None on both sides, and a side left with no entries is None (its default)."""
     if entries is None:
         return None, None
     listed = [entries] if isinstance(entries, str) else list(entries)
+    names = list(params)
     heads = [e for e in listed if any(fnmatchcase(n, e) for n in attention)]
-    rest = [e for e in listed if e not in heads]
+    rest = [e for e in listed if e not in heads or any(fnmatchcase(n, e) for n in names)]
     return heads or None, rest or None
 
 
@@ -128,9 +131,10 @@ def validate_request(model: nn.Module, pattern: str, targets: Any = None, ignore
     if not attention:
         raise RegrowError(NO_ATTENTION)
     if pattern == "channel+head":  # entries naming attention modules choose heads, the others weights
+        params = [n for n, _ in model.named_parameters()]
         (head_targets, channel_targets), (head_ignore, channel_ignore) = (
-            split_entries(targets, attention),
-            split_entries(ignore, attention),
+            split_entries(targets, attention, params),
+            split_entries(ignore, attention, params),
         )
         resolve_targets(model, channel_targets, channel_ignore)
         _head_candidates(attention, head_targets, head_ignore)
@@ -225,9 +229,9 @@ def _score_units(
                 u.group.excluded = f"criterion {criterion!r} finds nothing to score in it"
                 continue
             step = _round_step(u.group, round_to, auto, round_widths)
-        else:
+        else:  # heads; or FFN channels found without a graph, which round like any channels
             s = head_scores(u.group, model, criterion)
-            step = 1
+            step = _round_step(u.group, round_to, auto, round_widths) if isinstance(u.group, MlpGroup) else 1
         scored.append(Unitized(u.name, u.group.units, s, step))
     return scored
 

@@ -24,7 +24,7 @@ from regrow.structural.arch import retie, tied_parameters
 from regrow.structural.batchnorm import has_batchnorm, recalibrate_batchnorm
 from regrow.structural.budget import TOLERANCE, SearchResult, Unitized, check_reachable, search
 from regrow.structural.device import exact_arithmetic
-from regrow.structural.graph import ChannelGroup
+from regrow.structural.heads import HeadGroup
 from regrow.structural.options import has_channels
 from regrow.structural.prepared import Prepared
 from regrow.structural.report import StructureReport
@@ -221,11 +221,16 @@ def _finer_rounding(
 
     Returns the search that met it and its multiple ((None, auto) if none did), and the evaluations spent.
     """
-    channel_groups = {u.name: u.group for u in active if isinstance(u.group, ChannelGroup)}
+    channel_groups = {u.name: u.group for u in active if not isinstance(u.group, HeadGroup)}
     evaluations = 0
     for finer in (m for m in (AUTO_ROUND_TO, 1) if m < auto):
         retry = search_for(
-            [replace(g, step=_round_step(channel_groups[g.name], None, finer, round_widths)) for g in scored]
+            [
+                replace(g, step=_round_step(channel_groups[g.name], None, finer, round_widths))
+                if g.name in channel_groups
+                else g  # heads: one at a time already
+                for g in scored
+            ]
         )
         evaluations += retry.evaluations
         if retry.within_tolerance:
@@ -305,7 +310,7 @@ def _group_rows(units: list[_Unit], removed: Removed) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": u.name,
-                "kind": "channels" if isinstance(u.group, ChannelGroup) else "heads",
+                "kind": "heads" if isinstance(u.group, HeadGroup) else "channels",
                 "members": u.group.members,
                 "units_before": u.group.units,
                 "units_after": u.group.units - len(gone),

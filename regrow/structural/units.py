@@ -15,6 +15,7 @@ from torch import nn
 from regrow.errors import RegrowError
 from regrow.structural.graph import ChannelGroup, Cut, StructureGraph, apply_cuts
 from regrow.structural.heads import HeadGroup
+from regrow.structural.mlp import MlpGroup
 from regrow.structural.simulate import Equivalence, simulate
 
 Compare = Callable[[nn.Module, nn.Module, Any], Equivalence]  # (shrunk, simulated, inputs) -> Equivalence
@@ -23,7 +24,7 @@ Compare = Callable[[nn.Module, nn.Module, Any], Equivalence]  # (shrunk, simulat
 class _Unit:
     """A channel group or a head group behind one interface: cut on a model, simulate on a copy."""
 
-    def __init__(self, group: ChannelGroup | HeadGroup, graph: StructureGraph | None) -> None:
+    def __init__(self, group: ChannelGroup | HeadGroup | MlpGroup, graph: StructureGraph | None) -> None:
         self.group = group
         self.graph = graph
 
@@ -37,8 +38,9 @@ class _Unit:
             return self.graph.cuts(self.group, removed)
         return []
 
-    def heads(self, removed: list[int]) -> list[tuple[HeadGroup, list[int]]]:
-        return [(self.group, removed)] if isinstance(self.group, HeadGroup) and removed else []
+    def heads(self, removed: list[int]) -> list[tuple[HeadGroup | MlpGroup, list[int]]]:
+        """Groups that remove their own units (heads, FFN channels found without a graph)."""
+        return [(self.group, removed)] if isinstance(self.group, (HeadGroup, MlpGroup)) and removed else []
 
 
 def _apply(model: nn.Module, units: list[_Unit], removed: dict[str, list[int]]) -> None:

@@ -105,6 +105,12 @@ def check_batch(model: nn.Module, data: Iterable[Any], name: str, *, label_range
     if batch is None:
         raise RegrowError(f"the {name} data has no batches.")
     inputs, targets = unpack(batch)
+    if targets is None:
+        raise RegrowError(
+            f"the {name} data has no labels (dict batches without a 'labels' entry). An encoder without labels is "
+            "recovered by its embeddings: recover.objective.kind: embedding in a recipe, objective=regrow.Embedding() "
+            "in Python."
+        )
     got = _label_kind(targets)
     if got is not None:
         raise RegrowError(

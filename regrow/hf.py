@@ -107,9 +107,19 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def _built(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
-    """The tensor shapes of the model class built from ``config`` (on the meta device: no memory, no init)."""
-    with torch.device("meta"):
-        return _shapes(type(model)(config))
+    """The tensor shapes of the model class built from ``config`` (on the meta device: no memory, no init); a
+    RegrowError when the class or the config refuses the widths (e.g. a hidden size no multiple of the heads)."""
+    try:
+        if callable(getattr(config, "validate", None)):
+            config.validate()  # transformers' own checks, which save_pretrained and from_pretrained apply
+        with torch.device("meta"):
+            return _shapes(type(model)(config))
+    except Exception as exc:  # noqa: BLE001 - transformers raises several kinds; one message names the reason
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise RegrowError(
+            f"the Hugging Face config of {type(model).__name__} cannot state this shrunk model's widths "
+            f"({type(exc).__name__}: {first}). Save it with regrow.save, which records the new architecture."
+        ) from None
 
 
 def _uniform(values: set[int], what: str) -> int:

@@ -47,6 +47,7 @@ class Scored:
     score: Tensor
     units: Tensor
     unit: str = "samples"
+    labelled: bool = False  # outputs are logits over classes (the divergence guard's floor is ln classes)
 
 
 class Objective:
@@ -79,13 +80,13 @@ class Labels(Objective):
         logits = forward(model, inputs)
         kind = unit(logits, targets)
         loss = task_loss(logits, targets, self.label_smoothing)
-        return Scored(logits, loss, hits(logits.detach(), targets), count(targets), kind)
+        return Scored(logits, loss, hits(logits.detach(), targets), count(targets), kind, labelled=True)
 
     def measure(self, model: nn.Module, inputs: Any, targets: Any) -> Scored:
         logits = forward(model, inputs)
         kind = unit(logits, targets)
         loss = task_loss(logits.float(), targets, reduction="sum")
-        return Scored(logits, loss.double(), hits(logits, targets), count(targets), kind)
+        return Scored(logits, loss.double(), hits(logits, targets), count(targets), kind, labelled=True)
 
 
 @dataclass
@@ -201,7 +202,7 @@ class Custom(Objective):
                 f"the custom loss must return a scalar tensor; it returned {_describe(loss)}. Reduce it (e.g. .mean())."
             )
         loss = loss.reshape(())
-        rows = batch_size(inputs)
+        rows = outputs.shape[0] if outputs.dim() else batch_size(inputs)
         if self.metric_fn is None:
             return Scored(outputs, loss, -loss.detach() * rows, torch.tensor(rows, device=loss.device))
         with torch.no_grad():
@@ -243,7 +244,8 @@ def as_scored(result: Any, targets: Any) -> Scored:
     """A method's second result as a :class:`Scored`: methods registered before objectives return logits."""
     if isinstance(result, Scored):
         return result
-    return Scored(result, torch.zeros(()), hits(result.detach(), targets), count(targets), unit(result, targets))
+    kind = unit(result, targets)
+    return Scored(result, torch.zeros(()), hits(result.detach(), targets), count(targets), kind, labelled=True)
 
 
 def objective_of(method: Any) -> Objective:

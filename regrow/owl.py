@@ -4,8 +4,9 @@ luuyin/OWL), an allocation for the calibrated criteria.
 Layers whose Wanda scores ``|W_ij| · ‖X_j‖₂`` hold more outliers (scores above ``m`` times the layer's mean) carry
 more of the model's function and are pruned less. With ``D_l`` the outlier ratio of target ``l``, the kept
 fraction of each target is ``1 - sparsity + (d_l - mean(d))`` where ``d_l`` maps ``D_l`` linearly onto
-``[0, 2·lam]``: every target's sparsity lies within ``lam`` of the target sparsity and their plain mean is it
-(the reference code's rule, there per transformer block; here per target). ``regrow.prune(...,
+``[0, 2·lam]``: their plain mean is the target sparsity, and every target's sparsity lies within ``2·lam`` of it
+(within ``lam`` when the ratios spread evenly; the reference code's rule, there per transformer block, here per
+target). ``regrow.prune(...,
 allocation=owl(...).per_target)`` then scales the plan so that the parameter-weighted sparsity meets the budget
 exactly.
 
@@ -38,8 +39,8 @@ def outlier_ratio(scores: Tensor, m: float = M) -> float:
 
 
 def owl_sparsities(ratios: dict[str, float], sparsity: float, lam: float = LAMBDA) -> dict[str, float]:
-    """Per-target sparsities from outlier ratios: more outliers, less sparsity, within ``lam`` of ``sparsity``, in
-    plain mean ``sparsity``. Equal ratios give ``sparsity`` everywhere."""
+    """Per-target sparsities from outlier ratios: more outliers, less sparsity, within ``2·lam`` of ``sparsity``,
+    in plain mean ``sparsity``. Equal ratios give ``sparsity`` everywhere."""
     low, high = min(ratios.values()), max(ratios.values())
     if high == low:
         return dict.fromkeys(ratios, sparsity)
@@ -62,10 +63,10 @@ def owl(
     """OWL's per-target sparsities for ``model`` (dense, as it is) from the first calibration batches of ``data``."""
     if not 0.0 < sparsity < 1.0:
         raise RegrowError(f"sparsity must be in (0, 1); got {sparsity!r}.")
-    if not 0.0 <= lam < min(sparsity, 1.0 - sparsity):
+    if not 0.0 <= 2 * lam < min(sparsity, 1.0 - sparsity):
         raise RegrowError(
-            f"lam must be at least 0 and below both the sparsity and 1 - sparsity, so that every target's sparsity "
-            f"stays in (0, 1); got lam {lam!r} for sparsity {sparsity!r}."
+            f"lam must be at least 0 and 2 x lam below both the sparsity and 1 - sparsity, so that every target's "
+            f"sparsity (within 2 x lam of the target) stays in (0, 1); got lam {lam!r} for sparsity {sparsity!r}."
         )
     if m <= 0:
         raise RegrowError(f"m (outliers lie above m times the layer's mean score) must be positive; got {m!r}.")

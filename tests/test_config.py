@@ -99,6 +99,10 @@ def test_found_files_become_absolute_and_leave_the_given_keys_alone(tmp_path, mo
 NEW_TASK = {"name": "digits", "kwargs": {"classes": [0, 1, 2, 3, 4]}}
 RULE_EXAMPLES = {  # one recipe each rule refuses (overrides on the demo recipe), and a part of its message
     "_within": (["prune.within=encoder"], "prune.within scopes the budget of a structural pattern"),
+    "_embedding_needs_no_labels": (
+        ["recover.objective.kind=embedding", "prune.criterion=taylor"],
+        "recover.objective.kind 'embedding' trains and measures without labels, but criterion 'taylor'",
+    ),
     "_schedule": (["schedule.name=iterative", "prune.threshold=0.1", "prune.sparsity=null"], "not prune.threshold"),
     "_dynamic_needs_unstructured": (["recover.method=rigl", "prune.pattern=2:4", "prune.sparsity=null"], "'2:4'"),
     "_cap_reaches_the_budget": (["prune.max_sparsity=0.8"], "prune.max_sparsity 0.8 is below prune.sparsity 0.9"),

@@ -169,6 +169,8 @@ def test_a_custom_loss_and_metric_for_recover_and_evaluate():
     )  # fmt: skip
     assert result.best_val_accuracy > result.history[0].val_accuracy  # the mean absolute error fell
     assert regrow.evaluate(model, data, objective=objective, latency=False).metric == "-MAE"
+    again = regrow.recover(model, masks, regression(2, 3), data, objective=objective, epochs=1, progress=False)
+    assert set(again.history[1].parts) == {"task_loss"}  # default method distill: no KL on a custom loss's outputs
 
 
 def test_custom_objective_errors_are_clear():

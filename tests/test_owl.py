@@ -56,8 +56,8 @@ def test_owl_spares_the_layer_with_outlier_features_and_prune_meets_the_budget()
 
 def test_owl_refuses_what_it_cannot_plan():
     model, data = TwoLayers(), [(torch.randn(4, 16), torch.zeros(4, dtype=torch.long))]
-    with pytest.raises(RegrowError, match=r"lam must be at least 0 and below both"):
-        owl(model, data, 0.05, lam=0.08)
+    with pytest.raises(RegrowError, match=r"lam must be at least 0 and 2 x lam below both"):
+        owl(model, data, 0.15, lam=0.08)
     with pytest.raises(RegrowError, match=r"sparsity must be in \(0, 1\)"):
         owl(model, data, 1.5)
     with pytest.raises(RegrowError, match="needs calibration data"):

@@ -187,6 +187,32 @@ def _within(cfg: RunConfig) -> Iterator[str]:
         )
 
 
+@rule(
+    "`recover.objective.kind: embedding` with what is measured on labels: `sensitivity.enabled`, `prune.allocation` "
+    "`sensitivity` / `search`, `strategy: auto`, `criterion: taylor`, `model.train`, a transfer (`model.train.data`, "
+    "`method: transfer`) or `accelerate.enabled`."
+)
+def _embedding_needs_no_labels(cfg: RunConfig) -> Iterator[str]:
+    if cfg.recover.objective.kind == "labels":
+        return
+    p = cfg.prune
+    asked = [
+        *(["sensitivity.enabled"] if cfg.sensitivity.enabled else []),
+        *([f"prune.allocation {p.allocation!r}"] if p.allocation in ("sensitivity", "search") else []),
+        *(["strategy: auto"] if cfg.auto() else []),
+        *(["criterion 'taylor'"] if p.criterion == "taylor" else []),
+        *(["model.train"] if cfg.model.train is not None else []),
+        *(["method 'transfer'"] if cfg.recover.method == "transfer" else []),
+        *(["accelerate.enabled"] if cfg.accelerate.enabled else []),
+    ]
+    if asked:
+        yield (
+            f"recover.objective.kind 'embedding' trains and measures without labels, but {', '.join(asked)} "
+            "scores the model on labels. Leave them out (the embedding is measured against the dense model's), or "
+            "use objective kind 'labels' with labelled data."
+        )
+
+
 @rule("A calibrated criterion (`wanda`, `sparsegpt`) with a structural pattern, or `calibration` without one.")
 def _calibrated_masks(cfg: RunConfig) -> Iterator[str]:
     from regrow.criteria import is_calibrated

@@ -82,8 +82,17 @@ def dense_macs(model: nn.Module, inputs: Any, within: str | None = None) -> int 
         model.train(was_training)
     if within is None:
         return counter.get_total_flops() // 2
-    counts = counter.get_flop_counts().get(f"{type(model).__name__}.{within}", {})
-    return sum(counts.values()) // 2
+    return _inside(counter.get_flop_counts(), f"{type(model).__name__}.{within}") // 2
+
+
+def _inside(counts: dict[str, dict[Any, int]], key: str) -> int:
+    """FLOPs counted inside the module ``key``; a container that is never called itself (a ModuleList) has no
+    entry of its own: the sum over its outermost called descendants."""
+    if key in counts:
+        return sum(counts[key].values())
+    below = [k for k in counts if k.startswith(f"{key}.")]
+    outermost = [k for k in below if not any(k.startswith(f"{o}.") for o in below if o != k)]
+    return sum(sum(counts[k].values()) for k in outermost)
 
 
 def size_bytes(model: nn.Module) -> int:

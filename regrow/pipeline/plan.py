@@ -188,6 +188,8 @@ def wants_sensitivity(cfg: RunConfig, model: nn.Module, spec: PruneSpec) -> bool
         return enabled
     if cfg.prune.allocation in ("sensitivity", "search"):
         return True
+    if cfg.recover.objective.kind != "labels":  # the curves are measured on labels (a rule refuses asking for them)
+        return False
     # Cheap enough to explain every run: few targets and a small model.
     layers = sum(1 for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)))
     return (

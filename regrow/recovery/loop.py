@@ -124,7 +124,7 @@ def masked_step(
     """
     with compute.autocast() if compute is not None else nullcontext():
         losses, scored = method.losses(model, inputs, targets)
-    if check is not None and not check(losses["loss"], scored.outputs if isinstance(scored, Scored) else scored):
+    if check is not None and not check(losses["loss"], _guarded(scored)):
         return losses, scored
     optimizer.zero_grad(set_to_none=True)
     if compute is not None:
@@ -143,6 +143,17 @@ def masked_step(
     if strict:  # (2) see the module docstring: SGD and AdamW cannot move a zero with no gradient or state
         enforcer.weights()
     return losses, scored
+
+
+_NO_CLASSES = torch.zeros(1)  # what the guard sees of outputs that are not logits: no ln(classes) floor
+
+
+def _guarded(scored: Any) -> Tensor:
+    """The outputs the divergence guard judges a loss against: logits (their classes set the loss floor), else
+    a one-wide placeholder (an embedding's or a custom loss has no floor)."""
+    if not isinstance(scored, Scored):
+        return scored
+    return scored.outputs if scored.labelled else _NO_CLASSES
 
 
 @dataclass

@@ -9,7 +9,8 @@ new one with ``@METHODS.register("name")``: a builder ``(options, teacher) -> (l
   the embedding's distance to the dense model's (an encoder without labels); ``regrow.Custom`` is the user's.
 * ``distill``: alpha · T² · KL(teacher ‖ student at temperature T) + (1 − alpha) · task loss (Hinton et
   al. 2015); the teacher is the dense model. A language model is distilled token by token over the
-  vocabulary, padding left out. The Embedding objective is distillation already: no KL is added to it.
+  vocabulary, padding left out. Only the labels objective gets the KL term: an embedding's loss is distillation
+  already, and a custom loss is the user's as given.
 * ``rigl`` / ``set``: dynamic sparse training (regrow.recovery.dynamic), task loss, or distillation
   with ``distill: true``.
 * ``share``: weight sharing (regrow.recovery.sharing), likewise.
@@ -64,7 +65,7 @@ class DistillLoss(TaskLoss):
 
     def losses(self, model: nn.Module, inputs: Any, targets: Any) -> tuple[dict[str, Tensor], Scored]:
         out, scored = super().losses(model, inputs, targets)
-        if self.objective.distils:
+        if not isinstance(self.objective, Labels):  # an embedding distils already; a custom loss is the user's
             return out, scored
         logits = scored.outputs
         # inference_mode: no autograd bookkeeping at all for the frozen teacher; the loop's autocast (if any)
@@ -77,8 +78,7 @@ class DistillLoss(TaskLoss):
                 f"{tuple(teacher_logits.shape)}, the student {tuple(logits.shape)}. A model with a new head for other "
                 "classes learns from its teacher's features instead: use method 'transfer' (or 'finetune')."
             )
-        real = targets if isinstance(self.objective, Labels) else None  # real tokens only, where labels say so
-        kd = distillation_loss(logits, teacher_logits, self.temperature, real)
+        kd = distillation_loss(logits, teacher_logits, self.temperature, targets)  # real tokens only
         out["kd_loss"] = kd
         out["loss"] = self.alpha * kd + (1.0 - self.alpha) * out["task_loss"]
         return out, scored

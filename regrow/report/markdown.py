@@ -301,7 +301,8 @@ def _acceleration(spec: dict[str, Any]) -> list[str]:
 def _recovery(report: _Report) -> list[str]:
     """How recovery ran and ended, what its options did, the per-epoch history and the curve plot."""
     rec_info = report.recovery
-    metric = report.snapshots["baseline"].metric if "baseline" in report.snapshots else "accuracy"
+    snapshots = getattr(report, "snapshots", {})
+    metric = snapshots["baseline"].metric if "baseline" in snapshots else "accuracy"
     out = ["", "## Recovery", "", _recovery_run(rec_info, metric)]
     details = rec_info.get("details") or {}
     if details.get("compute"):
@@ -505,7 +506,8 @@ def _export(report: _Report) -> list[str]:
     check = report.export.get("reload_check")
     if check:
         verdict = "matches" if check["matches"] else "DOES NOT match"
-        metric = report.snapshots["recovered"].metric if "recovered" in report.snapshots else "accuracy"
+        snapshots = getattr(report, "snapshots", {})
+        metric = snapshots["recovered"].metric if "recovered" in snapshots else "accuracy"
         out.append(
             f"- Reloaded `model.safetensors` into a fresh model: test {metric} {shown(metric, check['accuracy'])}, "
             f"which {verdict} the recovered {metric}."

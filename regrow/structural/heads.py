@@ -126,7 +126,7 @@ class HeadGroup:
                 setattr(module, attr, value - len(queries))
             elif attr == "num_key_value_heads" and isinstance(value, int):
                 setattr(module, attr, value - len(removed))
-            elif isinstance(value, int) and not isinstance(value, bool) and value == old_inner and attr != "head_dim":
+            elif isinstance(value, int) and not isinstance(value, bool) and value == old_inner and _width(attr):
                 setattr(module, attr, len(keep))
 
     @torch.no_grad()
@@ -144,6 +144,12 @@ class HeadGroup:
             weight[rows] = 0
             if layer.bias is not None:
                 layer.bias[rows] = 0
+
+
+def _width(attr: str) -> bool:
+    """Whether an integer attribute equal to the inner width may be that width (``all_head_size``, GPT-2's
+    ``split_size``), not a number that happens to be equal (a sliding window, a position count, an index)."""
+    return attr != "head_dim" and not any(w in attr for w in ("window", "position", "max", "idx", "vocab"))
 
 
 def _as_linear(layer: nn.Module) -> Tensor:
@@ -167,6 +173,8 @@ def _keep_columns(layer: nn.Module, keep: Tensor) -> None:
     """Keep only the ``keep`` inputs of a Linear (or Conv1D)."""
     if is_transposed_linear(layer):
         layer.weight = nn.Parameter(layer.weight.index_select(0, keep).contiguous())
+        if isinstance(getattr(layer, "nx", None), int):
+            layer.nx = len(keep)
     else:
         layer.weight = nn.Parameter(layer.weight.index_select(1, keep).contiguous())
         layer.in_features = len(keep)

@@ -88,30 +88,16 @@ def check_inputs(loaded: Loaded) -> Checked:
 
 
 def check_runs(model: nn.Module, data: Any, split: str) -> None:
-    """The first batch of ``data`` runs through ``model`` (eval mode, no gradients) and gives a tensor."""
-    import torch
-
-    from regrow.batches import forward, model_device, to_device
+    """The first batch of ``data`` runs through ``model`` (eval mode, no gradients): data without labels."""
+    from regrow.batches import _run_once
 
     with Unshuffled(data) as unshuffled:
         batch = next(iter(unshuffled), None)
     if batch is None:
         raise RegrowError(f"the {split} data has no batches.")
     inputs, _ = unpack(batch)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            forward(model, to_device(inputs, model_device(model)))
-    except RegrowError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the user's model on the user's data: one line, named
-        raise RegrowError(
-            f"the model cannot run on a batch of the {split} data ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); check the inputs' shape and keys."
-        ) from None
-    finally:
-        model.train(was_training)
+    _run_once(model, inputs, lambda failure: f"the model cannot run on a batch of the {split} data ({failure}); "
+              "check the inputs' shape and keys.")  # fmt: skip
 
 
 def check_request(cfg: RunConfig, model: nn.Module) -> tuple[PruneSpec, bool]:

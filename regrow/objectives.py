@@ -52,10 +52,9 @@ class Scored:
 
 class Objective:
     """Base class: ``step`` scores a training batch (mean loss, with gradients); ``measure`` an evaluation batch
-    (summed loss). ``distils``: the loss already learns from the dense model (no KL term goes on top)."""
+    (summed loss)."""
 
     metric: ClassVar[str] = "accuracy"
-    distils: ClassVar[bool] = False
 
     def bind(self, teacher: nn.Module | None) -> Objective:
         """This objective with the dense model to learn from or compare with (only :class:`Embedding` needs it)."""
@@ -113,7 +112,6 @@ class Embedding(Objective):
     teacher: nn.Module | None = None
 
     metric: ClassVar[str] = "cosine similarity"
-    distils: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:

@@ -62,12 +62,12 @@ class MaskSet(Mapping[str, Tensor]):
     def sparsity(self) -> float:
         """Fraction of zeros over all targets together."""
         total = sum(m.numel() for m in self.masks.values())
-        kept = sum(int(m.sum()) for m in self.masks.values())
+        kept = sum(int(torch.count_nonzero(m)) for m in self.masks.values())  # no int64 copy
         return 1.0 - kept / total if total else 0.0
 
     def per_target(self) -> dict[str, float]:
         """Sparsity of each target according to its mask."""
-        return {f: 1.0 - int(m.sum()) / m.numel() for f, m in self.masks.items()}
+        return {f: 1.0 - int(torch.count_nonzero(m)) / m.numel() for f, m in self.masks.items()}
 
     # Enforcement -------------------------------------------------------------------------------
     def bind(self, model: nn.Module) -> list[tuple[nn.Parameter, Tensor]]:
@@ -98,9 +98,9 @@ class MaskSet(Mapping[str, Tensor]):
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
-        """Zero every masked weight of ``model`` in place."""
+        """Zero every masked weight of ``model`` in place (filled, not multiplied: no float copy of the mask)."""
         for param, mask in self.bind(model):
-            param.mul_(mask)
+            param.masked_fill_(mask.logical_not(), 0)
 
     @torch.no_grad()
     def clear_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -18,13 +18,16 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from regrow.criteria.base import score_like
 from regrow.errors import RegrowError
+from regrow.ranking import count, lowest_masks
 from regrow.registry import Registry
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -72,7 +75,7 @@ class Pattern(Protocol):
 
     def make_masks(
         self,
-        scores: dict[str, Tensor],
+        scores: Mapping[str, Tensor],
         *,
         sparsity: float | None,
         threshold: float | None,
@@ -102,7 +105,7 @@ class Unstructured:
 
     def make_masks(
         self,
-        scores: dict[str, Tensor],
+        scores: Mapping[str, Tensor],
         *,
         sparsity: float | None,
         threshold: float | None,
@@ -125,7 +128,7 @@ class Unstructured:
         return _global(scores, sparsity, 1.0 if cap is None else cap)
 
 
-def _global(scores: dict[str, Tensor], sparsity: float, cap: float) -> dict[str, Tensor]:
+def _global(scores: Mapping[str, Tensor], sparsity: float, cap: float) -> dict[str, Tensor]:
     """One ranking over every target, no target losing more than ``cap`` of its weights.
 
     The lowest-scored weights of all targets go first; a target that would lose more than ``cap`` loses exactly
@@ -133,29 +136,25 @@ def _global(scores: dict[str, Tensor], sparsity: float, cap: float) -> dict[str,
     over its cap (at most one round per target). With ``cap`` >= ``sparsity`` the limits add up to the budget
     at least (both round the same way), so it is met exactly; except that a cap below 1 always leaves every
     target one weight, which at extreme sparsities over small targets leaves the budget short by those weights.
+    The ranking reads one target's scores at a time and never sorts them all (``regrow.ranking``).
     """
-    sizes = {f: s.numel() for f, s in scores.items()}
+    sizes = {f: score_like(scores, f).numel() for f in scores}
+    lost_before = {f: count(scores, f, "neginf") for f in scores}
     budget = pruned_count(sparsity, sum(sizes.values()))
     # the most each target may lose, rounded as the budget is (so that cap = sparsity fits exactly), and never
     # less than what it lost before (a gradual schedule's earlier masks: their weights score -inf)
-    limit = {
-        f: max(pruned_count(cap, n) if cap < 1 else n, int(torch.isneginf(scores[f]).sum())) for f, n in sizes.items()
-    }
+    limit = {f: max(pruned_count(cap, n) if cap < 1 else n, lost_before[f]) for f, n in sizes.items()}
     pinned: set[str] = set()
     while True:
         free = [f for f in scores if f not in pinned]
-        flat = torch.cat([scores[f].reshape(-1).float() for f in free]) if free else torch.zeros(0)
-        keep = _prune_lowest(flat, max(0, budget - sum(limit[f] for f in pinned)))
-        out, start = {}, 0
-        for f in free:
-            out[f] = keep[start : start + sizes[f]].reshape(scores[f].shape)
-            start += sizes[f]
-        over = {f for f in free if sizes[f] - int(out[f].sum()) > limit[f]}
+        out: dict[str, Tensor] = {}  # the last round's masks are freed before this round's are made
+        out = lowest_masks(scores, free, max(0, budget - sum(limit[f] for f in pinned)))
+        over = {f for f in free if sizes[f] - int(torch.count_nonzero(out[f])) > limit[f]}
         if not over:
             break
         pinned |= over
     for f in pinned:
-        out[f] = _prune_lowest(scores[f].reshape(-1), limit[f]).reshape(scores[f].shape)
+        out[f] = lowest_masks(scores, [f], limit[f])[f]
     emptied = [f for f in scores if not bool(out[f].any())]
     if emptied and sparsity < 1.0 and len(emptied) < len(out):  # only without a cap below 1
         warnings.warn(
@@ -207,7 +206,7 @@ class NM:
 
     def make_masks(
         self,
-        scores: dict[str, Tensor],
+        scores: Mapping[str, Tensor],
         *,
         sparsity: float | None,
         threshold: float | None,
@@ -240,7 +239,7 @@ class _Structural:
 
     def make_masks(
         self,
-        scores: dict[str, Tensor],
+        scores: Mapping[str, Tensor],
         *,
         sparsity: float | None,
         threshold: float | None,

@@ -6,16 +6,18 @@ import contextlib
 import copy
 import dataclasses
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from regrow.criteria import CRITERIA, Calibration, is_calibrated
+from regrow.criteria.base import lazy_map
 from regrow.errors import RegrowError, SpeedWarning, one_of
 from regrow.masks import MaskSet
 from regrow.patterns import get_pattern
+from regrow.ranking import count
 from regrow.select import resolve_targets, transposed_targets
 from regrow.spec import PruneSpec
 
@@ -140,7 +142,7 @@ def compute_masks(
         return masks if previous is None else {f: m & previous[f].to(m.device) for f, m in masks.items()}
     scores = criterion(model, spec.targets, data)
     if previous is not None:
-        scores = {f: s.masked_fill(~previous[f].to(s.device), float("-inf")) for f, s in scores.items()}
+        scores = lazy_map(scores, lambda f, s: s.masked_fill(~previous[f].to(s.device), float("-inf")))
     pattern = get_pattern(spec.pattern)
     per_target = spec.per_target(model)
     if per_target is not None:  # an allocation: each target at its own sparsity
@@ -159,11 +161,13 @@ def compute_masks(
     return masks
 
 
-def pattern_masks(model: nn.Module, pattern: Any, scores: dict[str, Tensor], **budget: Any) -> dict[str, Tensor]:
+def pattern_masks(model: nn.Module, pattern: Any, scores: Mapping[str, Tensor], **budget: Any) -> dict[str, Tensor]:
     """``pattern.make_masks(scores, **budget)``, with the targets stored (inputs, outputs) (GPT-2's Conv1D) seen
     as (outputs, inputs), so that n:m groups run along their inputs and ``row`` scope along their outputs."""
     flipped = transposed_targets(model, scores)
-    masks = pattern.make_masks({f: s.t() if f in flipped else s for f, s in scores.items()}, **budget)
+    if flipped:
+        scores = lazy_map(scores, lambda f, s: s.t() if f in flipped else s)
+    masks = pattern.make_masks(scores, **budget)
     return {f: m.t().contiguous() if f in flipped else m for f, m in masks.items()}
 
 
@@ -347,7 +351,8 @@ def _masked_spec(
 def _warn_if_pruned_before(model: nn.Module, targets: list[str]) -> None:
     """Masks describe one call: weights zeroed by an earlier prune are not in them and may grow back."""
     with torch.no_grad():
-        zeros = sum(int((model.get_parameter(f) == 0).sum()) for f in targets)
+        params = {f: model.get_parameter(f).detach() for f in targets}
+        zeros = sum(count(params, f, "zero") for f in targets)  # chunk by chunk: no full-size temporaries
         total = sum(model.get_parameter(f).numel() for f in targets)
     if total and zeros > 0.01 * total:  # trained float weights are almost never exactly zero
         warnings.warn(

@@ -98,6 +98,10 @@ def test_found_files_become_absolute_and_leave_the_given_keys_alone(tmp_path, mo
 
 NEW_TASK = {"name": "digits", "kwargs": {"classes": [0, 1, 2, 3, 4]}}
 RULE_EXAMPLES = {  # one recipe each rule refuses (overrides on the demo recipe), and a part of its message
+    "_needs_the_dense_copy": (
+        ["prune.keep_dense=false", "recover.method=distill"],
+        "prune.keep_dense false keeps no copy of the dense model, but recover.method 'distill'",
+    ),
     "_within": (["prune.within=encoder"], "prune.within scopes the budget of a structural pattern"),
     "_embedding_needs_no_labels": (
         ["recover.objective.kind=embedding", "prune.criterion=taylor"],

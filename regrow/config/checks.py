@@ -407,6 +407,28 @@ def _transfer_is_not_distill(cfg: RunConfig) -> Iterator[str]:
 
 
 @rule(
+    "`prune.keep_dense: false` with what needs the dense model: `method: distill` or `transfer`, `recover.distill`, "
+    "the `embedding` objective, or `strategy: auto` (it may choose distillation)."
+)
+def _needs_the_dense_copy(cfg: RunConfig) -> Iterator[str]:
+    if cfg.prune.keep_dense:
+        return
+    r = cfg.recover
+    asked = [
+        *([f"recover.method {r.method!r}"] if r.method in ("distill", "transfer") else []),
+        *(["recover.distill"] if r.distill else []),
+        *(["recover.objective.kind 'embedding'"] if r.objective.kind == "embedding" else []),
+        *(["strategy: auto"] if cfg.auto() else []),
+    ]
+    if asked:
+        yield (
+            f"prune.keep_dense false keeps no copy of the dense model, but {', '.join(asked)} learns from or "
+            "measures against it. Use recover.method 'finetune' (or rigl, set, share) with the labels objective, "
+            "or keep the dense copy (prune.keep_dense true, the default)."
+        )
+
+
+@rule(
     "`rewind: weights` with neither a `rewind_checkpoint` nor a baseline that regrow trains (`model.train`), "
     "which keeps the weights at the rewind point itself."
 )

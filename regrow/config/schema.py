@@ -114,6 +114,11 @@ class PruneConfig(_Strict):
         "with scope global at most 1 - half the overall density)",
     )
     min_sparsity: float = Field(0.0, ge=0, lt=1, description="allocation: smallest share removed from any target")
+    keep_dense: bool = Field(
+        True,
+        description="keep a frozen copy of the dense model: the distillation teacher, the embedding objective's "
+        "reference and the dense side of the latency comparison; false saves one copy of the model's memory",
+    )
     pattern: str | None = Field(
         None,
         description="unstructured, n:m (e.g. 2:4), channel or head; default: chosen by strategy auto, otherwise "

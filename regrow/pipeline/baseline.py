@@ -89,7 +89,7 @@ def set_baseline(
         base = transfer_reference(loaded, checked, snapshots, timer, progress, saves)
     else:
         snapshots.take(model, "baseline", checked.spec.targets)
-        base = Baseline(teacher=frozen_copy(model), training=trained)
+        base = Baseline(teacher=frozen_copy(model) if cfg.prune.keep_dense else None, training=trained)
     if trained is not None:
         base.extra["baseline_guard"] = trained.details["guard"]
     note = check_baseline(cfg, snapshots.taken["baseline"], base.classes or checked.classes, base.training)
@@ -201,7 +201,7 @@ def transfer_reference(
     extra: dict[str, Any] = {}
     with timer.stage("transfer_reference"):
         extra["source_test_accuracy"] = classification_metrics(model, source.test)["accuracy"]
-        teacher = frozen_copy(model)
+        teacher = frozen_copy(model) if cfg.prune.keep_dense else None
         classes = loaded.bundle.num_classes or count_classes(loaded.train)
         head = new_head(model, classes)
         reference = copy.deepcopy(model)

@@ -180,6 +180,19 @@ def test_schedules_reach_the_final_sparsity(tmp_path, schedule):
     assert any("prunes during recovery" in n for n in report.notes)
 
 
+def test_keep_dense_false_copies_no_dense_model(tmp_path, monkeypatch):
+    import regrow.pipeline.baseline as baseline
+
+    def no_copy(model):
+        raise AssertionError("prune.keep_dense: false must not copy the model")
+
+    monkeypatch.setattr(baseline, "frozen_copy", no_copy)
+    budget = ["model.train.epochs=1", "recover.epochs=1", "recover.method=finetune", "prune.keep_dense=false", *FAST]
+    report = regrow.run("demo", overrides=budget, out_dir=tmp_path / "o", progress=False)
+    assert report.snapshots["recovered"].target_sparsity == pytest.approx(0.9, abs=1e-3)
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
 def test_weight_averaging_set_in_a_recipe_reaches_recover_and_the_report_and_keeps_the_sparsity(tmp_path):
     out = tmp_path / "ema"
     report = regrow.run(

@@ -16,10 +16,12 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import regrow.distributed as distributed
 from regrow.errors import RegrowError
 
 log = logging.getLogger("regrow")
 EXIT_BAD_INPUT = 2
+EXIT_LOST_PEER = 1  # several processes: another rank stopped first (not bad input)
 
 LISTS = (
     "patterns",
@@ -136,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run a recipe: baseline -> prune -> recover -> report -> export",
         description="Run the pipeline described by a YAML recipe (a path, or the name of a "
-        "built-in recipe from `regrow list recipes`).",
+        "built-in recipe from `regrow list recipes`). On several processes: `torchrun --nproc-per-node N -m regrow "
+        "run RECIPE` (DistributedDataParallel; each batch split across them, rank 0 writes; docs/scale.md).",
     )
     run.add_argument("recipe", help="recipe file or built-in recipe name")
     _add_run_options(run)
@@ -293,7 +296,8 @@ def _run(recipe: str, args: argparse.Namespace) -> int:
         progress=not args.no_progress and not args.quiet,
         resume=args.resume,
     )
-    _print_summary(report)
+    if distributed.is_main():  # several processes (torchrun): one summary, rank 0's
+        _print_summary(report)
     return 0
 
 
@@ -369,9 +373,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    joined = False
     try:
         if args.command in ("run", "demo", "sensitivity"):
             _set_threads(args.threads)
+            joined = _join_processes(args)
         if args.command == "list":
             _print_list(args.what)
             return 0
@@ -406,6 +412,25 @@ def _main(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # e.g. `regrow list | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
+    except RuntimeError as exc:  # several processes: another rank is gone (killed, crashed, out of memory)
+        if not joined or not distributed.lost_peer(exc) or args.debug:
+            raise
+        print(f"regrow: error: {distributed.lost_peer_message(exc, args.resume or args.out)}", file=sys.stderr)
+        return EXIT_LOST_PEER
+    finally:
+        if joined:
+            distributed.leave()
+
+
+def _join_processes(args: argparse.Namespace) -> bool:
+    """Under torchrun (several processes): join the process group; ranks other than 0 show warnings and errors
+    only, and no progress bars. True when this process joined a group."""
+    if not distributed.init_from_env():
+        return False
+    if not distributed.is_main():
+        args.quiet = True
+        logging.getLogger("regrow").setLevel(logging.WARNING)
+    return True
 
 
 if __name__ == "__main__":

@@ -85,6 +85,13 @@ class MaskSet(Mapping[str, Tensor]):
                     f"mask {fqn!r} names no parameter of the model; the masks were made for another "
                     "model or the model was changed after pruning."
                 ) from None
+            if type(param).__name__ == "DTensor" or type(param.data).__name__ == "DTensor":
+                raise RegrowError(
+                    f"parameter {fqn!r} is a DTensor (sharded by FSDP2's fully_shard or by tensor parallelism); "
+                    "regrow's masks are whole tensors on one device. Prune, recover and save the model before it "
+                    "is sharded, with DistributedDataParallel (torchrun) when it fits one device; docs/scale.md "
+                    "says what FSDP2 needs."
+                )
             if param.shape != mask.shape:
                 raise RegrowError(
                     f"mask {fqn!r} has shape {tuple(mask.shape)} but the parameter has shape "

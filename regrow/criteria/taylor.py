@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import regrow.distributed as distributed
 from regrow.batches import forward, model_device, to_device, unpack
 from regrow.criteria.base import CRITERIA
 from regrow.errors import RegrowError
@@ -49,6 +50,8 @@ def taylor(
             inputs, labels = to_device(inputs, device), to_device(labels, device)
             loss = task_loss(forward(model, inputs), labels)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
+            if isinstance(data, distributed.Sharded):  # several processes: the gradient of the global batch
+                distributed.average_(grads)
             for s, p, g in zip(scores, params, grads):
                 if g is not None:
                     s.add_((p.detach() * g).abs().float())

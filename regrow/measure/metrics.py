@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import regrow.distributed as distributed
 from regrow.batches import model_device, to_device, unpack
 from regrow.objectives import Labels, Objective
 from regrow.progress import bar
@@ -49,6 +50,9 @@ def classification_metrics(
             units += int(scored.units)
     finally:
         model.train(was_training)
+    if isinstance(data, distributed.Sharded):  # several processes: each measured its part of every batch
+        loss_sum, score, total = distributed.all_sum([loss_sum, score, units])
+        units = round(total)
     if units == 0:
         return {"accuracy": float("nan"), "loss": float("nan"), "samples": 0, "metric": objective.metric}
     out = {"accuracy": score / units, "loss": loss_sum / units, "samples": units, "metric": objective.metric}

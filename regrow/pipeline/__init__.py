@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import regrow.distributed as distributed
 from regrow.io import atomic_write_text, prepare_out_dir, staged_out_dir
 from regrow.pipeline.accelerate import accelerate_model
 from regrow.pipeline.baseline import set_baseline, train_baseline
@@ -63,7 +64,8 @@ def run(
     --set``; ``progress`` shows progress bars (on a terminal only).
     """
     cfg, search = read_config(config, overrides or [])  # every rule of regrow.checks applied
-    check_out_dir(cfg, out_dir, overwrite, resume)
+    if distributed.is_main():  # several processes: only rank 0 writes (the others into a private folder)
+        check_out_dir(cfg, out_dir, overwrite, resume)
     timer = Timer()
     seed_everything(cfg.seed)
     with timer.stage("load"):
@@ -72,7 +74,7 @@ def run(
     # Everything the user gave has been checked; only now is anything written, and into a staging folder:
     # the files replace those of an earlier run only once this run has succeeded.
     final = Path(out_dir) if out_dir else default_out_dir(cfg.name)
-    with staged_out_dir(final, overwrite=overwrite, resume=resume) as out:
+    with distributed.out_folder(final, staged_out_dir, overwrite=overwrite, resume=resume) as out:
         atomic_write_text(out / "config.yaml", config_text(cfg, search))
         saves = checkpoints(cfg, out)  # each training phase saves its state here, and resumes from it
         snapshots = Snapshots(loaded.test, cfg.evaluate, timer, progress, checked.recover_kwargs["objective"])
@@ -122,7 +124,7 @@ def run_sensitivity(
     into ``out_dir``.
     """
     cfg, search = read_config(config, overrides or [])
-    if out_dir:
+    if out_dir and distributed.is_main():
         prepare_out_dir(out_dir, overwrite=overwrite, create=False)
     seed_everything(cfg.seed)
     loaded = load_inputs(cfg, search)
@@ -134,7 +136,7 @@ def run_sensitivity(
         # it is measured there (a run measures it again on the target task after giving it a new head).
         train, val = source.train, source.val
     final = Path(out_dir) if out_dir else default_out_dir(f"{cfg.name}-sensitivity")
-    with staged_out_dir(final, overwrite=overwrite) as out:
+    with distributed.out_folder(final, staged_out_dir, overwrite=overwrite) as out:
         if cfg.model.train is not None:
             seed_everything(cfg.seed + 1)
             train_baseline(cfg, loaded.model, train, val, search, progress)

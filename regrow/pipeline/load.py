@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import regrow.distributed as distributed
 from regrow.components import build_data, build_model, device_of, find_file, search_path
 from regrow.config import CheckpointConfig, RunConfig, apply_overrides, load_config, settle_strategy, validate
 from regrow.data import DataBundle
@@ -132,9 +133,11 @@ def load_data(cfg: RunConfig, search: list[Path]) -> tuple[DataBundle, Any, Any,
 
 def load_inputs(cfg: RunConfig, search: list[Path]) -> Loaded:
     """Build the data, then the model (in that order: the model's initialisation draws after the data's)."""
-    device = device_of(cfg.device)
+    device = distributed.local_device(device_of(cfg.device))  # several processes: one GPU each
     bundle, train, val, test = load_data(cfg, search)
     model = build_model(cfg.model, search).to(device)
+    # several processes: each rank reads its part of every batch (regrow.distributed)
+    train, val, test = distributed.shard(train), distributed.shard(val), distributed.shard(test)
     return Loaded(cfg, search, device, bundle, train, val, test, model)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import regrow.distributed as distributed
 from regrow.batches import forward, to_device, unpack
 from regrow.config import RunConfig, apply_overrides, validate
 from regrow.errors import RegrowError
@@ -170,7 +171,7 @@ def sensitivity(cfg: RunConfig, model: nn.Module, spec: PruneSpec, val: Any, pro
     p = cfg.prune
     return measure(
         model,
-        val,
+        distributed.whole(val),  # several processes: every rank measures on all of it (the same curves)
         pattern=spec.pattern,
         levels=cfg.sensitivity.levels,
         criterion=p.criterion,

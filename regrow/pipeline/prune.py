@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import regrow.distributed as distributed
 from regrow.batches import to_device
 from regrow.config import RunConfig
 from regrow.masks import MaskSet
@@ -131,10 +132,12 @@ class Pruner:
             )
             assert masks.structure is not None
             self.reports.append(masks.structure.to_dict())
+            distributed.broadcast_model(model)  # several processes: every rank goes on from rank 0's model
             return masks
         spec = self.spec
         if rounds > 1:
             spec = spec.with_sparsity(iterative(round_index, final=spec.sparsity or 0.0, rounds=rounds))
         masks = MaskSet(compute_masks(model, spec, self.data, previous=previous), spec=spec)
         masks.apply(model)
+        distributed.broadcast_model(model, masks.masks)
         return masks

@@ -43,6 +43,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
+import regrow.distributed as distributed
 from regrow.batches import check_reiterable, model_device
 from regrow.config import RecoverConfig, explain
 from regrow.data.split import split_validation
@@ -351,8 +352,8 @@ def _train(
     return train_loop(
         model,
         masks,
-        setup.train,
-        setup.val,
+        distributed.shard(setup.train),  # this rank's part of every batch (as it is on one process)
+        distributed.shard(setup.val),
         method=setup.runner,
         options=setup.options,
         augment=setup.augment,

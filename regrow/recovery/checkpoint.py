@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import yaml
 
+import regrow.distributed as distributed
 from regrow._version import __version__
 from regrow.errors import RegrowError
 from regrow.io import atomic_write, atomic_write_text
@@ -80,7 +81,7 @@ def identity(config: str) -> dict[str, Any]:
 def generators(*loaders: Any) -> list[torch.Generator]:
     """The ``torch.Generator`` objects a loader draws its shuffling (and worker seeds) from, each once."""
     found: dict[int, torch.Generator] = {}
-    for data in loaders:
+    for data in map(distributed.whole, loaders):  # several processes: the loader each rank's shards come from
         batch_sampler = getattr(data, "batch_sampler", None)
         for holder in (data, getattr(data, "sampler", None), getattr(batch_sampler, "sampler", None)):
             gen = getattr(holder, "generator", None)
@@ -92,17 +93,20 @@ def generators(*loaders: Any) -> list[torch.Generator]:
 def rng_state(gens: Iterable[torch.Generator] = ()) -> dict[str, Any]:
     """Every random generator's state: Python, NumPy, torch (CPU and each CUDA device) and ``gens``."""
     name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
-    return {
+    state = {
         "python": random.getstate(),
         "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         "loaders": [g.get_state() for g in gens],
     }
+    # several processes: every rank's own (their streams part where their shards differ in size), rank 0 writes
+    return state | {"ranks": distributed.per_rank(state)}
 
 
 def set_rng_state(state: dict[str, Any], gens: Iterable[torch.Generator] = ()) -> None:
-    """Put every generator back to ``state`` (as :func:`rng_state` took it)."""
+    """Put every generator back to ``state`` (as :func:`rng_state` took it; several processes: each rank's own)."""
+    state = distributed.mine(state.get("ranks"), state)
     random.setstate(_tuples(state["python"]))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -174,6 +178,7 @@ class Checkpoints:
         self.folder = Path(folder)
         self.identity = ident
         self.every_steps = every_steps
+        self.writes = distributed.is_main()  # several processes: rank 0 writes, the others only read
         self._next = 0
         state = _read_state(self.folder)
         self.phases: list[dict[str, Any]] = state["phases"] if state else []
@@ -288,6 +293,8 @@ class Phase:
 
     def save(self, kind: str, payload: dict[str, Any], *, epoch: int, step: int) -> None:
         """Write the phase's state (``kind`` "progress" or "ended") atomically, then the run's ``state.json``."""
+        if not self.owner.writes:
+            return
         payload = {"kind": kind, "label": self.label, **payload}
         bad = _not_plain(payload, "checkpoint")
         if bad is not None:  # regrow's own state is always plain: this is a defect, not a user error
@@ -416,7 +423,7 @@ class Saves:
         for _ in range(mid["batches"]):
             next(batches)
         set_rng_state(mid["rng"], self.gens)
-        tally.load(mid["tally"], run.device)
+        tally.load(distributed.mine(mid.get("tallies"), mid["tally"]), run.device)  # several processes: its own
         run.guard.load(mid["guard"])
         return int(mid["batches"])
 
@@ -429,5 +436,6 @@ class Saves:
         if run.guard.tripped is not None:
             return
         mid = {"epoch_rng": self.epoch_rng, "batches": batches, "tally": tally.state(), "saved": self.saved}
+        mid["tallies"] = distributed.per_rank(to_device(tally.state(), torch.device("cpu")))
         mid |= {"rng": rng_state(self.gens), "guard": run.guard.state()}
         save_progress(self.phase, run, at.plain(), self.gens, mid)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import regrow.distributed as distributed
 from regrow.batches import to_device, unpack
 from regrow.errors import RegrowError
 from regrow.objectives import Scored
@@ -117,7 +118,8 @@ class Compute:
                 if m is not None and not _is_channels_last(m):
                     m.to(memory_format=torch.channels_last)
                     self._converted.append(m)
-        return torch.compile(model) if self.compile else model  # type: ignore[return-value]
+        trained = distributed.wrap(model)  # several processes: DistributedDataParallel (the teacher never is)
+        return torch.compile(trained) if self.compile else trained  # type: ignore[return-value]
 
     def restore(self) -> None:
         """Hand the models back in the layout they came in."""
@@ -162,6 +164,8 @@ class Compute:
         }
         if self.scaler is not None:
             out["skipped_steps"] = self.skipped_steps
+        if distributed.active():
+            out["processes"] = distributed.world()  # DistributedDataParallel, each batch split across them
         return out
 
 

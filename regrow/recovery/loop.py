@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import regrow.distributed as distributed
 from regrow.batches import model_device
 from regrow.errors import RegrowError
 from regrow.masks import MaskEnforcer, MaskSet
@@ -229,6 +230,7 @@ def _start(
     scheduler = _lr_scheduler(optimizer, options, total_steps, steps_per_epoch, original, guard)
     state = TrainState(model, masks, optimizer, train_data, total_steps)
     enforcer = MaskEnforcer(masks, model)
+    distributed.broadcast_masks(masks.masks)  # several processes: rank 0's masks on every rank
     masks.apply(model)
     for cb in callbacks:
         cb.on_train_start(state)
@@ -276,7 +278,8 @@ def _step(run: _Run, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], A
         after_backward=[lambda cb=cb: cb.on_after_backward(state) for cb in run.after_backward],
         grad_clip=run.options.grad_clip,
         compute=run.compute,
-        check=lambda loss, logits: run.guard.watch(loss, logits, state.step + 1, lr),
+        # several processes: the guard judges the mean loss over the ranks, so that all take the same decision
+        check=lambda loss, logits: run.guard.watch(distributed.mean(loss), logits, state.step + 1, lr),
     )
     if run.guard.tripped is not None:
         return losses, scored
@@ -295,7 +298,7 @@ def _evaluate(run: _Run, val_data: Iterable[Any], epoch: int, started: float, ta
     metrics from ``tally`` (read back from the device here)."""
     with run.compute.autocast():
         metrics = classification_metrics(run.model, val_data, objective=objective_of(run.method))
-    sums, correct, seen = tally.read() if tally.seen else ({}, 0, 0)  # seen: samples, or real tokens
+    sums, correct, seen = _summed(tally.read() if tally.seen else ({}, 0, 0))  # seen: samples, or real tokens
     return EpochRecord(
         epoch=epoch,
         lr=run.optimizer.param_groups[0]["lr"] if epoch else None,
@@ -308,6 +311,16 @@ def _evaluate(run: _Run, val_data: Iterable[Any], epoch: int, started: float, ta
         parts={k: v / seen for k, v in sums.items() if k != "loss"} if seen else {},
         step=run.state.step,
     )
+
+
+def _summed(read: tuple[dict[str, float], float, int]) -> tuple[dict[str, float], float, int]:
+    """A tally's sums over every rank (as they are on one process)."""
+    if not distributed.active():
+        return read
+    sums, correct, seen = read
+    names = sorted(distributed.broadcast_object(sorted(sums)))  # rank 0's loss names (a rank may have none yet)
+    total = distributed.all_sum([*(sums.get(n, 0.0) for n in names), correct, seen])
+    return dict(zip(names, total[:-2], strict=True)), total[-2], round(total[-1])
 
 
 def _ready(run: _Run) -> bool:
@@ -439,11 +452,13 @@ def _epochs(
             guard.rollback(run, saved)  # back to the start of the epoch, learning rate lowered; or Diverged
             continue
         at.history.append(record)
-        _log_epoch(record, options.epochs, objective_of(run.method).metric)
+        if distributed.is_main():
+            _log_epoch(record, options.epochs, objective_of(run.method).metric)
         at.epoch += 1
         if ready:
             at.patience.update(record, better)
             at.reason = stop_reason(at.history, at.patience.stale, options, baseline_val_accuracy, started_all)
+            at.reason = distributed.broadcast_object(at.reason)  # a time budget ends on rank 0's clock
         at.seconds = time.perf_counter() - started_all
         if saves is not None:
             save_progress(saves.phase, run, at.plain(), saves.gens)
@@ -475,6 +490,7 @@ def train(
         return [EpochRecord(**h) for h in rows], summary
     saves = Saves(phase, gens) if phase is not None else None
     was_training = model.training
+    progress = progress and distributed.is_main()
     compute = Compute.settle(options, model, model_device(model))
     try:
         run = _start(

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import regrow.distributed as distributed
 from regrow.batches import forward
 from regrow.errors import RegrowError
 from regrow.objectives import Labels, Objective, Scored
@@ -106,7 +107,11 @@ class FeatureDistillLoss(TaskLoss):
 
     def losses(self, model: nn.Module, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], Scored]:
         captured: list[Tensor] = []
-        handle = model.get_submodule(self.layer).register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+        handle = (
+            distributed.unwrap(model)
+            .get_submodule(self.layer)
+            .register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+        )
         try:
             scored = self.objective.step(model, inputs, targets)
         finally:

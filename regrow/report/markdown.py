@@ -345,6 +345,7 @@ def _compute(c: dict[str, Any]) -> str:
     extras = [
         *(["channels-last memory format"] if c.get("channels_last") else []),
         *(["torch.compile"] if c.get("compile") else []),
+        *([f"{c['processes']} processes (DistributedDataParallel)"] if c.get("processes") else []),
     ]
     how = f" on {c.get('device', 'an unknown device')}" + (f", {' and '.join(extras)}" if extras else "")
     weights = c.get("weights", "float32")

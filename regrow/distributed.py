@@ -18,8 +18,8 @@ program of the user's own that has called ``torch.distributed.init_process_group
 * **metrics**: validation and test metrics, training sums and the divergence guard's loss are summed over the
   ranks, so every rank takes the same decisions (kept epoch, early stop, rollback); the stop reason is rank 0's.
 * **scores**: Taylor scores average each batch's gradient over the ranks before they are summed, as one process
-  would see the global batch; calibrated criteria (wanda, sparsegpt) and sensitivity read all the data on
-  every rank (the same work on each, the same masks as one process).
+  would see the global batch; calibrated criteria (wanda, sparsegpt) sum each layer's input statistics over
+  the ranks; sensitivity reads all of its data on every rank (the same curves, the same work on each).
 * **files**: only rank 0 writes (:mod:`regrow.pipeline`); the other ranks write into a private temporary
   folder that is deleted, and a resumed run copies rank 0's checkpoint before it reads it.
 """
@@ -127,8 +127,8 @@ def mean(value: Tensor) -> Tensor:
     return (t / dist.get_world_size()).to(value.device, value.dtype).reshape(value.shape)
 
 
-def average_(tensors: Iterable[Tensor | None]) -> None:
-    """Average tensors over the ranks in place (None entries skipped)."""
+def sum_(tensors: Iterable[Tensor | None], *, average: bool = False) -> None:
+    """Sum (or average) tensors over the ranks in place (None entries skipped)."""
     if not active():
         return
     import torch.distributed as dist
@@ -140,7 +140,8 @@ def average_(tensors: Iterable[Tensor | None]) -> None:
         where = _collective_device(t.device)
         buf = t if t.device == where else t.to(where)
         dist.all_reduce(buf)
-        buf.div_(n)
+        if average:
+            buf.div_(n)
         if buf is not t:
             t.copy_(buf)
 

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import regrow.distributed as distributed
 from regrow.criteria import CRITERIA, Calibration, is_calibrated
 from regrow.criteria.base import lazy_map
 from regrow.errors import RegrowError, SpeedWarning, one_of
@@ -137,9 +136,9 @@ def compute_masks(
     """
     criterion = CRITERIA.get(spec.criterion)
     if is_calibrated(spec.criterion):  # layer by layer: each layer's mask depends on the ones before it
-        whole = distributed.whole(data)  # several processes: every rank calibrates on all the data
         before = None if previous is None else dict(previous.items())
-        masks = criterion.prune(model, spec, whole, previous=before, progress=progress)  # type: ignore[attr-defined]
+        # several processes: each rank calibrates on its part of every batch; the statistics are summed over them
+        masks = criterion.prune(model, spec, data, previous=before, progress=progress)  # type: ignore[attr-defined]
         return masks if previous is None else {f: m & previous[f].to(m.device) for f, m in masks.items()}
     scores = criterion(model, spec.targets, data)
     if previous is not None:

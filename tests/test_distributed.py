@@ -90,6 +90,7 @@ def _prune_and_recover(criterion: str, as_list: bool) -> tuple[nn.Module, regrow
     model = _model()
     data = distributed.shard(train)  # as regrow.run does: Taylor averages the ranks' gradients of each batch
     masks = regrow.prune(model, 0.6, criterion=criterion, data=data, keep_dense=False, ignore="unused.*")
+    # (taylor: each batch's gradient averaged over the ranks; wanda / sparsegpt: input statistics summed over them)
     torch.manual_seed(2)
     last = _LastStep()
     result = _recover(model, masks, train, val, callbacks=[last])
@@ -116,7 +117,9 @@ def _worker(rank: int, store: str, out: str, criterion: str, as_list: bool) -> N
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("criterion", "as_list"), [("magnitude", False), ("taylor", True)])
+@pytest.mark.parametrize(
+    ("criterion", "as_list"), [("magnitude", False), ("taylor", True), ("wanda", False), ("sparsegpt", True)]
+)
 def test_two_processes_at_half_the_batch_train_as_one_process(tmp_path: Path, criterion: str, as_list: bool):
     mp.start_processes(
         _worker,

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import regrow.distributed as distributed
 from regrow.batches import model_device, to_device, unpack
 from regrow.errors import RegrowError
 from regrow.progress import bar
@@ -145,7 +146,9 @@ class Statistics:
 
 
 @contextmanager
-def _watching(modules: dict[str, nn.Module], hessian: bool) -> Iterator[dict[str, Statistics]]:
+def _watching(modules: dict[str, nn.Module], hessian: bool, sharded: bool = False) -> Iterator[dict[str, Statistics]]:
+    """The statistics of ``modules``' inputs in the forward passes of the block; ``sharded``: the passes saw this
+    rank's part of each batch (``regrow.distributed``), so the statistics are summed over the ranks after it."""
     stats = {f: Statistics(hessian) for f in modules}
     handles = []
     for f, mod in modules.items():
@@ -159,6 +162,10 @@ def _watching(modules: dict[str, nn.Module], hessian: bool) -> Iterator[dict[str
     finally:
         for h in handles:
             h.remove()
+    if sharded:  # every rank then holds the statistics of all the calibration rows, as one process would
+        for s in stats.values():
+            s.rows = round(distributed.all_sum([s.rows])[0])
+            distributed.sum_([s.sumsq, s.gram])
     for f, s in stats.items():
         if s.rows == 0:
             raise RegrowError(
@@ -321,6 +328,7 @@ def layer_by_layer(
     """Prune ``targets`` in the order the model calls them, each from statistics of its inputs after the layers
     before it are pruned; ``solve`` decides one target's mask. Returns the keep-masks."""
     modules = target_modules(model, targets, criterion)
+    sharded = isinstance(data, distributed.Sharded)
     batches = calibration_inputs(data, options.batches, model_device(model), criterion)
     blocks = _blocks(model, targets)
     masks: dict[str, Tensor] = {}
@@ -331,7 +339,7 @@ def layer_by_layer(
         for i, (block, names) in enumerate(bar(stages, "calibrating", enabled=progress)):
             if block is None or not chain:  # full passes (a block's targets still from one pass, together)
                 cache = None
-                with _watching({f: modules[f] for f in names}, hessian) as stats:
+                with _watching({f: modules[f] for f in names}, hessian, sharded) as stats:
                     for inputs in batches:
                         _call(model, inputs)
                 masks.update({f: solve(f, modules[f], stats[f]) for f in names})
@@ -339,7 +347,7 @@ def layer_by_layer(
             module = model.get_submodule(block)
             if cache is None:
                 cache = _capture(model, module, batches)
-            with _watching({f: modules[f] for f in names}, hessian) as stats:
+            with _watching({f: modules[f] for f in names}, hessian, sharded) as stats:
                 for args, kwargs in cache:
                     module(*args, **kwargs)
             masks.update({f: solve(f, modules[f], stats[f]) for f in names})
@@ -395,7 +403,7 @@ def one_pass(
     """Every target's input statistics from forward passes of the model as it is (no pruning in between)."""
     modules = target_modules(model, targets, criterion)
     batches = calibration_inputs(data, options.batches, model_device(model), criterion)
-    with _calibrating(model), _watching(modules, hessian) as stats:
+    with _calibrating(model), _watching(modules, hessian, isinstance(data, distributed.Sharded)) as stats:
         for inputs in batches:
             _call(model, inputs)
     return stats

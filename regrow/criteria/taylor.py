@@ -51,7 +51,7 @@ def taylor(
             loss = task_loss(forward(model, inputs), labels)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             if isinstance(data, distributed.Sharded):  # several processes: the gradient of the global batch
-                distributed.average_(grads)
+                distributed.sum_(grads, average=True)
             for s, p, g in zip(scores, params, grads):
                 if g is not None:
                     s.add_((p.detach() * g).abs().float())

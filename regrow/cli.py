@@ -393,8 +393,9 @@ def _main(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite,
                 progress=not args.no_progress and not args.quiet,
             )
-            print(result.markdown())
-            print(f"written to {result.out_dir}/: sensitivity.json, sensitivity.png, sensitivity.md")
+            if distributed.is_main():  # several processes: rank 0's
+                print(result.markdown())
+                print(f"written to {result.out_dir}/: sensitivity.json, sensitivity.png, sensitivity.md")
             return 0
         return _run(args.recipe, args)
     except RegrowError as exc:

@@ -157,6 +157,12 @@ def broadcast_object(value: Any) -> Any:
     return box[0]
 
 
+def all_agree(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (on one process: ``ok``): a refusal that one rank finds is then made by
+    all of them, instead of leaving the others waiting in the next collective."""
+    return all_sum([0.0 if ok else 1.0])[0] == 0.0
+
+
 def per_rank(value: Any) -> list[Any] | None:
     """Every rank's ``value`` (picklable; tensors on the CPU), in rank order, on every rank; None on one process."""
     if not active():
@@ -184,10 +190,9 @@ def broadcast_masks(masks: dict[str, Tensor]) -> None:
     import torch.distributed as dist
 
     names = broadcast_object(sorted(masks))
-    if names != sorted(masks):
+    if not all_agree(names == sorted(masks)):
         raise RegrowError(
-            f"rank {rank()} has masks for other parameters than rank 0; every rank must prune the same model with "
-            "the same recipe."
+            "the ranks hold masks for different parameters; every rank must prune the same model with the same recipe."
         )
     for fqn in names:
         mask = masks[fqn]
@@ -207,10 +212,10 @@ def broadcast_model(model: nn.Module, masks: dict[str, Tensor] | None = None) ->
 
     state = model.state_dict(keep_vars=True)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    if broadcast_object(shapes) != shapes:
+    if not all_agree(broadcast_object(shapes) == shapes):
         raise RegrowError(
-            f"rank {rank()}'s pruned model has other shapes than rank 0's: structural pruning chose other channels or "
-            "heads on this rank. Every rank must prune the same model with the same recipe and data."
+            "the ranks' pruned models have different shapes: structural pruning chose other channels or heads on "
+            "some rank. Every rank must prune the same model with the same recipe and data."
         )
     for value in state.values():
         where = _collective_device(value.device)
@@ -248,7 +253,8 @@ def lost_peer(exc: BaseException) -> bool:
     if not active():
         return False
     text = str(exc).lower()
-    return any(s in text for s in ("connection closed", "connection reset", "broken pipe", "timed out", "nccl", "gloo"))
+    signs = ("connection closed", "connection reset", "broken pipe", "timed out", "socket", "communicator was aborted")
+    return any(s in text for s in signs)
 
 
 def lost_peer_message(exc: BaseException, resumable: Any) -> str:
@@ -290,6 +296,8 @@ def out_folder(
 def _staged(final: Path, stage: Callable[..., AbstractContextManager[Path]], overwrite: bool, resume: bool) -> Any:
     with stage(final, overwrite=overwrite, resume=resume) as out:
         broadcast_object(str(out))  # the other ranks copy its checkpoint from there
+        if not all_agree(True):
+            raise RegrowError(_UNSEEN)
         yield out
 
 
@@ -298,11 +306,20 @@ def _private(resume: bool) -> Any:
     from regrow.staging import CHECKPOINT
 
     main_stage = Path(broadcast_object(None))
+    seen = not resume or (main_stage / CHECKPOINT).is_dir()
+    if not all_agree(seen):
+        raise RegrowError(_UNSEEN)
     with tempfile.TemporaryDirectory(prefix=f"regrow-rank{rank()}-") as tmp:
         out = Path(tmp)
-        if resume and (main_stage / CHECKPOINT).is_dir():
+        if resume:
             shutil.copytree(main_stage / CHECKPOINT, out / CHECKPOINT)
         yield out
+
+
+_UNSEEN = (
+    "--resume on several processes reads rank 0's checkpoint from its output folder on every rank, and some rank "
+    "cannot see it: give every process the same filesystem (one machine, or a shared folder for --out)."
+)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -336,11 +353,32 @@ class Sharded:
     """
 
     def __init__(self, whole: Iterable[Any]) -> None:
+        from torch.utils.data import DistributedSampler
+
+        if isinstance(getattr(whole, "sampler", None), DistributedSampler) or isinstance(
+            getattr(getattr(whole, "batch_sampler", None), "sampler", None), DistributedSampler
+        ):
+            raise RegrowError(
+                "the data's DataLoader has a DistributedSampler, which gives each rank its own samples; regrow splits "
+                "every batch across the ranks itself. Pass the loader every rank would use on one process (the "
+                "same dataset, batch size and shuffle on every rank)."
+            )
         self.whole = whole
         self.rank, self.world = rank(), world()
+        self._iterations = 0
 
     def __len__(self) -> int:
-        return len(self.whole)  # type: ignore[arg-type]
+        """The batches every rank trains on: the global batches with at least one sample per rank."""
+        from torch.utils.data import BatchSampler, DataLoader
+
+        data = self.whole
+        if isinstance(data, DataLoader):
+            sampler = data.batch_sampler
+            if not isinstance(sampler, BatchSampler):
+                return len(data)  # a batch sampler of the user's own: batch sizes unknown ahead (rarely one is tiny)
+            last = len(sampler.sampler) % sampler.batch_size  # type: ignore[arg-type]
+            return len(sampler) - (0 < last < self.world and not sampler.drop_last)
+        return sum(1 for batch in data if (_rows(batch) or 0) >= self.world)  # a list: no side effects
 
     def __iter__(self) -> Iterator[Any]:
         # The underlying iterator is made now, not at the first batch: a DataLoader draws its base seed from its
@@ -369,15 +407,19 @@ class Sharded:
 
         ordered = broadcast_object(list(indices))  # every rank uses rank 0's order
         shards = [idx[self.rank :: self.world] for idx in ordered if len(idx) >= self.world]
-        yield from DataLoader(
-            loader.dataset,
-            batch_sampler=shards,
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory,
-            worker_init_fn=loader.worker_init_fn,
-            generator=torch.Generator(),  # its own base seed: no draw from the global generator (one process has none)
-        )
+        # its own generator: no draw from the global one (one process makes none); seeded per rank and per pass, so
+        # that workers' random transforms differ from rank to rank and from epoch to epoch
+        self._iterations += 1
+        seeded = torch.Generator().manual_seed(self._iterations * 1_000_003 + self.rank)
+        workers = {"num_workers": loader.num_workers, "collate_fn": loader.collate_fn, "pin_memory": loader.pin_memory}
+        if loader.num_workers:
+            workers |= {
+                "worker_init_fn": loader.worker_init_fn,
+                "multiprocessing_context": loader.multiprocessing_context,
+                "prefetch_factor": loader.prefetch_factor,
+                "timeout": loader.timeout,
+            }
+        yield from DataLoader(loader.dataset, batch_sampler=shards, generator=seeded, **workers)
 
 
 class _Indices:

@@ -165,7 +165,30 @@ def test_a_batch_is_split_by_stride(monkeypatch: pytest.MonkeyPatch):
     got = list(sharded)
     assert len(got) == 1  # the one-sample batch is skipped by every rank
     assert got[0][0].tolist() == [1, 3, 5] and got[0][1]["mask"].tolist() == [10, 30, 50]
-    assert len(sharded) == 2 and distributed.whole(sharded) is batches
+    assert len(sharded) == 1 and distributed.whole(sharded) is batches  # the batches every rank trains on
+
+
+def test_the_batch_count_leaves_out_batches_too_small_to_split(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    data = TensorDataset(torch.arange(33.0), torch.zeros(33))
+    loader = DataLoader(data, batch_size=16)  # 16, 16 and 1: the last is skipped by both ranks
+    sharded = distributed.Sharded(loader)
+    assert len(sharded) == 2 == len(list(sharded))
+    assert [b[0].tolist() for b in sharded][1] == [16.0 + 2 * i for i in range(8)]
+    even = distributed.Sharded(DataLoader(TensorDataset(torch.arange(34.0), torch.zeros(34)), batch_size=16))
+    assert len(even) == 3 == len(list(even))  # 16, 16 and 2
+    assert len(distributed.Sharded(list(loader))) == 2
+
+
+def test_a_loader_with_a_distributed_sampler_is_refused(monkeypatch: pytest.MonkeyPatch):
+    from torch.utils.data import DistributedSampler
+
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    data = TensorDataset(torch.arange(8.0), torch.zeros(8))
+    loader = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, num_replicas=2, rank=0))
+    with pytest.raises(regrow.RegrowError, match="DistributedSampler"):
+        distributed.Sharded(loader)
 
 
 def test_a_lost_peer_is_named_in_one_paragraph(monkeypatch: pytest.MonkeyPatch):

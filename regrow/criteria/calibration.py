@@ -138,6 +138,14 @@ class Statistics:
             g = x.t() @ x
             self.gram = g if self.gram is None else self.gram + g
 
+    def zeros_if_unseen(self, module: nn.Module) -> None:
+        """Zero statistics of the layer's width when it saw no rows here (so they can be summed with others)."""
+        if self.sumsq is None:
+            width = to_matrix(module, module.weight).shape[1]
+            self.sumsq = torch.zeros(width, device=module.weight.device)
+            if self.hessian:
+                self.gram = torch.zeros(width, width, device=module.weight.device)
+
     @property
     def norms(self) -> Tensor:
         """‖X_j‖₂ of every input column over all calibration rows."""
@@ -163,9 +171,11 @@ def _watching(modules: dict[str, nn.Module], hessian: bool, sharded: bool = Fals
         for h in handles:
             h.remove()
     if sharded:  # every rank then holds the statistics of all the calibration rows, as one process would
-        for s in stats.values():
+        for f, s in stats.items():
             s.rows = round(distributed.all_sum([s.rows])[0])
-            distributed.sum_([s.sumsq, s.gram])
+            if s.rows:
+                s.zeros_if_unseen(modules[f])  # a rank whose part never reached the layer adds zeros, not nothing
+                distributed.sum_([s.sumsq, s.gram])
     for f, s in stats.items():
         if s.rows == 0:
             raise RegrowError(

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import regrow.distributed as distributed
 from regrow.batches import unpack
 from regrow.components import build_augment
 from regrow.config import RunConfig
@@ -202,7 +203,7 @@ def transfer_reference(
     with timer.stage("transfer_reference"):
         extra["source_test_accuracy"] = classification_metrics(model, source.test)["accuracy"]
         teacher = frozen_copy(model) if cfg.prune.keep_dense else None
-        classes = loaded.bundle.num_classes or count_classes(loaded.train)
+        classes = loaded.bundle.num_classes or count_classes(distributed.whole(loaded.train))
         head = new_head(model, classes)
         reference = copy.deepcopy(model)
         seed_everything(cfg.seed + 4)

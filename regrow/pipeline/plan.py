@@ -115,6 +115,7 @@ def auto_strategy(cfg: RunConfig, model: nn.Module, train: Any, teacher: bool, d
     """Measure the facts strategy auto needs (model, data, one step's time) and let it decide."""
     from regrow.strategy import Facts, decide
 
+    train = distributed.whole(train)  # several processes: every rank measures all of it, rank 0's decision holds
     layers = count_layers(model)
     with Unshuffled(train) as loader:
         inputs, _ = unpack(next(iter(loader)))
@@ -147,7 +148,7 @@ def auto_strategy(cfg: RunConfig, model: nn.Module, train: Any, teacher: bool, d
         step_seconds=step_seconds,
         steps_per_epoch=len(train) if hasattr(train, "__len__") else None,
     )
-    return decide(facts, given_keys(cfg), default_epochs=cfg.recover.epochs)
+    return distributed.broadcast_object(decide(facts, given_keys(cfg), default_epochs=cfg.recover.epochs))
 
 
 def time_one_step(model: nn.Module, train: Any, device: str) -> float:
@@ -224,7 +225,7 @@ def plan_allocation(decided: Plan, loaded: Loaded, out: Path, timer: Timer, prog
             if v is not None
         )
         kind, value = ("macs", budget[1]) if budget[0] == "latency" else budget  # latency is planned by MACs
-        calib = calibration_batches(val, cfg.sensitivity.batches, torch.device(loaded.device))
+        calib = calibration_batches(distributed.whole(val), cfg.sensitivity.batches, torch.device(loaded.device))
         score = AllocationScore(decided, model, loaded.train, budget, calib)
         with timer.stage("allocation"):
             allocation = allocate(

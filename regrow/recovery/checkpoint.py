@@ -423,7 +423,10 @@ class Saves:
         for _ in range(mid["batches"]):
             next(batches)
         set_rng_state(mid["rng"], self.gens)
-        tally.load(distributed.mine(mid.get("tallies"), mid["tally"]), run.device)  # several processes: its own
+        # several processes: each rank its own sums (resumed on another number of ranks: rank 0 all of them)
+        own = distributed.mine(mid.get("tallies"), mid["tally"] if distributed.is_main() else None)
+        if own is not None:
+            tally.load(own, run.device)
         run.guard.load(mid["guard"])
         return int(mid["batches"])
 

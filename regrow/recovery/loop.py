@@ -229,8 +229,10 @@ def _start(
     guard = Guard(options.guard, compute.device)
     scheduler = _lr_scheduler(optimizer, options, total_steps, steps_per_epoch, original, guard)
     state = TrainState(model, masks, optimizer, train_data, total_steps)
+    if distributed.active():  # several processes: rank 0's masks on every rank (DDP gave it rank 0's weights)
+        distributed.broadcast_masks(masks.masks)
+        masks.touch()
     enforcer = MaskEnforcer(masks, model)
-    distributed.broadcast_masks(masks.masks)  # several processes: rank 0's masks on every rank
     masks.apply(model)
     for cb in callbacks:
         cb.on_train_start(state)
@@ -286,8 +288,14 @@ def _step(run: _Run, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], A
     run.scheduler.step()
 
     state.step += 1
+    version = run.masks.version
     for cb in run.callbacks:
         cb.on_step_end(state)
+    if run.masks.version != version and distributed.active():
+        # a callback moved the masks; one drawing random numbers (SET's regrowth, criterion random) may have moved
+        # them differently on each rank once their random streams parted: every rank takes rank 0's
+        distributed.broadcast_model(run.model, run.masks.masks)
+        run.masks.touch()
     if run.average is not None:
         run.average.update(state.step)
     return losses, scored

@@ -26,14 +26,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from regrow.errors import RegrowError
-from regrow.masks import MaskSet
+from regrow.masks import MaskSet, pack, unpacked
 from regrow.spec import PruneSpec
 
 SIDECAR = "regrow.json"
@@ -180,11 +179,8 @@ def shrunk_config(model: nn.Module) -> Any:
 
 
 def _save_packed(masks: MaskSet, path: Path) -> None:
-    tensors, shapes = {}, {}
-    for f, m in masks.items():
-        bits = np.packbits(m.detach().to("cpu", torch.bool).reshape(-1).numpy())
-        tensors[f] = torch.from_numpy(bits)
-        shapes[f] = list(m.shape)
+    tensors = {f: pack(m) for f, m in masks.items()}
+    shapes = {f: list(m.shape) for f, m in masks.items()}
     save_file(tensors, str(path), metadata={"format": "regrow.packed-masks", "shapes": json.dumps(shapes)})
 
 
@@ -194,11 +190,7 @@ def load_masks(folder: str | os.PathLike[str]) -> MaskSet:
     try:
         with safe_open(str(path), framework="pt") as fh:
             shapes = json.loads((fh.metadata() or {})["shapes"])
-            masks = {}
-            for f, shape in shapes.items():
-                bits = fh.get_tensor(f).numpy()
-                count = int(np.prod(shape))
-                masks[f] = torch.from_numpy(np.unpackbits(bits, count=count).astype(bool)).reshape(shape)
+            masks = unpacked({f: fh.get_tensor(f) for f in shapes}, shapes)
     except FileNotFoundError:
         raise RegrowError(
             f"{os.fspath(folder)!r} has no {MASKS}; it was not saved by regrow.hf.save_pretrained."

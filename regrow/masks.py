@@ -123,9 +123,11 @@ class MaskSet(Mapping[str, Tensor]):
 
     # Persistence -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the masks to a safetensors file (atomically), with the spec as metadata."""
-        tensors = {f: m.detach().to("cpu", torch.bool).contiguous() for f, m in self.masks.items()}
-        meta = {"format": "regrow.masks", "version": "1"}
+        """Write the masks to a safetensors file (atomically), one bit per weight, with their shapes and the spec as
+        metadata."""
+        tensors = {f: pack(m) for f, m in self.masks.items()}
+        shapes = {f: list(m.shape) for f, m in self.masks.items()}
+        meta = {"format": "regrow.masks", "version": "2", "shapes": json.dumps(shapes)}
         if self.spec is not None:
             meta["spec"] = json.dumps(self.spec.to_dict())
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -139,19 +141,50 @@ class MaskSet(Mapping[str, Tensor]):
             raise RegrowError(f"mask file {os.fspath(path)!r} does not exist.") from None
         except (SafetensorError, OSError, ValueError) as exc:
             raise RegrowError(f"mask file {os.fspath(path)!r} is not a readable safetensors file ({exc}).") from None
-        bad = [f for f, t in tensors.items() if t.dtype != torch.bool]
+        shapes = _metadata(path).get("shapes")
+        if shapes is not None:  # version 2: bit-packed
+            try:
+                return cls(masks=unpacked(tensors, json.loads(shapes)), spec=_saved_spec(path))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise RegrowError(f"mask file {os.fspath(path)!r} has unreadable packed masks ({exc}).") from None
+        bad = [f for f, t in tensors.items() if t.dtype != torch.bool]  # version 1: one bool per weight
         if bad:
             raise RegrowError(f"mask file {os.fspath(path)!r} holds non-boolean tensors: {bad}.")
         return cls(masks=dict(tensors), spec=_saved_spec(path))
 
 
-def _saved_spec(path: str | os.PathLike[str]) -> PruneSpec | None:
-    """The PruneSpec :meth:`MaskSet.save` stored in the file's metadata (None for files without one), so that
-    checks that depend on the pattern (e.g. dynamic sparsity needs unstructured masks) still apply."""
+def pack(mask: Tensor) -> Tensor:
+    """A keep-mask as bits (uint8, 8 weights a byte, row-major), on the CPU."""
+    import numpy as np
+
+    return torch.from_numpy(np.packbits(mask.detach().to("cpu", torch.bool).reshape(-1).numpy()))
+
+
+def unpacked(packed: Mapping[str, Tensor], shapes: Mapping[str, list[int]]) -> dict[str, Tensor]:
+    """The masks :func:`pack` made, in their ``shapes`` (every name in ``shapes`` must be in ``packed``)."""
+    import numpy as np
+
+    out = {}
+    for fqn, shape in shapes.items():
+        bits = packed[fqn]
+        count = int(np.prod(shape))
+        if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (count + 7) // 8:
+            raise ValueError(f"{fqn!r} holds {tuple(bits.shape)} {bits.dtype}, not the bits of shape {shape}")
+        out[fqn] = torch.from_numpy(np.unpackbits(bits.numpy(), count=count).astype(bool)).reshape(shape)
+    return out
+
+
+def _metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     from safetensors import safe_open
 
     with safe_open(os.fspath(path), framework="pt") as fh:
-        text = (fh.metadata() or {}).get("spec")
+        return dict(fh.metadata() or {})
+
+
+def _saved_spec(path: str | os.PathLike[str]) -> PruneSpec | None:
+    """The PruneSpec :meth:`MaskSet.save` stored in the file's metadata (None for files without one), so that
+    checks that depend on the pattern (e.g. dynamic sparsity needs unstructured masks) still apply."""
+    text = _metadata(path).get("spec")
     if text is None:
         return None
     try:

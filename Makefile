@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.allocation
 	$(BIN)/python -m benchmarks.augment
 	$(BIN)/python -m benchmarks.structural_speed
+	$(BIN)/python -m benchmarks.memory
 
 # regrow's own dependencies that the GPU machine's image lacks (it has torch, torchvision and timm), as wheels for
 # its Python 3.12 in .whl/, which benchmarks/gpu_checks.sh installs; carry .whl to that machine with the repository.

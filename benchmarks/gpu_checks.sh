@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]
 #
 # 1. tests/test_gpu.py: structural pruning on CUDA chooses what it chooses on the CPU, no probe runs on the GPU,
+#    the global ranking (tests/test_ranking.py) finds on CUDA the masks it finds on the CPU,
 #    recovery in bf16 / fp16 keeps masks exact, 2:4 acceleration matches the dense output.
 # 2. benchmarks.zoo: the torchvision and timm models of the GPU issue pruned to macs=0.5; speed-ups at batch 1 and
 #    a large batch, fp32 and bf16.
@@ -36,7 +37,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on f
   echo "=== $name: exit $rc after $((SECONDS - start))s"
   [ $rc -eq 0 ] || status=1
 }
-step tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_precision.py tests/test_accelerate.py tests/test_checkpoint.py::test_recovery_on_cuda_resumes_to_the_same_weights
+step tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_precision.py tests/test_accelerate.py tests/test_ranking.py tests/test_checkpoint.py::test_recovery_on_cuda_resumes_to_the_same_weights
 step zoo 210 python3 -m benchmarks.zoo
 step gpu_recovery 120 python3 -m benchmarks.gpu_recovery
 step semi_structured 80 python3 -m benchmarks.semi_structured

@@ -80,3 +80,14 @@ def test_lazy_scores_are_computed_when_read():
     assert lazy.map(lambda f, s: -s)["w"].tolist() == [-3.0, -6.0]
     with pytest.raises(KeyError):
         lazy["v"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_ranking_on_cuda_is_the_cpus():
+    gen = torch.Generator().manual_seed(0)
+    tensors = {n: torch.randn(300, 70, generator=gen) for n in "abc"}
+    tensors["b"][:5] = 0.25  # ties across a tensor
+    for k in (0, 1, 20_000, 63_000, 63_001):
+        cpu = lowest_masks(tensors, list(tensors), k)
+        gpu = lowest_masks({n: t.cuda() for n, t in tensors.items()}, list(tensors), k)
+        assert all(gpu[n].is_cuda and torch.equal(gpu[n].cpu(), cpu[n]) for n in tensors), k

@@ -405,8 +405,7 @@ class Sharded:
     def _indexed(self, loader: Any, indices: Iterator[list[int]]) -> Iterator[Any]:
         from torch.utils.data import DataLoader
 
-        ordered = broadcast_object(list(indices))  # every rank uses rank 0's order
-        shards = [idx[self.rank :: self.world] for idx in ordered if len(idx) >= self.world]
+        shards = _Shards(indices, self.rank, self.world)
         # its own generator: no draw from the global one (one process makes none); seeded per rank and per pass, so
         # that workers' random transforms differ from rank to rank and from epoch to epoch
         self._iterations += 1
@@ -420,6 +419,20 @@ class Sharded:
                 "timeout": loader.timeout,
             }
         yield from DataLoader(loader.dataset, batch_sampler=shards, generator=seeded, **workers)
+
+
+class _Shards:
+    """This rank's part of each index list, batch by batch: every rank reads its own index lists (so its
+    generator draws what one process draws, also in an epoch cut short) and uses rank 0's."""
+
+    def __init__(self, indices: Iterator[list[int]], rank: int, world: int) -> None:
+        self.indices, self.rank, self.world = indices, rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for mine in self.indices:
+            idx = broadcast_object(mine)
+            if len(idx) >= self.world:
+                yield idx[self.rank :: self.world]
 
 
 class _Indices:

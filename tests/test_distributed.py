@@ -49,22 +49,18 @@ def _model() -> nn.Module:
 
 
 def _recover(model: nn.Module, masks: regrow.MaskSet, train, val, **extra) -> regrow.RecoveryResult:
-    return regrow.recover(
-        model,
-        masks,
-        train,
-        val,
-        method="finetune",
-        optimizer="sgd",
-        lr=0.1,
-        momentum=0.9,
-        weight_decay=0.0,
-        epochs=4,
-        patience=None,
-        warmup=0.0,
-        progress=False,
-        **extra,
-    )
+    settings = {
+        "method": "finetune",
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "epochs": 4,
+        "patience": None,
+        "warmup": 0.0,
+        "progress": False,
+    }
+    return regrow.recover(model, masks, train, val, **(settings | extra))
 
 
 class _LastStep:
@@ -83,7 +79,9 @@ class _LastStep:
         return True
 
 
-def _prune_and_recover(criterion: str, as_list: bool) -> tuple[nn.Module, regrow.MaskSet, regrow.RecoveryResult]:
+def _prune_and_recover(
+    criterion: str, as_list: bool, **extra: object
+) -> tuple[nn.Module, regrow.MaskSet, regrow.RecoveryResult]:
     train, val = _data()
     if as_list:  # any iterable of batches, not a DataLoader: read whole on every rank and sliced
         train, val = [b for b in train], [b for b in val]
@@ -93,16 +91,16 @@ def _prune_and_recover(criterion: str, as_list: bool) -> tuple[nn.Module, regrow
     # (taylor: each batch's gradient averaged over the ranks; wanda / sparsegpt: input statistics summed over them)
     torch.manual_seed(2)
     last = _LastStep()
-    result = _recover(model, masks, train, val, callbacks=[last])
+    result = _recover(model, masks, train, val, callbacks=[last], **extra)
     result.details["last_step"] = last.weights
     return model, masks, result
 
 
-def _worker(rank: int, store: str, out: str, criterion: str, as_list: bool) -> None:
+def _worker(rank: int, store: str, out: str, criterion: str, as_list: bool, extra: dict | None = None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        model, masks, result = _prune_and_recover(criterion, as_list)
+        model, masks, result = _prune_and_recover(criterion, as_list, **(extra or {}))
         torch.save(
             {
                 "weights": model.state_dict(),
@@ -110,6 +108,8 @@ def _worker(rank: int, store: str, out: str, criterion: str, as_list: bool) -> N
                 "history": [(h.val_accuracy, h.val_loss, h.train_loss) for h in result.history],
                 "best": result.best_epoch,
                 "last_step": result.details["last_step"],
+                "stop_reason": result.stop_reason,
+                "rollbacks": [(r["epoch"], r["step"]) for r in result.details["guard"]["rollbacks"]],
             },
             f"{out}/rank{rank}.pt",
         )
@@ -148,6 +148,37 @@ def test_two_processes_at_half_the_batch_train_as_one_process(tmp_path: Path, cr
             if train_loss is not None:
                 assert train_loss == pytest.approx(h.train_loss, rel=1e-5)
     assert torch.equal(ranks[0]["weights"]["body.2.weight"], ranks[1]["weights"]["body.2.weight"])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"stop_when": {"seconds": 1e-6}},  # each rank's own clock is over budget: rank 0's decision stops both
+        {"lr": 8.0, "guard": {"retries": 3}},  # diverges twice: rolled back with a lower rate, on every rank alike
+    ],
+    ids=["time-budget", "guard-rollback"],
+)
+def test_ranks_take_the_decisions_one_process_takes(tmp_path: Path, extra: dict):
+    mp.start_processes(
+        _worker,
+        args=(str(tmp_path / "store"), str(tmp_path), "magnitude", False, extra),
+        nprocs=WORLD,
+        start_method="spawn",
+    )
+    torch.set_num_threads(1)
+    model, _, result = _prune_and_recover("magnitude", False, **extra)
+    rollbacks = [(r["epoch"], r["step"]) for r in result.details["guard"]["rollbacks"]]
+    if "guard" in extra:
+        assert rollbacks, "the learning rate was meant to make recovery diverge"
+    # a learning rate that diverges amplifies the rounding differences of summing over two ranks: 1e-3 there
+    atol = 1e-3 if "guard" in extra else 1e-5
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for got in ranks:
+        assert got["stop_reason"] == result.stop_reason and got["rollbacks"] == rollbacks
+        assert len(got["history"]) == len(result.history)
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(got["weights"][name], value, atol=atol, rtol=0)
+            assert torch.equal(got["weights"][name], ranks[0]["weights"][name])  # the ranks stay identical
 
 
 def test_one_process_is_not_distributed():

@@ -126,6 +126,10 @@ def masked_step(
     with compute.autocast() if compute is not None else nullcontext():
         losses, scored = method.losses(model, inputs, targets)
     if check is not None and not check(losses["loss"], _guarded(scored)):
+        if distributed.active():  # DDP waits for the backward pass of every forward: one that changes nothing
+            optimizer.zero_grad(set_to_none=True)
+            (losses["loss"] * 0.0).backward()
+            optimizer.zero_grad(set_to_none=True)
         return losses, scored
     optimizer.zero_grad(set_to_none=True)
     if compute is not None:

@@ -21,6 +21,7 @@ BUDGET = [
     *("--set", "evaluate.repeats=2"),
     *("--set", "evaluate.warmup=1"),
 ]
+MID_EPOCH = ["--set", "checkpoint.every_steps=7"]  # the first checkpoint: step 7, inside the first epoch
 RUN_FILES = {"report.json", "report.md", "model.safetensors", "masks.safetensors", "config.yaml"}
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find a rank")
@@ -85,7 +86,7 @@ def test_two_ranks_write_one_report_with_the_accuracies_of_one_process(tmp_path:
 def test_a_killed_rank_stops_the_job_and_resume_finishes_it(tmp_path: Path):
     out = tmp_path / "run"
     job = subprocess.Popen(
-        [*TORCHRUN, "run", "demo", "--out", str(out), *BUDGET],
+        [*TORCHRUN, "run", "demo", "--out", str(out), *BUDGET, *MID_EPOCH],
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -111,7 +112,7 @@ def test_a_killed_rank_stops_the_job_and_resume_finishes_it(tmp_path: Path):
     assert list(out.glob(".regrow-partial-*/.regrow-checkpoint"))  # ... but the checkpoint, for --resume
 
     resumed = subprocess.run(
-        [*TORCHRUN, "run", "demo", "--out", str(out), "--resume", *BUDGET],
+        [*TORCHRUN, "run", "demo", "--out", str(out), "--resume", *BUDGET, *MID_EPOCH],
         env=_env(),
         capture_output=True,
         text=True,

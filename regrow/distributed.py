@@ -219,10 +219,11 @@ def broadcast_model(model: nn.Module, masks: dict[str, Tensor] | None = None) ->
         )
     for value in state.values():
         where = _collective_device(value.device)
-        buf = value.detach().to(where)
+        own = value.detach()
+        buf = own if own.device == where else own.to(where)
         dist.broadcast(buf, src=0)
-        if buf is not value:
-            value.detach().copy_(buf)
+        if buf is not own:  # sent through another device: back into the model's own tensor
+            own.copy_(buf)
     if masks is not None:
         broadcast_masks(masks)
 

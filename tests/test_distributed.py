@@ -91,7 +91,8 @@ def _prune_and_recover(
     # (taylor: each batch's gradient averaged over the ranks; wanda / sparsegpt: input statistics summed over them)
     torch.manual_seed(2)
     last = _LastStep()
-    result = _recover(model, masks, train, val, callbacks=[last], **extra)
+    extra = dict(extra)
+    result = _recover(model, masks, train, val, callbacks=[last, *extra.pop("callbacks", [])], **extra)
     result.details["last_step"] = last.weights
     return model, masks, result
 
@@ -155,8 +156,9 @@ def test_two_processes_at_half_the_batch_train_as_one_process(tmp_path: Path, cr
     [
         {"stop_when": {"seconds": 1e-6}},  # each rank's own clock is over budget: rank 0's decision stops both
         {"lr": 8.0, "guard": {"retries": 3}},  # diverges twice: rolled back with a lower rate, on every rank alike
+        {"callbacks": [regrow.GradualPruning(final=0.8, every=2, end=0.5)]},  # masks moved during training
     ],
-    ids=["time-budget", "guard-rollback"],
+    ids=["time-budget", "guard-rollback", "gradual"],
 )
 def test_ranks_take_the_decisions_one_process_takes(tmp_path: Path, extra: dict):
     mp.start_processes(
@@ -166,7 +168,9 @@ def test_ranks_take_the_decisions_one_process_takes(tmp_path: Path, extra: dict)
         start_method="spawn",
     )
     torch.set_num_threads(1)
-    model, _, result = _prune_and_recover("magnitude", False, **extra)
+    model, masks, result = _prune_and_recover("magnitude", False, **extra)
+    if "callbacks" in extra:
+        assert masks.sparsity() == pytest.approx(0.8, abs=1e-3)  # the ramp reached its end
     rollbacks = [(r["epoch"], r["step"]) for r in result.details["guard"]["rollbacks"]]
     if "guard" in extra:
         assert rollbacks, "the learning rate was meant to make recovery diverge"
@@ -174,6 +178,7 @@ def test_ranks_take_the_decisions_one_process_takes(tmp_path: Path, extra: dict)
     atol = 1e-3 if "guard" in extra else 1e-5
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for got in ranks:
+        assert all(torch.equal(got["masks"][f], m) for f, m in masks.items())
         assert got["stop_reason"] == result.stop_reason and got["rollbacks"] == rollbacks
         assert len(got["history"]) == len(result.history)
         for name, value in model.state_dict().items():

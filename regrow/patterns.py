@@ -139,7 +139,7 @@ def _global(scores: Mapping[str, Tensor], sparsity: float, cap: float) -> dict[s
     The ranking reads one target's scores at a time and never sorts them all (``regrow.ranking``).
     """
     sizes = {f: score_like(scores, f).numel() for f in scores}
-    lost_before = {f: count(scores, f, "neginf") for f in scores}
+    lost_before = {f: count(scores, f, torch.isneginf) for f in scores}
     budget = pruned_count(sparsity, sum(sizes.values()))
     # the most each target may lose, rounded as the budget is (so that cap = sparsity fits exactly), and never
     # less than what it lost before (a gradual schedule's earlier masks: their weights score -inf)

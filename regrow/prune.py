@@ -352,7 +352,7 @@ def _warn_if_pruned_before(model: nn.Module, targets: list[str]) -> None:
     """Masks describe one call: weights zeroed by an earlier prune are not in them and may grow back."""
     with torch.no_grad():
         params = {f: model.get_parameter(f).detach() for f in targets}
-        zeros = sum(count(params, f, "zero") for f in targets)  # chunk by chunk: no full-size temporaries
+        zeros = sum(count(params, f, lambda w: w == 0) for f in targets)  # chunk by chunk: no full-size temporaries
         total = sum(model.get_parameter(f).numel() for f in targets)
     if total and zeros > 0.01 * total:  # trained float weights are almost never exactly zero
         warnings.warn(

@@ -15,7 +15,7 @@ counts as ``0.0``; NaN ranks above ``+inf``, as ``torch.sort`` puts it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -43,10 +43,9 @@ def _chunks(scores: Mapping[str, Tensor], names: Sequence[str]) -> Iterator[Tens
             yield sortable_keys(chunk)
 
 
-def count(scores: Mapping[str, Tensor], name: str, what: str) -> int:
-    """How many of ``scores[name]`` are ``-inf`` (``what="neginf"``) or zero (``"zero"``), counted chunk by
-    chunk (``tensor.sum()`` of a bool tensor would make an int64 copy of it)."""
-    test = torch.isneginf if what == "neginf" else (lambda x: x == 0)
+def count(scores: Mapping[str, Tensor], name: str, test: Callable[[Tensor], Tensor]) -> int:
+    """How many of ``scores[name]`` pass ``test`` (an element-wise predicate, e.g. ``torch.isneginf``), counted
+    chunk by chunk (``tensor.sum()`` of a bool tensor would make an int64 copy of it)."""
     return sum(int(torch.count_nonzero(test(chunk))) for chunk in score_chunks(scores, name, CHUNK))
 
 

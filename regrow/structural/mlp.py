@@ -40,7 +40,6 @@ class MlpGroup:
     output: str
     excluded: str | None = None
     unit_size: int = 1
-    kind: str = "channels"
 
     @property
     def units(self) -> int:

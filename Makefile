@@ -9,6 +9,10 @@ TORCH_VERSION ?= 2.13.0
 # requires torchvision, whose PyPI build needs CUDA libraries and does not load beside the CPU torch; the tests
 # use a stand-in for it (tests/stubs) when the real one cannot be imported. Its other needs come with [hf].
 TIMM_VERSION ?= 1.0.31
+# torchvision's real model definitions join the zoo too (tests/test_zoo_torchvision.py): the wheel that matches the
+# CPU torch, unpacked with --target outside the import path, because its compiled operators need CUDA libraries;
+# the tests import its model code without them (tests/conftest.py:import_torchvision_models).
+TORCHVISION_VERSION ?= 0.28.0
 
 .PHONY: install demo test bench clean gpu-wheels
 
@@ -17,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install -e ".[test,hf]"
 	$(BIN)/pip install --no-deps "timm==$(TIMM_VERSION)"
+	$(BIN)/pip install --no-deps --upgrade --target $(VENV)/torchvision-models "torchvision==$(TORCHVISION_VERSION)"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -10,6 +10,7 @@ fully-qualified name, so the same cut can be applied to the model, to a copy, or
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from regrow.errors import RegrowError
 from regrow.structural.attention import MultiheadAttention
 from regrow.structural.coupling import Coupling, couple
 from regrow.structural.pruners import customized_pruners
+from regrow.structural.stored import follow
 from regrow.structural.tracing import ShapeRecorder, refresh_mappings
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -104,6 +106,25 @@ class ChannelGroup:
         return sorted(c for u in removed_units for c in units[u])
 
 
+def _tracing_error(exc: Exception) -> RegrowError:
+    """One paragraph for a failed trace: the model's own forward pass, or torch-pruning's analysis of it."""
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    where = frame.tb_frame.f_code if frame is not None else None
+    if where is not None and f"{os.sep}torch_pruning{os.sep}" in where.co_filename:
+        return RegrowError(
+            f"torch-pruning could not follow the channels through this model's graph ({type(exc).__name__}: "
+            f"{exc}, in its {where.co_name}); the model ran, but channel pruning cannot group its layers. Known "
+            "case: the channel shuffle of ShuffleNet (a reshape that interleaves channel groups). Use pattern "
+            "'unstructured' or '2:4', or pattern 'head' for attention heads."
+        )
+    return RegrowError(
+        f"the model could not be traced for structural pruning ({type(exc).__name__}: {exc}); it must run on the "
+        "given example inputs with autograd enabled."
+    )
+
+
 class StructureGraph:
     """torch-pruning's dependency graph over one model, with regrow's handlers for RMSNorm and attention."""
 
@@ -124,10 +145,7 @@ class StructureGraph:
         except RegrowError:
             raise
         except Exception as exc:  # noqa: BLE001 - tracing runs the user's forward; report it in one line
-            raise RegrowError(
-                f"the model could not be traced for structural pruning ({type(exc).__name__}: {exc}); it must "
-                "run on the given example inputs with autograd enabled."
-            ) from None
+            raise _tracing_error(exc) from None
         finally:
             model.train(was_training)
         refresh_mappings(self.dg, shapes.shapes)
@@ -307,6 +325,7 @@ def apply_cuts(model: nn.Module, cuts: list[Cut]) -> None:
             handlers[cut.target].prune_out_channels(module, list(cut.idxs))
         else:
             handlers[cut.target].prune_in_channels(module, list(cut.idxs))
+    follow(model)
 
 
 def head_count(module: nn.Module) -> int | None:

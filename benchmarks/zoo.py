@@ -4,6 +4,8 @@ Run on a CUDA machine with torchvision and timm installed (about 3 minutes for a
 
     python -m benchmarks.zoo
     python -m benchmarks.zoo --device cpu --models timm:resnet18 --batch 4 --image-size 64 --out /tmp/zoo  # smoke
+    python -m benchmarks.zoo --device cpu --torchvision-models .venv/torchvision-models --dtypes fp32 --batch 8 \
+        --rounds-small 5 --rounds-large 3 --deadline 3600 --out benchmarks/results/zoo_cpu  # all 14 on a CPU
 
 Every model gets random initial weights (seed 0) and is pruned on its device exactly as the GPU issue did:
 ``regrow.prune(model, pattern="channel", macs=0.5, example_inputs=torch.randn(2, 3, S, S))``. Per model: the
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 import regrow
+from benchmarks import torchvision_models
 from benchmarks.common import RESULTS, markdown_table, stamp, stamp_markdown
 
 MODELS = [
@@ -291,11 +294,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds-large", type=int, default=10, help="timed passes per model at the large batch")
     parser.add_argument("--deadline", type=float, default=190.0, help="seconds; models not started by then are skipped")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--torchvision-models",
+        metavar="DIR",
+        help="import torchvision's model code from this unpacked wheel, without its compiled operators (a CPU torch "
+        "beside PyPI's CUDA-built torchvision; make install unpacks one in .venv/torchvision-models)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse(argv)
+    if args.torchvision_models:
+        torchvision_models.load(Path(args.torchvision_models), keep=True)  # timm imports it too
     device = torch.device(args.device)
     info = stamp() | {"environment": environment(device), "settings": vars(args)}
     rows: list[dict[str, Any]] = []

@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks import torchvision_models
+
 
 class TinyMLP(nn.Module):
     def __init__(self, d_in: int = 8, hidden: int = 16, classes: int = 3) -> None:
@@ -118,58 +120,35 @@ def import_timm():
     try:
         return importlib.import_module("timm")
     except Exception:  # noqa: BLE001 - torchvision absent, or present but broken (CUDA libraries missing)
-        _drop_modules("torchvision")
+        torchvision_models.drop("torchvision")
     stubs = str(Path(__file__).parent / "stubs")
     sys.path.insert(0, stubs)
     try:
         return importlib.import_module("timm")
     finally:
         sys.path.remove(stubs)
-        _drop_modules("torchvision")  # timm holds what it took; nothing else sees the stand-in
+        torchvision_models.drop("torchvision")  # timm holds what it took; nothing else sees the stand-in
         importlib.invalidate_caches()
-
-
-TORCHVISION_MODELS = "torchvision-models"  # under the virtual environment; make install puts it there
 
 
 @functools.cache
 def import_torchvision_models():
     """torchvision's real model definitions (``torchvision.models``), for the test zoo.
 
-    Where torchvision imports (a CUDA machine), that. Otherwise the copy ``make install`` puts in
-    ``.venv/torchvision-models`` (pip ``--target``, no dependencies): its compiled operators need CUDA libraries,
-    and the one import that fails on them is ``torchvision._meta_registrations`` (fake kernels for nms,
-    roi_align, ...), which the model definitions never use; it is replaced by an empty module for this import.
-    The copy is then taken off ``sys.path`` and out of ``sys.modules``, so that no other library takes it for an
-    installed torchvision; the returned module keeps what it imported. Skips when neither is there.
+    Where torchvision imports (a CUDA machine), that. Otherwise the copy ``make install`` unpacks in
+    ``.venv/torchvision-models``, imported without its compiled operators and then hidden from other libraries
+    (benchmarks/torchvision_models.py). Skips when neither is there.
     """
     import importlib
-    import sys
-    import types
-    from pathlib import Path
 
     try:
         return importlib.import_module("torchvision.models")
     except Exception:  # noqa: BLE001 - absent, or present but broken (CUDA libraries missing)
-        _drop_modules("torchvision")
-    copy = Path(sys.prefix) / TORCHVISION_MODELS
-    if not (copy / "torchvision").is_dir():
-        pytest.skip(f"torchvision's model code is not in {copy} (make install puts it there)", allow_module_level=True)
-    sys.path.insert(0, str(copy))
-    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+        torchvision_models.drop("torchvision")
     try:
-        return importlib.import_module("torchvision.models")
-    finally:
-        sys.path.remove(str(copy))
-        _drop_modules("torchvision")
-        importlib.invalidate_caches()
-
-
-def _drop_modules(package: str) -> None:
-    import sys
-
-    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
-        del sys.modules[name]
+        return torchvision_models.load()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc), allow_module_level=True)
 
 
 def interrupt_run(argv, cwd, ready, signum, *, settle=1.0):

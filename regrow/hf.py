@@ -34,6 +34,7 @@ from torch import nn
 from regrow.errors import RegrowError
 from regrow.masks import MaskSet, pack, unpacked
 from regrow.spec import PruneSpec
+from regrow.staging import fsync_dir, sync_tree, token, umask
 
 SIDECAR = "regrow.json"
 MASKS = "regrow_masks.safetensors"
@@ -51,7 +52,8 @@ def save_pretrained(
     """Save a masked Hugging Face model as ``save_pretrained`` does, plus the bit-packed masks and ``regrow.json``.
 
     The folder is written beside its final place and renamed into it once complete; an existing non-empty folder
-    is refused unless ``overwrite`` (then replaced as a whole). A model with NaN or infinite weights is refused.
+    is refused unless ``overwrite`` (then replaced as a whole: moved aside, and deleted once the new one is in
+    place), and a file or a link of that name always. A model with NaN or infinite weights is refused.
     """
     if not callable(getattr(model, "save_pretrained", None)):
         raise RegrowError(
@@ -63,7 +65,13 @@ def save_pretrained(
     if bad:
         raise RegrowError(f"the model holds NaN or infinite weights (in {', '.join(bad[:3])}); nothing was written.")
     target = Path(folder)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        kind = "a link" if target.is_symlink() else "a file"
+        raise RegrowError(
+            f"{os.fspath(target)!r} is {kind}, not a folder; regrow.hf.save_pretrained writes a folder and never "
+            "replaces a file or a link, even with overwrite=True. Choose another folder."
+        )
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise RegrowError(
             f"{os.fspath(target)!r} exists and is not empty; choose another folder or pass overwrite=True."
         )
@@ -88,13 +96,40 @@ def save_pretrained(
             "report": report.to_dict() if hasattr(report, "to_dict") else report,
         }
         (staging / SIDECAR).write_text(json.dumps(sidecar, indent=2, default=str), encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.replace(target)
+        _usual_permissions(staging)
+        sync_tree(staging)
+        _swap_in(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _usual_permissions(folder: Path) -> None:
+    """mkdtemp makes the folder 0700 and safetensors its files 0600: give them what the umask gives."""
+    mask = umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Rename the finished ``staging`` folder onto ``target``. An earlier folder there is moved aside first and
+    deleted only once the new one is in place: a crash in between leaves it beside, as ``.NAME-old-*``."""
+    if not target.exists():
+        staging.replace(target)
+        fsync_dir(target.parent)
+        return
+    aside = target.with_name(f".{target.name}-old-{token()}")
+    target.replace(aside)
+    try:
+        staging.replace(target)
+    except BaseException:
+        aside.replace(target)
+        raise
+    fsync_dir(target.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")

@@ -1,8 +1,11 @@
 """A masked Hugging Face model saved with regrow.hf.save_pretrained loads with plain from_pretrained."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +72,47 @@ def test_nothing_is_written_over_a_folder_or_from_bad_weights(pruned_llama, tmp_
         save_pretrained(torch.nn.Linear(2, 2), masks, tmp_path / "other")
     with pytest.raises(RegrowError, match="has no regrow_masks.safetensors"):
         load_masks(tmp_path / "busy")
+
+
+def test_overwrite_replaces_the_folder_only_once_the_new_one_is_complete(pruned_llama, tmp_path, monkeypatch):
+    model, masks = pruned_llama
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("old run")
+    real = Path.replace
+
+    def failing(self, target):  # the new folder cannot be renamed into place (after the old one moved aside)
+        if self.name.startswith(".out-") and not self.name.startswith(".out-old-"):
+            raise OSError("disk gone")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        save_pretrained(model, masks, out, overwrite=True)
+    assert (out / "mine.txt").read_text() == "old run" and [p.name for p in tmp_path.iterdir()] == ["out"]
+    monkeypatch.undo()
+    folder = save_pretrained(model, masks, out, overwrite=True)
+    assert not (folder / "mine.txt").exists() and (folder / "regrow.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o666 & ~mask}  # nor safetensors' 0600
+
+
+def test_a_file_or_a_link_of_that_name_is_never_replaced(pruned_llama, tmp_path):
+    model, masks = pruned_llama
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "mine.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    for overwrite in (False, True):
+        with pytest.raises(RegrowError, match="'.*file' is a file, not a folder"):
+            save_pretrained(model, masks, tmp_path / "file", overwrite=overwrite)
+        with pytest.raises(RegrowError, match="'.*link' is a link, not a folder.*even with overwrite=True"):
+            save_pretrained(model, masks, tmp_path / "link", overwrite=overwrite)
+    assert (tmp_path / "file").read_text() == "mine" and (tmp_path / "link" / "mine.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "real"]
 
 
 def _loaded_outputs(folder, kind: str, inputs: dict) -> torch.Tensor:

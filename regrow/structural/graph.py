@@ -106,6 +106,22 @@ class ChannelGroup:
         return sorted(c for u in removed_units for c in units[u])
 
 
+def _hook_ids(model: nn.Module) -> dict[nn.Module, tuple[set[int], set[int]]]:
+    return {m: (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in model.modules()}
+
+
+def _remove_hooks_since(model: nn.Module, before: dict[nn.Module, tuple[set[int], set[int]]]) -> None:
+    """Remove the forward (pre-)hooks added to ``model``'s modules since ``before`` (the user's stay)."""
+    for module in model.modules():
+        post, pre = before.get(module, (set(), set()))
+        for key in [k for k in module._forward_hooks if k not in post]:
+            del module._forward_hooks[key]
+            getattr(module, "_forward_hooks_with_kwargs", {}).pop(key, None)
+            getattr(module, "_forward_hooks_always_called", {}).pop(key, None)
+        for key in [k for k in module._forward_pre_hooks if k not in pre]:
+            del module._forward_pre_hooks[key]
+
+
 def _tracing_error(exc: Exception) -> RegrowError:
     """One paragraph for a failed trace: the model's own forward pass, or torch-pruning's analysis of it."""
     frame = exc.__traceback__
@@ -132,6 +148,7 @@ class StructureGraph:
         self.model = model
         was_training = model.training
         shapes = ShapeRecorder()  # the output shape of every op, for regrow's corrections of the mappings
+        hooks = _hook_ids(model)  # torch-pruning leaves its tracing hooks on the model when the forward raises
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch-pruning warns about loose parameters; regrow checks them
@@ -148,6 +165,7 @@ class StructureGraph:
             raise _tracing_error(exc) from None
         finally:
             model.train(was_training)
+            _remove_hooks_since(model, hooks)
         refresh_mappings(self.dg, shapes.shapes)
         self.names = {m: n for n, m in model.named_modules()}
         self.order = {n: i for i, (n, _) in enumerate(model.named_modules())}

@@ -20,10 +20,21 @@ from conftest import import_torchvision_models
 models = import_torchvision_models()
 
 
-def _vit() -> nn.Module:  # vit_b_16's class and layout, two blocks of width 64 on 32x32 inputs
-    return models.VisionTransformer(
-        image_size=32, patch_size=16, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=256, num_classes=10
+def _vit(zero_head: bool = False, conv_stem: bool = False) -> nn.Module:  # vit_b_16's layout, small, 32x32 px
+    stem = [models.vision_transformer.ConvStemConfig(out_channels=16, kernel_size=3, stride=2)] * 4  # Xiao et al.
+    model = models.VisionTransformer(
+        image_size=32,
+        patch_size=16,
+        num_layers=2,
+        num_heads=4,
+        hidden_dim=64,
+        mlp_dim=256,
+        num_classes=10,
+        conv_stem_configs=stem if conv_stem else None,
     )
+    if not zero_head:  # torchvision starts the classifier at zero: every output 0, and any surgery would match
+        nn.init.normal_(model.heads.head.weight, std=0.5)
+    return model
 
 
 # family: (constructor, input size); each builds in well under a second
@@ -40,6 +51,7 @@ FAMILIES = {
     "mnasnet": (lambda: models.mnasnet0_5(num_classes=10), 64),
     "squeezenet": (lambda: models.squeezenet1_1(num_classes=10), 64),
     "vit": (_vit, 32),
+    "vit_conv_stem": (lambda: _vit(conv_stem=True), 32),  # hidden_dim follows the stem's last convolution
 }
 BENIGN = ("not a target", "its channels are the model's output", "inside attention")
 
@@ -89,7 +101,18 @@ def test_a_graph_torch_pruning_cannot_follow_is_named_as_such_and_the_model_is_l
     torch.manual_seed(0)
     model = models.shufflenet_v2_x0_5(num_classes=10).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(regrow.RegrowError, match=r"torch-pruning could not follow .*ZeroDivisionError.*ShuffleNet"):
+    message = r"torch-pruning could not follow .*ZeroDivisionError.*, in update_reshape_index_mapping\)"
+    with pytest.raises(regrow.RegrowError, match=message):
         regrow.prune(model, pattern="channel", macs=0.5, example_inputs=torch.randn(2, 3, 32, 32))
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_check_that_compared_only_zeros_says_it_proved_nothing():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    for zero_head in (True, False):
+        model = _vit(zero_head).eval()
+        report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+        vacuous = [w for w in report.warnings if "outputs that were all exactly zero" in w]
+        assert (report.equivalence.scale == 0.0) == zero_head and bool(vacuous) == zero_head, report.warnings

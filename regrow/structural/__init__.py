@@ -79,6 +79,7 @@ from regrow.structural.shrinking import (
     _Baseline,
     _Budget,
     _choose_removal,
+    _note_vacuous_check,
     _recalibrate,
     _report,
     _shrink_checked,
@@ -242,6 +243,7 @@ def shrink(
     baseline = _Baseline.of(prepared.host, prepared.host_one, scored, within)
     choice = _choose_removal(model, prepared, scored, budget, baseline, round_to, round_widths, compare_latency)
     eq, checked = _shrink_checked(model, prepared, choice.removed, compare)
+    _note_vacuous_check(eq, choice.notes)
     recalibrated = _recalibrate(model, data, recalibrate, prepared.units, choice.removed)
     model.train(was_training)
     report = _report(model, checked, prepared, budget, baseline, choice, eq, recalibrated, round_to)

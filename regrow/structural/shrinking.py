@@ -277,6 +277,20 @@ def _shrink_checked(
     return eq, shrunk
 
 
+VACUOUS_CHECK = (
+    "the equivalence check compared outputs that were all exactly zero (a classifier initialised to zero, as in "
+    "torchvision's VisionTransformer, gives that), so neither the check nor the per-group probes could tell a "
+    "correct surgery from a wrong one; give the model its trained weights, or check the shrunk model on real data."
+)
+
+
+def _note_vacuous_check(eq: Equivalence, notes: list[str]) -> None:
+    """Say so (log and report) when the final check compared all-zero outputs."""
+    if eq.scale == 0.0:
+        notes.append(VACUOUS_CHECK)
+        log.warning(VACUOUS_CHECK)
+
+
 def _hold_to(model: nn.Module, checked: nn.Module) -> None:
     """``model`` (on its device) has exactly the checked copy's parameters and buffers."""
     mine = dict(chain(model.named_parameters(), model.named_buffers()))

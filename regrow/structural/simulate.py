@@ -43,13 +43,15 @@ _CHANNEL_DIM_1 = (
 
 @dataclass
 class Equivalence:
-    """Largest absolute difference between shrunk and simulated outputs, and the tolerance it was held to."""
+    """Largest absolute difference between shrunk and simulated outputs, the tolerance it was held to, and the
+    largest output (``scale``; when it is 0 every output was zero, and a wrong surgery would have passed too)."""
 
     max_abs_diff: float
     tolerance: float
     passed: bool
     rtol: float = RTOL
     atol: float = ATOL
+    scale: float | None = None  # max |output| of the simulation; 0: all outputs zero, the check proves nothing
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,6 +178,6 @@ def compare(shrunk: nn.Module, simulated: nn.Module, inputs: Any) -> Equivalence
         shrunk.train(was)
     if y_shrunk.shape != y_sim.shape:
         return Equivalence(float("inf"), 0.0, False)
-    tol = ATOL + RTOL * float(y_sim.abs().max())
+    scale = float(y_sim.abs().max()) if y_sim.numel() else 0.0
     diff = float((y_shrunk - y_sim).abs().max()) if y_sim.numel() else 0.0
-    return Equivalence(diff, tol, diff <= tol)
+    return Equivalence(diff, ATOL + RTOL * scale, diff <= ATOL + RTOL * scale, scale=scale)

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from torch import nn
 
-# qualified class name -> {attribute: "submodule.attribute" whose value it must equal}
-STORED_WIDTHS: dict[str, dict[str, str]] = {
-    "torchvision.models.vision_transformer.VisionTransformer": {"hidden_dim": "conv_proj.out_channels"},
+# qualified class name -> {attribute: the "submodule.attribute" paths it may follow, the first that exists wins}
+STORED_WIDTHS: dict[str, dict[str, tuple[str, ...]]] = {
+    "torchvision.models.vision_transformer.VisionTransformer": {
+        # a patchify convolution, or the last layer of a convolutional stem (conv_stem_configs)
+        "hidden_dim": ("conv_proj.out_channels", "conv_proj.conv_last.out_channels"),
+    },
 }
 
 
-def _rules(module: nn.Module) -> dict[str, str]:
+def _rules(module: nn.Module) -> dict[str, tuple[str, ...]]:
     for cls in type(module).__mro__:
         rules = STORED_WIDTHS.get(f"{cls.__module__}.{cls.__qualname__}")
         if rules:
@@ -26,9 +29,20 @@ def _rules(module: nn.Module) -> dict[str, str]:
     return {}
 
 
+def _read(module: nn.Module, path: str) -> int | None:
+    owner, _, field = path.rpartition(".")
+    try:
+        value = getattr(module.get_submodule(owner), field)
+    except AttributeError:  # a variant (or subclass) without this layer
+        return None
+    return value if isinstance(value, int) else None
+
+
 def follow(model: nn.Module) -> None:
-    """Set every stored width of ``model`` to the width of the layer it follows (after surgery)."""
+    """Set every stored width of ``model`` to the width of the layer it follows (after surgery); a rule whose
+    layer the model does not have leaves its attribute alone."""
     for module in model.modules():
-        for attribute, source in _rules(module).items():
-            owner, _, field = source.rpartition(".")
-            setattr(module, attribute, getattr(module.get_submodule(owner), field))
+        for attribute, sources in _rules(module).items():
+            width = next((w for w in (_read(module, p) for p in sources) if w is not None), None)
+            if width is not None:
+                setattr(module, attribute, width)

@@ -379,6 +379,23 @@ def test_structural_needs_inputs_and_a_traceable_model():
     assert list(model.fc._forward_hooks) == [mine.id] and not model.out._forward_hooks
 
 
+def test_a_failure_of_torch_prunings_analysis_is_not_blamed_on_the_model(monkeypatch):
+    # The forward ran; torch-pruning failed afterwards, while mapping channels through the graph it recorded
+    # (as on ShuffleNet's channel shuffle, tests/test_zoo_torchvision.py): say so, and leave the model as it was.
+    from torch_pruning.dependency import index_mapping
+
+    def boom(graph):
+        raise ZeroDivisionError("integer division or modulo by zero")
+
+    monkeypatch.setattr(index_mapping, "update_index_mapping", boom)
+    model = build(ResidualCNN)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RegrowError, match=r"torch-pruning could not follow .*ZeroDivisionError.* the model ran, but"):
+        regrow.prune(model, pattern="channel", macs=0.5, example_inputs=images())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def test_macs_budget_with_unstructured_pattern_is_refused():
     with pytest.raises(RegrowError, match="need a structural pattern"):
         regrow.prune(build(ResidualCNN), macs=0.5)

@@ -10,7 +10,6 @@ fully-qualified name, so the same cut can be applied to the model, to a copy, or
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,34 +105,38 @@ class ChannelGroup:
         return sorted(c for u in removed_units for c in units[u])
 
 
-def _hook_ids(model: nn.Module) -> dict[nn.Module, tuple[set[int], set[int]]]:
-    return {m: (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in model.modules()}
-
-
-def _remove_hooks_since(model: nn.Module, before: dict[nn.Module, tuple[set[int], set[int]]]) -> None:
-    """Remove the forward (pre-)hooks added to ``model``'s modules since ``before`` (the user's stay)."""
+def _torch_pruning_hooks(model: nn.Module) -> None:
+    """Remove the forward hooks torch-pruning's tracing put on ``model`` (it leaves them when the forward raises);
+    every other hook stays."""
     for module in model.modules():
-        post, pre = before.get(module, (set(), set()))
-        for key in [k for k in module._forward_hooks if k not in post]:
-            del module._forward_hooks[key]
-            getattr(module, "_forward_hooks_with_kwargs", {}).pop(key, None)
-            getattr(module, "_forward_hooks_always_called", {}).pop(key, None)
-        for key in [k for k in module._forward_pre_hooks if k not in pre]:
-            del module._forward_pre_hooks[key]
+        for hooks, extras in (
+            (module._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
+            (module._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",)),
+        ):
+            for key in [k for k, hook in hooks.items() if _in_torch_pruning(getattr(hook, "__module__", None))]:
+                del hooks[key]
+                for extra in extras:
+                    getattr(module, extra, {}).pop(key, None)
 
 
-def _tracing_error(exc: Exception) -> RegrowError:
-    """One paragraph for a failed trace: the model's own forward pass, or torch-pruning's analysis of it."""
-    frame = exc.__traceback__
-    while frame is not None and frame.tb_next is not None:
-        frame = frame.tb_next
-    where = frame.tb_frame.f_code if frame is not None else None
-    if where is not None and f"{os.sep}torch_pruning{os.sep}" in where.co_filename:
+def _in_torch_pruning(module_name: str | None) -> bool:
+    return (module_name or "").split(".")[0] == "torch_pruning"
+
+
+def _tracing_error(exc: Exception, ran: bool) -> RegrowError:
+    """One paragraph for a failed trace: the model's own forward pass, or (``ran``: it returned) torch-pruning's
+    analysis of the graph it recorded."""
+    if ran:
+        frame, where = exc.__traceback__, "its graph analysis"
+        while frame is not None:
+            if _in_torch_pruning(frame.tb_frame.f_globals.get("__name__")):
+                where = frame.tb_frame.f_code.co_name
+            frame = frame.tb_next
         return RegrowError(
             f"torch-pruning could not follow the channels through this model's graph ({type(exc).__name__}: "
-            f"{exc}, in its {where.co_name}); the model ran, but channel pruning cannot group its layers. Known "
-            "case: the channel shuffle of ShuffleNet (a reshape that interleaves channel groups). Use pattern "
-            "'unstructured' or '2:4', or pattern 'head' for attention heads."
+            f"{exc}, in {where}); the model ran, but channel pruning cannot group its layers (a known case: the "
+            "channel shuffle of ShuffleNet, a reshape that interleaves channel groups). Use pattern 'unstructured' "
+            "or '2:4', or pattern 'head' for attention heads."
         )
     return RegrowError(
         f"the model could not be traced for structural pruning ({type(exc).__name__}: {exc}); it must run on the "
@@ -148,24 +151,30 @@ class StructureGraph:
         self.model = model
         was_training = model.training
         shapes = ShapeRecorder()  # the output shape of every op, for regrow's corrections of the mappings
-        hooks = _hook_ids(model)  # torch-pruning leaves its tracing hooks on the model when the forward raises
+        ran: list[bool] = []  # set once the forward pass returns: a later failure is torch-pruning's analysis
+
+        def traced(m: nn.Module, x: Any) -> Any:
+            out = shapes.run(forward, m, x)
+            ran.append(True)
+            return out
+
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch-pruning warns about loose parameters; regrow checks them
                 self.dg = tp.DependencyGraph().build_dependency(
                     model,
                     example_inputs=example_inputs,
-                    forward_fn=lambda m, x: shapes.run(forward, m, x),
+                    forward_fn=traced,
                     customized_pruners=customized_pruners(),
                     verbose=False,
                 )
         except RegrowError:
             raise
         except Exception as exc:  # noqa: BLE001 - tracing runs the user's forward; report it in one line
-            raise _tracing_error(exc) from None
+            raise _tracing_error(exc, bool(ran)) from None
         finally:
             model.train(was_training)
-            _remove_hooks_since(model, hooks)
+            _torch_pruning_hooks(model)
         refresh_mappings(self.dg, shapes.shapes)
         self.names = {m: n for n, m in model.named_modules()}
         self.order = {n: i for i, (n, _) in enumerate(model.named_modules())}

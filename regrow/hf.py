@@ -34,9 +34,10 @@ from torch import nn
 from regrow.errors import RegrowError
 from regrow.masks import MaskSet, pack, unpacked
 from regrow.spec import PruneSpec
-from regrow.staging import fsync_dir, sync_tree, token, umask
+from regrow.staging import fsync_dir, signals_deferred, sync_tree, token, umask
 
 SIDECAR = "regrow.json"
+ASIDE = "-old-"  # .NAME-old-*: the folder an overwrite replaces, until the new one is in place
 MASKS = "regrow_masks.safetensors"
 
 
@@ -71,6 +72,7 @@ def save_pretrained(
             f"{os.fspath(target)!r} is {kind}, not a folder; regrow.hf.save_pretrained writes a folder and never "
             "replaces a file or a link, even with overwrite=True. Choose another folder."
         )
+    _interrupted_before(target)
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise RegrowError(
             f"{os.fspath(target)!r} exists and is not empty; choose another folder or pass overwrite=True."
@@ -116,20 +118,41 @@ def _usual_permissions(folder: Path) -> None:
 
 def _swap_in(staging: Path, target: Path) -> None:
     """Rename the finished ``staging`` folder onto ``target``. An earlier folder there is moved aside first and
-    deleted only once the new one is in place: a crash in between leaves it beside, as ``.NAME-old-*``."""
-    if not target.exists():
-        staging.replace(target)
+    deleted only once the new one is in place; Ctrl-C and SIGTERM wait until the renames are done. A kill in
+    between leaves it beside, as ``.NAME-old-*``, which the next save names (:func:`_interrupted_before`)."""
+    with signals_deferred():
+        if not target.exists():
+            staging.replace(target)
+            fsync_dir(target.parent)
+            return
+        aside = target.with_name(f".{target.name}{ASIDE}{token()}")
+        target.replace(aside)
+        try:
+            staging.replace(target)
+        except BaseException as exc:
+            try:
+                aside.replace(target)
+            except OSError:
+                raise RegrowError(
+                    f"the new folder could not be renamed to {os.fspath(target)!r} ({exc}), and the earlier one could "
+                    f"not be put back: it is at {os.fspath(aside)!r}."
+                ) from exc
+            raise
         fsync_dir(target.parent)
-        return
-    aside = target.with_name(f".{target.name}-old-{token()}")
-    target.replace(aside)
-    try:
-        staging.replace(target)
-    except BaseException:
-        aside.replace(target)
-        raise
-    fsync_dir(target.parent)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _interrupted_before(target: Path) -> None:
+    """Refuse to go on when an earlier save into ``target`` was killed after moving the old folder aside."""
+    if target.exists():
+        return
+    prefix = f".{target.name}{ASIDE}"
+    aside = sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix)) if target.parent.is_dir() else []
+    if aside:
+        raise RegrowError(
+            f"an earlier save into {os.fspath(target)!r} was interrupted after moving the folder that was there to "
+            f"{os.fspath(aside[0])!r}; rename it back, or delete it, then save again."
+        )
 
 
 HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")

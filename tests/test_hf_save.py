@@ -98,6 +98,11 @@ def test_overwrite_replaces_the_folder_only_once_the_new_one_is_complete(pruned_
     os.umask(mask)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
     assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o666 & ~mask}  # nor safetensors' 0600
+    # a save killed between its two renames left the earlier folder aside: the next save names it, touches nothing
+    folder.rename(tmp_path / ".out-old-0123abcd")
+    with pytest.raises(RegrowError, match=r"interrupted after moving .*\.out-old-0123abcd'; rename it back"):
+        save_pretrained(model, masks, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out-old-0123abcd"]
 
 
 def test_a_file_or_a_link_of_that_name_is_never_replaced(pruned_llama, tmp_path):

@@ -5,9 +5,10 @@ Run on a CUDA machine with torchvision and timm installed (about 3 minutes for a
     python -m benchmarks.zoo
     python -m benchmarks.zoo --device cpu --models timm:resnet18 --batch 4 --image-size 64 --out /tmp/zoo  # smoke
     python -m benchmarks.zoo --device cpu --torchvision-models .venv/torchvision-models --dtypes fp32 --batch 8 \
-        --rounds-small 5 --rounds-large 3 --deadline 3600 --out benchmarks/results/zoo_cpu  # all 14 on a CPU
+        --rounds-small 10 --rounds-large 5 --deadline 3600 --out benchmarks/results/zoo_cpu  # all 14 on a CPU
 
-Every model gets random initial weights (seed 0) and is pruned on its device exactly as the GPU issue did:
+Every model gets random initial weights (seed 0; a classifier that starts at zero gets random ones) and is pruned
+on its device exactly as the GPU issue did:
 ``regrow.prune(model, pattern="channel", macs=0.5, example_inputs=torch.randn(2, 3, S, S))``. Per model: the
 time to prune, the MACs kept, whether the equivalence check passed, parameters before and after, and the
 latency of the dense and the shrunk model at batch 1 and at a large batch, in float32 (torch's default
@@ -67,7 +68,7 @@ def build(spec: str, image_size: int) -> nn.Module:
         if getattr(torchvision, "STAND_IN", False):
             raise RuntimeError("only regrow's test stand-in for torchvision is importable (tests/stubs)")
         kwargs = {"image_size": image_size} if name.startswith("vit_") and image_size != 224 else {}
-        return torchvision.models.get_model(name, weights=None, **kwargs).eval()
+        return _random_classifier(torchvision.models.get_model(name, weights=None, **kwargs).eval())
     if source == "timm":
         import timm
 
@@ -78,6 +79,15 @@ def build(spec: str, image_size: int) -> nn.Module:
                 kwargs["window_size"] = max(1, image_size // 32)
         return timm.create_model(name, pretrained=False, **kwargs).eval()
     raise ValueError(f"unknown model source in {spec!r}: use torchvision:NAME or timm:NAME")
+
+
+def _random_classifier(model: nn.Module) -> nn.Module:
+    """torchvision starts some classifiers at zero (VisionTransformer's head): every output would be 0 and the
+    equivalence check would pass any surgery. Such a layer gets random weights (normal, std 0.02)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not module.weight.any():
+            nn.init.normal_(module.weight, std=0.02)
+    return model
 
 
 def sync(device: torch.device) -> None:
@@ -236,7 +246,9 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any], args: argparse.Na
         f"{env['cudnn_allow_tf32']}, matmul TF32 {env['cuda_matmul_allow_tf32']}, matmul precision "
         f"{env['float32_matmul_precision']}.",
         "",
-        f"Random initial weights (seed 0); `regrow.prune(model, pattern='channel', macs={BUDGET}, "
+        f"Random initial weights (seed 0; a classifier that starts at zero, torchvision's ViT head, gets normal "
+        f"ones, std 0.02, so that the check compares real outputs); "
+        f"`regrow.prune(model, pattern='channel', macs={BUDGET}, "
         f"example_inputs=torch.randn({args.prune_batch}, 3, {args.image_size}, {args.image_size}))` on the device. "
         f"Latency: {args.warmup} warm-up passes, then dense and shrunk alternately, median of "
         f"{args.rounds_small} passes at batch 1 and {args.rounds_large} at batch {args.batch}; speed-up = dense / "

@@ -56,11 +56,15 @@ def flat(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def task_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
-    """Cross-entropy per sample or per real token (padding ignored), mean or sum."""
+    """Cross-entropy per sample or per real token (padding ignored), mean or sum. The mean over a batch with nothing
+    to score (all padding) is 0 with zero gradients, not cross_entropy's NaN (which reads as a diverged step)."""
     logits, targets = flat(logits, targets)
-    return F.cross_entropy(
+    loss = F.cross_entropy(
         logits, targets.long(), ignore_index=IGNORE, label_smoothing=label_smoothing, reduction=reduction
     )
+    if reduction != "mean":
+        return loss
+    return torch.where(scored(targets).any(), loss, loss.new_zeros(()))  # on the device: no wait for the host
 
 
 def scored(targets: Tensor) -> Tensor:
@@ -91,6 +95,8 @@ def distillation_loss(student: Tensor, teacher: Tensor, temperature: float, targ
         keep = scored(targets) if targets is not None else slice(None)
         student = student.reshape(-1, student.shape[-1])[keep]
         teacher = teacher.reshape(-1, teacher.shape[-1])[keep]
+        if student.shape[0] == 0:  # all padding: nothing to distil (batchmean over no rows would be NaN)
+            return student.sum()
     t = temperature
     log_p_student = F.log_softmax(student / t, dim=-1)
     log_p_teacher = F.log_softmax(teacher / t, dim=-1)

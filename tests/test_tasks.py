@@ -79,6 +79,26 @@ def test_token_distillation_leaves_padding_out():
     assert float(distillation_loss(padded_elsewhere, teacher, 2.0, targets)) == pytest.approx(float(expect), rel=1e-6)
 
 
+def test_a_batch_of_padding_only_has_zero_loss_and_zero_gradients_not_nan():
+    # cross_entropy's mean over no scored token is NaN, which the divergence guard takes for a diverged step.
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    padding = torch.full((2, 5), IGNORE)
+    for smoothing in (0.0, 0.1):
+        loss = task_loss(logits, padding, label_smoothing=smoothing)
+        (grad,) = torch.autograd.grad(loss, logits)
+        assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    teacher = torch.randn(2, 5, 7)
+    kl = distillation_loss(logits, teacher, 2.0, padding)
+    (grad,) = torch.autograd.grad(kl, logits)
+    assert kl.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    # with something to score, the loss is cross_entropy's own, to the bit
+    targets = torch.randint(0, 7, (2, 5))
+    targets[0, :3] = IGNORE
+    expected = F.cross_entropy(logits.reshape(-1, 7), targets.reshape(-1), ignore_index=IGNORE, label_smoothing=0.1)
+    assert torch.equal(task_loss(logits, targets, label_smoothing=0.1), expected)
+
+
 def test_next_token_targets_shift_left_and_skip_padding():
     ids = torch.tensor([[5, 6, 7, 8], [9, 3, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])

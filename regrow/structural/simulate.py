@@ -179,5 +179,6 @@ def compare(shrunk: nn.Module, simulated: nn.Module, inputs: Any) -> Equivalence
     if y_shrunk.shape != y_sim.shape:
         return Equivalence(float("inf"), 0.0, False)
     scale = float(y_sim.abs().max()) if y_sim.numel() else 0.0
+    tol = ATOL + RTOL * scale
     diff = float((y_shrunk - y_sim).abs().max()) if y_sim.numel() else 0.0
-    return Equivalence(diff, ATOL + RTOL * scale, diff <= ATOL + RTOL * scale, scale=scale)
+    return Equivalence(diff, tol, diff <= tol, scale=scale)

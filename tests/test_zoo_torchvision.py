@@ -10,12 +10,15 @@ compiled operators need CUDA libraries here; its model code is imported without 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import regrow
 from conftest import import_torchvision_models
+from regrow.structural.windows import convert_windows
 
 models = import_torchvision_models()
 
@@ -37,6 +40,13 @@ def _vit(zero_head: bool = False, conv_stem: bool = False) -> nn.Module:  # vit_
     return model
 
 
+def _swin(v2: bool = False, **kwargs) -> nn.Module:  # swin_t's layout (v2: swin_v2_t's), small, 64x64 px
+    st = models.swin_transformer
+    blocks = {"block": st.SwinTransformerBlockV2, "downsample_layer": st.PatchMergingV2} if v2 else {}
+    shape = {"patch_size": [4, 4], "embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4], "window_size": [4, 4]}
+    return st.SwinTransformer(**{**shape, **blocks, "num_classes": 10, **kwargs})
+
+
 # family: (constructor, input size); each builds in well under a second
 FAMILIES = {
     "resnet50": (lambda: models.resnet50(num_classes=10), 64),  # the failing model, full depth
@@ -52,6 +62,8 @@ FAMILIES = {
     "squeezenet": (lambda: models.squeezenet1_1(num_classes=10), 64),
     "vit": (_vit, 32),
     "vit_conv_stem": (lambda: _vit(conv_stem=True), 32),  # hidden_dim follows the stem's last convolution
+    "swin": (_swin, 64),  # attention and patch merging through regrow's stand-ins (regrow.structural.windows)
+    "swin_v2": (lambda: _swin(v2=True), 64),
 }
 BENIGN = ("not a target", "its channels are the model's output", "inside attention")
 
@@ -116,3 +128,81 @@ def test_a_check_that_compared_only_zeros_says_it_proved_nothing():
         report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
         vacuous = [w for w in report.warnings if "outputs that were all exactly zero" in w]
         assert (report.equivalence.scale == 0.0) == zero_head and bool(vacuous) == zero_head, report.warnings
+
+
+@pytest.mark.parametrize("size", [72, 36, 16])
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+def test_the_swin_stand_ins_compute_torchvisions_outputs_to_the_bit(v2, size):
+    # 72 px: 18x18 tokens, windows of 4 padded, shifted and not; 36 px: 9x9, patch merging pads the odd map;
+    # 16 px: 4x4, one window covers the map and the shift is turned off. In training mode with dropout (the same
+    # random draws in the same order) and with gradients: the key bias of V2 gets none, as in torchvision.
+    torch.manual_seed(0)
+    model = _swin(v2, dropout=0.1, attention_dropout=0.1).eval()
+    ours = copy.deepcopy(model)
+    swapped = convert_windows(ours)
+    assert swapped == ["features.1.0.attn", "features.1.1.attn", "features.2", "features.3.0.attn", "features.3.1.attn"]
+    assert type(ours.features[2]).__name__ == "PatchMerging" and ours.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(ours(x), model(x))
+    model.train(), ours.train()
+    outputs, grads = [], []
+    for net in (model, ours):
+        torch.manual_seed(1)
+        outputs.append(net(x))
+        outputs[-1].square().sum().backward()
+        grads.append({k: p.grad for k, p in net.named_parameters()})
+    assert torch.equal(outputs[0], outputs[1]) and all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+    if v2:
+        qkv = ours.features[1][0].attn.qkv
+        assert not qkv.bias.grad[32:64].any() and qkv.bias.grad[:32].any()
+
+
+@pytest.mark.parametrize("family", ["swin", "swin_v2"])
+def test_a_pruned_swin_saves_and_loads_with_its_stand_ins(tmp_path, family):
+    model, x = build(family)
+    report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed
+    assert report.standins == ["features.1.0.attn", "features.1.1.attn", "features.2", "features.3.0.attn",
+                               "features.3.1.attn"]  # fmt: skip
+    assert model.features[0][0].out_channels < 32  # the residual stream shrank
+    regrow.save(model, tmp_path / "swin")
+    loaded = regrow.load(tmp_path / "swin", FAMILIES[family][0]).eval()
+    assert type(loaded.features[1][0].attn) is type(model.features[1][0].attn)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+    def converted_already() -> nn.Module:
+        fresh = FAMILIES[family][0]()
+        convert_windows(fresh)
+        return fresh
+
+    with torch.no_grad():
+        assert torch.equal(regrow.load(tmp_path / "swin", converted_already).eval()(x), model(x))
+
+    def another_model() -> nn.Module:
+        other = _swin()
+        other.features[1][0].attn = nn.Identity()
+        return other
+
+    message = r"expects regrow's WindowAttention at 'features.1.0.attn', .* but the factory's model has Identity"
+    with pytest.raises(regrow.RegrowError, match=message):
+        regrow.load(tmp_path / "swin", another_model)
+
+
+def test_a_failed_prune_hands_torchvisions_swin_modules_back(monkeypatch):
+    import regrow.structural as structural
+
+    model, x = build("swin")
+    modules, real_compare = dict(model.named_modules()), structural.compare
+
+    def compare(shrunk, *args, **kwargs):  # the probes (on copies) pass; the check of the model itself fails
+        eq = real_compare(shrunk, *args, **kwargs)
+        return type(eq)(**{**eq.__dict__, "passed": shrunk is not model})
+
+    monkeypatch.setattr(structural, "compare", compare)
+    with pytest.raises(regrow.RegrowError, match="equivalence check failed"):
+        regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x)
+    assert all(m is modules[name] for name, m in model.named_modules())
+    assert type(model.features[1][0].attn).__name__ == "ShiftedWindowAttention"
+    assert type(model.features[2]).__name__ == "PatchMerging"

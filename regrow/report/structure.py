@@ -34,6 +34,12 @@ def _structure(spec: dict[str, Any]) -> list[str]:
             f"nn.MultiheadAttention replaced by regrow's equivalent with prunable heads at: "
             f"{', '.join(f'`{n}`' for n in structure['converted_attention'])} (arch.json records it)."
         )
+    if structure.get("standins"):
+        out.append(
+            "torchvision Swin modules replaced by regrow's stand-ins, which compute the same outputs with layers "
+            f"channel pruning can follow, at: {', '.join(f'`{n}`' for n in structure['standins'])} (arch.json "
+            "records it)."
+        )
     out.append("")
     out.append(_groups_table(structure["groups"]))
     for w in structure.get("warnings", []):

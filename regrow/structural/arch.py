@@ -3,15 +3,17 @@
 ``arch.json`` describes every module of the model: its class, its public scalar attributes
 (``in_channels``, ``normalized_shape``, ``num_heads``, ...) and the shape and dtype of each parameter and
 buffer. :func:`load` builds a fresh instance of the original architecture with ``factory()``, swaps in
-regrow's attention where the saved model had it, gives every module the recorded attributes and tensor
-shapes, then loads the weights from safetensors. Nothing is unpickled at any point.
+regrow's attention and its stand-ins for torchvision's Swin modules where the saved model had them, gives
+every module the recorded attributes and tensor shapes, then loads the weights from safetensors. Nothing is
+unpickled at any point.
 
 ``arch.json`` is data, and :func:`load` checks it against a schema before anything is changed: at most
 ``MAX_BYTES`` and ``MAX_DEPTH`` levels of nesting; each module's class is the class of the factory's module
-of that name (or regrow's attention in place of ``nn.MultiheadAttention``); attributes are public ones the
-factory's module already holds as plain values (numbers, strings, booleans, ``None``, lists, tuples and
-sets of those), never ``_``-names, ``forward`` or ``training``; tensors have shapes of non-negative ints and
-a dtype from ``DTYPES``. Anything else is refused with a :class:`RegrowError` naming the entry.
+of that name (or regrow's attention in place of ``nn.MultiheadAttention``, its stand-in in place of a Swin
+module); attributes are public ones the factory's module already holds as plain values (numbers, strings,
+booleans, ``None``, lists, tuples and sets of those), never ``_``-names, ``forward`` or ``training``; tensors
+have shapes of non-negative ints and a dtype from ``DTYPES``. Anything else is refused with a
+:class:`RegrowError` naming the entry.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from regrow.errors import RegrowError
 from regrow.export import load_weights, save_weights
 from regrow.io import atomic_write_text
 from regrow.structural.attention import MultiheadAttention, set_submodule
+from regrow.structural.windows import STANDINS, standin_for
 
 FORMAT = "regrow.arch"
 VERSION = 1
@@ -153,16 +156,9 @@ def apply(model: nn.Module, arch: dict[str, Any]) -> nn.Module:
     check_schema(arch)
     entries = arch["modules"]
     ties = tied_parameters(model)  # the factory ties them; reshaping below replaces each on its own
-    # 1. Swap in regrow's attention where the saved model had it.
+    # 1. Swap in regrow's modules where the saved model had them.
     for name, entry in entries.items():
-        if entry["class"] == _class_name(MultiheadAttention):
-            current = _get(model, name)
-            if isinstance(current, nn.MultiheadAttention):
-                set_submodule(model, name, MultiheadAttention.from_torch(current))
-            elif not isinstance(current, MultiheadAttention):
-                raise RegrowError(
-                    f"arch.json expects attention at {name!r} but the factory's model has {type(current).__name__}."
-                )
+        _swap_in(model, name, entry["class"])
     present = dict(model.named_modules())
     missing = sorted(set(entries) - set(present))
     if missing:
@@ -286,7 +282,8 @@ def _check_against(module: nn.Module, name: str, entry: dict[str, Any]) -> None:
         raise _refuse(
             name,
             f"its class is {entry['class']!r}, but the factory's model has {_class_name(module)} there "
-            "(allowed: the class of the factory's module, or regrow's MultiheadAttention for torch's)",
+            "(allowed: the class of the factory's module, regrow's MultiheadAttention for torch's, or regrow's "
+            "stand-in for a torchvision Swin module)",
         )
     settable = sorted(
         k
@@ -316,6 +313,32 @@ def _dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise RegrowError(f"arch.json records an unknown dtype {name!r}; it was not written by regrow.save.")
     return dtype
+
+
+def _swap_in(model: nn.Module, name: str, recorded: str) -> None:
+    """Put regrow's module at ``name`` when arch.json records one there (its attention for
+    ``nn.MultiheadAttention``, a stand-in for a torchvision Swin module) and the factory built the original.
+    The model itself is never swapped (pruning does not swap it either); a class mismatch there is refused later."""
+    if not name:
+        return
+    if recorded == _class_name(MultiheadAttention):
+        current = _get(model, name)
+        if isinstance(current, nn.MultiheadAttention):
+            set_submodule(model, name, MultiheadAttention.from_torch(current))
+        elif not isinstance(current, MultiheadAttention):
+            raise RegrowError(
+                f"arch.json expects attention at {name!r} but the factory's model has {type(current).__name__}."
+            )
+    elif recorded in {_class_name(c) for c in STANDINS.values()}:
+        current = _get(model, name)
+        standin = standin_for(current)
+        if standin is not None and _class_name(standin) == recorded:
+            set_submodule(model, name, standin(current).train(current.training))
+        elif _class_name(current) != recorded:
+            raise RegrowError(
+                f"arch.json expects regrow's {recorded.rsplit('.', 1)[-1]} at {name!r}, a stand-in for a torchvision "
+                f"Swin module, but the factory's model has {type(current).__name__} there."
+            )
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:

@@ -221,7 +221,7 @@ def convert_attention(model: nn.Module, skip: Sequence[str] = ()) -> list[str]:
     """Replace every ``nn.MultiheadAttention`` of ``model`` (but those in ``skip``) in place; returns their names."""
     converted = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.MultiheadAttention) and name not in skip:
+        if isinstance(module, nn.MultiheadAttention) and name and name not in skip:  # the root has no parent
             set_submodule(model, name, MultiheadAttention.from_torch(module))
             converted.append(name)
     return converted

@@ -365,6 +365,7 @@ def _report(
         groups=group_rows,
         equivalence=eq,
         converted_attention=prepared.converted,
+        standins=prepared.standins,
         evaluations=choice.evaluations,
         warnings=warnings_list,
         recalibrated_batches=recalibrated,

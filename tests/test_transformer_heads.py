@@ -186,3 +186,22 @@ def test_gpt2_heads_and_ffn_channels_in_one_call():
     for block in model.transformer.h:
         assert block.mlp.c_fc.nf == block.mlp.c_fc.weight.shape[1] == block.mlp.c_proj.weight.shape[0] < 128
     assert model(ids).logits.shape == (2, 8, 64)
+
+
+def test_per_head_tensors_keep_the_entries_of_the_heads_that_stay():
+    # Swin's relative position bias table (one column per head), V2's logit scale (one row per head) and the
+    # last layer of its bias MLP (one output per head) lose exactly the removed head's entries.
+    attn = torch.nn.Module()
+    attn.num_heads = 3
+    attn.qkv, attn.proj = torch.nn.Linear(6, 18), torch.nn.Linear(6, 6)
+    attn.relative_position_bias_table = torch.nn.Parameter(torch.arange(12.0).view(4, 3))
+    attn.logit_scale = torch.nn.Parameter(torch.arange(3.0).view(3, 1, 1))
+    attn.cpb_mlp = torch.nn.Sequential(torch.nn.Linear(2, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3, bias=False))
+    rows = attn.cpb_mlp[2].weight.detach().clone()
+    g = head_group("", attn, attn)
+    assert (g.heads, g.head_dim, g.excluded) == (3, 2, None)
+    g.apply(attn, [1])
+    assert attn.num_heads == 2 and attn.qkv.out_features == 12 and attn.proj.in_features == 4
+    assert attn.relative_position_bias_table.tolist() == [[0, 2], [3, 5], [6, 8], [9, 11]]
+    assert attn.logit_scale.flatten().tolist() == [0, 2]
+    assert torch.equal(attn.cpb_mlp[2].weight, rows[[0, 2]]) and attn.cpb_mlp[2].out_features == 2

@@ -249,3 +249,20 @@ def test_a_grouped_conv_left_with_one_channel_per_group_keeps_its_groups():
     report = regrow.structural.shrink(model, pattern="channel", sparsity=0.75, scope="layer", example_inputs=x)
     assert (model.grouped.in_channels, model.grouped.out_channels, model.grouped.groups) == (4, 4, 4)
     assert report.equivalence.passed
+
+
+def test_swin_loses_whole_heads_with_their_relative_position_bias():
+    # Was: the bias table kept a column per old head and broadcast the attention back to the old head count
+    # ("mat1 and mat2 shapes cannot be multiplied"); every Swin attention was left out of pattern "head".
+    model, x = build("swin")
+    kwargs = {"pattern": "head", "sparsity": 0.5, "scope": "layer", "example_inputs": x, "keep_dense": False}
+    report = regrow.prune(model, **kwargs).structure
+    left_out = {g["name"]: g["excluded"] for g in report.groups if g["excluded"]}
+    assert report.equivalence.passed and left_out == dict.fromkeys(
+        ["layers.0.blocks.0.attn", "layers.0.blocks.1.attn"], "it has a single head"
+    )
+    attn = model.layers[2].blocks[0].attn  # a 4x4 map, one window of 4: a table of 7x7 offsets, 4 heads of 32
+    assert attn.num_heads == 2 and attn.qkv.out_features == 3 * 2 * 32 and attn.proj.in_features == 2 * 32
+    assert attn.relative_position_bias_table.shape == (7 * 7, 2)
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)

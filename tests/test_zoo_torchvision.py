@@ -190,6 +190,22 @@ def test_a_pruned_swin_saves_and_loads_with_its_stand_ins(tmp_path, family):
         regrow.load(tmp_path / "swin", another_model)
 
 
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+def test_swin_heads_go_with_their_bias_table_logit_scale_and_bias_mlp_rows(v2):
+    torch.manual_seed(0)
+    model, x = _swin(v2).eval(), torch.randn(2, 3, 64, 64)
+    kwargs = {"pattern": "head", "sparsity": 0.5, "scope": "layer", "example_inputs": x, "keep_dense": False}
+    report = regrow.prune(model, **kwargs).structure
+    assert report.equivalence.passed and not [g for g in report.groups if g["excluded"]]
+    assert report.units_removed == 2 * 1 + 2 * 2
+    attn = model.features[3][0].attn
+    assert attn.num_heads == 2 and attn.qkv.out_features == 3 * 2 * 16 and attn.proj.in_features == 32
+    if v2:
+        assert attn.logit_scale.shape == (2, 1, 1) and attn.cpb_mlp[2].out_features == 2
+    else:
+        assert attn.relative_position_bias_table.shape == (7 * 7, 2)
+
+
 def test_a_failed_prune_hands_torchvisions_swin_modules_back(monkeypatch):
     import regrow.structural as structural
 

@@ -12,7 +12,9 @@ Two kinds of attention module are understood:
   ``wq``..., ``q_lin``...), and an output projection (``proj``, ``out_proj``, ``o_proj``, ``o``, ``out``,
   ``wo``, ``c_proj``, ``out_lin``, ``dense``), or — the Hugging Face BERT layout — ``output.dense`` of its
   parent. Removing a head slices those layers and lowers the head count; any other integer attribute
-  equal to the old inner width (e.g. ``all_head_size``) is updated too.
+  equal to the old inner width (e.g. ``all_head_size``) is updated too, and so are per-head tensors of the
+  module (``PER_HEAD``: Swin's relative position bias table, Swin V2's logit scale and the last layer of its
+  position-bias MLP).
 
 With grouped-query attention (k and v narrower than q: each key/value head serves ``kv_group`` query heads)
 the unit removed is a key/value head together with its query heads, so the grouping stays as the module
@@ -39,6 +41,10 @@ SEPARATE = (
     ("q_lin", "k_lin", "v_lin"),
 )
 OUTPUT = ("proj", "out_proj", "o_proj", "o", "out", "wo", "c_proj", "out_lin", "dense")
+# Parameters with one entry per head along a dim (Swin's relative position bias table, Swin V2's logit scale),
+# and a child MLP whose last Linear outputs one value per head (Swin V2's position-bias MLP).
+PER_HEAD = {"relative_position_bias_table": -1, "logit_scale": 0}
+PER_HEAD_MLP = ("cpb_mlp",)
 
 
 @dataclass
@@ -121,6 +127,7 @@ class HeadGroup:
         out = self._child(model, "out")
         keep = self._rows(queries, 1, out.weight.device)
         _keep_columns(out, keep)
+        _keep_per_head(module, self.heads, queries)
         for attr, value in list(vars(module).items()):
             if attr in HEAD_ATTRS and isinstance(value, int):
                 setattr(module, attr, value - len(queries))
@@ -144,6 +151,21 @@ class HeadGroup:
             weight[rows] = 0
             if layer.bias is not None:
                 layer.bias[rows] = 0
+
+
+def _keep_per_head(module: nn.Module, heads: int, removed: list[int]) -> None:
+    """Slice the module's per-head tensors (``PER_HEAD``, ``PER_HEAD_MLP``) to the heads that stay."""
+    for name, dim in PER_HEAD.items():
+        param = module._parameters.get(name)
+        if param is not None and param.dim() > 0 and param.shape[dim] == heads:
+            keep = keep_index(heads, 1, removed, param.device)
+            kept = param.index_select(dim % param.dim(), keep).contiguous()
+            setattr(module, name, nn.Parameter(kept, requires_grad=param.requires_grad))
+    for name in PER_HEAD_MLP:
+        mlp = getattr(module, name, None)
+        last = [m for m in mlp.modules() if isinstance(m, nn.Linear)][-1:] if isinstance(mlp, nn.Module) else []
+        if last and last[0].out_features == heads:
+            _keep_rows(last[0], keep_index(heads, 1, removed, last[0].weight.device))
 
 
 def _width(attr: str) -> bool:

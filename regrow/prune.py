@@ -215,6 +215,7 @@ def prune(
     recalibrate: bool = True,
     calibration: Calibration | dict[str, Any] | None = None,
     within: str | None = None,
+    progress: bool = True,
 ) -> MaskSet:
     """Prune ``model`` in place and return the keep-masks.
 
@@ -246,6 +247,7 @@ def prune(
             al. 2020); relative per-target (structural: per-group) sparsities (``regrow.allocate``), scaled to fit.
         calibration, within: wanda / sparsegpt settings (``Calibration`` or a dict); structural: a submodule (e.g.
             ``"encoder"``): only it is pruned, and the budget counts only it.
+        progress: wanda / sparsegpt: a bar over the layers as they are calibrated (on a terminal only).
 
     Returns:
         The :class:`MaskSet` (True = kept), with the spec used and the dense copy. Structural patterns
@@ -260,7 +262,7 @@ def prune(
         0.75
     """
     if isinstance(pattern, str) and pattern in STRUCTURAL:  # locals(): so far exactly the arguments
-        options = {k: v for k, v in locals().items() if k not in ("model", "keep_dense", "max_sparsity")}
+        options = {k: v for k, v in locals().items() if k not in ("model", "keep_dense", "max_sparsity", "progress")}
         cap = {} if max_sparsity is None else {"max_sparsity": max_sparsity}  # default: shrink's
         return structural_masks(model, dense=frozen_copy(model) if keep_dense else None, **options, **cap)
     request = (sparsity, threshold, pattern, criterion, scope, targets, ignore, allocation, max_sparsity, calibration)
@@ -270,7 +272,7 @@ def prune(
     _warn_if_pruned_before(model, spec.targets)
     dense = frozen_copy(model) if keep_dense else None
     with _restored_on_error(model, spec.targets if is_calibrated(spec.criterion) else []):
-        masks = MaskSet(compute_masks(model, spec, data, progress=True), spec=spec, dense=dense)
+        masks = MaskSet(compute_masks(model, spec, data, progress=progress), spec=spec, dense=dense)
     masks.apply(model)
     return masks
 

@@ -552,3 +552,17 @@ def test_an_uneven_earlier_mask_is_not_pruned_past_the_request(scope):
     else:
         forced_rows = (~earlier).sum(1)
         assert (~keep).sum(1).tolist() == torch.maximum(forced_rows, torch.tensor(32)).tolist()  # exactly that
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_calibration_bar_can_be_turned_off(monkeypatch, progress):
+    shown = []
+    real_bar = calibration.bar
+
+    def bar(iterable, desc, *, enabled=True, total=None):
+        shown.append((desc, enabled))
+        return real_bar(iterable, desc, enabled=enabled, total=total)
+
+    monkeypatch.setattr(calibration, "bar", bar)
+    regrow.prune(one_linear(W4), 0.5, criterion="wanda", targets="0.weight", data=as_batches(X4), progress=progress)
+    assert shown == [("calibrating", progress)]

@@ -3,9 +3,10 @@
 The same check as the timm zoo (tests/test_zoo.py) on the other library users bring: where the two libraries
 write a family differently (torch's ``nn.MultiheadAttention`` in torchvision's ViT and a width it stores for a
 reshape, ConvNeXt's ``Permute`` and layer scale of shape (C, 1, 1), ``SqueezeExcitation`` from torchvision.ops,
-``StochasticDepth``, Inception branches concatenated), the structure regrow finds differs too. torchvision's
-compiled operators need CUDA libraries here; its model code is imported without them
-(conftest.import_torchvision_models). Small inputs, and fewer blocks where the constructor allows it.
+``StochasticDepth``, Inception branches concatenated, Swin's and MaxViT's attention computed through regrow's
+stand-ins), the structure regrow finds differs too. torchvision's compiled operators need CUDA libraries here;
+its model code is imported without them (conftest.import_torchvision_models). Small inputs, and fewer blocks
+where the constructor allows it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def _swin(v2: bool = False, **kwargs) -> nn.Module:  # swin_t's layout (v2: swin
     return st.SwinTransformer(**{**shape, **blocks, "num_classes": 10, **kwargs})
 
 
+def _maxvit() -> nn.Module:  # maxvit_t's layout, small, 64x64 px: window and grid attention in each block
+    shape = {"stem_channels": 16, "partition_size": 4, "block_channels": [32, 64], "block_layers": [1, 1]}
+    return models.MaxVit(input_size=(64, 64), head_dim=16, stochastic_depth_prob=0.0, num_classes=10, **shape)
+
+
 # family: (constructor, input size); each builds in well under a second
 FAMILIES = {
     "resnet50": (lambda: models.resnet50(num_classes=10), 64),  # the issue's failing model, full depth
@@ -64,6 +70,7 @@ FAMILIES = {
     "vit_conv_stem": (lambda: _vit(conv_stem=True), 32),  # hidden_dim follows the stem's last convolution
     "swin": (_swin, 64),  # attention and patch merging through regrow's stand-ins (regrow.structural.windows)
     "swin_v2": (lambda: _swin(v2=True), 64),
+    "maxvit": (_maxvit, 64),  # its attention through regrow's stand-in (matmul for einsum, its own inner width)
 }
 BENIGN = ("not a target", "its channels are the model's output", "inside attention")
 
@@ -158,17 +165,23 @@ def test_the_swin_stand_ins_compute_torchvisions_outputs_to_the_bit(v2, size):
         assert not qkv.bias.grad[32:64].any() and qkv.bias.grad[:32].any()
 
 
-@pytest.mark.parametrize("family", ["swin", "swin_v2"])
-def test_a_pruned_swin_saves_and_loads_with_its_stand_ins(tmp_path, family):
+SWIN_STANDINS = ["features.1.0.attn", "features.1.1.attn", "features.2", "features.3.0.attn", "features.3.1.attn"]
+MAXVIT_STANDINS = [
+    f"blocks.{block}.layers.0.layers.{kind}_attention.attn_layer.1" for block in (0, 1) for kind in ("window", "grid")
+]
+
+
+@pytest.mark.parametrize("family", ["swin", "swin_v2", "maxvit"])
+def test_a_pruned_model_saves_and_loads_with_its_stand_ins(tmp_path, family):
     model, x = build(family)
     report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
     assert report.equivalence.passed
-    assert report.standins == ["features.1.0.attn", "features.1.1.attn", "features.2", "features.3.0.attn",
-                               "features.3.1.attn"]  # fmt: skip
-    assert model.features[0][0].out_channels < 32  # the residual stream shrank
+    assert report.standins == (MAXVIT_STANDINS if family == "maxvit" else SWIN_STANDINS)
+    first = model.get_submodule(report.standins[0])
+    assert first.merge.out_features < 32 if family == "maxvit" else first.proj.out_features < 32  # residual cut
     regrow.save(model, tmp_path / "swin")
     loaded = regrow.load(tmp_path / "swin", FAMILIES[family][0]).eval()
-    assert type(loaded.features[1][0].attn) is type(model.features[1][0].attn)
+    assert type(loaded.get_submodule(report.standins[0])) is type(first)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
 
@@ -181,11 +194,12 @@ def test_a_pruned_swin_saves_and_loads_with_its_stand_ins(tmp_path, family):
         assert torch.equal(regrow.load(tmp_path / "swin", converted_already).eval()(x), model(x))
 
     def another_model() -> nn.Module:
-        other = _swin()
-        other.features[1][0].attn = nn.Identity()
+        other = FAMILIES[family][0]()
+        parent, _, child = report.standins[0].rpartition(".")
+        setattr(other.get_submodule(parent), child, nn.Identity())
         return other
 
-    message = r"expects regrow's WindowAttention at 'features.1.0.attn', .* but the factory's model has Identity"
+    message = rf"expects regrow's {type(first).__name__} at '{report.standins[0]}', .* the factory's model has Identity"
     with pytest.raises(regrow.RegrowError, match=message):
         regrow.load(tmp_path / "swin", another_model)
 
@@ -222,3 +236,32 @@ def test_a_failed_prune_hands_torchvisions_swin_modules_back(monkeypatch):
     assert all(m is modules[name] for name, m in model.named_modules())
     assert type(model.features[1][0].attn).__name__ == "ShiftedWindowAttention"
     assert type(model.features[2]).__name__ == "PatchMerging"
+
+
+def test_the_maxvit_stand_in_computes_torchvisions_outputs_to_the_bit():
+    torch.manual_seed(0)
+    model = _maxvit().eval()
+    ours = copy.deepcopy(model)
+    assert len(convert_windows(ours)) == 4 and ours.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), model(x))
+    model.train(), ours.train()
+    grads = []
+    for net in (model, ours):
+        net(x).square().sum().backward()
+        grads.append({k: p.grad for k, p in net.named_parameters()})
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+
+
+def test_maxvit_heads_go_with_their_bias_table():
+    model, x = build("maxvit")
+    kwargs = {"pattern": "head", "sparsity": 0.5, "scope": "layer", "example_inputs": x, "keep_dense": False}
+    report = regrow.prune(model, **kwargs).structure
+    pruned = {g["name"]: g["excluded"] for g in report.groups if g["name"].endswith("attn_layer.1")}
+    assert report.equivalence.passed and len(pruned) == 4 and not any(pruned.values())
+    attn = model.blocks[1].layers[0].layers.window_attention.attn_layer[1]
+    assert attn.n_heads == 2 and attn.to_qkv.out_features == 3 * 2 * 16 and attn.merge.in_features == 32
+    assert attn.relative_position_bias_table.shape == (7 * 7, 2)
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)

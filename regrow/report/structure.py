@@ -36,9 +36,9 @@ def _structure(spec: dict[str, Any]) -> list[str]:
         )
     if structure.get("standins"):
         out.append(
-            "torchvision Swin modules replaced by regrow's stand-ins, which compute the same outputs with layers "
-            f"channel pruning can follow, at: {', '.join(f'`{n}`' for n in structure['standins'])} (arch.json "
-            "records it)."
+            "torchvision Swin / MaxViT modules replaced by regrow's stand-ins, which compute the same outputs with "
+            f"layers channel pruning can follow, at: {', '.join(f'`{n}`' for n in structure['standins'])} "
+            "(arch.json records it)."
         )
     out.append("")
     out.append(_groups_table(structure["groups"]))

@@ -3,7 +3,8 @@
 ``shrink`` is what ``regrow.prune(model, pattern="channel" | "head" | "channel+head", ...)`` runs:
 
 1. every ``nn.MultiheadAttention`` is swapped for regrow's equivalent with prunable heads, and torchvision's
-   Swin attention and patch merging for stand-ins that channel pruning can follow (regrow.structural.windows);
+   Swin and MaxViT attention and Swin's patch merging for stand-ins that channel pruning can follow
+   (regrow.structural.windows);
 2. the coupled groups are found (channels: torch-pruning's dependency graph, with regrow's corrections for
    channels-last layouts and its units of channels that can only go together; heads: attention modules);
 3. the groups are probed: a few units of each are removed on a copy and checked against the simulation
@@ -223,7 +224,7 @@ def shrink(
 
     When it raises (a budget that cannot be met, targets that match nothing, a failed equivalence check),
     ``model`` is handed back as it came, as the same objects: its modules (``nn.MultiheadAttention``
-    and Swin modules included), parameters, buffers, hooks and train/eval mode.
+    and Swin / MaxViT modules included), parameters, buffers, hooks and train/eval mode.
     """
     _check_options(pattern, criterion, round_to)
     kind, target = check_structural_budget(sparsity, macs, params, threshold, latency)

@@ -32,7 +32,7 @@ from regrow.select import is_transposed_linear
 from regrow.structural.attention import MultiheadAttention, keep_index
 from regrow.structural.graph import HEAD_ATTRS, head_count
 
-FUSED = ("qkv", "in_proj", "c_attn", "Wqkv", "qkv_proj")
+FUSED = ("qkv", "in_proj", "c_attn", "Wqkv", "qkv_proj", "to_qkv")
 SEPARATE = (
     ("q", "k", "v"),
     ("q_proj", "k_proj", "v_proj"),
@@ -40,7 +40,7 @@ SEPARATE = (
     ("wq", "wk", "wv"),
     ("q_lin", "k_lin", "v_lin"),
 )
-OUTPUT = ("proj", "out_proj", "o_proj", "o", "out", "wo", "c_proj", "out_lin", "dense")
+OUTPUT = ("proj", "out_proj", "o_proj", "o", "out", "wo", "c_proj", "out_lin", "dense", "merge")
 # Parameters with one entry per head along a dim (Swin's relative position bias table, Swin V2's logit scale),
 # and a child MLP whose last Linear outputs one value per head (Swin V2's position-bias MLP).
 PER_HEAD = {"relative_position_bias_table": -1, "logit_scale": 0}

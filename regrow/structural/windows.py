@@ -1,14 +1,18 @@
-"""Stand-ins for torchvision's Swin modules, written so that channel pruning can follow them.
+"""Stand-ins for torchvision's windowed attention (Swin, MaxViT), written so that channel pruning can follow it.
 
 torchvision's ``ShiftedWindowAttention`` (and its V2) calls its ``qkv`` and ``proj`` weights through
 ``F.linear``: torch-pruning then sees no layers there, only loose parameters, and grouping a ``swin_t`` runs
 past regrow's time limit. It also ties the attention's inner width to the width of its input
 (``C // num_heads`` per head), so a narrower residual stream would break it. Its ``PatchMerging`` gathers 2x2
-patches with four strided slices concatenated on the channels, which torch-pruning cannot map.
+patches with four strided slices concatenated on the channels, which torch-pruning cannot map. MaxViT's
+``RelativePositionalMultiHeadAttention`` also ties its inner width to its input's (``reshape(B, G, P, D)``), and its
+``einsum`` products, traced, tie the heads into every residual group: grouping a small MaxViT did not end.
 
 :class:`WindowAttention` and :class:`PatchMerging` compute the same functions, with the same operations in
 the same order (outputs equal to the bit; the tests check), but call their layers as modules, read the head
-width from ``qkv``, and gather patches with one reshape (timm's form, which regrow's tracing follows). Every
+width from ``qkv``, and gather patches with one reshape (timm's form, which regrow's tracing follows).
+:class:`RelativeAttention` computes MaxViT's attention with ``matmul`` where torchvision calls ``einsum`` (the
+same products; equal to the bit on the CPU in the tests) and its output width from ``merge``. Every
 parameter and buffer keeps its name, so state dicts load either way. :func:`convert_windows` swaps them in;
 ``arch.json`` records the swap, and :func:`regrow.structural.arch.apply` makes it again on load. torchvision
 is never imported: its classes are recognised by name.
@@ -31,6 +35,7 @@ from torch.func import functional_call
 from regrow.structural.attention import set_submodule
 
 TORCHVISION = "torchvision.models.swin_transformer."
+MAXVIT = "torchvision.models.maxvit."
 
 
 class WindowAttention(nn.Module):
@@ -139,11 +144,43 @@ class PatchMerging(nn.Module):
         return self.norm(self.reduction(x)) if self.v2 else self.reduction(self.norm(x))
 
 
+class RelativeAttention(nn.Module):
+    """torchvision's MaxViT ``RelativePositionalMultiHeadAttention``, with ``matmul`` for its ``einsum`` and an
+    inner width of its own."""
+
+    def __init__(self, source: nn.Module) -> None:
+        super().__init__()
+        self.n_heads = int(source.n_heads)
+        self.head_dim = int(source.head_dim)
+        self.size = int(source.size)
+        self.max_seq_len = int(source.max_seq_len)
+        self.scale_factor = float(source.scale_factor)  # torchvision scales by the input width, kept as it was
+        self.to_qkv = source.to_qkv
+        self.merge = source.merge
+        self.relative_position_bias_table = source.relative_position_bias_table
+        self.register_buffer("relative_position_index", source.relative_position_index)
+
+    def relative_position_bias(self) -> Tensor:
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(self.max_seq_len, self.max_seq_len, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, g, p, _ = x.shape
+        q, k, v = (
+            t.reshape(b, g, p, self.n_heads, self.head_dim).permute(0, 1, 3, 2, 4)
+            for t in torch.chunk(self.to_qkv(x), 3, dim=-1)
+        )
+        scores = q.matmul((k * self.scale_factor).transpose(-2, -1))
+        attn = F.softmax(scores + self.relative_position_bias(), dim=-1)
+        return self.merge(attn.matmul(v).permute(0, 1, 3, 2, 4).reshape(b, g, p, -1))
+
+
 STANDINS: dict[str, type[nn.Module]] = {
     TORCHVISION + "ShiftedWindowAttention": WindowAttention,
     TORCHVISION + "ShiftedWindowAttentionV2": WindowAttention,
     TORCHVISION + "PatchMerging": PatchMerging,
     TORCHVISION + "PatchMergingV2": PatchMerging,
+    MAXVIT + "RelativePositionalMultiHeadAttention": RelativeAttention,
 }
 
 
@@ -154,11 +191,12 @@ def standin_for(module: nn.Module) -> type[nn.Module] | None:
 
 
 def convert_windows(model: nn.Module) -> list[str]:
-    """Swap regrow's stand-ins in for torchvision's Swin modules of ``model``, in place; returns their names."""
+    """Swap regrow's stand-ins in for torchvision's Swin and MaxViT modules of ``model``, in place; returns their
+    names."""
     converted = []
     for name, module in list(model.named_modules()):
         standin = standin_for(module)
-        if standin is not None and name:  # a bare Swin module as the model has no parent to hold its stand-in
+        if standin is not None and name:  # the model itself has no parent to hold its stand-in
             replacement = standin(module).train(module.training)
             set_submodule(model, name, replacement)
             converted.append(name)

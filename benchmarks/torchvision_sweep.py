@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -91,12 +92,14 @@ def _run(name: str, copy: Path, limit: int) -> dict[str, Any]:
             return json.loads(done.stdout.splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
             return {"model": name, "size": _size(name), "error": "the child printed no result"}
-    # A Python failure ends stderr with "Type: message"; a process killed (out of memory) ends with whatever it
-    # printed last, so then only its signal is reported.
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    raised = done.returncode == 1 and lines and "Error" in lines[-1].split(":")[0]
-    error = lines[-1].removeprefix("regrow.errors.") if raised else f"the process ended with code {done.returncode}"
-    return {"model": name, "size": _size(name), "error": error[:600]}
+    # A Python failure prints "Type: message" after its traceback (a message may run over several lines); a process
+    # killed (out of memory) ends with whatever it printed last, so then only its exit code is reported.
+    raised = [m for m in re.finditer(r"^[\w.]*(Error|Exception): .*", done.stderr, re.MULTILINE)]
+    if done.returncode == 1 and raised:
+        error = done.stderr[raised[-1].start() :].removeprefix("regrow.errors.")
+    else:
+        error = f"the process ended with code {done.returncode}"
+    return {"model": name, "size": _size(name), "error": " ".join(error.split())[:600]}
 
 
 def _cell(text: Any) -> str:

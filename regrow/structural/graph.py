@@ -375,5 +375,7 @@ def is_attention(module: nn.Module) -> bool:
 
 
 def find_attention(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules that hold attention heads (``is_attention``)."""
-    return {name: module for name, module in model.named_modules() if is_attention(module)}
+    """Modules that hold attention heads (``is_attention``); of nested ones only the innermost, which computes the
+    heads (torchvision's MaxViT stores ``n_heads`` on the layer around its attention too)."""
+    found = {name: module for name, module in model.named_modules() if is_attention(module)}
+    return {n: m for n, m in found.items() if not any(o != n and o.startswith(f"{n}." if n else "") for o in found)}

@@ -245,14 +245,12 @@ def prune(
             on the measured latency (the fraction to keep, within 5 %).
         recalibrate, allocation: structural: re-estimate BatchNorm statistics on a few batches of ``data`` (Li et
             al. 2020); relative per-target (structural: per-group) sparsities (``regrow.allocate``), scaled to fit.
-        calibration, within: wanda / sparsegpt settings (``Calibration`` or a dict); structural: a submodule (e.g.
-            ``"encoder"``): only it is pruned, and the budget counts only it.
-        progress: wanda / sparsegpt: a bar over the layers as they are calibrated (on a terminal only).
+        calibration, progress, within: wanda / sparsegpt settings (``Calibration`` or a dict) and a bar over the
+            layers (on a terminal); structural: a submodule (e.g. ``"encoder"``), the only part pruned and counted.
 
     Returns:
-        The :class:`MaskSet` (True = kept), with the spec used and the dense copy. Structural patterns
-        shrink the model instead: their MaskSet has no masks and carries the
-        :class:`~regrow.structural.StructureReport` in ``.structure``.
+        The :class:`MaskSet` (True = kept), with the spec used and the dense copy. Structural patterns shrink the
+        model instead: their MaskSet has no masks and carries the ``StructureReport`` in ``.structure``.
 
     Example:
         >>> import torch, regrow

@@ -318,8 +318,8 @@ def _dtype(name: str) -> torch.dtype:
 def _swap_in(model: nn.Module, name: str, recorded: str) -> None:
     """Put regrow's module at ``name`` when arch.json records one there (its attention for
     ``nn.MultiheadAttention``, a stand-in for a torchvision Swin or MaxViT module) and the factory built the
-    original.
-    The model itself is never swapped (pruning does not swap it either); a class mismatch there is refused later."""
+    original. The model itself is never swapped (pruning does not swap it either); a class mismatch there is
+    refused later, by the schema check."""
     if not name:
         return
     if recorded == _class_name(MultiheadAttention):

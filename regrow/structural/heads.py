@@ -7,13 +7,14 @@ Two kinds of attention module are understood:
 * a custom module that declares its head count (``num_heads``, ``num_attention_heads``, ``n_heads`` or
   ``n_head``), or — Hugging Face's Llama family — an ``int`` ``head_dim`` and ``num_key_value_groups`` (the
   head count is then the query width over ``head_dim``), and owns its projections as ``nn.Linear`` (or
-  Hugging Face ``Conv1D``, GPT-2) children: a fused ``qkv`` (also ``in_proj``,
-  ``c_attn``, ``Wqkv``) or separate ``q``/``k``/``v`` (also ``q_proj``..., ``query``/``key``/``value``,
+  Hugging Face ``Conv1D``, GPT-2) children: a fused ``qkv`` (also ``in_proj``, ``c_attn``, ``Wqkv``,
+  ``qkv_proj``, ``to_qkv``) or separate ``q``/``k``/``v`` (also ``q_proj``..., ``query``/``key``/``value``,
   ``wq``..., ``q_lin``...), and an output projection (``proj``, ``out_proj``, ``o_proj``, ``o``, ``out``,
-  ``wo``, ``c_proj``, ``out_lin``, ``dense``), or — the Hugging Face BERT layout — ``output.dense`` of its
-  parent. Removing a head slices those layers and lowers the head count; any other integer attribute
-  equal to the old inner width (e.g. ``all_head_size``) is updated too, and so are per-head tensors of the
-  module (``PER_HEAD``: Swin's relative position bias table, Swin V2's logit scale and the last layer of its
+  ``wo``, ``c_proj``, ``out_lin``, ``dense``, ``merge``), or — the Hugging Face BERT layout — ``output.dense``
+  of its parent. Of nested modules that declare heads, only the innermost counts (``find_attention``).
+  Removing a head slices those layers and lowers the head count; any other integer attribute equal to the old
+  inner width (e.g. ``all_head_size``) is updated too, and so are per-head tensors of the module
+  (``PER_HEAD``: Swin's relative position bias table, Swin V2's logit scale and the last layer of its
   position-bias MLP).
 
 With grouped-query attention (k and v narrower than q: each key/value head serves ``kv_group`` query heads)

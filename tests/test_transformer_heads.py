@@ -205,3 +205,32 @@ def test_per_head_tensors_keep_the_entries_of_the_heads_that_stay():
     assert attn.relative_position_bias_table.tolist() == [[0, 2], [3, 5], [6, 8], [9, 11]]
     assert attn.logit_scale.flatten().tolist() == [0, 2]
     assert torch.equal(attn.cpb_mlp[2].weight, rows[[0, 2]]) and attn.cpb_mlp[2].out_features == 2
+
+
+class Logits(torch.nn.Module):
+    """A Hugging Face image classifier as a plain module: images in, logits out."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def test_hugging_face_swinv2_heads_go_with_their_logit_scale_and_position_bias_mlp_rows():
+    # Was: its MLP is called continuous_position_bias_mlp; with only the logit scale cut, the shrunk model differed
+    # from the simulation (by 8e-4) and both attention modules were left out.
+    torch.manual_seed(0)
+    config = transformers.Swinv2Config(
+        image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, num_labels=10
+    )
+    model = Logits(transformers.Swinv2ForImageClassification(config).eval())
+    x = torch.randn(2, 3, 32, 32)
+    kwargs = {"pattern": "head", "sparsity": 0.5, "scope": "layer", "example_inputs": x, "keep_dense": False}
+    report = regrow.prune(model, **kwargs).structure
+    assert report.equivalence.passed and report.units_removed == 1 + 2
+    assert not [g for g in report.groups if g["excluded"]]
+    attention = model.model.swinv2.encoder.layers[1].blocks[0].attention.self
+    assert attention.num_attention_heads == 2 and attention.logit_scale.shape == (2, 1, 1)
+    assert attention.continuous_position_bias_mlp[-1].out_features == 2

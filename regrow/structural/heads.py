@@ -43,9 +43,10 @@ SEPARATE = (
 )
 OUTPUT = ("proj", "out_proj", "o_proj", "o", "out", "wo", "c_proj", "out_lin", "dense", "merge")
 # Parameters with one entry per head along a dim (Swin's relative position bias table, Swin V2's logit scale),
-# and a child MLP whose last Linear outputs one value per head (Swin V2's position-bias MLP).
+# and a child MLP whose last Linear outputs one value per head (Swin V2's position-bias MLP: torchvision's and
+# timm's name, then Hugging Face's).
 PER_HEAD = {"relative_position_bias_table": -1, "logit_scale": 0}
-PER_HEAD_MLP = ("cpb_mlp",)
+PER_HEAD_MLP = ("cpb_mlp", "continuous_position_bias_mlp")
 
 
 @dataclass

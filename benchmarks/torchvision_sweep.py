@@ -28,6 +28,7 @@ import torch
 
 from benchmarks import torchvision_models
 from benchmarks.common import markdown_table, stamp, stamp_markdown
+from benchmarks.zoo import _random_classifier
 
 BUDGET, TOLERANCE = 0.5, 0.02
 BENIGN = ("not a target", "its channels are the model's output", "inside attention")
@@ -58,10 +59,7 @@ def one(name: str, copy: Path) -> dict[str, Any]:
     if name.startswith(("googlenet", "inception")):
         kwargs.update(aux_logits=False, init_weights=True)
     torch.manual_seed(0)
-    model = models.get_model(name, **kwargs).eval()
-    for layer in model.modules():  # torchvision's ViT starts its classifier at zero: the check would prove nothing
-        if isinstance(layer, torch.nn.Linear) and not layer.weight.any():
-            torch.nn.init.normal_(layer.weight, std=0.02)
+    model = _random_classifier(models.get_model(name, **kwargs).eval())  # ViT's zero head would prove nothing
     size = _size(name)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     start = time.perf_counter()

@@ -19,7 +19,7 @@ from torch import nn
 
 import regrow
 from conftest import import_torchvision_models
-from regrow.structural.windows import convert_windows
+from regrow.structural.standins import convert_standins
 
 models = import_torchvision_models()
 
@@ -71,8 +71,11 @@ FAMILIES = {
     "swin": (_swin, 64),  # attention and patch merging through regrow's stand-ins (regrow.structural.windows)
     "swin_v2": (lambda: _swin(v2=True), 64),
     "maxvit": (_maxvit, 64),  # its attention through regrow's stand-in (matmul for einsum, its own inner width)
+    "shufflenet": (lambda: models.shufflenet_v2_x0_5(num_classes=10), 64),  # its blocks through regrow's stand-in
 }
-BENIGN = ("not a target", "its channels are the model's output", "inside attention")
+# Left out by design: the classifier's outputs, attention's inner widths (pattern 'head' shrinks those) and the
+# channels that go through a ShuffleNet shuffle (regrow.structural.shuffle; the test below names each).
+BENIGN = ("not a target", "its channels are the model's output", "inside attention", "its channels go through the ch")
 
 
 def build(family: str) -> tuple[nn.Module, torch.Tensor]:
@@ -115,16 +118,21 @@ def test_the_vit_width_stored_for_a_reshape_follows_the_residual_stream(tmp_path
 
 
 def test_a_graph_torch_pruning_cannot_follow_is_named_as_such_and_the_model_is_left_as_it_was():
-    # ShuffleNet's channel shuffle: torch-pruning's reshape mapping divides by zero while grouping. The model
-    # itself runs, so "could not be traced ... it must run on the given example inputs" would mislead.
+    # shufflenet_v2_x0_5 built with a block class of the user's own: regrow does not know it, so torch-pruning meets
+    # the channel shuffle itself, and its reshape mapping divides by zero while grouping. The model runs, so
+    # "could not be traced ... it must run on the given example inputs" would mislead.
+    class Block(models.shufflenetv2.InvertedResidual):
+        pass
+
     torch.manual_seed(0)
-    model = models.shufflenet_v2_x0_5(num_classes=10).eval()
+    model = models.ShuffleNetV2([4, 8, 4], [24, 48, 96, 192, 1024], num_classes=10, inverted_residual=Block).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    message = r"torch-pruning could not follow .*ZeroDivisionError.*, in update_reshape_index_mapping\)"
+    message = r"torch-pruning could not follow .*ZeroDivisionError.*, in update_reshape_index_mapping\).*ShuffleNetV2"
     with pytest.raises(regrow.RegrowError, match=message):
         regrow.prune(model, pattern="channel", macs=0.5, example_inputs=torch.randn(2, 3, 32, 32))
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(type(m) is Block for m in (model.stage2[0], model.stage3[0], model.stage4[0]))
 
 
 def test_a_check_that_compared_only_zeros_says_it_proved_nothing():
@@ -146,7 +154,7 @@ def test_the_swin_stand_ins_compute_torchvisions_outputs_to_the_bit(v2, size):
     torch.manual_seed(0)
     model = _swin(v2, dropout=0.1, attention_dropout=0.1).eval()
     ours = copy.deepcopy(model)
-    swapped = convert_windows(ours)
+    swapped = convert_standins(ours)
     assert swapped == ["features.1.0.attn", "features.1.1.attn", "features.2", "features.3.0.attn", "features.3.1.attn"]
     assert type(ours.features[2]).__name__ == "PatchMerging" and ours.state_dict().keys() == model.state_dict().keys()
     x = torch.randn(2, 3, size, size)
@@ -171,14 +179,29 @@ MAXVIT_STANDINS = [
 ]
 
 
-@pytest.mark.parametrize("family", ["swin", "swin_v2", "maxvit"])
+SHUFFLENET_STANDINS = [f"stage{stage}.{block}" for stage, blocks in ((2, 4), (3, 8), (4, 4)) for block in range(blocks)]
+STANDINS = {
+    "swin": SWIN_STANDINS,
+    "swin_v2": SWIN_STANDINS,
+    "maxvit": MAXVIT_STANDINS,
+    "shufflenet": SHUFFLENET_STANDINS,
+}
+
+
+def _narrowed(module: nn.Module) -> bool:  # the stand-in itself was cut: its output, or ShuffleNet's inner width
+    if hasattr(module, "merge"):
+        return module.merge.out_features < 32
+    return module.proj.out_features < 32 if hasattr(module, "proj") else module.branch2[0].out_channels < 24
+
+
+@pytest.mark.parametrize("family", sorted(STANDINS))
 def test_a_pruned_model_saves_and_loads_with_its_stand_ins(tmp_path, family):
     model, x = build(family)
     report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
     assert report.equivalence.passed
-    assert report.standins == (MAXVIT_STANDINS if family == "maxvit" else SWIN_STANDINS)
+    assert report.standins == STANDINS[family]
     first = model.get_submodule(report.standins[0])
-    assert first.merge.out_features < 32 if family == "maxvit" else first.proj.out_features < 32  # residual cut
+    assert _narrowed(first)
     regrow.save(model, tmp_path / "swin")
     loaded = regrow.load(tmp_path / "swin", FAMILIES[family][0]).eval()
     assert type(loaded.get_submodule(report.standins[0])) is type(first)
@@ -187,7 +210,7 @@ def test_a_pruned_model_saves_and_loads_with_its_stand_ins(tmp_path, family):
 
     def converted_already() -> nn.Module:
         fresh = FAMILIES[family][0]()
-        convert_windows(fresh)
+        convert_standins(fresh)
         return fresh
 
     with torch.no_grad():
@@ -242,7 +265,7 @@ def test_the_maxvit_stand_in_computes_torchvisions_outputs_to_the_bit():
     torch.manual_seed(0)
     model = _maxvit().eval()
     ours = copy.deepcopy(model)
-    assert len(convert_windows(ours)) == 4 and ours.state_dict().keys() == model.state_dict().keys()
+    assert len(convert_standins(ours)) == 4 and ours.state_dict().keys() == model.state_dict().keys()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(ours(x), model(x))
@@ -265,3 +288,38 @@ def test_maxvit_heads_go_with_their_bias_table():
     assert attn.relative_position_bias_table.shape == (7 * 7, 2)
     with torch.no_grad():
         assert model(x).shape == (2, 10)
+
+
+def test_the_shufflenet_stand_in_computes_torchvisions_outputs_to_the_bit():
+    torch.manual_seed(0)
+    model = models.shufflenet_v2_x0_5(num_classes=10).eval()
+    ours = copy.deepcopy(model)
+    assert convert_standins(ours) == SHUFFLENET_STANDINS and ours.state_dict().keys() == model.state_dict().keys()
+    assert type(ours.stage2[0]).__name__ == "ShuffleBlock" and ours.stage2[0].shuffle.channels == 48
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(ours(x), model(x))
+    model.train(), ours.train()  # batch statistics, and the gradients through the shuffle
+    outputs, grads = [], []
+    for net in (model, ours):
+        outputs.append(net(x))
+        outputs[-1].square().sum().backward()
+        grads.append({k: p.grad for k, p in net.named_parameters()})
+    assert torch.equal(outputs[0], outputs[1]) and all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), ours.buffers(), strict=True))  # running stats
+
+
+def test_shufflenet_keeps_the_channels_its_shuffles_interleave_and_shrinks_each_branch_inside():
+    model, x = build("shufflenet")
+    trunk = {n: m.out_channels for n, m in model.named_modules() if n.endswith(("branch1.2", "branch2.5"))}
+    report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+    pruned = {g["name"] for g in report.groups if not g["excluded"]}
+    assert pruned == {"conv1.0", "conv5.0"} | {f"{block}.branch2.0" for block in SHUFFLENET_STANDINS}
+    reasons = {g["excluded"] for g in report.groups if g["excluded"] and g["name"] != "fc"}
+    assert all(r.startswith("its channels go through the channel shuffle 'stage") for r in reasons), reasons
+    assert {n: m.out_channels for n, m in model.named_modules() if n in trunk} == trunk  # what a shuffle carries
+    for name in SHUFFLENET_STANDINS:
+        block = model.get_submodule(name)
+        inner = block.branch2[0].out_channels
+        assert block.branch2[3].weight.shape[0] == block.branch2[5].in_channels == inner  # depthwise between
+    assert report.units_removed > 0 and report.equivalence.passed

@@ -3,8 +3,8 @@
 ``shrink`` is what ``regrow.prune(model, pattern="channel" | "head" | "channel+head", ...)`` runs:
 
 1. every ``nn.MultiheadAttention`` is swapped for regrow's equivalent with prunable heads, and torchvision's
-   Swin and MaxViT attention and Swin's patch merging for stand-ins that channel pruning can follow
-   (regrow.structural.windows);
+   Swin and MaxViT attention, Swin's patch merging and ShuffleNetV2's block for stand-ins that channel
+   pruning can follow (regrow.structural.standins);
 2. the coupled groups are found (channels: torch-pruning's dependency graph, with regrow's corrections for
    channels-last layouts and its units of channels that can only go together; heads: attention modules);
 3. the groups are probed: a few units of each are removed on a copy and checked against the simulation
@@ -89,9 +89,9 @@ from regrow.structural.shrinking import (
 from regrow.structural.simulate import Equivalence as Equivalence
 from regrow.structural.simulate import compare
 from regrow.structural.simulate import simulate as simulate
+from regrow.structural.standins import convert_standins
 from regrow.structural.undo import _hands_back_on_failure
 from regrow.structural.units import _Unit
-from regrow.structural.windows import convert_windows
 
 
 def prepare(
@@ -119,7 +119,7 @@ def prepare(
     inputs = _example_inputs(data, example_inputs, device)
     model.eval()
     converted = convert_attention(model)
-    standins = convert_windows(model)
+    standins = convert_standins(model)
     host = host_copy(model)  # tracing, probes, scores and checks run on the CPU (regrow.structural.device)
     host_inputs = _host_inputs(model, host, inputs)
     graph, groups = _groups(host, pattern, host_inputs, targets, ignore, within)
@@ -224,7 +224,7 @@ def shrink(
 
     When it raises (a budget that cannot be met, targets that match nothing, a failed equivalence check),
     ``model`` is handed back as it came, as the same objects: its modules (``nn.MultiheadAttention``
-    and Swin / MaxViT modules included), parameters, buffers, hooks and train/eval mode.
+    and the torchvision modules stand-ins replace included), parameters, buffers, hooks and train/eval mode.
     """
     _check_options(pattern, criterion, round_to)
     kind, target = check_structural_budget(sparsity, macs, params, threshold, latency)

@@ -3,14 +3,14 @@
 ``arch.json`` describes every module of the model: its class, its public scalar attributes
 (``in_channels``, ``normalized_shape``, ``num_heads``, ...) and the shape and dtype of each parameter and
 buffer. :func:`load` builds a fresh instance of the original architecture with ``factory()``, swaps in
-regrow's attention and its stand-ins for torchvision's Swin and MaxViT modules where the saved model had
-them, gives every module the recorded attributes and tensor shapes, then loads the weights from safetensors.
+regrow's attention and its stand-ins for torchvision's Swin, MaxViT and ShuffleNetV2 modules where the saved
+model had them, gives every module the recorded attributes and tensor shapes, then loads the weights from safetensors.
 Nothing is unpickled at any point.
 
 ``arch.json`` is data, and :func:`load` checks it against a schema before anything is changed: at most
 ``MAX_BYTES`` and ``MAX_DEPTH`` levels of nesting; each module's class is the class of the factory's module
-of that name (or regrow's attention in place of ``nn.MultiheadAttention``, its stand-in in place of a Swin or
-MaxViT module); attributes are public ones the factory's module already holds as plain values (numbers,
+of that name (or regrow's attention in place of ``nn.MultiheadAttention``, its stand-in in place of a Swin,
+MaxViT or ShuffleNetV2 module); attributes are public ones the factory's module already holds as plain values (numbers,
 strings, booleans, ``None``, lists, tuples and sets of those), never ``_``-names, ``forward`` or ``training``;
 tensors have shapes of non-negative ints and a dtype from ``DTYPES``. Anything else is refused with a
 :class:`RegrowError` naming the entry.
@@ -32,7 +32,7 @@ from regrow.errors import RegrowError
 from regrow.export import load_weights, save_weights
 from regrow.io import atomic_write_text
 from regrow.structural.attention import MultiheadAttention, set_submodule
-from regrow.structural.windows import STANDINS, standin_for
+from regrow.structural.standins import STANDINS, standin_for
 
 FORMAT = "regrow.arch"
 VERSION = 1
@@ -283,7 +283,7 @@ def _check_against(module: nn.Module, name: str, entry: dict[str, Any]) -> None:
             name,
             f"its class is {entry['class']!r}, but the factory's model has {_class_name(module)} there "
             "(allowed: the class of the factory's module, regrow's MultiheadAttention for torch's, or regrow's "
-            "stand-in for a torchvision Swin or MaxViT module)",
+            "stand-in for a torchvision Swin, MaxViT or ShuffleNetV2 module)",
         )
     settable = sorted(
         k
@@ -317,8 +317,8 @@ def _dtype(name: str) -> torch.dtype:
 
 def _swap_in(model: nn.Module, name: str, recorded: str) -> None:
     """Put regrow's module at ``name`` when arch.json records one there (its attention for
-    ``nn.MultiheadAttention``, a stand-in for a torchvision Swin or MaxViT module) and the factory built the
-    original. The model itself is never swapped (pruning does not swap it either); a class mismatch there is
+    ``nn.MultiheadAttention``, a stand-in for a torchvision Swin, MaxViT or ShuffleNetV2 module) and the factory
+    built the original. The model itself is never swapped (pruning does not swap it either); a class mismatch there is
     refused later, by the schema check."""
     if not name:
         return
@@ -338,7 +338,7 @@ def _swap_in(model: nn.Module, name: str, recorded: str) -> None:
         elif _class_name(current) != recorded:
             raise RegrowError(
                 f"arch.json expects regrow's {recorded.rsplit('.', 1)[-1]} at {name!r}, a stand-in for a torchvision "
-                f"Swin or MaxViT module, but the factory's model has {type(current).__name__} there."
+                f"Swin, MaxViT or ShuffleNetV2 module, but the factory's model has {type(current).__name__} there."
             )
 
 

@@ -24,6 +24,7 @@ from regrow.errors import RegrowError
 from regrow.structural.attention import MultiheadAttention
 from regrow.structural.coupling import Coupling, couple
 from regrow.structural.pruners import customized_pruners
+from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
 from regrow.structural.tracing import ShapeRecorder, refresh_mappings
 
@@ -134,9 +135,10 @@ def _tracing_error(exc: Exception, ran: bool) -> RegrowError:
             frame = frame.tb_next
         return RegrowError(
             f"torch-pruning could not follow the channels through this model's graph ({type(exc).__name__}: "
-            f"{exc}, in {where}); the model ran, but channel pruning cannot group its layers (a known case: the "
-            "channel shuffle of ShuffleNet, a reshape that interleaves channel groups). Use pattern 'unstructured' "
-            "or '2:4', or pattern 'head' for attention heads."
+            f"{exc}, in {where}); the model ran, but channel pruning cannot group its layers (a known case: a "
+            "channel shuffle, a reshape that interleaves channel groups, written other than in torchvision's "
+            "ShuffleNetV2 block, which regrow swaps for its own). Use pattern 'unstructured' or '2:4', or pattern "
+            "'head' for attention heads."
         )
     return RegrowError(
         f"the model could not be traced for structural pruning ({type(exc).__name__}: {exc}); it must run on the "
@@ -233,6 +235,8 @@ class StructureGraph:
                 if isinstance(target, nn.Module):
                     if self.dg.is_out_channel_pruning_fn(dep.handler):
                         out_layers.append(name)
+                    if isinstance(target, ChannelShuffle):
+                        reason = reason or f"its channels go through the channel shuffle {name!r}, which keeps them"
                     if not isinstance(target, SUPPORTED):
                         reason = reason or f"layer {name!r} of type {type(target).__name__} is not supported"
             root = group[0].dep.target.module

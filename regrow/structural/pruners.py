@@ -17,6 +17,7 @@ from torch import nn
 from torch_pruning.pruner.function import BasePruningFunc
 
 from regrow.structural.attention import MultiheadAttention
+from regrow.structural.shuffle import ChannelShuffle, ChannelShufflePruner
 
 
 def _keep(total: int, idxs: Sequence[int]) -> list[int]:
@@ -84,7 +85,10 @@ class AttentionPruner(BasePruningFunc):
 
 def customized_pruners() -> dict[type, BasePruningFunc]:
     """Fresh handler instances for each dependency graph, so no state is shared between graphs."""
-    pruners: dict[type, BasePruningFunc] = {MultiheadAttention: AttentionPruner()}
+    pruners: dict[type, BasePruningFunc] = {
+        MultiheadAttention: AttentionPruner(),
+        ChannelShuffle: ChannelShufflePruner(),
+    }
     if hasattr(nn, "RMSNorm"):
         pruners[nn.RMSNorm] = RMSNormPruner()
     return pruners

@@ -13,9 +13,8 @@ the same order (outputs equal to the bit; the tests check), but call their layer
 width from ``qkv``, and gather patches with one reshape (timm's form, which regrow's tracing follows).
 :class:`RelativeAttention` computes MaxViT's attention with ``matmul`` where torchvision calls ``einsum`` (the
 same products; equal to the bit on the CPU in the tests) and its output width from ``merge``. Every
-parameter and buffer keeps its name, so state dicts load either way. :func:`convert_windows` swaps them in;
-``arch.json`` records the swap, and :func:`regrow.structural.arch.apply` makes it again on load. torchvision
-is never imported: its classes are recognised by name.
+parameter and buffer keeps its name, so state dicts load either way. :mod:`regrow.structural.standins` swaps
+them in (``arch.json`` records the swap); torchvision is never imported: its classes are recognised by name.
 
 The stand-ins are new modules: hooks a user put on torchvision's modules do not carry over. torchvision wraps its
 Swin functions with ``torch.fx.wrap`` so that ``torch.fx`` can trace the model (``create_feature_extractor``); the
@@ -31,8 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-
-from regrow.structural.attention import set_submodule
 
 TORCHVISION = "torchvision.models.swin_transformer."
 MAXVIT = "torchvision.models.maxvit."
@@ -182,22 +179,3 @@ STANDINS: dict[str, type[nn.Module]] = {
     TORCHVISION + "PatchMergingV2": PatchMerging,
     MAXVIT + "RelativePositionalMultiHeadAttention": RelativeAttention,
 }
-
-
-def standin_for(module: nn.Module) -> type[nn.Module] | None:
-    """regrow's stand-in class for ``module``'s class (None when it needs none)."""
-    cls = type(module)
-    return STANDINS.get(f"{cls.__module__}.{cls.__qualname__}")
-
-
-def convert_windows(model: nn.Module) -> list[str]:
-    """Swap regrow's stand-ins in for torchvision's Swin and MaxViT modules of ``model``, in place; returns their
-    names."""
-    converted = []
-    for name, module in list(model.named_modules()):
-        standin = standin_for(module)
-        if standin is not None and name:  # the model itself has no parent to hold its stand-in
-            replacement = standin(module).train(module.training)
-            set_submodule(model, name, replacement)
-            converted.append(name)
-    return converted

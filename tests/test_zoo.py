@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch_pruning import ops
 
 import regrow
 from conftest import import_timm
@@ -37,6 +38,7 @@ FAMILIES = {
     "levit": ("levit_128s", {"img_size": 64}, 64),  # conv stem, attention with BatchNorm, subsampling
     "vit": ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2}, 32),  # class token, positional embedding
     "deit_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 32, "depth": 2}, 32),  # two tokens
+    "cspnet": ("cs3darknet_focus_s", {}, 64),  # cross-stage halves: split, residual blocks, concatenated back
     "swin": (  # windowed attention with shifts, relative position bias, patch merging
         "swin_tiny_patch4_window7_224",
         {"img_size": 64, "window_size": 4, "depths": (2, 2, 2, 2), "embed_dim": 32, "num_heads": (1, 2, 4, 8)},
@@ -45,9 +47,13 @@ FAMILIES = {
 }
 # Groups regrow leaves out, and why that is right: the classifier's outputs, attention's inner widths (heads
 # go whole, with pattern "head"), and LeViT's attention, whose q/k/v widths are split by heads in a reshape
-# regrow cannot follow (its modules hold them in LinearNorm wrappers that heads.py does not know).
+# regrow cannot follow (its modules hold them in LinearNorm wrappers that heads.py does not know), and CSPNet's
+# expansion, which its stage splits in halves of a width it stores (``x.split(self.expand_chs // 2)``).
 BENIGN = ("not a target", "its channels are the model's output", "inside attention")
-ALLOWED = {"levit": re.compile(r"\.attn(_downsample)?\.(qkv|kv)\.linear$")}
+ALLOWED = {
+    "levit": re.compile(r"\.attn(_downsample)?\.(qkv|kv)\.linear$"),
+    "cspnet": re.compile(r"^stages\.\d\.conv_exp\.conv$"),
+}
 
 
 def build(family: str) -> tuple[nn.Module, torch.Tensor]:
@@ -266,3 +272,39 @@ def test_swin_loses_whole_heads_with_their_relative_position_bias():
     assert attn.relative_position_bias_table.shape == (7 * 7, 2)
     with torch.no_grad():
         assert model(x).shape == (2, 10)
+
+
+class HalfBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c // 2, 1), nn.Conv2d(c // 2, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.relu(self.conv1(x))) + x
+
+
+class CrossStage(nn.Module):
+    """CSPNet's stage: one half of the expanded channels through a residual block, concatenated with the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.expand = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 1)
+        self.block, self.transition, self.fc = HalfBlock(16), nn.Conv2d(32, 24, 1), nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.expand(self.stem(x)).chunk(2, dim=1)
+        return self.fc(self.transition(torch.cat([self.block(x1), x2], dim=1)).mean((2, 3)))
+
+
+def test_a_concatenation_whose_input_widths_torch_pruning_cannot_infer_takes_them_from_the_traced_shapes():
+    # Was: torch-pruning found no width for the residual sum, then summed the widths with None ("unsupported
+    # operand type(s) for +: 'int' and 'NoneType'"): timm's CSPDarkNet and CoaT could not be pruned at all.
+    torch.manual_seed(0)
+    model, x = CrossStage().eval(), torch.randn(2, 3, 8, 8)
+    graph = StructureGraph(model, x)
+    cats = [n for n in graph.dg.module2node.values() if n.type == ops.OPTYPE.CONCAT]
+    assert [n.module.concat_sizes for n in cats] == [[16, 16]]
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    kept = {g["name"]: g["excluded"] for g in report.groups}
+    assert kept["block.conv1"] is None and kept["transition"] is None and kept["stem"] is None
+    assert model.block.conv1.out_channels == 4 and model.transition.out_channels == 12 and report.equivalence.passed

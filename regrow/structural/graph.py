@@ -18,6 +18,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
+from torch_pruning.dependency import shape_infer
 
 from regrow.batches import forward
 from regrow.errors import RegrowError
@@ -26,7 +27,7 @@ from regrow.structural.coupling import Coupling, couple
 from regrow.structural.pruners import customized_pruners
 from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
-from regrow.structural.tracing import ShapeRecorder, refresh_mappings
+from regrow.structural.tracing import ShapeRecorder, fill_concat_sizes, refresh_mappings
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
@@ -146,6 +147,20 @@ def _tracing_error(exc: Exception, ran: bool) -> RegrowError:
     )
 
 
+class _DependencyGraph(tp.DependencyGraph):
+    """torch-pruning's graph, with the concatenation sizes it cannot infer read from the traced shapes before it
+    maps indices through them (regrow.structural.tracing.fill_concat_sizes)."""
+
+    def __init__(self, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
+        super().__init__()
+        self.traced_outputs = outputs  # filled by the tracing forward pass, which runs before _build_dependency
+
+    def _build_dependency(self, module2node: Any) -> None:
+        super()._build_dependency(module2node)
+        shape_infer.init_shape_information(self)  # split sizes, which the inference of concatenation sizes reads
+        fill_concat_sizes(self, self.traced_outputs)
+
+
 class StructureGraph:
     """torch-pruning's dependency graph over one model, with regrow's handlers for RMSNorm and attention."""
 
@@ -163,7 +178,7 @@ class StructureGraph:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch-pruning warns about loose parameters; regrow checks them
-                self.dg = tp.DependencyGraph().build_dependency(
+                self.dg = _DependencyGraph(shapes.outputs).build_dependency(
                     model,
                     example_inputs=example_inputs,
                     forward_fn=traced,

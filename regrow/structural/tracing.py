@@ -31,16 +31,21 @@ from torch_pruning.dependency import index_mapping, shape_infer
 
 
 class ShapeRecorder(TorchFunctionMode):
-    """Records the shape of every tensor a forward pass produces, keyed by its autograd node."""
+    """Records the shape of every tensor a forward pass produces: ``shapes`` by its autograd node (single
+    results), ``outputs`` by ``(node, output number)`` (every result, those of a split or chunk included)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.shapes: dict[Any, tuple[int, ...]] = {}
+        self.outputs: dict[tuple[Any, int], tuple[int, ...]] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         if isinstance(out, Tensor) and out.grad_fn is not None:
             self.shapes.setdefault(out.grad_fn, tuple(out.shape))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor) and t.grad_fn is not None:
+                self.outputs.setdefault((t.grad_fn, t.output_nr), tuple(t.shape))
         return out
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -129,6 +134,31 @@ def _channels_last_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None
         kept = after[:-1] == before[: len(after) - 1]
         if after and len(after) < len(before) and kept and after[-1] == tiles * channels:
             _retype(node, TiledIndexMapping(channels, tiles), TiledIndexMapping(channels, tiles, reverse=True))
+
+
+def fill_concat_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
+    """Channel counts of concatenation inputs torch-pruning cannot infer, read from the traced shapes.
+
+    torch-pruning infers each input's channels by walking the graph back to a layer; past a residual sum or a
+    slice of the model's input it may find none, and then fails on the sum of the counts (timm's CSPDarkNet and
+    CoaT: "unsupported operand type(s) for +: 'int' and 'NoneType'"). Where the traced shapes give the size along
+    dim 1 of every tensor concatenated there (``outputs`` of :class:`ShapeRecorder`), one graph input each, those
+    sizes are set; anything else is left to torch-pruning.
+    """
+    for node in list(dg.module2node.values()):
+        if node.type != ops.OPTYPE.CONCAT or node.module.concat_sizes is not None:
+            continue
+        fn = node.grad_fn
+        if None not in [shape_infer.infer_channels_between(dg, n, node) for n in node.inputs]:
+            continue
+        recorded = [outputs.get(edge) for edge in fn.next_functions]
+        out = outputs.get((fn, 0))
+        if out is None or getattr(fn, "_saved_dim", None) is None or fn._saved_dim % len(out) != 1:
+            continue
+        if len(recorded) != len(node.inputs) or any(r is None or len(r) != len(out) for r in recorded):
+            continue
+        if sum(r[1] for r in recorded) == out[1]:
+            node.module.concat_sizes = [r[1] for r in recorded]
 
 
 def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:

@@ -15,6 +15,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
 
@@ -39,6 +40,7 @@ FAMILIES = {
     "vit": ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2}, 32),  # class token, positional embedding
     "deit_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 32, "depth": 2}, 32),  # two tokens
     "cspnet": ("cs3darknet_focus_s", {}, 64),  # cross-stage halves: split, residual blocks, concatenated back
+    "gcvit": ("gcvit_xxtiny", {"img_size": 64, "window_size": (2, 2, 2, 2)}, 64),  # a global query, broadcast
     "swin": (  # windowed attention with shifts, relative position bias, patch merging
         "swin_tiny_patch4_window7_224",
         {"img_size": 64, "window_size": 4, "depths": (2, 2, 2, 2), "embed_dim": 32, "num_heads": (1, 2, 4, 8)},
@@ -308,3 +310,26 @@ def test_a_concatenation_whose_input_widths_torch_pruning_cannot_infer_takes_the
     kept = {g["name"]: g["excluded"] for g in report.groups}
     assert kept["block.conv1"] is None and kept["transition"] is None and kept["stem"] is None
     assert model.block.conv1.out_channels == 4 and model.transition.out_channels == 12 and report.equivalence.passed
+
+
+def test_a_root_whose_group_torch_pruning_cannot_map_is_left_out_and_the_others_still_prune(monkeypatch):
+    # Was: one failing mapping inside torch-pruning's get_all_groups (GCViT's and Hiera's broadcasts read as
+    # grouped-query attention: ZeroDivisionError; FocalNet's split: IndexError) escaped as a bare exception,
+    # and nothing could be pruned.
+    torch.manual_seed(0)
+    model, x = CrossStage().eval(), torch.randn(2, 3, 8, 8)
+    real = tp.DependencyGraph.get_pruning_group
+
+    def get_pruning_group(self, module, *args, **kwargs):
+        if module is model.transition:
+            raise ZeroDivisionError("integer division or modulo by zero")
+        return real(self, module, *args, **kwargs)
+
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", get_pruning_group)
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    reasons = {g["name"]: g["excluded"] for g in report.groups}
+    assert reasons["transition"].startswith(
+        "torch-pruning could not map its channels through the graph (ZeroDivisionError: integer division or modulo"
+    )
+    assert reasons["block.conv1"] is None and model.block.conv1.out_channels == 4 and report.equivalence.passed
+    assert model.transition.out_channels == 24

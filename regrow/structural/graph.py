@@ -11,6 +11,7 @@ fully-qualified name, so the same cut can be applied to the model, to a copy, or
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,15 +126,22 @@ def _in_torch_pruning(module_name: str | None) -> bool:
     return (module_name or "").split(".")[0] == "torch_pruning"
 
 
+def _where(exc: Exception) -> str:
+    """The innermost torch-pruning function ``exc`` passed through."""
+    frame, where = exc.__traceback__, "its graph analysis"
+    while frame is not None:
+        code = frame.tb_frame.f_code.co_name
+        if _in_torch_pruning(frame.tb_frame.f_globals.get("__name__")) and not code.startswith("<"):
+            where = code  # a named function, not the comprehension inside it
+        frame = frame.tb_next
+    return where
+
+
 def _tracing_error(exc: Exception, ran: bool) -> RegrowError:
     """One paragraph for a failed trace: the model's own forward pass, or (``ran``: it returned) torch-pruning's
     analysis of the graph it recorded."""
     if ran:
-        frame, where = exc.__traceback__, "its graph analysis"
-        while frame is not None:
-            if _in_torch_pruning(frame.tb_frame.f_globals.get("__name__")):
-                where = frame.tb_frame.f_code.co_name
-            frame = frame.tb_next
+        where = _where(exc)
         return RegrowError(
             f"torch-pruning could not follow the channels through this model's graph ({type(exc).__name__}: "
             f"{exc}, in {where}); the model ran, but channel pruning cannot group its layers (a known case: a "
@@ -236,7 +244,10 @@ class StructureGraph:
         """
         out = []
         ignored_modules = [m for m, n in self.names.items() if n in ignored]
-        for group in self.dg.get_all_groups(ignored_layers=ignored_modules, root_module_types=ROOT_TYPES):
+        for root, group, failure in self._root_groups(ignored_modules):
+            if group is None:
+                out.append(self._unmapped(root, failure))
+                continue
             members, out_layers, reason = [], [], None
             for item in group:
                 name, label = self._describe(item)
@@ -285,6 +296,43 @@ class StructureGraph:
                     cg.excluded = f"its {channels} channels can only be removed all together"
             out.append(cg)
         return out
+
+    def _root_groups(self, ignored: list[nn.Module]) -> Iterator[tuple[nn.Module, Any, Exception | None]]:
+        """torch-pruning's ``get_all_groups``, one root layer at a time: ``(root, group, None)``, or ``(root,
+        None, error)`` for a root whose group torch-pruning cannot map (its guess that a 5-D ``expand`` repeats
+        attention heads, a split read by more nodes than it has parts), instead of one error that ends the walk
+        and leaves nothing to prune. A failed root marks no layer visited, so its group's other layers are
+        tried, and fail, on their own."""
+        skip = {id(m) for m in [*ignored, *self.dg.IGNORED_LAYERS_IN_TRACING]}
+        visited: set[int] = set()
+        for m in list(self.dg.module2node):
+            pruner = self.dg.get_pruner_of_module(m) if isinstance(m, ROOT_TYPES) else None
+            if id(m) in skip or id(m) in visited or pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            try:
+                group = self.dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+            except Exception as exc:  # noqa: BLE001 - torch-pruning's index mappings; the group is left out
+                yield m, None, exc
+                continue
+            outs = [dep.target.module for dep, _ in group if self.dg.is_out_channel_pruning_fn(dep.handler)]
+            visited.update(id(t) for t in outs)
+            if not any(id(t) in skip for t in outs):
+                yield m, group, None
+
+    def _unmapped(self, root: nn.Module, exc: Exception | None) -> ChannelGroup:
+        """The group of ``root`` that torch-pruning could not map, left out with the reason."""
+        pruner = self.dg.get_pruner_of_module(root)
+        name = self.names.get(root, "?")
+        return ChannelGroup(
+            name=name,
+            channels=pruner.get_out_channels(root),
+            ch_groups=1,
+            members=[f"{name} ({type(root).__name__}, out)"],
+            excluded=f"torch-pruning could not map its channels through the graph ({type(exc).__name__}: {exc}, "
+            f"in {_where(exc)})",
+            root=root,
+            root_handler=pruner.prune_out_channels,
+        )
 
     def cuts(self, group: ChannelGroup, removed_units: list[int]) -> list[Cut]:
         """Every member cut implied by removing ``removed_units`` from ``group``."""

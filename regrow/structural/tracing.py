@@ -86,7 +86,7 @@ def _retype(node: Any, mapping: Any = None, reverse: Any = None) -> None:
     """Make ``node`` element-wise for torch-pruning, dropping the reshape and slice mappings it gave it, and
     set ``mapping`` on the edges from its inputs (``reverse`` on the edges back to them)."""
     node.type = ops.OPTYPE.ELEMENTWISE
-    stale = (index_mapping._FlattenIndexMapping, index_mapping._SliceIndexMapping)
+    stale = (index_mapping._FlattenIndexMapping, index_mapping._SliceIndexMapping, index_mapping._GQAIndexMapping)
     for dep in _stale_edges(node):
         if isinstance(dep.index_mapping[0], stale):
             dep.index_mapping[0] = None
@@ -113,6 +113,30 @@ def _untie_spatial_slices(dg: Any) -> None:
         channels = _channels_in(dg, node)
         if channels is not None and channels != sizes[dim]:
             _retype(node)
+
+
+def _untie_broadcasts(dg: Any) -> None:
+    """torch-pruning maps every 5-D ``expand`` as Hugging Face's ``repeat_kv`` (key/value heads repeated for
+    grouped-query attention), with ``repeat = output channels // input channels``. Other broadcasts make the
+    repeat 0: no channel then maps forward, and mapping back divides by zero (GCViT's global query, Hiera's mask
+    units; the error ended the whole grouping). A broadcast of a channels-last tensor (its last dim as wide as
+    the channels that flow in: GCViT's query, broadcast over windows) is the element-wise op it is for the
+    channels; any other (a product of per-head tensors) keeps torch-pruning's forward mapping, none, and gets
+    none back. An expand with a repeat of 1 or more keeps torch-pruning's mapping."""
+    for node in list(dg.module2node.values()):
+        if node.type != ops.OPTYPE.EXPAND or not hasattr(node.grad_fn, "_saved_self_sym_sizes"):
+            continue
+        gqa = [d.index_mapping[0] for d in _stale_edges(node)]
+        if not any(isinstance(m, index_mapping._GQAIndexMapping) and m.repeat * m.head_dim == 0 for m in gqa):
+            continue
+        if int(node.grad_fn._saved_self_sym_sizes[-1]) == _channels_in(dg, node):
+            _retype(node)
+        else:
+            _retype(node, _none, _none)
+
+
+def _none(idxs: list[Any]) -> list[Any]:
+    return []
 
 
 def _channels_last_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
@@ -165,4 +189,5 @@ def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
     """torch-pruning's index mappings, recomputed, with regrow's corrections for channels-last layouts."""
     index_mapping.update_index_mapping(dg)
     _untie_spatial_slices(dg)
+    _untie_broadcasts(dg)
     _channels_last_reshapes(dg, shapes)

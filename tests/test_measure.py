@@ -31,6 +31,26 @@ def test_dense_macs_of_linear_and_conv():
     assert dense_macs(cnn, torch.zeros(1, 1, 8, 8)) == 4 * 9 * 64 + 8 * 9 * 4 * 64 + 128 * 3
 
 
+class ClassToken(nn.Module):
+    """CaiT's class-attention stage: a learned token, expanded per sample, is an input of a child module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.randn(1, 1, 4))
+        self.block = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.token.expand(x.shape[0], -1, -1)).squeeze(1) + x.sum()
+
+
+def test_dense_macs_of_a_module_fed_a_view_of_a_parameter():
+    # Was: under no_grad that view requires grad but has no gradient function, the counter's module tracker
+    # asserted it had one, and timm's CaiT had "MACs that could not be counted" (no macs= budget at all).
+    assert dense_macs(ClassToken(), torch.zeros(2, 5)) == 2 * 4 * 3
+    with torch.no_grad():  # the caller's grad mode is its own again afterwards
+        assert dense_macs(ClassToken(), torch.zeros(2, 5)) == 2 * 4 * 3 and not torch.is_grad_enabled()
+
+
 def test_pruning_does_not_change_dense_macs():
     mlp = TinyMLP()
     before = dense_macs(mlp, torch.zeros(1, 8))

@@ -55,6 +55,21 @@ def _extra_formulas() -> dict[Any, Any]:
     return {op: sdpa_cpu}
 
 
+def _count(model: nn.Module, inputs: Any, grad: bool) -> FlopCounterMode | None:
+    """One counted forward pass. Without ``grad`` it returns None where the counter's module tracker fails on a
+    view that a module takes as input: made under ``no_grad`` from a parameter (CaiT's class token, expanded), it
+    requires grad but has no gradient function, and the tracker asserts it has one. With ``grad`` the pass
+    records its autograd graph (memory for one pass's activations) and every such view has its function."""
+    try:
+        with torch.set_grad_enabled(grad), FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as counter:
+            forward(model, inputs)
+    except AssertionError as exc:
+        if grad or "Expected gradient function to be set" not in str(exc):
+            raise
+        return None
+    return counter
+
+
 def dense_macs(model: nn.Module, inputs: Any, within: str | None = None) -> int | None:
     """Multiply-accumulates of one forward pass over ``inputs``, counted as if every weight were dense; with
     ``within`` (a submodule's name) only those computed inside that submodule.
@@ -71,8 +86,9 @@ def dense_macs(model: nn.Module, inputs: Any, within: str | None = None) -> int 
     try:
         if mha is not None:
             mha.set_fastpath_enabled(False)
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as counter:
-            forward(model, inputs)
+        counter = _count(model, inputs, grad=False)
+        if counter is None:
+            counter = _count(model, inputs, grad=True)
     except Exception as exc:  # noqa: BLE001 - MACs are informative; never fail a run over them
         warnings.warn(f"could not count MACs ({type(exc).__name__}: {exc}); reporting none.", stacklevel=2)
         return None

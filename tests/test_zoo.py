@@ -313,9 +313,9 @@ def test_a_concatenation_whose_input_widths_torch_pruning_cannot_infer_takes_the
 
 
 def test_a_root_whose_group_torch_pruning_cannot_map_is_left_out_and_the_others_still_prune(monkeypatch):
-    # Was: one failing mapping inside torch-pruning's get_all_groups (GCViT's and Hiera's broadcasts read as
-    # grouped-query attention: ZeroDivisionError; FocalNet's split: IndexError) escaped as a bare exception,
-    # and nothing could be pruned.
+    # Was: one failing mapping inside torch-pruning's get_all_groups (FocalNet's split: IndexError; GCViT's and
+    # Hiera's broadcasts read as grouped-query attention, ZeroDivisionError, before _untie_broadcasts) escaped as
+    # a bare exception, and nothing could be pruned.
     torch.manual_seed(0)
     model, x = CrossStage().eval(), torch.randn(2, 3, 8, 8)
     real = tp.DependencyGraph.get_pruning_group
@@ -329,7 +329,26 @@ def test_a_root_whose_group_torch_pruning_cannot_map_is_left_out_and_the_others_
     report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
     reasons = {g["name"]: g["excluded"] for g in report.groups}
     assert reasons["transition"].startswith(
-        "torch-pruning could not map its channels through the graph (ZeroDivisionError: integer division or modulo"
+        "its channels could not be mapped through the graph (ZeroDivisionError: integer division or modulo"
     )
     assert reasons["block.conv1"] is None and model.block.conv1.out_channels == 4 and report.equivalence.passed
     assert model.transition.out_channels == 24
+
+
+class RowHalves(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom = self.a(x).split([4, 4], dim=2)  # rows, not channels
+        return self.b(torch.cat([bottom, top], dim=2)).mean((2, 3))
+
+
+def test_a_concatenation_of_rows_is_left_to_torch_pruning():
+    # Was: the widths of every concatenation were inferred, and that inference fails on a split of another dim
+    # than the channels, which torch-pruning itself never asks about: the graph could not be built.
+    torch.manual_seed(0)
+    model, x = RowHalves().eval(), torch.randn(2, 3, 8, 8)
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    assert {g["name"]: g["excluded"] for g in report.groups}["a"] is None and model.a.out_channels == 4

@@ -75,7 +75,8 @@ FAMILIES = {
 }
 # Left out by design: the classifier's outputs, attention's inner widths (pattern 'head' shrinks those) and the
 # channels that go through a ShuffleNet shuffle (regrow.structural.shuffle; the test below names each).
-BENIGN = ("not a target", "its channels are the model's output", "inside attention", "its channels go through the ch")
+SHUFFLED = "its channels go through the channel shuffle"
+BENIGN = ("not a target", "its channels are the model's output", "inside attention", SHUFFLED)
 
 
 def build(family: str) -> tuple[nn.Module, torch.Tensor]:
@@ -127,7 +128,7 @@ def test_a_graph_torch_pruning_cannot_follow_is_named_as_such_and_the_model_is_l
     torch.manual_seed(0)
     model = models.ShuffleNetV2([4, 8, 4], [24, 48, 96, 192, 1024], num_classes=10, inverted_residual=Block).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    message = r"torch-pruning could not follow .*ZeroDivisionError.*, in update_reshape_index_mapping\).*ShuffleNetV2"
+    message = r"could not follow .*ZeroDivisionError.*, in torch-pruning's update_reshape_index_mapping\).*ShuffleNetV2"
     with pytest.raises(regrow.RegrowError, match=message):
         regrow.prune(model, pattern="channel", macs=0.5, example_inputs=torch.randn(2, 3, 32, 32))
     after = model.state_dict()

@@ -126,13 +126,17 @@ def _in_torch_pruning(module_name: str | None) -> bool:
     return (module_name or "").split(".")[0] == "torch_pruning"
 
 
-def _where(exc: Exception) -> str:
-    """The innermost torch-pruning function ``exc`` passed through."""
+def _where(exc: Exception, regrow: bool = False) -> str:
+    """The innermost torch-pruning function ``exc`` passed through (``regrow``: or regrow function, named as
+    such: one of regrow's corrections to torch-pruning's mappings)."""
     frame, where = exc.__traceback__, "its graph analysis"
     while frame is not None:
-        code = frame.tb_frame.f_code.co_name
-        if _in_torch_pruning(frame.tb_frame.f_globals.get("__name__")) and not code.startswith("<"):
-            where = code  # a named function, not the comprehension inside it
+        code, module = frame.tb_frame.f_code.co_name, frame.tb_frame.f_globals.get("__name__") or ""
+        if not code.startswith("<"):  # a named function, not the comprehension inside it
+            if _in_torch_pruning(module):
+                where = f"torch-pruning's {code}"
+            elif regrow and module.startswith("regrow.structural.tracing"):
+                where = f"regrow's {code}"
         frame = frame.tb_next
     return where
 
@@ -170,7 +174,8 @@ class _DependencyGraph(tp.DependencyGraph):
 
 
 class StructureGraph:
-    """torch-pruning's dependency graph over one model, with regrow's handlers for RMSNorm and attention."""
+    """torch-pruning's dependency graph over one model, with regrow's handlers for RMSNorm, attention and the
+    channel shuffle, and its corrections to the index mappings (regrow.structural.tracing)."""
 
     def __init__(self, model: nn.Module, example_inputs: Any) -> None:
         self.model = model
@@ -193,6 +198,7 @@ class StructureGraph:
                     customized_pruners=customized_pruners(),
                     verbose=False,
                 )
+            refresh_mappings(self.dg, shapes.shapes)
         except RegrowError:
             raise
         except Exception as exc:  # noqa: BLE001 - tracing runs the user's forward; report it in one line
@@ -200,7 +206,6 @@ class StructureGraph:
         finally:
             model.train(was_training)
             _torch_pruning_hooks(model)
-        refresh_mappings(self.dg, shapes.shapes)
         self.names = {m: n for n, m in model.named_modules()}
         self.order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         self.param_names = {p: n for n, p in model.named_parameters()}
@@ -246,7 +251,7 @@ class StructureGraph:
         ignored_modules = [m for m, n in self.names.items() if n in ignored]
         for root, group, failure in self._root_groups(ignored_modules):
             if group is None:
-                out.append(self._unmapped(root, failure))
+                out.append(self._unmapped(root, failure, candidates))
                 continue
             members, out_layers, reason = [], [], None
             for item in group:
@@ -299,28 +304,31 @@ class StructureGraph:
 
     def _root_groups(self, ignored: list[nn.Module]) -> Iterator[tuple[nn.Module, Any, Exception | None]]:
         """torch-pruning's ``get_all_groups``, one root layer at a time: ``(root, group, None)``, or ``(root,
-        None, error)`` for a root whose group torch-pruning cannot map (its guess that a 5-D ``expand`` repeats
-        attention heads, a split read by more nodes than it has parts), instead of one error that ends the walk
-        and leaves nothing to prune. A failed root marks no layer visited, so its group's other layers are
-        tried, and fail, on their own."""
+        None, error)`` for a root whose group cannot be mapped (an index mapping that raises, torch-pruning's or
+        one of regrow's corrections), instead of one error that ends the walk and leaves nothing to prune. A
+        failed root is reported only if no group that did map took it in as an output layer."""
         skip = {id(m) for m in [*ignored, *self.dg.IGNORED_LAYERS_IN_TRACING]}
         visited: set[int] = set()
+        failed: list[tuple[nn.Module, Exception]] = []
         for m in list(self.dg.module2node):
             pruner = self.dg.get_pruner_of_module(m) if isinstance(m, ROOT_TYPES) else None
             if id(m) in skip or id(m) in visited or pruner is None or pruner.get_out_channels(m) is None:
                 continue
             try:
                 group = self.dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
-            except Exception as exc:  # noqa: BLE001 - torch-pruning's index mappings; the group is left out
-                yield m, None, exc
+            except Exception as exc:  # noqa: BLE001 - an index mapping failed; the group is left out with it
+                failed.append((m, exc))
                 continue
             outs = [dep.target.module for dep, _ in group if self.dg.is_out_channel_pruning_fn(dep.handler)]
             visited.update(id(t) for t in outs)
             if not any(id(t) in skip for t in outs):
                 yield m, group, None
+        for m, exc in failed:
+            if id(m) not in visited:
+                yield m, None, exc
 
-    def _unmapped(self, root: nn.Module, exc: Exception | None) -> ChannelGroup:
-        """The group of ``root`` that torch-pruning could not map, left out with the reason."""
+    def _unmapped(self, root: nn.Module, exc: Exception, candidates: set[str]) -> ChannelGroup:
+        """The group of ``root`` whose channels could not be mapped, left out with the reason."""
         pruner = self.dg.get_pruner_of_module(root)
         name = self.names.get(root, "?")
         return ChannelGroup(
@@ -328,8 +336,10 @@ class StructureGraph:
             channels=pruner.get_out_channels(root),
             ch_groups=1,
             members=[f"{name} ({type(root).__name__}, out)"],
-            excluded=f"torch-pruning could not map its channels through the graph ({type(exc).__name__}: {exc}, "
-            f"in {_where(exc)})",
+            excluded="not a target"
+            if name not in candidates
+            else f"its channels could not be mapped through the graph ({type(exc).__name__}: {exc}, in "
+            f"{_where(exc, regrow=True)})",
             root=root,
             root_handler=pruner.prune_out_channels,
         )

@@ -12,6 +12,7 @@ inner width of each block's ``branch2`` (its first 1x1 convolution, the depthwis
 the bit; the tests check), but calls the shuffle as a module, :class:`ChannelShuffle`. torch-pruning treats that
 module as a layer of its own (regrow registers a handler that refuses to prune it), so the groups that reach it
 are left out by name and every other group traces as in any network. Every parameter and buffer keeps its name.
+The stand-in is a new module: hooks a user put on torchvision's block do not carry over.
 """
 
 from __future__ import annotations

@@ -82,11 +82,13 @@ def _stale_edges(node: Any) -> list[Any]:
     return edges + [dep for n in [*node.inputs, *outputs] for dep in n.dependencies if dep.target is node]
 
 
-def _retype(node: Any, mapping: Any = None, reverse: Any = None) -> None:
-    """Make ``node`` element-wise for torch-pruning, dropping the reshape and slice mappings it gave it, and
-    set ``mapping`` on the edges from its inputs (``reverse`` on the edges back to them)."""
+STALE = (index_mapping._FlattenIndexMapping, index_mapping._SliceIndexMapping)
+
+
+def _retype(node: Any, mapping: Any = None, reverse: Any = None, stale: tuple[type, ...] = STALE) -> None:
+    """Make ``node`` element-wise for torch-pruning, dropping the ``stale`` mappings it gave it (reshape and
+    slice ones), and set ``mapping`` on the edges from its inputs (``reverse`` on the edges back to them)."""
     node.type = ops.OPTYPE.ELEMENTWISE
-    stale = (index_mapping._FlattenIndexMapping, index_mapping._SliceIndexMapping, index_mapping._GQAIndexMapping)
     for dep in _stale_edges(node):
         if isinstance(dep.index_mapping[0], stale):
             dep.index_mapping[0] = None
@@ -121,18 +123,21 @@ def _untie_broadcasts(dg: Any) -> None:
     repeat 0: no channel then maps forward, and mapping back divides by zero (GCViT's global query, Hiera's mask
     units; the error ended the whole grouping). A broadcast of a channels-last tensor (its last dim as wide as
     the channels that flow in: GCViT's query, broadcast over windows) is the element-wise op it is for the
-    channels; any other (a product of per-head tensors) keeps torch-pruning's forward mapping, none, and gets
-    none back. An expand with a repeat of 1 or more keeps torch-pruning's mapping."""
+    channels; any other (a product of per-head tensors, but also a channels-first broadcast such as a 3-D
+    gate over depth, whose channels then go unmapped and whose group fails its probe) keeps torch-pruning's
+    forward mapping, none, and gets none back. An expand with a repeat of 1 or more keeps torch-pruning's
+    mapping."""
     for node in list(dg.module2node.values()):
         if node.type != ops.OPTYPE.EXPAND or not hasattr(node.grad_fn, "_saved_self_sym_sizes"):
             continue
         gqa = [d.index_mapping[0] for d in _stale_edges(node)]
         if not any(isinstance(m, index_mapping._GQAIndexMapping) and m.repeat * m.head_dim == 0 for m in gqa):
             continue
+        gqa_only = (index_mapping._GQAIndexMapping,)  # the expand's own mapping; its neighbours' stay
         if int(node.grad_fn._saved_self_sym_sizes[-1]) == _channels_in(dg, node):
-            _retype(node)
+            _retype(node, stale=gqa_only)
         else:
-            _retype(node, _none, _none)
+            _retype(node, _none, _none, stale=gqa_only)
 
 
 def _none(idxs: list[Any]) -> list[Any]:
@@ -170,18 +175,24 @@ def fill_concat_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) 
     sizes are set; anything else is left to torch-pruning.
     """
     for node in list(dg.module2node.values()):
-        if node.type != ops.OPTYPE.CONCAT or node.module.concat_sizes is not None:
-            continue
         fn = node.grad_fn
-        if None not in [shape_infer.infer_channels_between(dg, n, node) for n in node.inputs]:
+        out = outputs.get((fn, 0))
+        if node.type != ops.OPTYPE.CONCAT or node.module.concat_sizes is not None or out is None:
+            continue
+        dim = getattr(fn, "_saved_dim", None)
+        if dim is None:
+            continue
+        dim = dim - 2**64 if dim >= 2**63 else dim  # a negative dim is saved as an unsigned 64-bit int
+        if dim % len(out) != 1:
+            continue  # torch-pruning maps concatenations of channels only
+        try:
+            inferred = [shape_infer.infer_channels_between(dg, n, node) for n in node.inputs]
+        except Exception:  # noqa: BLE001 - the inference itself fails: left to torch-pruning, as before
             continue
         recorded = [outputs.get(edge) for edge in fn.next_functions]
-        out = outputs.get((fn, 0))
-        if out is None or getattr(fn, "_saved_dim", None) is None or fn._saved_dim % len(out) != 1:
+        if None not in inferred or len(recorded) != len(node.inputs):
             continue
-        if len(recorded) != len(node.inputs) or any(r is None or len(r) != len(out) for r in recorded):
-            continue
-        if sum(r[1] for r in recorded) == out[1]:
+        if all(r is not None and len(r) == len(out) for r in recorded) and sum(r[1] for r in recorded) == out[1]:
             node.module.concat_sizes = [r[1] for r in recorded]
 
 

@@ -68,7 +68,9 @@ class ShuffleBlock(nn.Module):
 
 class ChannelShufflePruner(BasePruningFunc):
     """torch-pruning's handler for :class:`ChannelShuffle`: its widths, and a refusal to prune it (regrow leaves
-    every group that reaches a shuffle out, so it is never asked)."""
+    every group that reaches a shuffle out, so it is never asked). The two pruning functions stay distinct: one
+    function for both would tell torch-pruning that the shuffle's inputs and outputs are the same channels, and
+    groups would run through it."""
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         raise RegrowError("a channel shuffle keeps its width: the channels that go through it cannot be pruned.")

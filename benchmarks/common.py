@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import shlex
+import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,21 @@ from regrow.report import environment
 RESULTS = Path(__file__).parent / "results"
 
 
+def _commit() -> str | None:
+    """The checkout's commit, with "+changes" when tracked files differ from it; None outside a git checkout."""
+    root = Path(__file__).parent.parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True, timeout=30)
+        return done.stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def stamp() -> dict[str, Any]:
     env = environment("cpu")
     return {
@@ -25,6 +41,7 @@ def stamp() -> dict[str, Any]:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "regrow": env["regrow"],
+        "commit": _commit(),
         "python": env["python"],
         "cpu": env["cpu"],
         "cpu_count": env["cpu_count"],
@@ -36,7 +53,9 @@ def stamp_markdown(info: dict[str, Any]) -> str:
     return (
         f"Command: `{info['command']}`  \n"
         f"Measured {info['date']} on {info['cpu']} ({info['cpu_count']} cores, {info['threads']} torch threads), "
-        f"torch {info['torch']}, regrow {info['regrow']}, Python {info['python']}."
+        f"torch {info['torch']}, regrow {info['regrow']}"
+        + (f" at {info['commit']}" if info.get("commit") else "")
+        + f", Python {info['python']}."
     )
 
 

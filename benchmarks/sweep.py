@@ -140,31 +140,47 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _write(out: Path, source: str, rows: list[dict[str, Any]], info: dict[str, Any], total: int) -> None:
+def _write(out: Path, source: str, rows: list[dict[str, Any]], runs: list[dict[str, Any]], total: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{source}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
+    saved = {"runs": runs, "total": total, "rows": rows}
+    (out / f"{source}.json").write_text(json.dumps(saved, indent=1) + "\n")
+    several = len(runs) > 1
     table = [
-        [r["model"], r["size"], r["macs_kept"], "yes" if r["within"] else "**no**", r["check"], r["seconds"],
-         _cell("; ".join(r["left_out"]) or "none")]
-        if "error" not in r
-        else [r["model"], r["size"], "", "**failed**", "", "", _cell(r["error"])]
+        ([r["run"]] if several else [])
+        + ([r["model"], r["size"], r["macs_kept"], "yes" if r["within"] else "**no**", r["check"], r["seconds"],
+            _cell("; ".join(r["left_out"]) or "none")]
+           if "error" not in r
+           else [r["model"], r["size"], "", "**failed**", "", "", _cell(r["error"])])
         for r in rows
     ]  # fmt: skip
     passed = sum(1 for r in rows if "error" not in r and r["within"] and r["check"] and not r["left_out"])
+    stamps = [(f"Run {i}: " if several else "") + stamp_markdown(info) for i, info in enumerate(runs, 1)]
+    header = ["model", "px", "MACs kept", "within 2 %", "check", "s", "left out / failure"]
     text = [
         f"# {TITLES[source]}",
         "",
-        stamp_markdown(info),
+        "\n\n".join(stamps),
         "",
         ("" if len(rows) == total else f"**Partial: {len(rows)} of {total} models done.** ")
         + f"{passed} of {len(rows)} models reach `macs={BUDGET}` within {TOLERANCE:.0%} with the check passing and no "
         "group left out for a reason that is not benign (the classifier's outputs, attention's inner widths, the "
         "channels a ShuffleNet shuffle interleaves).",
         "",
-        markdown_table(["model", "px", "MACs kept", "within 2 %", "check", "s", "left out / failure"], table),
+        markdown_table((["run"] if several else []) + header, table),
         "",
     ]
     (out / f"{source}.md").write_text("\n".join(text))
+
+
+def _earlier(out: Path, source: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """The runs, rows and model count of an earlier results file (``--resume``); a file from before runs were
+    numbered is run 1."""
+    path = out / f"{source}.json"
+    if not path.exists():
+        return [], [], 0
+    saved = json.loads(path.read_text())
+    runs = saved.get("runs") or [saved["info"]]
+    return runs, [{"run": 1, **row} for row in saved["rows"]], saved.get("total", len(saved["rows"]))
 
 
 def _timm_names(timm: Any) -> list[str]:
@@ -190,12 +206,18 @@ def main() -> None:
     parser.add_argument("--torchvision-models", type=Path, default=torchvision_models.DEFAULT)
     parser.add_argument("--limit", type=int, default=600, help="seconds per model")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep"))
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already in the results file and run the models they lack (and those named by --models)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one model, its row as JSON
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.source, args.one, args.torchvision_models)))
         return
-    info = stamp()
+    runs, done, known = _earlier(args.out, args.source) if args.resume else ([], [], 0)
+    runs.append(stamp())
     if args.models:
         names = args.models
     elif args.source == "timm":
@@ -203,11 +225,18 @@ def main() -> None:
     else:
         models = _torchvision(args.torchvision_models)
         names = models.list_models(module=models)
-    rows = []
+    # --resume keeps the earlier rows; a model named with --models is run again, its row replaced in place.
+    rows = done
+    rerun = set(names) if args.models else set()
     for name in names:
-        rows.append(_run(args.source, name, args.torchvision_models, args.limit))
-        print(json.dumps(rows[-1]), flush=True)
-        _write(args.out, args.source, rows, info, len(names))
+        if any(r["model"] == name for r in rows) and name not in rerun:
+            continue
+        row = {"run": len(runs), **_run(args.source, name, args.torchvision_models, args.limit)}
+        at = next((i for i, r in enumerate(rows) if r["model"] == name), len(rows))
+        rows[at : at + 1] = [row]
+        total = max(known, len({r["model"] for r in rows} | set(names)))
+        print(json.dumps(row), flush=True)
+        _write(args.out, args.source, rows, runs, total)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from torch_pruning import ops
 
 import regrow
 from conftest import import_timm
+from regrow.structural.budget import Unitized, select, take
 from regrow.structural.graph import StructureGraph, merge_cuts
 
 timm = import_timm()
@@ -40,6 +41,7 @@ FAMILIES = {
     "vit": ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2}, 32),  # class token, positional embedding
     "deit_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 32, "depth": 2}, 32),  # two tokens
     "cspnet": ("cs3darknet_focus_s", {}, 64),  # cross-stage halves: split, residual blocks, concatenated back
+    "cspnext": ("cspnext_tiny", {}, 64),  # two branches concatenated, then gated by channel attention
     "gcvit": ("gcvit_xxtiny", {"img_size": 64, "window_size": (2, 2, 2, 2)}, 64),  # a global query, broadcast
     "swin": (  # windowed attention with shifts, relative position bias, patch merging
         "swin_tiny_patch4_window7_224",
@@ -352,3 +354,57 @@ def test_a_concatenation_of_rows_is_left_to_torch_pruning():
     model, x = RowHalves().eval(), torch.randn(2, 3, 8, 8)
     report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
     assert {g["name"]: g["excluded"] for g in report.groups}["a"] is None and model.a.out_channels == 4
+
+
+class GatedConcat(nn.Module):
+    """CSPNeXt's stage end: two branches concatenated and gated by a channel attention over the whole, so one
+    group's units are the channels of both branches, each branch a layer that holds only its own share."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.main, self.short = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+        self.gate = nn.Conv2d(8, 8, 1)
+        self.final = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        both = torch.cat([self.main(x), self.short(x)], dim=1)
+        both = both * torch.sigmoid(self.gate(both.mean((2, 3), keepdim=True)))
+        return self.final(both).mean((2, 3))
+
+
+def test_the_units_of_each_input_of_a_concatenation_are_a_part_of_its_group():
+    torch.manual_seed(0)
+    model, x = GatedConcat().eval(), torch.randn(2, 3, 8, 8)
+    graph = StructureGraph(model, x)
+    groups = {g.name: g for g in graph.channel_groups({n for n, _ in model.named_modules()}, set(), {})}
+    assert graph.parts(groups["main"]) == ((0, 1, 2, 3), (4, 5, 6, 7))  # main, short and the gate
+    assert graph.parts(groups["stem"]) == ()  # every member holds all the group's channels
+
+
+def test_the_selection_leaves_each_part_of_a_group_its_least_units():
+    # Units 0-2 score lowest: without parts, a removal of 4 would take all of part (0, 1, 2), emptying its layer.
+    scores = torch.tensor([0.1, 0.2, 0.3, 5.0, 6.0, 7.0])
+    whole = Unitized("g", 6, scores)
+    parted = Unitized("g", 6, scores, parts=((0, 1, 2), (3, 4, 5)))
+    assert select([whole], 0.7, "layer", 0.9) == {"g": [0, 1, 2, 3, 4]}
+    # Each part keeps max(1, ceil(10 % of 3)) = 1 unit, so at most 4 go: two of each part, the lowest first.
+    assert select([parted], 0.7, "layer", 0.9) == {"g": [0, 1, 3, 4]}
+    assert select([parted], 0.3, "layer", 0.9) == {"g": [0, 1]}
+    # max_sparsity 0.5: a part of 3 keeps ceil(1.5) = 2.
+    assert select([parted], 0.9, "layer", 0.5) == {"g": [0, 3]}
+    # Added to an earlier removal, units of a part already at its floor are passed over.
+    assert take(parted, [2, 5, 4, 3], 2, 0.9, have=[0, 1]) == [5, 4]
+
+
+def test_a_gated_concatenation_prunes_without_emptying_a_branch():
+    # Was: cspnext_tiny's search removed every channel of a branch (a conv of weight [0, 16, 1, 1]) and stopped
+    # with "MACs of a shrunk candidate could not be counted".
+    torch.manual_seed(0)
+    model, x = GatedConcat().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model.short.weight.mul_(1e-3)  # its channels score lowest by far
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.8, example_inputs=x, round_to=1)
+    assert report.equivalence.passed
+    assert model.short.out_channels == 1 and model.main.out_channels >= 1

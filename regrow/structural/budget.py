@@ -3,8 +3,10 @@
 For a removal ratio ``r`` every group gives up its lowest-scored units: with ``scope="layer"`` a fraction
 ``r`` of each group, with ``scope="global"`` every unit whose score is below the ``r``-quantile of all
 scores (scores are normalised per group, so groups of different scale compete fairly). Each group keeps at
-least ``1 - max_sparsity`` of its units and one unit in any case, and ``round_to`` rounds kept channel
-counts down to a hardware-friendly multiple.
+least ``1 - max_sparsity`` of its units and one unit in any case, and so does each of its ``parts`` (the
+units of a layer that holds only some of the group's channels, an input of a concatenation: were all of them
+removed, that layer would be left with none). ``round_to`` rounds kept channel counts down to a
+hardware-friendly multiple.
 
 A budget on parameters or MACs is met by measuring candidates: each is applied to a copy of the model and
 counted (``torch.utils.flop_counter``) until the achieved value is within ``tolerance`` (relative, default
@@ -36,10 +38,18 @@ class Unitized:
     scores: Tensor  # (units,), higher = more important
     step: int = 1  # kept units must be a multiple of this (from round_to); 1 = any count
     allocation: float = 0.0  # scope "allocation": this group's share of the removal, relative to the others
+    parts: tuple[tuple[int, ...], ...] = ()  # units of layers that hold only some of the group's channels
+
+
+def _part_keep(part: tuple[int, ...], max_sparsity: float) -> int:
+    """Units a part keeps at the least: as a group does, a share ``1 - max_sparsity`` and one in any case."""
+    return max(1, math.ceil((1 - max_sparsity) * len(part) - 1e-9))
 
 
 def _cap(group: Unitized, n_remove: int, max_sparsity: float) -> int:
     most = min(math.floor(max_sparsity * group.units + 1e-9), group.units - 1)
+    if group.parts:  # exact for disjoint parts (a concatenation's inputs), on the safe side for overlapping ones
+        most = min(most, group.units - sum(_part_keep(p, max_sparsity) for p in group.parts))
     n = max(0, min(n_remove, most))
     if group.step > 1 and group.units >= group.step:
         keep = group.units - n
@@ -84,9 +94,29 @@ def select(groups: list[Unitized], ratio: float, scope: str, max_sparsity: float
         else:
             n = math.ceil(ratio * g.units - 1e-9)
         n = _cap(g, n, max_sparsity)
-        order = torch.sort(g.scores, stable=True).indices
-        removed[g.name] = sorted(int(i) for i in order[:n])
+        order = [int(i) for i in torch.sort(g.scores, stable=True).indices]
+        removed[g.name] = sorted(take(g, order, n, max_sparsity))
     return removed
+
+
+def take(group: Unitized, order: list[int], n: int, max_sparsity: float, have: list[int] | None = None) -> list[int]:
+    """The first ``n`` units of ``order`` (not in ``have``, the units already removed) whose removal leaves every
+    part of the group its least number of units; fewer when the parts allow no more."""
+    taken: list[int] = []
+    gone = set(have or [])
+    if not group.parts:
+        return [u for u in order if u not in gone][:n]
+    room = [len(p) - _part_keep(p, max_sparsity) - len(gone.intersection(p)) for p in group.parts]
+    where = [[i for i, p in enumerate(group.parts) if u in p] for u in range(group.units)]
+    for u in order:
+        if len(taken) >= n:
+            break
+        if u in gone or any(room[i] <= 0 for i in where[u]):
+            continue
+        for i in where[u]:
+            room[i] -= 1
+        taken.append(u)
+    return taken
 
 
 @dataclass
@@ -245,7 +275,8 @@ class _Search:
             if count is None:
                 continue  # the group is at its cap
             trial = dict(removed)
-            trial[name] = sorted(have + [u for u in self.order[name] if u not in have][: count - len(have)])
+            group = self.by_name[name]
+            trial[name] = sorted(have + take(group, self.order[name], count - len(have), self.max_sparsity, have))
             if self.short(self.value_of(trial)):
                 removed = trial
 

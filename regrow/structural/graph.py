@@ -10,6 +10,7 @@ fully-qualified name, so the same cut can be applied to the model, to a copy, or
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -355,6 +356,25 @@ class StructureGraph:
             members = [(i.dep.target, i.dep.handler, tp._helpers.to_plain_idxs(i.idxs)) for i in expanded]
         return [c for node, handler, idxs in members if (c := self._cut(node, handler, idxs)) is not None]
 
+    def parts(self, group: ChannelGroup) -> tuple[tuple[int, ...], ...]:
+        """The units of each layer that holds only some of the group's channels and would be left with none
+        were they all removed (one input of a concatenation whose output is the group's root): the selection
+        leaves each of them some units (regrow.structural.budget)."""
+        every = list(range(group.units))
+        partial = {
+            c.target
+            for c in self.cuts(group, every)
+            if c.kind == "module" and c.out and len(c.idxs) < group.channels and len(c.idxs) >= _width(self, c.target)
+        }
+        if not partial:
+            return ()
+        hits: dict[str, list[int]] = {t: [] for t in partial}
+        for unit in every:
+            for c in self.cuts(group, [unit]):
+                if c.target in hits and c.kind == "module" and c.out:
+                    hits[c.target].append(unit)
+        return tuple(sorted({tuple(units) for units in hits.values() if units}))
+
     def _cut(self, node: Any, handler: Any, idxs: list[int]) -> Cut | None:
         """The cut of ``idxs`` on one member (None for graph-only ops and unnamed parameters)."""
         if not idxs:
@@ -370,6 +390,17 @@ class StructureGraph:
             is_out = self.dg.is_out_channel_pruning_fn(handler)
             return Cut(self.names[target], "module", is_out, plain, layer_type=type(target).__name__)
         return None
+
+
+def _width(graph: StructureGraph, target: str) -> float:
+    """Output channels of a layer (its weight's first dimension; a norm's features); infinity when unknown, so
+    that a layer of unknown width is never taken for one a removal could empty."""
+    module = graph.model.get_submodule(target) if target else graph.model
+    for attr in ("out_channels", "out_features", "num_features"):
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    weight = getattr(module, "weight", None)
+    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() > 0 else math.inf
 
 
 def merge_cuts(cuts: list[Cut]) -> list[Cut]:

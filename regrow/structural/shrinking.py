@@ -106,7 +106,7 @@ def _apply_allocation(
             f"allocation names groups the model does not have: {unknown[:5]}; its groups are: "
             f"{', '.join(u.name for u in prepared.active)}."
         )
-    scored = [Unitized(g.name, g.units, g.scores, g.step, allocation.get(g.name, 0.0)) for g in prepared.scores]
+    scored = [replace(g, allocation=allocation.get(g.name, 0.0)) for g in prepared.scores]
     return scored, "allocation"
 
 

@@ -34,6 +34,7 @@ FAMILIES = {
     "mobilenetv3": ("mobilenetv3_large_100", {}, 64),  # squeeze-excitation, hard-swish
     "efficientnet": ("efficientnet_b0", {}, 64),  # MBConv with SE, SiLU
     "convnext": ("convnext_atto", {}, 64),  # depthwise 7x7, LayerNorm2d over channels, layer scale
+    "convnext_rms": ("convnext_zepto_rms", {}, 64),  # timm's RmsNorm2d: a plain module, not a torch norm
     "densenet": ("densenet121", {}, 64),  # concatenations everywhere
     "regnet": ("regnety_002", {}, 64),  # group-width convolutions, SE
     "ghostnet": ("ghostnet_050", {}, 64),  # cat([x, depthwise(x)]) ghost modules
@@ -144,6 +145,36 @@ def test_a_layernorm_over_the_channels_of_nchw_is_simulated_over_dim_1(size):
     report = regrow.structural.shrink(model, pattern="channel", macs=0.5, example_inputs=x, round_to=1)
     assert {g["name"]: g["excluded"] for g in report.groups}["stem.0"] is None
     assert model.stem[1].normalized_shape[0] < 16 and report.equivalence.passed
+
+
+class PlainRmsNorm2d(nn.Module):
+    """timm's RmsNorm2d, as another library writes a norm: a plain module, its statistics over dim 1."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.normalized_shape, self.eps = (channels,), 1e-6
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps)
+        return x * self.weight.reshape(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("size", [8, 16])  # 16: the width of the maps equals the channels
+def test_a_plain_norm_module_shrinks_with_its_shape_and_is_simulated_over_its_channels(size):
+    # Was: torch-pruning sliced the weight as a loose parameter and left normalized_shape stale, and the
+    # simulation zeroed the removed channels instead of leaving them out of the mean: every group through such a
+    # norm failed its probe ("do not match their simulation") and was left out (timm's convnext_*_rms).
+    torch.manual_seed(0)
+    model = ChannelsFirstNorm().eval()
+    model.stem[1] = PlainRmsNorm2d(16)
+    x = torch.randn(2, 3, size, size)
+    report = regrow.structural.shrink(model, pattern="channel", macs=0.5, example_inputs=x, round_to=1)
+    assert {g["name"]: g["excluded"] for g in report.groups}["stem.0"] is None and report.equivalence.passed
+    norm = model.stem[1]
+    assert (
+        norm.normalized_shape == (norm.weight.shape[0],) == (model.stem[0].out_channels,) and norm.weight.shape[0] < 16
+    )
 
 
 class Ghost(nn.Module):

@@ -26,7 +26,7 @@ from regrow.batches import forward
 from regrow.errors import RegrowError
 from regrow.structural.attention import MultiheadAttention
 from regrow.structural.coupling import Coupling, couple
-from regrow.structural.pruners import customized_pruners
+from regrow.structural.pruners import customized_pruners, is_plain_norm
 from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
 from regrow.structural.tracing import ShapeRecorder, fill_concat_sizes, refresh_mappings
@@ -196,7 +196,7 @@ class StructureGraph:
                     model,
                     example_inputs=example_inputs,
                     forward_fn=traced,
-                    customized_pruners=customized_pruners(),
+                    customized_pruners=customized_pruners(model),
                     verbose=False,
                 )
             refresh_mappings(self.dg, shapes.shapes)
@@ -269,7 +269,7 @@ class StructureGraph:
                         out_layers.append(name)
                     if isinstance(target, ChannelShuffle):
                         reason = reason or f"its channels go through the channel shuffle {name!r}, which keeps them"
-                    if not isinstance(target, SUPPORTED):
+                    if not isinstance(target, SUPPORTED) and not is_plain_norm(target):
                         reason = reason or f"layer {name!r} of type {type(target).__name__} is not supported"
             root = group[0].dep.target.module
             # Name the group after its first output layer in registration order (the stem of a residual
@@ -441,7 +441,7 @@ def apply_cuts(model: nn.Module, cuts: list[Cut]) -> None:
     "non-positive groups is not supported").
     """
     box = tp.pruner.function.PrunerBox
-    custom = customized_pruners()
+    custom = customized_pruners(model)
     merged = merge_cuts(cuts)
     handlers = {}
     for cut in merged:

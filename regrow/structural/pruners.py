@@ -1,8 +1,11 @@
 """Layer handlers that torch-pruning lacks or gets wrong, registered per dependency graph.
 
-* ``nn.RMSNorm``: torch-pruning 1.6 has no handler, treats its weight as a loose parameter, slices it and
-  leaves ``normalized_shape`` stale, so the model fails on its next forward. :class:`RMSNormPruner`
-  slices the weight *and* updates ``normalized_shape``.
+* ``nn.RMSNorm`` and the norms libraries write as plain modules (timm's ``RmsNorm``, ``RmsNorm2d``,
+  ``SimpleNorm``: a ``normalized_shape`` and a weight of that shape, :func:`is_plain_norm`): torch-pruning
+  1.6 has no handler, treats the weight as a loose parameter, slices it and leaves ``normalized_shape``
+  stale, so the model fails on its next forward. :class:`NormPruner` slices the weight (and a bias) *and*
+  updates ``normalized_shape``; the graph then sees the norm as a layer, which the equivalence check
+  simulates over the surviving channels (regrow.structural.simulate).
 * regrow's :class:`~regrow.structural.attention.MultiheadAttention`: its input and output width (the
   residual stream) are pruned like a Linear layer's; its inner width only loses whole heads, never by
   channel, so the dependency graph treats it as one opaque layer.
@@ -30,16 +33,31 @@ def _select(param: nn.Parameter, keep: list[int], dim: int) -> nn.Parameter:
     return nn.Parameter(param.detach().index_select(dim, index).contiguous(), requires_grad=param.requires_grad)
 
 
-class RMSNormPruner(BasePruningFunc):
-    """Prunes the last normalized dimension of ``nn.RMSNorm`` and keeps ``normalized_shape`` true."""
+def is_plain_norm(module: nn.Module) -> bool:
+    """A normalisation over one dimension written as a plain module: a one-dimensional ``normalized_shape``, no
+    parameters but a weight and a bias of that shape (or None), no submodules. torch's LayerNorm is left to
+    torch-pruning's own handler."""
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(module, nn.LayerNorm) or not isinstance(shape, (tuple, list)) or len(shape) != 1:
+        return False
+    params = dict(module.named_parameters(recurse=False))
+    fits = all(p.shape == tuple(shape) for p in params.values())
+    return fits and set(params) <= {"weight", "bias"} and not any(True for _ in module.children())
+
+
+class NormPruner(BasePruningFunc):
+    """Prunes the normalized dimension of a plain norm (:func:`is_plain_norm`), keeping ``normalized_shape``
+    true."""
 
     def __init__(self) -> None:
         super().__init__(pruning_dim=-1)
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         keep = _keep(layer.normalized_shape[-1], idxs)
-        if layer.weight is not None:
-            layer.weight = _select(layer.weight, keep, layer.weight.dim() - 1)
+        for name in ("weight", "bias"):
+            if getattr(layer, name, None) is not None:
+                param = getattr(layer, name)
+                setattr(layer, name, _select(param, keep, param.dim() - 1))
         layer.normalized_shape = (*tuple(layer.normalized_shape[:-1]), len(keep))
         return layer
 
@@ -83,12 +101,16 @@ class AttentionPruner(BasePruningFunc):
         return layer.q_proj.in_features
 
 
-def customized_pruners() -> dict[type, BasePruningFunc]:
-    """Fresh handler instances for each dependency graph, so no state is shared between graphs."""
+def customized_pruners(model: nn.Module | None = None) -> dict[type, BasePruningFunc]:
+    """Fresh handler instances for each dependency graph, so no state is shared between graphs; with ``model``,
+    also one for each class of plain norm it holds."""
     pruners: dict[type, BasePruningFunc] = {
         MultiheadAttention: AttentionPruner(),
         ChannelShuffle: ChannelShufflePruner(),
     }
     if hasattr(nn, "RMSNorm"):
-        pruners[nn.RMSNorm] = RMSNormPruner()
+        pruners[nn.RMSNorm] = NormPruner()
+    for module in model.modules() if model is not None else ():
+        if type(module) not in pruners and is_plain_norm(module):
+            pruners[type(module)] = NormPruner()
     return pruners

@@ -5,8 +5,8 @@ exactly zero, everywhere they flow:
 
 * a layer that loses output channels has those outputs zeroed (Conv, Linear, BatchNorm, ...);
 * a layer that loses input channels has those inputs zeroed, so no activation of a dead channel leaks in;
-* a normalisation over the channel dimension (LayerNorm, RMSNorm, GroupNorm) computes its statistics over
-  the surviving channels only, as the shrunk layer will;
+* a normalisation over the channel dimension (LayerNorm, RMSNorm, GroupNorm, a plain norm such as timm's
+  ``RmsNorm2d``) computes its statistics over the surviving channels only, as the shrunk layer will;
 * a loose parameter (a class token, a positional embedding) has its slice zeroed;
 * a removed attention head has its value rows zeroed, so its output is exactly zero.
 
@@ -28,6 +28,7 @@ from regrow.batches import forward
 from regrow.structural.attention import MultiheadAttention
 from regrow.structural.graph import Cut
 from regrow.structural.heads import HeadGroup
+from regrow.structural.pruners import is_plain_norm
 
 RTOL = 1e-4
 ATOL = 1e-5
@@ -72,22 +73,36 @@ def _keep(total: int, idxs: tuple[int, ...]) -> Tensor:
     return torch.tensor([i for i in range(total) if i not in gone], dtype=torch.long)
 
 
-def _norm(module: nn.Module, x: Tensor, keep: Tensor) -> Tensor:
-    """LayerNorm / RMSNorm of ``x`` (channels last) over the channels ``keep`` only."""
-    shape = (*tuple(module.normalized_shape[:-1]), len(keep))
-    w = module.weight[..., keep] if module.weight is not None else None
-    if isinstance(module, nn.LayerNorm):
-        b = module.bias[..., keep] if module.bias is not None else None
-        return F.layer_norm(x[..., keep], shape, w, b, module.eps)
-    return F.rms_norm(x[..., keep], shape, w, module.eps)
+def _narrowed(module: nn.Module, keep: Tensor) -> nn.Module:
+    """A shallow copy of a LayerNorm / RMSNorm / plain norm over the channels ``keep`` only: the layer the
+    shrunk model will hold (its parameters sliced, its ``normalized_shape`` narrowed)."""
+    narrow = copy.copy(module)
+    narrow._parameters = {
+        name: None if p is None else nn.Parameter(p[..., keep], requires_grad=False)
+        for name, p in module._parameters.items()
+    }
+    narrow.normalized_shape = (*tuple(module.normalized_shape[:-1]), len(keep))
+    return narrow
 
 
-def _norm_dim(module: nn.Module, x: Tensor, out: Tensor) -> int:
-    """The dimension of ``x`` that a LayerNorm / RMSNorm normalises.
+def _couples(module: nn.Module, x: Tensor, out: Tensor, dim: int, fits: list[int], kept: int) -> bool:
+    """Whether the norm's statistics run along ``dim``: a change to one element moves the output of its
+    neighbour along ``dim`` (a norm over another dimension leaves it alone). The output is read at a kept
+    channel ``kept`` of every dimension that could be the channels: the removed channels are zero already."""
+    at = [kept if d in fits else 0 for d in range(x.dim())]
+    nudge = tuple((kept + 1) % x.shape[d] if d == dim else i for d, i in enumerate(at))
+    nudged = x.clone()
+    nudged[nudge] += 1.0 + nudged[nudge].abs()
+    return bool(module.forward(nudged)[tuple(at)] != out[tuple(at)])
 
-    The last one, as torch defines them; but a subclass may override ``forward``: timm's ``LayerNorm2d``
-    (ConvNeXt, EfficientFormer, ...) permutes NCHW to NHWC and back, normalising dim 1. When both dimensions
-    are as wide as the channels (a 16x16 map of 16 channels), the module's own output tells them apart.
+
+def _norm_dim(module: nn.Module, x: Tensor, out: Tensor, keep: Tensor) -> int:
+    """The dimension of ``x`` that a LayerNorm / RMSNorm / plain norm normalises.
+
+    The last one, as torch defines them; but a subclass or another library's norm may normalise dim 1: timm's
+    ``LayerNorm2d`` (ConvNeXt, EfficientFormer, ...) permutes NCHW to NHWC and back, its ``RmsNorm2d`` averages
+    over dim 1. When both dimensions are as wide as the channels (a 16x16 map of 16 channels), the one along
+    which the norm couples its inputs is the channels.
     """
     last = x.dim() - 1
     if type(module).forward in (nn.LayerNorm.forward, getattr(getattr(nn, "RMSNorm", None), "forward", None)):
@@ -95,8 +110,7 @@ def _norm_dim(module: nn.Module, x: Tensor, out: Tensor) -> int:
     width = module.normalized_shape[-1]
     fits = [d for d in dict.fromkeys((last, 1)) if 0 < d <= last and x.shape[d] == width]
     if len(fits) > 1:
-        everything = torch.arange(width, device=x.device)
-        fits = [d for d in fits if torch.allclose(_norm(module, x.movedim(d, -1), everything).movedim(-1, d), out)]
+        fits = [d for d in fits if _couples(module, x, out, d, fits, int(keep[0]))] or fits
     return fits[0] if fits else last
 
 
@@ -110,16 +124,13 @@ def _masked_norm(module: nn.Module, x: Tensor, keep: Tensor, out: Tensor) -> Ten
         b = module.bias[keep] if module.bias is not None else None
         result[:, keep] = F.group_norm(x[:, keep], module.num_groups, w, b, module.eps)
         return result
-    dim = _norm_dim(module, x, out)
-    result.movedim(dim, -1)[..., keep] = _norm(module, x.movedim(dim, -1), keep)
-    return result
+    dim = _norm_dim(module, x, out, keep)
+    # forward, not __call__: the hook that called this function is registered on the module being copied
+    return result.index_copy_(dim, keep, _narrowed(module, keep).forward(x.index_select(dim, keep)))
 
 
 def _is_channel_norm(module: nn.Module) -> bool:
-    norms: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm)
-    if hasattr(nn, "RMSNorm"):
-        norms += (nn.RMSNorm,)
-    return isinstance(module, norms)
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or is_plain_norm(module)
 
 
 @torch.no_grad()

@@ -12,8 +12,9 @@ each: ``resnet``, ``convnext``, ``levit``, ...), the model with the fewest param
 Random initial weights (seed 0; a classifier that starts at zero gets random ones, as in benchmarks.zoo), 10
 classes, ``regrow.prune(model, pattern="channel", macs=0.5, example_inputs=torch.randn(2, 3, S, S))``. S: 64 px
 for a convolutional network, 96 for torchvision's Inception-v3 (its smallest input), the input size a model is
-built for when it fixes one (ViT, Swin, MaxViT, ...; timm's ``fixed_input_size``) and timm's
-``min_input_size`` where it gives one. Each model runs in its own process with a time limit, so that one that
+built for when it fixes one (ViT, Swin, MaxViT, ...; timm's ``fixed_input_size``), timm's ``min_input_size``
+where it gives one; a model that does not run at that size yet names no minimum (Inception) gets the next of
+96 px, 128 px and its default size that runs. Each model runs in its own process with a time limit, so that one that
 hangs or runs out of memory is reported and the others still run. Per model: MACs kept, whether the equivalence
 check passed, groups left out for a reason that is not benign, seconds to prune (tracing included), or the
 failure's first line. Where torchvision does not import (a CPU-only torch) the unpacked copy ``make install``
@@ -83,10 +84,17 @@ def _timm_model(name: str, copy: Path) -> tuple[nn.Module, int]:
     model = _timm(copy).create_model(name, pretrained=False, num_classes=10)
     config = model.pretrained_cfg
     if config.get("fixed_input_size"):
-        size = config["input_size"][-1]
-    else:
-        size = max(64, (config.get("min_input_size") or (3, 0, 0))[-1])
-    return model, size
+        return model, config["input_size"][-1]
+    smallest = max(64, (config.get("min_input_size") or (3, 0, 0))[-1])
+    # A model may not run at that size yet name no minimum (Inception needs 75 px): the next that runs.
+    for size in sorted({smallest, *(s for s in (96, 128) if s > smallest), config["input_size"][-1]}):
+        try:
+            with torch.no_grad():
+                model.eval()(torch.randn(1, 3, size, size))
+        except RuntimeError:
+            continue
+        return model, size
+    return model, config["input_size"][-1]  # none runs: the failure shows in the row
 
 
 def one(source: str, name: str, copy: Path) -> dict[str, Any]:

@@ -439,3 +439,35 @@ def test_a_gated_concatenation_prunes_without_emptying_a_branch():
     report = regrow.structural.shrink(model, pattern="channel", sparsity=0.8, example_inputs=x, round_to=1)
     assert report.equivalence.passed
     assert model.short.out_channels == 1 and model.main.out_channels >= 1
+
+
+class HeadsInTheBatch(nn.Module):
+    """EfficientFormerV2's attention: heads folded into the batch for ``bmm`` and unfolded back, twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.qkv, self.proj = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 24, 1), nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        b, _, h, w = x.shape
+        q, k, v = (t.reshape(b * 2, -1, h * w) for t in self.qkv(x).chunk(3, dim=1))
+        attn = torch.bmm(q.transpose(1, 2), k).softmax(-1)
+        y = torch.bmm(v, attn.transpose(1, 2)).reshape(b, -1, h, w)
+        return self.fc((x + self.proj(y)).mean((2, 3)))
+
+
+def test_a_reshape_that_folds_the_batch_maps_no_channel():
+    # Was: read as flattens of dim 1, such reshapes mapped channel c to c * stride onwards, and chained they
+    # multiplied the indices (8192 into 262144): efficientformerv2_s0 found no group within 300 s.
+    torch.manual_seed(0)
+    model, x = HeadsInTheBatch().eval(), torch.randn(2, 3, 4, 4)
+    graph = StructureGraph(model, x)
+    groups = {g.name: g for g in graph.channel_groups({n for n, _ in model.named_modules()}, set(), {})}
+    stem = {(c.target, c.out, c.idxs) for c in graph.cuts(groups["stem"], [1])}
+    assert stem == {("stem", True, (1,)), ("qkv", False, (1,)), ("proj", True, (1,)), ("fc", False, (1,))}
+    # Through the folds nothing maps: before, channel 1 of qkv took channels 9 and 17 and proj's input 1 along.
+    assert {(c.target, c.out, c.idxs) for c in graph.cuts(groups["qkv"], [1])} == {("qkv", True, (1,))}
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, example_inputs=x, round_to=1)
+    assert report.equivalence.passed and model.stem.out_channels == 4

@@ -22,7 +22,7 @@ from torch import nn
 from torch_pruning import ops
 from torch_pruning.dependency import shape_infer
 
-from regrow.batches import forward
+from regrow.batches import batch_size, forward
 from regrow.errors import RegrowError
 from regrow.structural.attention import MultiheadAttention
 from regrow.structural.coupling import Coupling, couple
@@ -199,7 +199,7 @@ class StructureGraph:
                     customized_pruners=customized_pruners(model),
                     verbose=False,
                 )
-            refresh_mappings(self.dg, shapes.shapes)
+            refresh_mappings(self.dg, shapes.shapes, _batch(example_inputs))
         except RegrowError:
             raise
         except Exception as exc:  # noqa: BLE001 - tracing runs the user's forward; report it in one line
@@ -390,6 +390,14 @@ class StructureGraph:
             is_out = self.dg.is_out_channel_pruning_fn(handler)
             return Cut(self.names[target], "module", is_out, plain, layer_type=type(target).__name__)
         return None
+
+
+def _batch(inputs: Any) -> int:
+    """The batch size of the example inputs; -1 where their structure does not tell (no batch folds are read)."""
+    try:
+        return batch_size(inputs)
+    except (RegrowError, AttributeError, StopIteration):
+        return -1
 
 
 def _width(graph: StructureGraph, target: str) -> float:

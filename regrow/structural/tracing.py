@@ -10,7 +10,10 @@ channels last, and three of their operations were mapped wrong:
 * a **reshape that keeps the channels last** (Swin's ``(B, H, W, C) -> (B, H/2, 2, W/2, 2, C)``) was read as
   a flatten when the channel count downstream differed: channel ``c`` became channels ``4c .. 4c + 3``;
 * a **flatten of channels-last dimensions** (Swin's patch merging, ``(B, H/2, W/2, 2, 2, C) -> (B, H/2, W/2,
-  4C)``) puts channel ``c`` at ``c + k*C`` (k < 4), interleaved the other way round.
+  4C)``) puts channel ``c`` at ``c + k*C`` (k < 4), interleaved the other way round;
+* a **reshape that folds the batch with another dimension** (attention's heads into the batch before a
+  ``bmm``) maps no channel at all; read as flattens, a chain of them multiplied the indices until one group
+  took minutes to map (EfficientFormerV2).
 
 :func:`refresh_mappings` recomputes torch-pruning's mappings and applies the corrections (the output shape of
 each reshape comes from :class:`ShapeRecorder`, which watches the tracing forward pass). A corrected node is
@@ -165,6 +168,33 @@ def _channels_last_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None
             _retype(node, TiledIndexMapping(channels, tiles), TiledIndexMapping(channels, tiles, reverse=True))
 
 
+def _merges_batch(a: list[int], b: list[int], batch: int) -> bool:
+    """Whether shape ``b`` is ``a`` (whose dim 0 is the ``batch``) with dim 1, or a leading factor of it, merged
+    into dim 0: (B, h, N, d) into (B*h, N, d), or (B, h*d, N) into (B*h, d, N)."""
+    if len(a) < 2 or len(b) < 2 or a[0] != batch or b[0] <= a[0] or b[0] % a[0]:
+        return False
+    k = b[0] // a[0]
+    return k == a[1] or (a[1] % k == 0 and b[1] == a[1] // k)
+
+
+def _batch_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) -> None:
+    """Reshapes that merge the batch with another dimension, or split it (attention folding its heads into the
+    batch for a ``bmm``: EfficientFormerV2): no channel of the input is a channel of the
+    output. torch-pruning reads them as flattens of dim 1 and maps channel ``c`` to ``c * stride`` onwards; a
+    chain of them multiplies the indices (8192 into 262144) until one root's mapping runs for minutes. They map
+    nothing; a coupling this leaves unseen fails the group's probe (regrow.structural.units)."""
+    for node in list(dg.module2node.values()):
+        fn = node.grad_fn
+        if node.type != ops.OPTYPE.RESHAPE or not hasattr(fn, "_saved_self_sym_sizes") or fn not in shapes:
+            continue
+        before, after = [int(s) for s in fn._saved_self_sym_sizes], list(shapes[fn])
+        if not (_merges_batch(before, after, batch) or _merges_batch(after, before, batch)):
+            continue  # not the batch: a table flattened (Swin V2's position bias, (16, 16, h) into (256, h))
+        if before[-1] == after[-1] and (min(len(before), len(after)) == 2 or before[-1] == _channels_in(dg, node)):
+            continue  # channels last, kept: tokens (B*N, C) into (B, N, C) and back, as torch-pruning maps them
+        _retype(node, _none, _none)
+
+
 def fill_concat_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
     """Channel counts of concatenation inputs torch-pruning cannot infer, read from the traced shapes.
 
@@ -196,9 +226,11 @@ def fill_concat_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) 
             node.module.concat_sizes = [r[1] for r in recorded]
 
 
-def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
-    """torch-pruning's index mappings, recomputed, with regrow's corrections for channels-last layouts."""
+def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) -> None:
+    """torch-pruning's index mappings, recomputed, with regrow's corrections for channels-last layouts and for
+    the folds of the example inputs' ``batch`` with other dimensions."""
     index_mapping.update_index_mapping(dg)
     _untie_spatial_slices(dg)
     _untie_broadcasts(dg)
     _channels_last_reshapes(dg, shapes)
+    _batch_reshapes(dg, shapes, batch)

@@ -9,6 +9,7 @@ cores.
 
 from __future__ import annotations
 
+import importlib
 import random
 import re
 
@@ -21,6 +22,7 @@ from torch_pruning import ops
 
 import regrow
 from conftest import import_timm
+from regrow.errors import RegrowError
 from regrow.structural.budget import Unitized, select, take
 from regrow.structural.graph import StructureGraph, merge_cuts
 
@@ -471,3 +473,46 @@ def test_a_reshape_that_folds_the_batch_maps_no_channel():
     assert {(c.target, c.out, c.idxs) for c in graph.cuts(groups["qkv"], [1])} == {("qkv", True, (1,))}
     report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, example_inputs=x, round_to=1)
     assert report.equivalence.passed and model.stem.out_channels == 4
+
+
+def test_a_candidate_a_layer_handler_refuses_is_a_clear_error_and_the_model_is_untouched(monkeypatch):
+    # Was: a loose parameter sliced to nothing raised index_select's dtype error from inside the budget search
+    # (timm's rdnet_tiny), a bare RuntimeError.
+    torch.manual_seed(0)
+    model, x = GatedConcat().eval(), torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    units = importlib.import_module("regrow.structural.units")
+    real = units.apply_cuts
+
+    def apply_cuts(model, cuts):
+        if any(len(c.idxs) > 3 for c in cuts):  # the probes remove three units at most; the search more
+            raise ValueError("cannot slice that")
+        return real(model, cuts)
+
+    monkeypatch.setattr(units, "apply_cuts", apply_cuts)
+    with pytest.raises(RegrowError, match=r"a shrunk candidate could not be built \(ValueError: cannot slice that\)"):
+        regrow.structural.shrink(model, pattern="channel", macs=0.3, example_inputs=x, round_to=1)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class LearnedChannels(GatedConcat):
+    """A branch that is a loose parameter: four learned constant channels concatenated to a conv's four."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.constant = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        both = torch.cat([self.main(x), self.constant.expand(x.shape[0], 4, *x.shape[2:])], dim=1)
+        both = both * torch.sigmoid(self.gate(both.mean((2, 3), keepdim=True)))
+        return self.final(both).mean((2, 3))
+
+
+def test_a_loose_parameter_that_holds_part_of_a_group_keeps_some_of_its_units():
+    # Was: sliced to nothing, index_select's dtype error (timm's rdnet_tiny, a bare RuntimeError).
+    torch.manual_seed(0)
+    model, x = LearnedChannels().eval(), torch.randn(2, 3, 8, 8)
+    graph = StructureGraph(model, x)
+    groups = {g.name: g for g in graph.channel_groups({n for n, _ in model.named_modules()}, set(), {})}
+    assert graph.parts(groups["main"]) == ((0, 1, 2, 3), (4, 5, 6, 7))

@@ -357,22 +357,22 @@ class StructureGraph:
         return [c for node, handler, idxs in members if (c := self._cut(node, handler, idxs)) is not None]
 
     def parts(self, group: ChannelGroup) -> tuple[tuple[int, ...], ...]:
-        """The units of each layer that holds only some of the group's channels and would be left with none
-        were they all removed (one input of a concatenation whose output is the group's root): the selection
-        leaves each of them some units (regrow.structural.budget)."""
+        """The units of each layer (or loose parameter) that holds only some of the group's channels and would be
+        left with none were they all removed (one input of a concatenation whose output is the group's root):
+        the selection leaves each of them some units (regrow.structural.budget)."""
         every = list(range(group.units))
         partial = {
-            c.target
+            (c.target, c.kind)
             for c in self.cuts(group, every)
-            if c.kind == "module" and c.out and len(c.idxs) < group.channels and len(c.idxs) >= _width(self, c.target)
+            if (c.out or c.kind == "param") and group.channels > len(c.idxs) >= _width(self, c)
         }
         if not partial:
             return ()
-        hits: dict[str, list[int]] = {t: [] for t in partial}
+        hits: dict[tuple[str, str], list[int]] = {t: [] for t in partial}
         for unit in every:
             for c in self.cuts(group, [unit]):
-                if c.target in hits and c.kind == "module" and c.out:
-                    hits[c.target].append(unit)
+                if (c.target, c.kind) in hits and (c.out or c.kind == "param"):
+                    hits[c.target, c.kind].append(unit)
         return tuple(sorted({tuple(units) for units in hits.values() if units}))
 
     def _cut(self, node: Any, handler: Any, idxs: list[int]) -> Cut | None:
@@ -400,10 +400,14 @@ def _batch(inputs: Any) -> int:
         return -1
 
 
-def _width(graph: StructureGraph, target: str) -> float:
-    """Output channels of a layer (its weight's first dimension; a norm's features); infinity when unknown, so
-    that a layer of unknown width is never taken for one a removal could empty."""
-    module = graph.model.get_submodule(target) if target else graph.model
+def _width(graph: StructureGraph, cut: Cut) -> float:
+    """The size of what ``cut`` slices: a layer's output channels (its weight's first dimension; a norm's
+    features) or a parameter's dimension; infinity when unknown, so that it is never taken for one a removal
+    could empty."""
+    if cut.kind == "param":
+        param = graph.model.get_parameter(cut.target)
+        return param.shape[cut.dim % param.dim()] if param.dim() else math.inf
+    module = graph.model.get_submodule(cut.target) if cut.target else graph.model
     for attr in ("out_channels", "out_features", "num_features"):
         if isinstance(getattr(module, attr, None), int):
             return getattr(module, attr)
@@ -432,7 +436,7 @@ def _slice_param(model: nn.Module, cut: Cut) -> None:
     param = getattr(parent, attr)
     dim = cut.dim % param.dim()
     gone = set(cut.idxs)
-    keep = torch.tensor([i for i in range(param.shape[dim]) if i not in gone], device=param.device)
+    keep = torch.tensor([i for i in range(param.shape[dim]) if i not in gone], dtype=torch.long, device=param.device)
     setattr(
         parent,
         attr,

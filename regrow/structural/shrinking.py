@@ -125,7 +125,16 @@ def _measure_for(
         if kind == "sparsity":
             return sum(len(v) for v in removed.values()) / baseline.units
         trial = copy.deepcopy(host)
-        _apply(trial, active, removed)
+        try:
+            _apply(trial, active, removed)
+        except RegrowError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a layer handler refused the removal; reported in one line
+            raise RegrowError(
+                f"a shrunk candidate could not be built ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                "each group passed its probe, so a larger removal breaks a coupling regrow does not see: leave the "
+                "group out with ignore=[...]."
+            ) from None
         if kind == "macs":
             value = dense_macs(trial, prepared.host_one, budget.within)
             if value is None:

@@ -18,7 +18,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def _commit() -> str | None:
-    """The checkout's commit, with "+changes" when tracked files differ from it; None outside a git checkout."""
+    """The checkout's commit, with "+changes" when the code (regrow, the benchmark scripts) differs from it; None
+    outside a git checkout. Results files written by an earlier run do not count."""
     root = Path(__file__).parent.parent
 
     def git(*args: str) -> str:
@@ -27,7 +28,8 @@ def _commit() -> str | None:
 
     try:
         head = git("rev-parse", "--short", "HEAD")
-        return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "regrow", "benchmarks/*.py")
+        return head + ("+changes" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return None
 

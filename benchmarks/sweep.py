@@ -90,7 +90,7 @@ def _timm_model(name: str, copy: Path) -> tuple[nn.Module, int]:
     for size in sorted({smallest, *(s for s in (96, 128) if s > smallest), config["input_size"][-1]}):
         try:
             with torch.no_grad():
-                model.eval()(torch.randn(1, 3, size, size))
+                model.eval()(torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)))
         except RuntimeError:
             continue
         return model, size
@@ -187,7 +187,7 @@ def _earlier(out: Path, source: str) -> tuple[list[dict[str, Any]], list[dict[st
     if not path.exists():
         return [], [], 0
     saved = json.loads(path.read_text())
-    runs = saved.get("runs") or [saved["info"]]
+    runs = saved.get("runs") or ([saved["info"]] if "info" in saved else [])
     return runs, [{"run": 1, **row} for row in saved["rows"]], saved.get("total", len(saved["rows"]))
 
 

@@ -21,5 +21,11 @@ def one_of(what: str, value: object, allowed: Iterable[str]) -> RegrowError:
     return RegrowError(f"unknown {what} {value!r}; allowed values: {choices}.")
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (``Type`` alone for an empty message, as a bare ``assert`` gives)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit]}" if lines else type(exc).__name__
+
+
 class SpeedWarning(UserWarning):
     """The chosen pruning will not make the model faster on dense kernels, or its widths are unfriendly."""

@@ -242,6 +242,7 @@ def _structural_curves(
 ) -> tuple[list[UnitCurve], tuple[int, int]]:
     from regrow.structural import prepare
     from regrow.structural.batchnorm import recalibrate_batchnorm
+    from regrow.structural.budget import take
 
     work = copy.deepcopy(model)
     prepared = prepare(
@@ -263,7 +264,7 @@ def _structural_curves(
         for level in levels:
             n = min(unit.group.units - 1, math.ceil(level * unit.group.units - 1e-9))
             trial = copy.deepcopy(work)
-            prepared.apply(trial, {unit.name: sorted(order[:n])})
+            prepared.apply(trial, {unit.name: sorted(take(scores, order, n, 1.0))})  # every part keeps a unit
             recalibrate_batchnorm(trial, calib)  # as pruning itself does (adaptive BN)
             metrics = classification_metrics(trial, calib)
             losses.append(metrics["loss"])

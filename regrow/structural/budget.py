@@ -310,7 +310,8 @@ def check_reachable(
     text = (
         f"the {what} budget {target:g} cannot be met within {100 * tolerance:g}%: the closest selection gives "
         f"{result.achieved:.4g}. Units are coarse (few or wide channels, round_to), each group keeps at least "
-        f"{1 - max_sparsity:.0%} of its units (max_sparsity), and excluded groups cannot help"
+        f"{1 - max_sparsity:.0%} of its units (max_sparsity), as does each layer that holds part of a group, and "
+        "excluded groups cannot help"
     )
     if miss > 5 * TOLERANCE:
         raise RegrowError(text + "; raise max_sparsity, lower round_to, or ask for a reachable budget.")

@@ -396,7 +396,7 @@ def _batch(inputs: Any) -> int:
     """The batch size of the example inputs; -1 where their structure does not tell (no batch folds are read)."""
     try:
         return batch_size(inputs)
-    except (RegrowError, AttributeError, StopIteration):
+    except (RegrowError, AttributeError, IndexError, StopIteration, TypeError):
         return -1
 
 
@@ -408,7 +408,7 @@ def _width(graph: StructureGraph, cut: Cut) -> float:
         param = graph.model.get_parameter(cut.target)
         return param.shape[cut.dim % param.dim()] if param.dim() else math.inf
     module = graph.model.get_submodule(cut.target) if cut.target else graph.model
-    for attr in ("out_channels", "out_features", "num_features"):
+    for attr in ("out_channels", "out_features", "num_features", "embedding_dim"):
         if isinstance(getattr(module, attr, None), int):
             return getattr(module, attr)
     weight = getattr(module, "weight", None)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from regrow.batches import forward, to_device, unpack
-from regrow.errors import RegrowError
+from regrow.errors import RegrowError, first_line
 from regrow.select import resolve_targets
 from regrow.structural.arch import tied_parameters
 from regrow.structural.budget import Unitized
@@ -257,6 +257,6 @@ def _host_inputs(model: nn.Module, host: nn.Module, inputs: Any) -> Any:
         raise RegrowError(
             "structural pruning runs its probes and checks on a CPU copy of the model (a failed probe on a GPU can "
             "poison the whole CUDA context), but this model does not run on the CPU "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})."
+            f"({first_line(exc)})."
         ) from None
     return moved

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from regrow.batches import forward, model_device
-from regrow.errors import RegrowError
+from regrow.errors import RegrowError, first_line
 from regrow.measure.cost import count_params, dense_macs
 from regrow.structural.arch import retie, tied_parameters
 from regrow.structural.batchnorm import has_batchnorm, recalibrate_batchnorm
@@ -131,7 +131,7 @@ def _measure_for(
             raise
         except Exception as exc:  # noqa: BLE001 - a layer handler refused the removal; reported in one line
             raise RegrowError(
-                f"a shrunk candidate could not be built ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                f"a shrunk candidate could not be built ({first_line(exc)}); "
                 "each group passed its probe, so a larger removal breaks a coupling regrow does not see: leave the "
                 "group out with ignore=[...]."
             ) from None
@@ -159,7 +159,7 @@ def _failure(trial: nn.Module, prepared: Prepared, required: bool = False) -> st
             forward(trial, prepared.host_one)
     except Exception as exc:  # noqa: BLE001 - the user's forward on a shrunk copy; reported in one line
         text = (
-            f"it does not run ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); each group passed its "
+            f"it does not run ({first_line(exc)}); each group passed its "
             "probe, so a larger removal breaks a coupling regrow does not see: leave the group out with ignore=[...]."
         )
         if required:

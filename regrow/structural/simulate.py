@@ -85,18 +85,20 @@ def _narrowed(module: nn.Module, keep: Tensor) -> nn.Module:
     return narrow
 
 
-def _couples(module: nn.Module, x: Tensor, out: Tensor, dim: int, fits: list[int], kept: int) -> bool:
-    """Whether the norm's statistics run along ``dim``: a change to one element moves the output of its
-    neighbour along ``dim`` (a norm over another dimension leaves it alone). The output is read at a kept
-    channel ``kept`` of every dimension that could be the channels: the removed channels are zero already."""
-    at = [kept if d in fits else 0 for d in range(x.dim())]
-    nudge = tuple((kept + 1) % x.shape[d] if d == dim else i for d, i in enumerate(at))
+def _couples(module: nn.Module, x: Tensor, out: Tensor, dim: int) -> bool:
+    """Whether the norm's statistics run along ``dim``: nudging the neighbour, along ``dim``, of the input's
+    largest element moves another output on that line (a norm over another dimension leaves the line alone but
+    for the nudged element itself). The largest element is not zero, so its own output must move."""
+    at = [int(i) for i in torch.unravel_index(x.abs().argmax(), x.shape)]
+    nudge = tuple((at[d] + 1) % x.shape[d] if d == dim else at[d] for d in range(x.dim()))
     nudged = x.clone()
     nudged[nudge] += 1.0 + nudged[nudge].abs()
-    return bool(module.forward(nudged)[tuple(at)] != out[tuple(at)])
+    moved = module.forward(nudged) != out
+    moved[nudge] = False
+    return bool(moved[tuple(slice(None) if d == dim else at[d] for d in range(x.dim()))].any())
 
 
-def _norm_dim(module: nn.Module, x: Tensor, out: Tensor, keep: Tensor) -> int:
+def _norm_dim(module: nn.Module, x: Tensor, out: Tensor) -> int:
     """The dimension of ``x`` that a LayerNorm / RMSNorm / plain norm normalises.
 
     The last one, as torch defines them; but a subclass or another library's norm may normalise dim 1: timm's
@@ -110,7 +112,7 @@ def _norm_dim(module: nn.Module, x: Tensor, out: Tensor, keep: Tensor) -> int:
     width = module.normalized_shape[-1]
     fits = [d for d in dict.fromkeys((last, 1)) if 0 < d <= last and x.shape[d] == width]
     if len(fits) > 1:
-        fits = [d for d in fits if _couples(module, x, out, d, fits, int(keep[0]))] or fits
+        fits = [d for d in fits if _couples(module, x, out, d)] or fits
     return fits[0] if fits else last
 
 
@@ -124,13 +126,14 @@ def _masked_norm(module: nn.Module, x: Tensor, keep: Tensor, out: Tensor) -> Ten
         b = module.bias[keep] if module.bias is not None else None
         result[:, keep] = F.group_norm(x[:, keep], module.num_groups, w, b, module.eps)
         return result
-    dim = _norm_dim(module, x, out, keep)
+    dim = _norm_dim(module, x, out)
     # forward, not __call__: the hook that called this function is registered on the module being copied
     return result.index_copy_(dim, keep, _narrowed(module, keep).forward(x.index_select(dim, keep)))
 
 
 def _is_channel_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or is_plain_norm(module)
+    rms = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()  # over one dimension or several
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, *rms)) or is_plain_norm(module)
 
 
 @torch.no_grad()

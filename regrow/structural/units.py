@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from regrow.errors import RegrowError
+from regrow.errors import RegrowError, first_line
 from regrow.structural.graph import ChannelGroup, Cut, StructureGraph, apply_cuts
 from regrow.structural.heads import HeadGroup
 from regrow.structural.mlp import MlpGroup
@@ -92,7 +92,7 @@ def _probe(model: nn.Module, units: list[_Unit], inputs: Any, compare: Compare) 
     except RegrowError as exc:
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - any failure means regrow cannot shrink this group correctly
-        return f"shrinking it breaks the forward pass ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        return f"shrinking it breaks the forward pass ({first_line(exc)})"
     if not eq.passed:
         return f"the shrunk layers do not match their simulation (max difference {eq.max_abs_diff:.3g})"
     return None

@@ -180,11 +180,11 @@ def _merges_batch(a: list[int], b: list[int], batch: int) -> bool:
 def _batch_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) -> None:
     """Reshapes that merge the batch with another dimension, or split it (attention folding its heads into the
     batch for a ``bmm``: EfficientFormerV2): no channel of the input is a channel of the
-    output. Where torch-pruning infers different widths on the two sides it reads them as flattens of dim 1 and
-    maps channel ``c`` to ``c * stride`` onwards; a chain of them multiplies the indices (8192 into 262144) until
-    one root's mapping runs for minutes. Those map nothing here; a coupling this leaves unseen fails the group's
-    probe (regrow.structural.units). Where it infers the same width (frames folded into the batch of a 2-D CNN,
-    (B, T, C, H, W) into (B*T, C, H, W)), its identity mapping stays."""
+    output. torch-pruning reads them as flattens of dim 1 and maps channel ``c`` to ``c * stride`` onwards; a
+    chain of them multiplies the indices (8192 into 262144) until one root's mapping runs for minutes. Those
+    map nothing here; a coupling this leaves unseen fails the group's probe (regrow.structural.units). Left to
+    torch-pruning: folds in which the channels of the layer before stay one whole dimension (frames through a
+    2-D CNN, (B, T, C, H, W) into (B*T, C, H, W)) and token folds with the channels last."""
     for node in list(dg.module2node.values()):
         fn = node.grad_fn
         if node.type != ops.OPTYPE.RESHAPE or not hasattr(fn, "_saved_self_sym_sizes") or fn not in shapes:
@@ -192,9 +192,10 @@ def _batch_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) -> 
         before, after = [int(s) for s in fn._saved_self_sym_sizes], list(shapes[fn])
         if not (_merges_batch(before, after, batch) or _merges_batch(after, before, batch)):
             continue  # not the batch: a table flattened (Swin V2's position bias, (16, 16, h) into (256, h))
-        if not any(isinstance(dep.index_mapping[0], index_mapping._FlattenIndexMapping) for dep in _stale_edges(node)):
-            continue  # torch-pruning maps it as the identity: the same width on both sides ((B*T, C, H, W) and back)
-        if before[-1] == after[-1] and (min(len(before), len(after)) == 2 or before[-1] == _channels_in(dg, node)):
+        channels = _channels_in(dg, node)
+        if channels is not None and channels in before[1:3] and channels in after[1:3]:
+            continue  # the channels stay one whole dimension: frames, (B, T, C, H, W) into (B*T, C, H, W) and back
+        if before[-1] == after[-1] and (min(len(before), len(after)) == 2 or before[-1] == channels):
             continue  # channels last, kept: tokens (B*N, C) into (B, N, C) and back, as torch-pruning maps them
         _retype(node, _none, _none)
 

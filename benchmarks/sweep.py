@@ -152,7 +152,7 @@ def _write(out: Path, source: str, rows: list[dict[str, Any]], runs: list[dict[s
     out.mkdir(parents=True, exist_ok=True)
     saved = {"runs": runs, "total": total, "rows": rows}
     (out / f"{source}.json").write_text(json.dumps(saved, indent=1) + "\n")
-    several = len(runs) > 1
+    several = len({r["run"] for r in rows}) > 1
     table = [
         ([r["run"]] if several else [])
         + ([r["model"], r["size"], r["macs_kept"], "yes" if r["within"] else "**no**", r["check"], r["seconds"],
@@ -162,7 +162,8 @@ def _write(out: Path, source: str, rows: list[dict[str, Any]], runs: list[dict[s
         for r in rows
     ]  # fmt: skip
     passed = sum(1 for r in rows if "error" not in r and r["within"] and r["check"] and not r["left_out"])
-    stamps = [(f"Run {i}: " if several else "") + stamp_markdown(info) for i, info in enumerate(runs, 1)]
+    used = {r["run"] for r in rows}  # a run whose rows were all measured again later is not listed
+    stamps = [(f"Run {i}: " if several else "") + stamp_markdown(info) for i, info in enumerate(runs, 1) if i in used]
     header = ["model", "px", "MACs kept", "within 2 %", "check", "s", "left out / failure"]
     text = [
         f"# {TITLES[source]}",

@@ -90,6 +90,11 @@ def test_each_family_prunes_to_half_its_macs_with_the_check_passing(family):
     assert y.shape == (2, 10) and torch.isfinite(y).all()
 
 
+def _groups(graph, model):
+    """Every channel group of ``model``, every layer a candidate, by name."""
+    return {g.name: g for g in graph.channel_groups({n for n, _ in model.named_modules()}, set(), {})}
+
+
 def _cut_set(cuts):
     return sorted((c.target, c.kind, c.out, c.idxs) for c in merge_cuts(cuts))
 
@@ -101,7 +106,7 @@ def test_cuts_read_off_one_walk_are_torch_prunings_own(family):
     model, x = build(family)
     graph = StructureGraph(model, x)
     rng = random.Random(0)
-    groups = [g for g in graph.channel_groups({n for n, _ in model.named_modules()}, set(), {}) if g.coupling]
+    groups = [g for g in _groups(graph, model).values() if g.coupling]
     assert groups
     for group in groups:
         removed = sorted(rng.sample(range(group.units), rng.randint(1, group.units - 1)))
@@ -400,9 +405,11 @@ class GatedConcat(nn.Module):
         self.gate = nn.Conv2d(8, 8, 1)
         self.final = nn.Conv2d(8, 6, 1)
 
+    def branches(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.main(x), self.short(x)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        both = torch.cat([self.main(x), self.short(x)], dim=1)
+        both = torch.cat(self.branches(self.stem(x)), dim=1)
         both = both * torch.sigmoid(self.gate(both.mean((2, 3), keepdim=True)))
         return self.final(both).mean((2, 3))
 
@@ -411,7 +418,7 @@ def test_the_units_of_each_input_of_a_concatenation_are_a_part_of_its_group():
     torch.manual_seed(0)
     model, x = GatedConcat().eval(), torch.randn(2, 3, 8, 8)
     graph = StructureGraph(model, x)
-    groups = {g.name: g for g in graph.channel_groups({n for n, _ in model.named_modules()}, set(), {})}
+    groups = _groups(graph, model)
     assert graph.parts(groups["main"]) == ((0, 1, 2, 3), (4, 5, 6, 7))  # main, short and the gate
     assert graph.parts(groups["stem"]) == ()  # every member holds all the group's channels
 
@@ -507,11 +514,8 @@ class LearnedChannels(GatedConcat):
         super().__init__()
         self.constant = nn.Parameter(torch.randn(1, 4, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        both = torch.cat([self.main(x), self.constant.expand(x.shape[0], 4, *x.shape[2:])], dim=1)
-        both = both * torch.sigmoid(self.gate(both.mean((2, 3), keepdim=True)))
-        return self.final(both).mean((2, 3))
+    def branches(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.main(x), self.constant.expand(x.shape[0], 4, *x.shape[2:])]
 
 
 def test_a_loose_parameter_that_holds_part_of_a_group_keeps_some_of_its_units():
@@ -519,7 +523,7 @@ def test_a_loose_parameter_that_holds_part_of_a_group_keeps_some_of_its_units():
     torch.manual_seed(0)
     model, x = LearnedChannels().eval(), torch.randn(2, 3, 8, 8)
     graph = StructureGraph(model, x)
-    groups = {g.name: g for g in graph.channel_groups({n for n, _ in model.named_modules()}, set(), {})}
+    groups = _groups(graph, model)
     assert graph.parts(groups["main"]) == ((0, 1, 2, 3), (4, 5, 6, 7))
 
 
@@ -565,7 +569,7 @@ def test_a_fold_that_keeps_the_channels_keeps_its_mapping():
     torch.manual_seed(0)
     model, x = FramesInTheBatch().eval(), torch.randn(2, 3, 3, 5, 5)
     graph = StructureGraph(model, x)
-    groups = {g.name: g for g in graph.channel_groups({n for n, _ in model.named_modules()}, set(), {})}
+    groups = _groups(graph, model)
     cuts = {(c.target, c.out, c.idxs) for c in graph.cuts(groups["c1"], [1])}
     assert cuts == {("c1", True, (1,)), ("c2", False, (1,))}
 

@@ -401,18 +401,13 @@ def _batch(inputs: Any) -> int:
 
 
 def _width(graph: StructureGraph, cut: Cut) -> float:
-    """The size of what ``cut`` slices: a layer's output channels (its weight's first dimension; a norm's
-    features) or a parameter's dimension; infinity when unknown, so that it is never taken for one a removal
-    could empty."""
+    """The size of what ``cut`` slices: a layer's output channels (as its handler counts them) or a parameter's
+    dimension; infinity when unknown, so that it is never taken for one a removal could empty."""
     if cut.kind == "param":
         param = graph.model.get_parameter(cut.target)
         return param.shape[cut.dim % param.dim()] if param.dim() else math.inf
-    module = graph.model.get_submodule(cut.target) if cut.target else graph.model
-    for attr in ("out_channels", "out_features", "num_features", "embedding_dim"):
-        if isinstance(getattr(module, attr, None), int):
-            return getattr(module, attr)
-    weight = getattr(module, "weight", None)
-    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() > 0 else math.inf
+    width = graph.dg.get_out_channels(graph.model.get_submodule(cut.target) if cut.target else graph.model)
+    return math.inf if width is None else width
 
 
 def merge_cuts(cuts: list[Cut]) -> list[Cut]:

@@ -16,14 +16,15 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
 
 import regrow
 from conftest import import_timm
 from regrow.errors import RegrowError
+from regrow.structural import graph as graph_module
 from regrow.structural.budget import Unitized, select, take
+from regrow.structural.coupling import _walk, pruning_group
 from regrow.structural.graph import StructureGraph, merge_cuts
 
 timm = import_timm()
@@ -38,6 +39,7 @@ FAMILIES = {
     "convnext": ("convnext_atto", {}, 64),  # depthwise 7x7, LayerNorm2d over channels, layer scale
     "convnext_rms": ("convnext_zepto_rms", {}, 64),  # timm's RmsNorm2d: a plain module, not a torch norm
     "densenet": ("densenet121", {}, 64),  # concatenations everywhere
+    "rexnet": ("rexnet_100", {}, 64),  # shortcuts added to the first channels of a wider output
     "regnet": ("regnety_002", {}, 64),  # group-width convolutions, SE
     "ghostnet": ("ghostnet_050", {}, 64),  # cat([x, depthwise(x)]) ghost modules
     "levit": ("levit_128s", {"img_size": 64}, 64),  # conv stem, attention with BatchNorm, subsampling
@@ -113,6 +115,23 @@ def test_cuts_read_off_one_walk_are_torch_prunings_own(family):
         direct = graph.dg.get_pruning_group(group.root, group.root_handler, group.channel_idxs(removed))
         theirs = [graph._cut(i.dep.target, i.dep.handler, list(i.idxs)) for i in direct]
         assert _cut_set(graph.cuts(group, removed)) == _cut_set([c for c in theirs if c]), group.name
+
+
+@pytest.mark.parametrize("family", ["densenet", "ghostnet", "rexnet"])
+def test_the_walk_reaches_each_index_once_and_all_that_torch_pruning_reaches(family):
+    # Was torch-pruning's walk, which goes on along a path until it meets the same index *list* again: where
+    # partial residuals meet (ReXNet), lists that differ path by path came round and the walk ran for hours.
+    model, x = build(family)
+    graph = StructureGraph(model, x)
+    for group in _groups(graph, model).values():
+        reached = _walk(graph.dg, group.root, group.root_handler, list(range(group.channels)), rooted=False)
+        flat = [(d.target, d.handler, i) for d, idxs in reached for i in idxs]
+        assert len(flat) == len(set(flat)), group.name
+        ours = pruning_group(graph.dg, group.root, group.root_handler, list(range(group.channels)))
+        theirs = graph.dg.get_pruning_group(group.root, group.root_handler, list(range(group.channels)))
+        assert {(i.dep.target, i.dep.handler): sorted(i.idxs) for i in ours} == {
+            (i.dep.target, i.dep.handler): sorted(i.idxs) for i in theirs
+        }, group.name
 
 
 # Minimal cases of what the zoo brought to light; each failed before its fix. ------------------------------
@@ -352,20 +371,78 @@ def test_a_concatenation_whose_input_widths_torch_pruning_cannot_infer_takes_the
     assert model.block.conv1.out_channels == 4 and model.transition.out_channels == 12 and report.equivalence.passed
 
 
+class Widening(nn.Module):
+    """ReXNet's blocks: each output is wider than its input, which is added to its first channels."""
+
+    def __init__(self, widths: tuple[int, ...] = (4, 5, 6, 7, 8)) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Conv2d(a, b, 1) for a, b in zip(widths, widths[1:]))
+        self.fc = nn.Linear(widths[-1], 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            y = block(x)
+            x = torch.cat([y[:, : x.shape[1]] + x, y[:, x.shape[1] :]], dim=1)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_the_widths_of_sliced_inputs_to_a_concatenation_are_the_traced_ones():
+    # Was: torch-pruning inferred the width of a slice as that of the tensor sliced, and of the sum as the width
+    # of the concatenation before it ([22, 8] where 7 and 1 channels were concatenated), so indices mapped through
+    # the concatenation landed on the wrong channels.
+    torch.manual_seed(0)
+    model, x = Widening().eval(), torch.randn(2, 3, 8, 8)
+    graph = StructureGraph(model, x)
+    cats = [n for n in graph.dg.module2node.values() if n.type == ops.OPTYPE.CONCAT]
+    assert sorted(n.module.concat_sizes for n in cats) == [[4, 1], [5, 1], [6, 1], [7, 1]]
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    # One group: the last block's 8 output channels, each a unit of its own (was: "its 8 channels can only be
+    # removed all together", and nothing could be pruned).
+    stream = {g["name"]: g for g in report.groups}["stem"]
+    assert (stream["excluded"], stream["units_before"], stream["units_after"]) == (None, 8, 4)
+    assert model.blocks[-1].out_channels == 4 and model.fc.in_features == 4 and report.equivalence.passed
+
+
+class MapEmbedding(nn.Module):
+    """Visformer's and PiT's positional embedding: a parameter over the feature maps, (1, C, H, W)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.pos = nn.Conv2d(3, 8, 3, padding=1), nn.Parameter(torch.randn(1, 8, 6, 6))
+        self.conv, self.fc = nn.Conv2d(8, 4, 1), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(self.stem(x) + self.pos).mean((2, 3)))
+
+
+def test_a_parameter_over_feature_maps_loses_channels_not_columns():
+    # Was: torch-pruning cut a loose parameter along its last dimension longer than 1, the columns of a (1, C, H,
+    # W) embedding: every probe of the stream failed ("index 383 is out of bounds for dimension 3 with size 7"),
+    # and Visformer's patch embeddings were left out.
+    torch.manual_seed(0)
+    model, x = MapEmbedding().eval(), torch.randn(2, 3, 6, 6)
+    assert StructureGraph(model, x).dg.module2node[model.pos].pruning_dim == 1
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    assert {g["name"]: g["excluded"] for g in report.groups}["stem"] is None and report.equivalence.passed
+    assert model.stem.out_channels == 4 and tuple(model.pos.shape) == (1, 4, 6, 6)
+
+
 def test_a_root_whose_group_torch_pruning_cannot_map_is_left_out_and_the_others_still_prune(monkeypatch):
     # Was: one failing mapping inside torch-pruning's get_all_groups (FocalNet's split: IndexError; GCViT's and
     # Hiera's broadcasts read as grouped-query attention, ZeroDivisionError, before _untie_broadcasts) escaped as
     # a bare exception, and nothing could be pruned.
     torch.manual_seed(0)
     model, x = CrossStage().eval(), torch.randn(2, 3, 8, 8)
-    real = tp.DependencyGraph.get_pruning_group
+    real = graph_module.pruning_group
 
-    def get_pruning_group(self, module, *args, **kwargs):
+    def pruning_group(dg, module, *args, **kwargs):
         if module is model.transition:
             raise ZeroDivisionError("integer division or modulo by zero")
-        return real(self, module, *args, **kwargs)
+        return real(dg, module, *args, **kwargs)
 
-    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", get_pruning_group)
+    monkeypatch.setattr(graph_module, "pruning_group", pruning_group)
     report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
     reasons = {g["name"]: g["excluded"] for g in report.groups}
     assert reasons["transition"].startswith(

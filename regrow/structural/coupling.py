@@ -13,8 +13,9 @@ follow from asking that once per group, with all root channels at once, and keep
 * **Speed.** The cuts of any removal are read off the traversal, instead of walking the graph again for every
   probe and every budget candidate (a DenseNet-121's concatenations made each walk cost ~15 ms, ~120 groups).
 
-The walk is torch-pruning's own (``DependencyGraph.get_pruning_group``) minus the merging; tests/test_zoo.py
-holds the two to the same cuts on real architectures.
+The walk is torch-pruning's own (``DependencyGraph.get_pruning_group``) minus the merging, made to end on every
+graph (:func:`_walk`); :func:`pruning_group` is torch-pruning's merged answer from it. tests/test_zoo.py holds
+both to torch-pruning's own on real architectures.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from torch import nn
 from torch_pruning import _helpers, ops
 from torch_pruning.dependency.dependency import Dependency
+from torch_pruning.dependency.group import Group
 from torch_pruning.pruner import function
 
 
@@ -53,18 +55,28 @@ def _root_handler(module: nn.Module, handler: Any) -> Any:
     return handler
 
 
-def _walk(dg: Any, root: nn.Module, handler: Any, channels: int) -> list[tuple[Any, list[Any]]] | None:
-    """torch-pruning's walk from ``root`` with every channel: each (dependency, hybrid indices) reached, unmerged;
-    None when a mapping loses track of the root channels (grouped-query attention's repeat)."""
+def _walk(
+    dg: Any, root: nn.Module, handler: Any, idxs: list[int], rooted: bool = True
+) -> list[tuple[Any, list[Any]]] | None:
+    """torch-pruning's walk from ``root`` with channels ``idxs``: each (dependency, hybrid indices) reached,
+    unmerged; None when a mapping loses track of the root channels (grouped-query attention's repeat) and
+    ``rooted`` asks for them.
+
+    torch-pruning goes on along a path until it meets a dependency it has seen *with the same index list*. Where
+    partial residuals meet again (ReXNet adds its shortcut to the first channels of a wider output,
+    ``cat([x[:, :c] + shortcut, x[:, c:]])``, block after block), the lists that come round differ path by path
+    and the walk runs for hours. Every mapping sends each index on its own (a concatenation's offset, a slice, a
+    flatten's stride), so what a path reaches depends only on the (member, index, root channel) it carries: this
+    walk carries on only with those it has not met yet, and reaches the same ones, each once.
+    """
     handler = _root_handler(root, handler)
     node = dg.module2node[root]
     start = Dependency(handler, handler, source=node, target=node)
-    reached = [(start, [_helpers._HybridIndex(idx=i, root_idx=i) for i in range(channels)])]
+    reached = [(start, [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs])]
+    seen = {(node, handler): set(reached[0][1])}
     stack = list(reached)
-    visited = set()
     while stack:
         dep, idxs = stack.pop()
-        visited.add(dep.target)
         for new_dep in dep.target.dependencies:
             if not new_dep.is_triggered_by(dep.handler):
                 continue
@@ -72,17 +84,33 @@ def _walk(dg: Any, root: nn.Module, handler: Any, channels: int) -> list[tuple[A
             for mapping in new_dep.index_mapping:
                 if mapping is not None:
                     new = mapping(new)
+            if rooted and any(i.root_idx is None for i in new):
+                return None
+            known = seen.setdefault((new_dep.target, new_dep.handler), set())
+            new = [i for i in dict.fromkeys(new) if i not in known]
             if not new:
                 continue
-            if any(i.root_idx is None for i in new):
-                return None
-            if new_dep.target in visited and any(
-                d.target == new_dep.target and d.handler == new_dep.handler and seen == new for d, seen in reached
-            ):
-                continue
+            known.update(new)
             reached.append((new_dep, new))
             stack.append((new_dep, new))
     return reached
+
+
+def pruning_group(dg: Any, root: nn.Module, handler: Any, idxs: list[int]) -> Any:
+    """torch-pruning's ``DependencyGraph.get_pruning_group(root, handler, idxs)``, walked as :func:`_walk` does
+    (which ends where theirs may not): the same members, each with its plain indices and ``root_idxs``. The
+    graph's index mappings must be current (``regrow.structural.tracing.refresh_mappings``)."""
+    group = Group()
+    ignored = getattr(dg, "ignored_params", [])
+    for dep, found in _walk(dg, root, handler, idxs, rooted=False) or ():
+        target = dep.target.module
+        if not (isinstance(target, nn.Parameter) and any(target is p for p in ignored)):
+            group.add_and_merge(dep, found)
+    group._DG = dg
+    for k, item in enumerate(group.items):
+        group[k] = _helpers.GroupItem(item.dep, _helpers.to_plain_idxs(item.idxs))
+        group[k].root_idxs = _helpers.to_root_idxs(item.idxs)
+    return group
 
 
 class _Classes:
@@ -116,7 +144,7 @@ def couple(dg: Any, root: nn.Module, handler: Any, channels: int, ch_groups: int
     ``ch_groups``: a grouped convolution in the group must lose the same channel in each of its groups, so
     channels ``u + g * channels // ch_groups`` form one unit as well.
     """
-    reached = _walk(dg, root, handler, channels)
+    reached = _walk(dg, root, handler, list(range(channels)))
     if reached is None:
         return None
     ignored = getattr(dg, "ignored_params", [])

@@ -25,11 +25,11 @@ from torch_pruning.dependency import shape_infer
 from regrow.batches import batch_size, forward
 from regrow.errors import RegrowError
 from regrow.structural.attention import MultiheadAttention
-from regrow.structural.coupling import Coupling, couple
+from regrow.structural.coupling import Coupling, couple, pruning_group
 from regrow.structural.pruners import customized_pruners, is_plain_norm
 from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
-from regrow.structural.tracing import ShapeRecorder, fill_concat_sizes, refresh_mappings
+from regrow.structural.tracing import ShapeRecorder, fill_concat_sizes, parameter_channel_dims, refresh_mappings
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
@@ -161,8 +161,9 @@ def _tracing_error(exc: Exception, ran: bool) -> RegrowError:
 
 
 class _DependencyGraph(tp.DependencyGraph):
-    """torch-pruning's graph, with the concatenation sizes it cannot infer read from the traced shapes before it
-    maps indices through them (regrow.structural.tracing.fill_concat_sizes)."""
+    """torch-pruning's graph, with the concatenation sizes read from the traced shapes before it maps indices
+    through them (regrow.structural.tracing.fill_concat_sizes), and the channel dimension of loose parameters
+    over feature maps (parameter_channel_dims)."""
 
     def __init__(self, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
         super().__init__()
@@ -170,8 +171,9 @@ class _DependencyGraph(tp.DependencyGraph):
 
     def _build_dependency(self, module2node: Any) -> None:
         super()._build_dependency(module2node)
-        shape_infer.init_shape_information(self)  # split sizes, which the inference of concatenation sizes reads
+        shape_infer.init_shape_information(self)  # split sizes, which the inference of channel counts reads
         fill_concat_sizes(self, self.traced_outputs)
+        parameter_channel_dims(self)
 
 
 class StructureGraph:
@@ -316,7 +318,7 @@ class StructureGraph:
             if id(m) in skip or id(m) in visited or pruner is None or pruner.get_out_channels(m) is None:
                 continue
             try:
-                group = self.dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+                group = pruning_group(self.dg, m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
             except Exception as exc:  # noqa: BLE001 - an index mapping failed; the group is left out with it
                 failed.append((m, exc))
                 continue
@@ -352,7 +354,7 @@ class StructureGraph:
         if group.coupling is not None:
             members = group.coupling.member_idxs(removed_units)
         else:  # ask torch-pruning for this removal
-            expanded = self.dg.get_pruning_group(group.root, group.root_handler, group.channel_idxs(removed_units))
+            expanded = pruning_group(self.dg, group.root, group.root_handler, group.channel_idxs(removed_units))
             members = [(i.dep.target, i.dep.handler, tp._helpers.to_plain_idxs(i.idxs)) for i in expanded]
         return [c for node, handler, idxs in members if (c := self._cut(node, handler, idxs)) is not None]
 

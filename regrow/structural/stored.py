@@ -2,7 +2,8 @@
 
 A layer handler updates the layer it shrinks (``out_channels``, ``normalized_shape``, ...), but some models
 also store a width of their own and reshape with it: torchvision's ``VisionTransformer`` flattens its patch
-embedding with ``x.reshape(n, self.hidden_dim, n_h * n_w)``. Left stale, the attribute breaks the forward pass
+embedding with ``x.reshape(n, self.hidden_dim, n_h * n_w)``, timm's ReXNet slices its output with
+``self.in_channels``. Left stale, the attribute breaks the forward pass
 of the shrunk model, so every probe of the residual stream failed and the stream was never pruned. Each entry
 names the attribute and the layer width it must equal after surgery; :func:`follow` sets them. Classes are
 matched by their qualified name (subclasses too), so the architectures' packages are never imported here.
@@ -17,6 +18,11 @@ STORED_WIDTHS: dict[str, dict[str, tuple[str, ...]]] = {
     "torchvision.models.vision_transformer.VisionTransformer": {
         # a patchify convolution, or the last layer of a convolutional stem (conv_stem_configs)
         "hidden_dim": ("conv_proj.out_channels", "conv_proj.conv_last.out_channels"),
+    },
+    # ReXNet adds its shortcut to the first channels of a wider output: x[:, 0:self.in_channels] + shortcut
+    "timm.models.rexnet.LinearBottleneck": {
+        "in_channels": ("conv_exp.conv.in_channels", "conv_dw.conv.in_channels"),
+        "out_channels": ("conv_pwl.conv.out_channels",),
     },
 }
 

@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch_pruning import _helpers, ops
 from torch_pruning.dependency import index_mapping, shape_infer
@@ -201,13 +201,16 @@ def _batch_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) -> 
 
 
 def fill_concat_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
-    """Channel counts of concatenation inputs torch-pruning cannot infer, read from the traced shapes.
+    """Channel counts of concatenation inputs, read from the traced shapes.
 
-    torch-pruning infers each input's channels by walking the graph back to a layer; past a residual sum or a
+    torch-pruning infers each input's channels by walking the graph back to a layer. Past a residual sum or a
     slice of the model's input it may find none, and then fails on the sum of the counts (timm's CSPDarkNet and
-    CoaT: "unsupported operand type(s) for +: 'int' and 'NoneType'"). Where the traced shapes give the size along
-    dim 1 of every tensor concatenated there (``outputs`` of :class:`ShapeRecorder`), one graph input each, those
-    sizes are set; anything else is left to torch-pruning.
+    CoaT: "unsupported operand type(s) for +: 'int' and 'NoneType'"); past a slice it may find the width of the
+    tensor sliced, not of the slice (ReXNet, ``cat([x[:, :c] + shortcut, x[:, c:]])``: [627, 185] for inputs of
+    174 and 11 channels), and every index mapped through the concatenation then lands on the wrong channel. Where
+    the traced shapes give the size along dim 1 of every tensor concatenated there (``outputs`` of
+    :class:`ShapeRecorder`), one graph input each, adding up to the output's, those sizes are set; anything else is
+    left to torch-pruning.
     """
     for node in list(dg.module2node.values()):
         fn = node.grad_fn
@@ -220,15 +223,35 @@ def fill_concat_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) 
         dim = dim - 2**64 if dim >= 2**63 else dim  # a negative dim is saved as an unsigned 64-bit int
         if dim % len(out) != 1:
             continue  # torch-pruning maps concatenations of channels only
-        try:
-            inferred = [shape_infer.infer_channels_between(dg, n, node) for n in node.inputs]
-        except Exception:  # noqa: BLE001 - the inference itself fails: left to torch-pruning, as before
-            continue
         recorded = [outputs.get(edge) for edge in fn.next_functions]
-        if None not in inferred or len(recorded) != len(node.inputs):
+        if len(recorded) != len(node.inputs):
             continue
         if all(r is not None and len(r) == len(out) for r in recorded) and sum(r[1] for r in recorded) == out[1]:
             node.module.concat_sizes = [r[1] for r in recorded]
+
+
+def parameter_channel_dims(dg: Any) -> None:
+    """The dimension that holds the channels of each loose parameter (one no layer owns), where torch-pruning's
+    guess is wrong.
+
+    torch-pruning cuts a loose parameter along its last dimension longer than 1: right for a transformer's
+    positional embedding ``(1, tokens, C)``, wrong for one over feature maps ``(1, C, H, W)`` (Visformer's and
+    PiT's), which lost columns instead of channels, so every probe of the stream failed. The parameter's channels
+    are those of the tensors it is combined with: where exactly one of its dimensions is that wide, that is the
+    one cut.
+    """
+    for param, node in dg.module2node.items():
+        if not isinstance(param, nn.Parameter) or param.dim() < 3 or node.pruning_dim is None:
+            continue
+        widths = {
+            shape_infer.infer_out_channels_recursively(dg, other, [0])
+            for user in node.outputs
+            for other in user.inputs
+            if other is not node
+        }
+        dims = [d for d, size in enumerate(param.shape) if size > 1 and size in widths]
+        if len(dims) == 1:
+            node.pruning_dim = dims[0]
 
 
 def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) -> None:

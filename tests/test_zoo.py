@@ -24,7 +24,7 @@ from conftest import import_timm
 from regrow.errors import RegrowError
 from regrow.structural import graph as graph_module
 from regrow.structural.budget import Unitized, select, take
-from regrow.structural.coupling import _walk, pruning_group
+from regrow.structural.coupling import pruning_group, walk
 from regrow.structural.graph import StructureGraph, merge_cuts
 
 timm = import_timm()
@@ -124,7 +124,7 @@ def test_the_walk_reaches_each_index_once_and_all_that_torch_pruning_reaches(fam
     model, x = build(family)
     graph = StructureGraph(model, x)
     for group in _groups(graph, model).values():
-        reached = _walk(graph.dg, group.root, group.root_handler, list(range(group.channels)), rooted=False)
+        reached = walk(graph.dg, group.root, group.root_handler, list(range(group.channels)))
         flat = [(d.target, d.handler, i) for d, idxs in reached for i in idxs]
         assert len(flat) == len(set(flat)), group.name
         ours = pruning_group(graph.dg, group.root, group.root_handler, list(range(group.channels)))

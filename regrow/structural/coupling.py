@@ -14,7 +14,7 @@ follow from asking that once per group, with all root channels at once, and keep
   probe and every budget candidate (a DenseNet-121's concatenations made each walk cost ~15 ms, ~120 groups).
 
 The walk is torch-pruning's own (``DependencyGraph.get_pruning_group``) minus the merging, made to end on every
-graph (:func:`_walk`); :func:`pruning_group` is torch-pruning's merged answer from it. tests/test_zoo.py holds
+graph (:func:`walk`); :func:`pruning_group` is torch-pruning's merged answer from it. tests/test_zoo.py holds
 both to torch-pruning's own on real architectures.
 """
 
@@ -55,12 +55,12 @@ def _root_handler(module: nn.Module, handler: Any) -> Any:
     return handler
 
 
-def _walk(
-    dg: Any, root: nn.Module, handler: Any, idxs: list[int], rooted: bool = True
-) -> list[tuple[Any, list[Any]]] | None:
+Walk = list[tuple[Any, list[Any]]]  # (dependency, hybrid indices) reached, unmerged
+
+
+def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int]) -> Walk:
     """torch-pruning's walk from ``root`` with channels ``idxs``: each (dependency, hybrid indices) reached,
-    unmerged; None when a mapping loses track of the root channels (grouped-query attention's repeat) and
-    ``rooted`` asks for them.
+    unmerged. An index whose root channel a mapping lost (grouped-query attention's repeat) has root None.
 
     torch-pruning goes on along a path until it meets a dependency it has seen *with the same index list*. Where
     partial residuals meet again (ReXNet adds its shortcut to the first channels of a wider output,
@@ -84,8 +84,6 @@ def _walk(
             for mapping in new_dep.index_mapping:
                 if mapping is not None:
                     new = mapping(new)
-            if rooted and any(i.root_idx is None for i in new):
-                return None
             known = seen.setdefault((new_dep.target, new_dep.handler), set())
             new = [i for i in dict.fromkeys(new) if i not in known]
             if not new:
@@ -96,13 +94,14 @@ def _walk(
     return reached
 
 
-def pruning_group(dg: Any, root: nn.Module, handler: Any, idxs: list[int]) -> Any:
-    """torch-pruning's ``DependencyGraph.get_pruning_group(root, handler, idxs)``, walked as :func:`_walk` does
-    (which ends where theirs may not): the same members, each with its plain indices and ``root_idxs``. The
-    graph's index mappings must be current (``regrow.structural.tracing.refresh_mappings``)."""
+def pruning_group(dg: Any, root: nn.Module, handler: Any, idxs: list[int], reached: Walk | None = None) -> Any:
+    """torch-pruning's ``DependencyGraph.get_pruning_group(root, handler, idxs)``, walked as :func:`walk` does
+    (which ends where theirs may not), or read off ``reached``, that walk made already: the same members, each
+    with its plain indices and ``root_idxs``. The graph's index mappings must be current
+    (``regrow.structural.tracing.refresh_mappings``)."""
     group = Group()
     ignored = getattr(dg, "ignored_params", [])
-    for dep, found in _walk(dg, root, handler, idxs, rooted=False) or ():
+    for dep, found in walk(dg, root, handler, idxs) if reached is None else reached:
         target = dep.target.module
         if not (isinstance(target, nn.Parameter) and any(target is p for p in ignored)):
             group.add_and_merge(dep, found)
@@ -137,15 +136,19 @@ class _Classes:
         return sorted((tuple(v) for v in found.values()), key=lambda u: u[0])
 
 
-def couple(dg: Any, root: nn.Module, handler: Any, channels: int, ch_groups: int) -> Coupling | None:
+def couple(
+    dg: Any, root: nn.Module, handler: Any, channels: int, ch_groups: int, reached: Walk | None = None
+) -> Coupling | None:
     """The :class:`Coupling` of the group rooted at ``root`` (None when the walk cannot tell the root channels
-    apart: the caller then asks torch-pruning removal by removal).
+    apart: the caller then asks torch-pruning removal by removal), from ``reached``, the walk from ``root`` with
+    all its channels, when the caller made it already (one walk serves the group and its coupling).
 
     ``ch_groups``: a grouped convolution in the group must lose the same channel in each of its groups, so
     channels ``u + g * channels // ch_groups`` form one unit as well.
     """
-    reached = _walk(dg, root, handler, list(range(channels)))
     if reached is None:
+        reached = walk(dg, root, handler, list(range(channels)))
+    if any(i.root_idx is None for _, idxs in reached for i in idxs):
         return None
     ignored = getattr(dg, "ignored_params", [])
     classes = _Classes(channels)

@@ -25,7 +25,7 @@ from torch_pruning.dependency import shape_infer
 from regrow.batches import batch_size, forward
 from regrow.errors import RegrowError
 from regrow.structural.attention import MultiheadAttention
-from regrow.structural.coupling import Coupling, couple, pruning_group
+from regrow.structural.coupling import Coupling, Walk, couple, pruning_group, walk
 from regrow.structural.pruners import customized_pruners, is_plain_norm
 from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
@@ -252,7 +252,7 @@ class StructureGraph:
         """
         out = []
         ignored_modules = [m for m, n in self.names.items() if n in ignored]
-        for root, group, failure in self._root_groups(ignored_modules):
+        for root, group, reached, failure in self._root_groups(ignored_modules):
             if group is None:
                 out.append(self._unmapped(root, failure, candidates))
                 continue
@@ -299,17 +299,19 @@ class StructureGraph:
             if cg.channels % cg.ch_groups:
                 cg.excluded = cg.excluded or f"{channels} channels do not split into {cg.ch_groups} channel groups"
             elif cg.excluded is None:
-                cg.coupling = couple(self.dg, root, cg.root_handler, channels, cg.ch_groups)
+                same = channels == len(reached[0][1])  # the walk set out with every channel of the root
+                cg.coupling = couple(self.dg, root, cg.root_handler, channels, cg.ch_groups, reached if same else None)
                 if cg.units < 2:
                     cg.excluded = f"its {channels} channels can only be removed all together"
             out.append(cg)
         return out
 
-    def _root_groups(self, ignored: list[nn.Module]) -> Iterator[tuple[nn.Module, Any, Exception | None]]:
-        """torch-pruning's ``get_all_groups``, one root layer at a time: ``(root, group, None)``, or ``(root,
-        None, error)`` for a root whose group cannot be mapped (an index mapping that raises, torch-pruning's or
-        one of regrow's corrections), instead of one error that ends the walk and leaves nothing to prune. A
-        failed root is reported only if no group that did map took it in as an output layer."""
+    def _root_groups(self, ignored: list[nn.Module]) -> Iterator[tuple[nn.Module, Any, Walk, Exception | None]]:
+        """torch-pruning's ``get_all_groups``, one root layer at a time: ``(root, group, walk, None)``, or
+        ``(root, None, [], error)`` for a root whose group cannot be mapped (an index mapping that raises,
+        torch-pruning's or one of regrow's corrections), instead of one error that ends the walk and leaves
+        nothing to prune. A failed root is reported only if no group that did map took it in as an output
+        layer. ``walk`` is what the group was read off (regrow.structural.coupling), for its coupling."""
         skip = {id(m) for m in [*ignored, *self.dg.IGNORED_LAYERS_IN_TRACING]}
         visited: set[int] = set()
         failed: list[tuple[nn.Module, Exception]] = []
@@ -318,17 +320,18 @@ class StructureGraph:
             if id(m) in skip or id(m) in visited or pruner is None or pruner.get_out_channels(m) is None:
                 continue
             try:
-                group = pruning_group(self.dg, m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+                reached = walk(self.dg, m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+                group = pruning_group(self.dg, m, pruner.prune_out_channels, [], reached)
             except Exception as exc:  # noqa: BLE001 - an index mapping failed; the group is left out with it
                 failed.append((m, exc))
                 continue
             outs = [dep.target.module for dep, _ in group if self.dg.is_out_channel_pruning_fn(dep.handler)]
             visited.update(id(t) for t in outs)
             if not any(id(t) in skip for t in outs):
-                yield m, group, None
+                yield m, group, reached, None
         for m, exc in failed:
             if id(m) not in visited:
-                yield m, None, exc
+                yield m, None, [], exc
 
     def _unmapped(self, root: nn.Module, exc: Exception, candidates: set[str]) -> ChannelGroup:
         """The group of ``root`` whose channels could not be mapped, left out with the reason."""

@@ -254,10 +254,7 @@ class StructureGraph:
         ignored_modules = [m for m, n in self.names.items() if n in ignored]
         for root, group, reached, failure in self._root_groups(ignored_modules):
             if group is None:
-                unmapped = self._unmapped(root, failure, candidates)
-                if unmapped.excluded != "not a target":  # an attention projection is left to heads, as below
-                    unmapped.excluded = _inside_attention([unmapped.name], attention) or unmapped.excluded
-                out.append(unmapped)
+                out.append(self._unmapped(root, failure, candidates))
                 continue
             members, out_layers, reason = [], [], None
             for item in group:
@@ -285,7 +282,9 @@ class StructureGraph:
             if reason is None and not any(n in candidates for n in out_layers):
                 reason = "not a target"
             if reason is None:
-                reason = _inside_attention(out_layers, attention)
+                owner = next((a for a, inner in attention.items() if any(n in inner for n in out_layers)), None)
+                if owner is not None:
+                    reason = f"inside attention {owner!r}: its inner width shrinks only by whole heads (pattern 'head')"
             channels = self.dg.get_out_channels(root)
             cg = ChannelGroup(
                 name=root_name,
@@ -396,14 +395,6 @@ class StructureGraph:
             is_out = self.dg.is_out_channel_pruning_fn(handler)
             return Cut(self.names[target], "module", is_out, plain, layer_type=type(target).__name__)
         return None
-
-
-def _inside_attention(layers: list[str], attention: dict[str, set[str]]) -> str | None:
-    """Why a group whose output layers include an attention module's inner projections is left out."""
-    owner = next((a for a, inner in attention.items() if any(n in inner for n in layers)), None)
-    if owner is None:
-        return None
-    return f"inside attention {owner!r}: its inner width shrinks only by whole heads (pattern 'head')"
 
 
 def _batch(inputs: Any) -> int:

@@ -56,7 +56,6 @@ def _root_handler(module: nn.Module, handler: Any) -> Any:
 
 
 Walk = list[tuple[Any, list[Any]]]  # (dependency, hybrid indices) reached, unmerged
-RUNAWAY = 16  # an index this many times a layer's width is a mapping gone wrong (see walk)
 
 
 def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int]) -> Walk:
@@ -69,20 +68,12 @@ def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int]) -> Walk:
     and the walk runs for hours. Every mapping sends each index on its own (a concatenation's offset, a slice, a
     flatten's stride), so what a path reaches depends only on the (member, index, root channel) it carries: this
     walk carries on only with those it has not met yet, and reaches the same ones, each once.
-
-    A mapping the graph gets wrong can send indices far past the layers they reach: torch-pruning reads the
-    reshapes of some attention blocks as flattens, whose strides multiply at every pass (MobileNetV5's
-    multi-query attention: index 262,143 of a 512-channel projection, 82 million indices and two minutes for
-    one group). An index ``RUNAWAY`` times a layer's width or more is no channel of it: the walk stops with a
-    ``ValueError``, and the group is left out with it. (Indices a little past a layer are not rare and can be
-    harmless: CSPNet's stage split maps its second half twice, channel 383 of a 256-channel norm.)
     """
     handler = _root_handler(root, handler)
     node = dg.module2node[root]
     start = Dependency(handler, handler, source=node, target=node)
     reached = [(start, [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs])]
     seen = {(node, handler): set(reached[0][1])}
-    widths: dict[tuple[Any, Any], int | None] = {}
     stack = list(reached)
     while stack:
         dep, idxs = stack.pop()
@@ -93,37 +84,14 @@ def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int]) -> Walk:
             for mapping in new_dep.index_mapping:
                 if mapping is not None:
                     new = mapping(new)
-            key = (new_dep.target, new_dep.handler)
-            known = seen.setdefault(key, set())
+            known = seen.setdefault((new_dep.target, new_dep.handler), set())
             new = [i for i in dict.fromkeys(new) if i not in known]
             if not new:
                 continue
-            if key not in widths:
-                widths[key] = _member_width(dg, *key)
-            if widths[key] is not None and max(i.idx for i in new) >= RUNAWAY * widths[key]:
-                raise ValueError(
-                    f"the mapping reached index {max(i.idx for i in new)} of {dg._module2name[key[0].module]!r}, "
-                    f"which has {widths[key]} channels"
-                )
             known.update(new)
             reached.append((new_dep, new))
             stack.append((new_dep, new))
     return reached
-
-
-def _member_width(dg: Any, node: Any, handler: Any) -> int | None:
-    """How many channels ``handler`` cuts from a layer of the model: its output or input channels; None for the
-    graph's own operations (a concatenation, a reshape), for loose parameters (a per-head table is reached by
-    channel indices of its attention, which index its heads only as far as its mapping goes), and where the
-    handler cannot tell."""
-    target = node.module
-    if isinstance(target, nn.Parameter) or target not in dg._module2name:
-        return None
-    try:
-        width = dg.get_out_channels(node) if dg.is_out_channel_pruning_fn(handler) else dg.get_in_channels(node)
-    except Exception:  # noqa: BLE001 - a layer whose handler cannot count its channels is not checked
-        return None
-    return width if isinstance(width, int) and width > 0 else None
 
 
 def pruning_group(dg: Any, root: nn.Module, handler: Any, idxs: list[int], reached: Walk | None = None) -> Any:

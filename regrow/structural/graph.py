@@ -20,7 +20,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
-from torch_pruning.dependency import shape_infer
+from torch_pruning.dependency import index_mapping, shape_infer
 
 from regrow.batches import batch_size, forward
 from regrow.errors import RegrowError
@@ -320,6 +320,9 @@ class StructureGraph:
             if id(m) in skip or id(m) in visited or pruner is None or pruner.get_out_channels(m) is None:
                 continue
             try:
+                # torch-pruning refreshes its mappings before every group; one that raises there (FocalNet's split:
+                # IndexError) leaves the root out, instead of a walk on a stale mapping that does not end.
+                index_mapping.update_index_mapping(self.dg)
                 reached = walk(self.dg, m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
                 group = pruning_group(self.dg, m, pruner.prune_out_channels, [], reached)
             except Exception as exc:  # noqa: BLE001 - an index mapping failed; the group is left out with it

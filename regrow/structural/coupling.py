@@ -62,12 +62,13 @@ def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int]) -> Walk:
     """torch-pruning's walk from ``root`` with channels ``idxs``: each (dependency, hybrid indices) reached,
     unmerged. An index whose root channel a mapping lost (grouped-query attention's repeat) has root None.
 
-    torch-pruning goes on along a path until it meets a dependency it has seen *with the same index list*. Where
-    partial residuals meet again (ReXNet adds its shortcut to the first channels of a wider output,
-    ``cat([x[:, :c] + shortcut, x[:, c:]])``, block after block), the lists that come round differ path by path
-    and the walk runs for hours. Every mapping sends each index on its own (a concatenation's offset, a slice, a
-    flatten's stride), so what a path reaches depends only on the (member, index, root channel) it carries: this
-    walk carries on only with those it has not met yet, and reaches the same ones, each once.
+    torch-pruning goes on along a path until it meets a dependency it has seen *with the same index list*. On
+    timm's ReXNet (``cat([x[:, :c] + shortcut, x[:, c:]])`` block after block), with the concatenation widths
+    torch-pruning inferred wrongly, the lists that came round differed path by path and its walk did not end
+    (past five minutes, still growing; with the traced widths it ends in a second). Every mapping sends each
+    index on its own (a concatenation's offset, a slice, a flatten's stride), so what a path reaches depends only
+    on the (member, index, root channel) it carries: this walk carries on only with those it has not met yet,
+    and reaches the same ones, each once, whatever the mappings.
     """
     handler = _root_handler(root, handler)
     node = dg.module2node[root]

@@ -137,18 +137,14 @@ class _Classes:
         return sorted((tuple(v) for v in found.values()), key=lambda u: u[0])
 
 
-def couple(
-    dg: Any, root: nn.Module, handler: Any, channels: int, ch_groups: int, reached: Walk | None = None
-) -> Coupling | None:
-    """The :class:`Coupling` of the group rooted at ``root`` (None when the walk cannot tell the root channels
-    apart: the caller then asks torch-pruning removal by removal), from ``reached``, the walk from ``root`` with
-    all its channels, when the caller made it already (one walk serves the group and its coupling).
+def couple(dg: Any, reached: Walk, channels: int, ch_groups: int) -> Coupling | None:
+    """The :class:`Coupling` of a group of ``channels`` root channels, from ``reached``, the walk from its root
+    with all of them (the walk the group itself was read off); None when the walk cannot tell the root channels
+    apart (the caller then asks torch-pruning removal by removal).
 
     ``ch_groups``: a grouped convolution in the group must lose the same channel in each of its groups, so
     channels ``u + g * channels // ch_groups`` form one unit as well.
     """
-    if reached is None:
-        reached = walk(dg, root, handler, list(range(channels)))
     if any(i.root_idx is None for _, idxs in reached for i in idxs):
         return None
     ignored = getattr(dg, "ignored_params", [])

@@ -299,8 +299,7 @@ class StructureGraph:
             if cg.channels % cg.ch_groups:
                 cg.excluded = cg.excluded or f"{channels} channels do not split into {cg.ch_groups} channel groups"
             elif cg.excluded is None:
-                same = channels == len(reached[0][1])  # the walk set out with every channel of the root
-                cg.coupling = couple(self.dg, root, cg.root_handler, channels, cg.ch_groups, reached if same else None)
+                cg.coupling = couple(self.dg, reached, channels, cg.ch_groups)
                 if cg.units < 2:
                     cg.excluded = f"its {channels} channels can only be removed all together"
             out.append(cg)

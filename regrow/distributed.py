@@ -40,6 +40,25 @@ from torch import Tensor, nn
 from regrow.errors import RegrowError
 
 
+def _import_group_defaults() -> None:
+    """Import ``torch.distributed.nn.functional`` while no process group exists yet.
+
+    Its functions take ``group=group.WORLD`` as a default argument, read once, when the module is first imported,
+    and ``DistributedDataParallel`` imports it (through ``torch.distributed.fsdp``) the first time it wraps a
+    model. Imported after the default group was made, those defaults hold the group for the rest of the process:
+    ``destroy_process_group()`` then leaves it alive with its worker threads, and a worker that drops the last
+    reference to a collective's tensor while Python shuts down aborts the process ("terminate called without an
+    active exception", SIGABRT) after a run that finished. Imported with regrow, before any group, the defaults
+    are None and destroying the group joins its threads."""
+    import torch.distributed as dist
+
+    if dist.is_available() and not dist.is_initialized():
+        import torch.distributed.nn.functional  # noqa: F401 - for the side effect above
+
+
+_import_group_defaults()
+
+
 def active() -> bool:
     """Whether a default process group with more than one process exists."""
     import torch.distributed as dist

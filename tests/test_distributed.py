@@ -6,6 +6,8 @@ run, and leave what they computed in ``tmp_path`` for the test process to compar
 
 from __future__ import annotations
 
+import gc
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,22 +102,26 @@ def _prune_and_recover(
 def _worker(rank: int, store: str, out: str, criterion: str, as_list: bool, extra: dict | None = None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    group = dist.group.WORLD
     try:
         model, masks, result = _prune_and_recover(criterion, as_list, **(extra or {}))
-        torch.save(
-            {
-                "weights": model.state_dict(),
-                "masks": dict(masks.items()),
-                "history": [(h.val_accuracy, h.val_loss, h.train_loss) for h in result.history],
-                "best": result.best_epoch,
-                "last_step": result.details["last_step"],
-                "stop_reason": result.stop_reason,
-                "rollbacks": [(r["epoch"], r["step"]) for r in result.details["guard"]["rollbacks"]],
-            },
-            f"{out}/rank{rank}.pt",
-        )
     finally:
         dist.destroy_process_group()
+    gc.collect()
+    torch.save(
+        {
+            "weights": model.state_dict(),
+            "masks": dict(masks.items()),
+            "history": [(h.val_accuracy, h.val_loss, h.train_loss) for h in result.history],
+            "best": result.best_epoch,
+            "last_step": result.details["last_step"],
+            "stop_reason": result.stop_reason,
+            "rollbacks": [(r["epoch"], r["step"]) for r in result.details["guard"]["rollbacks"]],
+            # references to the group left once it is destroyed: `group` and getrefcount's own argument
+            "group_refs": sys.getrefcount(group),
+        },
+        f"{out}/rank{rank}.pt",
+    )
 
 
 @pytest.mark.parametrize(
@@ -132,6 +138,9 @@ def test_two_processes_at_half_the_batch_train_as_one_process(tmp_path: Path, cr
     model, masks, result = _prune_and_recover(criterion, as_list)  # one process, the whole batch
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for got in ranks:
+        # destroyed means gone, worker threads joined: a group that outlives it (DDP's first wrap importing
+        # torch.distributed.nn.functional, whose defaults hold the group) can abort the process at its exit
+        assert got["group_refs"] == 2, "destroy_process_group() left the process group alive"
         assert sorted(got["masks"]) == sorted(masks)
         for fqn, mask in masks.items():
             assert torch.equal(got["masks"][fqn], mask), fqn  # identical masks

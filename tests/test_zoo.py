@@ -406,6 +406,70 @@ def test_the_widths_of_sliced_inputs_to_a_concatenation_are_the_traced_ones():
     assert model.blocks[-1].out_channels == 4 and model.fc.in_features == 4 and report.equivalence.passed
 
 
+class SplitSums(nn.Module):
+    """Res2Net's block: a split into four chunks; the first feeds a convolution, the next two are added to the
+    previous convolution's output before the next one, the last is concatenated as it is. ``by_layers``: the
+    chunk widths are read off the layers (shrunk, they still fit); else a fixed width, as Res2Net's. ``groups``:
+    grouped convolutions, as Res2NeXt's."""
+
+    def __init__(self, width: int = 4, by_layers: bool = True, groups: int = 1) -> None:
+        super().__init__()
+        self.width, self.by_layers = width, by_layers
+        self.conv1 = nn.Conv2d(3, 4 * width, 1)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1, groups=groups) for _ in range(3))
+        self.conv3 = nn.Conv2d(4 * width, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(x)
+        if self.by_layers:
+            sizes = [c.in_channels for c in self.convs]
+            chunks = torch.split(y, [*sizes, y.shape[1] - sum(sizes)], 1)
+        else:
+            chunks = torch.split(y, self.width, 1)
+        out, paths = chunks[0], []
+        for i, conv in enumerate(self.convs):
+            out = torch.relu(conv(out if i == 0 else out + chunks[i]))
+            paths.append(out)
+        return self.conv3(torch.cat([*paths, chunks[-1]], 1))
+
+
+@pytest.mark.parametrize(
+    ("by_layers", "groups"), [(False, 1), (True, 1), (True, 2)], ids=["fixed-width", "widths-of-the-layers", "grouped"]
+)
+def test_each_chunk_of_a_split_maps_to_the_layer_that_reads_it(by_layers: bool, groups: int):
+    # Was: torch-pruning gave the split's k-th consumer in its graph the k-th chunk, and (for a split by one
+    # width) inferred the chunk widths from the consumers: [16, 4, 4, 4] for chunks of 4, the concatenation
+    # first; back from the concatenation to the split it shifted indices by the chunk's offset before it asked
+    # which input they came from. timm's Res2Net groups held indices past their layers' widths, or lost the
+    # layers the sums couple.
+    torch.manual_seed(0)
+    model, x = SplitSums(by_layers=by_layers, groups=groups).eval(), torch.randn(2, 3, 6, 6)
+    split = next(n for n in StructureGraph(model, x).dg.module2node.values() if n.type == ops.OPTYPE.SPLIT)
+    assert split.module.split_sizes == [4, 4, 4, 4]
+    readers = ["Conv2d", "_ElementWiseOp", "_ElementWiseOp", "_ConcatOp"]
+    assert [type(n.module).__name__ for n in split.outputs] == readers
+    unit_channels = {
+        u.name: u.group.unit_channels
+        for u in regrow.structural.prepare(model, pattern="channel", example_inputs=x).units
+    }
+    if groups == 1:  # each of conv1's channels on its own
+        assert unit_channels["conv1"] == [(c,) for c in range(16)]
+    else:  # a grouped convolution loses the same channel in each of its groups: in its chunk, c with c + 2
+        assert unit_channels["conv1"][:6] == [(0, 2), (1, 3), (4, 6), (5, 7), (8, 10), (9, 11)]
+        assert unit_channels["conv1"][6:] == [(12,), (13,), (14,), (15,)]
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    groups_ = {g["name"]: g for g in report.groups}
+    # conv1's chunks 1 and 2 are summed with the outputs of convs 0 and 1: one group; conv 2's output is its own
+    assert sorted(groups_) == ["conv1", "conv3", "convs.2"] and report.equivalence.passed
+    if not by_layers:  # the fixed width no longer splits a shrunk output: left out, with the failure
+        assert "shrinking it breaks the forward pass" in groups_["conv1"]["excluded"]
+        return
+    assert groups_["conv1"]["excluded"] is None and model.conv1.out_channels < 16
+    # every chunk kept some channels: each convolution still reads one, and the sums still match
+    assert all(c.in_channels >= groups for c in model.convs)
+    assert [c.in_channels for c in model.convs][1:] == [c.out_channels for c in model.convs][:2]
+
+
 class MapEmbedding(nn.Module):
     """Visformer's and PiT's positional embedding: a parameter over the feature maps, (1, C, H, W)."""
 

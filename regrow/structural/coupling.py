@@ -113,6 +113,20 @@ def pruning_group(dg: Any, root: nn.Module, handler: Any, idxs: list[int], reach
     return group
 
 
+def _channel_groups(dg: Any, module: Any, handler: Any) -> tuple[int, int]:
+    """(groups, channels per group) of a member's side that ``handler`` cuts; (1, 0) when not grouped."""
+    pruner = dg.get_pruner_of_module(module) if isinstance(module, nn.Module) else None
+    if pruner is None:
+        return 1, 0
+    if dg.is_out_channel_pruning_fn(handler):
+        groups, width = pruner.get_out_channel_groups(module), pruner.get_out_channels(module)
+    else:
+        groups, width = pruner.get_in_channel_groups(module), pruner.get_in_channels(module)
+    if not groups or groups <= 1 or not width or width % groups:
+        return 1, 0
+    return groups, width // groups
+
+
 class _Classes:
     """Union-find over root channels."""
 
@@ -137,22 +151,20 @@ class _Classes:
         return sorted((tuple(v) for v in found.values()), key=lambda u: u[0])
 
 
-def couple(dg: Any, reached: Walk, channels: int, ch_groups: int) -> Coupling | None:
+def couple(dg: Any, reached: Walk, channels: int) -> Coupling | None:
     """The :class:`Coupling` of a group of ``channels`` root channels, from ``reached``, the walk from its root
     with all of them (the walk the group itself was read off); None when the walk cannot tell the root channels
     apart (the caller then asks torch-pruning removal by removal).
 
-    ``ch_groups``: a grouped convolution in the group must lose the same channel in each of its groups, so
-    channels ``u + g * channels // ch_groups`` form one unit as well.
+    Root channels that cut the same index of a member go together; so do those that cut the same channel of
+    each group of a grouped member (a grouped convolution must lose the same channels in every group), found in
+    the member's own indices: Res2NeXt's grouped convolutions each read one chunk of a split of the root, so
+    their groups are not the root's.
     """
     if any(i.root_idx is None for _, idxs in reached for i in idxs):
         return None
     ignored = getattr(dg, "ignored_params", [])
     classes = _Classes(channels)
-    size = channels // ch_groups
-    for u in range(size):
-        for g in range(1, ch_groups):
-            classes.union(u, u + g * size)
     members: dict[tuple[int, int], tuple[Any, Any, dict[int, list[int]]]] = {}
     for dep, idxs in reached:
         target = dep.target.module
@@ -171,4 +183,10 @@ def couple(dg: Any, reached: Walk, channels: int, ch_groups: int) -> Coupling | 
                 owner = first_owner.setdefault((key, i), r)
                 if owner != r:
                     classes.union(owner, r)  # two root channels that cut the same index go together
+    for key, (node, handler, _) in members.items():
+        groups, size = _channel_groups(dg, node.module, handler)
+        for u in range(size if groups > 1 and size > 1 else 0):  # size 1: depthwise, nothing to keep balanced
+            roots = [first_owner[key, u + g * size] for g in range(groups) if (key, u + g * size) in first_owner]
+            for r in roots[1:]:
+                classes.union(roots[0], r)
     return Coupling(classes.groups(), list(members.values()))

@@ -20,7 +20,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
-from torch_pruning.dependency import index_mapping, shape_infer
+from torch_pruning.dependency import shape_infer
 
 from regrow.batches import batch_size, forward
 from regrow.errors import RegrowError
@@ -29,7 +29,14 @@ from regrow.structural.coupling import Coupling, Walk, couple, pruning_group, wa
 from regrow.structural.pruners import customized_pruners, is_plain_norm
 from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
-from regrow.structural.tracing import ShapeRecorder, fill_concat_sizes, parameter_channel_dims, refresh_mappings
+from regrow.structural.tracing import (
+    ShapeRecorder,
+    fill_concat_sizes,
+    fill_split_sizes,
+    parameter_channel_dims,
+    refresh_mappings,
+    update_mappings,
+)
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
@@ -161,9 +168,9 @@ def _tracing_error(exc: Exception, ran: bool) -> RegrowError:
 
 
 class _DependencyGraph(tp.DependencyGraph):
-    """torch-pruning's graph, with the concatenation sizes read from the traced shapes before it maps indices
-    through them (regrow.structural.tracing.fill_concat_sizes), and the channel dimension of loose parameters
-    over feature maps (parameter_channel_dims)."""
+    """torch-pruning's graph, with the split and concatenation widths read from the traced shapes before it maps
+    indices through them (regrow.structural.tracing.fill_split_sizes, fill_concat_sizes), and the channel
+    dimension of loose parameters over feature maps (parameter_channel_dims)."""
 
     def __init__(self, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
         super().__init__()
@@ -172,8 +179,15 @@ class _DependencyGraph(tp.DependencyGraph):
     def _build_dependency(self, module2node: Any) -> None:
         super()._build_dependency(module2node)
         shape_infer.init_shape_information(self)  # split sizes, which the inference of channel counts reads
+        fill_split_sizes(self, self.traced_outputs)
         fill_concat_sizes(self, self.traced_outputs)
         parameter_channel_dims(self)
+
+    def build_dependency(self, *args: Any, **kwargs: Any) -> _DependencyGraph:
+        super().build_dependency(*args, **kwargs)
+        fill_split_sizes(self, self.traced_outputs)  # torch-pruning inferred the widths again, after the above
+        update_mappings(self)
+        return self
 
 
 class StructureGraph:
@@ -299,7 +313,7 @@ class StructureGraph:
             if cg.channels % cg.ch_groups:
                 cg.excluded = cg.excluded or f"{channels} channels do not split into {cg.ch_groups} channel groups"
             elif cg.excluded is None:
-                cg.coupling = couple(self.dg, reached, channels, cg.ch_groups)
+                cg.coupling = couple(self.dg, reached, channels)
                 if cg.units < 2:
                     cg.excluded = f"its {channels} channels can only be removed all together"
             out.append(cg)
@@ -321,7 +335,7 @@ class StructureGraph:
             try:
                 # torch-pruning refreshes its mappings before every group; one that raises there (FocalNet's split:
                 # IndexError) leaves the root out, instead of a walk on a stale mapping that does not end.
-                index_mapping.update_index_mapping(self.dg)
+                update_mappings(self.dg)
                 reached = walk(self.dg, m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
                 group = pruning_group(self.dg, m, pruner.prune_out_channels, [], reached)
             except Exception as exc:  # noqa: BLE001 - an index mapping failed; the group is left out with it
@@ -365,21 +379,22 @@ class StructureGraph:
 
     def parts(self, group: ChannelGroup) -> tuple[tuple[int, ...], ...]:
         """The units of each layer (or loose parameter) that holds only some of the group's channels and would be
-        left with none were they all removed (one input of a concatenation whose output is the group's root):
-        the selection leaves each of them some units (regrow.structural.budget)."""
+        left with none were they all removed (one input of a concatenation whose output is the group's root, or
+        the layer that reads one chunk of a split of it): the selection leaves each of them some units
+        (regrow.structural.budget)."""
         every = list(range(group.units))
         partial = {
-            (c.target, c.kind)
+            (c.target, c.kind, c.out)
             for c in self.cuts(group, every)
-            if (c.out or c.kind == "param") and group.channels > len(c.idxs) >= _width(self, c)
+            if group.channels > len(c.idxs) >= _width(self, c)
         }
         if not partial:
             return ()
-        hits: dict[tuple[str, str], list[int]] = {t: [] for t in partial}
+        hits: dict[tuple[str, str, bool], list[int]] = {t: [] for t in partial}
         for unit in every:
             for c in self.cuts(group, [unit]):
-                if (c.target, c.kind) in hits and (c.out or c.kind == "param"):
-                    hits[c.target, c.kind].append(unit)
+                if (c.target, c.kind, c.out) in hits:
+                    hits[c.target, c.kind, c.out].append(unit)
         return tuple(sorted({tuple(units) for units in hits.values() if units}))
 
     def _cut(self, node: Any, handler: Any, idxs: list[int]) -> Cut | None:
@@ -408,12 +423,13 @@ def _batch(inputs: Any) -> int:
 
 
 def _width(graph: StructureGraph, cut: Cut) -> float:
-    """The size of what ``cut`` slices: a layer's output channels (as its handler counts them) or a parameter's
-    dimension; infinity when unknown, so that it is never taken for one a removal could empty."""
+    """The size of what ``cut`` slices: a layer's output or input channels (as its handler counts them) or a
+    parameter's dimension; infinity when unknown, so that it is never taken for one a removal could empty."""
     if cut.kind == "param":
         param = graph.model.get_parameter(cut.target)
         return param.shape[cut.dim % param.dim()] if param.dim() else math.inf
-    width = graph.dg.get_out_channels(graph.model.get_submodule(cut.target) if cut.target else graph.model)
+    layer = graph.model.get_submodule(cut.target) if cut.target else graph.model
+    width = graph.dg.get_out_channels(layer) if cut.out else graph.dg.get_in_channels(layer)
     return math.inf if width is None else width
 
 

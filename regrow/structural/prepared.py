@@ -230,7 +230,7 @@ def _score_units(
                 u.group.excluded = f"criterion {criterion!r} finds nothing to score in it"
                 continue
             step = _round_step(u.group, round_to, auto, round_widths)
-            parts = u.graph.parts(u.group) if u.graph is not None else ()
+            parts = u.parts
         else:  # heads; or FFN channels found without a graph, which round like any channels
             s = head_scores(u.group, model, criterion)
             step = _round_step(u.group, round_to, auto, round_widths) if isinstance(u.group, MlpGroup) else 1

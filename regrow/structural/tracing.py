@@ -200,6 +200,45 @@ def _batch_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) -> 
         _retype(node, _none, _none)
 
 
+def fill_split_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
+    """The chunk widths of each split along the channels, read from the traced shapes, with its consumers in
+    chunk order.
+
+    torch-pruning gives a split's k-th consumer the k-th chunk, and infers the chunk widths from the consumers
+    when the split's grad_fn does not name them (``torch.split(x, 32, 1)`` and ``x.chunk(n, 1)`` on the torch
+    versions where it saves ``_saved_self_sym_sizes``). Res2Net's ``spx = torch.split(x, w, 1)`` feeds chunk 0 to
+    a convolution, chunks 1 and 2 to sums and the last to a concatenation: torch-pruning saw the consumers in the
+    order concatenation, sums, convolution, inferred widths [128, 32, 32, 32] for four chunks of 32, and every
+    index mapped through the split landed on the wrong layer. Where each chunk has exactly one consumer in the
+    graph, and each consumer reads one chunk, the consumers are put in chunk order and the widths are the traced
+    ones; anything else is left to torch-pruning.
+    """
+    for node in list(dg.module2node.values()):
+        fn = node.grad_fn
+        if node.type != ops.OPTYPE.SPLIT or fn is None:
+            continue
+        dim = getattr(fn, "_saved_dim", None)
+        if dim is None:
+            continue
+        dim = dim - 2**64 if dim >= 2**63 else dim
+        sizes = []
+        while (shape := outputs.get((fn, len(sizes)))) is not None:
+            sizes.append(shape)
+        if not sizes or dim % len(sizes[0]) != 1:
+            continue  # torch-pruning maps splits of channels only
+        chunk_of: dict[int, Any] = {}
+        for consumer in node.outputs:
+            chunks = {nr for f, nr in getattr(consumer.grad_fn, "next_functions", ()) if f is fn}
+            if len(chunks) != 1 or next(iter(chunks)) in chunk_of:
+                break
+            chunk_of[next(iter(chunks))] = consumer
+        else:
+            if sorted(chunk_of) == list(range(len(sizes))):
+                node.outputs[:] = [chunk_of[k] for k in range(len(sizes))]
+                node.module.split_sizes = [s[1] for s in sizes]
+                node.module.offsets = [sum(node.module.split_sizes[:k]) for k in range(len(sizes) + 1)]
+
+
 def fill_concat_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
     """Channel counts of concatenation inputs, read from the traced shapes.
 
@@ -254,10 +293,36 @@ def parameter_channel_dims(dg: Any) -> None:
             node.pruning_dim = dims[0]
 
 
-def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) -> None:
-    """torch-pruning's index mappings, recomputed, with regrow's corrections for channels-last layouts and for
-    the folds of the example inputs' ``batch`` with other dimensions."""
+def update_mappings(dg: Any) -> None:
+    """torch-pruning's ``update_index_mapping``, with the order of the two mappings fixed on the edge from a
+    concatenation back to a split whose chunk it reads directly.
+
+    torch-pruning keeps a split's mapping in the first slot of an edge and a concatenation's in the second, and
+    applies them in that order. From the split to the concatenation that is right (chunk, then place in the
+    concatenation); back, it shifted an index of the concatenation by the chunk's offset before it asked which
+    input of the concatenation the index belongs to. Where the chunk sits at offset 0 of both (a CSP or
+    ShuffleNet block's first chunk) the two orders agree; Res2Net's last chunk, concatenated fourth, sent the
+    channels of the first three inputs back to the split's first chunk.
+    """
     index_mapping.update_index_mapping(dg)
+    for node in dg.module2node.values():
+        if node.type != ops.OPTYPE.CONCAT:
+            continue
+        for dep in node.dependencies:
+            first, second = (dep.index_mapping + [None, None])[:2]
+            if (
+                isinstance(first, index_mapping._SplitIndexMapping)
+                and isinstance(second, index_mapping._ConcatIndexMapping)
+                and first.reverse
+                and second.reverse
+            ):
+                dep.index_mapping[0], dep.index_mapping[1] = second, first
+
+
+def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) -> None:
+    """torch-pruning's index mappings, recomputed (:func:`update_mappings`), with regrow's corrections for
+    channels-last layouts and for the folds of the example inputs' ``batch`` with other dimensions."""
+    update_mappings(dg)
     _untie_spatial_slices(dg)
     _untie_broadcasts(dg)
     _channels_last_reshapes(dg, shapes)

@@ -7,6 +7,7 @@ passes in the ``compare`` it holds, which is where tests replace it (``regrow.st
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,13 @@ class _Unit:
             assert self.graph is not None
             return self.graph.cuts(self.group, removed)
         return []
+
+    @functools.cached_property
+    def parts(self) -> tuple[tuple[int, ...], ...]:
+        """The units of each layer that holds only some of the group's channels (StructureGraph.parts)."""
+        if isinstance(self.group, ChannelGroup) and self.graph is not None:
+            return self.graph.parts(self.group)
+        return ()
 
     def heads(self, removed: list[int]) -> list[tuple[HeadGroup | MlpGroup, list[int]]]:
         """Groups that remove their own units (heads, FFN channels found without a graph)."""
@@ -79,10 +87,18 @@ def _breaks_ties(model: nn.Module, unit: _Unit, ties: list[list[tuple[str, str]]
 
 
 def _probe_removal(unit: _Unit) -> list[int]:
-    """The units a probe removes: the first, the second and the last, never all of them. An odd index and both
-    ends catch a mapping that is right for unit 0 only (a slice read as a slice of channels keeps even ones)."""
+    """The units a probe removes: the first, the second and the last, never all of them, nor all of a part (a
+    layer that reads one chunk of a split of the group's channels keeps some, as any selection leaves it). An
+    odd index and both ends catch a mapping that is right for unit 0 only (a slice read as a slice of channels
+    keeps even ones)."""
     n = unit.group.units
-    return sorted(dict.fromkeys((0, 1, n - 1)))[: max(1, n - 1)]
+    removed: list[int] = []
+    for u in [*dict.fromkeys((0, 1, n - 1)), *range(2, n - 1)]:
+        if len(removed) == 3 or len(removed) == n - 1:
+            break
+        if all(set(part) - {*removed, u} for part in unit.parts if u in part):
+            removed.append(u)
+    return sorted(removed)
 
 
 def _probe(model: nn.Module, units: list[_Unit], inputs: Any, compare: Compare) -> str | None:

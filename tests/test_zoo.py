@@ -470,6 +470,32 @@ def test_each_chunk_of_a_split_maps_to_the_layer_that_reads_it(by_layers: bool, 
     assert [c.in_channels for c in model.convs][1:] == [c.out_channels for c in model.convs][:2]
 
 
+class Multiplier(nn.Module):
+    """A depthwise convolution with a channel multiplier (FastViT's downsampling): one input channel per group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.spread = nn.Conv2d(4, 8, 3, padding=1, groups=4)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.spread(self.stem(x)))
+
+
+def test_a_depthwise_convolution_with_a_multiplier_keeps_its_groups():
+    # Its input has one channel per group: removing one would take a whole group, so the stem goes whole. Its
+    # output loses the same channel of every group (the multiplier falls from 2 to 1).
+    torch.manual_seed(0)
+    model, x = Multiplier().eval(), torch.randn(2, 3, 6, 6)
+    groups = {u.name: u.group for u in regrow.structural.prepare(model, pattern="channel", example_inputs=x).units}
+    assert groups["stem"].unit_channels == [(0, 1, 2, 3)]
+    assert groups["stem"].excluded == "its 4 channels can only be removed all together"
+    assert groups["spread"].unit_channels == [(0, 2, 4, 6), (1, 3, 5, 7)]
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    assert report.equivalence.passed and (model.spread.out_channels, model.spread.groups) == (4, 4)
+
+
 class MapEmbedding(nn.Module):
     """Visformer's and PiT's positional embedding: a parameter over the feature maps, (1, C, H, W)."""
 

@@ -114,9 +114,13 @@ def pruning_group(dg: Any, root: nn.Module, handler: Any, idxs: list[int], reach
 
 
 def _channel_groups(dg: Any, module: Any, handler: Any) -> tuple[int, int]:
-    """(groups, channels per group) of a member's side that ``handler`` cuts; (1, 0) when not grouped."""
+    """(groups, channels per group) of a member's side that ``handler`` cuts; (1, 0) when nothing must stay
+    balanced: not grouped, or depthwise (one output channel per group, which torch-pruning removes with its
+    group)."""
     pruner = dg.get_pruner_of_module(module) if isinstance(module, nn.Module) else None
     if pruner is None:
+        return 1, 0
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == module.out_channels:
         return 1, 0
     if dg.is_out_channel_pruning_fn(handler):
         groups, width = pruner.get_out_channel_groups(module), pruner.get_out_channels(module)
@@ -185,7 +189,9 @@ def couple(dg: Any, reached: Walk, channels: int) -> Coupling | None:
                     classes.union(owner, r)  # two root channels that cut the same index go together
     for key, (node, handler, _) in members.items():
         groups, size = _channel_groups(dg, node.module, handler)
-        for u in range(size if groups > 1 and size > 1 else 0):  # size 1: depthwise, nothing to keep balanced
+        # one channel per group (the input of a depthwise convolution with a multiplier): a removal would take
+        # whole groups, which torch-pruning cannot, so all of them form one unit
+        for u in range(size if groups > 1 else 0):
             roots = [first_owner[key, u + g * size] for g in range(groups) if (key, u + g * size) in first_owner]
             for r in roots[1:]:
                 classes.union(roots[0], r)

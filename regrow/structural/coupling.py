@@ -113,11 +113,13 @@ def pruning_group(dg: Any, root: nn.Module, handler: Any, idxs: list[int], reach
     return group
 
 
-def _channel_groups(dg: Any, module: Any, handler: Any) -> tuple[int, int]:
+def member_groups(dg: Any, module: Any, handler: Any) -> tuple[int, int]:
     """(groups, channels per group) of a member's side that ``handler`` cuts; (1, 0) when nothing must stay
     balanced: not grouped, or depthwise (one output channel per group, which torch-pruning removes with its
     group)."""
-    pruner = dg.get_pruner_of_module(module) if isinstance(module, nn.Module) else None
+    if not isinstance(module, nn.Module) or isinstance(module, tuple(ops.TORCH_OTHERS or ())):
+        return 1, 0
+    pruner = dg.get_pruner_of_module(module)
     if pruner is None:
         return 1, 0
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == module.out_channels:
@@ -188,7 +190,7 @@ def couple(dg: Any, reached: Walk, channels: int) -> Coupling | None:
                 if owner != r:
                     classes.union(owner, r)  # two root channels that cut the same index go together
     for key, (node, handler, _) in members.items():
-        groups, size = _channel_groups(dg, node.module, handler)
+        groups, size = member_groups(dg, node.module, handler)
         # one channel per group (the input of a depthwise convolution with a multiplier): a removal would take
         # whole groups, which torch-pruning cannot, so all of them form one unit
         for u in range(size if groups > 1 else 0):

@@ -25,7 +25,7 @@ from torch_pruning.dependency import shape_infer
 from regrow.batches import batch_size, forward
 from regrow.errors import RegrowError
 from regrow.structural.attention import MultiheadAttention
-from regrow.structural.coupling import Coupling, Walk, couple, pruning_group, walk
+from regrow.structural.coupling import Coupling, Walk, couple, member_groups, pruning_group, walk
 from regrow.structural.pruners import customized_pruners, is_plain_norm
 from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
@@ -185,8 +185,9 @@ class _DependencyGraph(tp.DependencyGraph):
 
     def build_dependency(self, *args: Any, **kwargs: Any) -> _DependencyGraph:
         super().build_dependency(*args, **kwargs)
-        fill_split_sizes(self, self.traced_outputs)  # torch-pruning inferred the widths again, after the above
-        update_mappings(self)
+        # torch-pruning inferred the widths again after the above; StructureGraph then maps through them
+        # (refresh_mappings)
+        fill_split_sizes(self, self.traced_outputs)
         return self
 
 
@@ -242,19 +243,8 @@ class StructureGraph:
         return None, ""
 
     def _ch_groups(self, group: Any) -> int:
-        found = [1]
-        for dep, _ in group:
-            module = dep.target.module
-            if not isinstance(module, nn.Module) or isinstance(module, tuple(ops.TORCH_OTHERS or ())):
-                continue
-            pruner = self.dg.get_pruner_of_module(module)
-            if pruner is None:
-                continue
-            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == module.out_channels:
-                continue  # depthwise: each channel is its own group, nothing to keep balanced
-            is_out = self.dg.is_out_channel_pruning_fn(dep.handler)
-            found.append(pruner.get_out_channel_groups(module) if is_out else pruner.get_in_channel_groups(module))
-        return max(found)
+        """The most groups of any grouped member (regrow.structural.coupling.member_groups)."""
+        return max([1, *(member_groups(self.dg, dep.target.module, dep.handler)[0] for dep, _ in group)])
 
     def channel_groups(
         self, candidates: set[str], ignored: set[str], attention: dict[str, set[str]]

@@ -189,20 +189,20 @@ STANDINS = {
 }
 
 
-def _narrowed(module: nn.Module) -> bool:  # the stand-in itself was cut: its output, or ShuffleNet's inner width
-    if hasattr(module, "merge"):
-        return module.merge.out_features < 32
-    return module.proj.out_features < 32 if hasattr(module, "proj") else module.branch2[0].out_channels < 24
+def _size(model: nn.Module, name: str) -> int:
+    return sum(p.numel() for p in model.get_submodule(name).parameters())
 
 
 @pytest.mark.parametrize("family", sorted(STANDINS))
 def test_a_pruned_model_saves_and_loads_with_its_stand_ins(tmp_path, family):
     model, x = build(family)
+    dense = copy.deepcopy(model)
     report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
     assert report.equivalence.passed
     assert report.standins == STANDINS[family]
     first = model.get_submodule(report.standins[0])
-    assert _narrowed(first)
+    # stand-ins themselves were cut (which ones depends on the weights, and torch's initialisers differ by version)
+    assert any(_size(model, name) < _size(dense, name) for name in report.standins)
     regrow.save(model, tmp_path / "swin")
     loaded = regrow.load(tmp_path / "swin", FAMILIES[family][0]).eval()
     assert type(loaded.get_submodule(report.standins[0])) is type(first)

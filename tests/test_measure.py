@@ -179,6 +179,39 @@ def test_dense_macs_of_multihead_attention_by_hand(need_weights):
     assert dense_macs(model, x) == 2 * per_sample
 
 
+@pytest.mark.parametrize("torch_formula", ["installed", "without grouped-query heads"])
+def test_dense_macs_of_grouped_query_attention_by_hand(monkeypatch, torch_formula):
+    from torch.nn import functional as F
+    from torch.utils import flop_counter
+
+    from regrow.measure.cost import dense_macs
+
+    if "enable_gqa" not in (F.scaled_dot_product_attention.__doc__ or ""):
+        pytest.skip("this torch has no enable_gqa")
+    if torch_formula != "installed":  # torch before 2.13 asserted that q, k and v have as many heads
+        torch_count = flop_counter.sdpa_flop_count
+
+        def strict(query_shape, key_shape, value_shape):
+            assert query_shape[1] == key_shape[1] == value_shape[1], "query/key/value shapes are incompatible"
+            return torch_count(query_shape, key_shape, value_shape)
+
+        monkeypatch.setattr(flop_counter, "sdpa_flop_count", strict)
+
+    class Grouped(nn.Module):  # 4 query heads share 2 key/value heads, head dim 8, 6 tokens
+        def __init__(self):
+            super().__init__()
+            self.q, self.kv = nn.Linear(32, 32), nn.Linear(32, 32)
+
+        def forward(self, x):
+            q = self.q(x).view(2, 6, 4, 8).transpose(1, 2)
+            k, v = self.kv(x).view(2, 6, 2, 2, 8).permute(3, 0, 2, 1, 4)
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    # per sample: projections 6*32*32 twice, scores 4*6*6*8, weighted values 4*6*6*8 (each query head its own)
+    per_sample = 2 * 6 * 32 * 32 + 2 * 4 * 6 * 6 * 8
+    assert dense_macs(Grouped(), torch.randn(2, 6, 32)) == 2 * per_sample
+
+
 def test_evaluate_refuses_a_one_shot_iterator():
     batches = make_batches(3)
     with pytest.raises(regrow.RegrowError, match="one-shot iterator"):

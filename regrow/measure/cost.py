@@ -40,19 +40,44 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
+_SDPA_OPS = (  # scaled-dot-product attention's forward kernels; q, k, v are their first three arguments
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+)
+
+
+def _sdpa_macs2(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """FLOPs (2 a MAC) of attention over (batch, heads, tokens, dim) shapes: scores and weighted sum, each query
+    head against its key/value head (grouped-query attention: fewer key/value heads, shared)."""
+    *batch, heads, queries, dim = query_shape
+    keys, value_dim = key_shape[-2], value_shape[-1]
+    b = 1
+    for n in batch:
+        b *= n
+    return 2 * b * heads * queries * keys * (dim + value_dim)
+
+
+def _counts_grouped_query_attention(count: Any) -> bool:
+    try:
+        count((1, 4, 2, 8), (1, 2, 2, 8), (1, 2, 2, 8))
+    except Exception:  # noqa: BLE001 - torch before 2.13 asserts that q, k and v have as many heads
+        return False
+    return True
+
+
 def _extra_formulas() -> dict[Any, Any]:
-    """FLOP formulas the counter lacks: scaled-dot-product attention's CPU kernel (counted like its GPU ones)."""
+    """FLOP formulas the counter lacks: scaled-dot-product attention's CPU kernel (counted like its GPU ones),
+    and, where torch's formula refuses key/value heads fewer than the query's (before torch 2.13), every
+    attention kernel counted so that grouped-query attention (Llama, Qwen, Mistral) counts instead of failing."""
     from torch.utils import flop_counter
 
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     count = getattr(flop_counter, "sdpa_flop_count", None)
-    if op is None or count is None or op in flop_counter.flop_registry:  # keyed by the op's overload packet
-        return {}
-
-    def sdpa_cpu(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
-        return count(query_shape, key_shape, value_shape)
-
-    return {op: sdpa_cpu}
+    ops = [op for name in _SDPA_OPS if (op := getattr(torch.ops.aten, name, None)) is not None]
+    if count is None or not _counts_grouped_query_attention(count):
+        return dict.fromkeys(ops, _sdpa_macs2)
+    return {op: _sdpa_macs2 for op in ops if op not in flop_counter.flop_registry}  # keyed by overload packet
 
 
 def _count(model: nn.Module, inputs: Any, grad: bool) -> FlopCounterMode | None:

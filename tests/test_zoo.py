@@ -46,6 +46,7 @@ FAMILIES = {
     "vit": ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2}, 32),  # class token, positional embedding
     "deit_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 32, "depth": 2}, 32),  # two tokens
     "cspnet": ("cs3darknet_focus_s", {}, 64),  # cross-stage halves: split, residual blocks, concatenated back
+    "res2net": ("res2net50_14w_8s", {"layers": (2, 1, 1, 1)}, 64),  # split by a stored width, chunks summed
     "cspnext": ("cspnext_tiny", {}, 64),  # two branches concatenated, then gated by channel attention
     "gcvit": ("gcvit_xxtiny", {"img_size": 64, "window_size": (2, 2, 2, 2)}, 64),  # a global query, broadcast
     "swin": (  # windowed attention with shifts, relative position bias, patch merging
@@ -56,12 +57,10 @@ FAMILIES = {
 }
 # Groups regrow leaves out, and why that is right: the classifier's outputs, attention's inner widths (heads
 # go whole, with pattern "head"), and LeViT's attention, whose q/k/v widths are split by heads in a reshape
-# regrow cannot follow (its modules hold them in LinearNorm wrappers that heads.py does not know), and CSPNet's
-# expansion, which its stage splits in halves of a width it stores (``x.split(self.expand_chs // 2)``).
+# regrow cannot follow (its modules hold them in LinearNorm wrappers that heads.py does not know).
 BENIGN = ("not a target", "its channels are the model's output", "inside attention")
 ALLOWED = {
     "levit": re.compile(r"\.attn(_downsample)?\.(qkv|kv)\.linear$"),
-    "cspnet": re.compile(r"^stages\.\d\.conv_exp\.conv$"),
 }
 
 
@@ -408,24 +407,32 @@ def test_the_widths_of_sliced_inputs_to_a_concatenation_are_the_traced_ones():
 
 class SplitSums(nn.Module):
     """Res2Net's block: a split into four chunks; the first feeds a convolution, the next two are added to the
-    previous convolution's output before the next one, the last is concatenated as it is. ``by_layers``: the
-    chunk widths are read off the layers (shrunk, they still fit); else a fixed width, as Res2Net's. ``groups``:
-    grouped convolutions, as Res2NeXt's."""
+    previous convolution's output before the next one, the last is concatenated as it is. ``split``: how the
+    chunks are cut: ``"layers"``, by the widths of the layers that read them (shrunk, they still fit);
+    ``"width"``, by a width the module stores (Res2Net's ``torch.split(x, self.width, 1)``), or ``"chunk"``,
+    into four of one width (EdgeNeXt's ``x.chunk(4, 1)``): these two cut chunks of one width again after
+    surgery. ``groups``: grouped convolutions, as Res2NeXt's. ``scale``: a layer scale of shape (C, 1, 1) before
+    the split, a loose parameter of three dimensions, as EdgeNeXt's attention temperature (heads, 1, 1)."""
 
-    def __init__(self, width: int = 4, by_layers: bool = True, groups: int = 1) -> None:
+    def __init__(self, width: int = 4, split: str = "layers", groups: int = 1, scale: bool = False) -> None:
         super().__init__()
-        self.width, self.by_layers = width, by_layers
+        self.width, self.split = width, split
         self.conv1 = nn.Conv2d(3, 4 * width, 1)
+        self.scale = nn.Parameter(torch.rand(4 * width, 1, 1) + 0.5) if scale else None
         self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1, groups=groups) for _ in range(3))
         self.conv3 = nn.Conv2d(4 * width, 6, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv1(x)
-        if self.by_layers:
+        if self.scale is not None:
+            y = y * self.scale
+        if self.split == "layers":
             sizes = [c.in_channels for c in self.convs]
             chunks = torch.split(y, [*sizes, y.shape[1] - sum(sizes)], 1)
-        else:
+        elif self.split == "width":
             chunks = torch.split(y, self.width, 1)
+        else:
+            chunks = y.chunk(4, 1)
         out, paths = chunks[0], []
         for i, conv in enumerate(self.convs):
             out = torch.relu(conv(out if i == 0 else out + chunks[i]))
@@ -434,25 +441,29 @@ class SplitSums(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("by_layers", "groups"), [(False, 1), (True, 1), (True, 2)], ids=["fixed-width", "widths-of-the-layers", "grouped"]
+    ("split", "groups"),
+    [("width", 1), ("chunk", 1), ("layers", 1), ("layers", 2)],
+    ids=["stored-width", "chunk", "widths-of-the-layers", "grouped"],
 )
-def test_each_chunk_of_a_split_maps_to_the_layer_that_reads_it(by_layers: bool, groups: int):
+def test_each_chunk_of_a_split_maps_to_the_layer_that_reads_it(split: str, groups: int):
     # Was: torch-pruning gave the split's k-th consumer in its graph the k-th chunk, and (for a split by one
     # width) inferred the chunk widths from the consumers: [16, 4, 4, 4] for chunks of 4, the concatenation
     # first; back from the concatenation to the split it shifted indices by the chunk's offset before it asked
     # which input they came from. timm's Res2Net groups held indices past their layers' widths, or lost the
     # layers the sums couple.
     torch.manual_seed(0)
-    model, x = SplitSums(by_layers=by_layers, groups=groups).eval(), torch.randn(2, 3, 6, 6)
-    split = next(n for n in StructureGraph(model, x).dg.module2node.values() if n.type == ops.OPTYPE.SPLIT)
-    assert split.module.split_sizes == [4, 4, 4, 4]
+    model, x = SplitSums(split=split, groups=groups).eval(), torch.randn(2, 3, 6, 6)
+    node = next(n for n in StructureGraph(model, x).dg.module2node.values() if n.type == ops.OPTYPE.SPLIT)
+    assert node.module.split_sizes == [4, 4, 4, 4]
     readers = ["Conv2d", "_ElementWiseOp", "_ElementWiseOp", "_ConcatOp"]
-    assert [type(n.module).__name__ for n in split.outputs] == readers
+    assert [type(n.module).__name__ for n in node.outputs] == readers
     unit_channels = {
         u.name: u.group.unit_channels
         for u in regrow.structural.prepare(model, pattern="channel", example_inputs=x).units
     }
-    if groups == 1:  # each of conv1's channels on its own
+    if split != "layers":  # chunks of one width: every chunk loses the same channels, c with c + 4, 8 and 12
+        assert unit_channels["conv1"] == [(c, c + 4, c + 8, c + 12) for c in range(4)]
+    elif groups == 1:  # each of conv1's channels on its own
         assert unit_channels["conv1"] == [(c,) for c in range(16)]
     else:  # a grouped convolution loses the same channel in each of its groups: in its chunk, c with c + 2
         assert unit_channels["conv1"][:6] == [(0, 2), (1, 3), (4, 6), (5, 7), (8, 10), (9, 11)]
@@ -461,13 +472,30 @@ def test_each_chunk_of_a_split_maps_to_the_layer_that_reads_it(by_layers: bool, 
     groups_ = {g["name"]: g for g in report.groups}
     # conv1's chunks 1 and 2 are summed with the outputs of convs 0 and 1: one group; conv 2's output is its own
     assert sorted(groups_) == ["conv1", "conv3", "convs.2"] and report.equivalence.passed
-    if not by_layers:  # the fixed width no longer splits a shrunk output: left out, with the failure
+    if split == "width":  # a width stored by a module regrow has no rule for stays: left out, with the failure
         assert "shrinking it breaks the forward pass" in groups_["conv1"]["excluded"]
         return
     assert groups_["conv1"]["excluded"] is None and model.conv1.out_channels < 16
     # every chunk kept some channels: each convolution still reads one, and the sums still match
     assert all(c.in_channels >= groups for c in model.convs)
     assert [c.in_channels for c in model.convs][1:] == [c.out_channels for c in model.convs][:2]
+    if split == "chunk":
+        assert model.conv1.out_channels == 4 * model.convs[0].in_channels == 8
+
+
+def test_a_split_of_channels_after_a_three_dimensional_parameter_keeps_its_index_mapping():
+    # Was: torch-pruning turns the index mapping off at every split and concatenation downstream of a loose
+    # parameter with three dimensions (meant for a ViT's position embedding); the scale (16, 1, 1) before the
+    # chunks sent all 16 channels to each 4-channel convolution, and the group failed its probe.
+    torch.manual_seed(0)
+    model, x = SplitSums(split="chunk", scale=True).eval(), torch.randn(2, 3, 6, 6)
+    node = next(n for n in StructureGraph(model, x).dg.module2node.values() if n.type == ops.OPTYPE.SPLIT)
+    assert node.enable_index_mapping
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    conv1 = {g["name"]: g for g in report.groups}["conv1"]
+    assert conv1["excluded"] is None and (conv1["units_before"], conv1["units_after"]) == (4, 2)
+    assert report.equivalence.passed and model.scale.shape == (8, 1, 1)
+    assert [c.in_channels for c in model.convs] == [2, 2, 2] and model.conv3.in_channels == 2 + 2 + 2 + 2
 
 
 class Multiplier(nn.Module):

@@ -133,6 +133,15 @@ def member_groups(dg: Any, module: Any, handler: Any) -> tuple[int, int]:
     return groups, width // groups
 
 
+def equal_chunks(module: Any) -> tuple[int, int]:
+    """(chunks, channels per chunk) of a split whose forward cuts chunks of one width (``torch.split(x, w, 1)``,
+    ``x.chunk(n, 1)``; marked by regrow.structural.tracing.fill_split_sizes): after surgery it cuts them again
+    from the new width, so every chunk must lose as many channels, at the same places for the layers each chunk
+    feeds; (1, 0) for any other member."""
+    chunks = getattr(module, "equal_chunks", None) if isinstance(module, ops._SplitOp) else None
+    return chunks or (1, 0)
+
+
 class _Classes:
     """Union-find over root channels."""
 
@@ -165,7 +174,8 @@ def couple(dg: Any, reached: Walk, channels: int) -> Coupling | None:
     Root channels that cut the same index of a member go together; so do those that cut the same channel of
     each group of a grouped member (a grouped convolution must lose the same channels in every group), found in
     the member's own indices: Res2NeXt's grouped convolutions each read one chunk of a split of the root, so
-    their groups are not the root's.
+    their groups are not the root's. A split into chunks of one width is tied the same way, chunk for group
+    (Res2Net's ``torch.split(x, self.width, 1)``, EdgeNeXt's ``x.chunk(n, 1)``).
     """
     if any(i.root_idx is None for _, idxs in reached for i in idxs):
         return None
@@ -191,6 +201,8 @@ def couple(dg: Any, reached: Walk, channels: int) -> Coupling | None:
                     classes.union(owner, r)  # two root channels that cut the same index go together
     for key, (node, handler, _) in members.items():
         groups, size = member_groups(dg, node.module, handler)
+        if groups == 1:
+            groups, size = equal_chunks(node.module)
         # one channel per group (the input of a depthwise convolution with a multiplier): a removal would take
         # whole groups, which torch-pruning cannot, so all of them form one unit
         for u in range(size if groups > 1 else 0):

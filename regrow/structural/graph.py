@@ -31,6 +31,7 @@ from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
 from regrow.structural.tracing import (
     ShapeRecorder,
+    feature_map_mappings,
     fill_concat_sizes,
     fill_split_sizes,
     parameter_channel_dims,
@@ -169,8 +170,9 @@ def _tracing_error(exc: Exception, ran: bool) -> RegrowError:
 
 class _DependencyGraph(tp.DependencyGraph):
     """torch-pruning's graph, with the split and concatenation widths read from the traced shapes before it maps
-    indices through them (regrow.structural.tracing.fill_split_sizes, fill_concat_sizes), and the channel
-    dimension of loose parameters over feature maps (parameter_channel_dims)."""
+    indices through them (regrow.structural.tracing.fill_split_sizes, fill_concat_sizes), their mappings on where
+    torch-pruning turned them off (feature_map_mappings), and the channel dimension of loose parameters over
+    feature maps (parameter_channel_dims)."""
 
     def __init__(self, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
         super().__init__()
@@ -179,6 +181,7 @@ class _DependencyGraph(tp.DependencyGraph):
     def _build_dependency(self, module2node: Any) -> None:
         super()._build_dependency(module2node)
         shape_infer.init_shape_information(self)  # split sizes, which the inference of channel counts reads
+        feature_map_mappings(self, self.traced_outputs)
         fill_split_sizes(self, self.traced_outputs)
         fill_concat_sizes(self, self.traced_outputs)
         parameter_channel_dims(self)

@@ -3,8 +3,9 @@
 A layer handler updates the layer it shrinks (``out_channels``, ``normalized_shape``, ...), but some models
 also store a width of their own and reshape with it: torchvision's ``VisionTransformer`` flattens its patch
 embedding with ``x.reshape(n, self.hidden_dim, n_h * n_w)``, timm's ReXNet slices its output with
-``self.in_channels``. Left stale, the attribute breaks the forward pass
-of the shrunk model, so every probe of the residual stream failed and the stream was never pruned. Each entry
+``self.in_channels``, timm's Res2Net and CSPNet split with ``self.width`` and ``self.expand_chs``. Left stale,
+the attribute breaks the forward pass of the shrunk model, so every probe of the groups through it failed and
+they were never pruned. Each entry
 names the attribute and the layer width it must equal after surgery; :func:`follow` sets them. Classes are
 matched by their qualified name (subclasses too), so the architectures' packages are never imported here.
 """
@@ -19,6 +20,11 @@ STORED_WIDTHS: dict[str, dict[str, tuple[str, ...]]] = {
         # a patchify convolution, or the last layer of a convolutional stem (conv_stem_configs)
         "hidden_dim": ("conv_proj.out_channels", "conv_proj.conv_last.out_channels"),
     },
+    # Res2Net splits its first convolution's output with torch.split(out, self.width, 1), one chunk a branch
+    "timm.models.res2net.Bottle2neck": {"width": ("convs.0.in_channels",)},
+    # CSPNet's stages split their expansion in halves of the width they store: x.split(self.expand_chs // 2, dim=1)
+    "timm.models.cspnet.CrossStage": {"expand_chs": ("conv_exp.conv.out_channels",)},
+    "timm.models.cspnet.CrossStage3": {"expand_chs": ("conv_exp.conv.out_channels",)},
     # ReXNet adds its shortcut to the first channels of a wider output: x[:, 0:self.in_channels] + shortcut
     "timm.models.rexnet.LinearBottleneck": {
         "in_channels": ("conv_exp.conv.in_channels", "conv_dw.conv.in_channels"),

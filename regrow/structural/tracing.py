@@ -200,43 +200,93 @@ def _batch_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) -> 
         _retype(node, _none, _none)
 
 
+def _saved_dim(fn: Any) -> int | None:
+    dim = getattr(fn, "_saved_dim", None)
+    return dim - 2**64 if dim is not None and dim >= 2**63 else dim  # a negative dim is saved unsigned
+
+
+def feature_map_mappings(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
+    """Index mappings back on for the splits and concatenations of a feature map's channels.
+
+    torch-pruning turns the mapping off at every split and concatenation downstream of a loose parameter with
+    three dimensions, for a ViT's position embedding ``(1, tokens, C)``, concatenated with the class token along
+    the tokens. EdgeNeXt's attention holds a temperature ``(heads, 1, 1)``, upstream of every later block: its
+    ``x.chunk(4, 1)`` then sent every channel of the stream to each chunk's convolution (a 42-channel convolution
+    cut at index 167), and every group of the stream after the first attention failed its probe. Where the traced
+    tensor has four or five dimensions and the split or concatenation is along dim 1, it is a feature map's
+    channels, and the mapping is turned on again.
+    """
+    for node in dg.module2node.values():
+        if node.type not in (ops.OPTYPE.SPLIT, ops.OPTYPE.CONCAT) or node.enable_index_mapping:
+            continue
+        dim, shape = _saved_dim(node.grad_fn), outputs.get((node.grad_fn, 0))
+        if dim is not None and shape is not None and len(shape) in (4, 5) and dim % len(shape) == 1:
+            node.enable_index_mapping = True
+
+
 def fill_split_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
-    """The chunk widths of each split along the channels, read from the traced shapes, with its consumers in
-    chunk order.
+    """The chunk widths of each split along the channels, read from the traced shapes, and which chunk each of
+    its consumers reads.
 
     torch-pruning gives a split's k-th consumer the k-th chunk, and infers the chunk widths from the consumers
     when the split's grad_fn does not name them (``torch.split(x, 32, 1)`` and ``x.chunk(n, 1)`` on the torch
     versions where it saves ``_saved_self_sym_sizes``). Res2Net's ``spx = torch.split(x, w, 1)`` feeds chunk 0 to
     a convolution, chunks 1 and 2 to sums and the last to a concatenation: torch-pruning saw the consumers in the
     order concatenation, sums, convolution, inferred widths [128, 32, 32, 32] for four chunks of 32, and every
-    index mapped through the split landed on the wrong layer. Where each chunk has exactly one consumer in the
-    graph, and each consumer reads one chunk, the consumers are put in chunk order and the widths are the traced
-    ones; anything else is left to torch-pruning.
+    index mapped through the split landed on the wrong layer. A CSPNet stage's first half feeds a block's
+    convolution and its residual sum, two consumers of one chunk: torch-pruning inferred [64, 0, 32] for two
+    halves of 32. Where each consumer reads one chunk and every chunk is read, the consumers are put in chunk
+    order, the widths are the traced ones, and ``chunk_readers`` (consumer -> chunk) gives
+    :func:`update_mappings` each consumer's chunk; anything else is left to torch-pruning. A split by one width
+    into chunks of that width is marked ``equal_chunks`` (chunks, width): its chunks must each lose as many
+    channels (regrow.structural.coupling).
     """
     for node in list(dg.module2node.values()):
         fn = node.grad_fn
         if node.type != ops.OPTYPE.SPLIT or fn is None:
             continue
-        dim = getattr(fn, "_saved_dim", None)
+        dim = _saved_dim(fn)
         if dim is None:
             continue
-        dim = dim - 2**64 if dim >= 2**63 else dim
         sizes = []
         while (shape := outputs.get((fn, len(sizes)))) is not None:
             sizes.append(shape)
         if not sizes or dim % len(sizes[0]) != 1:
             continue  # torch-pruning maps splits of channels only
-        chunk_of: dict[int, Any] = {}
+        widths = [s[1] for s in sizes]
+        # torch.split(x, w, 1) or x.chunk(n, 1): the forward cuts chunks of one width again after surgery
+        if hasattr(fn, "_saved_split_size") and len(set(widths)) == 1:
+            node.module.equal_chunks = (len(widths), widths[0])
+        readers: dict[Any, int] = {}
         for consumer in node.outputs:
             chunks = {nr for f, nr in getattr(consumer.grad_fn, "next_functions", ()) if f is fn}
-            if len(chunks) != 1 or next(iter(chunks)) in chunk_of:
-                break
-            chunk_of[next(iter(chunks))] = consumer
+            if len(chunks) != 1:
+                break  # a consumer of two chunks (or of none the trace saw): torch-pruning's mapping stays
+            readers[consumer] = chunks.pop()
         else:
-            if sorted(chunk_of) == list(range(len(sizes))):
-                node.outputs[:] = [chunk_of[k] for k in range(len(sizes))]
-                node.module.split_sizes = [s[1] for s in sizes]
-                node.module.offsets = [sum(node.module.split_sizes[:k]) for k in range(len(sizes) + 1)]
+            if set(readers.values()) == set(range(len(widths))):
+                node.outputs.sort(key=readers.__getitem__)
+                node.module.split_sizes = [widths[readers[c]] for c in node.outputs]  # read by consumer
+                node.module.offsets = [sum(widths[:k]) for k in range(len(widths) + 1)]
+                node.module.chunk_readers = readers
+
+
+def _split_mappings(dg: Any) -> None:
+    """The mapping of every edge between a split and a consumer of one of its chunks (``chunk_readers``, set by
+    :func:`fill_split_sizes`): that chunk's offsets, also where a chunk has several consumers."""
+    for node in dg.module2node.values():
+        readers = getattr(node.module, "chunk_readers", None)
+        if node.type != ops.OPTYPE.SPLIT or not readers or not node.enable_index_mapping:
+            continue
+        offsets = node.module.offsets
+        for dep in node.dependencies:
+            if dep.target in readers:
+                k = readers[dep.target]
+                dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offsets[k : k + 2], reverse=False)
+        for consumer, k in readers.items():
+            for dep in consumer.dependencies:
+                if dep.target is node:
+                    dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offsets[k : k + 2], reverse=True)
 
 
 def fill_concat_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
@@ -256,10 +306,9 @@ def fill_concat_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) 
         out = outputs.get((fn, 0))
         if node.type != ops.OPTYPE.CONCAT or node.module.concat_sizes is not None or out is None:
             continue
-        dim = getattr(fn, "_saved_dim", None)
+        dim = _saved_dim(fn)
         if dim is None:
             continue
-        dim = dim - 2**64 if dim >= 2**63 else dim  # a negative dim is saved as an unsigned 64-bit int
         if dim % len(out) != 1:
             continue  # torch-pruning maps concatenations of channels only
         recorded = [outputs.get(edge) for edge in fn.next_functions]
@@ -294,8 +343,9 @@ def parameter_channel_dims(dg: Any) -> None:
 
 
 def update_mappings(dg: Any) -> None:
-    """torch-pruning's ``update_index_mapping``, with the order of the two mappings fixed on the edge from a
-    concatenation back to a split whose chunk it reads directly.
+    """torch-pruning's ``update_index_mapping``, with each split's edges mapped to the chunk each consumer reads
+    (:func:`_split_mappings`) and the order of the two mappings fixed on the edge from a concatenation back to a
+    split whose chunk it reads directly.
 
     torch-pruning keeps a split's mapping in the first slot of an edge and a concatenation's in the second, and
     applies them in that order. From the split to the concatenation that is right (chunk, then place in the
@@ -305,6 +355,7 @@ def update_mappings(dg: Any) -> None:
     channels of the first three inputs back to the split's first chunk.
     """
     index_mapping.update_index_mapping(dg)
+    _split_mappings(dg)
     for node in dg.module2node.values():
         if node.type != ops.OPTYPE.CONCAT:
             continue

@@ -483,6 +483,36 @@ def test_each_chunk_of_a_split_maps_to_the_layer_that_reads_it(split: str, group
         assert model.conv1.out_channels == 4 * model.convs[0].in_channels == 8
 
 
+class HalfWithTwoReaders(nn.Module):
+    """A CSPNet stage: the expansion split in halves; the first half feeds a block's convolution and its residual
+    sum (two consumers of one chunk), the second goes to the concatenation as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(3, 8, 1)
+        self.block = nn.Conv2d(4, 4, 3, padding=1)
+        self.transition = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.expand(x).chunk(2, 1)
+        return self.transition(torch.cat([a + torch.relu(self.block(a)), b], 1))
+
+
+def test_a_chunk_read_by_two_layers_maps_to_both():
+    # Was: torch-pruning gave the split's k-th consumer the k-th chunk and inferred the widths [8, 0, 4] from
+    # three consumers of two chunks; the expansion's group was left out ("shrinking it breaks the forward pass")
+    torch.manual_seed(0)
+    model, x = HalfWithTwoReaders().eval(), torch.randn(2, 3, 6, 6)
+    node = next(n for n in StructureGraph(model, x).dg.module2node.values() if n.type == ops.OPTYPE.SPLIT)
+    assert sorted(node.module.chunk_readers.values()) == [0, 0, 1] and node.module.offsets == [0, 4, 8]
+    assert node.module.equal_chunks == (2, 4)
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    expand = {g["name"]: g for g in report.groups}["expand"]
+    assert expand["excluded"] is None and (expand["units_before"], expand["units_after"]) == (4, 2)
+    assert report.equivalence.passed and model.expand.out_channels == 4 and model.transition.in_channels == 4
+    assert model.block.in_channels == model.block.out_channels == 2
+
+
 def test_a_split_of_channels_after_a_three_dimensional_parameter_keeps_its_index_mapping():
     # Was: torch-pruning turns the index mapping off at every split and concatenation downstream of a loose
     # parameter with three dimensions (meant for a ViT's position embedding); the scale (16, 1, 1) before the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -53,10 +54,7 @@ def _sdpa_macs2(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, 
     head against its key/value head (grouped-query attention: fewer key/value heads, shared)."""
     *batch, heads, queries, dim = query_shape
     keys, value_dim = key_shape[-2], value_shape[-1]
-    b = 1
-    for n in batch:
-        b *= n
-    return 2 * b * heads * queries * keys * (dim + value_dim)
+    return 2 * math.prod(batch) * heads * queries * keys * (dim + value_dim)
 
 
 def _counts_grouped_query_attention(count: Any) -> bool:

@@ -9,6 +9,7 @@ import weakref
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import regrow
@@ -16,6 +17,8 @@ from regrow.errors import RegrowError
 from regrow.report.markdown import _rounding
 from regrow.structural import MultiheadAttention, load, save, shrink
 from regrow.structural.attention import convert_attention
+from regrow.structural.graph import Cut
+from regrow.structural.simulate import simulate
 from regrow.structural.units import _check
 from zoo import CNNS, TRANSFORMERS, DenseConcat, ResidualCNN, TinyTransformer, images, tokens
 
@@ -75,6 +78,21 @@ def test_rmsnorm_keeps_normalized_shape_true():
     assert norms and all(m.normalized_shape == (m.weight.shape[0],) for m in norms)
     assert norms[0].weight.shape[0] < 16  # the residual width did shrink
     model(tokens())  # and the model still runs
+
+
+def test_a_norm_that_several_groups_cut_is_simulated_over_what_all_of_them_keep():
+    # A LayerNorm over a concatenation (timm's RDNet: DenseNet's concatenations, LayerNorm instead of BatchNorm)
+    # is cut once by each group whose channels it normalises; its statistics must leave out every cut at once.
+    norm = nn.LayerNorm(5).eval()
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(1.0, 6.0))
+        norm.bias.copy_(torch.arange(5.0) / 10)
+    x = torch.tensor([[0.5, -1.0, 2.0, 3.0, -0.25], [1.0, 4.0, -2.0, 0.0, 0.75]])
+    sim = simulate(norm, [Cut("", "module", True, (0,)), Cut("", "module", True, (1, 3))], [])
+    y = sim(x)
+    keep = [2, 4]
+    assert torch.equal(y[:, keep], F.layer_norm(x[:, keep], (2,), norm.weight[keep], norm.bias[keep], norm.eps))
+    assert torch.equal(y[:, [0, 1, 3]], torch.zeros(2, 3))
 
 
 def test_embedding_and_positional_parameter_shrink_with_the_residual_stream():

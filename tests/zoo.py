@@ -80,6 +80,25 @@ class DenseConcat(nn.Module):
         return self.fc(self.out(x).mean((2, 3)))
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """A LayerNorm over the channels of an NCHW map, written as timm's ConvNeXt and RDNet write it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class DenseLayerNorm(DenseConcat):
+    """RDNet-style: a LayerNorm over a concatenation normalises the channels of several groups at once."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.c0 = nn.Conv2d(1, 8, 3, padding=1)
+        self.l1 = nn.Sequential(LayerNorm2d(8), nn.Conv2d(8, 6, 3, padding=1), nn.GELU())
+        self.l2 = nn.Sequential(LayerNorm2d(14), nn.Conv2d(14, 6, 3, padding=1), nn.GELU())
+        self.out = nn.Sequential(LayerNorm2d(20), nn.Conv2d(20, 8, 1))
+        self.fc = nn.Linear(8, 3)
+
+
 class FusedAttention(nn.Module):
     """A custom attention module that declares its head count (timm style)."""
 
@@ -137,7 +156,13 @@ def tokens(n: int = 4) -> torch.Tensor:
     return torch.randint(0, 50, (n, 6), generator=torch.Generator().manual_seed(0))
 
 
-CNNS = {"residual": ResidualCNN, "depthwise": DepthwiseSeparable, "grouped_norms": GroupedNorms, "concat": DenseConcat}
+CNNS = {
+    "residual": ResidualCNN,
+    "depthwise": DepthwiseSeparable,
+    "grouped_norms": GroupedNorms,
+    "concat": DenseConcat,
+    "concat_layernorm": DenseLayerNorm,
+}
 TRANSFORMERS = {
     "layernorm": lambda: TinyTransformer(nn.LayerNorm),
     "rmsnorm": lambda: TinyTransformer(nn.RMSNorm),

@@ -144,6 +144,7 @@ def simulate(model: nn.Module, cuts: list[Cut], heads: list[tuple[HeadGroup, lis
     sim = copy.deepcopy(model).eval()
     for group, removed in heads:
         group.simulate(sim, removed)
+    norms: dict[str, set[int]] = {}  # a norm over a concatenation is cut once by each group it normalises
     for cut in cuts:
         idxs = torch.tensor(cut.idxs, dtype=torch.long)
         if cut.kind == "param":
@@ -153,9 +154,7 @@ def simulate(model: nn.Module, cuts: list[Cut], heads: list[tuple[HeadGroup, lis
             continue
         module = sim.get_submodule(cut.target) if cut.target else sim
         if cut.out and _is_channel_norm(module):
-            total = module.num_channels if isinstance(module, nn.GroupNorm) else module.normalized_shape[-1]
-            keep = _keep(total, cut.idxs)
-            module.register_forward_hook(lambda m, args, out, keep=keep: _masked_norm(m, args[0], keep, out))
+            norms.setdefault(cut.target, set()).update(cut.idxs)
         elif cut.out:
 
             def zero_out(m: nn.Module, args: Any, out: Any, idxs: Tensor = idxs) -> Any:
@@ -180,6 +179,11 @@ def simulate(model: nn.Module, cuts: list[Cut], heads: list[tuple[HeadGroup, lis
                 return (_zero(x, _channel_dim(m, x), idxs), *args[1:]), kwargs
 
             module.register_forward_pre_hook(zero_in, with_kwargs=True)
+    for target, gone in norms.items():  # statistics over what every cut keeps, in one hook
+        module = sim.get_submodule(target) if target else sim
+        total = module.num_channels if isinstance(module, nn.GroupNorm) else module.normalized_shape[-1]
+        keep = _keep(total, tuple(gone))
+        module.register_forward_hook(lambda m, args, out, keep=keep: _masked_norm(m, args[0], keep, out))
     return sim
 
 

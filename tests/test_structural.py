@@ -792,20 +792,46 @@ def test_the_cpu_copy_keeps_ties_and_a_cpu_model_is_its_own(monkeypatch):
 
 def test_a_dependency_graph_that_does_not_finish_in_time_stops_with_a_clear_error(monkeypatch):
     import regrow.structural.prepared as prepared
-    from conftest import tiny_llama
+    from regrow.structural import graph as graph_module
 
-    model = tiny_llama()  # torch-pruning's grouping does not end on this model (minutes and counting)
-    ids = torch.randint(0, 64, (2, 16))
+    def endless(*args, **kwargs):  # as a walk whose mappings grew without end did before coupling.walk's limit
+        while True:
+            time.sleep(0.01)
+
+    model, x = randomize_norms(build(ResidualCNN)), images()
     with torch.no_grad():
-        before = model(ids).logits
-    monkeypatch.setattr(prepared, "GRAPH_SECONDS", 3.0)
+        before = model(x)
+    monkeypatch.setattr(graph_module, "walk", endless)
+    monkeypatch.setattr(prepared, "GRAPH_SECONDS", 1.0)
     started = time.perf_counter()
-    with pytest.raises(regrow.RegrowError, match="was not built within 3 s, so channel pruning stopped"):
-        regrow.prune(model, 0.25, pattern="channel", data=[({"input_ids": ids}, torch.zeros(2, 16, dtype=torch.long))])
+    with pytest.raises(regrow.RegrowError, match="was not built within 1 s, so channel pruning stopped"):
+        regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x)
     assert time.perf_counter() - started < 60
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, before)  # the model is as it was
+        assert torch.equal(model(x), before)  # the model is as it was
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_llama_decoders_channel_groups_are_found_and_its_attention_is_left_to_heads():
+    # Was: the walk of a q/k/v projection's group did not end (torch-pruning passes the channels through the
+    # attention's matrix products and flattens them at each reshape there, each time round), and channel
+    # pruning stopped after GRAPH_SECONDS. Those walks now stop at the widest dimension of the model's tensors.
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    started = time.perf_counter()
+    report = regrow.prune(
+        model, 0.25, pattern="channel", data=[({"input_ids": ids}, torch.zeros(2, 16, dtype=torch.long))]
+    ).structure
+    assert time.perf_counter() - started < 60
+    assert report.equivalence.passed
+    reasons = {g["name"]: g["excluded"] for g in report.groups}
+    for layer in (0, 1):
+        for proj in "qkv":
+            assert reasons[f"model.layers.{layer}.self_attn.{proj}_proj"].startswith("inside attention")
+        assert reasons[f"model.layers.{layer}.mlp.gate_proj"] is None
+    assert all(layer.mlp.gate_proj.out_features < 64 for layer in model.model.layers)
 
 
 def test_the_time_limit_keeps_an_alarm_set_before_it():

@@ -18,13 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch_pruning import ops
+from torch_pruning._helpers import _HybridIndex
+from torch_pruning.dependency.dependency import Dependency
 
 import regrow
 from conftest import import_timm
 from regrow.errors import RegrowError
 from regrow.structural import graph as graph_module
 from regrow.structural.budget import Unitized, select, take
-from regrow.structural.coupling import pruning_group, walk
+from regrow.structural.coupling import RunawayMapping, pruning_group, walk
 from regrow.structural.graph import StructureGraph, merge_cuts
 
 timm = import_timm()
@@ -49,6 +51,7 @@ FAMILIES = {
     "res2net": ("res2net50_14w_8s", {"layers": (2, 1, 1, 1)}, 64),  # split by a stored width, chunks summed
     "cspnext": ("cspnext_tiny", {}, 64),  # two branches concatenated, then gated by channel attention
     "gcvit": ("gcvit_xxtiny", {"img_size": 64, "window_size": (2, 2, 2, 2)}, 64),  # a global query, broadcast
+    "maxvit": ("maxvit_pico_rw_256", {"img_size": 64}, 64),  # MBConv, then block and grid attention by hand
     "swin": (  # windowed attention with shifts, relative position bias, patch merging
         "swin_tiny_patch4_window7_224",
         {"img_size": 64, "window_size": 4, "depths": (2, 2, 2, 2), "embed_dim": 32, "num_heads": (1, 2, 4, 8)},
@@ -135,6 +138,48 @@ def test_the_walk_reaches_each_index_once_and_all_that_torch_pruning_reaches(fam
 
 
 # Minimal cases of what the zoo brought to light; each failed before its fix. ------------------------------
+
+
+class _Node:
+    """A node of a hand-made dependency graph: what coupling.walk reads of torch-pruning's."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.module, self.dependencies = name, None, []
+
+
+def _edge(source: _Node, target: _Node, handler, mapping=None) -> None:
+    dep = Dependency(handler, handler, source=source, target=target)
+    dep.index_mapping = [mapping, None]
+    source.dependencies.append(dep)
+
+
+def _spread(factor: int):
+    """A flatten's mapping: index i goes to i * factor + k, k < factor."""
+    return lambda idxs: [_HybridIndex(i.idx * factor + k, i.root_idx) for i in idxs for k in range(factor)]
+
+
+@pytest.mark.parametrize("back", ["gathers", "passes"])
+def test_a_walk_whose_mappings_grow_without_end_stops_at_the_widest_dimension(back):
+    # timm's MaxViT: torch-pruning passes channel indices through a hand-written attention's matrix products and
+    # flattens them at a reshape there; the path comes round to the qkv split and flattens them again, 768
+    # channels -> indices up to 8,191 -> 262,143 -> ..., and the walk ran past five minutes. A path that
+    # gathers what it spread back (the reverse of a flatten) ends; one that passes it on must stop at the
+    # widest dimension of the model's tensors, with the reason.
+    handler = object()
+    root, reshape = _Node("root"), _Node("_Reshape_1()")
+    gather = (lambda idxs: [_HybridIndex(i.idx // 4, i.root_idx) for i in idxs]) if back == "gathers" else None
+    _edge(root, reshape, handler, _spread(4))
+    _edge(reshape, root, handler, gather)
+    dg = type("Graph", (), {"module2node": {"layer": root}})()
+    if back == "gathers":
+        reached = walk(dg, "layer", handler, [0, 1], limit=16)
+        assert [(d.target.name, sorted(i.idx for i in idxs)) for d, idxs in reached] == [
+            ("root", [0, 1]),
+            ("_Reshape_1()", [0, 1, 2, 3, 4, 5, 6, 7]),
+        ]
+    else:
+        with pytest.raises(RunawayMapping, match=r"index 31 reached _Reshape_1\(\), past the widest .* \(16\)"):
+            walk(dg, "layer", handler, [0, 1], limit=16)
 
 
 class LayerNorm2d(nn.LayerNorm):

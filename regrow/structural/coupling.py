@@ -58,7 +58,11 @@ def _root_handler(module: nn.Module, handler: Any) -> Any:
 Walk = list[tuple[Any, list[Any]]]  # (dependency, hybrid indices) reached, unmerged
 
 
-def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int]) -> Walk:
+class RunawayMapping(Exception):
+    """An index mapping sent a channel index past every dimension of the model's tensors (see :func:`walk`)."""
+
+
+def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int], limit: int | None = None) -> Walk:
     """torch-pruning's walk from ``root`` with channels ``idxs``: each (dependency, hybrid indices) reached,
     unmerged. An index whose root channel a mapping lost (grouped-query attention's repeat) has root None.
 
@@ -69,6 +73,14 @@ def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int]) -> Walk:
     index on its own (a concatenation's offset, a slice, a flatten's stride), so what a path reaches depends only
     on the (member, index, root channel) it carries: this walk carries on only with those it has not met yet,
     and reaches the same ones, each once, whatever the mappings.
+
+    That ends only if the mappings keep the indices bounded. torch-pruning passes channel indices through the
+    matrix products of a hand-written attention (timm's MaxViT: ``q @ k.transpose(-2, -1)``, softmax,
+    ``attn @ v``) and flattens them at each reshape there, so a path that comes round multiplies them again
+    (768 channels, then indices up to 8,191, 262,143, 8.4 million, ...; past five minutes). An index is a
+    position in some dimension of some tensor: one at or past ``limit``, the widest dimension of any tensor or
+    parameter of the model, means the mappings do not fit the graph, and the walk stops with
+    :class:`RunawayMapping` (the root's group is then left out with the reason).
     """
     handler = _root_handler(root, handler)
     node = dg.module2node[root]
@@ -85,6 +97,11 @@ def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int]) -> Walk:
             for mapping in new_dep.index_mapping:
                 if mapping is not None:
                     new = mapping(new)
+            if limit is not None and new and (top := max(i.idx for i in new)) >= limit:
+                raise RunawayMapping(
+                    f"index {top} reached {new_dep.target.name}, past the widest dimension of any tensor or "
+                    f"parameter of the model ({limit}): torch-pruning's index mappings do not fit this graph"
+                )
             known = seen.setdefault((new_dep.target, new_dep.handler), set())
             new = [i for i in dict.fromkeys(new) if i not in known]
             if not new:

@@ -194,6 +194,10 @@ class _DependencyGraph(tp.DependencyGraph):
         return self
 
 
+def _inside_attention(owner: str) -> str:
+    return f"inside attention {owner!r}: its inner width shrinks only by whole heads (pattern 'head')"
+
+
 class StructureGraph:
     """torch-pruning's dependency graph over one model, with regrow's handlers for RMSNorm, attention and the
     channel shuffle, and its corrections to the index mappings (regrow.structural.tracing)."""
@@ -227,6 +231,14 @@ class StructureGraph:
         finally:
             model.train(was_training)
             _torch_pruning_hooks(model)
+        # no channel index can reach the widest dimension of any tensor or parameter (coupling.walk)
+        self.widest = max(
+            [
+                *(max(s, default=0) for s in shapes.outputs.values()),
+                *(max(p.shape, default=0) for p in model.parameters()),
+            ],
+            default=0,
+        )
         self.names = {m: n for n, m in model.named_modules()}
         self.order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         self.param_names = {p: n for n, p in model.named_parameters()}
@@ -261,7 +273,7 @@ class StructureGraph:
         ignored_modules = [m for m, n in self.names.items() if n in ignored]
         for root, group, reached, failure in self._root_groups(ignored_modules):
             if group is None:
-                out.append(self._unmapped(root, failure, candidates))
+                out.append(self._unmapped(root, failure, candidates, attention))
                 continue
             members, out_layers, reason = [], [], None
             for item in group:
@@ -291,7 +303,7 @@ class StructureGraph:
             if reason is None:
                 owner = next((a for a, inner in attention.items() if any(n in inner for n in out_layers)), None)
                 if owner is not None:
-                    reason = f"inside attention {owner!r}: its inner width shrinks only by whole heads (pattern 'head')"
+                    reason = _inside_attention(owner)
             channels = self.dg.get_out_channels(root)
             cg = ChannelGroup(
                 name=root_name,
@@ -329,7 +341,8 @@ class StructureGraph:
                 # torch-pruning refreshes its mappings before every group; one that raises there (FocalNet's split:
                 # IndexError) leaves the root out, instead of a walk on a stale mapping that does not end.
                 update_mappings(self.dg)
-                reached = walk(self.dg, m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+                out_channels = list(range(pruner.get_out_channels(m)))
+                reached = walk(self.dg, m, pruner.prune_out_channels, out_channels, self.widest)
                 group = pruning_group(self.dg, m, pruner.prune_out_channels, [], reached)
             except Exception as exc:  # noqa: BLE001 - an index mapping failed; the group is left out with it
                 failed.append((m, exc))
@@ -342,19 +355,29 @@ class StructureGraph:
             if id(m) not in visited:
                 yield m, None, [], exc
 
-    def _unmapped(self, root: nn.Module, exc: Exception, candidates: set[str]) -> ChannelGroup:
-        """The group of ``root`` whose channels could not be mapped, left out with the reason."""
+    def _unmapped(
+        self, root: nn.Module, exc: Exception, candidates: set[str], attention: dict[str, set[str]]
+    ) -> ChannelGroup:
+        """The group of ``root`` whose channels could not be mapped, left out with the reason (an attention's
+        own projection would be left to pattern 'head' anyway, and is said to be)."""
         pruner = self.dg.get_pruner_of_module(root)
         name = self.names.get(root, "?")
+        owner = next((a for a, inner in attention.items() if name in inner), None)
+        if name not in candidates:
+            reason = "not a target"
+        elif owner is not None:
+            reason = _inside_attention(owner)
+        else:
+            reason = (
+                f"its channels could not be mapped through the graph ({type(exc).__name__}: {exc}, in "
+                f"{_where(exc, regrow=True)})"
+            )
         return ChannelGroup(
             name=name,
             channels=pruner.get_out_channels(root),
             ch_groups=1,
             members=[f"{name} ({type(root).__name__}, out)"],
-            excluded="not a target"
-            if name not in candidates
-            else f"its channels could not be mapped through the graph ({type(exc).__name__}: {exc}, in "
-            f"{_where(exc, regrow=True)})",
+            excluded=reason,
             root=root,
             root_handler=pruner.prune_out_channels,
         )

@@ -1,8 +1,8 @@
 """Transformer MLP (FFN) channels as prunable units, found from the module layout without a traced graph.
 
-torch-pruning's grouping does not end on some graphs (a random-init Llama ran for minutes), but a transformer's
-FFN channels need no graph: they are the hidden width of one MLP module, whose input projections produce them
-and whose output projection consumes them. Two layouts are recognised, by child names:
+A transformer's FFN channels need no traced graph (whose analysis takes seconds to minutes on a large model):
+they are the hidden width of one MLP module, whose input projections produce them and whose output projection
+consumes them. Two layouts are recognised, by child names:
 
 * gated (the Llama family): ``gate_proj`` and ``up_proj`` produce the channels, ``act(gate) * up`` combines
   them, ``down_proj`` consumes them;

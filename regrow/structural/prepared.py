@@ -161,9 +161,8 @@ def _channel_groups(
         ignored = {f.rpartition(".")[0] for f in resolve_targets(model, ignore)}
     explain = (
         f"the structural dependency graph of this model (torch-pruning) was not built within {GRAPH_SECONDS:g} s, "
-        "so channel pruning stopped instead of hanging (torch-pruning's grouping does not end on some graphs, e.g. "
-        "Llama-style decoders). Prune fewer layers with targets= / ignore=, remove heads with pattern 'head', or "
-        "use pattern 'unstructured' or '2:4'."
+        "so channel pruning stopped instead of hanging. Prune fewer layers with targets= / ignore=, remove heads "
+        "with pattern 'head', or use pattern 'unstructured' or '2:4'."
     )
     with time_limit(GRAPH_SECONDS, explain):
         graph = StructureGraph(model, inputs)

@@ -20,7 +20,7 @@ from regrow.structural.attention import convert_attention
 from regrow.structural.graph import Cut
 from regrow.structural.simulate import simulate
 from regrow.structural.units import _check
-from zoo import CNNS, TRANSFORMERS, DenseConcat, ResidualCNN, TinyTransformer, images, tokens
+from zoo import CNNS, TRANSFORMERS, DenseConcat, ResidualCNN, StdConv2d, TinyTransformer, images, tokens
 
 
 def build(factory, seed=0):
@@ -93,6 +93,24 @@ def test_a_norm_that_several_groups_cut_is_simulated_over_what_all_of_them_keep(
     keep = [2, 4]
     assert torch.equal(y[:, keep], F.layer_norm(x[:, keep], (2,), norm.weight[keep], norm.bias[keep], norm.eps))
     assert torch.equal(y[:, [0, 1, 3]], torch.zeros(2, 3))
+
+
+def test_a_weight_standardised_convolution_that_loses_inputs_is_simulated_by_its_narrower_self():
+    # timm's StdConv2d / ScaledStdConv2d (NFNet, BiT) standardise each filter over its inputs: a zeroed input
+    # still counts in the mean and variance, a removed one does not, so zeroing it simulated another layer.
+    torch.manual_seed(0)
+    conv = StdConv2d(3, 2, 1).eval()
+    x = torch.randn(2, 3, 4, 4)
+    y = simulate(conv, [Cut("", "module", False, (1,))], [])(x)
+    narrow = StdConv2d(2, 2, 1).eval()
+    with torch.no_grad():
+        narrow.weight.copy_(conv.weight[:, [0, 2]])
+        narrow.bias.copy_(conv.bias)
+        narrow.gain.copy_(conv.gain)
+    narrow.scale = conv.scale
+    assert torch.equal(y, narrow(x[:, [0, 2]]))
+    zeroed = conv(torch.cat([x[:, :1], torch.zeros(2, 1, 4, 4), x[:, 2:]], 1))
+    assert (y - zeroed).abs().max() > 0.1  # what the simulation computed before
 
 
 def test_embedding_and_positional_parameter_shrink_with_the_residual_stream():

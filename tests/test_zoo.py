@@ -43,6 +43,7 @@ FAMILIES = {
     "densenet": ("densenet121", {}, 64),  # concatenations everywhere
     "rexnet": ("rexnet_100", {}, 64),  # shortcuts added to the first channels of a wider output
     "regnet": ("regnety_002", {}, 64),  # group-width convolutions, SE
+    "nfnet": ("nf_regnet_b0", {}, 64),  # normalizer-free: weight-standardised convolutions with a gain each
     "ghostnet": ("ghostnet_050", {}, 64),  # cat([x, depthwise(x)]) ghost modules
     "levit": ("levit_128s", {"img_size": 64}, 64),  # conv stem, attention with BatchNorm, subsampling
     "vit": ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2}, 32),  # class token, positional embedding

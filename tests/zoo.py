@@ -99,6 +99,43 @@ class DenseLayerNorm(DenseConcat):
         self.fc = nn.Linear(8, 3)
 
 
+class StdConv2d(nn.Conv2d):
+    """As timm's ScaledStdConv2d (NFNet): each filter standardised over its inputs, scaled by a gain of its own."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+        self.scale = self.weight[0].numel() ** -0.5  # of the layer as built, as timm's keeps it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1),
+            None,
+            None,
+            weight=(self.gain * self.scale).view(-1),
+            training=True,
+            momentum=0.0,
+            eps=1e-6,
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class WeightStandardized(nn.Module):
+    """NFNet / BiT style: weight-standardised convolutions around a residual sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = StdConv2d(1, 8, 3, padding=1)
+        self.c1 = StdConv2d(8, 24, 3, padding=1)
+        self.c2 = StdConv2d(24, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = x + self.c2(F.relu(self.c1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
 class FusedAttention(nn.Module):
     """A custom attention module that declares its head count (timm style)."""
 
@@ -162,6 +199,7 @@ CNNS = {
     "grouped_norms": GroupedNorms,
     "concat": DenseConcat,
     "concat_layernorm": DenseLayerNorm,
+    "weight_standardized": WeightStandardized,
 }
 TRANSFORMERS = {
     "layernorm": lambda: TinyTransformer(nn.LayerNorm),

@@ -478,6 +478,20 @@ def _slice_param(model: nn.Module, cut: Cut) -> None:
     )
 
 
+def _per_output_parameters(module: nn.Module) -> list[str]:
+    """A convolution's or linear layer's own parameters besides its weight and bias that hold one entry per output
+    channel along dim 0 (timm's ``ScaledStdConv2d``: a gain of shape (out, 1, 1, 1)); torch-pruning's handler
+    slices only the weight and the bias."""
+    if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        return []
+    width = module.weight.shape[0]
+    return [
+        name
+        for name, p in module.named_parameters(recurse=False)
+        if name not in ("weight", "bias") and p.dim() and p.shape[0] == width
+    ]
+
+
 def apply_cuts(model: nn.Module, cuts: list[Cut]) -> None:
     """Shrink ``model`` in place (the cuts' indices refer to the model before any of them).
 
@@ -503,7 +517,10 @@ def apply_cuts(model: nn.Module, cuts: list[Cut]) -> None:
             continue
         module = model.get_submodule(cut.target) if cut.target else model
         if cut.out:
+            extras = _per_output_parameters(module)
             handlers[cut.target].prune_out_channels(module, list(cut.idxs))
+            for name in extras:
+                _slice_param(model, Cut(f"{cut.target}.{name}" if cut.target else name, "param", True, cut.idxs, 0))
         else:
             handlers[cut.target].prune_in_channels(module, list(cut.idxs))
     follow(model)

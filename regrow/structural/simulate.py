@@ -8,7 +8,9 @@ exactly zero, everywhere they flow:
 * a normalisation over the channel dimension (LayerNorm, RMSNorm, GroupNorm, a plain norm such as timm's
   ``RmsNorm2d``) computes its statistics over the surviving channels only, as the shrunk layer will;
 * a loose parameter (a class token, a positional embedding) has its slice zeroed;
-* a removed attention head has its value rows zeroed, so its output is exactly zero.
+* a removed attention head has its value rows zeroed, so its output is exactly zero;
+* a convolution with a forward of its own (a weight-standardised one normalises each filter over its inputs)
+  that loses inputs is computed by a narrower copy of itself, on the surviving inputs.
 
 If the shrunk model's outputs differ from the simulation's by more than the tolerance, some layer handler
 got the surgery wrong, and the error names the group: never a silent accuracy drop.
@@ -133,6 +135,23 @@ def _masked_norm(module: nn.Module, x: Tensor, keep: Tensor, out: Tensor) -> Ten
     return result.index_copy_(dim, keep, _narrowed(module, keep).forward(x.index_select(dim, keep)))
 
 
+def _narrowed_inputs(module: nn.Module) -> bool:
+    """A convolution whose forward is its own, not torch's (timm's weight-standardised ``StdConv2d`` and
+    ``ScaledStdConv2d`` normalise each filter over its inputs, so a zeroed input is not a removed one): a removal
+    of its inputs is simulated by a narrower copy of it, as the shrunk layer will be. Ungrouped ones only."""
+    torch_conv = next((c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(module, c)), None)
+    return torch_conv is not None and type(module).forward is not torch_conv.forward and module.groups == 1
+
+
+def _narrowed_conv(module: nn.Module, keep: Tensor) -> nn.Module:
+    """A shallow copy of a convolution over the input channels ``keep`` only (its weight's columns sliced)."""
+    narrow = copy.copy(module)
+    narrow._parameters = dict(module._parameters)
+    narrow._parameters["weight"] = nn.Parameter(module.weight[:, keep], requires_grad=False)
+    narrow.in_channels = len(keep)
+    return narrow
+
+
 def _is_channel_norm(module: nn.Module) -> bool:
     rms = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()  # over one dimension or several
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm, *rms)) or is_plain_norm(module)
@@ -145,6 +164,17 @@ def simulate(model: nn.Module, cuts: list[Cut], heads: list[tuple[HeadGroup, lis
     for group, removed in heads:
         group.simulate(sim, removed)
     norms: dict[str, set[int]] = {}  # a norm over a concatenation is cut once by each group it normalises
+    narrowed: dict[str, set[int]] = {}  # the inputs a convolution of its own forward loses (_narrowed_inputs)
+    for cut in cuts:
+        module = sim.get_submodule(cut.target) if cut.kind == "module" and cut.target else sim
+        if cut.kind == "module" and not cut.out and _narrowed_inputs(module):
+            narrowed.setdefault(cut.target, set()).update(cut.idxs)
+    for target, gone in narrowed.items():  # registered first: an output cut of the same layer zeroes after it
+        module = sim.get_submodule(target) if target else sim
+        keep = _keep(module.in_channels, tuple(gone)).to(module.weight.device)
+        module.register_forward_hook(
+            lambda m, args, out, keep=keep: _narrowed_conv(m, keep).forward(args[0].index_select(1, keep))
+        )
     for cut in cuts:
         idxs = torch.tensor(cut.idxs, dtype=torch.long)
         if cut.kind == "param":
@@ -163,7 +193,7 @@ def simulate(model: nn.Module, cuts: list[Cut], heads: list[tuple[HeadGroup, lis
                 return _zero(out, _channel_dim(m, out), idxs)
 
             module.register_forward_hook(zero_out)
-        else:
+        elif cut.target not in narrowed:
 
             def zero_in(m: nn.Module, args: Any, kwargs: Any, idxs: Tensor = idxs) -> Any:
                 if isinstance(m, MultiheadAttention):  # query, key and value all carry the channels

@@ -232,14 +232,27 @@ class PlainRmsNorm2d(nn.Module):
         return x * self.weight.reshape(1, -1, 1, 1)
 
 
+class PlainRmsNormAct2d(PlainRmsNorm2d):
+    """timm's RmsNormAct2d (MobileNetV5): the norm, then a dropout and an activation held as submodules."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+@pytest.mark.parametrize("norm", [PlainRmsNorm2d, PlainRmsNormAct2d])
 @pytest.mark.parametrize("size", [8, 16])  # 16: the width of the maps equals the channels
-def test_a_plain_norm_module_shrinks_with_its_shape_and_is_simulated_over_its_channels(size):
+def test_a_plain_norm_module_shrinks_with_its_shape_and_is_simulated_over_its_channels(size, norm):
     # Was: torch-pruning sliced the weight as a loose parameter and left normalized_shape stale, and the
     # simulation zeroed the removed channels instead of leaving them out of the mean: every group through such a
-    # norm failed its probe ("do not match their simulation") and was left out (timm's convnext_*_rms).
+    # norm failed its probe ("do not match their simulation") and was left out (timm's convnext_*_rms). A norm
+    # with an activation as a submodule was not taken for one ("not supported"; every group of MobileNetV5).
     torch.manual_seed(0)
     model = ChannelsFirstNorm().eval()
-    model.stem[1] = PlainRmsNorm2d(16)
+    model.stem[1] = norm(16)
     x = torch.randn(2, 3, size, size)
     report = regrow.structural.shrink(model, pattern="channel", macs=0.5, example_inputs=x, round_to=1)
     assert {g["name"]: g["excluded"] for g in report.groups}["stem.0"] is None and report.equivalence.passed

@@ -35,14 +35,16 @@ def _select(param: nn.Parameter, keep: list[int], dim: int) -> nn.Parameter:
 
 def is_plain_norm(module: nn.Module) -> bool:
     """A normalisation over one dimension written as a plain module: a one-dimensional ``normalized_shape``, no
-    parameters but a weight and a bias of that shape (or None), no submodules. torch's LayerNorm is left to
-    torch-pruning's own handler."""
+    parameters but a weight and a bias of that shape (or None), and no submodules but ones without state (timm's
+    ``RmsNormAct2d`` applies its activation and dropout after the norm; the equivalence check holds them to
+    the simulation like the rest). torch's LayerNorm is left to torch-pruning's own handler."""
     shape = getattr(module, "normalized_shape", None)
     if isinstance(module, nn.LayerNorm) or not isinstance(shape, (tuple, list)) or len(shape) != 1:
         return False
     params = dict(module.named_parameters(recurse=False))
     fits = all(p.shape == tuple(shape) for p in params.values())
-    return fits and set(params) <= {"weight", "bias"} and not any(True for _ in module.children())
+    stateless = not any(True for c in module.children() for _ in (*c.parameters(), *c.buffers()))
+    return fits and set(params) <= {"weight", "bias"} and stateless
 
 
 class NormPruner(BasePruningFunc):

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from regrow.batches import forward
@@ -125,10 +124,14 @@ def _masked_norm(module: nn.Module, x: Tensor, keep: Tensor, out: Tensor) -> Ten
     output on all channels (it tells which dimension holds the channels)."""
     keep = keep.to(x.device)
     result = torch.zeros_like(x)
-    if isinstance(module, nn.GroupNorm):
-        w = module.weight[keep] if module.weight is not None else None
-        b = module.bias[keep] if module.bias is not None else None
-        result[:, keep] = F.group_norm(x[:, keep], module.num_groups, w, b, module.eps)
+    if isinstance(module, nn.GroupNorm):  # its own forward: timm's GroupNormAct applies an activation after it
+        narrow = copy.copy(module)
+        narrow._parameters = {
+            name: None if p is None else nn.Parameter(p[keep], requires_grad=False)
+            for name, p in module._parameters.items()
+        }
+        narrow.num_channels = len(keep)
+        result[:, keep] = narrow.forward(x[:, keep])
         return result
     dim = _norm_dim(module, x, out)
     # forward, not __call__: the hook that called this function is registered on the module being copied

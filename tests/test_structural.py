@@ -17,7 +17,7 @@ from regrow.errors import RegrowError
 from regrow.report.markdown import _rounding
 from regrow.structural import MultiheadAttention, load, save, shrink
 from regrow.structural.attention import convert_attention
-from regrow.structural.graph import Cut
+from regrow.structural.graph import Cut, _per_output_parameters
 from regrow.structural.simulate import simulate
 from regrow.structural.units import _check
 from zoo import CNNS, TRANSFORMERS, DenseConcat, ResidualCNN, StdConv2d, TinyTransformer, images, tokens
@@ -134,6 +134,18 @@ def test_a_group_norm_with_an_activation_is_simulated_by_its_own_forward():
     expected = F.relu(F.group_norm(x[:, keep], 2, norm.weight[keep], norm.bias[keep], norm.eps))
     assert torch.equal(y[:, keep], expected) and (expected == 0).any()
     assert torch.equal(y[:, [1, 3]], torch.zeros(2, 2, 3, 3))
+
+
+def test_a_layers_own_per_output_parameters_are_found_by_its_output_width():
+    # Sliced with the layer's output channels (timm's ScaledStdConv2d: a gain per filter). A transposed
+    # convolution's weight holds its inputs along dim 0, so the weight's first dimension is not the width.
+    deconv = nn.ConvTranspose2d(4, 6, 1)
+    deconv.gain, deconv.mix = nn.Parameter(torch.ones(6, 1, 1, 1)), nn.Parameter(torch.ones(4))
+    linear = nn.Linear(3, 5)
+    linear.scale, linear.shift = nn.Parameter(torch.ones(5)), nn.Parameter(torch.ones(3))
+    assert _per_output_parameters(deconv) == ["gain"]
+    assert _per_output_parameters(linear) == ["scale"]
+    assert _per_output_parameters(nn.LayerNorm(5)) == []
 
 
 def test_embedding_and_positional_parameter_shrink_with_the_residual_stream():

@@ -482,9 +482,12 @@ def _per_output_parameters(module: nn.Module) -> list[str]:
     """A convolution's or linear layer's own parameters besides its weight and bias that hold one entry per output
     channel along dim 0 (timm's ``ScaledStdConv2d``: a gain of shape (out, 1, 1, 1)); torch-pruning's handler
     slices only the weight and the bias."""
-    if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+    if isinstance(module, nn.modules.conv._ConvNd):
+        width = module.out_channels  # a transposed convolution's weight holds its inputs along dim 0
+    elif isinstance(module, nn.Linear):
+        width = module.out_features
+    else:
         return []
-    width = module.weight.shape[0]
     return [
         name
         for name, p in module.named_parameters(recurse=False)

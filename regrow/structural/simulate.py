@@ -77,14 +77,18 @@ def _keep(total: int, idxs: tuple[int, ...]) -> Tensor:
 
 
 def _narrowed(module: nn.Module, keep: Tensor) -> nn.Module:
-    """A shallow copy of a LayerNorm / RMSNorm / plain norm over the channels ``keep`` only: the layer the
-    shrunk model will hold (its parameters sliced, its ``normalized_shape`` narrowed)."""
+    """A shallow copy of a LayerNorm / RMSNorm / plain norm / GroupNorm over the channels ``keep`` only: the layer
+    the shrunk model will hold (its parameters sliced, its ``normalized_shape`` or ``num_channels`` narrowed),
+    run by its own forward (timm's GroupNormAct and RmsNormAct2d apply an activation after the norm)."""
     narrow = copy.copy(module)
     narrow._parameters = {
         name: None if p is None else nn.Parameter(p[..., keep], requires_grad=False)
         for name, p in module._parameters.items()
     }
-    narrow.normalized_shape = (*tuple(module.normalized_shape[:-1]), len(keep))
+    if isinstance(module, nn.GroupNorm):
+        narrow.num_channels = len(keep)
+    else:
+        narrow.normalized_shape = (*tuple(module.normalized_shape[:-1]), len(keep))
     return narrow
 
 
@@ -124,16 +128,7 @@ def _masked_norm(module: nn.Module, x: Tensor, keep: Tensor, out: Tensor) -> Ten
     output on all channels (it tells which dimension holds the channels)."""
     keep = keep.to(x.device)
     result = torch.zeros_like(x)
-    if isinstance(module, nn.GroupNorm):  # its own forward: timm's GroupNormAct applies an activation after it
-        narrow = copy.copy(module)
-        narrow._parameters = {
-            name: None if p is None else nn.Parameter(p[keep], requires_grad=False)
-            for name, p in module._parameters.items()
-        }
-        narrow.num_channels = len(keep)
-        result[:, keep] = narrow.forward(x[:, keep])
-        return result
-    dim = _norm_dim(module, x, out)
+    dim = 1 if isinstance(module, nn.GroupNorm) else _norm_dim(module, x, out)
     # forward, not __call__: the hook that called this function is registered on the module being copied
     return result.index_copy_(dim, keep, _narrowed(module, keep).forward(x.index_select(dim, keep)))
 

@@ -868,7 +868,7 @@ def test_a_dependency_graph_that_does_not_finish_in_time_stops_with_a_clear_erro
 def test_a_llama_decoders_channel_groups_are_found_and_its_attention_is_left_to_heads():
     # Was: the walk of a q/k/v projection's group did not end (torch-pruning passes the channels through the
     # attention's matrix products and flattens them at each reshape there, each time round), and channel
-    # pruning stopped after GRAPH_SECONDS. Those walks now stop at the widest dimension of the model's tensors.
+    # pruning stopped after GRAPH_SECONDS. Those walks now stop far past the widest dimension of the tensors.
     from conftest import tiny_llama
 
     model = tiny_llama()

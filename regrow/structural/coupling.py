@@ -59,10 +59,28 @@ Walk = list[tuple[Any, list[Any]]]  # (dependency, hybrid indices) reached, unme
 
 
 class RunawayMapping(Exception):
-    """An index mapping sent a channel index past every dimension of the model's tensors (see :func:`walk`)."""
+    """An index mapping sent a channel index far past every dimension of the model's tensors (see :func:`walk`)."""
 
 
-def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int], limit: int | None = None) -> Walk:
+SLACK = 4  # how far past the widest dimension an index may go before the walk stops (see walk)
+
+
+def _bounded(dep: Any, idxs: list[Any], widest: int, mapped: bool = False) -> None:
+    """Raise :class:`RunawayMapping` if ``idxs``, sent through ``dep``'s mappings (unless already ``mapped``),
+    reach ``SLACK`` times the widest dimension."""
+    if not mapped:
+        for mapping in dep.index_mapping:
+            if mapping is not None and idxs:
+                idxs = mapping(idxs)
+    top = max((i.idx for i in idxs), default=-1)
+    if top >= SLACK * widest:
+        raise RunawayMapping(
+            f"index {top} reached {dep.target.name}, {SLACK} times past the widest dimension of any tensor or "
+            f"parameter of the model ({widest}): torch-pruning's index mappings do not fit this graph"
+        )
+
+
+def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int], widest: int | None = None) -> Walk:
     """torch-pruning's walk from ``root`` with channels ``idxs``: each (dependency, hybrid indices) reached,
     unmerged. An index whose root channel a mapping lost (grouped-query attention's repeat) has root None.
 
@@ -78,9 +96,12 @@ def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int], limit: int | N
     matrix products of a hand-written attention (timm's MaxViT: ``q @ k.transpose(-2, -1)``, softmax,
     ``attn @ v``) and flattens them at each reshape there, so a path that comes round multiplies them again
     (768 channels, then indices up to 8,191, 262,143, 8.4 million, ...; past five minutes). An index is a
-    position in some dimension of some tensor: one at or past ``limit``, the widest dimension of any tensor or
-    parameter of the model, means the mappings do not fit the graph, and the walk stops with
-    :class:`RunawayMapping` (the root's group is then left out with the reason).
+    position in some dimension of some tensor, but not always at once: torch-pruning's concatenation and split
+    mappings carry indices through coordinates of their own, which run past the ``widest`` dimension of any
+    tensor or parameter by a little on the way (up to 2x on timm's DPN, InceptionNeXt and EfficientFormerV2,
+    whose groups prune). An index at ``SLACK`` times that width means the mappings do not fit the graph: the
+    walk stops with :class:`RunawayMapping`, and the root's group is left out with the reason. The largest
+    index is sent through a dependency's mappings first, so a runaway stops before its next list is built.
     """
     handler = _root_handler(root, handler)
     node = dg.module2node[root]
@@ -93,15 +114,14 @@ def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int], limit: int | N
         for new_dep in dep.target.dependencies:
             if not new_dep.is_triggered_by(dep.handler):
                 continue
+            if widest is not None:
+                _bounded(new_dep, [max(idxs, key=lambda i: i.idx)], widest)  # before a runaway's list is built
             new = idxs
             for mapping in new_dep.index_mapping:
                 if mapping is not None:
                     new = mapping(new)
-            if limit is not None and new and (top := max(i.idx for i in new)) >= limit:
-                raise RunawayMapping(
-                    f"index {top} reached {new_dep.target.name}, past the widest dimension of any tensor or "
-                    f"parameter of the model ({limit}): torch-pruning's index mappings do not fit this graph"
-                )
+            if widest is not None:
+                _bounded(new_dep, new, widest, mapped=True)
             known = seen.setdefault((new_dep.target, new_dep.handler), set())
             new = [i for i in dict.fromkeys(new) if i not in known]
             if not new:

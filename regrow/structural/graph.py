@@ -231,7 +231,7 @@ class StructureGraph:
         finally:
             model.train(was_training)
             _torch_pruning_hooks(model)
-        # no channel index can reach the widest dimension of any tensor or parameter (coupling.walk)
+        # the widest dimension of any tensor or parameter: a channel index far past it is a runaway (coupling.walk)
         self.widest = max(
             [
                 *(max(s, default=0) for s in shapes.outputs.values()),

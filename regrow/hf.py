@@ -8,7 +8,8 @@ run's report. :func:`load_masks` reads the masks back, e.g. to keep them during 
 
 A shrunk model (channels or heads removed) is saved the same way when its Hugging Face config can express the
 new widths: the config is updated (head counts, key/value heads and ``head_dim`` where the config has them, the
-FFN width ``intermediate_size`` / ``n_inner`` / ``ffn_dim`` / ``d_ff``) and checked by building the model class
+FFN width ``intermediate_size`` / ``n_inner`` / ``ffn_dim`` / ``d_ff``, the hidden size ``hidden_size`` /
+``n_embd`` / ``d_model`` / ``dim``) and checked by building the model class
 from it on the meta device: every tensor must get the shrunk model's shape. That needs the same widths in every
 layer — prune with ``scope="layer"`` to keep them uniform — and a config that states them (Llama-style configs
 give ``head_dim``; BERT and GPT-2 derive the head size from the hidden size, so their heads cannot be removed in a
@@ -157,6 +158,7 @@ def _interrupted_before(target: Path) -> None:
 
 HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
 FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
+HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -223,6 +225,7 @@ def shrunk_config(model: nn.Module) -> Any:
         }
         if widths:
             setattr(config, key, _uniform(widths, "FFN widths"))
+    _hidden_size(model, config)
     expected = _built(model, config)
     wrong = [n for n, shape in now.items() if expected.get(n) != shape]
     if wrong:
@@ -230,10 +233,25 @@ def shrunk_config(model: nn.Module) -> Any:
         raise RegrowError(
             f"the Hugging Face config of {type(model).__name__} cannot state this shrunk model's widths: {n} is "
             f"{now[n]}, and the config (widths updated) gives {expected.get(n)} ({len(wrong)} tensors differ). "
-            "Its heads' size may follow from the hidden size (BERT, GPT-2), so removed heads cannot be stated. "
-            "Save it with regrow.save, which records the new architecture."
+            "Its heads' size may follow from the hidden size (BERT, GPT-2), so removed heads or a narrower hidden "
+            "size cannot be stated. Save it with regrow.save, which records the new architecture."
         )
     return config
+
+
+def _hidden_size(model: nn.Module, config: Any) -> None:
+    """States a narrower residual stream (channel pruning of the hidden size): the input embedding's width. Widths
+    that the config derives from the hidden size are written out first (GPT-2's FFN, ``4 * n_embd``)."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    width = getattr(embeddings, "weight", None)
+    if width is None or width.dim() != 2:
+        return
+    for key in HIDDEN_KEYS:
+        old = getattr(config, key, None)
+        if isinstance(old, int) and old != width.shape[1]:
+            if key == "n_embd" and getattr(config, "n_inner", 0) is None:
+                config.n_inner = 4 * old
+            setattr(config, key, int(width.shape[1]))
 
 
 def _save_packed(masks: MaskSet, path: Path) -> None:

@@ -150,6 +150,24 @@ def test_llama_with_heads_removed_uniformly_saves_with_its_config_updated(tmp_pa
     assert json.loads((folder / "regrow.json").read_text())["structure"]["pattern"] == "head"
 
 
+def test_llama_with_a_narrower_hidden_size_saves_with_its_config_updated(tmp_path):
+    # the residual stream is a channel group of its own: embeddings, every norm (LlamaRMSNorm), the projections'
+    # inputs and outputs, lm_head's inputs; the config states it as hidden_size (head_dim stays explicit)
+    model = tiny_llama()
+    ids = {"input_ids": torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))}
+    masks = regrow.prune(
+        model, pattern="channel", sparsity=0.25, scope="layer", example_inputs=ids["input_ids"], round_to=8
+    )
+    hidden = model.model.embed_tokens.embedding_dim
+    assert hidden < 32
+    folder = save_pretrained(model, masks, tmp_path / "out")
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["hidden_size"], config["head_dim"], config["num_attention_heads"]) == (hidden, 8, 4)
+    with torch.no_grad():
+        expect = model(**ids).logits.flatten()
+    assert torch.equal(_loaded_outputs(folder, "AutoModelForCausalLM", ids), expect)
+
+
 def tiny_bert():
     config = transformers.BertConfig(
         vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64

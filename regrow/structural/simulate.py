@@ -6,7 +6,8 @@ exactly zero, everywhere they flow:
 * a layer that loses output channels has those outputs zeroed (Conv, Linear, BatchNorm, ...);
 * a layer that loses input channels has those inputs zeroed, so no activation of a dead channel leaks in;
 * a normalisation over the channel dimension (LayerNorm, RMSNorm, GroupNorm, a plain norm such as timm's
-  ``RmsNorm2d``) computes its statistics over the surviving channels only, as the shrunk layer will;
+  ``RmsNorm2d``, a norm with no ``normalized_shape`` such as Hugging Face's ``LlamaRMSNorm``) computes its
+  statistics over the surviving channels only, as the shrunk layer will;
 * a loose parameter (a class token, a positional embedding) has its slice zeroed;
 * a removed attention head has its value rows zeroed, so its output is exactly zero;
 * a convolution with a forward of its own (a weight-standardised one normalises each filter over its inputs)
@@ -87,7 +88,7 @@ def _narrowed(module: nn.Module, keep: Tensor) -> nn.Module:
     }
     if isinstance(module, nn.GroupNorm):
         narrow.num_channels = len(keep)
-    else:
+    elif hasattr(module, "normalized_shape"):
         narrow.normalized_shape = (*tuple(module.normalized_shape[:-1]), len(keep))
     return narrow
 
@@ -116,7 +117,7 @@ def _norm_dim(module: nn.Module, x: Tensor, out: Tensor) -> int:
     last = x.dim() - 1
     if type(module).forward in (nn.LayerNorm.forward, getattr(getattr(nn, "RMSNorm", None), "forward", None)):
         return last
-    width = module.normalized_shape[-1]
+    width = _norm_width(module)
     fits = [d for d in dict.fromkeys((last, 1)) if 0 < d <= last and x.shape[d] == width]
     if len(fits) > 1:
         fits = [d for d in fits if _couples(module, x, out, d)] or fits
@@ -155,6 +156,34 @@ def _is_channel_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm, *rms)) or is_plain_norm(module)
 
 
+def _norm_width(module: nn.Module) -> int:
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    shape = getattr(module, "normalized_shape", None)
+    return shape[-1] if shape is not None else module.weight.shape[-1]
+
+
+def _is_shapeless_norm(module: nn.Module) -> bool:
+    """A norm that the dependency graph sees as loose parameters: a module of one-dimensional parameters of one
+    width and no ``normalized_shape`` (Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``, Gemma's ``1 + weight``
+    RMSNorm; the shrunk model slices its parameters and its forward follows the input's width). Told from an
+    elementwise scale (a layer scale) by what it does: on a row of its width, nudging one input moves the
+    others' outputs."""
+    params = [p for p in module._parameters.values() if p is not None]
+    if _is_channel_norm(module) or not params or any(p.shape != params[0].shape for p in params):
+        return False
+    stateful = any(True for c in module.children() for _ in (*c.parameters(), *c.buffers()))
+    if params[0].dim() != 1 or params[0].numel() < 2 or stateful:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, params[0].numel(), generator=generator).to(params[0].device, params[0].dtype)
+    try:
+        out = module.forward(x)
+    except Exception:  # noqa: BLE001 - not a module over rows of its width: not such a norm
+        return False
+    return isinstance(out, Tensor) and out.shape == x.shape and _couples(module, x, out, 1)
+
+
 @torch.no_grad()
 def simulate(model: nn.Module, cuts: list[Cut], heads: list[tuple[HeadGroup, list[int]]]) -> nn.Module:
     """A copy of ``model`` in which the cut channels and removed heads are exactly zero (see module doc)."""
@@ -177,7 +206,11 @@ def simulate(model: nn.Module, cuts: list[Cut], heads: list[tuple[HeadGroup, lis
         idxs = torch.tensor(cut.idxs, dtype=torch.long)
         if cut.kind == "param":
             parent_name, _, attr = cut.target.rpartition(".")
-            param = getattr(sim.get_submodule(parent_name) if parent_name else sim, attr)
+            parent = sim.get_submodule(parent_name) if parent_name else sim
+            if _is_shapeless_norm(parent):  # its statistics, like any norm's, over what the cuts keep
+                norms.setdefault(parent_name, set()).update(cut.idxs)
+                continue
+            param = getattr(parent, attr)
             param.index_fill_(cut.dim % param.dim(), idxs.to(param.device), 0.0)
             continue
         module = sim.get_submodule(cut.target) if cut.target else sim
@@ -209,8 +242,7 @@ def simulate(model: nn.Module, cuts: list[Cut], heads: list[tuple[HeadGroup, lis
             module.register_forward_pre_hook(zero_in, with_kwargs=True)
     for target, gone in norms.items():  # statistics over what every cut keeps, in one hook
         module = sim.get_submodule(target) if target else sim
-        total = module.num_channels if isinstance(module, nn.GroupNorm) else module.normalized_shape[-1]
-        keep = _keep(total, tuple(gone))
+        keep = _keep(_norm_width(module), tuple(gone))
         module.register_forward_hook(lambda m, args, out, keep=keep: _masked_norm(m, args[0], keep, out))
     return sim
 

@@ -158,6 +158,49 @@ def test_an_elementwise_scale_keeps_its_parameter_zeroed():
     assert torch.equal(y, torch.tensor([[0.0, 4.0, 0.0, 16.0]]))
 
 
+def test_a_conv1d_loses_outputs_along_its_weights_columns_and_inputs_along_its_rows():
+    transformers = pytest.importorskip("transformers")
+    from regrow.structural.pruners import TransposedLinearPruner
+
+    layer = transformers.pytorch_utils.Conv1D(nf=3, nx=4)
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(12.0).view(4, 3))
+        layer.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    pruner = TransposedLinearPruner()
+    pruner.prune_out_channels(layer, [1])
+    assert layer.weight.tolist() == [[0, 2], [3, 5], [6, 8], [9, 11]] and layer.bias.tolist() == [0.5, 2.0]
+    pruner.prune_in_channels(layer, [0, 3])
+    assert layer.weight.tolist() == [[3, 5], [6, 8]] and (layer.nx, layer.nf) == (2, 2)
+    assert (pruner.get_in_channels(layer), pruner.get_out_channels(layer)) == (2, 2)
+    x = torch.tensor([[1.0, -2.0]])
+    assert torch.equal(layer(x), torch.tensor([[3 - 12 + 0.5, 5 - 16 + 2.0]]))
+
+
+def test_conv1d_channel_scores_equal_those_of_the_same_layers_as_linear():
+    transformers = pytest.importorskip("transformers")
+    from regrow.structural import prepare
+
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    conv = nn.Sequential(*(transformers.pytorch_utils.Conv1D(m.out_features, m.in_features) for m in linear[::2]))
+    conv = nn.Sequential(conv[0], nn.ReLU(), conv[1], nn.ReLU(), conv[2])
+    with torch.no_grad():
+        for a, b in zip(linear[::2], conv[::2], strict=True):
+            b.weight.copy_(a.weight.t())
+            b.bias.copy_(a.bias)
+    x = torch.randn(5, 4)
+    for criterion in ("magnitude", "taylor"):
+        data = [(x, torch.tensor([0, 1, 2, 0, 1]))]
+        got = [
+            {s.name: s.scores for s in prepare(m, pattern="channel", criterion=criterion, data=data).scores}
+            for m in (linear, conv)
+        ]
+        assert sorted(got[0]) == sorted(got[1]) == ["0", "2"]
+        for name, scores in got[0].items():
+            assert torch.allclose(got[1][name], scores, rtol=1e-5), (criterion, name)
+            assert scores.std() > 0
+
+
 class GroupNormAct(nn.GroupNorm):
     """timm's GroupNormAct (ResNetV2, the ViT hybrids' stems): a GroupNorm, then its activation."""
 

@@ -234,3 +234,38 @@ def test_hugging_face_swinv2_heads_go_with_their_logit_scale_and_position_bias_m
     attention = model.model.swinv2.encoder.layers[1].blocks[0].attention.self
     assert attention.num_attention_heads == 2 and attention.logit_scale.shape == (2, 1, 1)
     assert attention.continuous_position_bias_mlp[-1].out_features == 2
+
+
+def test_gpt2_channels_prune_through_its_conv1d_layers():
+    # Was: torch-pruning had no handler for Hugging Face's Conv1D, saw its weight as loose parameters, and no
+    # channel group of GPT-2 had a layer to start from ("no group can be pruned with pattern 'channel'"); before
+    # that, the key/value cache's torch.cat(dim=-2), read with an unsigned dim, stopped the tracing (TypeError).
+    model = tiny_gpt2()
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    masks = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=ids, keep_dense=False, round_to=4)
+    report = masks.structure
+    assert report.equivalence.passed
+    reasons = {g["name"]: g["excluded"] for g in report.groups}
+    assert reasons["transformer.wte"] is None and reasons["transformer.h.0.mlp.c_fc"] is None
+    assert reasons["transformer.h.0.attn.c_attn"].startswith("inside attention")
+    hidden = model.transformer.wte.embedding_dim
+    assert hidden < 32 and model.transformer.wpe.embedding_dim == hidden
+    assert any(block.mlp.c_fc.nf < 128 for block in model.transformer.h)
+    for block in model.transformer.h:
+        for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+            assert (layer.nx, layer.nf) == tuple(layer.weight.shape)
+        assert block.attn.c_attn.nx == block.mlp.c_fc.nx == block.attn.c_proj.nf == block.mlp.c_proj.nf == hidden
+    with torch.no_grad():  # what the shrunk model computes is what the masked dense one does (report.equivalence)
+        assert model(ids).logits.shape == dense(ids).logits.shape
+    assert model.generate(ids[:, :4], max_new_tokens=3, do_sample=False).shape == (2, 7)  # with its cache
+
+
+def test_gpt2_shrunk_by_channel_saves_and_loads(tmp_path):
+    model = tiny_gpt2()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=ids, keep_dense=False, round_to=4)
+    regrow.save(model, tmp_path / "gpt2")
+    again = regrow.load(tmp_path / "gpt2", tiny_gpt2)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)

@@ -24,6 +24,7 @@ from torch_pruning.dependency import shape_infer
 
 from regrow.batches import batch_size, forward
 from regrow.errors import RegrowError
+from regrow.select import is_transposed_linear
 from regrow.structural.attention import MultiheadAttention
 from regrow.structural.coupling import Coupling, Walk, couple, member_groups, pruning_group, walk
 from regrow.structural.pruners import customized_pruners, is_plain_norm
@@ -31,6 +32,7 @@ from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
 from regrow.structural.tracing import (
     ShapeRecorder,
+    concats_past_channels,
     feature_map_mappings,
     fill_concat_sizes,
     fill_split_sizes,
@@ -40,6 +42,13 @@ from regrow.structural.tracing import (
 )
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def is_root(module: Any) -> bool:
+    """A layer a channel group may start from: a convolution, a Linear or Hugging Face's Conv1D."""
+    return isinstance(module, ROOT_TYPES) or (isinstance(module, nn.Module) and is_transposed_linear(module))
+
+
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 # Modules whose channel handling regrow simulates exactly (see simulate.py).
 SUPPORTED = (
@@ -184,6 +193,7 @@ class _DependencyGraph(tp.DependencyGraph):
         feature_map_mappings(self, self.traced_outputs)
         fill_split_sizes(self, self.traced_outputs)
         fill_concat_sizes(self, self.traced_outputs)
+        concats_past_channels(self, self.traced_outputs)
         parameter_channel_dims(self)
 
     def build_dependency(self, *args: Any, **kwargs: Any) -> _DependencyGraph:
@@ -290,7 +300,7 @@ class StructureGraph:
                         out_layers.append(name)
                     if isinstance(target, ChannelShuffle):
                         reason = reason or f"its channels go through the channel shuffle {name!r}, which keeps them"
-                    if not isinstance(target, SUPPORTED) and not is_plain_norm(target):
+                    if not isinstance(target, SUPPORTED) and not is_plain_norm(target) and not is_root(target):
                         reason = reason or f"layer {name!r} of type {type(target).__name__} is not supported"
             root = group[0].dep.target.module
             # Name the group after its first output layer in registration order (the stem of a residual
@@ -334,7 +344,7 @@ class StructureGraph:
         visited: set[int] = set()
         failed: list[tuple[nn.Module, Exception]] = []
         for m in list(self.dg.module2node):
-            pruner = self.dg.get_pruner_of_module(m) if isinstance(m, ROOT_TYPES) else None
+            pruner = self.dg.get_pruner_of_module(m) if is_root(m) else None
             if id(m) in skip or id(m) in visited or pruner is None or pruner.get_out_channels(m) is None:
                 continue
             try:

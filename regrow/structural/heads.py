@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from regrow.select import is_transposed_linear
 from regrow.structural.attention import MultiheadAttention, keep_index
 from regrow.structural.graph import HEAD_ATTRS, head_count
+from regrow.structural.pruners import keep_columns, keep_rows, linear_weight
 
 FUSED = ("qkv", "in_proj", "c_attn", "Wqkv", "qkv_proj", "to_qkv")
 SEPARATE = (
@@ -85,7 +86,7 @@ class HeadGroup:
         """Per unit: sum over its q/k/v rows and output columns of w^2 (magnitude) or |w * dw/dL| (taylor)."""
 
         def stat(layer: nn.Module) -> Tensor:
-            w = _as_linear(layer)
+            w = linear_weight(layer)
             if use_grad:
                 g = layer.weight.grad
                 if g is None:
@@ -119,16 +120,16 @@ class HeadGroup:
         old_inner = self.heads * self.head_dim
         if "qkv" in self.projections:
             qkv = self._child(model, "qkv")
-            _keep_rows(qkv, self._rows(queries, 3, qkv.weight.device))
+            keep_rows(qkv, self._rows(queries, 3, qkv.weight.device))
         else:
             q = self._child(model, "q")
-            _keep_rows(q, self._rows(queries, 1, q.weight.device))
+            keep_rows(q, self._rows(queries, 1, q.weight.device))
             for role in ("k", "v"):
                 layer = self._child(model, role)
-                _keep_rows(layer, keep_index(self.units, self.head_dim, removed, layer.weight.device))
+                keep_rows(layer, keep_index(self.units, self.head_dim, removed, layer.weight.device))
         out = self._child(model, "out")
         keep = self._rows(queries, 1, out.weight.device)
-        _keep_columns(out, keep)
+        keep_columns(out, keep)
         _keep_per_head(module, self.heads, queries)
         for attr, value in list(vars(module).items()):
             if attr in HEAD_ATTRS and isinstance(value, int):
@@ -147,7 +148,7 @@ class HeadGroup:
             layer, offset = self._child(model, "qkv"), 2 * self.heads * self.head_dim
         else:
             layer, offset = self._child(model, "v"), 0
-        weight = _as_linear(layer)  # a view: zeroing it zeroes the layer's weight
+        weight = linear_weight(layer)  # a view: zeroing it zeroes the layer's weight
         for h in removed:
             rows = slice(offset + h * self.head_dim, offset + (h + 1) * self.head_dim)
             weight[rows] = 0
@@ -167,7 +168,7 @@ def _keep_per_head(module: nn.Module, heads: int, removed: list[int]) -> None:
         mlp = getattr(module, name, None)
         last = [m for m in mlp.modules() if isinstance(m, nn.Linear)][-1:] if isinstance(mlp, nn.Module) else []
         if last and last[0].out_features == heads:
-            _keep_rows(last[0], keep_index(heads, 1, removed, last[0].weight.device))
+            keep_rows(last[0], keep_index(heads, 1, removed, last[0].weight.device))
 
 
 def _width(attr: str) -> bool:
@@ -176,40 +177,12 @@ def _width(attr: str) -> bool:
     return attr != "head_dim" and not any(w in attr for w in ("window", "position", "max", "idx", "vocab"))
 
 
-def _as_linear(layer: nn.Module) -> Tensor:
-    """The layer's weight as (outputs, inputs): Hugging Face's Conv1D stores it transposed (a view here)."""
-    return layer.weight.t() if is_transposed_linear(layer) else layer.weight
-
-
-def _keep_rows(layer: nn.Module, keep: Tensor) -> None:
-    """Keep only the ``keep`` outputs of a Linear (or Conv1D)."""
-    if is_transposed_linear(layer):
-        layer.weight = nn.Parameter(layer.weight.index_select(1, keep).contiguous())
-        layer.nf = len(keep)
-    else:
-        layer.weight = nn.Parameter(layer.weight.index_select(0, keep).contiguous())
-        layer.out_features = len(keep)
-    if layer.bias is not None:
-        layer.bias = nn.Parameter(layer.bias.index_select(0, keep).contiguous())
-
-
-def _keep_columns(layer: nn.Module, keep: Tensor) -> None:
-    """Keep only the ``keep`` inputs of a Linear (or Conv1D)."""
-    if is_transposed_linear(layer):
-        layer.weight = nn.Parameter(layer.weight.index_select(0, keep).contiguous())
-        if isinstance(getattr(layer, "nx", None), int):
-            layer.nx = len(keep)
-    else:
-        layer.weight = nn.Parameter(layer.weight.index_select(1, keep).contiguous())
-        layer.in_features = len(keep)
-
-
 def _out_features(layer: nn.Module) -> int:
-    return _as_linear(layer).shape[0]
+    return linear_weight(layer).shape[0]
 
 
 def _in_features(layer: nn.Module) -> int:
-    return _as_linear(layer).shape[1]
+    return linear_weight(layer).shape[1]
 
 
 def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> HeadGroup:

@@ -1,7 +1,8 @@
 """Importance of channel groups and heads: one score per removable unit, higher = more important.
 
 Channel-group scores come from torch-pruning's group importances (each member layer's slice of weights
-contributes, then the scores are divided by their mean so that groups can be ranked together):
+contributes, then the scores are divided by their mean so that groups can be ranked together; a Hugging Face
+``Conv1D``, which torch-pruning's scorers do not know, is shown to them as the Linear it is):
 ``magnitude`` = group L2 norm; ``taylor`` = |w · dL/dw| with gradients summed over a few batches;
 ``bn_scale`` = |gamma| of the BatchNorm layers in the group (Liu et al. 2017, "Network Slimming");
 ``random``.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from itertools import islice
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,6 +23,7 @@ from regrow.batches import forward, model_device, to_device, unpack
 from regrow.errors import RegrowError, one_of
 from regrow.structural.graph import ChannelGroup
 from regrow.structural.heads import HeadGroup
+from regrow.structural.pruners import TransposedLinearPruner, linear_weight
 from regrow.tasks import task_loss
 
 GROUP_CRITERIA = ("bn_scale", "magnitude", "random", "taylor")
@@ -37,6 +40,35 @@ def _scorer(criterion: str) -> Any:
     if criterion == "bn_scale":
         return tp.importance.BNScaleImportance()
     raise one_of("criterion for structural patterns", criterion, GROUP_CRITERIA)
+
+
+def _linear_view(layer: nn.Module) -> nn.Linear:
+    """A Linear over a Conv1D's weight (a transposed view, its gradient too), for torch-pruning's scorers."""
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.weight = nn.Parameter(linear_weight(layer).detach(), requires_grad=False)
+    if layer.weight.grad is not None:
+        linear.weight.grad = layer.weight.grad.t()
+    linear.bias = None if getattr(layer, "bias", None) is None else nn.Parameter(layer.bias.detach())
+    return linear
+
+
+def _scorable(group: Any) -> Any:
+    """``group``, its Conv1D members shown as Linear layers (their dependencies as torch-pruning's Linear
+    handlers), as a list of torch-pruning's group items."""
+    items = []
+    for item in group:
+        dep, idxs = item
+        owner = getattr(dep.handler, "__self__", None)
+        if isinstance(owner, TransposedLinearPruner):
+            out = dep.handler.__name__ == "prune_out_channels"
+            fn = tp.pruner.function.prune_linear_out_channels if out else tp.pruner.function.prune_linear_in_channels
+            layer = _linear_view(dep.layer)  # torch-pruning's scorers read a dependency by either name
+            dep = SimpleNamespace(layer=layer, pruning_fn=fn, target=SimpleNamespace(module=layer), handler=fn)
+        shown = tp._helpers.GroupItem(dep=dep, idxs=idxs)
+        shown.root_idxs = item.root_idxs
+        items.append(shown)
+    return items
 
 
 def accumulate_gradients(model: nn.Module, data: Iterable[Any] | None, batches: int = TAYLOR_BATCHES) -> None:
@@ -65,7 +97,7 @@ def channel_scores(group: ChannelGroup, criterion: str) -> Tensor | None:
     if criterion == "random":
         return torch.rand(group.units)
     with torch.no_grad():
-        imp = _scorer(criterion)(group.full)
+        imp = _scorer(criterion)(_scorable(group.full))
     if imp is None or not torch.isfinite(imp).all():
         return None
     imp = imp.float().cpu()

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from regrow.select import is_transposed_linear
-from regrow.structural.heads import _as_linear, _keep_columns, _keep_rows
+from regrow.structural.pruners import keep_columns, keep_rows, linear_weight
 
 GATED = (("gate_proj", "up_proj", "down_proj"),)
 PLAIN = (("c_fc", "c_proj"),)
@@ -54,7 +54,7 @@ class MlpGroup:
 
         def stat(name: str) -> Tensor:
             layer = model.get_submodule(name)
-            w = _as_linear(layer)
+            w = linear_weight(layer)
             if not use_grad:
                 return w.detach().pow(2).float().cpu()
             g = layer.weight.grad
@@ -74,9 +74,9 @@ class MlpGroup:
         keep = torch.tensor([c for c in range(self.channels) if c not in gone], dtype=torch.long)
         for name in self.inputs:
             layer = model.get_submodule(name)
-            _keep_rows(layer, keep.to(layer.weight.device))
+            keep_rows(layer, keep.to(layer.weight.device))
         out = model.get_submodule(self.output)
-        _keep_columns(out, keep.to(out.weight.device))
+        keep_columns(out, keep.to(out.weight.device))
         module = model.get_submodule(self.name)
         for attr, value in list(vars(module).items()):  # e.g. LlamaMLP.intermediate_size
             if isinstance(value, int) and not isinstance(value, bool) and value == self.channels:
@@ -88,7 +88,7 @@ class MlpGroup:
         if not removed:
             return
         layer = model.get_submodule(self.inputs[-1])
-        weight = _as_linear(layer)  # a view
+        weight = linear_weight(layer)  # a view
         idx = torch.tensor(removed, dtype=torch.long, device=weight.device)
         weight.index_fill_(0, idx, 0.0)
         if layer.bias is not None:
@@ -108,8 +108,8 @@ def find_mlps(model: nn.Module) -> dict[str, MlpGroup]:
         for layout in (*GATED, *PLAIN):
             if all(_linear_like(children.get(c)) for c in layout):
                 ins, out = list(layout[:-1]), layout[-1]
-                widths = {_as_linear(children[c]).shape[0] for c in ins}
-                if len(widths) == 1 and _as_linear(children[out]).shape[1] == next(iter(widths)):
+                widths = {linear_weight(children[c]).shape[0] for c in ins}
+                if len(widths) == 1 and linear_weight(children[out]).shape[1] == next(iter(widths)):
                     found[name] = MlpGroup(name, widths.pop(), [prefix + c for c in ins], prefix + out)
                 break
     return found

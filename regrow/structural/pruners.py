@@ -9,6 +9,9 @@
 * regrow's :class:`~regrow.structural.attention.MultiheadAttention`: its input and output width (the
   residual stream) are pruned like a Linear layer's; its inner width only loses whole heads, never by
   channel, so the dependency graph treats it as one opaque layer.
+* Hugging Face's ``Conv1D`` (GPT-2 and its kin: a Linear whose weight is stored (inputs, outputs), ``nf`` its
+  output width): torch-pruning has no handler, saw its weight and bias as loose parameters, and no channel
+  group of GPT-2 had a layer to start from. :class:`TransposedLinearPruner` shrinks it as the Linear it is.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch_pruning.pruner.function import BasePruningFunc
 
+from regrow.select import is_transposed_linear
 from regrow.structural.attention import MultiheadAttention
 from regrow.structural.shuffle import ChannelShuffle, ChannelShufflePruner
 
@@ -28,8 +32,8 @@ def _keep(total: int, idxs: Sequence[int]) -> list[int]:
     return [i for i in range(total) if i not in gone]
 
 
-def _select(param: nn.Parameter, keep: list[int], dim: int) -> nn.Parameter:
-    index = torch.tensor(keep, dtype=torch.long, device=param.device)
+def _select(param: nn.Parameter, keep: Sequence[int] | Tensor, dim: int) -> nn.Parameter:
+    index = torch.as_tensor(keep, dtype=torch.long, device=param.device)
     return nn.Parameter(param.detach().index_select(dim, index).contiguous(), requires_grad=param.requires_grad)
 
 
@@ -103,6 +107,52 @@ class AttentionPruner(BasePruningFunc):
         return layer.q_proj.in_features
 
 
+def linear_weight(layer: nn.Module) -> Tensor:
+    """The layer's weight as (outputs, inputs): Hugging Face's Conv1D stores it transposed (a view here)."""
+    return layer.weight.t() if is_transposed_linear(layer) else layer.weight
+
+
+def keep_rows(layer: nn.Module, keep: Tensor) -> None:
+    """Keep only the ``keep`` outputs of a Linear (or Conv1D)."""
+    if is_transposed_linear(layer):
+        layer.weight = _select(layer.weight, keep, 1)
+        layer.nf = len(keep)
+    else:
+        layer.weight = _select(layer.weight, keep, 0)
+        layer.out_features = len(keep)
+    if layer.bias is not None:
+        layer.bias = _select(layer.bias, keep, 0)
+
+
+def keep_columns(layer: nn.Module, keep: Tensor) -> None:
+    """Keep only the ``keep`` inputs of a Linear (or Conv1D)."""
+    if is_transposed_linear(layer):
+        layer.weight = _select(layer.weight, keep, 0)
+        if isinstance(getattr(layer, "nx", None), int):
+            layer.nx = len(keep)
+    else:
+        layer.weight = _select(layer.weight, keep, 1)
+        layer.in_features = len(keep)
+
+
+class TransposedLinearPruner(BasePruningFunc):
+    """Hugging Face's ``Conv1D``: outputs along the weight's dim 1 (and the bias), inputs along its dim 0."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep_rows(layer, torch.tensor(_keep(layer.weight.shape[1], idxs), dtype=torch.long))
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep_columns(layer, torch.tensor(_keep(layer.weight.shape[0], idxs), dtype=torch.long))
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[1]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[0]
+
+
 def customized_pruners(model: nn.Module | None = None) -> dict[type, BasePruningFunc]:
     """Fresh handler instances for each dependency graph, so no state is shared between graphs; with ``model``,
     also one for each class of plain norm it holds."""
@@ -115,4 +165,6 @@ def customized_pruners(model: nn.Module | None = None) -> dict[type, BasePruning
     for module in model.modules() if model is not None else ():
         if type(module) not in pruners and is_plain_norm(module):
             pruners[type(module)] = NormPruner()
+        elif type(module) not in pruners and is_transposed_linear(module):
+            pruners[type(module)] = TransposedLinearPruner()
     return pruners

@@ -318,6 +318,26 @@ def fill_concat_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) 
             node.module.concat_sizes = [r[1] for r in recorded]
 
 
+def concats_past_channels(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
+    """Concatenations along a dimension that holds no channels, made element-wise for torch-pruning.
+
+    A concatenation along neither dim 1 (channels first) nor the last dimension (channels last), such as the
+    key/value cache's ``torch.cat([past, new], dim=-2)`` over ``(batch, heads, tokens, head_dim)``, passes every
+    channel through to the same channel; torch-pruning maps such a concatenation not at all, as intended, but
+    autograd saves a negative ``dim`` unsigned, torch-pruning read ``-2`` as 18446744073709551614 and took it for
+    a concatenation of channels, and failed on the widths of inputs that are not in the graph (GPT-2's cache:
+    "unsupported operand type(s) for +: 'int' and 'NoneType'"). Concatenations along dim 1 or the last dimension
+    are left as they were.
+    """
+    for node in list(dg.module2node.values()):
+        raw = getattr(node.grad_fn, "_saved_dim", None)
+        out = outputs.get((node.grad_fn, 0))
+        if node.type != ops.OPTYPE.CONCAT or raw is None or raw < 2**63 or out is None or len(out) < 3:
+            continue
+        if _saved_dim(node.grad_fn) % len(out) not in (1, len(out) - 1):
+            _retype(node)
+
+
 def parameter_channel_dims(dg: Any) -> None:
     """The dimension that holds the channels of each loose parameter (one no layer owns), where torch-pruning's
     guess is wrong.

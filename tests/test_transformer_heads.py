@@ -269,3 +269,36 @@ def test_gpt2_shrunk_by_channel_saves_and_loads(tmp_path):
     again = regrow.load(tmp_path / "gpt2", tiny_gpt2)
     with torch.no_grad():
         assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_a_group_whose_channels_are_the_output_is_left_out_saying_so():
+    # A Hugging Face encoder returns its hidden states: the residual stream's group would change the output's
+    # shape. Was reported as "do not match their simulation (max difference inf)".
+    config = transformers.BertConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    ids = torch.randint(0, 60, (2, 10), generator=torch.Generator().manual_seed(1))
+    report = regrow.prune(model, pattern="channel", sparsity=0.3, example_inputs=ids).structure
+    reasons = {g["name"]: g["excluded"] for g in report.groups}
+    assert reasons["embeddings.word_embeddings"] == (
+        "its channels are the model's output: shrinking them changes the output's shape from (2, 10, 32) to (2, 10, 29)"
+    )
+    assert reasons["encoder.layer.0.intermediate.dense"] is None and report.equivalence.passed
+
+
+def test_phi3_fused_grouped_query_attention_is_refused_with_the_reason():
+    # Phi-3 packs q, k and v of different widths into one qkv_proj; read as three equal thirds it was reported
+    # as "inner width 21 does not fit 2 heads". Its channels (FFN, hidden size) still prune.
+    config = transformers.Phi3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(regrow.RegrowError, match=r"fused q/k/v projection holds grouped-query attention \(2 query"):
+        regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=ids)
+    masks = regrow.prune(model, pattern="channel", sparsity=0.3, example_inputs=ids)
+    assert masks.structure.equivalence.passed and model.model.layers[0].mlp.down_proj.in_features < 64

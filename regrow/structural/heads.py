@@ -208,6 +208,10 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     fused = next((n for n in FUSED if n in children), None)
     if fused is not None:
         projections["qkv"] = full(fused)
+        groups = getattr(module, "num_key_value_groups", 1)
+        if isinstance(groups, int) and groups > 1:  # Phi-3: q, k and v of different widths in one projection
+            reason = f"its fused q/k/v projection holds grouped-query attention ({groups} query heads a key/value head)"
+            return HeadGroup(name, declared or 0, 0, projections, excluded=f"{reason}, which regrow does not split")
         inner = kv_inner = _out_features(children[fused]) // 3
     else:
         names = next((trio for trio in SEPARATE if all(n in children for n in trio)), None)

@@ -57,9 +57,13 @@ class Equivalence:
     atol: float = ATOL
     scale: float | None = None  # max |output| of the simulation; 0: all outputs zero, the check proves nothing
     float32_diff: float | None = None  # set when float32 failed and float64 settled the check (see compare)
+    shapes: tuple[list[int], list[int]] | None = None  # (simulated, shrunk) output shapes, set when they differ
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["shapes"] is None:  # reports name shapes only where they differed
+            del out["shapes"]
+        return out
 
 
 def _channel_dim(module: nn.Module, x: Tensor) -> int:
@@ -257,7 +261,7 @@ def _compare(shrunk: nn.Module, simulated: nn.Module, inputs: Any) -> Equivalenc
     finally:
         shrunk.train(was)
     if y_shrunk.shape != y_sim.shape:
-        return Equivalence(float("inf"), 0.0, False)
+        return Equivalence(float("inf"), 0.0, False, shapes=(list(y_sim.shape), list(y_shrunk.shape)))
     scale = float(y_sim.abs().max()) if y_sim.numel() else 0.0
     tol = ATOL + RTOL * scale
     diff = float((y_shrunk - y_sim).abs().max()) if y_sim.numel() else 0.0

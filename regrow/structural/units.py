@@ -109,6 +109,9 @@ def _probe(model: nn.Module, units: list[_Unit], inputs: Any, compare: Compare) 
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - any failure means regrow cannot shrink this group correctly
         return f"shrinking it breaks the forward pass ({first_line(exc)})"
+    if eq.shapes is not None:
+        was, now = (tuple(shape) for shape in eq.shapes)
+        return f"its channels are the model's output: shrinking them changes the output's shape from {was} to {now}"
     if not eq.passed:
         return f"the shrunk layers do not match their simulation (max difference {eq.max_abs_diff:.3g})"
     return None

@@ -9,9 +9,10 @@ run's report. :func:`load_masks` reads the masks back, e.g. to keep them during 
 A shrunk model (channels or heads removed) is saved the same way when its Hugging Face config can express the
 new widths: the config is updated (head counts, key/value heads and ``head_dim`` where the config has them, the
 FFN width ``intermediate_size`` / ``n_inner`` / ``ffn_dim`` / ``d_ff``, the hidden size ``hidden_size`` /
-``n_embd`` / ``d_model`` / ``dim``) and checked by building the model class
-from it on the meta device: every tensor must get the shrunk model's shape. That needs the same widths in every
-layer — prune with ``scope="layer"`` to keep them uniform — and a config that states them (Llama-style configs
+``n_embd`` / ``d_model`` / ``dim`` / ``word_embed_proj_dim``) and checked twice: the model class built from it on
+the meta device must give every tensor the shrunk model's shape, and built around the model's own weights it must
+compute the model's outputs on its dummy inputs (a class may derive more than widths from its config: Gemma scales
+its embeddings by the square root of ``hidden_size``). That needs the same widths in every layer — prune with ``scope="layer"`` to keep them uniform — and a config that states them (Llama-style configs
 give ``head_dim``; BERT and GPT-2 derive the head size from the hidden size, so their heads cannot be removed in a
 ``from_pretrained`` model, only their FFN channels). Anything else is refused with the reason; save it with
 :func:`regrow.save`, which records the new architecture.
@@ -24,6 +25,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from regrow.errors import RegrowError
+from regrow.batches import forward
+from regrow.errors import RegrowError, first_line
 from regrow.masks import MaskSet, pack, unpacked
 from regrow.spec import PruneSpec
 from regrow.staging import fsync_dir, signals_deferred, sync_tree, token, umask
@@ -158,7 +162,7 @@ def _interrupted_before(target: Path) -> None:
 
 HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
 FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
-HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
+HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim", "word_embed_proj_dim")
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -225,7 +229,7 @@ def shrunk_config(model: nn.Module) -> Any:
         }
         if widths:
             setattr(config, key, _uniform(widths, "FFN widths"))
-    _hidden_size(model, config)
+    _hidden_size(model, config, before)
     expected = _built(model, config)
     wrong = [n for n, shape in now.items() if expected.get(n) != shape]
     if wrong:
@@ -236,22 +240,113 @@ def shrunk_config(model: nn.Module) -> Any:
             "Its heads' size may follow from the hidden size (BERT, GPT-2), so removed heads or a narrower hidden "
             "size cannot be stated. Save it with regrow.save, which records the new architecture."
         )
+    _same_function(model, config)
     return config
 
 
-def _hidden_size(model: nn.Module, config: Any) -> None:
-    """States a narrower residual stream (channel pruning of the hidden size): the input embedding's width. Widths
-    that the config derives from the hidden size are written out first (GPT-2's FFN, ``4 * n_embd``)."""
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter a module registers meanwhile is moved to the meta device (no memory, no init); buffers
+    are built as usual."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _rebuilt(model: nn.Module, config: Any) -> nn.Module:
+    """The model's class built from ``config`` around the model's own parameters and saved buffers (nothing is
+    copied); the buffers a checkpoint does not hold are built from the config, as loading builds them."""
+    device = next(model.parameters()).device
+    with _parameters_on_meta():
+        rebuilt = type(model)(config)
+    for module in rebuilt.modules():
+        for attr, buffer in module._buffers.items():
+            if buffer is not None and attr in module._non_persistent_buffers_set:
+                module._buffers[attr] = buffer.to(device)
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        owner, _, attr = name.rpartition(".")
+        rebuilt.get_submodule(owner)._parameters[attr] = tensor
+    for module in rebuilt.modules():  # layers the config builds and the model lacks (a pooler): zeros, as if new
+        for attr, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                module._parameters[attr] = nn.Parameter(torch.zeros(param.shape, dtype=param.dtype, device=device))
+    for name, tensor in model.named_buffers(remove_duplicate=False):
+        owner, _, attr = name.rpartition(".")
+        module = rebuilt.get_submodule(owner)
+        if attr not in module._non_persistent_buffers_set:
+            module._buffers[attr] = tensor
+    return rebuilt.eval()
+
+
+def _same_function(model: nn.Module, config: Any) -> None:
+    """Refuse a config that states the shrunk widths but not what the model computes: the class built from it
+    (:func:`_rebuilt`) must give the model's outputs on its dummy inputs. Gemma scales its embeddings by the square
+    root of ``hidden_size`` (a buffer built from the config), so a config stating a narrower hidden size would load
+    as another function."""
+    inputs = getattr(model, "dummy_inputs", None)
+    if not isinstance(inputs, dict) or not inputs:
+        return
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    was = model.training
+    try:
+        with torch.no_grad():
+            ours = forward(model.eval(), inputs)
+    except Exception:  # noqa: BLE001 - a model that does not run on its dummy inputs keeps the shape check only
+        return
+    finally:
+        model.train(was)
+    try:
+        with torch.no_grad():
+            theirs = forward(_rebuilt(model, config), inputs)
+    except Exception as exc:  # noqa: BLE001 - whatever stops the rebuilt model from running, it cannot be saved so
+        raise RegrowError(
+            f"a {type(model).__name__} built from the updated Hugging Face config could not run with this model's "
+            f"weights ({first_line(exc)}). Save it with regrow.save, which records the new architecture."
+        ) from None
+    if ours.shape != theirs.shape or not torch.equal(ours, theirs):
+        diff = float((ours - theirs).abs().max()) if ours.shape == theirs.shape else float("inf")
+        raise RegrowError(
+            f"the Hugging Face config of {type(model).__name__} states this shrunk model's widths, but the model "
+            f"built from it computes other outputs (max difference {diff:.3g}): the class derives more than widths "
+            "from the config (Gemma scales its embeddings by the square root of hidden_size). Save it with "
+            "regrow.save, which records the new architecture."
+        )
+
+
+def _hidden_size(model: nn.Module, config: Any, before: dict[str, tuple[int, ...]]) -> None:
+    """States a narrower residual stream (channel pruning of the hidden size): the input embedding's width, in each
+    key that held its width before (``before``: the unshrunk model's tensor shapes; OPT's ``word_embed_proj_dim``
+    too, where it equals the hidden size). Widths that the config derives from the hidden size are written out
+    first: GPT-2's FFN (``4 * n_embd``) and the head size of a config that may state it but does not (Qwen2,
+    Phi-3: ``hidden_size // num_attention_heads``)."""
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
     width = getattr(embeddings, "weight", None)
-    if width is None or width.dim() != 2:
+    name = next((n for n, p in model.named_parameters() if p is width), None)
+    if width is None or width.dim() != 2 or name not in before or before[name][1] == width.shape[1]:
         return
     for key in HIDDEN_KEYS:
         old = getattr(config, key, None)
-        if isinstance(old, int) and old != width.shape[1]:
+        if _int(old) and old == before[name][1]:
             if key == "n_embd" and getattr(config, "n_inner", 0) is None:
                 config.n_inner = 4 * old
+            heads = next((getattr(model.config, k) for k in HEAD_KEYS if _int(getattr(model.config, k, None))), 0)
+            if key == "hidden_size" and getattr(config, "head_dim", None) is None and heads and old % heads == 0:
+                config.head_dim = old // heads
             setattr(config, key, int(width.shape[1]))
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _save_packed(masks: MaskSet, path: Path) -> None:

@@ -168,6 +168,34 @@ def test_llama_with_a_narrower_hidden_size_saves_with_its_config_updated(tmp_pat
     assert torch.equal(_loaded_outputs(folder, "AutoModelForCausalLM", ids), expect)
 
 
+def test_a_derived_head_size_is_stated_and_a_config_that_scales_by_the_hidden_size_is_refused(tmp_path):
+    # Qwen2 derives its head size from hidden_size // num_attention_heads: a narrower hidden size is stated with
+    # head_dim written out. Gemma also scales its embeddings by sqrt(hidden_size) (a buffer its config builds): its
+    # config states the widths, but the model loaded from it computed other outputs (max difference 0.013).
+    common = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    common |= {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32}
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    for name, config, cls in (
+        ("qwen2", transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM),
+        ("gemma", transformers.GemmaConfig(**common, head_dim=8), transformers.GemmaForCausalLM),
+    ):
+        torch.manual_seed(0)
+        model = cls(config).eval()
+        masks = regrow.prune(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=ids, round_to=4)
+        hidden = model.get_input_embeddings().embedding_dim
+        assert hidden < 32
+        if name == "gemma":
+            with pytest.raises(RegrowError, match=r"built from it computes other outputs \(max difference"):
+                save_pretrained(model, masks, tmp_path / name)
+            assert not (tmp_path / name).exists()
+            continue
+        folder = save_pretrained(model, masks, tmp_path / name)
+        saved = json.loads((folder / "config.json").read_text())
+        assert (saved["hidden_size"], saved["head_dim"]) == (hidden, 8)
+        with torch.no_grad():
+            assert torch.equal(cls.from_pretrained(folder).eval()(ids).logits, model(ids).logits)
+
+
 def tiny_bert():
     config = transformers.BertConfig(
         vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64

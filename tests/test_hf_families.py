@@ -1,0 +1,75 @@
+"""Hugging Face's decoder and encoder families as users bring them (tiny random configs, no downloads): channel
+pruning reaches their FFN widths and, for decoders, their hidden size, with the check passing; heads go where
+the attention layout allows; a decoder still generates with its cache afterwards."""
+
+import pytest
+import torch
+
+import regrow
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+LLAMA_LIKE = COMMON | {"intermediate_size": 64, "num_key_value_heads": 2, "max_position_embeddings": 32}
+
+
+def _family(name: str):
+    t = transformers
+    return {
+        "llama": (t.LlamaForCausalLM, t.LlamaConfig(**LLAMA_LIKE)),
+        "qwen2": (t.Qwen2ForCausalLM, t.Qwen2Config(**LLAMA_LIKE)),
+        "mistral": (t.MistralForCausalLM, t.MistralConfig(**LLAMA_LIKE)),
+        "phi3": (t.Phi3ForCausalLM, t.Phi3Config(**LLAMA_LIKE, pad_token_id=0)),
+        "gemma": (t.GemmaForCausalLM, t.GemmaConfig(**LLAMA_LIKE, head_dim=8)),
+        "gpt2": (t.GPT2LMHeadModel, t.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)),
+        "opt": (
+            t.OPTForCausalLM,
+            t.OPTConfig(**COMMON, ffn_dim=64, max_position_embeddings=32, word_embed_proj_dim=32),
+        ),
+        "bert": (t.BertForSequenceClassification, t.BertConfig(**COMMON, intermediate_size=64)),
+        "t5-encoder": (t.T5EncoderModel, t.T5Config(vocab_size=64, d_model=32, d_ff=64, d_kv=8, num_layers=2)),
+    }[name]
+
+
+def _ffn(model: torch.nn.Module) -> list[int]:
+    """The FFN width of each layer, read from the layer that reads the FFN's channels."""
+    names = ("mlp.down_proj", "mlp.c_proj", "fc2", "output.dense", "DenseReluDense.wo")
+    return [
+        module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.in_features
+        for name, module in model.named_modules()
+        if name.endswith(names) and "attention" not in name
+    ]
+
+
+def _build(name: str) -> torch.nn.Module:
+    cls, config = _family(name)
+    torch.manual_seed(0)
+    return cls(config).eval()
+
+
+IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+DECODERS = ["llama", "qwen2", "mistral", "phi3", "gemma", "gpt2", "opt"]
+
+
+@pytest.mark.parametrize("name", [*DECODERS, "bert", "t5-encoder"])
+def test_each_family_loses_ffn_channels_and_a_decoders_hidden_size_with_the_check_passing(name):
+    model = _build(name)
+    ffn_before, hidden_before = _ffn(model), model.get_input_embeddings().embedding_dim
+    report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=IDS, round_to=4).structure
+    assert report.equivalence.passed and report.macs_ratio < 0.9
+    assert len(_ffn(model)) == 2 and sum(_ffn(model)) < sum(ffn_before)
+    hidden = model.get_input_embeddings().embedding_dim
+    if name in DECODERS:
+        assert hidden < hidden_before
+        out = model.generate(IDS[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert out.shape == (2, 7)
+    elif name == "t5-encoder":  # it returns its hidden states: the stream is the output
+        reasons = {g["name"]: g["excluded"] for g in report.groups}
+        assert reasons["encoder.embed_tokens"].startswith("its channels are the model's output")
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "gemma", "gpt2", "opt", "bert"])
+def test_each_family_loses_whole_heads(name):
+    model = _build(name)
+    report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=IDS).structure
+    assert report.equivalence.passed and report.units_removed > 0

@@ -12,10 +12,11 @@ FFN width ``intermediate_size`` / ``n_inner`` / ``ffn_dim`` / ``d_ff``, the hidd
 ``n_embd`` / ``d_model`` / ``dim`` / ``word_embed_proj_dim``) and checked twice: the model class built from it on
 the meta device must give every tensor the shrunk model's shape, and built around the model's own weights it must
 compute the model's outputs on its dummy inputs (a class may derive more than widths from its config: Gemma scales
-its embeddings by the square root of ``hidden_size``). That needs the same widths in every layer — prune with ``scope="layer"`` to keep them uniform — and a config that states them (Llama-style configs
-give ``head_dim``; BERT and GPT-2 derive the head size from the hidden size, so their heads cannot be removed in a
-``from_pretrained`` model, only their FFN channels). Anything else is refused with the reason; save it with
-:func:`regrow.save`, which records the new architecture.
+its embeddings by the square root of ``hidden_size``). That needs the same widths in every layer — prune with
+``scope="layer"`` to keep them uniform — and a config that states them (Llama-style configs give ``head_dim``; BERT
+and GPT-2 derive the head size from the hidden size, so their heads cannot be removed in a ``from_pretrained``
+model, only their FFN channels). Anything else is refused with the reason; save it with :func:`regrow.save`, which
+records the new architecture.
 """
 
 from __future__ import annotations
@@ -264,14 +265,19 @@ def _parameters_on_meta() -> Iterator[None]:
 
 def _rebuilt(model: nn.Module, config: Any) -> nn.Module:
     """The model's class built from ``config`` around the model's own parameters and saved buffers (nothing is
-    copied); the buffers a checkpoint does not hold are built from the config, as loading builds them."""
+    copied). The buffers a checkpoint does not hold are built from the config, as loading builds them; where one
+    equals the model's own up to the model's precision (rotary frequencies, which a model cast to bfloat16 holds
+    rounded), the model's own is taken, so that only what the config changes shows in the outputs."""
     device = next(model.parameters()).device
     with _parameters_on_meta():
         rebuilt = type(model)(config)
-    for module in rebuilt.modules():
+    own = dict(model.named_buffers(remove_duplicate=False))
+    for owner, module in rebuilt.named_modules():
         for attr, buffer in module._buffers.items():
-            if buffer is not None and attr in module._non_persistent_buffers_set:
-                module._buffers[attr] = buffer.to(device)
+            if buffer is None or attr not in module._non_persistent_buffers_set:
+                continue
+            theirs = own.get(f"{owner}.{attr}" if owner else attr)
+            module._buffers[attr] = theirs if _same_values(theirs, buffer) else buffer.to(device)
     for name, tensor in model.named_parameters(remove_duplicate=False):
         owner, _, attr = name.rpartition(".")
         rebuilt.get_submodule(owner)._parameters[attr] = tensor
@@ -285,6 +291,16 @@ def _rebuilt(model: nn.Module, config: Any) -> nn.Module:
         if attr not in module._non_persistent_buffers_set:
             module._buffers[attr] = tensor
     return rebuilt.eval()
+
+
+def _same_values(ours: torch.Tensor | None, built: torch.Tensor) -> bool:
+    """``built`` holds ``ours`` up to the rounding of the less precise of the two dtypes."""
+    if ours is None or ours.shape != built.shape or ours.is_floating_point() != built.is_floating_point():
+        return False
+    if not ours.is_floating_point():
+        return torch.equal(ours.cpu(), built.cpu())
+    eps = max(torch.finfo(ours.dtype).eps, torch.finfo(built.dtype).eps)
+    return torch.allclose(ours.detach().cpu().double(), built.detach().cpu().double(), rtol=4 * eps, atol=0.0)
 
 
 def _same_function(model: nn.Module, config: Any) -> None:

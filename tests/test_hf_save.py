@@ -196,6 +196,28 @@ def test_a_derived_head_size_is_stated_and_a_config_that_scales_by_the_hidden_si
             assert torch.equal(cls.from_pretrained(folder).eval()(ids).logits, model(ids).logits)
 
 
+def test_a_buffer_built_from_the_config_counts_as_the_models_own_up_to_its_precision():
+    from regrow.hf import _same_values
+
+    freq = 1.0 / (10000 ** (torch.arange(0, 8, 2).double() / 8))  # rotary frequencies, as a config builds them
+    assert _same_values(freq.float(), freq.float())
+    assert _same_values(freq.bfloat16(), freq.float())  # a model cast to bfloat16 holds them rounded
+    assert not _same_values(torch.tensor(16**0.5), torch.tensor(32**0.5))  # Gemma's embedding scale
+    assert not _same_values(freq.float()[:2], freq.float()) and not _same_values(None, freq)
+    assert _same_values(torch.arange(3), torch.arange(3)) and not _same_values(torch.arange(3), torch.arange(1, 4))
+
+
+def test_a_bfloat16_llama_with_a_narrower_hidden_size_saves(tmp_path):
+    # Was refused: the rebuilt model's rotary frequencies (float32, from the config) against the model's (cast to
+    # bfloat16) made the outputs differ by 0.000488, read as a config that changes the function.
+    model = tiny_llama().to(torch.bfloat16)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    masks = regrow.prune(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=ids, round_to=4)
+    assert model.model.embed_tokens.embedding_dim < 32
+    folder = save_pretrained(model, masks, tmp_path / "bf16")
+    assert json.loads((folder / "config.json").read_text())["hidden_size"] == model.model.embed_tokens.embedding_dim
+
+
 def tiny_bert():
     config = transformers.BertConfig(
         vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64

@@ -50,6 +50,7 @@ FAMILIES = {
     "deit_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 32, "depth": 2}, 32),  # two tokens
     "cspnet": ("cs3darknet_focus_s", {}, 64),  # cross-stage halves: split, residual blocks, concatenated back
     "res2net": ("res2net50_14w_8s", {"layers": (2, 1, 1, 1)}, 64),  # split by a stored width, chunks summed
+    "sknet": ("skresnet18", {"layers": (1, 1, 1, 1)}, 64),  # paths split by a stored width, stacked, weighed
     "cspnext": ("cspnext_tiny", {}, 64),  # two branches concatenated, then gated by channel attention
     "gcvit": ("gcvit_xxtiny", {"img_size": 64, "window_size": (2, 2, 2, 2)}, 64),  # a global query, broadcast
     "maxvit": ("maxvit_pico_rw_256", {"img_size": 64}, 64),  # MBConv, then block and grid attention by hand

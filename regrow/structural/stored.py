@@ -3,7 +3,8 @@
 A layer handler updates the layer it shrinks (``out_channels``, ``normalized_shape``, ...), but some models
 also store a width of their own and reshape with it: torchvision's ``VisionTransformer`` flattens its patch
 embedding with ``x.reshape(n, self.hidden_dim, n_h * n_w)``, timm's ReXNet slices its output with
-``self.in_channels``, timm's Res2Net and CSPNet split with ``self.width`` and ``self.expand_chs``. Left stale,
+``self.in_channels``, timm's Res2Net and CSPNet split with ``self.width`` and ``self.expand_chs``, its
+selective-kernel convolutions (SKNet) with ``self.in_channels // self.num_paths``. Left stale,
 the attribute breaks the forward pass of the shrunk model, so every probe of the groups through it failed and
 they were never pruned. Each entry
 names the attribute and the layer width it must equal after surgery; :func:`follow` sets them. Classes are
@@ -12,10 +13,23 @@ matched by their qualified name (subclasses too), so the architectures' packages
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
-# qualified class name -> {attribute: the "submodule.attribute" paths it may follow, the first that exists wins}
-STORED_WIDTHS: dict[str, dict[str, tuple[str, ...]]] = {
+
+def _paths_inputs(module: nn.Module) -> int | None:
+    """timm's SelectiveKernel splits its input into one chunk a path: ``torch.split(x, self.in_channels //
+    self.num_paths, 1)``; ``in_channels`` is then what its paths read together."""
+    paths = getattr(module, "paths", None)
+    if not getattr(module, "split_input", False) or paths is None:
+        return None
+    return sum(path.conv.in_channels for path in paths)
+
+
+# qualified class name -> {attribute: the "submodule.attribute" paths it may follow, the first that exists wins, or
+# a function of the module}
+STORED_WIDTHS: dict[str, dict[str, tuple[str, ...] | Callable[[nn.Module], int | None]]] = {
     "torchvision.models.vision_transformer.VisionTransformer": {
         # a patchify convolution, or the last layer of a convolutional stem (conv_stem_configs)
         "hidden_dim": ("conv_proj.out_channels", "conv_proj.conv_last.out_channels"),
@@ -30,10 +44,11 @@ STORED_WIDTHS: dict[str, dict[str, tuple[str, ...]]] = {
         "in_channels": ("conv_exp.conv.in_channels", "conv_dw.conv.in_channels"),
         "out_channels": ("conv_pwl.conv.out_channels",),
     },
+    "timm.layers.selective_kernel.SelectiveKernel": {"in_channels": _paths_inputs},
 }
 
 
-def _rules(module: nn.Module) -> dict[str, tuple[str, ...]]:
+def _rules(module: nn.Module) -> dict[str, tuple[str, ...] | Callable[[nn.Module], int | None]]:
     for cls in type(module).__mro__:
         rules = STORED_WIDTHS.get(f"{cls.__module__}.{cls.__qualname__}")
         if rules:
@@ -55,6 +70,9 @@ def follow(model: nn.Module) -> None:
     layer the model does not have leaves its attribute alone."""
     for module in model.modules():
         for attribute, sources in _rules(module).items():
-            width = next((w for w in (_read(module, p) for p in sources) if w is not None), None)
+            if callable(sources):
+                width = sources(module)
+            else:
+                width = next((w for w in (_read(module, p) for p in sources) if w is not None), None)
             if width is not None:
                 setattr(module, attribute, width)

@@ -168,6 +168,26 @@ def _channels_last_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None
             _retype(node, TiledIndexMapping(channels, tiles), TiledIndexMapping(channels, tiles, reverse=True))
 
 
+def _split_channel_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
+    """A channels-first tensor's channels viewed as ``P`` blocks of ``C``: ``(B, P*C, ...)`` into ``(B, P, C, ...)``
+    (timm's selective-kernel attention: one logit per path and channel, ``x.view(B, paths, C, H, W)``, weighing
+    the paths stacked as ``(B, paths, C, H, W)``). Channel ``c`` of the output is ``c + k*C`` (k < P) of the
+    input; torch-pruning read it as a flatten, channel ``c`` as ``2c, 2c + 1``, and the group failed its probe."""
+    for node in list(dg.module2node.values()):
+        fn = node.grad_fn
+        if node.type != ops.OPTYPE.RESHAPE or not hasattr(fn, "_saved_self_sym_sizes") or fn not in shapes:
+            continue
+        before, after = [int(s) for s in fn._saved_self_sym_sizes], list(shapes[fn])
+        if len(before) < 4 or len(after) != len(before) + 1 or after[1] < 2 or before[0] != after[0]:
+            continue  # a feature map's channels only, not tokens unflattened into rows (B, H*W, C) -> (B, H, W, C)
+        if before[1] != after[1] * after[2] or before[2:] != after[3:] or before[-1] == before[1]:
+            continue  # not such a view, or cannot tell channels-first from channels-last
+        if _channels_in(dg, node) != before[1]:
+            continue
+        blocks, channels = after[1], after[2]
+        _retype(node, TiledIndexMapping(channels, blocks, reverse=True), TiledIndexMapping(channels, blocks))
+
+
 def _merges_batch(a: list[int], b: list[int], batch: int) -> bool:
     """Whether shape ``b`` is ``a`` (whose dim 0 is the ``batch``) with dim 1, or a leading factor of it, merged
     into dim 0: (B, h, N, d) into (B*h, N, d), or (B, h*d, N) into (B*h, d, N)."""
@@ -397,4 +417,5 @@ def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) ->
     _untie_spatial_slices(dg)
     _untie_broadcasts(dg)
     _channels_last_reshapes(dg, shapes)
+    _split_channel_reshapes(dg, shapes)
     _batch_reshapes(dg, shapes, batch)

@@ -268,7 +268,8 @@ def _rebuilt(model: nn.Module, config: Any) -> nn.Module:
     copied). The buffers a checkpoint does not hold are built from the config, as loading builds them; where one
     equals the model's own up to the model's precision (rotary frequencies, which a model cast to bfloat16 holds
     rounded), the model's own is taken, so that only what the config changes shows in the outputs."""
-    device = next(model.parameters()).device
+    first = next(model.parameters())
+    device, dtype = first.device, first.dtype
     with _parameters_on_meta():
         rebuilt = type(model)(config)
     own = dict(model.named_buffers(remove_duplicate=False))
@@ -284,7 +285,8 @@ def _rebuilt(model: nn.Module, config: Any) -> nn.Module:
     for module in rebuilt.modules():  # layers the config builds and the model lacks (a pooler): zeros, as if new
         for attr, param in module._parameters.items():
             if param is not None and param.is_meta:
-                module._parameters[attr] = nn.Parameter(torch.zeros(param.shape, dtype=param.dtype, device=device))
+                zeros = torch.zeros(param.shape, dtype=dtype if param.is_floating_point() else param.dtype)
+                module._parameters[attr] = nn.Parameter(zeros.to(device), requires_grad=False)
     for name, tensor in model.named_buffers(remove_duplicate=False):
         owner, _, attr = name.rpartition(".")
         module = rebuilt.get_submodule(owner)

@@ -226,6 +226,17 @@ def tiny_bert():
     return transformers.BertModel(config, add_pooling_layer=False).eval()
 
 
+def test_a_bfloat16_encoder_without_the_pooler_its_config_builds_saves(tmp_path):
+    # The config builds a pooler the model lacks; the rebuilt model's stand-in pooler was float32 beside bfloat16
+    # weights and did not run ("mat1 and mat2 must have the same dtype"), which refused the save.
+    model = tiny_bert().to(torch.bfloat16)
+    ids = torch.randint(0, 60, (2, 10), generator=torch.Generator().manual_seed(1))
+    ffn = "encoder.layer.*.intermediate.dense.weight"
+    masks = regrow.prune(model, pattern="channel", sparsity=0.5, scope="layer", targets=ffn, example_inputs=ids)
+    folder = save_pretrained(model, masks, tmp_path / "bf16")
+    assert json.loads((folder / "config.json").read_text())["intermediate_size"] == 32
+
+
 def test_bert_ffn_channels_save_when_uniform_and_heads_are_refused_with_the_reason(tmp_path):
     inputs = {"input_ids": torch.randint(0, 60, (2, 10), generator=torch.Generator().manual_seed(1))}
     model = tiny_bert()

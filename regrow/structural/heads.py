@@ -157,13 +157,15 @@ class HeadGroup:
 
 
 def _keep_per_head(module: nn.Module, heads: int, removed: list[int]) -> None:
-    """Slice the module's per-head tensors (``PER_HEAD``, ``PER_HEAD_MLP``) to the heads that stay."""
-    for name, dim in PER_HEAD.items():
-        param = module._parameters.get(name)
-        if param is not None and param.dim() > 0 and param.shape[dim] == heads:
-            keep = keep_index(heads, 1, removed, param.device)
-            kept = param.index_select(dim % param.dim(), keep).contiguous()
-            setattr(module, name, nn.Parameter(kept, requires_grad=param.requires_grad))
+    """Slice the module's per-head tensors (``PER_HEAD``, ``PER_HEAD_MLP``) to the heads that stay: its own, or a
+    child's (Hugging Face's Swin keeps its table in a ``relative_position_bias`` module)."""
+    for owner in (module, *module.children()):
+        for name, dim in PER_HEAD.items():
+            param = owner._parameters.get(name)
+            if param is not None and param.dim() > 0 and param.shape[dim] == heads:
+                keep = keep_index(heads, 1, removed, param.device)
+                kept = param.index_select(dim % param.dim(), keep).contiguous()
+                setattr(owner, name, nn.Parameter(kept, requires_grad=param.requires_grad))
     for name in PER_HEAD_MLP:
         mlp = getattr(module, name, None)
         last = [m for m in mlp.modules() if isinstance(m, nn.Linear)][-1:] if isinstance(mlp, nn.Module) else []

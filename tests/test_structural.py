@@ -201,6 +201,41 @@ def test_conv1d_channel_scores_equal_those_of_the_same_layers_as_linear():
             assert scores.std() > 0
 
 
+class TinySelectiveKernel(nn.Module):
+    """Two paths stacked, weighed by one logit per path and channel viewed as (B, paths, C, 1, 1) (SKNet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.fc, self.head = nn.Conv2d(4, 8, 1), nn.Conv2d(4, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        paths = torch.stack([self.a(x), self.b(x)], 1)
+        logits = self.fc(paths.sum(1).mean((2, 3), keepdim=True)).view(x.shape[0], 2, -1, 1, 1).softmax(1)
+        return self.head((paths * logits).sum(1)).mean((2, 3))
+
+
+def test_channels_viewed_as_blocks_map_to_the_same_channel_of_every_block():
+    # Channel c of the paths is logit c of each path: fc's outputs c and 4 + c (torch-pruning read 2c, 2c + 1).
+    from regrow.structural.graph import StructureGraph
+
+    torch.manual_seed(0)
+    model = TinySelectiveKernel().eval()
+    x = torch.randn(2, 3, 6, 6)
+    graph = StructureGraph(model, x)
+    group = next(g for g in graph.channel_groups({"a", "b", "fc", "head"}, set(), {}) if g.name == "a")
+    cuts = {(c.target, c.out): c.idxs for c in graph.cuts(group, [1])}
+    assert cuts == {
+        ("a", True): (1,),
+        ("b", True): (1,),
+        ("fc", True): (1, 5),
+        ("fc", False): (1,),
+        ("head", False): (1,),
+    }
+    report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x, round_to=1).structure
+    assert report.equivalence.passed and model.a.out_channels == model.b.out_channels == model.fc.out_channels // 2
+
+
 class GroupNormAct(nn.GroupNorm):
     """timm's GroupNormAct (ResNetV2, the ViT hybrids' stems): a GroupNorm, then its activation."""
 

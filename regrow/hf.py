@@ -347,24 +347,22 @@ def _hidden_size(model: nn.Module, config: Any, before: dict[str, tuple[int, ...
     too, where it equals the hidden size). Widths that the config derives from the hidden size are written out
     first: GPT-2's FFN (``4 * n_embd``) and the head size of a config that may state it but does not (Qwen2,
     Phi-3: ``hidden_size // num_attention_heads``)."""
+    from regrow.structural.graph import head_count
+
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
     width = getattr(embeddings, "weight", None)
     name = next((n for n, p in model.named_parameters() if p is width), None)
     if width is None or width.dim() != 2 or name not in before or before[name][1] == width.shape[1]:
         return
+    heads = head_count(model.config) or 0
     for key in HIDDEN_KEYS:
         old = getattr(config, key, None)
-        if _int(old) and old == before[name][1]:
+        if isinstance(old, int) and old == before[name][1]:
             if key == "n_embd" and getattr(config, "n_inner", 0) is None:
                 config.n_inner = 4 * old
-            heads = next((getattr(model.config, k) for k in HEAD_KEYS if _int(getattr(model.config, k, None))), 0)
             if key == "hidden_size" and getattr(config, "head_dim", None) is None and heads and old % heads == 0:
                 config.head_dim = old // heads
             setattr(config, key, int(width.shape[1]))
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _save_packed(masks: MaskSet, path: Path) -> None:

@@ -271,6 +271,30 @@ def test_a_layers_own_per_output_parameters_are_found_by_its_output_width():
     assert _per_output_parameters(nn.LayerNorm(5)) == []
 
 
+class FeaturesToo(nn.Module):
+    """A classifier that also returns its pooled features (as a metric-learning model does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.body = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        features = self.body(F.relu(self.stem(x))).relu().mean((2, 3))
+        return self.head(features), features
+
+
+def test_a_group_that_reaches_a_second_output_is_left_out_and_that_output_keeps_its_shape():
+    # Was: only the first output was traced, so the group of `body` (whose channels are the features returned
+    # second) was pruned, and the features came back narrower than the user's code expects.
+    model = build(FeaturesToo)
+    report = shrink(model, pattern="channel", sparsity=0.5, example_inputs=images())
+    reasons = {g["name"]: g["excluded"] for g in report.groups}
+    assert reasons == {"stem": None, "body": "its channels are the model's output", "head": "not a target"}
+    assert model.stem.out_channels == 4 and model.body.out_channels == 16
+    assert tuple(model(images())[1].shape) == (4, 16) and report.equivalence.passed
+
+
 def test_embedding_and_positional_parameter_shrink_with_the_residual_stream():
     model = build(TRANSFORMERS["layernorm"])
     shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=tokens())

@@ -271,14 +271,17 @@ def test_gpt2_shrunk_by_channel_saves_and_loads(tmp_path):
         assert torch.equal(again(ids).logits, model(ids).logits)
 
 
-def test_a_group_whose_channels_are_the_output_is_left_out_saying_so():
+@pytest.mark.parametrize("pooler", [False, True])
+def test_a_group_whose_channels_are_the_output_is_left_out_saying_so(pooler):
     # A Hugging Face encoder returns its hidden states: the residual stream's group would change the output's
-    # shape. Was reported as "do not match their simulation (max difference inf)".
+    # shape. Was reported as "do not match their simulation (max difference inf)"; with BERT's pooler, which reads
+    # the hidden states outside the first output, as "shrinking it breaks the forward pass (mat1 and mat2 shapes
+    # cannot be multiplied)": only the first output was traced, so the pooler was no member of the group.
     config = transformers.BertConfig(
         vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
     )
     torch.manual_seed(0)
-    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    model = transformers.BertModel(config, add_pooling_layer=pooler).eval()
     ids = torch.randint(0, 60, (2, 10), generator=torch.Generator().manual_seed(1))
     report = regrow.prune(model, pattern="channel", sparsity=0.3, example_inputs=ids).structure
     reasons = {g["name"]: g["excluded"] for g in report.groups}
@@ -286,6 +289,9 @@ def test_a_group_whose_channels_are_the_output_is_left_out_saying_so():
         "its channels are the model's output: shrinking them changes the output's shape from (2, 10, 32) to (2, 10, 29)"
     )
     assert reasons["encoder.layer.0.intermediate.dense"] is None and report.equivalence.passed
+    if pooler:  # the pooler's own channels are the second output, pooler_output
+        assert reasons["pooler.dense"] == "its channels are the model's output"
+        assert tuple(model(ids).pooler_output.shape) == (2, 32)
 
 
 def test_phi3_fused_grouped_query_attention_is_refused_with_the_reason():

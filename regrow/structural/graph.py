@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 import torch_pruning as tp
-from torch import nn
+from torch import Tensor, nn
 from torch_pruning import ops
 from torch_pruning.dependency import shape_infer
+from torch_pruning.dependency.node import Node
 
-from regrow.batches import batch_size, forward
+from regrow.batches import all_outputs, batch_size
 from regrow.errors import RegrowError
 from regrow.select import is_transposed_linear
 from regrow.structural.attention import MultiheadAttention
@@ -183,11 +184,14 @@ class _DependencyGraph(tp.DependencyGraph):
     torch-pruning turned them off (feature_map_mappings), and the channel dimension of loose parameters over
     feature maps (parameter_channel_dims)."""
 
-    def __init__(self, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
+    def __init__(self, outputs: dict[tuple[Any, int], tuple[int, ...]], returned: list[Tensor]) -> None:
         super().__init__()
         self.traced_outputs = outputs  # filled by the tracing forward pass, which runs before _build_dependency
+        self.returned = returned  # the tensors the model returned, filled by the same pass
 
     def _build_dependency(self, module2node: Any) -> None:
+        _mark_outputs(module2node, self.returned[1:], self)
+        self.returned = []  # the graph keeps their autograd nodes, not the tensors
         super()._build_dependency(module2node)
         shape_infer.init_shape_information(self)  # split sizes, which the inference of channel counts reads
         feature_map_mappings(self, self.traced_outputs)
@@ -204,6 +208,26 @@ class _DependencyGraph(tp.DependencyGraph):
         return self
 
 
+def _mark_outputs(module2node: dict[Any, Node], returned: list[Tensor], dg: Any) -> None:
+    """Every tensor the model returned after the first gets an output node: torch-pruning adds one only where a
+    trace starts at an op it had not met, so a second output that is a layer's output or an intermediate of the
+    first (features returned beside the logits) was none, and a group whose channels reach it would change its
+    shape unnoticed (the checks compare the first output). Split and unbind results are left as they are (their
+    index mappings count their readers)."""
+    producers = {node.grad_fn: node for node in module2node.values() if node.grad_fn is not None}
+    for tensor in returned:
+        node = producers.get(tensor.grad_fn)
+        if node is None or node.type in (ops.OPTYPE.SPLIT, ops.OPTYPE.UNBIND):
+            continue
+        if any(isinstance(after.module, ops._OutputOp) for after in node.outputs):
+            continue
+        op = ops._OutputOp(dg._op_id, shape=tensor.shape)
+        dg._op_id += 1
+        module2node[op] = marker = Node(module=op, grad_fn=None)
+        marker.add_input(node)
+        node.add_output(marker)
+
+
 def _inside_attention(owner: str) -> str:
     return f"inside attention {owner!r}: its inner width shrinks only by whole heads (pattern 'head')"
 
@@ -217,16 +241,17 @@ class StructureGraph:
         was_training = model.training
         shapes = ShapeRecorder()  # the output shape of every op, for regrow's corrections of the mappings
         ran: list[bool] = []  # set once the forward pass returns: a later failure is torch-pruning's analysis
+        returned: list[Tensor] = []  # every tensor the model returned, traced from all of them
 
         def traced(m: nn.Module, x: Any) -> Any:
-            out = shapes.run(forward, m, x)
+            returned[:] = shapes.run(all_outputs, m, x)
             ran.append(True)
-            return out
+            return list(returned)
 
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch-pruning warns about loose parameters; regrow checks them
-                self.dg = _DependencyGraph(shapes.outputs).build_dependency(
+                self.dg = _DependencyGraph(shapes.outputs, returned).build_dependency(
                     model,
                     example_inputs=example_inputs,
                     forward_fn=traced,

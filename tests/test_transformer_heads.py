@@ -256,9 +256,14 @@ def test_gpt2_channels_prune_through_its_conv1d_layers():
         for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
             assert (layer.nx, layer.nf) == tuple(layer.weight.shape)
         assert block.attn.c_attn.nx == block.mlp.c_fc.nx == block.attn.c_proj.nf == block.mlp.c_proj.nf == hidden
-    with torch.no_grad():  # what the shrunk model computes is what the masked dense one does (report.equivalence)
+    # What the shrunk model computes is what the masked dense one does: report.equivalence, above. Here its
+    # key/value cache (the cat along dim -2 passed through): a step from the cache gives the uncached logits.
+    with torch.no_grad():
         assert model(ids).logits.shape == dense(ids).logits.shape
-    assert model.generate(ids[:, :4], max_new_tokens=3, do_sample=False).shape == (2, 7)  # with its cache
+        cached = model(ids[:, :6], use_cache=True)
+        step = model(ids[:, 6:7], past_key_values=cached.past_key_values, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(step, model(ids[:, :7]).logits[:, -1], rtol=1e-5, atol=1e-5)
+    assert model.generate(ids[:, :4], max_new_tokens=3, do_sample=False).shape == (2, 7)
 
 
 def test_gpt2_shrunk_by_channel_saves_and_loads(tmp_path):

@@ -161,7 +161,6 @@ def _interrupted_before(target: Path) -> None:
         )
 
 
-HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
 FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim", "word_embed_proj_dim")
 
@@ -199,7 +198,7 @@ def _uniform(values: set[int], what: str) -> int:
 def shrunk_config(model: nn.Module) -> Any:
     """A copy of the model's Hugging Face config stating the shrunk widths; a RegrowError saying why when the
     config cannot state them (checked by building the model class from it)."""
-    from regrow.structural.graph import find_attention
+    from regrow.structural.graph import HEAD_ATTRS, find_attention
     from regrow.structural.heads import head_group
 
     config = copy.deepcopy(model.config)
@@ -207,7 +206,7 @@ def shrunk_config(model: nn.Module) -> Any:
     attention = [g for g in attention if g.excluded is None]
     if attention:
         heads = _uniform({g.heads for g in attention}, "numbers of attention heads")
-        for key in HEAD_KEYS:
+        for key in HEAD_ATTRS:  # the configs' names for the head count are those of the attention modules
             if isinstance(getattr(config, key, None), int):
                 setattr(config, key, heads)
         if isinstance(getattr(config, "num_key_value_heads", None), int):

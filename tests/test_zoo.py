@@ -26,7 +26,7 @@ from conftest import import_timm
 from regrow.errors import RegrowError
 from regrow.structural import graph as graph_module
 from regrow.structural.budget import Unitized, select, take
-from regrow.structural.coupling import RunawayMapping, pruning_group, walk
+from regrow.structural.coupling import RunawayMapping, UnmappedOp, pruning_group, walk
 from regrow.structural.graph import StructureGraph, merge_cuts
 
 timm = import_timm()
@@ -182,6 +182,62 @@ def test_a_walk_whose_mappings_grow_without_end_stops_far_past_the_widest_dimens
     else:
         with pytest.raises(RunawayMapping, match=r"index 31 reached _Reshape_1\(\), 4 times past the widest .* \(4\)"):
             walk(dg, "layer", handler, [0, 1], widest=4)
+
+
+def test_a_walk_stops_at_an_op_whose_mapping_could_not_be_computed_and_names_the_error():
+    # Gemma 4's vision encoder and SHViT: torch-pruning's mapping of one op raised (IndexError, ZeroDivisionError)
+    # and ended the analysis of the whole model. Mappings are now computed op by op (tracing._each_mapping); an
+    # op that fails is kept in dg.unmapped, and only a walk that reaches it stops.
+    handler = object()
+    root, relu, cat, other = _Node("root"), _Node("relu"), _Node("_ConcatOp_7()"), _Node("other")
+    _edge(root, relu, handler)
+    _edge(relu, cat, handler)
+    _edge(other, relu, handler)
+    cause = IndexError("list index out of range")
+    dg = type("Graph", (), {"module2node": {"layer": root, "other": other}, "unmapped": {cat: cause}})()
+    with pytest.raises(UnmappedOp) as stopped:
+        walk(dg, "layer", handler, [0, 1])
+    assert stopped.value.cause is cause
+    dg.unmapped = {}
+    assert [d.target.name for d, _ in walk(dg, "layer", handler, [0, 1])] == ["root", "relu", "_ConcatOp_7()"]
+    assert [d.target.name for d, _ in walk(dg, "other", handler, [0])] == ["other", "relu", "_ConcatOp_7()"]
+
+
+class HalvesRotated(nn.Module):
+    """Queries rotated in two halves of the head dimension (a 2-D rotary embedding, Gemma 4's vision encoder):
+    the halves are split off the last dimension and each rotated with a slice and a concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.proj = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.fc1, self.fc2, self.head = nn.Linear(8, 32), nn.Linear(32, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        halves = []
+        for h in self.q(x).view(b, n, 2, 8).split([4, 4], dim=-1):
+            halves.append(h * 0.5 + torch.cat([-h[..., 2:], h[..., :2]], dim=-1) * 0.25)
+        x = x + self.proj(torch.cat(halves, dim=-1).reshape(b, n, 16))
+        x = x + self.fc2(self.fc1(x).relu())
+        return self.head(x.mean(1))
+
+
+def test_an_op_torch_pruning_cannot_map_leaves_out_its_groups_and_the_rest_prunes():
+    # Was: "torch-pruning could not follow the channels through this model's graph (IndexError: list index out of
+    # range, in torch-pruning's infer_out_channels_recursively)" for the whole model. torch-pruning reads the
+    # split along the last dim of (B, N, 2, 8) as a split of channels into two chunks of 4, but the split has six
+    # readers (each half is scaled and sliced twice), and counting the channels of each concatenation overruns
+    # that list.
+    torch.manual_seed(0)
+    model, x = HalvesRotated().eval(), torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    graph = StructureGraph(model, x)
+    assert sorted(type(e).__name__ for e in graph.dg.unmapped.values()) == ["IndexError"] * 3
+    assert {n.module.__class__.__name__ for n in graph.dg.unmapped} == {"_ConcatOp"}
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, example_inputs=x)
+    reasons = {g["name"]: g["excluded"] for g in report.groups}
+    assert reasons["fc1"] is None and model.fc1.out_features == 16 and report.equivalence.passed
+    assert reasons["q"].startswith("its channels could not be mapped through the graph (IndexError")
+    assert model.q.out_features == 16
 
 
 class LayerNorm2d(nn.LayerNorm):

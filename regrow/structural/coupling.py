@@ -62,6 +62,15 @@ class RunawayMapping(Exception):
     """An index mapping sent a channel index far past every dimension of the model's tensors (see :func:`walk`)."""
 
 
+class UnmappedOp(Exception):
+    """A walk reached an op whose index mapping torch-pruning could not compute: ``cause`` is its error
+    (regrow.structural.tracing.update_mappings)."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 SLACK = 4  # how far past the widest dimension an index may go before the walk stops (see walk)
 
 
@@ -101,7 +110,8 @@ def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int], widest: int | 
     tensor or parameter by a little on the way (up to 2x on timm's DPN, InceptionNeXt and EfficientFormerV2,
     whose groups prune). An index at ``SLACK`` times that width means the mappings do not fit the graph: the
     walk stops with :class:`RunawayMapping`, and the root's group is left out with the reason. The largest
-    index is sent through a dependency's mappings first, so a runaway stops before its next list is built.
+    index is sent through a dependency's mappings first, so a runaway stops before its next list is built. A walk
+    that reaches an op whose mapping torch-pruning could not compute stops with :class:`UnmappedOp`.
     """
     handler = _root_handler(root, handler)
     node = dg.module2node[root]
@@ -109,11 +119,14 @@ def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int], widest: int | 
     reached = [(start, [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs])]
     seen = {(node, handler): set(reached[0][1])}
     stack = list(reached)
+    unmapped = getattr(dg, "unmapped", {})
     while stack:
         dep, idxs = stack.pop()
         for new_dep in dep.target.dependencies:
             if not new_dep.is_triggered_by(dep.handler):
                 continue
+            if new_dep.target in unmapped:  # its indices cannot be mapped onwards: the group is left out
+                raise UnmappedOp(unmapped[new_dep.target])
             if widest is not None:
                 _bounded(new_dep, [max(idxs, key=lambda i: i.idx)], widest)  # before a runaway's list is built
             new = idxs

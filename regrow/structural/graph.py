@@ -21,13 +21,12 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch_pruning import ops
 from torch_pruning.dependency import shape_infer
-from torch_pruning.dependency.node import Node
 
 from regrow.batches import all_outputs, batch_size
 from regrow.errors import RegrowError
 from regrow.select import is_transposed_linear
 from regrow.structural.attention import MultiheadAttention
-from regrow.structural.coupling import Coupling, Walk, couple, member_groups, pruning_group, walk
+from regrow.structural.coupling import Coupling, UnmappedOp, Walk, couple, member_groups, pruning_group, walk
 from regrow.structural.pruners import customized_pruners, is_plain_norm
 from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
@@ -37,6 +36,7 @@ from regrow.structural.tracing import (
     feature_map_mappings,
     fill_concat_sizes,
     fill_split_sizes,
+    mark_outputs,
     parameter_channel_dims,
     refresh_mappings,
     update_mappings,
@@ -167,10 +167,8 @@ def _tracing_error(exc: Exception, ran: bool) -> RegrowError:
         where = _where(exc)
         return RegrowError(
             f"torch-pruning could not follow the channels through this model's graph ({type(exc).__name__}: "
-            f"{exc}, in {where}); the model ran, but channel pruning cannot group its layers (a known case: a "
-            "channel shuffle, a reshape that interleaves channel groups, written other than in torchvision's "
-            "ShuffleNetV2 block, which regrow swaps for its own). Use pattern 'unstructured' or '2:4', or pattern "
-            "'head' for attention heads."
+            f"{exc}, in {where}); the model ran, but channel pruning cannot group its layers. Use pattern "
+            "'unstructured' or '2:4', or pattern 'head' for attention heads."
         )
     return RegrowError(
         f"the model could not be traced for structural pruning ({type(exc).__name__}: {exc}); it must run on the "
@@ -190,7 +188,7 @@ class _DependencyGraph(tp.DependencyGraph):
         self.returned = returned  # the tensors the model returned, filled by the same pass
 
     def _build_dependency(self, module2node: Any) -> None:
-        _mark_outputs(module2node, self.returned[1:], self)
+        mark_outputs(module2node, self.returned[1:], self)
         self.returned = []  # the graph keeps their autograd nodes, not the tensors
         super()._build_dependency(module2node)
         shape_infer.init_shape_information(self)  # split sizes, which the inference of channel counts reads
@@ -199,33 +197,21 @@ class _DependencyGraph(tp.DependencyGraph):
         fill_concat_sizes(self, self.traced_outputs)
         concats_past_channels(self, self.traced_outputs)
         parameter_channel_dims(self)
+        self.built = True
 
     def build_dependency(self, *args: Any, **kwargs: Any) -> _DependencyGraph:
-        super().build_dependency(*args, **kwargs)
+        self.built = False
+        try:
+            super().build_dependency(*args, **kwargs)
+        except Exception:
+            if not self.built:
+                raise
+            # Raised in torch-pruning's last step, its index mappings over the whole graph: regrow computes them
+            # again op by op (refresh_mappings), and leaves out the groups that pass through an op that fails.
         # torch-pruning inferred the widths again after the above; StructureGraph then maps through them
         # (refresh_mappings)
         fill_split_sizes(self, self.traced_outputs)
         return self
-
-
-def _mark_outputs(module2node: dict[Any, Node], returned: list[Tensor], dg: Any) -> None:
-    """Every tensor the model returned after the first gets an output node: torch-pruning adds one only where a
-    trace starts at an op it had not met, so a second output that is a layer's output or an intermediate of the
-    first (features returned beside the logits) was none, and a group whose channels reach it would change its
-    shape unnoticed (the checks compare the first output). Split and unbind results are left as they are (their
-    index mappings count their readers)."""
-    producers = {node.grad_fn: node for node in module2node.values() if node.grad_fn is not None}
-    for tensor in returned:
-        node = producers.get(tensor.grad_fn)
-        if node is None or node.type in (ops.OPTYPE.SPLIT, ops.OPTYPE.UNBIND):
-            continue
-        if any(isinstance(after.module, ops._OutputOp) for after in node.outputs):
-            continue
-        op = ops._OutputOp(dg._op_id, shape=tensor.shape)
-        dg._op_id += 1
-        module2node[op] = marker = Node(module=op, grad_fn=None)
-        marker.add_input(node)
-        node.add_output(marker)
 
 
 def _inside_attention(owner: str) -> str:
@@ -403,6 +389,7 @@ class StructureGraph:
         elif owner is not None:
             reason = _inside_attention(owner)
         else:
+            exc = exc.cause if isinstance(exc, UnmappedOp) else exc
             reason = (
                 f"its channels could not be mapped through the graph ({type(exc).__name__}: {exc}, in "
                 f"{_where(exc, regrow=True)})"

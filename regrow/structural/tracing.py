@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch_pruning import _helpers, ops
 from torch_pruning.dependency import index_mapping, shape_infer
+from torch_pruning.dependency.node import Node
 
 
 class ShapeRecorder(TorchFunctionMode):
@@ -74,7 +75,12 @@ class TiledIndexMapping:
 
 
 def _channels_in(dg: Any, node: Any) -> int | None:
-    return shape_infer.infer_out_channels_recursively(dg, node.inputs[0], [0]) if node.inputs else None
+    """torch-pruning's count of the channels ``node`` reads, None where it has none or its inference fails (a
+    split whose chunk widths it read off another dimension than its consumers: Gemma 4's 2-D rotary embedding)."""
+    try:
+        return shape_infer.infer_out_channels_recursively(dg, node.inputs[0], [0]) if node.inputs else None
+    except (IndexError, ZeroDivisionError, TypeError):
+        return None
 
 
 def _stale_edges(node: Any) -> list[Any]:
@@ -244,6 +250,26 @@ def feature_map_mappings(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]
             node.enable_index_mapping = True
 
 
+def mark_outputs(module2node: dict[Any, Any], returned: list[Tensor], dg: Any) -> None:
+    """Every tensor the model returned after the first gets an output node: torch-pruning adds one only where a
+    trace starts at an op it had not met, so a second output that is a layer's output or an intermediate of the
+    first (features returned beside the logits) was none, and a group whose channels reach it would change its
+    shape unnoticed (the checks compare the first output). Split and unbind results are left as they are (their
+    index mappings count their readers)."""
+    producers = {node.grad_fn: node for node in module2node.values() if node.grad_fn is not None}
+    for tensor in returned:
+        node = producers.get(tensor.grad_fn)
+        if node is None or node.type in (ops.OPTYPE.SPLIT, ops.OPTYPE.UNBIND):
+            continue
+        if any(isinstance(after.module, ops._OutputOp) for after in node.outputs):
+            continue
+        op = ops._OutputOp(dg._op_id, shape=tensor.shape)
+        dg._op_id += 1
+        module2node[op] = marker = Node(module=op, grad_fn=None)
+        marker.add_input(node)
+        node.add_output(marker)
+
+
 def fill_split_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
     """The chunk widths of each split along the channels, read from the traced shapes, and which chunk each of
     its consumers reads.
@@ -382,8 +408,36 @@ def parameter_channel_dims(dg: Any) -> None:
             node.pruning_dim = dims[0]
 
 
+_MAPPINGS = {  # torch-pruning's update_index_mapping, op by op
+    ops.OPTYPE.CONCAT: index_mapping.update_concat_index_mapping,
+    ops.OPTYPE.SPLIT: index_mapping.update_split_index_mapping,
+    ops.OPTYPE.RESHAPE: index_mapping.update_reshape_index_mapping,
+    ops.OPTYPE.UNBIND: index_mapping.update_unbind_index_mapping,
+    ops.OPTYPE.EXPAND: index_mapping.update_expand_index_mapping,
+    ops.OPTYPE.SLICE: index_mapping.update_slice_index_mapping,
+}
+
+
+def _each_mapping(dg: Any) -> None:
+    """torch-pruning's ``update_index_mapping``, one op at a time: an op whose mapping raises is kept in
+    ``dg.unmapped`` (node -> the error) instead of ending the analysis of the whole model, and a walk that reaches
+    it stops there (regrow.structural.coupling.walk), so only the groups whose channels pass through it are left
+    out. Gemma 4's vision encoder (a 2-D rotary embedding: the head dimension split in halves and rotated with
+    ``cat(dim=-1)``, read as channels) and SHViT (a reshape, ``ZeroDivisionError``) failed as a whole that way."""
+    dg.unmapped = {}
+    for node in list(dg.module2node.values()):
+        update = _MAPPINGS.get(node.type)
+        if update is None:
+            continue
+        try:
+            update(dg, node)
+        except Exception as exc:  # noqa: BLE001 - torch-pruning's mapping of this op failed; the walks say so
+            dg.unmapped[node] = exc
+
+
 def update_mappings(dg: Any) -> None:
-    """torch-pruning's ``update_index_mapping``, with each split's edges mapped to the chunk each consumer reads
+    """torch-pruning's ``update_index_mapping`` (op by op, :func:`_each_mapping`), with each split's edges mapped
+    to the chunk each consumer reads
     (:func:`_split_mappings`) and the order of the two mappings fixed on the edge from a concatenation back to a
     split whose chunk it reads directly.
 
@@ -394,7 +448,7 @@ def update_mappings(dg: Any) -> None:
     ShuffleNet block's first chunk) the two orders agree; Res2Net's last chunk, concatenated fourth, sent the
     channels of the first three inputs back to the split's first chunk.
     """
-    index_mapping.update_index_mapping(dg)
+    _each_mapping(dg)
     _split_mappings(dg)
     for node in dg.module2node.values():
         if node.type != ops.OPTYPE.CONCAT:

@@ -28,6 +28,7 @@ from regrow.structural import graph as graph_module
 from regrow.structural.budget import Unitized, select, take
 from regrow.structural.coupling import RunawayMapping, UnmappedOp, pruning_group, walk
 from regrow.structural.graph import StructureGraph, merge_cuts
+from regrow.structural.heads import _projection_paths
 
 timm = import_timm()
 
@@ -54,6 +55,11 @@ FAMILIES = {
     "cspnext": ("cspnext_tiny", {}, 64),  # two branches concatenated, then gated by channel attention
     "gcvit": ("gcvit_xxtiny", {"img_size": 64, "window_size": (2, 2, 2, 2)}, 64),  # a global query, broadcast
     "maxvit": ("maxvit_pico_rw_256", {"img_size": 64}, 64),  # MBConv, then block and grid attention by hand
+    "gemma4_vit": (  # Gemma 4's vision encoder: projections wrapped in clamps, 2-D rotary embedding, gated MLP
+        "gemma4_vit_167m",
+        {"depth": 2, "embed_dim": 64, "num_heads": 4, "head_dim": 16, "intermediate_size": 128},
+        64,
+    ),
     "swin": (  # windowed attention with shifts, relative position bias, patch merging
         "swin_tiny_patch4_window7_224",
         {"img_size": 64, "window_size": 4, "depths": (2, 2, 2, 2), "embed_dim": 32, "num_heads": (1, 2, 4, 8)},
@@ -449,6 +455,42 @@ def test_swin_loses_whole_heads_with_their_relative_position_bias():
     assert attn.relative_position_bias_table.shape == (7 * 7, 2)
     with torch.no_grad():
         assert model(x).shape == (2, 10)
+
+
+def test_gemma4_vision_attention_loses_whole_heads_through_its_wrapped_projections():
+    # Was: "no q/k/v or fused qkv Linear projections found" (each projection is a Gemma4ClippableLinear: a Linear
+    # between optional clamps); then the key/value views kept the old num_kv_heads.
+    model, x = build("gemma4_vit")
+    report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and not [g for g in report.groups if g["excluded"]]
+    for block in model.encoder.blocks:
+        attn = block.attn
+        assert (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (2, 2, 16)
+        assert attn.q_proj.linear.out_features == attn.v_proj.linear.out_features == attn.o_proj.linear.in_features
+        assert attn.q_proj.linear.out_features == 32
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)
+
+
+def test_a_projection_is_found_through_a_module_that_only_wraps_it():
+    class Clamped(nn.Module):  # a Linear between clamps: no parameters of its own
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear, self.drop = nn.Linear(4, 4), nn.Dropout(0.0)
+
+    class Adapted(nn.Module):  # a low-rank adapter beside its Linear: two layers with weights, not a wrapper
+        def __init__(self) -> None:
+            super().__init__()
+            self.base, self.lora_a = nn.Linear(4, 4), nn.Linear(4, 1)
+
+    class Scaled(Clamped):  # a parameter of its own
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))
+
+    attn = nn.Module()
+    attn.q, attn.k, attn.v, attn.proj, attn.norm = Clamped(), nn.Linear(4, 4), Adapted(), Scaled(), nn.LayerNorm(4)
+    assert _projection_paths(attn) == {"q": "q.linear", "k": "k"}
 
 
 class HalfBlock(nn.Module):

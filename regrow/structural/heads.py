@@ -134,7 +134,7 @@ class HeadGroup:
         for attr, value in list(vars(module).items()):
             if attr in HEAD_ATTRS and isinstance(value, int):
                 setattr(module, attr, value - len(queries))
-            elif attr == "num_key_value_heads" and isinstance(value, int):
+            elif attr in ("num_key_value_heads", "num_kv_heads") and isinstance(value, int):
                 setattr(module, attr, value - len(removed))
             elif isinstance(value, int) and not isinstance(value, bool) and value == old_inner and _width(attr):
                 setattr(module, attr, len(keep))
@@ -205,11 +205,12 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
             {"q": full("q_proj"), "k": full("k_proj"), "v": full("v_proj"), "out": full("out_proj")},
         )
     declared = head_count(module)
-    children = {n: m for n, m in module.named_children() if isinstance(m, nn.Linear) or is_transposed_linear(m)}
+    paths = _projection_paths(module)
+    children = {n: module.get_submodule(path) for n, path in paths.items()}
     projections: dict[str, str] = {}
     fused = next((n for n in FUSED if n in children), None)
     if fused is not None:
-        projections["qkv"] = full(fused)
+        projections["qkv"] = full(paths[fused])
         groups = getattr(module, "num_key_value_groups", 1)
         if isinstance(groups, int) and groups > 1:  # Phi-3: q, k and v of different widths in one projection
             reason = f"its fused q/k/v projection holds grouped-query attention ({groups} query heads a key/value head)"
@@ -219,20 +220,19 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
         names = next((trio for trio in SEPARATE if all(n in children for n in trio)), None)
         if names is None:
             return HeadGroup(name, declared or 0, 0, {}, excluded="no q/k/v or fused qkv Linear projections found")
-        projections.update({role: full(n) for role, n in zip(("q", "k", "v"), names, strict=True)})
+        projections.update({role: full(paths[n]) for role, n in zip(("q", "k", "v"), names, strict=True)})
         inner, kv_inner, v_inner = (_out_features(children[n]) for n in names)
         if kv_inner != v_inner:
             return HeadGroup(name, declared or 0, 0, projections, excluded="k and v have different widths")
     head_dim = getattr(module, "head_dim", None)
     heads = declared or (inner // head_dim if isinstance(head_dim, int) and head_dim > 0 else 0)
-    out_name = _output_projection(name, children, model)
+    out_name = _output_projection(name, paths, model)
     if out_name is None:
         return HeadGroup(name, heads, 0, projections, excluded="no output projection Linear found")
     projections["out"] = out_name
     prefix = f"{name}." if name else ""
-    out_layer = children.get(out_name[len(prefix) :]) if out_name.startswith(prefix) else None
-    if out_layer is None and model is not None:
-        out_layer = model.get_submodule(out_name)
+    inside = out_name[len(prefix) :] if out_name.startswith(prefix) else None
+    out_layer = module.get_submodule(inside) if inside in paths.values() else model.get_submodule(out_name)
     if not heads or inner % heads or _in_features(out_layer) != inner:
         return HeadGroup(name, heads, 0, projections, excluded=f"inner width {inner} does not fit {heads} heads")
     head_dim = inner // heads
@@ -243,11 +243,26 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     return HeadGroup(name, heads, head_dim, projections, kv_group=heads // kv_heads)
 
 
-def _output_projection(name: str, children: dict[str, nn.Module], model: nn.Module | None) -> str | None:
-    """The output projection: a child of the attention module, or — Hugging Face BERT layout — ``output.dense``
-    of its parent."""
+def _projection_paths(module: nn.Module) -> dict[str, str]:
+    """The attention's Linear (or Hugging Face ``Conv1D``) children by name, with their paths below it: the child
+    itself, or the one Linear inside a child that only wraps it (no parameters of its own or in another child:
+    timm's ``Gemma4ClippableLinear``, a Linear between optional clamps)."""
+    paths = {}
+    for n, child in module.named_children():
+        if isinstance(child, nn.Linear) or is_transposed_linear(child):
+            paths[n] = n
+        elif not list(child.parameters(recurse=False)):
+            held = [(c, m) for c, m in child.named_children() if list(m.parameters())]
+            if len(held) == 1 and isinstance(held[0][1], nn.Linear):
+                paths[n] = f"{n}.{held[0][0]}"
+    return paths
+
+
+def _output_projection(name: str, paths: dict[str, str], model: nn.Module | None) -> str | None:
+    """The output projection: a child of the attention module (``paths``: :func:`_projection_paths`), or —
+    Hugging Face BERT layout — ``output.dense`` of its parent."""
     full = f"{name}." if name else ""
-    out_name = next((full + n for n in OUTPUT if n in children), None)
+    out_name = next((full + paths[n] for n in OUTPUT if n in paths), None)
     if out_name is None and model is not None and "." in name:
         sibling = f"{name.rpartition('.')[0]}.output.dense"
         try:

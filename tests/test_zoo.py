@@ -246,6 +246,42 @@ def test_an_op_torch_pruning_cannot_map_leaves_out_its_groups_and_the_rest_prune
     assert model.q.out_features == 16
 
 
+class FunctionalQkv(nn.Module):
+    """timm's BEiT, EVA and Swin V2 attention: the qkv Linear's weight applied with ``F.linear`` and a bias made of
+    loose parameters (q and v biases, a zero key bias); here the output is reshaped with -1, so the stream can
+    shrink."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.qkv = nn.Linear(6, 16), nn.Linear(16, 48, bias=False)
+        self.proj, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(16)), nn.Parameter(torch.randn(16))
+        self.register_buffer("k_bias", torch.zeros(16), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        b, n, _ = x.shape
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = F.linear(x, weight=self.qkv.weight, bias=bias).reshape(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = x + self.proj(((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1))
+        return self.head(x.mean(1))
+
+
+def test_a_linear_whose_weight_is_applied_functionally_is_traced_as_the_layer():
+    # Was: the trace saw qkv.weight as a loose weight in a matrix product and passed the stream's channels through
+    # it to qkv's outputs and biases; shrinking the stream then failed ("mat1 and mat2 shapes cannot be multiplied"),
+    # and on BEiT the stream's group reached the attention's per-head bias table (index 767 of a dimension of 12).
+    torch.manual_seed(0)
+    model, x = FunctionalQkv().eval(), torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(1))
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, example_inputs=x)
+    stream = next(g for g in report.groups if g["name"] == "embed")
+    assert stream["excluded"] is None and "qkv (Linear, in)" in stream["members"]
+    assert not any("bias" in m for m in stream["members"]) and report.equivalence.passed
+    assert model.embed.out_features == model.qkv.in_features == model.proj.out_features == 8
+    assert not model.qkv._forward_hooks and not model.qkv._forward_pre_hooks  # the trace's hooks are gone
+
+
 class LayerNorm2d(nn.LayerNorm):
     """timm's LayerNorm2d: LayerNorm over the channels of an NCHW tensor."""
 

@@ -225,7 +225,7 @@ class StructureGraph:
     def __init__(self, model: nn.Module, example_inputs: Any) -> None:
         self.model = model
         was_training = model.training
-        shapes = ShapeRecorder()  # the output shape of every op, for regrow's corrections of the mappings
+        shapes = ShapeRecorder(model)  # the output shape of every op, for regrow's corrections of the mappings
         ran: list[bool] = []  # set once the forward pass returns: a later failure is torch-pruning's analysis
         returned: list[Tensor] = []  # every tensor the model returned, traced from all of them
 

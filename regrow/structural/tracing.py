@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch_pruning import _helpers, ops
 from torch_pruning.dependency import index_mapping, shape_infer
@@ -36,25 +37,64 @@ from torch_pruning.dependency.node import Node
 
 class ShapeRecorder(TorchFunctionMode):
     """Records the shape of every tensor a forward pass produces: ``shapes`` by its autograd node (single
-    results), ``outputs`` by ``(node, output number)`` (every result, those of a split or chunk included)."""
+    results), ``outputs`` by ``(node, output number)`` (every result, those of a split or chunk included).
 
-    def __init__(self) -> None:
+    A Linear of ``model`` whose weight the forward pass uses functionally, ``F.linear(x, self.qkv.weight, bias)``
+    (timm's BEiT, EVA and Swin V2 attention, which add a bias of their own), is run as the module instead, plus
+    that bias: the trace then sees the layer, where it saw a loose weight in a matrix product and passed the
+    channels of its input straight through it to its output (BEiT's residual stream reached the attention's
+    per-head bias table). Same result; only while tracing."""
+
+    def __init__(self, model: nn.Module | None = None) -> None:
         super().__init__()
         self.shapes: dict[Any, tuple[int, ...]] = {}
         self.outputs: dict[tuple[Any, int], tuple[int, ...]] = {}
+        self.linears = {id(m.weight): m for m in (model.modules() if model else ()) if isinstance(m, nn.Linear)}
+        self.running: set[nn.Module] = set()  # the Linear modules whose own forward runs now
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        out = self._as_module(args, kwargs) if func is F.linear else None
+        if out is None:
+            out = func(*args, **(kwargs or {}))
+        self._record(out)
+        return out
+
+    def _record(self, out: Any) -> None:
         if isinstance(out, Tensor) and out.grad_fn is not None:
             self.shapes.setdefault(out.grad_fn, tuple(out.shape))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, Tensor) and t.grad_fn is not None:
                 self.outputs.setdefault((t.grad_fn, t.output_nr), tuple(t.shape))
-        return out
+
+    def _as_module(self, args: Any, kwargs: Any) -> Tensor | None:
+        """``F.linear`` on a Linear's own weight outside its forward, run as that module (and the bias given)."""
+        given = {**dict(zip(("input", "weight", "bias"), args, strict=False)), **(kwargs or {})}
+        layer = self.linears.get(id(given.get("weight")))
+        if layer is None or layer.weight is not given["weight"] or layer in self.running:
+            return None
+        bias = given.get("bias")
+        if layer.bias is not None and bias is not layer.bias:
+            return None  # its own bias would be added too
+        out = layer(given["input"])
+        self._record(out)
+        return out if bias is None or bias is layer.bias else out + bias
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        with self:
-            return fn(*args)
+        handles = [
+            h
+            for layer in {id(m): m for m in self.linears.values()}.values()
+            for h in (
+                layer.register_forward_pre_hook(lambda m, a: self.running.add(m)),
+                layer.register_forward_hook(lambda m, a, o: self.running.discard(m)),
+            )
+        ]
+        try:
+            with self:
+                return fn(*args)
+        finally:
+            for h in handles:
+                h.remove()
+            self.running.clear()
 
 
 class TiledIndexMapping:

@@ -236,6 +236,13 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     if not heads or inner % heads or _in_features(out_layer) != inner:
         return HeadGroup(name, heads, 0, projections, excluded=f"inner width {inner} does not fit {heads} heads")
     head_dim = inner // heads
+    across = _norm_across_heads(module, paths, (inner, kv_inner), head_dim)
+    if across is not None:
+        reason = (
+            f"its norm {across!r} normalises the queries or keys of all heads together: removing heads would change "
+            "how the others are normalised"
+        )
+        return HeadGroup(name, heads, head_dim, projections, excluded=reason)
     kv_heads = kv_inner // head_dim
     if kv_inner % head_dim or not kv_heads or heads % kv_heads:
         reason = f"{heads} query heads cannot share {kv_inner / head_dim:g} key/value heads evenly"
@@ -256,6 +263,18 @@ def _projection_paths(module: nn.Module) -> dict[str, str]:
             if len(held) == 1 and isinstance(held[0][1], nn.Linear):
                 paths[n] = f"{n}.{held[0][0]}"
     return paths
+
+
+def _norm_across_heads(module: nn.Module, paths: dict[str, str], widths: tuple[int, ...], head_dim: int) -> str | None:
+    """A norm child of the attention whose weight spans a projection's whole width, several heads (OLMo2's
+    ``q_norm`` and ``k_norm`` before the view into heads), not one head's (Qwen3's, Gemma 3's)."""
+    for n, child in module.named_children():
+        weight = getattr(child, "weight", None)
+        if n in paths or "norm" not in f"{n} {type(child).__name__}".lower() or not isinstance(weight, Tensor):
+            continue
+        if weight.dim() == 1 and weight.numel() in widths and weight.numel() != head_dim:
+            return n
+    return None
 
 
 def _output_projection(name: str, paths: dict[str, str], model: nn.Module | None) -> str | None:

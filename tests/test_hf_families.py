@@ -85,6 +85,24 @@ def test_each_family_loses_whole_heads(name):
     assert report.equivalence.passed and report.equivalence.scale > 0 and report.units_removed > 0
 
 
+def test_heads_whose_queries_carry_a_gate_go_whole_with_it():
+    # Qwen3.5 (and Qwen3-Next): q_proj holds each head's query and an output gate side by side, twice the
+    # attention's width; was refused as "inner width 64 does not fit 8 heads". Its other layers are linear
+    # attention (Gated DeltaNet), which have no heads to regrow.
+    config = transformers.Qwen3_5TextConfig(
+        **LLAMA_LIKE | {"num_hidden_layers": 4}, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_num_key_heads=2, linear_num_value_heads=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Qwen3_5ForCausalLM(config).eval()
+    attn = model.model.layers[3].self_attn
+    assert attn.q_proj.out_features == 2 * attn.o_proj.in_features == 64
+    report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=IDS).structure
+    assert report.equivalence.passed and report.equivalence.scale > 0 and report.units_removed == 1
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.o_proj.in_features) == (32, 8, 16)
+    assert model.generate(IDS[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 7)
+
+
 def test_heads_normalised_together_are_refused_with_the_reason():
     # OLMo2 normalises q and k over all heads at once (q_norm, k_norm of the projections' width, before the view
     # into heads): without a head the others' statistics change. Was reported as "shrinking it breaks the forward

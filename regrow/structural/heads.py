@@ -61,6 +61,7 @@ class HeadGroup:
     projections: dict[str, str]  # role -> child name: "q"/"k"/"v" or "qkv", and "out"
     excluded: str | None = None
     kv_group: int = 1  # query heads per key/value head
+    q_rows: int = 1  # rows of q per head, in head sizes: 2 where each head's query has a gate beside it
 
     @property
     def units(self) -> int:
@@ -99,7 +100,7 @@ class HeadGroup:
         if "qkv" in self.projections:
             per_query += stat(self._child(model, "qkv")).view(3, self.heads, self.head_dim, -1).sum(dim=(0, 2, 3))
         else:
-            per_query += stat(self._child(model, "q")).view(self.heads, self.head_dim, -1).sum(dim=(1, 2))
+            per_query += stat(self._child(model, "q")).view(self.heads, -1).sum(dim=1)
             for role in ("k", "v"):
                 per_unit += stat(self._child(model, role)).view(self.units, self.head_dim, -1).sum(dim=(1, 2))
         w = stat(self._child(model, "out"))
@@ -123,7 +124,7 @@ class HeadGroup:
             keep_rows(qkv, self._rows(queries, 3, qkv.weight.device))
         else:
             q = self._child(model, "q")
-            keep_rows(q, self._rows(queries, 1, q.weight.device))
+            keep_rows(q, keep_index(self.heads, self.q_rows * self.head_dim, queries, q.weight.device))
             for role in ("k", "v"):
                 layer = self._child(model, role)
                 keep_rows(layer, keep_index(self.units, self.head_dim, removed, layer.weight.device))
@@ -225,14 +226,18 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
         if kv_inner != v_inner:
             return HeadGroup(name, declared or 0, 0, projections, excluded="k and v have different widths")
     head_dim = getattr(module, "head_dim", None)
-    heads = declared or (inner // head_dim if isinstance(head_dim, int) and head_dim > 0 else 0)
+    head_dim = head_dim if isinstance(head_dim, int) and head_dim > 0 else None
     out_name = _output_projection(name, paths, model)
     if out_name is None:
-        return HeadGroup(name, heads, 0, projections, excluded="no output projection Linear found")
+        return HeadGroup(name, declared or 0, 0, projections, excluded="no output projection Linear found")
     projections["out"] = out_name
     prefix = f"{name}." if name else ""
     inside = out_name[len(prefix) :] if out_name.startswith(prefix) else None
     out_layer = module.get_submodule(inside) if inside in paths.values() else model.get_submodule(out_name)
+    q_rows = 1
+    if fused is None and head_dim and inner == 2 * _in_features(out_layer) and inner % (2 * head_dim) == 0:
+        q_rows, inner = 2, inner // 2  # each head's query with a gate beside it (Qwen3-Next, Qwen3.5)
+    heads = declared or (inner // head_dim if head_dim else 0)
     if not heads or inner % heads or _in_features(out_layer) != inner:
         return HeadGroup(name, heads, 0, projections, excluded=f"inner width {inner} does not fit {heads} heads")
     head_dim = inner // heads
@@ -247,7 +252,7 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     if kv_inner % head_dim or not kv_heads or heads % kv_heads:
         reason = f"{heads} query heads cannot share {kv_inner / head_dim:g} key/value heads evenly"
         return HeadGroup(name, heads, head_dim, projections, excluded=reason)
-    return HeadGroup(name, heads, head_dim, projections, kv_group=heads // kv_heads)
+    return HeadGroup(name, heads, head_dim, projections, kv_group=heads // kv_heads, q_rows=q_rows)
 
 
 def _projection_paths(module: nn.Module) -> dict[str, str]:

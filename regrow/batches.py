@@ -8,7 +8,7 @@ plain lists of batches both qualify.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -70,25 +70,25 @@ def output_tensor(out: Any) -> Tensor:
     )
 
 
+def tensors(x: Any) -> Iterator[Tensor]:
+    """Every tensor in ``x``: itself, or nested in tuples, lists and dicts (a Hugging Face output is one)."""
+    if isinstance(x, Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from tensors(v)
+
+
 def all_outputs(model: nn.Module, inputs: Any) -> list[Tensor]:
-    """Call the model on ``inputs`` and return every tensor it returned that autograd records (nested in tuples,
-    lists and mappings, a Hugging Face output's among them), the one :func:`forward` reads first: tracing from all
-    of them finds every layer that reads a group's channels, a BERT pooler beside the hidden states included."""
+    """Call the model on ``inputs`` and return every tensor it returned that autograd records, the one
+    :func:`forward` reads first: tracing from all of them finds every layer that reads a group's channels, a BERT
+    pooler beside the hidden states included."""
     out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    first, found = output_tensor(out), []
-
-    def visit(x: Any) -> None:
-        if isinstance(x, Tensor):
-            found.append(x)
-        elif isinstance(x, (tuple, list)):
-            for v in x:
-                visit(v)
-        elif isinstance(x, Mapping):
-            for v in x.values():
-                visit(v)
-
-    visit(out)
-    return [first, *(t for t in found if t is not first and t.grad_fn is not None)]
+    first = output_tensor(out)
+    return [first, *(t for t in tensors(out) if t is not first and t.grad_fn is not None)]
 
 
 def batch_size(inputs: Any) -> int:

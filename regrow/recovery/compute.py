@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 import regrow.distributed as distributed
-from regrow.batches import to_device, unpack
+from regrow.batches import tensors, to_device, unpack
 from regrow.errors import RegrowError
 from regrow.objectives import Scored
 
@@ -180,17 +180,6 @@ def _pinned(x: Any) -> Any:
     return x
 
 
-def _tensors(x: Any) -> Iterator[Tensor]:
-    if isinstance(x, Tensor):
-        yield x
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _tensors(v)
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _tensors(v)
-
-
 def on_device(batches: Iterable[Any], device: torch.device) -> Iterator[tuple[Any, Any]]:
     """``(inputs, targets)`` of each batch on ``device``; on CUDA copied one batch ahead on a side stream.
 
@@ -219,7 +208,7 @@ def on_device(batches: Iterable[Any], device: torch.device) -> Iterator[tuple[An
 def _arrived(batch: tuple[Any, Any], stream: torch.cuda.Stream) -> tuple[Any, Any]:
     current = torch.cuda.current_stream(stream.device)
     current.wait_stream(stream)
-    for t in _tensors(batch):
+    for t in tensors(batch):
         t.record_stream(current)
     return batch
 

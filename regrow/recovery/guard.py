@@ -38,13 +38,13 @@ import logging
 import math
 import statistics
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from regrow.batches import tensors
 from regrow.errors import RegrowError
 
 log = logging.getLogger("regrow")
@@ -53,22 +53,9 @@ WINDOW = 20  # the reference is the median of this many last accepted step losse
 READ_EVERY = 50  # off the CPU, steps between reads of the step losses (one host sync each)
 
 
-def _floating(x: Any) -> Iterator[Tensor]:
-    """The floating-point tensors of a batch's inputs (a tensor, or a dict / list / tuple of them)."""
-    if isinstance(x, Tensor):
-        if x.is_floating_point() or x.is_complex():
-            yield x
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _floating(v)
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _floating(v)
-
-
 def all_finite(x: Any) -> Tensor | None:
     """Whether every floating-point value of ``x`` is finite, as a boolean tensor on its device (None: none)."""
-    flags = [torch.isfinite(t).all() for t in _floating(x)]
+    flags = [torch.isfinite(t).all() for t in tensors(x) if t.is_floating_point() or t.is_complex()]
     if not flags:
         return None
     return flags[0] if len(flags) == 1 else torch.stack(flags).all()

@@ -82,7 +82,7 @@ class ShapeRecorder(TorchFunctionMode):
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         handles = [
             h
-            for layer in {id(m): m for m in self.linears.values()}.values()
+            for layer in self.linears.values()
             for h in (
                 layer.register_forward_pre_hook(lambda m, a: self.running.add(m)),
                 layer.register_forward_hook(lambda m, a, o: self.running.discard(m)),

@@ -60,6 +60,15 @@ FAMILIES = {
         {"depth": 2, "embed_dim": 64, "num_heads": 4, "head_dim": 16, "intermediate_size": 128},
         64,
     ),
+    # attention that merges its heads with its input's width (regrow.structural.timm_attention's stand-ins):
+    "eva_dinov3": ("vit_small_patch16_dinov3", {"img_size": 32, "depth": 2}, 32),  # rotary, register tokens
+    "beit": ("beit_base_patch16_224", {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 4}, 32),
+    "swinv2": (  # cosine attention, continuous position bias, post-norm blocks
+        "swinv2_tiny_window8_256",
+        {"img_size": 64, "window_size": 4, "depths": (2, 2, 2, 2), "embed_dim": 32, "num_heads": (1, 2, 4, 8)},
+        64,
+    ),
+    "vit_relpos": ("vit_srelpos_small_patch16_224", {"img_size": 32, "depth": 2}, 32),  # shared relative bias
     "swin": (  # windowed attention with shifts, relative position bias, patch merging
         "swin_tiny_patch4_window7_224",
         {"img_size": 64, "window_size": 4, "depths": (2, 2, 2, 2), "embed_dim": 32, "num_heads": (1, 2, 4, 8)},

@@ -36,7 +36,7 @@ def _structure(spec: dict[str, Any]) -> list[str]:
         )
     if structure.get("standins"):
         out.append(
-            "torchvision modules replaced by regrow's stand-ins, which compute the same outputs with "
+            "torchvision or timm modules replaced by regrow's stand-ins, which compute the same outputs with "
             f"layers channel pruning can follow, at: {', '.join(f'`{n}`' for n in structure['standins'])} "
             "(arch.json records it)."
         )

@@ -3,8 +3,10 @@
 ``shrink`` is what ``regrow.prune(model, pattern="channel" | "head" | "channel+head", ...)`` runs:
 
 1. every ``nn.MultiheadAttention`` is swapped for regrow's equivalent with prunable heads, and torchvision's
-   Swin and MaxViT attention, Swin's patch merging and ShuffleNetV2's block for stand-ins that channel
-   pruning can follow (regrow.structural.standins);
+   Swin and MaxViT attention, Swin's patch merging, ShuffleNetV2's block and timm's attention modules that
+   merge their heads with their input's width (EVA, BEiT, Swin V2, relative-position ViT) for stand-ins that
+   channel pruning can follow, each compared with its original on the example batch
+   (regrow.structural.standins);
 2. the coupled groups are found (channels: torch-pruning's dependency graph, with regrow's corrections for
    channels-last layouts and its units of channels that can only go together; heads: attention modules);
 3. the groups are probed: a few units of each are removed on a copy and checked against the simulation
@@ -119,7 +121,7 @@ def prepare(
     inputs = _example_inputs(data, example_inputs, device)
     model.eval()
     converted = convert_attention(model)
-    standins = convert_standins(model)
+    standins = convert_standins(model, inputs)
     host = host_copy(model)  # tracing, probes, scores and checks run on the CPU (regrow.structural.device)
     host_inputs = _host_inputs(model, host, inputs)
     graph, groups = _groups(host, pattern, host_inputs, targets, ignore, within)

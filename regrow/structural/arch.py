@@ -3,17 +3,18 @@
 ``arch.json`` describes every module of the model: its class, its public scalar attributes
 (``in_channels``, ``normalized_shape``, ``num_heads``, ...) and the shape and dtype of each parameter and
 buffer. :func:`load` builds a fresh instance of the original architecture with ``factory()``, swaps in
-regrow's attention and its stand-ins for torchvision's Swin, MaxViT and ShuffleNetV2 modules where the saved
+regrow's attention and its stand-ins for torchvision's Swin, MaxViT and ShuffleNetV2 modules and timm's
+attention modules that merge heads with their input's width where the saved
 model had them, gives every module the recorded attributes and tensor shapes, then loads the weights from safetensors.
 Nothing is unpickled at any point.
 
 ``arch.json`` is data, and :func:`load` checks it against a schema before anything is changed: at most
 ``MAX_BYTES`` and ``MAX_DEPTH`` levels of nesting; each module's class is the class of the factory's module
 of that name (or regrow's attention in place of ``nn.MultiheadAttention``, its stand-in in place of a Swin,
-MaxViT or ShuffleNetV2 module); attributes are public ones the factory's module already holds as plain values (numbers,
-strings, booleans, ``None``, lists, tuples and sets of those), never ``_``-names, ``forward`` or ``training``;
-tensors have shapes of non-negative ints and a dtype from ``DTYPES``. Anything else is refused with a
-:class:`RegrowError` naming the entry.
+MaxViT or ShuffleNetV2 module or a timm attention module); attributes are public ones the factory's module already
+holds as plain values (numbers, strings, booleans, ``None``, lists, tuples and sets of those), never ``_``-names,
+``forward`` or ``training``; tensors have shapes of non-negative ints and a dtype from ``DTYPES``. Anything else is
+refused with a :class:`RegrowError` naming the entry.
 """
 
 from __future__ import annotations
@@ -283,7 +284,8 @@ def _check_against(module: nn.Module, name: str, entry: dict[str, Any]) -> None:
             name,
             f"its class is {entry['class']!r}, but the factory's model has {_class_name(module)} there "
             "(allowed: the class of the factory's module, regrow's MultiheadAttention for torch's, or regrow's "
-            "stand-in for a torchvision Swin, MaxViT or ShuffleNetV2 module)",
+            "stand-in for a torchvision Swin, MaxViT or ShuffleNetV2 module or a timm EVA, BEiT, Swin V2 or "
+            "relative-position attention)",
         )
     settable = sorted(
         k
@@ -317,7 +319,8 @@ def _dtype(name: str) -> torch.dtype:
 
 def _swap_in(model: nn.Module, name: str, recorded: str) -> None:
     """Put regrow's module at ``name`` when arch.json records one there (its attention for
-    ``nn.MultiheadAttention``, a stand-in for a torchvision Swin, MaxViT or ShuffleNetV2 module) and the factory
+    ``nn.MultiheadAttention``, a stand-in for a torchvision Swin, MaxViT or ShuffleNetV2 module or a timm attention
+    module) and the factory
     built the original. The model itself is never swapped (pruning does not swap it either); a class mismatch there is
     refused later, by the schema check."""
     if not name:
@@ -338,7 +341,8 @@ def _swap_in(model: nn.Module, name: str, recorded: str) -> None:
         elif _class_name(current) != recorded:
             raise RegrowError(
                 f"arch.json expects regrow's {recorded.rsplit('.', 1)[-1]} at {name!r}, a stand-in for a torchvision "
-                f"Swin, MaxViT or ShuffleNetV2 module, but the factory's model has {type(current).__name__} there."
+                f"Swin, MaxViT or ShuffleNetV2 module or a timm attention module, but the factory's model has "
+                f"{type(current).__name__} there."
             )
 
 

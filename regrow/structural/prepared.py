@@ -47,7 +47,7 @@ class Prepared:
     inputs: Any
     one: Any
     converted: list[str]
-    standins: list[str]  # torchvision modules swapped for regrow's stand-ins (regrow.structural.standins)
+    standins: list[str]  # torchvision / timm modules swapped for regrow's stand-ins (regrow.structural.standins)
     host: nn.Module  # where regrow's own forward passes run: the model itself on the CPU, else a CPU copy
     host_inputs: Any
 

@@ -30,7 +30,7 @@ class StructureReport:
     groups: list[dict[str, Any]]
     equivalence: Equivalence
     converted_attention: list[str] = field(default_factory=list)
-    standins: list[str] = field(default_factory=list)  # torchvision modules swapped for regrow's stand-ins
+    standins: list[str] = field(default_factory=list)  # torchvision / timm modules swapped for regrow's stand-ins
     evaluations: int = 0
     warnings: list[str] = field(default_factory=list)
     recalibrated_batches: int = 0

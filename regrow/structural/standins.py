@@ -3,20 +3,31 @@
 Each stand-in computes its original's function with the same operations (outputs equal to the bit in the
 tests) and keeps every parameter and buffer name, so state dicts load either way: torchvision's Swin and MaxViT
 attention and Swin's patch merging (:mod:`regrow.structural.windows`), torchvision's ShuffleNetV2 block
-(:mod:`regrow.structural.shuffle`). :func:`convert_standins` swaps them in before tracing; ``arch.json`` records
-the swap, and :func:`regrow.structural.arch.apply` makes it again on load. The originals are recognised by their
-module and class name; torchvision is never imported.
+(:mod:`regrow.structural.shuffle`), and timm's attention modules that merge their heads with their input's width
+(:mod:`regrow.structural.timm_attention`). :func:`convert_standins` swaps them in before tracing; ``arch.json``
+records the swap, and :func:`regrow.structural.arch.apply` makes it again on load. The originals are recognised by
+their module and class name; neither library is imported.
+
+Libraries change their modules between versions, and a stand-in copies one version's forward. Given the example
+batch, :func:`convert_standins` therefore runs the model once, gives each stand-in what its original received,
+and swaps it in only where it returns the original's output; elsewhere the original stays and a warning says why.
 """
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
+import torch
 from torch import nn
 
+from regrow.batches import forward, tensors
 from regrow.structural.attention import set_submodule
 from regrow.structural.shuffle import STANDINS as SHUFFLE
+from regrow.structural.timm_attention import STANDINS as TIMM
 from regrow.structural.windows import STANDINS as WINDOWS
 
-STANDINS: dict[str, type[nn.Module]] = {**WINDOWS, **SHUFFLE}
+STANDINS: dict[str, type[nn.Module]] = {**WINDOWS, **SHUFFLE, **TIMM}
 
 
 def standin_for(module: nn.Module) -> type[nn.Module] | None:
@@ -25,13 +36,80 @@ def standin_for(module: nn.Module) -> type[nn.Module] | None:
     return STANDINS.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
-def convert_standins(model: nn.Module) -> list[str]:
+def convert_standins(model: nn.Module, inputs: Any = None) -> list[str]:
     """Swap regrow's stand-ins in for the modules of ``model`` that have one, in place; returns their names. A
-    model that is itself such a module is left as it is (it has no parent to hold its stand-in)."""
+    model that is itself such a module is left as it is (it has no parent to hold its stand-in).
+
+    With ``inputs`` (the model's example batch), each stand-in is first compared with its original on what the
+    original received in one forward pass; one whose output differs, or that the pass does not reach, is not
+    swapped in, and a warning names it. Without, every module that has a stand-in is swapped (as on load, where
+    ``arch.json`` records the swaps that were compared before)."""
+    found = [(name, module) for name, module in model.named_modules() if name and standin_for(module) is not None]
+    if not found:
+        return []
+    kept = _compare(model, found, inputs) if inputs is not None else {}
     converted = []
-    for name, module in list(model.named_modules()):
-        standin = standin_for(module)
-        if standin is not None and name:
-            set_submodule(model, name, standin(module).train(module.training))
-            converted.append(name)
+    for name, module in found:
+        if name in kept:
+            warnings.warn(
+                f"{name}: kept {type(module).__module__}.{type(module).__qualname__} as it is, because regrow's "
+                f"stand-in for it {kept[name]}; channel pruning may have to leave out the widths it reads.",
+                stacklevel=2,
+            )
+            continue
+        set_submodule(model, name, standin_for(module)(module).train(module.training))
+        converted.append(name)
     return converted
+
+
+def _compare(model: nn.Module, found: list[tuple[str, nn.Module]], inputs: Any) -> dict[str, str]:
+    """Why each stand-in that does not give its original's output on the example batch differs, by name."""
+    calls: dict[str, tuple[tuple[Any, ...], dict[str, Any], Any]] = {}
+
+    def recorder(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            calls.setdefault(name, (args, kwargs, output))
+
+        return hook
+
+    handles = [module.register_forward_hook(recorder(name), with_kwargs=True) for name, module in found]
+    try:
+        with torch.no_grad():
+            forward(model, inputs)
+    except Exception:  # the checks that follow report a model that cannot run its example batch
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    differ = {}
+    for name, module in found:
+        if name not in calls:
+            differ[name] = "could not be compared with it: the example batch does not reach it"
+            continue
+        args, kwargs, expected = calls[name]
+        try:
+            with torch.no_grad():
+                why = _difference(standin_for(module)(module).train(module.training)(*args, **kwargs), expected)
+        except Exception as error:  # a version of the library whose module the stand-in does not know
+            why = f"{type(error).__name__}: {error}"
+        if why is not None:
+            differ[name] = f"does not compute what it computes ({why})"
+    return differ
+
+
+def _difference(got: Any, expected: Any) -> str | None:
+    """None when ``got`` holds ``expected``'s tensors, equal but for rounding; otherwise how they differ."""
+    got_t, expected_t = list(tensors(got)), list(tensors(expected))
+    if [t.shape for t in got_t] != [t.shape for t in expected_t]:
+        return f"outputs of shapes {[tuple(t.shape) for t in got_t]}, not {[tuple(t.shape) for t in expected_t]}"
+    for a, b in zip(got_t, expected_t):
+        if not b.is_floating_point():
+            if not torch.equal(a, b):
+                return "different integer outputs"
+            continue
+        scale = float(b.detach().abs().max()) if b.numel() else 0.0
+        tolerance = max(1e-5, 8 * torch.finfo(b.dtype).eps) * scale  # the same operations: equal but for rounding
+        gap = float((a.detach().float() - b.detach().float()).abs().max()) if b.numel() else 0.0
+        if not gap <= tolerance:  # a NaN gap differs too
+            return f"largest difference {gap:.3g}, tolerance {tolerance:.3g}"
+    return None

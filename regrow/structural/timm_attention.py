@@ -1,0 +1,178 @@
+"""Stand-ins for timm attention modules that merge their heads with the width of their input.
+
+timm's EVA attention (``eva.EvaAttention``: EVA-02 and the DINOv3 ViTs), BEiT's (``beit.Attention``), Swin V2's
+(``swin_transformer_v2.WindowAttention``) and the relative-position ViT's (``vision_transformer_relpos.
+RelPosAttention``) read ``B, N, C = x.shape`` from their input and merge the heads' outputs with
+``reshape(B, N, C)``. Their inner width (heads times head width) must then equal the width of the residual stream
+they read: a narrower stream breaks the forward pass, and channel pruning had to leave the stream out of every such
+model ("shrinking it breaks the forward pass").
+
+Each stand-in here computes its original's function with the same operations in the same order, but merges the
+heads with ``reshape(B, N, -1)``, so that the inner width is the projections' own. It takes over its original's
+submodules, parameters, buffers (persistent or not) and attributes under the same names (not hooks put on the
+original: they stay with it, as with the torchvision stand-ins): state dicts load
+either way, and helpers the forward shares with its original (BEiT's relative position bias, EVA's rotary
+embedding) are timm's own, read from the original's class and module. timm changes its modules between versions, so
+:func:`regrow.structural.standins.convert_standins` runs each stand-in on what its original received on the
+example batch and keeps the original, saying so, where the outputs differ. timm is never imported here: the
+originals are recognised by their module and class name.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TIMM = "timm.models."
+
+
+class _Adopted(nn.Module):
+    """A module that takes over another's submodules, parameters, buffers and attributes as they are (not its
+    hooks: those belong to the module they were put on)."""
+
+    def __init__(self, source: nn.Module) -> None:
+        super().__init__()
+        for key, value in vars(source).items():
+            if key in ("_modules", "_parameters", "_buffers"):
+                getattr(self, key).update(value)
+            elif key == "_non_persistent_buffers_set":
+                self._non_persistent_buffers_set.update(value)
+            elif not key.startswith("_") and key != "training":
+                self.__dict__[key] = value
+        self._original = type(source)
+        self.train(source.training)
+
+    def _helper(self, name: str) -> Any:
+        """A function of the module that defines the original class (timm's own helpers)."""
+        return getattr(sys.modules[self._original.__module__], name)
+
+
+def _fused_qkv(module: nn.Module, x: Tensor) -> Tensor:
+    """The fused q / k / v projection, with the loose q and v biases (and a zero k bias) added as timm adds them."""
+    if getattr(module, "q_bias", None) is None:
+        return module.qkv(x)
+    bias = torch.cat((module.q_bias, module.k_bias, module.v_bias))
+    if getattr(module, "qkv_bias_separate", False):
+        qkv = module.qkv(x)
+        qkv += bias
+        return qkv
+    return F.linear(x, weight=module.qkv.weight, bias=bias)
+
+
+def _dropout_p(module: nn.Module) -> float:
+    return module.attn_drop.p if module.training else 0.0
+
+
+class EvaAttention(_Adopted):
+    """timm's ``EvaAttention`` (fused or separate projections, rotary embedding, gate, scale norm)."""
+
+    def forward(
+        self, x: Tensor, rope: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> Tensor:
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        if self.qkv is not None:
+            qkv = _fused_qkv(self, x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            q, k, v = (p(x).reshape(b, n, self.num_heads, -1).transpose(1, 2) for p in self._projections())
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = self._rotate(q, rope).type_as(v), self._rotate(k, rope).type_as(v)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=_dropout_p(self), is_causal=is_causal
+            )
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            mask = self._helper("resolve_self_attn_mask")(n, attn, attn_mask, is_causal=is_causal)
+            attn = self._helper("maybe_add_mask")(attn, mask)
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = self.norm(x.transpose(1, 2).reshape(b, n, -1))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+    def _projections(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return self.q_proj, self.k_proj, self.v_proj
+
+    def _rotate(self, t: Tensor, rope: Tensor) -> Tensor:
+        """Rotary embedding on every token after the prefix (class and register tokens), as timm applies it."""
+        npt = self.num_prefix_tokens
+        rotated = self._helper("apply_rot_embed_cat")(t[:, :, npt:, :], rope, half=getattr(self, "rotate_half", False))
+        return torch.cat([t[:, :, :npt, :], rotated], dim=2)
+
+
+class BeitAttention(_Adopted):
+    """timm's BEiT ``Attention`` (loose q / v biases, relative position bias of its own or shared)."""
+
+    def forward(self, x: Tensor, shared_rel_pos_bias: Tensor | None = None) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = _fused_qkv(self, x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        own = self.relative_position_bias_table is not None
+        if self.fused_attn:
+            bias = self._original._get_rel_pos_bias(self) if own else None
+            if shared_rel_pos_bias is not None:
+                bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=_dropout_p(self))
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if own:
+                attn = attn + self._original._get_rel_pos_bias(self)
+            if shared_rel_pos_bias is not None:
+                attn = attn + shared_rel_pos_bias
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
+
+
+class SwinV2WindowAttention(_Adopted):
+    """timm's Swin V2 ``WindowAttention`` (cosine attention, continuous relative position bias, shift mask)."""
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = _fused_qkv(self, x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        area = self.window_size[0] * self.window_size[1]
+        bias = table[self.relative_position_index.view(-1)].view(area, area, -1).permute(2, 0, 1).contiguous()
+        attn = attn + (16 * torch.sigmoid(bias)).unsqueeze(0)
+        if mask is not None:
+            windows = mask.shape[0]
+            attn = attn.view(-1, windows, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, n, n)
+        x = self.attn_drop(self.softmax(attn)) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
+
+
+class RelPosAttention(_Adopted):
+    """timm's ``RelPosAttention`` (relative position bias or MLP, query / key norms)."""
+
+    def forward(self, x: Tensor, shared_rel_pos: Tensor | None = None) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused_attn:
+            bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=_dropout_p(self))
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if self.rel_pos is not None:
+                attn = self.rel_pos(attn, shared_rel_pos=shared_rel_pos)
+            elif shared_rel_pos is not None:
+                attn = attn + shared_rel_pos
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
+
+
+STANDINS: dict[str, type[nn.Module]] = {
+    TIMM + "eva.EvaAttention": EvaAttention,
+    TIMM + "beit.Attention": BeitAttention,
+    TIMM + "swin_transformer_v2.WindowAttention": SwinV2WindowAttention,
+    TIMM + "vision_transformer_relpos.RelPosAttention": RelPosAttention,
+}

@@ -1,0 +1,125 @@
+"""regrow's stand-ins for timm's attention modules that merge their heads with their input's width (EVA, BEiT,
+Swin V2, relative-position ViT): equal to timm's own to the bit, compared before they are swapped in, saved and
+loaded with the model. That they let the residual stream shrink is tested with the other families, in test_zoo."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import regrow
+from conftest import import_timm
+from regrow.structural import timm_attention
+from regrow.structural.standins import convert_standins
+
+timm = import_timm()
+
+# family: (timm model, constructor arguments, input size, the attention modules that get a stand-in)
+MODELS = {
+    "eva_dinov3": ("vit_small_patch16_dinov3", {"img_size": 32, "depth": 2}, 32, "blocks.{}.attn", 2),
+    "eva02": ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}, 28, "blocks.{}.attn", 2),
+    "beit": (
+        "beit_base_patch16_224",
+        {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 4},
+        32,
+        "blocks.{}.attn",
+        2,
+    ),
+    "swinv2": (
+        "swinv2_tiny_window8_256",
+        {"img_size": 32, "window_size": 4, "depths": (2, 2), "embed_dim": 32, "num_heads": (2, 4)},
+        32,
+        "layers.{}.blocks.{}.attn",
+        (2, 2),
+    ),
+    "vit_relpos": ("vit_srelpos_small_patch16_224", {"img_size": 32, "depth": 2}, 32, "blocks.{}.attn", 2),
+}
+
+
+def build(family: str, **extra) -> tuple[nn.Module, torch.Tensor, list[str]]:
+    name, kwargs, size, pattern, counts = MODELS[family]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs, **extra).eval()
+    for module in model.modules():  # random weights: make the zero-initialised loose biases count
+        for key in ("q_bias", "v_bias"):
+            if isinstance(getattr(module, key, None), nn.Parameter):
+                nn.init.normal_(getattr(module, key), std=0.1)
+    if isinstance(counts, int):
+        names = [pattern.format(i) for i in range(counts)]
+    else:
+        names = [pattern.format(stage, i) for stage, n in enumerate(counts) for i in range(n)]
+    return model, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)), names
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "matmul"])
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_the_stand_ins_compute_timms_outputs_and_gradients_to_the_bit(family, fused):
+    model, x, names = build(family)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+    ours = copy.deepcopy(model)
+    assert convert_standins(ours, x) == names
+    assert all(type(ours.get_submodule(n)).__module__ == timm_attention.__name__ for n in names)
+    assert ours.state_dict().keys() == model.state_dict().keys()
+    outputs, grads = [], []
+    for net in (model, ours):
+        outputs.append(net(x))
+        outputs[-1].square().sum().backward()
+        grads.append({k: p.grad for k, p in net.named_parameters()})
+    assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0] if grads[0][k] is not None)
+
+
+def test_a_stand_in_that_computes_something_else_is_not_swapped_in(monkeypatch):
+    # What a newer timm whose module the stand-in does not follow would look like: the output differs.
+    model, x, names = build("beit")
+    forward = timm_attention.BeitAttention.forward
+    monkeypatch.setattr(timm_attention.BeitAttention, "forward", lambda self, x, **kw: 1.01 * forward(self, x, **kw))
+    with pytest.warns(UserWarning, match=r"blocks\.\d\.attn: kept timm\.models\.beit\.Attention as it is, .*largest"):
+        assert convert_standins(model, x) == []
+    assert type(model.blocks[0].attn).__module__ == "timm.models.beit"
+    with pytest.warns(UserWarning, match=r"kept timm\.models\.beit\.Attention as it is"):
+        report = regrow.prune(model, pattern="channel", macs=0.7, example_inputs=x, keep_dense=False).structure
+    assert report.standins == [] and report.equivalence.passed
+    stream = next(g for g in report.groups if g["name"] == "patch_embed.proj")
+    assert "shrinking it breaks the forward pass" in stream["excluded"]
+
+
+def test_a_stand_in_that_fails_on_the_module_is_not_swapped_in(monkeypatch):
+    model, x, names = build("eva02")
+
+    def missing(self, name):
+        raise AttributeError(f"module 'timm.models.eva' has no attribute {name!r}")
+
+    monkeypatch.setattr(timm_attention._Adopted, "_helper", missing)
+    with pytest.warns(UserWarning, match=r"AttributeError: module 'timm.models.eva' has no attribute"):
+        assert convert_standins(model, x) == []
+    assert convert_standins(model) == names  # without an example batch (as on load), nothing is compared
+
+
+def test_a_module_the_example_batch_does_not_reach_is_left_as_it_is():
+    model, x, names = build("vit_relpos")
+    model.blocks = model.blocks[:1]
+    model.spare = copy.deepcopy(model.blocks[0])
+    with pytest.warns(UserWarning, match=r"spare\.attn: .* the example batch does not reach it"):
+        assert convert_standins(model, x) == ["blocks.0.attn"]
+
+
+@pytest.mark.parametrize("family", ["eva02", "swinv2"])
+def test_a_pruned_model_saves_and_loads_with_timms_stand_ins(tmp_path, family):
+    model, x, names = build(family)
+    dense = copy.deepcopy(model)
+    report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.standins == names
+    # the residual streams the stand-ins write to shrank (which ones depends on the weights)
+    assert any(model.get_submodule(n).proj.out_features < dense.get_submodule(n).proj.out_features for n in names)
+    regrow.save(model, tmp_path / family)
+    name, kwargs, *_ = MODELS[family]
+    loaded = regrow.load(tmp_path / family, lambda: timm.create_model(name, num_classes=10, **kwargs)).eval()
+    assert type(loaded.get_submodule(names[0])) is type(model.get_submodule(names[0]))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

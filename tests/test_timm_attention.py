@@ -47,6 +47,7 @@ def build(family: str, **extra) -> tuple[nn.Module, torch.Tensor, list[str]]:
         for key in ("q_bias", "v_bias"):
             if isinstance(getattr(module, key, None), nn.Parameter):
                 nn.init.normal_(getattr(module, key), std=0.1)
+    nn.init.normal_(model.get_classifier().weight)  # timm's tiny classifier init gives outputs near 1e-4
     if isinstance(counts, int):
         names = [pattern.format(i) for i in range(counts)]
     else:
@@ -123,3 +124,23 @@ def test_a_pruned_model_saves_and_loads_with_timms_stand_ins(tmp_path, family):
     assert type(loaded.get_submodule(names[0])) is type(model.get_submodule(names[0]))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("family", ["beit", "swinv2"])
+def test_heads_go_with_their_rows_of_the_loose_q_k_v_biases(family):
+    # BEiT and Swin V2 hold q and v biases (and a zero k bias buffer) beside a qkv Linear without one; removing a
+    # head left them whole ("The expanded size of the tensor (48) must match the existing size (192)"), and the
+    # simulation, which zeroes the head's value rows, left its value bias (set non-zero here) in place.
+    model, x, names = build(family)
+    attn = model.get_submodule(names[-1])
+    heads, width = attn.num_heads, attn.q_bias.numel()
+    report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed, report.equivalence
+    group = next(g for g in report.groups if g["name"] == names[-1])
+    assert group["excluded"] is None
+    attn = model.get_submodule(names[-1])  # the stand-in now
+    assert attn.num_heads == heads // 2 and attn.qkv.out_features == 3 * width // 2
+    assert attn.q_bias.shape == attn.v_bias.shape == attn.k_bias.shape == (width // 2,)
+    assert isinstance(attn.q_bias, nn.Parameter) and "k_bias" in attn._non_persistent_buffers_set
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()

@@ -15,7 +15,8 @@ Two kinds of attention module are understood:
   Removing a head slices those layers and lowers the head count; any other integer attribute equal to the old
   inner width (e.g. ``all_head_size``) is updated too, and so are per-head tensors of the module
   (``PER_HEAD``: Swin's relative position bias table, Swin V2's logit scale and the last layer of its
-  position-bias MLP).
+  position-bias MLP) and the q / k / v biases it holds beside a fused projection (``LOOSE_BIASES``: timm's BEiT,
+  EVA and Swin V2).
 
 With grouped-query attention (k and v narrower than q: each key/value head serves ``kv_group`` query heads)
 the unit removed is a key/value head together with its query heads, so the grouping stays as the module
@@ -48,6 +49,9 @@ OUTPUT = ("proj", "out_proj", "o_proj", "o", "out", "wo", "c_proj", "out_lin", "
 # timm's name, then Hugging Face's).
 PER_HEAD = {"relative_position_bias_table": -1, "logit_scale": 0}
 PER_HEAD_MLP = ("cpb_mlp", "continuous_position_bias_mlp")
+# Biases of the attention's own beside a fused projection without one (timm's BEiT, EVA and Swin V2 add them in
+# F.linear; the key's is a zero buffer): one value per row of q, k or v.
+LOOSE_BIASES = ("q_bias", "k_bias", "v_bias")
 
 
 @dataclass
@@ -132,6 +136,9 @@ class HeadGroup:
         keep = self._rows(queries, 1, out.weight.device)
         keep_columns(out, keep)
         _keep_per_head(module, self.heads, queries)
+        for tensor, store, key in _loose_biases(module, old_inner):
+            kept = tensor.index_select(0, keep.to(tensor.device)).contiguous()
+            store[key] = nn.Parameter(kept, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else kept
         for attr, value in list(vars(module).items()):
             if attr in HEAD_ATTRS and isinstance(value, int):
                 setattr(module, attr, value - len(queries))
@@ -150,11 +157,27 @@ class HeadGroup:
         else:
             layer, offset = self._child(model, "v"), 0
         weight = linear_weight(layer)  # a view: zeroing it zeroes the layer's weight
+        module = model.get_submodule(self.name)
+        loose = [t for t, _, key in _loose_biases(module, self.heads * self.head_dim) if key == "v_bias"]
         for h in removed:
             rows = slice(offset + h * self.head_dim, offset + (h + 1) * self.head_dim)
             weight[rows] = 0
             if layer.bias is not None:
                 layer.bias[rows] = 0
+            for bias in loose:
+                bias[h * self.head_dim : (h + 1) * self.head_dim] = 0
+
+
+def _loose_biases(module: nn.Module, width: int) -> list[tuple[Tensor, dict[str, Tensor | None], str]]:
+    """The module's ``LOOSE_BIASES`` one value per row of its ``width``-wide q, k or v: (tensor, the parameter or
+    buffer dict that holds it, its name)."""
+    found = []
+    for key in LOOSE_BIASES:
+        for store in (module._parameters, module._buffers):
+            tensor = store.get(key)
+            if tensor is not None and tensor.dim() == 1 and tensor.numel() == width:
+                found.append((tensor, store, key))
+    return found
 
 
 def _keep_per_head(module: nn.Module, heads: int, removed: list[int]) -> None:

@@ -62,6 +62,7 @@ FAMILIES = {
     ),
     # attention that merges its heads with its input's width (regrow.structural.timm_attention's stand-ins):
     "eva_dinov3": ("vit_small_patch16_dinov3", {"img_size": 32, "depth": 2}, 32),  # rotary, register tokens
+    "eva02": ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}, 28),  # a gated MLP chunking its fc1 in halves
     "beit": ("beit_base_patch16_224", {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 4}, 32),
     "swinv2": (  # cosine attention, continuous position bias, post-norm blocks
         "swinv2_tiny_window8_256",

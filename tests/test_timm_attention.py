@@ -36,6 +36,16 @@ MODELS = {
         (2, 2),
     ),
     "vit_relpos": ("vit_srelpos_small_patch16_224", {"img_size": 32, "depth": 2}, 32, "blocks.{}.attn", 2),
+    # a strided convolution reduces the keys' map in the first stages, none in the last; or a pooling, in all
+    "pvt_v2": ("pvt_v2_b0", {"depths": (1, 1, 1, 1)}, 64, "stages.{}.blocks.{}.attn", (1, 1, 1, 1)),
+    "pvt_v2_linear": ("pvt_v2_b0", {"depths": (1, 1, 1, 1), "linear": True}, 64, "stages.{}.blocks.{}.attn", (1,) * 4),
+    "cait": (  # talking heads in the blocks, then the class token's attention
+        "cait_xxs24_224",
+        {"img_size": 32, "depth": 2, "depth_token_only": 1},
+        32,
+        "{}.attn",
+        ["blocks.0", "blocks.1", "blocks_token_only.0"],
+    ),
 }
 
 
@@ -50,6 +60,8 @@ def build(family: str, **extra) -> tuple[nn.Module, torch.Tensor, list[str]]:
     nn.init.normal_(model.get_classifier().weight)  # timm's tiny classifier init gives outputs near 1e-4
     if isinstance(counts, int):
         names = [pattern.format(i) for i in range(counts)]
+    elif isinstance(counts, list):
+        names = [pattern.format(parent) for parent in counts]
     else:
         names = [pattern.format(stage, i) for stage, n in enumerate(counts) for i in range(n)]
     return model, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)), names
@@ -144,3 +156,17 @@ def test_heads_go_with_their_rows_of_the_loose_q_k_v_biases(family):
     assert isinstance(attn.q_bias, nn.Parameter) and "k_bias" in attn._non_persistent_buffers_set
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
+
+
+def test_heads_of_an_attention_with_a_fused_key_value_projection_go_whole():
+    # PVT v2 projects its queries with q and its keys and values with one kv Linear: no head was found ("no
+    # q/k/v or fused qkv Linear projections found"), and channel pruning probed q's outputs as a group of its own.
+    model, x, names = build("pvt_v2")
+    attn = model.get_submodule(names[-1])
+    heads, inner = attn.num_heads, attn.q.out_features
+    report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed, report.equivalence
+    assert next(g for g in report.groups if g["name"] == names[-1])["excluded"] is None
+    attn = model.get_submodule(names[-1])
+    assert attn.num_heads == heads // 2 and attn.q.out_features == inner // 2
+    assert attn.kv.out_features == inner and attn.proj.in_features == inner // 2

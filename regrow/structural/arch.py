@@ -284,8 +284,7 @@ def _check_against(module: nn.Module, name: str, entry: dict[str, Any]) -> None:
             name,
             f"its class is {entry['class']!r}, but the factory's model has {_class_name(module)} there "
             "(allowed: the class of the factory's module, regrow's MultiheadAttention for torch's, or regrow's "
-            "stand-in for a torchvision Swin, MaxViT or ShuffleNetV2 module or a timm EVA, BEiT, Swin V2 or "
-            "relative-position attention)",
+            "stand-in for a torchvision Swin, MaxViT or ShuffleNetV2 module or a timm attention module)",
         )
     settable = sorted(
         k

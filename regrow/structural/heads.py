@@ -9,9 +9,10 @@ Two kinds of attention module are understood:
   head count is then the query width over ``head_dim``), and owns its projections as ``nn.Linear`` (or
   Hugging Face ``Conv1D``, GPT-2) children: a fused ``qkv`` (also ``in_proj``, ``c_attn``, ``Wqkv``,
   ``qkv_proj``, ``to_qkv``) or separate ``q``/``k``/``v`` (also ``q_proj``..., ``query``/``key``/``value``,
-  ``wq``..., ``q_lin``...), and an output projection (``proj``, ``out_proj``, ``o_proj``, ``o``, ``out``,
-  ``wo``, ``c_proj``, ``out_lin``, ``dense``, ``merge``), or — the Hugging Face BERT layout — ``output.dense``
-  of its parent. Of nested modules that declare heads, only the innermost counts (``find_attention``).
+  ``wq``..., ``q_lin``...) or ``q`` with a fused ``kv`` (timm's PVT v2 and Twins), and an output projection
+  (``proj``, ``out_proj``, ``o_proj``, ``o``, ``out``, ``wo``, ``c_proj``, ``out_lin``, ``dense``, ``merge``),
+  or — the Hugging Face BERT layout — ``output.dense`` of its parent. Of nested modules that declare heads, only
+  the innermost counts (``find_attention``).
   Removing a head slices those layers and lowers the head count; any other integer attribute equal to the old
   inner width (e.g. ``all_head_size``) is updated too, and so are per-head tensors of the module
   (``PER_HEAD``: Swin's relative position bias table, Swin V2's logit scale and the last layer of its
@@ -43,6 +44,7 @@ SEPARATE = (
     ("wq", "wk", "wv"),
     ("q_lin", "k_lin", "v_lin"),
 )
+SEPARATE_KV = (("q", "kv"),)  # a query projection and a fused key / value one (timm's PVT v2, Twins)
 OUTPUT = ("proj", "out_proj", "o_proj", "o", "out", "wo", "c_proj", "out_lin", "dense", "merge")
 # Parameters with one entry per head along a dim (Swin's relative position bias table, Swin V2's logit scale),
 # and a child MLP whose last Linear outputs one value per head (Swin V2's position-bias MLP: torchvision's and
@@ -62,7 +64,7 @@ class HeadGroup:
     name: str
     heads: int
     head_dim: int
-    projections: dict[str, str]  # role -> child name: "q"/"k"/"v" or "qkv", and "out"
+    projections: dict[str, str]  # role -> child name: "q"/"k"/"v", "qkv" or "q"/"kv", and "out"
     excluded: str | None = None
     kv_group: int = 1  # query heads per key/value head
     q_rows: int = 1  # rows of q per head, in head sizes: 2 where each head's query has a gate beside it
@@ -103,6 +105,9 @@ class HeadGroup:
         per_unit = torch.zeros(self.units)
         if "qkv" in self.projections:
             per_query += stat(self._child(model, "qkv")).view(3, self.heads, self.head_dim, -1).sum(dim=(0, 2, 3))
+        elif "kv" in self.projections:
+            per_query += stat(self._child(model, "q")).view(self.heads, -1).sum(dim=1)
+            per_unit += stat(self._child(model, "kv")).view(2, self.units, self.head_dim, -1).sum(dim=(0, 2, 3))
         else:
             per_query += stat(self._child(model, "q")).view(self.heads, -1).sum(dim=1)
             for role in ("k", "v"):
@@ -129,9 +134,12 @@ class HeadGroup:
         else:
             q = self._child(model, "q")
             keep_rows(q, keep_index(self.heads, self.q_rows * self.head_dim, queries, q.weight.device))
-            for role in ("k", "v"):
-                layer = self._child(model, role)
-                keep_rows(layer, keep_index(self.units, self.head_dim, removed, layer.weight.device))
+            for role in ("k", "v", "kv"):
+                if role in self.projections:
+                    layer = self._child(model, role)
+                    keep = keep_index(self.units, self.head_dim, removed, layer.weight.device)
+                    sections = 2 if role == "kv" else 1
+                    keep_rows(layer, torch.cat([keep + s * self.units * self.head_dim for s in range(sections)]))
         out = self._child(model, "out")
         keep = self._rows(queries, 1, out.weight.device)
         keep_columns(out, keep)
@@ -154,6 +162,8 @@ class HeadGroup:
             return
         if "qkv" in self.projections:
             layer, offset = self._child(model, "qkv"), 2 * self.heads * self.head_dim
+        elif "kv" in self.projections:
+            layer, offset = self._child(model, "kv"), self.units * self.head_dim
         else:
             layer, offset = self._child(model, "v"), 0
         weight = linear_weight(layer)  # a view: zeroing it zeroes the layer's weight
@@ -240,6 +250,9 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
             reason = f"its fused q/k/v projection holds grouped-query attention ({groups} query heads a key/value head)"
             return HeadGroup(name, declared or 0, 0, projections, excluded=f"{reason}, which regrow does not split")
         inner = kv_inner = _out_features(children[fused]) // 3
+    elif (pair := next((p for p in SEPARATE_KV if all(n in children for n in p)), None)) is not None:
+        projections.update({role: full(paths[n]) for role, n in zip(("q", "kv"), pair, strict=True)})
+        inner, kv_inner = _out_features(children[pair[0]]), _out_features(children[pair[1]]) // 2
     else:
         names = next((trio for trio in SEPARATE if all(n in children for n in trio)), None)
         if names is None:

@@ -1,14 +1,17 @@
 """Stand-ins for timm attention modules that merge their heads with the width of their input.
 
 timm's EVA attention (``eva.EvaAttention``: EVA-02 and the DINOv3 ViTs), BEiT's (``beit.Attention``), Swin V2's
-(``swin_transformer_v2.WindowAttention``) and the relative-position ViT's (``vision_transformer_relpos.
-RelPosAttention``) read ``B, N, C = x.shape`` from their input and merge the heads' outputs with
-``reshape(B, N, C)``. Their inner width (heads times head width) must then equal the width of the residual stream
-they read: a narrower stream breaks the forward pass, and channel pruning had to leave the stream out of every such
-model ("shrinking it breaks the forward pass").
+(``swin_transformer_v2.WindowAttention``), the relative-position ViT's (``vision_transformer_relpos.
+RelPosAttention``), PVT v2's (``pvt_v2.Attention``) and CaiT's (``cait.ClassAttn``, ``cait.TalkingHeadAttn``)
+read ``B, N, C = x.shape`` from their input and merge the heads' outputs with ``reshape(B, N, C)`` (CaiT also
+splits its heads by ``C // num_heads``, PVT v2 flattens its reduced key / value map by ``C``). Their inner width
+(heads times head width) must then equal the width of the residual stream they read: a narrower stream breaks the
+forward pass, and channel pruning had to leave the stream out of every such model ("shrinking it breaks the
+forward pass").
 
 Each stand-in here computes its original's function with the same operations in the same order, but merges the
-heads with ``reshape(B, N, -1)``, so that the inner width is the projections' own. It takes over its original's
+heads with ``reshape(B, N, -1)`` (and splits and flattens by the widths its layers give), so that the inner width
+is the projections' own. It takes over its original's
 submodules, parameters, buffers (persistent or not) and attributes under the same names (not hooks put on the
 original: they stay with it, as with the torchvision stand-ins): state dicts load
 either way, and helpers the forward shares with its original (BEiT's relative position bias, EVA's rotary
@@ -170,9 +173,61 @@ class RelPosAttention(_Adopted):
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
 
 
+class PvtAttention(_Adopted):
+    """timm's PVT v2 ``Attention`` (keys and values from a spatially reduced map: a strided convolution or a
+    pooling, then a norm); the reduced map is flattened with the reduction's own width."""
+
+    def forward(self, x: Tensor, feat_size: list[int]) -> Tensor:
+        b, n, c = x.shape
+        h, w = feat_size
+        q = self.q(x).reshape(b, n, self.num_heads, -1).permute(0, 2, 1, 3)
+        if self.pool is not None:
+            x = self.sr(self.pool(x.permute(0, 2, 1).reshape(b, c, h, w))).flatten(2).permute(0, 2, 1)
+            x = self.act(self.norm(x))
+        elif self.sr is not None:
+            x = self.norm(self.sr(x.permute(0, 2, 1).reshape(b, c, h, w)).flatten(2).permute(0, 2, 1))
+        k, v = self.kv(x).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=_dropout_p(self))
+        else:
+            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
+
+
+class CaitClassAttention(_Adopted):
+    """timm's CaiT ``ClassAttn``: the class token attends to all tokens; heads as wide as q / k / v allow."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q = self.q(x[:, 0]).unsqueeze(1).reshape(b, 1, self.num_heads, -1).permute(0, 2, 1, 3)
+        k = self.k(x).reshape(b, n, self.num_heads, -1).permute(0, 2, 1, 3)
+        v = self.v(x).reshape(b, n, self.num_heads, -1).permute(0, 2, 1, 3)
+        if self.fused_attn:
+            x_cls = F.scaled_dot_product_attention(q, k, v, dropout_p=_dropout_p(self))
+        else:
+            x_cls = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(x_cls.transpose(1, 2).reshape(b, 1, -1)))
+
+
+class CaitTalkingHeadAttention(_Adopted):
+    """timm's CaiT ``TalkingHeadAttn``: attention logits and weights mixed across heads (``proj_l``, ``proj_w``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+        attn = self.proj_l((q @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        attn = self.proj_w(attn.softmax(dim=-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(b, n, -1)
+        return self.proj_drop(self.proj(x))
+
+
 STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "eva.EvaAttention": EvaAttention,
     TIMM + "beit.Attention": BeitAttention,
     TIMM + "swin_transformer_v2.WindowAttention": SwinV2WindowAttention,
     TIMM + "vision_transformer_relpos.RelPosAttention": RelPosAttention,
+    TIMM + "pvt_v2.Attention": PvtAttention,
+    TIMM + "cait.ClassAttn": CaitClassAttention,
+    TIMM + "cait.TalkingHeadAttn": CaitTalkingHeadAttention,
 }

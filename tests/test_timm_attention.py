@@ -39,6 +39,20 @@ MODELS = {
     # a strided convolution reduces the keys' map in the first stages, none in the last; or a pooling, in all
     "pvt_v2": ("pvt_v2_b0", {"depths": (1, 1, 1, 1)}, 64, "stages.{}.blocks.{}.attn", (1, 1, 1, 1)),
     "pvt_v2_linear": ("pvt_v2_b0", {"depths": (1, 1, 1, 1), "linear": True}, 64, "stages.{}.blocks.{}.attn", (1,) * 4),
+    "davit": (  # channel attention and window attention in turn
+        "davit_tiny",
+        {"depths": (1, 1, 1, 1)},
+        64,
+        "stages.{}.blocks.0.{}.attn",
+        (2, 2, 2, 2),
+    ),
+    "davit_v2": (
+        "davit_tiny",
+        {"depths": (1,) * 4, "channel_attn_v2": True},
+        64,
+        "stages.{}.blocks.0.{}.attn",
+        (2,) * 4,
+    ),
     "cait": (  # talking heads in the blocks, then the class token's attention
         "cait_xxs24_224",
         {"img_size": 32, "depth": 2, "depth_token_only": 1},

@@ -2,23 +2,22 @@
 
 timm's EVA attention (``eva.EvaAttention``: EVA-02 and the DINOv3 ViTs), BEiT's (``beit.Attention``), Swin V2's
 (``swin_transformer_v2.WindowAttention``), the relative-position ViT's (``vision_transformer_relpos.
-RelPosAttention``), PVT v2's (``pvt_v2.Attention``) and CaiT's (``cait.ClassAttn``, ``cait.TalkingHeadAttn``)
-read ``B, N, C = x.shape`` from their input and merge the heads' outputs with ``reshape(B, N, C)`` (CaiT also
-splits its heads by ``C // num_heads``, PVT v2 flattens its reduced key / value map by ``C``). Their inner width
-(heads times head width) must then equal the width of the residual stream they read: a narrower stream breaks the
-forward pass, and channel pruning had to leave the stream out of every such model ("shrinking it breaks the
-forward pass").
+RelPosAttention``), PVT v2's (``pvt_v2.Attention``), CaiT's (``cait.ClassAttn``, ``cait.TalkingHeadAttn``) and
+DaViT's (``davit.ChannelAttention``, ``ChannelAttentionV2``, ``WindowAttention``) read ``B, N, C = x.shape`` from
+their input and merge the heads' outputs with ``reshape(B, N, C)``; CaiT and DaViT also split their heads by
+``C // num_heads``, PVT v2 flattens its reduced key / value map by ``C``. Their inner width (heads times head
+width) must then equal the width of the residual stream they read: a narrower stream breaks the forward pass, and
+channel pruning had to leave the stream out of every such model ("shrinking it breaks the forward pass").
 
 Each stand-in here computes its original's function with the same operations in the same order, but merges the
 heads with ``reshape(B, N, -1)`` (and splits and flattens by the widths its layers give), so that the inner width
-is the projections' own. It takes over its original's
-submodules, parameters, buffers (persistent or not) and attributes under the same names (not hooks put on the
-original: they stay with it, as with the torchvision stand-ins): state dicts load
-either way, and helpers the forward shares with its original (BEiT's relative position bias, EVA's rotary
-embedding) are timm's own, read from the original's class and module. timm changes its modules between versions, so
-:func:`regrow.structural.standins.convert_standins` runs each stand-in on what its original received on the
-example batch and keeps the original, saying so, where the outputs differ. timm is never imported here: the
-originals are recognised by their module and class name.
+is the projections' own. It takes over its original's submodules, parameters, buffers (persistent or not) and
+attributes under the same names (not hooks put on the original: they stay with it, as with the torchvision
+stand-ins): state dicts load either way, and helpers the forward shares with its original (BEiT's relative
+position bias, EVA's rotary embedding) are timm's own, read from the original's class and module. timm changes its
+modules between versions, so :func:`regrow.structural.standins.convert_standins` runs each stand-in on what its
+original received on the example batch and keeps the original, saying so, where the outputs differ. timm is never
+imported here: the originals are recognised by their module and class name.
 """
 
 from __future__ import annotations
@@ -222,6 +221,38 @@ class CaitTalkingHeadAttention(_Adopted):
         return self.proj_drop(self.proj(x))
 
 
+class DavitChannelAttention(_Adopted):
+    """timm's DaViT ``ChannelAttention`` and ``ChannelAttentionV2``: each head attends across its channels."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        v2 = hasattr(self, "groups")
+        q, k, v = (
+            self.qkv(x).reshape(b, n, 3, self.groups if v2 else self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        )
+        if not v2:
+            attn = ((k * self.scale).transpose(-1, -2) @ v).softmax(dim=-1)
+            x = (attn @ q.transpose(-1, -2)).transpose(-1, -2)
+        else:
+            q = q * n**-0.5 if self.dynamic_scale else q * self.head_dim**-0.5
+            attn = (q.transpose(-1, -2) @ k).softmax(dim=-1)
+            x = (attn @ v.transpose(-1, -2)).transpose(-1, -2)
+        return self.proj(x.transpose(1, 2).reshape(b, n, -1))
+
+
+class DavitWindowAttention(_Adopted):
+    """timm's DaViT ``WindowAttention`` (no position bias)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = self.softmax((q * self.scale) @ k.transpose(-2, -1)) @ v
+        return self.proj(x.transpose(1, 2).reshape(b, n, -1))
+
+
 STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "eva.EvaAttention": EvaAttention,
     TIMM + "beit.Attention": BeitAttention,
@@ -230,4 +261,7 @@ STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "pvt_v2.Attention": PvtAttention,
     TIMM + "cait.ClassAttn": CaitClassAttention,
     TIMM + "cait.TalkingHeadAttn": CaitTalkingHeadAttention,
+    TIMM + "davit.ChannelAttention": DavitChannelAttention,
+    TIMM + "davit.ChannelAttentionV2": DavitChannelAttention,
+    TIMM + "davit.WindowAttention": DavitWindowAttention,
 }

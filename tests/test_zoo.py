@@ -506,6 +506,27 @@ def test_swin_loses_whole_heads_with_their_relative_position_bias():
         assert model(x).shape == (2, 10)
 
 
+def test_hiera_attention_counts_its_heads_as_heads():
+    # Hiera (and SAM2's image encoder) names its head count `heads`: its attention was not found, so the q/k/v
+    # outputs were probed as channel groups and failed ("shape '[2, 49, 3, 8, 96]' is invalid"), and pattern
+    # "head" had nothing to remove. timm initialises its classifier to zero: given weights, so the check compares.
+    torch.manual_seed(0)
+    model = timm.create_model("hiera_tiny_224", pretrained=False, num_classes=10, img_size=64).eval()
+    nn.init.normal_(model.get_classifier().weight)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    heads = [b.attn.heads for b in model.blocks]
+    report = regrow.prune(model, pattern="channel+head", macs=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.scale > 0
+    assert abs(report.macs_ratio - 0.5) <= 0.02 * 0.5, report.macs_ratio
+    left_out = {g["name"]: g["excluded"] for g in report.groups if g["excluded"]}
+    assert {n: r for n, r in left_out.items() if not r.startswith(BENIGN)} == {"blocks.0.attn": "it has a single head"}
+    assert any(b.attn.heads < h for b, h in zip(model.blocks, heads, strict=True))
+    for block in model.blocks:
+        assert block.attn.proj.in_features == block.attn.heads * block.attn.head_dim == block.attn.dim_out
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)
+
+
 def test_gemma4_vision_attention_loses_whole_heads_through_its_wrapped_projections():
     # Was: "no q/k/v or fused qkv Linear projections found" (each projection is a Gemma4ClippableLinear: a Linear
     # between optional clamps); then the key/value views kept the old num_kv_heads.

@@ -50,7 +50,7 @@ def is_root(module: Any) -> bool:
     return isinstance(module, ROOT_TYPES) or (isinstance(module, nn.Module) and is_transposed_linear(module))
 
 
-HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
 # Modules whose channel handling regrow simulates exactly (see simulate.py).
 SUPPORTED = (
     nn.Conv1d,
@@ -552,7 +552,8 @@ def apply_cuts(model: nn.Module, cuts: list[Cut]) -> None:
 
 
 def head_count(module: nn.Module) -> int | None:
-    """The head count a module declares (``num_heads``, ``num_attention_heads``, ``n_heads`` or ``n_head``)."""
+    """The head count a module declares (``num_heads``, ``num_attention_heads``, ``n_heads``, ``n_head`` or
+    ``heads``, Hiera's)."""
     return next((getattr(module, a) for a in HEAD_ATTRS if _is_int(getattr(module, a, None))), None)
 
 

@@ -4,8 +4,8 @@ Two kinds of attention module are understood:
 
 * regrow's :class:`~regrow.structural.attention.MultiheadAttention` (every ``nn.MultiheadAttention`` is
   converted to it before structural pruning);
-* a custom module that declares its head count (``num_heads``, ``num_attention_heads``, ``n_heads`` or
-  ``n_head``), or — Hugging Face's Llama family — an ``int`` ``head_dim`` and ``num_key_value_groups`` (the
+* a custom module that declares its head count (``num_heads``, ``num_attention_heads``, ``n_heads``, ``n_head``
+  or ``heads``), or — Hugging Face's Llama family — an ``int`` ``head_dim`` and ``num_key_value_groups`` (the
   head count is then the query width over ``head_dim``), and owns its projections as ``nn.Linear`` (or
   Hugging Face ``Conv1D``, GPT-2) children: a fused ``qkv`` (also ``in_proj``, ``c_attn``, ``Wqkv``,
   ``qkv_proj``, ``to_qkv``) or separate ``q``/``k``/``v`` (also ``q_proj``..., ``query``/``key``/``value``,

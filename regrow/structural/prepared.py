@@ -31,7 +31,7 @@ from regrow.timelimit import time_limit
 
 NO_ATTENTION = (
     "pattern 'head' found no attention module: regrow prunes heads of nn.MultiheadAttention and of "
-    "modules that declare num_heads (or num_attention_heads, n_heads, n_head)."
+    "modules that declare num_heads (or num_attention_heads, n_heads, n_head, heads)."
 )
 
 

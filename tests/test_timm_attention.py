@@ -53,6 +53,8 @@ MODELS = {
         "stages.{}.blocks.0.{}.attn",
         (2,) * 4,
     ),
+    # windows of 7 tokens (padded: 16, 8, 4 and 2 tokens a side) and keys from a map reduced by a convolution
+    "twins": ("twins_svt_small", {"depths": (2, 2, 2, 2)}, 64, "blocks.{}.{}.attn", (2, 2, 2, 2)),
     "cait": (  # talking heads in the blocks, then the class token's attention
         "cait_xxs24_224",
         {"img_size": 32, "depth": 2, "depth_token_only": 1},

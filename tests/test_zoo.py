@@ -73,6 +73,7 @@ FAMILIES = {
     "pvt_v2": ("pvt_v2_b0", {"depths": (1, 1, 1, 1)}, 64),  # keys and values from a reduced map, q with a fused kv
     "cait": ("cait_xxs24_224", {"img_size": 32, "depth": 2, "depth_token_only": 1}, 32),  # talking heads, class attn
     "davit": ("davit_tiny", {"depths": (1, 1, 1, 1)}, 64),  # channel attention and window attention in turn
+    "twins": ("twins_svt_small", {"depths": (2, 2, 2, 2)}, 64),  # padded windows, then keys from a reduced map
     "swin": (  # windowed attention with shifts, relative position bias, patch merging
         "swin_tiny_patch4_window7_224",
         {"img_size": 64, "window_size": 4, "depths": (2, 2, 2, 2), "embed_dim": 32, "num_heads": (1, 2, 4, 8)},

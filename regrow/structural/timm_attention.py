@@ -2,10 +2,11 @@
 
 timm's EVA attention (``eva.EvaAttention``: EVA-02 and the DINOv3 ViTs), BEiT's (``beit.Attention``), Swin V2's
 (``swin_transformer_v2.WindowAttention``), the relative-position ViT's (``vision_transformer_relpos.
-RelPosAttention``), PVT v2's (``pvt_v2.Attention``), CaiT's (``cait.ClassAttn``, ``cait.TalkingHeadAttn``) and
-DaViT's (``davit.ChannelAttention``, ``ChannelAttentionV2``, ``WindowAttention``) read ``B, N, C = x.shape`` from
-their input and merge the heads' outputs with ``reshape(B, N, C)``; CaiT and DaViT also split their heads by
-``C // num_heads``, PVT v2 flattens its reduced key / value map by ``C``. Their inner width (heads times head
+RelPosAttention``), PVT v2's (``pvt_v2.Attention``), CaiT's (``cait.ClassAttn``, ``cait.TalkingHeadAttn``),
+DaViT's (``davit.ChannelAttention``, ``ChannelAttentionV2``, ``WindowAttention``) and Twins' (``twins.
+LocallyGroupedAttn``, ``GlobalSubSampleAttn``) read ``B, N, C = x.shape`` from their input and merge the heads'
+outputs with ``reshape(B, N, C)``; CaiT, DaViT and Twins also split their heads by ``C // num_heads``, PVT v2 and
+Twins flatten their reduced key / value map by ``C``. Their inner width (heads times head
 width) must then equal the width of the residual stream they read: a narrower stream breaks the forward pass, and
 channel pruning had to leave the stream out of every such model ("shrinking it breaks the forward pass").
 
@@ -253,6 +254,47 @@ class DavitWindowAttention(_Adopted):
         return self.proj(x.transpose(1, 2).reshape(b, n, -1))
 
 
+class TwinsLocalAttention(_Adopted):
+    """timm's Twins ``LocallyGroupedAttn``: attention within windows of ``ws`` x ``ws`` tokens."""
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        b, n, c = x.shape
+        h, w = size
+        x = x.view(b, h, w, c)
+        pad_r, pad_b = (self.ws - w % self.ws) % self.ws, (self.ws - h % self.ws) % self.ws
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        _, hp, wp, _ = x.shape
+        gh, gw = hp // self.ws, wp // self.ws
+        x = x.reshape(b, gh, self.ws, gw, self.ws, c).transpose(2, 3)
+        qkv = self.qkv(x).reshape(b, gh * gw, self.ws * self.ws, 3, self.num_heads, -1).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = qkv.unbind(0)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=_dropout_p(self))
+        else:
+            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        x = x.transpose(2, 3).reshape(b, gh, gw, self.ws, self.ws, -1)
+        x = x.transpose(2, 3).reshape(b, gh * self.ws, gw * self.ws, -1)
+        if pad_r > 0 or pad_b > 0:
+            x = x[:, :h, :w, :].contiguous()
+        return self.proj_drop(self.proj(x.reshape(b, n, -1)))
+
+
+class TwinsGlobalAttention(_Adopted):
+    """timm's Twins ``GlobalSubSampleAttn``: keys and values from a map reduced by a strided convolution."""
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        b, n, c = x.shape
+        q = self.q(x).reshape(b, n, self.num_heads, -1).permute(0, 2, 1, 3)
+        if self.sr is not None:
+            x = self.norm(self.sr(x.permute(0, 2, 1).reshape(b, c, *size)).flatten(2).permute(0, 2, 1))
+        k, v = self.kv(x).reshape(b, -1, 2, self.num_heads, q.shape[-1]).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=_dropout_p(self))
+        else:
+            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
+
+
 STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "eva.EvaAttention": EvaAttention,
     TIMM + "beit.Attention": BeitAttention,
@@ -264,4 +306,6 @@ STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "davit.ChannelAttention": DavitChannelAttention,
     TIMM + "davit.ChannelAttentionV2": DavitChannelAttention,
     TIMM + "davit.WindowAttention": DavitWindowAttention,
+    TIMM + "twins.LocallyGroupedAttn": TwinsLocalAttention,
+    TIMM + "twins.GlobalSubSampleAttn": TwinsGlobalAttention,
 }

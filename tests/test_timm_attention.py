@@ -55,6 +55,20 @@ MODELS = {
     ),
     # windows of 7 tokens (padded: 16, 8, 4 and 2 tokens a side) and keys from a map reduced by a convolution
     "twins": ("twins_svt_small", {"depths": (2, 2, 2, 2)}, 64, "blocks.{}.{}.attn", (2, 2, 2, 2)),
+    "xcit": (  # cross-covariance attention, then CaiT's class attention
+        "xcit_nano_12_p8_224",
+        {"img_size": 32, "depth": 2},
+        32,
+        "{}.attn",
+        ["blocks.0", "blocks.1", "cls_attn_blocks.0", "cls_attn_blocks.1"],
+    ),
+    "edgenext": (
+        "edgenext_xx_small",
+        {},
+        64,
+        "stages.{}.xca",
+        ["1.blocks.1", "2.blocks.5", "3.blocks.1"],
+    ),
     "cait": (  # talking heads in the blocks, then the class token's attention
         "cait_xxs24_224",
         {"img_size": 32, "depth": 2, "depth_token_only": 1},

@@ -3,9 +3,10 @@
 timm's EVA attention (``eva.EvaAttention``: EVA-02 and the DINOv3 ViTs), BEiT's (``beit.Attention``), Swin V2's
 (``swin_transformer_v2.WindowAttention``), the relative-position ViT's (``vision_transformer_relpos.
 RelPosAttention``), PVT v2's (``pvt_v2.Attention``), CaiT's (``cait.ClassAttn``, ``cait.TalkingHeadAttn``),
-DaViT's (``davit.ChannelAttention``, ``ChannelAttentionV2``, ``WindowAttention``) and Twins' (``twins.
-LocallyGroupedAttn``, ``GlobalSubSampleAttn``) read ``B, N, C = x.shape`` from their input and merge the heads'
-outputs with ``reshape(B, N, C)``; CaiT, DaViT and Twins also split their heads by ``C // num_heads``, PVT v2 and
+DaViT's (``davit.ChannelAttention``, ``ChannelAttentionV2``, ``WindowAttention``), Twins' (``twins.
+LocallyGroupedAttn``, ``GlobalSubSampleAttn``) and the cross-covariance attention of XCiT and EdgeNeXt
+(``xcit.XCA``, ``edgenext.CrossCovarianceAttn``) read ``B, N, C = x.shape`` from their input and merge the heads'
+outputs with ``reshape(B, N, C)``; CaiT, DaViT, Twins and XCiT also split their heads by ``C // num_heads``, PVT v2 and
 Twins flatten their reduced key / value map by ``C``. Their inner width (heads times head
 width) must then equal the width of the residual stream they read: a narrower stream breaks the forward pass, and
 channel pruning had to leave the stream out of every such model ("shrinking it breaks the forward pass").
@@ -295,6 +296,22 @@ class TwinsGlobalAttention(_Adopted):
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
 
 
+class CrossCovarianceAttention(_Adopted):
+    """timm's XCiT ``XCA`` and EdgeNeXt's ``CrossCovarianceAttn``: each head attends across its channels, the
+    logits a cosine similarity times a learned temperature per head."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 4, 1).unbind(0)
+        if getattr(self, "fused_attn", False):
+            q = F.normalize(q, dim=-1) * self.temperature
+            x = F.scaled_dot_product_attention(q, F.normalize(k, dim=-1), v, scale=1.0)
+        else:
+            attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.temperature
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(x.permute(0, 3, 1, 2).reshape(b, n, -1)))
+
+
 STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "eva.EvaAttention": EvaAttention,
     TIMM + "beit.Attention": BeitAttention,
@@ -308,4 +325,6 @@ STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "davit.WindowAttention": DavitWindowAttention,
     TIMM + "twins.LocallyGroupedAttn": TwinsLocalAttention,
     TIMM + "twins.GlobalSubSampleAttn": TwinsGlobalAttention,
+    TIMM + "xcit.XCA": CrossCovarianceAttention,
+    TIMM + "edgenext.CrossCovarianceAttn": CrossCovarianceAttention,
 }

@@ -74,6 +74,8 @@ FAMILIES = {
     "cait": ("cait_xxs24_224", {"img_size": 32, "depth": 2, "depth_token_only": 1}, 32),  # talking heads, class attn
     "davit": ("davit_tiny", {"depths": (1, 1, 1, 1)}, 64),  # channel attention and window attention in turn
     "twins": ("twins_svt_small", {"depths": (2, 2, 2, 2)}, 64),  # padded windows, then keys from a reduced map
+    "xcit": ("xcit_nano_12_p8_224", {"img_size": 32, "depth": 2}, 32),  # cross-covariance attention, class attn
+    "edgenext": ("edgenext_xx_small", {}, 64),  # convolutions on uneven chunks (x.chunk of 88: 30, 30, 28), XCA
     "swin": (  # windowed attention with shifts, relative position bias, patch merging
         "swin_tiny_patch4_window7_224",
         {"img_size": 64, "window_size": 4, "depths": (2, 2, 2, 2), "embed_dim": 32, "num_heads": (1, 2, 4, 8)},
@@ -712,6 +714,54 @@ def test_each_chunk_of_a_split_maps_to_the_layer_that_reads_it(split: str, group
         assert model.conv1.out_channels == 4 * model.convs[0].in_channels == 8
 
 
+class UnevenChunks(nn.Module):
+    """EdgeNeXt's split-transpose block where the chunk count does not divide the width: ``x.chunk(4, 1)`` of 22
+    channels cuts 6, 6, 6 and 4. The first three feed convolutions (the second and third summed with the previous
+    convolution's output first), the last is concatenated as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 22, 1)
+        self.convs = nn.ModuleList(nn.Conv2d(6, 6, 3, padding=1) for _ in range(3))
+        self.conv3 = nn.Conv2d(22, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunks = self.conv1(x).chunk(4, 1)
+        out, paths = chunks[0], []
+        for i, conv in enumerate(self.convs):
+            out = torch.relu(conv(out if i == 0 else out + chunks[i]))
+            paths.append(out)
+        return self.conv3(torch.cat([*paths, chunks[-1]], 1))
+
+
+def test_a_narrower_last_chunk_keeps_the_chunks_as_the_forward_cuts_them():
+    # Was: the chunks were not of one width, so each channel was a unit of its own; every selection the probes
+    # tried happened to cut where x.chunk would, but the budget's did not, and timm's EdgeNeXt stopped with "MACs
+    # of a shrunk candidate could not be counted: ... expected input[1, 18, 4, 4] to have 20 channels". Channel c
+    # of every chunk goes together; the channels of the first three past the last one's width go all together
+    # with channel 3 of each (removing them leaves four equal chunks, which x.chunk cuts as the layers were cut,
+    # and keeping any unit keeps a channel in the last chunk: x.chunk(4, 1) of 6 channels gives three chunks).
+    torch.manual_seed(0)
+    model, x = UnevenChunks().eval(), torch.randn(2, 3, 6, 6)
+    node = next(n for n in StructureGraph(model, x).dg.module2node.values() if n.type == ops.OPTYPE.SPLIT)
+    assert (node.module.equal_chunks, node.module.last_chunk) == ((4, 6), 4)
+    units = {u.name: u for u in regrow.structural.prepare(model, pattern="channel", example_inputs=x).units}
+    tail = (3, 4, 5, 9, 10, 11, 15, 16, 17, 21)
+    assert units["conv1"].group.unit_channels == [(0, 6, 12, 18), (1, 7, 13, 19), (2, 8, 14, 20), tail]
+    widths = set()
+    for sparsity in (0.25, 0.5, 0.75):
+        torch.manual_seed(sparsity * 8)
+        model = UnevenChunks().eval()
+        report = regrow.structural.shrink(
+            model, pattern="channel", sparsity=sparsity, targets="conv1", example_inputs=x
+        )
+        assert report.equivalence.passed
+        width = model.conv1.out_channels
+        assert [c.in_channels for c in model.convs] == [-(-width // 4)] * 3, (width, model.convs)
+        widths.add(width)
+    assert len(widths) == 3 and max(widths) < 22, widths
+
+
 class HalfWithTwoReaders(nn.Module):
     """A CSPNet stage: the expansion split in halves; the first half feeds a block's convolution and its residual
     sum (two consumers of one chunk), the second goes to the concatenation as it is."""
@@ -755,6 +805,34 @@ def test_a_split_of_channels_after_a_three_dimensional_parameter_keeps_its_index
     assert conv1["excluded"] is None and (conv1["units_before"], conv1["units_after"]) == (4, 2)
     assert report.equivalence.passed and model.scale.shape == (8, 1, 1)
     assert [c.in_channels for c in model.convs] == [2, 2, 2] and model.conv3.in_channels == 2 + 2 + 2 + 2
+
+
+class TimeHalves(nn.Module):
+    """A Conv1d's ``(B, C, L)`` output scaled by a loose ``(1, C, 1)`` parameter (as an audio codec's Snake
+    activation), cut in halves along its length, which gate each other before one more convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Conv1d(4, 16, 3, padding=1), nn.Conv1d(16, 16, 3, padding=1)
+        self.scale = nn.Parameter(torch.rand(1, 16, 1) + 0.5)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = (torch.relu(self.a(x)) * self.scale).chunk(2, -1)
+        return self.fc(self.c(first * second.sigmoid()).mean(-1))
+
+
+def test_a_split_along_the_length_of_a_channels_first_sequence_keeps_torch_prunings_mapping_off():
+    # The mappings turned back on for splits along the last of three dimensions are for tokens' channels (EVA-02's
+    # gated MLP); a Conv1d's output cut along its length is not that, and mapping its channels by the chunks'
+    # offsets in time left `a` out ("IndexError: index 16 is out of bounds").
+    torch.manual_seed(0)
+    model, x = TimeHalves().eval(), torch.randn(2, 4, 12)
+    node = next(n for n in StructureGraph(model, x).dg.module2node.values() if n.type == ops.OPTYPE.SPLIT)
+    assert not node.enable_index_mapping
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, example_inputs=x)
+    assert report.equivalence.passed and {g["name"]: g["excluded"] for g in report.groups}["a"] is None
+    assert model.a.out_channels < 16 and model.scale.shape == (1, model.a.out_channels, 1)
 
 
 class Multiplier(nn.Module):

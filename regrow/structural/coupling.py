@@ -251,12 +251,30 @@ def couple(dg: Any, reached: Walk, channels: int) -> Coupling | None:
                     classes.union(owner, r)  # two root channels that cut the same index go together
     for key, (node, handler, _) in members.items():
         groups, size = member_groups(dg, node.module, handler)
+        last = size
         if groups == 1:
             groups, size = equal_chunks(node.module)
+            last = getattr(node.module, "last_chunk", size)
         # one channel per group (the input of a depthwise convolution with a multiplier): a removal would take
         # whole groups, which torch-pruning cannot, so all of them form one unit
         for u in range(size if groups > 1 else 0):
-            roots = [first_owner[key, u + g * size] for g in range(groups) if (key, u + g * size) in first_owner]
+            chunks = range(groups if u < last else groups - 1)
+            roots = [first_owner[key, u + g * size] for g in chunks if (key, u + g * size) in first_owner]
             for r in roots[1:]:
                 classes.union(roots[0], r)
+        # a narrower last chunk (the remainder of x.chunk(n, 1)): the other chunks' channels past its width go
+        # all together, with the last channel of every chunk. Removing them all leaves equal chunks, one channel
+        # narrower; removing some would make the forward, which cuts chunks of ceil(channels / n), cut them
+        # elsewhere than the layers they feed were cut; and while any unit stays, so does the last chunk (x.chunk
+        # returns fewer chunks than asked once the last would be empty).
+        tail = [
+            first_owner[key, u + g * size]
+            for g in range(groups - 1 if groups > 1 else 0)
+            for u in [*range(last, size), last - 1]
+            if (key, u + g * size) in first_owner
+        ]
+        if tail and (key, last - 1 + (groups - 1) * size) in first_owner:
+            tail.append(first_owner[key, last - 1 + (groups - 1) * size])
+        for r in tail[1:]:
+            classes.union(tail[0], r)
     return Coupling(classes.groups(), list(members.values()))

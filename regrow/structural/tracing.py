@@ -280,11 +280,12 @@ def feature_map_mappings(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]
     ``x.chunk(4, 1)`` then sent every channel of the stream to each chunk's convolution (a 42-channel convolution
     cut at index 167), and every group of the stream after the first attention failed its probe. Where the traced
     tensor has four or five dimensions and the split or concatenation is along dim 1, it is a feature map's
-    channels, and the mapping is turned on again. So is it where the tensor has three dimensions and the split or
-    concatenation is along the last, a sequence of tokens' channels: EVA-02's gated MLP chunks its first layer's
-    output in two halves (``x.chunk(2, dim=-1)``) downstream of the position embedding; without the mapping each
-    of the 1,024 channels was a unit of its own, a removal cut the halves unequally, and the probe failed ("The
-    size of tensor a (511) must match the size of tensor b (510)").
+    channels, and the mapping is turned on again. So is it where the tensor has three dimensions, the split or
+    concatenation is along the last, and its first input is as wide there as the channels torch-pruning counts
+    for it: a sequence of tokens' channels (not a Conv1d's ``(B, C, L)`` output cut along its length). EVA-02's
+    gated MLP chunks its first layer's output in two halves (``x.chunk(2, dim=-1)``) downstream of the position
+    embedding; without the mapping each of the 1,024 channels was a unit of its own, a removal cut the halves
+    unequally, and the probe failed ("The size of tensor a (511) must match the size of tensor b (510)").
     """
     for node in dg.module2node.values():
         if node.type not in (ops.OPTYPE.SPLIT, ops.OPTYPE.CONCAT) or node.enable_index_mapping:
@@ -292,8 +293,18 @@ def feature_map_mappings(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]
         dim, shape = _saved_dim(node.grad_fn), outputs.get((node.grad_fn, 0))
         if dim is None or shape is None:
             continue
-        if (len(shape) in (4, 5) and dim % len(shape) == 1) or (len(shape) == 3 and dim % 3 == 2):
+        if (len(shape) in (4, 5) and dim % len(shape) == 1) or (
+            len(shape) == 3 and dim % 3 == 2 and _tokens(dg, node, outputs)
+        ):
             node.enable_index_mapping = True
+
+
+def _tokens(dg: Any, node: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> bool:
+    """Whether the first input of a split or concatenation along the last of three dimensions is a sequence of
+    tokens whose last dimension is its channels: as wide there as torch-pruning's channel count for it."""
+    source = node.inputs[0] if node.inputs else None
+    shape = outputs.get((getattr(source, "grad_fn", None), 0))
+    return shape is not None and len(shape) == 3 and shape[-1] == _channels_in(dg, node)
 
 
 def mark_outputs(module2node: dict[Any, Any], returned: list[Tensor], dg: Any) -> None:
@@ -331,7 +342,8 @@ def fill_split_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -
     order, the widths are the traced ones, and ``chunk_readers`` (consumer -> chunk) gives
     :func:`update_mappings` each consumer's chunk; anything else is left to torch-pruning. A split by one width
     into chunks of that width is marked ``equal_chunks`` (chunks, width): its chunks must each lose as many
-    channels (regrow.structural.coupling).
+    channels (regrow.structural.coupling); ``last_chunk`` is the width of the last, narrower where the width does
+    not divide the channels (EdgeNeXt's ``x.chunk(3, 1)`` of 88 channels: 30, 30 and 28).
     """
     for node in list(dg.module2node.values()):
         fn = node.grad_fn
@@ -346,9 +358,11 @@ def fill_split_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -
         if not sizes or dim % len(sizes[0]) != 1:
             continue  # torch-pruning maps splits of channels only
         widths = [s[1] for s in sizes]
-        # torch.split(x, w, 1) or x.chunk(n, 1): the forward cuts chunks of one width again after surgery
-        if hasattr(fn, "_saved_split_size") and len(set(widths)) == 1:
+        # torch.split(x, w, 1) or x.chunk(n, 1): the forward cuts chunks of one width again after surgery (the
+        # last one narrower where the width does not divide the channels: the remainder)
+        if hasattr(fn, "_saved_split_size") and len(set(widths[:-1])) <= 1 and 0 < widths[-1] <= widths[0]:
             node.module.equal_chunks = (len(widths), widths[0])
+            node.module.last_chunk = widths[-1]
         readers: dict[Any, int] = {}
         for consumer in node.outputs:
             chunks = {nr for f, nr in getattr(consumer.grad_fn, "next_functions", ()) if f is fn}

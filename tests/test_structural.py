@@ -553,6 +553,37 @@ def test_save_refuses_to_overwrite_and_load_checks_the_architecture(tmp_path):
         load(tmp_path, ResidualCNN)
 
 
+class Buffered(nn.Module):
+    """A Linear with two non-persistent buffers as wide as its output: a constant one and a ramp."""
+
+    def __init__(self, ramp: bool = True) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.register_buffer("zeros", torch.zeros(6), persistent=False)
+        if ramp:
+            self.register_buffer("ramp", torch.arange(6.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.zeros
+
+
+def test_load_rebuilds_a_shrunk_buffer_that_is_not_saved_only_where_its_value_is_known(tmp_path):
+    # Non-persistent buffers are not in model.safetensors; load gave a shrunk one uninitialised memory (timm's
+    # zero key bias beside q and v biases, which heads shrink: BEiT's outputs came back different).
+    model = Buffered()
+    model.fc = nn.Linear(4, 3)
+    model.zeros, model.ramp = torch.zeros(3), torch.arange(3.0)
+    save(model, tmp_path / "both")
+    with pytest.raises(RegrowError, match=r"buffer 'ramp' is not saved .* from \[6\] to \[3\]"):
+        load(tmp_path / "both", Buffered)
+    del model._buffers["ramp"]
+    save(model, tmp_path / "zeros")
+    loaded = load(tmp_path / "zeros", lambda: Buffered(ramp=False))
+    assert torch.equal(loaded.zeros, torch.zeros(3)) and "zeros" in loaded._non_persistent_buffers_set
+    x = torch.randn(2, 4)
+    assert torch.equal(loaded(x), model(x))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from regrow.errors import RegrowError
 from regrow.export import load_weights, save_weights
@@ -182,9 +182,28 @@ def apply(model: nn.Module, arch: dict[str, Any]) -> nn.Module:
         for key, (shape, dtype) in entry.get("buffers", {}).items():
             old = module._buffers.get(key)
             if old is not None and (list(old.shape) != shape or old.dtype != _dtype(dtype)):
-                module._buffers[key] = torch.empty(shape, dtype=_dtype(dtype), device=old.device)
+                if key in module._non_persistent_buffers_set:  # model.safetensors has no value for it
+                    module._buffers[key] = _unsaved_buffer(old, shape, _dtype(dtype), name, key)
+                else:
+                    module._buffers[key] = torch.empty(shape, dtype=_dtype(dtype), device=old.device)
     retie(model, ties)
     return model
+
+
+def _unsaved_buffer(old: Tensor, shape: list[int], dtype: torch.dtype, name: str, key: str) -> Tensor:
+    """A non-persistent buffer of the recorded shape: the state dict leaves it out, so its value comes from the
+    factory's. One that holds a single value throughout (timm's zero key bias beside q and v biases, which heads
+    shrink) is that value at the new shape; any other is refused rather than left as uninitialised memory."""
+    flat = old.detach().reshape(-1)
+    if list(old.shape) == shape:
+        return old.detach().to(dtype)
+    if flat.numel() and bool((flat == flat[0]).all()):
+        return torch.full(shape, flat[0].item(), dtype=dtype, device=old.device)
+    raise RegrowError(
+        f"cannot rebuild module {name!r}: its buffer {key!r} is not saved with the weights (non-persistent), "
+        f"pruning changed its shape from {list(old.shape)} to {shape}, and the factory's holds more than one value, "
+        "so the values that go with the new shape are unknown."
+    )
 
 
 def _refuse(name: str, problem: str) -> RegrowError:

@@ -144,6 +144,20 @@ def test_a_stand_in_that_fails_on_the_module_is_not_swapped_in(monkeypatch):
     assert convert_standins(model) == names  # without an example batch (as on load), nothing is compared
 
 
+def test_the_comparison_runs_in_eval_mode_and_leaves_the_modes_as_they_were():
+    # dropout in training mode would make the stand-in and timm's module differ draw by draw
+    model, x, names = build("beit", attn_drop_rate=0.5, proj_drop_rate=0.5)
+    model.train()
+    assert convert_standins(model, x) == names
+    assert all(m.training for m in model.modules())
+
+
+def test_nothing_is_swapped_where_the_example_batch_does_not_run():
+    model, x, names = build("beit")
+    assert convert_standins(model, torch.randn(2, 3, 40, 40)) == []  # a size the model was not built for
+    assert type(model.blocks[0].attn).__module__ == "timm.models.beit"
+
+
 def test_a_module_the_example_batch_does_not_reach_is_left_as_it_is():
     model, x, names = build("vit_relpos")
     model.blocks = model.blocks[:1]
@@ -152,20 +166,40 @@ def test_a_module_the_example_batch_does_not_reach_is_left_as_it_is():
         assert convert_standins(model, x) == ["blocks.0.attn"]
 
 
-@pytest.mark.parametrize("family", ["eva02", "swinv2"])
-def test_a_pruned_model_saves_and_loads_with_timms_stand_ins(tmp_path, family):
+@pytest.mark.parametrize(("family", "pattern"), [("eva02", "channel"), ("swinv2", "channel"), ("beit", "head")])
+def test_a_pruned_model_saves_and_loads_with_timms_stand_ins(tmp_path, family, pattern):
+    # with heads gone, BEiT's zero key bias (a buffer the state dict leaves out) came back as uninitialised memory
     model, x, names = build(family)
     dense = copy.deepcopy(model)
-    report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+    budget = {"macs": 0.5} if pattern == "channel" else {"sparsity": 0.5}
+    report = regrow.prune(model, pattern=pattern, example_inputs=x, keep_dense=False, **budget).structure
     assert report.equivalence.passed and report.standins == names
-    # the residual streams the stand-ins write to shrank (which ones depends on the weights)
-    assert any(model.get_submodule(n).proj.out_features < dense.get_submodule(n).proj.out_features for n in names)
+    # the residual streams the stand-ins write to shrank, or their heads (which ones depends on the weights)
+    shrunk = [
+        n for n in names if model.get_submodule(n).proj.weight.numel() < dense.get_submodule(n).proj.weight.numel()
+    ]
+    assert shrunk
     regrow.save(model, tmp_path / family)
     name, kwargs, *_ = MODELS[family]
     loaded = regrow.load(tmp_path / family, lambda: timm.create_model(name, num_classes=10, **kwargs)).eval()
     assert type(loaded.get_submodule(names[0])) is type(model.get_submodule(names[0]))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+    for name in names:
+        bias = getattr(loaded.get_submodule(name), "k_bias", None)
+        assert bias is None or torch.equal(bias, torch.zeros_like(bias))
+
+
+def test_the_stand_ins_answer_for_the_methods_of_timms_modules():
+    # Was: "'SwinV2WindowAttention' object has no attribute 'set_window_size'" from model.set_input_size
+    for family in ("swinv2", "beit"):
+        model, x, names = build(family)
+        assert convert_standins(model, x) == names
+        model.set_input_size(img_size=(64, 64))
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    with pytest.raises(AttributeError, match="no_such_method"):
+        model.get_submodule(names[0]).no_such_method()
 
 
 @pytest.mark.parametrize("family", ["beit", "swinv2"])

@@ -41,13 +41,16 @@ def convert_standins(model: nn.Module, inputs: Any = None) -> list[str]:
     model that is itself such a module is left as it is (it has no parent to hold its stand-in).
 
     With ``inputs`` (the model's example batch), each stand-in is first compared with its original on what the
-    original received in one forward pass; one whose output differs, or that the pass does not reach, is not
-    swapped in, and a warning names it. Without, every module that has a stand-in is swapped (as on load, where
-    ``arch.json`` records the swaps that were compared before)."""
+    original received in one forward pass (in eval mode; the modes are restored); one whose output differs, or
+    that the pass does not reach, is not swapped in, and a warning names it; where the batch does not run at all,
+    nothing is. Without, every module that has a stand-in is swapped (as on load, where ``arch.json`` records the
+    swaps that were compared before)."""
     found = [(name, module) for name, module in model.named_modules() if name and standin_for(module) is not None]
     if not found:
         return []
     kept = _compare(model, found, inputs) if inputs is not None else {}
+    if kept is None:
+        return []
     converted = []
     for name, module in found:
         if name in kept:
@@ -62,39 +65,40 @@ def convert_standins(model: nn.Module, inputs: Any = None) -> list[str]:
     return converted
 
 
-def _compare(model: nn.Module, found: list[tuple[str, nn.Module]], inputs: Any) -> dict[str, str]:
-    """Why each stand-in that does not give its original's output on the example batch differs, by name."""
-    calls: dict[str, tuple[tuple[Any, ...], dict[str, Any], Any]] = {}
+def _compare(model: nn.Module, found: list[tuple[str, nn.Module]], inputs: Any) -> dict[str, str] | None:
+    """Why each stand-in that does not give its original's output on the example batch differs, by name (None
+    when the example batch does not run: the checks that follow report that, and nothing is swapped). The
+    pass runs in eval mode (no dropout, no running statistics updated), each stand-in on its original's first call
+    as it returns (nothing kept past it), and the modes are restored after."""
+    differ: dict[str, str] = {}
 
-    def recorder(name: str) -> Any:
+    def comparer(name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            calls.setdefault(name, (args, kwargs, output))
+            if name in differ:
+                return  # compared on its first call
+            try:
+                why = _difference(standin_for(module)(module).eval()(*args, **kwargs), output)
+            except Exception as error:  # a version of the library whose module the stand-in does not know
+                why = f"{type(error).__name__}: {error}"
+            differ[name] = "" if why is None else f"does not compute what it computes ({why})"
 
         return hook
 
-    handles = [module.register_forward_hook(recorder(name), with_kwargs=True) for name, module in found]
+    modes = {m: m.training for m in model.modules()}
+    handles = [module.register_forward_hook(comparer(name), with_kwargs=True) for name, module in found]
     try:
         with torch.no_grad():
-            forward(model, inputs)
+            forward(model.eval(), inputs)
     except Exception:  # the checks that follow report a model that cannot run its example batch
-        return {}
+        return None
     finally:
         for handle in handles:
             handle.remove()
-    differ = {}
-    for name, module in found:
-        if name not in calls:
-            differ[name] = "could not be compared with it: the example batch does not reach it"
-            continue
-        args, kwargs, expected = calls[name]
-        try:
-            with torch.no_grad():
-                why = _difference(standin_for(module)(module).train(module.training)(*args, **kwargs), expected)
-        except Exception as error:  # a version of the library whose module the stand-in does not know
-            why = f"{type(error).__name__}: {error}"
-        if why is not None:
-            differ[name] = f"does not compute what it computes ({why})"
-    return differ
+        for m, mode in modes.items():
+            m.training = mode
+    for name, _ in found:
+        differ.setdefault(name, "could not be compared with it: the example batch does not reach it")
+    return {name: why for name, why in differ.items() if why}
 
 
 def _difference(got: Any, expected: Any) -> str | None:

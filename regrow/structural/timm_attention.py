@@ -15,8 +15,10 @@ Each stand-in here computes its original's function with the same operations in 
 heads with ``reshape(B, N, -1)`` (and splits and flattens by the widths its layers give), so that the inner width
 is the projections' own. It takes over its original's submodules, parameters, buffers (persistent or not) and
 attributes under the same names (not hooks put on the original: they stay with it, as with the torchvision
-stand-ins): state dicts load either way, and helpers the forward shares with its original (BEiT's relative
-position bias, EVA's rotary embedding) are timm's own, read from the original's class and module. timm changes its
+stand-ins): state dicts load either way, the original class's other methods (``set_window_size``,
+``reset_parameters``, ...) are found on the stand-in, bound to it, and helpers the forward shares with its
+original (BEiT's relative position bias, EVA's rotary embedding) are timm's own, read from the original's class
+and module. timm changes its
 modules between versions, so :func:`regrow.structural.standins.convert_standins` runs each stand-in on what its
 original received on the example batch and keeps the original, saying so, where the outputs differ. timm is never
 imported here: the originals are recognised by their module and class name.
@@ -24,8 +26,10 @@ imported here: the originals are recognised by their module and class name.
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
+import types
 from typing import Any
 
 import torch
@@ -50,6 +54,23 @@ class _Adopted(nn.Module):
                 self.__dict__[key] = value
         self._original = type(source)
         self.train(source.training)
+
+    def __getattr__(self, name: str) -> Any:
+        """Parameters, buffers and submodules as any module; then the original class's own methods, bound to the
+        stand-in (timm's ``set_window_size``, ``reset_parameters``, ...: they read and set the attributes the
+        stand-in took over)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_original")
+            found = inspect.getattr_static(original, name, None) if original is not None else None
+            if isinstance(found, staticmethod):
+                return found.__func__
+            if isinstance(found, classmethod):
+                return types.MethodType(found.__func__, original)
+            if inspect.isfunction(found) and not name.startswith("__"):
+                return types.MethodType(found, self)
+            raise
 
     def _helper(self, name: str) -> Any:
         """A function of the module that defines the original class (timm's own helpers)."""

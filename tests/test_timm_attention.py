@@ -69,6 +69,14 @@ MODELS = {
         "stages.{}.xca",
         ["1.blocks.1", "2.blocks.5", "3.blocks.1"],
     ),
+    "swinv2_cr": (
+        "swinv2_cr_tiny_224",
+        {"img_size": 64, "window_size": 4, "depths": (1, 1, 1, 1)},
+        64,
+        "stages.{}.blocks.{}.attn",
+        (1, 1, 1, 1),
+    ),
+    "nest": ("nest_tiny", {"img_size": 32}, 32, "levels.{}.transformer_encoder.{}.attn", (2, 2, 8)),
     "cait": (  # talking heads in the blocks, then the class token's attention
         "cait_xxs24_224",
         {"img_size": 32, "depth": 2, "depth_token_only": 1},

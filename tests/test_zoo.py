@@ -76,6 +76,8 @@ FAMILIES = {
     "twins": ("twins_svt_small", {"depths": (2, 2, 2, 2)}, 64),  # padded windows, then keys from a reduced map
     "xcit": ("xcit_nano_12_p8_224", {"img_size": 32, "depth": 2}, 32),  # cross-covariance attention, class attn
     "edgenext": ("edgenext_xx_small", {}, 64),  # convolutions on uneven chunks (x.chunk of 88: 30, 30, 28), XCA
+    "swinv2_cr": ("swinv2_cr_tiny_224", {"img_size": 64, "window_size": 4, "depths": (1, 1, 1, 1)}, 64),
+    "nest": ("nest_tiny", {"img_size": 32}, 32),  # attention within image blocks, heads merged channel-major
     "swin": (  # windowed attention with shifts, relative position bias, patch merging
         "swin_tiny_patch4_window7_224",
         {"img_size": 64, "window_size": 4, "depths": (2, 2, 2, 2), "embed_dim": 32, "num_heads": (1, 2, 4, 8)},

@@ -4,9 +4,9 @@
 
 1. every ``nn.MultiheadAttention`` is swapped for regrow's equivalent with prunable heads, and torchvision's
    Swin and MaxViT attention, Swin's patch merging, ShuffleNetV2's block and timm's attention modules that
-   merge their heads with their input's width (EVA, BEiT, Swin V2, relative-position ViT, PVT v2, CaiT) for
-   stand-ins that channel pruning can follow, each compared with its original on the example batch
-   (regrow.structural.standins);
+   merge their heads with their input's width (EVA, BEiT, Swin V2 and V2 CR, relative-position ViT, PVT v2,
+   CaiT, DaViT, Twins, XCiT, EdgeNeXt, NesT) for stand-ins that channel pruning can follow, each compared with
+   its original on the example batch (regrow.structural.standins);
 2. the coupled groups are found (channels: torch-pruning's dependency graph, with regrow's corrections for
    channels-last layouts and its units of channels that can only go together; heads: attention modules);
 3. the groups are probed: a few units of each are removed on a copy and checked against the simulation

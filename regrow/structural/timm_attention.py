@@ -4,12 +4,13 @@ timm's EVA attention (``eva.EvaAttention``: EVA-02 and the DINOv3 ViTs), BEiT's 
 (``swin_transformer_v2.WindowAttention``), the relative-position ViT's (``vision_transformer_relpos.
 RelPosAttention``), PVT v2's (``pvt_v2.Attention``), CaiT's (``cait.ClassAttn``, ``cait.TalkingHeadAttn``),
 DaViT's (``davit.ChannelAttention``, ``ChannelAttentionV2``, ``WindowAttention``), Twins' (``twins.
-LocallyGroupedAttn``, ``GlobalSubSampleAttn``) and the cross-covariance attention of XCiT and EdgeNeXt
-(``xcit.XCA``, ``edgenext.CrossCovarianceAttn``) read ``B, N, C = x.shape`` from their input and merge the heads'
-outputs with ``reshape(B, N, C)``; CaiT, DaViT, Twins and XCiT also split their heads by ``C // num_heads``, PVT v2 and
-Twins flatten their reduced key / value map by ``C``. Their inner width (heads times head
-width) must then equal the width of the residual stream they read: a narrower stream breaks the forward pass, and
-channel pruning had to leave the stream out of every such model ("shrinking it breaks the forward pass").
+LocallyGroupedAttn``, ``GlobalSubSampleAttn``), the cross-covariance attention of XCiT and EdgeNeXt (``xcit.XCA``,
+``edgenext.CrossCovarianceAttn``), Swin V2 CR's (``swin_transformer_v2_cr.WindowMultiHeadAttention``) and NesT's
+(``nest.Attention``) read ``B, N, C = x.shape`` from their input and merge the heads' outputs with
+``reshape(B, N, C)``; most also split their heads by ``C // num_heads``, PVT v2 and Twins flatten their reduced
+key / value map by ``C``. Their inner width (heads times head width) must then equal the width of the residual
+stream they read: a narrower stream breaks the forward pass, and channel pruning had to leave the stream out of
+every such model ("shrinking it breaks the forward pass").
 
 Each stand-in here computes its original's function with the same operations in the same order, but merges the
 heads with ``reshape(B, N, -1)`` (and splits and flattens by the widths its layers give), so that the inner width
@@ -333,6 +334,37 @@ class CrossCovarianceAttention(_Adopted):
         return self.proj_drop(self.proj(x.permute(0, 3, 1, 2).reshape(b, n, -1)))
 
 
+class SwinV2CrWindowAttention(_Adopted):
+    """timm's Swin V2 CR ``WindowMultiHeadAttention`` (cosine attention, a position MLP over log-spaced offsets,
+    shift mask); its position encodings are the original class's method."""
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        bw, n, _ = x.shape
+        q, k, v = self.qkv(x).view(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        scale = torch.clamp(self.logit_scale.reshape(1, self.num_heads, 1, 1), max=math.log(1.0 / 0.01)).exp()
+        attn = attn * scale + self._original._relative_positional_encodings(self)
+        if mask is not None:
+            windows = mask.shape[0]
+            attn = attn.view(bw // windows, windows, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, n, n)
+        x = (self.attn_drop(attn.softmax(dim=-1)) @ v).transpose(1, 2).reshape(bw, n, -1)
+        return self.proj_drop(self.proj(x))
+
+
+class NestAttention(_Adopted):
+    """timm's NesT ``Attention``: attention within each image block; heads merged channel-major, as NesT does."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, n, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5).unbind(0)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=_dropout_p(self))
+        else:
+            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(x.permute(0, 2, 3, 4, 1).reshape(b, t, n, -1)))
+
+
 STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "eva.EvaAttention": EvaAttention,
     TIMM + "beit.Attention": BeitAttention,
@@ -348,4 +380,6 @@ STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "twins.GlobalSubSampleAttn": TwinsGlobalAttention,
     TIMM + "xcit.XCA": CrossCovarianceAttention,
     TIMM + "edgenext.CrossCovarianceAttn": CrossCovarianceAttention,
+    TIMM + "swin_transformer_v2_cr.WindowMultiHeadAttention": SwinV2CrWindowAttention,
+    TIMM + "nest.Attention": NestAttention,
 }

@@ -94,6 +94,14 @@ def _dropout_p(module: nn.Module) -> float:
     return module.attn_drop.p if module.training else 0.0
 
 
+def _attend(module: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Attention without mask or bias as most of timm's modules compute it: fused where the module says so,
+    otherwise scaled by ``module.scale``, softmax, ``attn_drop``, then the values."""
+    if module.fused_attn:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=_dropout_p(module))
+    return module.attn_drop(((q * module.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+
+
 class EvaAttention(_Adopted):
     """timm's ``EvaAttention`` (fused or separate projections, rotary embedding, gate, scale norm)."""
 
@@ -210,10 +218,7 @@ class PvtAttention(_Adopted):
         elif self.sr is not None:
             x = self.norm(self.sr(x.permute(0, 2, 1).reshape(b, c, h, w)).flatten(2).permute(0, 2, 1))
         k, v = self.kv(x).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=_dropout_p(self))
-        else:
-            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        x = _attend(self, q, k, v)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
 
 
@@ -225,10 +230,7 @@ class CaitClassAttention(_Adopted):
         q = self.q(x[:, 0]).unsqueeze(1).reshape(b, 1, self.num_heads, -1).permute(0, 2, 1, 3)
         k = self.k(x).reshape(b, n, self.num_heads, -1).permute(0, 2, 1, 3)
         v = self.v(x).reshape(b, n, self.num_heads, -1).permute(0, 2, 1, 3)
-        if self.fused_attn:
-            x_cls = F.scaled_dot_product_attention(q, k, v, dropout_p=_dropout_p(self))
-        else:
-            x_cls = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        x_cls = _attend(self, q, k, v)
         return self.proj_drop(self.proj(x_cls.transpose(1, 2).reshape(b, 1, -1)))
 
 
@@ -291,10 +293,7 @@ class TwinsLocalAttention(_Adopted):
         x = x.reshape(b, gh, self.ws, gw, self.ws, c).transpose(2, 3)
         qkv = self.qkv(x).reshape(b, gh * gw, self.ws * self.ws, 3, self.num_heads, -1).permute(3, 0, 1, 4, 2, 5)
         q, k, v = qkv.unbind(0)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=_dropout_p(self))
-        else:
-            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        x = _attend(self, q, k, v)
         x = x.transpose(2, 3).reshape(b, gh, gw, self.ws, self.ws, -1)
         x = x.transpose(2, 3).reshape(b, gh * self.ws, gw * self.ws, -1)
         if pad_r > 0 or pad_b > 0:
@@ -311,10 +310,7 @@ class TwinsGlobalAttention(_Adopted):
         if self.sr is not None:
             x = self.norm(self.sr(x.permute(0, 2, 1).reshape(b, c, *size)).flatten(2).permute(0, 2, 1))
         k, v = self.kv(x).reshape(b, -1, 2, self.num_heads, q.shape[-1]).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=_dropout_p(self))
-        else:
-            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        x = _attend(self, q, k, v)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
 
 
@@ -358,10 +354,7 @@ class NestAttention(_Adopted):
     def forward(self, x: Tensor) -> Tensor:
         b, t, n, _ = x.shape
         q, k, v = self.qkv(x).reshape(b, t, n, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5).unbind(0)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=_dropout_p(self))
-        else:
-            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        x = _attend(self, q, k, v)
         return self.proj_drop(self.proj(x.permute(0, 2, 3, 4, 1).reshape(b, t, n, -1)))
 
 

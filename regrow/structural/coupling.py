@@ -267,14 +267,13 @@ def couple(dg: Any, reached: Walk, channels: int) -> Coupling | None:
         # narrower; removing some would make the forward, which cuts chunks of ceil(channels / n), cut them
         # elsewhere than the layers they feed were cut; and while any unit stays, so does the last chunk (x.chunk
         # returns fewer chunks than asked once the last would be empty).
-        tail = [
-            first_owner[key, u + g * size]
-            for g in range(groups - 1 if groups > 1 else 0)
-            for u in [*range(last, size), last - 1]
-            if (key, u + g * size) in first_owner
-        ]
-        if tail and (key, last - 1 + (groups - 1) * size) in first_owner:
-            tail.append(first_owner[key, last - 1 + (groups - 1) * size])
-        for r in tail[1:]:
-            classes.union(tail[0], r)
+        if groups > 1 and last < size:
+            tail = [
+                first_owner[key, u + g * size]
+                for g in range(groups)
+                for u in (range(last - 1, size) if g < groups - 1 else [last - 1])
+                if (key, u + g * size) in first_owner
+            ]
+            for r in tail[1:]:
+                classes.union(tail[0], r)
     return Coupling(classes.groups(), list(members.values()))

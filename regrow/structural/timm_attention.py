@@ -150,14 +150,14 @@ class BeitAttention(_Adopted):
         q, k, v = _fused_qkv(self, x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         own = self.relative_position_bias_table is not None
         if self.fused_attn:
-            bias = self._original._get_rel_pos_bias(self) if own else None
+            bias = self._get_rel_pos_bias() if own else None
             if shared_rel_pos_bias is not None:
                 bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=_dropout_p(self))
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if own:
-                attn = attn + self._original._get_rel_pos_bias(self)
+                attn = attn + self._get_rel_pos_bias()
             if shared_rel_pos_bias is not None:
                 attn = attn + shared_rel_pos_bias
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
@@ -339,7 +339,7 @@ class SwinV2CrWindowAttention(_Adopted):
         q, k, v = self.qkv(x).view(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
         scale = torch.clamp(self.logit_scale.reshape(1, self.num_heads, 1, 1), max=math.log(1.0 / 0.01)).exp()
-        attn = attn * scale + self._original._relative_positional_encodings(self)
+        attn = attn * scale + self._relative_positional_encodings()
         if mask is not None:
             windows = mask.shape[0]
             attn = attn.view(bw // windows, windows, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)

@@ -67,7 +67,7 @@ def save_pretrained(
             f"regrow.hf.save_pretrained needs a Hugging Face model (one with .save_pretrained); got "
             f"{type(model).__name__}. Save other models with regrow.save."
         )
-    config = shrunk_config(model) if masks.structure is not None else None
+    config = shrunk_config(model) if masks.structure is not None or _shrunk(model) else None
     bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
     if bad:
         raise RegrowError(f"the model holds NaN or infinite weights (in {', '.join(bad[:3])}); nothing was written.")
@@ -185,6 +185,15 @@ def _built(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
         ) from None
 
 
+def _shrunk(model: nn.Module) -> bool:
+    """Whether the model's tensors differ in shape from those its config builds (shrunk without the masks saying
+    so: by hand, or the masks of another step)."""
+    try:
+        return _shapes(model) != _built(model, model.config)
+    except RegrowError:  # a class that does not build from its config alone: nothing to compare with
+        return False
+
+
 def _uniform(values: set[int], what: str) -> int:
     if len(values) != 1:
         raise RegrowError(
@@ -211,9 +220,12 @@ def shrunk_config(model: nn.Module) -> Any:
                 setattr(config, key, heads)
         if isinstance(getattr(config, "num_key_value_heads", None), int):
             config.num_key_value_heads = _uniform({g.units for g in attention}, "numbers of key/value heads")
-        if isinstance(getattr(config, "head_dim", None), int):
+        stated = getattr(config, "head_dim", None)
+        if isinstance(stated, int) or (stated is None and isinstance(getattr(config, "hidden_size", None), int)):
+            # stated, also where the class would derive it as the hidden size over the heads (Phi-3)
             config.head_dim = _uniform({g.head_dim for g in attention}, "head sizes")
     before, now = _built(model, model.config), _shapes(model)
+    projections = tuple(f"{m}." for g in attention for m in g.members)  # not the FFN, whatever their widths
     for key in FFN_KEYS:
         old = getattr(config, key, None)
         if key == "n_inner" and old is None and isinstance(getattr(config, "n_embd", None), int):
@@ -223,7 +235,7 @@ def shrunk_config(model: nn.Module) -> Any:
         widths = {
             new
             for name, shape in now.items()
-            if name in before and before[name] != shape
+            if name in before and before[name] != shape and not name.startswith(projections)
             for was, new in zip(before[name], shape, strict=False)
             if was == old and new != old
         }

@@ -77,7 +77,8 @@ def test_each_family_loses_ffn_channels_and_a_decoders_hidden_size_with_the_chec
 
 
 @pytest.mark.parametrize(
-    "name", ["llama", "qwen2", "mistral", "gemma", "gpt2", "opt", "bert", "qwen3", "gemma2", "gemma3", "granite"]
+    "name",
+    ["llama", "qwen2", "mistral", "phi3", "gemma", "gpt2", "opt", "bert", "qwen3", "gemma2", "gemma3", "granite"],
 )
 def test_each_family_loses_whole_heads(name):
     model = _build(name)

@@ -150,6 +150,33 @@ def test_llama_with_heads_removed_uniformly_saves_with_its_config_updated(tmp_pa
     assert json.loads((folder / "regrow.json").read_text())["structure"]["pattern"] == "head"
 
 
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_phi3_with_heads_removed_uniformly_saves_with_its_head_size_stated(tmp_path, kv_heads):
+    # Phi-3 derives its head size as hidden_size // num_attention_heads: with half its heads gone that gave 16, not
+    # 8 ("o_proj.weight is (32, 16), and the config (widths updated) gives (32, 32)"); with grouped queries the
+    # fused projection's old width (64) also equalled intermediate_size, which was then set to its new width (32).
+    config = transformers.Phi3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, max_position_embeddings=32, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(config).eval()
+    ids = {"input_ids": torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))}
+    masks = regrow.prune(model, pattern="head", sparsity=0.5, scope="layer", example_inputs=ids["input_ids"])
+    folder = save_pretrained(model, masks, tmp_path / "out")
+    saved = json.loads((folder / "config.json").read_text())
+    expected = (2, kv_heads // 2, 8, 64)
+    assert (
+        saved["num_attention_heads"],
+        saved["num_key_value_heads"],
+        saved["head_dim"],
+        saved["intermediate_size"],
+    ) == expected
+    with torch.no_grad():
+        expect = model(**ids).logits.flatten()
+    assert torch.equal(_loaded_outputs(folder, "AutoModelForCausalLM", ids), expect)
+
+
 def test_llama_with_a_narrower_hidden_size_saves_with_its_config_updated(tmp_path):
     # the residual stream is a channel group of its own: embeddings, every norm (LlamaRMSNorm), the projections'
     # inputs and outputs, lm_head's inputs; the config states it as hidden_size (head_dim stays explicit)

@@ -1,14 +1,18 @@
 """Heads of current decoder layouts: Llama (grouped-query attention, no head-count attribute) and GPT-2 (Conv1D)."""
 
 import copy
+import json
+import types
 
 import pytest
 import torch
 
 import regrow
 from conftest import tiny_llama
+from regrow.hf import save_pretrained
 from regrow.structural.graph import find_attention
 from regrow.structural.heads import head_group
+from regrow.structural.layer_config import bind
 
 transformers = pytest.importorskip("transformers")
 
@@ -299,17 +303,101 @@ def test_a_group_whose_channels_are_the_output_is_left_out_saying_so(pooler):
         assert tuple(model(ids).pooler_output.shape) == (2, 32)
 
 
-def test_phi3_fused_grouped_query_attention_is_refused_with_the_reason():
-    # Phi-3 packs q, k and v of different widths into one qkv_proj; read as three equal thirds it was reported
-    # as "inner width 21 does not fit 2 heads". Its channels (FFN, hidden size) still prune.
+def _tiny_phi3(kv_heads: int, layers: int = 1):
     config = transformers.Phi3Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=kv_heads, max_position_embeddings=32, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = transformers.Phi3ForCausalLM(config).eval()
+    return transformers.Phi3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_phi3_heads_leave_its_fused_projection_with_their_rows_and_its_layer_reads_its_own_head_count(kv_heads):
+    # Phi-3 (and Phi-4) packs q, then k and v of kv_heads each, into one qkv_proj, and splits it in its forward
+    # at config.num_attention_heads * head_dim: a config every layer shares. With grouped queries it was refused
+    # ("fused q/k/v projection holds grouped-query attention"), without them "shrinking it breaks the forward
+    # pass (mat1 and mat2 shapes cannot be multiplied (24x24 and 8x32))".
+    model = _tiny_phi3(kv_heads)
+    dense = copy.deepcopy(model)
+    attn, old = model.model.layers[0].self_attn, dense.model.layers[0].self_attn
+    group = head_group("model.layers.0.self_attn", attn, model)
+    assert (group.heads, group.head_dim, group.units, group.excluded) == (4, 8, kv_heads, None)
+    w, o = old.qkv_proj.weight.detach(), old.o_proj.weight.detach()
+    q, k, v = w[:32].view(4, 8, 32), w[32 : 32 + 8 * kv_heads].view(kv_heads, 8, 32), w[32 + 8 * kv_heads :]
+    per_query = q.pow(2).sum(dim=(1, 2)) + o.view(32, 4, 8).pow(2).sum(dim=(0, 2))
+    per_unit = k.pow(2).sum(dim=(1, 2)) + v.view(kv_heads, 8, 32).pow(2).sum(dim=(1, 2))
+    expected = per_query.view(kv_heads, -1).sum(dim=1) + per_unit
+    assert torch.allclose(group.scores(dense, use_grad=False), expected, rtol=1e-6)
+
+    group.apply(model, [0])  # the first key/value head goes with its query heads
+    queries = 4 // kv_heads
+    assert (
+        attn.qkv_proj.out_features == 8 * (4 - queries) + 2 * 8 * (kv_heads - 1)
+        and attn.o_proj.in_features == 32 - 8 * queries
+    )
+    kept = w.view(-1, 8, 32)[[h for h in range(4 + 2 * kv_heads) if h not in (*range(queries), 4, 4 + kv_heads)]]
+    assert torch.equal(attn.qkv_proj.weight, kept.reshape(-1, 32))
+    assert torch.equal(attn.o_proj.weight, o[:, 8 * queries :])
+    assert attn.config.num_attention_heads == 4 - queries and model.config.num_attention_heads == 4
+    assert attn.num_key_value_heads == attn.config.num_key_value_heads == kv_heads - 1
+    assert attn.num_key_value_groups == queries
+
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(regrow.RegrowError, match=r"fused q/k/v projection holds grouped-query attention \(2 query"):
-        regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=ids)
-    masks = regrow.prune(model, pattern="channel", sparsity=0.3, example_inputs=ids)
-    assert masks.structure.equivalence.passed and model.model.layers[0].mlp.down_proj.in_features < 64
+    simulated = copy.deepcopy(dense)
+    group.simulate(simulated, [0])
+    torch.testing.assert_close(model(ids).logits, simulated(ids).logits, rtol=1e-5, atol=1e-5)
+    assert model.generate(ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 7)
+
+
+def test_phi3_pruned_by_head_saves_and_loads_with_each_layers_head_count(tmp_path):
+    model = _tiny_phi3(2, layers=2)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    head_group("model.layers.0.self_attn", model.model.layers[0].self_attn, model).apply(model, [1])
+    expected = model(ids).logits  # layer 0 has 2 heads left, layer 1 all 4
+    regrow.save(model, tmp_path / "shrunk")
+    arch = json.loads((tmp_path / "shrunk" / "arch.json").read_text())["modules"]
+    own = {"__layer_config__": {"num_attention_heads": 2, "num_key_value_heads": 1}}
+    assert arch["model.layers.0.self_attn"]["attrs"]["config"] == own
+    assert "config" not in arch["model.layers.1.self_attn"]["attrs"]
+    loaded = regrow.load(tmp_path / "shrunk", lambda: _tiny_phi3(2, layers=2))
+    assert torch.equal(loaded(ids).logits, expected)
+    assert loaded.model.layers[0].self_attn.config.num_attention_heads == 2
+    assert loaded.model.layers[1].self_attn.config is loaded.config  # untouched layers keep the shared config
+    with pytest.raises(regrow.RegrowError, match="numbers of attention heads"):  # no one config states 2 and 4
+        save_pretrained(model, regrow.MaskSet({}), tmp_path / "hf")
+
+
+def test_a_layers_own_config_reads_and_writes_through_to_the_shared_one_but_for_its_head_counts():
+    shared = types.SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, hidden_size=32, kind="x")
+    module = types.SimpleNamespace(config=shared)
+    bind(module, {"num_attention_heads": (4, 2), "num_heads": (4, 2), "num_key_value_heads": (3, 1)})
+    view = module.config
+    assert view.values == {"num_attention_heads": 2}  # no num_heads there; num_key_value_heads held another value
+    assert (view.num_attention_heads, view.num_key_value_heads, view.hidden_size) == (2, 2, 32)
+    shared.kind = "y"
+    view.hidden_size = 16
+    assert view.kind == "y" and shared.hidden_size == 16 and shared.num_attention_heads == 4
+    again = copy.deepcopy(module)
+    assert again.config.shared is not shared and again.config.num_attention_heads == 2 and again.config.kind == "y"
+    bind(module, {"num_key_value_heads": (2, 1)})
+    assert module.config.values == {"num_attention_heads": 2, "num_key_value_heads": 1}
+    bind(module, {"num_attention_heads": (2, 4), "num_key_value_heads": (1, 2)})  # the shared values again
+    assert module.config is shared
+
+
+@pytest.mark.parametrize("kv_heads", [None, 1, 2])
+def test_a_fused_projection_is_read_as_narrower_keys_and_values_only_where_the_attention_declares_them(kv_heads):
+    # LeViT-like layouts pack each head's q, k and v side by side, keys narrower than values: the same widths as a
+    # grouped-query [q | k | v], told apart only by the key/value head count a Hugging Face attention declares.
+    attn = torch.nn.Module()
+    attn.num_heads, attn.qkv, attn.proj = 2, torch.nn.Linear(8, 32), torch.nn.Linear(16, 8)
+    if kv_heads is not None:
+        attn.num_key_value_heads = kv_heads
+    group = head_group("", attn)
+    if kv_heads == 1:
+        assert (group.heads, group.head_dim, group.units, group.kv_group, group.excluded) == (2, 8, 1, 2, None)
+    elif kv_heads is None:
+        assert group.excluded == "inner width 10 does not fit 2 heads"
+    else:
+        assert group.excluded == "it declares 2 key/value heads, but its fused q/k/v projection holds 1"

@@ -87,6 +87,15 @@ def test_arch_json_attribute_values_are_plain_data(saved, value):
     refused(saved, r"module 'body.0': attribute 'in_features' is .*allowed values: numbers")
 
 
+@pytest.mark.parametrize("attr", ["config", "in_features"])
+def test_a_layers_own_head_counts_stand_only_in_front_of_a_config_it_holds(saved, attr):
+    # written for a Phi-3 layer that lost heads (tests/test_transformer_heads.py); a Linear holds no config
+    edit(saved, lambda a: a["modules"]["body.0"]["attrs"].__setitem__(attr, {"__layer_config__": {"num_heads": 2}}))
+    refused(saved, rf"module 'body.0': attribute '{attr}' records a layer's own head counts, but the factory's Linear")
+    edit(saved, lambda a: a["modules"]["body.0"]["attrs"].__setitem__("config", {"__layer_config__": {"n": "x"}}))
+    refused(saved, r"attribute 'config' is .*\{'__layer_config__': \{name: integer\}\}")
+
+
 def test_arch_json_sets_only_attributes_the_module_already_holds(saved):
     edit(saved, lambda a: a["modules"]["body.0"]["attrs"].__setitem__("extra_repr", "x"))  # a method
     message = refused(

@@ -33,6 +33,7 @@ from regrow.errors import RegrowError
 from regrow.export import load_weights, save_weights
 from regrow.io import atomic_write_text
 from regrow.structural.attention import MultiheadAttention, set_submodule
+from regrow.structural.layer_config import KEY, LayerConfig, bind, encode, is_encoded
 from regrow.structural.standins import STANDINS, standin_for
 
 FORMAT = "regrow.arch"
@@ -62,7 +63,10 @@ _NEVER_SET = ("forward", "training")  # public names that are not a module's sha
 
 
 def _jsonable(value: Any) -> Any:
-    """JSON form of a scalar attribute, or a sentinel when it is not a plain value."""
+    """JSON form of a scalar attribute (or of a layer's own view of a shared config), or a sentinel when it is not a
+    plain value."""
+    if isinstance(value, LayerConfig):
+        return encode(value)
     if isinstance(value, _SCALARS):
         return value
     if isinstance(value, (tuple, list)) and all(isinstance(v, _SCALARS) for v in value):
@@ -172,7 +176,11 @@ def apply(model: nn.Module, arch: dict[str, Any]) -> nn.Module:
     for name, entry in entries.items():
         module = present[name]
         for key, value in entry["attrs"].items():
-            setattr(module, key, _restore(value))
+            if is_encoded(value):  # the layer's own head counts, in front of the factory's config
+                own = value[KEY]
+                bind(module, {k: (getattr(module.config, k), v) for k, v in own.items()})
+            else:
+                setattr(module, key, _restore(value))
         for key, (shape, dtype) in entry.get("parameters", {}).items():
             old = module._parameters[key]
             if list(old.shape) != shape or old.dtype != _dtype(dtype):  # shrunk, or saved in another precision
@@ -259,7 +267,8 @@ def _check_entry(name: str, entry: Any) -> None:
             raise _refuse(
                 name,
                 f"attribute {key!r} is {json.dumps(value)[:80]}; allowed values: numbers, strings, booleans, null, "
-                "lists of those, {'__tuple__': [...]} and {'__set__': [...]}",
+                "lists of those, {'__tuple__': [...]}, {'__set__': [...]} and, for 'config', "
+                "{'__layer_config__': {name: integer}}",
             )
     init = entry.get("init", {})
     if not isinstance(init, dict) or not all(_plain(v) for v in init.values()):
@@ -274,6 +283,8 @@ def _check_entry(name: str, entry: Any) -> None:
 
 def _plain(value: Any) -> bool:
     """The values :func:`describe` writes for an attribute."""
+    if is_encoded(value):
+        return True
     if isinstance(value, _SCALARS):
         return True
     if isinstance(value, list):
@@ -310,7 +321,17 @@ def _check_against(module: nn.Module, name: str, entry: dict[str, Any]) -> None:
         for k, v in vars(module).items()
         if not k.startswith("_") and k not in _NEVER_SET and _jsonable(v) is not _SKIP and _not_on_class(module, k)
     )
-    for key in entry["attrs"]:
+    for key, value in entry["attrs"].items():
+        if is_encoded(value):
+            config = vars(module).get(key)
+            names = [k for k in value[KEY] if type(getattr(config, k, None)) is not int]
+            if key != "config" or config is None or names:
+                raise _refuse(
+                    name,
+                    f"attribute {key!r} records a layer's own head counts, but the factory's {type(module).__name__} "
+                    f"has no 'config' with integer {', '.join(names) or 'values'} to stand in front of",
+                )
+            continue
         if key not in settable:
             raise _refuse(
                 name,

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from regrow.select import is_transposed_linear
 from regrow.structural.attention import MultiheadAttention, keep_index
 from regrow.structural.graph import HEAD_ATTRS, head_count
+from regrow.structural.layer_config import bind
 from regrow.structural.pruners import keep_columns, keep_rows, linear_weight
 
 FUSED = ("qkv", "in_proj", "c_attn", "Wqkv", "qkv_proj", "to_qkv")
@@ -54,6 +55,7 @@ PER_HEAD_MLP = ("cpb_mlp", "continuous_position_bias_mlp")
 # Biases of the attention's own beside a fused projection without one (timm's BEiT, EVA and Swin V2 add them in
 # F.linear; the key's is a zero buffer): one value per row of q, k or v.
 LOOSE_BIASES = ("q_bias", "k_bias", "v_bias")
+KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "kv_n_heads")  # key/value head counts an attention declares
 
 
 @dataclass
@@ -103,8 +105,11 @@ class HeadGroup:
 
         per_query = torch.zeros(self.heads)
         per_unit = torch.zeros(self.units)
-        if "qkv" in self.projections:
-            per_query += stat(self._child(model, "qkv")).view(3, self.heads, self.head_dim, -1).sum(dim=(0, 2, 3))
+        if "qkv" in self.projections:  # the rows of q, then k's, then v's (k and v narrower with grouped queries)
+            w = stat(self._child(model, "qkv"))
+            inner = self.heads * self.head_dim
+            per_query += w[:inner].reshape(self.heads, -1).sum(dim=1)
+            per_unit += w[inner:].reshape(2, self.units, -1).sum(dim=(0, 2))
         elif "kv" in self.projections:
             per_query += stat(self._child(model, "q")).view(self.heads, -1).sum(dim=1)
             per_unit += stat(self._child(model, "kv")).view(2, self.units, self.head_dim, -1).sum(dim=(0, 2, 3))
@@ -130,7 +135,9 @@ class HeadGroup:
         old_inner = self.heads * self.head_dim
         if "qkv" in self.projections:
             qkv = self._child(model, "qkv")
-            keep_rows(qkv, self._rows(queries, 3, qkv.weight.device))
+            kv = keep_index(self.units, self.head_dim, removed, qkv.weight.device)
+            kv_inner = self.units * self.head_dim
+            keep_rows(qkv, torch.cat([self._rows(queries, 1, kv.device), kv + old_inner, kv + old_inner + kv_inner]))
         else:
             q = self._child(model, "q")
             keep_rows(q, keep_index(self.heads, self.q_rows * self.head_dim, queries, q.weight.device))
@@ -150,10 +157,12 @@ class HeadGroup:
         for attr, value in list(vars(module).items()):
             if attr in HEAD_ATTRS and isinstance(value, int):
                 setattr(module, attr, value - len(queries))
-            elif attr in ("num_key_value_heads", "num_kv_heads") and isinstance(value, int):
+            elif attr in KV_ATTRS and isinstance(value, int):
                 setattr(module, attr, value - len(removed))
             elif isinstance(value, int) and not isinstance(value, bool) and value == old_inner and _width(attr):
                 setattr(module, attr, len(keep))
+        counts = {a: (self.heads, self.heads - len(queries)) for a in HEAD_ATTRS}
+        bind(module, counts | {"num_key_value_heads": (self.units, self.units - len(removed))})
 
     @torch.no_grad()
     def simulate(self, model: nn.Module, removed: list[int]) -> None:
@@ -161,7 +170,7 @@ class HeadGroup:
         if not removed:
             return
         if "qkv" in self.projections:
-            layer, offset = self._child(model, "qkv"), 2 * self.heads * self.head_dim
+            layer, offset = self._child(model, "qkv"), (self.heads + self.units) * self.head_dim
         elif "kv" in self.projections:
             layer, offset = self._child(model, "kv"), self.units * self.head_dim
         else:
@@ -245,11 +254,7 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     fused = next((n for n in FUSED if n in children), None)
     if fused is not None:
         projections["qkv"] = full(paths[fused])
-        groups = getattr(module, "num_key_value_groups", 1)
-        if isinstance(groups, int) and groups > 1:  # Phi-3: q, k and v of different widths in one projection
-            reason = f"its fused q/k/v projection holds grouped-query attention ({groups} query heads a key/value head)"
-            return HeadGroup(name, declared or 0, 0, projections, excluded=f"{reason}, which regrow does not split")
-        inner = kv_inner = _out_features(children[fused]) // 3
+        inner = kv_inner = _out_features(children[fused]) // 3  # narrower k and v: read below from the output
     elif (pair := next((p for p in SEPARATE_KV if all(n in children for n in p)), None)) is not None:
         projections.update({role: full(paths[n]) for role, n in zip(("q", "kv"), pair, strict=True)})
         inner, kv_inner = _out_features(children[pair[0]]), _out_features(children[pair[1]]) // 2
@@ -271,6 +276,13 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     inside = out_name[len(prefix) :] if out_name.startswith(prefix) else None
     out_layer = module.get_submodule(inside) if inside in paths.values() else model.get_submodule(out_name)
     q_rows = 1
+    kv_declared = next((getattr(module, a) for a in KV_ATTRS if type(getattr(module, a, None)) is int), None)
+    if fused is not None and kv_declared and _in_features(out_layer) != inner:  # q, narrower k, v (Phi-3's qkv_proj)
+        inner, rest = _in_features(out_layer), _out_features(children[fused]) - _in_features(out_layer)
+        if rest <= 0 or rest % (2 * kv_declared):
+            reason = f"its fused q/k/v projection ({inner + rest} wide) does not hold q as wide as the output's input "
+            return HeadGroup(name, declared or 0, 0, projections, excluded=f"{reason}({inner}) and k, v of one width")
+        kv_inner = rest // 2
     if fused is None and head_dim and inner == 2 * _in_features(out_layer) and inner % (2 * head_dim) == 0:
         q_rows, inner = 2, inner // 2  # each head's query with a gate beside it (Qwen3-Next, Qwen3.5)
     heads = declared or (inner // head_dim if head_dim else 0)
@@ -285,6 +297,9 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
         )
         return HeadGroup(name, heads, head_dim, projections, excluded=reason)
     kv_heads = kv_inner // head_dim
+    if fused is not None and kv_declared not in (None, kv_heads) and not kv_inner % head_dim:
+        reason = f"it declares {kv_declared} key/value heads, but its fused q/k/v projection holds {kv_heads}"
+        return HeadGroup(name, heads, head_dim, projections, excluded=reason)
     if kv_inner % head_dim or not kv_heads or heads % kv_heads:
         reason = f"{heads} query heads cannot share {kv_inner / head_dim:g} key/value heads evenly"
         return HeadGroup(name, heads, head_dim, projections, excluded=reason)

@@ -44,9 +44,14 @@ def to_device(x: Any, device: torch.device) -> Any:
     return x
 
 
+def call(model: nn.Module, inputs: Any) -> Any:
+    """Call the model on ``inputs`` (a mapping as keyword arguments) and return what it returns."""
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
 def forward(model: nn.Module, inputs: Any) -> Tensor:
     """Call the model on ``inputs`` and return its logits (or, for a model without them, its first output)."""
-    return output_tensor(model(**inputs) if isinstance(inputs, dict) else model(inputs))
+    return output_tensor(call(model, inputs))
 
 
 def output_tensor(out: Any) -> Tensor:
@@ -86,7 +91,7 @@ def all_outputs(model: nn.Module, inputs: Any) -> list[Tensor]:
     """Call the model on ``inputs`` and return every tensor it returned that autograd records, the one
     :func:`forward` reads first: tracing from all of them finds every layer that reads a group's channels, a BERT
     pooler beside the hidden states included."""
-    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    out = call(model, inputs)
     first = output_tensor(out)
     return [first, *(t for t in tensors(out) if t is not first and t.grad_fn is not None)]
 

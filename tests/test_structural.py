@@ -1088,3 +1088,29 @@ def test_the_time_limit_keeps_an_alarm_set_before_it():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+class Returns(nn.Module):
+    """Logits, then whatever else ``extra`` gives for them (features, a pooled output, indices)."""
+
+    def __init__(self, extra) -> None:
+        super().__init__()
+        self.extra = extra
+
+    def forward(self, x):
+        return {"logits": x * 2.0, "more": self.extra(x)}
+
+
+def test_the_check_compares_every_tensor_the_model_returns_beside_its_logits():
+    # It compared the logits only: a surgery that changed a pooled output or features returned beside them passed.
+    x = torch.arange(6.0).view(2, 3)
+    same = regrow.structural.compare(Returns(lambda x: (x + 1.0, x.argmax(1))), Returns(lambda x: (x, x.argmax(1))), x)
+    assert not same.passed and same.output == 1 and same.max_abs_diff == 1.0 and same.scale == 5.0
+    assert same.to_dict()["output"] == 1 and "in tensor 1 of those the model returns" in same.where
+    indices = regrow.structural.compare(Returns(lambda x: (x, -x.argmax(1))), Returns(lambda x: (x, x.argmax(1))), x)
+    assert not indices.passed and indices.output == 2 and indices.max_abs_diff == float("inf")
+    # another shape (a key/value cache without the removed heads) is not compared; all agreeing, the logits' numbers
+    narrower = regrow.structural.compare(Returns(lambda x: x[:, :2]), Returns(lambda x: x + 1.0), x)
+    assert narrower.passed and narrower.output == 0 and narrower.scale == 10.0 and "output" not in narrower.to_dict()
+    logits = regrow.structural.compare(Returns(lambda x: x), Returns(lambda x: x), x + 1.0)
+    assert logits.passed and logits.max_abs_diff == 0.0 and logits.where == ""

@@ -275,8 +275,8 @@ def _shrink_checked(
                 if removed.get(u.name) and not _check(before, [u], {u.name: removed[u.name]}, inputs, compare).passed
             ]
             raise RegrowError(
-                f"equivalence check failed: the shrunk model differs from its simulation by {eq.max_abs_diff:.3g} "
-                f"(tolerance {eq.tolerance:.3g}); group(s) at fault: "
+                f"equivalence check failed: the shrunk model differs from its simulation by {eq.max_abs_diff:.3g}"
+                f"{eq.where} (tolerance {eq.tolerance:.3g}); group(s) at fault: "
                 f"{', '.join(culprits) or 'an interaction of groups'}. Leave them out with ignore=[...]."
             )
     if shrunk is not model:

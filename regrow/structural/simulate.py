@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from regrow.batches import forward
+from regrow.batches import call, output_tensor, tensors
 from regrow.structural.attention import MultiheadAttention
 from regrow.structural.graph import Cut
 from regrow.structural.heads import HeadGroup
@@ -58,11 +58,19 @@ class Equivalence:
     scale: float | None = None  # max |output| of the simulation; 0: all outputs zero, the check proves nothing
     float32_diff: float | None = None  # set when float32 failed and float64 settled the check (see compare)
     shapes: tuple[list[int], list[int]] | None = None  # (simulated, shrunk) output shapes, set when they differ
+    output: int = 0  # which returned tensor the numbers are of: 0, the one regrow reads, unless another differs
+
+    @property
+    def where(self) -> str:
+        """Which output the numbers are of, for a message: empty for the one regrow reads."""
+        return f" in tensor {self.output} of those the model returns beside its logits" if self.output else ""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         if out["shapes"] is None:  # reports name shapes only where they differed
             del out["shapes"]
+        if not out["output"]:  # and another returned tensor only where it is the one that differs
+            del out["output"]
         return out
 
 
@@ -253,18 +261,40 @@ def simulate(model: nn.Module, cuts: list[Cut], heads: list[tuple[HeadGroup, lis
 
 @torch.no_grad()
 def _compare(shrunk: nn.Module, simulated: nn.Module, inputs: Any) -> Equivalence:
+    """The output regrow reads (logits) must agree; so must every other tensor the model returns of the same shape
+    in both (a pooled output beside the hidden states, features beside the logits). Returned tensors of another
+    shape (a key/value cache with heads removed) are not compared: the channels of every returned tensor are kept
+    (``tracing.mark_outputs``). The numbers are those of the output regrow reads, or of the first other one that
+    differs (``output``: its position among the returned tensors)."""
     was = shrunk.training
     shrunk.eval()
     try:
-        y_shrunk = forward(shrunk, inputs).float()
-        y_sim = forward(simulated, inputs).float()
+        out_shrunk, out_sim = call(shrunk, inputs), call(simulated, inputs)
     finally:
         shrunk.train(was)
+    y_shrunk, y_sim = output_tensor(out_shrunk), output_tensor(out_sim)
     if y_shrunk.shape != y_sim.shape:
         return Equivalence(float("inf"), 0.0, False, shapes=(list(y_sim.shape), list(y_shrunk.shape)))
-    scale = float(y_sim.abs().max()) if y_sim.numel() else 0.0
+    eq = _agree(y_shrunk, y_sim)
+    others_shrunk = [t for t in tensors(out_shrunk) if t is not y_shrunk]
+    others_sim = [t for t in tensors(out_sim) if t is not y_sim]
+    if not eq.passed or len(others_shrunk) != len(others_sim):
+        return eq
+    for i, (a, b) in enumerate(zip(others_shrunk, others_sim, strict=True), start=1):
+        if a.shape == b.shape and not (other := _agree(a, b)).passed:
+            return replace(other, output=i)
+    return eq
+
+
+def _agree(got: Tensor, expected: Tensor) -> Equivalence:
+    """``got`` against ``expected``: floating point to ``ATOL + RTOL * max |expected|``; anything else exactly."""
+    if not expected.is_floating_point():
+        same = torch.equal(got, expected)
+        return Equivalence(0.0 if same else float("inf"), 0.0, same, scale=float(expected.numel() > 0))
+    got, expected = got.float(), expected.float()
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
     tol = ATOL + RTOL * scale
-    diff = float((y_shrunk - y_sim).abs().max()) if y_sim.numel() else 0.0
+    diff = float((got - expected).abs().max()) if expected.numel() else 0.0
     return Equivalence(diff, tol, diff <= tol, scale=scale)
 
 

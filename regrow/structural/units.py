@@ -113,7 +113,7 @@ def _probe(model: nn.Module, units: list[_Unit], inputs: Any, compare: Compare) 
         was, now = (tuple(shape) for shape in eq.shapes)
         return f"its channels are the model's output: shrinking them changes the output's shape from {was} to {now}"
     if not eq.passed:
-        return f"the shrunk layers do not match their simulation (max difference {eq.max_abs_diff:.3g})"
+        return f"the shrunk layers do not match their simulation (max difference {eq.max_abs_diff:.3g}{eq.where})"
     return None
 
 

@@ -189,9 +189,11 @@ def _shrunk(model: nn.Module) -> bool:
     """Whether the model's tensors differ in shape from those its config builds (shrunk without the masks saying
     so: by hand, or the masks of another step)."""
     try:
-        return _shapes(model) != _built(model, model.config)
+        built = _built(model, model.config)
     except RegrowError:  # a class that does not build from its config alone: nothing to compare with
         return False
+    # only tensors both have: constructor options outside the config add some (ViT's mask token) or drop some
+    return any(built.get(name, shape) != shape for name, shape in _shapes(model).items())
 
 
 def _uniform(values: set[int], what: str) -> int:
@@ -207,7 +209,7 @@ def _uniform(values: set[int], what: str) -> int:
 def shrunk_config(model: nn.Module) -> Any:
     """A copy of the model's Hugging Face config stating the shrunk widths; a RegrowError saying why when the
     config cannot state them (checked by building the model class from it)."""
-    from regrow.structural.graph import HEAD_ATTRS, find_attention
+    from regrow.structural.graph import HEAD_ATTRS, find_attention, head_count
     from regrow.structural.heads import head_group
 
     config = copy.deepcopy(model.config)
@@ -220,9 +222,11 @@ def shrunk_config(model: nn.Module) -> Any:
                 setattr(config, key, heads)
         if isinstance(getattr(config, "num_key_value_heads", None), int):
             config.num_key_value_heads = _uniform({g.units for g in attention}, "numbers of key/value heads")
-        stated = getattr(config, "head_dim", None)
-        if isinstance(stated, int) or (stated is None and isinstance(getattr(config, "hidden_size", None), int)):
-            # stated, also where the class would derive it as the hidden size over the heads (Phi-3)
+        stated, hidden = getattr(config, "head_dim", None), getattr(config, "hidden_size", None)
+        if isinstance(stated, int) or (
+            stated is None and isinstance(hidden, int) and heads != head_count(model.config)
+        ):
+            # stated, also where the class would derive it as the hidden size over the heads (Phi-3) and heads went
             config.head_dim = _uniform({g.head_dim for g in attention}, "head sizes")
     before, now = _built(model, model.config), _shapes(model)
     projections = tuple(f"{m}." for g in attention for m in g.members)  # not the FFN, whatever their widths

@@ -311,3 +311,42 @@ def test_llama_shrunk_uniformly_in_heads_and_ffn_saves_with_its_config_updated(t
     with torch.no_grad():
         expect = model(**ids).logits.flatten()
     assert torch.equal(_loaded_outputs(folder, "AutoModelForCausalLM", ids), expect)
+
+
+def test_a_model_built_with_options_its_config_does_not_hold_saves_its_masks_as_it_is(tmp_path):
+    # A model is read as shrunk (its config then rewritten) where its tensors differ in shape from those its config
+    # builds; ViT's mask token and BERT without its pooler (as sentence-transformers builds it) differ in which
+    # tensors they hold, not in shape, and were refused or given a head_dim their config never had.
+    vit = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
+    bert = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for name, model, x in (
+        ("vit", transformers.ViTModel(vit, use_mask_token=True), images),
+        ("bert", transformers.BertModel(bert, add_pooling_layer=False), ids),
+    ):
+        masks = regrow.prune(model.eval(), pattern="unstructured", sparsity=0.5, example_inputs=x)
+        folder = save_pretrained(model, masks, tmp_path / name)
+        assert "head_dim" not in json.loads((folder / "config.json").read_text())
+
+
+def test_vit_with_heads_removed_uniformly_saves_with_its_head_size_stated(tmp_path):
+    # ViT reads the head size as config.head_dim where the config states it, else hidden_size // heads: refused
+    # before ("the config (widths updated) gives ..."), as BERT's and GPT-2's heads still are.
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    masks = regrow.prune(model, pattern="head", sparsity=0.5, scope="layer", example_inputs=images)
+    folder = save_pretrained(model, masks, tmp_path / "vit")
+    saved = json.loads((folder / "config.json").read_text())
+    assert (saved["num_attention_heads"], saved["head_dim"], saved["hidden_size"]) == (2, 8, 32)
+    with torch.no_grad():
+        loaded = transformers.ViTForImageClassification.from_pretrained(folder).eval()
+        assert torch.equal(loaded(images).logits, model(images).logits)

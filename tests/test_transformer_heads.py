@@ -401,3 +401,16 @@ def test_a_fused_projection_is_read_as_narrower_keys_and_values_only_where_the_a
         assert group.excluded == "inner width 10 does not fit 2 heads"
     else:
         assert group.excluded == "it declares 2 key/value heads, but its fused q/k/v projection holds 1"
+
+
+def test_the_key_value_width_an_attention_holds_beside_its_head_counts_follows_the_heads():
+    # Exaone 4.5's vision attention splits its fused projection at q_dim and kv_dim: kv_dim stayed 16 once a
+    # key/value head had gone, and its forward failed ("split_with_sizes expects split_sizes to sum exactly to 32").
+    attn = torch.nn.Module()
+    attn.qkv, attn.proj = torch.nn.Linear(8, 64), torch.nn.Linear(32, 8)
+    attn.num_heads, attn.num_key_value_heads, attn.head_dim, attn.q_dim, attn.kv_dim = 4, 2, 8, 32, 16
+    group = head_group("", attn)
+    assert (group.units, group.kv_group) == (2, 2)
+    group.apply(attn, [0])
+    assert (attn.num_heads, attn.num_key_value_heads, attn.q_dim, attn.kv_dim) == (2, 1, 16, 8)
+    assert attn.qkv.out_features == 32 and attn.head_dim == 8

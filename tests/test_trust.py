@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -91,9 +92,51 @@ def test_arch_json_attribute_values_are_plain_data(saved, value):
 def test_a_layers_own_head_counts_stand_only_in_front_of_a_config_it_holds(saved, attr):
     # written for a Phi-3 layer that lost heads (tests/test_transformer_heads.py); a Linear holds no config
     edit(saved, lambda a: a["modules"]["body.0"]["attrs"].__setitem__(attr, {"__layer_config__": {"num_heads": 2}}))
-    refused(saved, rf"module 'body.0': attribute '{attr}' records a layer's own head counts, but the factory's Linear")
+    refused(
+        saved,
+        rf"module 'body.0': attribute '{attr}' records a layer's own head counts, but the factory's Linear holds no",
+    )
     edit(saved, lambda a: a["modules"]["body.0"]["attrs"].__setitem__("config", {"__layer_config__": {"n": "x"}}))
     refused(saved, r"attribute 'config' is .*\{'__layer_config__': \{name: integer\}\}")
+
+
+class Configured(nn.Module):
+    """A layer that reads its head count from a config all layers share."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config, self.proj = config, nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(x)[..., : self.config.num_attention_heads]
+
+
+@pytest.mark.parametrize(
+    "own, match",
+    [
+        ({"num_attention_heads": 0}, r"num_attention_heads = 0, outside 1..4 \(a layer only loses heads\)"),
+        ({"num_attention_heads": 5}, r"num_attention_heads = 5, outside 1..4"),
+        ({"vocab_size": 8}, r"'vocab_size' is no head count the factory's config holds \(allowed: num_heads, "),
+        ({"num_key_value_heads": 1}, r"'num_key_value_heads' is no head count the factory's config holds"),
+    ],
+)
+def test_a_layers_own_head_counts_are_head_counts_the_config_holds_and_only_fewer(tmp_path, own, match):
+    def build():
+        shared = types.SimpleNamespace(num_attention_heads=4, vocab_size=64)
+        return nn.ModuleList([Configured(shared), Configured(shared)])
+
+    regrow.save(build(), tmp_path)
+    edit(tmp_path, lambda a: a["modules"]["0"]["attrs"].__setitem__("config", {"__layer_config__": own}))
+    with pytest.raises(
+        RegrowError, match=rf"module '0': attribute 'config' records a layer's own head counts, but {match}"
+    ):
+        regrow.load(tmp_path, build)
+    edit(
+        tmp_path,
+        lambda a: a["modules"]["0"]["attrs"].__setitem__("config", {"__layer_config__": {"num_attention_heads": 2}}),
+    )
+    loaded = regrow.load(tmp_path, build)  # in range: the first layer reads 2, the second the shared 4
+    assert [layer(torch.ones(1, 4)).shape[-1] for layer in loaded] == [2, 4]
 
 
 def test_arch_json_sets_only_attributes_the_module_already_holds(saved):

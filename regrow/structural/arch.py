@@ -13,8 +13,10 @@ Nothing is unpickled at any point.
 of that name (or regrow's attention in place of ``nn.MultiheadAttention``, its stand-in in place of a Swin,
 MaxViT or ShuffleNetV2 module or a timm attention module); attributes are public ones the factory's module already
 holds as plain values (numbers, strings, booleans, ``None``, lists, tuples and sets of those), never ``_``-names,
-``forward`` or ``training``; tensors have shapes of non-negative ints and a dtype from ``DTYPES``. Anything else is
-refused with a :class:`RegrowError` naming the entry.
+``forward`` or ``training``, and, as ``config``, a layer's own head counts in front of the config the factory's module
+holds (``{"__layer_config__": {"num_attention_heads": 2}}``, :mod:`regrow.structural.layer_config`: only head
+counts the config holds, each from 1 to the config's); tensors have shapes of non-negative ints and a dtype from
+``DTYPES``. Anything else is refused with a :class:`RegrowError` naming the entry.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from regrow.errors import RegrowError
 from regrow.export import load_weights, save_weights
 from regrow.io import atomic_write_text
 from regrow.structural.attention import MultiheadAttention, set_submodule
-from regrow.structural.layer_config import KEY, LayerConfig, bind, encode, is_encoded
+from regrow.structural.layer_config import KEY, LayerConfig, bind, encode, is_encoded, refusal
 from regrow.structural.standins import STANDINS, standin_for
 
 FORMAT = "regrow.arch"
@@ -323,14 +325,11 @@ def _check_against(module: nn.Module, name: str, entry: dict[str, Any]) -> None:
     )
     for key, value in entry["attrs"].items():
         if is_encoded(value):
-            config = vars(module).get(key)
-            names = [k for k in value[KEY] if type(getattr(config, k, None)) is not int]
-            if key != "config" or config is None or names:
-                raise _refuse(
-                    name,
-                    f"attribute {key!r} records a layer's own head counts, but the factory's {type(module).__name__} "
-                    f"has no 'config' with integer {', '.join(names) or 'values'} to stand in front of",
-                )
+            config = vars(module).get(key) if key == "config" else None
+            held = f"the factory's {type(module).__name__} holds no 'config' to stand in front of"
+            why = held if config is None else refusal(config, value[KEY])
+            if why is not None:
+                raise _refuse(name, f"attribute {key!r} records a layer's own head counts, but {why}")
             continue
         if key not in settable:
             raise _refuse(

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from regrow.select import is_transposed_linear
 from regrow.structural.attention import MultiheadAttention, keep_index
-from regrow.structural.graph import HEAD_ATTRS, head_count
+from regrow.structural.graph import HEAD_ATTRS, KV_ATTRS, head_count
 from regrow.structural.layer_config import bind
 from regrow.structural.pruners import keep_columns, keep_rows, linear_weight
 
@@ -55,7 +55,6 @@ PER_HEAD_MLP = ("cpb_mlp", "continuous_position_bias_mlp")
 # Biases of the attention's own beside a fused projection without one (timm's BEiT, EVA and Swin V2 add them in
 # F.linear; the key's is a zero buffer): one value per row of q, k or v.
 LOOSE_BIASES = ("q_bias", "k_bias", "v_bias")
-KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "kv_n_heads")  # key/value head counts an attention declares
 
 
 @dataclass
@@ -132,7 +131,7 @@ class HeadGroup:
             module.remove_heads(removed)
             return
         queries = self._query_heads(removed)
-        old_inner = self.heads * self.head_dim
+        old_inner, old_kv = self.heads * self.head_dim, self.units * self.head_dim
         if "qkv" in self.projections:
             qkv = self._child(model, "qkv")
             kv = keep_index(self.units, self.head_dim, removed, qkv.weight.device)
@@ -161,8 +160,10 @@ class HeadGroup:
                 setattr(module, attr, value - len(removed))
             elif isinstance(value, int) and not isinstance(value, bool) and value == old_inner and _width(attr):
                 setattr(module, attr, len(keep))
+            elif isinstance(value, int) and not isinstance(value, bool) and value == old_kv and "kv" in attr:
+                setattr(module, attr, old_kv - len(removed) * self.head_dim)  # keys' and values' width: kv_dim
         counts = {a: (self.heads, self.heads - len(queries)) for a in HEAD_ATTRS}
-        bind(module, counts | {"num_key_value_heads": (self.units, self.units - len(removed))})
+        bind(module, counts | {a: (self.units, self.units - len(removed)) for a in KV_ATTRS})
 
     @torch.no_grad()
     def simulate(self, model: nn.Module, removed: list[int]) -> None:

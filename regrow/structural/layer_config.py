@@ -13,19 +13,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from regrow.structural.graph import HEAD_ATTRS, KV_ATTRS
+
 KEY = "__layer_config__"  # how arch.json marks a LayerConfig among a module's attributes
+NAMES = (*HEAD_ATTRS, *KV_ATTRS)  # the values a layer may hold as its own: head and key/value head counts
 
 
 class LayerConfig:
     """``shared`` as one layer sees it: ``values`` (its own head counts) in front, everything else read through
-    (and written through) to ``shared``."""
+    (and written through) to ``shared``. Only attribute reads see the layer's values: the shared config's own
+    methods (``to_dict``, ``to_json_string``) describe the shared config, and the view is no instance of its class
+    (no code that transformers runs on an attention's config asks either)."""
 
     def __init__(self, shared: Any, values: dict[str, int]) -> None:
         self.__dict__["shared"] = shared
         self.__dict__["values"] = dict(values)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):  # copy, pickle and the like look these up on a bare instance
+        if name.startswith("__") or "shared" not in self.__dict__:  # copy and pickle look on a bare instance
             raise AttributeError(name)
         values = self.__dict__.get("values", {})
         return values[name] if name in values else getattr(self.__dict__["shared"], name)
@@ -65,7 +70,20 @@ def encode(value: Any) -> dict[str, dict[str, int]] | None:
 
 
 def is_encoded(value: Any) -> bool:
-    """Whether ``value`` is arch.json's form of a LayerConfig: its own values, names to integers."""
+    """Whether ``value`` has arch.json's form of a LayerConfig: its own values, names to integers."""
     if not (isinstance(value, dict) and len(value) == 1 and isinstance(value.get(KEY), dict)):
         return False
     return all(isinstance(k, str) and type(v) is int for k, v in value[KEY].items())
+
+
+def refusal(config: Any, own: dict[str, Any]) -> str | None:
+    """Why a layer's recorded ``own`` values may not stand in front of the factory's ``config`` (None when they
+    may): only head counts (``NAMES``) the config holds as integers, each at least 1 and at most the config's
+    (a layer only loses heads)."""
+    for name, value in own.items():
+        held = getattr(config, name, None) if config is not None else None
+        if name not in NAMES or type(held) is not int:
+            return f"{name!r} is no head count the factory's config holds (allowed: {', '.join(NAMES)})"
+        if not 1 <= value <= held:
+            return f"{name} = {value}, outside 1..{held} (a layer only loses heads)"
+    return None

@@ -20,7 +20,6 @@ both to torch-pruning's own on real architectures.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,10 +89,6 @@ def _bounded(dep: Any, idxs: list[Any], widest: int, mapped: bool = False) -> No
         )
 
 
-def _position(index: Any) -> int:
-    return index.idx
-
-
 def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int], widest: int | None = None) -> Walk:
     """torch-pruning's walk from ``root`` with channels ``idxs``: each (dependency, hybrid indices) reached,
     unmerged. An index whose root channel a mapping lost (grouped-query attention's repeat) has root None.
@@ -117,50 +112,36 @@ def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int], widest: int | 
     walk stops with :class:`RunawayMapping`, and the root's group is left out with the reason. The largest
     index is sent through a dependency's mappings first, so a runaway stops before its next list is built. A walk
     that reaches an op whose mapping torch-pruning could not compute stops with :class:`UnmappedOp`.
-
-    The walk goes breadth first, and the indices that arrive at a member while it waits go on together. What it
-    reaches does not depend on the order, but how soon a runaway shows does: depth first, Qwen3.5's Gated
-    DeltaNet (8,192 channels in its convolution at transformers' default widths) followed one path after another
-    for minutes before its runaway index came up; breadth first, within a few thousand steps at any width.
     """
     handler = _root_handler(root, handler)
     node = dg.module2node[root]
     start = Dependency(handler, handler, source=node, target=node)
     reached = [(start, [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs])]
     seen = {(node, handler): set(reached[0][1])}
-    # Indices waiting at a (member, handler), merged: they go on together, so a wide group (thousands of channels
-    # reaching a member by many paths) walks each dependency with long lists, not once per arrival.
-    waiting = {(node, handler): (start, list(reached[0][1]))}
-    queue = deque([(node, handler)])  # first in, first out: indices gather while they wait
+    stack = list(reached)
     unmapped = getattr(dg, "unmapped", {})
-    while queue:
-        dep, idxs = waiting.pop(queue.popleft())
-        top = [max(idxs, key=_position)] if widest is not None else []
+    while stack:
+        dep, idxs = stack.pop()
         for new_dep in dep.target.dependencies:
             if not new_dep.is_triggered_by(dep.handler):
                 continue
             if new_dep.target in unmapped:  # its indices cannot be mapped onwards: the group is left out
                 raise UnmappedOp(unmapped[new_dep.target])
-            if top:
-                _bounded(new_dep, top, widest)  # before a runaway's list is built
+            if widest is not None:
+                _bounded(new_dep, [max(idxs, key=lambda i: i.idx)], widest)  # before a runaway's list is built
             new = idxs
             for mapping in new_dep.index_mapping:
                 if mapping is not None:
                     new = mapping(new)
-            key = (new_dep.target, new_dep.handler)
-            known = seen.setdefault(key, set())
+            if widest is not None:
+                _bounded(new_dep, new, widest, mapped=True)
+            known = seen.setdefault((new_dep.target, new_dep.handler), set())
             new = [i for i in dict.fromkeys(new) if i not in known]
             if not new:
                 continue
-            if top:
-                _bounded(new_dep, new, widest, mapped=True)
             known.update(new)
             reached.append((new_dep, new))
-            if key in waiting:
-                waiting[key][1].extend(new)
-            else:
-                waiting[key] = (new_dep, list(new))
-                queue.append(key)
+            stack.append((new_dep, new))
     return reached
 
 

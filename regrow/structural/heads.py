@@ -135,8 +135,7 @@ class HeadGroup:
         if "qkv" in self.projections:
             qkv = self._child(model, "qkv")
             kv = keep_index(self.units, self.head_dim, removed, qkv.weight.device)
-            kv_inner = self.units * self.head_dim
-            keep_rows(qkv, torch.cat([self._rows(queries, 1, kv.device), kv + old_inner, kv + old_inner + kv_inner]))
+            keep_rows(qkv, torch.cat([self._rows(queries, 1, kv.device), kv + old_inner, kv + old_inner + old_kv]))
         else:
             q = self._child(model, "q")
             keep_rows(q, keep_index(self.heads, self.q_rows * self.head_dim, queries, q.weight.device))

@@ -288,11 +288,11 @@ def _compare(shrunk: nn.Module, simulated: nn.Module, inputs: Any) -> Equivalenc
 
 def _agree(got: Tensor, expected: Tensor) -> Equivalence:
     """``got`` against ``expected``: floating point to ``ATOL + RTOL * max |expected|``; anything else exactly."""
+    scale = float(expected.float().abs().max()) if expected.numel() else 0.0
     if not expected.is_floating_point():
         same = torch.equal(got, expected)
-        return Equivalence(0.0 if same else float("inf"), 0.0, same, scale=float(expected.numel() > 0))
+        return Equivalence(0.0 if same else float("inf"), 0.0, same, scale=scale)
     got, expected = got.float(), expected.float()
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
     tol = ATOL + RTOL * scale
     diff = float((got - expected).abs().max()) if expected.numel() else 0.0
     return Equivalence(diff, tol, diff <= tol, scale=scale)

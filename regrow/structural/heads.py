@@ -85,11 +85,6 @@ class HeadGroup:
         """The query heads of the removed units."""
         return [u * self.kv_group + i for u in removed for i in range(self.kv_group)]
 
-    def _rows(self, removed: list[int], sections: int, device: torch.device) -> Tensor:
-        keep = keep_index(self.heads, self.head_dim, removed, device)
-        inner = self.heads * self.head_dim
-        return torch.cat([keep + s * inner for s in range(sections)])
-
     def scores(self, model: nn.Module, use_grad: bool) -> Tensor:
         """Per unit: sum over its q/k/v rows and output columns of w^2 (magnitude) or |w * dw/dL| (taylor)."""
 
@@ -134,8 +129,9 @@ class HeadGroup:
         old_inner, old_kv = self.heads * self.head_dim, self.units * self.head_dim
         if "qkv" in self.projections:
             qkv = self._child(model, "qkv")
+            q = keep_index(self.heads, self.head_dim, queries, qkv.weight.device)
             kv = keep_index(self.units, self.head_dim, removed, qkv.weight.device)
-            keep_rows(qkv, torch.cat([self._rows(queries, 1, kv.device), kv + old_inner, kv + old_inner + old_kv]))
+            keep_rows(qkv, torch.cat([q, kv + old_inner, kv + old_inner + old_kv]))
         else:
             q = self._child(model, "q")
             keep_rows(q, keep_index(self.heads, self.q_rows * self.head_dim, queries, q.weight.device))
@@ -146,7 +142,7 @@ class HeadGroup:
                     sections = 2 if role == "kv" else 1
                     keep_rows(layer, torch.cat([keep + s * self.units * self.head_dim for s in range(sections)]))
         out = self._child(model, "out")
-        keep = self._rows(queries, 1, out.weight.device)
+        keep = keep_index(self.heads, self.head_dim, queries, out.weight.device)
         keep_columns(out, keep)
         _keep_per_head(module, self.heads, queries)
         for tensor, store, key in _loose_biases(module, old_inner):

@@ -3,6 +3,8 @@ channel pruning reaches its FFN widths and, for decoders, its hidden size, with 
 still generates with its cache afterwards; vision models prune to half their MACs; heads go where the attention
 layout allows."""
 
+import re
+
 import pytest
 import torch
 
@@ -101,6 +103,31 @@ def test_heads_whose_queries_carry_a_gate_go_whole_with_it():
     report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=IDS).structure
     assert report.equivalence.passed and report.equivalence.scale > 0 and report.units_removed == 1
     assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.o_proj.in_features) == (32, 8, 16)
+    assert model.generate(IDS[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 7)
+
+
+def test_a_hybrid_models_linear_attention_is_left_out_at_once_and_its_other_channels_prune():
+    # Qwen3.5's linear attention (Gated DeltaNet): torch-pruning passes the channel indices of its projections
+    # through the chunked recurrence, where they run away. The walk stopped them at 4 times the model's widest
+    # dimension, the vocabulary: past five minutes for 4 layers at transformers' default widths, 33 s here. It
+    # now stops them at the widths next to where they run away (coupling.near_widths).
+    config = transformers.Qwen3_5TextConfig(
+        **LLAMA_LIKE | {"num_hidden_layers": 4, "vocab_size": 4096}, head_dim=8, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Qwen3_5ForCausalLM(config).eval()
+    ffn_before = model.model.layers[0].mlp.up_proj.out_features
+    report = regrow.prune(model, pattern="channel", sparsity=0.25, example_inputs=IDS).structure
+    assert report.equivalence.passed and report.equivalence.scale > 0
+    assert model.model.layers[0].mlp.up_proj.out_features < ffn_before
+    reasons = {g["name"]: g["excluded"] for g in report.groups}
+    for layer in range(3):
+        found = re.search(
+            r"RunawayMapping: index \d+ reached .* next to it \((\d+)\)",
+            reasons[f"model.layers.{layer}.linear_attn.in_proj_b"],
+        )
+        assert found and int(found[1]) < 4096 // 4, reasons[f"model.layers.{layer}.linear_attn.in_proj_b"]
     assert model.generate(IDS[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 7)
 
 

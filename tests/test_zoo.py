@@ -24,6 +24,7 @@ from torch_pruning.dependency.dependency import Dependency
 import regrow
 from conftest import import_timm
 from regrow.errors import RegrowError
+from regrow.structural import coupling
 from regrow.structural import graph as graph_module
 from regrow.structural.budget import Unitized, select, take
 from regrow.structural.coupling import RunawayMapping, UnmappedOp, pruning_group, walk
@@ -206,6 +207,95 @@ def test_a_walk_whose_mappings_grow_without_end_stops_far_past_the_widest_dimens
     else:
         with pytest.raises(RunawayMapping, match=r"index 31 reached _Reshape_1\(\), 4 times past the widest .* \(4\)"):
             walk(dg, "layer", handler, [0, 1], widest=4)
+
+
+def test_a_runaway_stops_at_the_widths_near_it_not_at_the_widest_of_the_model():
+    # Qwen3.5: the vocabulary (150,000 and more) set the bound of every walk, and a runaway in the linear
+    # attention, whose tensors there are a few thousand wide, ran past five minutes before its indices came to
+    # 600,000. Each node is now bounded by the widest dimension at and next to it (coupling.near_widths).
+    handler = object()
+    root, reshape = _Node("root"), _Node("_Reshape_1()")
+    _edge(root, reshape, handler, _spread(4))
+    _edge(reshape, root, handler)
+    dg = type("Graph", (), {"module2node": {"layer": root}})()
+    with pytest.raises(RunawayMapping, match=r"index 31 reached _Reshape_1\(\), 4 times past .* next to it \(4\)"):
+        walk(dg, "layer", handler, [0, 1], widest=150_000, near={root: 2, reshape: 4})
+    # an index that wrapped round (a negative number read as unsigned, 2**64 - 12 + c) is shown as such
+    root.dependencies[0].index_mapping[0] = lambda idxs: [_HybridIndex(i.idx + 2**64 - 12, i.root_idx) for i in idxs]
+    with pytest.raises(RunawayMapping, match=r"index 2\*\*64-11, a mapping's arithmetic that wrapped round"):
+        walk(dg, "layer", handler, [0, 1], widest=150_000, near={root: 2, reshape: 4})
+
+
+@pytest.mark.parametrize("large", [20, 10**9])
+def test_a_large_walk_checks_by_index_whether_it_ends_before_it_carries_each_root_channel_on(monkeypatch, large):
+    # Qwen3.5's in_proj_qkv: 8,192 root channels meet in its linear attention and run away together; carried on
+    # with each root channel, the walk ran past three minutes before its indices came to 4 times the root's
+    # width. Past coupling.LARGE triples it checks once by (member, index), whatever root channel carries them:
+    # the same pairs, so the same answer: here 31 indices sent through the growing mapping instead of 134.
+    monkeypatch.setattr(coupling, "LARGE", large)
+    handler, mapped = object(), []
+
+    def spread(idxs):
+        mapped.extend(idxs)
+        return [_HybridIndex(i.idx * 2 + k, i.root_idx) for i in idxs for k in range(2)]
+
+    root, meet, grow = _Node("root"), _Node("meet"), _Node("_Reshape_1()")
+    _edge(root, meet, handler, lambda idxs: [_HybridIndex(0, i.root_idx) for i in idxs])
+    _edge(meet, grow, handler, spread)
+    _edge(grow, meet, handler)
+    dg = type("Graph", (), {"module2node": {"layer": root}})()
+    with pytest.raises(RunawayMapping, match=r"4 times past .* \(8\)"):  # the root's 8 channels
+        walk(dg, "layer", handler, list(range(8)), widest=150_000, near={root: 8, meet: 1, grow: 1})
+    assert len(mapped) == (31 if large == 20 else 134), len(mapped)
+
+
+class Vocabulary(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.up, self.down = nn.Embedding(1000, 8), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        return x + self.down(torch.relu(self.up(x)))
+
+
+def test_the_width_near_a_node_is_the_widest_of_its_own_and_its_neighbours_tensors_and_parameters():
+    model = Vocabulary()
+    graph = StructureGraph(model, torch.randint(0, 1000, (2, 5)))
+    nodes = graph.dg.module2node
+    relu = next(n for n in nodes.values() if "Relu" in n.name)
+    assert graph.widest == graph.near[nodes[model.embed]] == 1000  # the embedding's table
+    # up's output and weight, the matrix product inside F.linear (its operands' sizes), the ReLU's output: not
+    # the table next to them
+    assert graph.near[nodes[model.up]] == graph.near[relu] == 16
+    assert graph.near[nodes[model.down]] == 16  # its weight and its input; the sum after it is 8 wide
+
+
+class SliceFromTheEnd(nn.Module):
+    """Channels sliced from the end (``y[:, -4:]``), or the width by a dimension counted from the end."""
+
+    def __init__(self, width: bool) -> None:
+        super().__init__()
+        self.width = width
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8 if width else 4, 6, 1), nn.Conv2d(8, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        tail = y.narrow(-1, 0, 3) if self.width else y[:, -4:]
+        return self.b(tail).mean((2, 3)) + self.c(y).mean((2, 3))
+
+
+@pytest.mark.parametrize("width", [False, True], ids=["channels", "width"])
+def test_a_slice_counted_from_the_end_maps_the_channels_it_keeps(width):
+    # autograd saves a slice's start (y[:, -4:]) and a dimension counted from the end (narrow(-1, ...)) as
+    # unsigned 64-bit numbers: torch-pruning sent channel c of y[:, -4:] to 2**64 - 4 + c and took none of y's
+    # channels into the slice (b kept its input channels; Qwen3.5's linear attention ran away on it), and read a
+    # slice of the last dimension of a 4-D tensor as a slice of its channels (b lost channels 3 to 7).
+    model = SliceFromTheEnd(width)
+    graph = StructureGraph(model, torch.randn(2, 3, 4, 4))
+    group = _groups(graph, model)["a"]
+    cuts = sorted((c.target, c.out, c.idxs) for c in graph.cuts(group, [6]))
+    assert cuts == [("a", True, (6,)), ("b", False, (6 if width else 2,)), ("c", False, (6,))]
 
 
 def test_a_walk_stops_at_an_op_whose_mapping_could_not_be_computed_and_names_the_error():

@@ -20,6 +20,7 @@ both to torch-pruning's own on real architectures.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,25 +72,79 @@ class UnmappedOp(Exception):
         self.cause = cause
 
 
-SLACK = 4  # how far past the widest dimension an index may go before the walk stops (see walk)
+SLACK = 4  # how far past the widest dimension near a node an index may go before the walk stops (see walk)
 
 
-def _bounded(dep: Any, idxs: list[Any], widest: int, mapped: bool = False) -> None:
+def near_widths(dg: Any, outputs: Mapping[tuple[Any, int], tuple[int, ...]], widest: int) -> dict[Any, int]:
+    """The widest dimension at and next to each node of ``dg``: of the tensors the node and the nodes it reads or
+    feeds return (``outputs``, traced shapes by autograd node and output number, or the sizes their autograd node
+    saved) and of their own parameters; ``widest`` (the model's widest) where none of them is known."""
+    traced: dict[Any, int] = {}
+    for (fn, _), shape in outputs.items():
+        traced[fn] = max(traced.get(fn, 0), max(shape, default=0))
+    own = {
+        node: max(_saved_width(node.grad_fn, traced), _param_width(module), _coordinates(module))
+        for module, node in dg.module2node.items()
+    }
+    near = {}
+    for node, width in own.items():
+        known = [w for w in (width, *(own.get(n, 0) for n in [*node.inputs, *node.outputs])) if w > 0]
+        near[node] = max(known) if known else widest
+    return near
+
+
+def _saved_width(fn: Any, traced: Mapping[Any, int]) -> int:
+    """The widest dimension of the tensor ``fn`` made, as traced, and of the sizes it saved (a view's input, a
+    matrix product's operands: the steps inside ``F.linear`` return nothing a trace sees)."""
+    if fn is None:
+        return 0
+    sizes = [getattr(fn, name) for name in dir(fn) if name.startswith("_saved_") and name.endswith("sizes")]
+    dims = [int(d) for size in sizes if isinstance(size, tuple) for d in size if isinstance(d, int)]
+    return max([traced.get(fn, 0), *dims])
+
+
+def _coordinates(module: Any) -> int:
+    """The width of the coordinates a concatenation, split or unbind maps indices through (all its parts
+    together; unbind's parts are no dimension of any tensor); 0 for any other op or layer."""
+    sizes = getattr(module, "concat_sizes", None) or getattr(module, "split_sizes", None) or []
+    offsets = getattr(module, "offsets", None) or []
+    widths = [sum(s for s in sizes if isinstance(s, int))]
+    if len(offsets) > 1 and all(isinstance(o, int) for o in offsets):
+        widths.append(2 * offsets[-1] - offsets[-2])  # one part past the last offset, whether or not it is the end
+    return max(widths)
+
+
+def _param_width(module: Any) -> int:
+    params = [module] if isinstance(module, nn.Parameter) else []
+    if isinstance(module, nn.Module):
+        params = list(module.parameters(recurse=False))
+    return max((max(p.shape, default=0) for p in params), default=0)
+
+
+def _bounded(dep: Any, idxs: list[Any], width: int, mapped: bool = False) -> None:
     """Raise :class:`RunawayMapping` if ``idxs``, sent through ``dep``'s mappings (unless already ``mapped``),
-    reach ``SLACK`` times the widest dimension."""
+    reach ``SLACK`` times ``width``, the widest dimension near its target."""
     if not mapped:
         for mapping in dep.index_mapping:
             if mapping is not None and idxs:
                 idxs = mapping(idxs)
     top = max((i.idx for i in idxs), default=-1)
-    if top >= SLACK * widest:
+    if top >= SLACK * width:
+        shown = f"2**64{top - 2**64:+d}, a mapping's arithmetic that wrapped round" if top >= 2**63 else top
         raise RunawayMapping(
-            f"index {top} reached {dep.target.name}, {SLACK} times past the widest dimension of any tensor or "
-            f"parameter of the model ({widest}): torch-pruning's index mappings do not fit this graph"
+            f"index {shown} reached {dep.target.name}, {SLACK} times past the widest dimension of the tensors "
+            f"and parameters at and next to it ({width}): torch-pruning's index mappings do not fit this graph"
         )
 
 
-def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int], widest: int | None = None) -> Walk:
+def walk(
+    dg: Any,
+    root: nn.Module,
+    handler: Any,
+    idxs: list[int],
+    widest: int | None = None,
+    near: Mapping[Any, int] | None = None,
+) -> Walk:
     """torch-pruning's walk from ``root`` with channels ``idxs``: each (dependency, hybrid indices) reached,
     unmerged. An index whose root channel a mapping lost (grouped-query attention's repeat) has root None.
 
@@ -106,20 +161,59 @@ def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int], widest: int | 
     ``attn @ v``) and flattens them at each reshape there, so a path that comes round multiplies them again
     (768 channels, then indices up to 8,191, 262,143, 8.4 million, ...; past five minutes). An index is a
     position in some dimension of some tensor, but not always at once: torch-pruning's concatenation and split
-    mappings carry indices through coordinates of their own, which run past the ``widest`` dimension of any
-    tensor or parameter by a little on the way (up to 2x on timm's DPN, InceptionNeXt and EfficientFormerV2,
-    whose groups prune). An index at ``SLACK`` times that width means the mappings do not fit the graph: the
-    walk stops with :class:`RunawayMapping`, and the root's group is left out with the reason. The largest
-    index is sent through a dependency's mappings first, so a runaway stops before its next list is built. A walk
-    that reaches an op whose mapping torch-pruning could not compute stops with :class:`UnmappedOp`.
+    mappings carry indices through coordinates of their own (all their parts together), and it passes a
+    channel on through ops whose tensors are narrower (a norm over the channels, SwiftFormer's), harmlessly
+    where it comes back. An index at ``SLACK`` times the widest dimension near the node it reaches (``near``,
+    from :func:`near_widths`; ``widest``, the model's widest, for a node not in it), or the root's channels if
+    more, means the mappings do not fit the graph: the walk stops with :class:`RunawayMapping`, and the root's
+    group is left out with the reason. The largest index is sent through a dependency's mappings first, so a
+    runaway stops before its next list is built. A walk that reaches an op whose mapping torch-pruning could not
+    compute stops with :class:`UnmappedOp`.
+
+    The bound was the model's widest dimension once; in a language model that is its vocabulary (150,000 and
+    more), and in Qwen3.5's linear attention, whose tensors there are a few thousand wide, a runaway walk
+    reached millions of (member, index, root channel) triples before its indices came to 600,000. A walk that
+    grows past ``LARGE`` triples also checks first, once, whether its indices stay bounded, reaching each
+    (member, index) only once whatever root channel carries it (:func:`_traverse`): the same pairs, so the same
+    answer, from far fewer steps where many root channels meet (8,192 in Qwen3.5's ``in_proj_qkv``).
     """
     handler = _root_handler(root, handler)
     node = dg.module2node[root]
-    start = Dependency(handler, handler, source=node, target=node)
-    reached = [(start, [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs])]
-    seen = {(node, handler): set(reached[0][1])}
+    start = [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs]
+    if widest is None:
+        return _traverse(dg, node, handler, start, lambda target: None)
+
+    def width(target: Any) -> int:
+        return widest if near is None else max(near.get(target, widest), len(start))
+
+    def check() -> None:
+        _traverse(dg, node, handler, start, width, by_index=True)
+
+    return _traverse(dg, node, handler, start, width, check=check)
+
+
+LARGE = 100_000  # (member, index, root channel) triples a walk reaches before it checks that it ends (see walk)
+
+
+def _traverse(
+    dg: Any,
+    node: Any,
+    handler: Any,
+    start: list[Any],
+    width: Callable[[Any], int | None],
+    by_index: bool = False,
+    check: Callable[[], None] | None = None,
+) -> Walk:
+    """The walk from ``node`` with ``start``, each index bounded by ``width`` of the node it reaches: each
+    (member, index, root channel) carried on once, or with ``by_index`` each (member, index) once, whatever root
+    channel carries it. ``check`` runs once when the walk passes ``LARGE`` triples."""
+    key = (lambda i: i.idx) if by_index else (lambda i: i)
+    begin = Dependency(handler, handler, source=node, target=node)
+    reached = [(begin, start)]
+    seen = {(node, handler): {key(i) for i in start}}
     stack = list(reached)
     unmapped = getattr(dg, "unmapped", {})
+    count = len(start)
     while stack:
         dep, idxs = stack.pop()
         for new_dep in dep.target.dependencies:
@@ -127,19 +221,28 @@ def walk(dg: Any, root: nn.Module, handler: Any, idxs: list[int], widest: int | 
                 continue
             if new_dep.target in unmapped:  # its indices cannot be mapped onwards: the group is left out
                 raise UnmappedOp(unmapped[new_dep.target])
-            if widest is not None:
-                _bounded(new_dep, [max(idxs, key=lambda i: i.idx)], widest)  # before a runaway's list is built
+            bound = width(new_dep.target)
+            if bound is not None:
+                _bounded(new_dep, [max(idxs, key=lambda i: i.idx)], bound)  # before a runaway's list is built
             new = idxs
             for mapping in new_dep.index_mapping:
                 if mapping is not None:
                     new = mapping(new)
-            if widest is not None:
-                _bounded(new_dep, new, widest, mapped=True)
+            if bound is not None:
+                _bounded(new_dep, new, bound, mapped=True)
             known = seen.setdefault((new_dep.target, new_dep.handler), set())
-            new = [i for i in dict.fromkeys(new) if i not in known]
-            if not new:
+            fresh: dict[Any, Any] = {}
+            for i in new:
+                if key(i) not in known:
+                    fresh.setdefault(key(i), i)
+            if not fresh:
                 continue
-            known.update(new)
+            known.update(fresh)
+            new = list(fresh.values())
+            count += len(new)
+            if check is not None and count > LARGE:
+                check, run = None, check
+                run()
             reached.append((new_dep, new))
             stack.append((new_dep, new))
     return reached

@@ -26,7 +26,16 @@ from regrow.batches import all_outputs, batch_size
 from regrow.errors import RegrowError
 from regrow.select import is_transposed_linear
 from regrow.structural.attention import MultiheadAttention
-from regrow.structural.coupling import Coupling, UnmappedOp, Walk, couple, member_groups, pruning_group, walk
+from regrow.structural.coupling import (
+    Coupling,
+    UnmappedOp,
+    Walk,
+    couple,
+    member_groups,
+    near_widths,
+    pruning_group,
+    walk,
+)
 from regrow.structural.pruners import customized_pruners, is_plain_norm
 from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
@@ -261,6 +270,7 @@ class StructureGraph:
             ],
             default=0,
         )
+        self.near = near_widths(self.dg, shapes.outputs, self.widest)  # each node's own bound (coupling.walk)
         self.names = {m: n for n, m in model.named_modules()}
         self.order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         self.param_names = {p: n for n, p in model.named_parameters()}
@@ -364,7 +374,7 @@ class StructureGraph:
                 # IndexError) leaves the root out, instead of a walk on a stale mapping that does not end.
                 update_mappings(self.dg)
                 out_channels = list(range(pruner.get_out_channels(m)))
-                reached = walk(self.dg, m, pruner.prune_out_channels, out_channels, self.widest)
+                reached = walk(self.dg, m, pruner.prune_out_channels, out_channels, self.widest, self.near)
                 group = pruning_group(self.dg, m, pruner.prune_out_channels, [], reached)
             except Exception as exc:  # noqa: BLE001 - an index mapping failed; the group is left out with it
                 failed.append((m, exc))

@@ -150,16 +150,45 @@ def _retype(node: Any, mapping: Any = None, reverse: Any = None, stale: tuple[ty
                 dep.index_mapping[0] = reverse
 
 
+def _slice_dim(fn: Any) -> int:
+    """The dimension a slice's autograd node cut, counted from the front (one counted from the end, ``dim=-1``, is
+    saved as an unsigned 64-bit number too)."""
+    dim = int(fn._saved_dim)
+    return dim - 2**64 + len(fn._saved_self_sym_sizes) if dim >= 2**63 else dim
+
+
+def _slices_from_the_end(dg: Any) -> None:
+    """A slice from the end (``x[:, -k:]``, ``x[:, :-1]``) saves that bound as an unsigned 64-bit number,
+    ``2**64 - k``: torch-pruning's mapping sent channel ``c`` of the slice to ``2**64 - k + c`` of its input, and
+    took none of the input's channels into it (Qwen3.5's linear attention). Such a bound is read from the end of
+    the dimension, as Python's slicing reads it."""
+    for node in dg.module2node.values():
+        fn = node.grad_fn
+        if node.type != ops.OPTYPE.SLICE or not hasattr(fn, "_saved_self_sym_sizes"):
+            continue
+        size = int(fn._saved_self_sym_sizes[_slice_dim(fn)])
+        for dep in _stale_edges(node):
+            for mapping in dep.index_mapping:
+                if isinstance(mapping, index_mapping._SliceIndexMapping):
+                    if mapping.start >= 2**63:
+                        mapping.start = max(mapping.start - 2**64 + size, 0)
+                    if mapping.end >= 2**63:
+                        mapping.end = max(mapping.end - 2**64 + size, 0)
+
+
 def _untie_spatial_slices(dg: Any) -> None:
     """A slice whose dimension is not as long as the channels that flow through it is, for the channels, the
-    element-wise op it is (torch-pruning mapped it whenever it cut dim 1 of a 4-D tensor, dim 2 of a 3-D one)."""
+    element-wise op it is (torch-pruning mapped it whenever it cut dim 1 of a 4-D tensor, dim 2 of a 3-D one, or
+    a dimension counted from the end, whose number it read as 2**64 - 1 and did not recognise)."""
     for node in list(dg.module2node.values()):
         fn = node.grad_fn
         if node.type != ops.OPTYPE.SLICE or not node.inputs or not hasattr(fn, "_saved_self_sym_sizes"):
             continue
         sizes = [int(s) for s in fn._saved_self_sym_sizes]
-        dim = int(fn._saved_dim)
+        dim = _slice_dim(fn)
         if (len(sizes), dim) not in ((4, 1), (3, 2)):
+            if int(fn._saved_dim) >= 2**63:  # counted from the end: torch-pruning took it for a slice of channels
+                _retype(node)
             continue  # torch-pruning already leaves this slice out
         channels = _channels_in(dg, node)
         if channels is not None and channels != sizes[dim]:
@@ -510,6 +539,7 @@ def update_mappings(dg: Any) -> None:
     """
     _each_mapping(dg)
     _split_mappings(dg)
+    _slices_from_the_end(dg)
     for node in dg.module2node.values():
         if node.type != ops.OPTYPE.CONCAT:
             continue

@@ -211,6 +211,37 @@ def test_per_head_tensors_keep_the_entries_of_the_heads_that_stay():
     assert torch.equal(attn.cpb_mlp[2].weight, rows[[0, 2]]) and attn.cpb_mlp[2].out_features == 2
 
 
+class NormedInput(torch.nn.Module):
+    """Attention that normalises its own input, as wide as its queries (TinyViT's ``norm``)."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.norm, self.qkv, self.proj = (
+            torch.nn.LayerNorm(dim),
+            torch.nn.Linear(dim, 3 * dim),
+            torch.nn.Linear(dim, dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_a_norm_of_the_attentions_input_as_wide_as_its_queries_does_not_keep_its_heads():
+    # Was refused as "its norm 'norm' normalises the queries or keys of all heads together": only a norm named
+    # for the queries or keys (OLMo2's q_norm, k_norm) is read as one, whatever its width.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(NormedInput(), torch.nn.Flatten(), torch.nn.Linear(5 * 16, 3)).eval()
+    x = torch.randn(2, 5, 16)
+    assert head_group("0", model[0], model).excluded is None
+    report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.units_removed == 2 and model[0].num_heads == 2
+    assert model[0].qkv.out_features == 24 and model[0].norm.normalized_shape == (16,)
+
+
 class Logits(torch.nn.Module):
     """A Hugging Face image classifier as a plain module: images in, logits out."""
 

@@ -317,12 +317,19 @@ def _projection_paths(module: nn.Module) -> dict[str, str]:
     return paths
 
 
+QK_WORDS = {"q", "k", "qk", "query", "key", "queries", "keys", "qnorm", "knorm"}
+
+
 def _norm_across_heads(module: nn.Module, paths: dict[str, str], widths: tuple[int, ...], head_dim: int) -> str | None:
-    """A norm child of the attention whose weight spans a projection's whole width, several heads (OLMo2's
-    ``q_norm`` and ``k_norm`` before the view into heads), not one head's (Qwen3's, Gemma 3's)."""
+    """A norm child of the attention named for the queries or keys (``q_norm``, ``k_norm``, ``query_norm``) whose
+    weight spans a projection's whole width, several heads (OLMo2's, before the view into heads), not one head's
+    (Qwen3's, Gemma 3's). A norm of another name normalises the attention's input or output (TinyViT's ``norm``,
+    as wide as its queries): any head may go past it."""
     for n, child in module.named_children():
         weight = getattr(child, "weight", None)
         if n in paths or "norm" not in f"{n} {type(child).__name__}".lower() or not isinstance(weight, Tensor):
+            continue
+        if not QK_WORDS & set(n.lower().split("_")):
             continue
         if weight.dim() == 1 and weight.numel() in widths and weight.numel() != head_dim:
             return n

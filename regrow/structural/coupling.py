@@ -175,7 +175,9 @@ def walk(
     reached millions of (member, index, root channel) triples before its indices came to 600,000. A walk that
     grows past ``LARGE`` triples also checks first, once, whether its indices stay bounded, reaching each
     (member, index) only once whatever root channel carries it (:func:`_traverse`): the same pairs, so the same
-    answer, from far fewer steps where many root channels meet (8,192 in Qwen3.5's ``in_proj_qkv``).
+    answer, from far fewer steps where many root channels meet (8,192 in Qwen3.5's ``in_proj_qkv``). It does so
+    only where ``MEET`` or more root channels share each (member, index) on average; where they do not, the
+    check would walk nearly as far again (timm's DeepSeek ViT, whose residual stream alone takes minutes).
     """
     handler = _root_handler(root, handler)
     node = dg.module2node[root]
@@ -193,6 +195,7 @@ def walk(
 
 
 LARGE = 100_000  # (member, index, root channel) triples a walk reaches before it checks that it ends (see walk)
+MEET = 4  # ... if it carries as many root channels per (member, index) on average; looked at again at 2x, 4x, ...
 
 
 def _traverse(
@@ -206,14 +209,15 @@ def _traverse(
 ) -> Walk:
     """The walk from ``node`` with ``start``, each index bounded by ``width`` of the node it reaches: each
     (member, index, root channel) carried on once, or with ``by_index`` each (member, index) once, whatever root
-    channel carries it. ``check`` runs once when the walk passes ``LARGE`` triples."""
+    channel carries it. ``check`` runs once, when the walk has passed ``LARGE`` triples (looked at again at each
+    doubling) with ``MEET`` or more root channels per (member, index)."""
     key = (lambda i: i.idx) if by_index else (lambda i: i)
     begin = Dependency(handler, handler, source=node, target=node)
     reached = [(begin, start)]
     seen = {(node, handler): {key(i) for i in start}}
     stack = list(reached)
     unmapped = getattr(dg, "unmapped", {})
-    count = len(start)
+    count, look = len(start), LARGE
     while stack:
         dep, idxs = stack.pop()
         for new_dep in dep.target.dependencies:
@@ -240,9 +244,11 @@ def _traverse(
             known.update(fresh)
             new = list(fresh.values())
             count += len(new)
-            if check is not None and count > LARGE:
-                check, run = None, check
-                run()
+            if check is not None and count > look:  # many root channels meet: check by (member, index) once
+                if count >= MEET * sum(len({i.idx for i in idxs}) for idxs in seen.values()):
+                    check, run = None, check
+                    run()
+                look *= 2
             reached.append((new_dep, new))
             stack.append((new_dep, new))
     return reached

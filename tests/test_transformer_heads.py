@@ -231,8 +231,8 @@ class NormedInput(torch.nn.Module):
 
 
 def test_a_norm_of_the_attentions_input_as_wide_as_its_queries_does_not_keep_its_heads():
-    # Was refused as "its norm 'norm' normalises the queries or keys of all heads together": only a norm named
-    # for the queries or keys (OLMo2's q_norm, k_norm) is read as one, whatever its width.
+    # Was refused as "its norm 'norm' normalises the queries or keys of all heads together": a norm registered
+    # before the projections normalises the input, whatever its width.
     torch.manual_seed(0)
     model = torch.nn.Sequential(NormedInput(), torch.nn.Flatten(), torch.nn.Linear(5 * 16, 3)).eval()
     x = torch.randn(2, 5, 16)
@@ -240,6 +240,30 @@ def test_a_norm_of_the_attentions_input_as_wide_as_its_queries_does_not_keep_its
     report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=x, keep_dense=False).structure
     assert report.equivalence.passed and report.units_removed == 2 and model[0].num_heads == 2
     assert model[0].qkv.out_features == 24 and model[0].norm.normalized_shape == (16,)
+
+
+class NormedOutputs(NormedInput):
+    """Attention that normalises all heads' outputs together before its output projection (timm's
+    ``scale_norm``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.norm
+        self.norm = torch.nn.LayerNorm(16)  # registered after qkv, as the forward uses it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(self.norm(out.transpose(1, 2).reshape(b, n, -1)))
+
+
+def test_a_norm_over_all_heads_outputs_keeps_them_and_says_so():
+    attn = NormedOutputs()
+    assert head_group("", attn, attn).excluded == (
+        "its norm 'norm' normalises the outputs of all heads together: removing heads would change how the others "
+        "are normalised"
+    )
 
 
 class Logits(torch.nn.Module):

@@ -298,6 +298,59 @@ def test_a_slice_counted_from_the_end_maps_the_channels_it_keeps(width):
     assert cuts == [("a", True, (6,)), ("b", False, (6 if width else 2,)), ("c", False, (6,))]
 
 
+class NarrowGLU(nn.Module):
+    """A GLU whose halves are cut with ``narrow`` counted from the end: the features of a (batch, features)
+    tensor (``narrow(-1, ...)``) or the channels of a Conv1d's (batch, channels, length) output (``-2``)."""
+
+    def __init__(self, conv: bool) -> None:
+        super().__init__()
+        self.dim = -2 if conv else -1
+        layer = (lambda i, o: nn.Conv1d(i, o, 1)) if conv else nn.Linear
+        self.fc1, self.fc2, self.head = layer(8, 32), layer(16, 8), layer(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        half = h.shape[self.dim] // 2
+        return self.head(x + self.fc2(h.narrow(self.dim, 0, half) * torch.sigmoid(h.narrow(self.dim, half, half))))
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["features", "conv1d"])
+def test_a_slice_of_channels_counted_from_the_end_stays_a_slice_of_channels(conv):
+    # A slice counted from the end is element-wise for the channels only where its dimension is not as long as
+    # the channels that flow through it (the width of a 4-D map, above). Read as element-wise, this GLU's fc1
+    # failed its probe ("index 31 is out of bounds for dimension 0 with size 16").
+    torch.manual_seed(0)
+    model = NarrowGLU(conv).eval()
+    x = torch.randn(4, 8, 5) if conv else torch.randn(4, 8)
+    report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x).structure
+    reasons = {g["name"]: g["excluded"] for g in report.groups}
+    assert report.equivalence.passed and reasons["fc1"] is None and model.fc1.weight.shape[0] < 32
+
+
+class TokensThenChannels(nn.Module):
+    """A slice of the tokens feeding a slice of the channels counted from the end."""
+
+    def __init__(self, swap: bool) -> None:
+        super().__init__()
+        self.swap = swap
+        self.a, self.b, self.c = nn.Linear(4, 16), nn.Linear(4, 6), nn.Linear(16, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.a(x)[:, 1:]
+        u, v = self.b(p[..., -4:]).mean(1), self.c(p).mean(1)
+        return v + u if self.swap else u + v
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_a_slice_from_the_end_is_read_with_its_own_dimension_not_that_of_the_slice_before_it(swap):
+    # The edge from the token slice to the channel slice holds the channel slice's mapping; read with the token
+    # slice's length (5), whichever op the walk over the graph met first, its start became 1 instead of 12.
+    model = TokensThenChannels(swap)
+    graph = StructureGraph(model, torch.randn(2, 5, 4))
+    cuts = sorted((c.target, c.out, c.idxs) for c in graph.cuts(_groups(graph, model)["a"], [13]))
+    assert cuts == [("a", True, (13,)), ("b", False, (1,)), ("c", False, (13,))]
+
+
 def test_a_walk_stops_at_an_op_whose_mapping_could_not_be_computed_and_names_the_error():
     # Gemma 4's vision encoder and SHViT: torch-pruning's mapping of one op raised (IndexError, ZeroDivisionError)
     # and ended the analysis of the whole model. Mappings are now computed op by op (tracing._each_mapping); an

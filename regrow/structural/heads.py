@@ -288,7 +288,7 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     across = _norm_across_heads(module, paths, (inner, kv_inner), head_dim)
     if across is not None:
         reason = (
-            f"its norm {across!r} normalises the queries or keys of all heads together: removing heads would change "
+            f"its norm {across!r} normalises {_normalised(across)} of all heads together: removing heads would change "
             "how the others are normalised"
         )
         return HeadGroup(name, heads, head_dim, projections, excluded=reason)
@@ -321,19 +321,24 @@ QK_WORDS = {"q", "k", "qk", "query", "key", "queries", "keys", "qnorm", "knorm"}
 
 
 def _norm_across_heads(module: nn.Module, paths: dict[str, str], widths: tuple[int, ...], head_dim: int) -> str | None:
-    """A norm child of the attention named for the queries or keys (``q_norm``, ``k_norm``, ``query_norm``) whose
-    weight spans a projection's whole width, several heads (OLMo2's, before the view into heads), not one head's
-    (Qwen3's, Gemma 3's). A norm of another name normalises the attention's input or output (TinyViT's ``norm``,
-    as wide as its queries): any head may go past it."""
-    for n, child in module.named_children():
+    """A norm child of the attention whose weight spans a projection's whole width, several heads, not one head's
+    (Qwen3's, Gemma 3's): OLMo2's ``q_norm`` and ``k_norm`` before the view into heads, timm's ``scale_norm`` and
+    BitNet's ``attn_sub_norm`` over all heads' outputs. A norm registered before the projections normalises the
+    attention's input (TinyViT's ``norm``, as wide as its queries): any head may go past it."""
+    children = list(module.named_children())
+    first = next((k for k, (n, _) in enumerate(children) if n in paths), len(children))
+    for n, child in children[first:]:
         weight = getattr(child, "weight", None)
         if n in paths or "norm" not in f"{n} {type(child).__name__}".lower() or not isinstance(weight, Tensor):
-            continue
-        if not QK_WORDS & set(n.lower().split("_")):
             continue
         if weight.dim() == 1 and weight.numel() in widths and weight.numel() != head_dim:
             return n
     return None
+
+
+def _normalised(norm: str) -> str:
+    """What a norm across heads normalises, by its name."""
+    return "the queries or keys" if QK_WORDS & set(norm.lower().split("_")) else "the outputs"
 
 
 def _output_projection(name: str, paths: dict[str, str], model: nn.Module | None) -> str | None:

@@ -167,7 +167,9 @@ def _slices_from_the_end(dg: Any) -> None:
         if node.type != ops.OPTYPE.SLICE or not hasattr(fn, "_saved_self_sym_sizes"):
             continue
         size = int(fn._saved_self_sym_sizes[_slice_dim(fn)])
-        for dep in _stale_edges(node):
+        own = [dep for dep in node.dependencies if any(dep.target is n for n in node.inputs)]
+        own += [dep for n in node.inputs for dep in n.dependencies if dep.target is node]
+        for dep in own:  # this slice's mappings only: an edge to a slice it feeds holds that one's
             for mapping in dep.index_mapping:
                 if isinstance(mapping, index_mapping._SliceIndexMapping):
                     if mapping.start >= 2**63:
@@ -179,17 +181,16 @@ def _slices_from_the_end(dg: Any) -> None:
 def _untie_spatial_slices(dg: Any) -> None:
     """A slice whose dimension is not as long as the channels that flow through it is, for the channels, the
     element-wise op it is (torch-pruning mapped it whenever it cut dim 1 of a 4-D tensor, dim 2 of a 3-D one, or
-    a dimension counted from the end, whose number it read as 2**64 - 1 and did not recognise)."""
+    a dimension counted from the end, whose number it read as 2**64 - 1 and did not recognise: the width of a 4-D
+    map, but also the channels of a Conv1d's or a Linear's output)."""
     for node in list(dg.module2node.values()):
         fn = node.grad_fn
         if node.type != ops.OPTYPE.SLICE or not node.inputs or not hasattr(fn, "_saved_self_sym_sizes"):
             continue
         sizes = [int(s) for s in fn._saved_self_sym_sizes]
         dim = _slice_dim(fn)
-        if (len(sizes), dim) not in ((4, 1), (3, 2)):
-            if int(fn._saved_dim) >= 2**63:  # counted from the end: torch-pruning took it for a slice of channels
-                _retype(node)
-            continue  # torch-pruning already leaves this slice out
+        if (len(sizes), dim) not in ((4, 1), (3, 2)) and int(fn._saved_dim) < 2**63:
+            continue  # torch-pruning's reading stands: every dim of a 2-D or 5-D tensor is channels to it
         channels = _channels_in(dg, node)
         if channels is not None and channels != sizes[dim]:
             _retype(node)

@@ -105,7 +105,10 @@ def _saved_width(fn: Any, traced: Mapping[Any, int]) -> int:
 
 def _coordinates(module: Any) -> int:
     """The width of the coordinates a concatenation, split or unbind maps indices through (all its parts
-    together; unbind's parts are no dimension of any tensor); 0 for any other op or layer."""
+    together; unbind's parts are no dimension of any tensor); 0 for any other op or layer (whatever attributes
+    of those names it has: a buffer called ``offsets``)."""
+    if not isinstance(module, (ops._ConcatOp, ops._SplitOp, ops._UnbindOp)):
+        return 0
     sizes = getattr(module, "concat_sizes", None) or getattr(module, "split_sizes", None) or []
     offsets = getattr(module, "offsets", None) or []
     widths = [sum(s for s in sizes if isinstance(s, int))]
@@ -245,7 +248,7 @@ def _traverse(
             new = list(fresh.values())
             count += len(new)
             if check is not None and count > look:  # many root channels meet: check by (member, index) once
-                if count >= MEET * sum(len({i.idx for i in idxs}) for idxs in seen.values()):
+                if count >= MEET * sum(len({i.idx for i in found}) for found in seen.values()):
                     check, run = None, check
                     run()
                 look *= 2

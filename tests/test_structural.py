@@ -1093,12 +1093,12 @@ def test_the_time_limit_keeps_an_alarm_set_before_it():
 class Returns(nn.Module):
     """Logits, then whatever else ``extra`` gives for them (features, a pooled output, indices)."""
 
-    def __init__(self, extra) -> None:
+    def __init__(self, extra, factor: float = 2.0) -> None:
         super().__init__()
-        self.extra = extra
+        self.extra, self.factor = extra, factor
 
     def forward(self, x):
-        return {"logits": x * 2.0, "more": self.extra(x)}
+        return {"logits": x * self.factor, "more": self.extra(x)}
 
 
 def test_the_check_compares_every_tensor_the_model_returns_beside_its_logits():
@@ -1112,5 +1112,9 @@ def test_the_check_compares_every_tensor_the_model_returns_beside_its_logits():
     # another shape (a key/value cache without the removed heads) is not compared; all agreeing, the logits' numbers
     narrower = regrow.structural.compare(Returns(lambda x: x[:, :2]), Returns(lambda x: x + 1.0), x)
     assert narrower.passed and narrower.output == 0 and narrower.scale == 10.0 and "output" not in narrower.to_dict()
-    logits = regrow.structural.compare(Returns(lambda x: x), Returns(lambda x: x), x + 1.0)
-    assert logits.passed and logits.max_abs_diff == 0.0 and logits.where == ""
+    # the logits differ, the rest agrees: the failure is the logits', named as the first output is (not at all)
+    logits = regrow.structural.compare(Returns(lambda x: x), Returns(lambda x: x, factor=2.5), x + 1.0)
+    assert not logits.passed and logits.output == 0 and logits.max_abs_diff == 3.0 and logits.scale == 15.0
+    assert logits.where == "" and "output" not in logits.to_dict()
+    agree = regrow.structural.compare(Returns(lambda x: x), Returns(lambda x: x), x + 1.0)
+    assert agree.passed and agree.max_abs_diff == 0.0 and agree.where == ""

@@ -77,6 +77,13 @@ MODELS = {
         (1, 1, 1, 1),
     ),
     "nest": ("nest_tiny", {"img_size": 32}, 32, "levels.{}.transformer_encoder.{}.attn", (2, 2, 8)),
+    "crossvit": (  # each branch's class token attends to the other branch's tokens
+        "crossvit_tiny_240",
+        {"img_size": 48, "img_scale": (1.0, 1.0), "depth": [[1, 1, 0]] * 2},
+        48,
+        "blocks.{}.fusion.{}.attn",
+        (2, 2),
+    ),
     "cait": (  # talking heads in the blocks, then the class token's attention
         "cait_xxs24_224",
         {"img_size": 32, "depth": 2, "depth_token_only": 1},
@@ -95,7 +102,9 @@ def build(family: str, **extra) -> tuple[nn.Module, torch.Tensor, list[str]]:
         for key in ("q_bias", "v_bias"):
             if isinstance(getattr(module, key, None), nn.Parameter):
                 nn.init.normal_(getattr(module, key), std=0.1)
-    nn.init.normal_(model.get_classifier().weight)  # timm's tiny classifier init gives outputs near 1e-4
+    heads = model.get_classifier()  # timm's tiny classifier init gives outputs near 1e-4; CrossViT has two
+    for head in heads if isinstance(heads, nn.ModuleList) else [heads]:
+        nn.init.normal_(head.weight)
     if isinstance(counts, int):
         names = [pattern.format(i) for i in range(counts)]
     elif isinstance(counts, list):

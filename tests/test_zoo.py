@@ -79,6 +79,11 @@ FAMILIES = {
     "edgenext": ("edgenext_xx_small", {}, 64),  # convolutions on uneven chunks (x.chunk of 88: 30, 30, 28), XCA
     "swinv2_cr": ("swinv2_cr_tiny_224", {"img_size": 64, "window_size": 4, "depths": (1, 1, 1, 1)}, 64),
     "nest": ("nest_tiny", {"img_size": 32}, 32),  # attention within image blocks, heads merged channel-major
+    "crossvit": (  # two branches of tokens, each class token attending to the other branch's tokens
+        "crossvit_tiny_240",
+        {"img_size": 48, "img_scale": (1.0, 1.0), "depth": [[1, 1, 0]] * 2},
+        48,
+    ),
     "swin": (  # windowed attention with shifts, relative position bias, patch merging
         "swin_tiny_patch4_window7_224",
         {"img_size": 64, "window_size": 4, "depths": (2, 2, 2, 2), "embed_dim": 32, "num_heads": (1, 2, 4, 8)},

@@ -5,12 +5,12 @@ timm's EVA attention (``eva.EvaAttention``: EVA-02 and the DINOv3 ViTs), BEiT's 
 RelPosAttention``), PVT v2's (``pvt_v2.Attention``), CaiT's (``cait.ClassAttn``, ``cait.TalkingHeadAttn``),
 DaViT's (``davit.ChannelAttention``, ``ChannelAttentionV2``, ``WindowAttention``), Twins' (``twins.
 LocallyGroupedAttn``, ``GlobalSubSampleAttn``), the cross-covariance attention of XCiT and EdgeNeXt (``xcit.XCA``,
-``edgenext.CrossCovarianceAttn``), Swin V2 CR's (``swin_transformer_v2_cr.WindowMultiHeadAttention``) and NesT's
-(``nest.Attention``) read ``B, N, C = x.shape`` from their input and merge the heads' outputs with
-``reshape(B, N, C)``; most also split their heads by ``C // num_heads``, PVT v2 and Twins flatten their reduced
-key / value map by ``C``. Their inner width (heads times head width) must then equal the width of the residual
-stream they read: a narrower stream breaks the forward pass, and channel pruning had to leave the stream out of
-every such model ("shrinking it breaks the forward pass").
+``edgenext.CrossCovarianceAttn``), Swin V2 CR's (``swin_transformer_v2_cr.WindowMultiHeadAttention``), NesT's
+(``nest.Attention``) and CrossViT's (``crossvit.CrossAttention``) read ``B, N, C = x.shape`` from their input
+and merge the heads' outputs with ``reshape(B, N, C)``; most also split their heads by ``C // num_heads``, PVT v2
+and Twins flatten their reduced key / value map by ``C``. Their inner width (heads times head width) must then
+equal the width of the residual stream they read: a narrower stream breaks the forward pass, and channel pruning
+had to leave the stream out of every such model ("shrinking it breaks the forward pass").
 
 Each stand-in here computes its original's function with the same operations in the same order, but merges the
 heads with ``reshape(B, N, -1)`` (and splits and flattens by the widths its layers give), so that the inner width
@@ -358,6 +358,18 @@ class NestAttention(_Adopted):
         return self.proj_drop(self.proj(x.permute(0, 2, 3, 4, 1).reshape(b, t, n, -1)))
 
 
+class CrossVitAttention(_Adopted):
+    """timm's CrossViT ``CrossAttention``: one branch's class token attends to the other branch's tokens."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q = self.wq(x[:, 0:1, ...]).reshape(b, 1, self.num_heads, -1).permute(0, 2, 1, 3)
+        k = self.wk(x).reshape(b, n, self.num_heads, -1).permute(0, 2, 1, 3)
+        v = self.wv(x).reshape(b, n, self.num_heads, -1).permute(0, 2, 1, 3)
+        attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(b, 1, -1)))
+
+
 STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "eva.EvaAttention": EvaAttention,
     TIMM + "beit.Attention": BeitAttention,
@@ -375,4 +387,5 @@ STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "edgenext.CrossCovarianceAttn": CrossCovarianceAttention,
     TIMM + "swin_transformer_v2_cr.WindowMultiHeadAttention": SwinV2CrWindowAttention,
     TIMM + "nest.Attention": NestAttention,
+    TIMM + "crossvit.CrossAttention": CrossVitAttention,
 }

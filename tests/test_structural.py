@@ -497,8 +497,13 @@ def test_a_handler_broken_only_for_larger_cuts_fails_the_final_check(monkeypatch
 
     monkeypatch.setattr(type(conv), "prune_out_channels", wrong_when_many)
     model = build(ResidualCNN)
-    with pytest.raises(RegrowError, match="equivalence check failed.*group\\(s\\) at fault"):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    # each group is checked alone on the model as it was before the surgery (put back, not copied): the two
+    # convolutions whose cuts are larger than three are named, and the model is handed back as it came
+    with pytest.raises(RegrowError, match="equivalence check failed.*group\\(s\\) at fault: down, stem.0\\."):
         shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=images())
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_no_state_leaks_between_prunes():

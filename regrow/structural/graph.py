@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,8 +224,14 @@ class _DependencyGraph(tp.DependencyGraph):
         return self
 
 
-def _inside_attention(owner: str) -> str:
-    return f"inside attention {owner!r}: its inner width shrinks only by whole heads (pattern 'head')"
+Inner = dict[str, set[str]]  # attention module -> its inner projections (q, k, v or fused qkv): heads.inner_projections
+
+
+def _inside_attention(owner: str, unheaded: Mapping[str, str]) -> str:
+    if owner not in unheaded:
+        return f"inside attention {owner!r}: its inner width shrinks only by whole heads (pattern 'head')"
+    why = f"which pattern 'head' cannot remove here ({unheaded[owner]})"
+    return f"inside attention {owner!r}: its inner width is split into heads, {why}"
 
 
 class StructureGraph:
@@ -294,18 +300,20 @@ class StructureGraph:
         return max([1, *(member_groups(self.dg, dep.target.module, dep.handler)[0] for dep, _ in group)])
 
     def channel_groups(
-        self, candidates: set[str], ignored: set[str], attention: dict[str, set[str]]
+        self, candidates: set[str], ignored: set[str], attention: Inner, unheaded: Mapping[str, str] | None = None
     ) -> list[ChannelGroup]:
         """Every group rooted at a Conv/Linear layer, with the reason when regrow will not prune it.
 
         ``attention`` maps each attention module to its inner projections (q, k, v or fused qkv): groups whose
-        output channels include them are left to pattern 'head'.
+        output channels include them are left to pattern 'head', or, for an attention in ``unheaded`` (with why
+        pattern 'head' cannot remove its heads), left out saying so.
         """
+        unheaded = unheaded or {}
         out = []
         ignored_modules = [m for m, n in self.names.items() if n in ignored]
         for root, group, reached, failure in self._root_groups(ignored_modules):
             if group is None:
-                out.append(self._unmapped(root, failure, candidates, attention))
+                out.append(self._unmapped(root, failure, candidates, attention, unheaded))
                 continue
             members, out_layers, reason = [], [], None
             for item in group:
@@ -335,7 +343,7 @@ class StructureGraph:
             if reason is None:
                 owner = next((a for a, inner in attention.items() if any(n in inner for n in out_layers)), None)
                 if owner is not None:
-                    reason = _inside_attention(owner)
+                    reason = _inside_attention(owner, unheaded)
             channels = self.dg.get_out_channels(root)
             cg = ChannelGroup(
                 name=root_name,
@@ -388,7 +396,7 @@ class StructureGraph:
                 yield m, None, [], exc
 
     def _unmapped(
-        self, root: nn.Module, exc: Exception, candidates: set[str], attention: dict[str, set[str]]
+        self, root: nn.Module, exc: Exception, candidates: set[str], attention: Inner, unheaded: Mapping[str, str]
     ) -> ChannelGroup:
         """The group of ``root`` whose channels could not be mapped, left out with the reason (an attention's
         own projection would be left to pattern 'head' anyway, and is said to be)."""
@@ -398,7 +406,7 @@ class StructureGraph:
         if name not in candidates:
             reason = "not a target"
         elif owner is not None:
-            reason = _inside_attention(owner)
+            reason = _inside_attention(owner, unheaded)
         else:
             exc = exc.cause if isinstance(exc, UnmappedOp) else exc
             reason = (

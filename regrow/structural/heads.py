@@ -302,6 +302,23 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     return HeadGroup(name, heads, head_dim, projections, kv_group=heads // kv_heads, q_rows=q_rows)
 
 
+# The names of the layers that compute queries, keys and values: head_group's roles, and a fused query / key
+# projection (timm's ConViT and TNT: ``qk``, then ``v``)
+QKV_NAMES = {*FUSED, *(n for names in (*SEPARATE, *SEPARATE_KV) for n in names), "qk"}
+
+
+def inner_projections(group: HeadGroup, module: nn.Module) -> set[str]:
+    """The layers (full names) that compute the attention's queries, keys and values, whose output channels it
+    splits into heads: the head group's projections; where :func:`head_group` found none (1x1 convolutions as
+    projections, timm's HaloNet and Visformer; a fused query / key projection, ConViT and TNT), the attention's
+    own Linear and convolution children named as such layers are."""
+    if group.projections:
+        return {fqn for role, fqn in group.projections.items() if role != "out"}
+    prefix = f"{group.name}." if group.name else ""
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return {prefix + n for n, child in module.named_children() if n in QKV_NAMES and isinstance(child, layers)}
+
+
 def _projection_paths(module: nn.Module) -> dict[str, str]:
     """The attention's Linear (or Hugging Face ``Conv1D``) children by name, with their paths below it: the child
     itself, or the one Linear inside a child that only wraps it (no parameters of its own or in another child:

@@ -22,7 +22,7 @@ from regrow.structural.arch import tied_parameters
 from regrow.structural.budget import Unitized
 from regrow.structural.device import copy_grads, exact_arithmetic, inputs_to_host
 from regrow.structural.graph import ChannelGroup, StructureGraph, find_attention
-from regrow.structural.heads import HeadGroup, head_group
+from regrow.structural.heads import HeadGroup, head_group, inner_projections
 from regrow.structural.importance import accumulate_gradients, channel_scores, head_scores
 from regrow.structural.mlp import MlpGroup
 from regrow.structural.rounding import _round_step
@@ -166,11 +166,13 @@ def _channel_groups(
     )
     with time_limit(GRAPH_SECONDS, explain):
         graph = StructureGraph(model, inputs)
-        inner = {}
+        inner, unheaded = {}, {}
         for name, module in attention.items():
             hg = head_group(name, module, model)
-            inner[name] = {fqn for role, fqn in hg.projections.items() if role != "out"}
-        return graph, list(graph.channel_groups(candidates, ignored, inner))
+            inner[name] = inner_projections(hg, module)
+            if hg.excluded is not None:
+                unheaded[name] = hg.excluded
+        return graph, list(graph.channel_groups(candidates, ignored, inner, unheaded))
 
 
 def _head_groups(model: nn.Module, attention: dict[str, nn.Module], targets: Any, ignore: Any) -> list[HeadGroup]:

@@ -239,15 +239,23 @@ def test_heads_go_with_their_rows_of_the_loose_q_k_v_biases(family):
         assert torch.isfinite(model(x)).all()
 
 
-def test_heads_of_an_attention_with_a_fused_key_value_projection_go_whole():
+@pytest.mark.parametrize("family", ["pvt_v2", "pvt_v2_linear", "twins"])
+def test_heads_of_an_attention_with_a_fused_key_value_projection_go_whole(family):
     # PVT v2 projects its queries with q and its keys and values with one kv Linear: no head was found ("no
     # q/k/v or fused qkv Linear projections found"), and channel pruning probed q's outputs as a group of its own.
-    model, x, names = build("pvt_v2")
-    attn = model.get_submodule(names[-1])
-    heads, inner = attn.num_heads, attn.q.out_features
+    # Where it reduces the keys' and values' map first (sr, then norm: PVT v2's and Twins' first stages), the norm
+    # was taken for one over all heads' outputs, and those heads were refused ("its norm 'norm' normalises ...").
+    model, x, names = build(family)
+    fused_kv = [n for n in names if model.get_submodule(n).num_heads > 1 and hasattr(model.get_submodule(n), "kv")]
+    reduced = [n for n in fused_kv if getattr(model.get_submodule(n), "sr", None) is not None]
+    assert reduced and "norm" in dict(model.get_submodule(reduced[0]).named_children())
+    head_dim = {n: model.get_submodule(n).q.out_features // model.get_submodule(n).num_heads for n in fused_kv}
+    heads = sum(model.get_submodule(n).num_heads for n in reduced)
     report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=x, keep_dense=False).structure
     assert report.equivalence.passed, report.equivalence
-    assert next(g for g in report.groups if g["name"] == names[-1])["excluded"] is None
-    attn = model.get_submodule(names[-1])
-    assert attn.num_heads == heads // 2 and attn.q.out_features == inner // 2
-    assert attn.kv.out_features == inner and attn.proj.in_features == inner // 2
+    assert all(g["excluded"] is None for g in report.groups if g["name"] in fused_kv), report.groups
+    assert sum(model.get_submodule(n).num_heads for n in reduced) < heads
+    for n in fused_kv:  # each lost whole heads: its queries, keys and values, and the output's columns
+        attn = model.get_submodule(n)
+        inner = attn.num_heads * head_dim[n]
+        assert attn.q.out_features == attn.proj.in_features == inner and attn.kv.out_features == 2 * inner

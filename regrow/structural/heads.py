@@ -335,18 +335,24 @@ def _projection_paths(module: nn.Module) -> dict[str, str]:
 
 
 QK_WORDS = {"q", "k", "qk", "query", "key", "queries", "keys", "qnorm", "knorm"}
+REDUCTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d)
+REDUCTIONS += (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 
 def _norm_across_heads(module: nn.Module, paths: dict[str, str], widths: tuple[int, ...], head_dim: int) -> str | None:
     """A norm child of the attention whose weight spans a projection's whole width, several heads, not one head's
     (Qwen3's, Gemma 3's): OLMo2's ``q_norm`` and ``k_norm`` before the view into heads, timm's ``scale_norm`` and
     BitNet's ``attn_sub_norm`` over all heads' outputs. A norm registered before the projections normalises the
-    attention's input (TinyViT's ``norm``, as wide as its queries): any head may go past it."""
+    attention's input (TinyViT's ``norm``, as wide as its queries), and one registered right after a convolution
+    or pooling that is not a projection normalises its output, the input reduced for the keys and values (PVT
+    v2's, Twins' and Next-ViT's ``sr`` then ``norm``): any head may go past either."""
     children = list(module.named_children())
     first = next((k for k, (n, _) in enumerate(children) if n in paths), len(children))
-    for n, child in children[first:]:
+    for k, (n, child) in enumerate(children[first:], first):
         weight = getattr(child, "weight", None)
         if n in paths or "norm" not in f"{n} {type(child).__name__}".lower() or not isinstance(weight, Tensor):
+            continue
+        if children[k - 1][0] not in paths and isinstance(children[k - 1][1], REDUCTIONS):
             continue
         if weight.dim() == 1 and weight.numel() in widths and weight.numel() != head_dim:
             return n

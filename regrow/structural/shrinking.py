@@ -257,8 +257,8 @@ def _shrink_checked(
     a model on another device is shrunk after the check and must then hold the checked copy's weights.
     Returns the equivalence and the checked model (``model`` itself on the CPU). A mismatch raises an error
     naming the groups at fault: the shrunk model is put back as it was before the surgery (:class:`_Undo`, which
-    keeps references, where a copy kept for this rare path cost a whole model's memory and time: 9 s of a 1.1B
-    Llama's 91 s), and each group is checked alone on it.
+    keeps references, where a copy kept for this rare path cost a whole model's memory: a 1.1B Llama of 4.18 GiB
+    peaked at 16.6 GiB with it, 13.7 GiB without), and each group is checked alone on it.
     """
     active, host, inputs = prepared.active, prepared.host, prepared.host_inputs
     cuts = [c for u in active for c in u.cuts(removed.get(u.name, []))]

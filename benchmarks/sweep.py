@@ -40,8 +40,9 @@ from benchmarks.common import markdown_table, stamp, stamp_markdown
 from benchmarks.zoo import _random_classifier
 
 BUDGET, TOLERANCE = 0.5, 0.02
-# Groups left out by design: the classifier's outputs, attention's inner widths (pattern 'head' shrinks them) and
-# the channels a ShuffleNet shuffle interleaves (regrow.structural.shuffle).
+# Groups left out by design: the classifier's outputs, attention's inner widths (pattern 'head' shrinks them where
+# it can take the attention; where it cannot, the reason says so, and nothing shrinks them) and the channels a
+# ShuffleNet shuffle interleaves (regrow.structural.shuffle).
 SHUFFLED = "its channels go through the channel shuffle"
 BENIGN = ("not a target", "its channels are the model's output", "inside attention", SHUFFLED)
 TITLES = {

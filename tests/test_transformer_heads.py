@@ -489,24 +489,50 @@ class ConvAttention(torch.nn.Module):
         return self.proj((v @ attn.transpose(-2, -1)).reshape(b, -1, h, w))
 
 
-class ConvAttentionNet(torch.nn.Module):
-    def __init__(self) -> None:
+class OneHeadConvAttention(torch.nn.Module):
+    """One head, 1x1 convolutions as q, k and v, every width read from the tensors."""
+
+    def __init__(self, dim: int = 8) -> None:
         super().__init__()
-        self.stem, self.attn, self.head = torch.nn.Conv2d(3, 8, 3, padding=1), ConvAttention(), torch.nn.Linear(8, 3)
+        self.num_heads = 1
+        self.q, self.k, self.v = (torch.nn.Conv2d(dim, 8, 1) for _ in range(3))
+        self.proj = torch.nn.Conv2d(8, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q, k, v = (layer(x).reshape(b, 1, -1, h * w) for layer in (self.q, self.k, self.v))
+        attn = (q.transpose(-2, -1) @ k).softmax(-1)
+        return self.proj((v @ attn.transpose(-2, -1)).reshape(b, -1, h, w))
+
+
+class ConvAttentionNet(torch.nn.Module):
+    def __init__(self, heads: int = 2) -> None:
+        super().__init__()
+        self.stem, self.head = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8, 3)
+        self.attn = ConvAttention(heads=heads) if heads > 1 else OneHeadConvAttention()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.stem(x)
         return self.head((y + self.attn(y)).mean((2, 3)))
 
 
-def test_an_attention_whose_heads_regrow_cannot_remove_still_keeps_its_inner_width_out_of_channel_pruning():
+def test_an_attention_whose_heads_regrow_cannot_remove_still_keeps_its_inner_width_out_of_channel_pruning(monkeypatch):
     # Its q and kv are 1x1 convolutions: pattern 'head' refuses them (no Linear projections). Their channel groups
     # went to the probes, which failed one by one ("shrinking it breaks the forward pass": the reshape into heads
     # of fixed width), a model's full forward pass each: timm's HaloNet took 117 s, 38 such groups. They are the
     # attention's inner width, left out before any probe, saying why pattern 'head' cannot take them either.
+    probed = []
+    probe = regrow.structural.prepared._probe_all
+
+    def recording(model, units, *args):
+        probed.extend(u.name for u in units)
+        return probe(model, units, *args)
+
+    monkeypatch.setattr(regrow.structural.prepared, "_probe_all", recording)
     torch.manual_seed(0)
     model, x = ConvAttentionNet().eval(), torch.randn(2, 3, 4, 4)
     report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert "stem" in probed and "attn.q" not in probed
     groups = {g["name"]: g for g in report.groups}
     assert groups["attn.q"]["excluded"] == (
         "inside attention 'attn': its inner width is split into heads, which pattern 'head' cannot remove here "
@@ -516,3 +542,14 @@ def test_an_attention_whose_heads_regrow_cannot_remove_still_keeps_its_inner_wid
     reasons = {name: g["excluded"] for name, g in groups.items()}
     assert reasons["stem"] is None and report.equivalence.passed and model.stem.out_channels == 4
     assert model.attn.q.out_channels == 8 and model.attn.kv.out_channels == 16
+
+
+def test_a_single_head_attention_regrow_cannot_take_by_heads_still_loses_channels_its_probe_allows():
+    # One head's width is free: its queries and keys lose channels together, its values with the output's
+    # columns, held to their simulation as any group. Only attention of several heads keeps its inner width out.
+    torch.manual_seed(0)
+    model, x = ConvAttentionNet(heads=1).eval(), torch.randn(2, 3, 4, 4)
+    report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed
+    assert not [g for g in report.groups if g["name"].startswith("attn.") and g["excluded"]], report.groups
+    assert model.attn.q.out_channels == model.attn.k.out_channels == model.attn.v.out_channels < 8

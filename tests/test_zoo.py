@@ -257,7 +257,7 @@ def test_a_large_walk_checks_by_index_whether_it_ends_before_it_carries_each_roo
     # with each root channel, the walk ran past three minutes before its indices came to 4 times the root's
     # width. Past coupling.LARGE triples it checks once by (member, index), whatever root channel carries them:
     # the same pairs, so the same answer: here 35 indices sent through the growing mapping instead of 138 (each
-    # list's largest and smallest first, before the list: coupling._bounded).
+    # list's largest and smallest first, before the list: coupling._traverse).
     monkeypatch.setattr(coupling, "LARGE", large)
     handler, mapped = object(), []
 

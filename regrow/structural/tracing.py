@@ -151,10 +151,9 @@ def _retype(node: Any, mapping: Any = None, reverse: Any = None, stale: tuple[ty
 
 
 def _slice_dim(fn: Any) -> int:
-    """The dimension a slice's autograd node cut, counted from the front (one counted from the end, ``dim=-1``, is
-    saved as an unsigned 64-bit number too)."""
-    dim = int(fn._saved_dim)
-    return dim - 2**64 + len(fn._saved_self_sym_sizes) if dim >= 2**63 else dim
+    """The dimension a slice's autograd node cut, counted from the front (:func:`_saved_dim` reads one counted
+    from the end, ``dim=-1``, which autograd saves unsigned)."""
+    return _saved_dim(fn) % len(fn._saved_self_sym_sizes)
 
 
 def _slices_from_the_end(dg: Any) -> None:
@@ -172,10 +171,10 @@ def _slices_from_the_end(dg: Any) -> None:
         for dep in own:  # this slice's mappings only: an edge to a slice it feeds holds that one's
             for mapping in dep.index_mapping:
                 if isinstance(mapping, index_mapping._SliceIndexMapping):
-                    if mapping.start >= 2**63:
-                        mapping.start = max(mapping.start - 2**64 + size, 0)
-                    if mapping.end >= 2**63:
-                        mapping.end = max(mapping.end - 2**64 + size, 0)
+                    if _signed(mapping.start) < 0:
+                        mapping.start = max(_signed(mapping.start) + size, 0)
+                    if _signed(mapping.end) < 0:
+                        mapping.end = max(_signed(mapping.end) + size, 0)
 
 
 def _untie_spatial_slices(dg: Any) -> None:
@@ -189,7 +188,7 @@ def _untie_spatial_slices(dg: Any) -> None:
             continue
         sizes = [int(s) for s in fn._saved_self_sym_sizes]
         dim = _slice_dim(fn)
-        if (len(sizes), dim) not in ((4, 1), (3, 2)) and int(fn._saved_dim) < 2**63:
+        if (len(sizes), dim) not in ((4, 1), (3, 2)) and _saved_dim(fn) >= 0:
             continue  # torch-pruning's reading stands: every dim of a 2-D or 5-D tensor is channels to it
         channels = _channels_in(dg, node)
         if channels is not None and channels != sizes[dim]:
@@ -296,9 +295,14 @@ def _batch_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) -> 
         _retype(node, _none, _none)
 
 
+def _signed(value: int) -> int:
+    """A number autograd saved as unsigned 64-bit (a negative dim, a slice bound from the end), as Python's."""
+    return value - 2**64 if value >= 2**63 else value
+
+
 def _saved_dim(fn: Any) -> int | None:
     dim = getattr(fn, "_saved_dim", None)
-    return dim - 2**64 if dim is not None and dim >= 2**63 else dim  # a negative dim is saved unsigned
+    return None if dim is None else _signed(int(dim))
 
 
 def feature_map_mappings(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:

@@ -16,32 +16,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
+import time
+import warnings
 
 from benchmarks.common import RESULTS, markdown_table, stamp, stamp_markdown
 
-CHILD = """
-import json, resource, sys, time, warnings
-import torch, transformers
-import regrow
-warnings.filterwarnings("ignore")
-transformers.logging.set_verbosity_error()
-config = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-    num_hidden_layers=int(sys.argv[1]), num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=64)
-torch.manual_seed(0)
-model = transformers.LlamaForCausalLM(config).eval()
-size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-ids = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
-start = time.perf_counter()
-report = regrow.prune(model, pattern="channel", sparsity=0.25, scope="layer", keep_dense=False,
-    example_inputs=ids).structure
-seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-print(json.dumps({"seconds": round(seconds, 1), "macs_kept": round(report.macs_ratio, 4),
-    "check": report.equivalence.passed, "model_gib": round(size, 2), "peak_gib": round(peak, 2),
-    "peak_x_model": round(peak / size, 2)}))
-"""
+
+def child(layers: int) -> dict:
+    """Build the model and prune it in this process; the call's time, the result and the process's peak."""
+    import torch
+    import transformers
+
+    import regrow
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    config = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    ids = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    report = regrow.prune(
+        model, pattern="channel", sparsity=0.25, scope="layer", keep_dense=False, example_inputs=ids
+    ).structure
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    return {
+        "seconds": round(seconds, 1), "macs_kept": round(report.macs_ratio, 4), "check": report.equivalence.passed,
+        "model_gib": round(size, 2), "peak_gib": round(peak, 2), "peak_x_model": round(peak / size, 2),
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -52,9 +62,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     info = stamp()
     rows = []
     for run in range(args.repeats):
-        done = subprocess.run(
-            [sys.executable, "-c", CHILD, str(args.layers)], capture_output=True, text=True, check=True, timeout=1800
-        )
+        code = f"import json; from benchmarks.structural_memory import child; print(json.dumps(child({args.layers})))"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=1800)
         rows.append({"run": run + 1, **json.loads(done.stdout.strip().splitlines()[-1])})
         print(rows[-1], flush=True)
     keys = ["run", "seconds", "macs_kept", "check", "model_gib", "peak_gib", "peak_x_model"]

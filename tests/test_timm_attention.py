@@ -239,6 +239,24 @@ def test_heads_go_with_their_rows_of_the_loose_q_k_v_biases(family):
         assert torch.isfinite(model(x)).all()
 
 
+@pytest.mark.parametrize("family", ["pvt_v2", "pvt_v2_linear"])
+def test_the_single_head_attention_of_pvt_v2s_first_stage_loses_inner_channels(family):
+    # One head's width is free, but it was left out as one that "shrinks only by whole heads (pattern 'head')",
+    # which refuses a single head. Its channels then broke the forward pass: the stand-in split the keys and values
+    # by the stored head_dim; it now splits them by the queries' width, as Twins' does.
+    model, x, names = build(family)
+    single = [n for n in names if model.get_submodule(n).num_heads == 1]
+    assert single and all(hasattr(model.get_submodule(n), "kv") for n in single)
+    width = {n: model.get_submodule(n).q.out_features for n in single}
+    report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed, report.equivalence
+    assert not [g for g in report.groups if g["name"].startswith(tuple(single)) and g["excluded"]], report.groups
+    for n in single:
+        attn = model.get_submodule(n)
+        assert attn.q.out_features == attn.proj.in_features < width[n]
+        assert attn.kv.out_features == 2 * attn.q.out_features
+
+
 @pytest.mark.parametrize("family", ["pvt_v2", "pvt_v2_linear", "twins"])
 def test_heads_of_an_attention_with_a_fused_key_value_projection_go_whole(family):
     # PVT v2 projects its queries with q and its keys and values with one kv Linear: no head was found ("no

@@ -505,11 +505,29 @@ class OneHeadConvAttention(torch.nn.Module):
         return self.proj((v @ attn.transpose(-2, -1)).reshape(b, -1, h, w))
 
 
+class OneHeadLinearAttention(torch.nn.Module):
+    """One head over the map's pixels as tokens, Linear q, k, v and output projections (PVT v2's first stage)."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.num_heads = 1
+        self.q, self.k, self.v = (torch.nn.Linear(dim, 8) for _ in range(3))
+        self.proj = torch.nn.Linear(8, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        q, k, v = (layer(t).reshape(b, -1, 1, layer.out_features).transpose(1, 2) for layer in (self.q, self.k, self.v))
+        y = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, h * w, -1)
+        return self.proj(y).transpose(1, 2).reshape(b, -1, h, w)
+
+
 class ConvAttentionNet(torch.nn.Module):
-    def __init__(self, heads: int = 2) -> None:
+    def __init__(self, heads: int = 2, linear: bool = False) -> None:
         super().__init__()
         self.stem, self.head = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8, 3)
-        self.attn = ConvAttention(heads=heads) if heads > 1 else OneHeadConvAttention()
+        one = OneHeadLinearAttention() if linear else OneHeadConvAttention()
+        self.attn = ConvAttention(heads=heads) if heads > 1 else one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.stem(x)
@@ -544,12 +562,17 @@ def test_an_attention_whose_heads_regrow_cannot_remove_still_keeps_its_inner_wid
     assert model.attn.q.out_channels == 8 and model.attn.kv.out_channels == 16
 
 
-def test_a_single_head_attention_regrow_cannot_take_by_heads_still_loses_channels_its_probe_allows():
+@pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
+def test_a_single_head_attention_regrow_cannot_take_by_heads_still_loses_channels_its_probe_allows(linear):
     # One head's width is free: its queries and keys lose channels together, its values with the output's
     # columns, held to their simulation as any group. Only attention of several heads keeps its inner width out.
+    # With Linear projections its width was left out as one that "shrinks only by whole heads (pattern 'head')",
+    # which pattern 'head' refuses for a single head.
     torch.manual_seed(0)
-    model, x = ConvAttentionNet(heads=1).eval(), torch.randn(2, 3, 4, 4)
+    model, x = ConvAttentionNet(heads=1, linear=linear).eval(), torch.randn(2, 3, 4, 4)
     report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False).structure
     assert report.equivalence.passed
     assert not [g for g in report.groups if g["name"].startswith("attn.") and g["excluded"]], report.groups
-    assert model.attn.q.out_channels == model.attn.k.out_channels == model.attn.v.out_channels < 8
+    widths = {layer.weight.shape[0] for layer in (model.attn.q, model.attn.k, model.attn.v)}
+    assert len(widths) == 1 and widths.pop() < 8
+

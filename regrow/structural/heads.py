@@ -311,12 +311,13 @@ def inner_projections(group: HeadGroup, module: nn.Module) -> set[str]:
     """The layers (full names) that compute the attention's queries, keys and values, whose output channels it
     splits into heads: the head group's projections; where :func:`head_group` found none (1x1 convolutions as
     projections, timm's HaloNet and Visformer; a fused query / key projection, ConViT and TNT), the attention's
-    own Linear and convolution children named as such layers are, if it declares more than one head (one head's
-    width is free: its channels go to the probes, which hold them to their simulation)."""
-    if group.projections:
-        return {fqn for role, fqn in group.projections.items() if role != "out"}
+    own Linear and convolution children named as such layers are. None where the attention has a single query head:
+    one head's width is free, so its channels go to the probes, which hold them to their simulation (pattern
+    'head' cannot remove a single head)."""
     if group.heads <= 1:
         return set()
+    if group.projections:
+        return {fqn for role, fqn in group.projections.items() if role != "out"}
     prefix = f"{group.name}." if group.name else ""
     layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     return {prefix + n for n, child in module.named_children() if n in QKV_NAMES and isinstance(child, layers)}

@@ -217,7 +217,7 @@ class PvtAttention(_Adopted):
             x = self.act(self.norm(x))
         elif self.sr is not None:
             x = self.norm(self.sr(x.permute(0, 2, 1).reshape(b, c, h, w)).flatten(2).permute(0, 2, 1))
-        k, v = self.kv(x).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = self.kv(x).reshape(b, -1, 2, self.num_heads, q.shape[-1]).permute(2, 0, 3, 1, 4).unbind(0)
         x = _attend(self, q, k, v)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
 

@@ -576,3 +576,20 @@ def test_a_single_head_attention_regrow_cannot_take_by_heads_still_loses_channel
     widths = {layer.weight.shape[0] for layer in (model.attn.q, model.attn.k, model.attn.v)}
     assert len(widths) == 1 and widths.pop() < 8
 
+
+def test_multi_query_attention_says_why_no_pattern_shrinks_its_inner_width():
+    # One key/value head shared by all query heads: pattern 'head' refuses it ("it has a single key/value head"),
+    # and channel pruning said its width "shrinks only by whole heads (pattern 'head')".
+    x = torch.randint(0, 64, (2, 8))
+    report = regrow.prune(
+        tiny_llama(num_key_value_heads=1), pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False
+    ).structure
+    reasons = {g["name"]: g["excluded"] for g in report.groups}
+    for i in range(2):
+        assert reasons[f"model.layers.{i}.self_attn.q_proj"] == (
+            f"inside attention 'model.layers.{i}.self_attn': its inner width is split into heads, which pattern "
+            "'head' cannot remove here (it has a single key/value head)"
+        )
+    assert reasons["model.layers.0.mlp.gate_proj"] is None and report.equivalence.passed
+    with pytest.raises(regrow.RegrowError, match="model.layers.0.self_attn: it has a single key/value head"):
+        regrow.prune(tiny_llama(num_key_value_heads=1), pattern="head", sparsity=0.5, example_inputs=x)

@@ -170,6 +170,7 @@ def _channel_groups(
         for name, module in attention.items():
             hg = head_group(name, module, model)
             inner[name] = inner_projections(hg, module)
+            hg.excluded = hg.excluded or _single_unit(hg)  # multi-query: pattern 'head' cannot shrink it either
             if hg.excluded is not None:
                 unheaded[name] = hg.excluded
         return graph, list(graph.channel_groups(candidates, ignored, inner, unheaded))
@@ -185,10 +186,18 @@ def _head_groups(model: nn.Module, attention: dict[str, nn.Module], targets: Any
         g = head_group(name, attention[name], model)
         if name not in chosen:
             g.excluded = g.excluded or "not a target"
-        elif g.units < 2 and g.excluded is None:
-            g.excluded = "it has a single head" if g.kv_group == 1 else "it has a single key/value head"
+        else:
+            g.excluded = g.excluded or _single_unit(g)
         groups.append(g)
     return groups
+
+
+def _single_unit(group: HeadGroup) -> str | None:
+    """Why pattern 'head' cannot remove any unit of the group: one head, or one key/value head that all its query
+    heads share (multi-query attention)."""
+    if group.units >= 2:
+        return None
+    return "it has a single head" if group.kv_group == 1 else "it has a single key/value head"
 
 
 def _probe_units(model: nn.Module, units: list[_Unit], inputs: Any, pattern: str, compare: Compare) -> None:

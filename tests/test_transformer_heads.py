@@ -577,6 +577,46 @@ def test_a_single_head_attention_regrow_cannot_take_by_heads_still_loses_channel
     assert len(widths) == 1 and widths.pop() < 8
 
 
+class OneHeadFusedAttention(torch.nn.Module):
+    """One head with a fused qkv Linear, split in thirds of a head width it stores (timm's Swin, Hiera, MaxViT)."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = 1, 8
+        self.qkv, self.proj = torch.nn.Linear(dim, 24), torch.nn.Linear(8, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        qkv = self.qkv(x.flatten(2).transpose(1, 2)).reshape(b, h * w, 3, 1, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        y = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, h * w, -1)
+        return self.proj(y).transpose(1, 2).reshape(b, -1, h, w)
+
+
+def test_a_single_head_with_a_fused_qkv_keeps_its_width_out_before_any_probe(monkeypatch):
+    # A fused qkv splits one head's width in three equal parts, which the channel graph does not keep equal: its
+    # probes failed on every such model of timm, a forward pass each. It is left out before them, saying why.
+    probed = []
+    probe = regrow.structural.prepared._probe_all
+
+    def recording(model, units, *args):
+        probed.extend(u.name for u in units)
+        return probe(model, units, *args)
+
+    monkeypatch.setattr(regrow.structural.prepared, "_probe_all", recording)
+    torch.manual_seed(0)
+    model, x = ConvAttentionNet().eval(), torch.randn(2, 3, 4, 4)
+    model.attn = OneHeadFusedAttention()
+    report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    reasons = {g["name"]: g["excluded"] for g in report.groups}
+    assert reasons["attn.qkv"] == (
+        "inside attention 'attn': its inner width is split into heads, which pattern 'head' cannot remove here "
+        "(it has a single head)"
+    )
+    assert "stem" in probed and "attn.qkv" not in probed
+    assert reasons["stem"] is None and report.equivalence.passed and model.attn.qkv.out_features == 24
+
+
 def test_multi_query_attention_says_why_no_pattern_shrinks_its_inner_width():
     # One key/value head shared by all query heads: pattern 'head' refuses it ("it has a single key/value head"),
     # and channel pruning said its width "shrinks only by whole heads (pattern 'head')".

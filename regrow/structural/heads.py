@@ -311,10 +311,11 @@ def inner_projections(group: HeadGroup, module: nn.Module) -> set[str]:
     """The layers (full names) that compute the attention's queries, keys and values, whose output channels it
     splits into heads: the head group's projections; where :func:`head_group` found none (1x1 convolutions as
     projections, timm's HaloNet and Visformer; a fused query / key projection, ConViT and TNT), the attention's
-    own Linear and convolution children named as such layers are. None where the attention has a single query head:
-    one head's width is free, so its channels go to the probes, which hold them to their simulation (pattern
-    'head' cannot remove a single head)."""
-    if group.heads <= 1:
+    own Linear and convolution children named as such layers are. None where the attention has a single query head
+    and no fused qkv projection: one head's width is free, so its channels go to the probes, which hold them to
+    their simulation (pattern 'head' cannot remove a single head). A fused qkv splits that width in three equal
+    parts, which the channel graph does not keep equal (timm's Swin, Hiera, MViTv2, MaxViT: every probe failed)."""
+    if group.heads <= 1 and "qkv" not in group.projections:
         return set()
     if group.projections:
         return {fqn for role, fqn in group.projections.items() if role != "out"}

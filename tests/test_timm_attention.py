@@ -84,6 +84,13 @@ MODELS = {
         "blocks.{}.fusion.{}.attn",
         (2, 2),
     ),
+    "nextvit": (  # keys and values from a map reduced by average pooling, then a BatchNorm1d; none in the last stage
+        "nextvit_small",
+        {"depths": (1, 1, 5, 1)},
+        64,
+        "{}.e_mhsa",
+        ["stages.1.blocks.0", "stages.2.blocks.4", "stages.3.blocks.0"],
+    ),
     "cait": (  # talking heads in the blocks, then the class token's attention
         "cait_xxs24_224",
         {"img_size": 32, "depth": 2, "depth_token_only": 1},
@@ -255,6 +262,23 @@ def test_the_single_head_attention_of_pvt_v2s_first_stage_loses_inner_channels(f
         attn = model.get_submodule(n)
         assert attn.q.out_features == attn.proj.in_features < width[n]
         assert attn.kv.out_features == 2 * attn.q.out_features
+
+
+def test_next_vits_heads_go_whole():
+    # Next-ViT's attention merged its heads by its input's width: removing a head broke the forward pass ("shape
+    # '[2, 64, 192]' is invalid for input of size 12288"), and pattern 'head' had nothing to remove.
+    model, x, names = build("nextvit")
+    widths = {n: (model.get_submodule(n).num_heads, model.get_submodule(n).proj.out_features) for n in names}
+    report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed, report.equivalence
+    assert not [g for g in report.groups if g["excluded"]], report.groups
+    for n in names:
+        attn = model.get_submodule(n)
+        inner = attn.num_heads * attn.head_dim
+        assert attn.num_heads < widths[n][0] and attn.proj.out_features == widths[n][1]
+        assert attn.q.out_features == attn.k.out_features == attn.v.out_features == attn.proj.in_features == inner
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
 
 
 @pytest.mark.parametrize("family", ["pvt_v2", "pvt_v2_linear", "twins"])

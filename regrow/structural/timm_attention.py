@@ -6,7 +6,8 @@ RelPosAttention``), PVT v2's (``pvt_v2.Attention``), CaiT's (``cait.ClassAttn``,
 DaViT's (``davit.ChannelAttention``, ``ChannelAttentionV2``, ``WindowAttention``), Twins' (``twins.
 LocallyGroupedAttn``, ``GlobalSubSampleAttn``), the cross-covariance attention of XCiT and EdgeNeXt (``xcit.XCA``,
 ``edgenext.CrossCovarianceAttn``), Swin V2 CR's (``swin_transformer_v2_cr.WindowMultiHeadAttention``), NesT's
-(``nest.Attention``) and CrossViT's (``crossvit.CrossAttention``) read ``B, N, C = x.shape`` from their input
+(``nest.Attention``), CrossViT's (``crossvit.CrossAttention``) and Next-ViT's (``nextvit.EfficientAttention``)
+read ``B, N, C = x.shape`` from their input
 and merge the heads' outputs with ``reshape(B, N, C)``; most also split their heads by ``C // num_heads``, PVT v2
 and Twins flatten their reduced key / value map by ``C``. Their inner width (heads times head width) must then
 equal the width of the residual stream they read: a narrower stream breaks the forward pass, and channel pruning
@@ -370,6 +371,19 @@ class CrossVitAttention(_Adopted):
         return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(b, 1, -1)))
 
 
+class NextVitAttention(_Adopted):
+    """timm's Next-ViT ``EfficientAttention``: keys and values from a map reduced by average pooling, then a norm."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
+        if self.sr is not None:
+            x = self.norm(self.sr(x.transpose(1, 2))).transpose(1, 2)
+        k = self.k(x).reshape(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).reshape(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        return self.proj_drop(self.proj(_attend(self, q, k, v).transpose(1, 2).reshape(b, n, -1)))
+
+
 STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "eva.EvaAttention": EvaAttention,
     TIMM + "beit.Attention": BeitAttention,
@@ -388,4 +402,5 @@ STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "swin_transformer_v2_cr.WindowMultiHeadAttention": SwinV2CrWindowAttention,
     TIMM + "nest.Attention": NestAttention,
     TIMM + "crossvit.CrossAttention": CrossVitAttention,
+    TIMM + "nextvit.EfficientAttention": NextVitAttention,
 }

@@ -281,6 +281,34 @@ def test_next_vits_heads_go_whole():
         assert torch.isfinite(model(x)).all()
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "matmul"])
+def test_a_single_head_that_loses_channels_keeps_its_temperature(fused):
+    # timm leaves its fused attention's scale to the default, one over the root of q's width: a head that lost half
+    # its channels attended at a temperature sqrt(2) higher than its simulation (those channels zeroed). On
+    # pvt_v2_b0's random weights the check passed anyway (3.8e-4 against a tolerance of 1.3e-3).
+    model, x, names = build("pvt_v2")
+    convert_standins(model, x)
+    attn = model.get_submodule(names[0]).train(False)  # the first stage: one head
+    attn.fused_attn, width = fused, attn.q.out_features
+    assert attn.num_heads == 1 and isinstance(attn, timm_attention.PvtAttention)
+    keep, drop = torch.arange(0, width, 2), torch.arange(1, width, 2)
+    zeroed, shrunk = copy.deepcopy(attn), copy.deepcopy(attn)
+    with torch.no_grad():
+        for layer, rows in ((zeroed.q, drop), (zeroed.kv, drop), (zeroed.kv, drop + width)):
+            layer.weight[rows], layer.bias[rows] = 0, 0
+        for name, rows in (("q", keep), ("kv", torch.cat([keep, keep + width]))):
+            layer = getattr(shrunk, name)
+            new = nn.Linear(layer.in_features, len(rows))
+            new.weight.copy_(layer.weight[rows]), new.bias.copy_(layer.bias[rows])
+            setattr(shrunk, name, new)
+        proj = nn.Linear(len(keep), shrunk.proj.out_features)
+        proj.weight.copy_(shrunk.proj.weight[:, keep]), proj.bias.copy_(shrunk.proj.bias)
+        shrunk.proj = proj
+        tokens = 4 * torch.randn(2, 16 * 16, width, generator=torch.Generator().manual_seed(2))  # peaked attention
+        expected, got = zeroed(tokens, [16, 16]), shrunk(tokens, [16, 16])
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
+
+
 @pytest.mark.parametrize("family", ["pvt_v2", "pvt_v2_linear", "twins"])
 def test_heads_of_an_attention_with_a_fused_key_value_projection_go_whole(family):
     # PVT v2 projects its queries with q and its keys and values with one kv Linear: no head was found ("no

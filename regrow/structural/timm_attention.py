@@ -97,9 +97,12 @@ def _dropout_p(module: nn.Module) -> float:
 
 def _attend(module: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Attention without mask or bias as most of timm's modules compute it: fused where the module says so,
-    otherwise scaled by ``module.scale``, softmax, ``attn_drop``, then the values."""
+    otherwise scaled by ``module.scale``, softmax, ``attn_drop``, then the values. The fused path is given
+    ``module.scale`` too, where timm leaves it to the default of one over the root of q's width: the same number
+    at the width the module was built with, but a single head that loses channels must keep its temperature, as
+    its simulation (channels zeroed) does."""
     if module.fused_attn:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=_dropout_p(module))
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=_dropout_p(module), scale=module.scale)
     return module.attn_drop(((q * module.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
 
 

@@ -21,6 +21,14 @@ timm = import_timm()
 MODELS = {
     "eva_dinov3": ("vit_small_patch16_dinov3", {"img_size": 32, "depth": 2}, 32, "blocks.{}.attn", 2),
     "eva02": ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}, 28, "blocks.{}.attn", 2),
+    # separate q / k / v projections, as timm's EVA-02 base and large (and their CLIP towers) have them
+    "eva02_separate": (
+        "eva02_tiny_patch14_224",
+        {"img_size": 28, "depth": 2, "qkv_fused": False},
+        28,
+        "blocks.{}.attn",
+        2,
+    ),
     "beit": (
         "beit_base_patch16_224",
         {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 4},

@@ -124,8 +124,8 @@ class EvaAttention(_Adopted):
             q, k = self._rotate(q, rope).type_as(v), self._rotate(k, rope).type_as(v)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=_dropout_p(self), is_causal=is_causal
-            )
+                q, k, v, attn_mask=attn_mask, dropout_p=_dropout_p(self), is_causal=is_causal, scale=self.scale
+            )  # its own scale, as _attend gives it: a single head with separate projections may lose channels
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             mask = self._helper("resolve_self_attn_mask")(n, attn, attn_mask, is_causal=is_causal)

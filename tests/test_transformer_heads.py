@@ -562,14 +562,11 @@ def test_an_attention_whose_heads_regrow_cannot_remove_still_keeps_its_inner_wid
     assert model.attn.q.out_channels == 8 and model.attn.kv.out_channels == 16
 
 
-@pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
-def test_a_single_head_attention_regrow_cannot_take_by_heads_still_loses_channels_its_probe_allows(linear):
+def test_a_single_head_attention_regrow_cannot_take_by_heads_still_loses_channels_its_probe_allows():
     # One head's width is free: its queries and keys lose channels together, its values with the output's
     # columns, held to their simulation as any group. Only attention of several heads keeps its inner width out.
-    # With Linear projections its width was left out as one that "shrinks only by whole heads (pattern 'head')",
-    # which pattern 'head' refuses for a single head.
     torch.manual_seed(0)
-    model, x = ConvAttentionNet(heads=1, linear=linear).eval(), torch.randn(2, 3, 4, 4)
+    model, x = ConvAttentionNet(heads=1).eval(), torch.randn(2, 3, 4, 4)
     report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False).structure
     assert report.equivalence.passed
     assert not [g for g in report.groups if g["name"].startswith("attn.") and g["excluded"]], report.groups
@@ -593,9 +590,12 @@ class OneHeadFusedAttention(torch.nn.Module):
         return self.proj(y).transpose(1, 2).reshape(b, -1, h, w)
 
 
-def test_a_single_head_with_a_fused_qkv_keeps_its_width_out_before_any_probe(monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
+def test_a_single_head_with_linear_projections_keeps_its_width_out_before_any_probe(monkeypatch, fused):
     # A fused qkv splits one head's width in three equal parts, which the channel graph does not keep equal: its
-    # probes failed on every such model of timm, a forward pass each. It is left out before them, saying why.
+    # probes failed on every such model of timm, a forward pass each. Hugging Face's classes split their heads by
+    # a head width they store, and attention may scale by q's width. It is left out before them, saying why: it
+    # read "shrinks only by whole heads (pattern 'head')", which pattern 'head' refuses for a single head.
     probed = []
     probe = regrow.structural.prepared._probe_all
 
@@ -606,15 +606,33 @@ def test_a_single_head_with_a_fused_qkv_keeps_its_width_out_before_any_probe(mon
     monkeypatch.setattr(regrow.structural.prepared, "_probe_all", recording)
     torch.manual_seed(0)
     model, x = ConvAttentionNet().eval(), torch.randn(2, 3, 4, 4)
-    model.attn = OneHeadFusedAttention()
+    model.attn = OneHeadFusedAttention() if fused else OneHeadLinearAttention()
     report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False).structure
     reasons = {g["name"]: g["excluded"] for g in report.groups}
-    assert reasons["attn.qkv"] == (
+    first = "attn.qkv" if fused else "attn.q"
+    assert reasons[first] == (
         "inside attention 'attn': its inner width is split into heads, which pattern 'head' cannot remove here "
         "(it has a single head)"
     )
-    assert "stem" in probed and "attn.qkv" not in probed
-    assert reasons["stem"] is None and report.equivalence.passed and model.attn.qkv.out_features == 24
+    assert "stem" in probed and first not in probed
+    assert reasons["stem"] is None and report.equivalence.passed
+    inner = [model.attn.qkv] if fused else [model.attn.q, model.attn.k, model.attn.v]
+    assert [layer.out_features for layer in inner] == ([24] if fused else [8, 8, 8])
+    assert model.attn.proj.in_features == 8 and model.stem.out_channels < 8  # the stream it reads lost channels
+
+
+def test_a_hugging_face_attention_of_one_head_keeps_its_width_out_saying_so():
+    # Llama splits its heads by the head width it stores: sent to the probes, such a width failed its probe
+    # ("shape '[2, 8, -1, 32]' is invalid"), a forward pass for nothing, in every one-head Hugging Face class.
+    x = torch.randint(0, 64, (2, 8))
+    model = tiny_llama(num_attention_heads=1, num_key_value_heads=1)
+    report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    reasons = {g["name"]: g["excluded"] for g in report.groups}
+    assert reasons["model.layers.0.self_attn.q_proj"] == (
+        "inside attention 'model.layers.0.self_attn': its inner width is split into heads, which pattern 'head' "
+        "cannot remove here (it has a single head)"
+    )
+    assert report.equivalence.passed and model.model.layers[0].self_attn.q_proj.out_features == 32
 
 
 def test_multi_query_attention_says_why_no_pattern_shrinks_its_inner_width():

@@ -302,6 +302,7 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     return HeadGroup(name, heads, head_dim, projections, kv_group=heads // kv_heads, q_rows=q_rows)
 
 
+STANDINS = "regrow.structural.timm_attention"  # regrow's stand-ins for timm's attention: widths from the tensors
 # The names of the layers that compute queries, keys and values: head_group's roles, and a fused query / key
 # projection (timm's ConViT and TNT: ``qk``, then ``v``)
 QKV_NAMES = {*FUSED, *(n for names in (*SEPARATE, *SEPARATE_KV) for n in names), "qk"}
@@ -311,11 +312,19 @@ def inner_projections(group: HeadGroup, module: nn.Module) -> set[str]:
     """The layers (full names) that compute the attention's queries, keys and values, whose output channels it
     splits into heads: the head group's projections; where :func:`head_group` found none (1x1 convolutions as
     projections, timm's HaloNet and Visformer; a fused query / key projection, ConViT and TNT), the attention's
-    own Linear and convolution children named as such layers are. None where the attention has a single query head
-    and no fused qkv projection: one head's width is free, so its channels go to the probes, which hold them to
-    their simulation (pattern 'head' cannot remove a single head). A fused qkv splits that width in three equal
-    parts, which the channel graph does not keep equal (timm's Swin, Hiera, MViTv2, MaxViT: every probe failed)."""
-    if group.heads <= 1 and "qkv" not in group.projections:
+    own Linear and convolution children named as such layers are.
+
+    None where the attention has a single query head and reads every width from its tensors, keeping its scale:
+    one head's width is free, so its channels go to the probes (pattern 'head' cannot remove a single head). That
+    holds for an attention without Linear projections (1x1 convolutions) and for regrow's own timm stand-ins with
+    separate q / k / v or q / kv projections (PVT v2's first stage). Other single heads keep their width out,
+    saying they have a single head: a fused qkv splits it in three equal parts, which the channel graph does not
+    keep equal (timm's Swin, Hiera, MViTv2, MaxViT); Hugging Face's classes split heads by a head width they store
+    (BERT, Llama, OPT, T5, ViT: every probe failed); and attention that leaves its scale to
+    ``scaled_dot_product_attention``'s default, one over the root of q's width, would attend at another
+    temperature than its simulation once narrower, by too little for a probe of one channel to see."""
+    separate = group.heads <= 1 and "qkv" not in group.projections
+    if separate and (not group.projections or type(module).__module__ == STANDINS):
         return set()
     if group.projections:
         return {fqn for role, fqn in group.projections.items() if role != "out"}

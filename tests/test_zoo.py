@@ -9,6 +9,7 @@ cores.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import random
 import re
@@ -29,7 +30,7 @@ from regrow.structural import graph as graph_module
 from regrow.structural.budget import Unitized, select, take
 from regrow.structural.coupling import RunawayMapping, UnmappedOp, pruning_group, walk
 from regrow.structural.graph import StructureGraph, merge_cuts
-from regrow.structural.heads import _projection_paths
+from regrow.structural.heads import _projection_paths, head_group
 
 timm = import_timm()
 
@@ -678,6 +679,44 @@ def test_swin_loses_whole_heads_with_their_relative_position_bias():
     assert attn.relative_position_bias_table.shape == (7 * 7, 2)
     with torch.no_grad():
         assert model(x).shape == (2, 10)
+
+
+def test_tiny_vits_heads_go_whole_with_each_heads_q_k_v_rows_together():
+    # TinyViT's fused qkv holds each head's q, k and v rows together (qkv.view(B, N, heads, -1).split(...)), and
+    # its per-head position biases are cached in eval mode: removing a head sliced the rows of a q / k / v layout
+    # it does not have, then met the cached biases ("output with shape [32, 1, 49, 49] doesn't match the broadcast
+    # shape [32, 4, 49, 49]"), and pattern 'head' had nothing to remove.
+    attn = importlib.import_module("timm.models.tiny_vit").Attention(8, key_dim=2, num_heads=3, attn_ratio=1)
+    with torch.no_grad():
+        attn.qkv.weight.copy_(torch.arange(18.0)[:, None].expand(18, 8))
+        attn.proj.weight.copy_(torch.arange(6.0).expand(8, 6))
+    group = head_group("", attn)
+    assert group.interleaved and (group.heads, group.head_dim) == (3, 2)
+    simulated = copy.deepcopy(attn)
+    group.simulate(simulated, [1])  # the values of head 1: rows 10 and 11
+    assert simulated.qkv.weight[:, 0].tolist() == [*range(10), 0, 0, *range(12, 18)]
+    group.apply(attn, [1])
+    assert attn.qkv.weight[:, 0].tolist() == [*range(6), *range(12, 18)]
+    assert attn.proj.weight[0].tolist() == [0, 1, 4, 5]
+    assert (attn.num_heads, attn.out_dim, attn.attention_biases.shape[0]) == (2, 4, 2)
+
+    torch.manual_seed(0)
+    model = timm.create_model("tiny_vit_5m_224", pretrained=False, num_classes=10).eval()
+    nn.init.normal_(model.get_classifier().weight)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    model(x)  # fills the eval-mode caches of the position biases, as the user's own evaluation would
+    blocks = [b for stage in model.stages[1:] for b in stage.blocks]
+    heads = [b.attn.num_heads for b in blocks]
+    report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.scale > 0, report.equivalence
+    assert not [g for g in report.groups if g["excluded"]], report.groups
+    assert sum(b.attn.num_heads for b in blocks) < sum(heads)
+    for block in blocks:
+        attn = block.attn
+        assert attn.qkv.out_features == 3 * attn.proj.in_features == 3 * attn.num_heads * attn.key_dim
+        assert attn.out_dim == attn.proj.in_features and attn.attention_biases.shape[0] == attn.num_heads
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all() and torch.isfinite(model.train()(x)).all()
 
 
 def test_hiera_attention_counts_its_heads_as_heads():

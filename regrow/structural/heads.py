@@ -16,8 +16,10 @@ Two kinds of attention module are understood:
   Removing a head slices those layers and lowers the head count; any other integer attribute equal to the old
   inner width (e.g. ``all_head_size``) is updated too, and so are per-head tensors of the module
   (``PER_HEAD``: Swin's relative position bias table, Swin V2's logit scale and the last layer of its
-  position-bias MLP) and the q / k / v biases it holds beside a fused projection (``LOOSE_BIASES``: timm's BEiT,
-  EVA and Swin V2).
+  position-bias MLP, TinyViT's attention biases, whose eval-mode cache is emptied) and the q / k / v biases it
+  holds beside a fused projection (``LOOSE_BIASES``: timm's BEiT, EVA and Swin V2). A fused ``qkv`` holds all
+  queries, then all keys, then all values; or each head's q, k and v rows together (``INTERLEAVED``: timm's
+  TinyViT).
 
 With grouped-query attention (k and v narrower than q: each key/value head serves ``kv_group`` query heads)
 the unit removed is a key/value head together with its query heads, so the grouping stays as the module
@@ -50,8 +52,11 @@ OUTPUT = ("proj", "out_proj", "o_proj", "o", "out", "wo", "c_proj", "out_lin", "
 # Parameters with one entry per head along a dim (Swin's relative position bias table, Swin V2's logit scale),
 # and a child MLP whose last Linear outputs one value per head (Swin V2's position-bias MLP: torchvision's and
 # timm's name, then Hugging Face's).
-PER_HEAD = {"relative_position_bias_table": -1, "logit_scale": 0}
+PER_HEAD = {"relative_position_bias_table": -1, "logit_scale": 0, "attention_biases": 0}
 PER_HEAD_MLP = ("cpb_mlp", "continuous_position_bias_mlp")
+# Attention whose fused qkv holds each head's q, k and v rows together (``qkv.view(B, N, heads, -1).split(...)``),
+# not all queries, then all keys, then all values: timm's TinyViT, by its module and class name.
+INTERLEAVED = {"timm.models.tiny_vit.Attention"}
 # Biases of the attention's own beside a fused projection without one (timm's BEiT, EVA and Swin V2 add them in
 # F.linear; the key's is a zero buffer): one value per row of q, k or v.
 LOOSE_BIASES = ("q_bias", "k_bias", "v_bias")
@@ -69,6 +74,7 @@ class HeadGroup:
     excluded: str | None = None
     kv_group: int = 1  # query heads per key/value head
     q_rows: int = 1  # rows of q per head, in head sizes: 2 where each head's query has a gate beside it
+    interleaved: bool = False  # a fused qkv with each head's q, k and v rows together (INTERLEAVED)
 
     @property
     def units(self) -> int:
@@ -99,7 +105,9 @@ class HeadGroup:
 
         per_query = torch.zeros(self.heads)
         per_unit = torch.zeros(self.units)
-        if "qkv" in self.projections:  # the rows of q, then k's, then v's (k and v narrower with grouped queries)
+        if self.interleaved:  # each head's q, k and v rows together
+            per_query += stat(self._child(model, "qkv")).view(self.heads, -1).sum(dim=1)
+        elif "qkv" in self.projections:  # the rows of q, then k's, then v's (k and v narrower with grouped queries)
             w = stat(self._child(model, "qkv"))
             inner = self.heads * self.head_dim
             per_query += w[:inner].reshape(self.heads, -1).sum(dim=1)
@@ -127,7 +135,10 @@ class HeadGroup:
             return
         queries = self._query_heads(removed)
         old_inner, old_kv = self.heads * self.head_dim, self.units * self.head_dim
-        if "qkv" in self.projections:
+        if self.interleaved:
+            qkv = self._child(model, "qkv")
+            keep_rows(qkv, keep_index(self.heads, 3 * self.head_dim, queries, qkv.weight.device))
+        elif "qkv" in self.projections:
             qkv = self._child(model, "qkv")
             q = keep_index(self.heads, self.head_dim, queries, qkv.weight.device)
             kv = keep_index(self.units, self.head_dim, removed, qkv.weight.device)
@@ -157,6 +168,8 @@ class HeadGroup:
                 setattr(module, attr, len(keep))
             elif isinstance(value, int) and not isinstance(value, bool) and value == old_kv and "kv" in attr:
                 setattr(module, attr, old_kv - len(removed) * self.head_dim)  # keys' and values' width: kv_dim
+        if isinstance(getattr(module, "attention_bias_cache", None), dict):
+            module.attention_bias_cache = {}  # timm's TinyViT and LeViT keep their biases, per head, in eval mode
         counts = {a: (self.heads, self.heads - len(queries)) for a in HEAD_ATTRS}
         bind(module, counts | {a: (self.units, self.units - len(removed)) for a in KV_ATTRS})
 
@@ -165,17 +178,21 @@ class HeadGroup:
         """Zero the value rows of the ``removed`` units: their heads' output becomes exactly zero, as if removed."""
         if not removed:
             return
-        if "qkv" in self.projections:
-            layer, offset = self._child(model, "qkv"), (self.heads + self.units) * self.head_dim
-        elif "kv" in self.projections:
-            layer, offset = self._child(model, "kv"), self.units * self.head_dim
+        if self.interleaved:  # each head's values follow its query and key rows
+            layer, first = self._child(model, "qkv"), {h: (3 * h + 2) * self.head_dim for h in removed}
         else:
-            layer, offset = self._child(model, "v"), 0
+            if "qkv" in self.projections:
+                layer, offset = self._child(model, "qkv"), (self.heads + self.units) * self.head_dim
+            elif "kv" in self.projections:
+                layer, offset = self._child(model, "kv"), self.units * self.head_dim
+            else:
+                layer, offset = self._child(model, "v"), 0
+            first = {h: offset + h * self.head_dim for h in removed}
         weight = linear_weight(layer)  # a view: zeroing it zeroes the layer's weight
         module = model.get_submodule(self.name)
         loose = [t for t, _, key in _loose_biases(module, self.heads * self.head_dim) if key == "v_bias"]
-        for h in removed:
-            rows = slice(offset + h * self.head_dim, offset + (h + 1) * self.head_dim)
+        for h, start in first.items():
+            rows = slice(start, start + self.head_dim)
             weight[rows] = 0
             if layer.bias is not None:
                 layer.bias[rows] = 0
@@ -299,7 +316,13 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     if kv_inner % head_dim or not kv_heads or heads % kv_heads:
         reason = f"{heads} query heads cannot share {kv_inner / head_dim:g} key/value heads evenly"
         return HeadGroup(name, heads, head_dim, projections, excluded=reason)
-    return HeadGroup(name, heads, head_dim, projections, kv_group=heads // kv_heads, q_rows=q_rows)
+    interleaved = fused is not None and f"{type(module).__module__}.{type(module).__qualname__}" in INTERLEAVED
+    if interleaved and kv_heads != heads:
+        reason = f"its fused q/k/v projection holds each head's q, k and v together, but {kv_heads} key/value heads"
+        return HeadGroup(name, heads, head_dim, projections, excluded=reason)
+    return HeadGroup(
+        name, heads, head_dim, projections, kv_group=heads // kv_heads, q_rows=q_rows, interleaved=interleaved
+    )
 
 
 STANDINS = "regrow.structural.timm_attention"  # regrow's stand-ins for timm's attention: widths from the tensors

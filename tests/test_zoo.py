@@ -719,6 +719,21 @@ def test_tiny_vits_heads_go_whole_with_each_heads_q_k_v_rows_together():
         assert torch.isfinite(model(x)).all() and torch.isfinite(model.train()(x)).all()
 
 
+@pytest.mark.parametrize("pattern", ["head", "channel"])
+def test_taylor_scores_go_through_attention_that_caches_its_biases_in_eval_mode(pattern):
+    # TinyViT (as LeViT, EfficientFormer, EfficientViT (MSRA)) caches its position biases in eval mode: filled
+    # under autograd by the first batch of the taylor scores, the cache tied the second batch's graph to the
+    # first's, freed by its backward ("Trying to backward through the graph a second time").
+    torch.manual_seed(0)
+    model = timm.create_model("tiny_vit_5m_224", pretrained=False, num_classes=10).eval()
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    data = [(x, torch.tensor([0, 1, 2, 3]))] * 2
+    report = regrow.prune(
+        model, pattern=pattern, sparsity=0.5, criterion="taylor", data=data, example_inputs=x, keep_dense=False
+    ).structure
+    assert report.equivalence.passed and report.params_after < report.params_before
+
+
 def test_hiera_attention_counts_its_heads_as_heads():
     # Hiera (and SAM2's image encoder) names its head count `heads`: its attention was not found, so the q/k/v
     # outputs were probed as channel groups and failed ("shape '[2, 49, 3, 8, 96]' is invalid"), and pattern

@@ -82,6 +82,10 @@ def accumulate_gradients(model: nn.Module, data: Iterable[Any] | None, batches: 
     seen = 0
     try:
         for batch in islice(data, batches):
+            # timm's TinyViT, LeViT, EfficientFormer and EfficientViT (MSRA) cache their attention biases in eval
+            # mode and empty the cache on train(): filled under autograd, it tied the next batch's graph to this
+            # one's, freed by its backward ("Trying to backward through the graph a second time")
+            model.eval()
             inputs, labels = unpack(batch)
             loss = task_loss(forward(model, to_device(inputs, device)), to_device(labels, device))
             loss.backward()

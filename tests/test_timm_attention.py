@@ -5,6 +5,7 @@ loaded with the model. That they let the residual stream shrink is tested with t
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -315,6 +316,37 @@ def test_a_single_head_that_loses_channels_keeps_its_temperature(fused):
         tokens = 4 * torch.randn(2, 16 * 16, width, generator=torch.Generator().manual_seed(2))  # peaked attention
         expected, got = zeroed(tokens, [16, 16]), shrunk(tokens, [16, 16])
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("sr_ratio", [1, 2])
+def test_a_single_head_next_vit_attention_loses_inner_channels(sr_ratio):
+    # Its stand-in split heads by the stored head_dim: a single head's width then failed its probe ("shape
+    # '[2, 16, 1, 32]' is invalid"). It splits them by the widths its layers give, as the other stand-ins.
+    attention = importlib.import_module("timm.models.nextvit").EfficientAttention
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.attn, self.head = (
+                nn.Linear(3, 32),
+                attention(32, head_dim=32, sr_ratio=sr_ratio),
+                nn.Linear(32, 10),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            return self.head((h + self.attn(h)).mean(1))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 16, 3, generator=torch.Generator().manual_seed(1))
+    nn.init.normal_(model.attn.proj.weight)
+    report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and not [
+        g for g in report.groups if g["name"].startswith("attn.") and g["excluded"]
+    ]
+    attn = model.attn
+    assert isinstance(attn, timm_attention.NextVitAttention) and attn.num_heads == 1
+    assert attn.q.out_features == attn.k.out_features < 32 and attn.v.out_features == attn.proj.in_features < 32
 
 
 @pytest.mark.parametrize("family", ["pvt_v2", "pvt_v2_linear", "twins"])

@@ -379,11 +379,13 @@ class NextVitAttention(_Adopted):
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
-        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
+        q = self.q(x).reshape(b, n, self.num_heads, -1).permute(0, 2, 1, 3)
         if self.sr is not None:
             x = self.norm(self.sr(x.transpose(1, 2))).transpose(1, 2)
-        k = self.k(x).reshape(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).reshape(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = (
+            p(x).reshape(b, -1, self.num_heads, p.out_features // self.num_heads).transpose(1, 2)
+            for p in (self.k, self.v)
+        )
         return self.proj_drop(self.proj(_attend(self, q, k, v).transpose(1, 2).reshape(b, n, -1)))
 
 

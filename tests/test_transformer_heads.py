@@ -453,7 +453,7 @@ def test_a_fused_projection_is_read_as_narrower_keys_and_values_only_where_the_a
     if kv_heads == 1:
         assert (group.heads, group.head_dim, group.units, group.kv_group, group.excluded) == (2, 8, 1, 2, None)
     elif kv_heads is None:
-        assert group.excluded == "inner width 10 does not fit 2 heads"
+        assert group.excluded == "its output projection reads 16, not a third of its fused qkv (32)"
     else:
         assert group.excluded == "it declares 2 key/value heads, but its fused q/k/v projection holds 1"
 

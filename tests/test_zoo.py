@@ -690,22 +690,32 @@ def test_tiny_vits_heads_go_whole_with_each_heads_q_k_v_rows_together():
     with torch.no_grad():
         attn.qkv.weight.copy_(torch.arange(18.0)[:, None].expand(18, 8))
         attn.proj.weight.copy_(torch.arange(6.0).expand(8, 6))
+        attn.attention_biases.copy_(torch.arange(3.0)[:, None].expand_as(attn.attention_biases))
     group = head_group("", attn)
     assert group.interleaved and (group.heads, group.head_dim) == (3, 2)
+    # magnitude: each head's own six qkv rows (row r: 8 r^2) and two output columns (column c: 8 c^2)
+    own = [
+        8 * sum(r * r for r in range(6 * h, 6 * h + 6)) + 8 * sum(c * c for c in (2 * h, 2 * h + 1)) for h in range(3)
+    ]
+    assert group.scores(attn, use_grad=False).tolist() == own
     simulated = copy.deepcopy(attn)
     group.simulate(simulated, [1])  # the values of head 1: rows 10 and 11
     assert simulated.qkv.weight[:, 0].tolist() == [*range(10), 0, 0, *range(12, 18)]
     group.apply(attn, [1])
     assert attn.qkv.weight[:, 0].tolist() == [*range(6), *range(12, 18)]
     assert attn.proj.weight[0].tolist() == [0, 1, 4, 5]
-    assert (attn.num_heads, attn.out_dim, attn.attention_biases.shape[0]) == (2, 4, 2)
+    assert (attn.num_heads, attn.out_dim) == (2, 4) and attn.attention_biases[:, 0].tolist() == [0, 2]
+    wide = importlib.import_module("timm.models.tiny_vit").Attention(8, key_dim=2, num_heads=4, attn_ratio=2)
+    assert head_group("", wide).excluded == "its output projection reads 16, not a third of its fused qkv (32)"
 
     torch.manual_seed(0)
     model = timm.create_model("tiny_vit_5m_224", pretrained=False, num_classes=10).eval()
     nn.init.normal_(model.get_classifier().weight)
+    blocks = [b for stage in model.stages[1:] for b in stage.blocks]
+    for block in blocks:  # timm starts them at zero: random ones, so that slicing the wrong rows shows
+        nn.init.normal_(block.attn.attention_biases)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     model(x)  # fills the eval-mode caches of the position biases, as the user's own evaluation would
-    blocks = [b for stage in model.stages[1:] for b in stage.blocks]
     heads = [b.attn.num_heads for b in blocks]
     report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=x, keep_dense=False).structure
     assert report.equivalence.passed and report.equivalence.scale > 0, report.equivalence

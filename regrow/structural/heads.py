@@ -299,6 +299,9 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     if fused is None and head_dim and inner == 2 * _in_features(out_layer) and inner % (2 * head_dim) == 0:
         q_rows, inner = 2, inner // 2  # each head's query with a gate beside it (Qwen3-Next, Qwen3.5)
     heads = declared or (inner // head_dim if head_dim else 0)
+    if fused is not None and _in_features(out_layer) != inner:  # values wider than keys (TinyViT's attn_ratio)
+        width, reason = _out_features(children[fused]), f"its output projection reads {_in_features(out_layer)}"
+        return HeadGroup(name, heads, 0, projections, excluded=f"{reason}, not a third of its fused qkv ({width})")
     if not heads or inner % heads or _in_features(out_layer) != inner:
         return HeadGroup(name, heads, 0, projections, excluded=f"inner width {inner} does not fit {heads} heads")
     head_dim = inner // heads

@@ -590,12 +590,38 @@ class OneHeadFusedAttention(torch.nn.Module):
         return self.proj(y).transpose(1, 2).reshape(b, -1, h, w)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
-def test_a_single_head_with_linear_projections_keeps_its_width_out_before_any_probe(monkeypatch, fused):
+class OneHeadQkAttention(torch.nn.Module):
+    """One head with a fused query / key Linear and a value Linear (timm's ConViT), split by a stored head width."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = 1, 8
+        self.qk, self.v, self.proj = torch.nn.Linear(dim, 16), torch.nn.Linear(dim, 8), torch.nn.Linear(8, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        q, k = self.qk(t).reshape(b, h * w, 2, 1, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        v = self.v(t).reshape(b, h * w, 1, -1).transpose(1, 2)
+        y = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, h * w, -1)
+        return self.proj(y).transpose(1, 2).reshape(b, -1, h, w)
+
+
+LAYOUTS = {  # a one-head attention, its first q / k / v layer, the widths it keeps, why it cannot shrink
+    "fused": (OneHeadFusedAttention, "qkv", {"qkv": 24}, "it has a single head"),
+    "separate": (OneHeadLinearAttention, "q", {"q": 8, "k": 8, "v": 8}, "it has a single head"),
+    "qk": (OneHeadQkAttention, "qk", {"qk": 16, "v": 8}, "no q/k/v or fused qkv Linear projections found"),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_a_single_head_with_linear_projections_keeps_its_width_out_before_any_probe(monkeypatch, layout):
     # A fused qkv splits one head's width in three equal parts, which the channel graph does not keep equal: its
     # probes failed on every such model of timm, a forward pass each. Hugging Face's classes split their heads by
-    # a head width they store, and attention may scale by q's width. It is left out before them, saying why: it
-    # read "shrinks only by whole heads (pattern 'head')", which pattern 'head' refuses for a single head.
+    # a head width they store, as ConViT's fused query / key does, and attention may scale by q's width. It is
+    # left out before the probes, saying why: with separate projections it read "shrinks only by whole heads
+    # (pattern 'head')", which pattern 'head' refuses for a single head.
+    build, first, widths, why = LAYOUTS[layout]
     probed = []
     probe = regrow.structural.prepared._probe_all
 
@@ -606,18 +632,15 @@ def test_a_single_head_with_linear_projections_keeps_its_width_out_before_any_pr
     monkeypatch.setattr(regrow.structural.prepared, "_probe_all", recording)
     torch.manual_seed(0)
     model, x = ConvAttentionNet().eval(), torch.randn(2, 3, 4, 4)
-    model.attn = OneHeadFusedAttention() if fused else OneHeadLinearAttention()
+    model.attn = build()
     report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False).structure
     reasons = {g["name"]: g["excluded"] for g in report.groups}
-    first = "attn.qkv" if fused else "attn.q"
-    assert reasons[first] == (
-        "inside attention 'attn': its inner width is split into heads, which pattern 'head' cannot remove here "
-        "(it has a single head)"
+    assert reasons[f"attn.{first}"] == (
+        f"inside attention 'attn': its inner width is split into heads, which pattern 'head' cannot remove here ({why})"
     )
-    assert "stem" in probed and first not in probed
+    assert "stem" in probed and f"attn.{first}" not in probed
     assert reasons["stem"] is None and report.equivalence.passed
-    inner = [model.attn.qkv] if fused else [model.attn.q, model.attn.k, model.attn.v]
-    assert [layer.out_features for layer in inner] == ([24] if fused else [8, 8, 8])
+    assert {name: getattr(model.attn, name).out_features for name in widths} == widths
     assert model.attn.proj.in_features == 8 and model.stem.out_channels < 8  # the stream it reads lost channels
 
 

@@ -342,21 +342,25 @@ def inner_projections(group: HeadGroup, module: nn.Module) -> set[str]:
 
     None where the attention has a single query head and reads every width from its tensors, keeping its scale:
     one head's width is free, so its channels go to the probes (pattern 'head' cannot remove a single head). That
-    holds for an attention without Linear projections (1x1 convolutions) and for regrow's own timm stand-ins with
-    separate q / k / v or q / kv projections (PVT v2's first stage). Other single heads keep their width out,
-    saying they have a single head: a fused qkv splits it in three equal parts, which the channel graph does not
-    keep equal (timm's Swin, Hiera, MViTv2, MaxViT); Hugging Face's classes split heads by a head width they store
-    (BERT, Llama, OPT, T5, ViT: every probe failed); and attention that leaves its scale to
-    ``scaled_dot_product_attention``'s default, one over the root of q's width, would attend at another
-    temperature than its simulation once narrower, by too little for a probe of one channel to see."""
-    separate = group.heads <= 1 and "qkv" not in group.projections
-    if separate and (not group.projections or type(module).__module__ == STANDINS):
-        return set()
-    if group.projections:
-        return {fqn for role, fqn in group.projections.items() if role != "out"}
+    holds for an attention whose q / k / v layers are convolutions and for regrow's own timm stand-ins with
+    separate q / k / v or q / kv projections (PVT v2's first stage, Next-ViT). Other single heads keep their width
+    out, saying why pattern 'head' cannot take them: a fused qkv splits it in three equal parts, which the channel
+    graph does not keep equal (timm's Swin, Hiera, MViTv2, MaxViT); Hugging Face's classes split heads by a head
+    width they store (BERT, Llama, OPT, T5, ViT: every probe failed), as ConViT's fused query / key does; and
+    attention that leaves its scale to ``scaled_dot_product_attention``'s default, one over the root of q's width,
+    would attend at another temperature than its simulation once narrower, by too little for a probe of one
+    channel to see."""
     prefix = f"{group.name}." if group.name else ""
     layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    return {prefix + n for n, child in module.named_children() if n in QKV_NAMES and isinstance(child, layers)}
+    named = {prefix + n: c for n, c in module.named_children() if n in QKV_NAMES and isinstance(c, layers)}
+    if group.heads <= 1:
+        own = type(module).__module__ == STANDINS and "qkv" not in group.projections
+        convolutions = not group.projections and not any(isinstance(c, nn.Linear) for c in named.values())
+        if own or convolutions:
+            return set()
+    if group.projections:
+        return {fqn for role, fqn in group.projections.items() if role != "out"}
+    return set(named)
 
 
 def _projection_paths(module: nn.Module) -> dict[str, str]:

@@ -319,13 +319,10 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     if kv_inner % head_dim or not kv_heads or heads % kv_heads:
         reason = f"{heads} query heads cannot share {kv_inner / head_dim:g} key/value heads evenly"
         return HeadGroup(name, heads, head_dim, projections, excluded=reason)
-    interleaved = fused is not None and f"{type(module).__module__}.{type(module).__qualname__}" in INTERLEAVED
-    if interleaved and kv_heads != heads:
-        reason = f"its fused q/k/v projection holds each head's q, k and v together, but {kv_heads} key/value heads"
-        return HeadGroup(name, heads, head_dim, projections, excluded=reason)
-    return HeadGroup(
-        name, heads, head_dim, projections, kv_group=heads // kv_heads, q_rows=q_rows, interleaved=interleaved
-    )
+    kind = f"{type(module).__module__}.{type(module).__qualname__}"
+    group = HeadGroup(name, heads, head_dim, projections, kv_group=heads // kv_heads, q_rows=q_rows)
+    group.interleaved = fused is not None and kv_heads == heads and kind in INTERLEAVED  # a key per query head
+    return group
 
 
 STANDINS = "regrow.structural.timm_attention"  # regrow's stand-ins for timm's attention: widths from the tensors

@@ -470,11 +470,11 @@ def concats_past_channels(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...
     are left as they were.
     """
     for node in list(dg.module2node.values()):
-        raw = getattr(node.grad_fn, "_saved_dim", None)
+        dim = _saved_dim(node.grad_fn)
         out = outputs.get((node.grad_fn, 0))
-        if node.type != ops.OPTYPE.CONCAT or raw is None or raw < 2**63 or out is None or len(out) < 3:
+        if node.type != ops.OPTYPE.CONCAT or dim is None or dim >= 0 or out is None or len(out) < 3:
             continue
-        if _saved_dim(node.grad_fn) % len(out) not in (1, len(out) - 1):
+        if dim % len(out) not in (1, len(out) - 1):
             _retype(node)
 
 

@@ -470,9 +470,10 @@ def concats_past_channels(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...
     are left as they were.
     """
     for node in list(dg.module2node.values()):
-        dim = _saved_dim(node.grad_fn)
-        out = outputs.get((node.grad_fn, 0))
-        if node.type != ops.OPTYPE.CONCAT or dim is None or dim >= 0 or out is None or len(out) < 3:
+        if node.type != ops.OPTYPE.CONCAT:
+            continue  # other ops save a dim too, some as a tuple (a sum over several)
+        dim, out = _saved_dim(node.grad_fn), outputs.get((node.grad_fn, 0))
+        if dim is None or dim >= 0 or out is None or len(out) < 3:
             continue
         if dim % len(out) not in (1, len(out) - 1):
             _retype(node)

@@ -506,6 +506,32 @@ def test_a_handler_broken_only_for_larger_cuts_fails_the_final_check(monkeypatch
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+def test_a_handler_that_breaks_the_forward_pass_only_for_larger_cuts_is_named_not_raised(monkeypatch):
+    # Each group passed its probe of a few units, but the whole removal did not run: the final check let the
+    # forward pass's own error through, a traceback (Hugging Face's SegFormer: "shape '[2, 7, -1]' is invalid",
+    # a width that divided the probe's cut and not the final one). It is now a RegrowError naming the groups.
+    from torch_pruning.pruner import function
+
+    conv = function.PrunerBox[function.ops.OPTYPE.CONV]
+    original = type(conv).prune_out_channels
+
+    def short_when_many(self, layer, idxs):
+        if len(idxs) > 3:  # a probe removes at most three units (units._probe_removal): it passes
+            layer = original(self, layer, idxs)
+            layer.weight = torch.nn.Parameter(layer.weight[1:])  # one filter too many gone: the next layer fails
+            return layer
+        return original(self, layer, idxs)
+
+    monkeypatch.setattr(type(conv), "prune_out_channels", short_when_many)
+    model = build(ResidualCNN)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        RegrowError, match="forward pass failed \\(RuntimeError: .*\\); group\\(s\\) at fault: down, stem.0, c1\\."
+    ):
+        shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=images())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_no_state_leaks_between_prunes():
     # torch-pruning's pruners share mutable default dicts; regrow builds fresh state per call.
     x = tokens()

@@ -248,6 +248,14 @@ def _finer_rounding(
     return None, auto, evaluations
 
 
+def _alone(model: nn.Module, unit: _Unit, removed: Removed, inputs: Any, compare: Compare) -> bool:
+    """Whether the removal of ``unit``'s units alone passes the check on ``model``; a failure to run does not."""
+    try:
+        return _check(model, [unit], {unit.name: removed[unit.name]}, inputs, compare).passed
+    except Exception:  # noqa: BLE001 - a group whose shrinking breaks the forward pass is at fault as much
+        return False
+
+
 def _shrink_checked(
     model: nn.Module, prepared: Prepared, removed: Removed, compare: Compare
 ) -> tuple[Equivalence, nn.Module]:
@@ -255,10 +263,11 @@ def _shrink_checked(
 
     Simulation, shrinking and comparison run on the CPU copy in exact arithmetic (regrow.structural.device);
     a model on another device is shrunk after the check and must then hold the checked copy's weights.
-    Returns the equivalence and the checked model (``model`` itself on the CPU). A mismatch raises an error
-    naming the groups at fault: the shrunk model is put back as it was before the surgery (:class:`_Undo`, which
-    keeps references, where a copy kept for this rare path cost a whole model's memory: a 1.1B Llama of 4.18 GiB
-    peaked at 16.6 GiB with it, 13.7 GiB without), and each group is checked alone on it.
+    Returns the equivalence and the checked model (``model`` itself on the CPU). A mismatch, or a forward pass
+    that fails (groups that each passed a probe of a few units), raises an error naming the groups at fault: the
+    shrunk model is put back as it was before the surgery (:class:`_Undo`, which keeps references, where a copy
+    kept for this rare path cost a whole model's memory: a 1.1B Llama of 4.18 GiB peaked at 16.6 GiB with it,
+    13.7 GiB without), and each group is checked alone on it.
     """
     active, host, inputs = prepared.active, prepared.host, prepared.host_inputs
     cuts = [c for u in active for c in u.cuts(removed.get(u.name, []))]
@@ -270,17 +279,22 @@ def _shrink_checked(
         undo = _Undo(shrunk)  # the model before the surgery, for a failure's culprits: references, not a copy
         _apply(shrunk, active, removed)
         retie(shrunk, ties)  # the surgery gives every module its own new Parameter; tied ones share one again
-        eq = compare(shrunk, simulated, inputs)
-        if not eq.passed:
+        try:
+            eq, broke = compare(shrunk, simulated, inputs), None
+        except Exception as exc:  # noqa: BLE001 - groups that each passed a probe of a few units may not run together
+            eq, broke = None, first_line(exc)
+        if eq is None or not eq.passed:
             undo.restore()
-            culprits = [
-                u.name
-                for u in active
-                if removed.get(u.name) and not _check(shrunk, [u], {u.name: removed[u.name]}, inputs, compare).passed
-            ]
+            gone = [u for u in active if removed.get(u.name)]
+            culprits = [u.name for u in gone if not _alone(shrunk, u, removed, inputs, compare)]
+            what = (
+                f"the shrunk model's forward pass failed ({broke})"
+                if eq is None
+                else f"the shrunk model differs from its simulation by {eq.max_abs_diff:.3g}{eq.where} (tolerance "
+                f"{eq.tolerance:.3g})"
+            )
             raise RegrowError(
-                f"equivalence check failed: the shrunk model differs from its simulation by {eq.max_abs_diff:.3g}"
-                f"{eq.where} (tolerance {eq.tolerance:.3g}); group(s) at fault: "
+                f"equivalence check failed: {what}; group(s) at fault: "
                 f"{', '.join(culprits) or 'an interaction of groups'}. Leave them out with ignore=[...]."
             )
     if shrunk is not model:

@@ -522,6 +522,20 @@ class OneHeadLinearAttention(torch.nn.Module):
         return self.proj(y).transpose(1, 2).reshape(b, -1, h, w)
 
 
+@pytest.fixture
+def probed(monkeypatch) -> list[str]:
+    """The names of the groups the channel probes receive, in order."""
+    names: list[str] = []
+    probe = regrow.structural.prepared._probe_all
+
+    def recording(model, units, *args):
+        names.extend(u.name for u in units)
+        return probe(model, units, *args)
+
+    monkeypatch.setattr(regrow.structural.prepared, "_probe_all", recording)
+    return names
+
+
 class ConvAttentionNet(torch.nn.Module):
     def __init__(self, heads: int = 2, linear: bool = False) -> None:
         super().__init__()
@@ -534,19 +548,11 @@ class ConvAttentionNet(torch.nn.Module):
         return self.head((y + self.attn(y)).mean((2, 3)))
 
 
-def test_an_attention_whose_heads_regrow_cannot_remove_still_keeps_its_inner_width_out_of_channel_pruning(monkeypatch):
+def test_an_attention_whose_heads_regrow_cannot_remove_still_keeps_its_inner_width_out_of_channel_pruning(probed):
     # Its q and kv are 1x1 convolutions: pattern 'head' refuses them (no Linear projections). Their channel groups
     # went to the probes, which failed one by one ("shrinking it breaks the forward pass": the reshape into heads
     # of fixed width), a model's full forward pass each: timm's HaloNet took 117 s, 38 such groups. They are the
     # attention's inner width, left out before any probe, saying why pattern 'head' cannot take them either.
-    probed = []
-    probe = regrow.structural.prepared._probe_all
-
-    def recording(model, units, *args):
-        probed.extend(u.name for u in units)
-        return probe(model, units, *args)
-
-    monkeypatch.setattr(regrow.structural.prepared, "_probe_all", recording)
     torch.manual_seed(0)
     model, x = ConvAttentionNet().eval(), torch.randn(2, 3, 4, 4)
     report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False).structure
@@ -615,21 +621,13 @@ LAYOUTS = {  # a one-head attention, its first q / k / v layer, the widths it ke
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_a_single_head_with_linear_projections_keeps_its_width_out_before_any_probe(monkeypatch, layout):
+def test_a_single_head_with_linear_projections_keeps_its_width_out_before_any_probe(probed, layout):
     # A fused qkv splits one head's width in three equal parts, which the channel graph does not keep equal: its
     # probes failed on every such model of timm, a forward pass each. Hugging Face's classes split their heads by
     # a head width they store, as ConViT's fused query / key does, and attention may scale by q's width. It is
     # left out before the probes, saying why: with separate projections it read "shrinks only by whole heads
     # (pattern 'head')", which pattern 'head' refuses for a single head.
     build, first, widths, why = LAYOUTS[layout]
-    probed = []
-    probe = regrow.structural.prepared._probe_all
-
-    def recording(model, units, *args):
-        probed.extend(u.name for u in units)
-        return probe(model, units, *args)
-
-    monkeypatch.setattr(regrow.structural.prepared, "_probe_all", recording)
     torch.manual_seed(0)
     model, x = ConvAttentionNet().eval(), torch.randn(2, 3, 4, 4)
     model.attn = build()

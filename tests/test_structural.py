@@ -1,6 +1,7 @@
 """Structural pruning: every layer type and coupling, budgets, the equivalence check, save and load."""
 
 import copy
+import dataclasses
 import gc
 import pickle
 import time
@@ -484,7 +485,7 @@ def test_the_equivalence_check_catches_a_broken_layer_handler(monkeypatch):
     assert report.equivalence.passed
 
 
-def test_a_handler_broken_only_for_larger_cuts_fails_the_final_check(monkeypatch):
+def test_groups_a_handler_breaks_only_for_larger_cuts_are_left_out_and_the_removal_chosen_again(monkeypatch):
     from torch_pruning.pruner import function
 
     conv = function.PrunerBox[function.ops.OPTYPE.CONV]
@@ -497,10 +498,65 @@ def test_a_handler_broken_only_for_larger_cuts_fails_the_final_check(monkeypatch
 
     monkeypatch.setattr(type(conv), "prune_out_channels", wrong_when_many)
     model = build(ResidualCNN)
+    # Was: an error naming the two groups whose cuts are larger than three. Each group is checked alone on the
+    # model as it was before the surgery (put back, not copied); those two are left out with the reason, and the
+    # removal is chosen again from c1 alone, whose four smallest filters happen to be its first four.
+    report = shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=images())
+    assert report.equivalence.passed
+    rows = {g["name"]: g for g in report.groups}
+    failed = "units failed (equivalence check failed: the shrunk model differs from its simulation by "
+    assert rows["down"]["excluded"].startswith(f"removing 8 of its 16 {failed}")
+    assert rows["stem.0"]["excluded"].startswith(f"removing 4 of its 8 {failed}")
+    assert rows["c1"]["excluded"] is None and rows["c1"]["units_after"] == 4
+    assert (report.units_total, report.units_removed) == (8, 4)  # the budget counts the groups still in
+    assert "group(s) down, stem.0 failed alone and were left out" in report.warnings[0]
+    assert (model.stem[0].out_channels, model.c1.out_channels, model.down.out_channels) == (8, 4, 16)
+
+
+def test_a_budget_candidate_that_does_not_run_leaves_its_group_out(monkeypatch):
+    # Was: "MACs of a shrunk candidate could not be counted: it does not run", naming no group (Hugging Face's
+    # SegFormer: a stored width that divided the probe's cut and not the budget's). The group whose part of the
+    # candidate fails alone is left out, and the budget is met with the others.
+    from torch_pruning.pruner import function
+
+    conv = function.PrunerBox[function.ops.OPTYPE.CONV]
+    original = type(conv).prune_out_channels
+
+    def short_when_many(self, layer, idxs):
+        layer = original(self, layer, idxs)
+        if getattr(layer, "broken", False) and len(idxs) > 3:  # copies keep the attribute
+            layer.weight = torch.nn.Parameter(layer.weight[1:])  # one filter too many gone: it does not run
+        return layer
+
+    monkeypatch.setattr(type(conv), "prune_out_channels", short_when_many)
+    model = build(ResidualCNN)
+    model.down.broken = True
+    report = shrink(model, pattern="channel", macs=0.5, example_inputs=images(), round_to=1)
+    assert report.equivalence.passed
+    assert abs(report.macs_after / report.macs_before - 0.5) <= 0.02 * 0.5
+    rows = {g["name"]: g for g in report.groups}
+    assert rows["down"]["excluded"].startswith("removing 8 of its 16 units failed (a shrunk candidate does not run")
+    assert rows["down"]["units_after"] == 16 and model.down.out_channels == 16
+    assert [r["name"] for r in report.groups if r["excluded"] is None] == ["stem.0", "c1"]
+    assert "group(s) down failed alone and were left out" in report.warnings[0]
+
+
+def test_a_final_check_that_no_single_group_fails_is_raised_and_hands_the_model_back(monkeypatch):
+    # Each group's removal passes alone, both together do not: nothing to leave out, so it is raised.
+    from regrow import structural
+
+    real = structural.compare
+
+    def fails_together(shrunk, simulated, inputs):
+        eq = real(shrunk, simulated, inputs)
+        if shrunk.c1.out_channels <= 4 and shrunk.down.out_channels <= 8:  # the probes remove three at most
+            return dataclasses.replace(eq, passed=False, max_abs_diff=1.0)
+        return eq
+
+    monkeypatch.setattr(structural, "compare", fails_together)
+    model = build(ResidualCNN)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    # each group is checked alone on the model as it was before the surgery (put back, not copied): the two
-    # convolutions whose cuts are larger than three are named, and the model is handed back as it came
-    with pytest.raises(RegrowError, match="equivalence check failed.*group\\(s\\) at fault: down, stem.0\\."):
+    with pytest.raises(RegrowError, match="differs from its simulation by 1 .*group\\(s\\) at fault: an interaction"):
         shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=images())
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

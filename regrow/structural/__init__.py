@@ -82,11 +82,10 @@ from regrow.structural.shrinking import (
     _apply_allocation,
     _Baseline,
     _Budget,
-    _choose_removal,
     _note_vacuous_check,
     _recalibrate,
+    _remove_checked,
     _report,
-    _shrink_checked,
 )
 from regrow.structural.simulate import Equivalence as Equivalence
 from regrow.structural.simulate import compare
@@ -247,13 +246,15 @@ def shrink(
     scored, scope = _apply_allocation(prepared, allocation, scope)
     budget = _Budget(kind, target, scope, max_sparsity, within)
     baseline = _Baseline.of(prepared.host, prepared.host_one, scored, within)
-    choice = _choose_removal(model, prepared, scored, budget, baseline, round_to, round_widths, compare_latency)
-    eq, checked = _shrink_checked(model, prepared, choice.removed, compare)
-    _note_vacuous_check(eq, choice.notes)
-    recalibrated = _recalibrate(model, data, recalibrate, prepared.units, choice.removed)
+    options = (round_to, round_widths)
+    done = _remove_checked(model, prepared, scored, budget, baseline, options, compare, compare_latency)
+    _note_vacuous_check(done.eq, done.choice.notes)
+    recalibrated = _recalibrate(model, data, recalibrate, prepared.units, done.choice.removed)
     model.train(was_training)
-    report = _report(model, checked, prepared, budget, baseline, choice, eq, recalibrated, round_to)
-    for w in report.warnings[len(choice.notes) :]:
+    report = _report(
+        model, done.checked, done.prepared, budget, done.baseline, done.choice, done.eq, recalibrated, round_to
+    )
+    for w in report.warnings[len(done.choice.notes) :]:
         warnings.warn(w, SpeedWarning, stacklevel=4)  # shrink <- structural_masks <- prune <- the caller
     return report
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from itertools import chain
@@ -38,6 +39,16 @@ LATENCY_ROUNDS = 15  # interleaved forward passes per latency measurement of a b
 LATENCY_TOLERANCE = 0.05
 
 Removed = dict[str, list[int]]  # group name -> indices of the units removed from it
+FINAL_CHECK_ROUNDS = 3  # removals chosen at most, each without the groups the last one's final check named
+
+
+class _RemovalFailed(RegrowError):
+    """A removal each group's probe allowed failed as a whole (a budget candidate, or the final removal under the
+    check), with the model as it was before it; :func:`_remove_checked` names the groups at fault."""
+
+    def __init__(self, what: str, removed: Removed) -> None:
+        super().__init__(what)
+        self.what, self.removed = what, removed
 
 
 @dataclass(frozen=True)
@@ -131,19 +142,21 @@ def _measure_for(
         except RegrowError:
             raise
         except Exception as exc:  # noqa: BLE001 - a layer handler refused the removal; reported in one line
-            raise RegrowError(
-                f"a shrunk candidate could not be built ({first_line(exc)}); "
-                "each group passed its probe, so a larger removal breaks a coupling regrow does not see: leave the "
-                "group out with ignore=[...]."
-            ) from None
+            raise _RemovalFailed(f"a shrunk candidate could not be built ({first_line(exc)})", removed) from None
         if kind == "macs":
-            value = dense_macs(trial, prepared.host_one, budget.within)
+            with warnings.catch_warnings(record=True) as counted:  # a candidate that does not run is handled here
+                warnings.simplefilter("always")
+                value = dense_macs(trial, prepared.host_one, budget.within)
             if value is None:
-                raise RegrowError(f"MACs of a shrunk candidate could not be counted: {_failure(trial, prepared)}")
+                _require_running(trial, prepared, removed)
+                raise RegrowError(
+                    f"MACs of a shrunk candidate could not be counted ({'; '.join(str(w.message) for w in counted)}): "
+                    "the counter cannot follow one of its operations; use params= or sparsity= instead."
+                )
             return value / baseline.macs
         if kind == "latency":
             if host is not model:
-                _failure(trial, prepared, required=True)
+                _require_running(trial, prepared, removed)
                 trial = copy.deepcopy(model)
                 _apply(trial, active, removed)
             before, after = compare_latency(reference, trial, prepared.inputs, rounds=LATENCY_ROUNDS)
@@ -153,20 +166,13 @@ def _measure_for(
     return measure
 
 
-def _failure(trial: nn.Module, prepared: Prepared, required: bool = False) -> str:
-    """Why the shrunk CPU candidate ``trial`` does not run (raised when ``required``)."""
+def _require_running(trial: nn.Module, prepared: Prepared, removed: Removed) -> None:
+    """Raise :class:`_RemovalFailed` when the shrunk CPU candidate ``trial`` (``removed``) does not run."""
     try:
         with exact_arithmetic(), torch.no_grad():
             forward(trial, prepared.host_one)
     except Exception as exc:  # noqa: BLE001 - the user's forward on a shrunk copy; reported in one line
-        text = (
-            f"it does not run ({first_line(exc)}); each group passed its "
-            "probe, so a larger removal breaks a coupling regrow does not see: leave the group out with ignore=[...]."
-        )
-        if required:
-            raise RegrowError(f"a shrunk candidate {text}") from None
-        return text
-    return "the counter cannot follow one of its operations; use params= or sparsity= instead."
+        raise _RemovalFailed(f"a shrunk candidate does not run ({first_line(exc)})", removed) from None
 
 
 def _choose_removal(
@@ -248,12 +254,24 @@ def _finer_rounding(
     return None, auto, evaluations
 
 
-def _alone(model: nn.Module, unit: _Unit, removed: Removed, inputs: Any, compare: Compare) -> bool:
-    """Whether the removal of ``unit``'s units alone passes the check on ``model``; a failure to run does not."""
+def _culprits(model: nn.Module, units: list[_Unit], removed: Removed, inputs: Any, compare: Compare) -> list[str]:
+    """The groups whose part of ``removed`` alone fails the check on ``model`` (as it was before the removal).
+
+    A set of groups is checked together and split in halves only when it fails: a DenseNet-121 has 120 groups.
+    """
+    if not units:
+        return []
     try:
-        return _check(model, [unit], {unit.name: removed[unit.name]}, inputs, compare).passed
+        if _check(model, units, {u.name: removed[u.name] for u in units}, inputs, compare).passed:
+            return []
     except Exception:  # noqa: BLE001 - a group whose shrinking breaks the forward pass is at fault as much
-        return False
+        pass
+    if len(units) == 1:
+        return [units[0].name]
+    half = len(units) // 2
+    return _culprits(model, units[:half], removed, inputs, compare) + _culprits(
+        model, units[half:], removed, inputs, compare
+    )
 
 
 def _shrink_checked(
@@ -264,10 +282,10 @@ def _shrink_checked(
     Simulation, shrinking and comparison run on the CPU copy in exact arithmetic (regrow.structural.device);
     a model on another device is shrunk after the check and must then hold the checked copy's weights.
     Returns the equivalence and the checked model (``model`` itself on the CPU). A mismatch, or a forward pass
-    that fails (groups that each passed a probe of a few units), raises an error naming the groups at fault: the
-    shrunk model is put back as it was before the surgery (:class:`_Undo`, which keeps references, where a copy
-    kept for this rare path cost a whole model's memory: a 1.1B Llama of 4.18 GiB peaked at 16.6 GiB with it,
-    13.7 GiB without), and each group is checked alone on it.
+    that fails (groups that each passed a probe of a few units), raises :class:`_RemovalFailed` with the shrunk
+    model put back as it was before the surgery (:class:`_Undo`, which keeps references, where a copy kept for
+    this rare path cost a whole model's memory: a 1.1B Llama of 4.18 GiB peaked at 16.6 GiB with it, 13.7 GiB
+    without).
     """
     active, host, inputs = prepared.active, prepared.host, prepared.host_inputs
     cuts = [c for u in active for c in u.cuts(removed.get(u.name, []))]
@@ -285,23 +303,94 @@ def _shrink_checked(
             eq, broke = None, first_line(exc)
         if eq is None or not eq.passed:
             undo.restore()
-            gone = [u for u in active if removed.get(u.name)]
-            culprits = [u.name for u in gone if not _alone(shrunk, u, removed, inputs, compare)]
             what = (
                 f"the shrunk model's forward pass failed ({broke})"
                 if eq is None
                 else f"the shrunk model differs from its simulation by {eq.max_abs_diff:.3g}{eq.where} (tolerance "
                 f"{eq.tolerance:.3g})"
             )
-            raise RegrowError(
-                f"equivalence check failed: {what}; group(s) at fault: "
-                f"{', '.join(culprits) or 'an interaction of groups'}. Leave them out with ignore=[...]."
-            )
+            raise _RemovalFailed(f"equivalence check failed: {what}", removed)
     if shrunk is not model:
         _apply(model, active, removed)
         retie(model, ties)
         _hold_to(model, shrunk)
     return eq, shrunk
+
+
+@dataclass
+class _Removal:
+    """What :func:`_remove_checked` did: the choice (its notes say which groups it left out), the equivalence, the
+    checked model, and ``prepared`` and ``baseline`` without the groups it left out."""
+
+    choice: _Choice
+    eq: Equivalence
+    checked: nn.Module
+    prepared: Prepared
+    baseline: _Baseline
+
+
+def _remove_checked(
+    model: nn.Module,
+    prepared: Prepared,
+    scored: list[Unitized],
+    budget: _Budget,
+    baseline: _Baseline,
+    options: tuple[int | None, dict[str, int] | None],
+    compare: Compare,
+    compare_latency: Callable[..., Any],
+) -> _Removal:
+    """Choose the removal and shrink ``model`` with it under the final check (:func:`_shrink_checked`).
+
+    Every group passed a probe of a few units; a larger removal, a budget candidate or the one chosen, can still
+    fail to build, to run or to match its simulation. The groups whose part of it fails alone are then left out,
+    with the reason, and the removal is chosen again without them, ``FINAL_CHECK_ROUNDS`` times at most. A failure
+    that no single group explains, or that leaves no group, is raised naming them. ``options`` are ``round_to``
+    and ``round_widths``.
+    """
+    round_to, round_widths = options
+    notes: list[str] = []
+    for attempt in range(1, FINAL_CHECK_ROUNDS + 1):
+        try:
+            choice = _choose_removal(model, prepared, scored, budget, baseline, round_to, round_widths, compare_latency)
+            eq, checked = _shrink_checked(model, prepared, choice.removed, compare)
+            return _Removal(replace(choice, notes=notes + choice.notes), eq, checked, prepared, baseline)
+        except _RemovalFailed as failed:
+            gone = [u for u in prepared.active if failed.removed.get(u.name)]
+            with exact_arithmetic():
+                culprits = _culprits(prepared.host, gone, failed.removed, prepared.host_inputs, compare)
+            if not culprits or attempt == FINAL_CHECK_ROUNDS or len(culprits) == len(scored):
+                raise RegrowError(
+                    " ".join(notes + [f"{failed.what}; group(s) at fault: "])
+                    + f"{', '.join(culprits) or 'an interaction of groups'}. Leave them out with ignore=[...]."
+                ) from None
+            prepared, scored, baseline = _leave_out(prepared, scored, baseline, failed, culprits)
+            notes.append(
+                f"{failed.what}; group(s) {', '.join(culprits)} failed alone and were left out, and the removal was "
+                "chosen again without them."
+            )
+            log.warning(notes[-1])
+        except RegrowError as exc:
+            raise RegrowError(" ".join([*notes, str(exc)])) from None  # with why groups it could have used are gone
+    raise AssertionError("unreachable: the last round returns or raises")
+
+
+def _leave_out(
+    prepared: Prepared, scored: list[Unitized], baseline: _Baseline, failed: _RemovalFailed, culprits: list[str]
+) -> tuple[Prepared, list[Unitized], _Baseline]:
+    """``prepared``, ``scored`` and ``baseline`` without the groups ``culprits``, each left out with the reason."""
+    for u in prepared.active:
+        if u.name in culprits:
+            u.group.excluded = (
+                f"removing {len(failed.removed[u.name])} of its {u.group.units} units failed ({failed.what}), "
+                "where a probe of a few had passed"
+            )
+    prepared = replace(
+        prepared,
+        active=[u for u in prepared.active if u.group.excluded is None],
+        scores=[g for g in prepared.scores if g.name not in culprits],
+    )
+    scored = [g for g in scored if g.name not in culprits]
+    return prepared, scored, replace(baseline, units=sum(g.units for g in scored))
 
 
 VACUOUS_CHECK = (

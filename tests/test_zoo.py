@@ -25,7 +25,7 @@ from torch_pruning.dependency.dependency import Dependency
 import regrow
 from conftest import import_timm
 from regrow.errors import RegrowError
-from regrow.structural import coupling
+from regrow.structural import coupling, multiplier
 from regrow.structural import graph as graph_module
 from regrow.structural.budget import Unitized, select, take
 from regrow.structural.coupling import RunawayMapping, UnmappedOp, pruning_group, walk
@@ -85,6 +85,8 @@ FAMILIES = {
         {"img_size": 48, "img_scale": (1.0, 1.0), "depth": [[1, 1, 0]] * 2},
         48,
     ),
+    # tokens pooled by a depthwise convolution with a channel multiplier (regrow.structural.multiplier's stand-in)
+    "pit": ("pit_ti_224", {"img_size": 64, "depth": (1, 1, 1)}, 64),
     "swin": (  # windowed attention with shifts, relative position bias, patch merging
         "swin_tiny_patch4_window7_224",
         {"img_size": 64, "window_size": 4, "depths": (2, 2, 2, 2), "embed_dim": 32, "num_heads": (1, 2, 4, 8)},
@@ -577,6 +579,61 @@ def test_channels_that_can_only_go_together_are_one_unit():
     report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
     assert report.equivalence.passed
     assert model.primary.out_channels * 2 == model.stem.out_channels == model.cheap.out_channels * 2 == 16
+
+
+class Multiplied(nn.Module):
+    """PiT's pooling: a depthwise convolution with a channel multiplier (4 channels into 8), written as regrow's
+    stand-in writes it: each channel repeated twice, then a plain depthwise convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = multiplier.as_depthwise(nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=4))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.fc(self.pool(multiplier.repeated(x, self.pool)).mean((2, 3)))
+
+
+def test_a_channel_repeated_by_a_multiplier_goes_with_its_copies():
+    # Channel c of the stem is channels 2c and 2c + 1 of the depthwise convolution. Was (timm's grouped
+    # convolution as it is): "its 64 channels can only be removed all together"; pit_ti_224 kept 0.5666 of its
+    # MACs for a budget of 0.5.
+    torch.manual_seed(0)
+    model, x = Multiplied().eval(), torch.randn(2, 3, 8, 8)
+    grouped = nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=4)
+    grouped.weight, grouped.bias = model.pool.weight, model.pool.bias
+    stem = model.stem(x)
+    assert torch.allclose(model.pool(multiplier.repeated(stem, model.pool)), grouped(stem), atol=1e-6)
+    prepared = regrow.structural.prepare(model, pattern="channel", example_inputs=x)
+    unit = next(u for u in prepared.units if u.name == "stem")
+    assert unit.group.excluded is None and unit.group.units == 4
+    cuts = {(c.target, c.out): c.idxs for c in unit.cuts([1, 3])}
+    assert cuts == {("stem", True): (1, 3), ("pool", True): (2, 3, 6, 7), ("fc", False): (2, 3, 6, 7)}
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    assert report.equivalence.passed
+    assert (model.stem.out_channels, model.pool.in_channels, model.pool.out_channels, model.pool.groups) == (2, 4, 4, 4)
+
+
+def test_pits_pooling_stand_in_computes_timms_and_saves_and_loads(tmp_path):
+    model, x = build("pit")
+    dense = copy.deepcopy(model)
+    report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.standins == ["transformers.1.pool", "transformers.2.pool"] and report.equivalence.passed
+    stream, pool = model.patch_embed.conv.out_channels, model.transformers[1].pool.conv
+    assert pool.out_channels == 2 * stream < dense.transformers[1].pool.conv.out_channels
+    regrow.save(model, tmp_path / "pit")
+    name, kwargs, _ = FAMILIES["pit"]
+    loaded = regrow.load(tmp_path / "pit", lambda: timm.create_model(name, num_classes=10, **kwargs)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    # the stand-in, compared with timm's module on the example batch before it was swapped in: equal but for rounding
+    original = dense.transformers[1].pool
+    tokens, cls = torch.randn(2, original.conv.in_channels, 4, 4), torch.randn(2, 1, original.fc.in_features)
+    with torch.no_grad():
+        for got, expected in zip(multiplier.PitPooling(original)(tokens, cls), original(tokens, cls)):
+            assert torch.allclose(got, expected, atol=1e-6)
 
 
 class Subsample(nn.Module):

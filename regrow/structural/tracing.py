@@ -263,6 +263,32 @@ def _split_channel_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None
         _retype(node, TiledIndexMapping(channels, blocks, reverse=True), TiledIndexMapping(channels, blocks))
 
 
+def _channel_repeats(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
+    """Each channel of a channels-first tensor repeated ``k`` times: ``x[:, :, None].expand(B, C, k, ...)``, then
+    ``flatten(1, 2)`` (PiT's pooling stand-in, regrow.structural.multiplier). Channel ``c`` becomes channels ``c*k``
+    to ``c*k + k - 1``: the broadcast is element-wise for the channels, the flatten a flatten. torch-pruning maps
+    the broadcast as ``repeat_kv`` (none of it, :func:`_untie_broadcasts`) and the reshapes of 2-D and 4-D tensors
+    only."""
+    flatten = index_mapping._FlattenIndexMapping
+    for node in list(dg.module2node.values()):
+        fn = node.grad_fn
+        if node.type != ops.OPTYPE.RESHAPE or not hasattr(fn, "_saved_self_sym_sizes") or fn not in shapes:
+            continue
+        before, after = [int(s) for s in fn._saved_self_sym_sizes], list(shapes[fn])
+        if len(before) < 5 or len(after) != len(before) - 1 or after[1] != before[1] * before[2] or before[2] < 2:
+            continue
+        source = node.inputs[0] if len(node.inputs) == 1 else None
+        while source is not None and source.type == ops.OPTYPE.ELEMENTWISE and len(source.inputs) == 1:
+            source = source.inputs[0]  # the copy that makes the broadcast contiguous
+        if source is None or source.type != ops.OPTYPE.EXPAND or not hasattr(source.grad_fn, "_saved_self_sym_sizes"):
+            continue
+        broadcast = [int(s) for s in source.grad_fn._saved_self_sym_sizes]
+        if broadcast != [before[0], before[1], 1, *before[3:]] or _channels_in(dg, source) != before[1]:
+            continue
+        _retype(source, stale=(index_mapping._GQAIndexMapping,))
+        _retype(node, flatten(stride=before[2]), flatten(stride=before[2], reverse=True))
+
+
 def _merges_batch(a: list[int], b: list[int], batch: int) -> bool:
     """Whether shape ``b`` is ``a`` (whose dim 0 is the ``batch``) with dim 1, or a leading factor of it, merged
     into dim 0: (B, h, N, d) into (B*h, N, d), or (B, h*d, N) into (B*h, d, N)."""
@@ -565,6 +591,7 @@ def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) ->
     channels-last layouts and for the folds of the example inputs' ``batch`` with other dimensions."""
     update_mappings(dg)
     _untie_spatial_slices(dg)
+    _channel_repeats(dg, shapes)
     _untie_broadcasts(dg)
     _channels_last_reshapes(dg, shapes)
     _split_channel_reshapes(dg, shapes)

@@ -588,6 +588,40 @@ def test_a_handler_that_breaks_the_forward_pass_only_for_larger_cuts_is_named_no
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+def test_a_check_of_outputs_below_its_absolute_tolerance_says_it_proves_nothing():
+    # Hugging Face's LeViT at its own initial weights returns logits of 3e-10: any surgery passes a tolerance of
+    # 1e-5 there. Said only of exactly zero outputs before.
+    model = build(ResidualCNN)
+    with torch.no_grad():
+        model.fc.weight.mul_(1e-7)
+        model.fc.bias.mul_(1e-7)
+    report = shrink(model, pattern="channel", sparsity=0.3, scope="layer", example_inputs=images())
+    assert 0 < report.equivalence.scale < 1e-5
+    assert [
+        w
+        for w in report.warnings
+        if w.startswith("the equivalence check compared outputs no larger than its absolute tolerance (largest ")
+    ]
+    model = build(ResidualCNN)  # its own outputs: nothing to say
+    report = shrink(model, pattern="channel", sparsity=0.3, scope="layer", example_inputs=images())
+    assert report.equivalence.scale > 1e-5 and not [w for w in report.warnings if "equivalence check" in w]
+
+
+def test_caches_of_tensors_with_an_autograd_history_are_emptied_and_nothing_else():
+    # LeViT's attention biases, kept per device in eval mode and filled by the trace with autograd on: every probe
+    # copies the model, and copy.deepcopy refuses them
+    from regrow.structural.device import drop_autograd_caches
+
+    module = nn.Linear(2, 2)
+    module.cache = {"cpu": module.weight * 2}
+    module.table = {"a": torch.ones(2)}  # plain tensors: not regrow's to drop
+    module.mixed = {"cpu": module.weight * 2, "b": torch.ones(2)}  # not only tensors with a history
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(module.cache)
+    drop_autograd_caches(nn.Sequential(module))
+    assert module.cache == {} and list(module.table) == ["a"] and list(module.mixed) == ["cpu", "b"]
+
+
 def test_no_state_leaks_between_prunes():
     # torch-pruning's pruners share mutable default dicts; regrow builds fresh state per call.
     x = tokens()

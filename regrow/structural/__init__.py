@@ -46,8 +46,8 @@ from regrow.structural.budget import SearchResult as SearchResult
 from regrow.structural.budget import Unitized as Unitized
 from regrow.structural.budget import check_reachable as check_reachable
 from regrow.structural.budget import search as search
+from regrow.structural.device import drop_autograd_caches, host_copy
 from regrow.structural.device import exact_arithmetic as exact_arithmetic
-from regrow.structural.device import host_copy
 from regrow.structural.graph import find_attention
 from regrow.structural.options import (
     MAX_SPARSITY,
@@ -124,10 +124,13 @@ def prepare(
     host = host_copy(model)  # tracing, probes, scores and checks run on the CPU (regrow.structural.device)
     host_inputs = _host_inputs(model, host, inputs)
     graph, groups = _groups(host, pattern, host_inputs, targets, ignore, within)
+    drop_autograd_caches(host)  # the trace ran with autograd on; probes copy the model
     units = [_Unit(g, graph) for g in groups]
     _probe_units(host, units, host_inputs, pattern, compare)
     if criterion == "taylor":
         _taylor_gradients(model, host, data)
+        drop_autograd_caches(model)
+        drop_autograd_caches(host)
     scored = _score_units(host, units, criterion, round_to, auto_round_to(device), round_widths)
     if criterion == "taylor":
         model.zero_grad(set_to_none=True)

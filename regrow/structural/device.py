@@ -146,3 +146,18 @@ def copy_grads(model: nn.Module, host: nn.Module) -> None:
     for name, p in model.named_parameters():
         if p.grad is not None and name in params:
             params[name].grad = _to_host(p.grad)
+
+
+def drop_autograd_caches(model: nn.Module) -> None:
+    """Empty the dicts of tensors with an autograd history that modules keep between forward passes.
+
+    timm's and Hugging Face's LeViT keep their attention biases per device in eval mode; filled by a pass with
+    autograd on (the trace, taylor's gradients), they hold tensors that ``copy.deepcopy`` refuses ("Only Tensors
+    created explicitly by the user (graph leaves) support the deepcopy protocol"), and every probe, simulation and
+    budget candidate copies the model: each group of Hugging Face's LeViT failed its probe so. The modules fill
+    them again on their next forward pass.
+    """
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, dict) and value and all(isinstance(v, Tensor) and v.grad_fn for v in value.values()):
+                value.clear()

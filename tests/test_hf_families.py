@@ -146,6 +146,8 @@ def _vision(name: str) -> torch.nn.Module:
     cls, config = {
         "vit": (t.ViTForImageClassification, t.ViTConfig(**vit, intermediate_size=64, num_labels=10)),
         "deit": (t.DeiTForImageClassification, t.DeiTConfig(**vit, intermediate_size=64, num_labels=10)),
+        # its classifier reads the class token beside the mean of the patch tokens: torch.cat([cls, mean], dim=1)
+        "dinov2": (t.Dinov2ForImageClassification, t.Dinov2Config(**vit, mlp_ratio=2, num_labels=10)),
         "swin": (
             t.SwinForImageClassification,
             t.SwinConfig(
@@ -169,14 +171,14 @@ IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 BENIGN = ("not a target", "its channels are the model's output", "inside attention")
 
 
-@pytest.mark.parametrize("name", ["vit", "deit", "swin", "convnext", "resnet"])
+@pytest.mark.parametrize("name", ["vit", "deit", "dinov2", "swin", "convnext", "resnet"])
 def test_each_vision_family_prunes_to_half_its_macs_and_its_heads_go(name):
     model = _vision(name)
     report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=IMAGES, keep_dense=False).structure
     assert report.equivalence.passed and abs(report.macs_ratio - 0.5) <= 0.01, report.macs_ratio
     assert report.equivalence.scale > 0  # the outputs compared were not all zero
     assert not [g["name"] for g in report.groups if g["excluded"] and not g["excluded"].startswith(BENIGN)]
-    if name in ("vit", "deit", "swin"):  # Swin: its bias table sits in a child module (per head, sliced with them)
+    if name in ("vit", "deit", "dinov2", "swin"):  # Swin: its bias table sits in a child module (sliced per head)
         model = _vision(name)
         report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=IMAGES).structure
         assert report.equivalence.passed and report.equivalence.scale > 0 and report.units_removed > 0

@@ -880,6 +880,37 @@ class CrossStage(nn.Module):
         return self.fc(self.transition(torch.cat([self.block(x1), x2], dim=1)).mean((2, 3)))
 
 
+class ClassAndMean(nn.Module):
+    """DINOv2's classifier: the class token beside the mean of the patch tokens, downstream of a position embedding
+    (a loose parameter of three dimensions, below which torch-pruning turns the mappings of concatenations off)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.pos = nn.Parameter(torch.randn(1, 5, 8))
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x) + self.pos
+        return self.fc(torch.cat([h[:, 0], h[:, 1:].mean(dim=1)], dim=1))
+
+
+def test_a_concatenation_of_features_below_a_position_embedding_maps_each_part():
+    # Was: channel c of the tokens cut input c of the classifier and not c + 8 (Hugging Face's DINOv2: the stream
+    # failed its probe, "mat1 and mat2 shapes cannot be multiplied (2x58 and 61x10)", and it missed macs=0.5)
+    torch.manual_seed(0)
+    model, x = ClassAndMean().eval(), torch.randn(2, 5, 4)
+    prepared = regrow.structural.prepare(model, pattern="channel", example_inputs=x)
+    unit = next(u for u in prepared.units if u.name == "embed")
+    assert {(c.target, c.out): c.idxs for c in unit.cuts([1, 7])} == {
+        ("embed", True): (1, 7),
+        ("pos", True): (1, 7),
+        ("fc", False): (1, 7, 9, 15),
+    }
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    assert report.equivalence.passed and model.fc.in_features == 2 * model.embed.out_features == 8
+
+
 def test_a_concatenation_whose_input_widths_torch_pruning_cannot_infer_takes_them_from_the_traced_shapes():
     # Was: torch-pruning found no width for the residual sum, then summed the widths with None ("unsupported
     # operand type(s) for +: 'int' and 'NoneType'"): timm's CSPDarkNet and CoaT could not be pruned at all.

@@ -30,6 +30,8 @@ def _family(name: str):
         "gemma3": (t.Gemma3ForCausalLM, t.Gemma3TextConfig(**LLAMA_LIKE, head_dim=8)),
         "granite": (t.GraniteForCausalLM, t.GraniteConfig(**LLAMA_LIKE)),  # scaled embeddings, residuals, logits
         "olmo2": (t.Olmo2ForCausalLM, t.Olmo2Config(**LLAMA_LIKE)),  # norms after attention and MLP
+        # Pythia's: one fused query_key_value holding each head's q, k and v rows together; no head count declared
+        "gpt_neox": (t.GPTNeoXForCausalLM, t.GPTNeoXConfig(**COMMON, intermediate_size=64, max_position_embeddings=32)),
         "gpt2": (t.GPT2LMHeadModel, t.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)),
         "opt": (
             t.OPTForCausalLM,
@@ -42,7 +44,7 @@ def _family(name: str):
 
 def _ffn(model: torch.nn.Module) -> list[int]:
     """The FFN width of each layer, read from the layer that reads the FFN's channels."""
-    names = ("mlp.down_proj", "mlp.c_proj", "fc2", "output.dense", "DenseReluDense.wo")
+    names = ("mlp.down_proj", "mlp.c_proj", "fc2", "output.dense", "DenseReluDense.wo", "mlp.dense_4h_to_h")
     return [
         module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.in_features
         for name, module in model.named_modules()
@@ -58,7 +60,7 @@ def _build(name: str) -> torch.nn.Module:
 
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
 DECODERS = ["llama", "qwen2", "mistral", "phi3", "gemma", "gpt2", "opt"]
-DECODERS += ["qwen3", "gemma2", "gemma3", "granite", "olmo2"]
+DECODERS += ["qwen3", "gemma2", "gemma3", "granite", "olmo2", "gpt_neox"]
 
 
 @pytest.mark.parametrize("name", [*DECODERS, "bert", "t5-encoder"])
@@ -80,7 +82,7 @@ def test_each_family_loses_ffn_channels_and_a_decoders_hidden_size_with_the_chec
 
 @pytest.mark.parametrize(
     "name",
-    ["llama", "qwen2", "mistral", "phi3", "gemma", "gpt2", "opt", "bert", "qwen3", "gemma2", "gemma3", "granite"],
+    [*"llama qwen2 mistral phi3 gemma gpt2 opt bert qwen3 gemma2 gemma3 granite gpt_neox".split()],
 )
 def test_each_family_loses_whole_heads(name):
     model = _build(name)

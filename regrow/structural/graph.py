@@ -587,6 +587,8 @@ def is_attention(module: nn.Module) -> bool:
         return False
     if isinstance(module, MultiheadAttention) or head_count(module) is not None:
         return True
+    if _is_int(getattr(module, "head_size", None)) and isinstance(getattr(module, "query_key_value", None), nn.Linear):
+        return True  # Hugging Face's GPT-NeoX: the head count read from the fused projection's width
     return _is_int(getattr(module, "head_dim", None)) and _is_int(getattr(module, "num_key_value_groups", None))
 
 

@@ -6,20 +6,20 @@ Two kinds of attention module are understood:
   converted to it before structural pruning);
 * a custom module that declares its head count (``num_heads``, ``num_attention_heads``, ``n_heads``, ``n_head``
   or ``heads``), or — Hugging Face's Llama family — an ``int`` ``head_dim`` and ``num_key_value_groups`` (the
-  head count is then the query width over ``head_dim``), and owns its projections as ``nn.Linear`` (or
-  Hugging Face ``Conv1D``, GPT-2) children: a fused ``qkv`` (also ``in_proj``, ``c_attn``, ``Wqkv``,
-  ``qkv_proj``, ``to_qkv``) or separate ``q``/``k``/``v`` (also ``q_proj``..., ``query``/``key``/``value``,
-  ``wq``..., ``q_lin``...) or ``q`` with a fused ``kv`` (timm's PVT v2 and Twins), and an output projection
-  (``proj``, ``out_proj``, ``o_proj``, ``o``, ``out``, ``wo``, ``c_proj``, ``out_lin``, ``dense``, ``merge``),
-  or — the Hugging Face BERT layout — ``output.dense`` of its parent. Of nested modules that declare heads, only
-  the innermost counts (``find_attention``).
+  head count is then the query width over ``head_dim``; GPT-NeoX: ``head_size`` and a fused ``query_key_value``),
+  and owns its projections as ``nn.Linear`` (or Hugging Face ``Conv1D``, GPT-2) children: a fused ``qkv`` (also
+  ``in_proj``, ``c_attn``, ``Wqkv``, ``qkv_proj``, ``to_qkv``, ``query_key_value``) or separate ``q``/``k``/``v``
+  (also ``q_proj``..., ``query``/``key``/``value``, ``wq``..., ``q_lin``...) or ``q`` with a fused ``kv`` (timm's
+  PVT v2 and Twins), and an output projection (``proj``, ``out_proj``, ``o_proj``, ``o``, ``out``, ``wo``,
+  ``c_proj``, ``out_lin``, ``dense``, ``merge``), or — the Hugging Face BERT layout — ``output.dense`` of its
+  parent. Of nested modules that declare heads, only the innermost counts (``find_attention``).
   Removing a head slices those layers and lowers the head count; any other integer attribute equal to the old
   inner width (e.g. ``all_head_size``) is updated too, and so are per-head tensors of the module
   (``PER_HEAD``: Swin's relative position bias table, Swin V2's logit scale and the last layer of its
   position-bias MLP, TinyViT's attention biases, whose eval-mode cache is emptied) and the q / k / v biases it
   holds beside a fused projection (``LOOSE_BIASES``: timm's BEiT, EVA and Swin V2). A fused ``qkv`` holds all
   queries, then all keys, then all values; or each head's q, k and v rows together (``INTERLEAVED``: timm's
-  TinyViT).
+  TinyViT, Hugging Face's GPT-NeoX).
 
 With grouped-query attention (k and v narrower than q: each key/value head serves ``kv_group`` query heads)
 the unit removed is a key/value head together with its query heads, so the grouping stays as the module
@@ -39,7 +39,7 @@ from regrow.structural.graph import HEAD_ATTRS, KV_ATTRS, head_count
 from regrow.structural.layer_config import bind
 from regrow.structural.pruners import keep_columns, keep_rows, linear_weight
 
-FUSED = ("qkv", "in_proj", "c_attn", "Wqkv", "qkv_proj", "to_qkv")
+FUSED = ("qkv", "in_proj", "c_attn", "Wqkv", "qkv_proj", "to_qkv", "query_key_value")
 SEPARATE = (
     ("q", "k", "v"),
     ("q_proj", "k_proj", "v_proj"),
@@ -55,8 +55,9 @@ OUTPUT = ("proj", "out_proj", "o_proj", "o", "out", "wo", "c_proj", "out_lin", "
 PER_HEAD = {"relative_position_bias_table": -1, "logit_scale": 0, "attention_biases": 0}
 PER_HEAD_MLP = ("cpb_mlp", "continuous_position_bias_mlp")
 # Attention whose fused qkv holds each head's q, k and v rows together (``qkv.view(B, N, heads, -1).split(...)``),
-# not all queries, then all keys, then all values: timm's TinyViT, by its module and class name.
-INTERLEAVED = {"timm.models.tiny_vit.Attention"}
+# not all queries, then all keys, then all values: timm's TinyViT and Hugging Face's GPT-NeoX (``view(B, N, -1, 3 * d)``
+# then ``chunk(3, -1)``), by their module and class names.
+INTERLEAVED = {"timm.models.tiny_vit.Attention", "transformers.models.gpt_neox.modeling_gpt_neox.GPTNeoXAttention"}
 # Biases of the attention's own beside a fused projection without one (timm's BEiT, EVA and Swin V2 add them in
 # F.linear; the key's is a zero buffer): one value per row of q, k or v.
 LOOSE_BIASES = ("q_bias", "k_bias", "v_bias")
@@ -279,7 +280,7 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
         inner, kv_inner, v_inner = (_out_features(children[n]) for n in names)
         if kv_inner != v_inner:
             return HeadGroup(name, declared or 0, 0, projections, excluded="k and v have different widths")
-    head_dim = getattr(module, "head_dim", None)
+    head_dim = getattr(module, "head_dim", getattr(module, "head_size", None))  # GPT-NeoX's name
     head_dim = head_dim if isinstance(head_dim, int) and head_dim > 0 else None
     out_name = _output_projection(name, paths, model)
     if out_name is None:

@@ -156,6 +156,12 @@ def _vision(name: str) -> torch.nn.Module:
                 image_size=32, patch_size=2, embed_dim=24, depths=[1, 1], num_heads=[2, 4], window_size=4, num_labels=10
             ),
         ),
+        "swinv2": (  # patches merged by a concatenation along the channels, last, below its logit scale
+            t.Swinv2ForImageClassification,
+            t.Swinv2Config(
+                image_size=32, patch_size=2, embed_dim=24, depths=[1, 1], num_heads=[2, 4], window_size=4, num_labels=10
+            ),
+        ),
         "convnext": (
             t.ConvNextForImageClassification,
             t.ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10),
@@ -173,14 +179,14 @@ IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 BENIGN = ("not a target", "its channels are the model's output", "inside attention")
 
 
-@pytest.mark.parametrize("name", ["vit", "deit", "dinov2", "swin", "convnext", "resnet"])
+@pytest.mark.parametrize("name", ["vit", "deit", "dinov2", "swin", "swinv2", "convnext", "resnet"])
 def test_each_vision_family_prunes_to_half_its_macs_and_its_heads_go(name):
     model = _vision(name)
     report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=IMAGES, keep_dense=False).structure
     assert report.equivalence.passed and abs(report.macs_ratio - 0.5) <= 0.01, report.macs_ratio
     assert report.equivalence.scale > 0  # the outputs compared were not all zero
     assert not [g["name"] for g in report.groups if g["excluded"] and not g["excluded"].startswith(BENIGN)]
-    if name in ("vit", "deit", "dinov2", "swin"):  # Swin: its bias table sits in a child module (sliced per head)
+    if name in ("vit", "deit", "dinov2", "swin", "swinv2"):  # Swin: a bias table in a child module, sliced per head
         model = _vision(name)
         report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=IMAGES).structure
         assert report.equivalence.passed and report.equivalence.scale > 0 and report.units_removed > 0

@@ -264,11 +264,10 @@ def _split_channel_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None
 
 
 def _channel_repeats(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
-    """Each channel of a channels-first tensor repeated ``k`` times: ``x[:, :, None].expand(B, C, k, ...)``, then
-    ``flatten(1, 2)`` (PiT's pooling stand-in, regrow.structural.multiplier). Channel ``c`` becomes channels ``c*k``
-    to ``c*k + k - 1``: the broadcast is element-wise for the channels, the flatten a flatten. torch-pruning maps
-    the broadcast as ``repeat_kv`` (none of it, :func:`_untie_broadcasts`) and the reshapes of 2-D and 4-D tensors
-    only."""
+    """Each channel of a channels-first tensor repeated ``k`` times, ``x[:, :, None].expand(B, C, k, ...)`` then
+    ``flatten(1, 2)`` (PiT's pooling stand-in): channel ``c`` becomes ``c*k`` to ``c*k + k - 1``, the broadcast is
+    element-wise for the channels, the flatten a flatten. torch-pruning maps the broadcast as ``repeat_kv`` (none
+    of it, :func:`_untie_broadcasts`) and the reshapes of 2-D and 4-D tensors only."""
     flatten = index_mapping._FlattenIndexMapping
     for node in list(dg.module2node.values()):
         fn = node.grad_fn
@@ -342,9 +341,10 @@ def feature_map_mappings(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]
     tensor has four or five dimensions and the split or concatenation is along dim 1, it is a feature map's
     channels, and the mapping is turned on again; so it is along dim 1 of two (features: DINOv2's classifier
     reads its class token beside the mean of its patch tokens, and read the first half alone). So is it where the
-    tensor has three dimensions, the split or concatenation is along the last, and its first input is as wide
-    there as the channels torch-pruning counts for it: a sequence of tokens' channels (not a Conv1d's ``(B, C,
-    L)`` output cut along its length). EVA-02's gated MLP chunks its first layer's output in two halves
+    tensor has three or four dimensions, the split or concatenation is along the last, and its first input is as
+    wide there as the channels torch-pruning counts for it: tokens' channels, or a channels-last feature map's
+    (Hugging Face's Swin V2 concatenates four of its patches below its logit scale, heads x 1 x 1; not a Conv1d's
+    ``(B, C, L)`` output cut along its length). EVA-02's gated MLP chunks its first layer's output in two halves
     (``x.chunk(2, dim=-1)``) downstream of the position embedding; without the mapping each of the 1,024 channels
     was a unit of its own, a removal cut the halves unequally, and the probe failed ("The size of tensor a (511)
     must match the size of tensor b (510)").
@@ -356,17 +356,17 @@ def feature_map_mappings(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]
         if dim is None or shape is None:
             continue
         if (len(shape) in (2, 4, 5) and dim % len(shape) == 1) or (
-            len(shape) == 3 and dim % 3 == 2 and _tokens(dg, node, outputs)
+            len(shape) in (3, 4) and dim % len(shape) == len(shape) - 1 and _tokens(dg, node, outputs)
         ):
             node.enable_index_mapping = True
 
 
 def _tokens(dg: Any, node: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> bool:
-    """Whether the first input of a split or concatenation along the last of three dimensions is a sequence of
-    tokens whose last dimension is its channels: as wide there as torch-pruning's channel count for it."""
+    """Whether the first input of a split or concatenation along the last of three or four dimensions holds its
+    channels last (tokens; a feature map, as Swin V2 merges patches): as wide there as torch-pruning counts."""
     source = node.inputs[0] if node.inputs else None
     shape = outputs.get((getattr(source, "grad_fn", None), 0))
-    return shape is not None and len(shape) == 3 and shape[-1] == _channels_in(dg, node)
+    return shape is not None and len(shape) in (3, 4) and shape[-1] == _channels_in(dg, node)
 
 
 def mark_outputs(module2node: dict[Any, Any], returned: list[Tensor], dg: Any) -> None:

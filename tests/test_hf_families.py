@@ -38,6 +38,21 @@ def _family(name: str):
             t.OPTConfig(**COMMON, ffn_dim=64, max_position_embeddings=32, word_embed_proj_dim=32),
         ),
         "bert": (t.BertForSequenceClassification, t.BertConfig(**COMMON, intermediate_size=64)),
+        # DeBERTa-v3's layout: disentangled attention whose shared key / query projections also read the relative
+        # position embeddings, named query_proj, key_proj, value_proj
+        "deberta-v3": (
+            t.DebertaV2ForSequenceClassification,
+            t.DebertaV2Config(
+                **COMMON,
+                intermediate_size=64,
+                max_position_embeddings=32,
+                relative_attention=True,
+                pos_att_type=["p2c", "c2p"],
+                share_att_key=True,
+                position_buckets=8,
+                norm_rel_ebd="layer_norm",
+            ),  # fmt: skip
+        ),
         "t5-encoder": (t.T5EncoderModel, t.T5Config(vocab_size=64, d_model=32, d_ff=64, d_kv=8, num_layers=2)),
     }[name]
 
@@ -63,7 +78,7 @@ DECODERS = ["llama", "qwen2", "mistral", "phi3", "gemma", "gpt2", "opt"]
 DECODERS += ["qwen3", "gemma2", "gemma3", "granite", "olmo2", "gpt_neox"]
 
 
-@pytest.mark.parametrize("name", [*DECODERS, "bert", "t5-encoder"])
+@pytest.mark.parametrize("name", [*DECODERS, "bert", "deberta-v3", "t5-encoder"])
 def test_each_family_loses_ffn_channels_and_a_decoders_hidden_size_with_the_check_passing(name):
     model = _build(name)
     ffn_before, hidden_before = _ffn(model), model.get_input_embeddings().embedding_dim
@@ -82,7 +97,7 @@ def test_each_family_loses_ffn_channels_and_a_decoders_hidden_size_with_the_chec
 
 @pytest.mark.parametrize(
     "name",
-    [*"llama qwen2 mistral phi3 gemma gpt2 opt bert qwen3 gemma2 gemma3 granite gpt_neox".split()],
+    [*"llama qwen2 mistral phi3 gemma gpt2 opt bert deberta-v3 qwen3 gemma2 gemma3 granite gpt_neox".split()],
 )
 def test_each_family_loses_whole_heads(name):
     model = _build(name)

@@ -9,10 +9,10 @@ Two kinds of attention module are understood:
   head count is then the query width over ``head_dim``; GPT-NeoX: ``head_size`` and a fused ``query_key_value``),
   and owns its projections as ``nn.Linear`` (or Hugging Face ``Conv1D``, GPT-2) children: a fused ``qkv`` (also
   ``in_proj``, ``c_attn``, ``Wqkv``, ``qkv_proj``, ``to_qkv``, ``query_key_value``) or separate ``q``/``k``/``v``
-  (also ``q_proj``..., ``query``/``key``/``value``, ``wq``..., ``q_lin``...) or ``q`` with a fused ``kv`` (timm's
-  PVT v2 and Twins), and an output projection (``proj``, ``out_proj``, ``o_proj``, ``o``, ``out``, ``wo``,
-  ``c_proj``, ``out_lin``, ``dense``, ``merge``), or — the Hugging Face BERT layout — ``output.dense`` of its
-  parent. Of nested modules that declare heads, only the innermost counts (``find_attention``).
+  (also ``q_proj``..., ``query``/``key``/``value``, ``wq``..., ``q_lin``..., ``query_proj``...) or ``q`` with a
+  fused ``kv`` (timm's PVT v2 and Twins), and an output projection (``proj``, ``out_proj``, ``o_proj``, ``o``,
+  ``out``, ``wo``, ``c_proj``, ``out_lin``, ``dense``, ``merge``), or — the Hugging Face BERT layout —
+  ``output.dense`` of its parent. Of nested modules that declare heads, only the innermost counts (``find_attention``).
   Removing a head slices those layers and lowers the head count; any other integer attribute equal to the old
   inner width (e.g. ``all_head_size``) is updated too, and so are per-head tensors of the module
   (``PER_HEAD``: Swin's relative position bias table, Swin V2's logit scale and the last layer of its
@@ -46,6 +46,7 @@ SEPARATE = (
     ("query", "key", "value"),
     ("wq", "wk", "wv"),
     ("q_lin", "k_lin", "v_lin"),
+    ("query_proj", "key_proj", "value_proj"),
 )
 SEPARATE_KV = (("q", "kv"),)  # a query projection and a fused key / value one (timm's PVT v2, Twins)
 OUTPUT = ("proj", "out_proj", "o_proj", "o", "out", "wo", "c_proj", "out_lin", "dense", "merge")

@@ -33,6 +33,11 @@ def _family(name: str):
         # Pythia's: one fused query_key_value holding each head's q, k and v rows together; no head count declared
         "gpt_neox": (t.GPTNeoXForCausalLM, t.GPTNeoXConfig(**COMMON, intermediate_size=64, max_position_embeddings=32)),
         "gpt2": (t.GPT2LMHeadModel, t.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)),
+        # StarCoder's class; without multi_query its fused c_attn holds each head's q, k and v rows together
+        "gpt_bigcode": (
+            t.GPTBigCodeForCausalLM,
+            t.GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, multi_query=False),
+        ),
         "opt": (
             t.OPTForCausalLM,
             t.OPTConfig(**COMMON, ffn_dim=64, max_position_embeddings=32, word_embed_proj_dim=32),
@@ -75,7 +80,7 @@ def _build(name: str) -> torch.nn.Module:
 
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
 DECODERS = ["llama", "qwen2", "mistral", "phi3", "gemma", "gpt2", "opt"]
-DECODERS += ["qwen3", "gemma2", "gemma3", "granite", "olmo2", "gpt_neox"]
+DECODERS += ["qwen3", "gemma2", "gemma3", "granite", "olmo2", "gpt_neox", "gpt_bigcode"]
 
 
 @pytest.mark.parametrize("name", [*DECODERS, "bert", "deberta-v3", "t5-encoder"])
@@ -97,12 +102,22 @@ def test_each_family_loses_ffn_channels_and_a_decoders_hidden_size_with_the_chec
 
 @pytest.mark.parametrize(
     "name",
-    [*"llama qwen2 mistral phi3 gemma gpt2 opt bert deberta-v3 qwen3 gemma2 gemma3 granite gpt_neox".split()],
+    "llama qwen2 mistral phi3 gemma gpt2 opt bert deberta-v3 qwen3 gemma2 gemma3 granite gpt_neox gpt_bigcode".split(),
 )
 def test_each_family_loses_whole_heads(name):
     model = _build(name)
     report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=IDS).structure
     assert report.equivalence.passed and report.equivalence.scale > 0 and report.units_removed > 0
+
+
+def test_multi_query_attention_is_refused_for_its_single_key_value_head():
+    # StarCoder's multi-query layout: was refused as "its output projection reads 32, not a third of its fused qkv
+    # (48)", a reason that did not say why; GPTBigCode declares its key/value heads as kv_heads
+    config = transformers.GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    torch.manual_seed(0)
+    model = transformers.GPTBigCodeForCausalLM(config).eval()
+    with pytest.raises(regrow.RegrowError, match=r"transformer.h.0.attn: it has a single key/value head"):
+        regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=IDS)
 
 
 def test_heads_whose_queries_carry_a_gate_go_whole_with_it():

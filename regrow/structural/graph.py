@@ -60,7 +60,7 @@ def is_root(module: Any) -> bool:
 
 
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
-KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "kv_n_heads")  # key/value head counts an attention declares
+KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "kv_n_heads", "kv_heads")  # key/value head counts declared
 # Modules whose channel handling regrow simulates exactly (see simulate.py).
 SUPPORTED = (
     nn.Conv1d,

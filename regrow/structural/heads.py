@@ -19,7 +19,7 @@ Two kinds of attention module are understood:
   position-bias MLP, TinyViT's attention biases, whose eval-mode cache is emptied) and the q / k / v biases it
   holds beside a fused projection (``LOOSE_BIASES``: timm's BEiT, EVA and Swin V2). A fused ``qkv`` holds all
   queries, then all keys, then all values; or each head's q, k and v rows together (``INTERLEAVED``: timm's
-  TinyViT, Hugging Face's GPT-NeoX).
+  TinyViT, Hugging Face's GPT-NeoX and GPTBigCode).
 
 With grouped-query attention (k and v narrower than q: each key/value head serves ``kv_group`` query heads)
 the unit removed is a key/value head together with its query heads, so the grouping stays as the module
@@ -56,9 +56,13 @@ OUTPUT = ("proj", "out_proj", "o_proj", "o", "out", "wo", "c_proj", "out_lin", "
 PER_HEAD = {"relative_position_bias_table": -1, "logit_scale": 0, "attention_biases": 0}
 PER_HEAD_MLP = ("cpb_mlp", "continuous_position_bias_mlp")
 # Attention whose fused qkv holds each head's q, k and v rows together (``qkv.view(B, N, heads, -1).split(...)``),
-# not all queries, then all keys, then all values: timm's TinyViT and Hugging Face's GPT-NeoX (``view(B, N, -1, 3 * d)``
-# then ``chunk(3, -1)``), by their module and class names.
-INTERLEAVED = {"timm.models.tiny_vit.Attention", "transformers.models.gpt_neox.modeling_gpt_neox.GPTNeoXAttention"}
+# not all queries, then all keys, then all values: timm's TinyViT, Hugging Face's GPT-NeoX (``view(B, N, -1, 3 * d)``
+# then ``chunk(3, -1)``) and GPTBigCode without multi_query, by their module and class names.
+INTERLEAVED = {
+    "timm.models.tiny_vit.Attention",
+    "transformers.models.gpt_neox.modeling_gpt_neox.GPTNeoXAttention",
+    "transformers.models.gpt_bigcode.modeling_gpt_bigcode.GPTBigCodeAttention",  # without multi_query
+}
 # Biases of the attention's own beside a fused projection without one (timm's BEiT, EVA and Swin V2 add them in
 # F.linear; the key's is a zero buffer): one value per row of q, k or v.
 LOOSE_BIASES = ("q_bias", "k_bias", "v_bias")

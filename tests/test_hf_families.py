@@ -33,6 +33,10 @@ def _family(name: str):
         # Pythia's: one fused query_key_value holding each head's q, k and v rows together; no head count declared
         "gpt_neox": (t.GPTNeoXForCausalLM, t.GPTNeoXConfig(**COMMON, intermediate_size=64, max_position_embeddings=32)),
         "gpt2": (t.GPT2LMHeadModel, t.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)),
+        "gpt_neox_japanese": (  # the same fused layout as GPT-NeoX's
+            t.GPTNeoXJapaneseForCausalLM,
+            t.GPTNeoXJapaneseConfig(**COMMON, intermediate_multiple_size=2, max_position_embeddings=32),
+        ),
         # StarCoder's class; without multi_query its fused c_attn holds each head's q, k and v rows together
         "gpt_bigcode": (
             t.GPTBigCodeForCausalLM,
@@ -102,7 +106,8 @@ def test_each_family_loses_ffn_channels_and_a_decoders_hidden_size_with_the_chec
 
 @pytest.mark.parametrize(
     "name",
-    "llama qwen2 mistral phi3 gemma gpt2 opt bert deberta-v3 qwen3 gemma2 gemma3 granite gpt_neox gpt_bigcode".split(),
+    "llama qwen2 mistral phi3 gemma gpt2 opt bert deberta-v3 qwen3 gemma2 gemma3 granite gpt_neox gpt_bigcode".split()
+    + ["gpt_neox_japanese"],
 )
 def test_each_family_loses_whole_heads(name):
     model = _build(name)

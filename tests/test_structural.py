@@ -541,6 +541,52 @@ def test_a_budget_candidate_that_does_not_run_leaves_its_group_out(monkeypatch):
     assert "group(s) down failed alone and were left out" in report.warnings[0]
 
 
+def test_a_candidate_that_does_not_run_is_not_timed_under_a_latency_budget(monkeypatch, macs_as_latency):
+    # Was: on a model on the CPU the broken candidate went to the timing as it was, and its error came out raw
+    from torch_pruning.pruner import function
+
+    conv = function.PrunerBox[function.ops.OPTYPE.CONV]
+    original = type(conv).prune_out_channels
+
+    def short_when_many(self, layer, idxs):
+        layer = original(self, layer, idxs)
+        if getattr(layer, "broken", False) and len(idxs) > 3:
+            layer.weight = torch.nn.Parameter(layer.weight[1:])
+        return layer
+
+    monkeypatch.setattr(type(conv), "prune_out_channels", short_when_many)
+    model = build(ResidualCNN)
+    model.down.broken = True
+    report = shrink(model, pattern="channel", latency=0.6, example_inputs=images(), round_to=1)
+    assert report.equivalence.passed and model.down.out_channels == 16
+    down = {g["name"]: g["excluded"] for g in report.groups}["down"]
+    assert down.startswith("removing ") and "a shrunk candidate does not run" in down
+
+
+def test_a_removal_a_layer_handler_refuses_leaves_its_group_out_under_a_sparsity_budget(monkeypatch):
+    # A sparsity budget builds no candidate: the final removal was the first to be built, and the handler's own
+    # error came out raw (ValueError)
+    from torch_pruning.pruner import function
+
+    conv = function.PrunerBox[function.ops.OPTYPE.CONV]
+    original = type(conv).prune_out_channels
+
+    def refuses_many(self, layer, idxs):
+        if getattr(layer, "broken", False) and len(idxs) > 3:
+            raise ValueError("this handler cannot remove more than 3 channels")
+        return original(self, layer, idxs)
+
+    monkeypatch.setattr(type(conv), "prune_out_channels", refuses_many)
+    model = build(ResidualCNN)
+    model.down.broken = True
+    report = shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=images())
+    assert report.equivalence.passed and model.down.out_channels == 16 and model.c1.out_channels == 4
+    assert {g["name"]: g["excluded"] for g in report.groups}["down"] == (
+        "removing 8 of its 16 units failed (the shrunk model could not be built (ValueError: this handler cannot "
+        "remove more than 3 channels)), where a probe of a few had passed"
+    )
+
+
 def test_a_final_check_that_no_single_group_fails_is_raised_and_hands_the_model_back(monkeypatch):
     # Each group's removal passes alone, both together do not: nothing to leave out, so it is raised.
     from regrow import structural
@@ -616,10 +662,13 @@ def test_caches_of_tensors_with_an_autograd_history_are_emptied_and_nothing_else
     module.cache = {"cpu": module.weight * 2}
     module.table = {"a": torch.ones(2)}  # plain tensors: not regrow's to drop
     module.mixed = {"cpu": module.weight * 2, "b": torch.ones(2)}  # not only tensors with a history
+    module.register_buffer("scaled", torch.zeros(2, 2))
+    module.scaled.copy_(module.weight * 2)  # a buffer refreshed in forward has a history too: it stays
     with pytest.raises(RuntimeError, match="graph leaves"):
         copy.deepcopy(module.cache)
     drop_autograd_caches(nn.Sequential(module))
     assert module.cache == {} and list(module.table) == ["a"] and list(module.mixed) == ["cpu", "b"]
+    assert list(module._buffers) == ["scaled"] and module.scaled.grad_fn is not None
 
 
 def test_no_state_leaks_between_prunes():

@@ -121,6 +121,7 @@ def prepare(
     model.eval()
     converted = convert_attention(model)
     standins = convert_standins(model, inputs)
+    drop_autograd_caches(model)  # the user's own passes may have filled them; the CPU copy copies the model
     host = host_copy(model)  # tracing, probes, scores and checks run on the CPU (regrow.structural.device)
     host_inputs = _host_inputs(model, host, inputs)
     graph, groups = _groups(host, pattern, host_inputs, targets, ignore, within)

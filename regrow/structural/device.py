@@ -158,6 +158,8 @@ def drop_autograd_caches(model: nn.Module) -> None:
     them again on their next forward pass.
     """
     for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, dict) and value and all(isinstance(v, Tensor) and v.grad_fn for v in value.values()):
+        for name, value in vars(module).items():
+            if name.startswith("_") or not isinstance(value, dict) or not value:
+                continue  # its parameters, buffers and submodules (a buffer refreshed in forward has a history too)
+            if all(isinstance(v, Tensor) and v.grad_fn for v in value.values()):
                 value.clear()

@@ -57,10 +57,11 @@ PER_HEAD = {"relative_position_bias_table": -1, "logit_scale": 0, "attention_bia
 PER_HEAD_MLP = ("cpb_mlp", "continuous_position_bias_mlp")
 # Attention whose fused qkv holds each head's q, k and v rows together (``qkv.view(B, N, heads, -1).split(...)``),
 # not all queries, then all keys, then all values: timm's TinyViT, Hugging Face's GPT-NeoX (``view(B, N, -1, 3 * d)``
-# then ``chunk(3, -1)``) and GPTBigCode without multi_query, by their module and class names.
+# then ``chunk(3, -1)``, and GPT-NeoX-Japanese) and GPTBigCode without multi_query, by module and class name.
 INTERLEAVED = {
     "timm.models.tiny_vit.Attention",
     "transformers.models.gpt_neox.modeling_gpt_neox.GPTNeoXAttention",
+    "transformers.models.gpt_neox_japanese.modeling_gpt_neox_japanese.GPTNeoXJapaneseAttention",
     "transformers.models.gpt_bigcode.modeling_gpt_bigcode.GPTBigCodeAttention",  # without multi_query
 }
 # Biases of the attention's own beside a fused projection without one (timm's BEiT, EVA and Swin V2 add them in

@@ -155,8 +155,8 @@ def _measure_for(
                 )
             return value / baseline.macs
         if kind == "latency":
+            _require_running(trial, prepared, removed)  # on the CPU copy first: a broken candidate is not timed
             if host is not model:
-                _require_running(trial, prepared, removed)
                 trial = copy.deepcopy(model)
                 _apply(trial, active, removed)
             before, after = compare_latency(reference, trial, prepared.inputs, rounds=LATENCY_ROUNDS)
@@ -281,11 +281,11 @@ def _shrink_checked(
 
     Simulation, shrinking and comparison run on the CPU copy in exact arithmetic (regrow.structural.device);
     a model on another device is shrunk after the check and must then hold the checked copy's weights.
-    Returns the equivalence and the checked model (``model`` itself on the CPU). A mismatch, or a forward pass
-    that fails (groups that each passed a probe of a few units), raises :class:`_RemovalFailed` with the shrunk
-    model put back as it was before the surgery (:class:`_Undo`, which keeps references, where a copy kept for
-    this rare path cost a whole model's memory: a 1.1B Llama of 4.18 GiB peaked at 16.6 GiB with it, 13.7 GiB
-    without).
+    Returns the equivalence and the checked model (``model`` itself on the CPU). A mismatch, a forward pass that
+    fails or a surgery a layer handler refuses (groups that each passed a probe of a few units) raises
+    :class:`_RemovalFailed` with the shrunk model put back as it was before the surgery (:class:`_Undo`, which
+    keeps references, where a copy kept for this rare path cost a whole model's memory: a 1.1B Llama of 4.18 GiB
+    peaked at 16.6 GiB with it, 13.7 GiB without).
     """
     active, host, inputs = prepared.active, prepared.host, prepared.host_inputs
     cuts = [c for u in active for c in u.cuts(removed.get(u.name, []))]
@@ -295,7 +295,14 @@ def _shrink_checked(
         simulated = simulate(host, cuts, heads)
         shrunk = model if host is model else copy.deepcopy(host)
         undo = _Undo(shrunk)  # the model before the surgery, for a failure's culprits: references, not a copy
-        _apply(shrunk, active, removed)
+        try:
+            _apply(shrunk, active, removed)
+        except RegrowError:
+            undo.restore()
+            raise
+        except Exception as exc:  # noqa: BLE001 - a layer handler refused the removal (a sparsity budget builds none)
+            undo.restore()
+            raise _RemovalFailed(f"the shrunk model could not be built ({first_line(exc)})", removed) from None
         retie(shrunk, ties)  # the surgery gives every module its own new Parameter; tied ones share one again
         try:
             eq, broke = compare(shrunk, simulated, inputs), None

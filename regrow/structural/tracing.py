@@ -339,15 +339,14 @@ def feature_map_mappings(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]
     ``x.chunk(4, 1)`` then sent every channel of the stream to each chunk's convolution (a 42-channel convolution
     cut at index 167), and every group of the stream after the first attention failed its probe. Where the traced
     tensor has four or five dimensions and the split or concatenation is along dim 1, it is a feature map's
-    channels, and the mapping is turned on again; so it is along dim 1 of two (features: DINOv2's classifier
-    reads its class token beside the mean of its patch tokens, and read the first half alone). So is it where the
-    tensor has three or four dimensions, the split or concatenation is along the last, and its first input is as
-    wide there as the channels torch-pruning counts for it: tokens' channels, or a channels-last feature map's
-    (Hugging Face's Swin V2 concatenates four of its patches below its logit scale, heads x 1 x 1; not a Conv1d's
-    ``(B, C, L)`` output cut along its length). EVA-02's gated MLP chunks its first layer's output in two halves
-    (``x.chunk(2, dim=-1)``) downstream of the position embedding; without the mapping each of the 1,024 channels
-    was a unit of its own, a removal cut the halves unequally, and the probe failed ("The size of tensor a (511)
-    must match the size of tensor b (510)").
+    channels, and the mapping is turned on again. So is it where the tensor has two, three or four dimensions, the
+    split or concatenation is along the last, and its first input is as wide there as the channels torch-pruning
+    counts for it: a feature vector's (DINOv2's classifier reads its class token beside the mean of its patch
+    tokens, and read the first half alone), tokens', or a channels-last map's (Hugging Face's Swin V2 concatenates
+    four of its patches below its logit scale, heads x 1 x 1); not a Conv1d's ``(B, C, L)`` cut along its length.
+    EVA-02's gated MLP chunks its first layer's output in two halves (``x.chunk(2, dim=-1)``) downstream of the
+    position embedding; without the mapping each of the 1,024 channels was a unit of its own, a removal cut the
+    halves unequally, and the probe failed ("The size of tensor a (511) must match the size of tensor b (510)").
     """
     for node in dg.module2node.values():
         if node.type not in (ops.OPTYPE.SPLIT, ops.OPTYPE.CONCAT) or node.enable_index_mapping:
@@ -355,18 +354,18 @@ def feature_map_mappings(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]
         dim, shape = _saved_dim(node.grad_fn), outputs.get((node.grad_fn, 0))
         if dim is None or shape is None:
             continue
-        if (len(shape) in (2, 4, 5) and dim % len(shape) == 1) or (
-            len(shape) in (3, 4) and dim % len(shape) == len(shape) - 1 and _tokens(dg, node, outputs)
+        if (len(shape) in (4, 5) and dim % len(shape) == 1) or (
+            len(shape) in (2, 3, 4) and dim % len(shape) == len(shape) - 1 and _tokens(dg, node, outputs)
         ):
             node.enable_index_mapping = True
 
 
 def _tokens(dg: Any, node: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> bool:
-    """Whether the first input of a split or concatenation along the last of three or four dimensions holds its
-    channels last (tokens; a feature map, as Swin V2 merges patches): as wide there as torch-pruning counts."""
+    """Whether the first input of a split or concatenation along the last of two to four dimensions holds its
+    channels last (features; tokens; a map, as Swin V2 merges patches): as wide there as torch-pruning counts."""
     source = node.inputs[0] if node.inputs else None
     shape = outputs.get((getattr(source, "grad_fn", None), 0))
-    return shape is not None and len(shape) in (3, 4) and shape[-1] == _channels_in(dg, node)
+    return shape is not None and len(shape) in (2, 3, 4) and shape[-1] == _channels_in(dg, node)
 
 
 def mark_outputs(module2node: dict[Any, Any], returned: list[Tensor], dg: Any) -> None:

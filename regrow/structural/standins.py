@@ -1,13 +1,14 @@
 """regrow's stand-ins for library modules that channel pruning cannot follow as they are written.
 
 Each stand-in computes its original's function with the same operations (outputs equal to the bit in the
-tests) and keeps every parameter and buffer name, so state dicts load either way: torchvision's Swin and MaxViT
-attention and Swin's patch merging (:mod:`regrow.structural.windows`), torchvision's ShuffleNetV2 block
-(:mod:`regrow.structural.shuffle`), timm's attention modules that merge their heads with their input's width
-(:mod:`regrow.structural.timm_attention`), and PiT's pooling (:mod:`regrow.structural.multiplier`, a repeat then a
-depthwise convolution in place of a grouped one). :func:`convert_standins` swaps them in before tracing;
-``arch.json`` records the swap, and :func:`regrow.structural.arch.apply` makes it again on load. The originals are
-recognised by their module and class name; neither library is imported.
+tests; PiT's, below, equal but for rounding) and keeps every parameter and buffer name, so state dicts load
+either way: torchvision's Swin and MaxViT attention and Swin's patch merging (:mod:`regrow.structural.windows`),
+torchvision's ShuffleNetV2 block (:mod:`regrow.structural.shuffle`), timm's attention modules that merge their
+heads with their input's width (:mod:`regrow.structural.timm_attention`), and PiT's pooling
+(:mod:`regrow.structural.multiplier`, a repeat then a depthwise convolution in place of a grouped one).
+:func:`convert_standins` swaps them in before tracing; ``arch.json`` records the swap, and
+:func:`regrow.structural.arch.apply` makes it again on load. The originals are recognised by their module and
+class name; neither library is imported.
 
 Libraries change their modules between versions, and a stand-in copies one version's forward. Given the example
 batch, :func:`convert_standins` therefore runs the model once, gives each stand-in what its original received,

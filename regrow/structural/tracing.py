@@ -274,7 +274,7 @@ def _channel_repeats(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
         if node.type != ops.OPTYPE.RESHAPE or not hasattr(fn, "_saved_self_sym_sizes") or fn not in shapes:
             continue
         before, after = [int(s) for s in fn._saved_self_sym_sizes], list(shapes[fn])
-        if len(before) < 5 or len(after) != len(before) - 1 or after[1] != before[1] * before[2] or before[2] < 2:
+        if len(before) < 5 or after != [before[0], before[1] * before[2], *before[3:]] or before[2] < 2:
             continue
         source = node.inputs[0] if len(node.inputs) == 1 else None
         while source is not None and source.type == ops.OPTYPE.ELEMENTWISE and len(source.inputs) == 1:

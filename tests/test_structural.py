@@ -513,10 +513,10 @@ def test_groups_a_handler_breaks_only_for_larger_cuts_are_left_out_and_the_remov
     assert (model.stem[0].out_channels, model.c1.out_channels, model.down.out_channels) == (8, 4, 16)
 
 
-def test_a_budget_candidate_that_does_not_run_leaves_its_group_out(monkeypatch):
-    # Was: "MACs of a shrunk candidate could not be counted: it does not run", naming no group (Hugging Face's
-    # SegFormer: a stored width that divided the probe's cut and not the budget's). The group whose part of the
-    # candidate fails alone is left out, and the budget is met with the others.
+@pytest.fixture
+def broken_down(monkeypatch):
+    """A ResidualCNN whose ``down`` convolution, cut by more than three filters (more than a probe removes), loses
+    one filter too many: a larger removal of it does not run."""
     from torch_pruning.pruner import function
 
     conv = function.PrunerBox[function.ops.OPTYPE.CONV]
@@ -531,6 +531,14 @@ def test_a_budget_candidate_that_does_not_run_leaves_its_group_out(monkeypatch):
     monkeypatch.setattr(type(conv), "prune_out_channels", short_when_many)
     model = build(ResidualCNN)
     model.down.broken = True
+    return model
+
+
+def test_a_budget_candidate_that_does_not_run_leaves_its_group_out(broken_down):
+    # Was: "MACs of a shrunk candidate could not be counted: it does not run", naming no group (Hugging Face's
+    # SegFormer: a stored width that divided the probe's cut and not the budget's). The group whose part of the
+    # candidate fails alone is left out, and the budget is met with the others.
+    model = broken_down
     report = shrink(model, pattern="channel", macs=0.5, example_inputs=images(), round_to=1)
     assert report.equivalence.passed
     assert abs(report.macs_after / report.macs_before - 0.5) <= 0.02 * 0.5
@@ -541,22 +549,9 @@ def test_a_budget_candidate_that_does_not_run_leaves_its_group_out(monkeypatch):
     assert "group(s) down failed alone and were left out" in report.warnings[0]
 
 
-def test_a_candidate_that_does_not_run_is_not_timed_under_a_latency_budget(monkeypatch, macs_as_latency):
+def test_a_candidate_that_does_not_run_is_not_timed_under_a_latency_budget(broken_down, macs_as_latency):
     # Was: on a model on the CPU the broken candidate went to the timing as it was, and its error came out raw
-    from torch_pruning.pruner import function
-
-    conv = function.PrunerBox[function.ops.OPTYPE.CONV]
-    original = type(conv).prune_out_channels
-
-    def short_when_many(self, layer, idxs):
-        layer = original(self, layer, idxs)
-        if getattr(layer, "broken", False) and len(idxs) > 3:
-            layer.weight = torch.nn.Parameter(layer.weight[1:])
-        return layer
-
-    monkeypatch.setattr(type(conv), "prune_out_channels", short_when_many)
-    model = build(ResidualCNN)
-    model.down.broken = True
+    model = broken_down
     report = shrink(model, pattern="channel", latency=0.6, example_inputs=images(), round_to=1)
     assert report.equivalence.passed and model.down.out_channels == 16
     down = {g["name"]: g["excluded"] for g in report.groups}["down"]

@@ -29,8 +29,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/regrow demo
 
+# The suite on TEST_WORKERS processes (pytest-xdist); tests/conftest.py gives each its share of the cores.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # Published results (benchmarks/results/): Fashion-MNIST from the Debian package dataset-fashion-mnist.
 # Several hours on 2 CPU cores; each study can also be run alone, e.g. python -m benchmarks.unstructured.

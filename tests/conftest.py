@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -63,6 +64,17 @@ def make_batches(n_batches: int = 6, batch: int = 16, d_in: int = 8, classes: in
         x = torch.randn(batch, d_in, generator=g)
         out.append((x, (x @ w).argmax(dim=1)))
     return out
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs two workers), each worker gets its share of the cores, for torch's
+    threads and for the processes its tests start (OMP_NUM_THREADS), so that the workers do not oversubscribe
+    them. An OMP_NUM_THREADS set by the caller is kept."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

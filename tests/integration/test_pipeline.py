@@ -19,7 +19,7 @@ from regrow.config import builtin_recipes
 from regrow.data.fashion_mnist import available as fashion_mnist_available
 from regrow.models import MODELS
 
-FAST = ["evaluate.repeats=2", "evaluate.warmup=1"]
+FAST = ["evaluate.repeats=2", "evaluate.warmup=1", "sensitivity.batches=1"]  # the fewest timings, one batch a curve
 
 
 def test_demo_pipeline_on_a_reduced_budget(tmp_path):
@@ -310,6 +310,7 @@ RECIPE_BUDGET = {
         "data.kwargs.eval_limit=64",
         "data.kwargs.docstrings=false",
         "recover.epochs=1",
+        "evaluate.latency_batch_size=4",  # timed at 4 and 1 sentences: at the loader's 32, timing took half the test
     ],
     "fashion_mnist_lenet": [
         "model.train.epochs=1",

@@ -63,6 +63,7 @@ BUDGET = [
     "recover.ema=0.9",
     "evaluate.latency=false",
     "checkpoint.every_steps=7",
+    "sensitivity.batches=1",  # the curves are computed as usual, on one batch
 ]
 
 
@@ -118,6 +119,9 @@ def test_a_run_killed_at_many_points_and_resumed_each_time_ends_as_an_uninterrup
     assert sum(1 for w in where if w and w[0] == 1 and w[1]) >= 2, seen  # export and publish
 
 
+QUICK = ["evaluate.latency=false", "sensitivity.batches=1"]
+
+
 @pytest.mark.parametrize(
     "recipe, budget",
     [
@@ -134,7 +138,7 @@ def test_a_run_killed_at_many_points_and_resumed_each_time_ends_as_an_uninterrup
     ],
 )
 def test_resuming_runs_with_several_phases_and_stateful_callbacks(tmp_path, recipe, budget):
-    args = ["run", recipe, "--no-progress", *[a for s in [*budget, "evaluate.latency=false"] for a in ("--set", s)]]
+    args = ["run", recipe, "--no-progress", *[a for s in [*budget, *QUICK] for a in ("--set", s)]]
     rc, err = _regrow(tmp_path, "none", *args, "--out", "ref")
     assert rc == 0, err
     where = []

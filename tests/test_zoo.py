@@ -25,7 +25,7 @@ from torch_pruning.dependency.dependency import Dependency
 import regrow
 from conftest import import_timm
 from regrow.errors import RegrowError
-from regrow.structural import coupling, multiplier
+from regrow.structural import coupling, multiplier, tracing
 from regrow.structural import graph as graph_module
 from regrow.structural.budget import Unitized, select, take
 from regrow.structural.coupling import RunawayMapping, UnmappedOp, pruning_group, walk
@@ -44,10 +44,12 @@ FAMILIES = {
     "convnext": ("convnext_atto", {}, 64),  # depthwise 7x7, LayerNorm2d over channels, layer scale
     "convnext_rms": ("convnext_zepto_rms", {}, 64),  # timm's RmsNorm2d: a plain module, not a torch norm
     "densenet": ("densenet121", {}, 64),  # concatenations everywhere
+    "dpn": ("dpn48b", {"k_sec": (1, 1, 1, 1)}, 64),  # a residual path in the first channels, by a stored width
     "rexnet": ("rexnet_100", {}, 64),  # shortcuts added to the first channels of a wider output
     "regnet": ("regnety_002", {}, 64),  # group-width convolutions, SE
     "nfnet": ("nf_regnet_b0", {}, 64),  # normalizer-free: weight-standardised convolutions with a gain each
     "ghostnet": ("ghostnet_050", {}, 64),  # cat([x, depthwise(x)]) ghost modules
+    "mambaout": ("mambaout_femto", {"depths": (1, 1, 1, 1)}, 64),  # gate * cat(passed, convolved), a stored split
     "levit": ("levit_128s", {"img_size": 64}, 64),  # conv stem, attention with BatchNorm, subsampling
     "vit": ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2}, 32),  # class token, positional embedding
     "deit_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 32, "depth": 2}, 32),  # two tokens
@@ -418,12 +420,21 @@ class HalvesRotated(nn.Module):
         return self.head(x.mean(1))
 
 
-def test_an_op_torch_pruning_cannot_map_leaves_out_its_groups_and_the_rest_prunes():
+def test_an_op_torch_pruning_cannot_map_leaves_out_its_groups_and_the_rest_prunes(monkeypatch):
     # Was: "torch-pruning could not follow the channels through this model's graph (IndexError: list index out of
-    # range, in torch-pruning's infer_out_channels_recursively)" for the whole model. torch-pruning reads the
-    # split along the last dim of (B, N, 2, 8) as a split of channels into two chunks of 4, but the split has six
-    # readers (each half is scaled and sliced twice), and counting the channels of each concatenation overruns
-    # that list.
+    # range, in torch-pruning's infer_out_channels_recursively)" for the whole model. torch-pruning read the
+    # split along the last dim of (B, N, 2, 8) as a split of channels into two chunks of 4 with six readers (each
+    # half is scaled and sliced twice), and counting the channels of each concatenation overran that list. The
+    # chunk widths of a split along the last dim are now read off the traced shapes (chunks.fill_split_sizes), and
+    # that mapping no longer raises: here the concatenations along the last dim raise as they did.
+    real = tracing._MAPPINGS[ops.OPTYPE.CONCAT]
+
+    def concat(dg, node):
+        if tracing._saved_dim(node.grad_fn) == -1:
+            raise IndexError("list index out of range")
+        return real(dg, node)
+
+    monkeypatch.setitem(tracing._MAPPINGS, ops.OPTYPE.CONCAT, concat)
     torch.manual_seed(0)
     model, x = HalvesRotated().eval(), torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
     graph = StructureGraph(model, x)
@@ -1113,6 +1124,51 @@ def test_a_chunk_read_by_two_layers_maps_to_both():
     assert expand["excluded"] is None and (expand["units_before"], expand["units_after"]) == (4, 2)
     assert report.equivalence.passed and model.expand.out_channels == 4 and model.transition.in_channels == 4
     assert model.block.in_channels == model.block.out_channels == 2
+
+
+class GatedConvMlp(nn.Module):
+    """MambaOut's block on a channels-last map: the first projection split along the last dimension into a gate
+    (4 channels), channels that pass (2) and channels a depthwise convolution mixes (2); the gate multiplies the
+    last two concatenated, and the output projection reads the product. The split widths follow the layers, as
+    regrow's stored-width rule makes MambaOut's ``split_indices`` follow them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 8)
+        self.conv = nn.Conv2d(2, 2, 3, padding=1, groups=2)
+        self.fc2 = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, mixed = self.fc2.in_features, self.conv.in_channels
+        g, i, c = torch.split(self.fc1(x), (hidden, hidden - mixed, mixed), dim=-1)
+        c = self.conv(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.fc2(F.gelu(g) * torch.cat((i, c), dim=-1))
+
+
+def test_a_split_and_a_concatenation_along_the_last_dimension_map_each_chunk_to_its_readers():
+    # Was: torch-pruning gave the split's readers the chunks in graph order (the gate's to the concatenation) and
+    # counted the concatenation of two chunks as 2 x 8 + 2 channels, so the reshape before fc2 ((B, H, W, 4) into
+    # (B*H*W, 4)) was mapped as a flatten; MambaOut's MLP channels all failed their probes
+    torch.manual_seed(0)
+    model, x = GatedConvMlp().eval(), torch.randn(2, 5, 5, 3)
+    graph = StructureGraph(model, x)
+    split = next(n for n in graph.dg.module2node.values() if n.type == ops.OPTYPE.SPLIT)
+    assert split.module.offsets == [0, 4, 6, 8]
+    assert sorted(split.module.chunk_readers.values()) == [0, 1, 2]
+    concat = next(n for n in graph.dg.module2node.values() if n.type == ops.OPTYPE.CONCAT)
+    assert concat.module.concat_sizes == [2, 2] and graph.dg.get_out_channels(concat) == 4
+    # each gate channel goes with the channel it multiplies: a passed one, or a convolved one with its filter
+    unit_channels = {
+        u.name: u.group.unit_channels
+        for u in regrow.structural.prepare(model, pattern="channel", example_inputs=x).units
+    }
+    assert unit_channels["fc1"] == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    fc1 = {g["name"]: g for g in report.groups}["fc1"]
+    assert fc1["excluded"] is None and (fc1["units_before"], fc1["units_after"]) == (4, 2)
+    assert report.equivalence.passed and model.fc1.out_features == 4 and model.fc2.in_features == 2
+    with torch.no_grad():
+        assert model(x).shape == (2, 5, 5, 5)  # the split widths follow the layers: the forward still runs
 
 
 def test_a_split_of_channels_after_a_three_dimensional_parameter_keeps_its_index_mapping():

@@ -303,7 +303,7 @@ def member_groups(dg: Any, module: Any, handler: Any) -> tuple[int, int]:
 
 def equal_chunks(module: Any) -> tuple[int, int]:
     """(chunks, channels per chunk) of a split whose forward cuts chunks of one width (``torch.split(x, w, 1)``,
-    ``x.chunk(n, 1)``; marked by regrow.structural.tracing.fill_split_sizes): after surgery it cuts them again
+    ``x.chunk(n, 1)``; marked by regrow.structural.chunks.fill_split_sizes): after surgery it cuts them again
     from the new width, so every chunk must lose as many channels, at the same places for the layers each chunk
     feeds; (1, 0) for any other member."""
     chunks = getattr(module, "equal_chunks", None) if isinstance(module, ops._SplitOp) else None

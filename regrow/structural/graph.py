@@ -20,7 +20,6 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 from torch_pruning import ops
-from torch_pruning.dependency import shape_infer
 
 from regrow.batches import all_outputs, batch_size
 from regrow.errors import RegrowError
@@ -36,20 +35,11 @@ from regrow.structural.coupling import (
     pruning_group,
     walk,
 )
+from regrow.structural.dependency import DependencyGraph
 from regrow.structural.pruners import customized_pruners, is_plain_norm
 from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
-from regrow.structural.tracing import (
-    ShapeRecorder,
-    concats_past_channels,
-    feature_map_mappings,
-    fill_concat_sizes,
-    fill_split_sizes,
-    mark_outputs,
-    parameter_channel_dims,
-    refresh_mappings,
-    update_mappings,
-)
+from regrow.structural.tracing import ShapeRecorder, refresh_mappings, update_mappings
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -186,44 +176,6 @@ def _tracing_error(exc: Exception, ran: bool) -> RegrowError:
     )
 
 
-class _DependencyGraph(tp.DependencyGraph):
-    """torch-pruning's graph, with the split and concatenation widths read from the traced shapes before it maps
-    indices through them (regrow.structural.tracing.fill_split_sizes, fill_concat_sizes), their mappings on where
-    torch-pruning turned them off (feature_map_mappings), and the channel dimension of loose parameters over
-    feature maps (parameter_channel_dims)."""
-
-    def __init__(self, outputs: dict[tuple[Any, int], tuple[int, ...]], returned: list[Tensor]) -> None:
-        super().__init__()
-        self.traced_outputs = outputs  # filled by the tracing forward pass, which runs before _build_dependency
-        self.returned = returned  # the tensors the model returned, filled by the same pass
-
-    def _build_dependency(self, module2node: Any) -> None:
-        mark_outputs(module2node, self.returned[1:], self)
-        self.returned = []  # the graph keeps their autograd nodes, not the tensors
-        super()._build_dependency(module2node)
-        shape_infer.init_shape_information(self)  # split sizes, which the inference of channel counts reads
-        feature_map_mappings(self, self.traced_outputs)
-        fill_split_sizes(self, self.traced_outputs)
-        fill_concat_sizes(self, self.traced_outputs)
-        concats_past_channels(self, self.traced_outputs)
-        parameter_channel_dims(self)
-        self.built = True
-
-    def build_dependency(self, *args: Any, **kwargs: Any) -> _DependencyGraph:
-        self.built = False
-        try:
-            super().build_dependency(*args, **kwargs)
-        except Exception:
-            if not self.built:
-                raise
-            # Raised in torch-pruning's last step, its index mappings over the whole graph: regrow computes them
-            # again op by op (refresh_mappings), and leaves out the groups that pass through an op that fails.
-        # torch-pruning inferred the widths again after the above; StructureGraph then maps through them
-        # (refresh_mappings)
-        fill_split_sizes(self, self.traced_outputs)
-        return self
-
-
 Inner = dict[str, set[str]]  # attention module -> its inner projections (q, k, v or fused qkv): heads.inner_projections
 
 
@@ -253,7 +205,7 @@ class StructureGraph:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch-pruning warns about loose parameters; regrow checks them
-                self.dg = _DependencyGraph(shapes.outputs, returned).build_dependency(
+                self.dg = DependencyGraph(shapes.outputs, returned).build_dependency(
                     model,
                     example_inputs=example_inputs,
                     forward_fn=traced,
@@ -373,7 +325,8 @@ class StructureGraph:
         skip = {id(m) for m in [*ignored, *self.dg.IGNORED_LAYERS_IN_TRACING]}
         visited: set[int] = set()
         failed: list[tuple[nn.Module, Exception]] = []
-        for m in list(self.dg.module2node):
+        roots, deferred = list(self.dg.module2node), set()
+        for m in roots:
             pruner = self.dg.get_pruner_of_module(m) if is_root(m) else None
             if id(m) in skip or id(m) in visited or pruner is None or pruner.get_out_channels(m) is None:
                 continue
@@ -388,12 +341,31 @@ class StructureGraph:
                 failed.append((m, exc))
                 continue
             outs = [dep.target.module for dep, _ in group if self.dg.is_out_channel_pruning_fn(dep.handler)]
+            if id(m) not in deferred and self._wider_root(m, group, visited):
+                deferred.add(id(m))
+                roots.append(m)  # after the wider layer's group, which takes this one in as a part
+                continue
             visited.update(id(t) for t in outs)
             if not any(id(t) in skip for t in outs):
                 yield m, group, reached, None
         for m, exc in failed:
             if id(m) not in visited:
                 yield m, None, [], exc
+
+    def _wider_root(self, root: nn.Module, group: Any, visited: set[int]) -> bool:
+        """Whether ``root``'s group reaches only some of the output channels of another root layer not yet
+        walked: MambaOut's depthwise convolution reads one chunk of its first projection's output, and its group,
+        walked first, took the projection in with that chunk's channels only, so the gate and the other chunk were
+        never a group. That layer's own group holds this one as a part (:meth:`parts`)."""
+        for dep, idxs in group:
+            layer = dep.target.module
+            if layer is root or id(layer) in visited or not is_root(layer):
+                continue
+            if self.dg.is_out_channel_pruning_fn(dep.handler):
+                width = self.dg.get_out_channels(layer)
+                if width is not None and len(set(tp._helpers.to_plain_idxs(idxs))) < width:
+                    return True
+        return False
 
     def _unmapped(
         self, root: nn.Module, exc: Exception, candidates: set[str], attention: Inner, unheaded: Mapping[str, str]

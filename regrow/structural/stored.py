@@ -4,7 +4,8 @@ A layer handler updates the layer it shrinks (``out_channels``, ``normalized_sha
 also store a width of their own and reshape with it: torchvision's ``VisionTransformer`` flattens its patch
 embedding with ``x.reshape(n, self.hidden_dim, n_h * n_w)``, timm's ReXNet slices its output with
 ``self.in_channels``, timm's Res2Net and CSPNet split with ``self.width`` and ``self.expand_chs``, its
-selective-kernel convolutions (SKNet) with ``self.in_channels // self.num_paths``. Left stale,
+selective-kernel convolutions (SKNet) with ``self.in_channels // self.num_paths``, its MambaOut with a tuple of
+three widths, its dual-path networks (DPN) slice with ``self.num_1x1_c``. Left stale,
 the attribute breaks the forward pass of the shrunk model, so every probe of the groups through it failed and
 they were never pruned. Each entry
 names the attribute and the layer width it must equal after surgery; :func:`follow` sets them. Classes are
@@ -27,9 +28,20 @@ def _paths_inputs(module: nn.Module) -> int | None:
     return sum(path.conv.in_channels for path in paths)
 
 
+def _gated_conv_splits(module: nn.Module) -> tuple[int, int, int] | None:
+    """timm's MambaOut splits its first projection in three, ``torch.split(x, self.split_indices, dim=-1)``: the
+    gate, then the channels that pass and those a depthwise convolution mixes, which the gate multiplies
+    together; ``(gate, passed, convolved)`` follows the output projection's and the convolution's widths."""
+    fc2, conv = getattr(module, "fc2", None), getattr(module, "conv", None)
+    if not isinstance(fc2, nn.Linear) or not isinstance(conv, nn.Conv2d):
+        return None
+    return fc2.in_features, fc2.in_features - conv.in_channels, conv.in_channels
+
+
+Width = int | tuple[int, ...]
 # qualified class name -> {attribute: the "submodule.attribute" paths it may follow, the first that exists wins, or
 # a function of the module}
-STORED_WIDTHS: dict[str, dict[str, tuple[str, ...] | Callable[[nn.Module], int | None]]] = {
+STORED_WIDTHS: dict[str, dict[str, tuple[str, ...] | Callable[[nn.Module], Width | None]]] = {
     "torchvision.models.vision_transformer.VisionTransformer": {
         # a patchify convolution, or the last layer of a convolutional stem (conv_stem_configs)
         "hidden_dim": ("conv_proj.out_channels", "conv_proj.conv_last.out_channels"),
@@ -45,10 +57,14 @@ STORED_WIDTHS: dict[str, dict[str, tuple[str, ...] | Callable[[nn.Module], int |
         "out_channels": ("conv_pwl.conv.out_channels",),
     },
     "timm.layers.selective_kernel.SelectiveKernel": {"in_channels": _paths_inputs},
+    "timm.models.mambaout.GatedConvBlock": {"split_indices": _gated_conv_splits},
+    # DPN keeps its residual path in the first num_1x1_c channels, x[:, :self.num_1x1_c], and the dense path in the
+    # rest; its "b" variants compute the residual part with a layer of its own (without it, no layer has that width)
+    "timm.models.dpn.DualPathBlock": {"num_1x1_c": ("c1x1_c1.out_channels",)},
 }
 
 
-def _rules(module: nn.Module) -> dict[str, tuple[str, ...] | Callable[[nn.Module], int | None]]:
+def _rules(module: nn.Module) -> dict[str, tuple[str, ...] | Callable[[nn.Module], Width | None]]:
     for cls in type(module).__mro__:
         rules = STORED_WIDTHS.get(f"{cls.__module__}.{cls.__qualname__}")
         if rules:

@@ -330,44 +330,6 @@ def _saved_dim(fn: Any) -> int | None:
     return None if dim is None else _signed(int(dim))
 
 
-def feature_map_mappings(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
-    """Index mappings back on for the splits and concatenations of a feature map's channels.
-
-    torch-pruning turns the mapping off at every split and concatenation downstream of a loose parameter with
-    three dimensions, for a ViT's position embedding ``(1, tokens, C)``, concatenated with the class token along
-    the tokens. EdgeNeXt's attention holds a temperature ``(heads, 1, 1)``, upstream of every later block: its
-    ``x.chunk(4, 1)`` then sent every channel of the stream to each chunk's convolution (a 42-channel convolution
-    cut at index 167), and every group of the stream after the first attention failed its probe. Where the traced
-    tensor has four or five dimensions and the split or concatenation is along dim 1, it is a feature map's
-    channels, and the mapping is turned on again. So is it where the tensor has two, three or four dimensions, the
-    split or concatenation is along the last, and its first input is as wide there as the channels torch-pruning
-    counts for it: a feature vector's (DINOv2's classifier reads its class token beside the mean of its patch
-    tokens, and read the first half alone), tokens', or a channels-last map's (Hugging Face's Swin V2 concatenates
-    four of its patches below its logit scale, heads x 1 x 1); not a Conv1d's ``(B, C, L)`` cut along its length.
-    EVA-02's gated MLP chunks its first layer's output in two halves (``x.chunk(2, dim=-1)``) downstream of the
-    position embedding; without the mapping each of the 1,024 channels was a unit of its own, a removal cut the
-    halves unequally, and the probe failed ("The size of tensor a (511) must match the size of tensor b (510)").
-    """
-    for node in dg.module2node.values():
-        if node.type not in (ops.OPTYPE.SPLIT, ops.OPTYPE.CONCAT) or node.enable_index_mapping:
-            continue
-        dim, shape = _saved_dim(node.grad_fn), outputs.get((node.grad_fn, 0))
-        if dim is None or shape is None:
-            continue
-        if (len(shape) in (4, 5) and dim % len(shape) == 1) or (
-            len(shape) in (2, 3, 4) and dim % len(shape) == len(shape) - 1 and _tokens(dg, node, outputs)
-        ):
-            node.enable_index_mapping = True
-
-
-def _tokens(dg: Any, node: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> bool:
-    """Whether the first input of a split or concatenation along the last of two to four dimensions holds its
-    channels last (features; tokens; a map, as Swin V2 merges patches): as wide there as torch-pruning counts."""
-    source = node.inputs[0] if node.inputs else None
-    shape = outputs.get((getattr(source, "grad_fn", None), 0))
-    return shape is not None and len(shape) in (2, 3, 4) and shape[-1] == _channels_in(dg, node)
-
-
 def mark_outputs(module2node: dict[Any, Any], returned: list[Tensor], dg: Any) -> None:
     """Every tensor the model returned after the first gets an output node: torch-pruning adds one only where a
     trace starts at an op it had not met, so a second output that is a layer's output or an intermediate of the
@@ -388,56 +350,6 @@ def mark_outputs(module2node: dict[Any, Any], returned: list[Tensor], dg: Any) -
         node.add_output(marker)
 
 
-def fill_split_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
-    """The chunk widths of each split along the channels, read from the traced shapes, and which chunk each of
-    its consumers reads.
-
-    torch-pruning gives a split's k-th consumer the k-th chunk, and infers the chunk widths from the consumers
-    when the split's grad_fn does not name them (``torch.split(x, 32, 1)`` and ``x.chunk(n, 1)`` on the torch
-    versions where it saves ``_saved_self_sym_sizes``). Res2Net's ``spx = torch.split(x, w, 1)`` feeds chunk 0 to
-    a convolution, chunks 1 and 2 to sums and the last to a concatenation: torch-pruning saw the consumers in the
-    order concatenation, sums, convolution, inferred widths [128, 32, 32, 32] for four chunks of 32, and every
-    index mapped through the split landed on the wrong layer. A CSPNet stage's first half feeds a block's
-    convolution and its residual sum, two consumers of one chunk: torch-pruning inferred [64, 0, 32] for two
-    halves of 32. Where each consumer reads one chunk and every chunk is read, the consumers are put in chunk
-    order, the widths are the traced ones, and ``chunk_readers`` (consumer -> chunk) gives
-    :func:`update_mappings` each consumer's chunk; anything else is left to torch-pruning. A split by one width
-    into chunks of that width is marked ``equal_chunks`` (chunks, width): its chunks must each lose as many
-    channels (regrow.structural.coupling); ``last_chunk`` is the width of the last, narrower where the width does
-    not divide the channels (EdgeNeXt's ``x.chunk(3, 1)`` of 88 channels: 30, 30 and 28).
-    """
-    for node in list(dg.module2node.values()):
-        fn = node.grad_fn
-        if node.type != ops.OPTYPE.SPLIT or fn is None:
-            continue
-        dim = _saved_dim(fn)
-        if dim is None:
-            continue
-        sizes = []
-        while (shape := outputs.get((fn, len(sizes)))) is not None:
-            sizes.append(shape)
-        if not sizes or dim % len(sizes[0]) != 1:
-            continue  # torch-pruning maps splits of channels only
-        widths = [s[1] for s in sizes]
-        # torch.split(x, w, 1) or x.chunk(n, 1): the forward cuts chunks of one width again after surgery (the
-        # last one narrower where the width does not divide the channels: the remainder)
-        if hasattr(fn, "_saved_split_size") and len(set(widths[:-1])) <= 1 and 0 < widths[-1] <= widths[0]:
-            node.module.equal_chunks = (len(widths), widths[0])
-            node.module.last_chunk = widths[-1]
-        readers: dict[Any, int] = {}
-        for consumer in node.outputs:
-            chunks = {nr for f, nr in getattr(consumer.grad_fn, "next_functions", ()) if f is fn}
-            if len(chunks) != 1:
-                break  # a consumer of two chunks (or of none the trace saw): torch-pruning's mapping stays
-            readers[consumer] = chunks.pop()
-        else:
-            if set(readers.values()) == set(range(len(widths))):
-                node.outputs.sort(key=readers.__getitem__)
-                node.module.split_sizes = [widths[readers[c]] for c in node.outputs]  # read by consumer
-                node.module.offsets = [sum(widths[:k]) for k in range(len(widths) + 1)]
-                node.module.chunk_readers = readers
-
-
 def _split_mappings(dg: Any) -> None:
     """The mapping of every edge between a split and a consumer of one of its chunks (``chunk_readers``, set by
     :func:`fill_split_sizes`): that chunk's offsets, also where a chunk has several consumers."""
@@ -454,56 +366,6 @@ def _split_mappings(dg: Any) -> None:
             for dep in consumer.dependencies:
                 if dep.target is node:
                     dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offsets[k : k + 2], reverse=True)
-
-
-def fill_concat_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
-    """Channel counts of concatenation inputs, read from the traced shapes.
-
-    torch-pruning infers each input's channels by walking the graph back to a layer. Past a residual sum or a
-    slice of the model's input it may find none, and then fails on the sum of the counts (timm's CSPDarkNet and
-    CoaT: "unsupported operand type(s) for +: 'int' and 'NoneType'"); past a slice it may find the width of the
-    tensor sliced, not of the slice (ReXNet, ``cat([x[:, :c] + shortcut, x[:, c:]])``: [627, 185] for inputs of
-    174 and 11 channels), and every index mapped through the concatenation then lands on the wrong channel. Where
-    the traced shapes give the size along dim 1 of every tensor concatenated there (``outputs`` of
-    :class:`ShapeRecorder`), one graph input each, adding up to the output's, those sizes are set; anything else is
-    left to torch-pruning.
-    """
-    for node in list(dg.module2node.values()):
-        fn = node.grad_fn
-        out = outputs.get((fn, 0))
-        if node.type != ops.OPTYPE.CONCAT or node.module.concat_sizes is not None or out is None:
-            continue
-        dim = _saved_dim(fn)
-        if dim is None:
-            continue
-        if dim % len(out) != 1:
-            continue  # torch-pruning maps concatenations of channels only
-        recorded = [outputs.get(edge) for edge in fn.next_functions]
-        if len(recorded) != len(node.inputs):
-            continue
-        if all(r is not None and len(r) == len(out) for r in recorded) and sum(r[1] for r in recorded) == out[1]:
-            node.module.concat_sizes = [r[1] for r in recorded]
-
-
-def concats_past_channels(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
-    """Concatenations along a dimension that holds no channels, made element-wise for torch-pruning.
-
-    A concatenation along neither dim 1 (channels first) nor the last dimension (channels last), such as the
-    key/value cache's ``torch.cat([past, new], dim=-2)`` over ``(batch, heads, tokens, head_dim)``, passes every
-    channel through to the same channel; torch-pruning maps such a concatenation not at all, as intended, but
-    autograd saves a negative ``dim`` unsigned, torch-pruning read ``-2`` as 18446744073709551614 and took it for
-    a concatenation of channels, and failed on the widths of inputs that are not in the graph (GPT-2's cache:
-    "unsupported operand type(s) for +: 'int' and 'NoneType'"). Concatenations along dim 1 or the last dimension
-    are left as they were.
-    """
-    for node in list(dg.module2node.values()):
-        if node.type != ops.OPTYPE.CONCAT:
-            continue  # other ops save a dim too, some as a tuple (a sum over several)
-        dim, out = _saved_dim(node.grad_fn), outputs.get((node.grad_fn, 0))
-        if dim is None or dim >= 0 or out is None or len(out) < 3:
-            continue
-        if dim % len(out) not in (1, len(out) - 1):
-            _retype(node)
 
 
 def parameter_channel_dims(dg: Any) -> None:

@@ -76,13 +76,13 @@ def fill_split_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -
     convolution and its residual sum, two consumers of one chunk: torch-pruning inferred [64, 0, 32] for two
     halves of 32. Where each consumer reads one chunk and every chunk is read, the consumers are put in chunk
     order, the widths are the traced ones, and ``chunk_readers`` (consumer -> chunk) gives
-    :func:`update_mappings` each consumer's chunk; anything else is left to torch-pruning. A split by one width
-    into chunks of that width is marked ``equal_chunks`` (chunks, width): its chunks must each lose as many
-    channels (regrow.structural.coupling); ``last_chunk`` is the width of the last, narrower where the width does
-    not divide the channels (EdgeNeXt's ``x.chunk(3, 1)`` of 88 channels: 30, 30 and 28). Splits along the last
-    dimension count too (:func:`_channel_dim`): MambaOut's ``torch.split(x, (gate, passed, convolved), dim=-1)``
-    has the readers activation, concatenation and convolution in chunk order, torch-pruning gave the gate's chunk
-    to the concatenation, and every probe of its MLP channels failed.
+    :func:`regrow.structural.tracing.update_mappings` each consumer's chunk; anything else is left to
+    torch-pruning. A split by one width into chunks of that width is marked ``equal_chunks`` (chunks, width): its
+    chunks must each lose as many channels (regrow.structural.coupling); ``last_chunk`` is the width of the last,
+    narrower where the width does not divide the channels (EdgeNeXt's ``x.chunk(3, 1)`` of 88 channels: 30, 30
+    and 28). Splits along the last dimension count too (:func:`_channel_dim`): MambaOut's ``torch.split(x, (gate,
+    passed, convolved), dim=-1)`` has the readers activation, concatenation and convolution in chunk order,
+    torch-pruning gave the gate's chunk to the concatenation, and every probe of its MLP channels failed.
     """
     for node in list(dg.module2node.values()):
         fn = node.grad_fn
@@ -126,9 +126,10 @@ def fill_concat_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) 
     tensor sliced, not of the slice (ReXNet, ``cat([x[:, :c] + shortcut, x[:, c:]])``: [627, 185] for inputs of
     174 and 11 channels), and every index mapped through the concatenation then lands on the wrong channel. Where
     the traced shapes give the size along the channel dimension (:func:`_channel_dim`) of every tensor
-    concatenated there (``outputs`` of :class:`ShapeRecorder`), one graph input each, adding up to the output's,
-    those sizes are set; anything else is left to torch-pruning. MambaOut concatenates ``(passed, convolved)``
-    along the last dimension, and torch-pruning counted the whole first projection (256 channels) for the first.
+    concatenated there (``outputs`` of :class:`regrow.structural.tracing.ShapeRecorder`), one graph input each,
+    adding up to the output's, those sizes are set; anything else is left to torch-pruning. MambaOut concatenates
+    ``(passed, convolved)`` along the last dimension, and torch-pruning counted the whole first projection (256
+    channels) for the first.
     """
     for node in list(dg.module2node.values()):
         fn = node.grad_fn

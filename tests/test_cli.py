@@ -417,7 +417,17 @@ def test_sigterm_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
     out = tmp_path / "o"
     budget = ["model.train.epochs=40", "recover.epochs=1", "evaluate.latency=false"]
     argv = ["run", "demo", "--out", str(out), "--no-progress", *[a for s in budget for a in ("--set", s)]]
-    saved = lambda: any(out.glob(".regrow-partial-*/.regrow-checkpoint/phase-0.pt"))  # noqa: E731 - an epoch ended
+
+    def saved() -> bool:
+        """An epoch ended and its checkpoint is recorded: state.json, written after the phase's file, names the
+        phase. (Waiting for the phase's file alone raced the record: a SIGTERM in between found no checkpoint.)"""
+        for state in out.glob(".regrow-partial-*/.regrow-checkpoint/state.json"):
+            try:
+                return bool(json.loads(state.read_text())["phases"])
+            except (OSError, ValueError, KeyError):
+                return False
+        return False
+
     code, err = interrupt_run(argv, tmp_path, saved, signal.SIGTERM, settle=0)
     assert code == 128 + signal.SIGTERM and "Traceback" not in err, err
     assert "is kept in" in err and "run the same command with --resume to continue it" in err, err

@@ -10,6 +10,7 @@ cores.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import random
 import re
@@ -23,6 +24,7 @@ from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency.dependency import Dependency
 
 import regrow
+from benchmarks.zoo import _random_classifier
 from conftest import import_timm
 from regrow.errors import RegrowError
 from regrow.structural import coupling, multiplier, tracing
@@ -33,8 +35,9 @@ from regrow.structural.graph import StructureGraph, merge_cuts
 from regrow.structural.heads import _projection_paths, head_group
 
 timm = import_timm()
+MIXER = timm.models.mlp_mixer  # its model functions fix the number of blocks: the families below call the class
 
-# family: (timm model, constructor arguments, input size)
+# family: (timm model or model class, constructor arguments, input size)
 FAMILIES = {
     "resnet_bottleneck": ("resnet50", {"layers": (2, 1, 1, 1)}, 64),  # downsample branches, identity blocks
     "resnext": ("resnext50_32x4d", {"layers": (1, 1, 1, 1)}, 64),  # grouped 3x3 convolutions
@@ -89,6 +92,31 @@ FAMILIES = {
     ),
     # tokens pooled by a depthwise convolution with a channel multiplier (regrow.structural.multiplier's stand-in)
     "pit": ("pit_ti_224", {"img_size": 64, "depth": (1, 1, 1)}, 64),
+    "mixer": (MIXER.MlpMixer, {"img_size": 64, "num_blocks": 2, "embed_dim": 64}, 64),  # token MLPs, transposed
+    "resmlp": (  # one Linear over the tokens, affine norms, layer scale
+        MIXER.MlpMixer,
+        {
+            "img_size": 64,
+            "num_blocks": 2,
+            "embed_dim": 64,
+            "mlp_ratio": 4,
+            "block_layer": functools.partial(MIXER.ResBlock, init_values=0.1),
+            "norm_layer": MIXER.Affine,
+        },
+        64,
+    ),
+    "gmlp": (  # a gate over the tokens of half the hidden channels
+        MIXER.MlpMixer,
+        {
+            "img_size": 64,
+            "num_blocks": 2,
+            "embed_dim": 64,
+            "mlp_ratio": 6,
+            "block_layer": MIXER.SpatialGatingBlock,
+            "mlp_layer": functools.partial(MIXER.GatedMlp, gate_layer=MIXER.SpatialGatingUnit),
+        },
+        64,
+    ),
     "swin": (  # windowed attention with shifts, relative position bias, patch merging
         "swin_tiny_patch4_window7_224",
         {"img_size": 64, "window_size": 4, "depths": (2, 2, 2, 2), "embed_dim": 32, "num_heads": (1, 2, 4, 8)},
@@ -97,8 +125,9 @@ FAMILIES = {
 }
 # Groups regrow leaves out, and why that is right: the classifier's outputs, attention's inner widths (heads
 # go whole, with pattern "head"), and LeViT's attention, whose q/k/v widths are split by heads in a reshape
-# regrow cannot follow (its modules hold them in LinearNorm wrappers that heads.py does not know).
-BENIGN = ("not a target", "its channels are the model's output", "inside attention")
+# regrow cannot follow (its modules hold them in LinearNorm wrappers that heads.py does not know); and the outputs
+# of a Linear over a sequence's tokens (MLP-Mixer's), whose number is the sequence's length.
+BENIGN = ("not a target", "its channels are the model's output", "inside attention", "its channels are the tokens")
 ALLOWED = {
     "levit": re.compile(r"\.attn(_downsample)?\.(qkv|kv)\.linear$"),
 }
@@ -107,7 +136,12 @@ ALLOWED = {
 def build(family: str) -> tuple[nn.Module, torch.Tensor]:
     name, kwargs, size = FAMILIES[family]
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+    if isinstance(name, str):
+        model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+    else:
+        model = name(num_classes=10, **kwargs).eval()
+    # a classifier that starts at zero (MLP-Mixer's) would make every output 0, and the check pass any surgery
+    model = _random_classifier(model)
     return model, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
@@ -1169,6 +1203,67 @@ def test_a_split_and_a_concatenation_along_the_last_dimension_map_each_chunk_to_
     assert report.equivalence.passed and model.fc1.out_features == 4 and model.fc2.in_features == 2
     with torch.no_grad():
         assert model(x).shape == (2, 5, 5, 5)  # the split widths follow the layers: the forward still runs
+
+
+class TokenMixer(nn.Module):
+    """MLP-Mixer's block on ``tokens`` tokens of 6 channels: a token MLP (4 tokens -> 4 -> 4) over the transposed
+    normalised input, added back to the stream; a classifier reads the mean token. ``channels_first`` applies a
+    Linear over the channels of a (B, C, L) map the same way instead (a pointwise projection written with
+    transposes), which is no token mixing."""
+
+    def __init__(self, tokens: int = 4, channels_first: bool = False) -> None:
+        super().__init__()
+        self.channels_first = channels_first
+        self.stem = nn.Linear(5, 6)
+        self.norm = nn.LayerNorm(6)
+        self.fc1 = nn.Linear(6 if channels_first else tokens, 4)
+        self.fc2 = nn.Linear(4, 6 if channels_first else tokens)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.channels_first:  # (B, L, C) -> (B, C, L): the channels sit in dim 1, the Linear reads them
+            x = x.transpose(1, 2)
+            x = x + self.fc2(F.gelu(self.fc1(x.transpose(1, 2)))).transpose(1, 2)
+            return self.head(x.mean(2))
+        x = x + self.fc2(F.gelu(self.fc1(self.norm(x).transpose(1, 2)))).transpose(1, 2)
+        return self.head(x.mean(1))
+
+
+def test_a_linear_over_the_tokens_passes_the_channels_around_and_keeps_the_tokens():
+    # Was: torch-pruning took the transposes for element-wise ops and coupled the stream's 6 channels with the
+    # token MLP's 4 inputs and outputs; the stream's group failed its probe (mat1 and mat2 shapes cannot be
+    # multiplied) and was left out (MLP-Mixer's, ResMLP's and gMLP's streams)
+    torch.manual_seed(0)
+    model, x = TokenMixer().eval(), torch.randn(2, 4, 5)
+    graph = StructureGraph(model, x)
+    assert graph.dg.token_outputs == {model.fc2}
+    groups = _groups(graph, model)
+    assert set(groups) == {"stem", "fc1", "fc2", "head"}
+    assert groups["stem"].members == ["stem (Linear, out)", "norm (LayerNorm, out)", "head (Linear, in)"]
+    assert groups["fc1"].members == ["fc1 (Linear, out)", "fc2 (Linear, in)"] and groups["fc1"].excluded is None
+    assert groups["fc2"].excluded == "its channels are the tokens of a sequence, which 'fc2' mixes"
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    assert report.equivalence.passed
+    assert (model.stem.out_features, model.norm.normalized_shape, model.head.in_features) == (3, (3,), 3)
+    assert (model.fc1.in_features, model.fc1.out_features) == (4, 2)  # the tokens stay, the hidden width halves
+    assert (model.fc2.in_features, model.fc2.out_features) == (2, 4)
+
+
+@pytest.mark.parametrize("kind", ["channels_first", "as_many_tokens_as_channels"])
+def test_a_transposed_linear_that_may_read_channels_stays_joined_to_them(kind):
+    # A Linear over the channels of a channels-first map reads channels: its inputs go with the stem's outputs. With
+    # as many tokens as channels, which dimension holds the channels cannot be read off the shapes: the graph is
+    # left as torch-pruning traced it
+    torch.manual_seed(0)
+    model = TokenMixer(channels_first=True) if kind == "channels_first" else TokenMixer(tokens=6)
+    x = torch.randn(2, 6 if kind == "as_many_tokens_as_channels" else 4, 5)
+    graph = StructureGraph(model, x)
+    assert graph.dg.token_outputs == set()
+    assert "fc1 (Linear, in)" in _groups(graph, model)["stem"].members
+    if kind == "channels_first":
+        report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+        assert report.equivalence.passed and (model.stem.out_features, model.fc1.in_features) == (3, 3)
 
 
 def test_a_split_of_channels_after_a_three_dimensional_parameter_keeps_its_index_mapping():

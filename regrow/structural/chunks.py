@@ -13,7 +13,7 @@ from typing import Any
 
 from torch_pruning import ops
 
-from regrow.structural.tracing import _channels_in, _retype, _saved_dim
+from regrow.structural.tracing import _retype, _saved_dim, channels_in
 
 
 def feature_map_mappings(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
@@ -51,7 +51,7 @@ def _tokens(dg: Any, node: Any, outputs: dict[tuple[Any, int], tuple[int, ...]])
     channels last (features; tokens; a map, as Swin V2 merges patches): as wide there as torch-pruning counts."""
     source = node.inputs[0] if node.inputs else None
     shape = outputs.get((getattr(source, "grad_fn", None), 0))
-    return shape is not None and len(shape) in (2, 3, 4) and shape[-1] == _channels_in(dg, node)
+    return shape is not None and len(shape) in (2, 3, 4) and shape[-1] == channels_in(dg, node)
 
 
 def _channel_dim(dim: int, rank: int) -> int | None:

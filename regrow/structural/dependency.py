@@ -17,6 +17,7 @@ from torch_pruning.dependency import shape_infer
 from torch_pruning.dependency.node import Node
 
 from regrow.structural.chunks import concats_past_channels, feature_map_mappings, fill_concat_sizes, fill_split_sizes
+from regrow.structural.tokens import pass_channels_around
 from regrow.structural.tracing import mark_outputs, parameter_channel_dims
 
 
@@ -48,6 +49,7 @@ class DependencyGraph(tp.DependencyGraph):
         super().__init__()
         self.traced_outputs = outputs  # filled by the tracing forward pass, which runs before _build_dependency
         self.returned = returned  # the tensors the model returned, filled by the same pass
+        self.token_outputs: set[Any] = set()  # Linear layers whose outputs are a sequence's tokens (tokens.py)
 
     def get_out_channels(self, module_or_node: Any) -> int | None:
         """A concatenation's channels (torch-pruning's count none): see :func:`concat_width`."""
@@ -57,6 +59,7 @@ class DependencyGraph(tp.DependencyGraph):
         return concat_width(module_or_node) or super().get_in_channels(module_or_node)
 
     def _build_dependency(self, module2node: Any) -> None:
+        self.token_outputs = pass_channels_around(self, self.traced_outputs)
         mark_outputs(module2node, self.returned[1:], self)
         self.returned = []  # the graph keeps their autograd nodes, not the tensors
         super()._build_dependency(module2node)

@@ -280,6 +280,8 @@ class StructureGraph:
                 if isinstance(target, nn.Module):
                     if self.dg.is_out_channel_pruning_fn(dep.handler):
                         out_layers.append(name)
+                    if dep.target.module in self.dg.token_outputs and name in out_layers:
+                        reason = reason or f"its channels are the tokens of a sequence, which {name!r} mixes"
                     if isinstance(target, ChannelShuffle):
                         reason = reason or f"its channels go through the channel shuffle {name!r}, which keeps them"
                     if not isinstance(target, SUPPORTED) and not is_plain_norm(target) and not is_root(target):

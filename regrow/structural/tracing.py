@@ -114,7 +114,7 @@ class TiledIndexMapping:
         ]
 
 
-def _channels_in(dg: Any, node: Any) -> int | None:
+def channels_in(dg: Any, node: Any) -> int | None:
     """torch-pruning's count of the channels ``node`` reads, None where it has none or its inference fails (a
     split whose chunk widths it read off another dimension than its consumers: Gemma 4's 2-D rotary embedding)."""
     try:
@@ -190,7 +190,7 @@ def _untie_spatial_slices(dg: Any) -> None:
         dim = _slice_dim(fn)
         if (len(sizes), dim) not in ((4, 1), (3, 2)) and _saved_dim(fn) >= 0:
             continue  # torch-pruning's reading stands: every dim of a 2-D or 5-D tensor is channels to it
-        channels = _channels_in(dg, node)
+        channels = channels_in(dg, node)
         if channels is not None and channels != sizes[dim]:
             _retype(node)
 
@@ -212,7 +212,7 @@ def _untie_broadcasts(dg: Any) -> None:
         if not any(isinstance(m, index_mapping._GQAIndexMapping) and m.repeat * m.head_dim == 0 for m in gqa):
             continue
         gqa_only = (index_mapping._GQAIndexMapping,)  # the expand's own mapping; its neighbours' stay
-        if int(node.grad_fn._saved_self_sym_sizes[-1]) == _channels_in(dg, node):
+        if int(node.grad_fn._saved_self_sym_sizes[-1]) == channels_in(dg, node):
             _retype(node, stale=gqa_only)
         else:
             _retype(node, _none, _none, stale=gqa_only)
@@ -230,7 +230,7 @@ def _channels_last_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None
         if node.type != ops.OPTYPE.RESHAPE or not hasattr(fn, "_saved_self_sym_sizes") or fn not in shapes:
             continue
         before, after = [int(s) for s in fn._saved_self_sym_sizes], list(shapes[fn])
-        channels = _channels_in(dg, node)
+        channels = channels_in(dg, node)
         if len(before) < 3 or channels is None or before[-1] != channels or before[1] == channels:
             continue  # not channels-last, or cannot tell
         if after and after[-1] == channels:
@@ -257,7 +257,7 @@ def _split_channel_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None
             continue  # a feature map's channels only, not tokens unflattened into rows (B, H*W, C) -> (B, H, W, C)
         if before[1] != after[1] * after[2] or before[2:] != after[3:] or before[-1] == before[1]:
             continue  # not such a view, or cannot tell channels-first from channels-last
-        if _channels_in(dg, node) != before[1]:
+        if channels_in(dg, node) != before[1]:
             continue
         blocks, channels = after[1], after[2]
         _retype(node, TiledIndexMapping(channels, blocks, reverse=True), TiledIndexMapping(channels, blocks))
@@ -282,7 +282,7 @@ def _channel_repeats(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
         if source is None or source.type != ops.OPTYPE.EXPAND or not hasattr(source.grad_fn, "_saved_self_sym_sizes"):
             continue
         broadcast = [int(s) for s in source.grad_fn._saved_self_sym_sizes]
-        if broadcast != [before[0], before[1], 1, *before[3:]] or _channels_in(dg, source) != before[1]:
+        if broadcast != [before[0], before[1], 1, *before[3:]] or channels_in(dg, source) != before[1]:
             continue
         _retype(source, stale=(index_mapping._GQAIndexMapping,))
         _retype(node, flatten(stride=before[2]), flatten(stride=before[2], reverse=True))
@@ -312,7 +312,7 @@ def _batch_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) -> 
         before, after = [int(s) for s in fn._saved_self_sym_sizes], list(shapes[fn])
         if not (_merges_batch(before, after, batch) or _merges_batch(after, before, batch)):
             continue  # not the batch: a table flattened (Swin V2's position bias, (16, 16, h) into (256, h))
-        channels = _channels_in(dg, node)
+        channels = channels_in(dg, node)
         if channels is not None and channels in before[1:3] and channels in after[1:3]:
             continue  # the channels stay one whole dimension: frames, (B, T, C, H, W) into (B*T, C, H, W) and back
         if before[-1] == after[-1] and (min(len(before), len(after)) == 2 or before[-1] == channels):

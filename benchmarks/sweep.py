@@ -41,10 +41,12 @@ from benchmarks.zoo import _random_classifier
 
 BUDGET, TOLERANCE = 0.5, 0.02
 # Groups left out by design: the classifier's outputs, attention's inner widths (pattern 'head' shrinks them where
-# it can take the attention; where it cannot, the reason says so, and nothing shrinks them) and the channels a
-# ShuffleNet shuffle interleaves (regrow.structural.shuffle).
+# it can take the attention; where it cannot, the reason says so, and nothing shrinks them), the channels a
+# ShuffleNet shuffle interleaves (regrow.structural.shuffle) and the outputs of a Linear over a sequence's tokens,
+# the tokens themselves (regrow.structural.tokens).
 SHUFFLED = "its channels go through the channel shuffle"
-BENIGN = ("not a target", "its channels are the model's output", "inside attention", SHUFFLED)
+TOKENS = "its channels are the tokens of a sequence"
+BENIGN = ("not a target", "its channels are the model's output", "inside attention", SHUFFLED, TOKENS)
 TITLES = {
     "torchvision": "Every torchvision classifier, pruned by channel to half its MACs",
     "timm": "One model of each timm architecture, pruned by channel to half its MACs",

@@ -92,6 +92,8 @@ FAMILIES = {
     ),
     # tokens pooled by a depthwise convolution with a channel multiplier (regrow.structural.multiplier's stand-in)
     "pit": ("pit_ti_224", {"img_size": 64, "depth": (1, 1, 1)}, 64),
+    "inception_next": ("inception_next_atto", {"depths": (1, 1, 1, 2)}, 64),  # split by stored widths, layer scale
+    "fasternet": ("fasternet_t0", {"depths": (1, 1, 1, 1)}, 64),  # a dense conv on the first channels, the rest pass
     "mixer": (MIXER.MlpMixer, {"img_size": 64, "num_blocks": 2, "embed_dim": 64}, 64),  # token MLPs, transposed
     "resmlp": (  # one Linear over the tokens, affine norms, layer scale
         MIXER.MlpMixer,
@@ -1203,6 +1205,17 @@ def test_a_split_and_a_concatenation_along_the_last_dimension_map_each_chunk_to_
     assert report.equivalence.passed and model.fc1.out_features == 4 and model.fc2.in_features == 2
     with torch.no_grad():
         assert model(x).shape == (2, 5, 5, 5)  # the split widths follow the layers: the forward still runs
+
+
+def test_a_layer_scale_viewed_with_dimensions_of_one_keeps_each_channel_where_it_was():
+    # Was: InceptionNeXt's gamma.reshape(1, -1, 1, 1) in the last stage (320 channels, a 2x2 map) was read as a
+    # flatten into 1280 channels, channel c of the layer scale as 4c .. 4c + 3: the stream's group failed its probe
+    model, x = build("inception_next")
+    graph = StructureGraph(model, x)
+    group = _groups(graph, model)["stages.3.downsample.1"]
+    cuts = {(c.target, c.idxs) for c in graph.cuts(group, [5, 300])}
+    assert ("stages.3.blocks.1.gamma", (5, 300)) in cuts and ("stages.3.blocks.0.gamma", (5, 300)) in cuts
+    assert all(max(c.idxs) < 320 for c in graph.cuts(group, [5, 319]))
 
 
 class TokenMixer(nn.Module):

@@ -5,7 +5,8 @@ also store a width of their own and reshape with it: torchvision's ``VisionTrans
 embedding with ``x.reshape(n, self.hidden_dim, n_h * n_w)``, timm's ReXNet slices its output with
 ``self.in_channels``, timm's Res2Net and CSPNet split with ``self.width`` and ``self.expand_chs``, its
 selective-kernel convolutions (SKNet) with ``self.in_channels // self.num_paths``, its MambaOut with a tuple of
-three widths, its dual-path networks (DPN) slice with ``self.num_1x1_c``. Left stale,
+three widths, its dual-path networks (DPN) slice with ``self.num_1x1_c``, its InceptionNeXt and FasterNet blocks
+split with ``split_indexes`` and ``dim_conv3`` / ``dim_untouched``, which their token mixers store. Left stale,
 the attribute breaks the forward pass of the shrunk model, so every probe of the groups through it failed and
 they were never pruned. Each entry
 names the attribute and the layer width it must equal after surgery; :func:`follow` sets them. Classes are
@@ -38,9 +39,35 @@ def _gated_conv_splits(module: nn.Module) -> tuple[int, int, int] | None:
     return fc2.in_features, fc2.in_features - conv.in_channels, conv.in_channels
 
 
+def _inception_splits(block: nn.Module) -> tuple[int, int, int, int] | None:
+    """timm's InceptionNeXt block splits its input four ways, ``torch.split(x, self.split_indexes, dim=1)`` in its
+    token mixer: channels that pass, then one chunk for each of three depthwise convolutions (square, wide,
+    tall). The chunks follow the convolutions; the channels that pass are what is left of the block's width (its
+    MLP's input)."""
+    mixer, fc1 = getattr(block, "token_mixer", None), getattr(getattr(block, "mlp", None), "fc1", None)
+    convs = [getattr(mixer, name, None) for name in ("dwconv_hw", "dwconv_w", "dwconv_h")]
+    if not isinstance(fc1, nn.Conv2d) or not all(isinstance(conv, nn.Conv2d) for conv in convs):
+        return None
+    widths = [conv.in_channels for conv in convs]
+    return fc1.in_channels - sum(widths), *widths
+
+
+def _partial_conv_untouched(block: nn.Module) -> int | None:
+    """timm's FasterNet block convolves the first ``dim_conv3`` channels of its input and passes the other
+    ``dim_untouched``, ``torch.split(x, [self.dim_conv3, self.dim_untouched], dim=1)``: those are what is left of
+    the block's width (its MLP's output, added to its input) after the convolution's inputs. The convolution is
+    dense: its outputs, concatenated back before the MLP, are a group of their own."""
+    conv = getattr(getattr(block, "spatial_mixing", None), "partial_conv3", None)
+    mlp = getattr(block, "mlp", None)
+    last = mlp[-1] if isinstance(mlp, nn.Sequential) and len(mlp) else None
+    if not isinstance(conv, nn.Conv2d) or not isinstance(last, nn.Conv2d):
+        return None
+    return last.out_channels - conv.in_channels
+
+
 Width = int | tuple[int, ...]
-# qualified class name -> {attribute: the "submodule.attribute" paths it may follow, the first that exists wins, or
-# a function of the module}
+# qualified class name -> {attribute (of the module, or "submodule.attribute"): the "submodule.attribute" paths it may
+# follow, the first that exists wins, or a function of the module}
 STORED_WIDTHS: dict[str, dict[str, tuple[str, ...] | Callable[[nn.Module], Width | None]]] = {
     "torchvision.models.vision_transformer.VisionTransformer": {
         # a patchify convolution, or the last layer of a convolutional stem (conv_stem_configs)
@@ -61,6 +88,11 @@ STORED_WIDTHS: dict[str, dict[str, tuple[str, ...] | Callable[[nn.Module], Width
     # DPN keeps its residual path in the first num_1x1_c channels, x[:, :self.num_1x1_c], and the dense path in the
     # rest; its "b" variants compute the residual part with a layer of its own (without it, no layer has that width)
     "timm.models.dpn.DualPathBlock": {"num_1x1_c": ("c1x1_c1.out_channels",)},
+    "timm.models.inception_next.MetaNeXtBlock": {"token_mixer.split_indexes": _inception_splits},
+    "timm.models.fasternet.MLPBlock": {
+        "spatial_mixing.dim_conv3": ("spatial_mixing.partial_conv3.in_channels",),
+        "spatial_mixing.dim_untouched": _partial_conv_untouched,
+    },
 }
 
 
@@ -91,4 +123,5 @@ def follow(model: nn.Module) -> None:
             else:
                 width = next((w for w in (_read(module, p) for p in sources) if w is not None), None)
             if width is not None:
-                setattr(module, attribute, width)
+                owner, _, field = attribute.rpartition(".")
+                setattr(module.get_submodule(owner), field, width)

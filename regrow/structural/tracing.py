@@ -288,6 +288,22 @@ def _channel_repeats(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
         _retype(node, flatten(stride=before[2]), flatten(stride=before[2], reverse=True))
 
 
+def _unit_dim_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
+    """A view that only adds or drops dimensions of size 1 moves no element: a layer scale viewed as ``(1, C, 1,
+    1)`` (``x.mul(self.gamma.reshape(1, -1, 1, 1))``: InceptionNeXt, ConvNeXt-style blocks), a pooled map's
+    ``(B, C, 1, 1)`` flattened to ``(B, C)``. Channel ``c`` stays ``c``; torch-pruning counted the channels after
+    the view from the layers downstream, and where that count came out larger (1280 for InceptionNeXt's last
+    stage of 320 channels, past a 2x2 map) it read the view as a flatten and sent channel ``c`` to ``4c .. 4c +
+    3``."""
+    for node in list(dg.module2node.values()):
+        fn = node.grad_fn
+        if node.type != ops.OPTYPE.RESHAPE or not hasattr(fn, "_saved_self_sym_sizes") or fn not in shapes:
+            continue
+        before, after = [int(s) for s in fn._saved_self_sym_sizes], list(shapes[fn])
+        if before != after and [s for s in before if s != 1] == [s for s in after if s != 1]:
+            _retype(node)
+
+
 def _merges_batch(a: list[int], b: list[int], batch: int) -> bool:
     """Whether shape ``b`` is ``a`` (whose dim 0 is the ``batch``) with dim 1, or a leading factor of it, merged
     into dim 0: (B, h, N, d) into (B*h, N, d), or (B, h*d, N) into (B*h, d, N)."""
@@ -459,3 +475,4 @@ def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) ->
     _channels_last_reshapes(dg, shapes)
     _split_channel_reshapes(dg, shapes)
     _batch_reshapes(dg, shapes, batch)
+    _unit_dim_reshapes(dg, shapes)

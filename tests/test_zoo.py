@@ -36,6 +36,7 @@ from regrow.structural.heads import _projection_paths, head_group
 
 timm = import_timm()
 MIXER = timm.models.mlp_mixer  # its model functions fix the number of blocks: the families below call the class
+METAFORMER = timm.models.metaformer
 
 # family: (timm model or model class, constructor arguments, input size)
 FAMILIES = {
@@ -94,6 +95,11 @@ FAMILIES = {
     "pit": ("pit_ti_224", {"img_size": 64, "depth": (1, 1, 1)}, 64),
     "inception_next": ("inception_next_atto", {"depths": (1, 1, 1, 2)}, 64),  # split by stored widths, layer scale
     "fasternet": ("fasternet_t0", {"depths": (1, 1, 1, 1)}, 64),  # a dense conv on the first channels, the rest pass
+    "poolformerv2": (  # pooling as token mixer, GroupNorm without a bias, layer scales viewed by a stored shape
+        METAFORMER.MetaFormer,
+        {"depths": (1, 1, 1, 1), "norm_layers": METAFORMER.GroupNorm1NoBias, "use_mlp_head": False},
+        64,
+    ),
     "mixer": (MIXER.MlpMixer, {"img_size": 64, "num_blocks": 2, "embed_dim": 64}, 64),  # token MLPs, transposed
     "resmlp": (  # one Linear over the tokens, affine norms, layer scale
         MIXER.MlpMixer,
@@ -1216,6 +1222,17 @@ def test_a_layer_scale_viewed_with_dimensions_of_one_keeps_each_channel_where_it
     cuts = {(c.target, c.idxs) for c in graph.cuts(group, [5, 300])}
     assert ("stages.3.blocks.1.gamma", (5, 300)) in cuts and ("stages.3.blocks.0.gamma", (5, 300)) in cuts
     assert all(max(c.idxs) < 320 for c in graph.cuts(group, [5, 319]))
+
+
+def test_a_group_norm_without_a_bias_shrinks():
+    # Was: torch-pruning's GroupNorm handler sliced the bias of any affine norm and failed on None (PoolFormer v2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8, bias=False), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    assert report.equivalence.passed and {g["name"]: g["excluded"] for g in report.groups}["0"] is None
+    assert (model[1].num_channels, model[1].weight.shape, model[1].bias) == (4, (4,), None)
+    assert model[3].in_channels == 4
 
 
 class TokenMixer(nn.Module):

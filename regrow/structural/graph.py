@@ -36,7 +36,7 @@ from regrow.structural.coupling import (
     walk,
 )
 from regrow.structural.dependency import DependencyGraph
-from regrow.structural.pruners import customized_pruners, is_plain_norm
+from regrow.structural.pruners import GroupNormPruner, customized_pruners, is_plain_norm
 from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
 from regrow.structural.tracing import ShapeRecorder, refresh_mappings, update_mappings
@@ -526,6 +526,8 @@ def apply_cuts(model: nn.Module, cuts: list[Cut]) -> None:
         if cut.kind == "module" and cut.target not in handlers:
             module = model.get_submodule(cut.target) if cut.target else model
             pruner = next((p for t, p in custom.items() if isinstance(module, t)), None)
+            if pruner is None and isinstance(module, nn.GroupNorm):
+                pruner = GroupNormPruner()  # torch-pruning's fails on a norm without a bias
             handlers[cut.target] = pruner or box.get(ops.module2type(module))
             if handlers[cut.target] is None:
                 raise RegrowError(f"no handler to shrink layer {cut.target!r} of type {type(module).__name__}.")

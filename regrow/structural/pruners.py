@@ -12,6 +12,10 @@
 * Hugging Face's ``Conv1D`` (GPT-2 and its kin: a Linear whose weight is stored (inputs, outputs), ``nf`` its
   output width): torch-pruning has no handler, saw its weight and bias as loose parameters, and no channel
   group of GPT-2 had a layer to start from. :class:`TransposedLinearPruner` shrinks it as the Linear it is.
+* A GroupNorm without a bias (``nn.GroupNorm(..., bias=False)``, timm's ``GroupNorm1NoBias`` in PoolFormer v2):
+  torch-pruning's handler slices the bias whenever the norm is affine and failed on ``None``; every group through
+  such a norm was left out. :class:`GroupNormPruner` slices what the norm has (used by
+  :func:`regrow.structural.graph.apply_cuts`, which shrinks the layers).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch_pruning.pruner import function
 from torch_pruning.pruner.function import BasePruningFunc
 
 from regrow.select import is_transposed_linear
@@ -49,6 +54,20 @@ def is_plain_norm(module: nn.Module) -> bool:
     fits = all(p.shape == tuple(shape) for p in params.values())
     stateless = not any(True for c in module.children() for _ in (*c.parameters(), *c.buffers()))
     return fits and set(params) <= {"weight", "bias"} and stateless
+
+
+class GroupNormPruner(function.GroupNormPruner):
+    """torch-pruning's GroupNorm handler, for a norm whose weight or bias may be None."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = _keep(layer.num_channels, idxs)
+        for name in ("weight", "bias"):
+            if getattr(layer, name, None) is not None:
+                setattr(layer, name, _select(getattr(layer, name), keep, 0))
+        layer.num_channels = len(keep)
+        return layer
+
+    prune_in_channels = prune_out_channels
 
 
 class NormPruner(BasePruningFunc):

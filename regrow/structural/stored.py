@@ -6,7 +6,8 @@ embedding with ``x.reshape(n, self.hidden_dim, n_h * n_w)``, timm's ReXNet slice
 ``self.in_channels``, timm's Res2Net and CSPNet split with ``self.width`` and ``self.expand_chs``, its
 selective-kernel convolutions (SKNet) with ``self.in_channels // self.num_paths``, its MambaOut with a tuple of
 three widths, its dual-path networks (DPN) slice with ``self.num_1x1_c``, its InceptionNeXt and FasterNet blocks
-split with ``split_indexes`` and ``dim_conv3`` / ``dim_untouched``, which their token mixers store. Left stale,
+split with ``split_indexes`` and ``dim_conv3`` / ``dim_untouched``, which their token mixers store, and
+MetaFormer's layer scales view their scale as the ``shape`` they store. Left stale,
 the attribute breaks the forward pass of the shrunk model, so every probe of the groups through it failed and
 they were never pruned. Each entry
 names the attribute and the layer width it must equal after surgery; :func:`follow` sets them. Classes are
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 
@@ -65,6 +67,15 @@ def _partial_conv_untouched(block: nn.Module) -> int | None:
     return last.out_channels - conv.in_channels
 
 
+def _scale_shape(module: nn.Module) -> tuple[int, ...] | None:
+    """timm's MetaFormer ``Scale`` (PoolFormer, ConvFormer, CAFormer) multiplies by ``self.scale.view(self.shape)``,
+    ``shape`` being ``(dim, 1, 1)`` or ``(dim,)``: its first entry follows the scale's length."""
+    scale, shape = getattr(module, "scale", None), getattr(module, "shape", None)
+    if not isinstance(scale, torch.Tensor) or not isinstance(shape, tuple) or not shape:
+        return None
+    return (scale.shape[0], *shape[1:])
+
+
 Width = int | tuple[int, ...]
 # qualified class name -> {attribute (of the module, or "submodule.attribute"): the "submodule.attribute" paths it may
 # follow, the first that exists wins, or a function of the module}
@@ -88,6 +99,7 @@ STORED_WIDTHS: dict[str, dict[str, tuple[str, ...] | Callable[[nn.Module], Width
     # DPN keeps its residual path in the first num_1x1_c channels, x[:, :self.num_1x1_c], and the dense path in the
     # rest; its "b" variants compute the residual part with a layer of its own (without it, no layer has that width)
     "timm.models.dpn.DualPathBlock": {"num_1x1_c": ("c1x1_c1.out_channels",)},
+    "timm.models.metaformer.Scale": {"shape": _scale_shape},
     "timm.models.inception_next.MetaNeXtBlock": {"token_mixer.split_indexes": _inception_splits},
     "timm.models.fasternet.MLPBlock": {
         "spatial_mixing.dim_conv3": ("spatial_mixing.partial_conv3.in_channels",),

@@ -749,6 +749,20 @@ def test_load_rebuilds_a_shrunk_buffer_that_is_not_saved_only_where_its_value_is
     assert torch.equal(loaded(x), model(x))
 
 
+def test_load_rebuilds_a_shrunk_buffer_of_one_row_repeated(tmp_path):
+    # timm's blur filter holds the same k x k filter once a channel; pruning keeps fewer of those rows
+    def factory() -> Buffered:
+        model = Buffered(ramp=False)
+        model.register_buffer("rows", torch.tensor([[1.0, 2.0]]).repeat(6, 1), persistent=False)
+        return model
+
+    model = factory()
+    model.fc, model.zeros, model.rows = nn.Linear(4, 3), torch.zeros(3), model.rows[:3]
+    save(model, tmp_path)
+    loaded = load(tmp_path, factory)
+    assert torch.equal(loaded.rows, torch.tensor([[1.0, 2.0]] * 3)) and "rows" in loaded._non_persistent_buffers_set
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -95,6 +95,7 @@ FAMILIES = {
     "pit": ("pit_ti_224", {"img_size": 64, "depth": (1, 1, 1)}, 64),
     "inception_next": ("inception_next_atto", {"depths": (1, 1, 1, 2)}, 64),  # split by stored widths, layer scale
     "fasternet": ("fasternet_t0", {"depths": (1, 1, 1, 1)}, 64),  # a dense conv on the first channels, the rest pass
+    "tresnet": (timm.models.tresnet.TResNet, {"layers": (1, 1, 1, 1)}, 64),  # blur pooling, space-to-depth stem
     "poolformerv2": (  # pooling as token mixer, GroupNorm without a bias, layer scales viewed by a stored shape
         METAFORMER.MetaFormer,
         {"depths": (1, 1, 1, 1), "norm_layers": METAFORMER.GroupNorm1NoBias, "use_mlp_head": False},
@@ -1233,6 +1234,24 @@ def test_a_group_norm_without_a_bias_shrinks():
     assert report.equivalence.passed and {g["name"]: g["excluded"] for g in report.groups}["0"] is None
     assert (model[1].num_channels, model[1].weight.shape, model[1].bias) == (4, (4,), None)
     assert model[3].in_channels == 4
+
+
+def test_a_blur_pool_loses_the_channels_its_input_loses_and_saves_and_loads(tmp_path):
+    # Was: torch-pruning took its convolution with a buffer for an element-wise op; the shrunk TResNet still
+    # blurred with groups=128 a map of 125 channels, and every group through a blur was left out
+    model, x = build("tresnet")
+    blur = model.body.layer2[0].conv1.aa  # BlurPool2d after the block's first convolution and norm
+    assert type(blur).__name__ == "BlurPool2d"
+    row = blur.filt[0].clone()
+    report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed
+    width = model.body.layer2[0].conv1.conv.out_channels
+    assert blur.channels == width == blur.filt.shape[0] < 128 and all(torch.equal(r, row) for r in blur.filt)
+    regrow.save(model, tmp_path / "tresnet")
+    name, kwargs, _ = FAMILIES["tresnet"]
+    loaded = regrow.load(tmp_path / "tresnet", lambda: name(num_classes=10, **kwargs)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
 
 
 class TokenMixer(nn.Module):

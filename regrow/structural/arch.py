@@ -203,16 +203,21 @@ def apply(model: nn.Module, arch: dict[str, Any]) -> nn.Module:
 def _unsaved_buffer(old: Tensor, shape: list[int], dtype: torch.dtype, name: str, key: str) -> Tensor:
     """A non-persistent buffer of the recorded shape: the state dict leaves it out, so its value comes from the
     factory's. One that holds a single value throughout (timm's zero key bias beside q and v biases, which heads
-    shrink) is that value at the new shape; any other is refused rather than left as uninitialised memory."""
-    flat = old.detach().reshape(-1)
+    shrink) is that value at the new shape; one whose rows along its first dimension are all the same (timm's blur
+    filter, one row a channel), and only that dimension shrank, is that row repeated; any other is refused rather
+    than left as uninitialised memory."""
+    old = old.detach()
+    flat = old.reshape(-1)
     if list(old.shape) == shape:
-        return old.detach().to(dtype)
+        return old.to(dtype)
     if flat.numel() and bool((flat == flat[0]).all()):
         return torch.full(shape, flat[0].item(), dtype=dtype, device=old.device)
+    if old.dim() and old.shape[0] and list(old.shape[1:]) == shape[1:] and bool((old == old[:1]).all()):
+        return old[:1].expand(shape).to(dtype).contiguous()
     raise RegrowError(
         f"cannot rebuild module {name!r}: its buffer {key!r} is not saved with the weights (non-persistent), "
-        f"pruning changed its shape from {list(old.shape)} to {shape}, and the factory's holds more than one value, "
-        "so the values that go with the new shape are unknown."
+        f"pruning changed its shape from {list(old.shape)} to {shape}, and the factory's holds more than one value "
+        "(nor one row repeated), so the values that go with the new shape are unknown."
     )
 
 

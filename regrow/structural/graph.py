@@ -36,7 +36,7 @@ from regrow.structural.coupling import (
     walk,
 )
 from regrow.structural.dependency import DependencyGraph
-from regrow.structural.pruners import GroupNormPruner, customized_pruners, is_plain_norm
+from regrow.structural.pruners import GroupNormPruner, customized_pruners, is_channel_filter, is_plain_norm
 from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
 from regrow.structural.tracing import ShapeRecorder, refresh_mappings, update_mappings
@@ -284,7 +284,8 @@ class StructureGraph:
                         reason = reason or f"its channels are the tokens of a sequence, which {name!r} mixes"
                     if isinstance(target, ChannelShuffle):
                         reason = reason or f"its channels go through the channel shuffle {name!r}, which keeps them"
-                    if not isinstance(target, SUPPORTED) and not is_plain_norm(target) and not is_root(target):
+                    known = is_plain_norm(target) or is_root(target) or is_channel_filter(target)
+                    if not isinstance(target, SUPPORTED) and not known:
                         reason = reason or f"layer {name!r} of type {type(target).__name__} is not supported"
             root = group[0].dep.target.module
             # Name the group after its first output layer in registration order (the stem of a residual

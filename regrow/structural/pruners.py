@@ -16,6 +16,11 @@
   torch-pruning's handler slices the bias whenever the norm is affine and failed on ``None``; every group through
   such a norm was left out. :class:`GroupNormPruner` slices what the norm has (used by
   :func:`regrow.structural.graph.apply_cuts`, which shrinks the layers).
+* timm's ``BlurPool2d`` (anti-aliased downsampling: TResNet, the ResNet "blur" variants): a fixed depthwise
+  filter, one row of its ``filt`` buffer per channel, applied with ``groups=self.channels``. torch-pruning saw a
+  convolution with a buffer for its weight as an element-wise op, so the channels went through it uncut and the
+  shrunk model failed (``Given groups=128 ... but got 125 channels``). :class:`ChannelFilterPruner` takes it as
+  a layer whose inputs and outputs are the same channels, and slices the buffer with them.
 """
 
 from __future__ import annotations
@@ -68,6 +73,37 @@ class GroupNormPruner(function.GroupNormPruner):
         return layer
 
     prune_in_channels = prune_out_channels
+
+
+CHANNEL_FILTERS = ("timm.layers.blur_pool.BlurPool2d",)
+
+
+def is_channel_filter(module: nn.Module) -> bool:
+    """A fixed depthwise filter with one row of its buffer ``filt`` per channel, and its channel count stored
+    (``channels``; None where one row is broadcast to the input's width)."""
+    named = {f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__}
+    return bool(named & set(CHANNEL_FILTERS)) and isinstance(getattr(module, "filt", None), Tensor)
+
+
+class ChannelFilterPruner(BasePruningFunc):
+    """Shrinks a channel filter (:func:`is_channel_filter`): the rows of its buffer and its channel count. One
+    function for both directions: its inputs and outputs are the same channels. A filter without a channel
+    count (``channels=None``: one row, broadcast to the input's width) has nothing to shrink."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        if layer.channels is not None:
+            keep = torch.as_tensor(_keep(layer.channels, idxs), dtype=torch.long, device=layer.filt.device)
+            layer.filt = layer.filt.index_select(0, keep).contiguous()
+            layer.channels = len(keep)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int | None:
+        return layer.channels
+
+    def get_in_channels(self, layer: nn.Module) -> int | None:
+        return layer.channels
 
 
 class NormPruner(BasePruningFunc):
@@ -186,4 +222,6 @@ def customized_pruners(model: nn.Module | None = None) -> dict[type, BasePruning
             pruners[type(module)] = NormPruner()
         elif type(module) not in pruners and is_transposed_linear(module):
             pruners[type(module)] = TransposedLinearPruner()
+        elif type(module) not in pruners and is_channel_filter(module):
+            pruners[type(module)] = ChannelFilterPruner()
     return pruners

@@ -31,7 +31,7 @@ from regrow.batches import call, output_tensor, tensors
 from regrow.structural.attention import MultiheadAttention
 from regrow.structural.graph import Cut
 from regrow.structural.heads import HeadGroup
-from regrow.structural.pruners import is_plain_norm
+from regrow.structural.pruners import is_channel_filter, is_plain_norm
 
 RTOL = 1e-4
 ATOL = 1e-5
@@ -75,7 +75,8 @@ class Equivalence:
 
 
 def _channel_dim(module: nn.Module, x: Tensor) -> int:
-    return 1 if isinstance(module, _CHANNEL_DIM_1) and x.dim() > 1 else x.dim() - 1
+    channels_first = isinstance(module, _CHANNEL_DIM_1) or is_channel_filter(module)
+    return 1 if channels_first and x.dim() > 1 else x.dim() - 1
 
 
 def _zero(x: Tensor, dim: int, idxs: Tensor) -> Tensor:

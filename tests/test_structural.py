@@ -1297,3 +1297,43 @@ def test_the_check_compares_every_tensor_the_model_returns_beside_its_logits():
     assert logits.where == "" and "output" not in logits.to_dict()
     agree = regrow.structural.compare(Returns(lambda x: x), Returns(lambda x: x), x + 1.0)
     assert agree.passed and agree.max_abs_diff == 0.0 and agree.where == ""
+
+
+class Upsampler(nn.Module):
+    """An encoder-decoder in miniature: a strided convolution, then a transposed one (upsampling) back to the
+    input's size, then a 1x1 head."""
+
+    def __init__(self, groups: int = 1) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2, groups=groups)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.up(F.relu(self.bn(self.down(x))))))
+
+
+def test_a_transposed_convolution_loses_inputs_and_outputs_and_saves_and_loads(tmp_path):
+    # Was: "layer 'up' of type ConvTranspose2d is not supported", and its own outputs were no group (LowFormer's
+    # upsampling; segmentation decoders)
+    torch.manual_seed(0)
+    model, x = Upsampler().eval(), torch.randn(2, 3, 8, 8)
+    report = shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    assert report.equivalence.passed
+    assert {g["name"]: (g["units_before"], g["units_after"]) for g in report.groups if not g["excluded"]} == {
+        "down": (8, 4),
+        "up": (6, 3),
+    }
+    assert (model.up.in_channels, model.up.out_channels, model.head.in_channels) == (4, 3, 3)
+    assert model.up.weight.shape[:2] == (4, 3)  # a transposed convolution's weight holds (inputs, outputs)
+    save(model, tmp_path)
+    loaded = load(tmp_path, Upsampler).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_a_grouped_transposed_convolution_is_left_out_saying_so():
+    torch.manual_seed(0)
+    with pytest.raises(RegrowError, match="layer 'up' is a grouped transposed convolution, which is not supported"):
+        shrink(Upsampler(groups=2).eval(), pattern="channel", sparsity=0.5, example_inputs=torch.randn(2, 3, 8, 8))

@@ -41,7 +41,8 @@ from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
 from regrow.structural.tracing import ShapeRecorder, refresh_mappings, update_mappings
 
-ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)  # convolutions, transposed ones (upsampling) too
+TRANSPOSED_CONV = nn.modules.conv._ConvTransposeNd
 
 
 def is_root(module: Any) -> bool:
@@ -53,9 +54,7 @@ HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "kv_n_heads", "kv_heads")  # key/value head counts declared
 # Modules whose channel handling regrow simulates exactly (see simulate.py).
 SUPPORTED = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
+    nn.modules.conv._ConvNd,
     nn.Linear,
     nn.modules.batchnorm._BatchNorm,
     nn.LayerNorm,
@@ -284,6 +283,8 @@ class StructureGraph:
                         reason = reason or f"its channels are the tokens of a sequence, which {name!r} mixes"
                     if isinstance(target, ChannelShuffle):
                         reason = reason or f"its channels go through the channel shuffle {name!r}, which keeps them"
+                    if isinstance(target, TRANSPOSED_CONV) and target.groups > 1:
+                        reason = reason or f"layer {name!r} is a grouped transposed convolution, which is not supported"
                     known = is_plain_norm(target) or is_root(target) or is_channel_filter(target)
                     if not isinstance(target, SUPPORTED) and not known:
                         reason = reason or f"layer {name!r} of type {type(target).__name__} is not supported"

@@ -21,7 +21,7 @@ from regrow.select import resolve_targets
 from regrow.structural.arch import tied_parameters
 from regrow.structural.budget import Unitized
 from regrow.structural.device import copy_grads, exact_arithmetic, inputs_to_host
-from regrow.structural.graph import ChannelGroup, StructureGraph, find_attention
+from regrow.structural.graph import TRANSPOSED_CONV, ChannelGroup, StructureGraph, find_attention
 from regrow.structural.heads import HeadGroup, head_group, inner_projections
 from regrow.structural.importance import accumulate_gradients, channel_scores, head_scores
 from regrow.structural.mlp import MlpGroup
@@ -159,6 +159,8 @@ def _channel_groups(
     ignored = set()
     if ignore is not None:
         ignored = {f.rpartition(".")[0] for f in resolve_targets(model, ignore)}
+    if targets is None:  # upsampling layers too (the default targets are the layers every pattern knows)
+        candidates |= {n for n, m in model.named_modules() if isinstance(m, TRANSPOSED_CONV) and n not in ignored}
     explain = (
         f"the structural dependency graph of this model (torch-pruning) was not built within {GRAPH_SECONDS:g} s, "
         "so channel pruning stopped instead of hanging. Prune fewer layers with targets= / ignore=, remove heads "

@@ -1303,12 +1303,12 @@ class Upsampler(nn.Module):
     """An encoder-decoder in miniature: a strided convolution, then a transposed one (upsampling) back to the
     input's size, then a 1x1 head."""
 
-    def __init__(self, groups: int = 1) -> None:
+    def __init__(self, groups: int = 1, up: int = 6) -> None:
         super().__init__()
         self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
         self.bn = nn.BatchNorm2d(8)
-        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2, groups=groups)
-        self.head = nn.Conv2d(6, 2, 1)
+        self.up = nn.ConvTranspose2d(8, up, 2, stride=2, groups=groups)
+        self.head = nn.Conv2d(up, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(F.relu(self.up(F.relu(self.bn(self.down(x))))))
@@ -1333,7 +1333,17 @@ def test_a_transposed_convolution_loses_inputs_and_outputs_and_saves_and_loads(t
         assert torch.equal(loaded(x), model(x))
 
 
+def test_a_depthwise_transposed_convolution_loses_the_channels_it_reads():
+    # LowFormer upsamples with one: its groups were one unit ("can only be removed all together")
+    torch.manual_seed(0)
+    model, x = Upsampler(groups=8, up=8).eval(), torch.randn(2, 3, 8, 8)
+    report = shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    assert report.equivalence.passed and {g["name"]: g["units_after"] for g in report.groups}["down"] == 4
+    assert (model.up.in_channels, model.up.out_channels, model.up.groups, model.head.in_channels) == (4, 4, 4, 4)
+
+
 def test_a_grouped_transposed_convolution_is_left_out_saying_so():
     torch.manual_seed(0)
-    with pytest.raises(RegrowError, match="layer 'up' is a grouped transposed convolution, which is not supported"):
+    refused = r"layer 'up' is a grouped transposed convolution \(not depthwise\), which is not supported"
+    with pytest.raises(RegrowError, match=refused):
         shrink(Upsampler(groups=2).eval(), pattern="channel", sparsity=0.5, example_inputs=torch.randn(2, 3, 8, 8))

@@ -290,7 +290,7 @@ def member_groups(dg: Any, module: Any, handler: Any) -> tuple[int, int]:
     pruner = dg.get_pruner_of_module(module)
     if pruner is None:
         return 1, 0
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == module.out_channels:
+    if isinstance(module, ops.TORCH_CONV) and module.groups == module.out_channels:  # transposed ones too
         return 1, 0
     if dg.is_out_channel_pruning_fn(handler):
         groups, width = pruner.get_out_channel_groups(module), pruner.get_out_channels(module)

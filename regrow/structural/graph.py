@@ -283,8 +283,9 @@ class StructureGraph:
                         reason = reason or f"its channels are the tokens of a sequence, which {name!r} mixes"
                     if isinstance(target, ChannelShuffle):
                         reason = reason or f"its channels go through the channel shuffle {name!r}, which keeps them"
-                    if isinstance(target, TRANSPOSED_CONV) and target.groups > 1:
-                        reason = reason or f"layer {name!r} is a grouped transposed convolution, which is not supported"
+                    if isinstance(target, TRANSPOSED_CONV) and 1 < target.groups != target.out_channels:
+                        grouped = "a grouped transposed convolution (not depthwise)"
+                        reason = reason or f"layer {name!r} is {grouped}, which is not supported"
                     known = is_plain_norm(target) or is_root(target) or is_channel_filter(target)
                     if not isinstance(target, SUPPORTED) and not known:
                         reason = reason or f"layer {name!r} of type {type(target).__name__} is not supported"

@@ -176,7 +176,7 @@ def _write(out: Path, source: str, rows: list[dict[str, Any]], runs: list[dict[s
         ("" if len(rows) == total else f"**Partial: {len(rows)} of {total} models done.** ")
         + f"{passed} of {len(rows)} models reach `macs={BUDGET}` within {TOLERANCE:.0%} with the check passing and no "
         "group left out for a reason that is not benign (the classifier's outputs, attention's inner widths, the "
-        "channels a ShuffleNet shuffle interleaves).",
+        "channels a ShuffleNet shuffle interleaves, the tokens of a Linear over them).",
         "",
         markdown_table((["run"] if several else []) + header, table),
         "",

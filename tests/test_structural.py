@@ -1347,3 +1347,53 @@ def test_a_grouped_transposed_convolution_is_left_out_saying_so():
     refused = r"layer 'up' is a grouped transposed convolution \(not depthwise\), which is not supported"
     with pytest.raises(RegrowError, match=refused):
         shrink(Upsampler(groups=2).eval(), pattern="channel", sparsity=0.5, example_inputs=torch.randn(2, 3, 8, 8))
+
+
+class ConvLSTM(nn.Module):
+    """A text-line recogniser in miniature (CRNN): convolutional features, averaged over the height, read column by
+    column by a bidirectional LSTM, then a classifier per column."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.rnn = nn.LSTM(8, 5, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        columns, _ = self.rnn(F.relu(self.bn(self.conv(x))).mean(2).permute(0, 2, 1))
+        return self.fc(columns)
+
+
+def test_an_lstm_loses_the_inputs_its_features_lose_and_saves_and_loads(tmp_path):
+    # Was: "layer 'rnn' of type LSTM is not supported", so the convolution feeding it kept every channel (timm's
+    # Sequencer: every stream group). Its hidden state stays (torch-pruning's handler for it does not hold)
+    torch.manual_seed(0)
+    model, x = ConvLSTM().eval(), torch.randn(2, 3, 4, 6)
+    report = shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    assert report.equivalence.passed and {g["name"]: g["units_after"] for g in report.groups}["conv"] == 4
+    assert (model.rnn.input_size, model.rnn.hidden_size, model.rnn.weight_ih_l0_reverse.shape) == (4, 5, (20, 4))
+    save(model, tmp_path)
+    loaded = load(tmp_path, ConvLSTM).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+class LSTMResidual(nn.Module):
+    """An LSTM whose hidden state is added back to its input: the sum's channels are its hidden state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 6)
+        self.rnn = nn.LSTM(6, 6, batch_first=True)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        return self.fc(h + self.rnn(h)[0])
+
+
+def test_channels_that_are_an_lstms_hidden_state_are_left_out_saying_so():
+    torch.manual_seed(0)
+    with pytest.raises(RegrowError, match="its channels are the hidden state of LSTM 'rnn', which does not shrink"):
+        shrink(LSTMResidual().eval(), pattern="channel", sparsity=0.5, example_inputs=torch.randn(2, 5, 3))

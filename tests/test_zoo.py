@@ -95,6 +95,11 @@ FAMILIES = {
     "pit": ("pit_ti_224", {"img_size": 64, "depth": (1, 1, 1)}, 64),
     "inception_next": ("inception_next_atto", {"depths": (1, 1, 1, 2)}, 64),  # split by stored widths, layer scale
     "fasternet": ("fasternet_t0", {"depths": (1, 1, 1, 1)}, 64),  # a dense conv on the first channels, the rest pass
+    "sequencer": (  # bidirectional LSTMs along the rows and the columns of a channels-last map
+        timm.models.sequencer.Sequencer2d,
+        {"layers": (1, 1, 1, 1), "embed_dims": (32, 64, 64, 64), "hidden_sizes": (8, 16, 16, 16)},
+        64,
+    ),
     "tresnet": (timm.models.tresnet.TResNet, {"layers": (1, 1, 1, 1)}, 64),  # blur pooling, space-to-depth stem
     "poolformerv2": (  # pooling as token mixer, GroupNorm without a bias, layer scales viewed by a stored shape
         METAFORMER.MetaFormer,

@@ -62,6 +62,7 @@ SUPPORTED = (
     nn.modules.instancenorm._InstanceNorm,
     nn.PReLU,
     nn.Embedding,
+    nn.LSTM,  # its inputs only (below)
     MultiheadAttention,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
@@ -286,6 +287,8 @@ class StructureGraph:
                     if isinstance(target, TRANSPOSED_CONV) and 1 < target.groups != target.out_channels:
                         grouped = "a grouped transposed convolution (not depthwise)"
                         reason = reason or f"layer {name!r} is {grouped}, which is not supported"
+                    if isinstance(target, nn.LSTM) and name in out_layers:
+                        reason = reason or f"its channels are the hidden state of LSTM {name!r}, which does not shrink"
                     known = is_plain_norm(target) or is_root(target) or is_channel_filter(target)
                     if not isinstance(target, SUPPORTED) and not known:
                         reason = reason or f"layer {name!r} of type {type(target).__name__} is not supported"

@@ -27,7 +27,7 @@ import regrow
 from benchmarks.zoo import _random_classifier
 from conftest import import_timm
 from regrow.errors import RegrowError
-from regrow.structural import coupling, multiplier, tracing
+from regrow.structural import coupling, multiplier, patches, tracing
 from regrow.structural import graph as graph_module
 from regrow.structural.budget import Unitized, select, take
 from regrow.structural.coupling import RunawayMapping, UnmappedOp, pruning_group, walk
@@ -100,6 +100,7 @@ FAMILIES = {
         {"layers": (1, 1, 1, 1), "embed_dims": (32, 64, 64, 64), "hidden_sizes": (8, 16, 16, 16)},
         64,
     ),
+    "mobilevit": ("mobilevit_xxs", {}, 64),  # a feature map unfolded into patches for a transformer, folded back
     "tresnet": (timm.models.tresnet.TResNet, {"layers": (1, 1, 1, 1)}, 64),  # blur pooling, space-to-depth stem
     "poolformerv2": (  # pooling as token mixer, GroupNorm without a bias, layer scales viewed by a stored shape
         METAFORMER.MetaFormer,
@@ -673,6 +674,25 @@ def test_a_channel_repeated_by_a_multiplier_goes_with_its_copies():
     report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
     assert report.equivalence.passed
     assert (model.stem.out_channels, model.pool.in_channels, model.pool.out_channels, model.pool.groups) == (2, 4, 4, 4)
+
+
+@pytest.mark.parametrize("size", [64, 72])  # 72: the feature maps are interpolated to a multiple of the patch
+def test_mobilevits_patches_stand_in_computes_timms(size):
+    model, _ = build("mobilevit")
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    block = model.stages[3][1]  # a MobileVitBlock of 80 channels
+    with torch.no_grad():
+        x = model.stages[3][0](model.stages[:3](model.stem(x)))
+        assert torch.equal(patches.MobileVitPatches(block)(x), block(x))
+
+
+def test_mobilevits_transformer_width_shrinks():
+    # Was: the unfold folded the channels into the batch, which maps no channel; the transformer's norms and the
+    # convolution before them were never one group, and MobileViT's transformer width was left out
+    model, x = build("mobilevit")
+    report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.standins == ["stages.2.1", "stages.3.1", "stages.4.1"] and report.equivalence.passed
+    assert model.stages[3][1].conv_1x1.out_channels == model.stages[3][1].norm.normalized_shape[0] < 80
 
 
 def test_pits_pooling_stand_in_computes_timms_and_saves_and_loads(tmp_path):

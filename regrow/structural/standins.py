@@ -5,7 +5,8 @@ tests; PiT's, below, equal but for rounding) and keeps every parameter and buffe
 either way: torchvision's Swin and MaxViT attention and Swin's patch merging (:mod:`regrow.structural.windows`),
 torchvision's ShuffleNetV2 block (:mod:`regrow.structural.shuffle`), timm's attention modules that merge their
 heads with their input's width (:mod:`regrow.structural.timm_attention`), and PiT's pooling
-(:mod:`regrow.structural.multiplier`, a repeat then a depthwise convolution in place of a grouped one).
+(:mod:`regrow.structural.multiplier`, a repeat then a depthwise convolution in place of a grouped one), and
+MobileViT's block (:mod:`regrow.structural.patches`, its unfolding into patches with the channels kept apart).
 :func:`convert_standins` swaps them in before tracing; ``arch.json`` records the swap, and
 :func:`regrow.structural.arch.apply` makes it again on load. The originals are recognised by their module and
 class name; neither library is imported.
@@ -26,11 +27,12 @@ from torch import nn
 from regrow.batches import forward, tensors
 from regrow.structural.attention import set_submodule
 from regrow.structural.multiplier import STANDINS as MULTIPLIER
+from regrow.structural.patches import STANDINS as PATCHES
 from regrow.structural.shuffle import STANDINS as SHUFFLE
 from regrow.structural.timm_attention import STANDINS as TIMM
 from regrow.structural.windows import STANDINS as WINDOWS
 
-STANDINS: dict[str, type[nn.Module]] = {**WINDOWS, **SHUFFLE, **TIMM, **MULTIPLIER}
+STANDINS: dict[str, type[nn.Module]] = {**WINDOWS, **SHUFFLE, **TIMM, **MULTIPLIER, **PATCHES}
 
 
 def standin_for(module: nn.Module) -> type[nn.Module] | None:

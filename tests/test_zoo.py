@@ -100,6 +100,11 @@ FAMILIES = {
         {"layers": (1, 1, 1, 1), "embed_dims": (32, 64, 64, 64), "hidden_sizes": (8, 16, 16, 16)},
         64,
     ),
+    "fastvit": (  # reparameterisable branches; patch embeddings by depthwise convolutions with a multiplier
+        timm.models.fastvit.FastVit,
+        {"layers": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128), "mlp_ratios": (2,) * 4},
+        64,
+    ),
     "mobilevit": ("mobilevit_xxs", {}, 64),  # a feature map unfolded into patches for a transformer, folded back
     "tresnet": (timm.models.tresnet.TResNet, {"layers": (1, 1, 1, 1)}, 64),  # blur pooling, space-to-depth stem
     "poolformerv2": (  # pooling as token mixer, GroupNorm without a bias, layer scales viewed by a stored shape
@@ -1396,17 +1401,26 @@ class Multiplier(nn.Module):
         return self.head(self.spread(self.stem(x)))
 
 
-def test_a_depthwise_convolution_with_a_multiplier_keeps_its_groups():
-    # Its input has one channel per group: removing one would take a whole group, so the stem goes whole. Its
-    # output loses the same channel of every group (the multiplier falls from 2 to 1).
+def test_a_depthwise_convolution_with_a_multiplier_loses_each_input_with_its_copies(tmp_path):
+    # Was: torch-pruning keeps such a convolution's groups whole: its input, one channel a group, went whole
+    # ("its 4 channels can only be removed all together": every FastViT stream group through a patch embedding),
+    # and only the multiplier could fall. Its stand-in repeats each input channel, then convolves depthwise: an
+    # input channel goes with its copies
     torch.manual_seed(0)
     model, x = Multiplier().eval(), torch.randn(2, 3, 6, 6)
-    groups = {u.name: u.group for u in regrow.structural.prepare(model, pattern="channel", example_inputs=x).units}
-    assert groups["stem"].unit_channels == [(0, 1, 2, 3)]
-    assert groups["stem"].excluded == "its 4 channels can only be removed all together"
-    assert groups["spread"].unit_channels == [(0, 2, 4, 6), (1, 3, 5, 7)]
+    with torch.no_grad():
+        hidden = model.stem(x)
+        assert torch.allclose(multiplier.MultipliedConv2d(model.spread)(hidden), model.spread(hidden), atol=1e-6)
+    prepared = regrow.structural.prepare(copy.deepcopy(model), pattern="channel", example_inputs=x)
+    groups = {u.name: u.group for u in prepared.units}
+    assert groups["stem"].excluded is None and groups["stem"].unit_channels == [(0, 1), (2, 3), (4, 5), (6, 7)]
     report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
-    assert report.equivalence.passed and (model.spread.out_channels, model.spread.groups) == (4, 4)
+    assert report.standins == ["spread"] and report.equivalence.passed and model.stem.out_channels == 2
+    assert (model.spread.in_channels, model.spread.out_channels, model.spread.groups) == (4, 4, 4)
+    regrow.save(model, tmp_path)
+    loaded = regrow.load(tmp_path, Multiplier).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
 
 
 class MapEmbedding(nn.Module):

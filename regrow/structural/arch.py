@@ -11,7 +11,8 @@ Nothing is unpickled at any point.
 ``arch.json`` is data, and :func:`load` checks it against a schema before anything is changed: at most
 ``MAX_BYTES`` and ``MAX_DEPTH`` levels of nesting; each module's class is the class of the factory's module
 of that name (or regrow's attention in place of ``nn.MultiheadAttention``, its stand-in in place of a Swin,
-MaxViT or ShuffleNetV2 module or a timm attention module); attributes are public ones the factory's module already
+MaxViT or ShuffleNetV2 module, a timm attention module or block, or a depthwise convolution with a channel
+multiplier); attributes are public ones the factory's module already
 holds as plain values (numbers, strings, booleans, ``None``, lists, tuples and sets of those), never ``_``-names,
 ``forward`` or ``training``, and, as ``config``, a layer's own head counts in front of the config the factory's module
 holds (``{"__layer_config__": {"num_attention_heads": 2}}``, :mod:`regrow.structural.layer_config`: only head
@@ -36,7 +37,7 @@ from regrow.export import load_weights, save_weights
 from regrow.io import atomic_write_text
 from regrow.structural.attention import MultiheadAttention, set_submodule
 from regrow.structural.layer_config import KEY, LayerConfig, bind, encode, is_encoded, refusal
-from regrow.structural.standins import STANDINS, standin_for
+from regrow.structural.standins import STANDIN_CLASSES, standin_for
 
 FORMAT = "regrow.arch"
 VERSION = 1
@@ -321,7 +322,8 @@ def _check_against(module: nn.Module, name: str, entry: dict[str, Any]) -> None:
             name,
             f"its class is {entry['class']!r}, but the factory's model has {_class_name(module)} there "
             "(allowed: the class of the factory's module, regrow's MultiheadAttention for torch's, or regrow's "
-            "stand-in for a torchvision Swin, MaxViT or ShuffleNetV2 module or a timm attention module)",
+            "stand-in for a torchvision Swin, MaxViT or ShuffleNetV2 module, a timm attention or block, or a depthwise "
+            "convolution with a channel multiplier)",
         )
     settable = sorted(
         k
@@ -376,7 +378,7 @@ def _swap_in(model: nn.Module, name: str, recorded: str) -> None:
             raise RegrowError(
                 f"arch.json expects attention at {name!r} but the factory's model has {type(current).__name__}."
             )
-    elif recorded in {_class_name(c) for c in STANDINS.values()}:
+    elif recorded in {_class_name(c) for c in STANDIN_CLASSES}:
         current = _get(model, name)
         standin = standin_for(current)
         if standin is not None and _class_name(standin) == recorded:
@@ -384,8 +386,8 @@ def _swap_in(model: nn.Module, name: str, recorded: str) -> None:
         elif _class_name(current) != recorded:
             raise RegrowError(
                 f"arch.json expects regrow's {recorded.rsplit('.', 1)[-1]} at {name!r}, a stand-in for a torchvision "
-                f"Swin, MaxViT or ShuffleNetV2 module or a timm attention module, but the factory's model has "
-                f"{type(current).__name__} there."
+                f"Swin, MaxViT or ShuffleNetV2 module, a timm attention or block, or a depthwise convolution with a "
+                f"channel multiplier, but the factory's model has {type(current).__name__} there."
             )
 
 

@@ -10,6 +10,10 @@ holds the same weight and bias (:func:`as_depthwise`); the trace follows the rep
 (:func:`regrow.structural.tracing.refresh_mappings`: the broadcast is element-wise for the channels, the flatten
 maps channel ``c`` to those ``k``), and the depthwise convolution loses the ``k`` channels of each input channel
 that goes. Parameter names stay, so state dicts load either way.
+
+Any other plain ``nn.Conv2d`` with a channel multiplier (FastViT's patch embeddings, whose stream groups were one
+unit each) gets :class:`MultipliedConv2d`, the same repeat and depthwise convolution in one module, as its stand-in
+(:func:`regrow.structural.standins.standin_for`).
 """
 
 from __future__ import annotations
@@ -55,6 +59,41 @@ class PitPooling(nn.Module):
 
     def forward(self, x: Tensor, cls_token: Tensor) -> tuple[Tensor, Tensor]:
         return self.conv(repeated(x, self.conv)), self.fc(cls_token)
+
+
+def is_multiplier(module: nn.Module) -> bool:
+    """A plain ``nn.Conv2d`` that is depthwise with a channel multiplier: ``groups == in_channels`` (more than
+    one) and ``out_channels = k * in_channels``, k > 1 (FastViT's patch embeddings: 48 channels into 96)."""
+    if type(module) is not nn.Conv2d or module.groups != module.in_channels or module.groups < 2:
+        return False
+    return module.out_channels > module.in_channels and module.out_channels % module.in_channels == 0
+
+
+class MultipliedConv2d(nn.Conv2d):
+    """A depthwise convolution with a channel multiplier (:func:`is_multiplier`), computed as each input channel
+    repeated then a plain depthwise convolution over the copies, with the original's own weight and bias
+    (``weight`` and ``bias`` keep their names and shapes). The stand-in for any such convolution."""
+
+    def __init__(self, source: nn.Conv2d) -> None:
+        width = source.out_channels
+        super().__init__(
+            width,
+            width,
+            source.kernel_size,
+            stride=source.stride,
+            padding=source.padding,
+            dilation=source.dilation,
+            groups=width,
+            bias=source.bias is not None,
+            padding_mode=source.padding_mode,
+            device="meta",
+        )
+        self.weight = source.weight
+        self.bias = source.bias
+        self.train(source.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(repeated(x, self))
 
 
 STANDINS: dict[str, type[nn.Module]] = {"timm.models.pit.Pooling": PitPooling}

@@ -27,18 +27,21 @@ from torch import nn
 from regrow.batches import forward, tensors
 from regrow.structural.attention import set_submodule
 from regrow.structural.multiplier import STANDINS as MULTIPLIER
+from regrow.structural.multiplier import MultipliedConv2d, is_multiplier
 from regrow.structural.patches import STANDINS as PATCHES
 from regrow.structural.shuffle import STANDINS as SHUFFLE
 from regrow.structural.timm_attention import STANDINS as TIMM
 from regrow.structural.windows import STANDINS as WINDOWS
 
 STANDINS: dict[str, type[nn.Module]] = {**WINDOWS, **SHUFFLE, **TIMM, **MULTIPLIER, **PATCHES}
+STANDIN_CLASSES: tuple[type[nn.Module], ...] = (*STANDINS.values(), MultipliedConv2d)  # what load may swap in
 
 
 def standin_for(module: nn.Module) -> type[nn.Module] | None:
-    """regrow's stand-in class for ``module``'s class (None when it needs none)."""
+    """regrow's stand-in class for ``module``'s class (None when it needs none); a depthwise convolution with a
+    channel multiplier gets one whatever holds it (:class:`regrow.structural.multiplier.MultipliedConv2d`)."""
     cls = type(module)
-    return STANDINS.get(f"{cls.__module__}.{cls.__qualname__}")
+    return STANDINS.get(f"{cls.__module__}.{cls.__qualname__}") or (MultipliedConv2d if is_multiplier(module) else None)
 
 
 def convert_standins(model: nn.Module, inputs: Any = None) -> list[str]:
@@ -51,6 +54,9 @@ def convert_standins(model: nn.Module, inputs: Any = None) -> list[str]:
     nothing is. Without, every module that has a stand-in is swapped (as on load, where ``arch.json`` records the
     swaps that were compared before)."""
     found = [(name, module) for name, module in model.named_modules() if name and standin_for(module) is not None]
+    # a module inside one that has a stand-in is the stand-in's to compute (PiT's pooling holds a convolution
+    # with a channel multiplier, which its stand-in already computes as a repeat and a depthwise convolution)
+    found = [(name, m) for name, m in found if not any(name.startswith(f"{outer}.") for outer, _ in found)]
     if not found:
         return []
     kept = _compare(model, found, inputs) if inputs is not None else {}

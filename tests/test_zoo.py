@@ -27,7 +27,7 @@ import regrow
 from benchmarks.zoo import _random_classifier
 from conftest import import_timm
 from regrow.errors import RegrowError
-from regrow.structural import coupling, multiplier, patches, tracing
+from regrow.structural import coupling, multiplier, patches, timm_attention, tracing
 from regrow.structural import graph as graph_module
 from regrow.structural.budget import Unitized, select, take
 from regrow.structural.coupling import RunawayMapping, UnmappedOp, pruning_group, walk
@@ -105,6 +105,7 @@ FAMILIES = {
         {"layers": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128), "mlp_ratios": (2,) * 4},
         64,
     ),
+    "resnest": ("resnest14d", {}, 64),  # split attention: radix splits weighed by a softmax over them
     "mobilevit": ("mobilevit_xxs", {}, 64),  # a feature map unfolded into patches for a transformer, folded back
     "tresnet": (timm.models.tresnet.TResNet, {"layers": (1, 1, 1, 1)}, 64),  # blur pooling, space-to-depth stem
     "poolformerv2": (  # pooling as token mixer, GroupNorm without a bias, layer scales viewed by a stored shape
@@ -679,6 +680,15 @@ def test_a_channel_repeated_by_a_multiplier_goes_with_its_copies():
     report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
     assert report.equivalence.passed
     assert (model.stem.out_channels, model.pool.in_channels, model.pool.out_channels, model.pool.groups) == (2, 4, 4, 4)
+
+
+@pytest.mark.parametrize("groups", [1, 2])  # 2: timm's own forward, which the stand-in runs there
+def test_resnests_split_attention_stand_in_computes_timms(groups):
+    torch.manual_seed(0)
+    original = timm.layers.SplitAttn(16, 16, groups=groups, radix=2).eval()
+    x = torch.randn(2, 16, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(timm_attention.SplitAttention(original)(x), original(x))
 
 
 @pytest.mark.parametrize("size", [64, 72])  # 72: the feature maps are interpolated to a multiple of the patch

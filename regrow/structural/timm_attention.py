@@ -20,7 +20,9 @@ attributes under the same names (not hooks put on the original: they stay with i
 stand-ins): state dicts load either way, the original class's other methods (``set_window_size``,
 ``reset_parameters``, ...) are found on the stand-in, bound to it, and helpers the forward shares with its
 original (BEiT's relative position bias, EVA's rotary embedding) are timm's own, read from the original's class
-and module. timm changes its
+and module. ResNeSt's split attention (``timm.layers.split_attn.SplitAttn``) gets one too, for another reason: its
+radix softmax views and transposes the logits in a way the trace cannot follow (:class:`SplitAttention`). timm
+changes its
 modules between versions, so :func:`regrow.structural.standins.convert_standins` runs each stand-in on what its
 original received on the example batch and keeps the original, saying so, where the outputs differ. timm is never
 imported here: the originals are recognised by their module and class name.
@@ -389,7 +391,28 @@ class NextVitAttention(_Adopted):
         return self.proj_drop(self.proj(_attend(self, q, k, v).transpose(1, 2).reshape(b, n, -1)))
 
 
+class SplitAttention(_Adopted):
+    """timm's ``SplitAttn`` (ResNeSt's split attention) with one cardinal group: the radix softmax over the logits
+    viewed as ``(B, radix, C, 1, 1)``, the shape the splits are weighed in, where timm views them as ``(B, 1, radix,
+    C)``, transposes the size-1 dimension away and flattens them back. The same numbers in the same order; the trace
+    maps the ``radix`` blocks of ``C`` logits onto the blocks of the splits they weigh, where the views and the
+    transpose sent the logits' channels elsewhere (every group through a split attention failed its probe:
+    ``shape '[2, 2, 61, 1, 1]' is invalid for input of size 240``). With several cardinal groups, or one radix (a
+    sigmoid gate), it runs timm's own forward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.radix < 2 or self.rsoftmax.cardinality != 1:
+            return self._original.forward(self, x)
+        x = self.act0(self.drop(self.bn0(self.conv(x))))
+        b, rc, h, w = x.shape
+        splits = x.reshape(b, self.radix, rc // self.radix, h, w)
+        gap = self.act1(self.bn1(self.fc1(splits.sum(dim=1).mean((2, 3), keepdim=True))))
+        attn = self.fc2(gap).reshape(b, self.radix, rc // self.radix, 1, 1).softmax(dim=1)
+        return (splits * attn).sum(dim=1).contiguous()
+
+
 STANDINS: dict[str, type[nn.Module]] = {
+    "timm.layers.split_attn.SplitAttn": SplitAttention,
     TIMM + "eva.EvaAttention": EvaAttention,
     TIMM + "beit.Attention": BeitAttention,
     TIMM + "swin_transformer_v2.WindowAttention": SwinV2WindowAttention,

@@ -1268,7 +1268,8 @@ def test_a_layer_scale_viewed_with_dimensions_of_one_keeps_each_channel_where_it
 def test_a_group_norm_without_a_bias_shrinks():
     # Was: torch-pruning's GroupNorm handler sliced the bias of any affine norm and failed on None (PoolFormer v2)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8, bias=False), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    model[1].bias = None  # as timm's GroupNorm1NoBias does (and nn.GroupNorm(bias=False) on recent torch)
     x = torch.randn(2, 3, 6, 6)
     report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
     assert report.equivalence.passed and {g["name"]: g["excluded"] for g in report.groups}["0"] is None

@@ -18,8 +18,9 @@ Two kinds of attention module are understood:
   (``PER_HEAD``: Swin's relative position bias table, Swin V2's logit scale and the last layer of its
   position-bias MLP, TinyViT's attention biases, whose eval-mode cache is emptied) and the q / k / v biases it
   holds beside a fused projection (``LOOSE_BIASES``: timm's BEiT, EVA and Swin V2). A fused ``qkv`` holds all
-  queries, then all keys, then all values; or each head's q, k and v rows together (``INTERLEAVED``: timm's
-  TinyViT, Hugging Face's GPT-NeoX and GPTBigCode).
+  queries, then all keys, then all values; or each head's q, k and v rows together (``INTERLEAVED``: Hugging Face's
+  GPT-NeoX and GPTBigCode). timm's LeViT, EfficientFormer and TinyViT hold each head's rows together in sections of
+  widths they name, values wider than keys, behind a BatchNorm in LeViT (``SECTIONED``, :class:`SectionedHeads`).
 
 With grouped-query attention (k and v narrower than q: each key/value head serves ``kv_group`` query heads)
 the unit removed is a key/value head together with its query heads, so the grouping stays as the module
@@ -28,9 +29,11 @@ computes it (``num_key_value_groups`` unchanged).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
+import torch_pruning as tp
 from torch import Tensor, nn
 
 from regrow.select import is_transposed_linear
@@ -56,10 +59,9 @@ OUTPUT = ("proj", "out_proj", "o_proj", "o", "out", "wo", "c_proj", "out_lin", "
 PER_HEAD = {"relative_position_bias_table": -1, "logit_scale": 0, "attention_biases": 0}
 PER_HEAD_MLP = ("cpb_mlp", "continuous_position_bias_mlp")
 # Attention whose fused qkv holds each head's q, k and v rows together (``qkv.view(B, N, heads, -1).split(...)``),
-# not all queries, then all keys, then all values: timm's TinyViT, Hugging Face's GPT-NeoX (``view(B, N, -1, 3 * d)``
+# not all queries, then all keys, then all values: Hugging Face's GPT-NeoX (``view(B, N, -1, 3 * d)``
 # then ``chunk(3, -1)``, and GPT-NeoX-Japanese) and GPTBigCode without multi_query, by module and class name.
 INTERLEAVED = {
-    "timm.models.tiny_vit.Attention",
     "transformers.models.gpt_neox.modeling_gpt_neox.GPTNeoXAttention",
     "transformers.models.gpt_neox_japanese.modeling_gpt_neox_japanese.GPTNeoXJapaneseAttention",
     "transformers.models.gpt_bigcode.modeling_gpt_bigcode.GPTBigCodeAttention",  # without multi_query
@@ -67,6 +69,26 @@ INTERLEAVED = {
 # Biases of the attention's own beside a fused projection without one (timm's BEiT, EVA and Swin V2 add them in
 # F.linear; the key's is a zero buffer): one value per row of q, k or v.
 LOOSE_BIASES = ("q_bias", "k_bias", "v_bias")
+# Attention whose projections hold each head's rows together in sections of unequal widths, which the module names
+# by attributes: queries and keys key_dim wide, values val_dim (``qkv(x).view(B, N, heads, -1).split([key_dim, key_dim,
+# val_dim])``): timm's LeViT (its projections a Linear or 1x1 convolution with a BatchNorm after it, its downsampling
+# attention a query projection beside a fused key / value one), EfficientFormer and TinyViT. Per class: each
+# projection's child name and sections, then the integer attributes that are a section's width times the head count.
+SECTIONED = {
+    "timm.models.levit.Attention": (
+        {"qkv": ("key_dim", "key_dim", "val_dim")},
+        {"key_attn_dim": "key_dim", "val_attn_dim": "val_dim"},
+    ),
+    "timm.models.levit.AttentionDownsample": (
+        {"q": ("key_dim",), "kv": ("key_dim", "val_dim")},
+        {"key_attn_dim": "key_dim", "val_attn_dim": "val_dim"},
+    ),
+    "timm.models.efficientformer.Attention": (
+        {"qkv": ("key_dim", "key_dim", "val_dim")},
+        {"key_attn_dim": "key_dim", "val_attn_dim": "val_dim"},
+    ),
+    "timm.models.tiny_vit.Attention": ({"qkv": ("key_dim", "key_dim", "val_dim")}, {"out_dim": "val_dim"}),
+}
 
 
 @dataclass
@@ -100,16 +122,7 @@ class HeadGroup:
 
     def scores(self, model: nn.Module, use_grad: bool) -> Tensor:
         """Per unit: sum over its q/k/v rows and output columns of w^2 (magnitude) or |w * dw/dL| (taylor)."""
-
-        def stat(layer: nn.Module) -> Tensor:
-            w = linear_weight(layer)
-            if use_grad:
-                g = layer.weight.grad
-                if g is None:
-                    return torch.zeros_like(w)
-                return (w.detach() * (g.t() if is_transposed_linear(layer) else g)).abs().float().cpu()
-            return w.detach().pow(2).float().cpu()
-
+        stat = functools.partial(_stat, use_grad=use_grad)
         per_query = torch.zeros(self.heads)
         per_unit = torch.zeros(self.units)
         if self.interleaved:  # each head's q, k and v rows together
@@ -207,6 +220,135 @@ class HeadGroup:
                 bias[h * self.head_dim : (h + 1) * self.head_dim] = 0
 
 
+@dataclass
+class SectionedHeads(HeadGroup):
+    """The heads of an attention in ``SECTIONED``: each projection holds every head's rows together, in sections of
+    the widths ``sections`` names (the last section of the one that ends in values: the values), and may have a
+    BatchNorm right after it (``norms``). ``head_dim`` is a head's value width: the output projection's columns."""
+
+    sections: dict[str, tuple[int, ...]] = field(default_factory=dict)  # role -> one head's rows, section by section
+    norms: dict[str, str] = field(default_factory=dict)  # role -> the norm over that projection's outputs
+    widths: dict[str, int] = field(default_factory=dict)  # the module's attribute -> its width per head
+    values: str = "qkv"  # the projection whose last section holds the values
+
+    def scores(self, model: nn.Module, use_grad: bool) -> Tensor:
+        """Per head: the sum of w^2 (magnitude) or |w * dw/dL| (taylor) over its rows and output columns."""
+        per_head = torch.zeros(self.heads)
+        for role in self.sections:
+            per_head += _stat(self._child(model, role), use_grad).reshape(self.heads, -1).sum(dim=1)
+        w = _stat(self._child(model, "out"), use_grad)
+        return per_head + w.reshape(w.shape[0], self.heads, self.head_dim, -1).sum(dim=(0, 2, 3))
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, removed: list[int]) -> None:
+        """Remove the ``removed`` heads: their rows, norm channels, output columns and per-head tensors."""
+        if not removed:
+            return
+        for role, sections in self.sections.items():
+            gone = _rows_of(self.heads, sum(sections), removed)
+            _prune(self._child(model, role), gone, outputs=True)
+            if role in self.norms:
+                tp.prune_batchnorm_out_channels(model.get_submodule(self.norms[role]), gone)
+        _prune(self._child(model, "out"), _rows_of(self.heads, self.head_dim, removed), outputs=False)
+        module = model.get_submodule(self.name)
+        _keep_per_head(module, self.heads, removed)
+        left = self.heads - len(removed)
+        for attr, width in self.widths.items():
+            setattr(module, attr, left * width)
+        for attr in HEAD_ATTRS:
+            if type(vars(module).get(attr)) is int:
+                setattr(module, attr, left)
+        if isinstance(getattr(module, "attention_bias_cache", None), dict):
+            module.attention_bias_cache = {}  # the per-head position biases, cached in eval mode
+
+    @torch.no_grad()
+    def simulate(self, model: nn.Module, removed: list[int]) -> None:
+        """Zero the value rows of the ``removed`` heads, and their norm's scale and shift: their output is zero."""
+        layer, per = self._child(model, self.values), sum(self.sections[self.values])
+        norm = model.get_submodule(self.norms[self.values]) if self.values in self.norms else None
+        for h in removed:
+            rows = slice((h + 1) * per - self.head_dim, (h + 1) * per)
+            layer.weight[rows] = 0
+            for t in (layer.bias, *((norm.weight, norm.bias) if norm is not None else ())):
+                if t is not None:
+                    t[rows] = 0
+
+
+def _rows_of(heads: int, width: int, removed: list[int]) -> list[int]:
+    """The rows (or columns) of the ``removed`` heads, each ``width`` wide, in order."""
+    return [h * width + j for h in sorted(removed) for j in range(width)]
+
+
+def _prune(layer: nn.Module, gone: list[int], outputs: bool) -> None:
+    """Remove a Linear's or convolution's outputs or inputs ``gone`` (torch-pruning's functions)."""
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        (tp.prune_conv_out_channels if outputs else tp.prune_conv_in_channels)(layer, gone)
+    else:
+        (tp.prune_linear_out_channels if outputs else tp.prune_linear_in_channels)(layer, gone)
+
+
+def _stat(layer: nn.Module, use_grad: bool) -> Tensor:
+    """A layer's w^2 (magnitude) or |w * dw/dL| (taylor), as (outputs, inputs[, kernel])."""
+    w = linear_weight(layer)
+    if use_grad:
+        g = layer.weight.grad
+        if g is None:
+            return torch.zeros_like(w)
+        return (w.detach() * (g.t() if is_transposed_linear(layer) else g)).abs().float().cpu()
+    return w.detach().pow(2).float().cpu()
+
+
+def _sectioned(name: str, module: nn.Module, layout: dict[str, tuple[str, ...]], per_head: dict[str, str]) -> HeadGroup:
+    """The :class:`SectionedHeads` of an attention in ``SECTIONED``, or why its heads cannot go."""
+    heads = head_count(module) or 0
+    sections = {role: tuple(int(getattr(module, a)) for a in attrs) for role, attrs in layout.items()}
+    values = next(role for role, attrs in layout.items() if attrs[-1] == "val_dim")
+    value_dim = sections[values][-1]
+    projections, norms = {}, {}
+    for role in (*sections, "out"):
+        child = "proj" if role == "out" else role
+        found = _layer_and_norm(child, getattr(module, child, None))
+        if found is None:
+            return HeadGroup(name, heads, 0, projections, excluded=f"its {role!r} is not one Linear or convolution")
+        layer, norm = found
+        width = _width_of(module.get_submodule(layer), role == "out")
+        wanted = heads * (value_dim if role == "out" else sum(sections[role]))
+        if width != wanted:
+            reason = f"its {role!r} projection is {width} wide, not {heads} heads of {wanted // max(heads, 1)}"
+            return HeadGroup(name, heads, 0, projections, excluded=reason)
+        projections[role] = f"{name}.{layer}" if name else layer
+        if norm is not None and role != "out":
+            norms[role] = f"{name}.{norm}" if name else norm
+    widths = {attr: int(getattr(module, src)) for attr, src in per_head.items() if hasattr(module, attr)}
+    return SectionedHeads(
+        name, heads, value_dim, projections, sections=sections, norms=norms, widths=widths, values=values
+    )
+
+
+def _layer_and_norm(prefix: str, child: nn.Module | None) -> tuple[str, str | None] | None:
+    """The one Linear or convolution in ``child`` (the attention's child ``prefix``), and the affine BatchNorm over
+    its outputs where one follows it (timm's LeViT: ``LinearNorm``, ``ConvNorm``), by their paths from the
+    attention; None where it holds not just one layer, or another norm."""
+    if not isinstance(child, nn.Module):
+        return None
+    layers = [(n, m) for n, m in child.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    norms = [(n, m) for n, m in child.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if len(layers) != 1:
+        return None
+    path, width = layers[0][0], _width_of(layers[0][1], False)
+    norm = next((n for n, m in norms if m.num_features == width and m.affine), None)
+    if len(norms) > (norm is not None):
+        return None
+    return ".".join(filter(None, (prefix, path))), (f"{prefix}.{norm}" if norm is not None else None)
+
+
+def _width_of(layer: nn.Module, inputs: bool) -> int:
+    """A Linear's or convolution's number of inputs or outputs."""
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return layer.in_channels if inputs else layer.out_channels
+    return _in_features(layer) if inputs else _out_features(layer)
+
+
 def _loose_biases(module: nn.Module, width: int) -> list[tuple[Tensor, dict[str, Tensor | None], str]]:
     """The module's ``LOOSE_BIASES`` one value per row of its ``width``-wide q, k or v: (tensor, the parameter or
     buffer dict that holds it, its name)."""
@@ -260,13 +402,12 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     def full(child: str) -> str:
         return f"{name}.{child}" if name else child
 
+    kind = f"{type(module).__module__}.{type(module).__qualname__}"
+    if kind in SECTIONED:
+        return _sectioned(name, module, *SECTIONED[kind])
     if isinstance(module, MultiheadAttention):
-        return HeadGroup(
-            name,
-            module.num_heads,
-            module.head_dim,
-            {"q": full("q_proj"), "k": full("k_proj"), "v": full("v_proj"), "out": full("out_proj")},
-        )
+        roles = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}
+        return HeadGroup(name, module.num_heads, module.head_dim, {r: full(c) for r, c in roles.items()})
     declared = head_count(module)
     paths = _projection_paths(module)
     children = {n: module.get_submodule(path) for n, path in paths.items()}
@@ -326,7 +467,6 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     if kv_inner % head_dim or not kv_heads or heads % kv_heads:
         reason = f"{heads} query heads cannot share {kv_inner / head_dim:g} key/value heads evenly"
         return HeadGroup(name, heads, head_dim, projections, excluded=reason)
-    kind = f"{type(module).__module__}.{type(module).__qualname__}"
     group = HeadGroup(name, heads, head_dim, projections, kv_group=heads // kv_heads, q_rows=q_rows)
     group.interleaved = fused is not None and kv_heads == heads and kind in INTERLEAVED  # a key per query head
     return group

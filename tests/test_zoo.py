@@ -965,6 +965,11 @@ def test_levits_attention_without_some_heads_computes_what_its_simulation_does(k
     x = torch.randn(2, 8, 4, 4) if use_conv else torch.randn(2, 16, 8)
     _shrinks_as_simulated(attn, x, [1, 3])
     assert attn.num_heads == 2 and attn.attention_biases.shape[0] == 2
+    if use_conv:  # a grouped projection's rows do not go by slicing its weight: refused, not sliced wrong
+        qkv = attn.q.ln if kind == "AttentionDownsample" else attn.qkv
+        qkv.linear = nn.Conv2d(8, qkv.linear.out_channels, 1, groups=2, bias=False)
+        role = "'q'" if kind == "AttentionDownsample" else "'qkv'"
+        assert head_group("", attn).excluded == f"its {role} is not one Linear or ungrouped convolution"
 
 
 @pytest.mark.parametrize("name", ["levit_128s", "levit_conv_128s"])

@@ -309,7 +309,8 @@ def _sectioned(name: str, module: nn.Module, layout: dict[str, tuple[str, ...]],
         child = "proj" if role == "out" else role
         found = _layer_and_norm(child, getattr(module, child, None))
         if found is None:
-            return HeadGroup(name, heads, 0, projections, excluded=f"its {role!r} is not one Linear or convolution")
+            reason = f"its {role!r} is not one Linear or ungrouped convolution"
+            return HeadGroup(name, heads, 0, projections, excluded=reason)
         layer, norm = found
         width = _width_of(module.get_submodule(layer), role == "out")
         wanted = heads * (value_dim if role == "out" else sum(sections[role]))
@@ -328,12 +329,12 @@ def _sectioned(name: str, module: nn.Module, layout: dict[str, tuple[str, ...]],
 def _layer_and_norm(prefix: str, child: nn.Module | None) -> tuple[str, str | None] | None:
     """The one Linear or convolution in ``child`` (the attention's child ``prefix``), and the affine BatchNorm over
     its outputs where one follows it (timm's LeViT: ``LinearNorm``, ``ConvNorm``), by their paths from the
-    attention; None where it holds not just one layer, or another norm."""
+    attention; None where it holds not just one layer, a grouped convolution or another norm."""
     if not isinstance(child, nn.Module):
         return None
     layers = [(n, m) for n, m in child.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
     norms = [(n, m) for n, m in child.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if len(layers) != 1:
+    if len(layers) != 1 or getattr(layers[0][1], "groups", 1) != 1:
         return None
     path, width = layers[0][0], _width_of(layers[0][1], False)
     norm = next((n for n, m in norms if m.num_features == width and m.affine), None)

@@ -992,7 +992,8 @@ def test_levits_heads_go_and_the_model_saves_and_loads(name, tmp_path):
 
 def test_efficientformers_heads_go_with_values_wider_than_keys():
     # EfficientFormer's attention splits each head's rows of its fused qkv as [key_dim, key_dim, val_dim] (values
-    # four times as wide): pattern 'head' refused it ("its output projection reads 512, not a third of its fused qkv")
+    # four times as wide): pattern 'head' refused it ("its output projection reads 1024, not a third of its fused
+    # qkv (1536)")
     torch.manual_seed(0)
     model = timm.create_model("efficientformer_l1", num_classes=10, depths=(1, 1, 1, 1), num_vit=1)
     model = _random_classifier(model).eval()

@@ -245,11 +245,11 @@ class SectionedHeads(HeadGroup):
         if not removed:
             return
         for role, sections in self.sections.items():
-            gone = _rows_of(self.heads, sum(sections), removed)
+            gone = _rows_of(sum(sections), removed)
             _prune(self._child(model, role), gone, outputs=True)
             if role in self.norms:
                 tp.prune_batchnorm_out_channels(model.get_submodule(self.norms[role]), gone)
-        _prune(self._child(model, "out"), _rows_of(self.heads, self.head_dim, removed), outputs=False)
+        _prune(self._child(model, "out"), _rows_of(self.head_dim, removed), outputs=False)
         module = model.get_submodule(self.name)
         _keep_per_head(module, self.heads, removed)
         left = self.heads - len(removed)
@@ -274,7 +274,7 @@ class SectionedHeads(HeadGroup):
                     t[rows] = 0
 
 
-def _rows_of(heads: int, width: int, removed: list[int]) -> list[int]:
+def _rows_of(width: int, removed: list[int]) -> list[int]:
     """The rows (or columns) of the ``removed`` heads, each ``width`` wide, in order."""
     return [h * width + j for h in sorted(removed) for j in range(width)]
 

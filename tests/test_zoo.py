@@ -107,6 +107,11 @@ FAMILIES = {
     ),
     "resnest": ("resnest14d", {}, 64),  # split attention: radix splits weighed by a softmax over them
     "mobilevit": ("mobilevit_xxs", {}, 64),  # a feature map unfolded into patches for a transformer, folded back
+    "naflexvit": (  # its patch embedding's output, a view of the Linear's product, then changed in place (add_)
+        "naflexvit_base_patch16_parfac_gap",
+        {"depth": 2, "embed_dim": 96, "num_heads": 2, "img_size": 64},
+        64,
+    ),
     "tresnet": (timm.models.tresnet.TResNet, {"layers": (1, 1, 1, 1)}, 64),  # blur pooling, space-to-depth stem
     "poolformerv2": (  # pooling as token mixer, GroupNorm without a bias, layer scales viewed by a stored shape
         METAFORMER.MetaFormer,
@@ -691,6 +696,33 @@ def test_mobilevits_patches_stand_in_computes_timms(size):
     with torch.no_grad():
         x = model.stages[3][0](model.stages[:3](model.stem(x)))
         assert torch.equal(patches.MobileVitPatches(block)(x), block(x))
+
+
+class _InPlaceAfterLinear(nn.Module):
+    """A Linear over a 3-D input, whose output (a view of its matrix product) is then changed in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.norm, self.head = nn.Linear(12, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+        self.pos = nn.Parameter(torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        x.add_(self.pos)  # timm's NaFlexViT adds its position embeddings so
+        return self.head(self.norm(x).mean(1))
+
+
+def test_a_linears_output_changed_in_place_stays_in_its_group():
+    # Was: the in-place add on the view made autograd route it through CopySlices, the Linear fell out of the graph,
+    # its channels out of every group: NaFlexViT left its stream out ("768 vs 765"), and missed the budget when small
+    model = _InPlaceAfterLinear().eval()
+    x = torch.randn(2, 4, 12, generator=torch.Generator().manual_seed(1))
+    graph = StructureGraph(model, x)
+    groups = {g.name: sorted(g.members) for g in graph.channel_groups({"proj", "norm", "head"}, set(), {})}
+    assert groups["proj"] == ["head (Linear, in)", "norm (LayerNorm, out)", "pos (parameter)", "proj (Linear, out)"]
+    report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.scale > 0
+    assert model.proj.out_features == model.pos.shape[-1] == model.head.in_features < 8
 
 
 def test_mobilevits_transformer_width_shrinks():

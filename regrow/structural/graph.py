@@ -39,7 +39,7 @@ from regrow.structural.dependency import DependencyGraph
 from regrow.structural.pruners import GroupNormPruner, customized_pruners, is_channel_filter, is_plain_norm
 from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
-from regrow.structural.tracing import ShapeRecorder, refresh_mappings, update_mappings
+from regrow.structural.tracing import InPlaceViews, ShapeRecorder, refresh_mappings, update_mappings
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)  # convolutions, transposed ones (upsampling) too
 TRANSPOSED_CONV = nn.modules.conv._ConvTransposeNd
@@ -192,13 +192,35 @@ class StructureGraph:
 
     def __init__(self, model: nn.Module, example_inputs: Any) -> None:
         self.model = model
+        shapes, views = self._trace(model, example_inputs, set())
+        if views.changed:  # traced again, their outputs copied: the in-place op then changes the copy
+            shapes, views = self._trace(model, example_inputs, views.changed)
+        # the widest dimension of any tensor or parameter: a channel index far past it is a runaway (coupling.walk)
+        self.widest = max(
+            [
+                *(max(s, default=0) for s in shapes.outputs.values()),
+                *(max(p.shape, default=0) for p in model.parameters()),
+            ],
+            default=0,
+        )
+        self.near = near_widths(self.dg, shapes.outputs, self.widest)  # each node's own bound (coupling.walk)
+        self.names = {m: n for n, m in model.named_modules()}
+        self.order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        self.param_names = {p: n for n, p in model.named_parameters()}
+
+    def _trace(
+        self, model: nn.Module, example_inputs: Any, copied: set[nn.Module]
+    ) -> tuple[ShapeRecorder, InPlaceViews]:
+        """Build torch-pruning's graph (``self.dg``) from one forward pass, the outputs of ``copied`` copied."""
         was_training = model.training
         shapes = ShapeRecorder(model)  # the output shape of every op, for regrow's corrections of the mappings
+        views = InPlaceViews(model, copied)  # outputs that are views the forward pass then changes in place
         ran: list[bool] = []  # set once the forward pass returns: a later failure is torch-pruning's analysis
         returned: list[Tensor] = []  # every tensor the model returned, traced from all of them
 
         def traced(m: nn.Module, x: Any) -> Any:
-            returned[:] = shapes.run(all_outputs, m, x)
+            with views:
+                returned[:] = shapes.run(all_outputs, m, x)
             ran.append(True)
             return list(returned)
 
@@ -220,18 +242,7 @@ class StructureGraph:
         finally:
             model.train(was_training)
             _torch_pruning_hooks(model)
-        # the widest dimension of any tensor or parameter: a channel index far past it is a runaway (coupling.walk)
-        self.widest = max(
-            [
-                *(max(s, default=0) for s in shapes.outputs.values()),
-                *(max(p.shape, default=0) for p in model.parameters()),
-            ],
-            default=0,
-        )
-        self.near = near_widths(self.dg, shapes.outputs, self.widest)  # each node's own bound (coupling.walk)
-        self.names = {m: n for n, m in model.named_modules()}
-        self.order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-        self.param_names = {p: n for n, p in model.named_parameters()}
+        return shapes, views
 
     # ---------------------------------------------------------------------------------------------
     def _describe(self, item: Any) -> tuple[str | None, str]:

@@ -97,6 +97,46 @@ class ShapeRecorder(TorchFunctionMode):
             self.running.clear()
 
 
+class InPlaceViews:
+    """While tracing: finds the layers (modules without children) whose output is a view that the forward pass then
+    changes in place, and hands on a copy of the output of each layer in ``copied``.
+
+    A Linear over a 3-D input returns a view of its matrix product. When the model then changes it in place
+    (timm's NaFlexViT: ``x = self.proj(x)``, then ``x.add_(pos_embed)``), autograd routes it through
+    ``CopySlices``, and the node torch-pruning recorded as the Linear's output is no longer on any path from the
+    model's outputs: the Linear fell out of every group, and shrinking the channels it feeds broke the forward
+    pass ("768 vs 765"). A copy, handed on by a forward hook that runs before torch-pruning's, is no view: the
+    in-place op changes it, and the Linear stays on the path. Only for a second trace of the modules the first
+    found (``changed``): every other graph is traced as before."""
+
+    def __init__(self, model: nn.Module, copied: set[nn.Module]) -> None:
+        self.model, self.copied = model, copied
+        self.seen: list[tuple[nn.Module, Tensor, int]] = []
+        self.changed: set[nn.Module] = set()
+        self.handles: list[Any] = []
+
+    def _hook(self, module: nn.Module, args: Any, out: Any) -> Any:
+        if not isinstance(out, Tensor) or out._base is None:
+            return None
+        if module in self.copied:
+            return out.clone()
+        self.seen.append((module, out, out._version))
+        return None
+
+    def __enter__(self) -> InPlaceViews:
+        leaves = [
+            m for m in self.model.modules() if next(m.children(), None) is None
+        ]  # the layers torch-pruning records
+        self.handles = [m.register_forward_hook(self._hook, prepend=True) for m in leaves]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.changed = {m for m, out, version in self.seen if out._version != version}
+        self.seen.clear()
+
+
 class TiledIndexMapping:
     """Channel ``c`` of a channels-last input is ``c + k * channels`` (k < ``tiles``) of the flattened output."""
 

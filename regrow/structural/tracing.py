@@ -116,7 +116,7 @@ class InPlaceViews:
         self.handles: list[Any] = []
 
     def _hook(self, module: nn.Module, args: Any, out: Any) -> Any:
-        if not isinstance(out, Tensor) or out._base is None:
+        if not isinstance(out, Tensor) or out._base is None or out.is_inference():  # the last keep no version
             return None
         if module in self.copied:
             return out.clone()

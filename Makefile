@@ -32,7 +32,8 @@ demo: $(STAMP)
 # The suite on TEST_WORKERS processes (pytest-xdist); tests/conftest.py gives each its share of the cores. Work
 # stealing keeps both workers busy to the end: on this 2-core machine, 609 s at 5c78bf5, where the tests' own times
 # sum to 1183 s (592 s a worker); 641 s with xdist's default distribution at 823654a, the commit before. Clean-clone
-# CI runs did not show the gain: 616 s at e828870 (default), 616 s at d18e416 (worksteal, 8 more tests).
+# CI runs did not show the gain: 616 s at e828870 (default), 616 s at d18e416 (worksteal, 8 more tests), 643 s at
+# 39fdf67 (worksteal, 10 more tests; the zoo tests at 2dd3960 and 39fdf67, alternating, took as long).
 TEST_WORKERS ?= 2
 
 test: $(STAMP)

@@ -124,9 +124,8 @@ class InPlaceViews:
         return None
 
     def __enter__(self) -> InPlaceViews:
-        leaves = [
-            m for m in self.model.modules() if next(m.children(), None) is None
-        ]  # the layers torch-pruning records
+        # the layers, whose outputs torch-pruning records; a block's own output is not a node of its graph
+        leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
         self.handles = [m.register_forward_hook(self._hook, prepend=True) for m in leaves]
         return self
 

@@ -312,7 +312,8 @@ def _sectioned(name: str, module: nn.Module, layout: dict[str, tuple[str, ...]],
             reason = f"its {role!r} is not one Linear or ungrouped convolution"
             return HeadGroup(name, heads, 0, projections, excluded=reason)
         layer, norm = found
-        width = _width_of(module.get_submodule(layer), role == "out")
+        found_layer = module.get_submodule(layer)  # a Linear or an ungrouped convolution: its weight's rows and columns
+        width = _in_features(found_layer) if role == "out" else _out_features(found_layer)
         wanted = heads * (value_dim if role == "out" else sum(sections[role]))
         if width != wanted:
             reason = f"its {role!r} projection is {width} wide, not {heads} heads of {wanted // max(heads, 1)}"
@@ -336,18 +337,11 @@ def _layer_and_norm(prefix: str, child: nn.Module | None) -> tuple[str, str | No
     norms = [(n, m) for n, m in child.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if len(layers) != 1 or getattr(layers[0][1], "groups", 1) != 1:
         return None
-    path, width = layers[0][0], _width_of(layers[0][1], False)
+    path, width = layers[0][0], _out_features(layers[0][1])
     norm = next((n for n, m in norms if m.num_features == width and m.affine), None)
     if len(norms) > (norm is not None):
         return None
     return ".".join(filter(None, (prefix, path))), (f"{prefix}.{norm}" if norm is not None else None)
-
-
-def _width_of(layer: nn.Module, inputs: bool) -> int:
-    """A Linear's or convolution's number of inputs or outputs."""
-    if isinstance(layer, nn.modules.conv._ConvNd):
-        return layer.in_channels if inputs else layer.out_channels
-    return _in_features(layer) if inputs else _out_features(layer)
 
 
 def _loose_biases(module: nn.Module, width: int) -> list[tuple[Tensor, dict[str, Tensor | None], str]]:

@@ -11,51 +11,107 @@ import sys
 
 import pytest
 
-# The child runs regrow's command line with one function wrapped to SIGKILL the process at a chosen point:
+# Every run is a child forked from one process per test module that has already imported what a run imports
+# (torch, regrow, torch._dynamo for the optimizer, scikit-learn for the digits): the tests start dozens of runs,
+# and a fresh interpreter spends about 5 s on imports alone on 2 cores. Nothing ran in that process before the
+# fork, so each child starts as a fresh process would, and the reference run is a child too.
+# A child runs regrow's command line with one function wrapped to SIGKILL the process at a chosen point:
 #   save:N   right after the N-th checkpoint write of this process
 #   step:N   before this process's N-th optimizer step (between checkpoints: the work since the last is lost)
 #   export   right after the run's files were exported into the staging folder
 #   publish  just before the staged files are published
-CHILD = r"""
-import os, signal, sys
-point = sys.argv[1]
-kind, _, n = point.partition(":")
-count = [0]
+ZYGOTE = r"""
+import json, os, signal, sys
+import regrow.cli, regrow.pipeline
+from regrow import publish
+from regrow.recovery import checkpoint, loop
+import sklearn.datasets, torch._dynamo
 
-def die_at(n_):
-    count[0] += 1
-    if count[0] == n_:
-        os.kill(os.getpid(), signal.SIGKILL)
+def arm(point):
+    kind, _, n = point.partition(":")
+    count = [0]
 
-if kind == "save":
-    from regrow.recovery import checkpoint
-    save = checkpoint.Phase.save
-    def saved(self, *a, **k):
-        save(self, *a, **k)
-        die_at(int(n))
-    checkpoint.Phase.save = saved
-elif kind == "step":
-    from regrow.recovery import loop
-    step = loop._step
-    def stepped(*a, **k):
-        die_at(int(n))
-        return step(*a, **k)
-    loop._step = stepped
-elif kind == "export":
-    import regrow.pipeline as pipeline
-    export = pipeline.export_model
-    def exported(*a, **k):
-        out = export(*a, **k)
-        os.kill(os.getpid(), signal.SIGKILL)
-    pipeline.export_model = exported
-elif kind == "publish":
-    from regrow import publish
-    def publishing(self):
-        os.kill(os.getpid(), signal.SIGKILL)
-    publish.Stage.publish = publishing
-import regrow.cli
-sys.exit(regrow.cli.main(sys.argv[2:]))
+    def die_at(n_):
+        count[0] += 1
+        if count[0] == n_:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if kind == "save":
+        save = checkpoint.Phase.save
+        def saved(self, *a, **k):
+            save(self, *a, **k)
+            die_at(int(n))
+        checkpoint.Phase.save = saved
+    elif kind == "step":
+        step = loop._step
+        def stepped(*a, **k):
+            die_at(int(n))
+            return step(*a, **k)
+        loop._step = stepped
+    elif kind == "export":
+        export = regrow.pipeline.export_model
+        def exported(*a, **k):
+            out = export(*a, **k)
+            os.kill(os.getpid(), signal.SIGKILL)
+        regrow.pipeline.export_model = exported
+    elif kind == "publish":
+        def publishing(self):
+            os.kill(os.getpid(), signal.SIGKILL)
+        publish.Stage.publish = publishing
+
+for line in sys.stdin:
+    cwd, point, argv, err = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.chdir(cwd)
+            fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 2)
+            os.dup2(os.open(os.devnull, os.O_RDWR), 0)
+            os.dup2(os.open(os.devnull, os.O_RDWR), 1)
+            signal.alarm(300)  # a hung run ends with SIGALRM, which the test reports
+            arm(point)
+            code = regrow.cli.main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code or 0)
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status), flush=True)
 """
+
+
+@pytest.fixture(scope="module")
+def zygote():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
+    yield proc
+    proc.stdin.close()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture
+def regrow_(zygote, tmp_path):
+    """``regrow_(point, *argv)``: runs ``regrow *argv`` in ``tmp_path`` armed to die at ``point``; returns the exit
+    code (negative: the signal that ended it) and what it wrote to stderr."""
+    calls = [0]
+
+    def run(point, *argv):
+        calls[0] += 1
+        err = tmp_path / f"stderr-{calls[0]}.txt"
+        zygote.stdin.write(json.dumps([str(tmp_path), point, list(argv), str(err)]) + "\n")
+        zygote.stdin.flush()
+        line = zygote.stdout.readline()
+        assert line, "the process that starts the runs ended"
+        return int(line), err.read_text()
+
+    return run
+
 
 BUDGET = [
     "model.train.epochs=2",
@@ -65,14 +121,6 @@ BUDGET = [
     "checkpoint.every_steps=7",
     "sensitivity.batches=1",  # the curves are computed as usual, on one batch
 ]
-
-
-def _regrow(tmp_path, point, *argv):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, point, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    return done.returncode, done.stderr
 
 
 def _numbers(out):
@@ -92,9 +140,9 @@ def _where(out):
 
 
 @pytest.mark.parametrize("recipe", ["demo"])
-def test_a_run_killed_at_many_points_and_resumed_each_time_ends_as_an_uninterrupted_run(tmp_path, recipe):
+def test_a_run_killed_at_many_points_and_resumed_each_time_ends_as_an_uninterrupted_run(regrow_, tmp_path, recipe):
     args = ["run", recipe, "--no-progress", *[a for s in BUDGET for a in ("--set", s)]]
-    rc, err = _regrow(tmp_path, "none", *args, "--out", "ref")
+    rc, err = regrow_("none", *args, "--out", "ref")
     assert rc == 0, err
     expected = _numbers(tmp_path / "ref")
 
@@ -103,10 +151,10 @@ def test_a_run_killed_at_many_points_and_resumed_each_time_ends_as_an_uninterrup
     points = ["step:5", "save:2", "step:25", "save:3", "save:4", "step:9", "export", "publish"]
     seen = []
     for point in points:
-        rc, err = _regrow(tmp_path, point, *args, "--out", "killed", "--resume")
+        rc, err = regrow_(point, *args, "--out", "killed", "--resume")
         assert rc == -signal.SIGKILL, f"{point}: {err[-2000:]}"
         seen.append((point, _where(out)))
-    rc, err = _regrow(tmp_path, "none", *args, "--out", "killed", "--resume")
+    rc, err = regrow_("none", *args, "--out", "killed", "--resume")
     assert rc == 0, err
     assert _numbers(out) == expected
     assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "ref"))  # no checkpoint or staging folder left
@@ -137,16 +185,16 @@ QUICK = ["evaluate.latency=false", "sensitivity.batches=1"]
         ),
     ],
 )
-def test_resuming_runs_with_several_phases_and_stateful_callbacks(tmp_path, recipe, budget):
+def test_resuming_runs_with_several_phases_and_stateful_callbacks(regrow_, tmp_path, recipe, budget):
     args = ["run", recipe, "--no-progress", *[a for s in [*budget, *QUICK] for a in ("--set", s)]]
-    rc, err = _regrow(tmp_path, "none", *args, "--out", "ref")
+    rc, err = regrow_("none", *args, "--out", "ref")
     assert rc == 0, err
     where = []
     for point in ["save:5", "save:2", "export"]:
-        rc, err = _regrow(tmp_path, point, *args, "--out", "killed", "--resume")
+        rc, err = regrow_(point, *args, "--out", "killed", "--resume")
         assert rc == -signal.SIGKILL, f"{point}: {err[-2000:]}"
         where.append(_where(tmp_path / "killed"))
-    rc, err = _regrow(tmp_path, "none", *args, "--out", "killed", "--resume")
+    rc, err = regrow_("none", *args, "--out", "killed", "--resume")
     assert rc == 0, err
     assert _numbers(tmp_path / "killed") == _numbers(tmp_path / "ref"), where
     assert where[-1][0] >= 1 and where[-1][1], where  # the last kill came after the last phase ended

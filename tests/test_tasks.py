@@ -181,3 +181,17 @@ def test_unshifted_labels_are_refused_even_with_padding():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
     with pytest.raises(RegrowError, match="token targets equal to its input ids"):
         check_batch(model, [({"input_ids": ids}, labels)], "training")
+
+
+def test_python_docs_limits_keep_the_first_sequences_of_each_part_and_say_so():
+    from regrow.data.text import python_docs
+
+    full = python_docs(seq_len=16, batch_size=4)
+    cut = python_docs(seq_len=16, batch_size=4, train_limit=10, eval_limit=6)
+    assert [len(cut.train.dataset), len(cut.val.dataset), len(cut.test.dataset)] == [10, 6, 6]
+    assert len(full.val.dataset) > 6 and len(full.test.dataset) > 6 and "kept" not in full.description
+    for part in ("val", "test"):  # the first windows, unshuffled, the same as the full parts begin with
+        whole, first = getattr(full, part).dataset.tensors, getattr(cut, part).dataset.tensors
+        assert all(torch.equal(w[:6], f) for w, f in zip(whole, first, strict=True))
+    assert torch.equal(cut.train.dataset.tensors[0], full.train.dataset.tensors[0][:10])
+    assert cut.description.endswith("; sequences kept: train 10, val 6, test 6")

@@ -53,6 +53,32 @@ def _sequences(tokens: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
     return seqs[:, :-1], seqs[:, 1:]
 
 
+def _next_token_loaders(
+    streams: dict[str, Tensor],
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    train_limit: int | None,
+    eval_limit: int | None,
+) -> tuple[dict[str, DataLoader], str]:
+    """Train / validation / test loaders of next-token windows from each part's stream, the first ``train_limit``
+    training and ``eval_limit`` validation and test windows where given; and what the limits kept, in words."""
+    windows = {part: _sequences(stream, seq_len) for part, stream in streams.items()}
+    limits = {"train": train_limit, "val": eval_limit, "test": eval_limit}
+    kept = []
+    for part, limit in limits.items():
+        if limit is not None:
+            windows[part] = tuple(t[:limit] for t in windows[part])
+            kept.append(f"{part} {len(windows[part][0])}")
+    gen = torch.Generator().manual_seed(seed)
+    loaders = {
+        part: DataLoader(TensorDataset(*windows[part]), batch_size=batch_size, shuffle=part == "train",
+                         generator=gen if part == "train" else None)
+        for part in limits
+    }  # fmt: skip
+    return loaders, f"; sequences kept: {', '.join(kept)}" if kept else ""
+
+
 def _topic_split(names: list[str]) -> dict[str, list[str]]:
     """Document names split 8:1:1 into train / validation / test (every 10th tested, every 10th from the 6th
     validated): whole documents, so that no held-out text is a neighbour of a training one."""
@@ -113,9 +139,16 @@ def python_docs_sentences(min_words: int = 6, max_words: int = 48, docstrings: b
 
 
 @DATASETS.register("python_docs")
-def python_docs(seq_len: int = 64, batch_size: int = 32, seed: int = 0, train_limit: int | None = None) -> DataBundle:
-    """Python's reference documentation as bytes (pydoc_data.topics, shipped with every CPython): a language
-    model's next byte; topics split 8:1:1 into train / validation / test (every 10th topic tested)."""
+def python_docs(
+    seq_len: int = 64,
+    batch_size: int = 32,
+    seed: int = 0,
+    train_limit: int | None = None,
+    eval_limit: int | None = None,
+) -> DataBundle:
+    """Python's reference documentation (pydoc_data.topics, shipped with every CPython) as bytes: a language
+    model's next byte; topics split 8:1:1 into train / validation / test (every 10th topic tested).
+    ``train_limit`` / ``eval_limit``: at most that many training / validation and test sequences."""
     import sys
     from pydoc_data.topics import topics
 
@@ -124,22 +157,14 @@ def python_docs(seq_len: int = 64, batch_size: int = 32, seed: int = 0, train_li
     streams = {
         k: torch.frombuffer(bytearray("\n\n".join(v).encode("utf-8")), dtype=torch.uint8) for k, v in texts.items()
     }
-    x, y = _sequences(streams["train"], seq_len)
-    if train_limit is not None:
-        x, y = x[:train_limit], y[:train_limit]
-    gen = torch.Generator().manual_seed(seed)
-    train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=gen)
-    val = DataLoader(TensorDataset(*_sequences(streams["val"], seq_len)), batch_size=batch_size)
-    test = DataLoader(TensorDataset(*_sequences(streams["test"], seq_len)), batch_size=batch_size)
+    loaders, kept = _next_token_loaders(streams, seq_len, batch_size, seed, train_limit, eval_limit)
     version = ".".join(map(str, sys.version_info[:3]))
     sizes = ", ".join(f"{k} {v.numel() / 1000:.0f}k" for k, v in streams.items())
     return DataBundle(
-        train=train,
-        val=val,
-        test=test,
+        **loaders,
         num_classes=256,
         description=f"python_docs: Python {version} reference documentation, {len(names)} topics as bytes "
-        f"(bytes: {sizes}); {seq_len}-byte sequences, next byte at each position",
+        f"(bytes: {sizes}); {seq_len}-byte sequences, next byte at each position{kept}",
     )
 
 
@@ -182,10 +207,12 @@ def hf_text(
     batch_size: int = 8,
     seed: int = 0,
     train_limit: int | None = None,
+    eval_limit: int | None = None,
 ) -> DataBundle:
     """Python's reference documentation (the text of ``python_docs``, same 8:1:1 split by topic) tokenized with
     a Hugging Face tokenizer from a local folder: a language model's next token, ``seq_len`` tokens a sequence.
-    For a recipe whose model is a Hugging Face causal language model (model ``hf``)."""
+    For a recipe whose model is a Hugging Face causal language model (model ``hf``). ``train_limit`` /
+    ``eval_limit``: at most that many training / validation and test sequences."""
     import sys
     from pydoc_data.topics import topics
 
@@ -194,19 +221,14 @@ def hf_text(
     for part, names in _topic_split(list(topics)).items():
         ids = tok("\n\n".join(topics[n] for n in names), add_special_tokens=False, verbose=False)["input_ids"]
         streams[part] = torch.tensor(ids, dtype=torch.long)
-    x, y = _sequences(streams["train"], seq_len)
-    if train_limit is not None:
-        x, y = x[:train_limit], y[:train_limit]
-    gen = torch.Generator().manual_seed(seed)
+    loaders, kept = _next_token_loaders(streams, seq_len, batch_size, seed, train_limit, eval_limit)
     version = ".".join(map(str, sys.version_info[:3]))
     sizes = ", ".join(f"{k} {v.numel() / 1000:.0f}k" for k, v in streams.items())
     return DataBundle(
-        train=DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=gen),
-        val=DataLoader(TensorDataset(*_sequences(streams["val"], seq_len)), batch_size=batch_size),
-        test=DataLoader(TensorDataset(*_sequences(streams["test"], seq_len)), batch_size=batch_size),
+        **loaders,
         num_classes=len(tok),
         description=f"hf_text: Python {version} reference documentation, {len(topics)} topics, tokenized by "
-        f"{type(tok).__name__} (tokens: {sizes}); {seq_len}-token sequences, next token at each position",
+        f"{type(tok).__name__} (tokens: {sizes}); {seq_len}-token sequences, next token at each position{kept}",
     )
 
 

@@ -47,7 +47,7 @@ FAMILIES = {
     "efficientnet": ("efficientnet_b0", {}, 64),  # MBConv with SE, SiLU
     "convnext": ("convnext_atto", {}, 64),  # depthwise 7x7, LayerNorm2d over channels, layer scale
     "convnext_rms": ("convnext_zepto_rms", {}, 64),  # timm's RmsNorm2d: a plain module, not a torch norm
-    "densenet": ("densenet121", {}, 64),  # concatenations everywhere
+    "densenet": ("densenet121", {"block_config": (2, 3, 4, 2)}, 64),  # concatenations everywhere (fewer layers)
     "dpn": ("dpn48b", {"k_sec": (1, 1, 1, 1)}, 64),  # a residual path in the first channels, by a stored width
     "rexnet": ("rexnet_100", {}, 64),  # shortcuts added to the first channels of a wider output
     "regnet": ("regnety_002", {}, 64),  # group-width convolutions, SE
@@ -62,7 +62,11 @@ FAMILIES = {
     "sknet": ("skresnet18", {"layers": (1, 1, 1, 1)}, 64),  # paths split by a stored width, stacked, weighed
     "cspnext": ("cspnext_tiny", {}, 64),  # two branches concatenated, then gated by channel attention
     "gcvit": ("gcvit_xxtiny", {"img_size": 64, "window_size": (2, 2, 2, 2)}, 64),  # a global query, broadcast
-    "maxvit": ("maxvit_pico_rw_256", {"img_size": 64}, 64),  # MBConv, then block and grid attention by hand
+    "maxvit": (  # MBConv, then block and grid attention by hand
+        "maxvit_pico_rw_256",
+        {"img_size": 64, "depths": (1, 1, 1, 1)},
+        64,
+    ),
     "gemma4_vit": (  # Gemma 4's vision encoder: projections wrapped in clamps, 2-D rotary embedding, gated MLP
         "gemma4_vit_167m",
         {"depth": 2, "embed_dim": 64, "num_heads": 4, "head_dim": 16, "intermediate_size": 128},
@@ -85,7 +89,11 @@ FAMILIES = {
     "xcit": ("xcit_nano_12_p8_224", {"img_size": 32, "depth": 2}, 32),  # cross-covariance attention, class attn
     "edgenext": ("edgenext_xx_small", {}, 64),  # convolutions on uneven chunks (x.chunk of 88: 30, 30, 28), XCA
     "swinv2_cr": ("swinv2_cr_tiny_224", {"img_size": 64, "window_size": 4, "depths": (1, 1, 1, 1)}, 64),
-    "nest": ("nest_tiny", {"img_size": 32}, 32),  # attention within image blocks, heads merged channel-major
+    "nest": (  # attention within image blocks, heads merged channel-major (nest_tiny's heads, half its widths)
+        timm.models.nest.Nest,
+        {"img_size": 32, "embed_dims": (48, 96, 192), "num_heads": (3, 6, 12), "depths": (1, 1, 2)},
+        32,
+    ),
     "crossvit": (  # two branches of tokens, each class token attending to the other branch's tokens
         "crossvit_tiny_240",
         {"img_size": 48, "img_scale": (1.0, 1.0), "depth": [[1, 1, 0]] * 2},

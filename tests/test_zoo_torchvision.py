@@ -61,7 +61,7 @@ FAMILIES = {
     "mobilenet_v3": (lambda: models.mobilenet_v3_small(num_classes=10), 64),
     "efficientnet": (lambda: models.efficientnet_b0(num_classes=10), 64),
     "convnext": (lambda: models.convnext_tiny(num_classes=10), 64),
-    "densenet": (lambda: models.densenet121(num_classes=10), 64),
+    "densenet": (lambda: models.DenseNet(32, (2, 3, 4, 2), 64, num_classes=10), 64),  # densenet121's, fewer layers
     "regnet": (lambda: models.regnet_y_400mf(num_classes=10), 64),
     "googlenet": (lambda: models.googlenet(num_classes=10, aux_logits=False, init_weights=True), 64),
     "mnasnet": (lambda: models.mnasnet0_5(num_classes=10), 64),

@@ -3,12 +3,11 @@
 import json
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from forked import Forker
 
 import regrow
 from conftest import tiny_llama
@@ -19,6 +18,31 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::regrow.errors.SpeedWarning")
 
 
+# Loaded by transformers alone: each load runs in a child forked from one process that has imported torch and
+# transformers with regrow unimportable (tests/forked.py), which spares each test the seconds those imports take.
+PLAIN = """
+import sys, torch
+sys.modules["regrow"] = None
+from transformers import AutoModel, AutoModelForCausalLM
+from transformers.models.bert import modeling_bert
+from transformers.models.llama import modeling_llama
+from transformers.models.phi3 import modeling_phi3
+"""
+
+
+@pytest.fixture(scope="module")
+def plain():
+    forker = Forker(PLAIN)
+    yield forker
+    forker.close()
+
+
+def _plain_run(plain, script: str) -> str:
+    done = plain.run(script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 @pytest.fixture
 def pruned_llama():
     model = tiny_llama()
@@ -27,14 +51,14 @@ def pruned_llama():
     return model, masks
 
 
-def test_a_masked_model_loads_with_plain_from_pretrained_and_gives_identical_outputs(pruned_llama, tmp_path):
+def test_a_masked_model_loads_with_plain_from_pretrained_and_gives_identical_outputs(pruned_llama, plain, tmp_path):
     model, masks = pruned_llama
     folder = save_pretrained(model, masks, tmp_path / "out")
     assert {"config.json", "model.safetensors", "regrow.json", "regrow_masks.safetensors"} <= {
         p.name for p in folder.iterdir()
     }
     ids = torch.randint(0, 64, (2, 12))
-    # a fresh interpreter with regrow made unimportable: transformers alone reads the folder
+    # a process with regrow made unimportable (PLAIN): transformers alone reads the folder
     script = (
         "import sys, torch; sys.modules['regrow'] = None\n"
         "from transformers import AutoModelForCausalLM\n"
@@ -42,8 +66,7 @@ def test_a_masked_model_loads_with_plain_from_pretrained_and_gives_identical_out
         f"ids = torch.tensor({ids.tolist()})\n"
         "with torch.no_grad(): print(m(ids).logits.flatten().tolist())\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
-    loaded = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
+    loaded = torch.tensor(json.loads(_plain_run(plain, script).strip().splitlines()[-1]))
     with torch.no_grad():
         expect = model(ids).logits.flatten()
     assert torch.equal(loaded, expect)
@@ -120,7 +143,7 @@ def test_a_file_or_a_link_of_that_name_is_never_replaced(pruned_llama, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "real"]
 
 
-def _loaded_outputs(folder, kind: str, inputs: dict) -> torch.Tensor:
+def _loaded_outputs(plain, folder, kind: str, inputs: dict) -> torch.Tensor:
     """The model in ``folder`` loaded by transformers alone (regrow unimportable), run on ``inputs``."""
     given = json.dumps({k: v.tolist() for k, v in inputs.items()})
     script = (
@@ -132,11 +155,10 @@ def _loaded_outputs(folder, kind: str, inputs: dict) -> torch.Tensor:
         "t = out.logits if hasattr(out, 'logits') else out.last_hidden_state\n"
         "print(json.dumps(t.detach().flatten().tolist()))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
-    return torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
+    return torch.tensor(json.loads(_plain_run(plain, script).strip().splitlines()[-1]))
 
 
-def test_llama_with_heads_removed_uniformly_saves_with_its_config_updated(tmp_path):
+def test_llama_with_heads_removed_uniformly_saves_with_its_config_updated(tmp_path, plain):
     model = tiny_llama()
     ids = {"input_ids": torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))}
     masks = regrow.prune(model, pattern="head", sparsity=0.5, scope="layer", example_inputs=ids["input_ids"])
@@ -146,12 +168,12 @@ def test_llama_with_heads_removed_uniformly_saves_with_its_config_updated(tmp_pa
     assert model.config.num_attention_heads == 4  # the model's own config is left as it was
     with torch.no_grad():
         expect = model(**ids).logits.flatten()
-    assert torch.equal(_loaded_outputs(folder, "AutoModelForCausalLM", ids), expect)
+    assert torch.equal(_loaded_outputs(plain, folder, "AutoModelForCausalLM", ids), expect)
     assert json.loads((folder / "regrow.json").read_text())["structure"]["pattern"] == "head"
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4])
-def test_phi3_with_heads_removed_uniformly_saves_with_its_head_size_stated(tmp_path, kv_heads):
+def test_phi3_with_heads_removed_uniformly_saves_with_its_head_size_stated(tmp_path, kv_heads, plain):
     # Phi-3 derives its head size as hidden_size // num_attention_heads: with half its heads gone that gave 16, not
     # 8 ("o_proj.weight is (32, 16), and the config (widths updated) gives (32, 32)"); with grouped queries the
     # fused projection's old width (64) also equalled intermediate_size, which was then set to its new width (32).
@@ -174,10 +196,10 @@ def test_phi3_with_heads_removed_uniformly_saves_with_its_head_size_stated(tmp_p
     ) == expected
     with torch.no_grad():
         expect = model(**ids).logits.flatten()
-    assert torch.equal(_loaded_outputs(folder, "AutoModelForCausalLM", ids), expect)
+    assert torch.equal(_loaded_outputs(plain, folder, "AutoModelForCausalLM", ids), expect)
 
 
-def test_llama_with_a_narrower_hidden_size_saves_with_its_config_updated(tmp_path):
+def test_llama_with_a_narrower_hidden_size_saves_with_its_config_updated(tmp_path, plain):
     # the residual stream is a channel group of its own: embeddings, every norm (LlamaRMSNorm), the projections'
     # inputs and outputs, lm_head's inputs; the config states it as hidden_size (head_dim stays explicit)
     model = tiny_llama()
@@ -192,7 +214,7 @@ def test_llama_with_a_narrower_hidden_size_saves_with_its_config_updated(tmp_pat
     assert (config["hidden_size"], config["head_dim"], config["num_attention_heads"]) == (hidden, 8, 4)
     with torch.no_grad():
         expect = model(**ids).logits.flatten()
-    assert torch.equal(_loaded_outputs(folder, "AutoModelForCausalLM", ids), expect)
+    assert torch.equal(_loaded_outputs(plain, folder, "AutoModelForCausalLM", ids), expect)
 
 
 def test_a_derived_head_size_is_stated_and_a_config_that_scales_by_the_hidden_size_is_refused(tmp_path):
@@ -264,7 +286,7 @@ def test_a_bfloat16_encoder_without_the_pooler_its_config_builds_saves(tmp_path)
     assert json.loads((folder / "config.json").read_text())["intermediate_size"] == 32
 
 
-def test_bert_ffn_channels_save_when_uniform_and_heads_are_refused_with_the_reason(tmp_path):
+def test_bert_ffn_channels_save_when_uniform_and_heads_are_refused_with_the_reason(tmp_path, plain):
     inputs = {"input_ids": torch.randint(0, 60, (2, 10), generator=torch.Generator().manual_seed(1))}
     model = tiny_bert()
     ffn = "encoder.layer.*.intermediate.dense.weight"
@@ -274,7 +296,7 @@ def test_bert_ffn_channels_save_when_uniform_and_heads_are_refused_with_the_reas
     assert json.loads((folder / "config.json").read_text())["intermediate_size"] == 32
     with torch.no_grad():
         expect = model(**inputs).last_hidden_state.flatten()
-    assert torch.equal(_loaded_outputs(folder, "AutoModel", inputs), expect)
+    assert torch.equal(_loaded_outputs(plain, folder, "AutoModel", inputs), expect)
 
     uneven = tiny_bert()
     with torch.no_grad():
@@ -292,7 +314,7 @@ def test_bert_ffn_channels_save_when_uniform_and_heads_are_refused_with_the_reas
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ffn"]  # nothing written for the refused ones
 
 
-def test_llama_shrunk_uniformly_in_heads_and_ffn_saves_with_its_config_updated(tmp_path):
+def test_llama_shrunk_uniformly_in_heads_and_ffn_saves_with_its_config_updated(tmp_path, plain):
     model = tiny_llama()
     ids = {"input_ids": torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))}
     # scope layer: every group gives the same share (a params budget may need unit-by-unit filling, which would
@@ -310,7 +332,7 @@ def test_llama_shrunk_uniformly_in_heads_and_ffn_saves_with_its_config_updated(t
     assert (config["intermediate_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (32, 2, 1)
     with torch.no_grad():
         expect = model(**ids).logits.flatten()
-    assert torch.equal(_loaded_outputs(folder, "AutoModelForCausalLM", ids), expect)
+    assert torch.equal(_loaded_outputs(plain, folder, "AutoModelForCausalLM", ids), expect)
 
 
 def test_a_model_built_with_options_its_config_does_not_hold_saves_its_masks_as_it_is(tmp_path):

@@ -6,26 +6,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
+from forked import Forker
 
 # Every run is a child forked from one process per test module that has already imported what a run imports
-# (torch, regrow, torch._dynamo for the optimizer, scikit-learn for the digits): the tests start dozens of runs,
-# and a fresh interpreter spends about 5 s on imports alone on 2 cores. Nothing ran in that process before the
-# fork, so each child starts as a fresh process would, and the reference run is a child too.
-# A child runs regrow's command line with one function wrapped to SIGKILL the process at a chosen point:
+# (tests/forked.py): the tests start dozens of runs, each would spend about 5 s on imports alone on 2 cores. The
+# reference run is such a child too. A child runs regrow's command line with one function wrapped to SIGKILL the
+# process at a chosen point:
 #   save:N   right after the N-th checkpoint write of this process
 #   step:N   before this process's N-th optimizer step (between checkpoints: the work since the last is lost)
 #   export   right after the run's files were exported into the staging folder
 #   publish  just before the staged files are published
-ZYGOTE = r"""
-import json, os, signal, sys
+PRELOAD = r"""
 import regrow.cli, regrow.pipeline
 from regrow import publish
 from regrow.recovery import checkpoint, loop
-import sklearn.datasets, torch._dynamo
+import sklearn.datasets, torch._dynamo  # the digits, and what the optimizer imports on first use
 
 def arm(point):
     kind, _, n = point.partition(":")
@@ -58,57 +55,24 @@ def arm(point):
         def publishing(self):
             os.kill(os.getpid(), signal.SIGKILL)
         publish.Stage.publish = publishing
-
-for line in sys.stdin:
-    cwd, point, argv, err = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.chdir(cwd)
-            fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(fd, 2)
-            os.dup2(os.open(os.devnull, os.O_RDWR), 0)
-            os.dup2(os.open(os.devnull, os.O_RDWR), 1)
-            signal.alarm(300)  # a hung run ends with SIGALRM, which the test reports
-            arm(point)
-            code = regrow.cli.main(argv)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code or 0)
-    _, status = os.waitpid(pid, 0)
-    print(os.waitstatus_to_exitcode(status), flush=True)
 """
 
 
 @pytest.fixture(scope="module")
-def zygote():
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-    )
-    yield proc
-    proc.stdin.close()
-    proc.wait(timeout=60)
+def forker():
+    forker = Forker(PRELOAD)
+    yield forker
+    forker.close()
 
 
 @pytest.fixture
-def regrow_(zygote, tmp_path):
+def regrow_(forker, tmp_path):
     """``regrow_(point, *argv)``: runs ``regrow *argv`` in ``tmp_path`` armed to die at ``point``; returns the exit
     code (negative: the signal that ended it) and what it wrote to stderr."""
-    calls = [0]
 
     def run(point, *argv):
-        calls[0] += 1
-        err = tmp_path / f"stderr-{calls[0]}.txt"
-        zygote.stdin.write(json.dumps([str(tmp_path), point, list(argv), str(err)]) + "\n")
-        zygote.stdin.flush()
-        line = zygote.stdout.readline()
-        assert line, "the process that starts the runs ended"
-        return int(line), err.read_text()
+        done = forker.run(f"arm({point!r})\nsys.exit(regrow.cli.main({list(argv)!r}))", tmp_path)
+        return done.returncode, done.stderr
 
     return run
 

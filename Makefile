@@ -30,10 +30,9 @@ demo: $(STAMP)
 	$(BIN)/regrow demo
 
 # The suite on TEST_WORKERS processes (pytest-xdist); tests/conftest.py gives each its share of the cores. Work
-# stealing keeps both workers busy to the end: on this 2-core machine, 609 s at 5c78bf5, where the tests' own times
-# sum to 1183 s (592 s a worker); 641 s with xdist's default distribution at 823654a, the commit before. Clean-clone
-# CI runs did not show the gain: 616 s at e828870 (default), 616 s at d18e416 (worksteal, 8 more tests), 643 s at
-# 39fdf67 (worksteal, 10 more tests; the zoo tests at 2dd3960 and 39fdf67, alternating, took as long).
+# stealing keeps both workers busy to the end. On this 2-core machine: 449 s in the clean-clone CI run at c7a6809
+# (1025 passed). The tests that start processes fork them from one that has done the imports (tests/forked.py, and
+# a forkserver for the distributed tests): 616-739 s in the four CI runs before.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)

@@ -1624,6 +1624,37 @@ def test_a_parameter_over_feature_maps_loses_channels_not_columns():
     assert model.stem.out_channels == 4 and tuple(model.pos.shape) == (1, 4, 6, 6)
 
 
+class WindowedEmbedding(nn.Module):
+    """SAM 2 Hiera's positional embedding: a (1, C, h, w) map interpolated to the tokens' grid plus a window's
+    embedding tiled over it (both loose parameters), flattened and transposed, then added to the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, stride=2)
+        self.pos, self.win = nn.Parameter(torch.randn(1, 8, 3, 3)), nn.Parameter(torch.randn(1, 8, 2, 2))
+        self.fc1, self.fc2 = nn.Linear(8, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        win = self.win.tile((1, 1, 2, 2))
+        pos = F.interpolate(self.pos, size=win.shape[-2:], mode="bicubic", antialias=True) + win
+        x = self.stem(x).flatten(2).transpose(1, 2) + pos.flatten(2).transpose(1, 2)
+        return self.fc2(torch.relu(self.fc1(x))).mean(1)
+
+
+def test_a_parameter_combined_with_the_tokens_only_after_operations_of_its_own_loses_channels():
+    # Was: both parameters reach the tokens only through an interpolation, a tile, their sum, a flatten and a
+    # transpose; their channel dimension was looked for in the tensors of the first operation alone, found in
+    # none, and torch-pruning cut their last dimension: sam2_hiera_tiny's patch embedding was left out ("index
+    # 95 is out of bounds for dimension 3 with size 8").
+    torch.manual_seed(0)
+    model, x = WindowedEmbedding().eval(), torch.randn(2, 3, 8, 8)
+    nodes = StructureGraph(model, x).dg.module2node
+    assert (nodes[model.pos].pruning_dim, nodes[model.win].pruning_dim) == (1, 1)
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    assert {g["name"]: g["excluded"] for g in report.groups}["stem"] is None and report.equivalence.passed
+    assert model.stem.out_channels == 4 and (model.pos.shape, model.win.shape) == ((1, 4, 3, 3), (1, 4, 2, 2))
+
+
 def test_a_root_whose_group_torch_pruning_cannot_map_is_left_out_and_the_others_still_prune(monkeypatch):
     # Was: one failing mapping inside torch-pruning's get_all_groups (FocalNet's split: IndexError; GCViT's and
     # Hiera's broadcasts read as grouped-query attention, ZeroDivisionError, before _untie_broadcasts) escaped as

@@ -763,6 +763,36 @@ def test_load_rebuilds_a_shrunk_buffer_of_one_row_repeated(tmp_path):
     assert torch.equal(loaded.rows, torch.tensor([[1.0, 2.0]] * 3)) and "rows" in loaded._non_persistent_buffers_set
 
 
+class Cached(nn.Module):
+    """A value the forward pass computes once for its input's length and keeps in a non-persistent buffer that
+    starts as a placeholder, as ConViT's gated attention keeps its patches' relative positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 8), nn.Linear(8, 3)
+        self.register_buffer("positions", torch.zeros(1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        if self.positions.shape[0] != n:
+            self.positions = torch.arange(float(n * n)).reshape(n, n) / n
+        return self.fc2(torch.relu(self.fc1(self.positions @ x)))
+
+
+def test_load_leaves_a_buffer_the_forward_pass_computed_to_the_forward_pass(tmp_path):
+    # Was: the recorded shape (4, 4) of a buffer the model computes in its first call became zeros of that shape on
+    # load, the model took them for the computed value, and a pruned ConViT computed something else once loaded.
+    torch.manual_seed(0)
+    model, x = Cached().eval(), torch.randn(2, 4, 3)
+    regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    assert model.fc1.out_features == 4 and model.positions.shape == (4, 4)
+    save(model, tmp_path)
+    loaded = load(tmp_path, Cached).eval()
+    assert loaded.positions.shape == (1, 1)  # the factory's, until the forward pass computes it
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -6,8 +6,8 @@ RelPosAttention``), PVT v2's (``pvt_v2.Attention``), CaiT's (``cait.ClassAttn``,
 DaViT's (``davit.ChannelAttention``, ``ChannelAttentionV2``, ``WindowAttention``), Twins' (``twins.
 LocallyGroupedAttn``, ``GlobalSubSampleAttn``), the cross-covariance attention of XCiT and EdgeNeXt (``xcit.XCA``,
 ``edgenext.CrossCovarianceAttn``), Swin V2 CR's (``swin_transformer_v2_cr.WindowMultiHeadAttention``), NesT's
-(``nest.Attention``), CrossViT's (``crossvit.CrossAttention``) and Next-ViT's (``nextvit.EfficientAttention``)
-read ``B, N, C = x.shape`` from their input
+(``nest.Attention``), CrossViT's (``crossvit.CrossAttention``), Next-ViT's (``nextvit.EfficientAttention``) and
+ConViT's (``convit.GPSA``, ``convit.MHSA``) read ``B, N, C = x.shape`` from their input
 and merge the heads' outputs with ``reshape(B, N, C)``; most also split their heads by ``C // num_heads``, PVT v2
 and Twins flatten their reduced key / value map by ``C``. Their inner width (heads times head width) must then
 equal the width of the residual stream they read: a narrower stream breaks the forward pass, and channel pruning
@@ -391,6 +391,39 @@ class NextVitAttention(_Adopted):
         return self.proj_drop(self.proj(_attend(self, q, k, v).transpose(1, 2).reshape(b, n, -1)))
 
 
+class ConvitGpsa(_Adopted):
+    """timm's ConViT ``GPSA``: the patches' attention mixed, head by head through a learned gate, with attention
+    scored from the patches' relative positions."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        if self.rel_indices is None or self.rel_indices.shape[1] != n:
+            self.rel_indices = self.get_rel_indices(n)
+        attn = self.get_attention(x)
+        v = self.v(x).reshape(b, n, self.num_heads, -1).permute(0, 2, 1, 3)
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1)))
+
+    def get_attention(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q, k = self.qk(x).reshape(b, n, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        pos_score = self.pos_proj(self.rel_indices.expand(b, -1, -1, -1)).permute(0, 3, 1, 2)
+        patch_score = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        gating = self.gating_param.view(1, -1, 1, 1)
+        attn = (1.0 - torch.sigmoid(gating)) * patch_score + torch.sigmoid(gating) * pos_score.softmax(dim=-1)
+        attn /= attn.sum(dim=-1).unsqueeze(-1)
+        return self.attn_drop(attn)
+
+
+class ConvitMhsa(_Adopted):
+    """timm's ConViT ``MHSA``: plain multi-head attention, in the blocks after the class token joins."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1)))
+
+
 class SplitAttention(_Adopted):
     """timm's ``SplitAttn`` (ResNeSt's split attention) with one cardinal group: the radix softmax over the logits
     viewed as ``(B, radix, C, 1, 1)``, the shape the splits are weighed in, where timm views them as ``(B, 1, radix,
@@ -431,4 +464,6 @@ STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "nest.Attention": NestAttention,
     TIMM + "crossvit.CrossAttention": CrossVitAttention,
     TIMM + "nextvit.EfficientAttention": NextVitAttention,
+    TIMM + "convit.GPSA": ConvitGpsa,
+    TIMM + "convit.MHSA": ConvitMhsa,
 }

@@ -102,6 +102,14 @@ MODELS = {
     ),
     # gated positional attention in the blocks before the class token joins, plain attention after it
     "convit": ("convit_tiny", {"img_size": 32, "depth": 3, "local_up_to_layer": 2}, 32, "blocks.{}.attn", 3),
+    # factorized attention with a relative position encoding by convolutions of the values, shared by the blocks
+    "coat": (
+        "coat_lite_tiny",
+        {"serial_depths": (1, 1, 1, 1), "img_size": 64},
+        64,
+        "serial_blocks{}.0.factoratt_crpe",
+        [1, 2, 3, 4],
+    ),
     "cait": (  # talking heads in the blocks, then the class token's attention
         "cait_xxs24_224",
         {"img_size": 32, "depth": 2, "depth_token_only": 1},
@@ -202,7 +210,8 @@ def test_a_module_the_example_batch_does_not_reach_is_left_as_it_is():
 
 
 @pytest.mark.parametrize(
-    ("family", "pattern"), [("eva02", "channel"), ("swinv2", "channel"), ("beit", "head"), ("convit", "channel")]
+    ("family", "pattern"),
+    [("eva02", "channel"), ("swinv2", "channel"), ("beit", "head"), ("convit", "channel"), ("coat", "channel")],
 )
 def test_a_pruned_model_saves_and_loads_with_timms_stand_ins(tmp_path, family, pattern):
     # with heads gone, BEiT's zero key bias (a buffer the state dict leaves out) came back as uninitialised memory;

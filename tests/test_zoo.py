@@ -90,6 +90,7 @@ FAMILIES = {
     "edgenext": ("edgenext_xx_small", {}, 64),  # convolutions on uneven chunks (x.chunk of 88: 30, 30, 28), XCA
     "swinv2_cr": ("swinv2_cr_tiny_224", {"img_size": 64, "window_size": 4, "depths": (1, 1, 1, 1)}, 64),
     "convit": ("convit_tiny", {"img_size": 32, "depth": 3, "local_up_to_layer": 2}, 32),  # gated positional attention
+    "coat": ("coat_lite_tiny", {"img_size": 64, "serial_depths": (1, 1, 1, 1)}, 64),  # factorized attention
     "nest": (  # attention within image blocks, heads merged channel-major (nest_tiny's heads, half its widths)
         timm.models.nest.Nest,
         {"img_size": 32, "embed_dims": (48, 96, 192), "num_heads": (3, 6, 12), "depths": (1, 1, 2)},

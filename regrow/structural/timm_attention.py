@@ -7,7 +7,8 @@ DaViT's (``davit.ChannelAttention``, ``ChannelAttentionV2``, ``WindowAttention``
 LocallyGroupedAttn``, ``GlobalSubSampleAttn``), the cross-covariance attention of XCiT and EdgeNeXt (``xcit.XCA``,
 ``edgenext.CrossCovarianceAttn``), Swin V2 CR's (``swin_transformer_v2_cr.WindowMultiHeadAttention``), NesT's
 (``nest.Attention``), CrossViT's (``crossvit.CrossAttention``), Next-ViT's (``nextvit.EfficientAttention``) and
-ConViT's (``convit.GPSA``, ``convit.MHSA``) read ``B, N, C = x.shape`` from their input
+ConViT's (``convit.GPSA``, ``convit.MHSA``) and CoaT's (``coat.FactorAttnConvRelPosEnc``) read ``B, N, C =
+x.shape`` from their input
 and merge the heads' outputs with ``reshape(B, N, C)``; most also split their heads by ``C // num_heads``, PVT v2
 and Twins flatten their reduced key / value map by ``C``. Their inner width (heads times head width) must then
 equal the width of the residual stream they read: a narrower stream breaks the forward pass, and channel pruning
@@ -424,6 +425,18 @@ class ConvitMhsa(_Adopted):
         return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1)))
 
 
+class CoatFactorAttention(_Adopted):
+    """timm's CoaT ``FactorAttnConvRelPosEnc``: factorized attention (the keys' softmax over the tokens, times the
+    values, then the queries) plus a relative position encoding of the values by depthwise convolutions."""
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        factor_att = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)
+        x = (self.scale * factor_att + self.crpe(q, v, size=size)).transpose(1, 2).reshape(b, n, -1)
+        return self.proj_drop(self.proj(x))
+
+
 class SplitAttention(_Adopted):
     """timm's ``SplitAttn`` (ResNeSt's split attention) with one cardinal group: the radix softmax over the logits
     viewed as ``(B, radix, C, 1, 1)``, the shape the splits are weighed in, where timm views them as ``(B, 1, radix,
@@ -466,4 +479,5 @@ STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "nextvit.EfficientAttention": NextVitAttention,
     TIMM + "convit.GPSA": ConvitGpsa,
     TIMM + "convit.MHSA": ConvitMhsa,
+    TIMM + "coat.FactorAttnConvRelPosEnc": CoatFactorAttention,
 }

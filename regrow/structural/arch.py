@@ -206,10 +206,10 @@ def _unsaved_buffer(old: Tensor, shape: list[int], dtype: torch.dtype, name: str
     factory's. One that holds a single value throughout (timm's zero key bias beside q and v biases, which heads
     shrink) is that value at the new shape; one whose rows along its first dimension are all the same (timm's blur
     filter, one row a channel), and only that dimension shrank, is that row repeated; any other is refused rather
-    than left as uninitialised memory. One that pruning cannot have changed, because it has other dimensions or
-    grew along one, is a value the model's forward pass computed and keeps (ConViT's relative positions, computed
-    at the first call for its number of patches): the factory's stays, and its forward pass computes it again,
-    where a zero one of the recorded shape would have been taken for the computed value."""
+    than left as uninitialised memory. One that pruning cannot have changed, because its number of dimensions
+    changed or it grew along one, is a value the model's forward pass computed and keeps (ConViT's relative
+    positions, computed at the first call for its number of patches): the factory's stays, and its forward pass
+    computes it again, where a zero one of the recorded shape would have been taken for the computed value."""
     old = old.detach()
     flat = old.reshape(-1)
     if list(old.shape) == shape or len(shape) != old.dim() or any(n > o for n, o in zip(shape, old.shape, strict=True)):

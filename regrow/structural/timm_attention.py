@@ -6,7 +6,7 @@ RelPosAttention``), PVT v2's (``pvt_v2.Attention``), CaiT's (``cait.ClassAttn``,
 DaViT's (``davit.ChannelAttention``, ``ChannelAttentionV2``, ``WindowAttention``), Twins' (``twins.
 LocallyGroupedAttn``, ``GlobalSubSampleAttn``), the cross-covariance attention of XCiT and EdgeNeXt (``xcit.XCA``,
 ``edgenext.CrossCovarianceAttn``), Swin V2 CR's (``swin_transformer_v2_cr.WindowMultiHeadAttention``), NesT's
-(``nest.Attention``), CrossViT's (``crossvit.CrossAttention``), Next-ViT's (``nextvit.EfficientAttention``) and
+(``nest.Attention``), CrossViT's (``crossvit.CrossAttention``), Next-ViT's (``nextvit.EfficientAttention``),
 ConViT's (``convit.GPSA``, ``convit.MHSA``) and CoaT's (``coat.FactorAttnConvRelPosEnc``) read ``B, N, C =
 x.shape`` from their input
 and merge the heads' outputs with ``reshape(B, N, C)``; most also split their heads by ``C // num_heads``, PVT v2

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from forked import Forker
 
 import regrow
 from conftest import tiny_llama
+from forked import Forker
 from regrow.errors import RegrowError
 from regrow.hf import load_masks, save_pretrained
 

@@ -8,6 +8,7 @@ import os
 import signal
 
 import pytest
+
 from forked import Forker
 
 # Every run is a child forked from one process per test module that has already imported what a run imports

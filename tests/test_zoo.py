@@ -1912,3 +1912,59 @@ def test_the_dimension_a_norm_normalises_is_found_where_inputs_are_zero():
     report = regrow.structural.shrink(model, pattern="channel", sparsity=0.25, example_inputs=x, round_to=1)
     assert {g["name"]: g["excluded"] for g in report.groups}["conv"] is None and report.equivalence.passed
     assert model.norm.weight.shape[0] == 12
+
+
+class StateMixer(nn.Module):
+    """EfficientViM's state-space mixer in brief: the ``(B, C, H*W)`` map times a ``(B, H*W, S)`` gate that a
+    convolution of its own computes, a projection, then read out with a second ``(B, S, H*W)`` gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.gate = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 1)
+        self.proj, self.fc = nn.Conv1d(8, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        into, out = self.gate(x).flatten(2).softmax(-1).chunk(2, dim=1)
+        state = x.flatten(2) @ into.transpose(-2, -1)  # (B, C, S): the map's channels, the gate's states
+        y = (self.proj(state) @ out).reshape(b, c, h, w)
+        return self.fc((x + y).mean((2, 3)))
+
+
+def test_a_matrix_product_of_a_channels_first_map_keeps_its_channels_and_no_channel_of_the_other_operand():
+    # Was: every matrix product read as element-wise, the map's channels tied to the gate's states and on through
+    # the flattens to indices far past any width; EfficientViM's residual streams were left out ("RunawayMapping")
+    # and efficientvim_m1 missed the budget (0.5508 for 0.5).
+    torch.manual_seed(0)
+    model, x = StateMixer().eval(), torch.randn(2, 3, 4, 4)
+    graph = StructureGraph(model, x)
+    stem = _groups(graph, model)["stem"]
+    assert stem.excluded is None and stem.coupling.units == [(c,) for c in range(8)]
+    expected = [("fc", "module", False, (0,)), ("gate", "module", False, (0,)), ("proj", "module", False, (0,))]
+    expected += [("proj", "module", True, (0,)), ("stem", "module", True, (0,))]
+    assert _cut_set(graph.cuts(stem, [0])) == expected
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    assert report.equivalence.passed and model.stem.out_channels == model.proj.out_channels == 4
+
+
+def test_efficientvims_residual_streams_and_mixers_shrink_to_half_its_macs(tmp_path):
+    # Was: 0.5508 for macs=0.5 (a RegrowError): the matrix products tied every stream to the mixers' states. The
+    # states themselves stay (their projection splits in three chunks whose channels the products pair up, which
+    # no mapping carries), as the message says.
+    def make_model():
+        return timm.create_model("efficientvim_m1", pretrained=False, num_classes=10, depths=(1, 1, 1)).eval()
+
+    torch.manual_seed(0)
+    model, x = _random_classifier(make_model()), torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and abs(report.macs_ratio - 0.5) <= 0.02 * 0.5, report.macs_ratio
+    excluded = {g["name"]: g["excluded"] for g in report.groups}
+    assert excluded["patch_embed.conv.3.conv"] is None and excluded["stages.0.blocks.0.mixer.hz_proj.conv"] is None
+    left_out = [n for n, why in excluded.items() if why and not why.startswith(BENIGN)]
+    assert left_out and all(re.search(r"mixer\.(BCdt_proj|dw)\.conv$", n) for n in left_out), left_out
+    with torch.no_grad():
+        y = model(x)
+    regrow.save(model, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(regrow.load(tmp_path, make_model)(x), y)

@@ -34,6 +34,8 @@ from torch_pruning import _helpers, ops
 from torch_pruning.dependency import index_mapping, shape_infer
 from torch_pruning.dependency.node import Node
 
+from regrow.structural.operands import channels_first_products, untie_products
+
 
 class ShapeRecorder(TorchFunctionMode):
     """Records the shape of every tensor a forward pass produces: ``shapes`` by its autograd node (single
@@ -282,6 +284,22 @@ def _channels_last_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None
             _retype(node, TiledIndexMapping(channels, tiles), TiledIndexMapping(channels, tiles, reverse=True))
 
 
+def _channels_first_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
+    """Reshapes of the dimensions after the channels of a channels-first tensor, ``(B, C, H*W)`` into ``(B, C, H,
+    W)`` (EfficientViM's state-space mixer, back to a map after a matrix product): channel ``c`` stays ``c``.
+    torch-pruning maps 4-D inputs only and read this one as a flatten, channel ``c`` as ``2c, 2c + 1``."""
+    for node in list(dg.module2node.values()):
+        fn = node.grad_fn
+        if node.type != ops.OPTYPE.RESHAPE or not hasattr(fn, "_saved_self_sym_sizes") or fn not in shapes:
+            continue
+        before, after = [int(s) for s in fn._saved_self_sym_sizes], list(shapes[fn])
+        if len(before) < 3 or len(after) < 3 or before[:2] != after[:2]:
+            continue
+        channels = channels_in(dg, node)
+        if channels == before[1] and channels != before[-1] and channels != after[-1]:
+            _retype(node)
+
+
 def _split_channel_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
     """A channels-first tensor's channels viewed as ``P`` blocks of ``C``: ``(B, P*C, ...)`` into ``(B, P, C, ...)``
     (timm's selective-kernel attention: one logit per path and channel, ``x.view(B, paths, C, H, W)``, weighing
@@ -339,7 +357,7 @@ def _unit_dim_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
         if node.type != ops.OPTYPE.RESHAPE or not hasattr(fn, "_saved_self_sym_sizes") or fn not in shapes:
             continue
         before, after = [int(s) for s in fn._saved_self_sym_sizes], list(shapes[fn])
-        if before != after and [s for s in before if s != 1] == [s for s in after if s != 1]:
+        if [s for s in before if s != 1] == [s for s in after if s != 1]:
             _retype(node)
 
 
@@ -538,11 +556,14 @@ def update_mappings(dg: Any) -> None:
 def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) -> None:
     """torch-pruning's index mappings, recomputed (:func:`update_mappings`), with regrow's corrections for
     channels-last layouts and for the folds of the example inputs' ``batch`` with other dimensions."""
+    products = channels_first_products(dg)
     update_mappings(dg)
+    untie_products(products)
     _untie_spatial_slices(dg)
     _channel_repeats(dg, shapes)
     _untie_broadcasts(dg)
     _channels_last_reshapes(dg, shapes)
+    _channels_first_reshapes(dg, shapes)
     _split_channel_reshapes(dg, shapes)
     _batch_reshapes(dg, shapes, batch)
     _unit_dim_reshapes(dg, shapes)

@@ -1,0 +1,68 @@
+"""Which operand of a matrix product passes its channels to the product.
+
+torch-pruning reads every operation it has no rule for as element-wise: channel ``c`` of each input is channel
+``c`` of the output and of every other input. A **batched matrix product** ``a @ b`` of ``(B, n, k)`` by ``(B, k,
+p)`` whose ``a`` holds its channels first, in ``n``, breaks that: those are the product's channels, and no
+channel of ``b`` is one (its ``k`` meets a dimension of ``a`` that holds no channel, its ``p`` lands in one of
+the product's). EfficientViM's state-space mixer, ``x @ ab.transpose(-2, -1)`` with ``x`` the ``(B, C, H*W)``
+feature map and ``ab`` a ``(B, state, H*W)`` gate, tied the feature map's channels to the state's and, through
+the flattens of the gate's convolutions, to indices far past any width: every group of the model's wider stages
+was left out, and the budget was missed (0.55 for 0.5). torch-pruning also counts a product's channels as those
+of whichever operand it met last, so the reshapes after it were read as flattens of ``b``'s width.
+:func:`channels_first_products` makes ``a`` that operand; :func:`untie_products` cuts ``b`` loose once the
+mappings are computed. A product whose ``a`` may hold its channels last (attention's ``q @ k.transpose(-2,
+-1)``, which ties ``q``'s channels to ``k``'s) stays as torch-pruning reads it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch_pruning.dependency import shape_infer
+
+
+def _channels(dg: Any, node: Any) -> int | None:
+    """torch-pruning's count of the channels ``node`` outputs; None where it has none or cannot tell."""
+    try:
+        return shape_infer.infer_out_channels_recursively(dg, node, [0])
+    except (IndexError, ZeroDivisionError, TypeError):
+        return None
+
+
+def channels_first_products(dg: Any) -> list[tuple[Any, Any]]:
+    """Every batched matrix product whose first operand ``a`` holds its channels first, as ``(product, b)``, with
+    ``a`` made the product's last input: the one torch-pruning's count of the product's channels ends on."""
+    found = []
+    for node in list(dg.module2node.values()):
+        fn = node.grad_fn
+        if fn is None or fn.name() != "BmmBackward0" or len(fn.next_functions) != 2:
+            continue
+        a, b = (next((n for n in node.inputs if n.grad_fn is f), None) for f, _ in fn.next_functions)
+        if a is None or b is None or a is b:
+            continue
+        shape = fn._saved_self.shape
+        if _channels(dg, a) == shape[1] != shape[2]:
+            node.inputs.remove(a)
+            node.inputs.append(a)
+            found.append((node, b))
+    return found
+
+
+def _cut(node: Any, operand: Any) -> None:
+    """No index maps between ``node`` and its input ``operand``, either way."""
+    for dep in operand.dependencies:
+        if dep.target is node:
+            dep.index_mapping[0] = _none
+    for dep in node.dependencies:
+        if dep.target is operand:
+            dep.index_mapping[0] = _none
+
+
+def _none(idxs: list[Any]) -> list[Any]:
+    return []
+
+
+def untie_products(products: list[tuple[Any, Any]]) -> None:
+    """Cut each product's ``b`` loose (:func:`channels_first_products`)."""
+    for node, b in products:
+        _cut(node, b)

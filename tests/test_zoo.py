@@ -90,6 +90,9 @@ FAMILIES = {
     "edgenext": ("edgenext_xx_small", {}, 64),  # convolutions on uneven chunks (x.chunk of 88: 30, 30, 28), XCA
     "swinv2_cr": ("swinv2_cr_tiny_224", {"img_size": 64, "window_size": 4, "depths": (1, 1, 1, 1)}, 64),
     "convit": ("convit_tiny", {"img_size": 32, "depth": 3, "local_up_to_layer": 2}, 32),  # gated positional attention
+    # focal modulation: a projection split three ways by a stored list, the last part one gate a focal level, each
+    # read by position (gates[:, l:l + 1]) and broadcast over the context's channels
+    "focalnet": (timm.models.focalnet.FocalNet, {"depths": (1, 1, 1, 1), "embed_dim": 32}, 64),
     "coat": ("coat_lite_tiny", {"img_size": 64, "serial_depths": (1, 1, 1, 1)}, 64),  # factorized attention
     "nest": (  # attention within image blocks, heads merged channel-major (nest_tiny's heads, half its widths)
         timm.models.nest.Nest,
@@ -1946,6 +1949,39 @@ def test_a_matrix_product_of_a_channels_first_map_keeps_its_channels_and_no_chan
     assert _cut_set(graph.cuts(stem, [0])) == expected
     report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
     assert report.equivalence.passed and model.stem.out_channels == model.proj.out_channels == 4
+
+
+class Modulated(nn.Module):
+    """timm's FocalNet modulation in a residual block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 3)
+        self.mod = timm.models.focalnet.FocalModulation(8, focal_window=3, focal_level=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.fc((x + self.mod(x)).mean((2, 3)))
+
+
+def test_channels_a_one_channel_slice_reads_by_position_stay_and_the_others_go_one_by_one():
+    # Was: FocalNet's three gates (channels 16 to 18 of the projection, split off, then read as gates[:, l:l + 1]
+    # and broadcast over the context) were tied to the context's first channel and removable; every probe of the
+    # projection failed, and with the split sizes stale as well, all 12 of focalnet_tiny_srf's were left out.
+    torch.manual_seed(0)
+    model, x = Modulated().eval(), torch.randn(2, 3, 6, 6)  # maps of 8 by 8 would be as wide as the channels
+    graph = StructureGraph(model, x)
+    f = _groups(graph, model)["mod.f"]
+    assert f.excluded is None and f.coupling.pinned == (16, 17, 18)
+    assert f.coupling.units == [(c,) for c in range(16)]  # the queries and the context, each channel its own
+    every = {(c.target, c.out): c.idxs for c in merge_cuts(graph.cuts(f, list(range(16))))}
+    assert every["mod.f", True] == tuple(range(16))  # all the units: no gate among them
+    report = regrow.structural.shrink(
+        model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x, targets=["mod.f"]
+    )
+    assert report.equivalence.passed and model.mod.f.out_channels == 8 + 3
+    mod = model.mod
+    assert mod.input_split == [mod.h.out_channels, mod.h.in_channels, 3] and sum(mod.input_split) == 8 + 3
 
 
 def test_efficientvims_residual_streams_and_mixers_shrink_to_half_its_macs(tmp_path):

@@ -28,6 +28,7 @@ from torch import nn
 from torch_pruning import _helpers, ops
 from torch_pruning.dependency.dependency import Dependency
 from torch_pruning.dependency.group import Group
+from torch_pruning.dependency.index_mapping import _SliceIndexMapping
 from torch_pruning.pruner import function
 
 
@@ -38,6 +39,7 @@ class Coupling:
 
     units: list[tuple[int, ...]]  # root channels of each unit, units ordered by their first channel
     members: list[tuple[Any, Any, dict[int, list[int]]]]  # (graph node, handler, root channel -> its idxs)
+    pinned: tuple[int, ...] = ()  # root channels no unit holds: they stay (see _pinned)
 
     def member_idxs(self, removed_units: list[int]) -> list[tuple[Any, Any, list[int]]]:
         """(graph node, handler, sorted indices) of every member that loses something when these units go."""
@@ -394,4 +396,40 @@ def couple(dg: Any, reached: Walk, channels: int) -> Coupling | None:
             ]
             for r in tail[1:]:
                 classes.union(tail[0], r)
-    return Coupling(classes.groups(), list(members.values()))
+    pinned = _pinned(reached)
+    units = [u for u in classes.groups() if pinned.isdisjoint(u)]
+    held = {c for u in units for c in u}
+    return Coupling(units, list(members.values()), tuple(c for c in range(channels) if c not in held))
+
+
+def _pinned(reached: Walk) -> set[int]:
+    """The root channels that reach a tensor read channel by channel: every reader of it (of its chunk, for a
+    split) a slice one channel wide (``gates[:, l:l + 1]`` for each ``l``). The code names each position; removing
+    one of those channels would hand its position to the next. FocalNet multiplies its context by one gate per
+    focal level that way; the gates went with whichever context channel they were tied to, and every probe of
+    the modulation's projection failed. Their units stay whole. A one-channel slice beside wider readers
+    (ReXNet's ``y[:, x.shape[1]:]``, whose bound follows the widths) is no such reading."""
+    pinned = set()
+    for dep, idxs in reached:
+        if _one_channel(dep) is not None and all(_one_channel(d) is not None for d in _siblings(dep)):
+            pinned.update(int(i.root_idx) for i in idxs if i.root_idx is not None)
+    return pinned
+
+
+def _one_channel(dep: Any) -> Any:
+    """The slice mapping of ``dep`` when it leads into a slice one channel wide, else None."""
+    mapping = next((m for m in dep.index_mapping if isinstance(m, _SliceIndexMapping)), None)
+    sizes = getattr(dep.target.grad_fn, "_saved_self_sym_sizes", None)
+    if dep.target.type != ops.OPTYPE.SLICE or mapping is None or mapping.reverse or sizes is None:
+        return None
+    dim = int(mapping.dim) - (2**64 if int(mapping.dim) >= 2**63 else 0)  # unsigned where counted from the end
+    size = int(sizes[dim % len(sizes)])
+    return mapping if len(range(mapping.start, min(mapping.end, size), mapping.step)) == 1 else None
+
+
+def _siblings(dep: Any) -> list[Any]:
+    """The edges from ``dep``'s source to every reader of the same tensor (of the same chunk, for a split)."""
+    chunks = getattr(dep.source.module, "chunk_readers", None) or {}
+    chunk = chunks.get(dep.target)
+    readers = [r for r, k in chunks.items() if k == chunk] if chunk is not None else dep.source.outputs
+    return [d for d in dep.source.dependencies if any(d.target is r for r in readers)]

@@ -331,7 +331,10 @@ class StructureGraph:
             elif cg.excluded is None:
                 cg.coupling = couple(self.dg, reached, channels)
                 if cg.units < 2:
-                    cg.excluded = f"its {channels} channels can only be removed all together"
+                    pinned = len(cg.coupling.pinned)
+                    cg.excluded = f"its {channels} channels can only be removed all together" + (
+                        f" ({pinned} of them are read one at a time by position and stay)" if pinned else ""
+                    )
             out.append(cg)
         return out
 

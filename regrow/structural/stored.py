@@ -5,13 +5,13 @@ also store a width of their own and reshape with it: torchvision's ``VisionTrans
 embedding with ``x.reshape(n, self.hidden_dim, n_h * n_w)``, timm's ReXNet slices its output with
 ``self.in_channels``, timm's Res2Net and CSPNet split with ``self.width`` and ``self.expand_chs``, its
 selective-kernel convolutions (SKNet) with ``self.in_channels // self.num_paths``, its MambaOut with a tuple of
-three widths, its EfficientViM with ``self.d_inner``, its dual-path networks (DPN) slice with
-``self.num_1x1_c``, its InceptionNeXt and FasterNet blocks split with ``split_indexes`` and ``dim_conv3`` /
-``dim_untouched``, which their token mixers store, and MetaFormer's layer scales view their scale as the
-``shape`` they store. Left stale, the attribute breaks the forward pass of the shrunk model, so every probe of
-the groups through it failed and they were never pruned. Each entry names the attribute and the layer width it
-must equal after surgery; :func:`follow` sets them. Classes are matched by their qualified name (subclasses
-too), so the architectures' packages are never imported here.
+three widths, its EfficientViM with ``self.d_inner`` and its FocalNet with ``self.input_split``, its dual-path
+networks (DPN) slice with ``self.num_1x1_c``, its InceptionNeXt and FasterNet blocks split with
+``split_indexes`` and ``dim_conv3`` / ``dim_untouched``, which their token mixers store, and MetaFormer's layer
+scales view their scale as the ``shape`` they store. Left stale, the attribute breaks the forward pass of the
+shrunk model, so every probe of the groups through it failed and they were never pruned. Each entry names the
+attribute and the layer width it must equal after surgery; :func:`follow` sets them. Classes are matched by
+their qualified name (subclasses too), so the architectures' packages are never imported here.
 """
 
 from __future__ import annotations
@@ -67,6 +67,16 @@ def _partial_conv_untouched(block: nn.Module) -> int | None:
     return last.out_channels - conv.in_channels
 
 
+def _focal_splits(module: nn.Module) -> list[int] | None:
+    """timm's FocalNet splits its first projection in three, ``torch.split(x, self.input_split, 1)``: the query, which
+    multiplies the modulator ``h``'s output, the context, which ``h`` reads after the focal convolutions, and one
+    gate per focal level (plus the global one), which stay."""
+    f, h = getattr(module, "f", None), getattr(module, "h", None)
+    if not isinstance(f, nn.Conv2d) or not isinstance(h, nn.Conv2d):
+        return None
+    return [h.out_channels, h.in_channels, f.out_channels - h.out_channels - h.in_channels]
+
+
 def _scale_shape(module: nn.Module) -> tuple[int, ...] | None:
     """timm's MetaFormer ``Scale`` (PoolFormer, ConvFormer, CAFormer) multiplies by ``self.scale.view(self.shape)``,
     ``shape`` being ``(dim, 1, 1)`` or ``(dim,)``: its first entry follows the scale's length."""
@@ -100,6 +110,7 @@ STORED_WIDTHS: dict[str, dict[str, tuple[str, ...] | Callable[[nn.Module], Width
     # rest; its "b" variants compute the residual part with a layer of its own (without it, no layer has that width)
     "timm.models.dpn.DualPathBlock": {"num_1x1_c": ("c1x1_c1.out_channels",)},
     "timm.models.metaformer.Scale": {"shape": _scale_shape},
+    "timm.models.focalnet.FocalModulation": {"input_split": _focal_splits},
     # EfficientViM's state-space mixer splits its hz_proj in halves of the width it stores, [self.d_inner] * 2
     "timm.models.efficientvim.HSMSSD": {"d_inner": ("out_proj.conv.in_channels",)},
     "timm.models.inception_next.MetaNeXtBlock": {"token_mixer.split_indexes": _inception_splits},

@@ -34,7 +34,7 @@ from torch_pruning import _helpers, ops
 from torch_pruning.dependency import index_mapping, shape_infer
 from torch_pruning.dependency.node import Node
 
-from regrow.structural.operands import channels_first_products, untie_products
+from regrow.structural.operands import channels_first_products, untie_broadcast_operands, untie_products
 
 
 class ShapeRecorder(TorchFunctionMode):
@@ -180,8 +180,9 @@ def _retype(node: Any, mapping: Any = None, reverse: Any = None, stale: tuple[ty
     slice ones), and set ``mapping`` on the edges from its inputs (``reverse`` on the edges back to them)."""
     node.type = ops.OPTYPE.ELEMENTWISE
     for dep in _stale_edges(node):
-        if isinstance(dep.index_mapping[0], stale):
-            dep.index_mapping[0] = None
+        for k, old in enumerate(dep.index_mapping):  # the second: a slice's after a split's (_split_mappings)
+            if isinstance(old, stale) and (k == 0 or isinstance(old, index_mapping._SliceIndexMapping)):
+                dep.index_mapping[k] = None
     for source in node.inputs:
         for dep in source.dependencies:
             if dep.target is node and mapping is not None:
@@ -231,7 +232,11 @@ def _untie_spatial_slices(dg: Any) -> None:
         dim = _slice_dim(fn)
         if (len(sizes), dim) not in ((4, 1), (3, 2)) and _saved_dim(fn) >= 0:
             continue  # torch-pruning's reading stands: every dim of a 2-D or 5-D tensor is channels to it
-        channels = channels_in(dg, node)
+        chunk = (getattr(node.inputs[0].module, "chunk_readers", None) or {}).get(node)
+        if chunk is not None:  # a slice of one chunk of a split (FocalNet's gates[:, l:l + 1]) reads that chunk
+            channels = node.inputs[0].module.split_sizes[chunk]
+        else:
+            channels = channels_in(dg, node)
         if channels is not None and channels != sizes[dim]:
             _retype(node)
 
@@ -425,20 +430,28 @@ def mark_outputs(module2node: dict[Any, Any], returned: list[Tensor], dg: Any) -
 
 def _split_mappings(dg: Any) -> None:
     """The mapping of every edge between a split and a consumer of one of its chunks (``chunk_readers``, set by
-    :func:`fill_split_sizes`): that chunk's offsets, also where a chunk has several consumers."""
+    :func:`fill_split_sizes`): that chunk's offsets, also where a chunk has several consumers, and for a slice of
+    the chunk, the slice's after them (both took the edge's first mapping, and the slice's was lost)."""
     for node in dg.module2node.values():
         readers = getattr(node.module, "chunk_readers", None)
         if node.type != ops.OPTYPE.SPLIT or not readers or not node.enable_index_mapping:
             continue
         offsets = node.module.offsets
-        for dep in node.dependencies:
-            if dep.target in readers:
-                k = readers[dep.target]
-                dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offsets[k : k + 2], reverse=False)
         for consumer, k in readers.items():
-            for dep in consumer.dependencies:
-                if dep.target is node:
-                    dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offsets[k : k + 2], reverse=True)
+            forward = [d for d in node.dependencies if d.target is consumer]
+            back = [d for d in consumer.dependencies if d.target is node]
+            sliced = consumer.type == ops.OPTYPE.SLICE
+            if sliced:  # a slice of the chunk (FocalNet's gates[:, l:l + 1]): the chunk's offsets, then the slice's
+                index_mapping.update_slice_index_mapping(dg, consumer)
+            for dep in forward:
+                first, then = dep.index_mapping[:2]
+                then = first if sliced and isinstance(first, index_mapping._SliceIndexMapping) else then
+                dep.index_mapping[:2] = [index_mapping._SplitIndexMapping(offset=offsets[k : k + 2]), then]
+            for dep in back:
+                first, then = dep.index_mapping[:2]
+                chunk = index_mapping._SplitIndexMapping(offset=offsets[k : k + 2], reverse=True)
+                in_slice = sliced and isinstance(first, index_mapping._SliceIndexMapping)
+                dep.index_mapping[:2] = [first, chunk] if in_slice else [chunk, then]
 
 
 def parameter_channel_dims(dg: Any) -> None:
@@ -559,6 +572,7 @@ def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) ->
     products = channels_first_products(dg)
     update_mappings(dg)
     untie_products(products)
+    untie_broadcast_operands(dg, shapes)
     _untie_spatial_slices(dg)
     _channel_repeats(dg, shapes)
     _untie_broadcasts(dg)

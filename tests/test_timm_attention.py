@@ -110,6 +110,8 @@ MODELS = {
         "serial_blocks{}.0.factoratt_crpe",
         [1, 2, 3, 4],
     ),
+    # a state-space mixer in the dual form, its state projection split in three by a width it stores
+    "efficientvim": ("efficientvim_m1", {"depths": (2, 1, 1)}, 64, "stages.{}.blocks.{}.mixer", (2, 1, 1)),
     "cait": (  # talking heads in the blocks, then the class token's attention
         "cait_xxs24_224",
         {"img_size": 32, "depth": 2, "depth_token_only": 1},

@@ -111,8 +111,13 @@ STORED_WIDTHS: dict[str, dict[str, tuple[str, ...] | Callable[[nn.Module], Width
     "timm.models.dpn.DualPathBlock": {"num_1x1_c": ("c1x1_c1.out_channels",)},
     "timm.models.metaformer.Scale": {"shape": _scale_shape},
     "timm.models.focalnet.FocalModulation": {"input_split": _focal_splits},
-    # EfficientViM's state-space mixer splits its hz_proj in halves of the width it stores, [self.d_inner] * 2
+    # EfficientViM's state-space mixer splits its hz_proj in halves of the width it stores, [self.d_inner] * 2, and
+    # (its stand-in) its state projection in thirds, each self.state_dim wide
     "timm.models.efficientvim.HSMSSD": {"d_inner": ("out_proj.conv.in_channels",)},
+    "regrow.structural.timm_attention.EfficientVimMixer": {
+        "d_inner": ("out_proj.conv.in_channels",),
+        "state_dim": lambda module: module.dw.conv.out_channels // 3,
+    },
     "timm.models.inception_next.MetaNeXtBlock": {"token_mixer.split_indexes": _inception_splits},
     "timm.models.fasternet.MLPBlock": {
         "spatial_mixing.dim_conv3": ("spatial_mixing.partial_conv3.in_channels",),

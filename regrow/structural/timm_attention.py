@@ -22,8 +22,9 @@ stand-ins): state dicts load either way, the original class's other methods (``s
 ``reset_parameters``, ...) are found on the stand-in, bound to it, and helpers the forward shares with its
 original (BEiT's relative position bias, EVA's rotary embedding) are timm's own, read from the original's class
 and module. ResNeSt's split attention (``timm.layers.split_attn.SplitAttn``) gets one too, for another reason: its
-radix softmax views and transposes the logits in a way the trace cannot follow (:class:`SplitAttention`). timm
-changes its
+radix softmax views and transposes the logits in a way the trace cannot follow (:class:`SplitAttention`), and so
+does EfficientViM's state-space mixer, whose states' three parts are tied by nothing the trace sees
+(:class:`EfficientVimMixer`). timm changes its
 modules between versions, so :func:`regrow.structural.standins.convert_standins` runs each stand-in on what its
 original received on the example batch and keeps the original, saying so, where the outputs differ. timm is never
 imported here: the originals are recognised by their module and class name.
@@ -425,6 +426,27 @@ class ConvitMhsa(_Adopted):
         return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1)))
 
 
+class EfficientVimMixer(_Adopted):
+    """EfficientViM's state-space mixer (``efficientvim.HSMSSD``), which splits its state projection with the list
+    ``[self.state_dim] * 3`` (the states' inputs B, outputs C and steps): split here by the one width,
+    ``torch.split(x, self.state_dim, 1)``, the same three chunks, which channel pruning then knows must each lose
+    as many channels, the same states (regrow.structural.coupling). No mapping ties them otherwise: each meets
+    the others only through a matrix product, along dimensions that hold no channel. ``state_dim`` follows the
+    projection (regrow.structural.stored)."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        batch, _, height, width = x.shape
+        x = x.flatten(2)
+        bcdt = self.dw(self.BCdt_proj(x).reshape(batch, -1, height, width)).flatten(2)
+        b, c, dt = torch.split(bcdt, self.state_dim, dim=1)
+        a = (dt + self.A.view(1, -1, 1)).softmax(-1)
+        h = x @ (a * b).transpose(-2, -1)
+        h, z = torch.split(self.hz_proj(h), [self.d_inner, self.d_inner], dim=1)
+        h = self.out_proj(h * self.act(z) + h * self.D)
+        y = h @ c
+        return y.reshape(batch, -1, height, width).contiguous(), h
+
+
 class CoatFactorAttention(_Adopted):
     """timm's CoaT ``FactorAttnConvRelPosEnc``: factorized attention (the keys' softmax over the tokens, times the
     values, then the queries) plus a relative position encoding of the values by depthwise convolutions."""
@@ -480,4 +502,5 @@ STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "convit.GPSA": ConvitGpsa,
     TIMM + "convit.MHSA": ConvitMhsa,
     TIMM + "coat.FactorAttnConvRelPosEnc": CoatFactorAttention,
+    TIMM + "efficientvim.HSMSSD": EfficientVimMixer,
 }

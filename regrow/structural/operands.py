@@ -49,7 +49,10 @@ def channels_first_products(dg: Any) -> list[tuple[Any, Any]]:
         a, b = (next((n for n in node.inputs if n.grad_fn is f), None) for f, _ in fn.next_functions)
         if a is None or b is None or a is b:
             continue
-        shape = fn._saved_self.shape
+        try:
+            shape = fn._saved_self.shape
+        except RuntimeError:  # the saved operand was freed (a graph that backward ran through): no shape to read
+            continue
         if _channels(dg, a) == shape[1] != shape[2]:
             node.inputs.remove(a)
             node.inputs.append(a)

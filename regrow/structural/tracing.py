@@ -292,7 +292,8 @@ def _channels_last_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None
 def _channels_first_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
     """Reshapes of the dimensions after the channels of a channels-first tensor, ``(B, C, H*W)`` into ``(B, C, H,
     W)`` (EfficientViM's state-space mixer, back to a map after a matrix product): channel ``c`` stays ``c``.
-    torch-pruning maps 4-D inputs only and read this one as a flatten, channel ``c`` as ``2c, 2c + 1``."""
+    torch-pruning reads a reshape as a flatten wherever the channel counts it infers on its two sides differ; past
+    the matrix product they did, and channel ``c`` became ``2c, 2c + 1``."""
     for node in list(dg.module2node.values()):
         fn = node.grad_fn
         if node.type != ops.OPTYPE.RESHAPE or not hasattr(fn, "_saved_self_sym_sizes") or fn not in shapes:
@@ -351,9 +352,10 @@ def _channel_repeats(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
 
 
 def _unit_dim_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
-    """A view that only adds or drops dimensions of size 1 moves no element: a layer scale viewed as ``(1, C, 1,
-    1)`` (``x.mul(self.gamma.reshape(1, -1, 1, 1))``: InceptionNeXt, ConvNeXt-style blocks), a pooled map's
-    ``(B, C, 1, 1)`` flattened to ``(B, C)``. Channel ``c`` stays ``c``; torch-pruning counted the channels after
+    """A view that only adds or drops dimensions of size 1, or keeps its shape (the views ``matmul`` makes of 3-D
+    operands), moves no element: a layer scale viewed as ``(1, C, 1, 1)`` (``x.mul(self.gamma.reshape(1, -1, 1,
+    1))``: InceptionNeXt, ConvNeXt-style blocks), a pooled map's ``(B, C, 1, 1)`` flattened to ``(B, C)``. Channel
+    ``c`` stays ``c``; torch-pruning counted the channels after
     the view from the layers downstream, and where that count came out larger (1280 for InceptionNeXt's last
     stage of 320 channels, past a 2x2 map) it read the view as a flatten and sent channel ``c`` to ``4c .. 4c +
     3``."""

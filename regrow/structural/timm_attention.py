@@ -430,9 +430,9 @@ class EfficientVimMixer(_Adopted):
     """EfficientViM's state-space mixer (``efficientvim.HSMSSD``), which splits its state projection with the list
     ``[self.state_dim] * 3`` (the states' inputs B, outputs C and steps): split here by the one width,
     ``torch.split(x, self.state_dim, 1)``, the same three chunks, which channel pruning then knows must each lose
-    as many channels, the same states (regrow.structural.coupling). No mapping ties them otherwise: each meets
-    the others only through a matrix product, along dimensions that hold no channel. ``state_dim`` follows the
-    projection (regrow.structural.stored)."""
+    as many channels, the same states (regrow.structural.coupling). No mapping ties them otherwise: B and the
+    steps meet in an element-wise product, but C meets them only in a matrix product, along a dimension that holds
+    no channel. ``state_dim`` follows the projection (regrow.structural.stored)."""
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         batch, _, height, width = x.shape

@@ -2001,6 +2001,7 @@ def test_efficientvims_residual_streams_mixers_and_states_shrink_to_half_its_mac
         assert excluded[name] is None
     states = next(g for g in report.groups if g["name"] == "stages.0.blocks.0.mixer.BCdt_proj.conv")
     assert states["excluded"] is None and states["unit_size"] == 3  # a state's input, output and step together
+    assert states["units_after"] < states["units_before"] == 49
     assert (
         model.stages[0].blocks[0].mixer.state_dim
         == model.stages[0].blocks[0].mixer.A.shape[0]

@@ -31,8 +31,8 @@ demo: $(STAMP)
 
 # The suite on TEST_WORKERS processes (pytest-xdist); tests/conftest.py gives each its share of the cores. Work
 # stealing keeps both workers busy to the end. On this 2-core machine: 503 s in the clean-clone CI run at b669d56
-# (1041 passed; 423 s at 224d669 with 1035). The tests that start processes fork them from one that has done the imports
-# (tests/forked.py, and a forkserver for the distributed tests): 616-739 s in the four CI runs before.
+# (1041 passed; 423 s at 224d669 with 1035). The tests that start processes fork them from one that has done the
+# imports (tests/forked.py, and a forkserver for the distributed tests): 616-739 s in the four CI runs before.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)

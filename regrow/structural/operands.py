@@ -71,6 +71,7 @@ def _cut(node: Any, operand: Any) -> None:
 
 
 def _none(idxs: list[Any]) -> list[Any]:
+    """The index mapping that maps nothing (here and in regrow.structural.tracing)."""
     return []
 
 

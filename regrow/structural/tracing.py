@@ -34,7 +34,7 @@ from torch_pruning import _helpers, ops
 from torch_pruning.dependency import index_mapping, shape_infer
 from torch_pruning.dependency.node import Node
 
-from regrow.structural.operands import channels_first_products, untie_broadcast_operands, untie_products
+from regrow.structural.operands import _none, channels_first_products, untie_broadcast_operands, untie_products
 
 
 class ShapeRecorder(TorchFunctionMode):
@@ -262,10 +262,6 @@ def _untie_broadcasts(dg: Any) -> None:
             _retype(node, stale=gqa_only)
         else:
             _retype(node, _none, _none, stale=gqa_only)
-
-
-def _none(idxs: list[Any]) -> list[Any]:
-    return []
 
 
 def _channels_last_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:

@@ -403,24 +403,47 @@ def _main(args: argparse.Namespace) -> int:
             raise
         print(f"regrow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except _Terminated as exc:
-        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
-            print("regrow: terminated" + (" (hang-up)" if exc.signum != signal.SIGTERM else ""), file=sys.stderr)
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        print("regrow: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM or SIGHUP as _Terminated
+        return _stopped(exc)
     except BrokenPipeError:  # e.g. `regrow list | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
-    except RuntimeError as exc:  # several processes: another rank is gone (killed, crashed, out of memory)
-        if not joined or not distributed.lost_peer(exc) or args.debug:
+    except Exception as exc:
+        stop = _interruption(exc)
+        if stop is not None:
+            return _stopped(stop)
+        # several processes: another rank is gone (killed, crashed, out of memory)
+        if not isinstance(exc, RuntimeError) or not joined or not distributed.lost_peer(exc) or args.debug:
             raise
         print(f"regrow: error: {distributed.lost_peer_message(exc, args.resume or args.out)}", file=sys.stderr)
         return EXIT_LOST_PEER
     finally:
         if joined:
             distributed.leave()
+
+
+def _interruption(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or ending signal behind ``exc``, when code it interrupted wrapped it in another error: Python 3.11
+    wraps whatever a class body's ``__set_name__`` raises in a RuntimeError, and a signal can land there while a
+    module is imported (torch imports ``torch._dynamo`` when the first optimizer is made)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _stopped(exc: KeyboardInterrupt) -> int:
+    """Say how the run ended and return its exit status: 130 for Ctrl-C, 128 + the signal for SIGTERM or SIGHUP."""
+    if isinstance(exc, _Terminated):
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            print("regrow: terminated" + (" (hang-up)" if exc.signum != signal.SIGTERM else ""), file=sys.stderr)
+        return 128 + exc.signum
+    print("regrow: interrupted", file=sys.stderr)
+    return 130
 
 
 def _join_processes(args: argparse.Namespace) -> bool:

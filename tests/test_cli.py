@@ -412,6 +412,27 @@ def test_sigterm_ends_a_run_like_ctrl_c_and_leaves_nothing_behind(tmp_path):
     assert not (tmp_path / "runs").exists()  # the folders it created are gone, with the half-written files
 
 
+@pytest.mark.parametrize(
+    "stop, code, said", [("SIGTERM", 128 + 15, "regrow: terminated"), ("SIGINT", 130, "regrow: interrupted")]
+)
+def test_a_signal_that_lands_in_an_import_still_ends_the_run_cleanly(capsys, monkeypatch, stop, code, said):
+    """A signal that arrives while a class body runs (a lazy import, such as torch's of torch._dynamo when the
+    first optimizer is made) is raised inside ``__set_name__``, which Python 3.11 wraps in a RuntimeError."""
+    from regrow.cli import _Terminated
+
+    class Landing:
+        def __set_name__(self, owner, name):
+            raise _Terminated(signal.SIGTERM) if stop == "SIGTERM" else KeyboardInterrupt
+
+    def run_that_imports(recipe, args):
+        type("Imported", (), {"attribute": Landing()})
+
+    monkeypatch.setattr("regrow.cli._run", run_that_imports)
+    assert main(["run", "demo", "--no-progress"]) == code
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
     out = tmp_path / "o"

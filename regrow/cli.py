@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import regrow.distributed as distributed
-from regrow.errors import RegrowError
+from regrow.errors import RegrowError, interruption
 
 log = logging.getLogger("regrow")
 EXIT_BAD_INPUT = 2
@@ -409,7 +409,7 @@ def _main(args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
     except Exception as exc:
-        stop = _interruption(exc)
+        stop = interruption(exc)
         if stop is not None:
             return _stopped(stop)
         # several processes: another rank is gone (killed, crashed, out of memory)
@@ -420,20 +420,6 @@ def _main(args: argparse.Namespace) -> int:
     finally:
         if joined:
             distributed.leave()
-
-
-def _interruption(exc: BaseException) -> KeyboardInterrupt | None:
-    """The Ctrl-C or ending signal behind ``exc``, when code it interrupted wrapped it in another error: Python 3.11
-    wraps whatever a class body's ``__set_name__`` raises in a RuntimeError, and a signal can land there while a
-    module is imported (torch imports ``torch._dynamo`` when the first optimizer is made)."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, KeyboardInterrupt):
-            return cause
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return None
 
 
 def _stopped(exc: KeyboardInterrupt) -> int:

@@ -29,3 +29,18 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
 
 class SpeedWarning(UserWarning):
     """The chosen pruning will not make the model faster on dense kernels, or its widths are unfriendly."""
+
+
+def interruption(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (Ctrl-C, or SIGTERM / SIGHUP through the command line) that ``exc`` is or that it was
+    raised from or during, else None. Code a signal interrupts can wrap what it raises in another error: Python
+    3.11 wraps whatever a class body's ``__set_name__`` raises in a RuntimeError, and a signal can land there while
+    a module is imported (torch imports ``torch._dynamo`` when the first optimizer is made)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None

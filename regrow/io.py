@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from regrow.errors import RegrowError
+from regrow.errors import RegrowError, first_line, interruption
 from regrow.publish import (
     CURRENT,
     RUN_FILES,
@@ -179,7 +179,7 @@ def staged_out_dir(path: str | os.PathLike[str], *, overwrite: bool = False, res
             log.warning(
                 "the run stopped (%s); its checkpoint (%s) is kept in %s: run the same command with --resume to "
                 "continue it.",
-                type(exc).__name__,
+                "interrupted" if interruption(exc) is not None else first_line(exc),
                 describe(stage.path / CHECKPOINT),
                 out,
             )

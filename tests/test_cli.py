@@ -433,6 +433,26 @@ def test_a_signal_that_lands_in_an_import_still_ends_the_run_cleanly(capsys, mon
     assert said in err and "Traceback" not in err, err
 
 
+def test_the_interruption_behind_an_error_is_found_through_its_cause_or_context():
+    from regrow.errors import interruption
+
+    stop = KeyboardInterrupt()
+    try:
+        try:
+            raise stop
+        except KeyboardInterrupt:
+            raise ValueError("raised while handling it")  # noqa: B904 (the context is what is tested)
+    except ValueError as exc:
+        during = exc
+    wrapped = RuntimeError("wrapped")
+    wrapped.__cause__ = during
+    assert interruption(stop) is stop and interruption(during) is stop and interruption(wrapped) is stop
+    looped = RuntimeError("a cycle")
+    looped.__context__ = RuntimeError("its context")
+    looped.__context__.__context__ = looped
+    assert interruption(looped) is None and interruption(ValueError("plain")) is None
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
     out = tmp_path / "o"
@@ -451,7 +471,8 @@ def test_sigterm_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
 
     code, err = interrupt_run(argv, tmp_path, saved, signal.SIGTERM, settle=0)
     assert code == 128 + signal.SIGTERM and "Traceback" not in err, err
-    assert "is kept in" in err and "run the same command with --resume to continue it" in err, err
+    assert "the run stopped (interrupted)" in err and "is kept in" in err, err
+    assert "run the same command with --resume to continue it" in err, err
     assert main([*argv, "--resume"]) == 0
     assert (out / "report.json").is_file() and not list(out.glob(".regrow-*"))
 

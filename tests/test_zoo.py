@@ -32,7 +32,7 @@ from regrow.structural import graph as graph_module
 from regrow.structural.budget import Unitized, select, take
 from regrow.structural.coupling import RunawayMapping, UnmappedOp, pruning_group, walk
 from regrow.structural.graph import StructureGraph, merge_cuts
-from regrow.structural.heads import SectionedHeads, _projection_paths, head_group
+from regrow.structural.heads import SectionedHeads, _projection_paths, head_group, inner_projections
 
 timm = import_timm()
 MIXER = timm.models.mlp_mixer  # its model functions fix the number of blocks: the families below call the class
@@ -1024,6 +1024,78 @@ def test_levits_attention_without_some_heads_computes_what_its_simulation_does(k
         qkv.linear = nn.Conv2d(8, qkv.linear.out_channels, 1, groups=2, bias=False)
         role = "'q'" if kind == "AttentionDownsample" else "'qkv'"
         assert head_group("", attn).excluded == f"its {role} is not one Linear or ungrouped convolution"
+
+
+def test_multi_query_heads_are_query_rows_and_output_columns_and_the_key_and_value_stay_whole():
+    # timm's MultiQueryAttention2d (MobileNetV4 hybrids, MobileNetV5): 1x1 convolutions as projections, num_heads
+    # query heads of key_dim rows against one key and one value head. It declares its heads but has no Linear
+    # projections: pattern 'head' refused it ("no q/k/v or fused qkv Linear projections found"), and pattern
+    # 'channel' walked its q / k / v widths into a runaway instead of keeping them in as attention's.
+    attn = importlib.import_module("timm.layers.attention2d").MultiQueryAttention2d(
+        4, num_heads=3, key_dim=2, value_dim=2
+    )
+    with torch.no_grad():
+        attn.query.proj.weight.copy_(torch.arange(6.0)[:, None, None, None].expand(6, 4, 1, 1))
+        attn.output.proj.weight.copy_(torch.arange(6.0)[None, :, None, None].expand(4, 6, 1, 1))
+    group = head_group("a", attn)
+    assert isinstance(group, SectionedHeads) and (group.heads, group.head_dim, group.sections) == (3, 2, {"q": (2,)})
+    assert group.projections == {"q": "a.query.proj", "out": "a.output.proj"}
+    assert inner_projections(group, attn) == {"a.query.proj", "a.key.proj", "a.value.proj"}
+    # magnitude: each head's two query rows (row r: 4 r^2) and its two output columns (column c: 4 c^2)
+    own = [4 * sum(r * r for r in (2 * h, 2 * h + 1)) * 2 for h in range(3)]
+    assert group.scores(_Holder(attn), use_grad=False).tolist() == own
+    simulated = copy.deepcopy(attn)
+    head_group("", simulated).simulate(simulated, [1])  # no values of its own: the output's columns 2 and 3
+    assert simulated.output.proj.weight[0, :, 0, 0].tolist() == [0, 1, 0, 0, 4, 5]
+    assert torch.equal(simulated.query.proj.weight, attn.query.proj.weight)
+    head_group("", attn).apply(attn, [1])
+    assert attn.query.proj.weight[:, 0, 0, 0].tolist() == [0, 1, 4, 5]
+    assert attn.output.proj.weight[0, :, 0, 0].tolist() == [0, 1, 4, 5]
+    assert attn.num_heads == 2 and (attn.key.proj.out_channels, attn.value.proj.out_channels) == (2, 2)
+    attn.query.proj = nn.Conv2d(4, 4, 1, groups=2, bias=False)  # rows that do not go by slicing: refused
+    assert "not each one Linear or ungrouped convolution" in head_group("", attn).excluded
+
+
+class _MultiQueryNet(nn.Module):
+    """A stem, then timm's multi-query attention over its map as a residual block, pooled to 10 classes; strided:
+    queries from a pooled map, keys and values from a depthwise-strided one (MobileNetV4's hybrid blocks)."""
+
+    def __init__(self, strided: bool) -> None:
+        super().__init__()
+        mqa = importlib.import_module("timm.layers.attention2d").MultiQueryAttention2d
+        stride = 2 if strided else 1
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.attn = mqa(16, num_heads=4, key_dim=4, value_dim=6, query_strides=stride, kv_stride=stride)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.fc((x + self.attn(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_multi_query_attention_loses_heads_and_keeps_its_inner_widths_in_channel_pruning(strided):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    model = _random_norms(_MultiQueryNet(strided)).eval()
+    _shrinks_as_simulated(copy.deepcopy(model.attn), model.stem(x), [0, 2])
+    report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.scale > 0, report.equivalence
+    assert [(g["name"], g["units_after"], g["excluded"]) for g in report.groups] == [("attn", 2, None)]
+    attn = model.attn
+    assert (attn.num_heads, attn.query.proj.out_channels, attn.output.proj.in_channels) == (2, 8, 12)
+    model = _random_norms(_MultiQueryNet(strided)).eval()
+    attn = model.attn
+    report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.scale > 0, report.equivalence
+    left_out = {g["name"]: g["excluded"] for g in report.groups if g["excluded"] and g["name"] != "fc"}
+    inside = "inside attention 'attn': its inner width shrinks only by whole heads (pattern 'head')"
+    assert "attn.query.proj" in left_out and set(left_out.values()) == {inside}, left_out
+    widths = (attn.query.proj.out_channels, attn.key.proj.out_channels, attn.value.proj.out_channels)
+    assert widths == (16, 4, 6) and attn.output.proj.in_channels == 24
+    assert model.stem[0].out_channels == 8 and model.attn.query.proj.in_channels == 8
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)
 
 
 @pytest.mark.parametrize("name", ["levit_128s", "levit_conv_128s"])

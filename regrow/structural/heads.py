@@ -20,7 +20,9 @@ Two kinds of attention module are understood:
   holds beside a fused projection (``LOOSE_BIASES``: timm's BEiT, EVA and Swin V2). A fused ``qkv`` holds all
   queries, then all keys, then all values; or each head's q, k and v rows together (``INTERLEAVED``: Hugging Face's
   GPT-NeoX and GPTBigCode). timm's LeViT, EfficientFormer and TinyViT hold each head's rows together in sections of
-  widths they name, values wider than keys, behind a BatchNorm in LeViT (``SECTIONED``, :class:`SectionedHeads`).
+  widths they name, values wider than keys, behind a BatchNorm in LeViT (``SECTIONED``, :class:`SectionedHeads`);
+  timm's multi-query attention over 2D maps (``MULTI_QUERY``: MobileNetV4 hybrids, MobileNetV5) has 1x1
+  convolutions as projections and one key and one value head that every query head reads, which stay whole.
 
 With grouped-query attention (k and v narrower than q: each key/value head serves ``kv_group`` query heads)
 the unit removed is a key/value head together with its query heads, so the grouping stays as the module
@@ -88,6 +90,11 @@ SECTIONED = {
         {"key_attn_dim": "key_dim", "val_attn_dim": "val_dim"},
     ),
     "timm.models.tiny_vit.Attention": ({"qkv": ("key_dim", "key_dim", "val_dim")}, {"out_dim": "val_dim"}),
+}
+# Multi-query attention whose query heads (``num_heads`` of ``key_dim`` rows) all read one key and one value head
+# (``value_dim`` wide): per class, the paths of its query, key, value and output projections.
+MULTI_QUERY = {
+    "timm.layers.attention2d.MultiQueryAttention2d": ("query.proj", "key.proj", "value.proj", "output.proj"),
 }
 
 
@@ -224,12 +231,15 @@ class HeadGroup:
 class SectionedHeads(HeadGroup):
     """The heads of an attention in ``SECTIONED``: each projection holds every head's rows together, in sections of
     the widths ``sections`` names (the last section of the one that ends in values: the values), and may have a
-    BatchNorm right after it (``norms``). ``head_dim`` is a head's value width: the output projection's columns."""
+    BatchNorm right after it (``norms``). ``head_dim`` is a head's value width: the output projection's columns.
+    With multi-query attention (``MULTI_QUERY``) no projection holds values per head (``values`` is None): the key
+    and value projections every head reads (``shared``) stay whole."""
 
     sections: dict[str, tuple[int, ...]] = field(default_factory=dict)  # role -> one head's rows, section by section
     norms: dict[str, str] = field(default_factory=dict)  # role -> the norm over that projection's outputs
     widths: dict[str, int] = field(default_factory=dict)  # the module's attribute -> its width per head
-    values: str = "qkv"  # the projection whose last section holds the values
+    values: str | None = "qkv"  # the projection whose last section holds the values
+    shared: tuple[str, ...] = ()  # the key and value projections all heads read (multi-query), never sliced
 
     def scores(self, model: nn.Module, use_grad: bool) -> Tensor:
         """Per head: the sum of w^2 (magnitude) or |w * dw/dL| (taylor) over its rows and output columns."""
@@ -263,7 +273,11 @@ class SectionedHeads(HeadGroup):
 
     @torch.no_grad()
     def simulate(self, model: nn.Module, removed: list[int]) -> None:
-        """Zero the value rows of the ``removed`` heads, and their norm's scale and shift: their output is zero."""
+        """Zero the value rows of the ``removed`` heads, and their norm's scale and shift: their output is zero.
+        Without values of their own (multi-query), zero the output projection's columns that read them."""
+        if self.values is None:
+            self._child(model, "out").weight[:, _rows_of(self.head_dim, removed)] = 0
+            return
         layer, per = self._child(model, self.values), sum(self.sections[self.values])
         norm = model.get_submodule(self.norms[self.values]) if self.values in self.norms else None
         for h in removed:
@@ -325,6 +339,25 @@ def _sectioned(name: str, module: nn.Module, layout: dict[str, tuple[str, ...]],
     return SectionedHeads(
         name, heads, value_dim, projections, sections=sections, norms=norms, widths=widths, values=values
     )
+
+
+def _multi_query(name: str, module: nn.Module, paths: tuple[str, str, str, str]) -> HeadGroup:
+    """The :class:`SectionedHeads` of a multi-query attention in ``MULTI_QUERY``, or why its heads cannot go: a head
+    is its query's ``key_dim`` rows and the output projection's ``value_dim`` columns that read it."""
+    heads, key_dim, value_dim = head_count(module) or 0, getattr(module, "key_dim", 0), getattr(module, "value_dim", 0)
+    below = dict(module.named_modules())
+    layers = {role: below.get(path) for role, path in zip(("q", "k", "v", "out"), paths, strict=True)}
+    projections = {role: f"{name}.{path}" if name else path for role, path in zip(layers, paths, strict=True)}
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d)
+    if not all(isinstance(m, kinds) and getattr(m, "groups", 1) == 1 for m in layers.values()):
+        reason = "its query, key, value and output projections are not each one Linear or ungrouped convolution"
+        return HeadGroup(name, heads, 0, {}, excluded=reason)
+    widths = (_out_features(layers["q"]), _in_features(layers["out"]))
+    if not heads or widths != (heads * key_dim, heads * value_dim):
+        reason = f"its query and output projections ({widths[0]}, {widths[1]} wide) do not hold {heads} heads"
+        return HeadGroup(name, heads, 0, {}, excluded=f"{reason} of {key_dim} and {value_dim}")
+    shared = (projections.pop("k"), projections.pop("v"))
+    return SectionedHeads(name, heads, value_dim, projections, sections={"q": (key_dim,)}, values=None, shared=shared)
 
 
 def _layer_and_norm(prefix: str, child: nn.Module | None) -> tuple[str, str | None] | None:
@@ -400,6 +433,8 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     kind = f"{type(module).__module__}.{type(module).__qualname__}"
     if kind in SECTIONED:
         return _sectioned(name, module, *SECTIONED[kind])
+    if kind in MULTI_QUERY:
+        return _multi_query(name, module, MULTI_QUERY[kind])
     if isinstance(module, MultiheadAttention):
         roles = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}
         return HeadGroup(name, module.num_heads, module.head_dim, {r: full(c) for r, c in roles.items()})
@@ -498,7 +533,8 @@ def inner_projections(group: HeadGroup, module: nn.Module) -> set[str]:
         if own or convolutions:
             return set()
     if group.projections:
-        return {fqn for role, fqn in group.projections.items() if role != "out"}
+        shared = group.shared if isinstance(group, SectionedHeads) else ()
+        return {fqn for role, fqn in group.projections.items() if role != "out"} | set(shared)
     return set(named)
 
 

@@ -221,7 +221,7 @@ def shrunk_config(model: nn.Module) -> Any:
             if isinstance(getattr(config, key, None), int):
                 setattr(config, key, heads)
         if isinstance(getattr(config, "num_key_value_heads", None), int):
-            config.num_key_value_heads = _uniform({g.units for g in attention}, "numbers of key/value heads")
+            config.num_key_value_heads = _uniform({g.kv_heads for g in attention}, "numbers of key/value heads")
         stated, hidden = getattr(config, "head_dim", None), getattr(config, "hidden_size", None)
         if isinstance(stated, int) or (
             stated is None and isinstance(hidden, int) and heads != head_count(model.config)

@@ -172,6 +172,18 @@ def test_llama_with_heads_removed_uniformly_saves_with_its_config_updated(tmp_pa
     assert json.loads((folder / "regrow.json").read_text())["structure"]["pattern"] == "head"
 
 
+def test_multi_query_llama_with_query_heads_removed_saves_its_one_key_value_head(tmp_path, plain):
+    model = tiny_llama(num_key_value_heads=1)
+    ids = {"input_ids": torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))}
+    masks = regrow.prune(model, pattern="head", sparsity=0.5, scope="layer", example_inputs=ids["input_ids"])
+    folder = save_pretrained(model, masks, tmp_path / "out")
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 1, 8)
+    with torch.no_grad():
+        expect = model(**ids).logits.flatten()
+    assert torch.equal(_loaded_outputs(plain, folder, "AutoModelForCausalLM", ids), expect)
+
+
 @pytest.mark.parametrize("kv_heads", [2, 4])
 def test_phi3_with_heads_removed_uniformly_saves_with_its_head_size_stated(tmp_path, kv_heads, plain):
     # Phi-3 derives its head size as hidden_size // num_attention_heads: with half its heads gone that gave 16, not

@@ -656,19 +656,43 @@ def test_a_hugging_face_attention_of_one_head_keeps_its_width_out_saying_so():
     assert report.equivalence.passed and model.model.layers[0].self_attn.q_proj.out_features == 32
 
 
-def test_multi_query_attention_says_why_no_pattern_shrinks_its_inner_width():
-    # One key/value head shared by all query heads: pattern 'head' refuses it ("it has a single key/value head"),
-    # and channel pruning said its width "shrinks only by whole heads (pattern 'head')".
-    x = torch.randint(0, 64, (2, 8))
+def _multi_query(family: str):
+    if family == "llama":
+        return tiny_llama(num_key_value_heads=1)
+    transformers = pytest.importorskip("transformers")
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = transformers.GemmaConfig(vocab_size=64, num_key_value_heads=1, head_dim=8, **sizes)  # as Gemma 1's 2B
+    torch.manual_seed(0)
+    return transformers.GemmaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_multi_query_attention_loses_query_heads_and_keeps_its_one_key_value_head(family):
+    # One key/value head shared by all query heads (Gemma 1's 2B): pattern 'head' refused it ("it has a single
+    # key/value head"), and channel pruning said so of its width. A unit is now one query head: its q_proj rows and
+    # o_proj columns go, k_proj and v_proj stay whole, and num_key_value_groups follows the query heads.
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     report = regrow.prune(
-        tiny_llama(num_key_value_heads=1), pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False
+        _multi_query(family), pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False
     ).structure
     reasons = {g["name"]: g["excluded"] for g in report.groups}
     for i in range(2):
         assert reasons[f"model.layers.{i}.self_attn.q_proj"] == (
-            f"inside attention 'model.layers.{i}.self_attn': its inner width is split into heads, which pattern "
-            "'head' cannot remove here (it has a single key/value head)"
+            f"inside attention 'model.layers.{i}.self_attn': its inner width shrinks only by whole heads (pattern "
+            "'head')"
         )
     assert reasons["model.layers.0.mlp.gate_proj"] is None and report.equivalence.passed
-    with pytest.raises(regrow.RegrowError, match="model.layers.0.self_attn: it has a single key/value head"):
-        regrow.prune(tiny_llama(num_key_value_heads=1), pattern="head", sparsity=0.5, example_inputs=x)
+    model = _multi_query(family)
+    report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.scale > 0 and report.units_removed == 4
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        widths = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features, attn.o_proj.in_features)
+        assert widths == (16, 8, 8, 16) and attn.num_key_value_groups == 2 and attn.config.num_attention_heads == 2
+    logits = {}
+    for kind in ("sdpa", "eager"):  # eager attention repeats the key / value head num_key_value_groups times
+        model.set_attn_implementation(kind)
+        with torch.no_grad():
+            logits[kind] = model(x).logits
+    torch.testing.assert_close(logits["eager"], logits["sdpa"])
+    assert model.generate(x[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 7)

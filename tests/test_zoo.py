@@ -32,7 +32,8 @@ from regrow.structural import graph as graph_module
 from regrow.structural.budget import Unitized, select, take
 from regrow.structural.coupling import RunawayMapping, UnmappedOp, pruning_group, walk
 from regrow.structural.graph import StructureGraph, merge_cuts
-from regrow.structural.heads import SectionedHeads, _projection_paths, head_group, inner_projections
+from regrow.structural.heads import SectionedHeads, _projection_paths, head_group
+from regrow.structural.prepared import inner_projections
 
 timm = import_timm()
 MIXER = timm.models.mlp_mixer  # its model functions fix the number of blocks: the families below call the class

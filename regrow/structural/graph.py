@@ -176,7 +176,7 @@ def _tracing_error(exc: Exception, ran: bool) -> RegrowError:
     )
 
 
-Inner = dict[str, set[str]]  # attention module -> its inner projections (q, k, v or fused qkv): heads.inner_projections
+Inner = dict[str, set[str]]  # attention module -> its q, k, v or fused qkv layers: prepared.inner_projections
 
 
 def _inside_attention(owner: str, unheaded: Mapping[str, str]) -> str:

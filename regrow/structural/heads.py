@@ -120,6 +120,11 @@ class HeadGroup:
     def members(self) -> list[str]:
         return list(self.projections.values())
 
+    @property
+    def kv_heads(self) -> int:
+        """Key / value heads: one per unit."""
+        return self.units
+
     def _child(self, model: nn.Module, role: str) -> nn.Module:
         return model.get_submodule(self.projections[role])
 
@@ -241,6 +246,15 @@ class SectionedHeads(HeadGroup):
     values: str | None = "qkv"  # the projection whose last section holds the values
     shared: tuple[str, ...] = ()  # the key and value projections all heads read (multi-query), never sliced
 
+    @property
+    def members(self) -> list[str]:
+        return [*self.projections.values(), *self.shared]
+
+    @property
+    def kv_heads(self) -> int:
+        """One key / value head per head, or (multi-query) the one they all read."""
+        return 1 if self.shared else self.units
+
     def scores(self, model: nn.Module, use_grad: bool) -> Tensor:
         """Per head: the sum of w^2 (magnitude) or |w * dw/dL| (taylor) over its rows and output columns."""
         per_head = torch.zeros(self.heads)
@@ -270,6 +284,7 @@ class SectionedHeads(HeadGroup):
                 setattr(module, attr, left)
         if isinstance(getattr(module, "attention_bias_cache", None), dict):
             module.attention_bias_cache = {}  # the per-head position biases, cached in eval mode
+        bind(module, {a: (self.heads, left) for a in HEAD_ATTRS})  # a Hugging Face module's own config
 
     @torch.no_grad()
     def simulate(self, model: nn.Module, removed: list[int]) -> None:
@@ -338,6 +353,22 @@ def _sectioned(name: str, module: nn.Module, layout: dict[str, tuple[str, ...]],
     widths = {attr: int(getattr(module, src)) for attr, src in per_head.items() if hasattr(module, attr)}
     return SectionedHeads(
         name, heads, value_dim, projections, sections=sections, norms=norms, widths=widths, values=values
+    )
+
+
+def _one_key_value_head(
+    name: str, module: nn.Module, projections: dict[str, str], heads: int, head_dim: int
+) -> HeadGroup:
+    """Multi-query attention with separate q, k and v projections as :class:`SectionedHeads`: a head is its query's
+    rows and the output projection's columns; the one key / value head all heads read stays whole. The module's
+    integers that are the inner width, or the query heads per key / value head, follow the heads."""
+    shared = (projections.pop("k"), projections.pop("v"))
+    ints = {a: v for a, v in vars(module).items() if type(v) is int}
+    widths = {a: head_dim for a, v in ints.items() if v == heads * head_dim and _width(a)}
+    widths |= {a: 1 for a in ("num_key_value_groups",) if a in ints}
+    sections = {"q": (head_dim,)}
+    return SectionedHeads(
+        name, heads, head_dim, projections, sections=sections, values=None, shared=shared, widths=widths
     )
 
 
@@ -485,11 +516,8 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     head_dim = inner // heads
     across = _norm_across_heads(module, paths, (inner, kv_inner), head_dim)
     if across is not None:
-        reason = (
-            f"its norm {across!r} normalises {_normalised(across)} of all heads together: removing heads would change "
-            "how the others are normalised"
-        )
-        return HeadGroup(name, heads, head_dim, projections, excluded=reason)
+        reason = f"its norm {across!r} normalises {_normalised(across)} of all heads together: removing heads would "
+        return HeadGroup(name, heads, head_dim, projections, excluded=f"{reason}change how the others are normalised")
     kv_heads = kv_inner // head_dim
     if fused is not None and kv_declared not in (None, kv_heads) and not kv_inner % head_dim:
         reason = f"it declares {kv_declared} key/value heads, but its fused q/k/v projection holds {kv_heads}"
@@ -497,45 +525,11 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     if kv_inner % head_dim or not kv_heads or heads % kv_heads:
         reason = f"{heads} query heads cannot share {kv_inner / head_dim:g} key/value heads evenly"
         return HeadGroup(name, heads, head_dim, projections, excluded=reason)
+    if kv_heads == 1 < heads and "k" in projections and q_rows == 1:  # multi-query (Gemma 1's 2B)
+        return _one_key_value_head(name, module, projections, heads, head_dim)
     group = HeadGroup(name, heads, head_dim, projections, kv_group=heads // kv_heads, q_rows=q_rows)
     group.interleaved = fused is not None and kv_heads == heads and kind in INTERLEAVED  # a key per query head
     return group
-
-
-STANDINS = "regrow.structural.timm_attention"  # regrow's stand-ins for timm's attention: widths from the tensors
-# The names of the layers that compute queries, keys and values: head_group's roles, and a fused query / key
-# projection (timm's ConViT and TNT: ``qk``, then ``v``)
-QKV_NAMES = {*FUSED, *(n for names in (*SEPARATE, *SEPARATE_KV) for n in names), "qk"}
-
-
-def inner_projections(group: HeadGroup, module: nn.Module) -> set[str]:
-    """The layers (full names) that compute the attention's queries, keys and values, whose output channels it
-    splits into heads: the head group's projections; where :func:`head_group` found none (1x1 convolutions as
-    projections, timm's HaloNet and Visformer; a fused query / key projection, ConViT and TNT), the attention's
-    own Linear and convolution children named as such layers are.
-
-    None where the attention has a single query head and reads every width from its tensors, keeping its scale:
-    one head's width is free, so its channels go to the probes (pattern 'head' cannot remove a single head). That
-    holds for an attention whose q / k / v layers are convolutions and for regrow's own timm stand-ins with
-    separate q / k / v or q / kv projections (PVT v2's first stage, Next-ViT). Other single heads keep their width
-    out, saying why pattern 'head' cannot take them: a fused qkv splits it in three equal parts, which the channel
-    graph does not keep equal (timm's Swin, Hiera, MViTv2, MaxViT); Hugging Face's classes split heads by a head
-    width they store (BERT, Llama, OPT, T5, ViT: every probe failed), as ConViT's fused query / key does; and
-    attention that leaves its scale to ``scaled_dot_product_attention``'s default, one over the root of q's width,
-    would attend at another temperature than its simulation once narrower, by too little for a probe of one
-    channel to see."""
-    prefix = f"{group.name}." if group.name else ""
-    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    named = {prefix + n: c for n, c in module.named_children() if n in QKV_NAMES and isinstance(c, layers)}
-    if group.heads <= 1:
-        own = type(module).__module__ == STANDINS and "qkv" not in group.projections
-        convolutions = not group.projections and not any(isinstance(c, nn.Linear) for c in named.values())
-        if own or convolutions:
-            return set()
-    if group.projections:
-        shared = group.shared if isinstance(group, SectionedHeads) else ()
-        return {fqn for role, fqn in group.projections.items() if role != "out"} | set(shared)
-    return set(named)
 
 
 def _projection_paths(module: nn.Module) -> dict[str, str]:

@@ -22,7 +22,7 @@ from regrow.structural.arch import tied_parameters
 from regrow.structural.budget import Unitized
 from regrow.structural.device import copy_grads, exact_arithmetic, inputs_to_host
 from regrow.structural.graph import TRANSPOSED_CONV, ChannelGroup, StructureGraph, find_attention
-from regrow.structural.heads import HeadGroup, head_group, inner_projections
+from regrow.structural.heads import FUSED, SEPARATE, SEPARATE_KV, HeadGroup, SectionedHeads, head_group
 from regrow.structural.importance import accumulate_gradients, channel_scores, head_scores
 from regrow.structural.mlp import MlpGroup
 from regrow.structural.rounding import _round_step
@@ -176,6 +176,42 @@ def _channel_groups(
             if hg.excluded is not None:
                 unheaded[name] = hg.excluded
         return graph, list(graph.channel_groups(candidates, ignored, inner, unheaded))
+
+
+STANDINS = "regrow.structural.timm_attention"  # regrow's stand-ins for timm's attention: widths from the tensors
+# The names of the layers that compute queries, keys and values: head_group's roles, and a fused query / key
+# projection (timm's ConViT and TNT: ``qk``, then ``v``)
+QKV_NAMES = {*FUSED, *(n for names in (*SEPARATE, *SEPARATE_KV) for n in names), "qk"}
+
+
+def inner_projections(group: HeadGroup, module: nn.Module) -> set[str]:
+    """The layers (full names) that compute the attention's queries, keys and values, whose output channels it
+    splits into heads: the head group's projections; where :func:`head_group` found none (1x1 convolutions as
+    projections, timm's HaloNet and Visformer; a fused query / key projection, ConViT and TNT), the attention's
+    own Linear and convolution children named as such layers are.
+
+    None where the attention has a single query head and reads every width from its tensors, keeping its scale:
+    one head's width is free, so its channels go to the probes (pattern 'head' cannot remove a single head). That
+    holds for an attention whose q / k / v layers are convolutions and for regrow's own timm stand-ins with
+    separate q / k / v or q / kv projections (PVT v2's first stage, Next-ViT). Other single heads keep their width
+    out, saying why pattern 'head' cannot take them: a fused qkv splits it in three equal parts, which the channel
+    graph does not keep equal (timm's Swin, Hiera, MViTv2, MaxViT); Hugging Face's classes split heads by a head
+    width they store (BERT, Llama, OPT, T5, ViT: every probe failed), as ConViT's fused query / key does; and
+    attention that leaves its scale to ``scaled_dot_product_attention``'s default, one over the root of q's width,
+    would attend at another temperature than its simulation once narrower, by too little for a probe of one
+    channel to see."""
+    prefix = f"{group.name}." if group.name else ""
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    named = {prefix + n: c for n, c in module.named_children() if n in QKV_NAMES and isinstance(c, layers)}
+    if group.heads <= 1:
+        own = type(module).__module__ == STANDINS and "qkv" not in group.projections
+        convolutions = not group.projections and not any(isinstance(c, nn.Linear) for c in named.values())
+        if own or convolutions:
+            return set()
+    if group.projections:
+        shared = group.shared if isinstance(group, SectionedHeads) else ()
+        return {fqn for role, fqn in group.projections.items() if role != "out"} | set(shared)
+    return set(named)
 
 
 def _head_groups(model: nn.Module, attention: dict[str, nn.Module], targets: Any, ignore: Any) -> list[HeadGroup]:

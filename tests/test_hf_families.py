@@ -113,13 +113,49 @@ def test_each_family_loses_whole_heads(name):
     assert report.equivalence.passed and report.equivalence.scale > 0 and report.units_removed > 0
 
 
-def test_multi_query_attention_is_refused_for_its_single_key_value_head():
-    # StarCoder's multi-query layout: was refused as "its output projection reads 32, not a third of its fused qkv
-    # (48)", a reason that did not say why; GPTBigCode declares its key/value heads as kv_heads
-    config = transformers.GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+def _fused_multi_query(name: str, alibi: bool = False):
+    t = transformers
+    if name == "gpt_bigcode":  # StarCoder's: c_attn holds all queries, then the one key and the one value
+        return t.GPTBigCodeForCausalLM(
+            t.GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+        )
+    config = t.FalconConfig(  # Falcon-7B's: query_key_value, the same way
+        **COMMON, max_position_embeddings=32, multi_query=True, new_decoder_architecture=False, alibi=alibi
+    )
+    return t.FalconForCausalLM(config)
+
+
+@pytest.mark.parametrize("name", ["gpt_bigcode", "falcon"])
+def test_fused_multi_query_attention_loses_query_heads_and_keeps_its_key_and_value(name, tmp_path):
+    # One fused projection: every query head's rows, then one key and one value head shared by all. Was refused
+    # ("it has a single key/value head"); a unit is now one query head, its rows of the fused projection and its
+    # columns of the output projection, the key's and value's rows kept; the widths the module splits by follow.
     torch.manual_seed(0)
-    model = transformers.GPTBigCodeForCausalLM(config).eval()
-    with pytest.raises(regrow.RegrowError, match=r"transformer.h.0.attn: it has a single key/value head"):
+    model = _fused_multi_query(name).eval()
+    report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=IDS, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.scale > 0 and report.units_removed == 4
+    attn = model.transformer.h[0].attn if name == "gpt_bigcode" else model.transformer.h[0].self_attention
+    fused, out = (attn.c_attn, attn.c_proj) if name == "gpt_bigcode" else (attn.query_key_value, attn.dense)
+    assert (attn.num_heads, fused.out_features, out.in_features) == (2, 2 * 8 + 2 * 8, 2 * 8)
+    logits = {}
+    for kind in ("sdpa", "eager"):
+        model.set_attn_implementation(kind)
+        with torch.no_grad():
+            logits[kind] = model(IDS).logits
+    torch.testing.assert_close(logits["eager"], logits["sdpa"])
+    assert model.generate(IDS[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 7)
+    regrow.save(model, tmp_path)
+    loaded = regrow.load(tmp_path, lambda: _fused_multi_query(name))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(IDS).logits, logits["sdpa"])
+
+
+def test_multi_query_attention_with_alibi_keeps_its_heads_for_the_slopes_it_builds():
+    # Falcon with ALiBi (Falcon-RW): the model builds one slope per head of its config, so a layer with fewer heads
+    # does not run; its probe says so.
+    torch.manual_seed(0)
+    model = _fused_multi_query("falcon", alibi=True).eval()
+    with pytest.raises(regrow.RegrowError, match=r"transformer.h.0.self_attention: shrinking it breaks the forward"):
         regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=IDS)
 
 

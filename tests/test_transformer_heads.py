@@ -450,8 +450,17 @@ def test_a_fused_projection_is_read_as_narrower_keys_and_values_only_where_the_a
     if kv_heads is not None:
         attn.num_key_value_heads = kv_heads
     group = head_group("", attn)
-    if kv_heads == 1:
-        assert (group.heads, group.head_dim, group.units, group.kv_group, group.excluded) == (2, 8, 1, 2, None)
+    if kv_heads == 1:  # multi-query: a unit is one query head, the key and value rows after the queries stay
+        assert (group.heads, group.head_dim, group.units, group.kv_heads, group.excluded) == (2, 8, 2, 1, None)
+        assert group.sections == {"qkv": (8,)} and group.values is None
+        with torch.no_grad():
+            attn.qkv.weight.copy_(torch.arange(32.0)[:, None].expand(32, 8))
+            attn.proj.weight.zero_()
+        # magnitude: head h's eight query rows (row r: 8 r^2), not the key's and value's rows after all queries
+        own = [8 * sum(r * r for r in range(8 * h, 8 * h + 8)) for h in range(2)]
+        assert group.scores(attn, use_grad=False).tolist() == own
+        group.apply(attn, [0])
+        assert attn.qkv.weight[:, 0].tolist() == [*range(8, 32)] and (attn.num_heads, attn.proj.in_features) == (1, 8)
     elif kv_heads is None:
         assert group.excluded == "its output projection reads 16, not a third of its fused qkv (32)"
     else:

@@ -252,14 +252,15 @@ class SectionedHeads(HeadGroup):
 
     @property
     def kv_heads(self) -> int:
-        """One key / value head per head, or (multi-query) the one they all read."""
-        return 1 if self.shared else self.units
+        """One key / value head per head, or (multi-query: no values per head) the one they all read."""
+        return 1 if self.values is None else self.units
 
     def scores(self, model: nn.Module, use_grad: bool) -> Tensor:
         """Per head: the sum of w^2 (magnitude) or |w * dw/dL| (taylor) over its rows and output columns."""
         per_head = torch.zeros(self.heads)
         for role in self.sections:
-            per_head += _stat(self._child(model, role), use_grad).reshape(self.heads, -1).sum(dim=1)
+            rows = _stat(self._child(model, role), use_grad)[: self.heads * sum(self.sections[role])]  # not k, v after
+            per_head += rows.reshape(self.heads, -1).sum(dim=1)
         w = _stat(self._child(model, "out"), use_grad)
         return per_head + w.reshape(w.shape[0], self.heads, self.head_dim, -1).sum(dim=(0, 2, 3))
 
@@ -359,14 +360,15 @@ def _sectioned(name: str, module: nn.Module, layout: dict[str, tuple[str, ...]],
 def _one_key_value_head(
     name: str, module: nn.Module, projections: dict[str, str], heads: int, head_dim: int
 ) -> HeadGroup:
-    """Multi-query attention with separate q, k and v projections as :class:`SectionedHeads`: a head is its query's
-    rows and the output projection's columns; the one key / value head all heads read stays whole. The module's
-    integers that are the inner width, or the query heads per key / value head, follow the heads."""
-    shared = (projections.pop("k"), projections.pop("v"))
+    """Multi-query attention as :class:`SectionedHeads`: a head is its query's rows and the output projection's
+    columns; the one key / value head all heads read stays whole, in projections of its own or in a fused one's rows
+    after all queries'. The module's integers that are the inner width, or the query heads per key / value head,
+    follow the heads."""
+    shared = tuple(projections.pop(role) for role in ("k", "v", "kv") if role in projections)
     ints = {a: v for a, v in vars(module).items() if type(v) is int}
     widths = {a: head_dim for a, v in ints.items() if v == heads * head_dim and _width(a)}
     widths |= {a: 1 for a in ("num_key_value_groups",) if a in ints}
-    sections = {"q": (head_dim,)}
+    sections = {"qkv" if "qkv" in projections else "q": (head_dim,)}
     return SectionedHeads(
         name, heads, head_dim, projections, sections=sections, values=None, shared=shared, widths=widths
     )
@@ -525,7 +527,7 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     if kv_inner % head_dim or not kv_heads or heads % kv_heads:
         reason = f"{heads} query heads cannot share {kv_inner / head_dim:g} key/value heads evenly"
         return HeadGroup(name, heads, head_dim, projections, excluded=reason)
-    if kv_heads == 1 < heads and "k" in projections and q_rows == 1:  # multi-query (Gemma 1's 2B)
+    if kv_heads == 1 < heads and q_rows == 1:  # multi-query (Gemma 1's 2B, StarCoder, Falcon-7B)
         return _one_key_value_head(name, module, projections, heads, head_dim)
     group = HeadGroup(name, heads, head_dim, projections, kv_group=heads // kv_heads, q_rows=q_rows)
     group.interleaved = fused is not None and kv_heads == heads and kind in INTERLEAVED  # a key per query head

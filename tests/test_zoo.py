@@ -49,7 +49,7 @@ FAMILIES = {
     "convnext": ("convnext_atto", {}, 64),  # depthwise 7x7, LayerNorm2d over channels, layer scale
     "convnext_rms": ("convnext_zepto_rms", {}, 64),  # timm's RmsNorm2d: a plain module, not a torch norm
     "densenet": ("densenet121", {"block_config": (2, 3, 4, 2)}, 64),  # concatenations everywhere (fewer layers)
-    "dpn": ("dpn48b", {"k_sec": (1, 1, 1, 1)}, 64),  # a residual path in the first channels, by a stored width
+    "dpn": ("dpn48b", {"k_sec": (2, 1, 1, 1)}, 64),  # a residual path in the first channels, by a stored width
     "rexnet": ("rexnet_100", {}, 64),  # shortcuts added to the first channels of a wider output
     "regnet": ("regnety_002", {}, 64),  # group-width convolutions, SE
     "nfnet": ("nf_regnet_b0", {}, 64),  # normalizer-free: weight-standardised convolutions with a gain each
@@ -250,6 +250,39 @@ def test_the_walk_reaches_each_index_once_and_all_that_torch_pruning_reaches(fam
 
 
 # Minimal cases of what the zoo brought to light; each failed before its fix. ------------------------------
+
+
+class _DualPath(nn.Module):
+    """timm's DPN in small: a block's output is [residual (4) | dense (4, then 2 more a block)], and the next block
+    reads it whole (its first convolution) and in two slices, the residual part and the dense part."""
+
+    def __init__(self, cin: int, project: bool) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(cin, 8, 1) if project else None  # 4 residual channels, then 4 dense ones
+        self.a, self.c = nn.Conv2d(cin, 6, 1), nn.Conv2d(6, 6, 1)  # c: 4 residual channels, then 2 dense ones
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_s = self.proj(x) if self.proj is not None else x
+        y = self.c(torch.relu(self.a(x)))
+        return torch.cat([x_s[:, :4] + y[:, :4], x_s[:, 4:], y[:, 4:]], dim=1)
+
+
+def test_a_concatenation_read_in_slices_keeps_each_inputs_channels_apart():
+    # timm's DPN: torch-pruning infers a slice's width as its input's whole width, so the widths of the
+    # concatenation a block makes (4 + 4 + 2) did not add up to what the next block reads (10), and it left the
+    # concatenation unmapped: each input's channel i was the result's channel i, the residual channel 0 was tied to
+    # the dense channel 0 (the result's 4), and in dpn48b six groups failed their probes. Its offsets now come from
+    # the shapes of the trace (regrow.structural.concat). (The slices' bound here is a constant, which shrinking
+    # cannot follow: the zoo's DPN, two blocks in its first stage, prunes with the width timm's block stores.)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), _DualPath(5, True), _DualPath(10, False), nn.Conv2d(12, 3, 1))
+    x = torch.randn(2, 3, 8, 8)
+    graph = StructureGraph(model, x)
+    group = _groups(graph, model)["1.proj"]
+    cuts = {(c.target, c.out, c.idxs) for c in graph.cuts(group, [0])}
+    assert cuts == {(name, name != "2.a", (0,)) for name in ("1.proj", "1.c", "2.a", "2.c")} | {("3", False, (0,))}
+    for unit in range(group.units):  # no unit holds a residual channel and a dense one of the first block
+        assert all(len({i < 4 for i in c.idxs}) == 1 for c in graph.cuts(group, [unit]) if c.target == "1.proj")
 
 
 class _Node:

@@ -34,6 +34,7 @@ from torch_pruning import _helpers, ops
 from torch_pruning.dependency import index_mapping, shape_infer
 from torch_pruning.dependency.node import Node
 
+from regrow.structural.concat import concat_widths
 from regrow.structural.operands import _none, channels_first_products, untie_broadcast_operands, untie_products
 
 
@@ -157,7 +158,12 @@ class TiledIndexMapping:
 
 def channels_in(dg: Any, node: Any) -> int | None:
     """torch-pruning's count of the channels ``node`` reads, None where it has none or its inference fails (a
-    split whose chunk widths it read off another dimension than its consumers: Gemma 4's 2-D rotary embedding)."""
+    split whose chunk widths it read off another dimension than its consumers: Gemma 4's 2-D rotary embedding).
+    A concatenation's are its offsets' end: torch-pruning adds up the widths it infers of its inputs, and read a
+    slice of a layer's output as the whole output (regrow.structural.concat)."""
+    offsets = getattr(node.inputs[0].module, "offsets", None) if node.inputs else None
+    if offsets and node.inputs[0].type == ops.OPTYPE.CONCAT:
+        return offsets[-1]
     try:
         return shape_infer.infer_out_channels_recursively(dg, node.inputs[0], [0]) if node.inputs else None
     except (IndexError, ZeroDivisionError, TypeError):
@@ -569,6 +575,7 @@ def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) ->
     channels-last layouts and for the folds of the example inputs' ``batch`` with other dimensions."""
     products = channels_first_products(dg)
     update_mappings(dg)
+    concat_widths(dg, shapes)
     untie_products(products)
     untie_broadcast_operands(dg, shapes)
     _untie_spatial_slices(dg)

@@ -1,0 +1,59 @@
+"""Concatenations along the channels whose input widths torch-pruning did not work out.
+
+torch-pruning reads the widths a concatenation joins from the layers around it, and checks them against the width
+its consumers read. Where a consumer reads a slice of the result (timm's DPN: each block reads the concatenation
+of the block before it as ``x[:, :c]`` and ``x[:, c:]``), that check failed, the concatenation got no mapping at
+all, and each input's channel ``i`` was read as channel ``i`` of the result: a block's residual channels were tied
+to its dense channels of the same index, and every probe of those groups failed. :func:`concat_widths` gives such
+a concatenation the offsets of the shapes the trace recorded, where a convolution or a batch norm reads the result:
+dim 1 is then its channels, not tokens (``cat([cls_token, x], dim=1)``) or the rows of a channels-last map.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+from typing import Any
+
+from torch_pruning import ops
+from torch_pruning.dependency import index_mapping
+
+# Operations that read dim 1 of their input as its channels, module or function (timm's BatchNormAct2d calls
+# F.batch_norm): a convolution, a batch norm
+READS_CHANNELS = {"ConvolutionBackward0", "NativeBatchNormBackward0", "CudnnBatchNormBackward0"}
+
+
+def concat_widths(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
+    """Map each concatenation along dim 1 that torch-pruning left without offsets, and that a convolution or batch
+    norm reads as channels, by the widths its inputs had in the trace, where every input is a distinct node whose
+    shape was recorded and the widths add up to the result's; any other stays as it was."""
+    for node in dg.module2node.values():
+        out = shapes.get(node.grad_fn)
+        dim = getattr(node.grad_fn, "_saved_dim", None)
+        if node.type != ops.OPTYPE.CONCAT or node.module.offsets is not None or out is None or dim != 1:
+            continue
+        widths = [shapes.get(source.grad_fn) for source in node.inputs]
+        if len(set(node.inputs)) != len(node.inputs) or any(w is None or len(w) != len(out) for w in widths):
+            continue
+        sizes = [int(w[1]) for w in widths]
+        if sum(sizes) != out[1] or not any(type(r.grad_fn).__name__ in READS_CHANNELS for r in node.outputs):
+            continue
+        offsets = [0, *accumulate(sizes)]
+        node.module.concat_sizes, node.module.offsets = sizes, offsets
+        for i, source in enumerate(node.inputs):
+            span = offsets[i : i + 2]
+            for dep in source.dependencies:  # into the concatenation: shifted by the input's offset
+                if dep.target is node:
+                    dep.index_mapping[1] = index_mapping._ConcatIndexMapping(offset=span, reverse=False)
+            for dep in node.dependencies:  # back to the input: the indices within its span
+                if dep.target is source:
+                    _back(dep, index_mapping._ConcatIndexMapping(offset=span, reverse=True))
+
+
+def _back(dep: Any, mapping: Any) -> None:
+    """Put the concatenation's mapping on the edge back to its input: first where that input is a split's chunk
+    (whose mapping comes after, as regrow.structural.tracing.update_mappings orders it), else second."""
+    first = dep.index_mapping[0]
+    if isinstance(first, index_mapping._SplitIndexMapping) and first.reverse:
+        dep.index_mapping[0], dep.index_mapping[1] = mapping, first
+    else:
+        dep.index_mapping[1] = mapping

@@ -5,7 +5,7 @@ its consumers read. Where a consumer reads a slice of the result (timm's DPN: ea
 of the block before it as ``x[:, :c]`` and ``x[:, c:]``), that check failed, the concatenation got no mapping at
 all, and each input's channel ``i`` was read as channel ``i`` of the result: a block's residual channels were tied
 to its dense channels of the same index, and every probe of those groups failed. :func:`concat_widths` gives such
-a concatenation the offsets of the shapes the trace recorded, where a convolution or a batch norm reads the result:
+a concatenation the offsets of the widths the trace recorded, where a convolution or a batch norm reads the result:
 dim 1 is then its channels, not tokens (``cat([cls_token, x], dim=1)``) or the rows of a channels-last map.
 """
 
@@ -22,23 +22,20 @@ from torch_pruning.dependency import index_mapping
 READS_CHANNELS = {"ConvolutionBackward0", "NativeBatchNormBackward0", "CudnnBatchNormBackward0"}
 
 
-def concat_widths(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
-    """Map each concatenation along dim 1 that torch-pruning left without offsets, and that a convolution or batch
-    norm reads as channels, by the widths its inputs had in the trace, where every input is a distinct node whose
-    shape was recorded and the widths add up to the result's; any other stays as it was."""
+def concat_widths(dg: Any) -> None:
+    """Map each concatenation along dim 1 that torch-pruning left without offsets by the widths the trace recorded
+    (regrow.structural.chunks.fill_concat_sizes), where a convolution or batch norm reads the result and every
+    input is a distinct node; any other stays as it was."""
     for node in dg.module2node.values():
-        out = shapes.get(node.grad_fn)
-        dim = getattr(node.grad_fn, "_saved_dim", None)
-        if node.type != ops.OPTYPE.CONCAT or node.module.offsets is not None or out is None or dim != 1:
+        sizes = getattr(node.module, "concat_sizes", None)
+        if node.type != ops.OPTYPE.CONCAT or node.module.offsets is not None or not sizes:
             continue
-        widths = [shapes.get(source.grad_fn) for source in node.inputs]
-        if len(set(node.inputs)) != len(node.inputs) or any(w is None or len(w) != len(out) for w in widths):
-            continue
-        sizes = [int(w[1]) for w in widths]
-        if sum(sizes) != out[1] or not any(type(r.grad_fn).__name__ in READS_CHANNELS for r in node.outputs):
+        if getattr(node.module, "channels_last", True) or len(set(node.inputs)) != len(node.inputs):
+            continue  # sizes not from the trace, or along the last dim; an input concatenated twice
+        if not any(type(reader.grad_fn).__name__ in READS_CHANNELS for reader in node.outputs):
             continue
         offsets = [0, *accumulate(sizes)]
-        node.module.concat_sizes, node.module.offsets = sizes, offsets
+        node.module.offsets = offsets
         for i, source in enumerate(node.inputs):
             span = offsets[i : i + 2]
             for dep in source.dependencies:  # into the concatenation: shifted by the input's offset

@@ -575,7 +575,7 @@ def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) ->
     channels-last layouts and for the folds of the example inputs' ``batch`` with other dimensions."""
     products = channels_first_products(dg)
     update_mappings(dg)
-    concat_widths(dg, shapes)
+    concat_widths(dg)
     untie_products(products)
     untie_broadcast_operands(dg, shapes)
     _untie_spatial_slices(dg)

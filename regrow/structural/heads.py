@@ -26,7 +26,8 @@ Two kinds of attention module are understood:
 
 With grouped-query attention (k and v narrower than q: each key/value head serves ``kv_group`` query heads)
 the unit removed is a key/value head together with its query heads, so the grouping stays as the module
-computes it (``num_key_value_groups`` unchanged).
+computes it (``num_key_value_groups`` unchanged). With one key/value head for all (multi-query: Gemma 1's 2B,
+StarCoder, Falcon-7B) a unit is one query head, and the key/value head stays whole.
 """
 
 from __future__ import annotations

@@ -186,7 +186,8 @@ QKV_NAMES = {*FUSED, *(n for names in (*SEPARATE, *SEPARATE_KV) for n in names),
 
 def inner_projections(group: HeadGroup, module: nn.Module) -> set[str]:
     """The layers (full names) that compute the attention's queries, keys and values, whose output channels it
-    splits into heads: the head group's projections; where :func:`head_group` found none (1x1 convolutions as
+    splits into heads: the head group's projections (with multi-query attention, the key and value ones its heads
+    share too); where :func:`head_group` found none (1x1 convolutions as
     projections, timm's HaloNet and Visformer; a fused query / key projection, ConViT and TNT), the attention's
     own Linear and convolution children named as such layers are.
 

@@ -28,29 +28,20 @@ def concat_widths(dg: Any) -> None:
     input is a distinct node; any other stays as it was."""
     for node in dg.module2node.values():
         sizes = getattr(node.module, "concat_sizes", None)
-        if node.type != ops.OPTYPE.CONCAT or node.module.offsets is not None or not sizes:
+        ours = getattr(node.module, "offsets_from_trace", False)  # mapped again at each refresh, as torch-pruning's
+        if node.type != ops.OPTYPE.CONCAT or (node.module.offsets is not None and not ours) or not sizes:
             continue
         if getattr(node.module, "channels_last", True) or len(set(node.inputs)) != len(node.inputs):
             continue  # sizes not from the trace, or along the last dim; an input concatenated twice
         if not any(type(reader.grad_fn).__name__ in READS_CHANNELS for reader in node.outputs):
             continue
         offsets = [0, *accumulate(sizes)]
-        node.module.offsets = offsets
+        node.module.offsets, node.module.offsets_from_trace = offsets, True
         for i, source in enumerate(node.inputs):
             span = offsets[i : i + 2]
             for dep in source.dependencies:  # into the concatenation: shifted by the input's offset
                 if dep.target is node:
                     dep.index_mapping[1] = index_mapping._ConcatIndexMapping(offset=span, reverse=False)
             for dep in node.dependencies:  # back to the input: the indices within its span
-                if dep.target is source:
-                    _back(dep, index_mapping._ConcatIndexMapping(offset=span, reverse=True))
-
-
-def _back(dep: Any, mapping: Any) -> None:
-    """Put the concatenation's mapping on the edge back to its input: first where that input is a split's chunk
-    (whose mapping comes after, as regrow.structural.tracing.update_mappings orders it), else second."""
-    first = dep.index_mapping[0]
-    if isinstance(first, index_mapping._SplitIndexMapping) and first.reverse:
-        dep.index_mapping[0], dep.index_mapping[1] = mapping, first
-    else:
-        dep.index_mapping[1] = mapping
+                if dep.target is source:  # second, as torch-pruning puts it (update_mappings orders it after a split's)
+                    dep.index_mapping[1] = index_mapping._ConcatIndexMapping(offset=span, reverse=True)

@@ -556,6 +556,7 @@ def update_mappings(dg: Any) -> None:
     _each_mapping(dg)
     _split_mappings(dg)
     _slices_from_the_end(dg)
+    concat_widths(dg)
     for node in dg.module2node.values():
         if node.type != ops.OPTYPE.CONCAT:
             continue
@@ -575,7 +576,6 @@ def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) ->
     channels-last layouts and for the folds of the example inputs' ``batch`` with other dimensions."""
     products = channels_first_products(dg)
     update_mappings(dg)
-    concat_widths(dg)
     untie_products(products)
     untie_broadcast_operands(dg, shapes)
     _untie_spatial_slices(dg)

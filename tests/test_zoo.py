@@ -285,6 +285,53 @@ def test_a_concatenation_read_in_slices_keeps_each_inputs_channels_apart():
         assert all(len({i < 4 for i in c.idxs}) == 1 for c in graph.cuts(group, [unit]) if c.target == "1.proj")
 
 
+class _ScalarAttention(nn.Module):
+    """CSATv2's spatial attention in small: a 1-channel map of the input, whose one channel a ``Linear(1, 3)`` makes
+    three, unbound into a query, a key and a value of one number per position each; the attention over them is a
+    1-channel map again, which gates the input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Conv2d(channels, 1, 1)
+        self.qkv = nn.Linear(1, 3)
+        self.mlp = nn.Sequential(nn.Linear(1, 4), nn.GELU(), nn.Linear(4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        t = self.squeeze(x).flatten(2).transpose(1, 2)  # (B, N, 1)
+        q, k, v = self.qkv(t).unbind(-1)  # each (B, N), as CSATv2's
+        t = t + ((q @ k.transpose(-1, -2)).softmax(dim=-1) @ v).unsqueeze(-1)
+        t = t + self.mlp(t)
+        return x * torch.sigmoid(t.transpose(1, 2).reshape(b, 1, h, w))
+
+
+def test_an_unbind_of_the_channels_ends_their_group_there():
+    # CSATv2: torch-pruning maps unbinds along dim 0 only and passed the indices of qkv.unbind(-1) through as they
+    # were, so qkv's three channels were the 1-channel stream's (one group of 3 channels, whose every probe failed
+    # on an index past the squeeze's one output). Each unbound channel is a tensor of its own: the qkv group ends
+    # at the unbind and is left out saying so; the stream is a group of its own, of one channel.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), _ScalarAttention(6), nn.Conv2d(6, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
+    x = torch.randn(2, 3, 8, 8)
+    groups = _groups(StructureGraph(model, x), model)
+    assert (groups["1.qkv"].channels, groups["1.qkv"].members) == (3, ["1.qkv (Linear, out)"])
+    assert groups["1.qkv"].excluded == "an unbind makes each of its channels a tensor of its own, which cannot go"
+    stream = groups["1.squeeze"]
+    assert (stream.channels, stream.excluded) == (1, "it has a single channel")
+    assert sorted(stream.members) == [
+        "1.mlp.0 (Linear, in)",
+        "1.mlp.2 (Linear, out)",
+        "1.qkv (Linear, in)",
+        "1.squeeze (Conv2d, out)",
+    ]
+    assert (groups["1.mlp.0"].channels, groups["1.mlp.0"].excluded) == (4, None)
+    report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x).structure
+    assert report.equivalence.passed
+    assert {g["name"]: g["units_after"] for g in report.groups if g["excluded"] is None} == {"0": 3, "1.mlp.0": 2}
+
+
 class _Node:
     """A node of a hand-made dependency graph: what coupling.walk reads of torch-pruning's."""
 

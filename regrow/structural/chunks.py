@@ -151,6 +151,41 @@ def fill_concat_sizes(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) 
             node.module.channels_last = at == len(out) - 1
 
 
+def _unbound(idxs: list[Any]) -> list[Any]:
+    """The index mapping past an unbind of the channels themselves: no index goes on, either way."""
+    return []
+
+
+def unbound_channels(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
+    """Unbinds of the channels themselves, cut off from the channels of the tensors they make.
+
+    CSATv2's spatial attention unbinds the three channels of ``qkv = Linear(1, 3)`` (``q, k, v =
+    qkv.unbind(-1)``, each ``(B, N)``), and the product of ``v`` with the attention, unsqueezed, is a 1-channel
+    stream again. torch-pruning maps unbinds along dim 0 only (a fused qkv reshaped to ``(3, B, heads, N, d)``)
+    and passed the others' indices through as they were: qkv's three channels were read as the stream's one,
+    and every probe of that group failed (it cut the stream's 1-channel convolution at index 1 or 2). Where an
+    unbind along dim 1 or the last dim (:func:`_channel_dim`) splits a tensor as wide there as torch-pruning
+    counts its channels, each channel becomes a tensor of its own: the unbind is marked ``unbinds_channels`` (the
+    group that reaches it is left out, regrow.structural.graph) and its edges to and from its results map no
+    index. An unbind along any other dimension keeps passing the channels through.
+    """
+    for node in dg.module2node.values():
+        fn = node.grad_fn
+        if node.type != ops.OPTYPE.UNBIND or fn is None or not fn.next_functions:
+            continue
+        dim, shape = _saved_dim(fn), outputs.get(fn.next_functions[0])
+        if not dim or shape is None:
+            continue
+        at = _channel_dim(dim, len(shape))
+        if at is None or shape[at] != channels_in(dg, node):
+            continue
+        node.module.unbinds_channels = True
+        for result in node.outputs:
+            for dep in [*node.dependencies, *result.dependencies]:
+                if {dep.source, dep.target} == {node, result}:
+                    dep.index_mapping[0] = _unbound
+
+
 def concats_past_channels(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> None:
     """Concatenations along a dimension that holds no channels, made element-wise for torch-pruning.
 

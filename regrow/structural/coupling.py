@@ -402,6 +402,15 @@ def couple(dg: Any, reached: Walk, channels: int) -> Coupling | None:
     return Coupling(units, list(members.values()), tuple(c for c in range(channels) if c not in held))
 
 
+def one_unit(channels: int, coupling: Coupling) -> str:
+    """Why a group whose ``channels`` are one unit of ``coupling`` is left out."""
+    if channels == 1:
+        return "it has a single channel"
+    pinned = len(coupling.pinned)
+    kept = f" ({pinned} of them are read one at a time by position and stay)" if pinned else ""
+    return f"its {channels} channels can only be removed all together{kept}"
+
+
 def _pinned(reached: Walk) -> set[int]:
     """The root channels that reach a tensor read channel by channel: every reader of it (of its chunk, for a
     split) a slice one channel wide (``gates[:, l:l + 1]`` for each ``l``). The code names each position; removing

@@ -16,7 +16,13 @@ from torch_pruning import ops
 from torch_pruning.dependency import shape_infer
 from torch_pruning.dependency.node import Node
 
-from regrow.structural.chunks import concats_past_channels, feature_map_mappings, fill_concat_sizes, fill_split_sizes
+from regrow.structural.chunks import (
+    concats_past_channels,
+    feature_map_mappings,
+    fill_concat_sizes,
+    fill_split_sizes,
+    unbound_channels,
+)
 from regrow.structural.tokens import pass_channels_around
 from regrow.structural.tracing import mark_outputs, parameter_channel_dims
 
@@ -68,6 +74,7 @@ class DependencyGraph(tp.DependencyGraph):
         fill_split_sizes(self, self.traced_outputs)
         fill_concat_sizes(self, self.traced_outputs)
         concats_past_channels(self, self.traced_outputs)
+        unbound_channels(self, self.traced_outputs)
         parameter_channel_dims(self)
         self.built = True
 

@@ -32,6 +32,7 @@ from regrow.structural.coupling import (
     couple,
     member_groups,
     near_widths,
+    one_unit,
     pruning_group,
     walk,
 )
@@ -285,6 +286,8 @@ class StructureGraph:
                 target = dep.target.module
                 if isinstance(target, ops._OutputOp):
                     reason = reason or "its channels are the model's output"
+                if getattr(target, "unbinds_channels", False):  # regrow.structural.chunks.unbound_channels
+                    reason = reason or "an unbind makes each of its channels a tensor of its own, which cannot go"
                 if name is None:
                     continue
                 members.append(label)
@@ -331,10 +334,7 @@ class StructureGraph:
             elif cg.excluded is None:
                 cg.coupling = couple(self.dg, reached, channels)
                 if cg.units < 2:
-                    pinned = len(cg.coupling.pinned)
-                    cg.excluded = f"its {channels} channels can only be removed all together" + (
-                        f" ({pinned} of them are read one at a time by position and stay)" if pinned else ""
-                    )
+                    cg.excluded = one_unit(channels, cg.coupling)
             out.append(cg)
         return out
 

@@ -306,6 +306,25 @@ def test_next_vits_heads_go_whole():
         assert torch.isfinite(model(x)).all()
 
 
+def test_next_vits_stage_ends_prune_by_channel():
+    # The concatenated stream at the end of each Next-ViT stage is read by convolutions of several channel groups
+    # over its two parts (6 groups of the first 192 channels and 2 of the last 64, in the full model): it was left
+    # out ("512 channels do not split into 12 channel groups") until each convolution's groups were balanced alone.
+    model, x, _ = build("nextvit")
+    for module in model.modules():  # weights that keep the activations' scale, for a check that can tell
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="linear")
+    report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.scale > 0.1, report.equivalence
+    assert abs(report.macs_ratio - 0.5) <= 0.01
+    ends = {g["name"]: g for g in report.groups if g["name"].endswith("blocks.0.patch_embed.conv")}
+    assert len(ends) == 4 and all(g["excluded"] is None for g in ends.values()), ends
+    assert (
+        ends["stages.2.blocks.0.patch_embed.conv"]["units_after"]
+        < ends["stages.2.blocks.0.patch_embed.conv"]["units_before"]
+    )
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "matmul"])
 def test_a_single_head_that_loses_channels_keeps_its_temperature(fused):
     # timm leaves its fused attention's scale to the default, one over the root of q's width: a head that lost half

@@ -332,6 +332,36 @@ def test_an_unbind_of_the_channels_ends_their_group_there():
     assert {g["name"]: g["units_after"] for g in report.groups if g["excluded"] is None} == {"0": 3, "1.mlp.0": 2}
 
 
+class _GroupedParts(nn.Module):
+    """Next-ViT's stage ends in small: two streams, each read by a grouped convolution of channel groups 2 wide (3
+    groups of the first's 6 channels, 2 of the second's 4), concatenated into one residual stream of 10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.ga = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 3, padding=1, groups=3)
+        self.b, self.gb = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.mix, self.out = nn.Conv2d(10, 10, 1), nn.Conv2d(10, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.a(x), self.b(x)
+        y = torch.cat([a + self.ga(a), b + self.gb(b)], dim=1)
+        return self.out(y + self.mix(torch.relu(y)))
+
+
+def test_grouped_convolutions_on_parts_of_a_group_balance_their_own_groups():
+    # Next-ViT: the 256 channels of a stage's end are a 192-channel stream read by convolutions of 6 groups and a
+    # 64-channel one read by convolutions of 2; the group was left out because 256 does not split into 6 channel
+    # groups, while each convolution only needs the same channels of each of its own groups to go.
+    torch.manual_seed(0)
+    model, x = _GroupedParts(), torch.randn(2, 3, 6, 6)
+    group = _groups(StructureGraph(model, x), model)["a"]
+    assert (group.channels, group.excluded) == (10, None)
+    assert group.unit_channels == [(0, 2, 4), (1, 3, 5), (6, 8), (7, 9)]
+    report = regrow.prune(model, pattern="channel", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed, report.equivalence
+    assert (model.ga.in_channels, model.ga.groups, model.gb.in_channels, model.gb.groups) == (3, 3, 2, 2)
+
+
 class _Node:
     """A node of a hand-made dependency graph: what coupling.walk reads of torch-pruning's."""
 

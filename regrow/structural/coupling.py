@@ -402,11 +402,10 @@ def couple(dg: Any, reached: Walk, channels: int) -> Coupling | None:
     return Coupling(units, list(members.values()), tuple(c for c in range(channels) if c not in held))
 
 
-def one_unit(channels: int, coupling: Coupling) -> str:
-    """Why a group whose ``channels`` are one unit of ``coupling`` is left out."""
+def one_unit(channels: int, pinned: int) -> str:
+    """Why a group whose ``channels`` are one unit (but the ``pinned`` ones, which stay) is left out."""
     if channels == 1:
         return "it has a single channel"
-    pinned = len(coupling.pinned)
     kept = f" ({pinned} of them are read one at a time by position and stay)" if pinned else ""
     return f"its {channels} channels can only be removed all together{kept}"
 

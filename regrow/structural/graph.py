@@ -329,12 +329,12 @@ class StructureGraph:
                 root_handler=group[0].dep.handler,
                 full=group,
             )
-            if cg.channels % cg.ch_groups:
-                cg.excluded = cg.excluded or f"{channels} channels do not split into {cg.ch_groups} channel groups"
-            elif cg.excluded is None:
+            if cg.excluded is None:  # grouped members are balanced in their own groups (coupling.couple)
                 cg.coupling = couple(self.dg, reached, channels)
-                if cg.units < 2:
-                    cg.excluded = one_unit(channels, cg.coupling)
+                if cg.coupling is None and channels % cg.ch_groups:
+                    cg.excluded = f"{channels} channels do not split into {cg.ch_groups} channel groups"
+                elif cg.units < 2:
+                    cg.excluded = one_unit(channels, len(cg.coupling.pinned) if cg.coupling else 0)
             out.append(cg)
         return out
 

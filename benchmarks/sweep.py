@@ -43,10 +43,12 @@ BUDGET, TOLERANCE = 0.5, 0.02
 # Groups left out by design: the classifier's outputs, attention's inner widths (pattern 'head' shrinks them where
 # it can take the attention; where it cannot, the reason says so, and nothing shrinks them), the channels a
 # ShuffleNet shuffle interleaves (regrow.structural.shuffle) and the outputs of a Linear over a sequence's tokens,
-# the tokens themselves (regrow.structural.tokens).
+# the tokens themselves (regrow.structural.tokens), a group of a single channel and the channels an unbind makes
+# tensors of their own (CSATv2's spatial attention: no pruning could take any of them).
 SHUFFLED = "its channels go through the channel shuffle"
 TOKENS = "its channels are the tokens of a sequence"
-BENIGN = ("not a target", "its channels are the model's output", "inside attention", SHUFFLED, TOKENS)
+SINGLE, UNBOUND = "it has a single channel", "an unbind makes each of its channels a tensor of its own"
+BENIGN = ("not a target", "its channels are the model's output", "inside attention", SHUFFLED, TOKENS, SINGLE, UNBOUND)
 TITLES = {
     "torchvision": "Every torchvision classifier, pruned by channel to half its MACs",
     "timm": "One model of each timm architecture, pruned by channel to half its MACs",
@@ -176,7 +178,8 @@ def _write(out: Path, source: str, rows: list[dict[str, Any]], runs: list[dict[s
         ("" if len(rows) == total else f"**Partial: {len(rows)} of {total} models done.** ")
         + f"{passed} of {len(rows)} models reach `macs={BUDGET}` within {TOLERANCE:.0%} with the check passing and no "
         "group left out for a reason that is not benign (the classifier's outputs, attention's inner widths, the "
-        "channels a ShuffleNet shuffle interleaves, the tokens of a Linear over them).",
+        "channels a ShuffleNet shuffle interleaves, the tokens of a Linear over them, a single channel, channels an "
+        "unbind makes tensors of their own).",
         "",
         markdown_table((["run"] if several else []) + header, table),
         "",

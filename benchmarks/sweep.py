@@ -16,9 +16,10 @@ built for when it fixes one (ViT, Swin, MaxViT, ...; timm's ``fixed_input_size``
 where it gives one; a model that does not run at that size yet names no minimum (Inception) gets the next of
 96 px, 128 px and its default size that runs. Each model runs in its own process with a time limit, so that one that
 hangs or runs out of memory is reported and the others still run. Per model: MACs kept, whether the equivalence
-check passed, groups left out for a reason that is not benign, seconds to prune (tracing included), or the
-failure's first line. Where torchvision does not import (a CPU-only torch) the unpacked copy ``make install``
-puts in ``.venv/torchvision-models`` is used (benchmarks.torchvision_models); timm then imports that copy.
+check passed (vacuous: outputs no larger than its absolute tolerance, which any surgery passes), groups left out
+for a reason that is not benign, seconds to prune (tracing included), or the failure's first line. Where
+torchvision does not import (a CPU-only torch) the unpacked copy ``make install`` puts in
+``.venv/torchvision-models`` is used (benchmarks.torchvision_models); timm then imports that copy.
 """
 
 from __future__ import annotations
@@ -116,12 +117,16 @@ def one(source: str, name: str, copy: Path) -> dict[str, Any]:
     left_out = [
         f"{g['name']}: {g['excluded']}" for g in report.groups if g["excluded"] and not g["excluded"].startswith(BENIGN)
     ]
+    eq = report.equivalence
     return {
         "model": name,
         "size": size,
         "macs_kept": round(report.macs_ratio, 4),
         "within": abs(report.macs_ratio - BUDGET) <= TOLERANCE * BUDGET,
-        "check": report.equivalence.passed,
+        "check": eq.passed,
+        # outputs no larger than the check's absolute tolerance: any surgery would pass (regrow warns so)
+        "judged": eq.scale is not None and eq.scale > eq.atol,
+        "output_scale": None if eq.scale is None else float(f"{eq.scale:.3g}"),
         "left_out": left_out,
         "seconds": round(seconds, 1),
     }
@@ -153,6 +158,17 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _judged(row: dict[str, Any]) -> bool:
+    """Whether the check passed on outputs large enough for it to fail (rows from before this was recorded: passed)."""
+    return bool(row["check"]) and row.get("judged", True)
+
+
+def _check(row: dict[str, Any]) -> str:
+    if not row["check"]:
+        return "**False**"
+    return "True" if row.get("judged", True) else "vacuous"
+
+
 def _write(out: Path, source: str, rows: list[dict[str, Any]], runs: list[dict[str, Any]], total: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     saved = {"runs": runs, "total": total, "rows": rows}
@@ -160,13 +176,14 @@ def _write(out: Path, source: str, rows: list[dict[str, Any]], runs: list[dict[s
     several = len({r["run"] for r in rows}) > 1
     table = [
         ([r["run"]] if several else [])
-        + ([r["model"], r["size"], r["macs_kept"], "yes" if r["within"] else "**no**", r["check"], r["seconds"],
+        + ([r["model"], r["size"], r["macs_kept"], "yes" if r["within"] else "**no**", _check(r), r["seconds"],
             _cell("; ".join(r["left_out"]) or "none")]
            if "error" not in r
            else [r["model"], r["size"], "", "**failed**", "", "", _cell(r["error"])])
         for r in rows
     ]  # fmt: skip
-    passed = sum(1 for r in rows if "error" not in r and r["within"] and r["check"] and not r["left_out"])
+    passed = sum(1 for r in rows if "error" not in r and r["within"] and _judged(r) and not r["left_out"])
+    vacuous = [r["model"] for r in rows if "error" not in r and r["check"] and r.get("judged") is False]
     used = {r["run"] for r in rows}  # a run whose rows were all measured again later is not listed
     stamps = [(f"Run {i}: " if several else "") + stamp_markdown(info) for i, info in enumerate(runs, 1) if i in used]
     header = ["model", "px", "MACs kept", "within 2 %", "check", "s", "left out / failure"]
@@ -179,7 +196,13 @@ def _write(out: Path, source: str, rows: list[dict[str, Any]], runs: list[dict[s
         + f"{passed} of {len(rows)} models reach `macs={BUDGET}` within {TOLERANCE:.0%} with the check passing and no "
         "group left out for a reason that is not benign (the classifier's outputs, attention's inner widths, the "
         "channels a ShuffleNet shuffle interleaves, the tokens of a Linear over them, a single channel, channels an "
-        "unbind makes tensors of their own).",
+        "unbind makes tensors of their own)."
+        + (
+            f" The outputs of {len(vacuous)} ({', '.join(vacuous)}) were no larger than the check's absolute tolerance "
+            "with these random weights, so its pass says nothing (check: vacuous); they are not counted."
+            if vacuous
+            else ""
+        ),
         "",
         markdown_table((["run"] if several else []) + header, table),
         "",

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import regrow
+from benchmarks.zoo import live_norms
 from conftest import import_torchvision_models
 from regrow.structural.standins import convert_standins
 
@@ -82,7 +83,9 @@ BENIGN = ("not a target", "its channels are the model's output", "inside attenti
 def build(family: str) -> tuple[nn.Module, torch.Tensor]:
     make, size = FAMILIES[family]
     torch.manual_seed(0)
-    return make().eval(), torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    # batch norms at 0 / 1 shrank the outputs of EfficientNet, MNASNet and MobileNet V2 / V3 to 1e-7 .. 1e-13, below
+    # the check's absolute tolerance: it passed whatever the surgery did
+    return live_norms(make(), size), torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -90,7 +93,7 @@ def test_each_torchvision_family_prunes_to_half_its_macs_with_the_check_passing(
     model, x = build(family)
     outputs = model(x).shape
     report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
-    assert report.equivalence.passed, report.equivalence
+    assert report.equivalence.passed and report.equivalence.tolerance < 0.01 * report.equivalence.scale, report
     assert abs(report.macs_ratio - 0.5) <= 0.02 * 0.5, report.macs_ratio
     assert report.params_after < report.params_before
     left_out = {

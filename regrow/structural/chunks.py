@@ -164,7 +164,7 @@ def unbound_channels(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -
     stream again. torch-pruning maps unbinds along dim 0 only (a fused qkv reshaped to ``(3, B, heads, N, d)``)
     and passed the others' indices through as they were: qkv's three channels were read as the stream's one,
     and every probe of that group failed (it cut the stream's 1-channel convolution at index 1 or 2). Where an
-    unbind along dim 1 or the last dim (:func:`_channel_dim`) splits a tensor as wide there as torch-pruning
+    unbind along dim 1 or the last dim (given as -1 or by its number) splits a tensor as wide there as torch-pruning
     counts its channels, each channel becomes a tensor of its own: the unbind is marked ``unbinds_channels`` (the
     group that reaches it is left out, regrow.structural.graph) and its edges to and from its results map no
     index. An unbind along any other dimension keeps passing the channels through.
@@ -176,8 +176,8 @@ def unbound_channels(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -
         dim, shape = _saved_dim(fn), outputs.get(fn.next_functions[0])
         if not dim or shape is None:
             continue
-        at = _channel_dim(dim, len(shape))
-        if at is None or shape[at] != channels_in(dg, node):
+        at = dim % len(shape)  # an unbind's results are read as they are: the last dim, however it is written
+        if at not in (1, len(shape) - 1) or shape[at] != channels_in(dg, node):
             continue
         node.module.unbinds_channels = True
         for result in node.outputs:

@@ -17,8 +17,9 @@ built for when it fixes one (ViT, Swin, MaxViT, ...; timm's ``fixed_input_size``
 where it gives one; a model that does not run at that size yet names no minimum (Inception) gets the next of
 96 px, 128 px and its default size that runs. Each model runs in its own process with a time limit, so that one that
 hangs or runs out of memory is reported and the others still run. Per model: MACs kept, whether the equivalence
-check passed (vacuous: outputs no larger than its absolute tolerance, which any surgery passes), groups left out
-for a reason that is not benign, seconds to prune (tracing included), or the failure's first line. Where
+check passed (vacuous: outputs so small that its tolerance is 1 % of them or more, too coarse to tell a wrong
+surgery), groups left out for a reason that is not benign, seconds to prune (tracing included), or the failure's
+first line. Where
 torchvision does not import (a CPU-only torch) the unpacked copy ``make install`` puts in
 ``.venv/torchvision-models`` is used (benchmarks.torchvision_models); timm then imports that copy.
 """
@@ -126,8 +127,8 @@ def one(source: str, name: str, copy: Path) -> dict[str, Any]:
         "macs_kept": round(report.macs_ratio, 4),
         "within": abs(report.macs_ratio - BUDGET) <= TOLERANCE * BUDGET,
         "check": eq.passed,
-        # outputs no larger than the check's absolute tolerance: any surgery would pass (regrow warns so)
-        "judged": eq.scale is not None and eq.scale > eq.atol,
+        # outputs so small that the check's tolerance is 1 % of them or more: it could not tell (regrow warns so)
+        "judged": eq.judges,
         "output_scale": None if eq.scale is None else float(f"{eq.scale:.3g}"),
         "left_out": left_out,
         "seconds": round(seconds, 1),
@@ -161,14 +162,17 @@ def _cell(text: Any) -> str:
 
 
 def _judged(row: dict[str, Any]) -> bool:
-    """Whether the check passed on outputs large enough for it to fail (rows from before this was recorded: passed)."""
-    return bool(row["check"]) and row.get("judged", True)
+    """Whether the check passed on outputs large enough for it to tell (not known of rows from before it was
+    recorded: not counted)."""
+    return bool(row["check"]) and bool(row.get("judged"))
 
 
 def _check(row: dict[str, Any]) -> str:
     if not row["check"]:
         return "**False**"
-    return "True" if row.get("judged", True) else "vacuous"
+    if "judged" not in row:
+        return "True (scale not recorded)"
+    return "True" if row["judged"] else "vacuous"
 
 
 def _write(out: Path, source: str, rows: list[dict[str, Any]], runs: list[dict[str, Any]], total: int) -> None:
@@ -200,8 +204,8 @@ def _write(out: Path, source: str, rows: list[dict[str, Any]], runs: list[dict[s
         "channels a ShuffleNet shuffle interleaves, the tokens of a Linear over them, a single channel, channels an "
         "unbind makes tensors of their own)."
         + (
-            f" The outputs of {len(vacuous)} ({', '.join(vacuous)}) were no larger than the check's absolute tolerance "
-            "with these random weights, so its pass says nothing (check: vacuous); they are not counted."
+            f" The outputs of {len(vacuous)} ({', '.join(vacuous)}) were so small with these random weights that the "
+            "check's tolerance was 1 % of them or more, so its pass says little (check: vacuous); they are not counted."
             if vacuous
             else ""
         ),

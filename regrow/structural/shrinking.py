@@ -407,19 +407,26 @@ VACUOUS_CHECK = (
 
 
 def _note_vacuous_check(eq: Equivalence, notes: list[str]) -> None:
-    """Say so (log and report) when the final check compared outputs too small for it to fail: all exactly zero,
-    or none larger than its absolute tolerance (a difference of that size passes whatever the surgery did)."""
-    if eq.scale is None or eq.scale > eq.atol:
+    """Say so (log and report) when the final check compared outputs too small for it to tell a wrong surgery from
+    a right one (:attr:`Equivalence.judges`): all exactly zero, none larger than its absolute tolerance, or so small
+    that its tolerance is 1 % of them or more."""
+    if eq.scale is None or eq.judges:
         return
     if eq.scale == 0.0:
         what = (
             "outputs that were all exactly zero (a classifier initialised to zero, as in torchvision's "
             "VisionTransformer, gives that)"
         )
-    else:
+    elif eq.scale <= eq.atol:
         what = (
             f"outputs no larger than its absolute tolerance (largest {eq.scale:.3g}, tolerance {eq.atol:g}; random "
             "initial weights whose activations vanish layer by layer, as Hugging Face's LeViT's do, give that)"
+        )
+    else:
+        what = (
+            f"outputs so small that its tolerance was {eq.tolerance / eq.scale:.0%} of the largest (largest "
+            f"{eq.scale:.3g}, tolerance {eq.tolerance:.3g}; a classifier initialised small, as timm's EVA and BEiT "
+            "scale theirs by 0.001, gives that)"
         )
     notes.append(f"the equivalence check compared {what}, {VACUOUS_CHECK}")
     log.warning(notes[-1])

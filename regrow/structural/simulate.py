@@ -35,6 +35,7 @@ from regrow.structural.pruners import is_channel_filter, is_plain_norm
 
 RTOL = 1e-4
 ATOL = 1e-5
+TELLS = 0.01  # a check can tell a wrong surgery when its tolerance is under this share of the largest output
 
 _CHANNEL_DIM_1 = (
     nn.modules.conv._ConvNd,
@@ -59,6 +60,13 @@ class Equivalence:
     float32_diff: float | None = None  # set when float32 failed and float64 settled the check (see compare)
     shapes: tuple[list[int], list[int]] | None = None  # (simulated, shrunk) output shapes, set when they differ
     output: int = 0  # which returned tensor the numbers are of: 0, the one regrow reads, unless another differs
+
+    @property
+    def judges(self) -> bool:
+        """Whether the check could tell a wrong surgery from a right one: its tolerance under 1 % of the largest
+        output (outputs of 1e-3 and more at the default tolerances). Below that, a difference that is a real share
+        of every output passes: random initial weights whose activations shrink layer by layer give such outputs."""
+        return self.scale is not None and self.tolerance < TELLS * self.scale
 
     @property
     def where(self) -> str:

@@ -73,24 +73,10 @@ FAMILIES = {
         {"depth": 2, "embed_dim": 64, "num_heads": 4, "head_dim": 16, "intermediate_size": 128},
         64,
     ),
-    # attention that merges its heads with its input's width (regrow.structural.timm_attention's stand-ins); EVA's and
-    # BEiT's head_init_scale: timm multiplies their classifiers' initial weights by 0.001, for outputs near 3e-4,
-    # where the check's absolute tolerance, 1e-5, is 3 % of them
-    "eva_dinov3": (  # rotary, register tokens
-        "vit_small_patch16_dinov3",
-        {"img_size": 32, "depth": 2, "head_init_scale": 1.0},
-        32,
-    ),
-    "eva02": (  # a gated MLP chunking its fc1 in halves
-        "eva02_tiny_patch14_224",
-        {"img_size": 28, "depth": 2, "head_init_scale": 1.0},
-        28,
-    ),
-    "beit": (
-        "beit_base_patch16_224",
-        {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 4, "head_init_scale": 1.0},
-        32,
-    ),
+    # attention that merges its heads with its input's width (regrow.structural.timm_attention's stand-ins):
+    "eva_dinov3": ("vit_small_patch16_dinov3", {"img_size": 32, "depth": 2}, 32),  # rotary, register tokens
+    "eva02": ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}, 28),  # a gated MLP chunking its fc1 in halves
+    "beit": ("beit_base_patch16_224", {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 4}, 32),
     "swinv2": (  # cosine attention, continuous position bias, post-norm blocks
         "swinv2_tiny_window8_256",
         {"img_size": 64, "window_size": 4, "depths": (2, 2, 2, 2), "embed_dim": 32, "num_heads": (1, 2, 4, 8)},
@@ -193,7 +179,8 @@ def make(family: str) -> nn.Module:
 
 def build(family: str) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    # a classifier that starts at zero (MLP-Mixer's) would make every output 0, and the check pass any surgery;
+    # a classifier that starts at zero (MLP-Mixer's) would make every output 0, and the check pass any surgery (one
+    # that starts near zero, EVA's and BEiT's, most);
     # batch norms at 0 / 1 shrank EfficientNet's and LeViT's to 1e-4, where a difference of 1e-5 passed
     size = FAMILIES[family][2]
     model = live_norms(_random_classifier(make(family)), size)

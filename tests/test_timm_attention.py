@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import regrow
+from benchmarks.zoo import live_norms
 from conftest import import_timm
 from regrow.structural import timm_attention
 from regrow.structural.standins import convert_standins
@@ -293,9 +294,10 @@ def test_next_vits_heads_go_whole():
     # Next-ViT's attention merged its heads by its input's width: removing a head broke the forward pass ("shape
     # '[2, 64, 192]' is invalid for input of size 12288"), and pattern 'head' had nothing to remove.
     model, x, names = build("nextvit")
+    model = live_norms(model, x.shape[-1])  # its batch norms at 0 / 1 left outputs of 3.6e-4: too small to tell
     widths = {n: (model.get_submodule(n).num_heads, model.get_submodule(n).proj.out_features) for n in names}
     report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=x, keep_dense=False).structure
-    assert report.equivalence.passed, report.equivalence
+    assert report.equivalence.passed and report.equivalence.judges, report.equivalence
     assert not [g for g in report.groups if g["excluded"]], report.groups
     for n in names:
         attn = model.get_submodule(n)

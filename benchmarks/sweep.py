@@ -19,8 +19,7 @@ where it gives one; a model that does not run at that size yet names no minimum 
 hangs or runs out of memory is reported and the others still run. Per model: MACs kept, whether the equivalence
 check passed (vacuous: outputs so small that its tolerance is 1 % of them or more, too coarse to tell a wrong
 surgery), groups left out for a reason that is not benign, seconds to prune (tracing included), or the failure's
-first line. Where
-torchvision does not import (a CPU-only torch) the unpacked copy ``make install`` puts in
+first line. Where torchvision does not import (a CPU-only torch) the unpacked copy ``make install`` puts in
 ``.venv/torchvision-models`` is used (benchmarks.torchvision_models); timm then imports that copy.
 """
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import regrow.distributed as distributed
-from regrow.errors import RegrowError, interruption
+from regrow.errors import RegrowError, forget_stop, interruption, signalled
 
 log = logging.getLogger("regrow")
 EXIT_BAD_INPUT = 2
@@ -347,11 +347,13 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    raise _Terminated(signum)
+    """SIGINT as Ctrl-C, SIGTERM and SIGHUP as :class:`_Terminated`; remembered, so that a stop raised where Python
+    swallows it (a ``__del__``) is raised again at the next step (regrow.errors.signalled)."""
+    raise signalled(KeyboardInterrupt() if signum == signal.SIGINT else _Terminated(signum))
 
 
-# Ended like Ctrl-C (SIGINT already raises KeyboardInterrupt); SIGHUP does not exist on Windows.
-_ENDING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+# SIGHUP does not exist on Windows.
+_ENDING = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -368,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(args)
     finally:
+        forget_stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 

@@ -31,6 +31,30 @@ class SpeedWarning(UserWarning):
     """The chosen pruning will not make the model faster on dense kernels, or its widths are unfriendly."""
 
 
+_SIGNALLED: list[KeyboardInterrupt] = []  # the stop a signal handler last raised, until the run that saw it ends
+
+
+def signalled(stop: KeyboardInterrupt) -> KeyboardInterrupt:
+    """Remember ``stop``, which a signal handler is about to raise, and return it. Python runs a handler wherever
+    the main thread is; inside a ``__del__``, a weakref callback or a garbage-collector callback what it raises is
+    printed as "Exception ignored in ..." and lost, and the work would go on as if no signal had come.
+    :func:`raise_lost_stop` raises it again at the next step of the work."""
+    _SIGNALLED[:] = [stop]
+    return stop
+
+
+def raise_lost_stop() -> None:
+    """Raise the stop a signal asked for if it is still remembered (:func:`signalled`): the training and evaluation
+    loops and each stage of a run call this. Once the stop unwinds the run, :func:`forget_stop` clears it."""
+    if _SIGNALLED:
+        raise _SIGNALLED.pop()
+
+
+def forget_stop() -> None:
+    """The run that a remembered stop ended is over (the command line, when it returns)."""
+    _SIGNALLED.clear()
+
+
 def interruption(exc: BaseException) -> KeyboardInterrupt | None:
     """The KeyboardInterrupt (Ctrl-C, or SIGTERM / SIGHUP through the command line) that ``exc`` is or that it was
     raised from or during, else None. Code a signal interrupts can wrap what it raises in another error: Python

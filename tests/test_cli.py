@@ -433,6 +433,71 @@ def test_a_signal_that_lands_in_an_import_still_ends_the_run_cleanly(capsys, mon
     assert said in err and "Traceback" not in err, err
 
 
+_SWALLOWED = """
+import os, signal, sys
+import regrow.recovery.loop as loop
+from regrow.cli import main
+
+class Dropped:
+    def __del__(self):
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+        for _ in range(100_000):  # the handler runs here, inside __del__, where Python swallows what it raises
+            pass
+
+steps, step = [], loop._step
+def counted(*args):
+    steps.append(1)
+    if len(steps) == 3:
+        Dropped()
+    return step(*args)
+
+loop._step = counted
+code = main(sys.argv[2:])
+print(len(steps))
+sys.exit(code)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize(
+    "stop, code, said", [("SIGTERM", 128 + 15, "regrow: terminated"), ("SIGINT", 130, "regrow: interrupted")]
+)
+def test_a_signal_whose_stop_python_swallows_still_ends_the_run_at_the_next_step(tmp_path, stop, code, said):
+    """A signal handled inside a ``__del__`` (or a weakref callback) raises where Python only prints "Exception
+    ignored"; the run must still stop, at the next training step, not train to its end."""
+    out = tmp_path / "o"
+    budget = ["model.train.epochs=3", "recover.epochs=2", "evaluate.latency=false", "checkpoint.enabled=false"]
+    argv = ["run", "demo", "--out", str(out), "--no-progress", *[a for s in budget for a in ("--set", s)]]
+    done = subprocess.run(
+        [sys.executable, "-c", _SWALLOWED, stop, *argv],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert "Exception ignored" in done.stderr, done.stderr  # the signal did land where its stop is lost
+    assert done.returncode == code and said in done.stderr, done.stderr
+    assert done.stdout.split() == ["3"]  # it stopped after the step that lost it
+    assert not out.exists()
+
+
+def test_a_remembered_stop_is_raised_once_and_forgotten_when_the_run_ends():
+    from regrow.errors import forget_stop, raise_lost_stop, signalled
+
+    raise_lost_stop()  # nothing remembered: nothing raised
+    stop = KeyboardInterrupt()
+    assert signalled(stop) is stop
+    with pytest.raises(KeyboardInterrupt) as raised:
+        raise_lost_stop()
+    assert raised.value is stop
+    raise_lost_stop()  # raised once
+    signalled(KeyboardInterrupt())
+    forget_stop()
+    raise_lost_stop()
+
+
 def test_the_interruption_behind_an_error_is_found_through_its_cause_or_context():
     from regrow.errors import interruption
 

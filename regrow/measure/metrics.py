@@ -12,6 +12,7 @@ from torch import nn
 
 import regrow.distributed as distributed
 from regrow.batches import model_device, to_device, unpack
+from regrow.errors import raise_lost_stop
 from regrow.objectives import Labels, Objective
 from regrow.progress import bar
 
@@ -41,6 +42,7 @@ def classification_metrics(
     score, loss_sum, units, kind = 0.0, 0.0, 0, None
     try:
         for batch in bar(data, desc, enabled=progress):
+            raise_lost_stop()  # a signal whose stop Python swallowed (regrow.errors.signalled)
             inputs, targets = unpack(batch)
             inputs, targets = to_device(inputs, device), to_device(targets, device)
             scored = objective.measure(model, inputs, targets)

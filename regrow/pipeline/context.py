@@ -15,6 +15,8 @@ from typing import Any, ParamSpec, TypeVar
 import numpy as np
 import torch
 
+from regrow.errors import raise_lost_stop
+
 log = logging.getLogger("regrow")
 
 P = ParamSpec("P")
@@ -76,6 +78,7 @@ class Timer:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        raise_lost_stop()  # a signal whose stop Python swallowed (regrow.errors.signalled)
         log.info("stage: %s", name)
         start = time.perf_counter()
         try:

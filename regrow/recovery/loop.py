@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 import regrow.distributed as distributed
 from regrow.batches import model_device
-from regrow.errors import RegrowError
+from regrow.errors import RegrowError, raise_lost_stop
 from regrow.masks import MaskEnforcer, MaskSet
 from regrow.measure.metrics import classification_metrics
 from regrow.objectives import Scored, as_scored, objective_of, shown
@@ -408,6 +408,7 @@ def _train_epoch(run: _Run, at: Position, progress: bool, saves: Saves | None) -
     done = saves.skip_trained(run, batches, tally) if saves is not None else 0
     for inputs, targets in on_device(batches, run.device):
         losses, scored = _step(run, inputs, targets)
+        raise_lost_stop()  # a signal whose stop Python swallowed (regrow.errors.signalled)
         if run.guard.tripped is not None:
             break
         tally.add(losses, as_scored(scored, targets))

@@ -208,6 +208,53 @@ def test_each_family_prunes_to_half_its_macs_with_the_check_passing(family, tmp_
         assert torch.equal(loaded(x), y)
 
 
+def test_gcvit_streams_lose_the_same_offsets_in_every_head():
+    """GCViT's global blocks read their queries from the stream (the stage's global query), which ties the stream
+    to the keys' heads: every stream was left out as attention's inner width (regrow.structural.offsets). Each
+    now goes a head offset at a time (as many channels as heads, the same offset in each head); the relative
+    position tables, one value per head, keep their shapes."""
+    model, x = build("gcvit")
+    tables = {n: p.shape for n, p in model.named_parameters() if n.endswith("relative_position_bias_table")}
+    report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.judges, report.equivalence
+    streams = {g["name"]: g for g in report.groups if g["name"].endswith("reduction")}
+    got = {n: (g["excluded"], g["channels_before"], g["units_before"], g["unit_size"]) for n, g in streams.items()}
+    assert got == {  # head width 32 in every stage
+        "stem.down.reduction": (None, 64, 32, 2),  # 2 heads
+        "stages.1.downsample.reduction": (None, 128, 32, 4),
+        "stages.2.downsample.reduction": (None, 256, 32, 8),
+        # the group of the keys' and values' projection: its 512 values stay, the trace losing them at the
+        # fold of the heads into the batch (one window), before the output projection
+        "stages.3.downsample.reduction": (None, 1024, 32, 16),
+    }
+    assert sum(g["units_before"] - g["units_after"] for g in streams.values()) > 0
+    assert {n: p.shape for n, p in model.named_parameters() if n.endswith("relative_position_bias_table")} == tables
+    for name, module in model.named_modules():
+        if type(module).__name__ == "GcvitWindowAttention" and module.use_global:
+            assert module.proj.out_features % module.num_heads == 0, name
+
+
+def test_gcvits_window_attention_stand_in_computes_timms():
+    model, x = build("gcvit")
+    calls = {}
+    attention = {n: m for n, m in model.named_modules() if type(m).__name__ == "WindowAttentionGlobal"}
+
+    def keep(name):
+        def hook(module, args, output):
+            calls.setdefault(name, (args, output))  # its first call
+
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in attention.items()]
+    with torch.no_grad():
+        model(x)
+        for hook in hooks:
+            hook.remove()
+        assert {attention[n].use_global for n in calls} == {True, False} and calls.keys() == attention.keys()
+        for name, (args, out) in calls.items():
+            assert torch.equal(timm_attention.GcvitWindowAttention(attention[name])(*args), out), name
+
+
 def _groups(graph, model):
     """Every channel group of ``model``, every layer a candidate, by name."""
     return {g.name: g for g in graph.channel_groups({n for n, _ in model.named_modules()}, set(), {})}

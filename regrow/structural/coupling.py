@@ -336,7 +336,9 @@ class _Classes:
         return sorted((tuple(v) for v in found.values()), key=lambda u: u[0])
 
 
-def couple(dg: Any, reached: Walk, channels: int) -> Coupling | None:
+def couple(
+    dg: Any, reached: Walk, channels: int, chunked: Mapping[Any, tuple[int, tuple[int, ...]]] | None = None
+) -> Coupling | None:
     """The :class:`Coupling` of a group of ``channels`` root channels, from ``reached``, the walk from its root
     with all of them (the walk the group itself was read off); None when the walk cannot tell the root channels
     apart (the caller then asks torch-pruning removal by removal).
@@ -345,7 +347,9 @@ def couple(dg: Any, reached: Walk, channels: int) -> Coupling | None:
     each group of a grouped member (a grouped convolution must lose the same channels in every group), found in
     the member's own indices: Res2NeXt's grouped convolutions each read one chunk of a split of the root, so
     their groups are not the root's. A split into chunks of one width is tied the same way, chunk for group
-    (Res2Net's ``torch.split(x, self.width, 1)``, EdgeNeXt's ``x.chunk(n, 1)``).
+    (Res2Net's ``torch.split(x, self.width, 1)``, EdgeNeXt's ``x.chunk(n, 1)``), and so is the output of a layer
+    in ``chunked`` (an attention's projection: its heads and the widths of its sections), head for group, in
+    each section (regrow.structural.offsets); there the root channels that reach no other layer stay.
     """
     if any(i.root_idx is None for _, idxs in reached for i in idxs):
         return None
@@ -372,6 +376,9 @@ def couple(dg: Any, reached: Walk, channels: int) -> Coupling | None:
     for key, (node, handler, _) in members.items():
         groups, size = member_groups(dg, node.module, handler)
         last = size
+        if chunked and node.module in chunked and dg.is_out_channel_pruning_fn(handler):
+            _unite_heads(classes, first_owner, key, *chunked[node.module])
+            continue
         if groups == 1:
             groups, size = equal_chunks(node.module)
             last = getattr(node.module, "last_chunk", size)
@@ -396,10 +403,37 @@ def couple(dg: Any, reached: Walk, channels: int) -> Coupling | None:
             ]
             for r in tail[1:]:
                 classes.union(tail[0], r)
-    pinned = _pinned(reached)
+    pinned = _pinned(reached) | (_unread(members, reached, channels) if chunked else set())
     units = [u for u in classes.groups() if pinned.isdisjoint(u)]
     held = {c for u in units for c in u}
     return Coupling(units, list(members.values()), tuple(c for c in range(channels) if c not in held))
+
+
+def _unite_heads(
+    classes: _Classes, first_owner: Mapping[tuple[Any, int], int], key: Any, heads: int, sections: tuple[int, ...]
+) -> None:
+    """Root channels that cut the same offset of every head of one section of an attention's projection go
+    together (regrow.structural.offsets)."""
+    start = 0
+    for width in sections:
+        size = width // heads
+        for u in range(size):
+            roots = [first_owner[key, i] for i in range(start + u, start + width, size) if (key, i) in first_owner]
+            for r in roots[1:]:
+                classes.union(roots[0], r)
+        start += width
+
+
+def _unread(members: Mapping[Any, tuple[Any, Any, dict[int, list[int]]]], reached: Walk, channels: int) -> set[int]:
+    """The root channels that reach no layer or parameter but the root itself: the values of an attention's
+    projection, when the trace loses them at a fold of the heads into the batch, before the output projection
+    (regrow.structural.offsets). Their readers unseen, they stay."""
+    root = (id(reached[0][0].target), id(reached[0][0].handler))
+    read: set[int] = set()
+    for key, (node, _, by_root) in members.items():
+        if key != root and not type(node.module).__module__.startswith("torch_pruning"):
+            read.update(by_root)
+    return set(range(channels)) - read
 
 
 def one_unit(channels: int, pinned: int) -> str:

@@ -37,6 +37,7 @@ from regrow.structural.coupling import (
     walk,
 )
 from regrow.structural.dependency import DependencyGraph
+from regrow.structural.offsets import offset_chunks, per_head_parameters
 from regrow.structural.pruners import GroupNormPruner, customized_pruners, is_channel_filter, is_plain_norm
 from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
@@ -208,6 +209,7 @@ class StructureGraph:
         self.names = {m: n for n, m in model.named_modules()}
         self.order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         self.param_names = {p: n for n, p in model.named_parameters()}
+        self.dg.ignored_params = [*self.dg.ignored_params, *per_head_parameters(model)]  # never cut (offsets.py)
 
     def _trace(
         self, model: nn.Module, example_inputs: Any, copied: set[nn.Module]
@@ -314,10 +316,10 @@ class StructureGraph:
             )
             if reason is None and not any(n in candidates for n in out_layers):
                 reason = "not a target"
-            if reason is None:
-                owner = next((a for a, inner in attention.items() if any(n in inner for n in out_layers)), None)
-                if owner is not None:
-                    reason = _inside_attention(owner, unheaded)
+            owners, chunks = [a for a, inner in attention.items() if any(n in inner for n in out_layers)], None
+            if reason is None and owners:  # left to pattern 'head' unless it shrinks by head offsets (offsets.py)
+                if (chunks := offset_chunks(self.model, owners, attention, out_layers)) is None:
+                    reason = _inside_attention(owners[0], unheaded)
             channels = self.dg.get_out_channels(root)
             cg = ChannelGroup(
                 name=root_name,
@@ -330,7 +332,7 @@ class StructureGraph:
                 full=group,
             )
             if cg.excluded is None:  # grouped members are balanced in their own groups (coupling.couple)
-                cg.coupling = couple(self.dg, reached, channels)
+                cg.coupling = couple(self.dg, reached, channels, chunks)
                 if cg.coupling is None and channels % cg.ch_groups:
                     cg.excluded = f"{channels} channels do not split into {cg.ch_groups} channel groups"
                 elif cg.units < 2:

@@ -1,0 +1,48 @@
+"""Attention tied to its stream, shrunk by head offsets (regrow.structural.offsets): the units and the rules, by
+hand. GCViT's real blocks: tests/test_zoo.py (test_gcvit_streams_lose_the_same_offsets_in_every_head)."""
+
+import torch
+from torch import nn
+
+from regrow.structural.coupling import _Classes, _unite_heads
+from regrow.structural.offsets import offset_chunks, per_head_parameters
+
+
+def test_the_same_offset_of_every_head_of_a_section_goes_together():
+    # a projection of two sections (keys 4 wide, values 6 wide) in 2 heads: key heads of 2, value heads of 3;
+    # root channel i cuts index i
+    classes = _Classes(10)
+    _unite_heads(classes, {("qkv", i): i for i in range(10)}, "qkv", 2, (4, 6))
+    assert classes.groups() == [(0, 2), (1, 3), (4, 7), (5, 8), (6, 9)]
+    # only some indices reached (the keys' offset 0, the values' offset 1): those go together, section by section
+    classes = _Classes(4)
+    _unite_heads(classes, {("qkv", 0): 0, ("qkv", 2): 1, ("qkv", 5): 2, ("qkv", 7): 3}, "qkv", 2, (4, 4))
+    assert classes.groups() == [(0, 1), (2, 3)]
+
+
+class _Attention(nn.Module):
+    head_offsets = True
+    per_head_parameters = ("table",)
+    num_heads = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 8)
+        self.proj = nn.Linear(4, 4)
+        self.table = nn.Parameter(torch.zeros(9, 2))  # relative positions x heads
+
+    def head_sections(self) -> dict[str, tuple[int, ...]]:
+        return {"qkv": (4, 4)}
+
+
+def test_only_a_stream_tied_to_attention_that_follows_its_widths_goes_by_head_offsets():
+    model = nn.Sequential()
+    model.add_module("attn", _Attention())
+    model.add_module("fc", nn.Linear(4, 4))
+    inner = {"attn": {"attn.qkv"}}
+    assert offset_chunks(model, ["attn"], inner, ["attn.qkv", "fc"]) == {model.attn.qkv: (2, (4, 4))}
+    assert offset_chunks(model, ["attn"], inner, ["attn.qkv"]) is None  # the attention's own width: pattern 'head'
+    model.attn.head_offsets = False  # an attention that splits its heads by a width it stores
+    assert offset_chunks(model, ["attn"], inner, ["attn.qkv", "fc"]) is None
+    model.attn.head_offsets = True
+    assert [p is model.attn.table for p in per_head_parameters(model)] == [True]

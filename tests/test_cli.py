@@ -452,6 +452,7 @@ def counted(*args):
     return step(*args)
 
 loop._step = counted
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a test runner's workers ignore it)
 code = main(sys.argv[2:])
 print(len(steps))
 sys.exit(code)

@@ -38,6 +38,7 @@ from regrow.structural.coupling import (
 )
 from regrow.structural.dependency import DependencyGraph
 from regrow.structural.offsets import offset_chunks, per_head_parameters
+from regrow.structural.position_bias import is_position_bias
 from regrow.structural.pruners import GroupNormPruner, customized_pruners, is_channel_filter, is_plain_norm
 from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
@@ -581,7 +582,7 @@ def _is_int(value: Any) -> bool:
 def is_attention(module: nn.Module) -> bool:
     """regrow's attention, a module that declares its head count, or one in the layout of Hugging Face's Llama
     family (``head_dim`` and ``num_key_value_groups``, the head count read from the projections' width)."""
-    if isinstance(module, nn.MultiheadAttention):
+    if isinstance(module, nn.MultiheadAttention) or is_position_bias(module):  # a bias one value a head: no attention
         return False
     if isinstance(module, MultiheadAttention) or head_count(module) is not None:
         return True

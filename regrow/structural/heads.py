@@ -43,6 +43,7 @@ from regrow.select import is_transposed_linear
 from regrow.structural.attention import MultiheadAttention, keep_index
 from regrow.structural.graph import HEAD_ATTRS, KV_ATTRS, head_count
 from regrow.structural.layer_config import bind
+from regrow.structural.position_bias import is_position_bias, keep_head_rows, keep_heads
 from regrow.structural.pruners import keep_columns, keep_rows, linear_weight
 
 FUSED = ("qkv", "in_proj", "c_attn", "Wqkv", "qkv_proj", "to_qkv", "query_key_value")
@@ -69,6 +70,8 @@ INTERLEAVED = {
     "transformers.models.gpt_neox_japanese.modeling_gpt_neox_japanese.GPTNeoXJapaneseAttention",
     "transformers.models.gpt_bigcode.modeling_gpt_bigcode.GPTBigCodeAttention",  # without multi_query
 }
+# ... and those that do where a flag of theirs says so: timm's MaxViT and CoAtNet (``head_first``, the default)
+INTERLEAVED_IF = {"timm.models.maxxvit.AttentionCl": "head_first", "timm.models.maxxvit.Attention2d": "head_first"}
 # Biases of the attention's own beside a fused projection without one (timm's BEiT, EVA and Swin V2 add them in
 # F.linear; the key's is a zero buffer): one value per row of q, k or v.
 LOOSE_BIASES = ("q_bias", "k_bias", "v_bias")
@@ -433,11 +436,10 @@ def _keep_per_head(module: nn.Module, heads: int, removed: list[int]) -> None:
                 keep = keep_index(heads, 1, removed, param.device)
                 kept = param.index_select(dim % param.dim(), keep).contiguous()
                 setattr(owner, name, nn.Parameter(kept, requires_grad=param.requires_grad))
+        if is_position_bias(owner):
+            keep_heads(owner, heads, removed)
     for name in PER_HEAD_MLP:
-        mlp = getattr(module, name, None)
-        last = [m for m in mlp.modules() if isinstance(m, nn.Linear)][-1:] if isinstance(mlp, nn.Module) else []
-        if last and last[0].out_features == heads:
-            keep_rows(last[0], keep_index(heads, 1, removed, last[0].weight.device))
+        keep_head_rows(getattr(module, name, None), heads, removed)
 
 
 def _width(attr: str) -> bool:
@@ -531,7 +533,8 @@ def head_group(name: str, module: nn.Module, model: nn.Module | None = None) -> 
     if kv_heads == 1 < heads and q_rows == 1:  # multi-query (Gemma 1's 2B, StarCoder, Falcon-7B)
         return _one_key_value_head(name, module, projections, heads, head_dim)
     group = HeadGroup(name, heads, head_dim, projections, kv_group=heads // kv_heads, q_rows=q_rows)
-    group.interleaved = fused is not None and kv_heads == heads and kind in INTERLEAVED  # a key per query head
+    layout = kind in INTERLEAVED or getattr(module, INTERLEAVED_IF.get(kind, ""), None) is True
+    group.interleaved = fused is not None and kv_heads == heads and layout  # a key per query head
     return group
 
 

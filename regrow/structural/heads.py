@@ -15,8 +15,9 @@ Two kinds of attention module are understood:
   ``output.dense`` of its parent. Of nested modules that declare heads, only the innermost counts (``find_attention``).
   Removing a head slices those layers and lowers the head count; any other integer attribute equal to the old
   inner width (e.g. ``all_head_size``) is updated too, and so are per-head tensors of the module
-  (``PER_HEAD``: Swin's relative position bias table, Swin V2's logit scale and the last layer of its
-  position-bias MLP, TinyViT's attention biases, whose eval-mode cache is emptied) and the q / k / v biases it
+  (``regrow.structural.position_bias``: Swin's relative position bias table, Swin V2's logit scale and the last layer
+  of its position-bias MLP, TinyViT's attention biases, whose eval-mode cache is emptied, timm's relative position
+  bias modules, XCiT's temperature) and the q / k / v biases it
   holds beside a fused projection (``LOOSE_BIASES``: timm's BEiT, EVA and Swin V2). A fused ``qkv`` holds all
   queries, then all keys, then all values; or each head's q, k and v rows together (``INTERLEAVED``: Hugging Face's
   GPT-NeoX and GPTBigCode). timm's LeViT, EfficientFormer and TinyViT hold each head's rows together in sections of
@@ -43,7 +44,7 @@ from regrow.select import is_transposed_linear
 from regrow.structural.attention import MultiheadAttention, keep_index
 from regrow.structural.graph import HEAD_ATTRS, KV_ATTRS, head_count
 from regrow.structural.layer_config import bind
-from regrow.structural.position_bias import is_position_bias, keep_head_rows, keep_heads
+from regrow.structural.position_bias import keep_per_head
 from regrow.structural.pruners import keep_columns, keep_rows, linear_weight
 
 FUSED = ("qkv", "in_proj", "c_attn", "Wqkv", "qkv_proj", "to_qkv", "query_key_value")
@@ -57,11 +58,6 @@ SEPARATE = (
 )
 SEPARATE_KV = (("q", "kv"),)  # a query projection and a fused key / value one (timm's PVT v2, Twins)
 OUTPUT = ("proj", "out_proj", "o_proj", "o", "out", "wo", "c_proj", "out_lin", "dense", "merge")
-# Parameters with one entry per head along a dim (Swin's relative position bias table, Swin V2's logit scale),
-# and a child MLP whose last Linear outputs one value per head (Swin V2's position-bias MLP: torchvision's and
-# timm's name, then Hugging Face's).
-PER_HEAD = {"relative_position_bias_table": -1, "logit_scale": 0, "attention_biases": 0}
-PER_HEAD_MLP = ("cpb_mlp", "continuous_position_bias_mlp")
 # Attention whose fused qkv holds each head's q, k and v rows together (``qkv.view(B, N, heads, -1).split(...)``),
 # not all queries, then all keys, then all values: Hugging Face's GPT-NeoX (``view(B, N, -1, 3 * d)``
 # then ``chunk(3, -1)``, and GPT-NeoX-Japanese) and GPTBigCode without multi_query, by module and class name.
@@ -191,7 +187,7 @@ class HeadGroup:
         out = self._child(model, "out")
         keep = keep_index(self.heads, self.head_dim, queries, out.weight.device)
         keep_columns(out, keep)
-        _keep_per_head(module, self.heads, queries)
+        keep_per_head(module, self.heads, queries)
         for tensor, store, key in _loose_biases(module, old_inner):
             kept = tensor.index_select(0, keep.to(tensor.device)).contiguous()
             store[key] = nn.Parameter(kept, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else kept
@@ -217,8 +213,10 @@ class HeadGroup:
         if self.interleaved:  # each head's values follow its query and key rows
             layer, first = self._child(model, "qkv"), {h: (3 * h + 2) * self.head_dim for h in removed}
         else:
-            if "qkv" in self.projections:
-                layer, offset = self._child(model, "qkv"), (self.heads + self.units) * self.head_dim
+            if "qkv" in self.projections:  # the values' section, or the one the attention is applied to
+                section = getattr(model.get_submodule(self.name), "value_section", 2)
+                starts = (0, self.heads, self.heads + self.units)
+                layer, offset = self._child(model, "qkv"), starts[section] * self.head_dim
             elif "kv" in self.projections:
                 layer, offset = self._child(model, "kv"), self.units * self.head_dim
             else:
@@ -280,7 +278,7 @@ class SectionedHeads(HeadGroup):
                 tp.prune_batchnorm_out_channels(model.get_submodule(self.norms[role]), gone)
         _prune(self._child(model, "out"), _rows_of(self.head_dim, removed), outputs=False)
         module = model.get_submodule(self.name)
-        _keep_per_head(module, self.heads, removed)
+        keep_per_head(module, self.heads, removed)
         left = self.heads - len(removed)
         for attr, width in self.widths.items():
             setattr(module, attr, left * width)
@@ -424,22 +422,6 @@ def _loose_biases(module: nn.Module, width: int) -> list[tuple[Tensor, dict[str,
             if tensor is not None and tensor.dim() == 1 and tensor.numel() == width:
                 found.append((tensor, store, key))
     return found
-
-
-def _keep_per_head(module: nn.Module, heads: int, removed: list[int]) -> None:
-    """Slice the module's per-head tensors (``PER_HEAD``, ``PER_HEAD_MLP``) to the heads that stay: its own, or a
-    child's (Hugging Face's Swin keeps its table in a ``relative_position_bias`` module)."""
-    for owner in (module, *module.children()):
-        for name, dim in PER_HEAD.items():
-            param = owner._parameters.get(name)
-            if param is not None and param.dim() > 0 and param.shape[dim] == heads:
-                keep = keep_index(heads, 1, removed, param.device)
-                kept = param.index_select(dim % param.dim(), keep).contiguous()
-                setattr(owner, name, nn.Parameter(kept, requires_grad=param.requires_grad))
-        if is_position_bias(owner):
-            keep_heads(owner, heads, removed)
-    for name in PER_HEAD_MLP:
-        keep_head_rows(getattr(module, name, None), heads, removed)
 
 
 def _width(attr: str) -> bool:

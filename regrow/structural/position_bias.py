@@ -1,4 +1,8 @@
-"""Relative position biases that an attention module holds as a child of their own.
+"""What an attention holds one per head beside its projections, sliced when heads go (:func:`keep_per_head`).
+
+Parameters one entry a head along a dim (``PER_HEAD``: relative position tables, Swin V2's logit scale, TinyViT's
+and LeViT's attention biases, the temperature of cross-covariance attention), the last layer of a position-bias
+MLP (``PER_HEAD_MLP``), and relative position biases held as a child module of their own.
 
 timm's ``RelPosBias`` and ``RelPosMlp`` (in its relative-position ViTs, MaxViT and CoAtNet, GCViT, and the ViTs
 that share one across blocks) make one bias a head, from a table or a small MLP, and view it by a head count they
@@ -18,6 +22,11 @@ from regrow.structural.attention import keep_index
 from regrow.structural.pruners import keep_rows
 
 POSITION_BIASES = {"timm.layers.pos_embed_rel.RelPosBias", "timm.layers.pos_embed_rel.RelPosMlp"}
+# Parameters with one entry per head along a dim (Swin's relative position bias table, Swin V2's logit scale, the
+# temperature of XCiT's and EdgeNeXt's cross-covariance attention), and a child MLP whose last Linear outputs one
+# value per head (Swin V2's position-bias MLP: torchvision's and timm's name, Hugging Face's, Swin V2 CR's).
+PER_HEAD = {"relative_position_bias_table": -1, "logit_scale": 0, "attention_biases": 0, "temperature": 0}
+PER_HEAD_MLP = ("cpb_mlp", "continuous_position_bias_mlp", "meta_mlp")
 
 
 def is_position_bias(module: nn.Module) -> bool:
@@ -43,3 +52,19 @@ def keep_head_rows(mlp: object, heads: int, removed: list[int]) -> None:
     last = [m for m in mlp.modules() if isinstance(m, nn.Linear)][-1:] if isinstance(mlp, nn.Module) else []
     if last and last[0].out_features == heads:
         keep_rows(last[0], keep_index(heads, 1, removed, last[0].weight.device))
+
+
+def keep_per_head(module: nn.Module, heads: int, removed: list[int]) -> None:
+    """Slice the module's per-head tensors (``PER_HEAD``, ``PER_HEAD_MLP``) to the heads that stay: its own, or a
+    child's (Hugging Face's Swin keeps its table in a ``relative_position_bias`` module)."""
+    for owner in (module, *module.children()):
+        for name, dim in PER_HEAD.items():
+            param = owner._parameters.get(name)
+            if param is not None and param.dim() > 0 and param.shape[dim] == heads:
+                keep = keep_index(heads, 1, removed, param.device)
+                kept = param.index_select(dim % param.dim(), keep).contiguous()
+                setattr(owner, name, nn.Parameter(kept, requires_grad=param.requires_grad))
+        if is_position_bias(owner):
+            keep_heads(owner, heads, removed)
+    for name in PER_HEAD_MLP:
+        keep_head_rows(getattr(module, name, None), heads, removed)

@@ -256,7 +256,13 @@ class CaitTalkingHeadAttention(_Adopted):
 
 
 class DavitChannelAttention(_Adopted):
-    """timm's DaViT ``ChannelAttention`` and ``ChannelAttentionV2``: each head attends across its channels."""
+    """timm's DaViT ``ChannelAttention`` and ``ChannelAttentionV2``: each head attends across its channels. The
+    first applies its attention (of keys and values) to the queries: those are what a removed head's output is
+    made of (``value_section``, read by regrow.structural.heads)."""
+
+    @property
+    def value_section(self) -> int:
+        return 2 if hasattr(self, "groups") else 0
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape

@@ -30,8 +30,8 @@ demo: $(STAMP)
 	$(BIN)/regrow demo
 
 # The suite on TEST_WORKERS processes (pytest-xdist); tests/conftest.py gives each its share of the cores. Work
-# stealing keeps both workers busy to the end. On this 2-core machine: 352 s in the clean-clone CI run at 988bed0
-# (1057 passed; 486 s at f571c84 with 1052). The tests that start processes fork them from one that has done the
+# stealing keeps both workers busy to the end. On this 2-core machine: 329 s in the clean-clone CI run at d641edb
+# (1073 passed; 352 s at 988bed0 with 1057). The tests that start processes fork them from one that has done the
 # imports (tests/forked.py, and a forkserver for the distributed tests): 616-739 s in the four CI runs before.
 TEST_WORKERS ?= 2
 

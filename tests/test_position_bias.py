@@ -3,6 +3,8 @@ and RelPosMlp lose heads with their attention, by hand and in timm's relative-po
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -86,8 +88,15 @@ def test_relative_position_attention_loses_heads_and_saves_and_loads(family, tmp
 
 # model, its arguments and input size, and the attention class whose heads could not go: XCiT's and EdgeNeXt's
 # temperature (one a head) was not sliced; DaViT's channel attention applies its attention to the queries, not the
-# values (the simulation zeroed the values); Swin V2 CR's position MLP (``meta_mlp``) kept every head's output
-PER_HEAD_FAMILIES = {
+# values (the simulation zeroed the values); Swin V2 CR's position MLP (``meta_mlp``) kept every head's output;
+# NesT merges its heads channel-major, and the output projection lost the columns of head-major heads
+HEAD_FAMILIES = {
+    "nest": (
+        timm.models.nest.Nest,  # nest_tiny's heads, half its widths (its constructor fixes them)
+        {"img_size": 32, "embed_dims": (48, 96, 192), "num_heads": (3, 6, 12), "depths": (1, 1, 2)},
+        32,
+        "Attention",
+    ),
     "xcit": ("xcit_nano_12_p8_224", {"img_size": 32, "depth": 2}, 32, "XCA"),
     "edgenext": ("edgenext_xx_small", {}, 64, "CrossCovarianceAttn"),
     "davit": ("davit_tiny", {"depths": (1, 1, 1, 1)}, 64, "ChannelAttention"),
@@ -95,12 +104,12 @@ PER_HEAD_FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", sorted(PER_HEAD_FAMILIES))
-def test_the_heads_of_attention_with_tensors_of_its_own_go(family):
-    name, kwargs, size, kind = PER_HEAD_FAMILIES[family]
+@pytest.mark.parametrize("family", sorted(HEAD_FAMILIES))
+def test_the_heads_of_these_timm_attention_classes_go(family, tmp_path):
+    name, kwargs, size, kind = HEAD_FAMILIES[family]
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
-    model = live_norms(_random_classifier(model), size)
+    make = functools.partial(name if callable(name) else functools.partial(timm.create_model, name), num_classes=10)
+    model = live_norms(_random_classifier(make(**kwargs).eval()), size)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     chosen = {n: m.num_heads for n, m in find_attention(model).items() if type(m).__name__.startswith(kind)}
     report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=x, keep_dense=False).structure
@@ -108,3 +117,7 @@ def test_the_heads_of_attention_with_tensors_of_its_own_go(family):
     excluded = {g["name"]: g["excluded"] for g in report.groups if g["name"] in chosen and g["excluded"]}
     assert chosen and not excluded, excluded
     assert sum(model.get_submodule(n).num_heads for n in chosen) < sum(chosen.values())
+    regrow.save(model, tmp_path)
+    loaded = regrow.load(tmp_path, lambda: make(**kwargs)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

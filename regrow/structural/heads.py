@@ -152,7 +152,10 @@ class HeadGroup:
             for role in ("k", "v"):
                 per_unit += stat(self._child(model, role)).view(self.units, self.head_dim, -1).sum(dim=(1, 2))
         w = stat(self._child(model, "out"))
-        per_query += w.view(w.shape[0], self.heads, self.head_dim).sum(dim=(0, 2))
+        if getattr(model.get_submodule(self.name), "heads_last", False):  # column d * heads + h (NesT)
+            per_query += w.view(w.shape[0], self.head_dim, self.heads).sum(dim=(0, 1))
+        else:
+            per_query += w.view(w.shape[0], self.heads, self.head_dim).sum(dim=(0, 2))
         return per_query.view(self.units, self.kv_group).sum(dim=1) + per_unit
 
     @torch.no_grad()
@@ -186,7 +189,11 @@ class HeadGroup:
                     keep_rows(layer, torch.cat([keep + s * self.units * self.head_dim for s in range(sections)]))
         out = self._child(model, "out")
         keep = keep_index(self.heads, self.head_dim, queries, out.weight.device)
-        keep_columns(out, keep)
+        if getattr(module, "heads_last", False):  # heads merged channel-major: column d * heads + h (NesT)
+            kept = keep_index(self.heads, 1, queries, out.weight.device)
+            keep_columns(out, (torch.arange(self.head_dim, device=kept.device)[:, None] * self.heads + kept).flatten())
+        else:
+            keep_columns(out, keep)
         keep_per_head(module, self.heads, queries)
         for tensor, store, key in _loose_biases(module, old_inner):
             kept = tensor.index_select(0, keep.to(tensor.device)).contiguous()

@@ -363,7 +363,11 @@ class SwinV2CrWindowAttention(_Adopted):
 
 
 class NestAttention(_Adopted):
-    """timm's NesT ``Attention``: attention within each image block; heads merged channel-major, as NesT does."""
+    """timm's NesT ``Attention``: attention within each image block; heads merged channel-major, as NesT does:
+    the output projection's column ``d * heads + h`` reads channel ``d`` of head ``h`` (``heads_last``, read by
+    regrow.structural.heads)."""
+
+    heads_last = True
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, n, _ = x.shape

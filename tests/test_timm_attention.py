@@ -113,6 +113,13 @@ MODELS = {
     ),
     # a state-space mixer in the dual form, its state projection split in three by a width it stores
     "efficientvim": ("efficientvim_m1", {"depths": (2, 1, 1)}, 64, "stages.{}.blocks.{}.mixer", (2, 1, 1)),
+    "volo": (  # outlook attention over unfolded windows, then attention over a (B, H, W, C) map
+        "volo_d1_224",
+        {"img_size": 64},
+        64,
+        "network.{}.attn",
+        [f"{stage}.{i}" for stage, n in ((0, 4), (2, 4), (3, 8), (4, 2)) for i in range(n)],
+    ),
     "cait": (  # talking heads in the blocks, then the class token's attention
         "cait_xxs24_224",
         {"img_size": 32, "depth": 2, "depth_token_only": 1},
@@ -406,3 +413,29 @@ def test_heads_of_an_attention_with_a_fused_key_value_projection_go_whole(family
         attn = model.get_submodule(n)
         inner = attn.num_heads * head_dim[n]
         assert attn.q.out_features == attn.proj.in_features == inner and attn.kv.out_features == 2 * inner
+
+
+def test_volos_stream_and_heads_go():
+    """VOLO's attention split its heads by the stream's width and merged them back to it, and its outlook attention
+    split and folded its values by it too: every group through the stream failed its probe (6 of volo_d1_224 left
+    out), and pattern 'head' found no head it could remove."""
+    model, x, names = build("volo")
+    model = live_norms(model, 64)
+    pruned = copy.deepcopy(model)
+    report = regrow.prune(pruned, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.standins == names and report.equivalence.passed and report.equivalence.judges, report.equivalence
+    benign = ("inside attention", "not a target")
+    left_out = {g["name"]: why for g in report.groups if (why := g["excluded"]) and not why.startswith(benign)}
+    # an outlook attention's weights (heads x window x window per position) and the classifiers' outputs stay
+    assert all(n.endswith(".attn.attn") or n in ("head", "aux_head") for n in left_out), left_out
+    streams = [
+        g
+        for g in report.groups
+        if {"network.0.0.attn.v (Linear, in)", "network.2.0.attn.qkv (Linear, in)"} & {*g["members"]}
+    ]
+    assert len(streams) == 2 and all(g["excluded"] is None for g in streams)  # both stages' streams may shrink
+    heads = copy.deepcopy(model)
+    report = regrow.prune(heads, pattern="head", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.judges, report.equivalence
+    after = [heads.network[s][i].attn.num_heads for s, n in ((2, 4), (3, 8), (4, 2)) for i in range(n)]
+    assert sum(after) < 14 * 12

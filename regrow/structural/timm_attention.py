@@ -503,6 +503,34 @@ class GcvitWindowAttention(_Adopted):
         return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1)))
 
 
+class VoloAttention(_Adopted):
+    """timm's VOLO ``Attention`` over a ``(B, H, W, C)`` map: it splits its heads by ``C // num_heads`` and merges
+    them with ``reshape(B, H, W, C)``, ``C`` the stream's width."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj_drop(self.proj(_attend(self, q, k, v).transpose(1, 2).reshape(b, h, w, -1)))
+
+
+class VoloOutlookAttention(_Adopted):
+    """timm's VOLO ``OutlookAttention``: each position's values, unfolded over a window, weighed by attention read
+    off the pooled map and folded back. timm splits the unfolded values into heads by the stream's width ``C``
+    and folds ``C`` channels back; here by the values' own width."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, height, width, _ = x.shape
+        v = self.v(x).permute(0, 3, 1, 2)
+        h, w, k = math.ceil(height / self.stride), math.ceil(width / self.stride), self.kernel_size
+        v = self.unfold(v).reshape(b, self.num_heads, -1, k * k, h * w).permute(0, 1, 4, 3, 2)
+        attn = self.attn(self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        attn = attn.reshape(b, h * w, self.num_heads, k * k, k * k).permute(0, 2, 1, 3, 4)
+        attn = self.attn_drop((attn * self.scale).softmax(dim=-1))
+        x = (attn @ v).permute(0, 1, 4, 3, 2).reshape(b, -1, h * w)
+        x = F.fold(x, output_size=(height, width), kernel_size=k, padding=self.padding, stride=self.stride)
+        return self.proj_drop(self.proj(x.permute(0, 2, 3, 1)))
+
+
 class SplitAttention(_Adopted):
     """timm's ``SplitAttn`` (ResNeSt's split attention) with one cardinal group: the radix softmax over the logits
     viewed as ``(B, radix, C, 1, 1)``, the shape the splits are weighed in, where timm views them as ``(B, 1, radix,
@@ -548,4 +576,6 @@ STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "coat.FactorAttnConvRelPosEnc": CoatFactorAttention,
     TIMM + "efficientvim.HSMSSD": EfficientVimMixer,
     TIMM + "gcvit.WindowAttentionGlobal": GcvitWindowAttention,
+    TIMM + "volo.Attention": VoloAttention,
+    TIMM + "volo.OutlookAttention": VoloOutlookAttention,
 }

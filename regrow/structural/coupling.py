@@ -424,6 +424,11 @@ def _unite_heads(
         start += width
 
 
+def in_torch_pruning(module_name: str | None) -> bool:
+    """Whether ``module_name`` is torch-pruning's (its graph-only ops, its hooks)."""
+    return (module_name or "").split(".")[0] == "torch_pruning"
+
+
 def _unread(members: Mapping[Any, tuple[Any, Any, dict[int, list[int]]]], reached: Walk, channels: int) -> set[int]:
     """The root channels that reach no layer or parameter but the root itself: the values of an attention's
     projection, when the trace loses them at a fold of the heads into the batch, before the output projection
@@ -431,7 +436,7 @@ def _unread(members: Mapping[Any, tuple[Any, Any, dict[int, list[int]]]], reache
     root = (id(reached[0][0].target), id(reached[0][0].handler))
     read: set[int] = set()
     for key, (node, _, by_root) in members.items():
-        if key != root and not type(node.module).__module__.startswith("torch_pruning"):
+        if key != root and not in_torch_pruning(type(node.module).__module__):
             read.update(by_root)
     return set(range(channels)) - read
 

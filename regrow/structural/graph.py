@@ -30,6 +30,7 @@ from regrow.structural.coupling import (
     UnmappedOp,
     Walk,
     couple,
+    in_torch_pruning,
     member_groups,
     near_widths,
     one_unit,
@@ -138,14 +139,10 @@ def _torch_pruning_hooks(model: nn.Module) -> None:
             (module._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
             (module._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",)),
         ):
-            for key in [k for k, hook in hooks.items() if _in_torch_pruning(getattr(hook, "__module__", None))]:
+            for key in [k for k, hook in hooks.items() if in_torch_pruning(getattr(hook, "__module__", None))]:
                 del hooks[key]
                 for extra in extras:
                     getattr(module, extra, {}).pop(key, None)
-
-
-def _in_torch_pruning(module_name: str | None) -> bool:
-    return (module_name or "").split(".")[0] == "torch_pruning"
 
 
 def _where(exc: Exception, regrow: bool = False) -> str:
@@ -155,7 +152,7 @@ def _where(exc: Exception, regrow: bool = False) -> str:
     while frame is not None:
         code, module = frame.tb_frame.f_code.co_name, frame.tb_frame.f_globals.get("__name__") or ""
         if not code.startswith("<"):  # a named function, not the comprehension inside it
-            if _in_torch_pruning(module):
+            if in_torch_pruning(module):
                 where = f"torch-pruning's {code}"
             elif regrow and module.startswith("regrow.structural.tracing"):
                 where = f"regrow's {code}"

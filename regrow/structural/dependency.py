@@ -23,8 +23,9 @@ from regrow.structural.chunks import (
     fill_split_sizes,
     unbound_channels,
 )
+from regrow.structural.loose import parameter_channel_dims
 from regrow.structural.tokens import pass_channels_around
-from regrow.structural.tracing import mark_outputs, parameter_channel_dims
+from regrow.structural.tracing import mark_outputs
 
 
 def concat_width(module_or_node: Any) -> int | None:

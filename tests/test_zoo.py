@@ -63,6 +63,7 @@ FAMILIES = {
     "sknet": ("skresnet18", {"layers": (1, 1, 1, 1)}, 64),  # paths split by a stored width, stacked, weighed
     "cspnext": ("cspnext_tiny", {}, 64),  # two branches concatenated, then gated by channel attention
     "gcvit": ("gcvit_xxtiny", {"img_size": 64, "window_size": (2, 2, 2, 2)}, 64),  # a global query, broadcast
+    "efficientvit_msra": ("efficientvit_m0", {"img_size": 64}, 64),  # cascaded heads, 16 tokens by 16 key channels
     "maxvit": (  # MBConv, then block and grid attention by hand
         "maxvit_pico_rw_256",
         {"img_size": 64, "depths": (1, 1, 1, 1)},

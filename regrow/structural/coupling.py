@@ -355,18 +355,21 @@ def couple(
         return None
     ignored = getattr(dg, "ignored_params", [])
     classes = _Classes(channels)
-    members: dict[tuple[int, int], tuple[Any, Any, dict[int, list[int]]]] = {}
+    members: dict[tuple[int, Any], tuple[Any, Any, dict[int, list[int]]]] = {}
     for dep, idxs in reached:
         target = dep.target.module
         if isinstance(target, nn.Parameter) and any(target is p for p in ignored):
             continue
-        key = (id(dep.target), id(dep.handler))
+        # by the handler's equality, not its identity: torch-pruning gives each edge a bound method of its own, and
+        # two edges into one layer are the same member (EfficientViT's cascaded attention: a query channel reaches
+        # its key by the keys' edge, the key itself by the root's, and the two were not made one unit)
+        key = (id(dep.target), dep.handler)
         if key not in members:
             members[key] = (dep.target, dep.handler, {})
         by_root = members[key][2]
         for i in idxs:
             by_root.setdefault(int(i.root_idx), []).append(int(i.idx))
-    first_owner: dict[tuple[tuple[int, int], int], int] = {}  # (member, index) -> a root channel that cuts it
+    first_owner: dict[tuple[tuple[int, Any], int], int] = {}  # (member, index) -> a root channel that cuts it
     for key, (_, _, by_root) in members.items():
         for r, idxs in by_root.items():
             for i in idxs:
@@ -433,7 +436,7 @@ def _unread(members: Mapping[Any, tuple[Any, Any, dict[int, list[int]]]], reache
     """The root channels that reach no layer or parameter but the root itself: the values of an attention's
     projection, when the trace loses them at a fold of the heads into the batch, before the output projection
     (regrow.structural.offsets). Their readers unseen, they stay."""
-    root = (id(reached[0][0].target), id(reached[0][0].handler))
+    root = (id(reached[0][0].target), reached[0][0].handler)
     read: set[int] = set()
     for key, (node, _, by_root) in members.items():
         if key != root and not in_torch_pruning(type(node.module).__module__):

@@ -20,12 +20,9 @@ from torch import nn
 
 
 def per_head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters that hold one value per head of every attention module that shrinks by head offsets."""
-    found = []
-    for module in model.modules():
-        if getattr(module, "head_offsets", False):
-            found += [module.get_parameter(name) for name in getattr(module, "per_head_parameters", ())]
-    return found
+    """The parameters that hold one value per head of every attention module that names them (a stand-in that
+    shrinks by head offsets, or EfficientViT's cascaded attention: regrow.structural.cascade)."""
+    return [m.get_parameter(name) for m in model.modules() for name in getattr(m, "per_head_parameters", ())]
 
 
 def offset_chunks(

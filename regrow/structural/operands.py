@@ -27,6 +27,8 @@ from typing import Any
 from torch_pruning import ops
 from torch_pruning.dependency import shape_infer
 
+from regrow.structural.marks import NO_CHANNELS, marked
+
 ARITHMETIC = {"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"}
 
 
@@ -58,6 +60,15 @@ def channels_first_products(dg: Any) -> list[tuple[Any, Any]]:
             node.inputs.append(a)
             found.append((node, b))
     return found
+
+
+def untie_channel_free(dg: Any) -> None:
+    """Cut what reads a tensor marked as holding no channel (regrow.structural.marks.channel_free) loose from
+    it."""
+    for node in list(dg.module2node.values()):
+        if marked(node, NO_CHANNELS):
+            for reader in node.outputs:
+                _cut(reader, node)
 
 
 def _cut(node: Any, operand: Any) -> None:

@@ -35,7 +35,14 @@ from torch_pruning.dependency import index_mapping, shape_infer
 from torch_pruning.dependency.node import Node
 
 from regrow.structural.concat import concat_widths
-from regrow.structural.operands import _none, channels_first_products, untie_broadcast_operands, untie_products
+from regrow.structural.marks import SAME_CHANNELS, marked
+from regrow.structural.operands import (
+    _none,
+    channels_first_products,
+    untie_broadcast_operands,
+    untie_channel_free,
+    untie_products,
+)
 
 
 class ShapeRecorder(TorchFunctionMode):
@@ -353,6 +360,14 @@ def _channel_repeats(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
         _retype(node, flatten(stride=before[2]), flatten(stride=before[2], reverse=True))
 
 
+def _marked_views(dg: Any) -> None:
+    """Views a stand-in marked as keeping the channels where they are (regrow.structural.marks.same_channels):
+    channel ``c`` stays ``c``, whatever the shapes suggest."""
+    for node in list(dg.module2node.values()):
+        if node.type == ops.OPTYPE.RESHAPE and marked(node, SAME_CHANNELS):
+            _retype(node)
+
+
 def _unit_dim_reshapes(dg: Any, shapes: dict[Any, tuple[int, ...]]) -> None:
     """A view that only adds or drops dimensions of size 1, or keeps its shape (the views ``matmul`` makes of 3-D
     operands), moves no element: a layer scale viewed as ``(1, C, 1, 1)`` (``x.mul(self.gamma.reshape(1, -1, 1,
@@ -522,6 +537,7 @@ def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) ->
     products = channels_first_products(dg)
     update_mappings(dg)
     untie_products(products)
+    untie_channel_free(dg)
     untie_broadcast_operands(dg, shapes)
     _untie_spatial_slices(dg)
     _channel_repeats(dg, shapes)
@@ -531,3 +547,4 @@ def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) ->
     _split_channel_reshapes(dg, shapes)
     _batch_reshapes(dg, shapes, batch)
     _unit_dim_reshapes(dg, shapes)
+    _marked_views(dg)

@@ -1,0 +1,181 @@
+"""EfficientViT (MSRA)'s cascaded group attention: regrow's stand-in (regrow.structural.cascade), the marks it
+puts on its tensors (regrow.structural.marks) and the channel groups they give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import regrow
+from conftest import import_timm
+from regrow.structural import cascade
+from regrow.structural.graph import StructureGraph
+from regrow.structural.marks import NO_CHANNELS, SAME_CHANNELS, channel_free, same_channels
+from regrow.structural.standins import convert_standins
+
+timm = import_timm()
+CGA = timm.models.efficientvit_msra.CascadedGroupAttention
+
+
+class Cascade(nn.Module):
+    """A stream of 32 channels through one cascaded attention of 4 heads (4 key, 8 value channels each: a slice
+    of the stream each) over a ``res`` x ``res`` map, and a classifier."""
+
+    def __init__(self, res: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 1)
+        self.attn = CGA(32, 4, num_heads=4, attn_ratio=2, resolution=res, kernels=(3, 3, 3, 3))
+        self.head = nn.Conv2d(32, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(x + self.attn(x)).mean((2, 3))
+
+
+def _cascade(res: int) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Cascade(res).eval()
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.3)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(std=0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model, torch.randn(2, 3, res, res, generator=torch.Generator().manual_seed(1))
+
+
+def _groups(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[list[tuple[int, ...]], dict[str, list[int]]]]:
+    """Each group's units and the output (or input) indices it holds of each attention layer."""
+    graph = StructureGraph(model, x)
+    layers = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    out = {}
+    for group in graph.channel_groups(layers, set(), {}):
+        if group.excluded is not None:
+            continue
+        held = {}
+        for item in group.full:
+            name, label = graph._describe(item)
+            if name and name.startswith("attn.") and isinstance(item.dep.target.module, nn.Conv2d):
+                held[label.split(" ")[0] + (" out" if label.endswith("out)") else " in")] = sorted(
+                    {int(i) for i in item.idxs}
+                )
+        out[f"{group.name}/{group.channels}"] = (group.unit_channels, held)
+    return out
+
+
+@pytest.mark.parametrize("res", [5, 2])  # 25 tokens; 4 tokens, as many as each head's key channels
+def test_the_stream_holds_the_values_it_is_summed_with_and_each_head_its_queries_and_keys(res):
+    """The stream's slice of each head after the first is summed with the previous head's values: those go with
+    it (and the output projection's inputs they are concatenated into); the last head's values only with the
+    output projection. Each head's queries go with its keys, channel for channel (with the depthwise convolution
+    of its queries), and with no other head's: the scores, tokens by tokens, carry no channel to the bias table
+    the heads share."""
+    model, x = _cascade(res)
+    assert convert_standins(model, x) == ["attn"]
+    groups = _groups(model, x)
+    stream_units, stream = groups["stem/32"]
+    assert stream_units == [(c,) for c in range(32)]
+    assert stream == {
+        **{f"attn.qkvs.{h}.conv in": list(range(8)) for h in range(4)},
+        **{f"attn.qkvs.{h}.conv out": list(range(8, 16)) for h in range(3)},  # heads 0-2's values
+        "attn.proj.1.conv in": list(range(24)),  # ... concatenated: the first three heads' slices of 8
+        "attn.proj.1.conv out": list(range(32)),  # added to the stream
+    }
+    for h in range(3):
+        units, held = groups[f"attn.qkvs.{h}.conv/4"]  # rooted at the queries' depthwise convolution
+        assert units == [(0,), (1,), (2,), (3,)]
+        assert held == {f"attn.qkvs.{h}.conv out": list(range(8)), f"attn.dws.{h}.conv out": [0, 1, 2, 3]}
+    units, held = groups["attn.qkvs.3.conv/16"]
+    assert units == [(0, 4), (1, 5), (2, 6), (3, 7), *((v,) for v in range(8, 16))]  # a query with its key
+    assert held == {
+        "attn.qkvs.3.conv out": list(range(16)),
+        "attn.dws.3.conv out": [0, 1, 2, 3],
+        "attn.proj.1.conv in": list(range(24, 32)),  # the last head's values
+    }
+    assert len(groups) == 5
+
+
+def test_pruned_heads_keep_widths_of_their_own_and_the_attention_biases_stay():
+    model, x = _cascade(5)
+    biases = model.attn.attention_biases.detach().clone()
+    report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.judges, report.equivalence
+    attn = model.attn
+    assert isinstance(attn, cascade.CascadedGroupAttention)
+    assert torch.equal(attn.attention_biases, biases)  # one table per head: no channel's
+    keys = [dws.conv.in_channels for dws in attn.dws]
+    slices = [qkv.conv.in_channels for qkv in attn.qkvs]
+    values = [qkv.conv.out_channels - 2 * k for qkv, k in zip(attn.qkvs, keys)]
+    assert sum(slices) == model.stem.out_channels < 32
+    assert values[:3] == slices[1:]  # head h's values are summed with the stream's slice h + 1
+    assert attn.proj[1].conv.in_channels == sum(values)
+    assert sum(keys) < 16  # queries and keys lost channels, head by head
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)
+
+
+def _calls(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[tuple, torch.Tensor]]:
+    found = {n: m for n, m in model.named_modules() if isinstance(m, CGA)}
+    calls = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            calls.setdefault(name, (args, output.detach().clone()))  # its first call
+
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in found.items()]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    assert calls.keys() == found.keys()
+    return calls
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("size", [64, 160])  # windows of 4x4, 2x2 and 1x1; of 7x7 over a 10x10 map, padded
+def test_the_stand_in_computes_timms_cascaded_attention(size, train):
+    torch.manual_seed(0)
+    model = timm.create_model("efficientvit_m0", img_size=size, num_classes=10).train(train)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.2)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 1.5)
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+        for name, (args, out) in _calls(model, x).items():
+            original = model.get_submodule(name)
+            with torch.no_grad():
+                got = cascade.CascadedGroupAttention(original).train(train)(*args)
+            assert torch.equal(got, out), (size, name)
+
+
+def test_the_stand_in_reads_the_attention_biases_as_they_are_now():
+    """timm caches the gathered biases per device in eval mode and empties the cache in ``train()``; the stand-in
+    gathers them on every call, so biases trained after an eval pass are the ones it uses."""
+    model, x = _cascade(5)
+    convert_standins(model, x)
+    with torch.no_grad():
+        before = model(x)
+        model.attn.attention_biases.add_(1.0)
+        model.attn.attention_biases[0].mul_(-3.0)
+        after = model(x)
+    fresh, _ = _cascade(5)
+    with torch.no_grad():
+        fresh.attn.attention_biases.add_(1.0)
+        fresh.attn.attention_biases[0].mul_(-3.0)
+        assert torch.equal(after, fresh(x))  # timm's own, its cache empty
+    assert not torch.equal(before, after)
+
+
+def test_marks_sit_on_the_autograd_node_and_a_pass_without_one_is_left_alone():
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    flat = same_channels(x.flatten(2))
+    scores = channel_free(torch.bmm(flat.transpose(1, 2), flat))
+    assert flat.grad_fn.metadata == {SAME_CHANNELS: True}
+    assert scores.grad_fn.metadata == {NO_CHANNELS: True}
+    with torch.no_grad():
+        assert channel_free(torch.bmm(flat.transpose(1, 2), flat)).grad_fn is None

@@ -171,7 +171,7 @@ def test_the_stand_in_reads_the_attention_biases_as_they_are_now():
     assert not torch.equal(before, after)
 
 
-def test_marks_sit_on_the_autograd_node_and_a_pass_without_one_is_left_alone():
+def test_marks_sit_on_the_autograd_node_and_a_pass_without_one_is_left_alone(monkeypatch):
     x = torch.randn(2, 4, 3, 3, requires_grad=True)
     flat = same_channels(x.flatten(2))
     scores = channel_free(torch.bmm(flat.transpose(1, 2), flat))
@@ -179,3 +179,6 @@ def test_marks_sit_on_the_autograd_node_and_a_pass_without_one_is_left_alone():
     assert scores.grad_fn.metadata == {NO_CHANNELS: True}
     with torch.no_grad():
         assert channel_free(torch.bmm(flat.transpose(1, 2), flat)).grad_fn is None
+    # under torch.compile nothing is marked (reading the node would break the compiled graph; only a trace reads it)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert same_channels(x.flatten(2)).grad_fn.metadata == {}

@@ -19,14 +19,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 NO_CHANNELS = "regrow.no_channels"
 SAME_CHANNELS = "regrow.same_channels"
 
 
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch 2.3 on; torch._dynamo's before
+    return bool(is_compiling() if is_compiling is not None else torch._dynamo.is_compiling())
+
+
 def _mark(t: Tensor, mark: str) -> Tensor:
-    if t.grad_fn is not None:  # traced with autograd on; a forward without it has no graph to read
+    # only the trace reads a mark: a forward without autograd has no node to mark, and under torch.compile reading
+    # the node would break the compiled graph in two
+    if not _compiling() and t.grad_fn is not None:
         t.grad_fn.metadata[mark] = True
     return t
 

@@ -64,6 +64,7 @@ FAMILIES = {
     "cspnext": ("cspnext_tiny", {}, 64),  # two branches concatenated, then gated by channel attention
     "gcvit": ("gcvit_xxtiny", {"img_size": 64, "window_size": (2, 2, 2, 2)}, 64),  # a global query, broadcast
     "efficientvit_msra": ("efficientvit_m0", {"img_size": 64}, 64),  # cascaded heads, 16 tokens by 16 key channels
+    "iformer": ("iformer_t", {}, 64),  # a single head over a map, gated
     "maxvit": (  # MBConv, then block and grid attention by hand
         "maxvit_pico_rw_256",
         {"img_size": 64, "depths": (1, 1, 1, 1)},

@@ -2,8 +2,8 @@
 holds the channels.
 
 The trace reads a model's layout off the shapes of its tensors (regrow.structural.tracing), and where two
-dimensions are as long it has to guess. EfficientViT's cascaded attention (regrow.structural.cascade) is such a
-place: in its last stage at 224 px (its first at 64 px) a window holds as many tokens as each head has key
+dimensions are as long it has to guess. EfficientViT's cascaded attention (regrow.structural.map_attention) is
+such a place: in its last stage at 224 px (its first at 64 px) a window holds as many tokens as each head has key
 channels, 16, and its values are as wide again. A stand-in that knows its layout marks the autograd node of the
 tensor it computes (its ``metadata``, which lives as long as the node), and the trace reads the mark:
 

@@ -21,7 +21,7 @@ from torch import nn
 
 def per_head_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters that hold one value per head of every attention module that names them (a stand-in that
-    shrinks by head offsets, or EfficientViT's cascaded attention: regrow.structural.cascade)."""
+    shrinks by head offsets, or EfficientViT's cascaded attention: regrow.structural.map_attention)."""
     return [m.get_parameter(name) for m in model.modules() for name in getattr(m, "per_head_parameters", ())]
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from regrow.batches import forward, tensors
 from regrow.structural.attention import set_submodule
-from regrow.structural.cascade import STANDINS as CASCADE
+from regrow.structural.map_attention import STANDINS as MAP_ATTENTION
 from regrow.structural.multiplier import STANDINS as MULTIPLIER
 from regrow.structural.multiplier import MultipliedConv2d, is_multiplier
 from regrow.structural.patches import STANDINS as PATCHES
@@ -34,7 +34,7 @@ from regrow.structural.shuffle import STANDINS as SHUFFLE
 from regrow.structural.timm_attention import STANDINS as TIMM
 from regrow.structural.windows import STANDINS as WINDOWS
 
-STANDINS: dict[str, type[nn.Module]] = {**WINDOWS, **SHUFFLE, **TIMM, **CASCADE, **MULTIPLIER, **PATCHES}
+STANDINS: dict[str, type[nn.Module]] = {**WINDOWS, **SHUFFLE, **TIMM, **MAP_ATTENTION, **MULTIPLIER, **PATCHES}
 STANDIN_CLASSES: tuple[type[nn.Module], ...] = (*STANDINS.values(), MultipliedConv2d)  # what load may swap in
 
 

@@ -1,5 +1,6 @@
-"""EfficientViT (MSRA)'s cascaded group attention: regrow's stand-in (regrow.structural.cascade), the marks it
-puts on its tensors (regrow.structural.marks) and the channel groups they give."""
+"""EfficientViT (MSRA)'s cascaded group attention and iFormer's single-head modulation attention: regrow's stand-ins
+(regrow.structural.map_attention), the marks they put on their tensors (regrow.structural.marks) and the channel
+groups they give."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from torch import nn
 
 import regrow
 from conftest import import_timm
-from regrow.structural import cascade
+from regrow.structural import map_attention
 from regrow.structural.graph import StructureGraph
 from regrow.structural.marks import NO_CHANNELS, SAME_CHANNELS, channel_free, same_channels
 from regrow.structural.standins import convert_standins
 
 timm = import_timm()
 CGA = timm.models.efficientvit_msra.CascadedGroupAttention
+SHMA = timm.models.iformer.SHMA
 
 
 class Cascade(nn.Module):
@@ -102,7 +104,7 @@ def test_pruned_heads_keep_widths_of_their_own_and_the_attention_biases_stay():
     report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
     assert report.equivalence.passed and report.equivalence.judges, report.equivalence
     attn = model.attn
-    assert isinstance(attn, cascade.CascadedGroupAttention)
+    assert isinstance(attn, map_attention.CascadedGroupAttention)
     assert torch.equal(attn.attention_biases, biases)  # one table per head: no channel's
     keys = [dws.conv.in_channels for dws in attn.dws]
     slices = [qkv.conv.in_channels for qkv in attn.qkvs]
@@ -115,8 +117,9 @@ def test_pruned_heads_keep_widths_of_their_own_and_the_attention_biases_stay():
         assert model(x).shape == (2, 10)
 
 
-def _calls(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[tuple, torch.Tensor]]:
-    found = {n: m for n, m in model.named_modules() if isinstance(m, CGA)}
+def _calls(model: nn.Module, x: torch.Tensor, cls: type = CGA) -> dict[str, tuple[tuple, torch.Tensor]]:
+    """What each ``cls`` module of ``model`` received and returned on its first call."""
+    found = {n: m for n, m in model.named_modules() if isinstance(m, cls)}
     calls = {}
 
     def keep(name):
@@ -149,7 +152,7 @@ def test_the_stand_in_computes_timms_cascaded_attention(size, train):
         for name, (args, out) in _calls(model, x).items():
             original = model.get_submodule(name)
             with torch.no_grad():
-                got = cascade.CascadedGroupAttention(original).train(train)(*args)
+                got = map_attention.CascadedGroupAttention(original).train(train)(*args)
             assert torch.equal(got, out), (size, name)
 
 
@@ -182,3 +185,70 @@ def test_marks_sit_on_the_autograd_node_and_a_pass_without_one_is_left_alone(mon
     # under torch.compile nothing is marked (reading the node would break the compiled graph; only a trace reads it)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert same_channels(x.flatten(2)).grad_fn.metadata == {}
+
+
+class Modulation(nn.Module):
+    """A stream of 16 channels through iFormer's single-head attention (8 query and key channels, 16 values and 16
+    gates), and a classifier."""
+
+    def __init__(self, window: int = 0) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.attn = SHMA(16, ratio=1, head_dim_reduction_ratio=2, window_size=window)
+        self.head = nn.Conv2d(16, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(x + self.attn(x)).mean((2, 3))
+
+
+def _modulation(window: int = 0, size: int = 5) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Modulation(window).eval()
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.3)
+    return model, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def test_a_single_head_loses_query_channels_with_their_keys_and_values_with_their_gates():
+    """timm's fused attention was one element-wise op to the trace: every query channel went with all the others
+    (iformer_t: "its 512 channels can only be removed all together")."""
+    model, x = _modulation()
+    assert convert_standins(model, x) == ["attn"]
+    groups = _groups(model, x)
+    assert groups == {
+        "stem/16": (
+            [(c,) for c in range(16)],
+            {
+                "attn.v_gate.c in": list(range(16)),
+                "attn.k.c in": list(range(16)),
+                "attn.q.c in": list(range(16)),
+                "attn.proj.c out": list(range(16)),
+            },
+        ),
+        "attn.v_gate.c/32": (  # a value with the gate that multiplies it (chunk(2) of one projection)
+            [(c, 16 + c) for c in range(16)],
+            {"attn.v_gate.c out": list(range(32)), "attn.proj.c in": list(range(16))},
+        ),
+        "attn.q.c/8": ([(c,) for c in range(8)], {"attn.k.c out": list(range(8)), "attn.q.c out": list(range(8))}),
+    }
+    report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.judges, report.equivalence
+    attn = model.attn
+    assert attn.q.c.out_channels == attn.k.c.out_channels < 8 and attn.scale == 8**-0.5  # the temperature stays
+    assert attn.v_gate.c.out_channels == 2 * attn.proj.c.in_channels
+
+
+@pytest.mark.parametrize("window", [0, 4])  # a 6x6 map: windows of 4x4, padded to 8x8
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_stand_in_computes_timms_single_head_attention(window, fused):
+    """timm's unfused path to the bit; its fused one (a kernel that sums in another order) but for rounding."""
+    model, x = _modulation(window, size=6)
+    model.attn.fused_attn = fused
+    ((args, out),) = _calls(model, x, SHMA).values()
+    with torch.no_grad():
+        got = map_attention.SingleHeadModulation(model.attn).eval()(*args)
+    if fused:
+        torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(got, out)

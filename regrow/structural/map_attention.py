@@ -1,0 +1,101 @@
+"""Stand-ins for timm attention over channels-first feature maps, scored by products of ``(B, C, H*W)`` maps:
+EfficientViT (MSRA)'s cascaded group attention and iFormer's single-head modulation attention.
+
+Their products are ``torch.bmm`` where timm writes ``@`` of the same 3-D tensors (which ``matmul`` computes with
+``bmm``, after views of its operands that the trace read as reshapes), and they mark their tensors where the shapes
+cannot tell the trace which dimension holds the channels (regrow.structural.marks): the scores hold none, the
+flattened queries, keys and values and the outputs keep theirs in dim 1. A query channel then goes with the key
+channel it meets (one unit; the scale stays), and the values with what they are summed or multiplied with.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from regrow.structural.marks import channel_free, same_channels
+from regrow.structural.timm_attention import TIMM, _Adopted
+
+
+class CascadedGroupAttention(_Adopted):
+    """timm's ``efficientvit_msra.CascadedGroupAttention``. Each head reads its own slice of the input and adds to
+    it the previous head's output (the cascade), computes queries, keys and values with its own 1x1 convolution,
+    convolves its queries depthwise and attends; the heads' outputs are concatenated into a final projection.
+    timm slices the input with ``x.chunk(num_heads)`` and splits each head's projection by the widths it stores
+    (``key_dim``, ``val_dim``), so the stream the attention reads (whose channels are those slices, and every
+    value's, through the cascade's sums) could not lose a channel: every stream of the model, and every head's
+    projection, was left out of channel pruning (efficientvit_m0: 42 groups, "shrinking it breaks the forward
+    pass"). Here the input is sliced by the width each head's projection reads and the projection's output split
+    by the width of its queries' depthwise convolution, so each slice of the stream can lose its own channels, with
+    the values they are summed with, and each head its own query and key channels.
+
+    The attention biases are gathered on every call rather than cached per device as timm does in eval mode: the
+    stand-in's ``train`` and ``to`` are nn.Module's, which would not empty timm's cache after the biases are
+    trained."""
+
+    per_head_parameters = ("attention_biases",)  # a table of biases for each head: no channel's (offsets.py)
+
+    def get_attention_biases(self, device: torch.device) -> Tensor:
+        return self.attention_biases[:, self.attention_bias_idxs]
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        feats_in = x.split([qkv.conv.in_channels for qkv in self.qkvs], dim=1)
+        feats_out = []
+        feat = feats_in[0]
+        attn_bias = self.get_attention_biases(x.device)
+        for head_idx, (qkv, dws) in enumerate(zip(self.qkvs, self.dws)):
+            if head_idx > 0:
+                feat = feat + feats_in[head_idx]
+            feat = qkv(feat)
+            key = dws.conv.in_channels
+            q, k, v = feat.view(b, -1, h, w).split([key, key, feat.shape[1] - 2 * key], dim=1)
+            q = dws(q)
+            q, k, v = same_channels(q.flatten(2)), same_channels(k.flatten(2)), same_channels(v.flatten(2))
+            q = q * self.scale
+            attn = channel_free(torch.bmm(q.transpose(-2, -1), k))
+            attn = attn + attn_bias[head_idx]
+            attn = attn.softmax(dim=-1)
+            feat = same_channels(torch.bmm(v, attn.transpose(-2, -1)).view(b, -1, h, w))
+            feats_out.append(feat)
+        return self.proj(torch.cat(feats_out, 1))
+
+
+class SingleHeadModulation(_Adopted):
+    """timm's ``iformer.SHMA``: one head over a map (or over windows of it), its output gated by a sigmoid of a
+    second half of the values' projection. timm computes it fused, ``scaled_dot_product_attention``, whose inputs
+    the trace reads as one element-wise op, and whose scale is one over the root of the queries' width: every
+    query channel went with all the others ("its 512 channels can only be removed all together") and with the
+    values. Here it is computed as timm's unfused path does, with the scale timm stores, so a query channel goes
+    with its key and the temperature stays; the same numbers but for rounding (the fused kernel sums in another
+    order)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        windowed = bool(self.window_size) and self.window_size > 0
+        if windowed:
+            pad_r = (self.window_size - w % self.window_size) % self.window_size
+            pad_b = (self.window_size - h % self.window_size) % self.window_size
+            x_pad = F.pad(x, (0, pad_r, 0, pad_b))
+            height, width, padded = h, w, x_pad.shape[2:]
+            x = self._window_partition(x_pad, self.window_size)
+            b, _, h, w = x.shape
+        v, gate = self.gate_act(self.v_gate(x)).chunk(2, dim=1)
+        q = same_channels(self.q(x).flatten(2))
+        k = same_channels(self.k(x).flatten(2))
+        v = same_channels(v.flatten(2))
+        attn = channel_free(torch.bmm((q * self.scale).transpose(-2, -1), k)).softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        out = self.proj(same_channels(torch.bmm(v, attn.transpose(-2, -1)).view(b, -1, h, w)) * gate)
+        if windowed:
+            out = self._window_reverse(out, self.window_size, *padded)
+            if pad_r > 0 or pad_b > 0:
+                out = out[:, :, :height, :width].contiguous()
+        return out
+
+
+STANDINS: dict[str, type[nn.Module]] = {
+    TIMM + "efficientvit_msra.CascadedGroupAttention": CascadedGroupAttention,
+    TIMM + "iformer.SHMA": SingleHeadModulation,
+}

@@ -12,7 +12,7 @@ import regrow
 from conftest import import_timm
 from regrow.structural import map_attention
 from regrow.structural.graph import StructureGraph
-from regrow.structural.marks import NO_CHANNELS, SAME_CHANNELS, channel_free, same_channels
+from regrow.structural.marks import NO_CHANNELS, SAME_CHANNELS, channel_free, reading, same_channels
 from regrow.structural.standins import convert_standins
 
 timm = import_timm()
@@ -174,17 +174,18 @@ def test_the_stand_in_reads_the_attention_biases_as_they_are_now():
     assert not torch.equal(before, after)
 
 
-def test_marks_sit_on_the_autograd_node_and_a_pass_without_one_is_left_alone(monkeypatch):
+def test_marks_sit_on_the_autograd_node_inside_the_trace_only():
     x = torch.randn(2, 4, 3, 3, requires_grad=True)
-    flat = same_channels(x.flatten(2))
-    scores = channel_free(torch.bmm(flat.transpose(1, 2), flat))
+    with reading():
+        flat = same_channels(x.flatten(2))
+        scores = channel_free(torch.bmm(flat.transpose(1, 2), flat))
+        with torch.no_grad():  # a forward without autograd has no node to mark
+            assert channel_free(torch.bmm(flat.transpose(1, 2), flat)).grad_fn is None
     assert flat.grad_fn.metadata == {SAME_CHANNELS: True}
     assert scores.grad_fn.metadata == {NO_CHANNELS: True}
-    with torch.no_grad():
-        assert channel_free(torch.bmm(flat.transpose(1, 2), flat)).grad_fn is None
-    # under torch.compile nothing is marked (reading the node would break the compiled graph; only a trace reads it)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    # any other forward (training, evaluation, under torch.compile) marks nothing
     assert same_channels(x.flatten(2)).grad_fn.metadata == {}
+    assert channel_free(torch.bmm(flat.transpose(1, 2), flat)).grad_fn.metadata == {}
 
 
 class Modulation(nn.Module):

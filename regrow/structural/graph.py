@@ -38,6 +38,7 @@ from regrow.structural.coupling import (
     walk,
 )
 from regrow.structural.dependency import DependencyGraph
+from regrow.structural.marks import reading
 from regrow.structural.offsets import offset_chunks, per_head_parameters
 from regrow.structural.position_bias import is_position_bias
 from regrow.structural.pruners import GroupNormPruner, customized_pruners, is_channel_filter, is_plain_norm
@@ -220,7 +221,7 @@ class StructureGraph:
         returned: list[Tensor] = []  # every tensor the model returned, traced from all of them
 
         def traced(m: nn.Module, x: Any) -> Any:
-            with views:
+            with views, reading():  # the marks regrow's stand-ins put on what they compute (marks.py)
                 returned[:] = shapes.run(all_outputs, m, x)
             ran.append(True)
             return list(returned)

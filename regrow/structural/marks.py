@@ -17,24 +17,34 @@ tensor it computes (its ``metadata``, which lives as long as the node), and the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import Tensor
 
 NO_CHANNELS = "regrow.no_channels"
 SAME_CHANNELS = "regrow.same_channels"
 
 
-def _compiling() -> bool:
-    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch 2.3 on; torch._dynamo's before
-    return bool(is_compiling() if is_compiling is not None else torch._dynamo.is_compiling())
+_reading = False  # True while regrow's trace runs the model (reading)
+
+
+@contextmanager
+def reading() -> Iterator[None]:
+    """Marks are made inside this block only: regrow's trace (regrow.structural.graph) runs the model in it. Any
+    other forward pass (training, evaluation, under torch.compile, where reading the autograd node would break the
+    compiled graph in two) marks nothing."""
+    global _reading
+    before, _reading = _reading, True
+    try:
+        yield
+    finally:
+        _reading = before
 
 
 def _mark(t: Tensor, mark: str) -> Tensor:
-    # only the trace reads a mark: a forward without autograd has no node to mark, and under torch.compile reading
-    # the node would break the compiled graph in two
-    if not _compiling() and t.grad_fn is not None:
+    if _reading and t.grad_fn is not None:  # a forward without autograd has no node to mark
         t.grad_fn.metadata[mark] = True
     return t
 

@@ -113,6 +113,27 @@ def macs_as_latency(monkeypatch):
     monkeypatch.setattr(structural, "compare_latency", fake)
 
 
+def first_calls(model: nn.Module, x, modules: dict[str, nn.Module]) -> dict[str, tuple]:
+    """What each of ``modules`` (by name) received and returned on its first call in one no-grad pass of ``model``
+    on ``x`` (a stand-in is then run on the same arguments and compared)."""
+    calls = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            calls.setdefault(name, (args, output.detach().clone()))
+
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
 def import_timm():
     """timm, for the test zoo, importable without the real torchvision.
 

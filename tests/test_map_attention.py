@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import regrow
-from conftest import import_timm
+from conftest import first_calls, import_timm
 from regrow.structural import map_attention
 from regrow.structural.graph import StructureGraph
 from regrow.structural.marks import NO_CHANNELS, SAME_CHANNELS, channel_free, reading, same_channels
@@ -120,19 +120,7 @@ def test_pruned_heads_keep_widths_of_their_own_and_the_attention_biases_stay():
 def _calls(model: nn.Module, x: torch.Tensor, cls: type = CGA) -> dict[str, tuple[tuple, torch.Tensor]]:
     """What each ``cls`` module of ``model`` received and returned on its first call."""
     found = {n: m for n, m in model.named_modules() if isinstance(m, cls)}
-    calls = {}
-
-    def keep(name):
-        def hook(module, args, output):
-            calls.setdefault(name, (args, output.detach().clone()))  # its first call
-
-        return hook
-
-    hooks = [m.register_forward_hook(keep(n)) for n, m in found.items()]
-    with torch.no_grad():
-        model(x)
-    for hook in hooks:
-        hook.remove()
+    calls = first_calls(model, x, found)
     assert calls.keys() == found.keys()
     return calls
 

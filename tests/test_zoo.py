@@ -25,7 +25,7 @@ from torch_pruning.dependency.dependency import Dependency
 
 import regrow
 from benchmarks.zoo import _random_classifier, live_norms
-from conftest import import_timm
+from conftest import first_calls, import_timm
 from regrow.errors import RegrowError
 from regrow.structural import coupling, multiplier, patches, timm_attention, tracing
 from regrow.structural import graph as graph_module
@@ -238,20 +238,9 @@ def test_gcvit_streams_lose_the_same_offsets_in_every_head():
 
 def test_gcvits_window_attention_stand_in_computes_timms():
     model, x = build("gcvit")
-    calls = {}
     attention = {n: m for n, m in model.named_modules() if type(m).__name__ == "WindowAttentionGlobal"}
-
-    def keep(name):
-        def hook(module, args, output):
-            calls.setdefault(name, (args, output))  # its first call
-
-        return hook
-
-    hooks = [m.register_forward_hook(keep(n)) for n, m in attention.items()]
+    calls = first_calls(model, x, attention)
     with torch.no_grad():
-        model(x)
-        for hook in hooks:
-            hook.remove()
         assert {attention[n].use_global for n in calls} == {True, False} and calls.keys() == attention.keys()
         for name, (args, out) in calls.items():
             assert torch.equal(timm_attention.GcvitWindowAttention(attention[name])(*args), out), name

@@ -1,6 +1,6 @@
-"""EfficientViT (MSRA)'s cascaded group attention and iFormer's single-head modulation attention: regrow's stand-ins
-(regrow.structural.map_attention), the marks they put on their tensors (regrow.structural.marks) and the channel
-groups they give."""
+"""EfficientViT (MSRA)'s cascaded group attention, iFormer's single-head modulation attention and SHViT's single-head
+attention over part of the stream: regrow's stand-ins (regrow.structural.map_attention), the marks they put on their
+tensors (regrow.structural.marks) and the channel groups they give."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from regrow.structural.standins import convert_standins
 timm = import_timm()
 CGA = timm.models.efficientvit_msra.CascadedGroupAttention
 SHMA = timm.models.iformer.SHMA
+SHSA = timm.models.shvit.SHSA
 
 
 class Cascade(nn.Module):
@@ -35,9 +36,11 @@ class Cascade(nn.Module):
         return self.head(x + self.attn(x)).mean((2, 3))
 
 
-def _cascade(res: int) -> tuple[nn.Module, torch.Tensor]:
+def _seeded(cls: type[nn.Module], *args, res: int) -> tuple[nn.Module, torch.Tensor]:
+    """``cls(*args)`` with weights and batch-norm statistics drawn at random, in eval mode, and a batch of 2
+    ``res`` x ``res`` images."""
     torch.manual_seed(0)
-    model = Cascade(res).eval()
+    model = cls(*args).eval()
     for p in model.parameters():
         nn.init.normal_(p, std=0.3)
     for m in model.modules():
@@ -45,6 +48,10 @@ def _cascade(res: int) -> tuple[nn.Module, torch.Tensor]:
             m.running_mean.normal_(std=0.1)
             m.running_var.uniform_(0.5, 1.5)
     return model, torch.randn(2, 3, res, res, generator=torch.Generator().manual_seed(1))
+
+
+def _cascade(res: int) -> tuple[nn.Module, torch.Tensor]:
+    return _seeded(Cascade, res, res=res)
 
 
 def _groups(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[list[tuple[int, ...]], dict[str, list[int]]]]:
@@ -125,23 +132,30 @@ def _calls(model: nn.Module, x: torch.Tensor, cls: type = CGA) -> dict[str, tupl
     return calls
 
 
-@pytest.mark.parametrize("train", [False, True])
-@pytest.mark.parametrize("size", [64, 160])  # windows of 4x4, 2x2 and 1x1; of 7x7 over a 10x10 map, padded
-def test_the_stand_in_computes_timms_cascaded_attention(size, train):
+def _compare_calls(name: str, cls: type, standin: type, size: int, train: bool, **kwargs) -> int:
+    """Run timm's ``name`` (random weights and batch-norm statistics) on a ``size`` px batch, give a ``standin`` of
+    each ``cls`` module what that received and assert the same output to the bit; returns how many were compared."""
     torch.manual_seed(0)
-    model = timm.create_model("efficientvit_m0", img_size=size, num_classes=10).train(train)
+    model = timm.create_model(name, num_classes=10, **kwargs).train(train)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(std=0.2)
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_var.uniform_(0.5, 1.5)
-        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-        for name, (args, out) in _calls(model, x).items():
-            original = model.get_submodule(name)
-            with torch.no_grad():
-                got = map_attention.CascadedGroupAttention(original).train(train)(*args)
-            assert torch.equal(got, out), (size, name)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    calls = _calls(model, x, cls)
+    for module, (args, out) in calls.items():
+        with torch.no_grad():
+            got = standin(model.get_submodule(module)).train(train)(*args)
+        assert torch.equal(got, out), (size, module)
+    return len(calls)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("size", [64, 160])  # windows of 4x4, 2x2 and 1x1; of 7x7 over a 10x10 map, padded
+def test_the_stand_in_computes_timms_cascaded_attention(size, train):
+    assert _compare_calls("efficientvit_m0", CGA, map_attention.CascadedGroupAttention, size, train, img_size=size)
 
 
 def test_the_stand_in_reads_the_attention_biases_as_they_are_now():
@@ -241,3 +255,68 @@ def test_the_stand_in_computes_timms_single_head_attention(window, fused):
         torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-6)
     else:
         assert torch.equal(got, out)
+
+
+class Partial(nn.Module):
+    """A stream of 16 channels through SHViT's single-head attention over its first 6 (4 query and key channels, 6
+    values), and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.attn = SHSA(16, qk_dim=4, pdim=6)
+        self.head = nn.Conv2d(16, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(x + self.attn(x)).mean((2, 3))
+
+
+def _partial(size: int = 5) -> tuple[nn.Module, torch.Tensor]:
+    return _seeded(Partial, res=size)
+
+
+@pytest.mark.parametrize("size", [5, 2])  # 25 tokens; 4 tokens, as many as the query and key channels
+def test_the_head_reads_part_of_the_stream_and_its_values_go_with_the_output_projection_alone(size):
+    """timm splits the stream, the projection and the output by the widths it stores: the stream and the projection
+    were left out (shvit_s1: 11 groups, "split_with_sizes expects split_sizes to sum exactly to ...")."""
+    model, x = _partial(size)
+    assert convert_standins(model, x) == ["attn"]
+    assert _groups(model, x) == {
+        "stem/16": (
+            [(c,) for c in range(16)],
+            {
+                "attn.qkv.c in": list(range(6)),  # the part the head reads
+                "attn.proj.1.c in": list(range(6, 16)),  # the part that passes by, after the head's output
+                "attn.proj.1.c out": list(range(16)),
+            },
+        ),
+        "attn.qkv.c/14": (  # a query with its key; the values with the output projection's first inputs
+            [(0, 4), (1, 5), (2, 6), (3, 7), *((v,) for v in range(8, 14))],
+            {"attn.qkv.c out": list(range(14)), "attn.proj.1.c in": list(range(6))},
+        ),
+    }
+
+
+def test_a_pruned_partial_head_reads_and_writes_widths_of_its_own():
+    model, x = _partial()
+    convert_standins(model, x)
+    expected = model(x).detach()
+    report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.judges, report.equivalence
+    attn = model.attn
+    assert isinstance(attn, map_attention.PartialSingleHeadAttention)
+    stream, part = model.stem.out_channels, attn.qkv.c.in_channels
+    values = attn.proj[1].c.in_channels - (stream - part)
+    assert stream < 16 and 0 < part and values > 0
+    assert attn.qkv.c.out_channels - values < 8 and (attn.qkv.c.out_channels - values) % 2 == 0  # queries = keys
+    assert attn.pre_norm.weight.shape == (part,) and attn.scale == 4**-0.5  # the temperature stays
+    with torch.no_grad():
+        assert model(x).shape == expected.shape
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("size", [64, 224])  # maps of 2x2 and 1x1; of 7x7 and 4x4 (as many tokens as key channels)
+def test_the_stand_in_computes_timms_partial_single_head_attention(size, train):
+    compared = _compare_calls("shvit_s1", SHSA, map_attention.PartialSingleHeadAttention, size, train)
+    assert compared == 9  # the second stage's 4 blocks and the third's 5

@@ -65,6 +65,7 @@ FAMILIES = {
     "gcvit": ("gcvit_xxtiny", {"img_size": 64, "window_size": (2, 2, 2, 2)}, 64),  # a global query, broadcast
     "efficientvit_msra": ("efficientvit_m0", {"img_size": 64}, 64),  # cascaded heads, 16 tokens by 16 key channels
     "iformer": ("iformer_t", {}, 64),  # a single head over a map, gated
+    "shvit": ("shvit_s1", {}, 224),  # a single head over part of the stream (its last maps: 16 tokens, 16 keys)
     "maxvit": (  # MBConv, then block and grid attention by hand
         "maxvit_pico_rw_256",
         {"img_size": 64, "depths": (1, 1, 1, 1)},

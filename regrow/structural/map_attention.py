@@ -95,7 +95,33 @@ class SingleHeadModulation(_Adopted):
         return out
 
 
+class PartialSingleHeadAttention(_Adopted):
+    """timm's ``shvit.SHSA``: one head over the first ``pdim`` channels of the stream; the other channels pass by it
+    and are concatenated after its output into the output projection. timm splits the stream, the queries', keys'
+    and values' projection and reshapes the output by the widths it stores (``pdim``, ``qk_dim``), so neither the
+    stream nor the projection could lose a channel (shvit_s1: 11 groups left out, "shrinking it breaks the forward
+    pass"). Here the stream is split at the width the projection reads, and the values are as wide as the output
+    projection's inputs that the stream's other part does not fill, the queries and keys sharing the rest: the
+    part of the stream the head reads, the values it writes and the queries with their keys each lose channels of
+    their own."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        part = self.qkv.c.in_channels
+        x1, x2 = torch.split(x, [part, x.shape[1] - part], dim=1)
+        qkv = self.qkv(self.pre_norm(x1))
+        values = self.proj[1].c.in_channels - x2.shape[1]
+        key = (qkv.shape[1] - values) // 2
+        q, k, v = torch.split(qkv, [key, key, values], dim=1)
+        q, k, v = same_channels(q.flatten(2)), same_channels(k.flatten(2)), same_channels(v.flatten(2))
+        attn = channel_free(torch.bmm(q.transpose(-2, -1), k)) * self.scale
+        attn = attn.softmax(dim=-1)
+        x1 = same_channels(torch.bmm(v, attn.transpose(-2, -1)).view(b, -1, h, w))
+        return self.proj(torch.cat([x1, x2], dim=1))
+
+
 STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "efficientvit_msra.CascadedGroupAttention": CascadedGroupAttention,
     TIMM + "iformer.SHMA": SingleHeadModulation,
+    TIMM + "shvit.SHSA": PartialSingleHeadAttention,
 }

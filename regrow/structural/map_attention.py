@@ -1,5 +1,6 @@
 """Stand-ins for timm attention over channels-first feature maps, scored by products of ``(B, C, H*W)`` maps:
-EfficientViT (MSRA)'s cascaded group attention and iFormer's single-head modulation attention.
+EfficientViT (MSRA)'s cascaded group attention, iFormer's single-head modulation attention and SHViT's single-head
+attention over part of the stream.
 
 Their products are ``torch.bmm`` where timm writes ``@`` of the same 3-D tensors (which ``matmul`` computes with
 ``bmm``, after views of its operands that the trace read as reshapes), and they mark their tensors where the shapes

@@ -1,13 +1,14 @@
 """regrow's stand-ins for library modules that channel pruning cannot follow as they are written.
 
-Each stand-in computes its original's function with the same operations (outputs equal to the bit in the
-tests; PiT's, below, and iFormer's against timm's fused kernel, equal but for rounding) and keeps every parameter and buffer name, so state dicts load
-either way: torchvision's Swin and MaxViT attention and Swin's patch merging (:mod:`regrow.structural.windows`),
-torchvision's ShuffleNetV2 block (:mod:`regrow.structural.shuffle`), timm's attention modules that merge their
-heads with their input's width (:mod:`regrow.structural.timm_attention`), timm's attention over feature maps that
-splits or slices by widths it stores (:mod:`regrow.structural.map_attention`), and PiT's pooling
-(:mod:`regrow.structural.multiplier`, a repeat then a depthwise convolution in place of a grouped one), and
-MobileViT's block (:mod:`regrow.structural.patches`, its unfolding into patches with the channels kept apart).
+Each stand-in computes its original's function with the same operations (outputs equal to the bit in the tests;
+PiT's, below, and iFormer's against timm's fused kernel, equal but for rounding) and keeps every parameter and
+buffer name, so state dicts load either way: torchvision's Swin and MaxViT attention and Swin's patch merging
+(:mod:`regrow.structural.windows`), torchvision's ShuffleNetV2 block (:mod:`regrow.structural.shuffle`), timm's
+attention modules that merge their heads with their input's width (:mod:`regrow.structural.timm_attention`), timm's
+attention over feature maps that splits or slices by widths it stores (:mod:`regrow.structural.map_attention`), and
+PiT's pooling (:mod:`regrow.structural.multiplier`, a repeat then a depthwise convolution in place of a grouped
+one), and MobileViT's block (:mod:`regrow.structural.patches`, its unfolding into patches with the channels kept
+apart).
 :func:`convert_standins` swaps them in before tracing; ``arch.json`` records the swap, and
 :func:`regrow.structural.arch.apply` makes it again on load. The originals are recognised by their module and
 class name; neither library is imported.

@@ -439,3 +439,29 @@ def test_volos_stream_and_heads_go():
     assert report.equivalence.passed and report.equivalence.judges, report.equivalence
     after = [heads.network[s][i].attn.num_heads for s, n in ((2, 4), (3, 8), (4, 2)) for i in range(n)]
     assert sum(after) < 14 * 12
+
+
+def test_mvitv2s_heads_go_though_it_adds_their_pooled_queries_to_their_outputs(tmp_path):
+    """MViTv2 adds each head's pooled queries to its output and normalises its pooled values: a head whose values
+    were zeroed still had an output, so every head failed its probe (pattern 'head' found none it could remove)."""
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model("mvitv2_tiny", img_size=64, num_classes=10).eval()
+
+    model = live_norms(make(), 64)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    attns = {n: m for n, m in model.named_modules() if type(m).__name__ == "MultiScaleAttention" and m.num_heads > 1}
+    before = {n: m.num_heads for n, m in attns.items()}
+    assert len(attns) == 9 and all(m.residual_pooling and m.norm_v is not None for m in attns.values())
+    report = regrow.prune(model, pattern="head", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.judges, report.equivalence
+    assert all(g["excluded"] is None for g in report.groups if g["name"] in attns), report.groups
+    assert sum(m.num_heads for m in attns.values()) < sum(before.values())
+    for m in attns.values():
+        assert m.dim_out == m.num_heads * m.head_dim == m.proj.in_features == m.qkv.out_features // 3
+    with torch.no_grad():
+        y = model(x)
+    regrow.save(model, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(regrow.load(tmp_path, make)(x), y)

@@ -705,3 +705,43 @@ def test_multi_query_attention_loses_query_heads_and_keeps_its_one_key_value_hea
             logits[kind] = model(x).logits
     torch.testing.assert_close(logits["eager"], logits["sdpa"])
     assert model.generate(x[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 7)
+
+
+class QueriesAdded(torch.nn.Module):
+    """Two heads of 4 whose output is their attention's plus their queries, of values normalised per head (MViTv2's
+    residual pooling and ``norm_v``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads = 2
+        self.qkv, self.norm_v, self.proj = torch.nn.Linear(8, 24), torch.nn.LayerNorm(4), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = (q @ k.transpose(-2, -1) * 0.5).softmax(dim=-1) @ self.norm_v(v) + q
+        return x + self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_a_removed_heads_output_is_simulated_as_zero_where_its_queries_are_added_to_it():
+    # zeroed values alone left head 1's output at its queries plus norm_v's shift, not zero: MViTv2's heads all
+    # failed their probes ("the shrunk layers do not match their simulation (max difference 0.666)")
+    torch.manual_seed(0)
+    attn = QueriesAdded().eval()
+    torch.nn.init.normal_(attn.norm_v.bias)
+    x = torch.randn(2, 5, 8)
+    g = head_group("", attn, attn)
+    assert (g.heads, g.head_dim, g.excluded) == (2, 4, None)
+    sim, shrunk = copy.deepcopy(attn), copy.deepcopy(attn)
+    g.simulate(sim, [1])
+    assert torch.equal(sim.qkv.weight[20:], torch.zeros(4, 8)) and torch.equal(sim.qkv.bias[20:], torch.zeros(4))
+    assert torch.equal(sim.proj.weight[:, 4:], torch.zeros(8, 4))  # the columns that read head 1
+    assert torch.equal(sim.proj.weight[:, :4], attn.proj.weight[:, :4]) and torch.equal(
+        sim.qkv.weight[:20], attn.qkv.weight[:20]
+    )
+    g.apply(shrunk, [1])
+    assert shrunk.num_heads == 1 and shrunk.proj.in_features == 4
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), sim(x), rtol=0, atol=1e-6)
+    report = regrow.prune(attn, pattern="head", sparsity=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.judges and attn.num_heads == 1, report.equivalence

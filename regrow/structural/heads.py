@@ -214,9 +214,17 @@ class HeadGroup:
 
     @torch.no_grad()
     def simulate(self, model: nn.Module, removed: list[int]) -> None:
-        """Zero the value rows of the ``removed`` units: their heads' output becomes exactly zero, as if removed."""
+        """Zero the value rows of the ``removed`` units, and the output projection's columns that read their heads:
+        what they add to the output becomes exactly zero, as if removed (zeroed values alone leave a head's output
+        nonzero where the attention adds its queries to it or normalises its values: MViTv2)."""
         if not removed:
             return
+        out, queries = self._child(model, "out"), self._query_heads(removed)
+        if getattr(model.get_submodule(self.name), "heads_last", False):  # column d * heads + h (NesT)
+            columns = [d * self.heads + h for d in range(self.head_dim) for h in queries]
+        else:
+            columns = _rows_of(self.head_dim, queries)
+        linear_weight(out)[:, columns] = 0
         if self.interleaved:  # each head's values follow its query and key rows
             layer, first = self._child(model, "qkv"), {h: (3 * h + 2) * self.head_dim for h in removed}
         else:
@@ -298,10 +306,10 @@ class SectionedHeads(HeadGroup):
 
     @torch.no_grad()
     def simulate(self, model: nn.Module, removed: list[int]) -> None:
-        """Zero the value rows of the ``removed`` heads, and their norm's scale and shift: their output is zero.
-        Without values of their own (multi-query), zero the output projection's columns that read them."""
+        """Zero the value rows of the ``removed`` heads, and their norm's scale and shift, and the output
+        projection's columns that read them (all there is without values of their own: multi-query)."""
+        self._child(model, "out").weight[:, _rows_of(self.head_dim, removed)] = 0
         if self.values is None:
-            self._child(model, "out").weight[:, _rows_of(self.head_dim, removed)] = 0
             return
         layer, per = self._child(model, self.values), sum(self.sections[self.values])
         norm = model.get_submodule(self.norms[self.values]) if self.values in self.norms else None

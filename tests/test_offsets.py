@@ -1,11 +1,12 @@
-"""Attention tied to its stream, shrunk by head offsets (regrow.structural.offsets): the units and the rules, by
-hand. GCViT's real blocks: tests/test_zoo.py (test_gcvit_streams_lose_the_same_offsets_in_every_head)."""
+"""Attention tied to its stream, shrunk by head offsets, and groups inside attention (regrow.structural.offsets):
+the units and the rules, by hand. GCViT's real blocks: tests/test_zoo.py
+(test_gcvit_streams_lose_the_same_offsets_in_every_head)."""
 
 import torch
 from torch import nn
 
 from regrow.structural.coupling import _Classes, _unite_heads
-from regrow.structural.offsets import offset_chunks, per_head_parameters
+from regrow.structural.offsets import enclosing_attention, offset_chunks, per_head_parameters
 
 
 def test_the_same_offset_of_every_head_of_a_section_goes_together():
@@ -46,3 +47,19 @@ def test_only_a_stream_tied_to_attention_that_follows_its_widths_goes_by_head_of
     assert offset_chunks(model, ["attn"], inner, ["attn.qkv", "fc"]) is None
     model.attn.head_offsets = True
     assert [p is model.attn.table for p in per_head_parameters(model)] == [True]
+
+
+def test_a_group_wholly_inside_attention_that_its_output_projection_reads_is_its_inner_width():
+    inner, outputs = {"a": {"a.qkv"}, "b": {"b.q", "b.kv"}, "c": set()}, {"a": "a.proj", "b": "b.proj", "c": "c.proj"}
+    # MViTv2: the pooling of each head's queries, keys and values, read by the output projection
+    assert enclosing_attention(inner, outputs, ["a.pool_q", "a.norm_q", "a.pool_k"], ["a.proj"]) == "a"
+    # CaiT: talking heads, one channel a head between the layers that mix them, not the output projection
+    assert enclosing_attention(inner, outputs, ["a.proj_l"], ["a.proj_w"]) is None
+    # PVT v2: the map it reduces for its keys and values, read by their projection
+    assert enclosing_attention(inner, outputs, ["b.sr", "b.norm"], ["b.kv", "b.proj"]) is None
+    # the stream the output projection writes to
+    assert enclosing_attention(inner, outputs, ["a.proj", "fc2"], ["a.qkv", "fc1"]) is None
+    assert enclosing_attention(inner, {"a": "ab.proj"}, ["ab.pool"], ["ab.proj"]) is None  # "ab" is not inside "a"
+    # an attention whose width goes to the probes (one head over convolutions: no projections left out)
+    assert enclosing_attention(inner, outputs, ["c.pool"], ["c.proj"]) is None
+    assert enclosing_attention(inner, {}, ["a.pool_q"], ["a.proj"]) is None  # no output projection known

@@ -441,7 +441,7 @@ def test_volos_stream_and_heads_go():
     assert sum(after) < 14 * 12
 
 
-def test_mvitv2s_heads_go_though_it_adds_their_pooled_queries_to_their_outputs(tmp_path):
+def test_mvitv2s_heads_go_where_it_adds_their_pooled_queries_to_their_outputs(tmp_path):
     """MViTv2 adds each head's pooled queries to its output and normalises its pooled values: a head whose values
     were zeroed still had an output, so every head failed its probe (pattern 'head' found none it could remove)."""
 
@@ -465,3 +465,22 @@ def test_mvitv2s_heads_go_though_it_adds_their_pooled_queries_to_their_outputs(t
     regrow.save(model, tmp_path)
     with torch.no_grad():
         assert torch.equal(regrow.load(tmp_path, make)(x), y)
+
+
+def test_mvitv2s_pooling_of_each_heads_queries_keys_and_values_is_left_out_as_its_inner_width():
+    """MViTv2 folds its heads into the batch and pools them with one depthwise filter a channel of every head; the
+    trace cannot tie those channels to the projection, so each pooling's group (9 of mvitv2_tiny) went to a probe,
+    which failed ("shrinking it breaks the forward pass") and was reported as one."""
+    torch.manual_seed(0)
+    model = timm.create_model("mvitv2_tiny", img_size=64, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+    pooling = {g["name"]: g["excluded"] for g in report.groups if g["name"].endswith(".attn.pool_q")}
+    assert sorted(pooling) == [
+        f"stages.{s}.blocks.{b}.attn.pool_q" for s, n in ((1, 2), (2, 5), (3, 2)) for b in range(n)
+    ]
+    for name, why in pooling.items():
+        owner = name.removesuffix(".pool_q")
+        assert why == f"inside attention {owner!r}: its inner width shrinks only by whole heads (pattern 'head')"
+    assert all(m.pool_q.out_channels == m.head_dim == 96 for m in model.modules() if hasattr(m, "pool_q"))
+    assert report.equivalence.passed and abs(report.macs_ratio - 0.5) <= 0.01

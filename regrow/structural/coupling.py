@@ -432,6 +432,20 @@ def in_torch_pruning(module_name: str | None) -> bool:
     return (module_name or "").split(".")[0] == "torch_pruning"
 
 
+def remove_torch_pruning_hooks(model: nn.Module) -> None:
+    """Remove the forward hooks torch-pruning's tracing put on ``model`` (it leaves them when the forward raises);
+    every other hook stays."""
+    for module in model.modules():
+        for hooks, extras in (
+            (module._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
+            (module._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",)),
+        ):
+            for key in [k for k, hook in hooks.items() if in_torch_pruning(getattr(hook, "__module__", None))]:
+                del hooks[key]
+                for extra in extras:
+                    getattr(module, extra, {}).pop(key, None)
+
+
 def _unread(members: Mapping[Any, tuple[Any, Any, dict[int, list[int]]]], reached: Walk, channels: int) -> set[int]:
     """The root channels that reach no layer or parameter but the root itself: the values of an attention's
     projection, when the trace loses them at a fold of the heads into the batch, before the output projection

@@ -35,11 +35,12 @@ from regrow.structural.coupling import (
     near_widths,
     one_unit,
     pruning_group,
+    remove_torch_pruning_hooks,
     walk,
 )
 from regrow.structural.dependency import DependencyGraph
 from regrow.structural.marks import reading
-from regrow.structural.offsets import offset_chunks, per_head_parameters
+from regrow.structural.offsets import enclosing_attention, inside_attention, offset_chunks, per_head_parameters
 from regrow.structural.position_bias import is_position_bias
 from regrow.structural.pruners import GroupNormPruner, customized_pruners, is_channel_filter, is_plain_norm
 from regrow.structural.shuffle import ChannelShuffle
@@ -132,20 +133,6 @@ class ChannelGroup:
         return sorted(c for u in removed_units for c in units[u])
 
 
-def _torch_pruning_hooks(model: nn.Module) -> None:
-    """Remove the forward hooks torch-pruning's tracing put on ``model`` (it leaves them when the forward raises);
-    every other hook stays."""
-    for module in model.modules():
-        for hooks, extras in (
-            (module._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
-            (module._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",)),
-        ):
-            for key in [k for k, hook in hooks.items() if in_torch_pruning(getattr(hook, "__module__", None))]:
-                del hooks[key]
-                for extra in extras:
-                    getattr(module, extra, {}).pop(key, None)
-
-
 def _where(exc: Exception, regrow: bool = False) -> str:
     """The innermost torch-pruning function ``exc`` passed through (``regrow``: or regrow function, named as
     such: one of regrow's corrections to torch-pruning's mappings)."""
@@ -178,13 +165,6 @@ def _tracing_error(exc: Exception, ran: bool) -> RegrowError:
 
 
 Inner = dict[str, set[str]]  # attention module -> its q, k, v or fused qkv layers: prepared.inner_projections
-
-
-def _inside_attention(owner: str, unheaded: Mapping[str, str]) -> str:
-    if owner not in unheaded:
-        return f"inside attention {owner!r}: its inner width shrinks only by whole heads (pattern 'head')"
-    why = f"which pattern 'head' cannot remove here ({unheaded[owner]})"
-    return f"inside attention {owner!r}: its inner width is split into heads, {why}"
 
 
 class StructureGraph:
@@ -243,7 +223,7 @@ class StructureGraph:
             raise _tracing_error(exc, bool(ran)) from None
         finally:
             model.train(was_training)
-            _torch_pruning_hooks(model)
+            remove_torch_pruning_hooks(model)
         return shapes, views
 
     # ---------------------------------------------------------------------------------------------
@@ -265,22 +245,28 @@ class StructureGraph:
         return max([1, *(member_groups(self.dg, dep.target.module, dep.handler)[0] for dep, _ in group)])
 
     def channel_groups(
-        self, candidates: set[str], ignored: set[str], attention: Inner, unheaded: Mapping[str, str] | None = None
+        self,
+        candidates: set[str],
+        ignored: set[str],
+        attention: Inner,
+        unheaded: Mapping[str, str] | None = None,
+        outputs: Mapping[str, str] | None = None,
     ) -> list[ChannelGroup]:
         """Every group rooted at a Conv/Linear layer, with the reason when regrow will not prune it.
 
         ``attention`` maps each attention module to its inner projections (q, k, v or fused qkv): groups whose
         output channels include them are left to pattern 'head', or, for an attention in ``unheaded`` (with why
-        pattern 'head' cannot remove its heads), left out saying so.
+        pattern 'head' cannot remove its heads), left out saying so; so are groups inside one that its output
+        projection (``outputs``) reads (offsets.enclosing_attention).
         """
-        unheaded = unheaded or {}
+        unheaded, outputs = unheaded or {}, outputs or {}
         out = []
         ignored_modules = [m for m, n in self.names.items() if n in ignored]
         for root, group, reached, failure in self._root_groups(ignored_modules):
             if group is None:
                 out.append(self._unmapped(root, failure, candidates, attention, unheaded))
                 continue
-            members, out_layers, reason = [], [], None
+            members, out_layers, in_layers, reason = [], [], [], None
             for item in group:
                 name, label = self._describe(item)
                 dep = item.dep
@@ -293,8 +279,7 @@ class StructureGraph:
                     continue
                 members.append(label)
                 if isinstance(target, nn.Module):
-                    if self.dg.is_out_channel_pruning_fn(dep.handler):
-                        out_layers.append(name)
+                    (out_layers if self.dg.is_out_channel_pruning_fn(dep.handler) else in_layers).append(name)
                     if dep.target.module in self.dg.token_outputs and name in out_layers:
                         reason = reason or f"its channels are the tokens of a sequence, which {name!r} mixes"
                     if isinstance(target, ChannelShuffle):
@@ -308,17 +293,16 @@ class StructureGraph:
                     if not isinstance(target, SUPPORTED) and not known:
                         reason = reason or f"layer {name!r} of type {type(target).__name__} is not supported"
             root = group[0].dep.target.module
-            # Name the group after its first output layer in registration order (the stem of a residual
-            # stream, the first layer of a block), which reads better than the tracer's root.
-            root_name = (
-                min(out_layers, key=lambda n: self.order.get(n, 1 << 30)) if out_layers else self.names.get(root, "?")
-            )
+            root_name = self._group_name(root, out_layers)
             if reason is None and not any(n in candidates for n in out_layers):
                 reason = "not a target"
             owners, chunks = [a for a, inner in attention.items() if any(n in inner for n in out_layers)], None
             if reason is None and owners:  # left to pattern 'head' unless it shrinks by head offsets (offsets.py)
                 if (chunks := offset_chunks(self.model, owners, attention, out_layers)) is None:
-                    reason = _inside_attention(owners[0], unheaded)
+                    reason = inside_attention(owners[0], unheaded)
+            owner = None if reason or owners else enclosing_attention(attention, outputs, out_layers, in_layers)
+            if owner is not None:  # MViTv2's pooling: one filter a channel of every head
+                reason = inside_attention(owner, unheaded)
             channels = self.dg.get_out_channels(root)
             cg = ChannelGroup(
                 name=root_name,
@@ -338,6 +322,11 @@ class StructureGraph:
                     cg.excluded = one_unit(channels, len(cg.coupling.pinned) if cg.coupling else 0)
             out.append(cg)
         return out
+
+    def _group_name(self, root: nn.Module, out_layers: list[str]) -> str:
+        """A group's name: its first output layer in registration order (the stem of a residual stream, the first
+        layer of a block), which reads better than the tracer's root."""
+        return min(out_layers, key=lambda n: self.order.get(n, 1 << 30)) if out_layers else self.names.get(root, "?")
 
     def _root_groups(self, ignored: list[nn.Module]) -> Iterator[tuple[nn.Module, Any, Walk, Exception | None]]:
         """torch-pruning's ``get_all_groups``, one root layer at a time: ``(root, group, walk, None)``, or
@@ -401,7 +390,7 @@ class StructureGraph:
         if name not in candidates:
             reason = "not a target"
         elif owner is not None:
-            reason = _inside_attention(owner, unheaded)
+            reason = inside_attention(owner, unheaded)
         else:
             exc = exc.cause if isinstance(exc, UnmappedOp) else exc
             reason = (

@@ -10,6 +10,9 @@ keys, values: regrow.structural.coupling), so a unit of the stream is one channe
 channels at that offset (and the values', where the trace ties them to the output projection; where it does
 not, the values stay). Its parameters with one value per head (``per_head_parameters``: a relative position
 bias table) are no channel's and are never cut.
+
+A group that lies wholly inside an attention module whose inner width is left out, reading none of its queries',
+keys' or values' projections, is part of that width too (:func:`enclosing_attention`).
 """
 
 from __future__ import annotations
@@ -45,3 +48,34 @@ def offset_chunks(
         for name, sections in module.head_sections().items():
             chunks[module.get_submodule(name)] = (module.num_heads, sections)
     return chunks
+
+
+def inside_attention(owner: str, unheaded: Mapping[str, str]) -> str:
+    """Why a group inside attention ``owner`` is left out of channel pruning (``unheaded``: the attention modules
+    whose heads pattern 'head' cannot remove, with why)."""
+    if owner not in unheaded:
+        return f"inside attention {owner!r}: its inner width shrinks only by whole heads (pattern 'head')"
+    why = f"which pattern 'head' cannot remove here ({unheaded[owner]})"
+    return f"inside attention {owner!r}: its inner width is split into heads, {why}"
+
+
+def enclosing_attention(
+    inner: Mapping[str, set[str]], outputs: Mapping[str, str], out_layers: Iterable[str], in_layers: Iterable[str]
+) -> str | None:
+    """The attention module (of ``inner``: each one's q / k / v projections, where its inner width is left out)
+    that holds every layer of a channel group, when its output projection (``outputs``) reads the group's
+    channels and none of its q / k / v projections does; None otherwise. Such a group is a part of the attention's
+    inner width that the trace could not tie to the projections: MViTv2 folds its heads into the batch and pools
+    each head's queries, keys and values with one depthwise filter a channel of every head, normalises them per
+    head and adds a relative position table as wide as a head, so the group of its pooling (with the output
+    projection's inputs) is one channel of every head, which no probe could shrink alone ("shrinking it breaks the
+    forward pass", 9 groups of mvitv2_tiny). Groups inside attention that the output projection does not read
+    are not its width: CaiT's talking heads (one channel a head, between the two layers that mix them), the map
+    PVT v2 reduces for its keys and values (read by their projection)."""
+    layers, read = {*out_layers, *in_layers}, set(in_layers)
+    for owner, projections in inner.items():
+        if not projections or outputs.get(owner) not in read or projections & read:
+            continue
+        if all(n.startswith(f"{owner}.") for n in layers):
+            return owner
+    return None

@@ -168,14 +168,16 @@ def _channel_groups(
     )
     with time_limit(GRAPH_SECONDS, explain):
         graph = StructureGraph(model, inputs)
-        inner, unheaded = {}, {}
+        inner, unheaded, outputs = {}, {}, {}
         for name, module in attention.items():
             hg = head_group(name, module, model)
             inner[name] = inner_projections(hg, module)
+            if "out" in hg.projections:
+                outputs[name] = hg.projections["out"]
             hg.excluded = hg.excluded or _single_unit(hg)  # multi-query: pattern 'head' cannot shrink it either
             if hg.excluded is not None:
                 unheaded[name] = hg.excluded
-        return graph, list(graph.channel_groups(candidates, ignored, inner, unheaded))
+        return graph, list(graph.channel_groups(candidates, ignored, inner, unheaded, outputs))
 
 
 STANDINS = "regrow.structural.timm_attention"  # regrow's stand-ins for timm's attention: widths from the tensors

@@ -418,16 +418,22 @@ def test_heads_of_an_attention_with_a_fused_key_value_projection_go_whole(family
 def test_volos_stream_and_heads_go():
     """VOLO's attention split its heads by the stream's width and merged them back to it, and its outlook attention
     split and folded its values by it too: every group through the stream failed its probe (6 of volo_d1_224 left
-    out), and pattern 'head' found no head it could remove."""
+    out), and pattern 'head' found no head it could remove. The outlook attention's weights (heads x window x
+    window a position, computed by its ``attn`` Linear) are no channels: they are left out as its inner width
+    before any probe (they failed theirs, "shape '[2, 196, 6, 9, 9]' is invalid")."""
     model, x, names = build("volo")
     model = live_norms(model, 64)
     pruned = copy.deepcopy(model)
     report = regrow.prune(pruned, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
     assert report.standins == names and report.equivalence.passed and report.equivalence.judges, report.equivalence
-    benign = ("inside attention", "not a target")
+    benign = ("inside attention", "not a target", "its channels are the model's output")  # the classifiers'
     left_out = {g["name"]: why for g in report.groups if (why := g["excluded"]) and not why.startswith(benign)}
-    # an outlook attention's weights (heads x window x window per position) and the classifiers' outputs stay
-    assert all(n.endswith(".attn.attn") or n in ("head", "aux_head") for n in left_out), left_out
+    assert not left_out, left_out
+    weights = {g["name"]: g["excluded"] for g in report.groups if g["name"].endswith(".attn.attn")}
+    assert len(weights) == 4 and all(
+        why.startswith(f"inside attention {n.removesuffix('.attn')!r}: its inner width is split into heads")
+        for n, why in weights.items()
+    ), weights
     streams = [
         g
         for g in report.groups
@@ -484,3 +490,22 @@ def test_mvitv2s_pooling_of_each_heads_queries_keys_and_values_is_left_out_as_it
         assert why == f"inside attention {owner!r}: its inner width shrinks only by whole heads (pattern 'head')"
     assert all(m.pool_q.out_channels == m.head_dim == 96 for m in model.modules() if hasattr(m, "pool_q"))
     assert report.equivalence.passed and abs(report.macs_ratio - 0.5) <= 0.01
+
+
+@pytest.mark.parametrize("name", ["lowformer_b0", "cpubone_nano"])
+def test_a_fused_convolution_split_into_heads_by_stored_widths_is_left_out_as_the_attentions_inner_width(name):
+    """LowFormer's and CPUBone's attention reshape their fused q / k / v convolution (``pwise``) into heads by the
+    head width they store, also with one head: each of its groups failed its probe ("shape '[2, 2, 96, 4]' is
+    invalid"), reported as broken (7 of lowformer_b0, 3 of cpubone_nano)."""
+    torch.manual_seed(0)
+    model = live_norms(timm.create_model(name, num_classes=10).eval(), 64)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.judges and abs(report.macs_ratio - 0.5) <= 0.01
+    fused = {g["name"]: g["excluded"] for g in report.groups if g["name"].endswith(".pwise")}
+    assert fused and all(
+        why.startswith(f"inside attention {n.removesuffix('.pwise')!r}: its inner width is split into heads")
+        for n, why in fused.items()
+    ), fused
+    benign = ("inside attention", "not a target", "its channels are the model's output")
+    assert not [g["name"] for g in report.groups if (why := g["excluded"]) and not why.startswith(benign)]

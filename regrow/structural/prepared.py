@@ -181,6 +181,16 @@ def _channel_groups(
 
 
 STANDINS = "regrow.structural.timm_attention"  # regrow's stand-ins for timm's attention: widths from the tensors
+# Layers whose outputs an attention splits into heads by widths it stores, which head_group does not find: the fused
+# q / k / v convolution of LowFormer's and CPUBone's attention (also where it has one head: it reshapes by its
+# stored head width, and every probe of its channels failed), and the Linear layer of VOLO's outlook attention that
+# computes its weights (heads x window x window a position: no channels). Their groups are the attention's inner
+# width, left out before any probe. By the original class's module and name; timm is not imported.
+SPLIT_INTO_HEADS = {
+    "timm.models.lowformer.ConvAttention": ("pwise",),
+    "timm.models.cpubone.ConvAttention": ("pwise",),
+    "timm.models.volo.OutlookAttention": ("attn",),
+}
 # The names of the layers that compute queries, keys and values: head_group's roles, and a fused query / key
 # projection (timm's ConViT and TNT: ``qk``, then ``v``)
 QKV_NAMES = {*FUSED, *(n for names in (*SEPARATE, *SEPARATE_KV) for n in names), "qk"}
@@ -191,7 +201,8 @@ def inner_projections(group: HeadGroup, module: nn.Module) -> set[str]:
     splits into heads: the head group's projections (with multi-query attention, the key and value ones its heads
     share too); where :func:`head_group` found none (1x1 convolutions as
     projections, timm's HaloNet and Visformer; a fused query / key projection, ConViT and TNT), the attention's
-    own Linear and convolution children named as such layers are.
+    own Linear and convolution children named as such layers are. With them, whatever its heads, the layers of
+    an attention in :data:`SPLIT_INTO_HEADS`.
 
     None where the attention has a single query head and reads every width from its tensors, keeping its scale:
     one head's width is free, so its channels go to the probes (pattern 'head' cannot remove a single head). That
@@ -204,17 +215,19 @@ def inner_projections(group: HeadGroup, module: nn.Module) -> set[str]:
     would attend at another temperature than its simulation once narrower, by too little for a probe of one
     channel to see."""
     prefix = f"{group.name}." if group.name else ""
+    original = getattr(module, "_original", None) or type(module)  # a stand-in's (regrow.structural.timm_attention)
+    split = {prefix + n for n in SPLIT_INTO_HEADS.get(f"{original.__module__}.{original.__qualname__}", ())}
     layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     named = {prefix + n: c for n, c in module.named_children() if n in QKV_NAMES and isinstance(c, layers)}
     if group.heads <= 1:
         own = type(module).__module__ == STANDINS and "qkv" not in group.projections
         convolutions = not group.projections and not any(isinstance(c, nn.Linear) for c in named.values())
         if own or convolutions:
-            return set()
+            return split
     if group.projections:
         shared = group.shared if isinstance(group, SectionedHeads) else ()
-        return {fqn for role, fqn in group.projections.items() if role != "out"} | set(shared)
-    return set(named)
+        return {fqn for role, fqn in group.projections.items() if role != "out"} | set(shared) | split
+    return set(named) | split
 
 
 def _head_groups(model: nn.Module, attention: dict[str, nn.Module], targets: Any, ignore: Any) -> list[HeadGroup]:

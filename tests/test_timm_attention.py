@@ -15,6 +15,8 @@ import regrow
 from benchmarks.zoo import live_norms
 from conftest import import_timm
 from regrow.structural import timm_attention
+from regrow.structural.heads import head_group
+from regrow.structural.prepared import inner_projections
 from regrow.structural.standins import convert_standins
 
 timm = import_timm()
@@ -509,3 +511,16 @@ def test_a_fused_convolution_split_into_heads_by_stored_widths_is_left_out_as_th
     ), fused
     benign = ("inside attention", "not a target", "its channels are the model's output")
     assert not [g["name"] for g in report.groups if (why := g["excluded"]) and not why.startswith(benign)]
+
+
+def test_efficientformer_v2s_attention_projections_are_its_inner_width():
+    """EfficientFormerV2 splits its q / k / v convolutions (inside ``ConvNorm`` modules, so not named as such
+    layers) into heads by widths it stores: their groups failed their probes or ran away (11 of
+    efficientformerv2_s0, reported as broken); they are its inner width, left out before any probe."""
+    eff = timm.models.efficientformer_v2
+    attention = eff.Attention2d(32, key_dim=8, num_heads=2, attn_ratio=2, resolution=4)
+    downsample = eff.Attention2dDownsample(32, key_dim=8, num_heads=2, attn_ratio=2, resolution=4)
+    for module, q in ((attention, "q.conv"), (downsample, "q.proj.conv")):
+        group = head_group("mixer", module)
+        assert group.excluded == "no q/k/v or fused qkv Linear projections found"
+        assert inner_projections(group, module) == {f"mixer.{q}", "mixer.k.conv", "mixer.v.conv"}

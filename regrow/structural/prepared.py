@@ -183,13 +183,16 @@ def _channel_groups(
 STANDINS = "regrow.structural.timm_attention"  # regrow's stand-ins for timm's attention: widths from the tensors
 # Layers whose outputs an attention splits into heads by widths it stores, which head_group does not find: the fused
 # q / k / v convolution of LowFormer's and CPUBone's attention (also where it has one head: it reshapes by its
-# stored head width, and every probe of its channels failed), and the Linear layer of VOLO's outlook attention that
-# computes its weights (heads x window x window a position: no channels). Their groups are the attention's inner
+# stored head width, and every probe of its channels failed), the Linear layer of VOLO's outlook attention that
+# computes its weights (heads x window x window a position: no channels), and EfficientFormerV2's q / k / v
+# convolutions, each inside a ConvNorm. Their groups are the attention's inner
 # width, left out before any probe. By the original class's module and name; timm is not imported.
 SPLIT_INTO_HEADS = {
     "timm.models.lowformer.ConvAttention": ("pwise",),
     "timm.models.cpubone.ConvAttention": ("pwise",),
     "timm.models.volo.OutlookAttention": ("attn",),
+    "timm.models.efficientformer_v2.Attention2d": ("q.conv", "k.conv", "v.conv"),
+    "timm.models.efficientformer_v2.Attention2dDownsample": ("q.proj.conv", "k.conv", "v.conv"),
 }
 # The names of the layers that compute queries, keys and values: head_group's roles, and a fused query / key
 # projection (timm's ConViT and TNT: ``qk``, then ``v``)

@@ -320,3 +320,21 @@ def test_a_pruned_partial_head_reads_and_writes_widths_of_its_own():
 def test_the_stand_in_computes_timms_partial_single_head_attention(size, train):
     compared = _compare_calls("shvit_s1", SHSA, map_attention.PartialSingleHeadAttention, size, train)
     assert compared == 9  # the second stage's 4 blocks and the third's 5
+
+
+@pytest.mark.parametrize("name, kwargs", [("efficientvit_m0", {"img_size": 64}), ("shvit_s1", {})])
+def test_the_stand_ins_compute_timms_fused_model_where_the_norms_are_folded_into_the_convolutions(name, kwargs):
+    """timm's ``reparameterize_model`` replaces each convolution-and-norm module with one convolution; the stand-ins
+    read their widths from either."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.2)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    original = timm.models.reparameterize_model(model)
+    assert len(convert_standins(model, x)) > 0
+    fused = timm.models.reparameterize_model(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    with torch.no_grad():
+        assert torch.equal(fused(x), original(x))

@@ -19,6 +19,12 @@ from regrow.structural.marks import channel_free, same_channels
 from regrow.structural.timm_attention import TIMM, _Adopted
 
 
+def _conv(module: nn.Module, name: str) -> nn.Module:
+    """The convolution of one of timm's convolution-and-norm modules (its child ``name``), or the module itself
+    once timm's ``fuse`` (``reparameterize_model``) has folded the norm into a plain convolution."""
+    return getattr(module, name, module)
+
+
 class CascadedGroupAttention(_Adopted):
     """timm's ``efficientvit_msra.CascadedGroupAttention``. Each head reads its own slice of the input and adds to
     it the previous head's output (the cascade), computes queries, keys and values with its own 1x1 convolution,
@@ -42,7 +48,7 @@ class CascadedGroupAttention(_Adopted):
 
     def forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
-        feats_in = x.split([qkv.conv.in_channels for qkv in self.qkvs], dim=1)
+        feats_in = x.split([_conv(qkv, "conv").in_channels for qkv in self.qkvs], dim=1)
         feats_out = []
         feat = feats_in[0]
         attn_bias = self.get_attention_biases(x.device)
@@ -50,7 +56,7 @@ class CascadedGroupAttention(_Adopted):
             if head_idx > 0:
                 feat = feat + feats_in[head_idx]
             feat = qkv(feat)
-            key = dws.conv.in_channels
+            key = _conv(dws, "conv").in_channels
             q, k, v = feat.view(b, -1, h, w).split([key, key, feat.shape[1] - 2 * key], dim=1)
             q = dws(q)
             q, k, v = same_channels(q.flatten(2)), same_channels(k.flatten(2)), same_channels(v.flatten(2))
@@ -108,10 +114,10 @@ class PartialSingleHeadAttention(_Adopted):
 
     def forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
-        part = self.qkv.c.in_channels
+        part = _conv(self.qkv, "c").in_channels
         x1, x2 = torch.split(x, [part, x.shape[1] - part], dim=1)
         qkv = self.qkv(self.pre_norm(x1))
-        values = self.proj[1].c.in_channels - x2.shape[1]
+        values = _conv(self.proj[1], "c").in_channels - x2.shape[1]
         key = (qkv.shape[1] - values) // 2
         q, k, v = torch.split(qkv, [key, key, values], dim=1)
         q, k, v = same_channels(q.flatten(2)), same_channels(k.flatten(2)), same_channels(v.flatten(2))

@@ -524,3 +524,11 @@ def test_efficientformer_v2s_attention_projections_are_its_inner_width():
         group = head_group("mixer", module)
         assert group.excluded == "no q/k/v or fused qkv Linear projections found"
         assert inner_projections(group, module) == {f"mixer.{q}", "mixer.k.conv", "mixer.v.conv"}
+
+
+def test_a_subclass_of_an_attention_split_into_heads_by_stored_widths_is_read_as_its_parent():
+    class Mine(timm.models.lowformer.ConvAttention):
+        pass
+
+    module = Mine(64)
+    assert inner_projections(head_group("attn", module), module) == {"attn.pwise"}

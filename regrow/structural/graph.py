@@ -266,7 +266,7 @@ class StructureGraph:
             if group is None:
                 out.append(self._unmapped(root, failure, candidates, attention, unheaded))
                 continue
-            members, out_layers, in_layers, reason = [], [], [], None
+            members, names, out_layers, in_layers, reason = [], [], [], [], None
             for item in group:
                 name, label = self._describe(item)
                 dep = item.dep
@@ -278,6 +278,7 @@ class StructureGraph:
                 if name is None:
                     continue
                 members.append(label)
+                names.append(name)
                 if isinstance(target, nn.Module):
                     (out_layers if self.dg.is_out_channel_pruning_fn(dep.handler) else in_layers).append(name)
                     if dep.target.module in self.dg.token_outputs and name in out_layers:
@@ -300,7 +301,7 @@ class StructureGraph:
             if reason is None and owners:  # left to pattern 'head' unless it shrinks by head offsets (offsets.py)
                 if (chunks := offset_chunks(self.model, owners, attention, out_layers)) is None:
                     reason = inside_attention(owners[0], unheaded)
-            owner = None if reason or owners else enclosing_attention(attention, outputs, out_layers, in_layers)
+            owner = None if reason or owners else enclosing_attention(attention, outputs, names, in_layers)
             if owner is not None:  # MViTv2's pooling: one filter a channel of every head
                 reason = inside_attention(owner, unheaded)
             channels = self.dg.get_out_channels(root)

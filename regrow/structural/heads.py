@@ -308,7 +308,7 @@ class SectionedHeads(HeadGroup):
     def simulate(self, model: nn.Module, removed: list[int]) -> None:
         """Zero the value rows of the ``removed`` heads, and their norm's scale and shift, and the output
         projection's columns that read them (all there is without values of their own: multi-query)."""
-        self._child(model, "out").weight[:, _rows_of(self.head_dim, removed)] = 0
+        linear_weight(self._child(model, "out"))[:, _rows_of(self.head_dim, removed)] = 0
         if self.values is None:
             return
         layer, per = self._child(model, self.values), sum(self.sections[self.values])

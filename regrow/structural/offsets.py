@@ -11,8 +11,9 @@ channels at that offset (and the values', where the trace ties them to the outpu
 not, the values stay). Its parameters with one value per head (``per_head_parameters``: a relative position
 bias table) are no channel's and are never cut.
 
-A group that lies wholly inside an attention module whose inner width is left out, reading none of its queries',
-keys' or values' projections, is part of that width too (:func:`enclosing_attention`).
+A group that lies wholly inside an attention module whose inner width is left out, which the attention's output
+projection reads and none of its queries', keys' or values' projections does, is part of that width too
+(:func:`enclosing_attention`).
 """
 
 from __future__ import annotations
@@ -60,22 +61,24 @@ def inside_attention(owner: str, unheaded: Mapping[str, str]) -> str:
 
 
 def enclosing_attention(
-    inner: Mapping[str, set[str]], outputs: Mapping[str, str], out_layers: Iterable[str], in_layers: Iterable[str]
+    inner: Mapping[str, set[str]], outputs: Mapping[str, str], members: Iterable[str], in_layers: Iterable[str]
 ) -> str | None:
     """The attention module (of ``inner``: each one's q / k / v projections, where its inner width is left out)
-    that holds every layer of a channel group, when its output projection (``outputs``) reads the group's
-    channels and none of its q / k / v projections does; None otherwise. Such a group is a part of the attention's
-    inner width that the trace could not tie to the projections: MViTv2 folds its heads into the batch and pools
-    each head's queries, keys and values with one depthwise filter a channel of every head, normalises them per
-    head and adds a relative position table as wide as a head, so the group of its pooling (with the output
-    projection's inputs) is one channel of every head, which no probe could shrink alone ("shrinking it breaks the
-    forward pass", 9 groups of mvitv2_tiny). Groups inside attention that the output projection does not read
-    are not its width: CaiT's talking heads (one channel a head, between the two layers that mix them), the map
-    PVT v2 reduces for its keys and values (read by their projection)."""
-    layers, read = {*out_layers, *in_layers}, set(in_layers)
+    that holds every member of a channel group (``members``: its layers and parameters), when its output projection
+    (``outputs``: only where pattern 'head' found the attention's heads, so that it reads their outputs and nothing
+    else) reads the group's channels and none of its q / k / v projections does (``in_layers``: the layers that
+    read them); None otherwise. Such a group is a part of the attention's inner width that the trace could not tie
+    to the projections: MViTv2 folds its heads into the batch and pools each head's queries, keys and values with
+    one depthwise filter a channel of every head, normalises them per head and adds a relative position table as
+    wide as a head, so the group of its pooling (with the output projection's inputs) is one channel of every head,
+    which no probe could shrink alone ("shrinking it breaks the forward pass", 9 groups of mvitv2_tiny). Groups
+    inside attention that the output projection does not read are not its width: CaiT's talking heads (one
+    channel a head, between the two layers that mix them), the map PVT v2 reduces for its keys and values (read
+    by their projection)."""
+    names, read = set(members), set(in_layers)
     for owner, projections in inner.items():
         if not projections or outputs.get(owner) not in read or projections & read:
             continue
-        if all(n.startswith(f"{owner}.") for n in layers):
+        if names and all(n.startswith(f"{owner}." if owner else "") for n in names):
             return owner
     return None

@@ -172,7 +172,7 @@ def _channel_groups(
         for name, module in attention.items():
             hg = head_group(name, module, model)
             inner[name] = inner_projections(hg, module)
-            if "out" in hg.projections:
+            if "out" in hg.projections and hg.excluded is None:  # it reads the heads' outputs, and nothing else
                 outputs[name] = hg.projections["out"]
             hg.excluded = hg.excluded or _single_unit(hg)  # multi-query: pattern 'head' cannot shrink it either
             if hg.excluded is not None:
@@ -219,7 +219,8 @@ def inner_projections(group: HeadGroup, module: nn.Module) -> set[str]:
     channel to see."""
     prefix = f"{group.name}." if group.name else ""
     original = getattr(module, "_original", None) or type(module)  # a stand-in's (regrow.structural.timm_attention)
-    split = {prefix + n for n in SPLIT_INTO_HEADS.get(f"{original.__module__}.{original.__qualname__}", ())}
+    kinds = (f"{c.__module__}.{c.__qualname__}" for c in original.__mro__)  # the class or one it derives from
+    split = {prefix + n for n in next((SPLIT_INTO_HEADS[k] for k in kinds if k in SPLIT_INTO_HEADS), ())}
     layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     named = {prefix + n: c for n, c in module.named_children() if n in QKV_NAMES and isinstance(c, layers)}
     if group.heads <= 1:

@@ -185,8 +185,8 @@ STANDINS = "regrow.structural.timm_attention"  # regrow's stand-ins for timm's a
 # q / k / v convolution of LowFormer's and CPUBone's attention (also where it has one head: it reshapes by its
 # stored head width, and every probe of its channels failed), the Linear layer of VOLO's outlook attention that
 # computes its weights (heads x window x window a position: no channels), and EfficientFormerV2's q / k / v
-# convolutions, each inside a ConvNorm. Their groups are the attention's inner
-# width, left out before any probe. By the original class's module and name; timm is not imported.
+# convolutions, each inside a ConvNorm. Their groups are the attention's inner width, left out before any probe.
+# By the original class's module and name (or a class it derives from); timm is not imported.
 SPLIT_INTO_HEADS = {
     "timm.models.lowformer.ConvAttention": ("pwise",),
     "timm.models.cpubone.ConvAttention": ("pwise",),

@@ -1,6 +1,7 @@
-"""EfficientViT (MSRA)'s cascaded group attention, iFormer's single-head modulation attention and SHViT's single-head
-attention over part of the stream: regrow's stand-ins (regrow.structural.map_attention), the marks they put on their
-tensors (regrow.structural.marks) and the channel groups they give."""
+"""EfficientViT (MSRA)'s cascaded group attention, iFormer's single-head modulation attention, SHViT's single-head
+attention over part of the stream and EfficientViT (MIT)'s multi-scale linear attention: regrow's stand-ins
+(regrow.structural.map_attention), the marks they put on their tensors (regrow.structural.marks) and the channel
+groups they give."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ timm = import_timm()
 CGA = timm.models.efficientvit_msra.CascadedGroupAttention
 SHMA = timm.models.iformer.SHMA
 SHSA = timm.models.shvit.SHSA
+LITE_MLA = timm.models.efficientvit_mit.LiteMLA
 
 
 class Cascade(nn.Module):
@@ -338,3 +340,105 @@ def test_the_stand_ins_compute_timms_fused_model_where_the_norms_are_folded_into
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     with torch.no_grad():
         assert torch.equal(fused(x), original(x))
+
+
+class LinearAttention(nn.Module):
+    """A stream of 16 channels through EfficientViT (MIT)'s linear attention: 4 heads of 4 query, key and value
+    channels each, and one further scale (a 3x3 depthwise and a grouped 1x1 convolution); and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.attn = LITE_MLA(16, 16, dim=4, scales=(3,))
+        self.head = nn.Conv2d(16, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(x + self.attn(x)).mean((2, 3))
+
+
+def _linear(size: int = 5) -> tuple[nn.Module, torch.Tensor]:
+    return _seeded(LinearAttention, res=size)
+
+
+@pytest.mark.parametrize("size", [5, 2])  # 25 tokens; 4 tokens, as many as each head's query channels
+def test_each_scale_loses_one_channel_of_every_heads_queries_keys_and_values_together(size):
+    """timm splits the heads with ``reshape(B, -1, 3 * self.dim, H * W)``, which the trace could not map: the
+    projection and the aggregation were left out (efficientvit_b0: 12 groups, "index 1023 reached
+    _Reshape_38()"). Each scale is a group of its own: unit ``i`` is channel ``i`` of every head's queries, keys
+    and values (12 channels of 48: head ``h``'s three sit at ``12 h``, ``12 h + 4`` and ``12 h + 8``), with the
+    depthwise and the grouped convolution of the first scale, and the output projection's inputs that each scale's
+    values write (the first 16, then the next 16)."""
+    model, x = _linear(size)
+    assert convert_standins(model, x) == ["attn"]
+    units = [tuple(range(i, 48, 4)) for i in range(4)]
+    every = list(range(48))
+    assert _groups(model, x) == {
+        "stem/16": (
+            [(c,) for c in range(16)],
+            {"attn.qkv.conv in": list(range(16)), "attn.proj.conv out": list(range(16))},
+        ),
+        "attn.qkv.conv/48": (
+            units,
+            {
+                "attn.qkv.conv out": every,
+                "attn.aggreg.0.0 out": every,
+                "attn.aggreg.0.1 in": every,
+                "attn.proj.conv in": list(range(16)),
+            },
+        ),
+        "attn.aggreg.0.1/48": (units, {"attn.aggreg.0.1 out": every, "attn.proj.conv in": list(range(16, 32))}),
+    }
+
+
+def test_a_pruned_linear_attention_keeps_its_heads_and_each_scale_a_head_width_of_its_own():
+    model, x = _linear()
+    convert_standins(model, x)
+    report = regrow.prune(model, pattern="channel", macs=0.5, round_to=1, example_inputs=x, keep_dense=False).structure
+    assert report.equivalence.passed and report.equivalence.judges, report.equivalence
+    assert [g["name"] for g in report.groups if g["excluded"]] == ["head"]  # the classifier's outputs, by design
+    attn = model.attn
+    assert isinstance(attn, map_attention.MultiScaleLinearAttention)
+    first, grouped = attn.qkv.conv.out_channels, attn.aggreg[0][1]
+    assert grouped.groups == 12 and first % 12 == 0 and grouped.out_channels % 12 == 0  # 4 heads, 3 parts each
+    assert attn.proj.conv.in_channels == (first + grouped.out_channels) // 3  # each scale's values
+    assert attn.dim == first // 12  # the first scale's head width
+    assert {first, grouped.out_channels} == {24, 36}  # the seeded weights: one scale keeps 2 of 4 units, the other 3
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("size", [64, 224])  # maps of 4x4 (16 tokens, as many as each head's channels), 2x2; 14x14, 7x7
+def test_the_stand_in_computes_timms_linear_attention(size, train):
+    assert _compare_calls("efficientvit_b0", LITE_MLA, map_attention.MultiScaleLinearAttention, size, train) == 4
+
+
+def _marked_nodes(out: torch.Tensor, mark: str) -> int:
+    """How many autograd nodes behind ``out`` carry ``mark``."""
+    seen, todo, found = set(), [out.grad_fn], 0
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        found += bool(fn.metadata.get(mark))
+        todo.extend(f for f, _ in fn.next_functions)
+    return found
+
+
+def test_inside_the_trace_the_stand_in_computes_the_same_head_by_head():
+    """The head-by-head form runs inside regrow's trace only (its scores marked, one per head and scale); it
+    computes timm's function but for rounding."""
+    torch.manual_seed(0)
+    model = timm.create_model("efficientvit_b0", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    for module, (args, out) in _calls(model, x, LITE_MLA).items():
+        original = model.get_submodule(module)
+        heads = original.aggreg[0][1].groups // 3
+        standin = map_attention.MultiScaleLinearAttention(original)
+        with reading():
+            traced = standin(*args)
+        assert _marked_nodes(traced, NO_CHANNELS) == 2 * heads  # two scales
+        assert _marked_nodes(standin(*args), NO_CHANNELS) == 0  # outside the trace: timm's batched form
+        torch.testing.assert_close(traced.detach(), out, rtol=1e-5, atol=1e-6)

@@ -66,6 +66,7 @@ FAMILIES = {
     "efficientvit_msra": ("efficientvit_m0", {"img_size": 64}, 64),  # cascaded heads, 16 tokens by 16 key channels
     "iformer": ("iformer_t", {}, 64),  # a single head over a map, gated
     "shvit": ("shvit_s1", {}, 224),  # a single head over part of the stream (its last maps: 16 tokens, 16 keys)
+    "efficientvit_mit": ("efficientvit_b0", {}, 64),  # multi-scale linear attention (16 tokens by 16 channels a head)
     "maxvit": (  # MBConv, then block and grid attention by hand
         "maxvit_pico_rw_256",
         {"img_size": 64, "depths": (1, 1, 1, 1)},

@@ -1,6 +1,6 @@
 """Stand-ins for timm attention over channels-first feature maps, scored by products of ``(B, C, H*W)`` maps:
-EfficientViT (MSRA)'s cascaded group attention, iFormer's single-head modulation attention and SHViT's single-head
-attention over part of the stream.
+EfficientViT (MSRA)'s cascaded group attention, iFormer's single-head modulation attention, SHViT's single-head
+attention over part of the stream and EfficientViT (MIT)'s multi-scale linear attention.
 
 Their products are ``torch.bmm`` where timm writes ``@`` of the same 3-D tensors (which ``matmul`` computes with
 ``bmm``, after views of its operands that the trace read as reshapes), and they mark their tensors where the shapes
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regrow.structural.marks import channel_free, same_channels
+from regrow.structural.marks import channel_free, is_reading, same_channels
 from regrow.structural.timm_attention import TIMM, _Adopted
 
 
@@ -127,8 +127,62 @@ class PartialSingleHeadAttention(_Adopted):
         return self.proj(torch.cat([x1, x2], dim=1))
 
 
+class MultiScaleLinearAttention(_Adopted):
+    """timm's ``efficientvit_mit.LiteMLA`` (EfficientViT-B and -L): a 1x1 projection to queries, keys and values,
+    each head's three together (``3 * dim`` channels a head), the same again aggregated by a depthwise and a grouped
+    1x1 convolution (one group for each head's queries, keys or values) for each further scale, and linear
+    attention in each head: ``q @ (k^T @ [v, 1])``, the last column the normaliser. timm concatenates the scales and
+    splits the heads with ``reshape(B, -1, 3 * self.dim, H * W)``, a reshape the trace could not map: every
+    attention's projection and aggregation was left out of channel pruning (efficientvit_b0: 12 groups, "index 1023
+    reached _Reshape_38()").
+
+    A scale's queries, keys and values must each keep one width in every head (the reshape, and its grouped
+    convolution), so its unit is one channel index of every head's queries, keys and values together, with the
+    output projection's inputs that the values write; each scale loses its own. Here each scale is split into heads
+    by their count (the grouped convolution's groups over three), not by ``dim``, and attends on its own: timm's
+    batched computation, one scale at a time, equal to timm's to the bit. Inside regrow's trace only
+    (regrow.structural.marks.is_reading) the heads are computed one at a time from ``(B, C, H*W)`` maps, the same
+    function (but for rounding) in a form the trace follows: the chunks of each head and of its queries, keys and
+    values tie their channel indices, the scores ``v @ k^T`` carry none. A LiteMLA without a further scale (no timm
+    model builds one) has no grouped convolution to count its heads; it is computed as timm does and stays whole.
+    ``dim`` follows the first scale's head width (regrow.structural.stored)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        qkv = self.qkv(x)
+        scales = [qkv, *(op(qkv) for op in self.aggreg)]
+        if not len(self.aggreg):
+            return self.proj(self._batched(qkv, qkv.shape[1] // (3 * self.dim)))
+        heads = _conv(self.aggreg[0], "1").groups // 3
+        attend = self._traced if is_reading() else self._batched
+        return self.proj(torch.cat([attend(scale, heads) for scale in scales], dim=1))
+
+    def _batched(self, scale: Tensor, heads: int) -> Tensor:
+        b, c, h, w = scale.shape
+        q, k, v = scale.reshape(b, heads, c // heads, h * w).transpose(-1, -2).chunk(3, dim=-1)
+        q, k = self.kernel_func(q), self.kernel_func(k)
+        v = F.pad(v, (0, 1), mode="constant", value=1.0)
+        if v.device.type != "meta":
+            with torch.autocast(device_type=v.device.type, enabled=False):
+                out = self._attn(q, k, v)
+        else:
+            out = self._attn(q, k, v)
+        return out.transpose(-1, -2).reshape(b, -1, h, w)
+
+    def _traced(self, scale: Tensor, heads: int) -> Tensor:
+        b, _, h, w = scale.shape
+        out = []
+        for head in same_channels(scale.flatten(2)).chunk(heads, dim=1):
+            q, k, v = head.chunk(3, dim=1)
+            q, k = self.kernel_func(q), self.kernel_func(k)
+            kv = channel_free(torch.bmm(v, k.transpose(-2, -1)))  # values by keys
+            total = torch.bmm(k.sum(-1, keepdim=True).transpose(-2, -1), q)  # the normaliser, one row
+            out.append(same_channels((torch.bmm(kv, q) / (total + self.eps)).view(b, -1, h, w)))
+        return torch.cat(out, dim=1)
+
+
 STANDINS: dict[str, type[nn.Module]] = {
     TIMM + "efficientvit_msra.CascadedGroupAttention": CascadedGroupAttention,
     TIMM + "iformer.SHMA": SingleHeadModulation,
     TIMM + "shvit.SHSA": PartialSingleHeadAttention,
+    TIMM + "efficientvit_mit.LiteMLA": MultiScaleLinearAttention,
 }

@@ -43,6 +43,13 @@ def reading() -> Iterator[None]:
         _reading = before
 
 
+def is_reading() -> bool:
+    """Whether regrow's trace is running the model now (inside :func:`reading`). A stand-in whose fast form the trace
+    cannot follow computes the same function in a form it can, there only (regrow.structural.map_attention.
+    MultiScaleLinearAttention); every other pass, the checks of a shrunk model included, runs the fast form."""
+    return _reading
+
+
 def _mark(t: Tensor, mark: str) -> Tensor:
     if _reading and t.grad_fn is not None:  # a forward without autograd has no node to mark
         t.grad_fn.metadata[mark] = True

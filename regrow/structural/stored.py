@@ -86,6 +86,15 @@ def _scale_shape(module: nn.Module) -> tuple[int, ...] | None:
     return (scale.shape[0], *shape[1:])
 
 
+def _linear_attention_dim(module: nn.Module) -> int | None:
+    """EfficientViT (MIT)'s ``dim``: the width of each head's queries (keys, values) that its projection computes,
+    its channels over the heads that its aggregation's grouped convolution counts (none without one)."""
+    if not len(module.aggreg):
+        return None
+    qkv, grouped = module.qkv, module.aggreg[0][1]
+    return getattr(qkv, "conv", qkv).out_channels // grouped.groups
+
+
 Width = int | tuple[int, ...]
 # qualified class name -> {attribute (of the module, or "submodule.attribute"): the "submodule.attribute" paths it may
 # follow, the first that exists wins, or a function of the module}
@@ -118,6 +127,9 @@ STORED_WIDTHS: dict[str, dict[str, tuple[str, ...] | Callable[[nn.Module], Width
         "d_inner": ("out_proj.conv.in_channels",),
         "state_dim": lambda module: module.dw.conv.out_channels // 3,
     },
+    # EfficientViT (MIT)'s linear attention (its stand-in) splits each scale into heads by their count; its dim is
+    # the first scale's head width
+    "regrow.structural.map_attention.MultiScaleLinearAttention": {"dim": _linear_attention_dim},
     "timm.models.inception_next.MetaNeXtBlock": {"token_mixer.split_indexes": _inception_splits},
     "timm.models.fasternet.MLPBlock": {
         "spatial_mixing.dim_conv3": ("spatial_mixing.partial_conv3.in_channels",),

@@ -139,11 +139,11 @@ class MultiScaleLinearAttention(_Adopted):
     A scale's queries, keys and values must each keep one width in every head (the reshape, and its grouped
     convolution), so its unit is one channel index of every head's queries, keys and values together, with the
     output projection's inputs that the values write; each scale loses its own. Here each scale is split into heads
-    by their count (the grouped convolution's groups over three), not by ``dim``, and attends on its own: timm's
-    batched computation, one scale at a time, equal to timm's to the bit. Inside regrow's trace only
-    (regrow.structural.marks.is_reading) the heads are computed one at a time from ``(B, C, H*W)`` maps, the same
-    function (but for rounding) in a form the trace follows: the chunks of each head and of its queries, keys and
-    values tie their channel indices, the scores ``v @ k^T`` carry none. A LiteMLA without a further scale (no timm
+    by their count (the grouped convolution's groups over three), not by ``dim``, and attends on its own, timm's
+    batched computation (all scales at once, as timm does, while their head widths are equal), equal to timm's to
+    the bit. Inside regrow's trace only (regrow.structural.marks.is_reading) the heads are computed one at a time
+    from ``(B, C, H*W)`` maps, the same function (but for rounding) in a form the trace follows: the chunks of each
+    head and of its queries, keys and values tie their channel indices, the scores ``v @ k^T`` carry none. A LiteMLA without a further scale (no timm
     model builds one) has no grouped convolution to count its heads; it is computed as timm does and stays whole.
     ``dim`` follows the first scale's head width (regrow.structural.stored)."""
 
@@ -153,8 +153,11 @@ class MultiScaleLinearAttention(_Adopted):
         if not len(self.aggreg):
             return self.proj(self._batched(qkv, qkv.shape[1] // (3 * self.dim)))
         heads = _conv(self.aggreg[0], "1").groups // 3
-        attend = self._traced if is_reading() else self._batched
-        return self.proj(torch.cat([attend(scale, heads) for scale in scales], dim=1))
+        if is_reading():
+            return self.proj(torch.cat([self._traced(scale, heads) for scale in scales], dim=1))
+        if len({scale.shape[1] for scale in scales}) == 1:  # one head width: all scales at once, as timm does
+            return self.proj(self._batched(torch.cat(scales, dim=1), heads * len(scales)))
+        return self.proj(torch.cat([self._batched(scale, heads) for scale in scales], dim=1))
 
     def _batched(self, scale: Tensor, heads: int) -> Tensor:
         b, c, h, w = scale.shape

@@ -514,6 +514,81 @@ def test_a_large_walk_checks_by_index_whether_it_ends_before_it_carries_each_roo
     assert len(mapped) == (35 if large == 20 else 138), len(mapped)
 
 
+@pytest.mark.parametrize("settles", [True, False])
+def test_a_large_walk_whose_members_settle_its_group_ends_by_index(monkeypatch, settles):
+    # EfficientFormerV2's attention: every root channel of a projection reaches every index of the scores (through
+    # its talking heads), 1.6 to 2.4 million (member, index, root channel) triples a walk, 2 to 4 s each, for
+    # groups left out as the attention's inner width whatever their units. Past coupling.LARGE triples the walk
+    # asks, with its walk by index, whether the members settle the group; if so it returns that walk (each
+    # (member, index) once, with the first root channel that reached it), else it goes on as before.
+    monkeypatch.setattr(coupling, "LARGE", 20)
+    handler = object()
+    root, scores, after = _Node("root"), _Node("scores"), _Node("after")
+    _edge(root, scores, handler, lambda idxs: [_HybridIndex(k, i.root_idx) for i in idxs for k in range(8)])
+    _edge(scores, after, handler)
+    dg = type("Graph", (), {"module2node": {"layer": root}})()
+    asked = []
+
+    def settled(by_index):
+        asked.append(sorted((dep.target.name, i.idx) for dep, idxs in by_index for i in idxs))
+        return settles
+
+    near = {root: 8, scores: 8, after: 8}
+    got = walk(dg, "layer", handler, list(range(8)), widest=64, near=near, settled=settled)
+    pairs = sorted([("root", c) for c in range(8)] + [(n, k) for n in ("scores", "after") for k in range(8)])
+    assert asked == [pairs]  # asked once, with each (member, index) once
+    triples = sorted((dep.target.name, i.idx, i.root_idx) for dep, idxs in got for i in idxs)
+    if settles:
+        assert [(n, k) for n, k, _ in triples] == pairs
+    else:  # every root channel at every index of the scores: the whole walk, as without settled
+        full = walk(dg, "layer", handler, list(range(8)), widest=64, near=near)
+        assert triples == sorted((dep.target.name, i.idx, i.root_idx) for dep, idxs in full for i in idxs)
+        assert len(triples) == 8 + 2 * 64
+
+
+class TalkingHeads(nn.Module):
+    """A stream of 32 channels through EfficientFormerV2's attention (2 heads, talking heads) over a 4x4 map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 1)
+        self.attn = timm.models.efficientformer_v2.Attention2d(32, key_dim=8, num_heads=2, attn_ratio=2, resolution=4)
+        self.head = nn.Conv2d(32, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(x + self.attn(x)).mean((2, 3))
+
+
+def test_walks_that_end_by_index_give_the_groups_the_whole_walks_give(monkeypatch):
+    """Every walk past one triple asks; the projections' groups, left out inside the attention, end by index, the
+    stream's and the talking heads' go on: the same groups, members and reasons, and the same removal."""
+    reports, ended = [], []
+    settled_walk = coupling.walk
+
+    def counted(*args, **kwargs):
+        reached = settled_walk(*args, **kwargs)
+        ended.append(len({id(i) for _, idxs in reached for i in idxs}))
+        return reached
+
+    monkeypatch.setattr(graph_module, "walk", counted)
+    for large in (10**9, 1):
+        monkeypatch.setattr(coupling, "LARGE", large)
+        torch.manual_seed(0)
+        model = live_norms(TalkingHeads().eval(), 4)
+        x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+        ended.clear()
+        report = regrow.prune(model, pattern="channel", macs=0.5, example_inputs=x, keep_dense=False).structure
+        assert report.equivalence.passed
+        reports.append(([{k: g[k] for k in ("name", "units_after", "excluded")} for g in report.groups], sum(ended)))
+        reports[-1][0].sort(key=lambda g: g["name"])
+    (whole, whole_steps), (early, early_steps) = reports
+    assert early == whole
+    assert any(g["excluded"] and "inside attention 'attn'" in g["excluded"] for g in whole)
+    assert any(g["name"] == "stem" and not g["excluded"] for g in whole)
+    assert early_steps < whole_steps  # some walks ended by index
+
+
 class Vocabulary(nn.Module):
     def __init__(self) -> None:
         super().__init__()

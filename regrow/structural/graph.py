@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,7 @@ from regrow.structural.coupling import (
 )
 from regrow.structural.dependency import DependencyGraph
 from regrow.structural.marks import reading
-from regrow.structural.offsets import enclosing_attention, inside_attention, offset_chunks, per_head_parameters
+from regrow.structural.offsets import attention_reason, inside_attention, per_head_parameters
 from regrow.structural.position_bias import is_position_bias
 from regrow.structural.pruners import GroupNormPruner, customized_pruners, is_channel_filter, is_plain_norm
 from regrow.structural.shuffle import ChannelShuffle
@@ -262,11 +262,18 @@ class StructureGraph:
         unheaded, outputs = unheaded or {}, outputs or {}
         out = []
         ignored_modules = [m for m, n in self.names.items() if n in ignored]
-        for root, group, reached, failure in self._root_groups(ignored_modules):
+
+        def left_out(group: Any) -> tuple[str | None, Any]:  # the reasons its members alone give, and chunks
+            layers = self._layers(group)
+            if not any(n in candidates for n in layers[1]):
+                return "not a target", None
+            return attention_reason(self.model, attention, unheaded, outputs, layers)
+
+        for root, group, reached, failure in self._root_groups(ignored_modules, lambda g: bool(left_out(g)[0])):
             if group is None:
                 out.append(self._unmapped(root, failure, candidates, attention, unheaded))
                 continue
-            members, names, out_layers, in_layers, reason = [], [], [], [], None
+            members, out_layers, reason = [], [], None
             for item in group:
                 name, label = self._describe(item)
                 dep = item.dep
@@ -278,9 +285,9 @@ class StructureGraph:
                 if name is None:
                     continue
                 members.append(label)
-                names.append(name)
                 if isinstance(target, nn.Module):
-                    (out_layers if self.dg.is_out_channel_pruning_fn(dep.handler) else in_layers).append(name)
+                    if self.dg.is_out_channel_pruning_fn(dep.handler):
+                        out_layers.append(name)
                     if dep.target.module in self.dg.token_outputs and name in out_layers:
                         reason = reason or f"its channels are the tokens of a sequence, which {name!r} mixes"
                     if isinstance(target, ChannelShuffle):
@@ -294,19 +301,10 @@ class StructureGraph:
                     if not isinstance(target, SUPPORTED) and not known:
                         reason = reason or f"layer {name!r} of type {type(target).__name__} is not supported"
             root = group[0].dep.target.module
-            root_name = self._group_name(root, out_layers)
-            if reason is None and not any(n in candidates for n in out_layers):
-                reason = "not a target"
-            owners, chunks = [a for a, inner in attention.items() if any(n in inner for n in out_layers)], None
-            if reason is None and owners:  # left to pattern 'head' unless it shrinks by head offsets (offsets.py)
-                if (chunks := offset_chunks(self.model, owners, attention, out_layers)) is None:
-                    reason = inside_attention(owners[0], unheaded)
-            owner = None if reason or owners else enclosing_attention(attention, outputs, names, in_layers)
-            if owner is not None:  # MViTv2's pooling: one filter a channel of every head
-                reason = inside_attention(owner, unheaded)
+            reason, chunks = (reason, None) if reason else left_out(group)
             channels = self.dg.get_out_channels(root)
             cg = ChannelGroup(
-                name=root_name,
+                name=self._group_name(root, out_layers),
                 channels=channels,
                 ch_groups=self._ch_groups(group),
                 members=members,
@@ -324,17 +322,32 @@ class StructureGraph:
             out.append(cg)
         return out
 
+    def _layers(self, group: Any) -> tuple[list[str], list[str], list[str]]:
+        """A group's members (layers and parameters), its output layers and the layers that read its channels."""
+        members, out_layers, in_layers = [], [], []
+        for item in group:
+            name, _ = self._describe(item)
+            if name is None:
+                continue
+            members.append(name)
+            if isinstance(item.dep.target.module, nn.Module):
+                (out_layers if self.dg.is_out_channel_pruning_fn(item.dep.handler) else in_layers).append(name)
+        return members, out_layers, in_layers
+
     def _group_name(self, root: nn.Module, out_layers: list[str]) -> str:
         """A group's name: its first output layer in registration order (the stem of a residual stream, the first
         layer of a block), which reads better than the tracer's root."""
         return min(out_layers, key=lambda n: self.order.get(n, 1 << 30)) if out_layers else self.names.get(root, "?")
 
-    def _root_groups(self, ignored: list[nn.Module]) -> Iterator[tuple[nn.Module, Any, Walk, Exception | None]]:
+    def _root_groups(
+        self, ignored: list[nn.Module], left_out: Callable[[Any], bool]
+    ) -> Iterator[tuple[nn.Module, Any, Walk, Exception | None]]:
         """torch-pruning's ``get_all_groups``, one root layer at a time: ``(root, group, walk, None)``, or
         ``(root, None, [], error)`` for a root whose group cannot be mapped (an index mapping that raises,
         torch-pruning's or one of regrow's corrections), instead of one error that ends the walk and leaves
         nothing to prune. A failed root is reported only if no group that did map took it in as an output
-        layer. ``walk`` is what the group was read off (regrow.structural.coupling), for its coupling."""
+        layer. ``walk`` is what the group was read off (regrow.structural.coupling), for its coupling; a large
+        walk whose group ``left_out`` says its members leave out ends early, by index (coupling.walk)."""
         skip = {id(m) for m in [*ignored, *self.dg.IGNORED_LAYERS_IN_TRACING]}
         visited: set[int] = set()
         failed: list[tuple[nn.Module, Exception]] = []
@@ -347,9 +360,10 @@ class StructureGraph:
                 # torch-pruning refreshes its mappings before every group; one that raises there (FocalNet's split:
                 # IndexError) leaves the root out, instead of a walk on a stale mapping that does not end.
                 update_mappings(self.dg)
-                out_channels = list(range(pruner.get_out_channels(m)))
-                reached = walk(self.dg, m, pruner.prune_out_channels, out_channels, self.widest, self.near)
-                group = pruning_group(self.dg, m, pruner.prune_out_channels, [], reached)
+                handler, out_channels = pruner.prune_out_channels, list(range(pruner.get_out_channels(m)))
+                settled = lambda by_index, m=m, h=handler: left_out(pruning_group(self.dg, m, h, [], by_index))  # noqa: E731
+                reached = walk(self.dg, m, handler, out_channels, self.widest, self.near, settled)  # may end early
+                group = pruning_group(self.dg, m, handler, [], reached)
             except Exception as exc:  # noqa: BLE001 - an index mapping failed; the group is left out with it
                 failed.append((m, exc))
                 continue

@@ -143,9 +143,9 @@ class MultiScaleLinearAttention(_Adopted):
     batched computation (all scales at once, as timm does, while their head widths are equal), equal to timm's to
     the bit. Inside regrow's trace only (regrow.structural.marks.is_reading) the heads are computed one at a time
     from ``(B, C, H*W)`` maps, the same function (but for rounding) in a form the trace follows: the chunks of each
-    head and of its queries, keys and values tie their channel indices, the scores ``v @ k^T`` carry none. A LiteMLA without a further scale (no timm
-    model builds one) has no grouped convolution to count its heads; it is computed as timm does and stays whole.
-    ``dim`` follows the first scale's head width (regrow.structural.stored)."""
+    head and of its queries, keys and values tie their channel indices, the scores ``v @ k^T`` carry none. A LiteMLA
+    without a further scale (no timm model builds one) has no grouped convolution to count its heads; it is computed
+    as timm does and stays whole. ``dim`` follows the first scale's head width (regrow.structural.stored)."""
 
     def forward(self, x: Tensor) -> Tensor:
         qkv = self.qkv(x)

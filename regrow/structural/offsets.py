@@ -60,6 +60,25 @@ def inside_attention(owner: str, unheaded: Mapping[str, str]) -> str:
     return f"inside attention {owner!r}: its inner width is split into heads, {why}"
 
 
+def attention_reason(
+    model: nn.Module,
+    inner: Mapping[str, set[str]],
+    unheaded: Mapping[str, str],
+    outputs: Mapping[str, str],
+    layers: tuple[list[str], list[str], list[str]],
+) -> tuple[str | None, dict[nn.Module, tuple[int, tuple[int, ...]]] | None]:
+    """Why a channel group is left out as part of an attention's inner width (None if it is not), and the
+    chunks its heads shrink by where it shrinks by head offsets (:func:`offset_chunks`); ``layers``: the
+    group's members, its output layers and the layers that read its channels (regrow.structural.graph)."""
+    members, out_layers, in_layers = layers
+    owners = [a for a, projections in inner.items() if any(n in projections for n in out_layers)]
+    if owners:  # left to pattern 'head' unless it shrinks by head offsets
+        chunks = offset_chunks(model, owners, inner, out_layers)
+        return (inside_attention(owners[0], unheaded), None) if chunks is None else (None, chunks)
+    owner = enclosing_attention(inner, outputs, members, in_layers)  # MViTv2's pooling: a channel of every head
+    return (None if owner is None else inside_attention(owner, unheaded)), None
+
+
 def enclosing_attention(
     inner: Mapping[str, set[str]], outputs: Mapping[str, str], members: Iterable[str], in_layers: Iterable[str]
 ) -> str | None:

@@ -23,6 +23,7 @@ check would catch a wrong mapping, but only by leaving the group out.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -496,16 +497,27 @@ def _each_mapping(dg: Any) -> None:
         if update is None:
             continue
         try:
-            with warnings.catch_warnings():
-                # torch-pruning warns where its count of a reshape's channels gives up (past 500 steps through
-                # many chunks: EfficientViT (MIT)'s heads); the reshape then maps each channel to itself, as where
-                # the count finds no width, and the checks judge the groups through it
-                warnings.simplefilter("ignore")
-                update(dg, node)
+            update(dg, node)
         except Exception as exc:  # noqa: BLE001 - torch-pruning's mapping of this op failed; the walks say so
             dg.unmapped[node] = exc
 
 
+def _quiet(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` without torch-pruning's warning where its count of a tensor's channels gives up (past 500 steps
+    through many chunks or branches: EfficientViT (MIT)'s heads, CoaT's parallel blocks, hundreds of times a
+    model). The count is then unknown, as where it finds no width: the mapping through that op stays as
+    torch-pruning leaves it, each channel to itself, and the checks judge the groups through it."""
+
+    @functools.wraps(fn)
+    def quiet(*args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
+            fn(*args, **kwargs)
+
+    return quiet
+
+
+@_quiet
 def update_mappings(dg: Any) -> None:
     """torch-pruning's ``update_index_mapping`` (op by op, :func:`_each_mapping`), with each split's edges mapped
     to the chunk each consumer reads
@@ -537,6 +549,7 @@ def update_mappings(dg: Any) -> None:
                 dep.index_mapping[0], dep.index_mapping[1] = second, first
 
 
+@_quiet
 def refresh_mappings(dg: Any, shapes: dict[Any, tuple[int, ...]], batch: int) -> None:
     """torch-pruning's index mappings, recomputed (:func:`update_mappings`), with regrow's corrections for
     channels-last layouts and for the folds of the example inputs' ``batch`` with other dimensions."""

@@ -100,6 +100,11 @@ FAMILIES = {
     # read by position (gates[:, l:l + 1]) and broadcast over the context's channels
     "focalnet": (timm.models.focalnet.FocalNet, {"depths": (1, 1, 1, 1), "embed_dim": 32}, 64),
     "coat": ("coat_lite_tiny", {"img_size": 64, "serial_depths": (1, 1, 1, 1)}, 64),  # factorized attention
+    "coat_parallel": (  # parallel blocks over three scales, their class tokens stacked and mixed by a Conv1d
+        "coat_tiny",
+        {"img_size": 64, "serial_depths": (1, 1, 1, 1), "parallel_depth": 1},
+        64,
+    ),
     "nest": (  # attention within image blocks, heads merged channel-major (nest_tiny's heads, half its widths)
         timm.models.nest.Nest,
         {"img_size": 32, "embed_dims": (48, 96, 192), "num_heads": (3, 6, 12), "depths": (1, 1, 2)},
@@ -1838,6 +1843,42 @@ def test_a_linear_over_the_tokens_passes_the_channels_around_and_keeps_the_token
     assert (model.stem.out_features, model.norm.normalized_shape, model.head.in_features) == (3, (3,), 3)
     assert (model.fc1.in_features, model.fc1.out_features) == (4, 2)  # the tokens stay, the hidden width halves
     assert (model.fc2.in_features, model.fc2.out_features) == (2, 4)
+
+
+class StackedTokens(nn.Module):
+    """CoaT's head: a vector of 6 channels from each of three branches, stacked (B, 3, 6), mixed into one by a
+    Conv1d with a kernel of one over the stack, squeezed, and classified."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Linear(4, 6) for _ in range(3))
+        self.mix = nn.Conv1d(3, 1, 1)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack([branch(x) for branch in self.branches], dim=1)
+        return self.head(self.mix(stacked).squeeze(1))
+
+
+def test_a_conv1d_over_stacked_vectors_mixes_them_channel_by_channel():
+    # Was: torch-pruning took the stack for an element-wise op, and cut the Conv1d's 3 inputs by the branches'
+    # channels; the branches' group failed its probe (coat_tiny's streams: "expected input[2, 3, 149] to have 1
+    # channels") and was left out
+    torch.manual_seed(0)
+    model, x = StackedTokens().eval(), torch.randn(2, 4)
+    graph = StructureGraph(model, x)
+    assert graph.dg.token_outputs == {model.mix}
+    groups = _groups(graph, model)
+    assert groups["branches.0"].members == [
+        *(f"branches.{b} (Linear, out)" for b in range(3)),
+        "head (Linear, in)",
+    ]
+    assert groups["branches.0"].excluded is None and groups["branches.0"].units == 6
+    assert groups["mix"].excluded == "its channels are the tokens of a sequence, which 'mix' mixes"
+    report = regrow.structural.shrink(model, pattern="channel", sparsity=0.5, scope="layer", example_inputs=x)
+    assert report.equivalence.passed and report.equivalence.judges
+    assert [b.out_features for b in model.branches] == [3, 3, 3] and model.head.in_features == 3
+    assert (model.mix.in_channels, model.mix.out_channels) == (3, 1)  # the stack and the mix stay
 
 
 @pytest.mark.parametrize("kind", ["channels_first", "as_many_tokens_as_channels"])

@@ -24,7 +24,7 @@ from regrow.structural.chunks import (
     unbound_channels,
 )
 from regrow.structural.loose import parameter_channel_dims
-from regrow.structural.tokens import pass_channels_around
+from regrow.structural.tokens import pass_channels_around, stacked_mixers
 from regrow.structural.tracing import mark_outputs
 
 
@@ -66,7 +66,7 @@ class DependencyGraph(tp.DependencyGraph):
         return concat_width(module_or_node) or super().get_in_channels(module_or_node)
 
     def _build_dependency(self, module2node: Any) -> None:
-        self.token_outputs = pass_channels_around(self, self.traced_outputs)
+        self.token_outputs = pass_channels_around(self, self.traced_outputs) | stacked_mixers(self, self.traced_outputs)
         mark_outputs(module2node, self.returned[1:], self)
         self.returned = []  # the graph keeps their autograd nodes, not the tensors
         super()._build_dependency(module2node)

@@ -11,6 +11,9 @@ stream's group failed its probe (``mat1 and mat2 shapes cannot be multiplied``) 
 into such a block feeds the transpose out of it directly, and the Linear layers between them are no longer joined
 to the channels. Their own widths stay as they are: their inputs and outputs are the tokens, whose number cannot
 change, and only a hidden width between two of them (the token MLP's) is a group of its own.
+
+A ``Conv1d`` with a kernel of one over vectors stacked along dim 1 (CoaT's head, which mixes the class tokens of its
+three scales into one) is the same thing without the transposes: :func:`stacked_mixers` rewires it alike.
 """
 
 from __future__ import annotations
@@ -127,3 +130,31 @@ def _rewire(start: Any, inside: set[Any], end: Any, token_outputs: set[nn.Module
         node.outputs = [o for o in node.outputs if o is not end]
     start.outputs = [o for o in start.outputs if o not in inside] + [end]
     end.inputs = [i for i in end.inputs if i not in inside] + [start]
+
+
+def stacked_mixers(dg: Any, outputs: dict[tuple[Any, int], tuple[int, ...]]) -> set[nn.Module]:
+    """Rewire every ``Conv1d`` with a kernel of one over a stack of channel vectors, and return them: CoaT's head
+    stacks the class tokens of its three scales, ``(B, 3, C)``, and mixes them with ``Conv1d(3, 1, 1)`` into one,
+    which it squeezes. The Conv1d's channels are the stacked tensors; theirs lie along its length, each mixed on its
+    own. torch-pruning read the stack as element-wise and cut the Conv1d's three inputs by the stream's channels,
+    so the streams' group failed its probe (coat_tiny: ``patch_embed2.proj``, "expected input[2, 3, 149] to have 1
+    channels") and was left out. The stack now feeds what reads the Conv1d directly, so a channel of the stacked
+    tensors is that channel of the mix, and the Conv1d keeps its widths: its one output is no channel of theirs."""
+    mixers: set[nn.Module] = set()
+    for node in list(dg.module2node.values()):
+        conv = node.module
+        if not isinstance(conv, nn.Conv1d) or conv.kernel_size != (1,) or conv.groups != 1 or len(node.inputs) != 1:
+            continue
+        (stack,) = node.inputs
+        fn, shape = stack.grad_fn, _shape(stack, outputs)
+        if fn is None or fn.name() != "StackBackward0" or shape is None or len(shape) != 3:
+            continue
+        if _dim(fn._saved_dim, 3) != 1 or shape[1] != conv.in_channels or stack.outputs != [node]:
+            continue
+        readers = list(node.outputs)
+        stack.outputs = readers
+        for reader in readers:
+            reader.inputs = [stack if i is node else i for i in reader.inputs]
+        node.inputs, node.outputs = [], []
+        mixers.add(conv)
+    return mixers

@@ -21,7 +21,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch_pruning import ops
 
-from regrow.batches import all_outputs, batch_size
+from regrow.batches import all_outputs
 from regrow.errors import RegrowError
 from regrow.select import is_transposed_linear
 from regrow.structural.attention import MultiheadAttention
@@ -45,7 +45,7 @@ from regrow.structural.position_bias import is_position_bias
 from regrow.structural.pruners import GroupNormPruner, customized_pruners, is_channel_filter, is_plain_norm
 from regrow.structural.shuffle import ChannelShuffle
 from regrow.structural.stored import follow
-from regrow.structural.tracing import InPlaceViews, ShapeRecorder, refresh_mappings, update_mappings
+from regrow.structural.tracing import InPlaceViews, ShapeRecorder, example_batch, refresh_mappings, update_mappings
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)  # convolutions, transposed ones (upsampling) too
 TRANSPOSED_CONV = nn.modules.conv._ConvTransposeNd
@@ -216,7 +216,7 @@ class StructureGraph:
                     customized_pruners=customized_pruners(model),
                     verbose=False,
                 )
-            refresh_mappings(self.dg, shapes.shapes, _batch(example_inputs))
+            refresh_mappings(self.dg, shapes.shapes, example_batch(example_inputs))
         except RegrowError:
             raise
         except Exception as exc:  # noqa: BLE001 - tracing runs the user's forward; report it in one line
@@ -343,23 +343,25 @@ class StructureGraph:
         self, ignored: list[nn.Module], left_out: Callable[[Any], bool]
     ) -> Iterator[tuple[nn.Module, Any, Walk, Exception | None]]:
         """torch-pruning's ``get_all_groups``, one root layer at a time: ``(root, group, walk, None)``, or
-        ``(root, None, [], error)`` for a root whose group cannot be mapped (an index mapping that raises,
-        torch-pruning's or one of regrow's corrections), instead of one error that ends the walk and leaves
-        nothing to prune. A failed root is reported only if no group that did map took it in as an output
-        layer. ``walk`` is what the group was read off (regrow.structural.coupling), for its coupling; a large
-        walk whose group ``left_out`` says its members leave out ends early, by index (coupling.walk)."""
+        ``(root, None, [], error)`` for a root whose group cannot be mapped (an index mapping that raises), instead
+        of one error that leaves nothing to prune; reported only if no group that did map took the root in as an
+        output layer. ``walk`` (coupling.walk) is what the group was read off, for its coupling; a large walk
+        whose group ``left_out`` says its members leave out ends early, by index."""
         skip = {id(m) for m in [*ignored, *self.dg.IGNORED_LAYERS_IN_TRACING]}
         visited: set[int] = set()
         failed: list[tuple[nn.Module, Exception]] = []
-        roots, deferred = list(self.dg.module2node), set()
+        roots, deferred, stale = list(self.dg.module2node), set(), None
+        try:  # torch-pruning refreshes its mappings before each group; no walk changes them: once will do
+            update_mappings(self.dg)
+        except Exception as exc:  # noqa: BLE001 - one that raises (FocalNet's split once) leaves every root out
+            stale = exc
         for m in roots:
             pruner = self.dg.get_pruner_of_module(m) if is_root(m) else None
             if id(m) in skip or id(m) in visited or pruner is None or pruner.get_out_channels(m) is None:
                 continue
             try:
-                # torch-pruning refreshes its mappings before every group; one that raises there (FocalNet's split:
-                # IndexError) leaves the root out, instead of a walk on a stale mapping that does not end.
-                update_mappings(self.dg)
+                if stale is not None:  # not a walk on a stale mapping, which may not end
+                    raise stale
                 handler, out_channels = pruner.prune_out_channels, list(range(pruner.get_out_channels(m)))
                 settled = lambda by_index, m=m, h=handler: left_out(pruning_group(self.dg, m, h, [], by_index))  # noqa: E731
                 reached = walk(self.dg, m, handler, out_channels, self.widest, self.near, settled)  # may end early
@@ -468,14 +470,6 @@ class StructureGraph:
             is_out = self.dg.is_out_channel_pruning_fn(handler)
             return Cut(self.names[target], "module", is_out, plain, layer_type=type(target).__name__)
         return None
-
-
-def _batch(inputs: Any) -> int:
-    """The batch size of the example inputs; -1 where their structure does not tell (no batch folds are read)."""
-    try:
-        return batch_size(inputs)
-    except (RegrowError, AttributeError, IndexError, StopIteration, TypeError):
-        return -1
 
 
 def _width(graph: StructureGraph, cut: Cut) -> float:

@@ -36,6 +36,8 @@ from torch_pruning import _helpers, ops
 from torch_pruning.dependency import index_mapping, shape_infer
 from torch_pruning.dependency.node import Node
 
+from regrow.batches import batch_size
+from regrow.errors import RegrowError
 from regrow.structural.concat import concat_widths
 from regrow.structural.marks import SAME_CHANNELS, marked
 from regrow.structural.operands import (
@@ -547,6 +549,14 @@ def update_mappings(dg: Any) -> None:
                 and second.reverse
             ):
                 dep.index_mapping[0], dep.index_mapping[1] = second, first
+
+
+def example_batch(inputs: Any) -> int:
+    """The batch size of the example inputs; -1 where their structure does not tell (no batch folds are read)."""
+    try:
+        return batch_size(inputs)
+    except (RegrowError, AttributeError, IndexError, StopIteration, TypeError):
+        return -1
 
 
 @_quiet

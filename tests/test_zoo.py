@@ -2053,6 +2053,24 @@ def test_a_root_whose_group_torch_pruning_cannot_map_is_left_out_and_the_others_
     assert model.transition.out_channels == 24
 
 
+def test_mappings_that_cannot_be_computed_before_the_walks_leave_every_root_out_with_the_error(monkeypatch):
+    # The mappings are computed once before the walks (no walk changes them); where that raises, every root is left
+    # out with the error, as each was when they were computed root by root, and no walk runs on stale mappings
+    torch.manual_seed(0)
+    model, x = CrossStage().eval(), torch.randn(2, 3, 8, 8)
+    walked = []
+    monkeypatch.setattr(graph_module, "update_mappings", lambda dg: [][0])
+    monkeypatch.setattr(graph_module, "walk", lambda *args, **kwargs: walked.append(args))
+    groups = StructureGraph(model, x).channel_groups({"stem", "block.conv1", "transition"}, set(), {})
+    assert not walked
+    reasons = {g.name: g.excluded for g in groups}
+    assert {n: r for n, r in reasons.items() if r != "not a target"} == {
+        n: "its channels could not be mapped through the graph (IndexError: list index out of range, in its graph "
+        "analysis)"
+        for n in ("stem", "block.conv1", "transition")
+    }
+
+
 class RowHalves(nn.Module):
     def __init__(self) -> None:
         super().__init__()

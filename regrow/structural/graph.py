@@ -359,9 +359,10 @@ class StructureGraph:
             pruner = self.dg.get_pruner_of_module(m) if is_root(m) else None
             if id(m) in skip or id(m) in visited or pruner is None or pruner.get_out_channels(m) is None:
                 continue
+            if stale is not None:  # not a walk on a stale mapping, which may not end
+                failed.append((m, stale))
+                continue
             try:
-                if stale is not None:  # not a walk on a stale mapping, which may not end
-                    raise stale
                 handler, out_channels = pruner.prune_out_channels, list(range(pruner.get_out_channels(m)))
                 settled = lambda by_index, m=m, h=handler: left_out(pruning_group(self.dg, m, h, [], by_index))  # noqa: E731
                 reached = walk(self.dg, m, handler, out_channels, self.widest, self.near, settled)  # may end early

@@ -30,8 +30,8 @@ demo: $(STAMP)
 	$(BIN)/regrow demo
 
 # The suite on TEST_WORKERS processes (pytest-xdist); tests/conftest.py gives each its share of the cores. Work
-# stealing keeps both workers busy to the end. On this 2-core machine: 374 s in the clean-clone CI run at 6744e6a
-# (1127 passed; 333 s at 48c4d85 with 1108). The tests that start processes fork them from one that has done the
+# stealing keeps both workers busy to the end. On this 2-core machine: 375 s in the clean-clone CI run at 3214884
+# (1128 passed; 333 s at 48c4d85 with 1108). The tests that start processes fork them from one that has done the
 # imports (tests/forked.py, and a forkserver for the distributed tests): 616-739 s in the four CI runs before.
 TEST_WORKERS ?= 2
 

@@ -18,7 +18,7 @@ from torch import nn
 from regrow.batches import forward, to_device, unpack
 from regrow.errors import RegrowError, first_line
 from regrow.select import resolve_targets
-from regrow.structural.arch import tied_parameters
+from regrow.structural.arch import _class_name, tied_parameters
 from regrow.structural.budget import Unitized
 from regrow.structural.device import copy_grads, exact_arithmetic, inputs_to_host
 from regrow.structural.graph import TRANSPOSED_CONV, ChannelGroup, StructureGraph, find_attention
@@ -219,7 +219,7 @@ def inner_projections(group: HeadGroup, module: nn.Module) -> set[str]:
     channel to see."""
     prefix = f"{group.name}." if group.name else ""
     original = getattr(module, "_original", None) or type(module)  # a stand-in's (regrow.structural.timm_attention)
-    kinds = (f"{c.__module__}.{c.__qualname__}" for c in original.__mro__)  # the class or one it derives from
+    kinds = (_class_name(c) for c in original.__mro__)  # the class or one it derives from
     split = {prefix + n for n in next((SPLIT_INTO_HEADS[k] for k in kinds if k in SPLIT_INTO_HEADS), ())}
     layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     named = {prefix + n: c for n, c in module.named_children() if n in QKV_NAMES and isinstance(c, layers)}
